@@ -1,0 +1,3 @@
+"""attnbench: benchmark attention mechanisms fairly and reproducibly."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Attention mechanisms (registry.py, attention/<name>.py) and transformer models."""

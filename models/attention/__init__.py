@@ -1,0 +1,1 @@
+"""One module per mechanism; each defines MECHANISM, a registry entry."""

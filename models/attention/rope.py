@@ -1,0 +1,21 @@
+"""rope: softmax attention with rotary position embeddings (Su et al. 2021), rotate-half
+convention, fused into the kernel (q and k rotated as they are loaded)."""
+
+from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
+
+DEFAULT_THETA = 10000.0
+
+
+def rope_options(cfg: LayerConfig) -> dict:
+    return {"theta": float(cfg.options.get("theta", DEFAULT_THETA)), "offset": 0, **window_option(cfg)}
+
+
+MECHANISM = Mechanism(
+    name="rope",
+    description="softmax attention with rotary position embeddings (rotate-half), fused",
+    family="exact",
+    layer=softmax_layer(rope_options, softmax_impls()),
+    impls=softmax_impls(),
+    params={"theta": (DEFAULT_THETA, "RoPE base: angle of pair i is pos * theta^(-2i/D)")},
+)

@@ -1,0 +1,13 @@
+"""standard: exact softmax attention (Vaswani et al. 2017); needs absolute positions in the model."""
+
+from attnbench.models.registry import Mechanism
+from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
+
+MECHANISM = Mechanism(
+    name="standard",
+    description="exact softmax attention; positions come from the model's absolute embeddings",
+    family="exact",
+    layer=softmax_layer(window_option, softmax_impls()),
+    impls=softmax_impls(),
+    position="absolute",
+)

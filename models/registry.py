@@ -1,0 +1,195 @@
+"""The mechanism registry: every attention as data.
+
+Each module models/attention/<name>.py defines ``MECHANISM``, one `Mechanism`. The
+registry discovers them, so adding a mechanism touches no shared file.
+
+Kernel-level API (every impl's ``run``):
+    run(q, k, v, *, causal: bool, seq_lens: LongTensor[B] | None, **options) -> o
+    q [B, T, Hq, D], k/v [B, S, Hkv, D] (any strides), o [B, T, Hq, D].
+    ``seq_lens[b]`` is the number of valid keys of sequence b (key padding, what a BERT
+    attention_mask means); ``options`` are the mechanism's own (rope theta, alibi slopes,
+    window, ...) as its layer's ``core_options()`` returns them.
+
+Layer-level API: ``mechanism.layer(LayerConfig) -> nn.Module`` with
+    forward(x [B, T, C], seq_lens=None) -> [B, T, C]
+and, for mechanisms with a q/k/v core (``has_core``), attend(q, k, v, seq_lens=None) -> o,
+the kernel-level op with the layer's own parameters (projections excluded).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+Family = Literal["exact", "linear", "sparse", "recurrent"]
+Position = Literal["inside", "absolute"]
+
+
+class UnknownNameError(ValueError):
+    """A mechanism or impl name that is not registered; the message lists the valid ones."""
+
+
+def _always_available() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to compute a mechanism.
+
+    run: the kernel-level core (module docstring), or None for a layer-only impl.
+    needs_cuda: the impl runs only on a CUDA device.
+    missing: returns why the impl cannot run on this machine at all (package missing), or None.
+    unsupported: returns why it cannot run this case (dtype, padding, shape), or None.
+    """
+
+    name: str
+    run: Callable[..., torch.Tensor] | None
+    description: str = ""
+    needs_cuda: bool = False
+    missing: Callable[[], str | None] = _always_available
+    unsupported: Callable[["LayerConfig", torch.device, torch.dtype], str | None] = (
+        lambda cfg, device, dtype: None
+    )
+
+    def why_not(self, cfg: "LayerConfig", device: torch.device | str, dtype: torch.dtype) -> str | None:
+        """Why this impl cannot run ``cfg`` on ``device`` in ``dtype``, or None when it can."""
+        device = torch.device(device)
+        reason = self.missing()
+        if reason:
+            return reason
+        if self.needs_cuda and device.type != "cuda":
+            return f"{self.name} needs a CUDA device"
+        if self.needs_cuda and not torch.cuda.is_available():
+            return "no CUDA device on this machine"
+        return self.unsupported(cfg, device, dtype)
+
+
+@dataclass
+class LayerConfig:
+    """What builds one attention layer.
+
+    dim: model width C; heads: query heads Hq; kv_heads: Hkv (None = Hq; Hq % Hkv == 0);
+    head_dim: D (None = dim // heads); causal: causal or bidirectional; impl: impl name;
+    window: sliding window size (causal: left w; bidirectional: w on each side), None = full;
+    options: the mechanism's extra parameters (see Mechanism.params for names and defaults).
+    """
+
+    dim: int
+    heads: int
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    causal: bool = False
+    impl: str = "torch"
+    window: int | None = None
+    bias: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kv_heads is None:
+            self.kv_heads = self.heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.heads
+        if self.heads <= 0 or self.kv_heads <= 0 or self.head_dim <= 0:
+            raise ValueError("heads, kv_heads and head_dim must be positive")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def window_bounds(self) -> tuple[int, int] | None:
+        """(left, right) keys visible around each query, or None for no window."""
+        if self.window is None:
+            return None
+        return (self.window, 0) if self.causal else (self.window, self.window)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """A named attention: what it is, what it supports, how it is computed.
+
+    cost: name of its FLOP model in attnbench.flops ("softmax" counts visible q-k pairs).
+    position: "inside" (encodes position itself) or "absolute" (the model must add
+        learned/sinusoidal position embeddings).
+    params: its extra parameters with defaults and one-line meanings, for `attnbench list`.
+    """
+
+    name: str
+    description: str
+    family: Family
+    layer: Callable[[LayerConfig], torch.nn.Module]
+    impls: dict[str, Impl]
+    cost: str = "softmax"
+    position: Position = "inside"
+    causal: bool = True
+    bidirectional: bool = True
+    padding: bool = True
+    gqa: bool = True
+    has_core: bool = True
+    params: dict[str, tuple[Any, str]] = field(default_factory=dict)
+
+    def impl(self, name: str) -> Impl:
+        try:
+            return self.impls[name]
+        except KeyError:
+            valid = ", ".join(self.impls)
+            raise UnknownNameError(f"unknown impl '{name}' for {self.name}; valid: {valid}") from None
+
+    def why_not(self, cfg: LayerConfig) -> str | None:
+        """Why this mechanism cannot build ``cfg`` (an unsupported option), or None."""
+        if cfg.causal and not self.causal:
+            return f"{self.name} has no causal form"
+        if not cfg.causal and not self.bidirectional:
+            return f"{self.name} is causal only"
+        if cfg.kv_heads != cfg.heads and not self.gqa:
+            return f"{self.name} does not support GQA"
+        return None
+
+
+def _discover() -> dict[str, Mechanism]:
+    from attnbench.models import attention
+
+    found: dict[str, Mechanism] = {}
+    for info in sorted(pkgutil.iter_modules(attention.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{attention.__name__}.{info.name}")
+        mechanism = getattr(module, "MECHANISM", None)
+        if isinstance(mechanism, Mechanism):
+            found[mechanism.name] = mechanism
+    return found
+
+
+_MECHANISMS: dict[str, Mechanism] | None = None
+
+
+def mechanisms() -> dict[str, Mechanism]:
+    """All registered mechanisms by name, in a fixed order (exact family first)."""
+    global _MECHANISMS
+    if _MECHANISMS is None:
+        order = {"exact": 0, "sparse": 1, "linear": 2, "recurrent": 3}
+        found = _discover()
+        _MECHANISMS = dict(sorted(found.items(), key=lambda kv: (order[kv[1].family], kv[0] != "standard", kv[0])))
+    return _MECHANISMS
+
+
+def get(name: str) -> Mechanism:
+    """The mechanism called ``name``; UnknownNameError lists the valid names."""
+    registry = mechanisms()
+    try:
+        return registry[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown mechanism '{name}'; valid: {', '.join(registry)}") from None
+
+
+def build_layer(name: str, cfg: LayerConfig) -> torch.nn.Module:
+    """The attention layer of mechanism ``name`` configured by ``cfg``."""
+    mechanism = get(name)
+    mechanism.impl(cfg.impl)
+    reason = mechanism.why_not(cfg)
+    if reason:
+        raise ValueError(reason)
+    return mechanism.layer(cfg)

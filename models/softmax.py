@@ -1,0 +1,143 @@
+"""The exact-softmax family: one layer module and one set of impls shared by
+standard, rope, alibi and window, which differ only in the options they pass.
+
+Softmax-family kernel options (all impls take all of them):
+    window (left, right) | None, slopes [Hq] float32 | None (ALiBi),
+    theta float | None (fused RoPE base; None = no RoPE), offset int (RoPE position offset).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+
+from attnbench.kernels import reference
+from attnbench.models import peers
+from attnbench.models.registry import Impl, LayerConfig
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def torch_reference(q, k, v, *, causal=False, seq_lens=None, window=None, slopes=None, theta=None, offset=0):
+    """Plain torch by definition (kernels/reference.py): RoPE, then masked softmax attention."""
+    if theta is not None:
+        q = reference.rope(q, theta, offset + k.shape[1] - q.shape[1])
+        k = reference.rope(k, theta, offset)
+    return reference.attention(q, k, v, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes)
+
+
+def triton_flash(q, k, v, **options):
+    """Our Triton flash-attention kernel (kernels/flash.py)."""
+    from attnbench.kernels.flash import flash_attention
+
+    return flash_attention(q, k, v, **options)
+
+
+def _triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return getattr(SDPBackend, name)
+
+
+def _needs_low_precision(cfg: LayerConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    return None if dtype in _LOW_PRECISION else f"needs fp16 or bf16, not {str(dtype).removeprefix('torch.')}"
+
+
+def _flash_unsupported(needs_mask: bool):
+    def why(cfg: LayerConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+        if needs_mask or cfg.window is not None:
+            return "the flash backend takes no mask or bias"
+        if cfg.head_dim > 256:
+            return "the flash backend supports head_dim <= 256"
+        return _needs_low_precision(cfg, device, dtype)
+
+    return why
+
+
+def softmax_impls(needs_mask: bool = False) -> dict[str, Impl]:
+    """The impls of one softmax-family mechanism; ``needs_mask``: SDPA needs a mask or
+    bias tensor for it (ALiBi, windows), which SDPA's flash backend cannot take."""
+    sdpa_backends = {
+        "sdpa-flash": ("FLASH_ATTENTION", "SDPA, FlashAttention-2 backend", _flash_unsupported(needs_mask)),
+        "sdpa-cudnn": ("CUDNN_ATTENTION", "SDPA, cuDNN backend", _needs_low_precision),
+        "sdpa-efficient": ("EFFICIENT_ATTENTION", "SDPA, memory-efficient (xformers) backend", lambda *a: None),
+        "sdpa-math": ("MATH", "SDPA, math backend (materialises scores)", lambda *a: None),
+    }
+    impls = {
+        "triton": Impl("triton", triton_flash, "ours: fused Triton flash attention", needs_cuda=True, missing=_triton_missing),
+        "torch": Impl("torch", torch_reference, "plain torch reference (T x T scores in memory)"),
+        "sdpa": Impl("sdpa", peers.sdpa, "F.scaled_dot_product_attention, default dispatch"),
+    }
+    for name, (backend, description, unsupported) in sdpa_backends.items():
+        run = _bind_backend(backend)
+        impls[name] = Impl(name, run, description, needs_cuda=name != "sdpa-math", unsupported=unsupported)
+    impls["flex"] = Impl("flex", peers.flex, "FlexAttention, torch.compile'd", needs_cuda=True)
+    return impls
+
+
+def _bind_backend(backend: str) -> Callable[..., torch.Tensor]:
+    def run(q, k, v, **options):
+        return peers.sdpa(q, k, v, backend=_sdpa_backend(backend), **options)
+
+    run.__name__ = f"sdpa_{backend.lower()}"
+    return run
+
+
+class SoftmaxAttention(nn.Module):
+    """Multi-head softmax attention: fused q/k/v projection, a kernel-level core, output projection.
+
+    x [B, T, C] -> q [B, T, Hq, D], k/v [B, T, Hkv, D] (views of one projection, no copy)
+    -> attend -> o [B, T, Hq, D] -> [B, T, C].
+    ``options(cfg)`` gives the mechanism's kernel options; tensors among them become buffers.
+    """
+
+    def __init__(self, cfg: LayerConfig, impls: dict[str, Impl], options: Callable[[LayerConfig], dict]):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.causal = cfg.causal
+        self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.run = impls[cfg.impl].run
+        self._plain_options = {}
+        for name, value in options(cfg).items():
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(name, value, persistent=False)
+            else:
+                self._plain_options[name] = value
+        self._tensor_options = [name for name, _ in self.named_buffers(recurse=False)]
+
+    def core_options(self) -> dict:
+        return {**self._plain_options, **{name: getattr(self, name) for name in self._tensor_options}}
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel-level core: q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D]."""
+        return self.run(q, k, v, causal=self.causal, seq_lens=seq_lens, **self.core_options())
+
+    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
+        o = self.attend(q, k, v, seq_lens)
+        return self.out(o.reshape(b, t, self.heads * self.head_dim))
+
+
+def softmax_layer(options: Callable[[LayerConfig], dict], impls: dict[str, Impl]) -> Callable[[LayerConfig], nn.Module]:
+    """A layer factory for a softmax-family mechanism whose kernel options come from ``options``."""
+    return functools.partial(SoftmaxAttention, impls=impls, options=options)
+
+
+def window_option(cfg: LayerConfig) -> dict:
+    """The window bounds of ``cfg`` as a kernel option (empty when it has none)."""
+    bounds = cfg.window_bounds
+    return {} if bounds is None else {"window": bounds}

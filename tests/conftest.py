@@ -1,0 +1,22 @@
+"""Test setup: on a machine without CUDA, Triton kernels run under its interpreter.
+
+TRITON_INTERPRET must be set before triton.jit decorates any kernel, so it is set here,
+before any test module imports attnbench.kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
