@@ -111,7 +111,8 @@ class LayerConfig:
 class Mechanism:
     """A named attention: what it is, what it supports, how it is computed.
 
-    cost: name of its FLOP model in attnbench.flops ("softmax" counts visible q-k pairs).
+    flops: forward FLOPs of the kernel-level core, flops(cfg, batch, seq, seq_lens=None)
+        (models/flops.py holds the shared models, e.g. softmax_flops counts visible q-k pairs).
     position: "inside" (encodes position itself) or "absolute" (the model must add
         learned/sinusoidal position embeddings).
     params: its extra parameters with defaults and one-line meanings, for `attnbench list`.
@@ -122,7 +123,7 @@ class Mechanism:
     family: Family
     layer: Callable[[LayerConfig], torch.nn.Module]
     impls: dict[str, Impl]
-    cost: str = "softmax"
+    flops: Callable[..., float]
     position: Position = "inside"
     causal: bool = True
     bidirectional: bool = True

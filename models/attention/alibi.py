@@ -2,6 +2,7 @@
 fused into the score tile; geometric per-head slopes."""
 
 from attnbench.kernels.reference import alibi_slopes
+from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
 from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
 
@@ -16,4 +17,5 @@ MECHANISM = Mechanism(
     family="exact",
     layer=softmax_layer(alibi_options, softmax_impls(needs_mask=True)),
     impls=softmax_impls(needs_mask=True),
+    flops=softmax_flops,
 )

@@ -1,6 +1,7 @@
 """rope: softmax attention with rotary position embeddings (Su et al. 2021), rotate-half
 convention, fused into the kernel (q and k rotated as they are loaded)."""
 
+from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
 from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
 
@@ -17,5 +18,6 @@ MECHANISM = Mechanism(
     family="exact",
     layer=softmax_layer(rope_options, softmax_impls()),
     impls=softmax_impls(),
+    flops=softmax_flops,
     params={"theta": (DEFAULT_THETA, "RoPE base: angle of pair i is pos * theta^(-2i/D)")},
 )

@@ -1,5 +1,6 @@
 """standard: exact softmax attention (Vaswani et al. 2017); needs absolute positions in the model."""
 
+from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
 
@@ -9,5 +10,6 @@ MECHANISM = Mechanism(
     family="exact",
     layer=softmax_layer(window_option, softmax_impls()),
     impls=softmax_impls(),
+    flops=softmax_flops,
     position="absolute",
 )

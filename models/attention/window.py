@@ -4,6 +4,7 @@ the window are skipped, so the cost is O(T * w)."""
 
 import dataclasses
 
+from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
 from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
 
@@ -22,7 +23,7 @@ MECHANISM = Mechanism(
     family="sparse",
     layer=softmax_layer(sliding_options, softmax_impls(needs_mask=True)),
     impls=softmax_impls(needs_mask=True),
-    cost="softmax",
+    flops=softmax_flops,
     position="absolute",
     params={"window": (DEFAULT_WINDOW, "keys visible on each side (left only when causal); --window sets it")},
 )
