@@ -4,7 +4,8 @@ fused into the score tile; geometric per-head slopes."""
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
-from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
+from attnbench.models.qkv import qkv_layer
+from attnbench.models.softmax import softmax_impls, window_option
 
 
 def alibi_options(cfg: LayerConfig) -> dict:
@@ -15,7 +16,7 @@ MECHANISM = Mechanism(
     name="alibi",
     description="softmax attention with ALiBi distance biases (geometric per-head slopes), fused",
     family="exact",
-    layer=softmax_layer(alibi_options, softmax_impls(needs_mask=True)),
+    layer=qkv_layer(alibi_options, softmax_impls(needs_mask=True)),
     impls=softmax_impls(needs_mask=True),
     flops=softmax_flops,
 )

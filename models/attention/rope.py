@@ -3,7 +3,8 @@ convention, fused into the kernel (q and k rotated as they are loaded)."""
 
 from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
-from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
+from attnbench.models.qkv import qkv_layer
+from attnbench.models.softmax import softmax_impls, window_option
 
 DEFAULT_THETA = 10000.0
 
@@ -16,7 +17,7 @@ MECHANISM = Mechanism(
     name="rope",
     description="softmax attention with rotary position embeddings (rotate-half), fused",
     family="exact",
-    layer=softmax_layer(rope_options, softmax_impls()),
+    layer=qkv_layer(rope_options, softmax_impls()),
     impls=softmax_impls(),
     flops=softmax_flops,
     params={"theta": (DEFAULT_THETA, "RoPE base: angle of pair i is pos * theta^(-2i/D)")},

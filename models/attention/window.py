@@ -6,7 +6,8 @@ import dataclasses
 
 from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
-from attnbench.models.softmax import softmax_impls, softmax_layer, window_option
+from attnbench.models.qkv import qkv_layer
+from attnbench.models.softmax import softmax_impls, window_option
 
 DEFAULT_WINDOW = 1024
 
@@ -21,7 +22,7 @@ MECHANISM = Mechanism(
     name="window",
     description="sliding-window softmax attention (left window w causal, w each side bidirectional)",
     family="sparse",
-    layer=softmax_layer(sliding_options, softmax_impls(needs_mask=True)),
+    layer=qkv_layer(sliding_options, softmax_impls(needs_mask=True)),
     impls=softmax_impls(needs_mask=True),
     flops=softmax_flops,
     position="absolute",

@@ -1,0 +1,59 @@
+"""QKVAttention: the layer module of every mechanism whose core is a function of q, k, v.
+
+Mechanisms differ in their impls and in the kernel options their layer passes
+(``options(cfg)``); anything learnable beyond the projections comes by subclassing and
+overriding ``core_options``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+
+from attnbench.models.registry import Impl, LayerConfig
+
+
+class QKVAttention(nn.Module):
+    """Multi-head attention around a kernel-level core: fused q/k/v projection, core, output projection.
+
+    x [B, T, C] -> q [B, T, Hq, D], k/v [B, T, Hkv, D] (views of one projection, no copy)
+    -> attend -> o [B, T, Hq, D] -> [B, T, C].
+    ``options(cfg)`` gives the mechanism's kernel options; tensors among them become buffers.
+    """
+
+    def __init__(self, cfg: LayerConfig, impls: dict[str, Impl], options: Callable[[LayerConfig], dict]):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.causal = cfg.causal
+        self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.run = impls[cfg.impl].run
+        self._plain_options = {}
+        for name, value in options(cfg).items():
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(name, value, persistent=False)
+            else:
+                self._plain_options[name] = value
+        self._tensor_options = [name for name, _ in self.named_buffers(recurse=False)]
+
+    def core_options(self) -> dict:
+        return {**self._plain_options, **{name: getattr(self, name) for name in self._tensor_options}}
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel-level core: q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D]."""
+        return self.run(q, k, v, causal=self.causal, seq_lens=seq_lens, **self.core_options())
+
+    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
+        o = self.attend(q, k, v, seq_lens)
+        return self.out(o.reshape(b, t, self.heads * self.head_dim))
+
+
+def qkv_layer(options: Callable[[LayerConfig], dict], impls: dict[str, Impl]) -> Callable[[LayerConfig], nn.Module]:
+    """A layer factory: QKVAttention running ``impls[cfg.impl]`` with the kernel options ``options(cfg)``."""
+    return functools.partial(QKVAttention, impls=impls, options=options)
