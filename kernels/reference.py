@@ -115,3 +115,76 @@ def attention(
     upcast = torch.promote_types(scores.dtype, torch.float32)  # softmax in at least fp32, as kernels do
     probs = torch.softmax(scores.to(upcast), dim=-1).nan_to_num(0.0).to(q.dtype)  # all-masked rows -> 0
     return torch.einsum("bhts,bshd->bthd", probs, v)
+
+
+def exposb_transform(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    lam: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    base: float = 10000.0,
+) -> torch.Tensor:
+    """ExpoSB's q' (or k'): x [B, T, H, D] at integer positions [T] -> x' [B, T, H, D].
+
+    Per head h (parameters are [H], the heads of x): RoPE rotation (rotate-half, angle of
+    pair i is pos * base^(-2i/D)) scaled by 1 + alpha_h * exp(-pos * lam_h), then each
+    channel j times beta_h + gamma_h * exp(-(j - mu_h)^2 / (2 sigma_h^2)).
+    The factors are computed in at least float32 and applied in x's dtype (as `rotate` does).
+    """
+    d = x.shape[-1]
+    work = torch.promote_types(torch.promote_types(x.dtype, lam.dtype), torch.float32)
+    inv_freq = base ** (-torch.arange(0, d // 2, dtype=torch.float64, device=x.device) * 2 / d)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, D/2)
+    pos = positions.to(work)[:, None]  # (T, 1)
+    modulation = 1 + alpha.to(work) * torch.exp(-pos * lam.to(work))  # (T, H)
+    channel = torch.arange(d, dtype=work, device=x.device)[:, None]  # (D, 1)
+    band = torch.exp(-((channel - mu.to(work)) ** 2) / (2 * sigma.to(work) ** 2))  # (D, H)
+    channel_filter = (beta.to(work) + gamma.to(work) * band).T  # (H, D)
+    rotated = rotate(x, angles.cos().to(work), angles.sin().to(work))
+    return rotated * modulation[None, :, :, None].to(x.dtype) * channel_filter[None, None].to(x.dtype)
+
+
+def exposb_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    lam: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    delta: torch.Tensor,
+    causal: bool = False,
+    seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ExpoSB attention by definition: o [B, T, Hq, D] (q [B, T, Hq, D], k/v [B, S, Hkv, D]).
+
+    Parameters are per query head, each [Hq]: lam (> 0), alpha, beta, gamma, mu, sigma (> 0)
+    feed `exposb_transform`; delta (>= 0) decays the scores multiplicatively:
+    s_mn = (q'_m . k'_n) * exp(-|m - n| * delta_h) / sqrt(D), then masked softmax over n.
+    GQA: k' for query head h is k of its kv head transformed with head h's parameters.
+    Positions: keys 0 .. S-1, query i at i + S - T (the last query aligned with the last key).
+    """
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    params = dict(lam=lam, alpha=alpha, beta=beta, gamma=gamma, mu=mu, sigma=sigma)
+    pos_q = torch.arange(s - t, s, device=q.device)
+    pos_k = torch.arange(s, device=q.device)
+    q = exposb_transform(q, pos_q, **params)
+    k = exposb_transform(k.repeat_interleave(hq // hkv, dim=2), pos_k, **params)
+    work = torch.promote_types(torch.promote_types(q.dtype, delta.dtype), torch.float32)
+    distance = (pos_q[:, None] - pos_k[None, :]).abs().to(work)  # (T, S)
+    decay = torch.exp(-delta.to(work).view(hq, 1, 1) * distance).to(q.dtype)  # (Hq, T, S)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * decay * d**-0.5  # (B, Hq, T, S)
+    mask = visible(t, s, causal=causal, seq_lens=seq_lens, device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    upcast = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(scores.to(upcast), dim=-1).nan_to_num(0.0).to(q.dtype)  # all-masked rows -> 0
+    return torch.einsum("bhts,bshd->bthd", probs, v.repeat_interleave(hq // hkv, dim=2))
