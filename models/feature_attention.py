@@ -1,0 +1,92 @@
+"""Normalised attention through a positive feature map (linear attention's core), shared by
+linear (phi = elu + 1) and performer (FAVOR+ random features).
+
+Given query features fq [B, T, Hq, M], key features fk [B, T, Hkv, M] and values
+v [B, T, Hkv, D], query i's output is
+
+    o_i = sum_j fq_i . fk_j  v_j  /  sum_j fq_i . fk_j        over the keys j query i sees
+
+(causal: j <= i; key padding: j < seq_lens[b]). Padded keys get zero features, so they add
+nothing to either sum. A query that sees no key gets zeros.
+
+`quadratic` is the definition (a T x T weight matrix, the ground truth); `chunked` is the
+linear-cost form: bidirectional by one K^T V state, causal by prefix sums of per-chunk states
+(exact within a chunk, a running state across chunks), no T x T tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.kernels import reference
+
+
+def key_padding(length: int, seq_lens: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Which keys are real: bool [B, T, 1, 1] (broadcasts over [B, T, H, M]), or None without padding."""
+    if seq_lens is None:
+        return None
+    return (torch.arange(length, device=device)[None, :] < seq_lens.to(device)[:, None])[:, :, None, None]
+
+
+def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # features are positive, so den == 0 only when no key is visible; then num == 0 too and o = 0
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+
+
+def _repeat_kv_heads(fk: torch.Tensor, v: torch.Tensor, hq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    group = hq // fk.shape[2]
+    return fk.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
+def quadratic(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition: weights W = fq fk^T [B, H, T, T], masked, row-normalised; o [B, T, Hq, D]."""
+    fk, v = _repeat_kv_heads(fk, v, fq.shape[2])
+    t = fq.shape[1]
+    weights = torch.einsum("bihm,bjhm->bhij", fq, fk)  # (B, H, T, T)
+    visible = reference.visible(t, t, causal=causal, seq_lens=seq_lens, device=fq.device)  # (B|1, 1, T, T)
+    weights = weights.masked_fill(~visible, 0.0)
+    num = torch.einsum("bhij,bjhd->bihd", weights, v)
+    den = weights.sum(-1).transpose(1, 2)  # (B, T, H)
+    return _divide(num, den)
+
+
+def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+    """The linear-cost form; fq [B, T, Hq, M], fk [B, T, Hkv, M], v [B, T, Hkv, D] -> o [B, T, Hq, D].
+
+    Low-precision inputs are computed in float32 (the running states sum T terms) and the
+    output is cast back. Memory: O(T / chunk * M * D) states, O(T * chunk) intra-chunk weights.
+    """
+    dtype = fq.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    fq, fk, v = fq.to(compute), fk.to(compute), v.to(compute)
+    keep = key_padding(fk.shape[1], seq_lens, fk.device)
+    if keep is not None:
+        fk = fk * keep
+    fk, v = _repeat_kv_heads(fk, v, fq.shape[2])
+    if not causal:
+        state = torch.einsum("bjhm,bjhd->bhmd", fk, v)  # (B, H, M, D)
+        num = torch.einsum("bihm,bhmd->bihd", fq, state)
+        den = torch.einsum("bihm,bhm->bih", fq, fk.sum(1))
+        return _divide(num, den).to(dtype)
+    return _causal_chunks(fq, fk, v, chunk).to(dtype)
+
+
+def _causal_chunks(fq, fk, v, chunk: int) -> torch.Tensor:
+    b, t, h, m = fq.shape
+    pad = -t % chunk  # zero features at the tail: they add nothing, their outputs are cut off
+    fq, fk, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (fq, fk, v))
+    n = (t + pad) // chunk
+    fq, fk, v = (x.view(b, n, chunk, h, x.shape[-1]) for x in (fq, fk, v))  # (B, N, C, H, M|D)
+    chunk_kv = torch.einsum("bncht,bnchd->bnhtd", fk, v)  # (B, N, H, M, D) each chunk's state
+    chunk_k = fk.sum(2)  # (B, N, H, M)
+    # exclusive prefix sums: chunk n sees the states of chunks 0 .. n-1
+    state_kv = chunk_kv.cumsum(1) - chunk_kv
+    state_k = chunk_k.cumsum(1) - chunk_k
+    num = torch.einsum("bnihm,bnhmd->bnihd", fq, state_kv)
+    den = torch.einsum("bnihm,bnhm->bnih", fq, state_k)
+    within = torch.einsum("bnihm,bnjhm->bnhij", fq, fk)  # (B, N, H, C, C)
+    within = within * torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
+    num = num + torch.einsum("bnhij,bnjhd->bnihd", within, v)
+    den = den + within.sum(-1).transpose(2, 3)
+    return _divide(num, den).reshape(b, n * chunk, h, -1)[:, :t]

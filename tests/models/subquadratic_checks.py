@@ -1,0 +1,69 @@
+"""Checks shared by the sub-quadratic mechanisms' tests (linear, performer, topk, block, bsbr):
+an efficient form against its reference (output and every gradient), causality by
+perturbation, and the layer through the registry."""
+
+from __future__ import annotations
+
+import torch
+
+from attnbench.models import registry
+from attnbench.models.registry import LayerConfig
+
+
+def random_qkv(b=2, t=37, hq=4, hkv=2, d=16, dtype=torch.float64, scale=1.0):
+    """Fresh q [B, T, Hq, D], k/v [B, T, Hkv, D] that require grad."""
+    q = torch.randn(b, t, hq, d, dtype=dtype) * scale
+    k = torch.randn(b, t, hkv, d, dtype=dtype) * scale
+    v = torch.randn(b, t, hkv, d, dtype=dtype)
+    return [x.requires_grad_() for x in (q, k, v)]
+
+
+def _outputs_and_grads(run, inputs, upstream, **kwargs):
+    out = run(*inputs, **kwargs)
+    grads = torch.autograd.grad(out, inputs, upstream.to(out.dtype))
+    return [out.double(), *(g.double() for g in grads)]
+
+
+def assert_matches_reference(efficient, reference, inputs, low=torch.float32, **kwargs):
+    """``efficient`` in ``low`` precision vs ``reference`` in float64: output and every input
+    gradient, same upstream gradient. Tolerance (FlashAttention rule): at most 2x the error of
+    the reference itself run in ``low``, plus 1e-6 of the quantity's scale."""
+    exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    low_inputs = [x.detach().to(low).requires_grad_() for x in inputs]
+    upstream = torch.randn_like(reference(*exact_inputs, **kwargs))
+    exact = _outputs_and_grads(reference, exact_inputs, upstream, **kwargs)
+    ref_low = _outputs_and_grads(reference, low_inputs, upstream, **kwargs)
+    got = _outputs_and_grads(efficient, low_inputs, upstream, **kwargs)
+    for label, e, r, g in zip(["output", "dq", "dk", "dv"], exact, ref_low, got):
+        assert g.shape == e.shape, f"{label}: shape {tuple(g.shape)} != {tuple(e.shape)}"
+        err = (g - e).abs().max().item()
+        bound = 2 * (r - e).abs().max().item() + 1e-6 * e.abs().max().item()
+        assert err <= bound, f"{label}: error {err:.3g} > bound {bound:.3g}"
+
+
+def assert_causal(run, t_changed=20, **kwargs):
+    """Changing token t_changed's q, k and v never changes outputs before it (float64, to
+    rounding), and does change the output at t_changed."""
+    q, k, v = (x.detach() for x in random_qkv(b=1, t=41))
+    before = run(q, k, v, causal=True, **kwargs)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, t_changed] += 3 * torch.randn_like(x[:, t_changed])
+    after = run(q2, k2, v2, causal=True, **kwargs)
+    leak = (after[:, :t_changed] - before[:, :t_changed]).abs().max().item()
+    assert leak <= 1e-12 * before.abs().max().item(), f"token {t_changed} changed earlier outputs by {leak}"
+    assert not torch.allclose(after[:, t_changed], before[:, t_changed]), "the changed token's own output did not move"
+
+
+def assert_layer_trains(name: str, causal: bool, options: dict | None = None, impl: str = "torch", t: int = 19):
+    """The layer through the registry: output shape, finite, gradient on every parameter."""
+    cfg = LayerConfig(dim=32, heads=4, kv_heads=2, causal=causal, impl=impl, options=options or {})
+    layer = registry.build_layer(name, cfg)
+    x = torch.randn(2, t, 32)
+    y = layer(x, seq_lens=torch.tensor([t, t - 6]))
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    y.square().sum().backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {pname}"
+    return layer
