@@ -80,9 +80,7 @@ def _causal_chunks(fq, fk, v, chunk: int) -> torch.Tensor:
     fq, fk, v = (x.view(b, n, chunk, h, x.shape[-1]) for x in (fq, fk, v))  # (B, N, C, H, M|D)
     chunk_kv = torch.einsum("bncht,bnchd->bnhtd", fk, v)  # (B, N, H, M, D) each chunk's state
     chunk_k = fk.sum(2)  # (B, N, H, M)
-    # exclusive prefix sums: chunk n sees the states of chunks 0 .. n-1
-    state_kv = chunk_kv.cumsum(1) - chunk_kv
-    state_k = chunk_k.cumsum(1) - chunk_k
+    state_kv, state_k = _exclusive_cumsum(chunk_kv), _exclusive_cumsum(chunk_k)  # chunk n sees chunks 0 .. n-1
     num = torch.einsum("bnihm,bnhmd->bnihd", fq, state_kv)
     den = torch.einsum("bnihm,bnhm->bnih", fq, state_k)
     within = torch.einsum("bnihm,bnjhm->bnhij", fq, fk)  # (B, N, H, C, C)
@@ -90,3 +88,9 @@ def _causal_chunks(fq, fk, v, chunk: int) -> torch.Tensor:
     num = num + torch.einsum("bnhij,bnjhd->bnihd", within, v)
     den = den + within.sum(-1).transpose(2, 3)
     return _divide(num, den).reshape(b, n * chunk, h, -1)[:, :t]
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Prefix sums over dim 1 that exclude the current entry (shifted, not cumsum - x, which
+    cancels catastrophically when the current entry dominates)."""
+    return F.pad(x.cumsum(1), (0,) * (2 * (x.dim() - 2)) + (1, 0))[:, :-1]

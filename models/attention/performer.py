@@ -1,0 +1,149 @@
+"""performer: FAVOR+ (Choromanski et al. 2021, "Rethinking Attention with Performers"):
+softmax attention approximated by positive orthogonal random features,
+
+    exp(q.k / sqrt(D)) ~= phi(q) . phi(k),   phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(M),  x' = x / D^(1/4)
+
+with W [M, D] random Gaussian rows made orthogonal in blocks of D (QR) and rescaled to
+Gaussian norms, then normalised feature-map attention (models/feature_attention.py):
+linear cost, bidirectional by one K^T V state, causal by chunked prefix sums.
+
+Numerical stabilisers (as in the paper's code), each a constant that cancels in the ratio:
+a query's features are divided by exp of its own largest exponent; all keys of one sequence
+and head by exp of the largest exponent over its real keys. The key constant is shared by
+the whole sequence, so under causal masking later keys change earlier outputs only by
+rounding (tested to 1e-12 in float64).
+
+The layer holds W as a buffer, shared by all heads, saved with the model, and redrawn every
+``redraw_every`` training steps (0 = never) or on demand with ``redraw_features()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnbench.models import feature_attention
+from attnbench.models.qkv import QKVAttention
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+
+DEFAULT_FEATURES = 256
+DEFAULT_REDRAW_EVERY = 1000
+DEFAULT_CHUNK = 64
+
+
+def orthogonal_features(features: int, head_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """W [features, head_dim], float32: blocks of head_dim orthonormal rows (QR of a Gaussian
+    matrix), each row rescaled to the norm of an independent Gaussian vector, so every row is
+    marginally N(0, I) while rows within a block are exactly orthogonal."""
+    blocks = []
+    for _ in range(math.ceil(features / head_dim)):
+        gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
+        orthonormal, _ = torch.linalg.qr(gaussian)
+        blocks.append(orthonormal.T)  # rows orthonormal
+    rows = torch.cat(blocks)[:features]
+    norms = torch.randn(features, head_dim, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
+    return (rows * norms).float()
+
+
+def _exponents(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """W x' - |x'|^2 / 2 for x [B, T, H, D] -> [B, T, H, M], x' = x / D^(1/4)."""
+    x = x * x.shape[-1] ** -0.25
+    return x @ projection.to(x.dtype).T - x.square().sum(-1, keepdim=True) / 2
+
+
+def query_features(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """phi(q) [B, T, Hq, M], divided by each query's own largest term (cancels in its ratio)."""
+    exponents = _exponents(q, projection)
+    return torch.exp(exponents - exponents.amax(-1, keepdim=True).detach()) / math.sqrt(projection.shape[0])
+
+
+def key_features(k: torch.Tensor, projection: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """phi(k) [B, T, Hkv, M], divided by the largest term over the real keys of each sequence
+    and head (one constant per sequence and head: cancels in every ratio)."""
+    exponents = _exponents(k, projection)
+    keep = feature_attention.key_padding(k.shape[1], seq_lens, k.device)
+    if keep is not None:  # padded keys: exp(-inf) = 0 exactly, whatever their values
+        exponents = exponents.masked_fill(~keep, float("-inf"))
+    largest = exponents.amax(dim=(1, 3), keepdim=True).detach()
+    largest = largest.nan_to_num(0.0, neginf=0.0)  # a sequence with no real key
+    return torch.exp(exponents - largest) / math.sqrt(projection.shape[0])
+
+
+def torch_reference(q, k, v, *, causal=False, seq_lens=None, projection, chunk=DEFAULT_CHUNK):
+    """The definition, with the T x T weight matrix; q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
+    fq, fk = query_features(q, projection), key_features(k, projection, seq_lens)
+    return feature_attention.quadratic(fq, fk, v, causal=causal, seq_lens=seq_lens)
+
+
+def chunked(q, k, v, *, causal=False, seq_lens=None, projection, chunk=DEFAULT_CHUNK):
+    """Linear cost: K^T V state (bidirectional) or per-chunk prefix sums (causal)."""
+    fq, fk = query_features(q, projection), key_features(k, projection, seq_lens)
+    return feature_attention.chunked(fq, fk, v, causal=causal, seq_lens=seq_lens, chunk=chunk)
+
+
+class PerformerAttention(QKVAttention):
+    """QKVAttention whose random projection W [M, D] is a saved buffer, redrawn every
+    ``redraw_every`` training forward passes (0 = never)."""
+
+    def __init__(self, cfg: LayerConfig, impls: dict[str, Impl]):
+        super().__init__(cfg, impls, performer_options)
+        self.register_buffer("projection", self.projection, persistent=True)  # a trained model needs its W
+        self.redraw_every = int(cfg.options.get("redraw_every", DEFAULT_REDRAW_EVERY))
+        self.steps_since_redraw = 0
+
+    @torch.no_grad()
+    def redraw_features(self, generator: torch.Generator | None = None) -> None:
+        """Draw a fresh W (same shape, device and dtype)."""
+        features, head_dim = self.projection.shape
+        self.projection.copy_(orthogonal_features(features, head_dim, generator))
+
+    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and self.redraw_every:
+            if self.steps_since_redraw == self.redraw_every:
+                self.redraw_features()
+                self.steps_since_redraw = 0
+            self.steps_since_redraw += 1
+        return super().forward(x, seq_lens)
+
+
+def performer_options(cfg: LayerConfig) -> dict:
+    features = int(cfg.options.get("features", DEFAULT_FEATURES))
+    if features <= 0:
+        raise ValueError(f"performer features must be positive, not {features}")
+    return {
+        "projection": orthogonal_features(features, cfg.head_dim),
+        "chunk": int(cfg.options.get("chunk", DEFAULT_CHUNK)),
+    }
+
+
+def performer_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
+    """Chunked form, per head and token, M features (exp and normalisation not counted):
+    2*M*D for each of q and k (W x'), 2*M*D (phi(k) v^T into a state) + 2*M*D (phi(q) times it),
+    and causal only: 2*C*M + 2*C*D (phi(q) phi(k)^T and P v within its chunk of C tokens)."""
+    m, d = int(cfg.options.get("features", DEFAULT_FEATURES)), cfg.head_dim
+    per_token = 2.0 * m * d * 2 + 4.0 * m * d
+    if cfg.causal:
+        per_token += 2.0 * int(cfg.options.get("chunk", DEFAULT_CHUNK)) * (m + d)
+    return cfg.heads * batch * seq * per_token
+
+
+IMPLS = {
+    "torch": Impl("torch", torch_reference, "plain torch by definition (T x T weights in memory)"),
+    "chunked": Impl("chunked", chunked, "torch, linear cost: K^T V state / chunked prefix sums"),
+}
+
+MECHANISM = Mechanism(
+    name="performer",
+    description="FAVOR+ positive orthogonal random features approximating softmax (Choromanski et al. 2021)",
+    family="linear",
+    layer=lambda cfg: PerformerAttention(cfg, IMPLS),
+    impls=IMPLS,
+    flops=performer_flops,
+    position="absolute",
+    params={
+        "features": (DEFAULT_FEATURES, "random features M (approximation error falls as M grows)"),
+        "redraw_every": (DEFAULT_REDRAW_EVERY, "redraw the random features every N training steps (0 = never)"),
+        "chunk": (DEFAULT_CHUNK, "tokens per chunk of the causal prefix-sum form"),
+    },
+)
