@@ -1,0 +1,114 @@
+"""Triton flash attention for the exact-softmax family: standard, causal, key padding,
+GQA/MQA, sliding windows, ALiBi and RoPE in one skeleton (forward: kernels/flash_fwd.py,
+backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from attnbench.kernels.flash_bwd import flash_backward
+from attnbench.kernels.flash_fwd import flash_forward
+from attnbench.kernels.flash_tiles import INTERPRET, FlashProblem
+from attnbench.kernels.reference import rope_angles
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_NO_LIMIT = 1 << 30  # "no window" bound: far beyond any sequence, safe from int32 overflow
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, problem: FlashProblem):
+        o, lse = flash_forward(q, k, v, problem)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.problem = problem
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_backward(q, k, v, o, lse, do, ctx.problem)
+        return dq, dk, dv, None
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(length: int, head_dim: int, theta: float, offset: int, device: torch.device):
+    """cos, sin float32 [length, D/2] at positions offset .. offset+length-1, cached: the
+    kernels read them by position instead of rotating copies of q and k in memory."""
+    positions = torch.arange(offset, offset + length, device=device)
+    cos, sin = rope_angles(positions, head_dim, theta)
+    return cos.contiguous(), sin.contiguous()
+
+
+def _check(q, k, v, seq_lens, window, slopes, theta) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, S, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    (b, _, hq, d), (bk, _, hkv, dk) = q.shape, k.shape
+    if b != bk or d != dk or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch or head_dim, or Hq is not a multiple of Hkv")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} > {_MAX_HEAD_DIM} is not supported")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
+    if seq_lens is not None and tuple(seq_lens.shape) != (b,):
+        raise ValueError(f"seq_lens must have shape [B] = [{b}], got {tuple(seq_lens.shape)}")
+    if window is not None and min(window) < 0:
+        raise ValueError(f"window bounds must be >= 0, got {window}")
+    if slopes is not None and tuple(slopes.shape) != (hq,):
+        raise ValueError(f"ALiBi slopes must have shape [Hq] = [{hq}], got {tuple(slopes.shape)}")
+    if theta is not None and d % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    seq_lens: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    slopes: torch.Tensor | None = None,
+    theta: float | None = None,
+    offset: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention, differentiable in q, k and v: o [B, T, Hq, D] in q's dtype.
+
+    q [B, T, Hq, D], k/v [B, S, Hkv, D], any strides, fp16/bf16/fp32, D <= 256 (any size;
+    tiles are padded to a power of two); Hq a multiple of Hkv (GQA/MQA).
+    causal: query i sits at position i + S - T (aligned bottom-right) and sees keys j <= it.
+    seq_lens int [B]: keys j >= seq_lens[b] are padding. A query with no visible key gets 0.
+    window (left, right): keys within [pos - left, pos + right] (with causal, right is 0).
+    slopes float32 [Hq]: ALiBi bias -slope * |pos_q - pos_k|.
+    theta: RoPE base (rotate-half), fused; queries at offset + S - T + i, keys at offset + j.
+    scale: of q.k (default D^-0.5).
+    """
+    _check(q, k, v, seq_lens, window, slopes, theta)
+    t, s, d = q.shape[1], k.shape[1], q.shape[3]
+    left, right = window if window is not None else (_NO_LIMIT, _NO_LIMIT)
+    if causal:
+        right = 0 if window is None else min(right, 0)
+    cos = sin = None
+    if theta is not None:
+        cos, sin = _rope_tables(s, d, float(theta), int(offset), q.device)
+    problem = FlashProblem(
+        causal=causal,
+        left=int(left),
+        right=int(right),
+        seq_lens=None if seq_lens is None else seq_lens.to(device=q.device, dtype=torch.int32).contiguous(),
+        slopes=None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous(),
+        cos=cos,
+        sin=sin,
+        scale=d**-0.5 if scale is None else float(scale),
+        head_dim=d,
+        dtype=q.dtype,
+        seq_bucket=triton.next_power_of_2(max(t, s, 1024)),
+    )
+    return FlashAttention.apply(q, k, v, problem)

@@ -1,0 +1,275 @@
+"""Flash-attention backward, FA2-style, in three kernels and without atomics:
+delta = rowsum(dO * O); dk/dv (one program per key block and kv head, looping over query
+blocks and over the q heads of its GQA group, so the group sum stays in registers); dq (one
+program per query block, looping over key blocks). Tile conventions: kernels/flash_tiles.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnbench.kernels.flash_tiles import (
+    FlashProblem,
+    autotune_configs,
+    key_blocks,
+    load_qk,
+    load_rows,
+    qk_dot,
+    query_blocks,
+    score_tile,
+    store_qk_grad,
+    store_rows,
+)
+
+
+@triton.jit
+def flash_delta_kernel(
+    O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_od, stride_dob, stride_dot, stride_doh, stride_dod,
+    T, HQ, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_M), B * Hq): DELTA [B, Hq, T] float32 = rowsum(dO * O)."""
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D_PAD)
+    o = load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, rows, T, stride_ot, dims, HEAD_DIM, stride_od)
+    do = load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+
+
+@triton.jit
+def _dkdv_query_loop(
+    dk_a, dk_b, dv, k_a, k_b, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    COS, SIN, start, stop, T, S, kv_len, left, right, scale_log2, slope_log2,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
+    Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose."""
+    dims = tl.arange(0, D_PAD)
+    for q_start in range(start, stop, BLOCK_M):
+        rows = q_start + tl.arange(0, BLOCK_M)
+        pos_q = rows + S - T
+        q_a, q_b = load_qk(Q, rows, T, stride_qt, stride_qd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
+        do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
+        # rows past T read lse = +inf, so their probabilities are exactly 0
+        lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
+        s_t = qk_dot(k_a, k_b, q_a, q_b, ROPE, PRECISION)
+        s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+        dk_a = tl.dot(ds_t, q_a, dk_a, input_precision=PRECISION)
+        if ROPE:
+            dk_b = tl.dot(ds_t, q_b, dk_b, input_precision=PRECISION)
+    return dk_a, dk_b, dv
+
+
+_DKDV_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [
+            (32, 128, 4, 3),
+            (64, 128, 8, 3),
+            (32, 64, 4, 3),
+            (64, 64, 4, 2),
+            (64, 128, 8, 2),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+)
+
+
+@triton.autotune(_DKDV_CONFIGS, key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI"])
+@triton.jit
+def flash_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    T, S, HQ, HKV, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
+    that share kv head; k and v stay in registers for the whole loop."""
+    bh = tl.program_id(1)
+    b = bh // HKV
+    kv_h = bh % HKV
+    kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
+    kv_len = tl.minimum(kv_len, S)
+    k_start = tl.program_id(0) * BLOCK_N
+    keys = k_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D_PAD)
+    K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
+    V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    k_a, k_b = load_qk(K, keys, S, stride_kt, stride_kd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
+    v = load_rows(V, keys, S, stride_vt, dims, HEAD_DIM, stride_vd)
+
+    dk_a = tl.zeros([BLOCK_N, PART], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, PART], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = query_blocks(k_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
+        Q_h = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        LSE_h = LSE + (b * HQ + h).to(tl.int64) * T
+        DELTA_h = DELTA + (b * HQ + h).to(tl.int64) * T
+        dk_a, dk_b, dv = _dkdv_query_loop(
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            COS, SIN, lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M,
+        )
+        dk_a, dk_b, dv = _dkdv_query_loop(
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            COS, SIN, full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M,
+        )
+        dk_a, dk_b, dv = _dkdv_query_loop(
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            COS, SIN, full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M,
+        )
+
+    DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + kv_h * stride_dvh
+    # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
+    store_qk_grad(DK, dk_a * scale, dk_b * scale, keys, S, stride_dkt, stride_dkd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
+    store_rows(DV, dv, keys, S, stride_dvt, dims, HEAD_DIM, stride_dvd)
+
+
+@triton.jit
+def _dq_key_loop(
+    dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    COS, SIN, start, stop, kv_len, left, right, scale_log2, slope_log2,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    dims = tl.arange(0, D_PAD)
+    for k_start in range(start, stop, BLOCK_N):
+        keys = k_start + tl.arange(0, BLOCK_N)
+        k_a, k_b = load_qk(K, keys, kv_len, stride_kt, stride_kd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
+        v = load_rows(V, keys, kv_len, stride_vt, dims, HEAD_DIM, stride_vd)
+        s = qk_dot(q_a, q_b, k_a, k_b, ROPE, PRECISION)
+        s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        dq_a = tl.dot(ds, k_a, dq_a, input_precision=PRECISION)
+        if ROPE:
+            dq_b = tl.dot(ds, k_b, dq_b, input_precision=PRECISION)
+    return dq_a, dq_b
+
+
+_DQ_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [
+            (128, 32, 4, 3),
+            (128, 64, 8, 3),
+            (64, 64, 4, 3),
+            (128, 64, 4, 2),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+)
+
+
+@triton.autotune(_DQ_CONFIGS, key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI"])
+@triton.jit
+def flash_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    T, S, HQ, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D]; q, dO, lse, delta stay in registers."""
+    block = tl.program_id(0)
+    if CAUSAL:  # longest rows first
+        block = tl.num_programs(0) - 1 - block
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    kv_h = h // GROUP
+    kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
+    kv_len = tl.minimum(kv_len, S)
+    slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    DO += b.to(tl.int64) * stride_dob + h * stride_doh
+    K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
+    V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    q_start = block * BLOCK_M
+    rows = q_start + tl.arange(0, BLOCK_M)
+    pos_q = rows + S - T
+    dims = tl.arange(0, D_PAD)
+    q_a, q_b = load_qk(Q, rows, T, stride_qt, stride_qd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
+    do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+
+    dq_a = tl.zeros([BLOCK_M, PART], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, PART], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
+    dq_a, dq_b = _dq_key_loop(
+        dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        COS, SIN, lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+    )
+    dq_a, dq_b = _dq_key_loop(
+        dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        COS, SIN, full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N,
+    )
+    dq_a, dq_b = _dq_key_loop(
+        dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        COS, SIN, full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+    )
+    DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
+    store_qk_grad(DQ, dq_a * scale, dq_b * scale, rows, T, stride_dqt, stride_dqd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
+
+
+def flash_backward(q, k, v, o, lse, do, problem: FlashProblem):
+    """dq [B, T, Hq, D], dk and dv [B, S, Hkv, D] (dtypes of q, k, v) from the forward's o and lse."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    meta = problem.constexprs()
+    delta = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+    delta_block = 64
+    flash_delta_kernel[(triton.cdiv(t, delta_block), b * hq)](
+        o, do, delta, *o.stride(), *do.stride(), t, hq, d, meta["D_PAD"], delta_block,
+    )
+    dq = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, s, hkv, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, s, hkv, d), dtype=v.dtype, device=v.device)
+    extras = problem.tensors(q)
+    scales = (problem.left, problem.right, problem.scale, problem.scale_log2, problem.seq_bucket)
+    flash_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
+        q, k, v, do, dk, dv, lse, delta, *extras,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        t, s, hq, hkv, hq // hkv, *scales, **meta,
+    )
+    flash_dq_kernel[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * hq)](
+        q, k, v, do, dq, lse, delta, *extras,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        t, s, hq, hq // hkv, *scales, **meta,
+    )
+    return dq, dk, dv

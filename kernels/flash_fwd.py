@@ -1,0 +1,138 @@
+"""Flash-attention forward: online softmax over key tiles, o and the log-sum-exp out.
+
+One program per (query block, batch * query head); q stays in registers for the whole key
+loop, and no T x S matrix ever reaches memory. Tile conventions: kernels/flash_tiles.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnbench.kernels.flash_tiles import FlashProblem, autotune_configs, key_blocks, load_qk, load_rows, qk_dot, score_tile, store_rows
+
+
+@triton.jit
+def _fwd_key_loop(
+    acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    COS, SIN, start, stop, kv_len, left, right, scale_log2, slope_log2,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    dims = tl.arange(0, D_PAD)
+    for k_start in range(start, stop, BLOCK_N):
+        keys = k_start + tl.arange(0, BLOCK_N)
+        k_a, k_b = load_qk(K, keys, kv_len, stride_kt, stride_kd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
+        v = load_rows(V, keys, kv_len, stride_vt, dims, HEAD_DIM, stride_vd)
+        s = qk_dot(q_a, q_b, k_a, k_b, ROPE, PRECISION)
+        s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+_FWD_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 128, 8, 3),
+            (128, 64, 4, 4),
+            (64, 64, 4, 3),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+)
+
+
+@triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI"])
+@triton.jit
+def flash_fwd_kernel(
+    Q, K, V, O, LSE, SEQ_LENS, SLOPES, COS, SIN,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    T, S, HQ, GROUP, left, right, scale_log2, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
+    LSE [B, Hq, T] float32 in log2 units of the scaled scores (+inf for a row with no visible key)."""
+    block = tl.program_id(0)
+    if CAUSAL:  # longest rows first, so the short ones fill the tail of the schedule
+        block = tl.num_programs(0) - 1 - block
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    kv_h = h // GROUP
+    kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
+    kv_len = tl.minimum(kv_len, S)
+    slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
+
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
+    V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    q_start = block * BLOCK_M
+    rows = q_start + tl.arange(0, BLOCK_M)
+    pos_q = rows + S - T
+    q_a, q_b = load_qk(Q, rows, T, stride_qt, stride_qd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
+
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
+    # the window's left edge, then tiles every row sees in full (no mask), then the diagonal/right edge
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
+        lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
+        full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
+        full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+    )
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    O += b.to(tl.int64) * stride_ob + h * stride_oh
+    store_rows(O, o, rows, T, stride_ot, tl.arange(0, D_PAD), HEAD_DIM, stride_od)
+    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+
+
+def flash_forward(q, k, v, problem: FlashProblem):
+    """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, T] float32 (log2 units, for the backward)."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    o = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_M"]), b * hq)
+
+    flash_fwd_kernel[grid](
+        q, k, v, o, lse, *problem.tensors(q),
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        t, s, hq, hq // hkv, problem.left, problem.right, problem.scale_log2, problem.seq_bucket,
+        **problem.constexprs(),
+    )
+    return o, lse

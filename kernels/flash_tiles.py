@@ -1,0 +1,197 @@
+"""Tile helpers shared by the flash-attention forward and backward kernels.
+
+Conventions (kernels/flash_fwd.py, kernels/flash_bwd.py):
+- Positions: query row i sits at position i + S - T (the last query aligned with the last
+  key), key row j at j. Key j is visible to a query at position p when
+  p - left <= j <= p + right and j < kv_len (causal is right = 0; "no window" is a huge left).
+- q and k tiles come in two column parts (a, b) so RoPE can rotate them in registers:
+  with ROPE, a = x[:, :D/2] and b = x[:, D/2:] after the rotate-half rotation, and a score is
+  dot(q_a, k_a^T) + dot(q_b, k_b^T); without ROPE, a is the whole row (padded to PART
+  columns) and b is unused.
+- Scores live in the log2 domain (scale * log2(e) folded in) so softmax uses exp2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class FlashProblem:
+    """What the kernels need beyond q, k, v, resolved by kernels/flash.py.
+
+    left/right: visible keys around a query's position (causal: right = 0; no window: huge);
+    seq_lens int32 [B] | None; slopes float32 [Hq] | None; cos/sin float32 [S, D/2] | None
+    (RoPE angles by position); scale: softmax scale of q.k.
+    """
+
+    causal: bool
+    left: int
+    right: int
+    seq_lens: torch.Tensor | None
+    slopes: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    scale: float
+    head_dim: int
+    dtype: torch.dtype
+    seq_bucket: int
+
+    def tensors(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """SEQ_LENS, SLOPES, COS, SIN kernel arguments; absent ones are a never-read placeholder."""
+        return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes, self.cos, self.sin))
+
+    @property
+    def scale_log2(self) -> float:
+        return self.scale * math.log2(math.e)
+
+    def constexprs(self) -> dict:
+        rope = self.cos is not None
+        part = self.head_dim // 2 if rope else self.head_dim
+        return {
+            "HEAD_DIM": self.head_dim,
+            "PART": max(16, triton.next_power_of_2(part)),  # tl.dot needs K >= 16
+            "D_PAD": max(16, triton.next_power_of_2(self.head_dim)),
+            "CAUSAL": self.causal,
+            "ROPE": rope,
+            "ALIBI": self.slopes is not None,
+            "HAS_SEQ_LENS": self.seq_lens is not None,
+            # tf32 would fail the fp32 error bound; fp16/bf16 inputs ignore this
+            "PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
+        }
+
+
+def autotune_configs(candidates: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
+    """The autotune candidates, or one small config under TRITON_INTERPRET (tuning is pointless there)."""
+    return [interpret_config] if INTERPRET else candidates
+
+
+@triton.jit
+def load_rows(base, rows, n_rows, stride_row, cols, n_cols, stride_col):
+    """x[rows, cols] of a row-major view with any strides; out-of-range elements read 0."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
+    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def store_rows(base, x, rows, n_rows, stride_row, cols, n_cols, stride_col):
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def rope_table(cos_ptr, sin_ptr, positions, rows, n_rows, HALF: tl.constexpr, PART: tl.constexpr):
+    """cos, sin [rows, PART] float32 of the RoPE angles at ``positions`` (tables [S, HALF])."""
+    cols = tl.arange(0, PART)
+    offsets = positions[:, None] * HALF + cols[None, :]
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HALF)
+    return tl.load(cos_ptr + offsets, mask=mask, other=0.0), tl.load(sin_ptr + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_qk(
+    base, rows, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, positions,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, ROPE: tl.constexpr,
+):
+    """A q or k tile as its two parts (a, b), rotated in registers when ROPE (module docstring)."""
+    cols = tl.arange(0, PART)
+    if ROPE:
+        half: tl.constexpr = HEAD_DIM // 2
+        x1 = load_rows(base, rows, n_rows, stride_row, cols, half, stride_col)
+        x2 = load_rows(base + half * stride_col, rows, n_rows, stride_row, cols, half, stride_col)
+        cos, sin = rope_table(cos_ptr, sin_ptr, positions, rows, n_rows, half, PART)
+        # rotate in float32 and round once, so q' and k' carry a single rounding error
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        a = (x1f * cos - x2f * sin).to(x1.dtype)
+        b = (x2f * cos + x1f * sin).to(x1.dtype)
+    else:
+        a = load_rows(base, rows, n_rows, stride_row, cols, HEAD_DIM, stride_col)
+        b = a
+    return a, b
+
+
+@triton.jit
+def store_qk_grad(
+    base, grad_a, grad_b, rows, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, positions,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, ROPE: tl.constexpr,
+):
+    """Store the gradient of a q or k tile given the gradient of its parts (a, b);
+    with ROPE the parts are gradients w.r.t. the rotated tile, so apply the inverse rotation."""
+    cols = tl.arange(0, PART)
+    if ROPE:
+        half: tl.constexpr = HEAD_DIM // 2
+        cos, sin = rope_table(cos_ptr, sin_ptr, positions, rows, n_rows, half, PART)
+        grad1 = grad_a * cos + grad_b * sin
+        grad2 = grad_b * cos - grad_a * sin
+        store_rows(base, grad1, rows, n_rows, stride_row, cols, half, stride_col)
+        store_rows(base + half * stride_col, grad2, rows, n_rows, stride_row, cols, half, stride_col)
+    else:
+        store_rows(base, grad_a, rows, n_rows, stride_row, cols, HEAD_DIM, stride_col)
+
+
+@triton.jit
+def qk_dot(x_a, x_b, y_a, y_b, ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    """x @ y^T of two tiles given as parts (module docstring): [M, N] float32."""
+    s = tl.dot(x_a, tl.trans(y_a), input_precision=PRECISION)
+    if ROPE:
+        s = tl.dot(x_b, tl.trans(y_b), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
+def score_tile(
+    s, pos_q, pos_k, kv_len, left, right, scale_log2, slope_log2,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Raw q.k^T scores -> log2-domain logits with the ALiBi bias, -inf where not visible.
+
+    pos_q and pos_k broadcast against s ([M, 1] and [1, N], or transposed)."""
+    s = s * scale_log2
+    if ALIBI:
+        s -= slope_log2 * tl.abs(pos_q - pos_k).to(tl.float32)
+    if MASKED:
+        visible = (pos_k >= pos_q - left) & (pos_k <= pos_q + right) & (pos_k < kv_len)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of the query block [q_start, q_start + BLOCK_M), split for masking.
+
+    Returns lo <= full_lo <= full_hi <= hi: blocks in [lo, full_lo) and [full_hi, hi) need the
+    visibility mask, blocks in [full_lo, full_hi) are visible to every row (no mask), and
+    nothing outside [lo, hi) is visible, so whole tiles outside a window are never loaded."""
+    p0 = q_start + S - T
+    p1 = p0 + BLOCK_M - 1
+    hi = tl.maximum(tl.minimum(kv_len, p1 + right + 1), 0)
+    lo = tl.minimum(tl.maximum(p0 - left, 0) // BLOCK_N * BLOCK_N, hi)
+    full_lo = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(p1 - left, 0), BLOCK_N) * BLOCK_N), hi)
+    full_hi = tl.maximum(tl.minimum(kv_len, p0 + right + 1), 0) // BLOCK_N * BLOCK_N
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def query_blocks(k_start, T, S, kv_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range that sees some key of the key block [k_start, k_start + BLOCK_N), split
+    like key_blocks: [lo, full_lo) and [full_hi, hi) masked, [full_lo, full_hi) unmasked."""
+    shift = S - T
+    k_last = k_start + BLOCK_N - 1
+    hi = tl.minimum(tl.maximum(k_last + left - shift + 1, 0), T)
+    hi = tl.where(k_start < kv_len, hi, 0)  # a block of padding keys gets no gradient
+    lo = tl.minimum(tl.minimum(tl.maximum(k_start - right - shift, 0), T) // BLOCK_M * BLOCK_M, hi)
+    full_lo = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(k_last - right - shift, 0), BLOCK_M) * BLOCK_M), hi)
+    full_lo = tl.where(k_last < kv_len, full_lo, hi)  # part padding: every query block is masked
+    full_hi = tl.maximum(k_start + left - shift + 1, 0) // BLOCK_M * BLOCK_M
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
