@@ -1,0 +1,97 @@
+"""block: block-diagonal softmax attention. The sequence is cut into non-overlapping blocks
+of ``block`` tokens (the last one may be shorter); each query attends only to the keys of its
+own block (causal: those at or before it). Unlike the sliding window, the visible set does
+not move with the query: a query at the start of a block sees nothing of the previous one.
+Cost O(T * block). Positions come from the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.kernels import reference
+from attnbench.models import peers
+from attnbench.models.flops import visible_pairs
+from attnbench.models.qkv import qkv_layer
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+
+DEFAULT_BLOCK = 256
+
+
+def _block_lens(seq_lens: torch.Tensor, starts: torch.Tensor, block: int) -> torch.Tensor:
+    """Real keys in each block: [B, N] from seq_lens [B] and block starts [N]."""
+    return (seq_lens.to(starts.device)[:, None] - starts[None, :]).clamp(0, block)
+
+
+def torch_reference(q, k, v, *, causal=False, seq_lens=None, block=DEFAULT_BLOCK):
+    """The definition, block by block: softmax attention (kernels/reference.py) on each block's
+    q [B, L, Hq, D], k/v [B, L, Hkv, D]; o [B, T, Hq, D]."""
+    outputs = []
+    for start in range(0, q.shape[1], block):
+        end = min(start + block, q.shape[1])
+        lens = None if seq_lens is None else (seq_lens - start).clamp(0, end - start)
+        outputs.append(reference.attention(q[:, start:end], k[:, start:end], v[:, start:end], causal=causal, seq_lens=lens))
+    return torch.cat(outputs, dim=1)
+
+
+def sdpa_blocks(q, k, v, *, causal=False, seq_lens=None, block=DEFAULT_BLOCK):
+    """Blocks folded into the batch: [B, T, H, D] -> [B * N, block, H, D], one SDPA call.
+
+    The tail is zero-padded to a whole block; its padded keys are masked like key padding
+    (needless when causal: they come after every real query).
+    """
+    b, t, hq, d = q.shape
+    pad = -t % block
+    n = (t + pad) // block
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).reshape(b * n, block, x.shape[2], d) for x in (q, k, v))
+    lens = None
+    if seq_lens is not None or (pad and not causal):
+        real = torch.full((b,), t, device=q.device) if seq_lens is None else seq_lens
+        lens = _block_lens(real, torch.arange(0, t + pad, block, device=q.device), block).flatten()  # (B * N,)
+    o = peers.sdpa(q, k, v, causal=causal, seq_lens=lens)
+    if seq_lens is not None:  # a block of padding only: its queries see nothing, so zeros (SDPA may give NaN)
+        o = o * (lens > 0).view(-1, 1, 1, 1).to(o.dtype)
+    return o.reshape(b, n * block, hq, d)[:, :t]
+
+
+def block_options(cfg: LayerConfig) -> dict:
+    block = int(cfg.options.get("block", DEFAULT_BLOCK))
+    if block <= 0:
+        raise ValueError(f"block size must be positive, not {block}")
+    return {"block": block}
+
+
+def block_pairs(seq: int, block: int, causal: bool, seq_lens=None) -> int:
+    """Visible (query, key) pairs summed over the blocks (and the batch, with seq_lens [B])."""
+    total = 0
+    for start in range(0, seq, block):
+        size = min(block, seq - start)
+        lens = None if seq_lens is None else (torch.as_tensor(seq_lens) - start).clamp(0, size)
+        total += visible_pairs(size, size, causal=causal, window=None, seq_lens=lens)
+    return total
+
+
+def block_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
+    """4 * Hq * D per visible pair (2 for Q K^T, 2 for P V), pairs counted within blocks only."""
+    pairs = block_pairs(seq, block_options(cfg)["block"], cfg.causal, seq_lens)
+    if seq_lens is None:
+        pairs *= batch
+    return 4.0 * cfg.heads * cfg.head_dim * pairs
+
+
+IMPLS = {
+    "torch": Impl("torch", torch_reference, "plain torch by definition, block by block"),
+    "sdpa": Impl("sdpa", sdpa_blocks, "blocks folded into the batch, one SDPA call (default dispatch)"),
+}
+
+MECHANISM = Mechanism(
+    name="block",
+    description="block-diagonal softmax attention: each query sees only its own block (causal within it)",
+    family="sparse",
+    layer=qkv_layer(block_options, IMPLS),
+    impls=IMPLS,
+    flops=block_flops,
+    position="absolute",
+    params={"block": (DEFAULT_BLOCK, "tokens per block; a query sees only keys of its own block")},
+)
