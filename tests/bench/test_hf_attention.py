@@ -22,8 +22,8 @@ VOCAB = 97
 
 
 def gpt2(**overrides):
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-        bos_token_id=0, eos_token_id=0, **overrides,
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, **overrides
     )
     return transformers.GPT2LMHeadModel(config)
 
