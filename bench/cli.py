@@ -2,29 +2,205 @@
 
 Heavy imports (torch, triton, seaborn) happen inside the commands, so `--help` is instant.
 Bad input raises attnbench.errors.InputError (or UnknownNameError) and becomes one line, exit 2.
+
+List options take several values after one flag (`--seq 512 1024`), repeated flags or commas;
+commands with list options use ``cls=ListOptionsCommand``.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from attnbench.errors import USER_ERRORS
+
+
+class InputErrorsExit2(TyperGroup):
+    """Every command's input errors become one red line and exit code 2 (also under CliRunner)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as err:
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+
+def _is_value(arg: str) -> bool:
+    if not arg.startswith("-"):
+        return True
+    try:
+        float(arg)  # a negative number is a value (to be refused with a clear message later)
+        return True
+    except ValueError:
+        return False
+
+
+class ListOptionsCommand(TyperCommand):
+    """Rewrites `--seq 512 1024` and `--seq 512,1024` into `--seq 512 --seq 1024` before click parses."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        lists = {opt for p in self.params if p.param_type_name == "option" and p.multiple for opt in p.opts}
+        rewritten: list[str] = []
+        current = None
+        for arg in args:
+            if arg in lists:
+                current = arg
+            elif current is not None and _is_value(arg):
+                rewritten += [x for value in arg.split(",") if value for x in (current, value)]
+                continue
+            else:
+                current = None
+            if arg not in lists:
+                rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
 
 app = typer.Typer(
     name="attnbench",
     help="Benchmark attention mechanisms: speed, memory and quality, side by side.",
+    cls=InputErrorsExit2,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
+SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
+                 "dtype", "causal", "bidirectional", "window", "device")
+
+
+@app.command(cls=ListOptionsCommand)
+def speed(
+    ctx: typer.Context,
+    attn: Annotated[list[str], typer.Option(help="Mechanisms, or 'all'.")] = ["standard"],
+    impl: Annotated[list[str], typer.Option(help="Impls, or 'all' (each mechanism runs those it has).")] = ["all"],
+    level: Annotated[list[str], typer.Option(help="kernel (core on q, k, v) and/or layer (with projections).")] = ["kernel"],
+    mode: Annotated[list[str], typer.Option(help="fwd, bwd (backward alone), fwdbwd.")] = ["fwd", "bwd"],
+    seq: Annotated[list[int], typer.Option(help="Sequence lengths T.")] = [512, 1024, 2048, 4096, 8192, 16384],
+    batch: Annotated[Optional[list[int]], typer.Option(help="Batch sizes B (instead of --tokens).")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Fixed B*T budget, B = tokens // T (default: 16384 on CUDA, 2048 on CPU).")] = None,
+    heads: Annotated[int, typer.Option(help="Query heads Hq.")] = 16,
+    kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads Hkv (GQA) (default: heads).")] = None,
+    head_dim: Annotated[int, typer.Option(help="Head dimension D.")] = 64,
+    dtype: Annotated[Optional[list[str]], typer.Option(help="fp32, fp16, bf16 (default: bf16 on CUDA, fp32 on CPU).")] = None,
+    causal: Annotated[bool, typer.Option("--causal", help="Causal cases (the default when neither is given).")] = False,
+    bidirectional: Annotated[bool, typer.Option("--bidirectional", help="Bidirectional cases (both flags: both).")] = False,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window w (keys each side; left only when causal).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-speed).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest): recorded cases are skipped.")] = False,
+    measure_peak: Annotated[bool, typer.Option("--measure-peak", help="Measure matmul TFLOP/s first; rows get % of peak.")] = False,
+) -> None:
+    """Time attention mechanisms and impls over a sweep of sizes; one CSV row per case."""
+    import torch
+
+    from attnbench import console, sweep
+    from attnbench.errors import InputError
+    from attnbench.models.registry import mechanisms
+    from attnbench.speed import run_speed
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    if batch and tokens is not None:
+        raise InputError("give --batch or --tokens, not both")
+    spec = sweep.SweepSpec(
+        mechanisms=list(mechanisms()) if "all" in attn else attn,
+        impls=None if "all" in impl else impl,
+        levels=level,
+        modes=mode,
+        dtypes=[sweep.resolve_dtype(d) for d in (dtype or ["bf16" if on_cuda else "fp32"])],
+        device=device,
+        seqs=seq,
+        batches=batch or None,
+        tokens=None if batch else (tokens if tokens is not None else 16384 if on_cuda else 2048),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        causal=[c for c, given in ((True, causal), (False, bidirectional)) if given] or [True],
+        window=window,
+    )
+    spec_given = any(ctx.get_parameter_source(name).name == "COMMANDLINE" for name in SWEEP_OPTIONS)
+    run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress)
+    table, notes = console.speed_table(rows, title=f"{run_dir}  (median ms; ★ fastest)")
+    console.out.print(table)
+    for note in notes:
+        console.out.print(f"[dim]not run: {note}[/dim]")
+    console.out.print(f"{console.status_counts(rows)} -> {run_dir}/speed.csv")
+
+
+@app.command()
+def report(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders (default: the latest run).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where report.md/.html and plots/ go (default: the run folder).")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="Impl the speedup plot divides by (default: sdpa, else torch).")] = None,
+) -> None:
+    """Plots, report.md and a self-contained report.html from one or more runs."""
+    from attnbench.report import render_report
+
+    render_report(runs or [], out, baseline)
+
+
+@app.command()
+def compare(
+    base: Annotated[Path, typer.Argument(help="Baseline run folder (or its speed.csv).")],
+    head: Annotated[Path, typer.Argument(help="Run folder to check against it.")],
+    threshold: Annotated[float, typer.Option(help="Percent slower than base that counts as a regression.")] = 5.0,
+) -> None:
+    """Per-case latency ratio HEAD/BASE; exit code 1 when any case regressed."""
+    from attnbench.compare import compare_runs
+
+    if compare_runs(base, head, threshold):
+        raise typer.Exit(1)
+
+
+@app.command()
+def env(
+    measure_peak: Annotated[bool, typer.Option("--measure-peak", help="Also measure matmul TFLOP/s and copy GB/s.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Device for --measure-peak (default: cuda when present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """GPU, driver, clocks, power, versions and git state (what every run records in meta.json)."""
+    import json
+
+    import torch
+
+    from attnbench import console
+    from attnbench import env as environment
+    from attnbench.sweep import check_device
+
+    info = environment.collect()
+    peaks = None
+    if measure_peak:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtypes = ["bf16"] if device.startswith("cuda") else ["fp32"]
+        check_device(device, dtypes)
+        peaks = environment.measure_peaks(device, dtypes)
+    if as_json:
+        typer.echo(json.dumps({**info, "peaks": peaks}, indent=2, default=str))
+    else:
+        console.out.print(console.env_table(info, peaks))
+
+
+@app.command("list")
+def list_mechanisms() -> None:
+    """Mechanisms x impls, with what is available on this machine and why not."""
+    from attnbench import console
+    from attnbench.catalog import availability, describe
+
+    entries = describe()
+    console.out.print(console.mechanisms_table(entries))
+    for reason, impls in availability(entries).items():
+        console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {reason}")
+
 
 def main() -> None:
     """Console entry point: runs the app, turning input errors into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except USER_ERRORS as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)

@@ -1,0 +1,118 @@
+"""Rich rendering for the terminal: the sweep's progress bar and the tables the commands print.
+
+Nothing here computes a result; every function takes rows or dicts and draws them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
+
+STATUS_STYLE = {"oom": "OOM", "error": "error", "unsupported": "-", "skipped": "skip"}
+
+
+@contextlib.contextmanager
+def sweep_progress(total: int) -> Iterator[Callable[[str, Any], None]]:
+    """A progress bar over ``total`` steps (warm-up and timing of each case), on stderr."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("sweep", total=total)
+
+        def on_step(phase: str, case) -> None:
+            label = f"{phase:7s} {case.mechanism}/{case.impl} {case.level} {case.mode} {case.dtype} B={case.batch} T={case.seq}"
+            progress.update(task, advance=1, description=label)
+
+        yield on_step
+
+
+CASE_COLUMNS = ["mechanism", "level", "mode", "causal", "dtype", "device", "heads", "kv_heads", "head_dim", "window", "batch", "seq"]
+SHORT = {"batch": "B", "seq": "T", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D"}
+
+
+def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str]]:
+    """One line per case, one column per impl (median ms or status); the fastest impl marked ★.
+
+    Case columns that are the same on every row move into the title; impls that ran no case
+    are left out. Returns the table and notes on what was left out and why.
+    """
+    varying = [c for c in CASE_COLUMNS if len({row[c] for row in rows}) > 1 or c in ("batch", "seq")]
+    constant = [f"{SHORT.get(c, c)}={_show(c, rows[0][c])}" for c in CASE_COLUMNS if c not in varying and rows and rows[0][c]]
+    ran = list(dict.fromkeys(row["impl"] for row in rows if row["status"] not in ("unsupported",)))
+    notes = [
+        f"{impl}: {reason}"
+        for impl, reason in dict.fromkeys((r["impl"], r["message"]) for r in rows if r["impl"] not in ran)
+    ]
+    cases: dict[tuple, dict[str, dict[str, str]]] = {}
+    for row in rows:
+        cases.setdefault(tuple(row[c] for c in varying), {})[row["impl"]] = row
+    table = Table(title=f"{title}\n{' '.join(constant)}", title_justify="left")
+    for name in varying:
+        table.add_column(SHORT.get(name, name), justify="right" if name in SHORT else "left")
+    for impl in ran:
+        table.add_column(f"{impl}\nms", justify="right")
+    for key, by_impl in cases.items():
+        ok = {impl: float(r["ms_median"]) for impl, r in by_impl.items() if r["status"] == "ok"}
+        fastest = min(ok, key=ok.get) if ok else None
+        cells = []
+        for impl in ran:
+            row = by_impl.get(impl)
+            if row is None:
+                cells.append("")
+            elif row["status"] != "ok":
+                cells.append(f"[dim]{STATUS_STYLE[row['status']]}[/dim]")
+            elif impl == fastest:
+                cells.append(f"[bold green]★ {ok[impl]:.3g}[/bold green]")
+            else:
+                cells.append(f"{ok[impl]:.3g}")
+        table.add_row(*[_show(name, value) for name, value in zip(varying, key)], *cells)
+    return table, notes
+
+
+def _show(column: str, value: str) -> str:
+    if column == "causal":
+        return "causal" if value == "True" else "bidir"
+    return value
+
+
+def status_counts(rows: list[dict[str, str]]) -> str:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def env_table(info: dict[str, Any], peaks: dict[str, Any] | None) -> Table:
+    table = Table(show_header=False, title="environment", title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in info.items():
+        if key != "gpus":
+            table.add_row(key, str(value))
+    for gpu in info.get("gpus", []):
+        table.add_row(f"gpu {gpu['index']}", ", ".join(f"{k}={v}" for k, v in gpu.items() if k != "index"))
+    if peaks:
+        for dtype, tflops in peaks["matmul_tflops"].items():
+            table.add_row(f"measured {dtype} matmul", f"{tflops:.1f} TFLOP/s")
+        table.add_row("measured copy", f"{peaks['copy_gbps']:.0f} GB/s")
+    return table
+
+
+def mechanisms_table(entries: list[dict[str, Any]]) -> Table:
+    """``entries``: per mechanism name, family, position, supports, params and
+    impls {name: reason or None} (None: available here)."""
+    table = Table(title="mechanisms and impls on this machine", title_justify="left", show_lines=True)
+    for name in ("mechanism", "family", "position", "supports", "impls (green: available here)", "params"):
+        table.add_column(name)
+    for entry in entries:
+        impls = " ".join(
+            f"[green]{name}[/green]" if reason is None else f"[dim red]{name}[/dim red]" for name, reason in entry["impls"].items()
+        )
+        table.add_row(entry["name"], entry["family"], entry["position"], ", ".join(entry["supports"]), impls, entry["params"])
+    return table

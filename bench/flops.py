@@ -1,0 +1,58 @@
+"""FLOPs and throughput of one measured case, FlashAttention-3 convention.
+
+Forward FLOPs of an attention core come from its registry entry (attnbench.models.flops:
+4 * Hq * D per visible q-k pair for softmax, counted exactly for causal, window, padding
+and GQA). This module adds the mode multipliers and, at layer level, the projections.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from attnbench.models.registry import LayerConfig, Mechanism
+
+CORE_MODE_FACTOR = {
+    "fwd": 1.0,
+    # 2.0: dS = dO V^T and dV = P^T dO, dQ = dS K and dK = dS^T Q (two matmuls per forward one)
+    # + 0.5: the backward recomputes S = Q K^T (one of the two forward matmuls)
+    "bwd": 2.5,
+    "fwdbwd": 3.5,  # 1.0 (forward) + 2.5 (backward)
+}
+
+LINEAR_MODE_FACTOR = {
+    "fwd": 1.0,
+    "bwd": 2.0,  # dX = dY W and dW = dY^T X, one matmul each the size of the forward one
+    "fwdbwd": 3.0,  # 1.0 (forward) + 2.0 (backward)
+}
+
+
+def core_flops(mechanism: Mechanism, cfg: LayerConfig, batch: int, seq: int, mode: str, seq_lens=None) -> float:
+    """FLOPs of the kernel-level core in ``mode`` for q, k, v of ``seq`` tokens (key padding: seq_lens [B])."""
+    return CORE_MODE_FACTOR[mode] * mechanism.flops(cfg, batch, seq, seq_lens=seq_lens)
+
+
+def linear_flops(layer: nn.Module, forward: Callable[[], object], mode: str) -> float:
+    """FLOPs of every nn.Linear in ``layer`` during one call of ``forward`` (run here, without
+    autograd), in ``mode``: 2 per multiply-add, counted on the inputs each Linear really sees."""
+    macs = 0
+
+    def count(module: nn.Linear, inputs, output) -> None:
+        nonlocal macs
+        rows = inputs[0].numel() // module.in_features
+        macs += rows * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(count) for m in layer.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return LINEAR_MODE_FACTOR[mode] * 2.0 * macs
+
+
+def tflops_per_s(flops: float, median_ms: float) -> float:
+    return flops / (median_ms * 1e-3) / 1e12

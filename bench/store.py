@@ -1,0 +1,189 @@
+"""The results store: one folder per run, a CSV appended and flushed row by row, meta.json.
+
+    results/<run>/meta.json   command line, env, schema_version, sweep spec, started/finished
+    results/<run>/speed.csv   one row per case, columns SPEED_COLUMNS (results/README.md)
+
+A run killed at any moment (kill -9 mid-line included) resumes without loss or duplicates:
+a final line without its newline is cut off on resume, and cases already recorded are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from attnbench.errors import InputError
+
+SCHEMA_VERSION = 1
+DEFAULT_ROOT = Path("results")
+SPEED_CSV = "speed.csv"
+TRAIN_CSV = "train.csv"
+META_JSON = "meta.json"
+
+# What identifies a case; resume and compare match rows on these.
+CASE_COLUMNS = [
+    "mechanism", "impl", "level", "mode", "dtype", "device",
+    "batch", "seq", "heads", "kv_heads", "head_dim", "causal", "window",
+]
+RESULT_COLUMNS = [
+    "status", "message", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
+    "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",
+]
+SPEED_COLUMNS = CASE_COLUMNS + RESULT_COLUMNS
+STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def new_run_dir(kind: str = "speed", root: Path = DEFAULT_ROOT) -> Path:
+    """results/<YYYYmmdd-HHMMSS>-<kind> (not created yet)."""
+    return root / f"{datetime.now():%Y%m%d-%H%M%S}-{kind}"
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and prove a file can be written there, or raise InputError."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"cannot write to {run_dir}: {err.strerror or err}") from None
+
+
+def latest_run(root: Path = DEFAULT_ROOT, needs: tuple[str, ...] = (SPEED_CSV, TRAIN_CSV)) -> Path:
+    """The most recently started run under ``root`` holding meta.json and one of ``needs``."""
+    runs = []
+    for meta_path in root.glob(f"*/{META_JSON}"):
+        run = meta_path.parent
+        if any((run / name).exists() for name in needs):
+            runs.append((_started(meta_path), run.name, run))
+    if not runs:
+        raise InputError(f"no runs with {' or '.join(needs)} under {root}/; run `attnbench speed` first")
+    return max(runs)[2]
+
+
+def _started(meta_path: Path) -> str:
+    try:
+        return str(json.loads(meta_path.read_text()).get("started", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+# ---- meta.json
+
+
+def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    """Write meta.json whole (a temp file and a rename: never half a file)."""
+    tmp = run_dir / f".{META_JSON}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    os.replace(tmp, run_dir / META_JSON)
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / META_JSON
+    if not path.exists():
+        raise InputError(f"{run_dir} is not a run folder (no {META_JSON})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"{path} is corrupt: {err}") from None
+
+
+# ---- speed.csv
+
+
+def _complete_text(path: Path) -> tuple[str, int]:
+    """The file's text up to its last newline, and the byte length of that part."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", errors="replace"), end
+
+
+def _parse(text: str, path: Path, columns: list[str]) -> list[dict[str, str]]:
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
+        return []
+    if header != columns:
+        raise InputError(f"{path} is corrupt or from another schema: header {header[:4]}... expected {columns[:4]}...")
+    rows = []
+    for line_no, values in enumerate(reader, start=2):
+        if len(values) != len(columns):
+            raise InputError(f"{path} is corrupt: line {line_no} has {len(values)} fields, expected {len(columns)}")
+        rows.append(dict(zip(columns, values)))
+    return rows
+
+
+def read_rows(path: Path, columns: list[str] = SPEED_COLUMNS) -> list[dict[str, str]]:
+    """Every complete row of a results CSV as strings (a partial last line is ignored)."""
+    if not path.exists():
+        raise InputError(f"no {path.name} in {path.parent}")
+    text, _ = _complete_text(path)
+    return _parse(text, path, columns)
+
+
+def format_value(value: Any) -> str:
+    """How a value is written to the CSV: '' for None, 6 significant digits for floats."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.6g}"  # NaN -> empty
+    return str(value)
+
+
+class RowLog:
+    """An append-only CSV: every row is written and flushed at once.
+
+    Opening with ``resume`` keeps the rows already there (cutting a partial last line);
+    without it the file must not exist yet.
+    """
+
+    def __init__(self, path: Path, columns: list[str] = SPEED_COLUMNS, resume: bool = False):
+        self.path, self.columns = path, columns
+        self.existing: list[dict[str, str]] = []
+        if path.exists() and not resume:
+            raise InputError(f"{path} exists; pass --resume to continue that run or --out a new folder")
+        if path.exists():
+            text, end = _complete_text(path)
+            self.existing = _parse(text, path, columns)
+            with open(path, "r+b") as f:
+                f.truncate(end)
+        new_file = not path.exists() or path.stat().st_size == 0
+        self._file = open(path, "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        if new_file:
+            self._writer.writerow(columns)
+            self._file.flush()
+
+    def append(self, row: dict[str, Any]) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise KeyError(f"not columns of {self.path.name}: {sorted(unknown)}")
+        self._writer.writerow([format_value(row.get(name)) for name in self.columns])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "RowLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def case_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """A row's case identity as written to the CSV (so written and re-read rows compare equal)."""
+    return tuple(format_value(row.get(name)) for name in CASE_COLUMNS)
+
+
+def recorded_keys(rows: Iterable[dict[str, Any]]) -> set[tuple[str, ...]]:
+    return {case_key(row) for row in rows}

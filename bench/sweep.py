@@ -1,0 +1,392 @@
+"""The speed sweep: a spec expands to cases; every case is warmed up, then every case is timed.
+
+Phase 1 (warm-up) builds each case once and calls it once: compilation, autotuning and
+cuDNN graph building happen here, their cost lands in ``first_call_ms``, and cases that
+cannot run (unsupported, error, OOM) get their row now. Phase 2 rebuilds each remaining
+case and times it. An OOM marks the larger sizes of its case ``skipped``.
+
+Levels: a level is one function ``Case -> Workload`` in ``LEVELS`` (kernel, layer; a
+``model`` level is one more entry).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from attnbench import flops as flop_model
+from attnbench import timing
+from attnbench.errors import InputError
+from attnbench.models import registry
+from attnbench.models.registry import LayerConfig, Mechanism
+
+MODES = ("fwd", "bwd", "fwdbwd")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point of the sweep; its fields are the CSV's case columns."""
+
+    mechanism: str
+    impl: str
+    level: str
+    mode: str
+    dtype: str
+    device: str
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    window: int | None
+
+    def layer_config(self) -> LayerConfig:
+        return LayerConfig(
+            dim=self.heads * self.head_dim, heads=self.heads, kv_heads=self.kv_heads,
+            head_dim=self.head_dim, causal=self.causal, impl=self.impl, window=self.window,
+        )
+
+    def series(self) -> tuple:
+        """Everything but the size: an OOM at one size skips the larger sizes of the same series."""
+        return tuple(v for k, v in asdict(self).items() if k not in ("batch", "seq"))
+
+    def larger_than(self, other: "Case") -> bool:
+        return self.series() == other.series() and self.seq >= other.seq and self.batch >= other.batch and self != other
+
+
+@dataclass
+class SweepSpec:
+    """What `attnbench speed` was asked for (stored in meta.json; --resume re-reads it)."""
+
+    mechanisms: list[str]
+    impls: list[str] | None  # None: every impl of each mechanism
+    levels: list[str]
+    modes: list[str]
+    dtypes: list[str]
+    device: str
+    seqs: list[int]
+    batches: list[int] | None = None  # exactly one of batches, tokens
+    tokens: int | None = None
+    heads: int = 16
+    kv_heads: int | None = None
+    head_dim: int = 64
+    causal: list[bool] = field(default_factory=lambda: [True])
+    window: int | None = None
+
+    def batches_for(self, seq: int) -> list[int]:
+        """The batch sizes at ``seq``: the given list, or tokens // seq (at least 1)."""
+        if self.batches is not None:
+            return self.batches
+        return [max(1, self.tokens // seq)]
+
+
+@dataclass
+class Workload:
+    """A case built and ready: ``forward()`` runs the op once; ``leaves`` are the tensors whose
+    grads are reset between backward repetitions; ``module``: the layer (its Linears are counted)."""
+
+    forward: Callable[[], torch.Tensor]
+    leaves: list[torch.Tensor]
+    params: int
+    module: torch.nn.Module
+
+
+# ---- validation and expansion
+
+
+def resolve_dtype(name: str) -> str:
+    canonical = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if canonical not in DTYPES:
+        raise InputError(f"unknown dtype '{name}'; valid: {', '.join(DTYPES)}")
+    return canonical
+
+
+def check_device(device: str, dtypes: Iterable[str]) -> None:
+    """Raise InputError when ``device`` does not exist here or cannot compute in a dtype."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}'; use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise InputError(f"unsupported device '{device}'; use cpu or cuda[:N]")
+    for name in dtypes:
+        if dev.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
+            raise InputError(f"{torch.cuda.get_device_name(dev)} cannot compute in bf16; use --dtype fp16")
+        try:
+            a = torch.ones(8, 8, device=dev, dtype=DTYPES[name])
+            torch.softmax(a @ a, dim=-1)
+        except RuntimeError as err:
+            raise InputError(f"{device} cannot compute in {name}: {str(err).splitlines()[0]}") from None
+
+
+def validate(spec: SweepSpec) -> None:
+    """Every InputError a spec can deserve, before anything runs."""
+    mechanisms = [registry.get(name) for name in spec.mechanisms]  # unknown names raise with the list
+    if spec.impls is not None:
+        known = sorted({impl for m in mechanisms for impl in m.impls})
+        for impl in spec.impls:
+            if impl not in known:
+                raise InputError(f"unknown impl '{impl}' for {', '.join(spec.mechanisms)}; valid: {', '.join(known)}")
+    for level in spec.levels:
+        if level not in LEVELS:
+            raise InputError(f"unknown level '{level}'; valid: {', '.join(LEVELS)}")
+    for mode in spec.modes:
+        if mode not in MODES:
+            raise InputError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
+    if not spec.seqs:
+        raise InputError("give at least one --seq")
+    if (spec.batches is None) == (spec.tokens is None):
+        raise InputError("give --batch or --tokens, not both")
+    positive = {"--seq": spec.seqs, "--batch": spec.batches or [], "--tokens": [spec.tokens] if spec.tokens is not None else []}
+    positive |= {"--heads": [spec.heads], "--head-dim": [spec.head_dim]}
+    positive |= {"--kv-heads": [spec.kv_heads] if spec.kv_heads is not None else [], "--window": [spec.window] if spec.window is not None else []}
+    for option, values in positive.items():
+        bad = [v for v in values if v <= 0]
+        if bad:
+            raise InputError(f"{option} must be positive, got {bad[0]}")
+    kv_heads = spec.kv_heads or spec.heads
+    if spec.heads % kv_heads:
+        raise InputError(f"--heads ({spec.heads}) must be a multiple of --kv-heads ({kv_heads})")
+    check_device(spec.device, spec.dtypes)
+
+
+def expand(spec: SweepSpec) -> list[Case]:
+    """Every case of ``spec``, smaller sizes first within each series (so an OOM skips what follows)."""
+    cases = []
+    for name in spec.mechanisms:
+        mechanism = registry.get(name)
+        impls = [i for i in (spec.impls or mechanism.impls) if i in mechanism.impls]
+        # a mechanism whose window has a default (window) records the window it really uses
+        window = spec.window if spec.window is not None else mechanism.params.get("window", (None,))[0]
+        for level in spec.levels:
+            for causal in spec.causal:
+                for dtype in spec.dtypes:
+                    for mode in spec.modes:
+                        for impl in impls:
+                            for seq in sorted(spec.seqs):
+                                for batch in sorted(spec.batches_for(seq)):
+                                    cases.append(Case(
+                                        name, impl, level, mode, dtype, spec.device, batch, seq,
+                                        spec.heads, spec.kv_heads or spec.heads, spec.head_dim, causal, window,
+                                    ))
+    return cases
+
+
+def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
+    """Why ``case`` cannot run on this machine, or None."""
+    cfg = case.layer_config()
+    impl = mechanism.impl(case.impl)
+    if case.level == "kernel" and (not mechanism.has_core or impl.run is None):
+        return f"{case.mechanism}/{case.impl} has no kernel-level core (layer level only)"
+    return mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
+
+
+# ---- levels: Case -> Workload
+
+
+def _build_layer(case: Case) -> torch.nn.Module:
+    layer = registry.build_layer(case.mechanism, case.layer_config())
+    return layer.to(device=case.device, dtype=DTYPES[case.dtype])
+
+
+def _randn(shape, case: Case, requires_grad: bool) -> torch.Tensor:
+    return torch.randn(shape, device=case.device, dtype=DTYPES[case.dtype], requires_grad=requires_grad)
+
+
+def kernel_workload(case: Case) -> Workload:
+    """layer.attend(q, k, v): q [B, T, Hq, D], k/v [B, T, Hkv, D], the layer's own parameters."""
+    layer = _build_layer(case)
+    grad = case.mode != "fwd"
+    b, t = case.batch, case.seq
+    q = _randn((b, t, case.heads, case.head_dim), case, grad)
+    k = _randn((b, t, case.kv_heads, case.head_dim), case, grad)
+    v = _randn((b, t, case.kv_heads, case.head_dim), case, grad)
+    leaves = [q, k, v, *layer.parameters()]
+    return Workload(lambda: layer.attend(q, k, v), leaves, _param_count(layer), layer)
+
+
+def layer_workload(case: Case) -> Workload:
+    """layer(x): x [B, T, C], C = heads * head_dim; projections and parameters included."""
+    layer = _build_layer(case)
+    x = _randn((case.batch, case.seq, case.heads * case.head_dim), case, case.mode != "fwd")
+    return Workload(lambda: layer(x), [x, *layer.parameters()], _param_count(layer), layer)
+
+
+def _param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+LEVELS: dict[str, Callable[[Case], Workload]] = {"kernel": kernel_workload, "layer": layer_workload}
+
+
+# ---- modes: Workload -> the timed callable
+
+
+def timed_call(work: Workload, mode: str) -> Callable[[], object]:
+    """fwd: forward without autograd; bwd: backward of one forward done here, graph retained;
+    fwdbwd: forward then backward. The upstream gradient is random, made once."""
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return work.forward()
+
+        return fwd
+    out = work.forward()
+    grad = torch.randn_like(out)
+    if mode == "bwd":
+        return lambda: out.backward(grad, retain_graph=True)
+    return lambda: work.forward().backward(grad)
+
+
+# ---- the loop
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Sweep:
+    """Runs ``cases``; every finished row goes to ``write`` at once.
+
+    ``recorded``: case keys (attnbench.store.case_key) already in the results, skipped on resume;
+    ``prior_ooms``: cases that ran out of memory before (their larger sizes stay skipped);
+    ``peaks``: measured matmul TFLOP/s per dtype name, for % of peak.
+    """
+
+    def __init__(
+        self,
+        cases: list[Case],
+        write: Callable[[dict[str, Any]], None],
+        recorded: set[tuple[str, ...]] = frozenset(),
+        prior_ooms: Iterable[Case] = (),
+        peaks: dict[str, float] | None = None,
+    ):
+        from attnbench.store import case_key
+
+        self.pending = [c for c in cases if case_key(asdict(c)) not in recorded]
+        self.write, self.peaks = write, peaks or {}
+        self.ooms: list[Case] = list(prior_ooms)
+        self.done: set[Case] = set()
+        self.first_call: dict[Case, float] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self, on_step: Callable[[str, Case], None] = lambda phase, case: None) -> list[dict[str, Any]]:
+        """Warm up every case, then time every case that warmed up; returns the rows written.
+        ``on_step(phase, case)``: progress, once per pending case per phase ("warmup", "timing")."""
+        for case in self.pending:
+            on_step("warmup", case)
+            self._step(case, self._warm_up)
+        for case in self.pending:
+            on_step("timing", case)
+            self._step(case, self._time)
+        return self.rows
+
+    def _step(self, case: Case, action: Callable[[Case], dict[str, Any] | None]) -> None:
+        if case in self.done:
+            return
+        if any(case.larger_than(oom) for oom in self.ooms):
+            self._record(case, status="skipped", message="a smaller size of this case ran out of memory")
+            return
+        try:
+            row = action(case)
+        except Exception as err:  # one case failing never stops the sweep
+            if is_oom(err):
+                self.ooms.append(case)
+                self._record(case, status="oom", message=one_line(err))
+            else:
+                self._record(case, status="error", message=one_line(err))
+            _free(case.device)
+            return
+        if row is not None:
+            self._record(case, **row)
+        _free(case.device)
+
+    def _warm_up(self, case: Case) -> dict[str, Any] | None:
+        mechanism = registry.get(case.mechanism)
+        reason = why_unsupported(case, mechanism)
+        if reason:
+            return {"status": "unsupported", "message": reason}
+        work = LEVELS[case.level](case)
+        call = timed_call(work, case.mode)
+        self.first_call[case] = timing.first_call_ms(call, torch.device(case.device))
+        return None
+
+    def _time(self, case: Case) -> dict[str, Any]:
+        device = torch.device(case.device)
+        mechanism = registry.get(case.mechanism)
+        work = LEVELS[case.level](case)
+        call = timed_call(work, case.mode)
+        peak_mib = _peak_memory_mib(call, device)
+        measured = timing.measure(call, device, grad_to_none=[t for t in work.leaves if t.requires_grad])
+        flops = flop_model.core_flops(mechanism, case.layer_config(), case.batch, case.seq, case.mode)
+        if case.level != "kernel":
+            flops += flop_model.linear_flops(work.module, work.forward, case.mode)
+        tflops = flop_model.tflops_per_s(flops, measured.median_ms)
+        peak = self.peaks.get(case.dtype)
+        return {
+            "status": "ok",
+            "message": "",
+            "ms_median": measured.median_ms,
+            "ms_p20": measured.p20_ms,
+            "ms_p80": measured.p80_ms,
+            "tokens_per_s": case.batch * case.seq / (measured.median_ms * 1e-3),
+            "flops": flops,
+            "tflops": tflops,
+            "pct_peak": 100.0 * tflops / peak if peak else None,
+            "peak_mem_mib": peak_mib,
+            "params": work.params,
+        }
+
+    def _record(self, case: Case, **result: Any) -> None:
+        row = {**asdict(case), "first_call_ms": self.first_call.get(case), **result}
+        self.write(row)
+        self.rows.append(row)
+        self.done.add(case)
+
+
+def _peak_memory_mib(call: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory one call allocates beyond what was allocated before it (inputs excluded);
+    None on CPU, where torch keeps no allocator statistics."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def ooms_in(rows: Iterable[dict[str, str]]) -> Iterator[Case]:
+    """The cases recorded as OOM in CSV rows (strings), rebuilt as Cases."""
+    for row in rows:
+        if row["status"] != "oom":
+            continue
+        yield Case(
+            row["mechanism"], row["impl"], row["level"], row["mode"], row["dtype"], row["device"],
+            int(row["batch"]), int(row["seq"]), int(row["heads"]), int(row["kv_heads"]), int(row["head_dim"]),
+            row["causal"] == "True", int(row["window"]) if row["window"] else None,
+        )
