@@ -42,6 +42,8 @@ def fla_chunk(q, k, v, *, causal=True, seq_lens=None, chunk=DEFAULT_CHUNK):
     """
     from fla.ops.linear_attn import chunk_linear_attn
 
+    if not causal:
+        raise ValueError("fla's chunk_linear_attn is causal only")
     fq, fk = feature_map(q), feature_map(k)
     keep = feature_attention.key_padding(k.shape[1], seq_lens, k.device)
     if keep is not None:
