@@ -13,9 +13,11 @@ import triton.language as tl
 from attnbench.kernels.flash_tiles import (
     FlashProblem,
     autotune_configs,
+    empty,
     key_blocks,
     load_qk,
     load_rows,
+    mma,
     qk_dot,
     query_blocks,
     score_tile,
@@ -62,12 +64,12 @@ def _dkdv_query_loop(
         s_t = qk_dot(k_a, k_b, q_a, q_b, ROPE, PRECISION)
         s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         p_t = tl.math.exp2(s_t - lse[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv = mma(p_t.to(do.dtype), do, dv, PRECISION)
+        dp_t = mma(v, tl.trans(do), None, PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
-        dk_a = tl.dot(ds_t, q_a, dk_a, input_precision=PRECISION)
+        dk_a = mma(ds_t, q_a, dk_a, PRECISION)
         if ROPE:
-            dk_b = tl.dot(ds_t, q_b, dk_b, input_precision=PRECISION)
+            dk_b = mma(ds_t, q_b, dk_b, PRECISION)
     return dk_a, dk_b, dv
 
 
@@ -165,11 +167,11 @@ def _dq_key_loop(
         s = qk_dot(q_a, q_b, k_a, k_b, ROPE, PRECISION)
         s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = mma(do, tl.trans(v), None, PRECISION)
         ds = (p * (dp - delta[:, None])).to(k_a.dtype)
-        dq_a = tl.dot(ds, k_a, dq_a, input_precision=PRECISION)
+        dq_a = mma(ds, k_a, dq_a, PRECISION)
         if ROPE:
-            dq_b = tl.dot(ds, k_b, dq_b, input_precision=PRECISION)
+            dq_b = mma(ds, k_b, dq_b, PRECISION)
     return dq_a, dq_b
 
 
@@ -252,14 +254,14 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem):
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     meta = problem.constexprs()
-    delta = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+    delta = empty((b, hq, t), torch.float32, q.device)
     delta_block = 64
     flash_delta_kernel[(triton.cdiv(t, delta_block), b * hq)](
         o, do, delta, *o.stride(), *do.stride(), t, hq, d, meta["D_PAD"], delta_block,
     )
-    dq = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((b, s, hkv, d), dtype=k.dtype, device=k.device)
-    dv = torch.empty((b, s, hkv, d), dtype=v.dtype, device=v.device)
+    dq = empty((b, t, hq, d), q.dtype, q.device)
+    dk = empty((b, s, hkv, d), k.dtype, k.device)
+    dv = empty((b, s, hkv, d), v.dtype, v.device)
     extras = problem.tensors(q)
     scales = (problem.left, problem.right, problem.scale, problem.scale_log2, problem.seq_bucket)
     flash_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](

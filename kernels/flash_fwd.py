@@ -10,7 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from attnbench.kernels.flash_tiles import FlashProblem, autotune_configs, key_blocks, load_qk, load_rows, qk_dot, score_tile, store_rows
+from attnbench.kernels.flash_tiles import (
+    FlashProblem,
+    autotune_configs,
+    empty,
+    key_blocks,
+    load_qk,
+    load_rows,
+    mma,
+    qk_dot,
+    score_tile,
+    store_rows,
+)
 
 
 @triton.jit
@@ -35,7 +46,7 @@ def _fwd_key_loop(
         p = tl.math.exp2(s - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -123,8 +134,8 @@ def flash_forward(q, k, v, problem: FlashProblem):
     """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, T] float32 (log2 units, for the backward)."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    o = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+    o = empty((b, t, hq, d), q.dtype, q.device)
+    lse = empty((b, hq, t), torch.float32, q.device)
 
     def grid(meta):
         return (triton.cdiv(t, meta["BLOCK_M"]), b * hq)

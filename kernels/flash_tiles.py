@@ -22,6 +22,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# triton's CPU interpreter multiplies bf16 tiles as their uint16 bit patterns; upcasting
+# first is exact (a product of two 16-bit floats fits float32) and what the GPU computes
+_DOT_IN_FP32 = tl.constexpr(INTERPRET)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ class FlashProblem:
             # tf32 would fail the fp32 error bound; fp16/bf16 inputs ignore this
             "PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
         }
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised memory for a kernel output (tests swap in NaN-filled memory to catch
+    elements a kernel forgets to write)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def autotune_configs(candidates: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
@@ -139,11 +148,21 @@ def store_qk_grad(
 
 
 @triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b, accumulated in float32 (acc None: a @ b)."""
+    if _DOT_IN_FP32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def qk_dot(x_a, x_b, y_a, y_b, ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """x @ y^T of two tiles given as parts (module docstring): [M, N] float32."""
-    s = tl.dot(x_a, tl.trans(y_a), input_precision=PRECISION)
+    s = mma(x_a, tl.trans(y_a), None, PRECISION)
     if ROPE:
-        s = tl.dot(x_b, tl.trans(y_b), s, input_precision=PRECISION)
+        s = mma(x_b, tl.trans(y_b), s, PRECISION)
     return s
 
 

@@ -1,0 +1,264 @@
+"""The Triton flash-attention kernels (kernels/flash*.py) against kernels/reference.py.
+
+On CPU they run under TRITON_INTERPRET=1 at small sizes (tests/conftest.py); blocks there are
+32 queries x 16 keys (forward, dq) and 16 x 32 (dk/dv), so T up to ~100 crosses many tile
+edges. Tolerance (FlashAttention's rule): the kernel's error against a float64 reference is at
+most 2x plain torch's error in the same low precision; fp32 inputs get a tight bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnbench.kernels import flash_bwd, flash_fwd, reference
+from attnbench.kernels.flash import flash_attention
+from attnbench.kernels.flash_tiles import key_blocks, query_blocks
+from attnbench.models.softmax import torch_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOLERANCE = 2e-5  # relative to the largest reference value; fp32 kernels land near 1e-6
+FP32_NOISE = 1e-6  # absolute floor: float32 accumulation noise where the exact answer is 0 (dq at T = S = 1)
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so an element a kernel forgets to write fails the test."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(flash_fwd, "empty", poisoned)
+    monkeypatch.setattr(flash_bwd, "empty", poisoned)
+
+
+@dataclass
+class Case:
+    """One attention problem: q [B, T, Hq, D], k/v [B, S, Hkv, D] plus kernel options."""
+
+    batch: int = 2
+    t: int = 45
+    s: int | None = None
+    heads: int = 2
+    kv_heads: int | None = None
+    head_dim: int = 32
+    dtype: torch.dtype = torch.bfloat16
+    fused_qkv: bool = False  # q, k, v as strided views of one [B, T, Hq + 2 Hkv, D] projection
+    options: dict = field(default_factory=dict)
+
+    def inputs(self, generator: torch.Generator):
+        s = self.t if self.s is None else self.s
+        hkv = self.heads if self.kv_heads is None else self.kv_heads
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float32).to(DEVICE, self.dtype)
+
+        if self.fused_qkv:
+            qkv = randn(self.batch, self.t, self.heads + 2 * hkv, self.head_dim)
+            q, k, v = qkv.split([self.heads, hkv, hkv], dim=2)
+        else:
+            q = randn(self.batch, self.t, self.heads, self.head_dim)
+            k, v = randn(self.batch, s, hkv, self.head_dim), randn(self.batch, s, hkv, self.head_dim)
+        do = randn(self.batch, self.t, self.heads, self.head_dim)
+        return q, k, v, do
+
+
+def _output_and_grads(fn, q, k, v, do, options):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, **options)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+def _options_in(options: dict, dtype: torch.dtype) -> dict:
+    """Tensor options (ALiBi slopes) in the reference's precision; seq_lens stay integers."""
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in options.items()}
+
+
+def assert_matches_reference(case: Case, seed: int = 0) -> None:
+    """Forward output and dq, dk, dv of the kernel against float64, with the same upstream gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v, do = case.inputs(generator)
+    options = case.options
+    ours = _output_and_grads(flash_attention, q, k, v, do, options)
+    exact = _output_and_grads(
+        torch_reference, *(x.double() for x in (q, k, v, do)), _options_in(options, torch.float64)
+    )
+    plain = _output_and_grads(torch_reference, q, k, v, do, options) if case.dtype != torch.float32 else None
+    for i, name in enumerate(("o", "dq", "dk", "dv")):
+        assert ours[i].shape == exact[i].shape and ours[i].dtype == case.dtype, f"{name}: shape/dtype"
+        assert torch.isfinite(ours[i]).all(), f"{name}: non-finite (unwritten or NaN) elements"
+        error = (ours[i].double() - exact[i]).abs().max().item()
+        magnitude = exact[i].abs().max().item()
+        if plain is None:
+            bound = FP32_TOLERANCE * max(magnitude, 1.0)
+        else:  # 2x torch's own rounding error, plus half an ulp at the largest value
+            torch_error = (plain[i].double() - exact[i]).abs().max().item()
+            bound = 2 * torch_error + torch.finfo(case.dtype).eps * magnitude / 2 + FP32_NOISE
+        assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g} ({case})"
+
+
+def _slopes(heads: int) -> torch.Tensor:
+    return reference.alibi_slopes(heads).to(DEVICE)
+
+
+def _lens(*lengths: int) -> torch.Tensor:
+    return torch.tensor(lengths, device=DEVICE)
+
+
+CASES = {
+    "dense-fp16": Case(dtype=torch.float16),
+    "causal": Case(options={"causal": True}),
+    "causal-T-not-multiple-of-block": Case(t=83, heads=1, options={"causal": True}),
+    "T=1": Case(t=1, options={"causal": True}),
+    "T=1-decode-S=37": Case(t=1, s=37, options={"causal": True}),
+    "cross-T<S-bidirectional": Case(t=20, s=51),
+    "cross-T>S-causal-some-rows-see-nothing": Case(t=40, s=23, options={"causal": True}),
+    "padding": Case(options={"seq_lens": _lens(45, 17)}),
+    "padding-causal-empty-sequence": Case(options={"causal": True, "seq_lens": _lens(0, 30)}),
+    "gqa-4:2-causal": Case(heads=4, kv_heads=2, options={"causal": True}),
+    "mqa-3:1": Case(heads=3, kv_heads=1),
+    "window-bidirectional": Case(t=70, heads=1, options={"window": (9, 4)}),
+    "window-causal": Case(t=70, heads=1, options={"causal": True, "window": (13, 0)}),
+    "alibi-causal": Case(heads=4, options={"causal": True, "slopes": _slopes(4)}),
+    "alibi-window": Case(t=60, heads=2, options={"window": (7, 7), "slopes": _slopes(2)}),
+    "rope": Case(options={"theta": 10000.0}),
+    "rope-causal-offset-cross": Case(t=20, s=45, options={"causal": True, "theta": 500.0, "offset": 9}),
+    "rope-D80-gqa-padding": Case(heads=4, kv_heads=2, head_dim=80, options={"theta": 10000.0, "seq_lens": _lens(31, 45)}),
+    "D16": Case(head_dim=16, options={"causal": True, "theta": 10000.0}),
+    "D80-fp16": Case(head_dim=80, dtype=torch.float16, options={"causal": True}),
+    "fused-qkv-strided-views": Case(heads=4, kv_heads=2, fused_qkv=True, options={"causal": True, "theta": 10000.0}),
+    "everything": Case(
+        t=64, heads=4, kv_heads=2, fused_qkv=True,
+        options={"causal": True, "seq_lens": _lens(50, 64), "window": (20, 0), "slopes": _slopes(4), "theta": 1e4, "offset": 3},
+    ),
+    "fp32-causal-gqa": Case(dtype=torch.float32, heads=4, kv_heads=2, options={"causal": True}),
+    "fp32-rope-alibi-padding": Case(dtype=torch.float32, heads=2, options={"slopes": _slopes(2), "theta": 1e4, "seq_lens": _lens(30, 45)}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    assert_matches_reference(CASES[name])
+
+
+def test_custom_scale_matches_reference():
+    q, k, v, do = Case(dtype=torch.float32, options={"causal": True}).inputs(torch.Generator().manual_seed(2))
+    ours = _output_and_grads(flash_attention, q, k, v, do, {"causal": True, "scale": 0.3})
+    exact = _output_and_grads(reference.attention, *(x.double() for x in (q, k, v, do)), {"causal": True, "scale": 0.3})
+    for name, mine, truth in zip(("o", "dq", "dk", "dv"), ours, exact):
+        assert (mine.double() - truth).abs().max() <= FP32_TOLERANCE * max(truth.abs().max().item(), 1.0), name
+
+
+def test_query_without_visible_keys_gets_zero_output_and_zero_gradients():
+    case = Case(heads=2, kv_heads=1, options={"causal": True, "seq_lens": _lens(0, 45)})
+    q, k, v, do = case.inputs(torch.Generator().manual_seed(1))
+    o, dq, dk, dv = _output_and_grads(flash_attention, q, k, v, do, case.options)
+    assert (o[0] == 0).all(), "o of a sequence with no visible keys"
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all(), "grads of a sequence with no visible keys"
+    assert torch.isfinite(o[1]).all() and (o[1] != 0).any(), "the other sequence is computed"
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    t=st.integers(1, 70),
+    extra_keys=st.integers(0, 20),
+    group=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    head_dim=st.sampled_from([16, 32, 48]),
+    causal=st.booleans(),
+    window=st.none() | st.tuples(st.integers(0, 40), st.integers(0, 40)),
+    alibi=st.booleans(),
+    rope=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_and_options(t, extra_keys, group, head_dim, causal, window, alibi, rope, padded, seed):
+    heads, kv_heads = group
+    s = t + extra_keys
+    options = {"causal": causal, "window": window}
+    if alibi:
+        options["slopes"] = _slopes(heads)
+    if rope:
+        options["theta"] = 10000.0
+    if padded:
+        options["seq_lens"] = torch.randint(0, s + 1, (2,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    case = Case(t=t, s=s, heads=heads, kv_heads=kv_heads, head_dim=head_dim, options=options)
+    assert_matches_reference(case, seed=seed)
+
+
+@triton.jit
+def _block_ranges_kernel(OUT, start, T, S, kv_len, left, right, KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if KEYS:
+        lo, full_lo, full_hi, hi = key_blocks(start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
+    else:
+        lo, full_lo, full_hi, hi = query_blocks(start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
+    tl.store(OUT + 0, lo)
+    tl.store(OUT + 1, full_lo)
+    tl.store(OUT + 2, full_hi)
+    tl.store(OUT + 3, hi)
+
+
+def _visible_block(t, s, kv_len, left, right, rows, keys) -> torch.Tensor:
+    pos_q = torch.tensor(rows)[:, None] + s - t
+    pos_k = torch.tensor(keys)[None, :]
+    return (pos_k >= pos_q - left) & (pos_k <= pos_q + right) & (pos_k < kv_len)
+
+
+@pytest.mark.parametrize("t, s, kv_len, left, right", [(70, 70, 70, 1 << 30, 0), (70, 70, 51, 9, 4), (30, 77, 77, 13, 0), (80, 40, 33, 1 << 30, 1 << 30)])
+def test_block_ranges_cover_exactly_the_visible_tiles(t, s, kv_len, left, right):
+    """Tiles outside [lo, hi) hold no visible pair (so a window skips them: O(T * w) work);
+    tiles in [full_lo, full_hi) are visible everywhere (safe to skip the mask)."""
+    block_m, block_n = 32, 16
+    out = torch.empty(4, dtype=torch.int32, device=DEVICE)
+    for keys_of_query_block in (True, False):
+        outer, inner = (block_m, block_n) if keys_of_query_block else (block_n, block_m)
+        outer_len, inner_len = (t, s) if keys_of_query_block else (s, t)
+        for start in range(0, outer_len, outer):
+            _block_ranges_kernel[(1,)](out, start, t, s, kv_len, left, right, keys_of_query_block, block_m, block_n)
+            lo, full_lo, full_hi, hi = out.tolist()
+            assert 0 <= lo <= full_lo <= full_hi <= hi <= inner_len, (start, out.tolist())
+            outer_idx = list(range(start, min(start + outer, outer_len)))
+            for inner_start in range(0, inner_len, inner):
+                inner_idx = list(range(inner_start, min(inner_start + inner, inner_len)))
+                rows, keys = (outer_idx, inner_idx) if keys_of_query_block else (inner_idx, outer_idx)
+                visible = _visible_block(t, s, kv_len, left, right, rows, keys)
+                if not lo <= inner_start < hi:
+                    assert not visible.any(), f"skipped tile {inner_start} of block {start} has visible pairs"
+                if full_lo <= inner_start < full_hi:
+                    assert visible.all(), f"unmasked tile {inner_start} of block {start}"
+                    # keys past S may never go unmasked; query rows past T may (they read lse = +inf)
+                    assert not keys_of_query_block or len(inner_idx) == inner, f"partial key tile {inner_start} unmasked"
+
+
+def test_bad_inputs_raise_value_error():
+    q = torch.zeros(1, 4, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        flash_attention(q, torch.zeros(1, 4, 3, 16, device=DEVICE), torch.zeros(1, 4, 3, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="even head_dim"):
+        odd = torch.zeros(1, 4, 2, 15, device=DEVICE)
+        flash_attention(odd, odd, odd, theta=10000.0)
+    with pytest.raises(ValueError, match="head_dim 320"):
+        wide = torch.zeros(1, 4, 1, 320, device=DEVICE)
+        flash_attention(wide, wide, wide)
+    with pytest.raises(ValueError, match="seq_lens"):
+        flash_attention(q, q, q, seq_lens=torch.tensor([1, 2], device=DEVICE))
+
+
+REAL_SIZE_CASES = {
+    "bf16-D128-causal-4k": Case(batch=2, t=4096, heads=4, head_dim=128, options={"causal": True}),
+    "bf16-D64-bidirectional-padding-2k": Case(batch=2, t=2048, heads=8, head_dim=64, options={"seq_lens": _lens(2048, 1500)}),
+    "fp16-D96-gqa-rope-alibi-causal": Case(batch=1, t=3000, heads=8, kv_heads=2, head_dim=96, dtype=torch.float16, options={"causal": True, "theta": 1e4, "slopes": _slopes(8)}),
+    "bf16-D256-window-4k": Case(batch=1, t=4096, heads=2, head_dim=256, options={"causal": True, "window": (512, 0)}),
+    "bf16-D128-fused-qkv-mqa": Case(batch=2, t=1023, heads=8, kv_heads=1, head_dim=128, fused_qkv=True, options={"causal": True}),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(REAL_SIZE_CASES))
+def test_matches_reference_at_real_sizes(name):
+    assert_matches_reference(REAL_SIZE_CASES[name])
