@@ -1,0 +1,409 @@
+"""`attnbench report`: figures, report.md and a self-contained report.html from speed runs.
+
+Figures (one set per setup: level, dtype, device, heads, kv_heads, head_dim), faceted
+mode x mechanism, one colour per impl everywhere, solid causal / dashed bidirectional:
+latency vs T (log-log, p20-p80 band), TFLOP/s vs T, peak memory vs T, speedup over a
+baseline impl, and the fitted complexity exponent: the slope of log(time per sequence)
+against log T over the largest points, with its R^2.
+
+report.md and report.html are rendered from one list of sections, so they say the same.
+Runs holding train.csv are drawn by attnbench.train_report when that module exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from attnbench import store
+from attnbench.errors import InputError
+
+NUMERIC = ["batch", "seq", "heads", "kv_heads", "head_dim", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
+           "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params"]
+SETUP = ["level", "dtype", "device", "heads", "kv_heads", "head_dim"]
+SERIES = ["run", "mechanism", "impl", "mode", "causal", "window"]
+FIT_POINTS = 3  # the exponent is fitted over this many largest sequence lengths
+
+FLOP_CONVENTION = (
+    "FLOPs follow the FlashAttention-3 convention: a softmax forward counts 4 * B * Hq * D per visible "
+    "query-key pair (2 for QK^T, 2 for PV), with pairs counted exactly for causal masks, windows and "
+    "padding; backward = 2.5x forward (2x for the gradient matmuls + 0.5x recomputing QK^T), "
+    "fwd+bwd = 3.5x. Mechanisms with their own cost model (linear, performer, ...) use it. At layer "
+    "level every nn.Linear adds 2 FLOPs per multiply-add (backward 2x). fwd runs without autograd; "
+    "bwd times the backward alone. The exponent is the slope of log(median ms / batch) against "
+    "log T over the largest points (time per sequence, so fixed-token sweeps compare fairly)."
+)
+
+
+# ---- loading
+
+
+def load_speed(run_dirs: list[Path]) -> pd.DataFrame:
+    """The speed.csv rows of ``run_dirs`` as one frame with a ``run`` column, numbers parsed."""
+    frames = []
+    for run in run_dirs:
+        rows = store.read_rows(run / store.SPEED_CSV)
+        frame = pd.DataFrame(rows, columns=store.SPEED_COLUMNS).assign(run=run.name)
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True)
+    try:
+        for column in NUMERIC:
+            df[column] = pd.to_numeric(df[column].replace("", np.nan))
+    except ValueError as err:
+        raise InputError(f"corrupt speed.csv in {', '.join(str(r) for r in run_dirs)}: {err}") from None
+    bad = set(df["status"]) - set(store.STATUSES)
+    if bad:
+        raise InputError(f"corrupt speed.csv: unknown status {sorted(bad)[0]!r}")
+    df["causal"] = df["causal"].map({"True": "causal", "False": "bidirectional"})
+    df["window"] = df["window"].replace("", "none")
+    return df
+
+
+def resolve_runs(runs: list[Path]) -> list[Path]:
+    if not runs:
+        return [store.latest_run()]
+    for run in runs:
+        if not run.is_dir():
+            raise InputError(f"no run folder {run}")
+        if not any((run / name).exists() for name in (store.SPEED_CSV, store.TRAIN_CSV)):
+            raise InputError(f"{run} holds no {store.SPEED_CSV} or {store.TRAIN_CSV}")
+    return runs
+
+
+def impl_order() -> list[str]:
+    """Every registered impl name, registry order: fixes each impl's colour across reports."""
+    from attnbench.models.registry import mechanisms
+
+    return list(dict.fromkeys(impl for m in mechanisms().values() for impl in m.impls))
+
+
+# ---- numbers
+
+
+def exponents(df: pd.DataFrame) -> pd.DataFrame:
+    """Per series: slope of log(ms per sequence) vs log T over the FIT_POINTS largest T, R^2, points used."""
+    ok = df[df["status"] == "ok"].assign(ms_per_seq=lambda d: d["ms_median"] / d["batch"])
+    out = []
+    for key, group in ok.groupby(SETUP + SERIES, dropna=False):
+        per_seq = group.groupby("seq")["ms_per_seq"].median().sort_index().tail(FIT_POINTS)
+        if len(per_seq) < 2:
+            continue
+        x, y = np.log(per_seq.index.to_numpy(float)), np.log(per_seq.to_numpy(float))
+        slope, intercept = np.polyfit(x, y, 1)
+        residual = y - (slope * x + intercept)
+        total = ((y - y.mean()) ** 2).sum()
+        r2 = 1.0 - (residual**2).sum() / total if total > 0 else 1.0
+        out.append({**dict(zip(SETUP + SERIES, key)), "exponent": slope, "r2": r2, "points": len(per_seq),
+                    "seq_range": f"{per_seq.index.min()}-{per_seq.index.max()}"})
+    return pd.DataFrame(out)
+
+
+def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """baseline median / impl median for every ok case that the baseline also ran."""
+    ok = df[df["status"] == "ok"]
+    keys = ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"]
+    base = ok[ok["impl"] == baseline][keys + ["ms_median"]].rename(columns={"ms_median": "baseline_ms"})
+    joined = ok[ok["impl"] != baseline].merge(base, on=keys)
+    return joined.assign(speedup=joined["baseline_ms"] / joined["ms_median"])
+
+
+def fastest(df: pd.DataFrame) -> pd.DataFrame:
+    """At the largest T of each case: the fastest impl, its median ms and TFLOP/s, and the runner-up ratio."""
+    ok = df[df["status"] == "ok"]
+    keys = ["run", *SETUP, "mechanism", "mode", "causal", "window"]
+    rows = []
+    for key, group in ok.groupby(keys, dropna=False):
+        largest = group[group["seq"] == group["seq"].max()].sort_values("ms_median")
+        best = largest.iloc[0]
+        runner = largest.iloc[1] if len(largest) > 1 else None
+        rows.append({**dict(zip(keys, key)), "T": int(best["seq"]), "fastest": best["impl"],
+                     "ms": best["ms_median"], "TFLOP/s": best["tflops"],
+                     "next": "" if runner is None else f"{runner['impl']} ({runner['ms_median'] / best['ms_median']:.2f}x)"})
+    return pd.DataFrame(rows)
+
+
+# ---- figures
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+
+def _setups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(slug, rows) per setup; the slug names the files (latency-kernel-bf16-h16-kv16-d64.png)."""
+    out = []
+    for key, group in df.groupby(SETUP, dropna=False):
+        level, dtype, device, heads, kv_heads, head_dim = key
+        out.append((f"{level}-{dtype}-{device.replace(':', '')}-h{heads:g}-kv{kv_heads:g}-d{head_dim:g}", group))
+    return out
+
+
+def _seq_label(value: float, _pos=None) -> str:
+    value = int(round(value))
+    return f"{value // 1024}k" if value >= 1024 and value % 1024 == 0 else str(value)
+
+
+def _num_label(value: float, _pos=None) -> str:
+    return f"{value:g}"
+
+
+def _draw(data: pd.DataFrame, y: str, band: tuple[str, str] | None, palette: dict[str, Any], markers: dict[str, str], **_):
+    import matplotlib.pyplot as plt
+
+    ax = plt.gca()
+    for (impl, causal, run), series in data.groupby(["impl", "causal", "run"]):
+        series = series.sort_values("seq")
+        style = "-" if causal == "causal" else "--"
+        ax.plot(series["seq"], series[y], style, color=palette[impl], marker=markers[run], markersize=4, linewidth=1.6)
+        if band:
+            ax.fill_between(series["seq"], series[band[0]], series[band[1]], color=palette[impl], alpha=0.15, linewidth=0)
+
+
+MODE_ORDER = ("fwd", "bwd", "fwdbwd")
+
+
+def _modes(data: pd.DataFrame) -> list[str]:
+    return [m for m in MODE_ORDER if m in set(data["mode"])]
+
+
+def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, palette, markers, title: str,
+           band: tuple[str, str] | None = None, hline: float | None = None) -> Path:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    g = sns.FacetGrid(data, row="mode", col="mechanism", height=3.0, aspect=1.35, sharey=False, margin_titles=True,
+                      row_order=_modes(data))
+    g.map_dataframe(_draw, y=y, band=band, palette=palette, markers=markers)
+    seqs = sorted(data["seq"].unique())
+    for ax in g.axes.flat:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(seqs))
+        ax.xaxis.set_major_formatter(FuncFormatter(_seq_label))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if logy:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(_num_label))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if hline is not None:
+            ax.axhline(hline, color="0.4", linewidth=1, linestyle=":")
+        ax.grid(True, which="major", alpha=0.3)
+    g.set_axis_labels("sequence length T", ylabel)
+    g.set_titles(row_template="{row_name}", col_template="{col_name}")
+    handles = {impl: Line2D([], [], color=palette[impl], linewidth=2) for impl in sorted(set(data["impl"]), key=list(palette).index)}
+    for causal, style in (("causal", "-"), ("bidirectional", "--")):
+        if causal in set(data["causal"]):
+            handles[causal] = Line2D([], [], color="0.3", linestyle=style)
+    if len(markers) > 1:
+        handles |= {run: Line2D([], [], color="0.3", marker=m, linestyle="") for run, m in markers.items()}
+    g.add_legend(legend_data=handles, title="")
+    g.figure.suptitle(title, y=1.02)
+    g.figure.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(g.figure)
+    return path
+
+
+def _exponent_figure(fits: pd.DataFrame, *, path: Path, palette, title: str) -> Path:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = [i for i in palette if i in set(fits["impl"])]
+    g = sns.catplot(fits, x="impl", y="exponent", hue="impl", col="mechanism", row="mode", kind="bar", order=order,
+                    palette=palette, height=2.8, aspect=1.3, legend=False, margin_titles=True, errorbar=None,
+                    row_order=_modes(fits))
+    for ax in g.axes.flat:
+        for level in (1.0, 2.0):
+            ax.axhline(level, color="0.4", linewidth=1, linestyle=":")
+        ax.tick_params(axis="x", labelrotation=45)
+    g.set_axis_labels("", "exponent (time ~ T^k)")
+    g.set_titles(row_template="{row_name}", col_template="{col_name}")
+    g.figure.suptitle(title, y=1.02)
+    g.figure.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(g.figure)
+    return path
+
+
+def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) -> list[Figure]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    plots.mkdir(parents=True, exist_ok=True)
+    known = impl_order()
+    impls = [i for i in known if i in set(df["impl"])] + sorted(set(df["impl"]) - set(known))
+    colours = sns.color_palette("tab10") + sns.color_palette("Dark2")
+    palette = {impl: colours[known.index(impl) % len(colours)] if impl in known else colours[-1 - n % 8]
+               for n, impl in enumerate(impls)}
+    markers = dict(zip(sorted(set(df["run"])), "osD^vP*X"))
+    out = []
+    ok = df[df["status"] == "ok"]
+    for slug, rows in _setups(ok):
+
+        def add(name: str, caption: str, draw, *args, **kwargs) -> None:
+            path = plots / f"{name}-{slug}.png"
+            out.append(Figure(draw(*args, path=path, palette=palette, title=f"{caption} ({slug})", **kwargs), f"{caption} ({slug})"))
+
+        add("latency", "Median latency vs T, band p20-p80", _facet, rows, "ms_median", "median latency (ms)", True,
+            markers=markers, band=("ms_p20", "ms_p80"))
+        add("tflops", "Throughput vs T", _facet, rows, "tflops", "TFLOP/s", False, markers=markers)
+        if rows["peak_mem_mib"].notna().any():
+            add("memory", "Peak memory vs T", _facet, rows[rows["peak_mem_mib"].notna()], "peak_mem_mib",
+                "peak memory (MiB)", True, markers=markers)
+        ratio = speedups(rows, baseline)
+        if not ratio.empty:
+            add("speedup", f"Speedup over {baseline}", _facet, ratio, "speedup", f"speedup over {baseline} (x)", True,
+                markers=markers, hline=1.0)
+        setup_fits = fits.merge(rows[SETUP].drop_duplicates(), on=SETUP) if not fits.empty else fits
+        if not setup_fits.empty:
+            add("exponent", f"Fitted exponent k, time per sequence ~ T^k over the {FIT_POINTS} largest T",
+                _exponent_figure, setup_fits)
+    return out
+
+
+# ---- documents
+
+
+def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure], fits: pd.DataFrame,
+              baseline: str | None, train_pngs: list[Path]) -> list[tuple[str, Any]]:
+    sections: list[tuple[str, Any]] = [("h1", "attnbench report"), ("h2", "Runs")]
+    sections.append(("table", pd.DataFrame([_run_summary(run) for run in run_dirs])))
+    if df is not None:
+        sections += [("h2", "Convention"), ("p", FLOP_CONVENTION)]
+        counts = df.groupby(["run", "status"]).size().unstack(fill_value=0).reset_index()
+        sections += [("h2", "Status"), ("table", counts)]
+        problems = df[df["status"].isin(["error", "oom"])]
+        if not problems.empty:
+            sections.append(("table", problems[["run", "mechanism", "impl", "level", "mode", "batch", "seq", "status", "message"]]))
+        best = fastest(df)
+        if not best.empty:
+            sections += [("h2", "Fastest impl at the largest T"), ("table", best)]
+        sections.append(("h2", "Figures"))
+        sections += [("figure", fig) for fig in figs]
+        if not fits.empty:
+            sections += [("h2", "Complexity exponents"), ("p", f"Slope of log(ms per sequence) vs log T over the {FIT_POINTS} largest T."),
+                         ("table", fits.round({"exponent": 2, "r2": 3}))]
+    if train_pngs:
+        sections.append(("h2", "Training"))
+        sections += [("figure", Figure(png, png.stem)) for png in train_pngs]
+    return sections
+
+
+def _run_summary(run: Path) -> dict[str, Any]:
+    meta = store.read_meta(run)
+    info = meta.get("env", {})
+    gpus = info.get("gpus") or []
+    return {
+        "run": run.name,
+        "command": meta.get("command", ""),
+        "device": gpus[0]["name"] if gpus else info.get("cpu", ""),
+        "torch": info.get("torch", ""),
+        "triton": info.get("triton", ""),
+        "git": info.get("git", ""),
+        "started": meta.get("started", ""),
+        "finished": meta.get("finished") or "unfinished",
+    }
+
+
+def _markdown(sections, out_dir: Path) -> str:
+    lines = []
+    for kind, content in sections:
+        if kind in ("h1", "h2"):
+            lines += ["#" * int(kind[1]) + " " + content, ""]
+        elif kind == "p":
+            lines += [content, ""]
+        elif kind == "table":
+            lines += [_md_table(content), ""]
+        elif kind == "figure":
+            lines += [f"![{content.caption}]({content.path.relative_to(out_dir).as_posix()})", "", f"*{content.caption}*", ""]
+    return "\n".join(lines)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cells = df.astype(object).where(df.notna(), "").map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _html(sections) -> str:
+    parts = []
+    for kind, content in sections:
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{html.escape(content)}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(content)}</p>")
+        elif kind == "table":
+            parts.append(content.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0))
+        elif kind == "figure":
+            data = base64.b64encode(content.path.read_bytes()).decode()
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(content.caption)}">'
+                         f"<figcaption>{html.escape(content.caption)}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:.85em}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}"
+             "th{background:#f4f4f4}img{max-width:100%}figcaption{color:#555;font-size:.9em}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>attnbench report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+
+
+# ---- the command
+
+
+def _train_pngs(train_runs: list[Path], out_dir: Path) -> list[Path]:
+    try:
+        train_report = importlib.import_module("attnbench.train_report")
+    except ModuleNotFoundError:
+        raise InputError(f"{', '.join(map(str, train_runs))}: train.csv needs attnbench.train_report, not in this version") from None
+    return train_report.render_train_report(train_runs, out_dir)
+
+
+def render_report(runs: list[Path], out: Path | None, baseline: str | None) -> list[Path]:
+    """Write plots/*.png, report.md and report.html; print a summary. Returns the files written."""
+    from attnbench import console
+
+    run_dirs = resolve_runs(runs)
+    for run in run_dirs:
+        store.read_meta(run)  # a folder without readable meta.json is no run
+    speed_runs = [r for r in run_dirs if (r / store.SPEED_CSV).exists()]
+    train_runs = [r for r in run_dirs if r not in speed_runs]
+    out_dir = out or (run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent / f"report-{datetime.now():%Y%m%d-%H%M%S}")
+    store.ensure_writable(out_dir)
+    df = load_speed(speed_runs) if speed_runs else None
+    figs: list[Figure] = []
+    fits = pd.DataFrame()
+    if df is not None:
+        impls = sorted(set(df["impl"]))
+        baseline = baseline or next((b for b in ("sdpa", "torch") if b in impls), impls[0])
+        if baseline not in impls:
+            raise InputError(f"--baseline {baseline} is not in these runs; impls: {', '.join(impls)}")
+        if not (df["status"] == "ok").any():
+            raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
+        fits = exponents(df)
+        figs = figures(df, fits, baseline, out_dir / "plots")
+    train_pngs = _train_pngs(train_runs, out_dir / "plots") if train_runs else []
+    sections = _sections(run_dirs, df, figs, fits, baseline, train_pngs)
+    (out_dir / "report.md").write_text(_markdown(sections, out_dir))
+    (out_dir / "report.html").write_text(_html(sections))
+    written = [f.path for f in figs] + train_pngs + [out_dir / "report.md", out_dir / "report.html"]
+    if df is not None:
+        console.out.print(console.frame_table(fastest(df), "fastest impl at the largest T",
+                                              keep=("mechanism", "mode", "T", "fastest", "ms", "TFLOP/s", "next")))
+        if not fits.empty:
+            console.out.print(console.frame_table(fits[["mechanism", "impl", "mode", "causal", "exponent", "r2", "seq_range"]],
+                                                  "complexity exponent (time per sequence ~ T^k)",
+                                                  keep=("mechanism", "impl", "mode", "exponent", "r2", "seq_range")))
+    console.out.print(f"{len(written)} files -> {out_dir}/ (report.html, report.md, plots/)")
+    return written
