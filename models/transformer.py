@@ -1,0 +1,300 @@
+"""Transformer language models whose attention is any registry mechanism.
+
+    MaskedLM   BERT-style encoder: bidirectional, post-LN (pre-LN as an option), GELU,
+               MLM head (dense + GELU + LayerNorm + decoder tied to the token embeddings)
+    CausalLM   GPT-style decoder: causal, pre-LN with a final LayerNorm, tied LM head
+
+Both are one `Trunk` (embeddings, blocks, optional final norm) plus a head, and differ only
+through their `ModelConfig`. The attention of every block is
+``registry.build_layer(mechanism, LayerConfig(...))``, called as layer(x [B, T, C], seq_lens).
+Positions follow the mechanism: learned (or sinusoidal) absolute embeddings when it says
+``position == "absolute"``, none when it encodes position itself (rope, alibi, ...).
+
+With the same weights, MaskedLM's trunk computes transformers' BertModel hidden states and
+CausalLM's trunk GPT2Model's (tests/models/test_transformer.py copies weights across).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnbench.models import registry
+from attnbench.models.presets import Preset
+from attnbench.models.registry import LayerConfig
+
+Task = Literal["mlm", "clm"]
+IGNORE = -100  # label of a position that carries no loss (cross_entropy's ignore_index)
+
+
+@dataclass
+class ModelConfig:
+    """Everything that shapes a model. Use `ModelConfig.for_task` for the BERT/GPT conventions.
+
+    causal: GPT-style decoder (True) or BERT-style encoder; norm: "post" (BERT) or "pre" (GPT-2);
+    positions: the absolute scheme used when the mechanism needs one ("learned" or "sinusoidal");
+    gelu: "none" (exact erf GELU, BERT) or "tanh" (GPT-2's approximation);
+    max_seq: length of the learned position table (no limit for other schemes);
+    attention: the mechanism's own options (registry Mechanism.params).
+    """
+
+    vocab_size: int
+    dim: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    max_seq: int
+    mechanism: str = "standard"
+    impl: str = "torch"
+    causal: bool = False
+    norm: Literal["post", "pre"] = "post"
+    positions: Literal["learned", "sinusoidal"] = "learned"
+    gelu: Literal["none", "tanh"] = "none"
+    norm_eps: float = 1e-12
+    kv_heads: int | None = None
+    window: int | None = None
+    dropout: float = 0.0
+    attention: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_task(cls, task: Task, preset: Preset, vocab_size: int, mechanism: str, impl: str = "torch", seq: int | None = None, **overrides) -> "ModelConfig":
+        """BERT conventions for "mlm" (post-LN, erf GELU, eps 1e-12), GPT-2's for "clm" (pre-LN, tanh GELU, eps 1e-5)."""
+        if task not in ("mlm", "clm"):
+            raise ValueError(f"unknown task '{task}'; valid: mlm, clm")
+        conventions = (
+            dict(causal=False, norm="post", gelu="none", norm_eps=1e-12)
+            if task == "mlm"
+            else dict(causal=True, norm="pre", gelu="tanh", norm_eps=1e-5)
+        )
+        shape = dict(dim=preset.dim, layers=preset.layers, heads=preset.heads, mlp_dim=preset.mlp_dim, max_seq=seq or preset.seq)
+        return cls(vocab_size=vocab_size, mechanism=mechanism, impl=impl, **{**shape, **conventions, **overrides})
+
+    @property
+    def absolute_positions(self) -> bool:
+        return registry.get(self.mechanism).position == "absolute"
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest input the model can take: max_seq with learned positions, else no limit."""
+        return self.max_seq if self.absolute_positions and self.positions == "learned" else None
+
+    def layer_config(self) -> LayerConfig:
+        return LayerConfig(
+            dim=self.dim, heads=self.heads, kv_heads=self.kv_heads, causal=self.causal,
+            impl=self.impl, window=self.window, bias=True, options=dict(self.attention),
+        )
+
+
+def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Vaswani et al.'s fixed embeddings [T, C]: sin on even channels, cos on odd, wavelengths up to 10000 * 2pi."""
+    position = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
+    return table
+
+
+class Embeddings(nn.Module):
+    """Token ids [B, T] -> [B, T, C]: token embedding, plus absolute positions when the mechanism
+    needs them, then LayerNorm in post-LN models (BERT normalises its embeddings; pre-LN models
+    normalise at the start of every block instead)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.positions = nn.Embedding(cfg.max_seq, cfg.dim) if cfg.absolute_positions and cfg.positions == "learned" else None
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm == "post" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        x = self.tokens(input_ids)  # (B, T, C)
+        if self.positions is not None:
+            if t > self.cfg.max_seq:
+                raise ValueError(f"input of {t} tokens is longer than the {self.cfg.max_seq} learned positions")
+            x = x + self.positions.weight[:t]
+        elif self.cfg.absolute_positions:
+            x = x + sinusoidal_positions(t, self.cfg.dim, x.device).to(x.dtype)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class MLP(nn.Module):
+    """[B, T, C] -> [B, T, C]: Linear(C, 4C), GELU, Linear(4C, C)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.dim, cfg.mlp_dim)
+        self.down = nn.Linear(cfg.mlp_dim, cfg.dim)
+        self.gelu = cfg.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate=self.gelu))
+
+
+class Block(nn.Module):
+    """One transformer block [B, T, C] -> [B, T, C].
+
+    post-LN (BERT): x = LN(x + Attn(x)); x = LN(x + MLP(x))
+    pre-LN (GPT-2): x = x + Attn(LN(x)); x = x + MLP(LN(x))
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.attention = registry.build_layer(cfg.mechanism, cfg.layer_config())
+        self.mlp = MLP(cfg)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.norm1(x), seq_lens))
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.attention(x, seq_lens)))
+        return self.norm2(x + self.dropout(self.mlp(x)))
+
+
+class Trunk(nn.Module):
+    """Token ids [B, T] (+ seq_lens [B], the valid length of each right-padded row) -> hidden [B, T, C]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm == "pre" else None
+
+    def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embeddings(input_ids)
+        for block in self.blocks:
+            x = block(x, seq_lens)
+        return x if self.final_norm is None else self.final_norm(x)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head, hidden [N, C] -> logits [N, V]: dense + GELU + LayerNorm, then the
+    token embedding matrix (tied) and a per-token bias."""
+
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.dim, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.embedding = embedding
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.gelu = cfg.gelu
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.norm(F.gelu(self.dense(hidden), approximate=self.gelu))
+        return F.linear(h, self.embedding.weight, self.bias)
+
+
+class LMHead(nn.Module):
+    """GPT-2's head, hidden [N, C] -> logits [N, V]: the token embedding matrix (tied), no bias."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embedding.weight)
+
+
+class LanguageModel(nn.Module):
+    """Trunk + head: input_ids [B, T] (+ seq_lens [B]) -> logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = Trunk(cfg)
+        tokens = self.trunk.embeddings.tokens
+        self.head = LMHead(tokens) if cfg.causal else MLMHead(cfg, tokens)
+        self.apply(_init_weights)
+
+    def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.trunk(input_ids, seq_lens))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT's and GPT-2's init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones/zeros)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class LossParts(NamedTuple):
+    """Summed cross-entropy over labelled positions, how many there were, how many were right."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    correct: torch.Tensor
+
+
+def lm_loss(model: LanguageModel, input_ids: torch.Tensor, labels: torch.Tensor, seq_lens: torch.Tensor | None = None) -> LossParts:
+    """Cross-entropy of ``model`` on input_ids [B, T] against labels [B, T] (IGNORE where no loss).
+
+    The head runs only on labelled positions: for MLM that is 15% of them, and the [B, T, V]
+    logits never exist.
+    """
+    hidden = model.trunk(input_ids, seq_lens)  # (B, T, C)
+    keep = labels != IGNORE
+    logits = model.head(hidden[keep]).float()  # (N, V)
+    targets = labels[keep]
+    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum()
+    return LossParts(loss_sum, keep.sum(), correct)
+
+
+def build_model(preset: Preset | str, mechanism: str, impl: str = "torch", task: Task = "mlm", seq: int | None = None, vocab_size: int | None = None, **overrides) -> LanguageModel:
+    """The model the training and the model-level speed sweep use: ``preset`` shape, ``mechanism``
+    run by ``impl``, BERT (mlm) or GPT (clm) conventions, learned positions for ``seq`` tokens."""
+    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
+    cfg = ModelConfig.for_task(task, preset, vocab_size or preset.vocab, mechanism, impl, seq, **overrides)
+    return LanguageModel(cfg)
+
+
+def training_step(model: LanguageModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimisation step on ``batch`` (input_ids, labels [B, T]; seq_lens [B] optional):
+    forward, mean loss over labelled tokens, backward, optimizer step. Returns the loss (detached)."""
+    parts = lm_loss(model, batch["input_ids"], batch["labels"], batch.get("seq_lens"))
+    loss = parts.loss_sum / parts.count.clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def param_counts(model: LanguageModel) -> dict[str, int]:
+    """Parameters per component (embeddings, attention, mlp, norms, head) and in total.
+
+    Tied weights count once, under embeddings; so the GPT head counts 0.
+    """
+    seen: set[int] = set()
+
+    def count(module: nn.Module | None) -> int:
+        total = 0
+        for p in ([] if module is None else module.parameters()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    blocks = model.trunk.blocks
+    counts = {
+        "embeddings": count(model.trunk.embeddings),
+        "attention": sum(count(b.attention) for b in blocks),
+        "mlp": sum(count(b.mlp) for b in blocks),
+        "norms": sum(count(b.norm1) + count(b.norm2) for b in blocks) + count(model.trunk.final_norm),
+        "head": count(model.head),
+    }
+    counts["total"] = sum(counts.values())
+    return counts
