@@ -119,12 +119,12 @@ def mechanisms_table(entries: list[dict[str, Any]]) -> Table:
 
 
 def frame_table(df, title: str, keep: tuple[str, ...] = ()) -> Table:
-    """A pandas DataFrame as a rich table (floats to 3 significant digits); columns that never
+    """A pandas DataFrame as a rich table (floats to 4 significant digits); columns that never
     vary are dropped unless in ``keep`` (the results themselves)."""
     varying = [c for c in df.columns if c in keep or df[c].nunique(dropna=False) > 1]
     table = Table(title=title, title_justify="left")
     for column in varying:
         table.add_column(str(column))
     for row in df[varying].itertuples(index=False):
-        table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     return table
