@@ -197,6 +197,20 @@ def list_mechanisms() -> None:
         console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {reason}")
 
 
+@app.command()
+def check(
+    attn: Annotated[str, typer.Option(help="Comma-separated mechanisms whose triton impl is checked.")] = "standard,rope,alibi,window",
+    max_seq: Annotated[int, typer.Option(help="Longest sequence T checked (also 1k, 1037 and powers of 4 from 4k).")] = 16384,
+    dtype: Annotated[str, typer.Option(help="bf16 or fp16.")] = "bf16",
+) -> None:
+    """Our Triton kernels against the plain-torch reference on the GPU at real sizes; exit 1 on a failure."""
+    from attnbench import console
+    from attnbench.check import run_check
+
+    if not run_check([name.strip() for name in attn.split(",") if name.strip()], max_seq, dtype, console.out):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point: runs the app, turning input errors into one line and exit code 2."""
     try:
