@@ -13,6 +13,13 @@ transformers = pytest.importorskip("transformers")
 VOCAB, DIM, LAYERS, HEADS, MLP_DIM, MAX_SEQ = 97, 32, 2, 4, 64, 24
 
 
+def _randomize(model: torch.nn.Module) -> None:
+    """Weights far from the 0.02 init, so that every term (GELU form, norms, biases) shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     assert dst.shape == src.shape, (dst.shape, src.shape)
     dst.copy_(src)
@@ -30,6 +37,7 @@ def _bert_pair():
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager",
     )
     hf = transformers.BertModel(hf_cfg, add_pooling_layer=False).eval()
+    _randomize(hf)
     ours = LanguageModel(_tiny_config(mechanism="standard", causal=False, norm="post", gelu="none", norm_eps=1e-12)).eval()
     emb, mine = hf.embeddings, ours.trunk.embeddings
     with torch.no_grad():
@@ -62,6 +70,7 @@ def _gpt2_pair():
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
     )
     hf = transformers.GPT2Model(hf_cfg).eval()
+    _randomize(hf)
     ours = LanguageModel(_tiny_config(mechanism="standard", causal=True, norm="pre", gelu="tanh", norm_eps=1e-5)).eval()
     mine = ours.trunk
     with torch.no_grad():
