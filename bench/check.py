@@ -140,6 +140,11 @@ def _heads_for(batch: int, seq: int) -> int:
     return max(2, min(8, 2 ** int(math.log2(max(budget_heads, 1)))))
 
 
+# layer options for the check where the initial values leave terms of the kernel inert
+# (exposb starts with gamma = 0: its band filter, mu and sigma would go unchecked)
+CHECK_OPTIONS = {"exposb": {"alpha": 0.3, "gamma": 0.5, "delta": 0.01}}
+
+
 def mechanism_cases(names: Sequence[str], max_seq: int, dtype: torch.dtype, head_dims=(64, 128)) -> list[CheckCase]:
     """Causal and bidirectional (with key padding) cases of each mechanism's `triton` impl
     against its `torch` impl, GQA 2:1, at every length of _seq_lengths(max_seq)."""
@@ -154,7 +159,10 @@ def mechanism_cases(names: Sequence[str], max_seq: int, dtype: torch.dtype, head
             head_dim = head_dims[i % len(head_dims)]
             for causal in (True, False):
                 heads = _heads_for(1 if causal else 2, seq)
-                cfg = registry.LayerConfig(dim=heads * head_dim, heads=heads, kv_heads=heads // 2, causal=causal, impl="triton")
+                cfg = registry.LayerConfig(
+                    dim=heads * head_dim, heads=heads, kv_heads=heads // 2, causal=causal, impl="triton",
+                    options=CHECK_OPTIONS.get(mechanism.name, {}),
+                )
                 padded = not causal
                 name = f"{mechanism.name} {'causal' if causal else 'bidir+pad'} T={seq} H={heads}/{heads // 2} D={head_dim}"
                 cases.append(_mechanism_case(name, mechanism, cfg, seq, dtype, padded))
