@@ -263,6 +263,7 @@ def one_line(err: BaseException) -> str:
 
 
 def _free(device: str) -> None:
+    """After a failed case: its tensors may sit in reference cycles through the traceback."""
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -310,19 +311,18 @@ class Sweep:
         if any(case.larger_than(oom) for oom in self.ooms):
             self._record(case, status="skipped", message="a smaller size of this case ran out of memory")
             return
+        failed = False
         try:
             row = action(case)
         except Exception as err:  # one case failing never stops the sweep
+            failed = True
+            row = {"status": "oom" if is_oom(err) else "error", "message": one_line(err)}
             if is_oom(err):
                 self.ooms.append(case)
-                self._record(case, status="oom", message=one_line(err))
-            else:
-                self._record(case, status="error", message=one_line(err))
+        if failed:  # outside the except block, so the traceback's frames can be collected
             _free(case.device)
-            return
         if row is not None:
             self._record(case, **row)
-        _free(case.device)
 
     def _warm_up(self, case: Case) -> dict[str, Any] | None:
         mechanism = registry.get(case.mechanism)

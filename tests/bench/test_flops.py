@@ -1,0 +1,51 @@
+"""FLOP counts against brute-force pair counts (reference.visible) and projection shapes."""
+
+import pytest
+import torch
+
+from attnbench import flops
+from attnbench.kernels import reference
+from attnbench.models import registry
+from attnbench.models.registry import LayerConfig
+
+
+def brute_force_pairs(t, *, causal, window, seq_lens=None):
+    return int(reference.visible(t, t, causal=causal, window=window, seq_lens=seq_lens).sum())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 3, 40])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("mode, factor", [("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)])
+def test_softmax_flops_count_exactly_the_visible_pairs(causal, window, heads, kv_heads, mode, factor):
+    t, batch, d = 37, 3, 16
+    cfg = LayerConfig(dim=heads * d, heads=heads, kv_heads=kv_heads, causal=causal, window=window)
+    expected = factor * 4 * batch * heads * d * brute_force_pairs(t, causal=causal, window=cfg.window_bounds)
+    assert flops.core_flops(registry.get("standard"), cfg, batch, t, mode) == expected
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+def test_padding_removes_the_padded_keys_pairs(causal, window):
+    t, heads, d = 29, 4, 8
+    seq_lens = torch.tensor([29, 17, 1])
+    cfg = LayerConfig(dim=heads * d, heads=heads, causal=causal, window=window)
+    expected = 4 * heads * d * brute_force_pairs(t, causal=causal, window=cfg.window_bounds, seq_lens=seq_lens)
+    got = flops.core_flops(registry.get("standard"), cfg, len(seq_lens), t, "fwd", seq_lens=seq_lens)
+    assert got == expected
+    assert got < flops.core_flops(registry.get("standard"), cfg, len(seq_lens), t, "fwd")
+
+
+@pytest.mark.parametrize("mode, factor", [("fwd", 1), ("bwd", 2), ("fwdbwd", 3)])
+def test_layer_linears_count_two_flops_per_multiply_add(mode, factor):
+    heads, kv_heads, d, b, t = 8, 2, 16, 2, 11
+    c = heads * d
+    layer = registry.build_layer("standard", LayerConfig(dim=c, heads=heads, kv_heads=kv_heads))
+    x = torch.randn(b, t, c)
+    qkv_out = (heads + 2 * kv_heads) * d  # fused q/k/v projection under GQA
+    expected = factor * 2 * b * t * (c * qkv_out + c * c)
+    assert flops.linear_flops(layer, lambda: layer(x), mode) == expected
+
+
+def test_tflops_per_s():
+    assert flops.tflops_per_s(3e12, 1500.0) == pytest.approx(2.0)

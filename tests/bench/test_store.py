@@ -1,0 +1,104 @@
+"""The results store: rows on disk at once, resume after a kill mid-line, corrupt files, latest run."""
+
+import json
+import os
+
+import pytest
+
+from attnbench import store
+from attnbench.errors import InputError
+
+
+def row(seq, status="ok", **extra):
+    base = dict(mechanism="standard", impl="torch", level="kernel", mode="fwd", dtype="fp32", device="cpu",
+                batch=2, seq=seq, heads=2, kv_heads=2, head_dim=8, causal=True, window=None, status=status, message="")
+    return {**base, **extra}
+
+
+def test_every_row_is_on_disk_as_soon_as_it_is_appended(tmp_path):
+    path = tmp_path / "speed.csv"
+    with store.RowLog(path) as log:
+        log.append(row(8, ms_median=0.25))
+        on_disk = store.read_rows(path)  # read while the log is still open
+    assert len(on_disk) == 1
+    assert on_disk[0]["seq"] == "8" and on_disk[0]["ms_median"] == "0.25" and on_disk[0]["window"] == ""
+
+
+def test_resume_cuts_a_partial_last_line_and_keeps_complete_rows(tmp_path):
+    path = tmp_path / "speed.csv"
+    with store.RowLog(path) as log:
+        for seq in (8, 16, 32):
+            log.append(row(seq, ms_median=1.5))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 7])  # killed mid-line: the last row lost its tail and newline
+    with store.RowLog(path, resume=True) as log:
+        assert [r["seq"] for r in log.existing] == ["8", "16"]
+        log.append(row(32, ms_median=1.5))
+    rows = store.read_rows(path)
+    assert [r["seq"] for r in rows] == ["8", "16", "32"]
+    assert len(store.recorded_keys(rows)) == 3
+
+
+def test_a_kill_before_the_header_finished_leaves_a_usable_file(tmp_path):
+    path = tmp_path / "speed.csv"
+    path.write_text("mechanism,impl,le")
+    with store.RowLog(path, resume=True) as log:
+        assert log.existing == []
+        log.append(row(8))
+    assert len(store.read_rows(path)) == 1
+
+
+def test_starting_over_an_existing_csv_needs_resume(tmp_path):
+    path = tmp_path / "speed.csv"
+    store.RowLog(path).close()
+    with pytest.raises(InputError, match="--resume"):
+        store.RowLog(path)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("a,b,c\n1,2,3\n", "header"),
+    (",".join(store.SPEED_COLUMNS) + "\nstandard,torch\n", "line 2"),
+])
+def test_corrupt_csv_is_an_input_error(tmp_path, content, match):
+    path = tmp_path / "speed.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=match):
+        store.read_rows(path)
+
+
+def test_written_and_reread_rows_have_the_same_case_key(tmp_path):
+    path = tmp_path / "speed.csv"
+    written = row(64, window=None, causal=False)
+    with store.RowLog(path) as log:
+        log.append(written)
+    assert store.case_key(store.read_rows(path)[0]) == store.case_key(written)
+
+
+def test_latest_run_is_the_last_started(tmp_path):
+    for name, started in (("b-old", "2024-01-01T00:00:00"), ("a-new", "2025-06-01T00:00:00")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "meta.json").write_text(json.dumps({"started": started}))
+        (run / "speed.csv").write_text("")
+    (tmp_path / "no-csv").mkdir()
+    (tmp_path / "no-csv" / "meta.json").write_text(json.dumps({"started": "2026-01-01T00:00:00"}))
+    assert store.latest_run(tmp_path) == tmp_path / "a-new"
+
+
+def test_latest_run_without_runs_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no runs"):
+        store.latest_run(tmp_path)
+
+
+def test_unwritable_folder_is_an_input_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cannot write"):
+        store.ensure_writable(blocker / "run")
+
+
+def test_meta_is_replaced_whole(tmp_path):
+    store.write_meta(tmp_path, {"started": "x", "finished": None})
+    store.write_meta(tmp_path, {"started": "x", "finished": "y"})
+    assert store.read_meta(tmp_path) == {"started": "x", "finished": "y"}
+    assert sorted(os.listdir(tmp_path)) == ["meta.json"]

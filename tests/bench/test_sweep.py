@@ -1,0 +1,169 @@
+"""The sweep on the torch impl: warm-up before timing, rows, unsupported, errors, OOM and skips."""
+
+import math
+
+import pytest
+import torch
+
+from attnbench import store, sweep, timing
+from attnbench.errors import InputError
+from attnbench.sweep import Sweep, SweepSpec
+
+
+def tiny_spec(**overrides):
+    spec = dict(mechanisms=["standard"], impls=["torch"], levels=["kernel"], modes=["fwd"], dtypes=["fp32"],
+                device="cpu", seqs=[8, 16], batches=[2], heads=2, head_dim=8, causal=[True])
+    return SweepSpec(**{**spec, **overrides})
+
+
+def run(spec, **kwargs):
+    rows = []
+    events = []
+    Sweep(sweep.expand(spec), rows.append, **kwargs).run(lambda phase, case: events.append((phase, case)))
+    return rows, events
+
+
+@pytest.mark.parametrize("level", ["kernel", "layer"])
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwdbwd"])
+def test_torch_impl_gives_ok_rows_with_consistent_numbers(level, mode):
+    spec = tiny_spec(levels=[level], modes=[mode], kv_heads=1, heads=2, seqs=[8])
+    (r,), _ = run(spec)
+    assert r["status"] == "ok", r["message"]
+    assert 0 < r["ms_p20"] <= r["ms_median"] <= r["ms_p80"]
+    assert r["first_call_ms"] > 0
+    assert r["tokens_per_s"] == pytest.approx(2 * 8 / (r["ms_median"] * 1e-3))
+    assert r["tflops"] == pytest.approx(r["flops"] / (r["ms_median"] * 1e-3) / 1e12)
+    c = 2 * 8
+    assert r["params"] == c * (2 + 2 * 1) * 8 + c * c  # fused qkv (Hq + 2 Hkv) * D outputs + out projection
+    assert r["peak_mem_mib"] is None and r["pct_peak"] is None  # CPU: no allocator stats, no peak measured
+
+
+def test_every_case_is_warmed_up_before_any_is_timed(monkeypatch):
+    calls = []
+    first_call, measure = timing.first_call_ms, timing.measure
+    monkeypatch.setattr(timing, "first_call_ms", lambda fn, dev: calls.append("first") or first_call(fn, dev))
+    monkeypatch.setattr(timing, "measure", lambda *a, **k: calls.append("timed") or measure(*a, **k))
+    rows, events = run(tiny_spec(modes=["fwd", "bwd"]))
+    assert calls == ["first"] * 4 + ["timed"] * 4
+    assert [phase for phase, _ in events] == ["warmup"] * 4 + ["timing"] * 4
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_bwd_resets_input_grads_every_repetition(monkeypatch):
+    seen = {}
+    measure = timing.measure
+
+    def spy(fn, device, grad_to_none=()):
+        seen["leaves"] = list(grad_to_none)
+        return measure(fn, device, grad_to_none)
+
+    monkeypatch.setattr(timing, "measure", spy)
+    run(tiny_spec(modes=["bwd"], seqs=[8]))
+    shapes = [tuple(t.shape) for t in seen["leaves"]]
+    assert shapes[:3] == [(2, 8, 2, 8)] * 3  # q, k, v [B, T, H, D], then the layer's parameters
+    assert all(t.grad is None or t.requires_grad for t in seen["leaves"])
+
+
+def test_cuda_only_impls_are_unsupported_rows_with_the_reason():
+    rows, _ = run(tiny_spec(impls=["triton", "sdpa-flash", "torch"], seqs=[8]))
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["torch"]["status"] == "ok"
+    for impl in ("triton", "sdpa-flash"):
+        assert by_impl[impl]["status"] == "unsupported"
+        assert "CUDA" in by_impl[impl]["message"]
+
+
+def failing_level(exc_at_seq, exc):
+    """The kernel level, raising ``exc`` when the case's seq >= exc_at_seq (and its impl is torch)."""
+    real = sweep.kernel_workload
+
+    def build(case):
+        if case.impl == "torch" and case.seq >= exc_at_seq:
+            raise exc
+        return real(case)
+
+    return build
+
+
+def test_oom_is_a_row_and_skips_the_larger_sizes(monkeypatch):
+    monkeypatch.setitem(sweep.LEVELS, "kernel", failing_level(16, torch.cuda.OutOfMemoryError("CUDA out of memory.")))
+    rows, _ = run(tiny_spec(impls=["torch", "sdpa"], seqs=[8, 16, 32, 64], batches=[1, 2]))
+    status = {(r["impl"], r["seq"], r["batch"]): r["status"] for r in rows}
+    assert status[("torch", 8, 1)] == status[("torch", 8, 2)] == "ok"
+    assert status[("torch", 16, 1)] == "oom"
+    assert status[("torch", 16, 2)] == status[("torch", 32, 1)] == status[("torch", 64, 2)] == "skipped"
+    assert all(s == "ok" for (impl, _, _), s in status.items() if impl == "sdpa")  # other series untouched
+    assert len(rows) == 16
+
+
+def test_an_error_in_one_impl_never_stops_the_sweep(monkeypatch):
+    monkeypatch.setitem(sweep.LEVELS, "kernel", failing_level(0, RuntimeError("kernel exploded\nsecond line")))
+    rows, _ = run(tiny_spec(impls=["torch", "sdpa"]))
+    torch_rows = [r for r in rows if r["impl"] == "torch"]
+    assert [r["status"] for r in torch_rows] == ["error", "error"]
+    assert torch_rows[0]["message"] == "RuntimeError: kernel exploded"
+    assert [r["status"] for r in rows if r["impl"] == "sdpa"] == ["ok", "ok"]
+
+
+def test_recorded_cases_are_not_run_again_and_recorded_ooms_still_skip():
+    spec = tiny_spec(seqs=[8, 16, 32])
+    cases = sweep.expand(spec)
+    done = {**vars(cases[0]), "status": "ok"}
+    oom = {k: store.format_value(v) for k, v in {**vars(cases[1]), "status": "oom"}.items()}
+    rows, events = run(spec, recorded=store.recorded_keys([done, oom]), prior_ooms=sweep.ooms_in([oom]))
+    assert [(r["seq"], r["status"]) for r in rows] == [(32, "skipped")]
+    assert len(events) == 2  # one pending case, warm-up and timing
+
+
+def test_tokens_budget_derives_the_batch_per_seq():
+    cases = sweep.expand(tiny_spec(batches=None, tokens=64, seqs=[8, 32, 128]))
+    assert [(c.seq, c.batch) for c in cases] == [(8, 8), (32, 2), (128, 1)]
+
+
+def test_a_mechanism_default_window_is_recorded():
+    (case,) = sweep.expand(tiny_spec(mechanisms=["window"], seqs=[8]))
+    assert case.window == 1024
+    (case,) = sweep.expand(tiny_spec(mechanisms=["window"], seqs=[8], window=4))
+    assert case.window == 4
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(mechanisms=["nope"]), "valid: .*standard"),
+    (dict(impls=["cutlass"]), "unknown impl 'cutlass'.*valid: .*sdpa"),
+    (dict(seqs=[8, 0]), "--seq must be positive"),
+    (dict(heads=4, kv_heads=3), "multiple of --kv-heads"),
+    (dict(modes=["sideways"]), "unknown mode"),
+    (dict(device="tpu"), "device"),
+])
+def test_bad_specs_are_input_errors(overrides, match):
+    with pytest.raises((InputError, ValueError), match=match):
+        sweep.validate(tiny_spec(**overrides))
+
+
+def test_a_dtype_the_device_cannot_compute_is_an_input_error(monkeypatch):
+    real = torch.ones
+
+    def no_half(*args, dtype=None, **kwargs):
+        if dtype == torch.float16:
+            raise RuntimeError('"addmm" not implemented for \'Half\'')
+        return real(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "ones", no_half)
+    with pytest.raises(InputError, match="cannot compute in fp16"):
+        sweep.check_device("cpu", ["fp32", "fp16"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_an_input_error():
+    with pytest.raises(InputError, match="no CUDA device"):
+        sweep.check_device("cuda", ["bf16"])
+
+
+@pytest.mark.cuda
+def test_cuda_rows_carry_peak_memory_and_percent_of_peak():
+    spec = tiny_spec(device="cuda", dtypes=["bf16"], impls=["torch", "sdpa"], seqs=[256], modes=["fwd", "bwd"])
+    rows, _ = run(spec, peaks={"bf16": 100.0})
+    for r in rows:
+        assert r["status"] == "ok", r["message"]
+        assert r["peak_mem_mib"] > 0
+        assert math.isclose(r["pct_peak"], r["tflops"])  # peak 100 TFLOP/s: percent == TFLOP/s
