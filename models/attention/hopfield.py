@@ -1,0 +1,104 @@
+"""hopfield: modern Hopfield association (Ramsauer et al. 2021, "Hopfield Networks is All You Need").
+
+The keys are the stored patterns, each query the initial state pattern xi_0. An update step
+retrieves a pattern from the keys with an inverse temperature beta per query head,
+
+    xi_s = softmax(beta * xi_{s-1} K^T) K          s = 1 .. n_steps - 1  (the new state query)
+    o    = softmax(beta * xi_{n_steps-1} K^T) V     (the last step reads out the values)
+
+each softmax over the keys the query may see (causal, key padding). With one step and
+beta = 1/sqrt(D) this is softmax attention. beta = exp(log_beta) is learned per head (positive
+by parametrisation) and starts at 1/sqrt(D); large beta retrieves single patterns, small beta
+averages (metastable states). Positions come from the model.
+
+Impls: the definition (kernels/reference.py, T x T scores) and one SDPA call per step
+(flash / memory-efficient backends: no T x T tensor without a mask).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from attnbench.kernels import reference
+from attnbench.models import peers
+from attnbench.models.flops import visible_pairs
+from attnbench.models.qkv import QKVAttention
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+
+DEFAULT_STEPS = 1
+
+
+def _steps(attend, q, k, v, n_steps: int):
+    """n_steps - 1 retrievals from the keys, then one from the values; attend(xi, k, v) -> o."""
+    state = q
+    for _ in range(n_steps - 1):
+        state = attend(state, k, k)
+    return attend(state, k, v)
+
+
+def torch_reference(q, k, v, *, causal=False, seq_lens=None, beta, n_steps=DEFAULT_STEPS):
+    """The definition: q [B, T, Hq, D], k/v [B, T, Hkv, D], beta [Hq] > 0 -> [B, T, Hq, D]."""
+    scale = beta.to(q.dtype).view(1, 1, -1, 1)
+
+    def attend(state, keys, values):
+        return reference.attention(state * scale, keys, values, causal=causal, seq_lens=seq_lens, scale=1.0)
+
+    return _steps(attend, q, k, v, n_steps)
+
+
+def sdpa_steps(q, k, v, *, causal=False, seq_lens=None, beta, n_steps=DEFAULT_STEPS):
+    """One F.scaled_dot_product_attention call per step; beta enters by rescaling the state
+    (SDPA divides by sqrt(D) itself)."""
+    scale = (beta * math.sqrt(q.shape[-1])).to(q.dtype).view(1, 1, -1, 1)
+
+    def attend(state, keys, values):
+        return peers.sdpa(state * scale, keys, values, causal=causal, seq_lens=seq_lens)
+
+    return _steps(attend, q, k, v, n_steps)
+
+
+class HopfieldAttention(QKVAttention):
+    """QKVAttention with a learned inverse temperature per query head: beta = exp(log_beta)."""
+
+    def __init__(self, cfg: LayerConfig, impls: dict[str, Impl]):
+        super().__init__(cfg, impls, hopfield_options)
+        self.log_beta = nn.Parameter(torch.full((cfg.heads,), -0.5 * math.log(cfg.head_dim)))
+
+    def core_options(self) -> dict:
+        return {**super().core_options(), "beta": self.log_beta.exp()}
+
+
+def hopfield_options(cfg: LayerConfig) -> dict:
+    n_steps = int(cfg.options.get("n_steps", DEFAULT_STEPS))
+    if n_steps <= 0:
+        raise ValueError(f"hopfield n_steps must be positive, not {n_steps}")
+    return {"n_steps": n_steps}
+
+
+def hopfield_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
+    """n_steps softmax attentions over the same visible pairs (no window: hopfield takes none),
+    each 4 * Hq * D per pair: 2 for the scores, 2 for P K or P V."""
+    pairs = visible_pairs(seq, seq, causal=cfg.causal, window=None, seq_lens=seq_lens)
+    if seq_lens is None:
+        pairs *= batch
+    return hopfield_options(cfg)["n_steps"] * 4.0 * cfg.heads * cfg.head_dim * pairs
+
+
+IMPLS = {
+    "torch": Impl("torch", torch_reference, "plain torch by definition (T x T scores in memory)"),
+    "sdpa": Impl("sdpa", sdpa_steps, "one F.scaled_dot_product_attention call per update step"),
+}
+
+MECHANISM = Mechanism(
+    name="hopfield",
+    description="modern Hopfield association: learned-beta softmax retrieval, optional repeated updates (Ramsauer et al. 2021)",
+    family="exact",
+    layer=lambda cfg: HopfieldAttention(cfg, IMPLS),
+    impls=IMPLS,
+    flops=hopfield_flops,
+    position="absolute",
+    params={"n_steps": (DEFAULT_STEPS, "update steps: n_steps - 1 retrievals from the keys, then one from the values")},
+)
