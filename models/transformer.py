@@ -1,21 +1,22 @@
 """Transformer language models whose attention is any registry mechanism.
 
-    MaskedLM   BERT-style encoder: bidirectional, post-LN (pre-LN as an option), GELU,
+    task "mlm"  BERT-style encoder: bidirectional, post-LN (pre-LN as an option), GELU,
                MLM head (dense + GELU + LayerNorm + decoder tied to the token embeddings)
-    CausalLM   GPT-style decoder: causal, pre-LN with a final LayerNorm, tied LM head
+    task "clm"  GPT-style decoder: causal, pre-LN with a final LayerNorm, tied LM head
 
-Both are one `Trunk` (embeddings, blocks, optional final norm) plus a head, and differ only
-through their `ModelConfig`. The attention of every block is
+Both are a `LanguageModel`: one `Trunk` (embeddings, blocks, optional final norm) plus a
+head, and differ only through their `ModelConfig`. The attention of every block is
 ``registry.build_layer(mechanism, LayerConfig(...))``, called as layer(x [B, T, C], seq_lens).
 Positions follow the mechanism: learned (or sinusoidal) absolute embeddings when it says
 ``position == "absolute"``, none when it encodes position itself (rope, alibi, ...).
 
-With the same weights, MaskedLM's trunk computes transformers' BertModel hidden states and
-CausalLM's trunk GPT2Model's (tests/models/test_transformer.py copies weights across).
+With the same weights, the MLM trunk computes transformers' BertModel hidden states and the
+causal trunk GPT2Model's (tests/models/test_transformer.py copies weights across).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -209,26 +210,36 @@ class LMHead(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Trunk + head: input_ids [B, T] (+ seq_lens [B]) -> logits [B, T, V]."""
+    """Trunk + head: input_ids [B, T] (+ seq_lens [B]) -> logits [B, T, V].
 
-    def __init__(self, cfg: ModelConfig):
+    ``seed`` fixes the init of every Linear and Embedding by its name, so models that differ
+    only in their attention start from identical weights everywhere else.
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.trunk = Trunk(cfg)
         tokens = self.trunk.embeddings.tokens
         self.head = LMHead(tokens) if cfg.causal else MLMHead(cfg, tokens)
-        self.apply(_init_weights)
+        init_weights(self, seed)
 
     def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.trunk(input_ids, seq_lens))
 
 
-def _init_weights(module: nn.Module) -> None:
-    """BERT's and GPT-2's init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones/zeros)."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+def init_weights(model: nn.Module, seed: int) -> None:
+    """BERT's and GPT-2's init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones/zeros),
+    each weight drawn from a generator keyed by (seed, module name). Other parameters (a
+    mechanism's own) keep the init their module gave them."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
+            key = int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
+            weight = torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(key)) * 0.02
+            with torch.no_grad():
+                module.weight.copy_(weight)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class LossParts(NamedTuple):
@@ -254,12 +265,15 @@ def lm_loss(model: LanguageModel, input_ids: torch.Tensor, labels: torch.Tensor,
     return LossParts(loss_sum, keep.sum(), correct)
 
 
-def build_model(preset: Preset | str, mechanism: str, impl: str = "torch", task: Task = "mlm", seq: int | None = None, vocab_size: int | None = None, **overrides) -> LanguageModel:
+def build_model(
+    preset: Preset | str, mechanism: str, impl: str = "torch", task: Task = "mlm", seq: int | None = None,
+    vocab_size: int | None = None, seed: int = 0, **overrides,
+) -> LanguageModel:
     """The model the training and the model-level speed sweep use: ``preset`` shape, ``mechanism``
     run by ``impl``, BERT (mlm) or GPT (clm) conventions, learned positions for ``seq`` tokens."""
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     cfg = ModelConfig.for_task(task, preset, vocab_size or preset.vocab, mechanism, impl, seq, **overrides)
-    return LanguageModel(cfg)
+    return LanguageModel(cfg, seed)
 
 
 def training_step(model: LanguageModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -197,3 +197,14 @@ def test_lm_loss_counts_only_labelled_positions():
     expected = torch.nn.functional.cross_entropy(logits[[0, 1], [3, 7]], torch.tensor([5, 11]), reduction="sum")
     assert parts.count.item() == 2
     torch.testing.assert_close(parts.loss_sum, expected)
+
+
+def test_same_seed_gives_identical_shared_weights_across_mechanisms():
+    standard = build_model("tiny", "standard", task="clm", vocab_size=300, seed=5)
+    rope = build_model("tiny", "rope", task="clm", vocab_size=300, seed=5)
+    shared = dict(rope.named_parameters())
+    for name, p in standard.named_parameters():
+        if name in shared:
+            assert torch.equal(p, shared[name]), name
+    other_seed = build_model("tiny", "rope", task="clm", vocab_size=300, seed=6)
+    assert not torch.equal(other_seed.trunk.blocks[0].mlp.up.weight, rope.trunk.blocks[0].mlp.up.weight)
