@@ -1,0 +1,153 @@
+"""The command line through typer's CliRunner: speed, resume, list, env and every bad input."""
+
+import json
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from attnbench import store
+from attnbench.cli import app
+
+runner = CliRunner()
+TINY = ["--heads", "2", "--head-dim", "8", "--device", "cpu", "--impl", "torch", "sdpa", "triton", "--batch", "2"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_speed_writes_ok_rows_and_meta(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("speed", "--seq", 8, 16, *TINY, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = store.read_rows(out / "speed.csv")
+    assert len(rows) == 2 * 2 * 3  # seqs x modes (fwd, bwd) x impls
+    assert {r["status"] for r in rows if r["impl"] != "triton"} == {"ok"}
+    assert {r["status"] for r in rows if r["impl"] == "triton"} == {"unsupported"}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["schema_version"] == store.SCHEMA_VERSION and meta["finished"]
+    assert meta["spec"]["seqs"] == [8, 16] and meta["env"]["torch"] == torch.__version__
+    assert "★" in result.output  # the fastest impl per case is marked
+
+
+def test_list_options_take_commas_and_repeated_flags(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("speed", "--seq", "8,16", "--seq", 4, "--mode", "fwd", "--heads", 2, "--head-dim", 8,
+                    "--device", "cpu", "--impl", "sdpa", "--tokens", 32, "--bidirectional", "--causal", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = store.read_rows(out / "speed.csv")
+    assert sorted({(int(r["seq"]), int(r["batch"])) for r in rows}) == [(4, 8), (8, 4), (16, 2)]
+    assert {r["causal"] for r in rows} == {"True", "False"}
+
+
+def test_resume_after_a_kill_mid_line_loses_and_duplicates_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("speed", "--seq", 8, 16, *TINY, "--out", out).exit_code == 0
+    complete = store.read_rows(out / "speed.csv")
+    lines = (out / "speed.csv").read_bytes().splitlines(keepends=True)
+    (out / "speed.csv").write_bytes(b"".join(lines[:-4]) + lines[-4][:10])  # 3 rows lost, one cut mid-line
+    meta = json.loads((out / "meta.json").read_text())
+    meta["finished"] = None
+    (out / "meta.json").write_text(json.dumps(meta))
+
+    result = invoke("speed", "--resume", "--out", out)
+    assert result.exit_code == 0, result.output
+    resumed = store.read_rows(out / "speed.csv")
+    keys = [store.case_key(r) for r in resumed]
+    assert len(keys) == len(set(keys)) == len(complete)
+    assert set(keys) == {store.case_key(r) for r in complete}
+    assert json.loads((out / "meta.json").read_text())["resumed"]
+
+
+def test_resume_without_out_continues_the_latest_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert invoke("speed", "--seq", 8, *TINY, "--mode", "fwd").exit_code == 0
+    (run,) = (tmp_path / "results").iterdir()
+    assert run.name.endswith("-speed")
+    result = invoke("speed", "--resume")
+    assert result.exit_code == 0, result.output
+    assert len(store.read_rows(run / "speed.csv")) == 3
+
+
+def test_resume_with_other_sweep_options_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("speed", "--seq", 8, *TINY, "--mode", "fwd", "--out", out).exit_code == 0
+    result = invoke("speed", "--resume", "--out", out, "--seq", 4096)
+    assert result.exit_code == 2 and "--resume continues" in result.output
+
+
+def test_list_shows_mechanisms_and_why_impls_are_unavailable():
+    result = invoke("list")
+    assert result.exit_code == 0, result.output
+    assert "standard" in result.output and "exact" in result.output
+    if not torch.cuda.is_available():
+        assert "needs a CUDA device" in result.output
+
+
+def test_env_reports_versions_as_json():
+    result = invoke("env", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["torch"] == torch.__version__ and "git" in info and info["peaks"] is None
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    for command in ("speed", "report", "compare", "env", "list"):
+        assert command in result.output
+
+
+def corrupt_run(tmp_path):
+    run = tmp_path / "corrupt"
+    run.mkdir(exist_ok=True)
+    (run / "meta.json").write_text("{}")
+    (run / "speed.csv").write_text("not,a,results,file\n1,2,3,4\n")
+    return run
+
+
+def unwritable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return blocker / "run"
+
+
+BAD_INPUTS = {
+    "unknown mechanism": (["speed", "--attn", "nope"], "unknown mechanism 'nope'; valid: .*standard"),
+    "unknown impl": (["speed", "--impl", "cutlass"], "unknown impl 'cutlass'.*valid:"),
+    "zero seq": (["speed", "--seq", "0"], "--seq must be positive"),
+    "negative seq": (["speed", "--seq", "128", "-5"], "--seq must be positive, got -5"),
+    "heads vs kv-heads": (["speed", "--heads", "4", "--kv-heads", "3"], r"--heads \(4\) must be a multiple"),
+    "unknown dtype": (["speed", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+    "batch and tokens": (["speed", "--batch", "2", "--tokens", "64"], "not both"),
+    "unknown level": (["speed", "--level", "model"], "unknown level"),
+    "unwritable out": (["speed", "--out", unwritable, "--seq", "8", "--impl", "torch"], "cannot write"),
+    "report on missing folder": (["report", "does-not-exist"], "no run folder"),
+    "report on corrupt folder": (["report", corrupt_run], "corrupt"),
+    "report without runs": (["report"], "no runs"),
+    "compare on missing folder": (["compare", "nope-a", "nope-b"], "no speed.csv"),
+    "compare on corrupt folder": (["compare", corrupt_run, corrupt_run], "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "report" alone looks for results/ here
+    args, message = BAD_INPUTS[case]
+    args = [str(a(tmp_path)) if callable(a) else a for a in args]
+    if args[0] == "speed":
+        args += ["--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "results").exists() or case == "report without runs"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_exit_code_2():
+    result = invoke("speed", "--device", "cuda", "--seq", 8)
+    assert result.exit_code == 2 and "no CUDA device" in result.output
