@@ -1,0 +1,119 @@
+"""Reports from synthetic runs (known exponents), so nothing here depends on this machine's speed."""
+
+import base64
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from attnbench import report, store
+from attnbench.cli import app
+
+
+def write_run(run, cost, seqs=(256, 512, 1024, 2048), impls=("torch", "sdpa"), tokens=4096):
+    """A speed run whose median ms is cost(impl, seq) * batch, batch = tokens // seq."""
+    run.mkdir(parents=True)
+    store.write_meta(run, {"schema_version": 1, "command": "attnbench speed", "started": "2025-01-01T00:00:00",
+                           "finished": "2025-01-01T00:01:00", "env": {"torch": "x", "gpus": []}})
+    with store.RowLog(run / store.SPEED_CSV) as log:
+        for mode in ("fwd", "bwd"):
+            for impl in impls:
+                for seq in seqs:
+                    batch = tokens // seq
+                    ms = cost(impl, seq) * batch
+                    log.append(dict(mechanism="standard", impl=impl, level="kernel", mode=mode, dtype="bf16",
+                                    device="cuda", batch=batch, seq=seq, heads=16, kv_heads=16, head_dim=64,
+                                    causal=True, window=None, status="ok", message="", ms_median=ms,
+                                    ms_p20=0.9 * ms, ms_p80=1.1 * ms, tokens_per_s=batch * seq / ms * 1e3,
+                                    flops=1e9 * seq, tflops=1e9 * seq / ms * 1e-9, peak_mem_mib=seq / 8.0, params=1))
+        log.append(dict(mechanism="standard", impl="torch", level="kernel", mode="fwd", dtype="bf16", device="cuda",
+                        batch=1, seq=8192, heads=16, kv_heads=16, head_dim=64, causal=True, window=None,
+                        status="oom", message="OutOfMemoryError: CUDA out of memory."))
+
+
+def quadratic_and_linear(impl, seq):
+    return 1e-6 * seq**2 if impl == "torch" else 3e-4 * seq
+
+
+def test_exponents_recover_the_cost_per_sequence(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    fits = report.exponents(report.load_speed([tmp_path / "run"]))
+    by_impl = fits.groupby("impl")["exponent"].agg(["min", "max"])
+    assert by_impl.loc["torch"].to_list() == pytest.approx([2.0, 2.0])
+    assert by_impl.loc["sdpa"].to_list() == pytest.approx([1.0, 1.0])
+    assert fits["r2"].to_numpy() == pytest.approx(np.ones(len(fits)))
+    assert set(fits["seq_range"]) == {"512-2048"}  # fitted over the largest points only
+
+
+def test_exponent_r2_drops_for_a_noisy_series(tmp_path):
+    write_run(tmp_path / "run", lambda impl, seq: {256: 1.0, 512: 0.2, 1024: 5.0, 2048: 0.3}[seq])
+    fits = report.exponents(report.load_speed([tmp_path / "run"]))
+    assert (fits["r2"] < 0.5).all()
+
+
+def test_speedups_divide_the_baseline(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    ratio = report.speedups(report.load_speed([tmp_path / "run"]), "torch")
+    expected = (1e-6 * ratio["seq"] ** 2) / (3e-4 * ratio["seq"])
+    assert set(ratio["impl"]) == {"sdpa"}
+    # the CSV keeps 6 significant digits: each ms within 5e-6 relative, so the ratio within 1e-5
+    assert ratio["speedup"].to_numpy() == pytest.approx(expected.to_numpy(), rel=1e-5)
+
+
+def test_report_writes_pngs_markdown_and_self_contained_html(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "results" / "20250101-000000-speed", quadratic_and_linear)
+    result = CliRunner().invoke(app, ["report", "--baseline", "torch"])  # default: the latest run
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "results" / "20250101-000000-speed"
+    pngs = sorted(p.name.split("-")[0] for p in (run / "plots").glob("*.png"))
+    assert pngs == ["exponent", "latency", "memory", "speedup", "tflops"]
+    for png in (run / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (run / "report.md").read_text()
+    assert "FlashAttention-3 convention" in markdown and "plots/latency-" in markdown and "OutOfMemoryError" in markdown
+    html = (run / "report.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert len(images) == 5 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert base64.b64decode(images[0].split(",", 1)[1])[:4] == b"\x89PNG"
+    assert "sdpa" in result.output  # the terminal summary names the fastest impl
+
+
+def test_a_baseline_not_in_the_run_is_an_input_error(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--baseline", "cutlass"])
+    assert result.exit_code == 2 and "impls: sdpa, torch" in result.output
+
+
+def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    run = tmp_path / "train-run"
+    run.mkdir()
+    store.write_meta(run, {"command": "attnbench train", "started": "2025-01-01T00:00:00"})
+    (run / "train.csv").write_text("step,loss\n1,2.0\n")
+    drawn = []
+
+    def render_train_report(run_dirs, out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        png = out_dir / "loss.png"
+        png.write_bytes(b"\x89PNG\r\n\x1a\n")
+        drawn.append(run_dirs)
+        return [png]
+
+    monkeypatch.setitem(sys.modules, "attnbench.train_report", types.SimpleNamespace(render_train_report=render_train_report))
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert drawn == [[run]]
+    assert "plots/loss.png" in (run / "report.md").read_text()
+
+
+def test_load_speed_tolerates_a_run_killed_mid_line(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    csv = tmp_path / "run" / "speed.csv"
+    csv.write_bytes(csv.read_bytes()[:-5])
+    df = report.load_speed([tmp_path / "run"])
+    assert len(df) == 16 and isinstance(df, pd.DataFrame)
