@@ -1,0 +1,151 @@
+"""gau: the gated attention unit with FLASH's mixed-chunk attention (Hua et al. 2022,
+"Transformer Quality in Linear Time"). One head, no softmax:
+
+    u, v = silu(x W_u), silu(x W_v)              [B, T, E]  (E = expansion * C)
+    z = silu(x W_z)                              [B, T, S]  (shared by queries and keys)
+    q_quad, k_quad, q_lin, k_lin = z * gamma_r + beta_r     (per-dimension scale and offset, r = 1..4)
+    o = (u * (A v)) W_o
+
+The sequence is cut into chunks of G tokens. Within a chunk the weights are quadratic,
+relu(q_quad . k_quad / G)^2 (causal: keys at or before the query); across chunks they are
+linear, q_lin . k_lin / G for every key of an earlier chunk (causal), or q_lin . k_lin / n
+for every key of the sequence, its own chunk included, with n its real length
+(bidirectional). Key padding: padded keys get v = 0, which removes them from both sums.
+
+``torch`` is that definition with the [B, T, T] weight matrix A in memory; ``chunked`` is the
+FLASH form at linear cost: [G, G] weights per chunk, plus one [S, E] state per chunk whose
+(exclusive) prefix sums carry the earlier chunks. Both compute the same A exactly. With one
+chunk (G >= T), causal, the linear part vanishes and this is the plain quadratic GAU with
+relu(q . k / T)^2 over keys at or before the query (tested). The paper's relative position
+bias is left out: the model adds absolute positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+
+DEFAULT_CHUNK = 256
+DEFAULT_QK_DIM = 128
+DEFAULT_EXPANSION = 2
+
+
+def _real_lengths(b: int, t: int, seq_lens: torch.Tensor | None, device) -> torch.Tensor:
+    return torch.full((b,), t, device=device) if seq_lens is None else seq_lens.to(device)
+
+
+def quadratic(q_quad, k_quad, q_lin, k_lin, v, *, causal, seq_lens=None, chunk=DEFAULT_CHUNK):
+    """The definition: queries/keys [B, T, S], values [B, T, E] -> [B, T, E] through A [B, T, T]."""
+    b, t, _ = v.shape
+    position = torch.arange(t, device=v.device)
+    same_chunk = (position[:, None] // chunk) == (position[None, :] // chunk)  # (T, T)
+    before = position[None, :] <= position[:, None]
+    lengths = _real_lengths(b, t, seq_lens, v.device)
+    v = v * (position[None, :] < lengths[:, None])[..., None].to(v.dtype)  # padded keys carry nothing
+    local = relu_squared(q_quad @ k_quad.transpose(1, 2) / chunk) * (same_chunk & before if causal else same_chunk)
+    if causal:
+        earlier_chunk = (position[None, :] // chunk) < (position[:, None] // chunk)
+        far = (q_lin @ k_lin.transpose(1, 2)) * earlier_chunk / chunk
+    else:
+        far = (q_lin @ k_lin.transpose(1, 2)) / lengths.clamp(min=1).view(b, 1, 1).to(v.dtype)
+    return (local + far) @ v
+
+
+def mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, *, causal, seq_lens=None, chunk=DEFAULT_CHUNK):
+    """FLASH's linear-cost form: same arguments and result as the definition; memory
+    O(T * G + T / G * S * E), no [T, T] tensor."""
+    b, t, e = v.shape
+    lengths = _real_lengths(b, t, seq_lens, v.device)
+    v = v * (torch.arange(t, device=v.device)[None, :] < lengths[:, None])[..., None].to(v.dtype)
+    pad = -t % chunk  # zero tail tokens: v = 0 carries nothing; their outputs are cut off
+    n = (t + pad) // chunk
+    q_quad, k_quad, q_lin, k_lin, v = (F.pad(x, (0, 0, 0, pad)).view(b, n, chunk, -1) for x in (q_quad, k_quad, q_lin, k_lin, v))
+    local = relu_squared(q_quad @ k_quad.transpose(-1, -2) / chunk)  # (B, N, G, G)
+    if causal:
+        local = local * torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
+    states = k_lin.transpose(-1, -2) @ v  # (B, N, S, E): each chunk's sum of k_lin v^T
+    if causal:  # chunk i sees chunks 0 .. i-1: prefix sums shifted by one (no cumsum - x cancellation)
+        states = F.pad(states.cumsum(1), (0, 0, 0, 0, 1, 0))[:, :-1] / chunk
+    else:
+        states = states.sum(1, keepdim=True) / lengths.clamp(min=1).view(b, 1, 1, 1).to(v.dtype)
+    o = local @ v + q_lin @ states  # (B, N, G, E)
+    return o.reshape(b, n * chunk, e)[:, :t]
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+MIXERS = {"torch": quadratic, "chunked": mixed_chunk}
+
+
+class GatedAttentionUnit(nn.Module):
+    """The GAU layer, x [B, T, C] -> [B, T, C]; ``impl`` picks how the weights A are applied."""
+
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        options = gau_options(cfg)
+        self.causal, self.chunk = cfg.causal, options["chunk"]
+        self.mix = MIXERS[cfg.impl]
+        expanded = options["expansion"] * cfg.dim
+        self.uv = nn.Linear(cfg.dim, 2 * expanded, bias=cfg.bias)
+        self.z = nn.Linear(cfg.dim, options["qk_dim"], bias=cfg.bias)
+        # the paper's init for q_quad, k_quad, q_lin, k_lin: scales ~ N(0, 0.02^2), zero offsets
+        self.gamma = nn.Parameter(torch.randn(4, options["qk_dim"]) * 0.02)
+        self.beta = nn.Parameter(torch.zeros(4, options["qk_dim"]))
+        self.out = nn.Linear(expanded, cfg.dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        u, v = F.silu(self.uv(x)).chunk(2, dim=-1)  # (B, T, E) each
+        z = F.silu(self.z(x))  # (B, T, S)
+        q_quad, k_quad, q_lin, k_lin = (z[:, :, None] * self.gamma + self.beta).unbind(dim=2)
+        mixed = self.mix(q_quad, k_quad, q_lin, k_lin, v, causal=self.causal, seq_lens=seq_lens, chunk=self.chunk)
+        return self.out(u * mixed)
+
+
+def gau_options(cfg: LayerConfig) -> dict:
+    options = {
+        "chunk": int(cfg.options.get("chunk", DEFAULT_CHUNK)),
+        "qk_dim": int(cfg.options.get("qk_dim", DEFAULT_QK_DIM)),
+        "expansion": int(cfg.options.get("expansion", DEFAULT_EXPANSION)),
+    }
+    for name, value in options.items():
+        if value <= 0:
+            raise ValueError(f"gau option {name} must be positive, not {value}")
+    return options
+
+
+def gau_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
+    """The token mixing of the FLASH form per token (projections, gating, scale/offset not
+    counted), chunks of G, S = qk_dim, E = expansion * C:
+    2*G*S (q_quad k_quad^T over its chunk, full tile) + 2*G*E (times v)
+    + 2*S*E (k_lin v^T into its chunk's state) + 2*S*E (q_lin times the summed states)."""
+    options = gau_options(cfg)
+    g, s, e = options["chunk"], options["qk_dim"], options["expansion"] * cfg.dim
+    return batch * seq * (2.0 * g * (s + e) + 4.0 * s * e)
+
+
+IMPLS = {
+    "torch": Impl("torch", None, "plain torch by definition (T x T weights in memory)"),
+    "chunked": Impl("chunked", None, "torch, FLASH mixed chunks: quadratic within, prefix-summed states across"),
+}
+
+MECHANISM = Mechanism(
+    name="gau",
+    description="gated attention unit, FLASH mixed-chunk form: relu^2 within chunks, linear across (Hua et al. 2022)",
+    family="linear",
+    layer=GatedAttentionUnit,
+    impls=IMPLS,
+    flops=gau_flops,
+    position="absolute",
+    gqa=False,
+    has_core=False,
+    params={
+        "chunk": (DEFAULT_CHUNK, "tokens per chunk G: quadratic attention within, linear across"),
+        "qk_dim": (DEFAULT_QK_DIM, "width S of the shared query/key projection z"),
+        "expansion": (DEFAULT_EXPANSION, "u and v width E as a multiple of the model width"),
+    },
+)
