@@ -68,7 +68,7 @@ def run_speed(
     peaks = meta.get("peaks", {}).get("matmul_tflops", {})
     store.write_meta(run_dir, meta)
     with store.RowLog(run_dir / store.SPEED_CSV, resume=resume) as log:
-        sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), ooms_in(log.existing), peaks)
+        sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), ooms_in(log.existing), peaks, spec.larger)
         with progress(2 * len(sweep.pending)) as on_step:
             sweep.run(on_step)
     meta["finished"] = store.now()

@@ -22,6 +22,7 @@ from attnbench import timing
 from attnbench.errors import InputError
 from attnbench.models import registry
 from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.store import case_key
 
 MODES = ("fwd", "bwd", "fwdbwd")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,7 +58,13 @@ class Case:
         return tuple(v for k, v in asdict(self).items() if k not in ("batch", "seq"))
 
     def larger_than(self, other: "Case") -> bool:
+        """Same series, and no smaller in seq nor batch (what an OOM at ``other`` predicts for explicit batches)."""
         return self.series() == other.series() and self.seq >= other.seq and self.batch >= other.batch and self != other
+
+    def longer_than(self, other: "Case") -> bool:
+        """Same series and a longer sequence (a fixed token budget shrinks B as T grows, but
+        attention's cost per token still grows with T, so a longer T is the larger size)."""
+        return self.series() == other.series() and self.seq > other.seq
 
 
 @dataclass
@@ -78,6 +85,10 @@ class SweepSpec:
     head_dim: int = 64
     causal: list[bool] = field(default_factory=lambda: [True])
     window: int | None = None
+
+    def larger(self, case: Case, other: Case) -> bool:
+        """Whether an OOM at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
+        return case.longer_than(other) if self.tokens is not None else case.larger_than(other)
 
     def batches_for(self, seq: int) -> list[int]:
         """The batch sizes at ``seq``: the given list, or tokens // seq (at least 1)."""
@@ -274,7 +285,8 @@ class Sweep:
 
     ``recorded``: case keys (attnbench.store.case_key) already in the results, skipped on resume;
     ``prior_ooms``: cases that ran out of memory before (their larger sizes stay skipped);
-    ``peaks``: measured matmul TFLOP/s per dtype name, for % of peak.
+    ``peaks``: measured matmul TFLOP/s per dtype name, for % of peak;
+    ``larger(case, oom)``: whether an OOM at ``oom`` skips ``case`` (SweepSpec.larger).
     """
 
     def __init__(
@@ -284,11 +296,10 @@ class Sweep:
         recorded: set[tuple[str, ...]] = frozenset(),
         prior_ooms: Iterable[Case] = (),
         peaks: dict[str, float] | None = None,
+        larger: Callable[[Case, Case], bool] = Case.larger_than,
     ):
-        from attnbench.store import case_key
-
         self.pending = [c for c in cases if case_key(asdict(c)) not in recorded]
-        self.write, self.peaks = write, peaks or {}
+        self.write, self.peaks, self.larger = write, peaks or {}, larger
         self.ooms: list[Case] = list(prior_ooms)
         self.done: set[Case] = set()
         self.first_call: dict[Case, float] = {}
@@ -308,7 +319,7 @@ class Sweep:
     def _step(self, case: Case, action: Callable[[Case], dict[str, Any] | None]) -> None:
         if case in self.done:
             return
-        if any(case.larger_than(oom) for oom in self.ooms):
+        if any(self.larger(case, oom) for oom in self.ooms):
             self._record(case, status="skipped", message="a smaller size of this case ran out of memory")
             return
         failed = False

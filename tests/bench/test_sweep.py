@@ -96,6 +96,13 @@ def test_oom_is_a_row_and_skips_the_larger_sizes(monkeypatch):
     assert len(rows) == 16
 
 
+def test_under_a_token_budget_an_oom_skips_every_longer_seq(monkeypatch):
+    monkeypatch.setitem(sweep.LEVELS, "kernel", failing_level(16, torch.cuda.OutOfMemoryError("CUDA out of memory.")))
+    spec = tiny_spec(batches=None, tokens=64, seqs=[8, 16, 32, 64])  # B = 8, 4, 2, 1: fewer as T grows
+    rows, _ = run(spec, larger=spec.larger)
+    assert [(r["seq"], r["batch"], r["status"]) for r in rows] == [(16, 4, "oom"), (32, 2, "skipped"), (64, 1, "skipped"), (8, 8, "ok")]
+
+
 def test_an_error_in_one_impl_never_stops_the_sweep(monkeypatch):
     monkeypatch.setitem(sweep.LEVELS, "kernel", failing_level(0, RuntimeError("kernel exploded\nsecond line")))
     rows, _ = run(tiny_spec(impls=["torch", "sdpa"]))
