@@ -5,19 +5,14 @@ import functools
 
 import pytest
 import torch
+from one_cpu_thread import one_cpu_thread  # noqa: F401
 from subquadratic_checks import assert_causal, assert_layer_trains, assert_matches_reference, random_qkv
 
 from attnbench.models import registry
 from attnbench.models.attention import deltanet
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Batched tiny triangular solves are ~1000x slower with a thread pool on a busy 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # batched tiny triangular solves
 
 
 def _beta(b=2, t=37, hkv=2):

@@ -1,0 +1,246 @@
+"""nsa: native sparse attention (Yuan et al. 2025, DeepSeek), as fla's parallel_nsa computes it.
+
+Three softmax branches per query t, summed with per-head gates in (0, 1) from x:
+
+    compressed: keys and values mean-pooled over blocks of ``block`` tokens; t attends to the
+                blocks that end at or before it (softmax over compressed keys).
+    selected:   the ``topn`` blocks with the highest compressed-branch probability, averaged
+                over the query heads of a GQA group (one selection per kv head), always
+                including block 0 and the query's own and previous blocks; t attends to the
+                tokens <= t of those blocks.
+    sliding:    the last ``window`` tokens, t included.
+
+    o_t = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa
+
+Simplifications, as in fla: one block size for compression and selection (the paper
+compresses blocks of 32 with stride 16 and selects blocks of 64) and mean pooling, not the
+paper's learned MLP. Causal only; key padding: see models/causal_padding.py. Kernel level
+(``attend`` without gates, see models/token_conditioned.py): every gate 1/2.
+
+Impls: the definition (each branch a masked softmax over all T keys, [B, H, T, T] masks);
+``chunked``: query chunks that gather only their selected blocks ([chunk, topn * block]
+scores) and their window band, recomputed in the backward pass; ``fla``: parallel_nsa for the
+compressed and selected branches, our Triton flash kernel for the sliding one (fla's own
+path needs flash-attn).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from attnbench.models.causal_padding import zero_padded_queries
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.token_conditioned import TokenConditionedAttention
+
+DEFAULT_BLOCK = 64
+DEFAULT_TOPN = 16
+DEFAULT_WINDOW = 512
+DEFAULT_CHUNK = 64
+
+
+def _default_gates(q: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+    return torch.full((*q.shape[:3], 3), 0.5, dtype=q.dtype, device=q.device) if gates is None else gates
+
+
+def compress(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each complete block: x [B, T, H, D] -> [B, T // block, H, D] (a partial last
+    block is never visible to the compressed branch)."""
+    b, t, h, d = x.shape
+    n = t // block
+    return x[:, : n * block].reshape(b, n, block, h, d).mean(2)
+
+
+def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of the visible scores, in at least float32; rows with no visible entry -> 0."""
+    upcast = torch.promote_types(scores.dtype, torch.float32)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")).to(upcast), dim=-1).nan_to_num(0.0)
+
+
+def _select_blocks(probs: torch.Tensor, pos_q: torch.Tensor, n_blocks: int, block: int, topn: int):
+    """Selected blocks of each query from the compressed-branch probabilities probs
+    [B, Hkv, G, C, N_cmp] of queries at pos_q [C]: (indices [B, Hkv, C, n], allowed [B, Hkv, C, n])
+    over the n = min(topn, n_blocks) highest scores, forced blocks scoring 1."""
+    importance = probs.mean(2)  # (B, Hkv, C, N_cmp): one selection per kv head
+    importance = F.pad(importance, (0, n_blocks - importance.shape[-1]))  # blocks not yet complete score 0
+    blocks = torch.arange(n_blocks, device=probs.device)
+    own = (pos_q // block)[:, None]  # (C, 1)
+    forced = (blocks == 0) | (blocks == own) | (blocks == own - 1)  # (C, N)
+    visible = (blocks + 1) * block - 1 <= pos_q[:, None]
+    importance = torch.where(forced, torch.ones_like(importance), importance)
+    index = importance.topk(min(topn, n_blocks), dim=-1).indices  # (B, Hkv, C, n)
+    allowed = (forced | visible).expand(*index.shape[:2], -1, -1).gather(-1, index)
+    return index, allowed
+
+
+def _compressed_probs(q, k_cmp, pos_q, block, scale):
+    """q [B, C, Hkv, G, D] at pos_q [C], k_cmp [B, N_cmp, Hkv, D] -> probs [B, Hkv, G, C, N_cmp]."""
+    scores = torch.einsum("bcngd,bmnd->bngcm", q, k_cmp) * scale
+    ends = (torch.arange(k_cmp.shape[1], device=q.device) + 1) * block - 1
+    return _softmax_rows(scores, (ends[None, :] <= pos_q[:, None]))
+
+
+def torch_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
+                    window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK):
+    """The definition: q [B, T, Hq, D], k/v [B, T, Hkv, D], gates [B, T, Hq, 3] (cmp, slc, swa)
+    -> [B, T, Hq, D]; each branch a masked softmax over all keys."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    group, scale = hq // hkv, d**-0.5
+    gates = _default_gates(q, gates)
+    position = torch.arange(t, device=q.device)
+    grouped = q.view(b, t, hkv, group, d)
+    k_cmp, v_cmp = compress(k, block), compress(v, block)
+    probs = _compressed_probs(grouped, k_cmp, position, block, scale)  # (B, Hkv, G, T, N_cmp)
+    o_cmp = torch.einsum("bngtm,bmnd->btngd", probs.to(v.dtype), v_cmp)
+    index, allowed = _select_blocks(probs, position, -(-t // block), block, topn)  # (B, Hkv, T, n)
+    chosen = torch.zeros(b, hkv, t, -(-t // block), dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, index, allowed)  # (B, Hkv, T, N) selected blocks of each query
+    causal_mask = position[None, :] <= position[:, None]  # (T, T)
+    selected = chosen.repeat_interleave(block, dim=-1)[..., :t] & causal_mask  # (B, Hkv, T, T)
+    sliding = causal_mask & (position[None, :] > position[:, None] - window)
+    scores = torch.einsum("btngd,bsnd->bngts", grouped, k) * scale  # (B, Hkv, G, T, T)
+    o_slc = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, selected[:, :, None]).to(v.dtype), v)
+    o_swa = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, sliding).to(v.dtype), v)
+    branches = torch.stack([o_cmp, o_slc, o_swa], dim=-1).reshape(b, t, hq, d, 3)
+    o = (branches * gates[:, :, :, None].to(branches.dtype)).sum(-1)
+    return zero_padded_queries(o, seq_lens)
+
+
+def _chunk_attention(q, k, v, k_cmp, v_cmp, start: int, block: int, topn: int, window: int):
+    """One query chunk: q [B, C, Hkv, G, D] at positions start.., k/v [B, T, Hkv, D], compressed
+    k/v [B, N_cmp, Hkv, D] -> the three branches [B, C, Hkv, G, D, 3]."""
+    b, c, hkv, group, d = q.shape
+    t, scale = k.shape[1], d**-0.5
+    pos_q = torch.arange(start, start + c, device=q.device)
+    probs = _compressed_probs(q, k_cmp, pos_q, block, scale)
+    o_cmp = torch.einsum("bngcm,bmnd->bcngd", probs.to(v.dtype), v_cmp)
+    # selected: gather topn blocks of keys per query, [C, topn * block] scores
+    index, allowed = _select_blocks(probs, pos_q, -(-t // block), block, topn)  # (B, Hkv, C, n)
+    pos_k = (index[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)  # (B, Hkv, C, n * block)
+    visible = allowed.repeat_interleave(block, dim=-1) & (pos_k <= pos_q[:, None])  # <= t also keeps pos_k < T
+    flat = pos_k.clamp(max=t - 1).flatten(2)[..., None].expand(-1, -1, -1, d)  # (B, Hkv, C * n * block, D)
+    k_sel, v_sel = (x.transpose(1, 2).gather(2, flat).view(b, hkv, c, -1, d) for x in (k, v))
+    scores = torch.einsum("bcngd,bncjd->bngcj", q, k_sel) * scale
+    o_slc = torch.einsum("bngcj,bncjd->bcngd", _softmax_rows(scores, visible[:, :, None]).to(v.dtype), v_sel)
+    # sliding: the band of keys [start - window + 1, start + c)
+    first = max(0, start - window + 1)
+    band = torch.arange(first, start + c, device=q.device)
+    scores = torch.einsum("bcngd,bsnd->bngcs", q, k[:, first : start + c]) * scale
+    in_window = (band[None, :] <= pos_q[:, None]) & (band[None, :] > pos_q[:, None] - window)
+    o_swa = torch.einsum("bngcs,bsnd->bcngd", _softmax_rows(scores, in_window).to(v.dtype), v[:, first : start + c])
+    return torch.stack([o_cmp, o_slc, o_swa], dim=-1)
+
+
+def chunked(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
+            window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK):
+    """Query chunks of ``chunk`` rows, each checkpointed under autograd: memory
+    O(chunk * (T / block + topn * block + window)) per head; same arguments and result as the definition."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    gates = _default_gates(q, gates)
+    grouped = q.view(b, t, hkv, hq // hkv, d)
+    k_cmp, v_cmp = compress(k, block), compress(v, block)
+    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    outputs = []
+    for start in range(0, t, chunk):
+        args = (grouped[:, start : start + chunk], k, v, k_cmp, v_cmp, start, block, topn, window)
+        outputs.append(checkpoint(_chunk_attention, *args, use_reentrant=False) if recompute else _chunk_attention(*args))
+    branches = torch.cat(outputs, dim=1).reshape(b, t, hq, d, 3)
+    o = (branches * gates[:, :, :, None].to(branches.dtype)).sum(-1)
+    return zero_padded_queries(o, seq_lens)
+
+
+def fla_parallel(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
+                 window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK):
+    """fla's parallel_nsa (compressed + selected, Triton) plus the sliding branch by our Triton
+    flash kernel (left window - 1 keys and the query's own)."""
+    from fla.ops.nsa import parallel_nsa
+
+    from attnbench.kernels.flash import flash_attention
+
+    gates = _default_gates(q, gates)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g_cmp, g_slc, g_swa = (g.contiguous() for g in gates.to(q.dtype).unbind(-1))
+    o = parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=topn, block_size=block, window_size=0, scale=q.shape[-1] ** -0.5)
+    o_swa = flash_attention(q, k, v, causal=True, window=(window - 1, 0))
+    return zero_padded_queries(o + g_swa[..., None] * o_swa, seq_lens)
+
+
+def fla_missing() -> str | None:
+    try:
+        import fla.ops.nsa  # noqa: F401
+    except ImportError:
+        return "fla-core is not installed (pip install attnbench[peers])"
+    return None
+
+
+def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
+    group = cfg.heads // cfg.kv_heads
+    if group < 16 or group & (group - 1):
+        return f"fla's parallel_nsa needs Hq / Hkv a power of two >= 16, not {group}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "fla's parallel_nsa needs fp16 or bf16"
+    return None
+
+
+class NSAAttention(TokenConditionedAttention):
+    """TokenConditionedAttention with branch gates sigmoid(x W_g + b) [B, T, Hq, 3]."""
+
+    def __init__(self, cfg: LayerConfig, impls: dict[str, Impl]):
+        super().__init__(cfg, impls, nsa_options)
+        self.gates = nn.Linear(cfg.dim, 3 * cfg.heads)
+
+    def token_options(self, x: torch.Tensor) -> dict:
+        return {"gates": torch.sigmoid(self.gates(x)).view(*x.shape[:2], -1, 3)}
+
+
+def nsa_options(cfg: LayerConfig) -> dict:
+    options = {name: int(cfg.options.get(name, default)) for name, (default, _) in PARAMS.items()}
+    if cfg.window is not None:
+        options["window"] = cfg.window
+    for name, value in options.items():
+        if value <= 0:
+            raise ValueError(f"nsa option {name} must be positive, not {value}")
+    return options
+
+
+def nsa_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
+    """4 * Hq * D per (query, key) pair of each branch (2 for q.k, 2 for P v), per query at t:
+    compressed: (t + 1) // block blocks; selected: min(t + 1, topn * block) tokens (whole blocks
+    as a kernel computes them); sliding: min(t + 1, window). Pooling, selection, gates not counted."""
+    options = nsa_options(cfg)
+    seen = torch.arange(1, seq + 1, dtype=torch.int64)  # t + 1
+    pairs = seen // options["block"] + seen.clamp(max=options["topn"] * options["block"]) + seen.clamp(max=options["window"])
+    return 4.0 * cfg.heads * cfg.head_dim * batch * int(pairs.sum())
+
+
+PARAMS = {
+    "block": (DEFAULT_BLOCK, "tokens per block, for compression and selection alike"),
+    "topn": (DEFAULT_TOPN, "blocks selected per query (block 0, its own and previous block included)"),
+    "window": (DEFAULT_WINDOW, "keys of the sliding branch, the query's own included; --window sets it"),
+    "chunk": (DEFAULT_CHUNK, "queries per chunk of the chunked form"),
+}
+
+IMPLS = {
+    "torch": Impl("torch", torch_reference, "plain torch by definition (T x T masks per branch)"),
+    "chunked": Impl("chunked", chunked, "torch, query chunks gathering their selected blocks (recomputed in backward)"),
+    "fla": Impl(
+        "fla", fla_parallel, "flash-linear-attention parallel_nsa (Triton) + our Triton flash for the sliding branch",
+        needs_cuda=True, missing=fla_missing, unsupported=_fla_unsupported,
+    ),
+}
+
+MECHANISM = Mechanism(
+    name="nsa",
+    description="native sparse attention: compressed, top-n selected and sliding branches, gated (Yuan et al. 2025)",
+    family="sparse",
+    layer=lambda cfg: NSAAttention(cfg, IMPLS),
+    impls=IMPLS,
+    flops=nsa_flops,
+    position="absolute",
+    bidirectional=False,
+    params=PARAMS,
+)
