@@ -1,0 +1,94 @@
+"""`attnbench distill` (bench/distill.py): a tiny causal teacher trained here for a few dozen
+steps, its attention swapped, and the student distilled back towards it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnbench import data, distill, store
+from attnbench.models.transformer import build_model, training_step
+
+SEQ, BATCH = 64, 8
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny-preset GPT (standard attention) on 300 kB of the stdlib corpus, bytes tokenizer,
+    trained 60 steps: far enough from uniform that a swapped attention is visibly off."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTNBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        tokenizer = data.bytes_tokenizer()
+        streams = data.token_streams(data.stdlib_corpus(cap_bytes=300_000), tokenizer)
+    finally:
+        mp.undo()
+    torch.manual_seed(0)
+    model = build_model("tiny", "standard", task="clm", seq=SEQ, vocab_size=tokenizer.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train = data.Batches(streams["train"], "clm", SEQ, BATCH, seed=0, tokenizer=tokenizer)
+    for step in range(60):
+        training_step(model, optimizer, train.at(step))
+    return distill.RunTeacher(model.eval(), tokenizer, streams, batch=BATCH, seq=SEQ, label="tiny-test")
+
+
+def valid_rows(run_dir, student):
+    rows = store.read_rows(run_dir / distill.DISTILL_CSV, distill.DISTILL_COLUMNS)
+    return [r for r in rows if r["student"] == student and r["split"] == "valid"]
+
+
+def test_distilling_lowers_held_out_kl(teacher, tmp_path):
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=20, lr=3e-3, eval_every=10, eval_batches=2, new_tokens=8)
+    run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+
+    rows = valid_rows(run_dir, "linear")
+    assert [r["step"] for r in rows] == ["0", "10", "20"], "zero-shot row, then every eval_every steps"
+    zero_shot, final = float(rows[0]["kl"]), float(rows[-1]["kl"])
+    assert final < 0.5 * zero_shot, f"held-out KL {zero_shot:.4f} -> {final:.4f}"
+    assert float(rows[-1]["agreement"]) >= float(rows[0]["agreement"])
+
+    summary = store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)
+    assert [r["model"] for r in summary] == ["teacher", "student"]
+    assert float(summary[1]["kl_zero_shot"]) == pytest.approx(zero_shot, rel=1e-5)
+    # tiny preset: 2 layers, 4 heads, D = 32; softmax counts T(T+1)/2 causal pairs per head
+    assert float(summary[0]["attn_flops"]) == pytest.approx(2 * 4.0 * 4 * 32 * (SEQ * (SEQ + 1) // 2) * BATCH, rel=1e-5)
+
+    generations = json.loads((run_dir / "generations.json").read_text())
+    assert {g["model"] for g in generations} == {"teacher (standard)", "linear"}
+    assert {g["mode"] for g in generations} == {"greedy", "sampled"}
+    assert "```" in (run_dir / "generations.md").read_text()
+
+
+def test_only_attention_trains_by_default(teacher):
+    student = teacher.student("linear", "torch")
+    names = {n for n, _ in teacher.model.named_parameters()}
+    distill.freeze_teacher_parameters(student, names, teacher.attention_names(student), train_all=False)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all(".attention." in n for n in trainable)
+    for name, param in student.named_parameters():  # every tensor of the teacher's came across (same layout)
+        torch.testing.assert_close(param, dict(teacher.model.named_parameters())[name], rtol=0, atol=0)
+
+
+def test_resume_continues_from_the_checkpoint(teacher, tmp_path):
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=4, eval_every=2, eval_batches=1, new_tokens=2)
+    run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    spec.steps = 6
+    distill.run_distill(spec, out=run_dir, resume=True, source=teacher)
+    assert [r["step"] for r in valid_rows(run_dir, "linear")] == ["0", "2", "4", "6"], "no step is logged twice"
+
+
+def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(5, 11, dtype=torch.float64)
+    torch.testing.assert_close(distill.kl_per_token(logits, logits), torch.zeros(5), atol=1e-6, rtol=0)
+    other = torch.randn(5, 11, dtype=torch.float64)
+    p, q = logits.softmax(-1), other.softmax(-1)
+    torch.testing.assert_close(distill.kl_per_token(logits, other), (p * (p / q).log()).sum(-1).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_options_are_input_errors():
+    with pytest.raises(distill.InputError, match="steps"):
+        distill.DistillSpec(teacher="x", students=["linear"], steps=0).validate()
+    with pytest.raises(distill.registry.UnknownNameError, match="valid"):
+        distill.DistillSpec(teacher="x", students=["nope"]).validate()
