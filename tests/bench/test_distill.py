@@ -60,6 +60,13 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
     assert {g["mode"] for g in generations} == {"greedy", "sampled"}
     assert "```" in (run_dir / "generations.md").read_text()
 
+    from attnbench.distill_report import render_distill_report
+
+    report, *plots = render_distill_report([run_dir], tmp_path / "report")
+    text = report.read_text()
+    assert "| student | linear | chunked | 20 |" in text and "### Generations" in text
+    assert all(p.stat().st_size > 0 for p in plots)
+
 
 def test_only_attention_trains_by_default(teacher):
     student = teacher.student("linear", "torch")
