@@ -49,7 +49,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("tiny", dim=128, layers=2, heads=4, seq=128, batch=16, lr=2e-3, warmup=20, vocab=4096),
+        Preset("tiny", dim=128, layers=2, heads=4, seq=128, batch=8, lr=2e-3, warmup=20, vocab=2048),
         Preset("small", dim=512, layers=8, heads=8, seq=512, batch=32, lr=6e-4, warmup=500, vocab=8192),
         Preset("base", dim=768, layers=12, heads=12, seq=512, batch=32, lr=3e-4, warmup=1000, vocab=30522),
     )

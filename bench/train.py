@@ -1,0 +1,540 @@
+"""`attnbench train`: identical models that differ only in their attention, trained on the
+identical token stream, evaluated and compared.
+
+    results/<run>/meta.json           spec, env, corpus + tokenizer hashes, model configs, parameter counts
+    results/<run>/train.csv           TRAIN_COLUMNS: one train row per step, one valid row per evaluation
+    results/<run>/entropy.csv         ENTROPY_COLUMNS: attention entropy per layer at every evaluation
+    results/<run>/extrapolation.csv   EXTRAPOLATION_COLUMNS (clm): loss at L, 2L, 4L
+    results/<run>/checkpoints/<attn>/ bench/checkpoint.py
+    results/<run>/train_report.md, plots/*.png
+
+Mechanisms train one after the other with the same seed: the batch of step s and every
+weight outside the attention are the same for all of them. The learning rate, the batch and
+the MLM mask are pure functions of the step, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from attnbench import checkpoint, data, distributed, store
+from attnbench.errors import InputError
+from attnbench.flops import CORE_MODE_FACTOR, LINEAR_MODE_FACTOR
+from attnbench.models import registry
+from attnbench.models.presets import Preset
+from attnbench.models.transformer import IGNORE, LanguageModel, ModelConfig, lm_loss, param_counts
+
+TRAIN_COLUMNS = [
+    "attn", "step", "split", "loss", "ppl", "accuracy", "lr", "tokens", "tokens_per_s",
+    "grad_norm", "peak_mem_mib", "elapsed_s", "status", "message",
+]
+ENTROPY_COLUMNS = ["attn", "step", "layer", "entropy", "status", "message"]
+EXTRAPOLATION_COLUMNS = ["attn", "train_seq", "seq", "factor", "method", "loss", "ppl", "tokens", "status", "message"]
+ENTROPY_CSV, EXTRAPOLATION_CSV = "entropy.csv", "extrapolation.csv"
+EXTRAPOLATION_FACTORS = (1, 2, 4)
+IMPL_PREFERENCE = ("triton", "sdpa", "torch")  # "auto": the first of these that can run the model
+
+
+class TrainingDiverged(InputError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainSpec:
+    """What `attnbench train` was asked to do; recorded in meta.json, compared on --resume.
+    None means the preset's default (models/presets.py)."""
+
+    attn: list[str]
+    task: str = "mlm"
+    preset: str = "small"
+    impl: str = "auto"
+    steps: int = 2000
+    seq: int | None = None
+    batch: int | None = None
+    lr: float | None = None
+    warmup: int | None = None
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    data: str = "stdlib"
+    tokenizer: str = "bpe"
+    download: bool = False
+    device: str = "auto"
+    eval_every: int = 100
+    eval_batches: int = 8
+    positions: str = "learned"
+    seed: int = 0
+    gpus: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)  # mechanism options (window, theta, ...)
+
+    def resolved(self) -> "TrainSpec":
+        """The spec with the preset's defaults filled in, validated (InputError on bad values)."""
+        preset = Preset.from_name(self.preset)
+        spec = TrainSpec(**{f.name: getattr(self, f.name) for f in fields(self)})
+        spec.seq, spec.batch = spec.seq or preset.seq, spec.batch or preset.batch
+        spec.lr = spec.lr or preset.lr
+        spec.warmup = preset.warmup if spec.warmup is None else spec.warmup
+        if spec.task not in ("mlm", "clm"):
+            raise InputError(f"--task {spec.task}: valid: mlm, clm")
+        for name in ("steps", "seq", "batch", "eval_every", "eval_batches", "gpus"):
+            if getattr(spec, name) <= 0:
+                raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(spec, name)}")
+        if spec.lr <= 0 or spec.clip <= 0:
+            raise InputError("--lr and the gradient clip must be positive")
+        if spec.positions not in ("learned", "sinusoidal"):
+            raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
+        if spec.batch % spec.gpus:
+            raise InputError(f"--batch {spec.batch} must be a multiple of --gpus {spec.gpus}")
+        if not spec.attn or len(set(spec.attn)) != len(spec.attn):
+            raise InputError("--attn needs one or more distinct mechanism names")
+        for name in spec.attn:
+            registry.get(name)
+        return spec
+
+
+def lr_at(step: int, spec: TrainSpec) -> float:
+    """Linear warmup to spec.lr over spec.warmup steps, then cosine decay to 10% of it at spec.steps."""
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device on this machine")
+    return device
+
+
+def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch.device) -> ModelConfig:
+    """The model of ``mechanism`` for this run, with the impl resolved for ``device``."""
+    preset = Preset.from_name(spec.preset)
+    options = {k: v for k, v in spec.extra.items() if k in registry.get(mechanism).params and k != "window"}
+    cfg = ModelConfig.for_task(
+        spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
+        positions=spec.positions, window=spec.extra.get("window"), attention=options,
+    )
+    cfg.impl = choose_impl(mechanism, spec.impl, cfg, device)
+    return cfg
+
+
+def choose_impl(mechanism: str, requested: str, cfg: ModelConfig, device: torch.device) -> str:
+    """``requested`` if it can run here (InputError saying why not), or for "auto" the first
+    of IMPL_PREFERENCE that can, else the first impl of the mechanism that can."""
+    entry = registry.get(mechanism)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layer = cfg.layer_config()
+    reason = entry.why_not(layer)
+    if reason:
+        raise InputError(f"{mechanism}: {reason}")
+    if requested != "auto":
+        why = entry.impl(requested).why_not(layer, device, dtype)
+        if why:
+            raise InputError(f"{mechanism}/{requested}: {why}")
+        return requested
+    candidates = [n for n in IMPL_PREFERENCE if n in entry.impls] + [n for n in entry.impls if n not in IMPL_PREFERENCE]
+    for name in candidates:
+        if entry.impls[name].run is not None and entry.impls[name].why_not(layer, device, dtype) is None:
+            return name
+    raise InputError(f"{mechanism}: no impl can run on {device}")
+
+
+def train_flops_per_token(model: LanguageModel, seq: int) -> float:
+    """Training FLOPs per token (forward + backward), for MFU: 6 per matmul weight (every
+    Linear and the output projection; embedding lookups are free) + the attention core's
+    forward FLOPs at ``seq`` times the fwd+bwd factor (attnbench.flops)."""
+    cfg = model.cfg
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    matmul_weights = linear_weights + cfg.vocab_size * cfg.dim  # the tied output projection
+    per_token = 2 * LINEAR_MODE_FACTOR["fwdbwd"] * matmul_weights  # 2 FLOPs per multiply-add
+    mechanism = registry.get(cfg.mechanism)
+    core = mechanism.flops(cfg.layer_config(), 1, seq) / seq
+    return per_token + cfg.layers * CORE_MODE_FACTOR["fwdbwd"] * core
+
+
+# ---- evaluation
+
+
+def evaluate(model: LanguageModel, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """Loss (mean over labelled tokens), perplexity and token accuracy on fixed held-out batches."""
+    loss_sum = count = correct = 0.0
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        for batch in batches:
+            parts = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))
+            loss_sum += parts.loss_sum.item()
+            count += parts.count.item()
+            correct += parts.correct.item()
+    model.train()
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "accuracy": correct / max(count, 1), "tokens": count}
+
+
+def attention_probabilities(layer: torch.nn.Module, mechanism: str, q, k, seq_lens) -> torch.Tensor:
+    """The attention weights [B, Hq, T, S] of a q/k/v core, read off its torch impl by attending
+    to one-hot values: v[b, s, h, :] = e_s gives o[b, t, h, s] = A[b, h, t, s] (any core is linear in v)."""
+    run = registry.get(mechanism).impls["torch"].run
+    b, s, hkv = k.shape[0], k.shape[1], k.shape[2]
+    onehot = torch.eye(s, device=k.device, dtype=torch.float32)[None, :, None, :].expand(b, s, hkv, s)
+    out = run(q.float(), k.float(), onehot, causal=layer.causal, seq_lens=seq_lens, **layer.core_options())
+    return out.permute(0, 2, 1, 3)  # (B, Hq, T, S)
+
+
+def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tuple[float | None, str]]:
+    """(mean entropy in nats, message) per layer on input_ids [B, T]; None with the reason where
+    the mechanism's weights are not defined as a probability distribution over keys."""
+    mechanism = model.cfg.mechanism
+    if "torch" not in registry.get(mechanism).impls:
+        return [(None, f"{mechanism} has no torch impl to read weights from")] * model.cfg.layers
+    captured: list[tuple] = []
+    originals = []
+    for block in model.trunk.blocks:
+        layer = block.attention
+        if not hasattr(layer, "attend"):
+            return [(None, f"{mechanism} has no q/k/v core")] * model.cfg.layers
+        originals.append(layer.attend)
+
+        def capture(q, k, v, seq_lens=None, _layer=layer, _attend=layer.attend):
+            captured.append((_layer, q.detach(), k.detach(), seq_lens))
+            return _attend(q, k, v, seq_lens)
+
+        layer.attend = capture
+    try:
+        with torch.no_grad():
+            model.trunk(input_ids)
+        results = []
+        for layer, q, k, seq_lens in captured:
+            with torch.no_grad():
+                probs = attention_probabilities(layer, mechanism, q, k, seq_lens)
+            if probs.min() < -1e-4 or (probs.sum(-1) - 1).abs().max() > 1e-3:
+                results.append((None, "weights are not a distribution over keys (negative or not summing to 1)"))
+                continue
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (B, Hq, T)
+            results.append((entropy.mean().item(), ""))
+        return results
+    finally:
+        for block in model.trunk.blocks:
+            del block.attention.attend  # the instance attribute goes; the class method is back
+
+
+def _sliding_windows(stream: torch.Tensor, seq: int, stride: int) -> dict[str, torch.Tensor]:
+    """Windows of seq tokens every ``stride`` tokens; each scores only tokens no earlier window
+    scored (the first window scores all), so every token is predicted once with >= seq - stride context."""
+    starts = range(0, stream.numel() - seq - 1, stride)
+    rows = torch.stack([stream[s : s + seq + 1] for s in starts])  # (W, seq + 1)
+    labels = rows[:, 1:].clone()
+    labels[1:, : seq - stride] = IGNORE
+    return {"input_ids": rows[:, :-1], "labels": labels}
+
+
+def extrapolation_rows(model: LanguageModel, spec: TrainSpec, stream: torch.Tensor, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Perplexity on the test split at L, 2L, 4L (L = the trained length), non-overlapping
+    blocks and sliding windows (stride L/2 of the window), over the same token budget."""
+    budget = spec.eval_batches * spec.batch * spec.seq  # tokens scored at every length
+    for factor in EXTRAPOLATION_FACTORS:
+        seq = spec.seq * factor
+        base = {"attn": model.cfg.mechanism, "train_seq": spec.seq, "seq": seq, "factor": factor}
+        for method in ("blocks", "sliding"):
+            row = {**base, "method": method}
+            limit = model.cfg.max_length
+            if limit is not None and seq > limit:
+                yield {**row, "status": "unsupported", "message": f"learned positions end at {limit}"}
+                continue
+            span = stream[: budget + seq + 1]
+            if span.numel() < seq + 2:
+                yield {**row, "status": "skipped", "message": f"the test split has fewer than {seq + 2} tokens"}
+                continue
+            if method == "blocks":
+                batch = data.causal_pair(data.blocks(span, seq + 1))
+            else:
+                batch = _sliding_windows(span, seq, max(1, seq // 2))
+            per_batch = max(1, spec.batch // factor)
+            chunks = [{k: v[i : i + per_batch] for k, v in batch.items()} for i in range(0, len(batch["input_ids"]), per_batch)]
+            try:
+                metrics = evaluate(model, chunks, device)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                yield {**row, "status": "oom", "message": f"out of memory at {seq} tokens"}
+                continue
+            yield {**row, "loss": metrics["loss"], "ppl": metrics["ppl"], "tokens": int(metrics["tokens"]), "status": "ok", "message": ""}
+
+
+# ---- the training loop
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def optimizer_for(model: LanguageModel, spec: TrainSpec) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not biases, norms or other vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+@dataclass
+class Run:
+    """What every mechanism of one run shares: the folder, the data and the logs (rank 0 only)."""
+
+    spec: TrainSpec
+    run_dir: Path
+    device: torch.device
+    world: distributed.World
+    tokenizer: data.Tokenizer
+    streams: dict[str, torch.Tensor]
+
+
+def _peak_mem_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | None, progress) -> None:
+    """Train one mechanism for spec.steps (from its checkpoint, if any), evaluating and
+    checkpointing every eval_every steps, then measure length extrapolation (clm)."""
+    spec, device, world = run.spec, run.device, run.world
+    cfg = model_config(spec, mechanism, run.tokenizer.vocab_size, device)
+    torch.manual_seed(spec.seed)
+    model = LanguageModel(cfg, spec.seed).to(device)
+    optimizer = optimizer_for(model, spec)
+    ckpt_dir = run.run_dir / "checkpoints" / mechanism
+    start, state = 0, {}
+    last = checkpoint.latest(ckpt_dir)
+    if last is not None:
+        state = checkpoint.load(last, model, optimizer)
+        if state.get("config") != asdict(cfg):
+            raise InputError(f"checkpoint {last} is of another model config; use a new --out")
+        start = state["step"]
+    trained = model
+    if world.size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = data.Batches(run.streams["train"], spec.task, spec.seq, spec.batch, spec.seed, run.tokenizer)
+    held_out = data.eval_batches(run.streams["valid"], spec.task, spec.seq, spec.batch, spec.eval_batches, run.tokenizer, spec.seed)
+    task = progress.add_task(mechanism, total=spec.steps, completed=start, loss=float("nan")) if progress else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    began = time.perf_counter() - state.get("elapsed_s", 0.0)
+    tokens_seen = state.get("tokens", 0)
+    for step in range(start, spec.steps):
+        tick = time.perf_counter()
+        lr = lr_at(step, spec)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        full = batches.at(step)
+        count = (full["labels"] != IGNORE).sum().item()  # over the whole batch, all ranks alike
+        mine = {k: v[world.rank :: world.size].to(device) for k, v in full.items()}
+        with autocast(device):
+            parts = lm_loss(trained, mine["input_ids"], mine["labels"])
+        # DDP averages gradients over ranks; scaling by world size makes it the global mean's gradient
+        (parts.loss_sum * world.size / count).backward()
+        loss = distributed.all_sum(parts.loss_sum.detach().float()).item() / count
+        if not math.isfinite(loss):
+            _stop_diverged(mechanism, loss, step + 1, ckpt_dir, logs)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        correct = distributed.all_sum(parts.correct.detach().float()).item()
+        tokens_seen += full["input_ids"].numel()
+        elapsed = time.perf_counter() - began
+        row = {
+            "attn": mechanism, "step": step + 1, "split": "train", "loss": loss, "ppl": math.exp(min(loss, 700)),
+            "accuracy": correct / count, "lr": lr, "tokens": tokens_seen,
+            "tokens_per_s": full["input_ids"].numel() / (time.perf_counter() - tick), "grad_norm": grad_norm,
+            "peak_mem_mib": _peak_mem_mib(device), "elapsed_s": elapsed, "status": "ok", "message": "",
+        }
+        if logs:
+            logs["train"].append(row)
+        if progress:
+            progress.update(task, completed=step + 1, loss=loss)
+        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
+            _evaluate_and_save(run, model, optimizer, held_out, step + 1, {"tokens": tokens_seen, "elapsed_s": elapsed, "config": asdict(cfg)}, logs)
+    if spec.task == "clm" and logs and not state.get("extrapolated"):
+        for row in extrapolation_rows(model, spec, run.streams["test"], device):
+            logs["extrapolation"].append(row)
+        final = checkpoint.latest(ckpt_dir)
+        checkpoint.save(ckpt_dir, model, optimizer, {**checkpoint.read_state(final), "extrapolated": True})
+    distributed.barrier()
+
+
+def _stop_diverged(mechanism: str, loss: float, step: int, ckpt_dir: Path, logs) -> None:
+    last_good = checkpoint.latest(ckpt_dir)
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    message = f"{mechanism}: loss is {loss} at step {step}; training stopped, {kept}"
+    if logs:
+        logs["train"].append({"attn": mechanism, "step": step, "split": "train", "loss": loss, "status": "error", "message": message})
+    raise TrainingDiverged(message)
+
+
+def _evaluate_and_save(run: Run, model, optimizer, held_out, step: int, state: dict, logs) -> None:
+    metrics = evaluate(model, held_out, run.device)
+    if run.world.is_main:
+        mechanism = model.cfg.mechanism
+        logs["train"].append({
+            "attn": mechanism, "step": step, "split": "valid", "loss": metrics["loss"], "ppl": metrics["ppl"],
+            "accuracy": metrics["accuracy"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
+            "peak_mem_mib": _peak_mem_mib(run.device), "status": "ok", "message": "",
+        })
+        sample = held_out[0]["input_ids"][:2].to(run.device)
+        for layer, (entropy, message) in enumerate(attention_entropy(model, sample)):
+            status = "ok" if entropy is not None else "unsupported"
+            logs["entropy"].append({"attn": mechanism, "step": step, "layer": layer, "entropy": entropy, "status": status, "message": message})
+        checkpoint.save(run.run_dir / "checkpoints" / mechanism, model, optimizer, {"step": step, **state})
+    distributed.barrier()
+
+
+# ---- the run
+
+
+def open_run(spec: TrainSpec, out: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
+    """The run folder and its meta.json; on --resume the recorded spec must equal ``spec``."""
+    from attnbench import env
+
+    if resume:
+        run_dir = out or store.latest_run(needs=(store.TRAIN_CSV,))
+        meta = store.read_meta(run_dir)
+        recorded = TrainSpec(**meta["spec"])
+        changed = [f.name for f in fields(spec) if getattr(spec, f.name) != getattr(recorded, f.name)]
+        if changed:
+            raise InputError(f"--resume continues {run_dir} as recorded; these options differ: {', '.join(changed)}")
+        meta["resumed"] = [*meta.get("resumed", []), store.now()]
+        meta["finished"] = None
+        return run_dir, meta
+    run_dir = out or store.new_run_dir("train")
+    if (run_dir / store.TRAIN_CSV).exists():
+        raise InputError(f"{run_dir / store.TRAIN_CSV} exists; pass --resume to continue it or choose another --out")
+    store.ensure_writable(run_dir)
+    meta = {
+        "schema_version": store.SCHEMA_VERSION, "kind": "train",
+        "command": " ".join(["attnbench", *sys.argv[1:]]), "spec": asdict(spec),
+        "env": env.collect(), "started": store.now(), "finished": None,
+    }
+    return run_dir, meta
+
+
+def _keep_rows(path: Path, columns: list[str], keep) -> None:
+    """Rewrite ``path`` with only the rows ``keep(row)`` accepts (temp file + rename)."""
+    if not path.exists():
+        return
+    rows = [row for row in store.read_rows(path, columns) if keep(row)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def prune_to_checkpoints(run_dir: Path, mechanisms: list[str]) -> None:
+    """Drop rows logged after each mechanism's last checkpoint: resuming repeats those steps."""
+    saved = {}
+    for name in mechanisms:
+        last = checkpoint.latest(run_dir / "checkpoints" / name)
+        saved[name] = checkpoint.read_state(last) if last else {"step": 0}
+    _keep_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS, lambda r: int(r["step"]) <= saved[r["attn"]]["step"])
+    _keep_rows(run_dir / ENTROPY_CSV, ENTROPY_COLUMNS, lambda r: int(r["step"]) <= saved[r["attn"]]["step"])
+    _keep_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, lambda r: saved[r["attn"]].get("extrapolated", False))
+
+
+def describe_models(spec: TrainSpec, vocab_size: int, device: torch.device) -> dict[str, Any]:
+    """Per mechanism: its model config, parameter counts per component and training FLOPs per token."""
+    described = {}
+    for name in spec.attn:
+        cfg = model_config(spec, name, vocab_size, device)
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = LanguageModel(cfg, spec.seed)
+        described[name] = {"config": asdict(cfg), "params": param_counts(model), "train_flops_per_token": train_flops_per_token(model, spec.seq)}
+    return described
+
+
+def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) -> Path:
+    """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder."""
+    spec = spec.resolved()
+    device = resolve_device(spec.device)
+    if distributed.from_environment().size > 1 and out is None:
+        raise InputError("under torchrun pass --out, so that every rank writes the same run folder")
+    run_dir, meta = open_run(spec, out, resume)
+    corpus = data.load_corpus(spec.data, spec.download)
+    tokenizer = data.load_tokenizer(spec.tokenizer, corpus, Preset.from_name(spec.preset).vocab)
+    streams = data.token_streams(corpus, tokenizer)
+    if spec.task == "mlm" and tokenizer.mask_id is None:
+        raise InputError(f"tokenizer {tokenizer.name} has no mask token; use --task clm or another tokenizer")
+    meta["corpus"] = {"name": corpus.name, "sha256": corpus.digest, "tokens": {s: t.numel() for s, t in streams.items()}}
+    meta["tokenizer"] = {"name": tokenizer.name, "sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size}
+    meta["models"] = describe_models(spec, tokenizer.vocab_size, device)
+    world = distributed.from_environment()
+    if world.is_main:
+        if resume:
+            prune_to_checkpoints(run_dir, spec.attn)
+        store.write_meta(run_dir, meta)
+    if spec.gpus > 1 and world.size == 1:
+        distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams)
+    else:
+        train_all(spec, run_dir, device, tokenizer, streams)
+    if world.is_main:
+        from attnbench.train_report import render_train_report
+
+        meta["finished"] = store.now()
+        store.write_meta(run_dir, meta)
+        render_train_report([run_dir], run_dir)
+    return run_dir
+
+
+def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: data.Tokenizer, streams: dict[str, torch.Tensor]) -> None:
+    """Every mechanism in turn, in this process (one rank of the world, or the only one)."""
+    world = distributed.from_environment()
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    distributed.init(world, device)
+    run = Run(spec, run_dir, device, world, tokenizer, streams)
+    logs = None
+    if world.is_main:
+        logs = {
+            "train": store.RowLog(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS, resume=True),
+            "entropy": store.RowLog(run_dir / ENTROPY_CSV, ENTROPY_COLUMNS, resume=True),
+            "extrapolation": store.RowLog(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, resume=True),
+        }
+    try:
+        with _progress(world.is_main) as progress:
+            for mechanism in spec.attn:
+                train_mechanism(run, mechanism, logs, progress)
+    finally:
+        for log in (logs or {}).values():
+            log.close()
+        distributed.finish()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    """A rich progress bar per mechanism with the live training loss (stderr), or None."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        yield progress

@@ -1,0 +1,166 @@
+"""The report of training runs: learning curves side by side, length extrapolation, a table.
+
+    render_train_report([run_dir, ...], out_dir) -> [PNG paths]
+        out_dir/plots/train_curves.png    train loss, eval loss, eval perplexity, learning rate
+        out_dir/plots/extrapolation.png   perplexity against evaluation length (clm runs)
+        out_dir/train_report.md           final metrics, steps to a target loss, tokens/s, parameters
+
+One line per mechanism; with several runs, a line is "<run>/<attn>".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from attnbench import store
+from attnbench.errors import InputError
+
+
+def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
+    """train rows, extrapolation rows (both with a ``line`` label) and each line's model description."""
+    from attnbench.train import EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
+
+    curves, extrapolation, models = [], [], {}
+    for run_dir in run_dirs:
+        meta = store.read_meta(run_dir)
+        prefix = f"{run_dir.name}/" if len(run_dirs) > 1 else ""
+        rows = pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)
+        rows["line"] = prefix + rows["attn"]
+        curves.append(rows)
+        if (run_dir / EXTRAPOLATION_CSV).exists():
+            extra = pd.DataFrame(store.read_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS), columns=EXTRAPOLATION_COLUMNS)
+            extra["line"] = prefix + extra["attn"]
+            extrapolation.append(extra)
+        for attn, described in meta.get("models", {}).items():
+            models[prefix + attn] = described
+    train = pd.concat(curves, ignore_index=True)
+    for column in ("step", "loss", "ppl", "accuracy", "lr", "tokens_per_s", "peak_mem_mib"):
+        train[column] = pd.to_numeric(train[column], errors="coerce")
+    extra = pd.concat(extrapolation, ignore_index=True) if extrapolation else pd.DataFrame(columns=[*EXTRAPOLATION_COLUMNS, "line"])
+    for column in ("seq", "ppl", "loss"):
+        extra[column] = pd.to_numeric(extra[column], errors="coerce")
+    return train, extra, models
+
+
+def _curves_figure(train: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ok = train[train["status"] == "ok"]
+    panels = [
+        (axes[0, 0], "train", "loss", "train loss", True),
+        (axes[0, 1], "valid", "loss", "eval loss", True),
+        (axes[1, 0], "valid", "ppl", "eval perplexity", True),
+        (axes[1, 1], "train", "lr", "learning rate", False),
+    ]
+    for ax, split, column, title, log_y in panels:
+        for line, rows in ok[ok["split"] == split].groupby("line", sort=False):
+            values = rows[column]
+            if split == "train" and column == "loss" and len(values) > 50:
+                values = values.rolling(max(1, len(values) // 50), min_periods=1).mean()  # smoothed: per-step noise hides the trend
+            ax.plot(rows["step"], values, label=line, marker="o" if split == "valid" else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _extrapolation_figure(extra: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, method in zip(axes, ("blocks", "sliding")):
+        rows = extra[(extra["method"] == method) & (extra["status"] == "ok")]
+        for line, per_line in rows.groupby("line", sort=False):
+            ax.plot(per_line["seq"], per_line["ppl"], marker="o", label=line)
+        unsupported = sorted(set(extra[(extra["method"] == method) & (extra["status"] == "unsupported")]["line"]))
+        title = f"{'non-overlapping blocks' if method == 'blocks' else 'sliding window'}"
+        if unsupported:
+            title += f"\n(cannot run past training length: {', '.join(unsupported)})"
+        ax.set_title(title, fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test perplexity")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def steps_to_loss(rows: pd.DataFrame, target: float) -> int | None:
+    """The first evaluation step whose loss is <= target, or None."""
+    hit = rows[rows["loss"] <= target]
+    return None if hit.empty else int(hit["step"].iloc[0])
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
+    valid = train[(train["split"] == "valid") & (train["status"] == "ok")]
+    finals = valid.groupby("line", sort=False).last()
+    # the target: the worst of the final eval losses, so every line reaches it and the steps compare
+    target = float(finals["loss"].max()) if len(finals) else float("nan")
+    lines = [
+        f"Steps to eval loss {target:.4g}: the first evaluation at or below the worst final eval loss.",
+        "",
+        "| mechanism | steps | eval loss | eval ppl | eval acc | steps to target | tokens/s | peak MiB | params | attention params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for line, final in finals.iterrows():
+        trained = train[(train["line"] == line) & (train["split"] == "train") & (train["status"] == "ok")]
+        params = models.get(line, {}).get("params", {})
+        lines.append(
+            f"| {line} | {int(final['step'])} | {_fmt(final['loss'])} | {_fmt(final['ppl'])} | {_fmt(final['accuracy'], 3)} "
+            f"| {_fmt(steps_to_loss(valid[valid['line'] == line], target))} | {_fmt(float(trained['tokens_per_s'].median()), 3)} "
+            f"| {_fmt(float(trained['peak_mem_mib'].max()), 4)} | {_fmt(params.get('total'))} | {_fmt(params.get('attention'))} |"
+        )
+    failed = train[train["status"] != "ok"]
+    for _, row in failed.iterrows():
+        lines.append(f"\n{row['line']}: {row['status']} at step {int(row['step'])}: {row['message']}")
+    return lines
+
+
+def render_train_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Figures and train_report.md for the runs in ``run_dirs`` (folders holding train.csv); returns the PNGs."""
+    if not run_dirs:
+        raise InputError("no training runs to report")
+    train, extra, models = _load([Path(d) for d in run_dirs])
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    pngs = [plots / "train_curves.png"]
+    _curves_figure(train, pngs[0])
+    if not extra.empty:
+        pngs.append(plots / "extrapolation.png")
+        _extrapolation_figure(extra, pngs[-1])
+    md = ["# Training report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", "", *_table(train, models), ""]
+    md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
+    if not extra.empty:
+        md += ["", "## Length extrapolation (test perplexity)", "", "| mechanism | method | length | ppl | status |", "|---|---|---|---|---|"]
+        for _, row in extra.iterrows():
+            md.append(f"| {row['line']} | {row['method']} | {int(row['seq'])} | {_fmt(row['ppl'])} | {row['status']} {row['message']} |")
+    md += ["", "## Models", "", "```json", json.dumps(models, indent=1, default=str), "```", ""]
+    (out_dir / "train_report.md").write_text("\n".join(md))
+    return pngs

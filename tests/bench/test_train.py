@@ -1,0 +1,154 @@
+"""`attnbench train` on CPU at toy sizes: the loss falls, runs are reproducible, resume is exact,
+divergence stops cleanly, DDP matches one process, extrapolation and the report are written."""
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from attnbench import checkpoint, store, train
+from attnbench.cli import app
+from attnbench.errors import InputError
+from attnbench.models.transformer import build_model, param_counts
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words = "the cat sat on a mat while dogs ran in parks and birds sang songs of old".split()
+    for i in range(60):
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(words[(i * j) % len(words)] for j in range(300)))
+    return str(folder)
+
+
+def _spec(corpus, **overrides):
+    base = dict(
+        attn=["rope"], task="clm", preset="tiny", steps=8, seq=32, batch=4, lr=3e-3, warmup=2,
+        data=corpus, tokenizer="bytes", device="cpu", eval_every=4, eval_batches=1, seed=0,
+    )
+    return train.TrainSpec(**{**base, **overrides})
+
+
+def _losses(run_dir, split="train"):
+    rows = store.read_rows(run_dir / store.TRAIN_CSV, train.TRAIN_COLUMNS)
+    return [(r["attn"], r["step"], r["loss"]) for r in rows if r["split"] == split]
+
+
+def test_loss_falls_same_seed_same_losses_and_everything_is_written(corpus, tmp_path):
+    spec = _spec(corpus, attn=["rope", "standard"], steps=12)
+    first = train.run_train(spec, tmp_path / "a")
+    second = train.run_train(spec, tmp_path / "b")
+    assert _losses(first) == _losses(second), "same seed, same data: identical losses"
+    for attn in ("rope", "standard"):
+        losses = [float(loss) for a, _, loss in _losses(first) if a == attn]
+        assert len(losses) == 12 and losses[-1] < losses[0] - 1.0, losses
+    assert [step for a, step, _ in _losses(first, "valid") if a == "rope"] == ["4", "8", "12"]
+    extrapolation = store.read_rows(first / train.EXTRAPOLATION_CSV, train.EXTRAPOLATION_COLUMNS)
+    status = {(r["attn"], r["factor"], r["method"]): r["status"] for r in extrapolation}
+    assert all(status[("rope", f, m)] == "ok" for f in "124" for m in ("blocks", "sliding"))
+    assert status[("standard", "1", "blocks")] == "ok" and status[("standard", "4", "sliding")] == "unsupported"
+    entropy = store.read_rows(first / train.ENTROPY_CSV, train.ENTROPY_COLUMNS)
+    assert {r["status"] for r in entropy} == {"ok"}
+    assert all(0 < float(r["entropy"]) < math.log(32) for r in entropy)  # causal rows see <= 32 keys
+    meta = store.read_meta(first)
+    assert meta["corpus"]["sha256"] and meta["tokenizer"]["name"] == "bytes" and meta["finished"]
+    assert meta["models"]["rope"]["params"]["total"] == param_counts(build_model("tiny", "rope", task="clm", seq=32, vocab_size=259))["total"]
+    assert (first / "plots" / "train_curves.png").stat().st_size > 0 and (first / "plots" / "extrapolation.png").exists()
+    assert "| rope |" in (first / "train_report.md").read_text()
+    assert checkpoint.latest(first / "checkpoints" / "standard").name == "step-000012"
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_continues_exactly(corpus, tmp_path, monkeypatch):
+    spec = _spec(corpus, task="mlm", steps=8)
+    whole = train.run_train(spec, tmp_path / "whole")
+    at = train.data.Batches.at
+
+    def killed_at_step_6(self, step):  # after the step-4 checkpoint, with rows 5 and 6 logged
+        if step == 6:
+            raise Killed
+        return at(self, step)
+
+    monkeypatch.setattr(train.data.Batches, "at", killed_at_step_6)
+    with pytest.raises(Killed):
+        train.run_train(spec, tmp_path / "resumed")
+    assert [s for _, s, _ in _losses(tmp_path / "resumed")] == ["1", "2", "3", "4", "5", "6"]
+    monkeypatch.setattr(train.data.Batches, "at", at)
+    resumed = train.run_train(spec, tmp_path / "resumed", resume=True)
+    assert _losses(resumed) == _losses(whole)
+    assert _losses(resumed, "valid") == _losses(whole, "valid")
+    with pytest.raises(InputError, match="differ: steps"):
+        train.run_train(_spec(corpus, task="mlm", steps=9), tmp_path / "resumed", resume=True)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    real = train.lm_loss
+    calls = []
+
+    def poisoned(model, input_ids, labels, seq_lens=None):
+        parts = real(model, input_ids, labels, seq_lens)
+        calls.append(1)
+        return parts._replace(loss_sum=parts.loss_sum * float("nan")) if len(calls) == 6 else parts
+
+    monkeypatch.setattr(train, "lm_loss", poisoned)
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5; .*step-000004"):
+        train.run_train(_spec(corpus), tmp_path / "run")  # call 5 is the step-4 evaluation
+    assert checkpoint.read_state(checkpoint.latest(tmp_path / "run" / "checkpoints" / "rope"))["step"] == 4
+    last = store.read_rows(tmp_path / "run" / store.TRAIN_CSV, train.TRAIN_COLUMNS)[-1]
+    assert last["status"] == "error" and last["step"] == "5"
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    rope = build_model("tiny", "rope", task="clm", vocab_size=259)
+    checkpoint.save(tmp_path, rope, torch.optim.AdamW(rope.parameters()), {"step": 1})
+    standard = build_model("tiny", "standard", task="clm", vocab_size=259)
+    with pytest.raises(InputError, match="does not fit this model"):
+        checkpoint.load(checkpoint.latest(tmp_path), standard)
+    again = build_model("tiny", "rope", task="clm", vocab_size=259, seed=1)
+    checkpoint.load(checkpoint.latest(tmp_path), again)
+    assert all(torch.equal(a, b) for a, b in zip(rope.state_dict().values(), again.state_dict().values()))
+
+
+def test_ddp_two_processes_give_the_single_process_curve(corpus, tmp_path):
+    spec = _spec(corpus, task="mlm", steps=4, eval_every=4)
+    single = train.run_train(spec, tmp_path / "one")
+    double = train.run_train(_spec(corpus, task="mlm", steps=4, eval_every=4, gpus=2), tmp_path / "two")
+    one, two = _losses(single), _losses(double)
+    assert [s for _, s, _ in one] == [s for _, s, _ in two]
+    # the same global batch and loss; only the order of the gradient sums differs
+    torch.testing.assert_close(torch.tensor([float(x) for *_, x in two]), torch.tensor([float(x) for *_, x in one]), rtol=1e-5, atol=0)
+
+
+def test_lr_warms_up_then_decays_to_a_tenth():
+    spec = train.TrainSpec(attn=["rope"], preset="tiny", steps=100, warmup=10, lr=1.0).resolved()
+    assert train.lr_at(0, spec) == pytest.approx(0.1) and train.lr_at(9, spec) == pytest.approx(1.0)
+    assert train.lr_at(55, spec) == pytest.approx(0.55) and train.lr_at(100, spec) == pytest.approx(0.1)
+
+
+def test_train_flops_per_token_counts_matmuls_and_the_core():
+    model = build_model("tiny", "standard", task="clm", seq=64, vocab_size=259)
+    c, layers, mlp = 128, 2, 512
+    matmul = layers * (4 * c * c + 2 * c * mlp) + 259 * c
+    core_fwd = 4 * c * (64 * 65 / 2) / 64  # 4 * Hq * D per visible causal pair, per token
+    assert train.train_flops_per_token(model, 64) == pytest.approx(6 * matmul + layers * 3.5 * core_fwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attn", "nope"], "unknown mechanism"),
+    (["--attn", "rope", "--steps", "0"], "--steps must be positive"),
+    (["--attn", "rope", "--task", "xyz"], "valid: mlm, clm"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert message in result.output
