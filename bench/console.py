@@ -68,11 +68,15 @@ def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str
             elif row["status"] != "ok":
                 cells.append(f"[dim]{STATUS_STYLE[row['status']]}[/dim]")
             elif impl == fastest:
-                cells.append(f"[bold green]★ {ok[impl]:.3g}[/bold green]")
+                cells.append(f"[bold green]★ {_ms(ok[impl])}[/bold green]")
             else:
-                cells.append(f"{ok[impl]:.3g}")
+                cells.append(_ms(ok[impl]))
         table.add_row(*[_show(name, value) for name, value in zip(varying, key)], *cells)
     return table, notes
+
+
+def _ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 1000 else f"{value:.3g}"
 
 
 def _show(column: str, value: str) -> str:
