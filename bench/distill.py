@@ -562,6 +562,8 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
     from attnbench import env
 
     spec.validate()
+    torch.manual_seed(spec.seed)
+    source = source or load_teacher(spec)  # before any folder is made: a bad --teacher leaves nothing behind
     run_dir = out or (store.latest_run(needs=(DISTILL_CSV,)) if resume else store.new_run_dir("distill"))
     store.ensure_writable(run_dir)
     meta = {"command": command, "schema_version": store.SCHEMA_VERSION, "kind": "distill", "spec": asdict(spec), "started": store.now()}
@@ -572,8 +574,6 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
         meta["started"] = before.get("started", meta["started"])
     meta["env"] = env.collect()
     store.write_meta(run_dir, meta)
-    torch.manual_seed(spec.seed)
-    source = source or load_teacher(spec)
     source.model.eval().requires_grad_(False)
 
     students: dict[str, tuple[nn.Module, str]] = {}
