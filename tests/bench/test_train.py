@@ -44,8 +44,9 @@ def _losses(run_dir, split="train"):
 def test_loss_falls_same_seed_same_losses_and_everything_is_written(corpus, tmp_path):
     spec = _spec(corpus, attn=["rope", "standard"], steps=12)
     first = train.run_train(spec, tmp_path / "a")
-    second = train.run_train(spec, tmp_path / "b")
-    assert _losses(first) == _losses(second), "same seed, same data: identical losses"
+    second = train.run_train(_spec(corpus, attn=["rope"], steps=12), tmp_path / "b")
+    rope_first = [row for row in _losses(first) if row[0] == "rope"]
+    assert _losses(second) == rope_first, "same seed, same data: identical losses, whatever else the run trains"
     for attn in ("rope", "standard"):
         losses = [float(loss) for a, _, loss in _losses(first) if a == attn]
         assert len(losses) == 12 and losses[-1] < losses[0] - 1.0, losses
@@ -70,25 +71,25 @@ class Killed(Exception):
 
 
 def test_resume_after_a_kill_continues_exactly(corpus, tmp_path, monkeypatch):
-    spec = _spec(corpus, task="mlm", steps=8)
+    spec = _spec(corpus, task="mlm", steps=6, eval_every=3)
     whole = train.run_train(spec, tmp_path / "whole")
     at = train.data.Batches.at
 
-    def killed_at_step_6(self, step):  # after the step-4 checkpoint, with rows 5 and 6 logged
-        if step == 6:
+    def killed_before_step_6(self, step):  # after the step-3 checkpoint, with rows 4 and 5 logged
+        if step == 5:
             raise Killed
         return at(self, step)
 
-    monkeypatch.setattr(train.data.Batches, "at", killed_at_step_6)
+    monkeypatch.setattr(train.data.Batches, "at", killed_before_step_6)
     with pytest.raises(Killed):
         train.run_train(spec, tmp_path / "resumed")
-    assert [s for _, s, _ in _losses(tmp_path / "resumed")] == ["1", "2", "3", "4", "5", "6"]
+    assert [s for _, s, _ in _losses(tmp_path / "resumed")] == ["1", "2", "3", "4", "5"]
     monkeypatch.setattr(train.data.Batches, "at", at)
     resumed = train.run_train(spec, tmp_path / "resumed", resume=True)
     assert _losses(resumed) == _losses(whole)
     assert _losses(resumed, "valid") == _losses(whole, "valid")
     with pytest.raises(InputError, match="differ: steps"):
-        train.run_train(_spec(corpus, task="mlm", steps=9), tmp_path / "resumed", resume=True)
+        train.run_train(_spec(corpus, task="mlm", steps=7, eval_every=3), tmp_path / "resumed", resume=True)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
