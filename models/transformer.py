@@ -209,6 +209,14 @@ class LMHead(nn.Module):
         return F.linear(hidden, self.embedding.weight)
 
 
+class LossParts(NamedTuple):
+    """Summed cross-entropy over labelled positions, how many there were, how many were right."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    correct: torch.Tensor
+
+
 class LanguageModel(nn.Module):
     """Trunk + head: input_ids [B, T] (+ seq_lens [B]) -> logits [B, T, V].
 
@@ -224,8 +232,17 @@ class LanguageModel(nn.Module):
         self.head = LMHead(tokens) if cfg.causal else MLMHead(cfg, tokens)
         init_weights(self, seed)
 
-    def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.trunk(input_ids, seq_lens))
+    def forward(self, input_ids: torch.Tensor, seq_lens: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """logits [B, T, V]; or, given labels [B, T], the LossParts of `lm_loss` (so a DDP
+        wrapper's forward computes the loss and its gradient hooks see it)."""
+        hidden = self.trunk(input_ids, seq_lens)  # (B, T, C)
+        if labels is None:
+            return self.head(hidden)
+        keep = labels != IGNORE
+        logits = self.head(hidden[keep]).float()  # (N, V): the head runs on labelled positions only
+        targets = labels[keep]
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        return LossParts(loss_sum, keep.sum(), (logits.argmax(-1) == targets).sum())
 
 
 def init_weights(model: nn.Module, seed: int) -> None:
@@ -242,27 +259,11 @@ def init_weights(model: nn.Module, seed: int) -> None:
             nn.init.zeros_(module.bias)
 
 
-class LossParts(NamedTuple):
-    """Summed cross-entropy over labelled positions, how many there were, how many were right."""
-
-    loss_sum: torch.Tensor
-    count: torch.Tensor
-    correct: torch.Tensor
-
-
-def lm_loss(model: LanguageModel, input_ids: torch.Tensor, labels: torch.Tensor, seq_lens: torch.Tensor | None = None) -> LossParts:
-    """Cross-entropy of ``model`` on input_ids [B, T] against labels [B, T] (IGNORE where no loss).
-
-    The head runs only on labelled positions: for MLM that is 15% of them, and the [B, T, V]
-    logits never exist.
-    """
-    hidden = model.trunk(input_ids, seq_lens)  # (B, T, C)
-    keep = labels != IGNORE
-    logits = model.head(hidden[keep]).float()  # (N, V)
-    targets = labels[keep]
-    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum()
-    return LossParts(loss_sum, keep.sum(), correct)
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, seq_lens: torch.Tensor | None = None) -> LossParts:
+    """Cross-entropy of ``model`` (a LanguageModel, or one wrapped in DDP) on input_ids [B, T]
+    against labels [B, T] (IGNORE where no loss). The head runs only on labelled positions: for
+    MLM that is 15% of them, and the [B, T, V] logits never exist."""
+    return model(input_ids, seq_lens, labels)
 
 
 def build_model(
