@@ -1,7 +1,7 @@
 """`attnbench report`: figures, report.md and a self-contained report.html from speed runs.
 
-Figures (one set per setup: level, dtype, device, heads, kv_heads, head_dim), faceted
-mode x mechanism, one colour per impl everywhere, solid causal / dashed bidirectional:
+Figures (one set per setup: level, dtype, device, heads, kv_heads, head_dim; one figure per
+mode, one panel per mechanism), one colour per impl everywhere, solid causal / dashed bidirectional:
 latency vs T (log-log, p20-p80 band), TFLOP/s vs T, peak memory vs T, speedup over a
 baseline impl, and the fitted complexity exponent: the slope of log(time per sequence)
 against log T over the largest points, with its R^2.
@@ -178,13 +178,15 @@ def _modes(data: pd.DataFrame) -> list[str]:
 
 def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, palette, markers, title: str,
            band: tuple[str, str] | None = None, hline: float | None = None) -> Path:
+    """One panel per mechanism (wrapped, 4 a row), x = T on a log2 axis labelled with the real T."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
-    g = sns.FacetGrid(data, row="mode", col="mechanism", height=3.0, aspect=1.35, sharey=False, margin_titles=True,
-                      row_order=_modes(data))
+    mechanisms = list(dict.fromkeys(data["mechanism"]))
+    g = sns.FacetGrid(data, col="mechanism", col_order=mechanisms, col_wrap=min(4, len(mechanisms)),
+                      height=3.0, aspect=1.35, sharey=False)
     g.map_dataframe(_draw, y=y, band=band, palette=palette, markers=markers)
     seqs = sorted(data["seq"].unique())
     for ax in g.axes.flat:
@@ -201,7 +203,7 @@ def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, p
             ax.axhline(hline, color="0.4", linewidth=1, linestyle=":")
         ax.grid(True, which="major", alpha=0.3)
     g.set_axis_labels("sequence length T", ylabel)
-    g.set_titles(row_template="{row_name}", col_template="{col_name}")
+    g.set_titles(col_template="{col_name}")
     handles = {impl: Line2D([], [], color=palette[impl], linewidth=2) for impl in sorted(set(data["impl"]), key=list(palette).index)}
     for causal, style in (("causal", "-"), ("bidirectional", "--")):
         if causal in set(data["causal"]):
@@ -216,18 +218,25 @@ def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, p
 
 
 def _exponent_figure(fits: pd.DataFrame, *, path: Path, palette, title: str) -> Path:
+    """Grouped bars: mechanism on x, one bar per impl; rows: mode, columns: causal/bidirectional;
+    dotted lines at k = 1 and 2."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    from attnbench.models.registry import mechanisms as registered
+
     order = [i for i in palette if i in set(fits["impl"])]
-    g = sns.catplot(fits, x="impl", y="exponent", hue="impl", col="mechanism", row="mode", kind="bar", order=order,
-                    palette=palette, height=2.8, aspect=1.3, legend=False, margin_titles=True, errorbar=None,
-                    row_order=_modes(fits))
+    present = set(fits["mechanism"])
+    mechanisms = [m for m in registered() if m in present] + sorted(present - set(registered()))
+    bars = len(mechanisms) * len(order)
+    g = sns.catplot(fits, x="mechanism", y="exponent", hue="impl", hue_order=order, row="mode", row_order=_modes(fits),
+                    col="causal", order=mechanisms, kind="bar", palette=palette, errorbar=None,
+                    height=3.0, aspect=min(4.0, max(1.4, 0.07 * bars)), margin_titles=True)
     for ax in g.axes.flat:
         for level in (1.0, 2.0):
             ax.axhline(level, color="0.4", linewidth=1, linestyle=":")
-        ax.tick_params(axis="x", labelrotation=45)
-    g.set_axis_labels("", "exponent (time ~ T^k)")
+        ax.tick_params(axis="x", labelrotation=30)
+    g.set_axis_labels("", "exponent k (time ~ T^k)")
     g.set_titles(row_template="{row_name}", col_template="{col_name}")
     g.figure.suptitle(title, y=1.02)
     g.figure.savefig(path, dpi=130, bbox_inches="tight")
@@ -257,16 +266,18 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
             path = plots / f"{name}-{slug}.png"
             out.append(Figure(draw(*args, path=path, palette=palette, title=f"{caption} ({slug})", **kwargs), f"{caption} ({slug})"))
 
-        add("latency", "Median latency vs T, band p20-p80", _facet, rows, "ms_median", "median latency (ms)", True,
-            markers=markers, band=("ms_p20", "ms_p80"))
-        add("tflops", "Throughput vs T", _facet, rows, "tflops", "TFLOP/s", False, markers=markers)
-        if rows["peak_mem_mib"].notna().any():
-            add("memory", "Peak memory vs T", _facet, rows[rows["peak_mem_mib"].notna()], "peak_mem_mib",
-                "peak memory (MiB)", True, markers=markers)
         ratio = speedups(rows, baseline)
-        if not ratio.empty:
-            add("speedup", f"Speedup over {baseline}", _facet, ratio, "speedup", f"speedup over {baseline} (x)", True,
-                markers=markers, hline=1.0)
+        for mode in _modes(rows):
+            in_mode, ratio_in_mode = rows[rows["mode"] == mode], ratio[ratio["mode"] == mode] if not ratio.empty else ratio
+            add(f"latency-{mode}", f"{mode}: median latency vs T, band p20-p80", _facet, in_mode, "ms_median",
+                "median latency (ms)", True, markers=markers, band=("ms_p20", "ms_p80"))
+            add(f"tflops-{mode}", f"{mode}: throughput vs T", _facet, in_mode, "tflops", "TFLOP/s", False, markers=markers)
+            if in_mode["peak_mem_mib"].notna().any():
+                add(f"memory-{mode}", f"{mode}: peak memory vs T", _facet, in_mode[in_mode["peak_mem_mib"].notna()],
+                    "peak_mem_mib", "peak memory (MiB)", True, markers=markers)
+            if not ratio_in_mode.empty:
+                add(f"speedup-{mode}", f"{mode}: speedup over {baseline}", _facet, ratio_in_mode, "speedup",
+                    f"speedup over {baseline} (x)", True, markers=markers, hline=1.0)
         setup_fits = fits.merge(rows[SETUP].drop_duplicates(), on=SETUP) if not fits.empty else fits
         if not setup_fits.empty:
             add("exponent", f"Fitted exponent k, time per sequence ~ T^k over the {FIT_POINTS} largest T",

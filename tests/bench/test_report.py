@@ -68,15 +68,16 @@ def test_report_writes_pngs_markdown_and_self_contained_html(tmp_path, monkeypat
     result = CliRunner().invoke(app, ["report", "--baseline", "torch"])  # default: the latest run
     assert result.exit_code == 0, result.output
     run = tmp_path / "results" / "20250101-000000-speed"
-    pngs = sorted(p.name.split("-")[0] for p in (run / "plots").glob("*.png"))
-    assert pngs == ["exponent", "latency", "memory", "speedup", "tflops"]
+    pngs = sorted("-".join(p.name.split("-")[:2]) for p in (run / "plots").glob("*.png"))
+    per_mode = [f"{metric}-{mode}" for metric in ("latency", "memory", "speedup", "tflops") for mode in ("bwd", "fwd")]
+    assert pngs == sorted(["exponent-kernel", *per_mode])
     for png in (run / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (run / "report.md").read_text()
     assert "FlashAttention-3 convention" in markdown and "plots/latency-" in markdown and "OutOfMemoryError" in markdown
     html = (run / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
-    assert len(images) == 5 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == len(pngs) and all(src.startswith("data:image/png;base64,") for src in images)
     assert base64.b64decode(images[0].split(",", 1)[1])[:4] == b"\x89PNG"
     assert "sdpa" in result.output  # the terminal summary names the fastest impl
 
