@@ -32,7 +32,7 @@ from attnbench.errors import InputError
 from attnbench.flops import CORE_MODE_FACTOR, LINEAR_MODE_FACTOR
 from attnbench.models import registry
 from attnbench.models.presets import Preset
-from attnbench.models.transformer import IGNORE, LanguageModel, ModelConfig, lm_loss, param_counts
+from attnbench.models.transformer import IGNORE, LanguageModel, ModelConfig, build_model, lm_loss, param_counts
 
 TRAIN_COLUMNS = [
     "attn", "step", "split", "loss", "ppl", "accuracy", "lr", "tokens", "tokens_per_s",
@@ -124,10 +124,12 @@ def resolve_device(name: str) -> torch.device:
 def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch.device) -> ModelConfig:
     """The model of ``mechanism`` for this run, with the impl resolved for ``device``."""
     preset = Preset.from_name(spec.preset)
-    options = {k: v for k, v in spec.extra.items() if k in registry.get(mechanism).params and k != "window"}
+    declared = registry.get(mechanism).params  # options reach only the mechanisms that declare them
+    options = {k: v for k, v in spec.extra.items() if k in declared and k != "window"}
+    window = spec.extra.get("window") if "window" in declared else None
     cfg = ModelConfig.for_task(
         spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
-        positions=spec.positions, window=spec.extra.get("window"), attention=options,
+        positions=spec.positions, window=window, attention=options,
     )
     cfg.impl = choose_impl(mechanism, spec.impl, cfg, device)
     return cfg
@@ -165,6 +167,25 @@ def train_flops_per_token(model: LanguageModel, seq: int) -> float:
     mechanism = registry.get(cfg.mechanism)
     core = mechanism.flops(cfg.layer_config(), 1, seq) / seq
     return per_token + cfg.layers * CORE_MODE_FACTOR["fwdbwd"] * core
+
+
+def param_table(presets: list[str] | None = None, mechanisms: list[str] | None = None, task: str = "mlm") -> list[dict[str, Any]]:
+    """For `attnbench list --params`: one row per (preset, mechanism) with parameter counts per
+    component (models/transformer.py param_counts) at the preset's BPE vocabulary, or why it cannot build."""
+    from attnbench.models.presets import PRESETS
+
+    rows = []
+    for preset_name in presets or list(PRESETS):
+        preset = Preset.from_name(preset_name)
+        for name in mechanisms or list(registry.mechanisms()):
+            row: dict[str, Any] = {"preset": preset_name, "mechanism": name, "task": task}
+            try:
+                with torch.device("meta"):  # shapes only: no memory, no init
+                    model = build_model(preset, name, task=task)
+                rows.append({**row, **param_counts(model), "message": ""})
+            except ValueError as err:  # the mechanism cannot build this model (e.g. causal only)
+                rows.append({**row, "message": str(err)})
+    return rows
 
 
 # ---- evaluation

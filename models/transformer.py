@@ -245,6 +245,17 @@ class LanguageModel(nn.Module):
         return LossParts(loss_sum, keep.sum(), (logits.argmax(-1) == targets).sum())
 
 
+def seq_lens_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A BERT attention_mask [B, T] (1 = token, 0 = padding) -> seq_lens [B]. Only right padding
+    has a length; any other pattern raises rather than being approximated."""
+    mask = attention_mask.bool()
+    seq_lens = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask, positions[None, :] < seq_lens[:, None]):
+        raise ValueError("attention_mask must be right padding (ones, then zeros) in every row")
+    return seq_lens
+
+
 def init_weights(model: nn.Module, seed: int) -> None:
     """BERT's and GPT-2's init: N(0, 0.02) weights, zero biases (LayerNorm keeps ones/zeros),
     each weight drawn from a generator keyed by (seed, module name). Other parameters (a

@@ -153,3 +153,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_param_table_covers_presets_and_mechanisms():
+    rows = train.param_table(["tiny", "small"], ["standard", "rope"])
+    by_key = {(r["preset"], r["mechanism"]): r for r in rows}
+    assert by_key[("tiny", "standard")]["embeddings"] - by_key[("tiny", "rope")]["embeddings"] == 128 * 128  # learned positions
+    assert by_key[("small", "rope")]["attention"] == 8 * (4 * 512 * 512 + 4 * 512)
+
+
+def test_window_option_reaches_only_window_mechanisms():
+    spec = train.TrainSpec(attn=["standard", "window"], preset="tiny", extra={"window": 16}).resolved()
+    assert train.model_config(spec, "standard", 300, torch.device("cpu")).window is None
+    assert train.model_config(spec, "window", 300, torch.device("cpu")).window == 16

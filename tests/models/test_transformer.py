@@ -6,7 +6,7 @@ import torch
 
 from attnbench.models import registry
 from attnbench.models.presets import Preset
-from attnbench.models.transformer import LanguageModel, ModelConfig, build_model, lm_loss, param_counts
+from attnbench.models.transformer import LanguageModel, ModelConfig, build_model, lm_loss, param_counts, seq_lens_from_attention_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,7 +102,7 @@ def test_encoder_matches_bert_hidden_states_with_padding():
     attention_mask = (torch.arange(20)[None, :] < seq_lens[:, None]).long()
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        got = ours.trunk(ids, seq_lens)
+        got = ours.trunk(ids, seq_lens_from_attention_mask(attention_mask))
     valid = attention_mask.bool()
     torch.testing.assert_close(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
 
@@ -208,3 +208,9 @@ def test_same_seed_gives_identical_shared_weights_across_mechanisms():
             assert torch.equal(p, shared[name]), name
     other_seed = build_model("tiny", "rope", task="clm", vocab_size=300, seed=6)
     assert not torch.equal(other_seed.trunk.blocks[0].mlp.up.weight, rope.trunk.blocks[0].mlp.up.weight)
+
+
+def test_attention_mask_must_be_right_padding():
+    assert seq_lens_from_attention_mask(torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist() == [2, 3]
+    with pytest.raises(ValueError, match="right padding"):
+        seq_lens_from_attention_mask(torch.tensor([[0, 1, 1]]))
