@@ -17,6 +17,9 @@ with GQA, k' for query head h is its kv head's k transformed with head h's param
 Forward (flash skeleton): each program owns BLOCK_M query rows; q' is formed once in
 registers from q and cos/sin tables, k' for every key tile as it is loaded (nothing of q', k'
 or the T x S scores reaches memory). Online softmax in base 2; the LSE is saved.
+Every q', k' (and dq', dk') tile is held as its two halves [rows, D/2], the rotate-half pairs:
+the rotation is then elementwise on the halves, and q'.k' = q'_1.k'_1 + q'_2.k'_2 is two
+dots of depth D/2 (the same tensor-core work as one of depth D; D/2 >= 16, so D >= 32).
 Off the diagonal, the distance splits at a pivot p between the query and key blocks,
 |m - n| = |m - p| + |p - n|, so the decay tile is an outer product of BLOCK_M + BLOCK_N
 exponentials (a multiply per score, no extra exp); only tiles that straddle the diagonal
@@ -29,7 +32,7 @@ Backward (FA2): D_m = rowsum(dO_m * O_m); P recomputed from the LSE;
     dq' = dX k',   dk' = dX^T q'                         (dk' per query head of a kv head)
     d delta = sum_mn dS_mn * s_mn * (-|m - n|)
 Through q' = f * r * R q (per row, in the kernels' epilogues; the same for k with n):
-    dq_m       = r_m * R_m^T (f * dq'_m)                  (R^T: x1 = g1 c + g2 s, x2 = g2 c - g1 s)
+    dq_m       = r_m * R_m^T (f * dq'_m)                  (R^T on halves: g1 c + g2 s, g2 c - g1 s)
     dr_m       = sum_j dq'_mj * f_j * (R_m q_m)_j
     d alpha    = sum_m dr_m * exp(-lam m),   d lam = sum_m dr_m * alpha * exp(-lam m) * (-m)
     df_j       = sum_m dq'_mj * r_m * (R_m q_m)_j
@@ -40,8 +43,8 @@ Every program writes its partial sums of the seven parameter gradients to a smal
 [7, B, blocks, Hq] buffer; torch sums it (a cheap epilogue).
 
 Kernels: dq (one program per query block and query head, also d delta) and dk/dv (one
-program per key block and kv head, looping over the query heads of its group, since each
-needs its own k').
+program per key block and query head: each query head has its own k', so with GQA the
+launcher sums the group's per-head dk, dv).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from attnbench.kernels.reference import rope_angles
 
 ROPE_BASE = 10000.0
 PARAM_NAMES = ("lam", "alpha", "beta", "gamma", "mu", "sigma", "delta")
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # globals read inside @triton.jit must be constexpr
 
 # tile regimes, by where the key tile lies relative to the query tile
 BELOW = tl.constexpr(0)  # every key n <= every query position m
@@ -65,46 +68,66 @@ ABOVE = tl.constexpr(2)  # every key n > every query position m
 
 
 @triton.jit
-def _channel_filter(beta, gamma, mu, sigma, D: tl.constexpr):
-    """f [D] and band [D] of one head."""
-    j = tl.arange(0, D).to(tl.float32)
-    band = tl.exp(-(j - mu) * (j - mu) / (2.0 * sigma * sigma))
-    return beta + gamma * band, band
+def _head_params(LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF: tl.constexpr):
+    """Head h's scalars and its channel filter f and band, as halves [D/2] (channels j and j + D/2)."""
+    lam, alpha, beta = tl.load(LAM + h), tl.load(ALPHA + h), tl.load(BETA + h)
+    gamma, mu, sigma, delta = tl.load(GAMMA + h), tl.load(MU + h), tl.load(SIGMA + h), tl.load(DELTA + h)
+    j1 = tl.arange(0, HALF).to(tl.float32)
+    j2 = j1 + HALF
+    band1 = tl.exp(-(j1 - mu) * (j1 - mu) / (2.0 * sigma * sigma))
+    band2 = tl.exp(-(j2 - mu) * (j2 - mu) / (2.0 * sigma * sigma))
+    return lam, alpha, gamma, mu, sigma, delta, beta + gamma * band1, beta + gamma * band2, band1, band2
 
 
 @triton.jit
-def _load_transformed(ptr, stride_row, stride_col, rows, pos, n_rows, COS, SIN, lam, alpha, filt, D: tl.constexpr):
-    """Rows ``rows`` [R] (at positions ``pos`` [R]) of a [n_rows, D] slice at ``ptr``, transformed:
-    returns x' = f * r * R x [R, D] fp32, R x [R, D] fp32 and r [R]. Rows >= n_rows read as zeros.
+def _cos_sin(COS, SIN, pos, inside, HALF: tl.constexpr):
+    """cos, sin [R, D/2] of positions pos [R] (tables [S, D/2]); rows outside read zeros."""
+    at = pos[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    return tl.load(COS + at, mask=inside, other=0.0), tl.load(SIN + at, mask=inside, other=0.0)
 
-    The rotation reads each row twice, once at the partner columns (j + D/2) % D, so no
-    register shuffle is needed; the second read hits cache.
+
+@triton.jit
+def _load_transformed(ptr, stride_row, stride_col, rows, pos, n_rows, COS, SIN, lam, alpha, f1, f2, HALF: tl.constexpr):
+    """Rows ``rows`` [R] (at positions ``pos`` [R]) of a [n_rows, D] slice at ``ptr``, transformed.
+
+    Returns x' = f * r * R x as halves x'_1, x'_2 [R, D/2] fp32, the rotated halves (R x)_1,
+    (R x)_2 and r [R]. Rows >= n_rows read as zeros.
     """
-    HALF: tl.constexpr = D // 2
-    cols = tl.arange(0, D)
-    partner = (cols + HALF) % D
-    sign = tl.where(cols < HALF, -1.0, 1.0)
-    inside = (rows < n_rows)[:, None]
-    x = tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=inside, other=0.0)
-    xp = tl.load(ptr + rows[:, None] * stride_row + partner[None, :] * stride_col, mask=inside, other=0.0)
-    angle = pos[:, None] * HALF + (cols % HALF)[None, :]  # cos/sin tables are [S, D/2]
-    c = tl.load(COS + angle, mask=inside, other=0.0)
-    s = tl.load(SIN + angle, mask=inside, other=0.0)
-    rotated = x.to(tl.float32) * c + sign[None, :] * xp.to(tl.float32) * s
-    r = 1.0 + alpha * tl.exp2(-lam * LOG2E * pos.to(tl.float32))
-    return rotated * r[:, None] * filt[None, :], rotated, r
-
-
-@triton.jit
-def _unrotate(g, pos, n_rows, rows, COS, SIN, R: tl.constexpr, D: tl.constexpr):
-    """R_p^T g for g [R, D] fp32 (the transposed rotation, for gradients), by a register shuffle."""
-    HALF: tl.constexpr = D // 2
     half = tl.arange(0, HALF)
     inside = (rows < n_rows)[:, None]
-    c = tl.load(COS + pos[:, None] * HALF + half[None, :], mask=inside, other=0.0)
-    s = tl.load(SIN + pos[:, None] * HALF + half[None, :], mask=inside, other=0.0)
-    g1, g2 = tl.split(tl.permute(tl.reshape(g, (R, 2, HALF)), (0, 2, 1)))
-    return tl.reshape(tl.permute(tl.join(g1 * c + g2 * s, g2 * c - g1 * s), (0, 2, 1)), (R, D))
+    row_ptr = ptr + rows[:, None] * stride_row
+    x1 = tl.load(row_ptr + half[None, :] * stride_col, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(row_ptr + (half + HALF)[None, :] * stride_col, mask=inside, other=0.0).to(tl.float32)
+    c, s = _cos_sin(COS, SIN, pos, inside, HALF)
+    y1 = x1 * c - x2 * s
+    y2 = x2 * c + x1 * s
+    r = 1.0 + alpha * tl.exp2(-lam * LOG2E * pos.to(tl.float32))
+    return y1 * r[:, None] * f1[None, :], y2 * r[:, None] * f2[None, :], y1, y2, r
+
+
+@triton.jit
+def _input_grad(g1, g2, r, f1, f2, COS, SIN, pos, inside, HALF: tl.constexpr):
+    """dx = r * R^T (f * g) from g = dL/dx' given as halves [R, D/2]; returns dx as halves."""
+    c, s = _cos_sin(COS, SIN, pos, inside, HALF)
+    h1 = g1 * f1[None, :]
+    h2 = g2 * f2[None, :]
+    return (h1 * c + h2 * s) * r[:, None], (h2 * c - h1 * s) * r[:, None]
+
+
+@triton.jit
+def _store_rows(ptr, stride_row, stride_col, rows, inside, x1, x2, HALF: tl.constexpr):
+    """Store halves x1, x2 [R, D/2] as rows of a [*, D] tensor at ptr."""
+    half = tl.arange(0, HALF)
+    row_ptr = ptr + rows[:, None] * stride_row
+    tl.store(row_ptr + half[None, :] * stride_col, x1.to(ptr.dtype.element_ty), mask=inside)
+    tl.store(row_ptr + (half + HALF)[None, :] * stride_col, x2.to(ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _scores(a1, a2, b1, b2, DOT_PRECISION: tl.constexpr):
+    """a . b^T [Ra, Rb] for a, b given as halves."""
+    qk = tl.dot(a1, tl.trans(b1), input_precision=DOT_PRECISION)
+    return tl.dot(a2, tl.trans(b2), acc=qk, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -151,8 +174,8 @@ def _key_ranges(pos_q0, kv_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q_dot, pos_q, pos_q0, lo, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd, S, kv_len,
-    COS, SIN, lam, alpha, filt, delta, sm_scale,
+    acc, l_i, m_i, q1, q2, pos_q, pos_q0, lo, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd, S, kv_len,
+    COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
     REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -160,9 +183,9 @@ def _fwd_tiles(
     cols = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK_N):
         pos_k = n0 + tl.arange(0, BLOCK_N)
-        k_prime, _, _ = _load_transformed(K, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, filt, D)
+        k1, k2, _, _, _ = _load_transformed(K, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, D // 2)
         v = tl.load(V + pos_k[:, None] * stride_vt + cols[None, :] * stride_vd, mask=(pos_k < S)[:, None], other=0.0)
-        qk = tl.dot(q_dot, tl.trans(k_prime.to(q_dot.dtype)), input_precision=DOT_PRECISION)  # [BM, BN]
+        qk = _scores(q1, q2, k1.to(q1.dtype), k2.to(q1.dtype), DOT_PRECISION)  # [BM, BN]
         w = _distance_weight(pos_q, pos_k, pos_q0, delta, REGIME, BLOCK_M)
         s2 = qk * w * (sm_scale * LOG2E)
         s2 = tl.where(_visible(pos_q, pos_k, kv_len, REGIME, CAUSAL), s2, float("-inf"))
@@ -194,16 +217,16 @@ def _exposb_fwd_kernel(
     kv_len = S
     if HAS_LENS:
         kv_len = tl.minimum(tl.load(SEQ_LENS + b), S)
-    lam, alpha, delta = tl.load(LAM + h), tl.load(ALPHA + h), tl.load(DELTA + h)
-    filt, _ = _channel_filter(tl.load(BETA + h), tl.load(GAMMA + h), tl.load(MU + h), tl.load(SIGMA + h), D)
+    lam, alpha, _, _, _, delta, f1, f2, _, _ = _head_params(LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, D // 2)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_q0 = pid_m * BLOCK_M + S - T
     pos_q = rows + S - T
     q_base = Q + b * stride_qb + h * stride_qh
     # q' stays in registers for the whole loop
-    q_prime, _, _ = _load_transformed(q_base, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, filt, D)
-    q_dot = q_prime.to(Q.dtype.element_ty)
+    q1, q2, _, _, _ = _load_transformed(q_base, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, D // 2)
+    q1 = q1.to(Q.dtype.element_ty)
+    q2 = q2.to(Q.dtype.element_ty)
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
 
@@ -212,18 +235,18 @@ def _exposb_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     below_end, above_start, hi = _key_ranges(pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q_dot, pos_q, pos_q0, 0, below_end, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        S, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        acc, l_i, m_i, q1, q2, pos_q, pos_q0, 0, below_end, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q_dot, pos_q, pos_q0, below_end, above_start, k_base, v_base, stride_kt, stride_kd, stride_vt,
-        stride_vd, S, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, BLOCK_N,
+        acc, l_i, m_i, q1, q2, pos_q, pos_q0, below_end, above_start, k_base, v_base, stride_kt, stride_kd, stride_vt,
+        stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, BLOCK_N,
         DOT_PRECISION,
     )
     if not CAUSAL:
         acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q_dot, pos_q, pos_q0, above_start, hi, k_base, v_base, stride_kt, stride_kd, stride_vt,
-            stride_vd, S, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, BLOCK_N,
+            acc, l_i, m_i, q1, q2, pos_q, pos_q0, above_start, hi, k_base, v_base, stride_kt, stride_kd, stride_vt,
+            stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, BLOCK_N,
             DOT_PRECISION,
         )
 
@@ -237,33 +260,44 @@ def _exposb_fwd_kernel(
 
 
 @triton.jit
+def _band_partials(d_f, band, j, gamma, mu, sigma):
+    """d beta, d gamma, d mu, d sigma from df [D/2] over one half of the channels j [D/2]."""
+    d_band = d_f * gamma * band  # df_j times d f_j / d(-(j - mu)^2 / (2 sigma^2))
+    return (
+        tl.sum(d_f, 0),
+        tl.sum(d_f * band, 0),
+        tl.sum(d_band * (j - mu), 0) / (sigma * sigma),
+        tl.sum(d_band * (j - mu) * (j - mu), 0) / (sigma * sigma * sigma),
+    )
+
+
+@triton.jit
 def _store_param_partials(
-    PARTIALS, slot, stride_param, g, rotated, r, pos, filt, band, lam, alpha, gamma, mu, sigma, D: tl.constexpr
+    PARTIALS, slot, stride_param, g1, g2, y1, y2, r, pos, f1, f2, band1, band2, lam, alpha, gamma, mu, sigma,
+    HALF: tl.constexpr,
 ):
     """Partial sums of d lam, d alpha, d beta, d gamma, d mu, d sigma from the rows of one tile.
 
-    g = dL/dx' [R, D], rotated = R x [R, D], r [R] at positions pos [R] (module docstring).
-    Rows outside the sequence have g = 0 or rotated = 0, so they add nothing.
+    g = dL/dx', y = R x (halves [R, D/2]), r [R] at positions pos [R] (module docstring).
+    Rows outside the sequence have g = 0 or y = 0, so they add nothing.
     """
-    dr = tl.sum(g * rotated * filt[None, :], 1)  # [R]
+    dr = tl.sum(g1 * y1 * f1[None, :], 1) + tl.sum(g2 * y2 * f2[None, :], 1)  # [R]
     decay = tl.exp2(-lam * LOG2E * pos.to(tl.float32))
-    d_alpha = tl.sum(dr * decay, 0)
-    d_lam = tl.sum(dr * alpha * decay * -pos.to(tl.float32), 0)
-    d_filt = tl.sum(g * rotated * r[:, None], 0)  # [D]
-    j = tl.arange(0, D).to(tl.float32)
-    d_band = d_filt * gamma * band  # df_j * d f_j / d(band exponent)
-    tl.store(PARTIALS + 0 * stride_param + slot, d_lam)
-    tl.store(PARTIALS + 1 * stride_param + slot, d_alpha)
-    tl.store(PARTIALS + 2 * stride_param + slot, tl.sum(d_filt, 0))
-    tl.store(PARTIALS + 3 * stride_param + slot, tl.sum(d_filt * band, 0))
-    tl.store(PARTIALS + 4 * stride_param + slot, tl.sum(d_band * (j - mu), 0) / (sigma * sigma))
-    tl.store(PARTIALS + 5 * stride_param + slot, tl.sum(d_band * (j - mu) * (j - mu), 0) / (sigma * sigma * sigma))
+    j1 = tl.arange(0, HALF).to(tl.float32)
+    beta1, gamma1, mu1, sigma1 = _band_partials(tl.sum(g1 * y1 * r[:, None], 0), band1, j1, gamma, mu, sigma)
+    beta2, gamma2, mu2, sigma2 = _band_partials(tl.sum(g2 * y2 * r[:, None], 0), band2, j1 + HALF, gamma, mu, sigma)
+    tl.store(PARTIALS + 0 * stride_param + slot, tl.sum(dr * alpha * decay * -pos.to(tl.float32), 0))
+    tl.store(PARTIALS + 1 * stride_param + slot, tl.sum(dr * decay, 0))
+    tl.store(PARTIALS + 2 * stride_param + slot, beta1 + beta2)
+    tl.store(PARTIALS + 3 * stride_param + slot, gamma1 + gamma2)
+    tl.store(PARTIALS + 4 * stride_param + slot, mu1 + mu2)
+    tl.store(PARTIALS + 5 * stride_param + slot, sigma1 + sigma2)
 
 
 @triton.jit
 def _dq_tiles(
-    dq_prime, d_delta, q_dot, do, lse, di, pos_q, pos_q0, lo, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    S, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale,
+    dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, lo, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
     REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -271,18 +305,21 @@ def _dq_tiles(
     cols = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK_N):
         pos_k = n0 + tl.arange(0, BLOCK_N)
-        k_prime, _, _ = _load_transformed(K, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, filt, D)
-        k_dot = k_prime.to(q_dot.dtype)
+        k1, k2, _, _, _ = _load_transformed(K, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, D // 2)
+        k1 = k1.to(q1.dtype)
+        k2 = k2.to(q1.dtype)
         v = tl.load(V + pos_k[:, None] * stride_vt + cols[None, :] * stride_vd, mask=(pos_k < S)[:, None], other=0.0)
         w = _distance_weight(pos_q, pos_k, pos_q0, delta, REGIME, BLOCK_M)
-        s = tl.dot(q_dot, tl.trans(k_dot), input_precision=DOT_PRECISION) * w * sm_scale  # [BM, BN], finite
+        s = _scores(q1, q2, k1, k2, DOT_PRECISION) * w * sm_scale  # [BM, BN], finite
         p = tl.where(_visible(pos_q, pos_k, kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - di[:, None])
-        dq_prime += tl.dot((ds * w * sm_scale).to(k_dot.dtype), k_dot, input_precision=DOT_PRECISION)
+        dx = (ds * w * sm_scale).to(k1.dtype)
+        dq1 += tl.dot(dx, k1, input_precision=DOT_PRECISION)
+        dq2 += tl.dot(dx, k2, input_precision=DOT_PRECISION)
         distance = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
         d_delta -= tl.sum(ds * s * distance, 1)
-    return dq_prime, d_delta
+    return dq1, dq2, d_delta
 
 
 @triton.jit
@@ -299,25 +336,27 @@ def _exposb_dq_kernel(
 ):
     """One program: dq of BLOCK_M query rows of one (batch, query head), with the q side's and
     d delta's parameter partials in PARTIALS [7, B, cdiv(T, BLOCK_M), Hq]."""
+    HALF: tl.constexpr = D // 2
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     kv_len = S
     if HAS_LENS:
         kv_len = tl.minimum(tl.load(SEQ_LENS + b), S)
-    lam, alpha, delta = tl.load(LAM + h), tl.load(ALPHA + h), tl.load(DELTA + h)
-    gamma, mu, sigma = tl.load(GAMMA + h), tl.load(MU + h), tl.load(SIGMA + h)
-    filt, band = _channel_filter(tl.load(BETA + h), gamma, mu, sigma, D)
+    lam, alpha, gamma, mu, sigma, delta, f1, f2, band1, band2 = _head_params(
+        LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF
+    )
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_q0 = pid_m * BLOCK_M + S - T
     pos_q = rows + S - T
     cols = tl.arange(0, D)
     inside = rows < T
-    q_prime, q_rotated, q_r = _load_transformed(
-        Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, filt, D
+    q1, q2, _, _, _ = _load_transformed(
+        Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, HALF
     )
-    q_dot = q_prime.to(Q.dtype.element_ty)
+    q1 = q1.to(Q.dtype.element_ty)
+    q2 = q2.to(Q.dtype.element_ty)
     do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :] * stride_dod
     do = tl.load(do_ptrs, mask=inside[:, None], other=0.0)
     lse = tl.load(LSE + (b * H + h) * T + rows, mask=inside, other=float("inf"))
@@ -325,32 +364,36 @@ def _exposb_dq_kernel(
     k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
 
-    dq_prime = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     d_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     below_end, above_start, hi = _key_ranges(pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
-    dq_prime, d_delta = _dq_tiles(
-        dq_prime, d_delta, q_dot, do, lse, di, pos_q, pos_q0, 0, below_end, k_base, v_base, stride_kt, stride_kd,
-        stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M,
+    dq1, dq2, d_delta = _dq_tiles(
+        dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, 0, below_end, k_base, v_base, stride_kt, stride_kd,
+        stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M,
         BLOCK_N, DOT_PRECISION,
     )
-    dq_prime, d_delta = _dq_tiles(
-        dq_prime, d_delta, q_dot, do, lse, di, pos_q, pos_q0, below_end, above_start, k_base, v_base, stride_kt,
-        stride_kd, stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale, DIAGONAL, CAUSAL, D,
+    dq1, dq2, d_delta = _dq_tiles(
+        dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, below_end, above_start, k_base, v_base, stride_kt,
+        stride_kd, stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, DIAGONAL, CAUSAL, D,
         BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
     if not CAUSAL:
-        dq_prime, d_delta = _dq_tiles(
-            dq_prime, d_delta, q_dot, do, lse, di, pos_q, pos_q0, above_start, hi, k_base, v_base, stride_kt,
-            stride_kd, stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale, ABOVE, CAUSAL, D,
-            BLOCK_M, BLOCK_N, DOT_PRECISION,
+        dq1, dq2, d_delta = _dq_tiles(
+            dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, above_start, hi, k_base, v_base, stride_kt,
+            stride_kd, stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, ABOVE, CAUSAL,
+            D, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
 
-    dq = q_r[:, None] * _unrotate(filt[None, :] * dq_prime, pos_q, T, rows, COS, SIN, BLOCK_M, D)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + cols[None, :] * stride_dqd
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=inside[:, None])
+    # epilogue: q' again in fp32 (R q and r are needed for the parameter gradients)
+    _, _, y1, y2, r = _load_transformed(
+        Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, HALF
+    )
+    dx1, dx2 = _input_grad(dq1, dq2, r, f1, f2, COS, SIN, pos_q, inside[:, None], HALF)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, stride_dqt, stride_dqd, rows, inside[:, None], dx1, dx2, HALF)
     slot = (b * tl.num_programs(0) + pid_m) * H + h
     _store_param_partials(
-        PARTIALS, slot, stride_param, dq_prime, q_rotated, q_r, pos_q, filt, band, lam, alpha, gamma, mu, sigma, D
+        PARTIALS, slot, stride_param, dq1, dq2, y1, y2, r, pos_q, f1, f2, band1, band2, lam, alpha, gamma, mu, sigma, HALF
     )
     tl.store(PARTIALS + 6 * stride_param + slot, tl.sum(d_delta, 0))
 
@@ -368,8 +411,8 @@ def _query_ranges(n0, kv_len, T, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.conste
 
 @triton.jit
 def _dkdv_tiles(
-    dk_prime, dv, k_dot, v, pos_k, lo, hi, Q, DO, LSE, DI, stride_qt, stride_qd, stride_dot, stride_dod,
-    T, shift, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale,
+    dk1, dk2, dv, k1, k2, v, pos_k, lo, hi, Q, DO, LSE, DI, stride_qt, stride_qd, stride_dot, stride_dod,
+    T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
     REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -379,19 +422,21 @@ def _dkdv_tiles(
         rows = m0 + tl.arange(0, BLOCK_M)
         pos_q = rows + shift
         inside = rows < T
-        q_prime, _, _ = _load_transformed(Q, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, filt, D)
-        q_dot = q_prime.to(k_dot.dtype)
+        q1, q2, _, _, _ = _load_transformed(Q, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, D // 2)
+        q1 = q1.to(k1.dtype)
+        q2 = q2.to(k1.dtype)
         do = tl.load(DO + rows[:, None] * stride_dot + cols[None, :] * stride_dod, mask=inside[:, None], other=0.0)
         lse = tl.load(LSE + rows, mask=inside, other=float("inf"))
         di = tl.load(DI + rows, mask=inside, other=0.0)
         w = _distance_weight(pos_q, pos_k, m0 + shift, delta, REGIME, BLOCK_M)
-        s = tl.dot(q_dot, tl.trans(k_dot), input_precision=DOT_PRECISION) * w * sm_scale  # [BM, BN]
+        s = _scores(q1, q2, k1, k2, DOT_PRECISION) * w * sm_scale  # [BM, BN]
         p = tl.where(_visible(pos_q, pos_k, kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - di[:, None])
-        dk_prime += tl.dot(tl.trans((ds * w * sm_scale).to(q_dot.dtype)), q_dot, input_precision=DOT_PRECISION)
-    return dk_prime, dv
+        dx_t = tl.trans((p * (dp - di[:, None]) * w * sm_scale).to(k1.dtype))  # [BN, BM]
+        dk1 += tl.dot(dx_t, q1, input_precision=DOT_PRECISION)
+        dk2 += tl.dot(dx_t, q2, input_precision=DOT_PRECISION)
+    return dk1, dk2, dv
 
 
 @triton.jit
@@ -403,16 +448,18 @@ def _exposb_dkdv_kernel(
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    stride_param, H, HKV, GROUP, T, S, sm_scale,
+    stride_param, H, GROUP, T, S, sm_scale,
     HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: dk, dv of BLOCK_N keys of one (batch, kv head), summed over the GROUP query
-    heads that read them; the k side's parameter partials per query head in
-    PARTIALS [7, B, cdiv(S, BLOCK_N), Hq]."""
+    """One program: what query head h contributes to dk, dv of BLOCK_N keys of its kv head
+    (DK, DV [B, S, Hq, D]: one slot per query head, since each has its own k'; the launcher sums
+    a group's), and the k side's parameter partials in PARTIALS [7, B, cdiv(S, BLOCK_N), Hq].
+    One head per program: a loop over a group's heads around the tile loops spills registers."""
+    HALF: tl.constexpr = D // 2
     pid_n = tl.program_id(0)
-    b = tl.program_id(1) // HKV
-    hk = tl.program_id(1) % HKV
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
     kv_len = S
     if HAS_LENS:
         kv_len = tl.minimum(tl.load(SEQ_LENS + b), S)
@@ -421,67 +468,72 @@ def _exposb_dkdv_kernel(
     pos_k = n0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D)
     inside = (pos_k < S)[:, None]
-    k_base = K + b * stride_kb + hk * stride_kh
-    v = tl.load(V + b * stride_vb + hk * stride_vh + pos_k[:, None] * stride_vt + cols[None, :] * stride_vd,
-                mask=inside, other=0.0)
+    lam, alpha, gamma, mu, sigma, delta, f1, f2, band1, band2 = _head_params(
+        LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF
+    )
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    # this head's k' and the values stay in registers for the whole loop
+    k1, k2, _, _, _ = _load_transformed(k_base, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, HALF)
+    k1 = k1.to(K.dtype.element_ty)
+    k2 = k2.to(K.dtype.element_ty)
+    v_ptrs = V + b * stride_vb + (h // GROUP) * stride_vh + pos_k[:, None] * stride_vt + cols[None, :] * stride_vd
+    v = tl.load(v_ptrs, mask=inside, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + (b * H + h) * T
+    di_base = DI + (b * H + h) * T
     lo, above_end, below_start, hi = _query_ranges(n0, kv_len, T, shift, CAUSAL, BLOCK_M, BLOCK_N)
 
-    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    g1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)  # dk' of this head, as halves
+    g2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        lam, alpha, delta = tl.load(LAM + h), tl.load(ALPHA + h), tl.load(DELTA + h)
-        gamma, mu, sigma = tl.load(GAMMA + h), tl.load(MU + h), tl.load(SIGMA + h)
-        filt, band = _channel_filter(tl.load(BETA + h), gamma, mu, sigma, D)
-        # this query head's k' stays in registers for its whole loop
-        k_prime, k_rotated, k_r = _load_transformed(
-            k_base, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, filt, D
-        )
-        k_dot = k_prime.to(K.dtype.element_ty)
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + (b * H + h) * T
-        di_base = DI + (b * H + h) * T
-        dk_prime = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        dk_prime, dv = _dkdv_tiles(
-            dk_prime, dv, k_dot, v, pos_k, lo, above_end, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
-            stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale, ABOVE, CAUSAL, D,
-            BLOCK_M, DOT_PRECISION,
-        )
-        dk_prime, dv = _dkdv_tiles(
-            dk_prime, dv, k_dot, v, pos_k, above_end, below_start, q_base, do_base, lse_base, di_base, stride_qt,
-            stride_qd, stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale,
-            DIAGONAL, CAUSAL, D, BLOCK_M, DOT_PRECISION,
-        )
-        dk_prime, dv = _dkdv_tiles(
-            dk_prime, dv, k_dot, v, pos_k, below_start, hi, q_base, do_base, lse_base, di_base, stride_qt,
-            stride_qd, stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, filt, delta, sm_scale,
-            BELOW, CAUSAL, D, BLOCK_M, DOT_PRECISION,
-        )
-        dk += k_r[:, None] * _unrotate(filt[None, :] * dk_prime, pos_k, S, pos_k, COS, SIN, BLOCK_N, D)
-        slot = (b * tl.num_programs(0) + pid_n) * H + h
-        _store_param_partials(
-            PARTIALS, slot, stride_param, dk_prime, k_rotated, k_r, pos_k, filt, band, lam, alpha, gamma, mu, sigma, D
-        )
+    g1, g2, dv = _dkdv_tiles(
+        g1, g2, dv, k1, k2, v, pos_k, lo, above_end, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
+        stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, ABOVE, CAUSAL, D,
+        BLOCK_M, DOT_PRECISION,
+    )
+    g1, g2, dv = _dkdv_tiles(
+        g1, g2, dv, k1, k2, v, pos_k, above_end, below_start, q_base, do_base, lse_base, di_base, stride_qt,
+        stride_qd, stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
+        DIAGONAL, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+    )
+    g1, g2, dv = _dkdv_tiles(
+        g1, g2, dv, k1, k2, v, pos_k, below_start, hi, q_base, do_base, lse_base, di_base, stride_qt,
+        stride_qd, stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
+        BELOW, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+    )
 
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + pos_k[:, None] * stride_dkt + cols[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + pos_k[:, None] * stride_dvt + cols[None, :] * stride_dvd
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=inside)
+    # epilogue: k' again in fp32 (R k and r are needed for the parameter gradients)
+    _, _, y1, y2, r = _load_transformed(k_base, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, HALF)
+    dx1, dx2 = _input_grad(g1, g2, r, f1, f2, COS, SIN, pos_k, inside, HALF)
+    _store_rows(DK + b * stride_dkb + h * stride_dkh, stride_dkt, stride_dkd, pos_k, inside, dx1, dx2, HALF)
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + pos_k[:, None] * stride_dvt + cols[None, :] * stride_dvd
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=inside)
+    slot = (b * tl.num_programs(0) + pid_n) * H + h
+    _store_param_partials(
+        PARTIALS, slot, stride_param, g1, g2, y1, y2, r, pos_k, f1, f2, band1, band2, lam, alpha, gamma, mu, sigma, HALF
+    )
 
 
-def _blocks(device: torch.device) -> dict[str, tuple[int, int]]:
-    """(BLOCK_M, BLOCK_N) per kernel. Under the CPU interpreter small tiles, so tests at T <= 64
-    cover every regime (below, diagonal, above) with several tiles each."""
+# (BLOCK_M, BLOCK_N, num_warps) per kernel and largest head dim: picked so that ptxas reports
+# no or little register spilling for sm_90 (to be tuned on the GPU)
+_GPU_TILES = {
+    64: {"fwd": (128, 64, 8), "dq": (64, 32, 8), "dkdv": (64, 64, 8)},
+    128: {"fwd": (128, 64, 8), "dq": (32, 64, 8), "dkdv": (32, 64, 8)},
+    256: {"fwd": (64, 32, 8), "dq": (32, 32, 8), "dkdv": (32, 32, 8)},
+}
+# under the CPU interpreter small tiles, so tests at T <= 64 cover every regime (below,
+# diagonal, above) with several tiles each
+_INTERPRETER_TILES = {"fwd": (16, 16, 1), "dq": (16, 16, 1), "dkdv": (16, 16, 1)}
+
+
+def _tiles(device: torch.device, head_dim: int, kernel: str) -> tuple[int, int, dict]:
+    """BLOCK_M, BLOCK_N and the launch options of ``kernel`` (fwd, dq or dkdv)."""
     if device.type != "cuda":
-        return {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
-    return {"fwd": (128, 64), "dq": (64, 32), "dkdv": (32, 64)}
-
-
-def _launch_options(device: torch.device, head_dim: int) -> dict:
-    if device.type != "cuda":
-        return {}
-    return {"num_warps": 8 if head_dim >= 128 else 4, "num_stages": 2}
+        block_m, block_n, _ = _INTERPRETER_TILES[kernel]
+        return block_m, block_n, {}
+    block_m, block_n, warps = _GPU_TILES[min(d for d in _GPU_TILES if d >= head_dim)][kernel]
+    return block_m, block_n, {"num_warps": warps, "num_stages": 2}
 
 
 @functools.lru_cache(maxsize=16)
@@ -494,8 +546,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict[str, 
     b, t, hq, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[2]:
         raise ValueError(f"exposb: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit [B, T, Hq, D], [B, S, Hkv, D]")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"exposb triton kernel needs head_dim a power of two >= 16, not {d}")
+    if d < 32 or d > 256 or d & (d - 1):
+        raise ValueError(f"exposb triton kernel needs head_dim a power of two in [32, 256], not {d}")
     if k.shape[1] < t:
         raise ValueError("exposb triton kernel needs S >= T (queries are the last T positions)")
     for name, value in params.items():
@@ -514,14 +566,14 @@ def _forward(q, k, v, params, causal, seq_lens):
     o = torch.empty_like(q)
     lse = torch.empty(b, hq, t, device=q.device, dtype=torch.float32)
     cos, sin = _angle_tables(s, d, q.device)
-    block_m, block_n = _blocks(q.device)["fwd"]
+    block_m, block_n, launch = _tiles(q.device, d, "fwd")
     grid = (triton.cdiv(t, block_m), b * hq)
     _exposb_fwd_kernel[grid](
         q, k, v, o, lse, cos, sin, *(params[name] for name in PARAM_NAMES), seq_lens,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         hq, hq // hkv, t, s, d**-0.5,
         HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q.dtype), **_launch_options(q.device, d),
+        DOT_PRECISION=_dot_precision(q.dtype), **launch,
     )
     return o, lse
 
@@ -531,14 +583,15 @@ def _backward(q, k, v, o, lse, do, params, causal, seq_lens):
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     di = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # D_m = rowsum(dO * O): [B, Hq, T]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
+    # dk, dv per query head (each has its own k'), in float32 when a group's heads are then summed
+    per_head = dict(device=k.device, dtype=k.dtype if hq == hkv else torch.float32)
+    dk, dv = torch.empty(b, s, hq, d, **per_head), torch.empty(b, s, hq, d, **per_head)
     cos, sin = _angle_tables(s, d, q.device)
-    blocks = _blocks(q.device)
     common = dict(HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, DOT_PRECISION=_dot_precision(q.dtype))
-    launch = _launch_options(q.device, d)
     param_values = [params[name] for name in PARAM_NAMES]
 
-    block_m, block_n = blocks["dq"]
+    block_m, block_n, launch = _tiles(q.device, d, "dq")
     q_blocks = triton.cdiv(t, block_m)
     q_partials = torch.zeros(len(PARAM_NAMES), b, q_blocks, hq, device=q.device, dtype=torch.float32)
     _exposb_dq_kernel[(q_blocks, b * hq)](
@@ -547,15 +600,18 @@ def _backward(q, k, v, o, lse, do, params, causal, seq_lens):
         q_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
-    block_m, block_n = blocks["dkdv"]
+    block_m, block_n, launch = _tiles(q.device, d, "dkdv")
     k_blocks = triton.cdiv(s, block_n)
     k_partials = torch.zeros(len(PARAM_NAMES), b, k_blocks, hq, device=q.device, dtype=torch.float32)
-    _exposb_dkdv_kernel[(k_blocks, b * hkv)](
+    _exposb_dkdv_kernel[(k_blocks, b * hq)](
         q, k, v, do, dk, dv, lse, di, cos, sin, *param_values, seq_lens, k_partials,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        k_partials.stride(0), hq, hkv, hq // hkv, t, s, d**-0.5,
+        k_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
+    if hq != hkv:
+        dk = dk.view(b, s, hkv, hq // hkv, d).sum(3).to(k.dtype)
+        dv = dv.view(b, s, hkv, hq // hkv, d).sum(3).to(v.dtype)
     return dq, dk, dv, q_partials.sum((1, 2)) + k_partials.sum((1, 2))
 
 
@@ -593,7 +649,7 @@ def exposb_attention_triton(
 ) -> torch.Tensor:
     """ExpoSB attention (module docstring), differentiable in q, k, v and all seven parameters.
 
-    q [B, T, Hq, D], k/v [B, S, Hkv, D] (S >= T, any strides), fp16/bf16/fp32; D a power of two >= 16.
+    q [B, T, Hq, D], k/v [B, S, Hkv, D] (S >= T, any strides), fp16/bf16/fp32; D a power of two in [32, 256].
     lam (> 0), alpha, beta, gamma, mu, sigma (> 0), delta (>= 0): the constrained values,
     float32 [Hq], one per query head (the layer maps its raw parameters to them).
     causal: query m sees keys n <= m; seq_lens [B]: keys n >= seq_lens[b] are padding

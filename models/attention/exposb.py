@@ -118,7 +118,7 @@ def flex_exposb(q, k, v, *, lam, alpha, beta, gamma, mu, sigma, delta, causal=Fa
 
 def _triton_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
     d = cfg.head_dim
-    return None if d >= 16 and d & (d - 1) == 0 else f"the exposb kernel needs head_dim a power of two >= 16, not {d}"
+    return None if 32 <= d <= 256 and d & (d - 1) == 0 else f"the exposb kernel needs head_dim a power of two in [32, 256], not {d}"
 
 
 IMPLS = {

@@ -86,11 +86,11 @@ def test_triton_layer_matches_torch_layer():
     gradients, through the softplus, equal the torch layer's in fp32."""
     torch.manual_seed(1)
     options = {"gamma": 0.5, "alpha": 0.4, "delta": 0.05}
-    cfg = LayerConfig(dim=64, heads=4, kv_heads=2, causal=False, options=options)
+    cfg = LayerConfig(dim=128, heads=4, kv_heads=2, causal=False, options=options)  # head_dim 32
     layers = {impl: registry.build_layer("exposb", dataclasses.replace(cfg, impl=impl)) for impl in ("torch", "triton")}
     layers["triton"].load_state_dict(layers["torch"].state_dict())
-    x = torch.randn(2, 24, 64)
-    upstream = torch.randn(2, 24, 64)
+    x = torch.randn(2, 24, 128)
+    upstream = torch.randn(2, 24, 128)
     seq_lens = torch.tensor([24, 17])
     outputs = {}
     for impl, layer in layers.items():

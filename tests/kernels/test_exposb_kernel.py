@@ -66,7 +66,7 @@ def assert_matches_reference(dtype, b, t, s, hq, hkv, d, causal, seq_lens, stron
 @pytest.mark.parametrize("seq_lens", [None, [37, 21]], ids=["full", "padded"])
 def test_fp32_gqa_matches_reference(causal, seq_lens):
     torch.manual_seed(0)
-    assert_matches_reference(torch.float32, b=2, t=37, s=37, hq=4, hkv=2, d=16, causal=causal, seq_lens=seq_lens)
+    assert_matches_reference(torch.float32, b=2, t=37, s=37, hq=4, hkv=2, d=32, causal=causal, seq_lens=seq_lens)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -78,7 +78,7 @@ def test_fp32_strong_decay_head_dim_32(causal):
 def test_fp32_fewer_queries_than_keys():
     """Queries are the last T of S positions (bottom-right aligned, as with a KV cache)."""
     torch.manual_seed(2)
-    assert_matches_reference(torch.float32, b=2, t=19, s=45, hq=2, hkv=1, d=16, causal=True, seq_lens=[45, 30])
+    assert_matches_reference(torch.float32, b=2, t=19, s=45, hq=2, hkv=1, d=32, causal=True, seq_lens=[45, 30])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -91,7 +91,7 @@ def test_fp16_within_twice_torch_error(causal):
 
 def test_query_that_sees_no_key_gets_zeros_and_finite_grads():
     torch.manual_seed(4)
-    b, t, h, d = 2, 20, 2, 16
+    b, t, h, d = 2, 20, 2, 32
     q, k, v = (torch.randn(b, t, h, d, device=DEVICE, requires_grad=True) for _ in range(3))
     params = {name: value.to(DEVICE).requires_grad_() for name, value in random_params(h, d).items()}
     out = exposb_attention_triton(q, k, v, **params, causal=True, seq_lens=torch.tensor([0, 7], device=DEVICE))
@@ -126,7 +126,7 @@ def identity_params(heads: int, head_dim: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_identity_parameters_give_rope(causal):
     torch.manual_seed(6)
-    b, t, hq, hkv, d = 2, 29, 4, 2, 16
+    b, t, hq, hkv, d = 2, 29, 4, 2, 32
     q = torch.randn(b, t, hq, d, device=DEVICE)
     k, v = (torch.randn(b, t, hkv, d, device=DEVICE) for _ in range(2))
     seq_lens = torch.tensor([29, 11], device=DEVICE)
