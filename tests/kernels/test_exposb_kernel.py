@@ -81,6 +81,12 @@ def test_fp32_fewer_queries_than_keys():
     assert_matches_reference(torch.float32, b=2, t=19, s=45, hq=2, hkv=1, d=32, causal=True, seq_lens=[45, 30])
 
 
+@pytest.mark.parametrize("t,s", [(1, 1), (1, 23)], ids=["T=S=1", "T=1,S=23"])
+def test_fp32_single_query(t, s):
+    torch.manual_seed(10)
+    assert_matches_reference(torch.float32, b=2, t=t, s=s, hq=2, hkv=1, d=32, causal=True, seq_lens=[s, (s + 1) // 2])
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_fp16_within_twice_torch_error(causal):
     """bf16 runs on CUDA only (test_cuda_real_sizes): the Triton 3.9 interpreter's tl.dot returns
