@@ -12,8 +12,8 @@ import triton.language as tl
 
 from attnbench.kernels.flash_tiles import (
     FlashProblem,
-    autotune_configs,
     empty,
+    flash_autotune,
     key_blocks,
     load_qk,
     load_rows,
@@ -23,6 +23,7 @@ from attnbench.kernels.flash_tiles import (
     score_tile,
     store_qk_grad,
     store_rows,
+    tile_config,
 )
 
 
@@ -73,22 +74,15 @@ def _dkdv_query_loop(
     return dk_a, dk_b, dv
 
 
-_DKDV_CONFIGS = autotune_configs(
-    [  # k, v, dk, dv all live in registers: at D=128 only 8 warps keep spills small (ptxas, sm_90a)
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [
-            (32, 128, 4, 3),
-            (32, 128, 8, 3),
-            (64, 64, 8, 3),
-            (32, 64, 4, 3),
-            (64, 128, 8, 2),
-        ]
-    ],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+@flash_autotune(
+    {
+        64: [tile_config(32, 128, 8, 3), tile_config(64, 128, 8, 2)],
+        128: [tile_config(32, 128, 8, 2), tile_config(16, 128, 8, 2)],
+        256: [tile_config(32, 64, 8, 2)],
+    },
+    fp32=tile_config(32, 32, 4, 1),
+    interpret=tile_config(16, 32, 4, 1),
 )
-
-
-@triton.autotune(_DKDV_CONFIGS, key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI"])
 @triton.jit
 def flash_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
@@ -175,21 +169,15 @@ def _dq_key_loop(
     return dq_a, dq_b
 
 
-_DQ_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [
-            (128, 32, 4, 3),
-            (128, 64, 8, 3),
-            (64, 64, 4, 3),
-            (128, 64, 4, 2),
-        ]
-    ],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+@flash_autotune(
+    {
+        64: [tile_config(128, 64, 8, 3), tile_config(128, 64, 4, 3)],
+        128: [tile_config(128, 64, 8, 3), tile_config(128, 64, 8, 2)],
+        256: [tile_config(128, 32, 8, 2)],
+    },
+    fp32=tile_config(32, 32, 4, 1),
+    interpret=tile_config(32, 16, 4, 1),
 )
-
-
-@triton.autotune(_DQ_CONFIGS, key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI"])
 @triton.jit
 def flash_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,

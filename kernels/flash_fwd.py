@@ -12,8 +12,8 @@ import triton.language as tl
 
 from attnbench.kernels.flash_tiles import (
     FlashProblem,
-    autotune_configs,
     empty,
+    flash_autotune,
     key_blocks,
     load_qk,
     load_rows,
@@ -21,6 +21,7 @@ from attnbench.kernels.flash_tiles import (
     qk_dot,
     score_tile,
     store_rows,
+    tile_config,
 )
 
 
@@ -51,23 +52,15 @@ def _fwd_key_loop(
     return acc, l_i, m_i
 
 
-_FWD_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (128, 128, 8, 3),
-            (128, 64, 4, 4),
-            (64, 64, 4, 3),
-        ]
-    ],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+@flash_autotune(
+    {
+        64: [tile_config(128, 64, 4, 3), tile_config(128, 128, 8, 3)],
+        128: [tile_config(128, 128, 8, 2), tile_config(128, 64, 8, 3)],
+        256: [tile_config(128, 64, 8, 2)],
+    },
+    fp32=tile_config(32, 32, 4, 1),
+    interpret=tile_config(32, 16, 4, 1),
 )
-
-
-@triton.autotune(_FWD_CONFIGS, key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI"])
 @triton.jit
 def flash_fwd_kernel(
     Q, K, V, O, LSE, SEQ_LENS, SLOPES, COS, SIN,

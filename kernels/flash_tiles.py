@@ -78,9 +78,34 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def autotune_configs(candidates: list[triton.Config], interpret_config: triton.Config) -> list[triton.Config]:
-    """The autotune candidates, or one small config under TRITON_INTERPRET (tuning is pointless there)."""
-    return [interpret_config] if INTERPRET else candidates
+# Autotuning compiles every candidate for every new constexpr combination (causal, rope, alibi,
+# D, ...), seconds each, so each kernel gets a short hand-chosen list per head-dim bound, and
+# only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
+# `attnbench check`) take the first candidate and compile one config per kernel.
+TUNE_FROM_SEQ = 4096
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION"]
+
+
+def tile_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Config, interpret: triton.Config):
+    """triton.autotune for a flash kernel. by_head_dim maps a D_PAD bound (64, 128, 256) to its
+    candidates, best guess first; fp32 inputs (FMA dots, twice the bytes per tile) get one small
+    tile; TRITON_INTERPRET gets one tiny tile (tuning is pointless there)."""
+    if INTERPRET:
+        return triton.autotune([interpret], key=_TUNING_KEY)
+
+    def candidates(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # constexprs arrive as kwargs, sizes as named args
+        if args["PRECISION"] == "ieee":
+            return [fp32]
+        picks = by_head_dim[min(bound for bound in by_head_dim if bound >= args["D_PAD"])]
+        return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
+
+    every = [fp32] + [config for picks in by_head_dim.values() for config in picks]
+    return triton.autotune(every, key=_TUNING_KEY, prune_configs_by={"early_config_prune": candidates})
 
 
 @triton.jit
