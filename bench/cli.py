@@ -70,7 +70,7 @@ app = typer.Typer(
 )
 
 SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
-                 "dtype", "causal", "bidirectional", "window", "device")
+                 "dtype", "causal", "bidirectional", "window", "device", "preset")
 
 
 @app.command(cls=ListOptionsCommand)
@@ -78,7 +78,7 @@ def speed(
     ctx: typer.Context,
     attn: Annotated[list[str], typer.Option(help="Mechanisms, or 'all'.")] = ["standard"],
     impl: Annotated[list[str], typer.Option(help="Impls, or 'all' (each mechanism runs those it has).")] = ["all"],
-    level: Annotated[list[str], typer.Option(help="kernel (core on q, k, v) and/or layer (with projections).")] = ["kernel"],
+    level: Annotated[list[str], typer.Option(help="kernel (core on q, k, v), layer (with projections), model (a training step of --preset).")] = ["kernel"],
     mode: Annotated[list[str], typer.Option(help="fwd, bwd (backward alone), fwdbwd.")] = ["fwd", "bwd"],
     seq: Annotated[list[int], typer.Option(help="Sequence lengths T.")] = [512, 1024, 2048, 4096, 8192, 16384],
     batch: Annotated[Optional[list[int]], typer.Option(help="Batch sizes B (instead of --tokens).")] = None,
@@ -90,6 +90,7 @@ def speed(
     causal: Annotated[bool, typer.Option("--causal", help="Causal cases (the default when neither is given).")] = False,
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="Bidirectional cases (both flags: both).")] = False,
     window: Annotated[Optional[int], typer.Option(help="Sliding window w (keys each side; left only when causal).")] = None,
+    preset: Annotated[str, typer.Option(help="Model preset of --level model (tiny, small, base); GPT-style when causal, BERT-style otherwise.")] = "small",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-speed).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest): recorded cases are skipped.")] = False,
@@ -122,6 +123,7 @@ def speed(
         head_dim=head_dim,
         causal=[c for c, given in ((True, causal), (False, bidirectional)) if given] or [True],
         window=window,
+        preset=preset,
     )
     spec_given = any(ctx.get_parameter_source(name).name == "COMMANDLINE" for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress)
@@ -186,11 +188,25 @@ def env(
 
 
 @app.command("list")
-def list_mechanisms() -> None:
+def list_mechanisms(
+    params: Annotated[bool, typer.Option("--params", help="Parameter counts per model preset and mechanism, per component.")] = False,
+    task: Annotated[str, typer.Option(help="With --params: mlm (BERT-style) or clm (GPT-style).")] = "mlm",
+) -> None:
     """Mechanisms x impls, with what is available on this machine and why not."""
     from attnbench import console
     from attnbench.catalog import availability, describe
 
+    if params:
+        import pandas as pd
+
+        from attnbench.train import param_table
+
+        rows = pd.DataFrame(param_table(task=task))
+        counts = [c for c in rows.columns if c not in ("preset", "mechanism", "task", "message")]
+        rows[counts] = rows[counts].map(lambda n: "" if pd.isna(n) else f"{n / 1e6:.3f}M")
+        console.out.print(console.frame_table(rows, f"parameters per component ({task}; tied weights counted once)",
+                                              keep=("preset", "mechanism", "total", "message")))
+        return
     entries = describe()
     console.out.print(console.mechanisms_table(entries))
     for reason, impls in availability(entries).items():

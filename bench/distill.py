@@ -37,7 +37,7 @@ from attnbench.data import IGNORE
 from attnbench.errors import InputError
 from attnbench.models import registry
 
-DISTILL_CSV = "distill.csv"
+DISTILL_CSV = store.DISTILL_CSV
 SUMMARY_CSV = "summary.csv"
 GENERATIONS = "generations"
 DISTILL_COLUMNS = [

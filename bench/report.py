@@ -7,7 +7,7 @@ baseline impl, and the fitted complexity exponent: the slope of log(time per seq
 against log T over the largest points, with its R^2.
 
 report.md and report.html are rendered from one list of sections, so they say the same.
-Runs holding train.csv are drawn by attnbench.train_report when that module exists.
+Runs holding train.csv or distill.csv are drawn by attnbench.train_report / distill_report.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def resolve_runs(runs: list[Path]) -> list[Path]:
     for run in runs:
         if not run.is_dir():
             raise InputError(f"no run folder {run}")
-        if not any((run / name).exists() for name in (store.SPEED_CSV, store.TRAIN_CSV)):
-            raise InputError(f"{run} holds no {store.SPEED_CSV} or {store.TRAIN_CSV}")
+        if not any((run / name).exists() for name in store.RUN_CSVS):
+            raise InputError(f"{run} holds none of {', '.join(store.RUN_CSVS)}")
     return runs
 
 
@@ -289,7 +289,7 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
 
 
 def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure], fits: pd.DataFrame,
-              baseline: str | None, train_pngs: list[Path]) -> list[tuple[str, Any]]:
+              baseline: str | None, other_pngs: dict[str, list[Path]]) -> list[tuple[str, Any]]:
     sections: list[tuple[str, Any]] = [("h1", "attnbench report"), ("h2", "Runs")]
     sections.append(("table", pd.DataFrame([_run_summary(run) for run in run_dirs])))
     if df is not None:
@@ -307,9 +307,9 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
         if not fits.empty:
             sections += [("h2", "Complexity exponents"), ("p", f"Slope of log(ms per sequence) vs log T over the {FIT_POINTS} largest T."),
                          ("table", fits.round({"exponent": 2, "r2": 3}))]
-    if train_pngs:
-        sections.append(("h2", "Training"))
-        sections += [("figure", Figure(png, png.stem)) for png in train_pngs]
+    for title, pngs in other_pngs.items():
+        sections.append(("h2", title))
+        sections += [("figure", Figure(png, png.stem)) for png in pngs]
     return sections
 
 
@@ -373,12 +373,22 @@ def _html(sections) -> str:
 # ---- the command
 
 
-def _train_pngs(train_runs: list[Path], out_dir: Path) -> list[Path]:
-    try:
-        train_report = importlib.import_module("attnbench.train_report")
-    except ModuleNotFoundError:
-        raise InputError(f"{', '.join(map(str, train_runs))}: train.csv needs attnbench.train_report, not in this version") from None
-    return train_report.render_train_report(train_runs, out_dir)
+# Runs that are not speed sweeps: their CSV -> (section title, the module that draws them).
+OTHER_RUNS = {
+    store.TRAIN_CSV: ("Training", "attnbench.train_report", "render_train_report"),
+    store.DISTILL_CSV: ("Distillation", "attnbench.distill_report", "render_distill_report"),
+}
+
+
+def _other_pngs(run_dirs: list[Path], out_dir: Path) -> dict[str, list[Path]]:
+    """Figures of the training and distillation runs among ``run_dirs``, by section title."""
+    drawn = {}
+    for csv_name, (title, module, function) in OTHER_RUNS.items():
+        runs = [r for r in run_dirs if (r / csv_name).exists()]
+        if runs:
+            render = getattr(importlib.import_module(module), function)
+            drawn[title] = [path for path in render(runs, out_dir) if path.suffix == ".png"]
+    return drawn
 
 
 def render_report(runs: list[Path], out: Path | None, baseline: str | None) -> list[Path]:
@@ -389,7 +399,6 @@ def render_report(runs: list[Path], out: Path | None, baseline: str | None) -> l
     for run in run_dirs:
         store.read_meta(run)  # a folder without readable meta.json is no run
     speed_runs = [r for r in run_dirs if (r / store.SPEED_CSV).exists()]
-    train_runs = [r for r in run_dirs if r not in speed_runs]
     out_dir = out or (run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent / f"report-{datetime.now():%Y%m%d-%H%M%S}")
     store.ensure_writable(out_dir)
     df = load_speed(speed_runs) if speed_runs else None
@@ -404,11 +413,11 @@ def render_report(runs: list[Path], out: Path | None, baseline: str | None) -> l
             raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
         fits = exponents(df)
         figs = figures(df, fits, baseline, out_dir / "plots")
-    train_pngs = _train_pngs(train_runs, out_dir / "plots") if train_runs else []
-    sections = _sections(run_dirs, df, figs, fits, baseline, train_pngs)
+    other_pngs = _other_pngs(run_dirs, out_dir / "plots")
+    sections = _sections(run_dirs, df, figs, fits, baseline, other_pngs)
     (out_dir / "report.md").write_text(_markdown(sections, out_dir))
     (out_dir / "report.html").write_text(_html(sections))
-    written = [f.path for f in figs] + train_pngs + [out_dir / "report.md", out_dir / "report.html"]
+    written = [f.path for f in figs] + [png for pngs in other_pngs.values() for png in pngs] + [out_dir / "report.md", out_dir / "report.html"]
     if df is not None:
         console.out.print(console.frame_table(fastest(df), "fastest impl at the largest T",
                                               keep=("mechanism", "mode", "T", "fastest", "ms", "TFLOP/s", "next")))

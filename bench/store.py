@@ -19,16 +19,18 @@ from typing import Any, Iterable
 
 from attnbench.errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the preset column (model level)
 DEFAULT_ROOT = Path("results")
 SPEED_CSV = "speed.csv"
 TRAIN_CSV = "train.csv"
+DISTILL_CSV = "distill.csv"
+RUN_CSVS = (SPEED_CSV, TRAIN_CSV, DISTILL_CSV)  # a run folder holds one of these
 META_JSON = "meta.json"
 
 # What identifies a case; resume and compare match rows on these.
 CASE_COLUMNS = [
     "mechanism", "impl", "level", "mode", "dtype", "device",
-    "batch", "seq", "heads", "kv_heads", "head_dim", "causal", "window",
+    "batch", "seq", "heads", "kv_heads", "head_dim", "causal", "window", "preset",
 ]
 RESULT_COLUMNS = [
     "status", "message", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
@@ -58,7 +60,7 @@ def ensure_writable(run_dir: Path) -> None:
         raise InputError(f"cannot write to {run_dir}: {err.strerror or err}") from None
 
 
-def latest_run(root: Path = DEFAULT_ROOT, needs: tuple[str, ...] = (SPEED_CSV, TRAIN_CSV)) -> Path:
+def latest_run(root: Path = DEFAULT_ROOT, needs: tuple[str, ...] = RUN_CSVS) -> Path:
     """The most recently started run under ``root`` holding meta.json and one of ``needs``."""
     runs = []
     for meta_path in root.glob(f"*/{META_JSON}"):

@@ -5,8 +5,8 @@ cuDNN graph building happen here, their cost lands in ``first_call_ms``, and cas
 cannot run (unsupported, error, OOM) get their row now. Phase 2 rebuilds each remaining
 case and times it. An OOM marks the larger sizes of its case ``skipped``.
 
-Levels: a level is one function ``Case -> Workload`` in ``LEVELS`` (kernel, layer; a
-``model`` level is one more entry).
+Levels: a level is one function ``Case -> Workload`` in ``LEVELS``: kernel (the core on
+q, k, v), layer (with projections), model (a full training step of a preset model).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Case:
     head_dim: int
     causal: bool
     window: int | None
+    preset: str = ""  # model level only: the models/presets.py shape (heads, head_dim follow it)
 
     def layer_config(self) -> LayerConfig:
         return LayerConfig(
@@ -85,6 +86,7 @@ class SweepSpec:
     head_dim: int = 64
     causal: list[bool] = field(default_factory=lambda: [True])
     window: int | None = None
+    preset: str = "small"  # the model level's preset
 
     def larger(self, case: Case, other: Case) -> bool:
         """Whether an OOM at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
@@ -100,12 +102,14 @@ class SweepSpec:
 @dataclass
 class Workload:
     """A case built and ready: ``forward()`` runs the op once; ``leaves`` are the tensors whose
-    grads are reset between backward repetitions; ``module``: the layer (its Linears are counted)."""
+    grads are reset between backward repetitions; ``flops`` of one timed call in the case's mode;
+    ``step``: when set, what fwdbwd times instead of forward + backward (a whole training step)."""
 
     forward: Callable[[], torch.Tensor]
     leaves: list[torch.Tensor]
     params: int
-    module: torch.nn.Module
+    flops: float
+    step: Callable[[], object] | None = None
 
 
 # ---- validation and expansion
@@ -181,6 +185,7 @@ def expand(spec: SweepSpec) -> list[Case]:
         # a mechanism whose window has a default (window) records the window it really uses
         window = spec.window if spec.window is not None else mechanism.params.get("window", (None,))[0]
         for level in spec.levels:
+            heads, kv_heads, head_dim, preset = _shape(spec, level)
             for causal in spec.causal:
                 for dtype in spec.dtypes:
                     for mode in spec.modes:
@@ -189,9 +194,19 @@ def expand(spec: SweepSpec) -> list[Case]:
                                 for batch in sorted(spec.batches_for(seq)):
                                     cases.append(Case(
                                         name, impl, level, mode, dtype, spec.device, batch, seq,
-                                        spec.heads, spec.kv_heads or spec.heads, spec.head_dim, causal, window,
+                                        heads, kv_heads, head_dim, causal, window, preset,
                                     ))
     return cases
+
+
+def _shape(spec: SweepSpec, level: str) -> tuple[int, int, int, str]:
+    """(heads, kv_heads, head_dim, preset) of a level's cases: the model level's come from its preset."""
+    if level != "model":
+        return spec.heads, spec.kv_heads or spec.heads, spec.head_dim, ""
+    from attnbench.models.presets import Preset
+
+    preset = Preset.from_name(spec.preset)
+    return preset.heads, preset.heads, preset.dim // preset.heads, preset.name
 
 
 def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
@@ -200,6 +215,8 @@ def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
     impl = mechanism.impl(case.impl)
     if case.level == "kernel" and (not mechanism.has_core or impl.run is None):
         return f"{case.mechanism}/{case.impl} has no kernel-level core (layer level only)"
+    if case.level == "model" and case.mode == "bwd":
+        return "the model level times fwd (forward and loss) or fwdbwd (a whole training step)"
     return mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
 
 
@@ -224,21 +241,57 @@ def kernel_workload(case: Case) -> Workload:
     k = _randn((b, t, case.kv_heads, case.head_dim), case, grad)
     v = _randn((b, t, case.kv_heads, case.head_dim), case, grad)
     leaves = [q, k, v, *layer.parameters()]
-    return Workload(lambda: layer.attend(q, k, v), leaves, _param_count(layer), layer)
+    return Workload(lambda: layer.attend(q, k, v), leaves, _param_count(layer), _core_flops(case))
 
 
 def layer_workload(case: Case) -> Workload:
     """layer(x): x [B, T, C], C = heads * head_dim; projections and parameters included."""
     layer = _build_layer(case)
     x = _randn((case.batch, case.seq, case.heads * case.head_dim), case, case.mode != "fwd")
-    return Workload(lambda: layer(x), [x, *layer.parameters()], _param_count(layer), layer)
+    forward = lambda: layer(x)  # noqa: E731
+    flops = _core_flops(case) + flop_model.linear_flops(layer, forward, case.mode)
+    return Workload(forward, [x, *layer.parameters()], _param_count(layer), flops)
+
+
+def model_workload(case: Case) -> Workload:
+    """A full training step of the ``case.preset`` model (GPT-style when causal, BERT-style MLM
+    when bidirectional) on random tokens [B, T]: forward, loss, backward, AdamW step, under bf16
+    or fp16 autocast for those dtypes (parameters stay fp32, as in `attnbench train`).
+    fwd times the forward and loss alone, without autograd; FLOPs per token come from
+    attnbench.train.train_flops_per_token, so % of peak is the MFU."""
+    from attnbench.models.transformer import build_model, training_step
+    from attnbench.train import train_flops_per_token
+
+    model = build_model(case.preset, case.mechanism, case.impl, "clm" if case.causal else "mlm", case.seq)
+    model = model.to(case.device)
+    ids = torch.randint(0, model.cfg.vocab_size, (case.batch, case.seq), device=case.device)
+    batch = {"input_ids": ids, "labels": ids}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = DTYPES[case.dtype]
+    autocast = lambda: torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+
+    def forward():
+        with autocast():
+            return model(ids, labels=ids).loss_sum
+
+    def step():
+        with autocast():
+            return training_step(model, optimizer, batch)
+
+    flops = train_flops_per_token(model, case.seq, case.mode) * case.batch * case.seq
+    return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step)
+
+
+def _core_flops(case: Case) -> float:
+    mechanism = registry.get(case.mechanism)
+    return flop_model.core_flops(mechanism, case.layer_config(), case.batch, case.seq, case.mode)
 
 
 def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-LEVELS: dict[str, Callable[[Case], Workload]] = {"kernel": kernel_workload, "layer": layer_workload}
+LEVELS: dict[str, Callable[[Case], Workload]] = {"kernel": kernel_workload, "layer": layer_workload, "model": model_workload}
 
 
 # ---- modes: Workload -> the timed callable
@@ -246,7 +299,10 @@ LEVELS: dict[str, Callable[[Case], Workload]] = {"kernel": kernel_workload, "lay
 
 def timed_call(work: Workload, mode: str) -> Callable[[], object]:
     """fwd: forward without autograd; bwd: backward of one forward done here, graph retained;
-    fwdbwd: forward then backward. The upstream gradient is random, made once."""
+    fwdbwd: forward then backward, or the workload's whole step where it has one.
+    The upstream gradient is random, made once."""
+    if mode == "fwdbwd" and work.step is not None:
+        return work.step
     if mode == "fwd":
 
         def fwd():
@@ -347,15 +403,11 @@ class Sweep:
 
     def _time(self, case: Case) -> dict[str, Any]:
         device = torch.device(case.device)
-        mechanism = registry.get(case.mechanism)
         work = LEVELS[case.level](case)
         call = timed_call(work, case.mode)
         peak_mib = _peak_memory_mib(call, device)
         measured = timing.measure(call, device, grad_to_none=[t for t in work.leaves if t.requires_grad])
-        flops = flop_model.core_flops(mechanism, case.layer_config(), case.batch, case.seq, case.mode)
-        if case.level != "kernel":
-            flops += flop_model.linear_flops(work.module, work.forward, case.mode)
-        tflops = flop_model.tflops_per_s(flops, measured.median_ms)
+        tflops = flop_model.tflops_per_s(work.flops, measured.median_ms)
         peak = self.peaks.get(case.dtype)
         return {
             "status": "ok",
@@ -364,7 +416,7 @@ class Sweep:
             "ms_p20": measured.p20_ms,
             "ms_p80": measured.p80_ms,
             "tokens_per_s": case.batch * case.seq / (measured.median_ms * 1e-3),
-            "flops": flops,
+            "flops": work.flops,
             "tflops": tflops,
             "pct_peak": 100.0 * tflops / peak if peak else None,
             "peak_mem_mib": peak_mib,
@@ -399,5 +451,5 @@ def ooms_in(rows: Iterable[dict[str, str]]) -> Iterator[Case]:
         yield Case(
             row["mechanism"], row["impl"], row["level"], row["mode"], row["dtype"], row["device"],
             int(row["batch"]), int(row["seq"]), int(row["heads"]), int(row["kv_heads"]), int(row["head_dim"]),
-            row["causal"] == "True", int(row["window"]) if row["window"] else None,
+            row["causal"] == "True", int(row["window"]) if row["window"] else None, row.get("preset") or "",
         )

@@ -156,17 +156,18 @@ def choose_impl(mechanism: str, requested: str, cfg: ModelConfig, device: torch.
     raise InputError(f"{mechanism}: no impl can run on {device}")
 
 
-def train_flops_per_token(model: LanguageModel, seq: int) -> float:
-    """Training FLOPs per token (forward + backward), for MFU: 6 per matmul weight (every
-    Linear and the output projection; embedding lookups are free) + the attention core's
-    forward FLOPs at ``seq`` times the fwd+bwd factor (attnbench.flops)."""
+def train_flops_per_token(model: LanguageModel, seq: int, mode: str = "fwdbwd") -> float:
+    """Training FLOPs per token (``mode`` fwdbwd; fwd: the forward alone), for MFU: 2 per
+    multiply-add of every matmul weight (every Linear and the tied output projection; embedding
+    lookups are free) times the linear mode factor, plus the attention core's forward FLOPs at
+    ``seq`` times the core mode factor (attnbench.flops)."""
     cfg = model.cfg
     linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     matmul_weights = linear_weights + cfg.vocab_size * cfg.dim  # the tied output projection
-    per_token = 2 * LINEAR_MODE_FACTOR["fwdbwd"] * matmul_weights  # 2 FLOPs per multiply-add
+    per_token = 2 * LINEAR_MODE_FACTOR[mode] * matmul_weights  # 2 FLOPs per multiply-add
     mechanism = registry.get(cfg.mechanism)
     core = mechanism.flops(cfg.layer_config(), 1, seq) / seq
-    return per_token + cfg.layers * CORE_MODE_FACTOR["fwdbwd"] * core
+    return per_token + cfg.layers * CORE_MODE_FACTOR[mode] * core
 
 
 def param_table(presets: list[str] | None = None, mechanisms: list[str] | None = None, task: str = "mlm") -> list[dict[str, Any]]:

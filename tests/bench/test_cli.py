@@ -86,6 +86,14 @@ def test_list_shows_mechanisms_and_why_impls_are_unavailable():
         assert "needs a CUDA device" in result.output
 
 
+def test_list_params_counts_every_preset_and_says_why_a_model_cannot_build():
+    result = invoke("list", "--params", "--task", "mlm")
+    assert result.exit_code == 0, result.output
+    for preset in ("tiny", "small", "base"):
+        assert preset in result.output
+    assert "causal only" in result.output  # e.g. deltanet has no BERT-style (bidirectional) model
+
+
 def test_env_reports_versions_as_json():
     result = invoke("env", "--json")
     assert result.exit_code == 0, result.output
@@ -121,7 +129,7 @@ BAD_INPUTS = {
     "heads vs kv-heads": (["speed", "--heads", "4", "--kv-heads", "3"], r"--heads \(4\) must be a multiple"),
     "unknown dtype": (["speed", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     "batch and tokens": (["speed", "--batch", "2", "--tokens", "64"], "not both"),
-    "unknown level": (["speed", "--level", "model"], "unknown level"),
+    "unknown level": (["speed", "--level", "network"], "unknown level"),
     "unwritable out": (["speed", "--out", unwritable, "--seq", "8", "--impl", "torch"], "cannot write"),
     "report on missing folder": (["report", "does-not-exist"], "no run folder"),
     "report on corrupt folder": (["report", corrupt_run], "corrupt"),

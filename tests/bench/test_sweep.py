@@ -174,3 +174,24 @@ def test_cuda_rows_carry_peak_memory_and_percent_of_peak():
         assert r["status"] == "ok", r["message"]
         assert r["peak_mem_mib"] > 0
         assert math.isclose(r["pct_peak"], r["tflops"])  # peak 100 TFLOP/s: percent == TFLOP/s
+
+
+def test_model_level_times_a_training_step_of_the_preset(monkeypatch):
+    steps = []
+    from attnbench.models import transformer
+
+    step = transformer.training_step
+    monkeypatch.setattr(transformer, "training_step", lambda *a: steps.append(1) or step(*a))
+    spec = tiny_spec(levels=["model"], modes=["fwd", "bwd", "fwdbwd"], seqs=[16], preset="tiny")
+    rows, _ = run(spec)
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["bwd"]["status"] == "unsupported"
+    fwd, fwdbwd = by_mode["fwd"], by_mode["fwdbwd"]
+    assert fwd["status"] == fwdbwd["status"] == "ok", (fwd["message"], fwdbwd["message"])
+    assert steps, "fwdbwd did not run the optimizer step"
+    from attnbench.models.presets import Preset
+
+    tiny = Preset.from_name("tiny")
+    assert (fwd["preset"], fwd["heads"], fwd["head_dim"]) == ("tiny", tiny.heads, tiny.dim // tiny.heads)
+    assert 3 * fwd["flops"] < fwdbwd["flops"] < 3.5 * fwd["flops"]  # matmuls 3x, attention core 3.5x the forward
+    assert fwd["params"] > 100_000  # the whole model, embeddings included
