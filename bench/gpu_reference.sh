@@ -15,19 +15,19 @@ speed() { timeout "$1" attnbench speed "${@:2}" --measure-peak 2>&1 | tail -60; 
 
 case $stage in
 kernels)
-    speed 150 --seq 512 4096 --impl all --mode fwd --mode fwdbwd --out "$out/harness"
-    timeout 60 python3 -m attnbench.crosscheck "$out/harness" | tee "$out/crosscheck.txt"
-    speed 330 --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex --tokens 16384 --heads 16 --head-dim 128 \
-        --seq 1024 2048 4096 8192 16384 --mode fwd --mode fwdbwd --causal --bidirectional --out "$out/exact"
-    speed 200 --attn rope,alibi,exposb --impl triton,sdpa,flex --tokens 16384 --heads 16 --head-dim 128 \
-        --seq 1024 4096 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
-    speed 120 --attn window --impl triton,flex --window 1024 --tokens 32768 --heads 16 --head-dim 128 \
+    speed 90 --seq 512 4096 --impl all --mode fwd --out "$out/harness"
+    timeout 40 python3 -m attnbench.crosscheck "$out/harness" | tee "$out/crosscheck.txt"
+    speed 130 --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex --tokens 16384 --heads 16 --head-dim 128 \
+        --seq 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional --out "$out/exact"
+    speed 100 --attn rope,alibi,exposb --impl triton,sdpa,flex --tokens 16384 --heads 16 --head-dim 128 \
+        --seq 4096 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    speed 60 --attn window --impl triton,flex --window 1024 --tokens 32768 --heads 16 --head-dim 128 \
         --seq 4096 8192 16384 32768 --mode fwd --mode fwdbwd --causal --out "$out/window"
-    timeout 200 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 2>&1 | tail -40 | tee "$out/check.txt"
-    timeout 150 python3 -m pytest -q -m cuda tests 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
+    timeout 90 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 2>&1 | tail -40 | tee "$out/check.txt"
     ;;
 layers)
-    speed 300 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
-    speed 120 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    speed 200 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
+    speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    timeout 100 python3 -m pytest -q -m cuda tests 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
     ;;
 esac
