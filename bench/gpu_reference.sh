@@ -4,7 +4,9 @@
 #   kernels: issue-2 harness cross-check, the exact-family grid, exposb, `attnbench check`, CUDA tests
 #   layers:  every mechanism at layer level to T = 64k, model-level speed, a short training comparison
 set -uo pipefail
-stage=$1 out=$2
+stage=$1 dest=$2
+out=$(mktemp -d)
+trap 'tar czf "$dest/$stage.tgz" -C "$out" .' EXIT
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 || { tail "$out/pip.log"; exit 1; }
 if ls .whl/*.whl > /dev/null 2>&1; then  # optional peers (fla-core) carried as wheels
