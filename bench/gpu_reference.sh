@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The reference GPU runs committed under results/ (see results/README.md), one stage per
-# device call. Usage: bash bench/gpu_reference.sh STAGE OUT_DIR
-#   kernels: issue-2 harness cross-check, the exact-family grid, exposb, `attnbench check`, CUDA tests
-#   layers:  every mechanism at layer level to T = 64k, model-level speed, a short training comparison
+# device call. Usage: bash bench/gpu_reference.sh STAGE OUT_DIR  (all output: OUT_DIR/STAGE.tgz)
+#   kernels: issue-2 harness cross-check, the exact-family grid, exposb, window scaling, `attnbench check`
+#   layers:  every mechanism at layer level to T = 64k, model-level speed, the CUDA-marked tests
 set -uo pipefail
 stage=$1 dest=$2
 out=$(mktemp -d)
