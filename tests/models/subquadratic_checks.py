@@ -35,7 +35,9 @@ def assert_matches_reference(efficient, reference, inputs, low=torch.float32, **
     exact = _outputs_and_grads(reference, exact_inputs, upstream, **kwargs)
     got = _outputs_and_grads(efficient, low_inputs, upstream, **kwargs)
     ref_low = got if low == torch.float32 else _outputs_and_grads(reference, low_inputs, upstream, **kwargs)
-    for label, e, r, g in zip(["output", "dq", "dk", "dv"], exact, ref_low, got):
+    labels = ["output", "dq", "dk", "dv"] + [f"d(input {i})" for i in range(3, len(inputs))]
+    assert len(exact) == len(got) == len(ref_low) == len(labels), "an output or gradient went missing"
+    for label, e, r, g in zip(labels, exact, ref_low, got):
         assert g.shape == e.shape, f"{label}: shape {tuple(g.shape)} != {tuple(e.shape)}"
         err = (g - e).abs().max().item()
         scale = e.abs().max().item()
