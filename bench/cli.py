@@ -231,7 +231,7 @@ def check(
 def distill(
     teacher: Annotated[str, typer.Option(help="A run folder of `attnbench train`, or a transformers model path / HF cache name (never downloaded).")],
     student: Annotated[list[str], typer.Option(help="Mechanisms to swap in for the teacher's attention, one student each.")],
-    teacher_attn: Annotated[Optional[str], typer.Option(help="Which mechanism of a multi-mechanism train run is the teacher [default: its first].")] = None,
+    teacher_attn: Annotated[Optional[str], typer.Option(help="Which mechanism of a multi-mechanism train run is the teacher (default: its first).")] = None,
     steps: Annotated[int, typer.Option(help="Training steps per student.")] = 200,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warmup over 10% of the steps, at most 100).")] = 1e-3,
     temperature: Annotated[float, typer.Option(help="Softmax temperature T of the KL(P_teacher || P_student) loss (scaled by T^2).")] = 1.0,
@@ -241,11 +241,11 @@ def distill(
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation and checkpoint every N steps.")] = 50,
     eval_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.")] = 8,
     impl: Annotated[str, typer.Option(help="Impl of the students' mechanisms, or auto (triton, sdpa, chunked, torch: first that runs).")] = "auto",
-    batch: Annotated[Optional[int], typer.Option(help="Batch size [default: the teacher run's; 8 for transformers models].")] = None,
-    seq: Annotated[Optional[int], typer.Option(help="Sequence length [default: the teacher run's; 128 for transformers models].")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size (default: the teacher run's; 8 for transformers models).")] = None,
+    seq: Annotated[Optional[int], typer.Option(help="Sequence length (default: the teacher run's; 128 for transformers models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the students' new parameters and of sampled generations.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Run folder [default: results/<YYYYmmdd-HHMMSS>-distill].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-distill).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest) from each student's last checkpoint.")] = False,
 ) -> None:
     """Swap a trained model's attention for cheaper mechanisms and distil them: KL(P_teacher || P_student)."""
@@ -268,10 +268,10 @@ def train(
     task: Annotated[str, typer.Option(help="mlm (BERT-style encoder) or clm (GPT-style decoder).")] = "mlm",
     preset: Annotated[str, typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base).")] = "small",
     steps: Annotated[int, typer.Option(help="Optimizer steps per mechanism.")] = 2000,
-    seq: Annotated[Optional[int], typer.Option(help="Training length in tokens [default: the preset's].")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Sequences per step, over all GPUs [default: the preset's].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate; warmup then cosine to 10% [default: the preset's].")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Linear warmup steps [default: the preset's].")] = None,
+    seq: Annotated[Optional[int], typer.Option(help="Training length in tokens (default: the preset's).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Sequences per step, over all GPUs (default: the preset's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate; warmup then cosine to 10% (default: the preset's).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default: the preset's).")] = None,
     data: Annotated[str, typer.Option(help="stdlib (no network), wikitext-2, wikitext-103, or a text file or folder.")] = "stdlib",
     tokenizer: Annotated[str, typer.Option(help="bpe[:VOCAB] trained on the train split, bytes, or a tokenizer.json / HF folder.")] = "bpe",
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
@@ -283,7 +283,7 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Validation, attention entropy and checkpoint every N steps.")] = 100,
     eval_batches: Annotated[int, typer.Option(help="Validation batches per evaluation.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the weights, the batch order and the MLM masks.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder [default: results/<YYYYmmdd-HHMMSS>-train].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-train).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run (--out, or the latest) from its checkpoints.")] = False,
 ) -> None:
     """Train identical models that differ only in their attention; learning curves, extrapolation, report."""
