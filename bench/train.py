@@ -151,7 +151,7 @@ def choose_impl(mechanism: str, requested: str, cfg: ModelConfig, device: torch.
         return requested
     candidates = [n for n in IMPL_PREFERENCE if n in entry.impls] + [n for n in entry.impls if n not in IMPL_PREFERENCE]
     for name in candidates:
-        if entry.impls[name].run is not None and entry.impls[name].why_not(layer, device, dtype) is None:
+        if entry.impls[name].why_not(layer, device, dtype) is None:  # layer-only impls (gau) train too
             return name
     raise InputError(f"{mechanism}: no impl can run on {device}")
 

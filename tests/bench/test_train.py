@@ -166,3 +166,9 @@ def test_window_option_reaches_only_window_mechanisms():
     spec = train.TrainSpec(attn=["standard", "window"], preset="tiny", extra={"window": 16}).resolved()
     assert train.model_config(spec, "standard", 300, torch.device("cpu")).window is None
     assert train.model_config(spec, "window", 300, torch.device("cpu")).window == 16
+
+
+@pytest.mark.parametrize("mechanism, expected", [("standard", "sdpa"), ("gau", "torch"), ("linear", "torch")])
+def test_auto_impl_takes_the_first_preferred_impl_that_runs_here(mechanism, expected):
+    model = build_model("tiny", mechanism, task="clm")  # gau's impls are layer-only: they train too
+    assert train.choose_impl(mechanism, "auto", model.cfg, torch.device("cpu")) == expected
