@@ -32,10 +32,10 @@ def plain_tflops(row: pd.Series) -> float:
     from triton.testing import do_bench
 
     b, t, h, d = int(row.batch), int(row.seq), int(row.heads), int(row.head_dim)
-    q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=DTYPES[row.dtype]) for _ in range(3))
+    q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=DTYPES[row["dtype"]]) for _ in range(3))
     causal = str(row.causal) == "True"
     with sdpa_kernel(BACKENDS[row.impl]):
-        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), quantiles=[0.5])[0]
+        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), return_mode="median")
     pairs = t * (t + 1) // 2 if causal else t * t
     return 4 * b * h * d * pairs / (ms * 1e-3) / 1e12
 

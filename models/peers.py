@@ -71,6 +71,9 @@ def sdpa(
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # one compile per shape (dynamic=False, the fastest kernels); a sweep has more shapes than
+    # dynamo's default recompile limit of 8, past which flex silently runs unfused
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(flex_attention, dynamic=False)
 
 
