@@ -394,7 +394,33 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
             logs["extrapolation"].append(row)
         final = checkpoint.latest(ckpt_dir)
         checkpoint.save(ckpt_dir, model, optimizer, {**checkpoint.read_state(final), "extrapolated": True})
+    if logs:
+        write_learned_parameters(model, mechanism, run.run_dir)
     distributed.barrier()
+
+
+LEARNED_COLUMNS = ["attn", "layer", "param", "head", "value"]
+
+
+def write_learned_parameters(model: torch.nn.Module, mechanism: str, run_dir: Path) -> Path | None:
+    """learned-<mechanism>.csv: the per-head values of attention layers that expose
+    ``learned_parameters() -> {name: [H]}`` (ExpoSB's seven), as trained; None when none do."""
+    rows = [
+        {"attn": mechanism, "layer": layer, "param": name, "head": head, "value": value}
+        for layer, module in enumerate(m for m in model.modules() if hasattr(m, "learned_parameters"))
+        for name, values in module.learned_parameters().items()
+        for head, value in enumerate(values.detach().float().cpu().tolist())
+    ]
+    if not rows:
+        return None
+    path = run_dir / f"learned-{mechanism}.csv"
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, LEARNED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
 
 
 def _stop_diverged(mechanism: str, loss: float, step: int, ckpt_dir: Path, logs) -> None:

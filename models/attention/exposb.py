@@ -69,6 +69,10 @@ class ExpoSBAttention(QKVAttention):
             raw = inverse_softplus(value) if name in POSITIVE else value
             setattr(self, f"raw_{name}", nn.Parameter(torch.full((cfg.heads,), raw)))
 
+    def learned_parameters(self) -> dict[str, torch.Tensor]:
+        """The seven per-head values as trained (what `attnbench train` reports), [Hq] each."""
+        return self.core_options()
+
     def core_options(self) -> dict:
         """The constrained values, float32 [Hq] each, as the kernels take them."""
         return {

@@ -172,3 +172,14 @@ def test_window_option_reaches_only_window_mechanisms():
 def test_auto_impl_takes_the_first_preferred_impl_that_runs_here(mechanism, expected):
     model = build_model("tiny", mechanism, task="clm")  # gau's impls are layer-only: they train too
     assert train.choose_impl(mechanism, "auto", model.cfg, torch.device("cpu")) == expected
+
+
+def test_learned_exposb_parameters_are_written_per_head(tmp_path):
+    model = build_model("tiny", "exposb", task="clm")
+    path = train.write_learned_parameters(model, "exposb", tmp_path)
+    rows = store.read_rows(path, train.LEARNED_COLUMNS)
+    layers, heads = model.cfg.layers, model.cfg.heads
+    assert len(rows) == layers * 7 * heads
+    lam = [float(r["value"]) for r in rows if r["param"] == "lam"]
+    assert lam == pytest.approx([-math.log(0.98)] * layers * heads, rel=1e-5)  # the documented initial decay
+    assert train.write_learned_parameters(build_model("tiny", "rope", task="clm"), "rope", tmp_path) is None
