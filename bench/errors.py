@@ -1,6 +1,6 @@
 """Input errors: the CLI turns these into one red line and exit code 2, never a traceback."""
 
-from attnbench.models.registry import UnknownNameError
+from attnbench.models.errors import UnknownNameError
 
 
 class InputError(ValueError):

@@ -25,12 +25,10 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from attnbench.models.errors import UnknownNameError
+
 Family = Literal["exact", "linear", "sparse", "recurrent"]
 Position = Literal["inside", "absolute"]
-
-
-class UnknownNameError(ValueError):
-    """A mechanism or impl name that is not registered; the message lists the valid ones."""
 
 
 def _always_available() -> str | None:

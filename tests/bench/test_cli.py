@@ -162,3 +162,12 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, monkeypatch):
 def test_device_cuda_without_cuda_is_exit_code_2():
     result = invoke("speed", "--device", "cuda", "--seq", 8)
     assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_help_needs_no_heavy_imports():
+    import subprocess
+    import sys
+
+    code = "import sys, attnbench.cli; print(sorted({'torch', 'triton', 'seaborn', 'pandas'} & set(sys.modules)))"
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert heavy == "[]", f"`attnbench --help` imports {heavy}"
