@@ -241,8 +241,12 @@ def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tup
             model.trunk(input_ids)
         results = []
         for layer, q, k, seq_lens in captured:
-            with torch.no_grad():
-                probs = attention_probabilities(layer, mechanism, q, k, seq_lens)
+            try:
+                with torch.no_grad():
+                    probs = attention_probabilities(layer, mechanism, q, k, seq_lens)
+            except (RuntimeError, ValueError) as err:  # e.g. a core whose value width must equal D (bsbr)
+                results.append((None, f"weights cannot be read off the torch impl: {str(err).splitlines()[0][:120]}"))
+                continue
             if probs.min() < -1e-4 or (probs.sum(-1) - 1).abs().max() > 1e-3:
                 results.append((None, "weights are not a distribution over keys (negative or not summing to 1)"))
                 continue

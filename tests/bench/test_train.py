@@ -183,3 +183,11 @@ def test_learned_exposb_parameters_are_written_per_head(tmp_path):
     lam = [float(r["value"]) for r in rows if r["param"] == "lam"]
     assert lam == pytest.approx([-math.log(0.98)] * layers * heads, rel=1e-5)  # the documented initial decay
     assert train.write_learned_parameters(build_model("tiny", "rope", task="clm"), "rope", tmp_path) is None
+
+
+def test_entropy_of_a_core_that_cannot_take_one_hot_values_is_a_reason_not_a_crash():
+    model = build_model("tiny", "bsbr", task="clm", seq=64)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64))
+    results = train.attention_entropy(model, ids)
+    assert len(results) == model.cfg.layers
+    assert all(value is None and "cannot be read" in message for value, message in results)
