@@ -207,13 +207,14 @@ def evaluate(model: LanguageModel, batches: list[dict[str, torch.Tensor]], devic
     return {"loss": loss, "ppl": math.exp(min(loss, 700)), "accuracy": correct / max(count, 1), "tokens": count}
 
 
-def attention_probabilities(layer: torch.nn.Module, mechanism: str, q, k, seq_lens) -> torch.Tensor:
+def attention_probabilities(layer: torch.nn.Module, mechanism: str, q, k, seq_lens, **token_options) -> torch.Tensor:
     """The attention weights [B, Hq, T, S] of a q/k/v core, read off its torch impl by attending
-    to one-hot values: v[b, s, h, :] = e_s gives o[b, t, h, s] = A[b, h, t, s] (any core is linear in v)."""
+    to one-hot values: v[b, s, h, :] = e_s gives o[b, t, h, s] = A[b, h, t, s] (any core is linear in v).
+    ``token_options``: per-token inputs a token-conditioned layer computed from x (nsa's gates)."""
     run = registry.get(mechanism).impls["torch"].run
     b, s, hkv = k.shape[0], k.shape[1], k.shape[2]
     onehot = torch.eye(s, device=k.device, dtype=torch.float32)[None, :, None, :].expand(b, s, hkv, s)
-    out = run(q.float(), k.float(), onehot, causal=layer.causal, seq_lens=seq_lens, **layer.core_options())
+    out = run(q.float(), k.float(), onehot, causal=layer.causal, seq_lens=seq_lens, **layer.core_options(), **token_options)
     return out.permute(0, 2, 1, 3)  # (B, Hq, T, S)
 
 
@@ -231,19 +232,19 @@ def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tup
             return [(None, f"{mechanism} has no q/k/v core")] * model.cfg.layers
         originals.append(layer.attend)
 
-        def capture(q, k, v, seq_lens=None, _layer=layer, _attend=layer.attend):
-            captured.append((_layer, q.detach(), k.detach(), seq_lens))
-            return _attend(q, k, v, seq_lens)
+        def capture(q, k, v, seq_lens=None, _layer=layer, _attend=layer.attend, **token_options):
+            captured.append((_layer, q.detach(), k.detach(), seq_lens, token_options))
+            return _attend(q, k, v, seq_lens, **token_options)
 
         layer.attend = capture
     try:
         with torch.no_grad():
             model.trunk(input_ids)
         results = []
-        for layer, q, k, seq_lens in captured:
+        for layer, q, k, seq_lens, token_options in captured:
             try:
                 with torch.no_grad():
-                    probs = attention_probabilities(layer, mechanism, q, k, seq_lens)
+                    probs = attention_probabilities(layer, mechanism, q, k, seq_lens, **token_options)
             except (RuntimeError, ValueError) as err:  # e.g. a core whose value width must equal D (bsbr)
                 results.append((None, f"weights cannot be read off the torch impl: {str(err).splitlines()[0][:120]}"))
                 continue

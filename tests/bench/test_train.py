@@ -185,6 +185,15 @@ def test_learned_exposb_parameters_are_written_per_head(tmp_path):
     assert train.write_learned_parameters(build_model("tiny", "rope", task="clm"), "rope", tmp_path) is None
 
 
+@pytest.mark.parametrize("mechanism", ["nsa", "deltanet"])
+def test_entropy_of_token_conditioned_layers_uses_their_per_token_inputs(mechanism):
+    model = build_model("tiny", mechanism, task="clm", seq=64)
+    results = train.attention_entropy(model, torch.randint(0, model.cfg.vocab_size, (2, 64)))
+    assert len(results) == model.cfg.layers
+    for value, message in results:
+        assert value is not None or message, "each layer gives an entropy or the reason it has none"
+
+
 def test_entropy_of_a_core_that_cannot_take_one_hot_values_is_a_reason_not_a_crash():
     model = build_model("tiny", "bsbr", task="clm", seq=64)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 64))
