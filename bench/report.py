@@ -413,7 +413,7 @@ def render_report(runs: list[Path], out: Path | None, baseline: str | None) -> l
             raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
         fits = exponents(df)
         figs = figures(df, fits, baseline, out_dir / "plots")
-    other_pngs = _other_pngs(run_dirs, out_dir / "plots")
+    other_pngs = _other_pngs(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
     sections = _sections(run_dirs, df, figs, fits, baseline, other_pngs)
     (out_dir / "report.md").write_text(_markdown(sections, out_dir))
     (out_dir / "report.html").write_text(_html(sections))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -46,14 +47,36 @@ def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, d
     return train, extra, models
 
 
+def _line_styles(lines) -> dict[str, dict]:
+    """A distinct colour per line (husl, so 15 mechanisms stay apart), dashes cycling in threes."""
+    import seaborn as sns
+
+    lines = list(dict.fromkeys(lines))
+    colors = sns.color_palette("husl", max(len(lines), 1))
+    return {line: {"color": colors[i], "linestyle": ("-", "--", ":")[i % 3]} for i, line in enumerate(lines)}
+
+
+def _plain_log_ticks(ax, axis: str = "y") -> None:
+    """Log axis with plain numbers (5.2, 300) instead of 5.2 x 10^0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    target.set_minor_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
+    target.set_major_formatter(fmt)
+    target.set_minor_formatter(fmt)
+
+
 def _curves_figure(train: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     ok = train[train["status"] == "ok"]
+    styles = _line_styles(ok["line"])
     panels = [
         (axes[0, 0], "train", "loss", "train loss", True),
         (axes[0, 1], "valid", "loss", "eval loss", True),
@@ -65,14 +88,16 @@ def _curves_figure(train: pd.DataFrame, path: Path) -> None:
             values = rows[column]
             if split == "train" and column == "loss" and len(values) > 50:
                 values = values.rolling(max(1, len(values) // 50), min_periods=1).mean()  # smoothed: per-step noise hides the trend
-            ax.plot(rows["step"], values, label=line, marker="o" if split == "valid" else None, markersize=3)
+            ax.plot(rows["step"], values, label=line, marker="o" if split == "valid" else None, markersize=3, **styles[line])
         ax.set_title(title)
         ax.set_xlabel("step")
         if log_y:
             ax.set_yscale("log")
+            _plain_log_ticks(ax)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend()
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -82,24 +107,30 @@ def _extrapolation_figure(extra: pd.DataFrame, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    styles = _line_styles(extra["line"])
     for ax, method in zip(axes, ("blocks", "sliding")):
         rows = extra[(extra["method"] == method) & (extra["status"] == "ok")]
         for line, per_line in rows.groupby("line", sort=False):
-            ax.plot(per_line["seq"], per_line["ppl"], marker="o", label=line)
+            ax.plot(per_line["seq"], per_line["ppl"], marker="o", label=line, **styles[line])
         unsupported = sorted(set(extra[(extra["method"] == method) & (extra["status"] == "unsupported")]["line"]))
         title = f"{'non-overlapping blocks' if method == 'blocks' else 'sliding window'}"
-        if unsupported:
-            title += f"\n(cannot run past training length: {', '.join(unsupported)})"
+        if unsupported:  # wrapped: with many mechanisms the list is longer than the panel
+            title += "\n" + textwrap.fill(f"(cannot run past training length: {', '.join(unsupported)})", 70)
         ax.set_title(title, fontsize=10)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(rows["seq"].dropna().astype(int))) or [1])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(v)}"))
         ax.set_yscale("log")
+        _plain_log_ticks(ax)
         ax.set_xlabel("evaluation length (tokens)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test perplexity")
-    axes[0].legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

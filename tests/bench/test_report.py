@@ -98,9 +98,9 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
     (run / "train.csv").write_text("step,loss\n1,2.0\n")
     drawn = []
 
-    def render_train_report(run_dirs, out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        png = out_dir / "loss.png"
+    def render_train_report(run_dirs, out_dir):  # as the real one: out_dir/plots/*.png
+        (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+        png = out_dir / "plots" / "loss.png"
         png.write_bytes(b"\x89PNG\r\n\x1a\n")
         drawn.append(run_dirs)
         return [png]
