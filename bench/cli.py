@@ -95,6 +95,7 @@ def speed(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-speed).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest): recorded cases are skipped.")] = False,
     measure_peak: Annotated[bool, typer.Option("--measure-peak", help="Measure matmul TFLOP/s first; rows get % of peak.")] = False,
+    gpus: Annotated[int, typer.Option(help="Spread the cases over GPUs 0..N-1, one worker process each; rows as one GPU gives.")] = 1,
 ) -> None:
     """Time attention mechanisms and impls over a sweep of sizes; one CSV row per case."""
     import torch
@@ -126,7 +127,7 @@ def speed(
         preset=preset,
     )
     spec_given = any(ctx.get_parameter_source(name).name == "COMMANDLINE" for name in SWEEP_OPTIONS)
-    run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress)
+    run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus)
     table, notes = console.speed_table(rows, title=f"{run_dir}  (median ms; ★ fastest)")
     console.out.print(table)
     for note in notes:

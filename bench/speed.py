@@ -13,6 +13,7 @@ from typing import Any, Callable, ContextManager
 
 from attnbench import env, store
 from attnbench.errors import InputError
+from attnbench.shard import run_sharded
 from attnbench.sweep import Case, Sweep, SweepSpec, expand, ooms_in, validate
 
 
@@ -47,6 +48,19 @@ def open_run(spec: SweepSpec, out: Path | None, resume: bool, spec_given: bool) 
     return run_dir, spec, meta
 
 
+def check_workers(device: str, gpus: int) -> None:
+    """--gpus: at least 1, and no more than the GPUs here (on CPU, N processes: for tests)."""
+    import torch
+
+    if gpus < 1:
+        raise InputError(f"--gpus must be positive, got {gpus}")
+    if gpus > 1 and device.startswith("cuda"):
+        if ":" in device:
+            raise InputError("--gpus N uses GPUs 0..N-1: give --device cuda, not one GPU")
+        if gpus > torch.cuda.device_count():
+            raise InputError(f"--gpus {gpus}, but this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def run_speed(
     spec: SweepSpec,
     out: Path | None,
@@ -54,10 +68,12 @@ def run_speed(
     spec_given: bool,
     measure_peak: bool,
     progress: Callable[[int], ContextManager[Callable[[str, Case], None]]],
+    gpus: int = 1,
 ) -> tuple[Path, list[dict[str, str]]]:
     """Run (or resume) a sweep; returns the run folder and every row of its speed.csv.
 
-    ``progress(total)`` is a context yielding the per-step callback (attnbench.console.sweep_progress).
+    ``progress(total)`` is a context yielding the per-step callback (attnbench.console.sweep_progress);
+    ``gpus`` > 1 spreads the cases over that many worker processes (attnbench.shard).
     """
     run_dir, spec, meta = open_run(spec, out, resume, spec_given)
     validate(spec)
@@ -67,10 +83,15 @@ def run_speed(
         meta["peaks"] = env.measure_peaks(spec.device, spec.dtypes)
     peaks = meta.get("peaks", {}).get("matmul_tflops", {})
     store.write_meta(run_dir, meta)
+    check_workers(spec.device, gpus)
     with store.RowLog(run_dir / store.SPEED_CSV, resume=resume) as log:
-        sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), ooms_in(log.existing), peaks, spec.larger)
+        prior_ooms = list(ooms_in(log.existing))
+        sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), prior_ooms, peaks, spec.larger)
         with progress(2 * len(sweep.pending)) as on_step:
-            sweep.run(on_step)
+            if gpus == 1:
+                sweep.run(on_step)
+            else:
+                run_sharded(sweep.pending, gpus, log.append, on_step, (frozenset(), prior_ooms, peaks, spec.larger))
     meta["finished"] = store.now()
     store.write_meta(run_dir, meta)
     return run_dir, store.read_rows(run_dir / store.SPEED_CSV)
