@@ -112,6 +112,28 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
     assert "plots/loss.png" in (run / "report.md").read_text()
 
 
+def test_distill_runs_go_to_distill_report(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    run = tmp_path / "distill-run"
+    run.mkdir()
+    store.write_meta(run, {"command": "attnbench distill", "started": "2025-01-01T00:00:00"})
+    (run / "distill.csv").write_text("student,step,kl\nlinear,0,1.0\n")
+
+    def render_distill_report(run_dirs, out_dir):
+        (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+        png = out_dir / "plots" / "distill_kl.png"
+        png.write_bytes(b"\x89PNG\r\n\x1a\n")
+        return [png, out_dir / "distill_report.md"]  # only the PNG becomes a figure
+
+    monkeypatch.setitem(sys.modules, "attnbench.distill_report", types.SimpleNamespace(render_distill_report=render_distill_report))
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    report = (run / "report.md").read_text()
+    assert "## Distillation" in report and "plots/distill_kl.png" in report and "distill_report.md)" not in report
+
+
 def test_load_speed_tolerates_a_run_killed_mid_line(tmp_path):
     write_run(tmp_path / "run", quadratic_and_linear)
     csv = tmp_path / "run" / "speed.csv"
