@@ -80,8 +80,9 @@ class TrainSpec:
         """The spec with the preset's defaults filled in, validated (InputError on bad values)."""
         preset = Preset.from_name(self.preset)
         spec = TrainSpec(**{f.name: getattr(self, f.name) for f in fields(self)})
-        spec.seq, spec.batch = spec.seq or preset.seq, spec.batch or preset.batch
-        spec.lr = spec.lr or preset.lr
+        spec.seq = preset.seq if spec.seq is None else spec.seq  # None, not 0: 0 is refused below
+        spec.batch = preset.batch if spec.batch is None else spec.batch
+        spec.lr = preset.lr if spec.lr is None else spec.lr
         spec.warmup = preset.warmup if spec.warmup is None else spec.warmup
         if spec.task not in ("mlm", "clm"):
             raise InputError(f"--task {spec.task}: valid: mlm, clm")
@@ -90,6 +91,8 @@ class TrainSpec:
                 raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(spec, name)}")
         if spec.lr <= 0 or spec.clip <= 0:
             raise InputError("--lr and the gradient clip must be positive")
+        if spec.extra.get("window") is not None and spec.extra["window"] <= 0:
+            raise InputError(f"--window must be positive, not {spec.extra['window']}")
         if spec.positions not in ("learned", "sinusoidal"):
             raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
         if spec.batch % spec.gpus:
