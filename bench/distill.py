@@ -84,8 +84,10 @@ class DistillSpec:
             raise InputError("give at least one --student mechanism")
         for name in self.students:
             registry.get(name)  # unknown: UnknownNameError with the valid names
-        for option, value in (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches)):
-            if value <= 0:
+        sizes = (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
+                 ("batch", self.batch), ("seq", self.seq))  # batch, seq: None means the teacher's
+        for option, value in sizes:
+            if value is not None and value <= 0:
                 raise InputError(f"--{option} must be positive, not {value}")
         if self.lr <= 0 or self.temperature <= 0:
             raise InputError("--lr and --temperature must be positive")

@@ -99,3 +99,6 @@ def test_bad_options_are_input_errors():
         distill.DistillSpec(teacher="x", students=["linear"], steps=0).validate()
     with pytest.raises(distill.registry.UnknownNameError, match="valid"):
         distill.DistillSpec(teacher="x", students=["nope"]).validate()
+    for size in ("seq", "batch"):  # None means the teacher's; 0 is an error, not a default
+        with pytest.raises(distill.InputError, match=f"--{size} must be positive"):
+            distill.DistillSpec(teacher="x", students=["linear"], **{size: 0}).validate()
