@@ -335,7 +335,7 @@ def measure_cost(source, model: nn.Module, mechanism: str, batch: dict[str, torc
     """Attention FLOPs (the registry's forward model, all layers) and the whole model's forward
     time (median ms) and peak memory (MiB, CUDA only) on one evaluation batch."""
     from attnbench import timing
-    from attnbench.sweep import _peak_memory_mib
+    from attnbench.timing import peak_memory_mib
 
     batch = _to(batch, device)
     b, t = batch["input_ids"].shape
@@ -350,7 +350,7 @@ def measure_cost(source, model: nn.Module, mechanism: str, batch: dict[str, torc
     return {
         "attn_flops": source.attention_flops(mechanism, b, t),
         "forward_ms": timing.measure(forward, dev).median_ms,
-        "peak_mem_mib": _peak_memory_mib(forward, dev),
+        "peak_mem_mib": peak_memory_mib(forward, dev),
     }
 
 

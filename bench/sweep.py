@@ -405,7 +405,7 @@ class Sweep:
         device = torch.device(case.device)
         work = LEVELS[case.level](case)
         call = timed_call(work, case.mode)
-        peak_mib = _peak_memory_mib(call, device)
+        peak_mib = timing.peak_memory_mib(call, device)
         measured = timing.measure(call, device, grad_to_none=[t for t in work.leaves if t.requires_grad])
         tflops = flop_model.tflops_per_s(work.flops, measured.median_ms)
         peak = self.peaks.get(case.dtype)
@@ -428,19 +428,6 @@ class Sweep:
         self.write(row)
         self.rows.append(row)
         self.done.add(case)
-
-
-def _peak_memory_mib(call: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory one call allocates beyond what was allocated before it (inputs excluded);
-    None on CPU, where torch keeps no allocator statistics."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    call()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def ooms_in(rows: Iterable[dict[str, str]]) -> Iterator[Case]:

@@ -70,3 +70,16 @@ def _measure_cpu(fn, grad_to_none) -> Timing:
     # statistics.quantiles with n=10 gives the 10th..90th percentile cut points
     deciles = statistics.quantiles(times_ms, n=10, method="inclusive")
     return Timing(statistics.median(times_ms), deciles[1], deciles[7])
+
+
+def peak_memory_mib(call: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory one call allocates beyond what was allocated before it (inputs excluded);
+    None on CPU, where torch keeps no allocator statistics."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
