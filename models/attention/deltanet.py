@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.models.causal_padding import zero_padded_queries
+from attnbench.models.fla import fla_missing
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.token_conditioned import TokenConditionedAttention
 
@@ -106,14 +107,6 @@ def fla_chunk(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEFAULT_C
     return zero_padded_queries(o, seq_lens)
 
 
-def fla_missing() -> str | None:
-    try:
-        import fla.ops.delta_rule  # noqa: F401
-    except ImportError:
-        return "fla-core is not installed (pip install attnbench[peers])"
-    return None
-
-
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
     return "fla's chunk_delta_rule supports head_dim <= 256" if cfg.head_dim > 256 else None
 
@@ -152,7 +145,7 @@ IMPLS = {
     "chunked": Impl("chunked", chunked, "torch, chunked WY form: one triangular solve, a loop over chunks"),
     "fla": Impl(
         "fla", fla_chunk, "flash-linear-attention chunk_delta_rule (Triton)",
-        needs_cuda=True, missing=fla_missing, unsupported=_fla_unsupported,
+        needs_cuda=True, missing=fla_missing("delta_rule"), unsupported=_fla_unsupported,
     ),
 }
 

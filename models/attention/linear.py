@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.models import feature_attention
+from attnbench.models.fla import fla_missing
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 
@@ -55,14 +56,6 @@ def fla_chunk(q, k, v, *, causal=True, seq_lens=None, chunk=DEFAULT_CHUNK):
     return o
 
 
-def fla_missing() -> str | None:
-    try:
-        import fla.ops.linear_attn  # noqa: F401
-    except ImportError:
-        return "fla-core is not installed (pip install attnbench[peers])"
-    return None
-
-
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
     return None if cfg.causal else "fla's chunk_linear_attn is causal only"
 
@@ -88,7 +81,7 @@ IMPLS = {
     "chunked": Impl("chunked", chunked, "torch, linear cost: K^T V state / chunked prefix sums"),
     "fla": Impl(
         "fla", fla_chunk, "flash-linear-attention chunk_linear_attn (Triton)",
-        needs_cuda=True, missing=fla_missing, unsupported=_fla_unsupported,
+        needs_cuda=True, missing=fla_missing("linear_attn"), unsupported=_fla_unsupported,
     ),
 }
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attnbench.models.causal_padding import zero_padded_queries
+from attnbench.models.fla import fla_missing
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.token_conditioned import TokenConditionedAttention
 
@@ -169,14 +170,6 @@ def fla_parallel(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAU
     return zero_padded_queries(o + g_swa[..., None] * o_swa, seq_lens)
 
 
-def fla_missing() -> str | None:
-    try:
-        import fla.ops.nsa  # noqa: F401
-    except ImportError:
-        return "fla-core is not installed (pip install attnbench[peers])"
-    return None
-
-
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
     group = cfg.heads // cfg.kv_heads
     if group < 16 or group & (group - 1):
@@ -229,7 +222,7 @@ IMPLS = {
     "chunked": Impl("chunked", chunked, "torch, query chunks gathering their selected blocks (recomputed in backward)"),
     "fla": Impl(
         "fla", fla_parallel, "flash-linear-attention parallel_nsa (Triton) + our Triton flash for the sliding branch",
-        needs_cuda=True, missing=fla_missing, unsupported=_fla_unsupported,
+        needs_cuda=True, missing=fla_missing("nsa"), unsupported=_fla_unsupported,
     ),
 }
 

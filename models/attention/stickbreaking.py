@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnbench.models.causal_padding import zero_padded_queries
+from attnbench.models.fla import fla_missing
 from attnbench.models.flops import visible_pairs
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
@@ -97,14 +98,6 @@ def fla_parallel(q, k, v, *, causal=True, seq_lens=None, attend_current=False, c
     return zero_padded_queries(o, seq_lens)
 
 
-def fla_missing() -> str | None:
-    try:
-        import fla.ops.stickbreaking_attn  # noqa: F401
-    except ImportError:
-        return "fla-core is not installed (pip install attnbench[peers])"
-    return None
-
-
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
     return "fla's stick-breaking kernel supports head_dim <= 256" if cfg.head_dim > 256 else None
 
@@ -133,7 +126,7 @@ IMPLS = {
     "chunked": Impl("chunked", chunked, "torch, log-space query chunks (O(chunk * T) memory, recomputed in backward)"),
     "fla": Impl(
         "fla", fla_parallel, "flash-linear-attention parallel_stickbreaking_attn (Triton)",
-        needs_cuda=True, missing=fla_missing, unsupported=_fla_unsupported,
+        needs_cuda=True, missing=fla_missing("stickbreaking_attn"), unsupported=_fla_unsupported,
     ),
 }
 
