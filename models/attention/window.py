@@ -4,9 +4,12 @@ the window are skipped, so the cost is O(T * w)."""
 
 import dataclasses
 
+import torch
+
+from attnbench.models.fla import fla_missing
 from attnbench.models.flops import softmax_flops
-from attnbench.models.registry import LayerConfig, Mechanism
 from attnbench.models.qkv import qkv_layer
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.softmax import softmax_impls, window_option
 
 DEFAULT_WINDOW = 1024
@@ -18,12 +21,37 @@ def sliding_options(cfg: LayerConfig) -> dict:
     return window_option(cfg)
 
 
+def fla_parallel(q, k, v, *, causal: bool, seq_lens=None, window=None, **_) -> torch.Tensor:
+    """flash-linear-attention's parallel_attn with its sliding window: q [B, T, Hq, D],
+    k/v [B, T, Hkv, D] -> [B, T, Hq, D]. fla's window_size counts the query's own key, ours
+    does not: window (w, 0) is window_size w + 1."""
+    from fla.ops.attn import parallel_attn
+
+    if not causal or window is None or window[1] != 0 or seq_lens is not None:
+        raise ValueError("fla's parallel_attn takes a causal left window without key padding")
+    return parallel_attn(q, k, v, window_size=window[0] + 1)
+
+
+def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
+    if not cfg.causal:
+        return "fla's parallel_attn is causal only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "fla's parallel_attn runs fp16 or bf16"
+    return None
+
+
+IMPLS = {
+    **softmax_impls(needs_mask=True),
+    "fla": Impl("fla", fla_parallel, "flash-linear-attention parallel_attn with window_size (Triton)",
+                needs_cuda=True, missing=fla_missing("attn"), unsupported=_fla_unsupported),
+}
+
 MECHANISM = Mechanism(
     name="window",
     description="sliding-window softmax attention (left window w causal, w each side bidirectional)",
     family="sparse",
-    layer=qkv_layer(sliding_options, softmax_impls(needs_mask=True)),
-    impls=softmax_impls(needs_mask=True),
+    layer=qkv_layer(sliding_options, IMPLS),
+    impls=IMPLS,
     flops=softmax_flops,
     position="absolute",
     params={"window": (DEFAULT_WINDOW, "keys visible on each side (left only when causal); --window sets it")},

@@ -59,3 +59,20 @@ def test_layer_runs_and_every_parameter_gets_a_gradient(name, causal):
     y.square().sum().backward()
     for pname, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {pname}"
+
+
+@pytest.mark.cuda
+def test_fla_sliding_window_matches_our_reference():
+    pytest.importorskip("fla")
+    from attnbench.kernels import reference
+
+    window = registry.get("window")
+    q = torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    got = window.impl("fla").run(q, k, v, causal=True, window=(40, 0))
+    exact = reference.attention(q.double(), k.double(), v.double(), causal=True, window=(40, 0))
+    torch_lowp = reference.attention(q, k, v, causal=True, window=(40, 0))
+    from attnbench.check import error_bound
+
+    bound = error_bound((torch_lowp.double() - exact).abs().max().item(), exact.abs().max().item(), torch.bfloat16)
+    assert (got.double() - exact).abs().max().item() <= bound
