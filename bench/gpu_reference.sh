@@ -23,7 +23,7 @@ kernels)
         --seq 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional --out "$out/exact"
     speed 100 --attn rope,alibi,exposb --impl triton,sdpa,flex --tokens 16384 --heads 16 --head-dim 128 \
         --seq 4096 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
-    speed 60 --attn window --impl triton,flex --window 1024 --tokens 32768 --heads 16 --head-dim 128 \
+    speed 60 --attn window --impl triton,flex,fla --window 1024 --tokens 32768 --heads 16 --head-dim 128 \
         --seq 4096 8192 16384 32768 --mode fwd --mode fwdbwd --causal --out "$out/window"
     timeout 90 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 2>&1 | tail -40 | tee "$out/check.txt"
     ;;
