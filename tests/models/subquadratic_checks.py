@@ -60,6 +60,18 @@ def assert_causal(run, t_changed=20, **kwargs):
     assert not torch.allclose(after[:, t_changed], before[:, t_changed]), "the changed token's own output did not move"
 
 
+def assert_padding_zeroes_padded_queries_only(run, t=37, valid=23, **kwargs):
+    """A causal core with seq_lens [t, valid]: the full sequence is untouched, the padded
+    one agrees with the unpadded run before ``valid`` (causal: padding lies only ahead)
+    and is exactly zero from there on."""
+    q, k, v = (x.detach() for x in random_qkv(t=t))
+    full = run(q, k, v, **kwargs)
+    padded = run(q, k, v, seq_lens=torch.tensor([t, valid]), **kwargs)
+    assert torch.equal(padded[0], full[0])
+    assert torch.allclose(padded[1, :valid], full[1, :valid], rtol=1e-12, atol=0)
+    assert torch.equal(padded[1, valid:], torch.zeros_like(padded[1, valid:]))
+
+
 def assert_layer_trains(name: str, causal: bool, options: dict | None = None, impl: str = "torch", t: int = 19):
     """The layer through the registry: output shape, finite, gradient on every parameter."""
     cfg = LayerConfig(dim=32, heads=4, kv_heads=2, causal=causal, impl=impl, options=options or {})

@@ -6,7 +6,13 @@ import functools
 import pytest
 import torch
 from one_cpu_thread import one_cpu_thread  # noqa: F401
-from subquadratic_checks import assert_causal, assert_layer_trains, assert_matches_reference, random_qkv
+from subquadratic_checks import (
+    assert_causal,
+    assert_layer_trains,
+    assert_matches_reference,
+    assert_padding_zeroes_padded_queries_only,
+    random_qkv,
+)
 
 from attnbench.kernels import reference
 from attnbench.models import registry
@@ -72,13 +78,7 @@ def test_chunked_is_causal():
 
 
 def test_padding_zeroes_padded_queries_only():
-    q, k, v = (x.detach() for x in random_qkv(t=40))
-    gates = _gates(2, 40, 4)
-    full = nsa.chunked(q, k, v, gates=gates, chunk=8, **SMALL)
-    padded = nsa.chunked(q, k, v, seq_lens=torch.tensor([40, 23]), gates=gates, chunk=8, **SMALL)
-    assert torch.equal(padded[0], full[0])
-    assert torch.allclose(padded[1, :23], full[1, :23], rtol=1e-12, atol=0)
-    assert torch.equal(padded[1, 23:], torch.zeros_like(padded[1, 23:]))
+    assert_padding_zeroes_padded_queries_only(nsa.chunked, t=40, gates=_gates(2, 40, 4), chunk=8, **SMALL)
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])

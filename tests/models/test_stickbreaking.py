@@ -5,7 +5,13 @@ import functools
 
 import pytest
 import torch
-from subquadratic_checks import assert_causal, assert_layer_trains, assert_matches_reference, random_qkv
+from subquadratic_checks import (
+    assert_causal,
+    assert_layer_trains,
+    assert_matches_reference,
+    assert_padding_zeroes_padded_queries_only,
+    random_qkv,
+)
 
 from attnbench.models import registry
 from attnbench.models.attention import stickbreaking
@@ -62,12 +68,7 @@ def test_chunked_is_causal():
 
 
 def test_padding_zeroes_padded_queries_only():
-    q, k, v = (x.detach() for x in random_qkv())
-    full = stickbreaking.chunked(q, k, v, chunk=8)
-    padded = stickbreaking.chunked(q, k, v, seq_lens=torch.tensor([37, 23]), chunk=8)
-    assert torch.equal(padded[0], full[0])
-    assert torch.allclose(padded[1, :23], full[1, :23], rtol=1e-12, atol=0)
-    assert torch.equal(padded[1, 23:], torch.zeros_like(padded[1, 23:]))
+    assert_padding_zeroes_padded_queries_only(stickbreaking.chunked, chunk=8)
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])
