@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
+import torch
+
 from attnbench import env, store
 from attnbench.errors import InputError
 from attnbench.shard import run_sharded
@@ -50,8 +52,6 @@ def open_run(spec: SweepSpec, out: Path | None, resume: bool, spec_given: bool) 
 
 def check_workers(device: str, gpus: int) -> None:
     """--gpus: at least 1, and no more than the GPUs here (on CPU, N processes: for tests)."""
-    import torch
-
     if gpus < 1:
         raise InputError(f"--gpus must be positive, got {gpus}")
     if gpus > 1 and device.startswith("cuda"):
