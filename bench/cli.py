@@ -96,6 +96,8 @@ def speed(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest): recorded cases are skipped.")] = False,
     measure_peak: Annotated[bool, typer.Option("--measure-peak", help="Measure matmul TFLOP/s first; rows get % of peak.")] = False,
     gpus: Annotated[int, typer.Option(help="Spread the cases over GPUs 0..N-1, one worker process each; rows as one GPU gives.")] = 1,
+    profile: Annotated[int, typer.Option(help="After timing, profile each case that ran over N calls: top kernels, wall vs GPU-busy time (profile.csv).")] = 0,
+    top: Annotated[int, typer.Option(help="Kernels shown per case with --profile.")] = 8,
 ) -> None:
     """Time attention mechanisms and impls over a sweep of sizes; one CSV row per case."""
     import torch
@@ -109,6 +111,8 @@ def speed(
     on_cuda = device.startswith("cuda")
     if batch and tokens is not None:
         raise InputError("give --batch or --tokens, not both")
+    if profile < 0:
+        raise InputError(f"--profile must be >= 0 calls, got {profile}")
     spec = sweep.SweepSpec(
         mechanisms=list(mechanisms()) if "all" in attn else attn,
         impls=None if "all" in impl else impl,
@@ -133,6 +137,11 @@ def speed(
     for note in notes:
         console.out.print(f"[dim]not run: {note}[/dim]")
     console.out.print(f"{console.status_counts(rows)} -> {run_dir}/speed.csv")
+    if profile:
+        from attnbench.profile import profile_ok_cases
+
+        for case_profile in profile_ok_cases(spec, rows, run_dir, profile):
+            console.out.print(console.profile_table(case_profile, top))
 
 
 @app.command()

@@ -132,3 +132,20 @@ def frame_table(df, title: str, keep: tuple[str, ...] = ()) -> Table:
     for row in df[varying].itertuples(index=False):
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     return table
+
+
+def profile_table(case_profile, top: int) -> Table:
+    """The ``top`` most expensive kernels of one profiled case (attnbench.profile.CaseProfile)."""
+    case = case_profile.case
+    idle = 100.0 * max(0.0, 1.0 - case_profile.busy_ms / case_profile.wall_ms) if case_profile.wall_ms else 0.0
+    title = (
+        f"{case.mechanism}/{case.impl} {case.level} {case.mode} B={case.batch} T={case.seq}: "
+        f"{case_profile.wall_ms:.3g} ms per call, {case_profile.busy_ms:.3g} ms busy ({idle:.0f}% idle)"
+    )
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("kernel", "left"), ("calls", "right"), ("ms", "right"), ("%", "right")):
+        table.add_column(name, justify=justify)
+    for row in case_profile.kernels.head(top).itertuples(index=False):
+        name = row.kernel if len(row.kernel) <= 80 else row.kernel[:77] + "..."
+        table.add_row(name, f"{row.calls_per_call:g}", f"{row.ms_per_call:.3g}", f"{row.pct_of_busy:.1f}")
+    return table

@@ -3,6 +3,7 @@
 import json
 import re
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -30,6 +31,20 @@ def test_speed_writes_ok_rows_and_meta(tmp_path):
     assert meta["schema_version"] == store.SCHEMA_VERSION and meta["finished"]
     assert meta["spec"]["seqs"] == [8, 16] and meta["env"]["torch"] == torch.__version__
     assert "★" in result.output  # the fastest impl per case is marked
+
+
+def test_profile_writes_the_kernel_breakdown_of_each_ok_case(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("speed", "--seq", 16, "--mode", "fwd", *TINY, "--out", out, "--profile", 2, "--top", 3)
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out / "profile.csv").to_dict("records")
+    assert {r["impl"] for r in rows} == {"torch", "sdpa"}  # the triton row is unsupported on CPU: not profiled
+    for impl in ("torch", "sdpa"):
+        ops = [r for r in rows if r["impl"] == impl]
+        assert 0 < float(ops[0]["busy_ms"]) and abs(sum(float(r["pct_of_busy"]) for r in ops) - 100) < 1e-6
+        assert [float(r["ms_per_call"]) for r in ops] == sorted((float(r["ms_per_call"]) for r in ops), reverse=True)
+    assert any("softmax" in r["kernel"] for r in rows if r["impl"] == "torch")  # the reference's own op shows up
+    assert "ms per call" in result.output
 
 
 def test_list_options_take_commas_and_repeated_flags(tmp_path):
@@ -133,6 +148,7 @@ BAD_INPUTS = {
     "unknown dtype": (["speed", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     "batch and tokens": (["speed", "--batch", "2", "--tokens", "64"], "not both"),
     "unknown level": (["speed", "--level", "network"], "unknown level"),
+    "negative profile": (["speed", "--profile", "-1"], "--profile must be >= 0"),
     "unwritable out": (["speed", "--out", unwritable, "--seq", "8", "--impl", "torch"], "cannot write"),
     "report on missing folder": (["report", "does-not-exist"], "no run folder"),
     "report on corrupt folder": (["report", corrupt_run], "corrupt"),
