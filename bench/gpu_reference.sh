@@ -57,4 +57,15 @@ sweeps)
     speed 200 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
     speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     ;;
+final)  # the CUDA-marked tests alone, then each mechanism's layer sweep in its own run (so one slow
+    # mechanism cannot take the others with it); fla and flex (minutes of autotuning/compiles) left out
+    limit 150 python3 -m pytest -q -m cuda tests -rf --tb=line 2>&1 | tail -60 | tee "$out/cuda_tests.txt"
+    python3 -c "from attnbench.models import registry
+for name in registry.mechanisms():
+    print(name, ','.join(i for i in registry.get(name).impls if i not in ('fla', 'flex')))" > "$out/layer_impls.txt"
+    while read -r name impls; do
+        limit 17 attnbench speed --level layer --attn "$name" --impl "$impls" --seq 1024 4096 16384 65536 --mode fwd \
+            --out "$out/layers/$name" < /dev/null 2>&1 | tail -12
+    done < "$out/layer_impls.txt"
+    ;;
 esac
