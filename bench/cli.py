@@ -144,11 +144,11 @@ def speed(
             console.out.print(console.profile_table(case_profile, top))
 
 
-@app.command()
+@app.command(cls=ListOptionsCommand)
 def report(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders (default: the latest run).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where report.md/.html and plots/ go (default: the run folder).")] = None,
-    baseline: Annotated[Optional[str], typer.Option(help="Impl the speedup plot divides by (default: sdpa, else torch).")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option(help="Impls the speedup tables divide by; the first also the speedup plots (default: sdpa, else torch).")] = None,
 ) -> None:
     """Plots, report.md and a self-contained report.html from one or more runs."""
     from attnbench.report import render_report

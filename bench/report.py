@@ -115,6 +115,38 @@ def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return joined.assign(speedup=joined["baseline_ms"] / joined["ms_median"])
 
 
+CASE_INDEX = ["run", "head_dim", "mechanism", "mode", "causal", "window", "seq"]
+
+
+def speedup_table(df: pd.DataFrame, baseline: str, value: str = "speedup") -> pd.DataFrame:
+    """One row per case, one column per impl: baseline median / impl median (value="speedup"),
+    or impl peak memory / baseline peak memory (value="memory")."""
+    ratios = speedups(df, baseline)
+    if value == "memory":
+        base = df[(df["status"] == "ok") & (df["impl"] == baseline)]
+        keys = ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"]
+        ratios = ratios.merge(base[keys + ["peak_mem_mib"]].rename(columns={"peak_mem_mib": "baseline_mem"}), on=keys)
+        ratios = ratios.assign(memory=ratios["peak_mem_mib"] / ratios["baseline_mem"])
+    if ratios.empty:
+        return pd.DataFrame()
+    wide = ratios.pivot_table(index=CASE_INDEX, columns="impl", values=value, dropna=False).round(2)
+    return wide.dropna(how="all").reset_index().rename_axis(columns=None)
+
+
+def variant_costs(df: pd.DataFrame, reference: str = "standard") -> pd.DataFrame:
+    """What each variant costs over the ``reference`` mechanism in the same run and impl:
+    one row per case, one column per impl, variant median / reference median."""
+    ok = df[df["status"] == "ok"]
+    keys = ["run", *SETUP, "impl", "mode", "causal", "batch", "seq"]
+    base = ok[ok["mechanism"] == reference][keys + ["ms_median"]].rename(columns={"ms_median": "reference_ms"})
+    joined = ok[ok["mechanism"] != reference].merge(base, on=keys)
+    if joined.empty:
+        return pd.DataFrame()
+    joined = joined.assign(cost=joined["ms_median"] / joined["reference_ms"])
+    wide = joined.pivot_table(index=CASE_INDEX, columns="impl", values="cost", dropna=False).round(2)
+    return wide.dropna(how="all").reset_index().rename_axis(columns=None)
+
+
 def fastest(df: pd.DataFrame) -> pd.DataFrame:
     """At the largest T of each case: the fastest impl, its median ms and TFLOP/s, and the runner-up ratio."""
     ok = df[df["status"] == "ok"]
@@ -289,7 +321,7 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
 
 
 def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure], fits: pd.DataFrame,
-              baseline: str | None, other_pngs: dict[str, list[Path]]) -> list[tuple[str, Any]]:
+              baselines: list[str], other_pngs: dict[str, list[Path]]) -> list[tuple[str, Any]]:
     sections: list[tuple[str, Any]] = [("h1", "attnbench report"), ("h2", "Runs")]
     sections.append(("table", pd.DataFrame([_run_summary(run) for run in run_dirs])))
     if df is not None:
@@ -302,6 +334,19 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
         best = fastest(df)
         if not best.empty:
             sections += [("h2", "Fastest impl at the largest T"), ("table", best)]
+        for i, base in enumerate(baselines):
+            table = speedup_table(df, base)
+            if not table.empty:
+                sections += [("h2", f"Speedup over {base}"), ("p", f"{base} median / impl median, per case (> 1: faster than {base})."),
+                             ("table", table)]
+            memory = speedup_table(df, base, "memory") if i == 0 else pd.DataFrame()
+            if not memory.empty:
+                sections += [("h2", f"Peak memory relative to {base}"), ("p", f"impl peak memory / {base}'s (< 1: less memory)."),
+                             ("table", memory)]
+        costs = variant_costs(df)
+        if not costs.empty:
+            sections += [("h2", "Cost of each variant over standard"),
+                         ("p", "variant median / standard median in the same run and impl (1.10 = 10% slower)."), ("table", costs)]
         sections.append(("h2", "Figures"))
         sections += [("figure", fig) for fig in figs]
         if not fits.empty:
@@ -391,8 +436,9 @@ def _other_pngs(run_dirs: list[Path], out_dir: Path) -> dict[str, list[Path]]:
     return drawn
 
 
-def render_report(runs: list[Path], out: Path | None, baseline: str | None) -> list[Path]:
-    """Write plots/*.png, report.md and report.html; print a summary. Returns the files written."""
+def render_report(runs: list[Path], out: Path | None, baselines: list[str] | None = None) -> list[Path]:
+    """Write plots/*.png, report.md and report.html; print a summary. Returns the files written.
+    ``baselines``: impls the speedup tables divide by; the first one also drives the speedup plots."""
     from attnbench import console
 
     run_dirs = resolve_runs(runs)
@@ -406,15 +452,16 @@ def render_report(runs: list[Path], out: Path | None, baseline: str | None) -> l
     fits = pd.DataFrame()
     if df is not None:
         impls = sorted(set(df["impl"]))
-        baseline = baseline or next((b for b in ("sdpa", "torch") if b in impls), impls[0])
-        if baseline not in impls:
-            raise InputError(f"--baseline {baseline} is not in these runs; impls: {', '.join(impls)}")
+        baselines = baselines or [next((b for b in ("sdpa", "torch") if b in impls), impls[0])]
+        for baseline in baselines:
+            if baseline not in impls:
+                raise InputError(f"--baseline {baseline} is not in these runs; impls: {', '.join(impls)}")
         if not (df["status"] == "ok").any():
             raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
         fits = exponents(df)
-        figs = figures(df, fits, baseline, out_dir / "plots")
+        figs = figures(df, fits, baselines[0], out_dir / "plots")
     other_pngs = _other_pngs(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
-    sections = _sections(run_dirs, df, figs, fits, baseline, other_pngs)
+    sections = _sections(run_dirs, df, figs, fits, baselines or [], other_pngs)
     (out_dir / "report.md").write_text(_markdown(sections, out_dir))
     (out_dir / "report.html").write_text(_html(sections))
     written = [f.path for f in figs] + [png for pngs in other_pngs.values() for png in pngs] + [out_dir / "report.md", out_dir / "report.html"]

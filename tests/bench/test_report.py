@@ -62,6 +62,25 @@ def test_speedups_divide_the_baseline(tmp_path):
     assert ratio["speedup"].to_numpy() == pytest.approx(expected.to_numpy(), rel=1e-5)
 
 
+def test_speedup_table_has_one_column_per_impl_and_memory_ratios(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    df = report.load_speed([tmp_path / "run"])
+    table = report.speedup_table(df, "torch")
+    assert list(table.columns[-1:]) == ["sdpa"] and len(table) == 2 * 4  # modes x seqs
+    fwd = table[table["mode"] == "fwd"].set_index("seq")["sdpa"]
+    assert fwd[2048] == pytest.approx(round(1e-6 * 2048**2 / (3e-4 * 2048), 2))
+    memory = report.speedup_table(df, "torch", "memory")
+    assert (memory["sdpa"] == 1.0).all()  # both impls wrote seq / 8 MiB
+
+
+def test_variant_costs_divide_by_standard_in_the_same_impl(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    df = report.load_speed([tmp_path / "run"])
+    rope = df.assign(mechanism="rope", ms_median=df["ms_median"] * 1.25)
+    costs = report.variant_costs(pd.concat([df, rope]))
+    assert set(costs["mechanism"]) == {"rope"} and (costs[["sdpa", "torch"]] == 1.25).all().all()
+
+
 def test_report_writes_pngs_markdown_and_self_contained_html(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path / "results" / "20250101-000000-speed", quadratic_and_linear)
@@ -75,6 +94,7 @@ def test_report_writes_pngs_markdown_and_self_contained_html(tmp_path, monkeypat
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (run / "report.md").read_text()
     assert "FlashAttention-3 convention" in markdown and "plots/latency-" in markdown and "OutOfMemoryError" in markdown
+    assert "## Speedup over torch" in markdown and "## Peak memory relative to torch" in markdown
     html = (run / "report.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', html)
     assert len(images) == len(pngs) and all(src.startswith("data:image/png;base64,") for src in images)
