@@ -521,6 +521,14 @@ def describe_models(spec: TrainSpec, vocab_size: int, device: torch.device) -> d
     return described
 
 
+MANY_EPOCHS = 4  # more passes over the train split than this: warn that the model will overfit
+
+
+def epochs(spec: TrainSpec, train_tokens: int) -> float:
+    """Passes over the train split that ``spec`` (resolved) makes: steps x batch x seq tokens."""
+    return spec.steps * spec.batch * spec.seq / max(train_tokens, 1)
+
+
 def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) -> Path:
     """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder."""
     spec = spec.resolved()
@@ -534,6 +542,13 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
     if spec.task == "mlm" and tokenizer.mask_id is None:
         raise InputError(f"tokenizer {tokenizer.name} has no mask token; use --task clm or another tokenizer")
     meta["corpus"] = {"name": corpus.name, "sha256": corpus.digest, "tokens": {s: t.numel() for s, t in streams.items()}}
+    meta["epochs"] = epochs(spec, streams["train"].numel())
+    if meta["epochs"] > MANY_EPOCHS and distributed.from_environment().is_main:
+        from attnbench import console
+
+        console.err.print(f"[yellow]warning: {spec.steps} steps x {spec.batch} x {spec.seq} tokens are {meta['epochs']:.1f} epochs "
+                          f"of {corpus.name}'s {streams['train'].numel():,} train tokens: expect the validation loss to rise "
+                          "(overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
     meta["tokenizer"] = {"name": tokenizer.name, "sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size}
     meta["models"] = describe_models(spec, tokenizer.vocab_size, device)
     world = distributed.from_environment()

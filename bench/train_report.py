@@ -157,15 +157,18 @@ def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
     lines = [
         f"Steps to eval loss {target:.4g}: the first evaluation at or below the worst final eval loss.",
         "",
-        "| mechanism | steps | eval loss | eval ppl | eval acc | steps to target | tokens/s | peak MiB | params | attention params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Best: the lowest eval loss and its step (below the final one when the model overfits).",
+        "",
+        "| mechanism | steps | eval loss | eval ppl | eval acc | best eval loss @ step | steps to target | tokens/s | peak MiB | params | attention params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line, final in finals.iterrows():
         trained = train[(train["line"] == line) & (train["split"] == "train") & (train["status"] == "ok")]
         params = models.get(line, {}).get("params", {})
+        best = valid[valid["line"] == line].sort_values("loss").iloc[0]
         lines.append(
             f"| {line} | {int(final['step'])} | {_fmt(final['loss'])} | {_fmt(final['ppl'])} | {_fmt(final['accuracy'], 3)} "
-            f"| {_fmt(steps_to_loss(valid[valid['line'] == line], target))} | {_fmt(float(trained['tokens_per_s'].median()), 3)} "
+            f"| {_fmt(best['loss'])} @ {int(best['step'])} | {_fmt(steps_to_loss(valid[valid['line'] == line], target))} | {_fmt(float(trained['tokens_per_s'].median()), 3)} "
             f"| {_fmt(float(trained['peak_mem_mib'].max()), 4)} | {_fmt(params.get('total'))} | {_fmt(params.get('attention'))} |"
         )
     failed = train[train["status"] != "ok"]

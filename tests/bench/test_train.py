@@ -60,9 +60,10 @@ def test_loss_falls_same_seed_same_losses_and_everything_is_written(corpus, tmp_
     assert all(0 < float(r["entropy"]) < math.log(32) for r in entropy)  # causal rows see <= 32 keys
     meta = store.read_meta(first)
     assert meta["corpus"]["sha256"] and meta["tokenizer"]["name"] == "bytes" and meta["finished"]
+    assert meta["epochs"] == pytest.approx(12 * 4 * 32 / meta["corpus"]["tokens"]["train"])
     assert meta["models"]["rope"]["params"]["total"] == param_counts(build_model("tiny", "rope", task="clm", seq=32, vocab_size=259))["total"]
     assert (first / "plots" / "train_curves.png").stat().st_size > 0 and (first / "plots" / "extrapolation.png").exists()
-    assert "| rope |" in (first / "train_report.md").read_text()
+    assert "| rope |" in (first / "train_report.md").read_text() and " @ 12 |" in (first / "train_report.md").read_text()
     assert checkpoint.latest(first / "checkpoints" / "standard").name == "step-000012"
 
 
