@@ -249,6 +249,49 @@ def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, p
     return path
 
 
+def best_per_sequence(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per mechanism, causal and T: the fastest impl's median ms per sequence (ms / batch)."""
+    per_seq = rows.assign(ms_per_seq=rows["ms_median"] / rows["batch"]).reset_index(drop=True)
+    best = per_seq.loc[per_seq.groupby(["mechanism", "causal", "seq"])["ms_per_seq"].idxmin()]
+    return best[["mechanism", "causal", "seq", "impl", "ms_per_seq"]].reset_index(drop=True)
+
+
+def _crossover_figure(rows: pd.DataFrame, *, path: Path, palette, title: str) -> Path:
+    """Log-log time per sequence against T, one line per mechanism (its fastest impl at each T),
+    so the lengths where a sub-quadratic mechanism overtakes exact attention read off the crossings."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    best = best_per_sequence(rows)
+    mechanisms = list(dict.fromkeys(best.sort_values("ms_per_seq", ascending=False)["mechanism"]))
+    colours = dict(zip(mechanisms, sns.color_palette("tab20", len(mechanisms))))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for (mechanism, causal), line in best.groupby(["mechanism", "causal"]):
+        line = line.sort_values("seq")
+        ax.plot(line["seq"], line["ms_per_seq"], "-" if causal == "causal" else "--", marker="o", markersize=4,
+                color=colours[mechanism], linewidth=1.8, label=mechanism)
+        last = line.iloc[-1]
+        ax.annotate(f" {mechanism}", (last["seq"], last["ms_per_seq"]), fontsize=8, color=colours[mechanism], va="center")
+    seqs = sorted(best["seq"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(seqs))
+    ax.xaxis.set_major_formatter(FuncFormatter(_seq_label))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(seqs[0] / 1.2, seqs[-1] * 2.2)  # room for the labels at the line ends
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("ms per sequence (fastest impl)")
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, ncol=2, frameon=False, loc="upper left")
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _exponent_figure(fits: pd.DataFrame, *, path: Path, palette, title: str) -> Path:
     """Grouped bars: mechanism on x, one bar per impl; rows: mode, columns: causal/bidirectional;
     dotted lines at k = 1 and 2."""
@@ -289,7 +332,7 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
     colours = sns.color_palette("tab10") + sns.color_palette("Dark2")
     palette = {impl: colours[known.index(impl) % len(colours)] if impl in known else colours[-1 - n % 8]
                for n, impl in enumerate(impls)}
-    markers = dict(zip(sorted(set(df["run"])), "osD^vP*X"))
+    markers = {run: "osD^vP*X"[i % 8] for i, run in enumerate(sorted(set(df["run"])))}
     out = []
     ok = df[df["status"] == "ok"]
     for slug, rows in _setups(ok):
@@ -307,6 +350,8 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
             if in_mode["peak_mem_mib"].notna().any():
                 add(f"memory-{mode}", f"{mode}: peak memory vs T", _facet, in_mode[in_mode["peak_mem_mib"].notna()],
                     "peak_mem_mib", "peak memory (MiB)", True, markers=markers)
+            if in_mode["mechanism"].nunique() > 1:
+                add(f"crossover-{mode}", f"{mode}: time per sequence of each mechanism's fastest impl", _crossover_figure, in_mode)
             if not ratio_in_mode.empty:
                 add(f"speedup-{mode}", f"{mode}: speedup over {baseline}", _facet, ratio_in_mode, "speedup",
                     f"speedup over {baseline} (x)", True, markers=markers, hline=1.0)

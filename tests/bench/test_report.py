@@ -81,6 +81,22 @@ def test_variant_costs_divide_by_standard_in_the_same_impl(tmp_path):
     assert set(costs["mechanism"]) == {"rope"} and (costs[["sdpa", "torch"]] == 1.25).all().all()
 
 
+def test_crossover_takes_each_mechanisms_fastest_impl_per_sequence(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    write_run(tmp_path / "run", quadratic_and_linear)
+    df = report.load_speed([tmp_path / "run"])
+    df = pd.concat([df, df.assign(mechanism="linear", ms_median=df["ms_median"] * 2)])
+    rows = df[(df["status"] == "ok") & (df["mode"] == "fwd")]
+    best = report.best_per_sequence(rows).set_index(["mechanism", "seq"])
+    # torch (quadratic) wins below T = 300, sdpa (linear) above; ms per sequence, not per batch
+    assert best.loc[("standard", 256), "impl"] == "torch" and best.loc[("standard", 2048), "impl"] == "sdpa"
+    assert best.loc[("linear", 2048), "ms_per_seq"] == pytest.approx(2 * 3e-4 * 2048, rel=1e-5)
+    path = report._crossover_figure(rows, path=tmp_path / "crossover.png", palette={}, title="t")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_report_writes_pngs_markdown_and_self_contained_html(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path / "results" / "20250101-000000-speed", quadratic_and_linear)
