@@ -88,8 +88,11 @@ def _markdown(run_dirs: list[Path], plots: list[Path], out_dir: Path) -> str:
             "| " + " | ".join(title for _, title in TABLE) + " |",
             "|" + "---|" * len(TABLE),
         ]
-        for row in store.read_rows(run / SUMMARY_CSV, SUMMARY_COLUMNS):
-            lines.append("| " + " | ".join(_cell(column, row[column]) for column, _ in TABLE) + " |")
+        if not (run / SUMMARY_CSV).exists():  # a run stopped before its end: its curves still count
+            lines[-2:] = ["Unfinished run (no summary.csv): the curves above are every evaluation it recorded."]
+        else:
+            for row in store.read_rows(run / SUMMARY_CSV, SUMMARY_COLUMNS):
+                lines.append("| " + " | ".join(_cell(column, row[column]) for column, _ in TABLE) + " |")
         generations = run / f"{GENERATIONS}.md"
         if generations.exists():
             body = generations.read_text().split("\n", 1)[1]  # without its own title

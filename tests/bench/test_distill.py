@@ -66,6 +66,9 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
     text = report.read_text()
     assert "| student | linear | chunked | 20 |" in text and "### Generations" in text
     assert all(p.stat().st_size > 0 for p in plots)
+    (run_dir / distill.SUMMARY_CSV).unlink()  # as a run killed before its end leaves it
+    report, *_ = render_distill_report([run_dir], tmp_path / "report-unfinished")
+    assert "Unfinished run" in report.read_text() and (tmp_path / "report-unfinished" / "plots" / "distill_kl.png").exists()
 
 
 def test_only_attention_trains_by_default(teacher):
