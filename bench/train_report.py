@@ -60,12 +60,16 @@ def _plain_log_ticks(ax, axis: str = "y") -> None:
     """Log axis with plain numbers (5.2, 300) instead of 5.2 x 10^0."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
     target = ax.yaxis if axis == "y" else ax.xaxis
+
+    def minor(value, _pos) -> str:  # minor labels only where the axis spans under a decade (few majors)
+        lo, hi = sorted(target.get_view_interval())
+        return f"{value:.3g}" if lo > 0 and hi / lo <= 10 else ""
+
     target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     target.set_minor_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
-    target.set_major_formatter(fmt)
-    target.set_minor_formatter(fmt)
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    target.set_minor_formatter(FuncFormatter(minor))
 
 
 def _curves_figure(train: pd.DataFrame, path: Path) -> None:
