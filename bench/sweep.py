@@ -1,9 +1,12 @@
-"""The speed sweep: a spec expands to cases; every case is warmed up, then every case is timed.
+"""The speed sweep: a spec expands to cases; series by series, every case is warmed up, then timed.
 
-Phase 1 (warm-up) builds each case once and calls it once: compilation, autotuning and
-cuDNN graph building happen here, their cost lands in ``first_call_ms``, and cases that
-cannot run (unsupported, error, OOM) get their row now. Phase 2 rebuilds each remaining
-case and times it. An OOM marks the larger sizes of its case ``skipped``.
+A series is the sizes (seq, batch) of one mechanism, impl, mode, dtype, ... Warm-up builds
+each case once and calls it once: compilation, autotuning and cuDNN graph building happen
+here, their cost lands in ``first_call_ms``, and cases that cannot run (unsupported, error,
+OOM) get their row now. Timing then rebuilds each remaining case of the series and times it.
+An OOM marks the larger sizes of its case ``skipped``. (DESIGN.md warms up the whole sweep
+before timing any case; per series, a sweep stopped by a time limit keeps every finished
+series instead of nothing, and no compile ever runs inside a timed region either way.)
 
 Levels: a level is one function ``Case -> Workload`` in ``LEVELS``: kernel (the core on
 q, k, v), layer (with projections), model (a full training step of a preset model).
@@ -12,6 +15,7 @@ q, k, v), layer (with projections), model (a full training step of a preset mode
 from __future__ import annotations
 
 import gc
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -362,14 +366,18 @@ class Sweep:
         self.rows: list[dict[str, Any]] = []
 
     def run(self, on_step: Callable[[str, Case], None] = lambda phase, case: None) -> list[dict[str, Any]]:
-        """Warm up every case, then time every case that warmed up; returns the rows written.
+        """Series by series (the sizes of one mechanism/impl/mode/...): warm up each case of the
+        series, then time each that warmed up; returns the rows written. A sweep stopped part way
+        keeps every finished series' rows (resume runs the rest).
         ``on_step(phase, case)``: progress, once per pending case per phase ("warmup", "timing")."""
-        for case in self.pending:
-            on_step("warmup", case)
-            self._step(case, self._warm_up)
-        for case in self.pending:
-            on_step("timing", case)
-            self._step(case, self._time)
+        for _, series in itertools.groupby(self.pending, key=Case.series):
+            series = list(series)
+            for case in series:
+                on_step("warmup", case)
+                self._step(case, self._warm_up)
+            for case in series:
+                on_step("timing", case)
+                self._step(case, self._time)
         return self.rows
 
     def _step(self, case: Case, action: Callable[[Case], dict[str, Any] | None]) -> None:

@@ -38,15 +38,32 @@ def test_torch_impl_gives_ok_rows_with_consistent_numbers(level, mode):
     assert r["peak_mem_mib"] is None and r["pct_peak"] is None  # CPU: no allocator stats, no peak measured
 
 
-def test_every_case_is_warmed_up_before_any_is_timed(monkeypatch):
+def test_each_series_is_warmed_up_before_it_is_timed(monkeypatch):
     calls = []
     first_call, measure = timing.first_call_ms, timing.measure
     monkeypatch.setattr(timing, "first_call_ms", lambda fn, dev: calls.append("first") or first_call(fn, dev))
     monkeypatch.setattr(timing, "measure", lambda *a, **k: calls.append("timed") or measure(*a, **k))
-    rows, events = run(tiny_spec(modes=["fwd", "bwd"]))
-    assert calls == ["first"] * 4 + ["timed"] * 4
-    assert [phase for phase, _ in events] == ["warmup"] * 4 + ["timing"] * 4
+    rows, events = run(tiny_spec(modes=["fwd", "bwd"]))  # two series (fwd, bwd) of two lengths
+    assert calls == ["first", "first", "timed", "timed"] * 2
+    assert [phase for phase, _ in events] == ["warmup", "warmup", "timing", "timing"] * 2
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_a_sweep_stopped_in_its_second_series_keeps_the_first(monkeypatch):
+    measure, timed = timing.measure, []
+
+    def stopped_at_the_third(*args, **kwargs):
+        timed.append(1)
+        if len(timed) == 3:
+            raise KeyboardInterrupt  # what a time limit's signal does to the sweep
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "measure", stopped_at_the_third)
+    written = []
+    spec = tiny_spec(modes=["fwd", "bwd"])
+    with pytest.raises(KeyboardInterrupt):
+        sweep.Sweep(sweep.expand(spec), written.append).run()
+    assert [(r["mode"], r["status"]) for r in written] == [("fwd", "ok"), ("fwd", "ok")]
 
 
 def test_bwd_resets_input_grads_every_repetition(monkeypatch):
