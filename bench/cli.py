@@ -274,7 +274,7 @@ def distill(
 
 @app.command()
 def train(
-    attn: Annotated[str, typer.Option(help="Comma-separated mechanisms; each trains an identical model on the identical token stream.")],
+    attn: Annotated[str, typer.Option(help="Comma-separated mechanisms, or all; each trains an identical model on the identical token stream.")],
     task: Annotated[str, typer.Option(help="mlm (BERT-style encoder) or clm (GPT-style decoder).")] = "mlm",
     preset: Annotated[str, typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base).")] = "small",
     steps: Annotated[int, typer.Option(help="Optimizer steps per mechanism.")] = 2000,
@@ -300,8 +300,11 @@ def train(
     from attnbench import console
     from attnbench.train import TrainSpec, run_train
 
+    from attnbench.models.registry import mechanisms
+
+    names = [name.strip() for name in attn.split(",") if name.strip()]
     spec = TrainSpec(
-        attn=[name.strip() for name in attn.split(",") if name.strip()], task=task, preset=preset, impl=impl,
+        attn=list(mechanisms()) if names == ["all"] else names, task=task, preset=preset, impl=impl,
         steps=steps, seq=seq, batch=batch, lr=lr, warmup=warmup, data=data, tokenizer=tokenizer, download=download,
         device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, seed=seed, gpus=gpus,
         extra={} if window is None else {"window": window},

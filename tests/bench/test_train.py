@@ -204,3 +204,13 @@ def test_entropy_of_a_core_that_cannot_take_one_hot_values_is_a_reason_not_a_cra
     results = train.attention_entropy(model, ids)
     assert len(results) == model.cfg.layers
     assert all(value is None and "cannot be read" in message for value, message in results)
+
+
+def test_cli_attn_all_trains_every_registered_mechanism(monkeypatch, tmp_path):
+    from attnbench.models.registry import mechanisms
+
+    seen = {}
+    monkeypatch.setattr(train, "run_train", lambda spec, out, resume: seen.setdefault("spec", spec) and tmp_path)
+    result = CliRunner().invoke(app, ["train", "--attn", "all", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert seen["spec"].attn == list(mechanisms())
