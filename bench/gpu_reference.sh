@@ -5,7 +5,7 @@
 # and sweeps save series by series, so a step cut by its limit keeps what it finished).
 #   kernels:  a model-level profile, the exact-family grid (D 64 and 128), sliding-window scaling
 #   variants: rope/alibi/exposb against their peers, standard in the same run
-#   tests:    the CUDA-marked tests, alone on the GPU
+#   tests:    the CUDA-marked tests alone on the GPU, then `attnbench check` of every triton mechanism
 #   train:    GPT small with standard/rope/alibi/exposb, then distilled into four cheaper attentions
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 #   quality:  every mechanism in GPT small, a shorter run each (the cost/quality comparison)
@@ -44,7 +44,9 @@ variants)
         --seq 1024 2048 4096 8192 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
     ;;
 tests)
-    limit 560 python3 -m pytest -q -m cuda tests -rf --tb=short 2>&1 | tee "$out/cuda_tests.txt" | tail -40
+    limit 340 python3 -m pytest -q -m cuda tests -rf --tb=short 2>&1 | tee "$out/cuda_tests.txt" | tail -40
+    limit 220 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 > "$out/check.txt" 2>&1
+    tail -5 "$out/check.txt"
     ;;
 train)
     limit 330 attnbench train --attn standard,rope,alibi,exposb --task clm --preset small --steps 2000 --seq 512 \
