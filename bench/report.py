@@ -240,8 +240,9 @@ def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, p
     for causal, style in (("causal", "-"), ("bidirectional", "--")):
         if causal in set(data["causal"]):
             handles[causal] = Line2D([], [], color="0.3", linestyle=style)
-    if len(markers) > 1:
-        handles |= {run: Line2D([], [], color="0.3", marker=m, linestyle="") for run, m in markers.items()}
+    runs = [run for run in markers if run in set(data["run"])]
+    if len(runs) > 1:  # a marker per run only where this figure holds several
+        handles |= {run: Line2D([], [], color="0.3", marker=markers[run], linestyle="") for run in runs}
     g.add_legend(legend_data=handles, title="")
     g.figure.suptitle(title, y=1.02)
     g.figure.savefig(path, dpi=130, bbox_inches="tight")
