@@ -8,8 +8,10 @@ precision (plus half an ulp of the largest value). The table shows that ratio pe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -190,9 +192,15 @@ def _mechanism_case(name, mechanism, cfg, seq: int, dtype: torch.dtype, padded: 
     return CheckCase(name, bind(mechanism.impl("triton").run), bind(mechanism.impl("torch").run), inputs)
 
 
-def run_check(attn: Sequence[str], max_seq: int, dtype_name: str, console=None) -> bool:
-    """`attnbench check`: print the table of the softmax-family matrix; True when all pass."""
+CHECK_COLUMNS = ["case", "output", "kernel_error", "torch_error", "ratio", "status", "message"]
+
+
+def run_check(attn: Sequence[str], max_seq: int, dtype_name: str, console=None, csv_path: Path | None = None) -> bool:
+    """`attnbench check`: print the table of the softmax-family matrix; True when all pass.
+    ``csv_path``: also write every row there as it is measured (CHECK_COLUMNS)."""
     from rich.console import Console
+
+    from attnbench import store
 
     if dtype_name not in DTYPES:
         raise InputError(f"unknown dtype '{dtype_name}'; valid: {', '.join(DTYPES)}")
@@ -202,8 +210,18 @@ def run_check(attn: Sequence[str], max_seq: int, dtype_name: str, console=None) 
         raise InputError("attnbench check needs a CUDA GPU (the Triton kernels run there); none found")
     console = console or Console()
     cases = mechanism_cases(attn, max_seq, DTYPES[dtype_name])
-    rows = run_cases(cases, on_row=lambda row: console.print(
-        f"{row.case} {row.output}: {row.status} (error {row.ratio:.2f}x torch's own)", highlight=False))
+    if csv_path is not None:
+        store.ensure_writable(csv_path.parent)
+    log = store.RowLog(csv_path, CHECK_COLUMNS) if csv_path is not None else None
+
+    def on_row(row: Measurement) -> None:
+        console.print(f"{row.case} {row.output}: {row.status} (error {row.ratio:.2f}x torch's own)", highlight=False)
+        if log is not None:
+            log.append({**dataclasses.asdict(row), "ratio": row.ratio})
+
+    rows = run_cases(cases, on_row=on_row)
+    if log is not None:
+        log.close()
     console.print(table(rows))
     ok = passed(rows)
     console.print("[green]all checks passed[/]" if ok else "[red]some checks FAILED[/]")

@@ -228,12 +228,13 @@ def check(
     attn: Annotated[str, typer.Option(help="Comma-separated mechanisms whose triton impl is checked.")] = "standard,rope,alibi,window",
     max_seq: Annotated[int, typer.Option(help="Longest sequence T checked (also 1k, 1037 and powers of 4 from 4k).")] = 16384,
     dtype: Annotated[str, typer.Option(help="bf16 or fp16.")] = "bf16",
+    csv: Annotated[Optional[Path], typer.Option(help="Also write every row to this CSV as it is measured.")] = None,
 ) -> None:
     """Our Triton kernels against the plain-torch reference on the GPU at real sizes; exit 1 on a failure."""
     from attnbench import console
     from attnbench.check import run_check
 
-    if not run_check([name.strip() for name in attn.split(",") if name.strip()], max_seq, dtype, console.out):
+    if not run_check([name.strip() for name in attn.split(",") if name.strip()], max_seq, dtype, console.out, csv):
         raise typer.Exit(1)
 
 

@@ -45,7 +45,7 @@ variants)
     ;;
 tests)
     limit 340 python3 -m pytest -q -m cuda tests -rf --tb=short 2>&1 | tee "$out/cuda_tests.txt" | tail -40
-    limit 220 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 > "$out/check.txt" 2>&1
+    limit 220 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -5 "$out/check.txt"
     ;;
 train)

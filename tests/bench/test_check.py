@@ -105,3 +105,17 @@ def test_softmax_matrix_covers_lengths_and_both_masks():
 def test_check_passes_on_the_gpu_at_moderate_sizes():
     rows = check.run_cases(check.mechanism_cases(["standard", "rope", "alibi", "window"], 2048, torch.bfloat16))
     assert check.passed(rows), [row for row in rows if row.status != "ok"]
+
+
+def test_check_csv_holds_every_row_as_printed(monkeypatch, tmp_path):
+    cases = [_fake_case("good", _attention_in_fp32), _fake_case("biased", _attention_with_bias)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fake cases run on the CPU
+    monkeypatch.setattr(check, "mechanism_cases", lambda *args: cases)
+    path = tmp_path / "out" / "check.csv"
+    ok = check.run_check(["standard"], 64, "bf16", Console(file=io.StringIO()), path)
+    import pandas as pd
+
+    rows = pd.read_csv(path)
+    assert not ok and len(rows) == 8 and list(rows.columns) == check.CHECK_COLUMNS
+    failed = rows[rows["status"] == "fail"]
+    assert list(zip(failed["case"], failed["output"])) == [("biased", "o")] and (failed["ratio"] > 2).all()
