@@ -69,6 +69,24 @@ def test_fp32_gqa_matches_reference(causal, seq_lens):
     assert_matches_reference(torch.float32, b=2, t=37, s=37, hq=4, hkv=2, d=32, causal=causal, seq_lens=seq_lens)
 
 
+UNEQUAL_TILES = {
+    "wide-queries": {"fwd": (32, 16, 1), "dq": (32, 16, 1), "dkdv": (16, 32, 1)},
+    "wide-keys": {"fwd": (16, 32, 1), "dq": (16, 32, 1), "dkdv": (32, 16, 1)},
+}
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter tiles")
+@pytest.mark.parametrize("tiles", UNEQUAL_TILES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_fp32_matches_reference_with_unequal_tiles(tiles, causal, monkeypatch):
+    """BLOCK_M != BLOCK_N either way (the GPU's tiles are unequal): the below/diagonal/above
+    regimes and the decay's pivot hold for any tile shape, so tuning the tiles is safe."""
+    from attnbench.kernels import exposb
+
+    monkeypatch.setattr(exposb, "_INTERPRETER_TILES", UNEQUAL_TILES[tiles])
+    assert_matches_reference(torch.float32, 2, 70, 70, 4, 2, 32, causal, [70, 41])
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_fp32_strong_decay_head_dim_32(causal):
     torch.manual_seed(1)
