@@ -107,30 +107,30 @@ def exponents(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """baseline median / impl median for every ok case that the baseline also ran."""
+    """For every ok case that the baseline also ran: speedup = baseline median / impl median,
+    memory = impl peak memory / baseline peak memory."""
     ok = df[df["status"] == "ok"]
     keys = ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"]
-    base = ok[ok["impl"] == baseline][keys + ["ms_median"]].rename(columns={"ms_median": "baseline_ms"})
-    joined = ok[ok["impl"] != baseline].merge(base, on=keys)
-    return joined.assign(speedup=joined["baseline_ms"] / joined["ms_median"])
+    base = ok[ok["impl"] == baseline][keys + ["ms_median", "peak_mem_mib"]]
+    joined = ok[ok["impl"] != baseline].merge(base.rename(columns={"ms_median": "baseline_ms", "peak_mem_mib": "baseline_mem"}), on=keys)
+    return joined.assign(speedup=joined["baseline_ms"] / joined["ms_median"], memory=joined["peak_mem_mib"] / joined["baseline_mem"])
 
 
 CASE_INDEX = ["run", "head_dim", "mechanism", "mode", "causal", "window", "seq"]
 
 
-def speedup_table(df: pd.DataFrame, baseline: str, value: str = "speedup") -> pd.DataFrame:
-    """One row per case, one column per impl: baseline median / impl median (value="speedup"),
-    or impl peak memory / baseline peak memory (value="memory")."""
-    ratios = speedups(df, baseline)
-    if value == "memory":
-        base = df[(df["status"] == "ok") & (df["impl"] == baseline)]
-        keys = ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"]
-        ratios = ratios.merge(base[keys + ["peak_mem_mib"]].rename(columns={"peak_mem_mib": "baseline_mem"}), on=keys)
-        ratios = ratios.assign(memory=ratios["peak_mem_mib"] / ratios["baseline_mem"])
+def _per_case(ratios: pd.DataFrame, value: str) -> pd.DataFrame:
+    """``ratios[value]`` as one row per case (CASE_INDEX) and one column per impl, 2 decimals."""
     if ratios.empty:
         return pd.DataFrame()
     wide = ratios.pivot_table(index=CASE_INDEX, columns="impl", values=value, dropna=False).round(2)
     return wide.dropna(how="all").reset_index().rename_axis(columns=None)
+
+
+def speedup_table(df: pd.DataFrame, baseline: str, value: str = "speedup") -> pd.DataFrame:
+    """One row per case, one column per impl: baseline median / impl median (value="speedup"),
+    or impl peak memory / baseline peak memory (value="memory")."""
+    return _per_case(speedups(df, baseline), value)
 
 
 def variant_costs(df: pd.DataFrame, reference: str = "standard") -> pd.DataFrame:
@@ -140,11 +140,7 @@ def variant_costs(df: pd.DataFrame, reference: str = "standard") -> pd.DataFrame
     keys = ["run", *SETUP, "impl", "mode", "causal", "batch", "seq"]
     base = ok[ok["mechanism"] == reference][keys + ["ms_median"]].rename(columns={"ms_median": "reference_ms"})
     joined = ok[ok["mechanism"] != reference].merge(base, on=keys)
-    if joined.empty:
-        return pd.DataFrame()
-    joined = joined.assign(cost=joined["ms_median"] / joined["reference_ms"])
-    wide = joined.pivot_table(index=CASE_INDEX, columns="impl", values="cost", dropna=False).round(2)
-    return wide.dropna(how="all").reset_index().rename_axis(columns=None)
+    return _per_case(joined.assign(cost=joined["ms_median"] / joined["reference_ms"]), "cost")
 
 
 def fastest(df: pd.DataFrame) -> pd.DataFrame:
