@@ -299,9 +299,8 @@ def train(
 ) -> None:
     """Train identical models that differ only in their attention; learning curves, extrapolation, report."""
     from attnbench import console
-    from attnbench.train import TrainSpec, run_train
-
     from attnbench.models.registry import mechanisms
+    from attnbench.train import TrainSpec, run_train
 
     names = [name.strip() for name in attn.split(",") if name.strip()]
     spec = TrainSpec(

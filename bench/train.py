@@ -533,7 +533,8 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
     """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder."""
     spec = spec.resolved()
     device = resolve_device(spec.device)
-    if distributed.from_environment().size > 1 and out is None:
+    world = distributed.from_environment()
+    if world.size > 1 and out is None:
         raise InputError("under torchrun pass --out, so that every rank writes the same run folder")
     run_dir, meta = open_run(spec, out, resume)
     corpus = data.load_corpus(spec.data, spec.download)
@@ -542,17 +543,17 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
     if spec.task == "mlm" and tokenizer.mask_id is None:
         raise InputError(f"tokenizer {tokenizer.name} has no mask token; use --task clm or another tokenizer")
     meta["corpus"] = {"name": corpus.name, "sha256": corpus.digest, "tokens": {s: t.numel() for s, t in streams.items()}}
-    meta["epochs"] = epochs(spec, streams["train"].numel())
-    if meta["epochs"] > MANY_EPOCHS and distributed.from_environment().is_main:
-        from attnbench import console
-
-        console.err.print(f"[yellow]warning: {spec.steps} steps x {spec.batch} x {spec.seq} tokens are {meta['epochs']:.1f} epochs "
-                          f"of {corpus.name}'s {streams['train'].numel():,} train tokens: expect the validation loss to rise "
-                          "(overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
+    train_tokens = meta["corpus"]["tokens"]["train"]
+    meta["epochs"] = epochs(spec, train_tokens)
     meta["tokenizer"] = {"name": tokenizer.name, "sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size}
     meta["models"] = describe_models(spec, tokenizer.vocab_size, device)
-    world = distributed.from_environment()
     if world.is_main:
+        if meta["epochs"] > MANY_EPOCHS:
+            from attnbench import console
+
+            console.err.print(f"[yellow]warning: {spec.steps} steps x {spec.batch} x {spec.seq} tokens are {meta['epochs']:.1f} epochs "
+                              f"of {corpus.name}'s {train_tokens:,} train tokens: expect the validation loss to rise "
+                              "(overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
         if resume:
             prune_to_checkpoints(run_dir, spec.attn)
         store.write_meta(run_dir, meta)

@@ -169,10 +169,11 @@ def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
     for line, final in finals.iterrows():
         trained = train[(train["line"] == line) & (train["split"] == "train") & (train["status"] == "ok")]
         params = models.get(line, {}).get("params", {})
-        best = valid[valid["line"] == line].sort_values("loss").iloc[0]
+        evals = valid[valid["line"] == line]
+        best = evals.sort_values("loss").iloc[0]
         lines.append(
             f"| {line} | {int(final['step'])} | {_fmt(final['loss'])} | {_fmt(final['ppl'])} | {_fmt(final['accuracy'], 3)} "
-            f"| {_fmt(best['loss'])} @ {int(best['step'])} | {_fmt(steps_to_loss(valid[valid['line'] == line], target))} | {_fmt(float(trained['tokens_per_s'].median()), 3)} "
+            f"| {_fmt(best['loss'])} @ {int(best['step'])} | {_fmt(steps_to_loss(evals, target))} | {_fmt(float(trained['tokens_per_s'].median()), 3)} "
             f"| {_fmt(float(trained['peak_mem_mib'].max()), 4)} | {_fmt(params.get('total'))} | {_fmt(params.get('attention'))} |"
         )
     failed = train[train["status"] != "ok"]
