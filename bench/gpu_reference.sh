@@ -27,6 +27,9 @@ limit() {  # limit SECONDS CMD...: run CMD for at most SECONDS, and never past t
     timeout "$t" "${@:2}" || echo "exit $? after at most ${t}s: ${*:2}" | tee -a "$out/skipped.txt"
 }
 speed() { limit "$1" attnbench speed "${@:2}" --measure-peak 2>&1 | tail -80; }
+drop_checkpoints() {  # train/distill weights stay on the machine: too large to bring back
+    find "$out" -type d \( -name checkpoints -o -name students \) -prune -exec rm -rf {} +
+}
 EXACT=(--attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 1024 2048 4096 8192 16384
        --mode fwd --mode fwdbwd --causal --bidirectional)
 
@@ -53,7 +56,7 @@ train)
         --eval-every 200 --out "$out/gpt-small" 2>&1 | tail -20
     limit 240 attnbench distill --teacher "$out/gpt-small" --teacher-attn standard --student performer \
         --student linear --student window --student nsa --steps 1000 --eval-every 100 --out "$out/distill" 2>&1 | tail -20
-    find "$out" -type d \( -name checkpoints -o -name students \) -prune -exec rm -rf {} +  # too large to bring back
+    drop_checkpoints
     ;;
 layers)
     speed 480 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
@@ -62,6 +65,6 @@ layers)
 quality)
     limit 560 attnbench train --attn all --task clm --preset small --steps 600 --seq 512 --eval-every 100 \
         --out "$out/gpt-small-all" 2>&1 | tail -30
-    find "$out" -type d -name checkpoints -prune -exec rm -rf {} +
+    drop_checkpoints
     ;;
 esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pandas as pd
 import pytest
 import torch
 from rich.console import Console
@@ -113,8 +114,6 @@ def test_check_csv_holds_every_row_as_printed(monkeypatch, tmp_path):
     monkeypatch.setattr(check, "mechanism_cases", lambda *args: cases)
     path = tmp_path / "out" / "check.csv"
     ok = check.run_check(["standard"], 64, "bf16", Console(file=io.StringIO()), path)
-    import pandas as pd
-
     rows = pd.read_csv(path)
     assert not ok and len(rows) == 8 and list(rows.columns) == check.CHECK_COLUMNS
     failed = rows[rows["status"] == "fail"]
