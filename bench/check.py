@@ -210,18 +210,21 @@ def run_check(attn: Sequence[str], max_seq: int, dtype_name: str, console=None, 
         raise InputError("attnbench check needs a CUDA GPU (the Triton kernels run there); none found")
     console = console or Console()
     cases = mechanism_cases(attn, max_seq, DTYPES[dtype_name])
+    log = None
     if csv_path is not None:
         store.ensure_writable(csv_path.parent)
-    log = store.RowLog(csv_path, CHECK_COLUMNS) if csv_path is not None else None
+        log = store.RowLog(csv_path, CHECK_COLUMNS)
 
     def on_row(row: Measurement) -> None:
         console.print(f"{row.case} {row.output}: {row.status} (error {row.ratio:.2f}x torch's own)", highlight=False)
         if log is not None:
             log.append({**dataclasses.asdict(row), "ratio": row.ratio})
 
-    rows = run_cases(cases, on_row=on_row)
-    if log is not None:
-        log.close()
+    try:
+        rows = run_cases(cases, on_row=on_row)
+    finally:
+        if log is not None:
+            log.close()
     console.print(table(rows))
     ok = passed(rows)
     console.print("[green]all checks passed[/]" if ok else "[red]some checks FAILED[/]")
