@@ -54,7 +54,6 @@ PROMPTS = [
     "The following example shows how to",
     "class Queue:\n    \"\"\"",
 ]
-IMPL_PREFERENCE = ("triton", "sdpa", "chunked", "torch")
 
 
 @dataclass
@@ -140,16 +139,16 @@ class OutputRecorder:
 
 
 def choose_impl(mechanism: str, cfg: registry.LayerConfig, device: str, dtype: torch.dtype, wanted: str) -> str:
-    """``wanted``, or for "auto" the first of IMPL_PREFERENCE the mechanism has and can run here."""
+    """``wanted``, or for "auto" the registry's preferred impl (Mechanism.preferred_impl)."""
     entry = registry.get(mechanism)
     if wanted != "auto":
         reason = entry.impl(wanted).why_not(cfg, device, dtype)
         if reason:
             raise InputError(f"{mechanism} cannot run impl {wanted} here: {reason}")
         return wanted
-    for name in IMPL_PREFERENCE:
-        if name in entry.impls and entry.impls[name].why_not(cfg, device, dtype) is None:
-            return name
+    chosen = entry.preferred_impl(cfg, device, dtype)
+    if chosen:
+        return chosen
     raise InputError(f"no impl of {mechanism} runs on {device}")
 
 

@@ -42,7 +42,6 @@ ENTROPY_COLUMNS = ["attn", "step", "layer", "entropy", "status", "message"]
 EXTRAPOLATION_COLUMNS = ["attn", "train_seq", "seq", "factor", "method", "loss", "ppl", "tokens", "status", "message"]
 ENTROPY_CSV, EXTRAPOLATION_CSV = "entropy.csv", "extrapolation.csv"
 EXTRAPOLATION_FACTORS = (1, 2, 4)
-IMPL_PREFERENCE = ("triton", "sdpa", "torch")  # "auto": the first of these that can run the model
 
 
 class TrainingDiverged(InputError):
@@ -139,8 +138,8 @@ def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch
 
 
 def choose_impl(mechanism: str, requested: str, cfg: ModelConfig, device: torch.device) -> str:
-    """``requested`` if it can run here (InputError saying why not), or for "auto" the first
-    of IMPL_PREFERENCE that can, else the first impl of the mechanism that can."""
+    """``requested`` if it can run here (InputError saying why not), or for "auto" the
+    registry's preferred impl (Mechanism.preferred_impl)."""
     entry = registry.get(mechanism)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layer = cfg.layer_config()
@@ -152,10 +151,9 @@ def choose_impl(mechanism: str, requested: str, cfg: ModelConfig, device: torch.
         if why:
             raise InputError(f"{mechanism}/{requested}: {why}")
         return requested
-    candidates = [n for n in IMPL_PREFERENCE if n in entry.impls] + [n for n in entry.impls if n not in IMPL_PREFERENCE]
-    for name in candidates:
-        if entry.impls[name].why_not(layer, device, dtype) is None:  # layer-only impls (gau) train too
-            return name
+    chosen = entry.preferred_impl(layer, device, dtype)  # layer-only impls (gau) train too
+    if chosen:
+        return chosen
     raise InputError(f"{mechanism}: no impl can run on {device}")
 
 

@@ -66,6 +66,41 @@ def _check(q, k, v, seq_lens, window, slopes, theta) -> None:
         raise ValueError(f"RoPE needs an even head_dim, got {d}")
 
 
+def flash_problem(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = False,
+    seq_lens: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    slopes: torch.Tensor | None = None,
+    theta: float | None = None,
+    offset: int = 0,
+    scale: float | None = None,
+) -> FlashProblem:
+    """What the kernels need beyond q [B, T, Hq, D] and k [B, S, Hkv, D] (options: flash_attention)."""
+    t, s, d = q.shape[1], k.shape[1], q.shape[3]
+    left, right = window if window is not None else (_NO_LIMIT, _NO_LIMIT)
+    if causal:
+        right = 0 if window is None else min(right, 0)
+    cos = sin = None
+    if theta is not None:
+        cos, sin = _rope_tables(s, d, float(theta), int(offset), q.device)
+    return FlashProblem(
+        causal=causal,
+        left=int(left),
+        right=int(right),
+        seq_lens=None if seq_lens is None else seq_lens.to(device=q.device, dtype=torch.int32).contiguous(),
+        slopes=None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous(),
+        cos=cos,
+        sin=sin,
+        scale=d**-0.5 if scale is None else float(scale),
+        head_dim=d,
+        dtype=q.dtype,
+        seq_bucket=triton.next_power_of_2(max(t, s, 1024)),
+    )
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,24 +126,7 @@ def flash_attention(
     scale: of q.k (default D^-0.5).
     """
     _check(q, k, v, seq_lens, window, slopes, theta)
-    t, s, d = q.shape[1], k.shape[1], q.shape[3]
-    left, right = window if window is not None else (_NO_LIMIT, _NO_LIMIT)
-    if causal:
-        right = 0 if window is None else min(right, 0)
-    cos = sin = None
-    if theta is not None:
-        cos, sin = _rope_tables(s, d, float(theta), int(offset), q.device)
-    problem = FlashProblem(
-        causal=causal,
-        left=int(left),
-        right=int(right),
-        seq_lens=None if seq_lens is None else seq_lens.to(device=q.device, dtype=torch.int32).contiguous(),
-        slopes=None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous(),
-        cos=cos,
-        sin=sin,
-        scale=d**-0.5 if scale is None else float(scale),
-        head_dim=d,
-        dtype=q.dtype,
-        seq_bucket=triton.next_power_of_2(max(t, s, 1024)),
+    problem = flash_problem(
+        q, k, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes, theta=theta, offset=offset, scale=scale
     )
     return FlashAttention.apply(q, k, v, problem)

@@ -28,6 +28,9 @@ import torch
 from attnbench.models.errors import UnknownNameError
 
 Family = Literal["exact", "linear", "sparse", "recurrent"]
+# what "auto" means when a model is built to train: our fused kernel, then SDPA, then the
+# efficient torch form, then the definition (peers like fla are asked for by name)
+TRAINING_IMPL_PREFERENCE = ("triton", "sdpa", "chunked", "torch")
 Position = Literal["inside", "absolute"]
 
 
@@ -136,6 +139,11 @@ class Mechanism:
         except KeyError:
             valid = ", ".join(self.impls)
             raise UnknownNameError(f"unknown impl '{name}' for {self.name}; valid: {valid}") from None
+
+    def preferred_impl(self, cfg: LayerConfig, device: torch.device | str, dtype: torch.dtype) -> str | None:
+        """The first impl of TRAINING_IMPL_PREFERENCE, then of the rest, that runs ``cfg`` here."""
+        ranked = [n for n in TRAINING_IMPL_PREFERENCE if n in self.impls] + [n for n in self.impls if n not in TRAINING_IMPL_PREFERENCE]
+        return next((n for n in ranked if self.impls[n].why_not(cfg, device, dtype) is None), None)
 
     def why_not(self, cfg: LayerConfig) -> str | None:
         """Why this mechanism cannot build ``cfg`` (an unsupported option), or None."""

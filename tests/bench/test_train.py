@@ -172,7 +172,7 @@ def test_window_option_reaches_only_window_mechanisms():
     assert train.model_config(spec, "window", 300, torch.device("cpu")).window == 16
 
 
-@pytest.mark.parametrize("mechanism, expected", [("standard", "sdpa"), ("gau", "torch"), ("linear", "torch")])
+@pytest.mark.parametrize("mechanism, expected", [("standard", "sdpa"), ("gau", "chunked"), ("linear", "chunked"), ("deltanet", "chunked")])
 def test_auto_impl_takes_the_first_preferred_impl_that_runs_here(mechanism, expected):
     model = build_model("tiny", mechanism, task="clm")  # gau's impls are layer-only: they train too
     assert train.choose_impl(mechanism, "auto", model.cfg, torch.device("cpu")) == expected

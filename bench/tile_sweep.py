@@ -1,0 +1,124 @@
+"""Which tile each flash kernel should try first: every candidate forward, dk/dv and dq tile
+timed on its own on one problem, next to cuDNN's forward and backward (CUDA only).
+
+    python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --heads 8 --head-dim 64 --out tiles.csv
+
+(the defaults are GPT small's attention at 16k tokens per step). The forward is timed alone; a dk/dv candidate is timed as the whole backward with dq held
+at its current first choice (and a dq candidate with dk/dv held at the fastest dk/dv found),
+so within a kernel the rows rank its tiles. The kernels' own lists (kernels/flash_fwd.py,
+kernels/flash_bwd.py) are edited by hand from what this prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Callable, Iterator
+
+import pandas as pd
+import torch
+import typer
+
+from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
+from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
+from attnbench.kernels.flash import flash_problem
+from attnbench.kernels.flash_tiles import tile_config
+from attnbench.timing import measure
+
+# (BLOCK_M, BLOCK_N, warps, stages): the kernels' lists and their neighbours
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
+    "dkdv": [
+        (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3),
+        (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3),
+    ],
+    "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
+}
+NO_TILE = (0, 0, 0, 0)
+KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
+
+
+@contextlib.contextmanager
+def forced_tile(kernel, config) -> Iterator[None]:
+    """Run an autotuned kernel with this one config (no pruning, no benchmarking)."""
+    configs, cache = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = configs, cache
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
+    try:
+        fn()  # compile outside the timed region
+        return measure(fn, device).median_ms
+    except Exception as error:  # a tile that does not fit (shared memory, registers) is a row, not a crash
+        typer.echo(f"  failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        return None
+
+
+def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, candidates=CANDIDATES) -> pd.DataFrame:
+    """Rows (kernel, block_m, block_n, warps, stages, ms) for every tile in ``candidates``
+    (kernel name -> tiles), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
+    device = torch.device("cuda")
+    q, k, v, do = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
+    problem = flash_problem(q, k, causal=causal)
+    o, lse = flash_forward(q, k, v, problem)
+    rows = []
+
+    def add(kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=()) -> float | None:
+        with contextlib.ExitStack() as stack:
+            for held_kernel, held_tile in held:
+                stack.enter_context(forced_tile(KERNELS[held_kernel], tile_config(*held_tile)))
+            if kernel in KERNELS:
+                stack.enter_context(forced_tile(KERNELS[kernel], tile_config(*tile)))
+            ms = _time_ms(fn, device)
+        rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "ms"), (kernel, *tile, ms))))
+        typer.echo(f"{kernel:10s} {tile} {ms if ms is None else round(ms, 4)} ms")
+        return ms
+
+    forward = lambda: flash_forward(q, k, v, problem)  # noqa: E731
+    backward = lambda: flash_backward(q, k, v, o, lse, do, problem)  # noqa: E731
+    for tile in candidates["fwd"]:
+        add("fwd", tile, forward)
+    timed = {tile: add("dkdv", tile, backward, held=[("dq", candidates["dq"][0])]) for tile in candidates["dkdv"]}
+    best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get)
+    for tile in candidates["dq"]:
+        add("dq", tile, backward, held=[("dkdv", best_dkdv)])
+    _add_cudnn(add, q, k, v, do, causal)
+    return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
+
+
+def _add_cudnn(add, q, k, v, do, causal: bool) -> None:
+    """cuDNN's forward, and its backward alone (autograd.grad over a retained graph)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    leaves = [x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v)]  # (B, H, T, D), what SDPA takes
+    grad_out = do.transpose(1, 2)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        forward = lambda: torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)  # noqa: E731
+        add("cudnn-fwd", NO_TILE, forward)
+        out = forward()
+        add("cudnn-bwd", NO_TILE, lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True))
+
+
+def main(
+    seq: Annotated[list[int], typer.Option(help="T (repeat the option for several)")] = [1024, 4096],  # noqa: B006
+    tokens: Annotated[int, typer.Option(help="B*T, held fixed across --seq")] = 16384,
+    heads: Annotated[int, typer.Option(help="H")] = 8,
+    head_dim: Annotated[int, typer.Option(help="D")] = 64,
+    causal: Annotated[bool, typer.Option(help="causal or bidirectional")] = True,
+    out: Annotated[Path, typer.Option(help="CSV of every timing")] = Path("tiles.csv"),
+) -> None:
+    """Time every candidate tile of the flash kernels on each T; prints and writes a CSV."""
+    frames = []
+    for t in seq:
+        b = max(1, tokens // t)
+        typer.echo(f"B={b} T={t} H={heads} D={head_dim} causal={causal}")
+        frames.append(sweep(b, t, heads, head_dim, causal))
+        pd.concat(frames).to_csv(out, index=False)  # a sweep cut short keeps the finished T
+
+
+if __name__ == "__main__":
+    typer.run(main)
