@@ -70,7 +70,7 @@ app = typer.Typer(
 )
 
 SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
-                 "dtype", "causal", "bidirectional", "window", "device", "preset")
+                 "dtype", "causal", "bidirectional", "window", "device", "preset", "max_call_ms")
 
 
 @app.command(cls=ListOptionsCommand)
@@ -91,6 +91,7 @@ def speed(
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="Bidirectional cases (both flags: both).")] = False,
     window: Annotated[Optional[int], typer.Option(help="Sliding window w (keys each side; left only when causal).")] = None,
     preset: Annotated[str, typer.Option(help="Model preset of --level model (tiny, small, base); GPT-style when causal, BERT-style otherwise.")] = "small",
+    max_call_ms: Annotated[float, typer.Option(help="A case slower than this per call skips the longer sizes of its series (0: no limit).")] = 2000.0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-speed).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest): recorded cases are skipped.")] = False,
@@ -129,6 +130,7 @@ def speed(
         causal=[c for c, given in ((True, causal), (False, bidirectional)) if given] or [True],
         window=window,
         preset=preset,
+        max_call_ms=max_call_ms or None,
     )
     spec_given = any(ctx.get_parameter_source(name).name == "COMMANDLINE" for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus)
@@ -286,7 +288,7 @@ def train(
     data: Annotated[str, typer.Option(help="stdlib (no network), wikitext-2, wikitext-103, or a text file or folder.")] = "stdlib",
     tokenizer: Annotated[str, typer.Option(help="bpe[:VOCAB] trained on the train split, bytes, or a tokenizer.json / HF folder.")] = "bpe",
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
-    impl: Annotated[str, typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, torch: first that runs).")] = "auto",
+    impl: Annotated[str, typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs).")] = "auto",
     positions: Annotated[str, typer.Option(help="Absolute positions for mechanisms that need them: learned or sinusoidal.")] = "learned",
     window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",

@@ -16,7 +16,7 @@ import torch
 from attnbench import env, store
 from attnbench.errors import InputError
 from attnbench.shard import run_sharded
-from attnbench.sweep import Case, Sweep, SweepSpec, expand, ooms_in, validate
+from attnbench.sweep import Case, Sweep, SweepSpec, expand, stops_in, validate
 
 
 def open_run(spec: SweepSpec, out: Path | None, resume: bool, spec_given: bool) -> tuple[Path, SweepSpec, dict[str, Any]]:
@@ -85,13 +85,14 @@ def run_speed(
     store.write_meta(run_dir, meta)
     check_workers(spec.device, gpus)
     with store.RowLog(run_dir / store.SPEED_CSV, resume=resume) as log:
-        prior_ooms = list(ooms_in(log.existing))
-        sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), prior_ooms, peaks, spec.larger)
+        prior_stops = list(stops_in(log.existing, spec.max_call_ms))
+        sweep_args = (prior_stops, peaks, spec.larger, spec.max_call_ms)
+        sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), *sweep_args)
         with progress(2 * len(sweep.pending)) as on_step:
             if gpus == 1:
                 sweep.run(on_step)
             else:
-                run_sharded(sweep.pending, gpus, log.append, on_step, (frozenset(), prior_ooms, peaks, spec.larger))
+                run_sharded(sweep.pending, gpus, log.append, on_step, (frozenset(), *sweep_args))
     meta["finished"] = store.now()
     store.write_meta(run_dir, meta)
     return run_dir, store.read_rows(run_dir / store.SPEED_CSV)

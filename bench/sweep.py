@@ -91,6 +91,7 @@ class SweepSpec:
     causal: list[bool] = field(default_factory=lambda: [True])
     window: int | None = None
     preset: str = "small"  # the model level's preset
+    max_call_ms: float | None = 2000.0  # slower cases skip their series' larger sizes (Sweep)
 
     def larger(self, case: Case, other: Case) -> bool:
         """Whether an OOM at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
@@ -157,6 +158,8 @@ def validate(spec: SweepSpec) -> None:
         for impl in spec.impls:
             if impl not in known:
                 raise InputError(f"unknown impl '{impl}' for {', '.join(spec.mechanisms)}; valid: {', '.join(known)}")
+    if spec.max_call_ms is not None and spec.max_call_ms < 0:
+        raise InputError(f"--max-call-ms must be >= 0 (0: no limit), got {spec.max_call_ms:g}")
     for level in spec.levels:
         if level not in LEVELS:
             raise InputError(f"unknown level '{level}'; valid: {', '.join(LEVELS)}")
@@ -344,9 +347,11 @@ class Sweep:
     """Runs ``cases``; every finished row goes to ``write`` at once.
 
     ``recorded``: case keys (attnbench.store.case_key) already in the results, skipped on resume;
-    ``prior_ooms``: cases that ran out of memory before (their larger sizes stay skipped);
+    ``prior_stops``: (case, reason) of cases that stopped their series before (stops_in);
     ``peaks``: measured matmul TFLOP/s per dtype name, for % of peak;
-    ``larger(case, oom)``: whether an OOM at ``oom`` skips ``case`` (SweepSpec.larger).
+    ``larger(case, stop)``: whether a stop at ``stop`` skips ``case`` (SweepSpec.larger);
+    ``max_call_ms``: a case slower than this per call skips the larger sizes of its series
+    (a recurrent reference at 64k tokens would hold the sweep for minutes); None: no limit.
     """
 
     def __init__(
@@ -354,13 +359,15 @@ class Sweep:
         cases: list[Case],
         write: Callable[[dict[str, Any]], None],
         recorded: set[tuple[str, ...]] = frozenset(),
-        prior_ooms: Iterable[Case] = (),
+        prior_stops: Iterable[tuple[Case, str]] = (),
         peaks: dict[str, float] | None = None,
         larger: Callable[[Case, Case], bool] = Case.larger_than,
+        max_call_ms: float | None = None,
     ):
         self.pending = [c for c in cases if case_key(asdict(c)) not in recorded]
         self.write, self.peaks, self.larger = write, peaks or {}, larger
-        self.ooms: list[Case] = list(prior_ooms)
+        self.stops: list[tuple[Case, str]] = list(prior_stops)
+        self.max_call_ms = max_call_ms
         self.done: set[Case] = set()
         self.first_call: dict[Case, float] = {}
         self.rows: list[dict[str, Any]] = []
@@ -383,8 +390,9 @@ class Sweep:
     def _step(self, case: Case, action: Callable[[Case], dict[str, Any] | None]) -> None:
         if case in self.done:
             return
-        if any(self.larger(case, oom) for oom in self.ooms):
-            self._record(case, status="skipped", message="a smaller size of this case ran out of memory")
+        reason = next((why for stop, why in self.stops if self.larger(case, stop)), None)
+        if reason:
+            self._record(case, status="skipped", message=reason)
             return
         failed = False
         try:
@@ -392,12 +400,13 @@ class Sweep:
         except Exception as err:  # one case failing never stops the sweep
             failed = True
             row = {"status": "oom" if is_oom(err) else "error", "message": one_line(err)}
-            if is_oom(err):
-                self.ooms.append(case)
         if failed:  # outside the except block, so the traceback's frames can be collected
             _free(case.device)
         if row is not None:
             self._record(case, **row)
+            why = stop_reason(row["status"], row.get("ms_median"), self.max_call_ms)
+            if why:
+                self.stops.append((case, why))
 
     def _warm_up(self, case: Case) -> dict[str, Any] | None:
         mechanism = registry.get(case.mechanism)
@@ -438,13 +447,25 @@ class Sweep:
         self.done.add(case)
 
 
-def ooms_in(rows: Iterable[dict[str, str]]) -> Iterator[Case]:
-    """The cases recorded as OOM in CSV rows (strings), rebuilt as Cases."""
+def stop_reason(status: str, ms_median: float | None, max_call_ms: float | None) -> str | None:
+    """Why a case's result skips the larger sizes of its series, or None."""
+    if status == "oom":
+        return "a smaller size of this case ran out of memory"
+    if status == "ok" and max_call_ms and ms_median is not None and ms_median > max_call_ms:
+        return f"a smaller size took {ms_median:.0f} ms per call (over --max-call-ms {max_call_ms:g})"
+    return None
+
+
+def stops_in(rows: Iterable[dict[str, str]], max_call_ms: float | None) -> Iterator[tuple[Case, str]]:
+    """(case, reason) of the CSV rows (strings) that stop their series (stop_reason), rebuilt as Cases."""
     for row in rows:
-        if row["status"] != "oom":
+        ms = float(row["ms_median"]) if row.get("ms_median") else None
+        why = stop_reason(row["status"], ms, max_call_ms)
+        if not why:
             continue
-        yield Case(
+        case = Case(
             row["mechanism"], row["impl"], row["level"], row["mode"], row["dtype"], row["device"],
             int(row["batch"]), int(row["seq"]), int(row["heads"]), int(row["kv_heads"]), int(row["head_dim"]),
             row["causal"] == "True", int(row["window"]) if row["window"] else None, row.get("preset") or "",
         )
+        yield case, why

@@ -134,9 +134,26 @@ def test_recorded_cases_are_not_run_again_and_recorded_ooms_still_skip():
     cases = sweep.expand(spec)
     done = {**vars(cases[0]), "status": "ok"}
     oom = {k: store.format_value(v) for k, v in {**vars(cases[1]), "status": "oom"}.items()}
-    rows, events = run(spec, recorded=store.recorded_keys([done, oom]), prior_ooms=sweep.ooms_in([oom]))
+    rows, events = run(spec, recorded=store.recorded_keys([done, oom]), prior_stops=sweep.stops_in([oom], None))
     assert [(r["seq"], r["status"]) for r in rows] == [(32, "skipped")]
     assert len(events) == 2  # one pending case, warm-up and timing
+
+
+def test_a_case_slower_than_max_call_ms_skips_the_larger_sizes(monkeypatch):
+    monkeypatch.setattr(sweep.timing, "measure", lambda call, device, grad_to_none=(): sweep.timing.Timing(5.0, 4.0, 6.0))
+    spec = tiny_spec(seqs=[8, 16, 32])
+    rows, _ = run(spec, max_call_ms=3.0)
+    assert [(r["seq"], r["status"]) for r in rows] == [(8, "ok"), (16, "skipped"), (32, "skipped")]
+    assert rows[1]["message"] == "a smaller size took 5 ms per call (over --max-call-ms 3)"
+    assert [r["status"] for r in run(spec, max_call_ms=None)[0]] == ["ok", "ok", "ok"]
+
+
+def test_on_resume_a_recorded_slow_case_still_skips():
+    spec = tiny_spec(seqs=[8, 16])
+    slow = {k: store.format_value(v) for k, v in {**vars(sweep.expand(spec)[0]), "status": "ok", "ms_median": 9.0}.items()}
+    assert list(sweep.stops_in([slow], max_call_ms=10.0)) == []
+    rows, _ = run(spec, recorded=store.recorded_keys([slow]), prior_stops=sweep.stops_in([slow], 3.0))
+    assert [(r["seq"], r["status"]) for r in rows] == [(16, "skipped")]
 
 
 def test_tokens_budget_derives_the_batch_per_seq():
@@ -158,6 +175,7 @@ def test_a_mechanism_default_window_is_recorded():
     (dict(heads=4, kv_heads=3), "multiple of --kv-heads"),
     (dict(modes=["sideways"]), "unknown mode"),
     (dict(device="tpu"), "device"),
+    (dict(max_call_ms=-1.0), "--max-call-ms must be >= 0"),
 ])
 def test_bad_specs_are_input_errors(overrides, match):
     with pytest.raises((InputError, ValueError), match=match):
