@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from attnbench.errors import USER_ERRORS
+from attnbench.errors import USER_ERRORS, InputError
 
 
 class InputErrorsExit2(TyperGroup):
@@ -68,6 +68,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+def mechanism_options(window: int | None, option: list[str]) -> dict:
+    """--window and each --option KEY=VALUE (a Python literal, else a string) as one dict."""
+    import ast
+
+    given = {} if window is None else {"window": window}
+    for item in option:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {item}: expected KEY=VALUE, e.g. topn=4")
+        try:
+            given[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            given[key.strip()] = text.strip()
+    return given
+
 
 SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
                  "dtype", "causal", "bidirectional", "window", "device", "preset", "max_call_ms")
@@ -257,6 +273,8 @@ def distill(
     batch: Annotated[Optional[int], typer.Option(help="Batch size (default: the teacher run's; 8 for transformers models).")] = None,
     seq: Annotated[Optional[int], typer.Option(help="Sequence length (default: the teacher run's; 128 for transformers models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the students' new parameters and of sampled generations.")] = 0,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window of the window-type students (default: the mechanism's).")] = None,
+    option: Annotated[list[str], typer.Option(help="A mechanism parameter KEY=VALUE (see `attnbench list`), for the mechanisms that declare it; repeatable.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-distill).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest) from each student's last checkpoint.")] = False,
@@ -269,7 +287,7 @@ def distill(
     spec = DistillSpec(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
         layer_mse=layer_mse, mask_l1=mask_l1, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
-        impl=impl, batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)),
+        impl=impl, batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
     )
     run_dir = run_distill(spec, out, resume, command=" ".join(["attnbench", *sys.argv[1:]]))
     console.out.print(f"distilled {', '.join(student)} -> {run_dir}/summary.csv, generations.md")
@@ -291,6 +309,7 @@ def train(
     impl: Annotated[str, typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs).")] = "auto",
     positions: Annotated[str, typer.Option(help="Absolute positions for mechanisms that need them: learned or sinusoidal.")] = "learned",
     window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
+    option: Annotated[list[str], typer.Option(help="A mechanism parameter KEY=VALUE (see `attnbench list`), for the mechanisms that declare it; repeatable.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     gpus: Annotated[int, typer.Option(help="Data-parallel processes (DDP, one per GPU; gloo on CPU).")] = 1,
     eval_every: Annotated[int, typer.Option(help="Validation, attention entropy and checkpoint every N steps.")] = 100,
@@ -309,7 +328,7 @@ def train(
         attn=list(mechanisms()) if names == ["all"] else names, task=task, preset=preset, impl=impl,
         steps=steps, seq=seq, batch=batch, lr=lr, warmup=warmup, data=data, tokenizer=tokenizer, download=download,
         device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, seed=seed, gpus=gpus,
-        extra={} if window is None else {"window": window},
+        extra=mechanism_options(window, option),
     )
     run_dir = run_train(spec, out, resume)
     console.out.print(f"trained {', '.join(spec.attn)} -> {run_dir}/train.csv, train_report.md")

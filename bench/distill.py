@@ -77,12 +77,14 @@ class DistillSpec:
     new_tokens: int = 40
     seed: int = 0
     device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)  # the students' mechanism options (window, topn, ...)
 
     def validate(self) -> None:
         if not self.students:
             raise InputError("give at least one --student mechanism")
         for name in self.students:
             registry.get(name)  # unknown: UnknownNameError with the valid names
+        registry.check_options(self.students, self.options)
         sizes = (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
                  ("batch", self.batch), ("seq", self.seq))  # batch, seq: None means the teacher's
         for option, value in sizes:
@@ -166,7 +168,7 @@ def freeze_teacher_parameters(student: nn.Module, teacher_names: set[str], atten
 class RunTeacher:
     """A model trained by `attnbench train` (LanguageModel), its tokenizer and token streams."""
 
-    def __init__(self, model, tokenizer, streams: dict[str, torch.Tensor], *, batch: int, seq: int, label: str):
+    def __init__(self, model, tokenizer, streams: dict[str, torch.Tensor], *, batch: int, seq: int, label: str, options=None):
         from attnbench.models.transformer import LanguageModel
 
         if not isinstance(model, LanguageModel):
@@ -174,11 +176,14 @@ class RunTeacher:
         self.model, self.tokenizer, self.streams = model, tokenizer, streams
         self.task = "clm" if model.cfg.causal else "mlm"
         self.batch, self.seq, self.label = batch, seq, label
+        self.options = options or {}  # the students' mechanism options (DistillSpec.options)
         self.mechanism = model.cfg.mechanism
         self.max_length = model.cfg.max_length
 
     @classmethod
-    def from_run(cls, run_dir: Path, *, mechanism: str | None, batch: int | None, seq: int | None, device: str) -> "RunTeacher":
+    def from_run(
+        cls, run_dir: Path, *, mechanism: str | None, batch: int | None, seq: int | None, device: str, options=None
+    ) -> "RunTeacher":
         """The last checkpoint of ``mechanism`` (default: the run's first) in a run folder of `attnbench train`,
         with the run's own corpus and tokenizer (checked against the hashes it recorded)."""
         from attnbench import checkpoint, data
@@ -204,24 +209,26 @@ class RunTeacher:
         if tokenizer.digest != meta["tokenizer"]["sha256"]:
             raise InputError(f"the tokenizer {tokenizer.name} found here is not the one {run_dir} trained with")
         streams = data.token_streams(corpus, tokenizer)
-        return cls(model, tokenizer, streams, batch=batch or spec.batch, seq=seq or spec.seq, label=f"{run_dir}:{mechanism}")
+        return cls(model, tokenizer, streams, batch=batch or spec.batch, seq=seq or spec.seq, label=f"{run_dir}:{mechanism}", options=options)
 
     def attention_names(self, model: nn.Module) -> list[str]:
         return [f"trunk.blocks.{i}.attention" for i in range(len(model.trunk.blocks))]
 
-    def layer_config(self, mechanism: str) -> registry.LayerConfig:
+    def model_config(self, mechanism: str, impl: str):
+        """The teacher's ModelConfig with ``mechanism`` (and the run's options it declares)."""
         from dataclasses import replace
 
-        return replace(self.model.cfg, mechanism=mechanism, attention={}).layer_config()
+        window, options = registry.get(mechanism).split_options(self.options)
+        return replace(self.model.cfg, mechanism=mechanism, impl=impl, window=window, attention=options)
+
+    def layer_config(self, mechanism: str) -> registry.LayerConfig:
+        return self.model_config(mechanism, self.model.cfg.impl).layer_config()
 
     def student(self, mechanism: str, impl: str) -> nn.Module:
         """The teacher's model with ``mechanism`` in every block, teacher tensors copied where name and shape agree."""
-        from dataclasses import replace
-
         from attnbench.models.transformer import LanguageModel
 
-        cfg = replace(self.model.cfg, mechanism=mechanism, impl=impl, attention={})
-        student = LanguageModel(cfg, seed=0).to(next(self.model.parameters()).device)
+        student = LanguageModel(self.model_config(mechanism, impl), seed=0).to(next(self.model.parameters()).device)
         theirs = self.model.state_dict()
         mine = student.state_dict()
         shared = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
@@ -549,7 +556,11 @@ def load_teacher(spec: DistillSpec):
     """A RunTeacher for a run folder of `attnbench train`, else an HFTeacher for a transformers path or cache name."""
     path = Path(spec.teacher).expanduser()
     if (path / store.META_JSON).exists():
-        return RunTeacher.from_run(path, mechanism=spec.teacher_attn, batch=spec.batch, seq=spec.seq, device=spec.device)
+        return RunTeacher.from_run(
+            path, mechanism=spec.teacher_attn, batch=spec.batch, seq=spec.seq, device=spec.device, options=spec.options
+        )
+    if spec.options:
+        raise InputError("--window and --option reach the students of an `attnbench train` teacher only; transformers students take each mechanism's defaults")
     if path.exists() and not (path / "config.json").exists():
         raise InputError(f"--teacher {path}: neither a run folder (no meta.json) nor a transformers model (no config.json)")
     return HFTeacher(spec.teacher, batch=spec.batch or 8, seq=spec.seq or 128, device=spec.device)

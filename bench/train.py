@@ -92,6 +92,7 @@ class TrainSpec:
             raise InputError("--lr and the gradient clip must be positive")
         if spec.extra.get("window") is not None and spec.extra["window"] <= 0:
             raise InputError(f"--window must be positive, not {spec.extra['window']}")
+        registry.check_options(spec.attn, spec.extra)
         if spec.positions not in ("learned", "sinusoidal"):
             raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
         if spec.batch % spec.gpus:
@@ -126,9 +127,7 @@ def resolve_device(name: str) -> torch.device:
 def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch.device) -> ModelConfig:
     """The model of ``mechanism`` for this run, with the impl resolved for ``device``."""
     preset = Preset.from_name(spec.preset)
-    declared = registry.get(mechanism).params  # options reach only the mechanisms that declare them
-    options = {k: v for k, v in spec.extra.items() if k in declared and k != "window"}
-    window = spec.extra.get("window") if "window" in declared else None
+    window, options = registry.get(mechanism).split_options(spec.extra)  # only the options it declares
     cfg = ModelConfig.for_task(
         spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
         positions=spec.positions, window=window, attention=options,

@@ -145,6 +145,12 @@ class Mechanism:
         ranked = [n for n in TRAINING_IMPL_PREFERENCE if n in self.impls] + [n for n in self.impls if n not in TRAINING_IMPL_PREFERENCE]
         return next((n for n in ranked if self.impls[n].why_not(cfg, device, dtype) is None), None)
 
+    def split_options(self, given: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+        """Of a run's mechanism options (``--window``, ``--option``), the ones this mechanism
+        declares in ``params``: (its window or None, the rest for LayerConfig.attention)."""
+        mine = {k: v for k, v in given.items() if k in self.params}
+        return mine.pop("window", None), mine
+
     def why_not(self, cfg: LayerConfig) -> str | None:
         """Why this mechanism cannot build ``cfg`` (an unsupported option), or None."""
         if cfg.causal and not self.causal:
@@ -190,6 +196,14 @@ def get(name: str) -> Mechanism:
         return registry[name]
     except KeyError:
         raise UnknownNameError(f"unknown mechanism '{name}'; valid: {', '.join(registry)}") from None
+
+
+def check_options(names: list[str], given: dict[str, Any]) -> None:
+    """InputError-style ValueError for an option that none of the mechanisms ``names`` declares."""
+    declared = {p for name in names for p in get(name).params}
+    for key in given:
+        if key not in declared:
+            raise UnknownNameError(f"option '{key}' is not a parameter of {', '.join(names)}; theirs: {', '.join(sorted(declared)) or 'none'}")
 
 
 def build_layer(name: str, cfg: LayerConfig) -> torch.nn.Module:

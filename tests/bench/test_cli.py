@@ -155,6 +155,9 @@ BAD_INPUTS = {
     "report without runs": (["report"], "no runs"),
     "compare on missing folder": (["compare", "nope-a", "nope-b"], "no speed.csv"),
     "compare on corrupt folder": (["compare", corrupt_run, corrupt_run], "corrupt"),
+    "option not a KEY=VALUE": (["train", "--attn", "nsa", "--option", "topn"], "expected KEY=VALUE"),
+    "option nobody declares": (["train", "--attn", "linear", "--option", "topn=4"], "option 'topn' is not a parameter of linear"),
+    "distill option nobody declares": (["distill", "--teacher", "t", "--student", "linear", "--option", "x=1"], "option 'x'"),
 }
 
 
@@ -175,6 +178,14 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_mechanism_options_are_python_literals_or_strings():
+    from attnbench.cli import mechanism_options
+
+    assert mechanism_options(8, ["topn=4", "theta=1e4", "feature_map=elu", "causal_only=True"]) == {
+        "window": 8, "topn": 4, "theta": 10000.0, "feature_map": "elu", "causal_only": True,
+    }
+
+
 def test_device_cuda_without_cuda_is_exit_code_2():
     result = invoke("speed", "--device", "cuda", "--seq", 8)
     assert result.exit_code == 2 and "no CUDA device" in result.output

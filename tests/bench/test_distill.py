@@ -81,6 +81,19 @@ def test_only_attention_trains_by_default(teacher):
         torch.testing.assert_close(param, dict(teacher.model.named_parameters())[name], rtol=0, atol=0)
 
 
+def test_student_options_reach_only_the_mechanisms_that_declare_them(teacher):
+    teacher.options = {"window": 16, "topn": 2}
+    try:
+        window, nsa = teacher.student("window", "torch"), teacher.student("nsa", "torch")
+        assert window.cfg.window == 16 and window.cfg.attention == {}
+        assert nsa.cfg.window == 16 and nsa.cfg.attention == {"topn": 2}
+        assert teacher.layer_config("standard").window is None
+        narrow = teacher.attention_flops("window", BATCH, SEQ)
+    finally:
+        teacher.options = {}
+    assert narrow < teacher.attention_flops("window", BATCH, SEQ), "a 16-token window costs less than the default (1024 > T)"
+
+
 def test_resume_continues_from_the_checkpoint(teacher, tmp_path):
     spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=4, eval_every=2, eval_batches=1, new_tokens=2)
     run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
@@ -102,6 +115,8 @@ def test_bad_options_are_input_errors():
         distill.DistillSpec(teacher="x", students=["linear"], steps=0).validate()
     with pytest.raises(distill.registry.UnknownNameError, match="valid"):
         distill.DistillSpec(teacher="x", students=["nope"]).validate()
+    with pytest.raises(distill.registry.UnknownNameError, match="option 'topn' is not a parameter of linear"):
+        distill.DistillSpec(teacher="x", students=["linear"], options={"topn": 4}).validate()
     for size in ("seq", "batch"):  # None means the teacher's; 0 is an error, not a default
         with pytest.raises(distill.InputError, match=f"--{size} must be positive"):
             distill.DistillSpec(teacher="x", students=["linear"], **{size: 0}).validate()
