@@ -5,10 +5,10 @@
 # and sweeps save series by series, so a step cut by its limit keeps what it finished).
 #   kernels:  a model-level profile, the exact-family grid (D 64 and 128), sliding-window scaling
 #   variants: rope/alibi/exposb against their peers, standard in the same run
-#   tests:    the CUDA-marked tests alone on the GPU, then `attnbench check` of every triton mechanism
-#   train:    GPT small with standard/rope/alibi/exposb, then distilled into four cheaper attentions
+#   train:    GPT small with standard/rope/alibi/exposb (batch 8: under 3 epochs of the corpus),
+#             distilled into performer/linear/window/nsa (window 128, nsa top-2 blocks), flash tiles
+#   quality:  the CUDA-marked tests (four processes), then every mechanism in GPT small (cost/quality)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
-#   quality:  every mechanism in GPT small, a shorter run each (the cost/quality comparison)
 set -uo pipefail
 stage=$1 dest=$2
 out=$(mktemp -d)
@@ -52,19 +52,28 @@ tests)
     tail -5 "$out/check.txt"
     ;;
 train)
-    limit 330 attnbench train --attn standard,rope,alibi,exposb --task clm --preset small --steps 2000 --seq 512 \
-        --eval-every 200 --out "$out/gpt-small" 2>&1 | tail -20
-    limit 240 attnbench distill --teacher "$out/gpt-small" --teacher-attn standard --student performer \
-        --student linear --student window --student nsa --steps 1000 --eval-every 100 --out "$out/distill" 2>&1 | tail -20
+    limit 230 attnbench train --attn standard,rope,alibi,exposb --task clm --preset small --steps 2000 --seq 512 \
+        --batch 8 --eval-every 200 --out "$out/gpt-small" 2>&1 | tail -20
+    limit 250 attnbench distill --teacher "$out/gpt-small" --teacher-attn standard --student performer \
+        --student linear --student window --student nsa --window 128 --option topn=2 --steps 1000 --batch 8 \
+        --eval-every 100 --out "$out/distill" 2>&1 | tail -20
+    drop_checkpoints
+    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    tail -45 "$out/tiles.txt"
+    ;;
+quality)
+    groups=(tests/kernels/test_flash.py "tests/kernels/test_exposb_kernel.py tests/bench" tests/models)
+    for i in "${!groups[@]}"; do  # compiling dominates: one process per group, on the 16 CPUs
+        limit 200 python3 -m pytest -q -m cuda ${groups[$i]} -rf --tb=short > "$out/cuda_tests_$i.txt" 2>&1 &
+    done
+    wait
+    for log in "$out"/cuda_tests_*.txt; do echo "== $log"; tail -4 "$log"; done
+    limit 330 attnbench train --attn all --task clm --preset small --steps 800 --seq 512 --batch 8 --warmup 100 \
+        --eval-every 200 --out "$out/gpt-small-all" 2>&1 | tail -30
     drop_checkpoints
     ;;
 layers)
-    speed 480 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
-    speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
-    ;;
-quality)
-    limit 560 attnbench train --attn all --task clm --preset small --steps 600 --seq 512 --eval-every 100 \
-        --out "$out/gpt-small-all" 2>&1 | tail -30
-    drop_checkpoints
+    speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
+    speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     ;;
 esac
