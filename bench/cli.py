@@ -262,7 +262,7 @@ def distill(
     student: Annotated[list[str], typer.Option(help="Mechanisms to swap in for the teacher's attention, one student each.")],
     teacher_attn: Annotated[Optional[str], typer.Option(help="Which mechanism of a multi-mechanism train run is the teacher (default: its first).")] = None,
     steps: Annotated[int, typer.Option(help="Training steps per student.")] = 200,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warmup over 10% of the steps, at most 100).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warmup over 10% of the steps, at most 100, then cosine decay to 10%).")] = 2e-4,
     temperature: Annotated[float, typer.Option(help="Softmax temperature T of the KL(P_teacher || P_student) loss (scaled by T^2).")] = 1.0,
     layer_mse: Annotated[float, typer.Option(help="Weight of the per-layer attention-output MSE (LoLCATs-style layer-wise distillation).")] = 0.0,
     mask_l1: Annotated[float, typer.Option(help="Weight of the L1 penalty on learnable masks/selections (mechanisms with sparsity_penalty()).")] = 0.0,

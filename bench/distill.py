@@ -23,6 +23,7 @@ summary.csv (cost and quality per student), generations.md/.json, students/<name
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ class DistillSpec:
     students: list[str]
     teacher_attn: str | None = None  # which mechanism of a multi-mechanism train run; None: its first
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 2e-4  # the attention starts from the teacher's weights: a fine-tuning rate
     temperature: float = 1.0
     layer_mse: float = 0.0
     mask_l1: float = 0.0
@@ -160,6 +161,10 @@ def freeze_teacher_parameters(student: nn.Module, teacher_names: set[str], atten
     for name, param in student.named_parameters():
         in_attention = any(name.startswith(prefix + ".") for prefix in attention_names)
         param.requires_grad = train_all or in_attention or name not in teacher_names
+
+
+class StudentDiverged(InputError):
+    """A student's loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
 # ---- teachers
@@ -437,6 +442,7 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
     ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps (step 0:
     zero-shot). Returns the trained student and the impl it ran."""
     from attnbench import data
+    from attnbench.train import lr_factor
 
     device = spec.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -450,7 +456,7 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
         raise InputError(f"{mechanism}: the student has nothing to train (no attention parameters); pass --train-all")
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
     warmup = max(1, min(100, spec.steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, spec.steps))
     checkpoint = run_dir / "students" / f"{mechanism}.pt"
     start = load_checkpoint(checkpoint, student, optimizer, scheduler) if checkpoint.exists() else 0
 
@@ -468,6 +474,11 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
         for step in range(start, spec.steps):
             batch = _to(train.at(step), device)
             parts = distill_loss(source, student, batch, spec, teacher_out, student_out)
+            if not torch.isfinite(parts["loss"]):
+                raise StudentDiverged(
+                    f"student {mechanism}: loss is {float(parts['loss'])} at step {step + 1}; it is left out, "
+                    f"its last good checkpoint is {checkpoint} (step {step // spec.eval_every * spec.eval_every})"
+                )
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
@@ -591,7 +602,10 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
     students: dict[str, tuple[nn.Module, str]] = {}
     with store.RowLog(run_dir / DISTILL_CSV, DISTILL_COLUMNS, resume=resume) as log:
         for mechanism in spec.students:
-            students[mechanism] = distill_student(source, mechanism, spec, run_dir, log)
+            try:
+                students[mechanism] = distill_student(source, mechanism, spec, run_dir, log)
+            except StudentDiverged as err:  # the other students still run
+                print(f"error: {err}", file=sys.stderr)
     rows = store.read_rows(run_dir / DISTILL_CSV, DISTILL_COLUMNS)
     write_summary(run_dir, source, students, rows, spec)
     models = {f"teacher ({source.mechanism})": source.model, **{name: model for name, (model, _) in students.items()}}

@@ -5,9 +5,10 @@
 # and sweeps save series by series, so a step cut by its limit keeps what it finished).
 #   kernels:  a model-level profile, the exact-family grid (D 64 and 128), sliding-window scaling
 #   variants: rope/alibi/exposb against their peers, standard in the same run
-#   train:    GPT small with standard/rope/alibi/exposb (batch 8: under 3 epochs of the corpus),
-#             distilled into performer/linear/window/nsa (window 128, nsa top-2 blocks), flash tiles
-#   quality:  the CUDA-marked tests (four processes), then every mechanism in GPT small (cost/quality)
+#   train:    GPT small, every mechanism (batch 8: under 3 epochs of the corpus), in four processes;
+#             standard distilled into performer/linear/window/nsa (window 128, nsa top-2 blocks);
+#             the CUDA-marked tests alongside (training is CPU-bound at batch 8: they share the GPU)
+#   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -51,26 +52,28 @@ tests)
     limit 220 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -5 "$out/check.txt"
     ;;
-train)
-    limit 230 attnbench train --attn standard,rope,alibi,exposb --task clm --preset small --steps 2000 --seq 512 \
-        --batch 8 --eval-every 200 --out "$out/gpt-small" 2>&1 | tail -20
-    limit 250 attnbench distill --teacher "$out/gpt-small" --teacher-attn standard --student performer \
-        --student linear --student window --student nsa --window 128 --option topn=2 --steps 1000 --batch 8 \
-        --eval-every 100 --out "$out/distill" 2>&1 | tail -20
-    drop_checkpoints
-    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
-    tail -45 "$out/tiles.txt"
-    ;;
-quality)
+train)  # GPT small: #4's run, every other mechanism in three more processes (the cost/quality
+         # comparison, identical settings), the distillation once standard is trained, the CUDA tests
+    TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
     groups=(tests/kernels/test_flash.py "tests/kernels/test_exposb_kernel.py tests/bench" tests/models)
     for i in "${!groups[@]}"; do  # compiling dominates: one process per group, on the 16 CPUs
-        limit 200 python3 -m pytest -q -m cuda ${groups[$i]} -rf --tb=short > "$out/cuda_tests_$i.txt" 2>&1 &
+        limit 240 python3 -m pytest -q -m cuda ${groups[$i]} -rf --tb=short > "$out/cuda_tests_$i.txt" 2>&1 &
     done
+    limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1 &
+    limit 560 attnbench train --attn linear,performer,deltanet,gau "${TRAIN[@]}" --out "$out/gpt-small-linear" > /dev/null 2>&1 &
+    limit 560 attnbench train --attn topk,block,bsbr,hopfield "${TRAIN[@]}" --out "$out/gpt-small-sparse" > /dev/null 2>&1 &
+    limit 560 attnbench train --attn nsa,stickbreaking,window "${TRAIN[@]}" --out "$out/gpt-small-other" > /dev/null 2>&1 &
+    limit 300 bash -c "until grep -qs '^standard,512,2048,4,sliding' '$out/gpt-small/extrapolation.csv'; do sleep 5; done"
+    limit 450 attnbench distill --teacher "$out/gpt-small" --teacher-attn standard --student performer \
+        --student linear --student window --student nsa --window 128 --option topn=2 --steps 1000 --batch 8 \
+        --eval-every 100 --out "$out/distill" > "$out/distill.txt" 2>&1
     wait
-    for log in "$out"/cuda_tests_*.txt; do echo "== $log"; tail -4 "$log"; done
-    limit 330 attnbench train --attn all --task clm --preset small --steps 800 --seq 512 --batch 8 --warmup 100 \
-        --eval-every 200 --out "$out/gpt-small-all" 2>&1 | tail -30
+    for log in "$out"/cuda_tests_*.txt "$out/train.txt" "$out/distill.txt"; do echo "== $log"; tail -4 "$log"; done
     drop_checkpoints
+    ;;
+tiles)
+    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    tail -45 "$out/tiles.txt"
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"

@@ -104,12 +104,16 @@ class TrainSpec:
         return spec
 
 
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0.1 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_at(step: int, spec: TrainSpec) -> float:
-    """Linear warmup to spec.lr over spec.warmup steps, then cosine decay to 10% of it at spec.steps."""
-    if step < spec.warmup:
-        return spec.lr * (step + 1) / spec.warmup
-    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return spec.lr * lr_factor(step, spec.warmup, spec.steps)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -59,7 +59,13 @@ def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, ch
     """
     dtype = fq.dtype
     compute = torch.promote_types(dtype, torch.float32)
-    fq, fk, v = fq.to(compute), fk.to(compute), v.to(compute)
+    # autocast would run the einsums below in bf16: the sums over T lose the precision asked for
+    # here and, in training, the 1 / den gradients overflow (NaN after ~100 distillation steps)
+    with torch.autocast(fq.device.type, enabled=False):
+        return _chunked(fq.to(compute), fk.to(compute), v.to(compute), causal, seq_lens, chunk).to(dtype)
+
+
+def _chunked(fq, fk, v, causal: bool, seq_lens: torch.Tensor | None, chunk: int) -> torch.Tensor:
     keep = key_padding(fk.shape[1], seq_lens, fk.device)
     if keep is not None:
         fk = fk * keep
@@ -68,8 +74,8 @@ def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, ch
         state = torch.einsum("bjhm,bjhd->bhmd", fk, v)  # (B, H, M, D)
         num = torch.einsum("bihm,bhmd->bihd", fq, state)
         den = torch.einsum("bihm,bhm->bih", fq, fk.sum(1))
-        return _divide(num, den).to(dtype)
-    return _causal_chunks(fq, fk, v, chunk).to(dtype)
+        return _divide(num, den)
+    return _causal_chunks(fq, fk, v, chunk)
 
 
 def _causal_chunks(fq, fk, v, chunk: int) -> torch.Tensor:
