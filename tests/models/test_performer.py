@@ -41,6 +41,7 @@ def test_padded_keys_are_ignored_whatever_their_values():
 
 
 def test_approximation_of_softmax_improves_with_more_features():
+    torch.manual_seed(0)  # the features come from the global generator: other tests must not move it
     q, k, v = (x.detach() for x in random_qkv(b=1, t=64, hq=2, hkv=2, d=16, scale=0.5))
     exact = reference.attention(q, k, v)
     errors = []
@@ -48,7 +49,7 @@ def test_approximation_of_softmax_improves_with_more_features():
         trials = [
             (performer.chunked(q, k, v, projection=performer.orthogonal_features(features, 16).double()) - exact)
             .square().mean().sqrt().item()
-            for _ in range(4)
+            for _ in range(8)
         ]
         errors.append(sum(trials) / len(trials))
     assert errors[0] > errors[1] > errors[2], f"errors by feature count: {errors}"
