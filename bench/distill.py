@@ -86,6 +86,9 @@ class DistillSpec:
         for name in self.students:
             registry.get(name)  # unknown: UnknownNameError with the valid names
         registry.check_options(self.students, self.options)
+        window = self.options.get("window")
+        if window is not None and (not isinstance(window, int) or window <= 0):
+            raise InputError(f"--window must be a positive integer, not {window!r}")
         sizes = (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
                  ("batch", self.batch), ("seq", self.seq))  # batch, seq: None means the teacher's
         for option, value in sizes:

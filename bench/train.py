@@ -90,8 +90,9 @@ class TrainSpec:
                 raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(spec, name)}")
         if spec.lr <= 0 or spec.clip <= 0:
             raise InputError("--lr and the gradient clip must be positive")
-        if spec.extra.get("window") is not None and spec.extra["window"] <= 0:
-            raise InputError(f"--window must be positive, not {spec.extra['window']}")
+        window = spec.extra.get("window")
+        if window is not None and (not isinstance(window, int) or window <= 0):
+            raise InputError(f"--window must be a positive integer, not {window!r}")
         registry.check_options(spec.attn, spec.extra)
         if spec.positions not in ("learned", "sinusoidal"):
             raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")

@@ -157,6 +157,8 @@ BAD_INPUTS = {
     "compare on corrupt folder": (["compare", corrupt_run, corrupt_run], "corrupt"),
     "option not a KEY=VALUE": (["train", "--attn", "nsa", "--option", "topn"], "expected KEY=VALUE"),
     "option nobody declares": (["train", "--attn", "linear", "--option", "topn=4"], "option 'topn' is not a parameter of linear"),
+    "window option not an integer": (["train", "--attn", "window", "--option", "window=abc"], "--window must be a positive integer, not 'abc'"),
+    "distill window not positive": (["distill", "--teacher", "t", "--student", "window", "--window", "0"], "--window must be a positive integer, not 0"),
     "distill option nobody declares": (["distill", "--teacher", "t", "--student", "linear", "--option", "x=1"], "option 'x'"),
 }
 

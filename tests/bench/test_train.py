@@ -151,7 +151,7 @@ def test_train_flops_per_token_counts_matmuls_and_the_core():
     (["--attn", "rope", "--task", "xyz"], "valid: mlm, clm"),
     (["--attn", "rope", "--seq", "0"], "--seq must be positive"),  # 0 is not "the preset's default"
     (["--attn", "rope", "--batch", "0"], "--batch must be positive"),
-    (["--attn", "window", "--window", "-3"], "--window must be positive"),
+    (["--attn", "window", "--window", "-3"], "--window must be a positive integer"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "run")])
