@@ -85,10 +85,9 @@ class DistillSpec:
             raise InputError("give at least one --student mechanism")
         for name in self.students:
             registry.get(name)  # unknown: UnknownNameError with the valid names
-        registry.check_options(self.students, self.options)
-        window = self.options.get("window")
-        if window is not None and (not isinstance(window, int) or window <= 0):
-            raise InputError(f"--window must be a positive integer, not {window!r}")
+        from attnbench.train import check_mechanism_options
+
+        check_mechanism_options(self.students, self.options)
         sizes = (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
                  ("batch", self.batch), ("seq", self.seq))  # batch, seq: None means the teacher's
         for option, value in sizes:
@@ -142,20 +141,6 @@ class OutputRecorder:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def choose_impl(mechanism: str, cfg: registry.LayerConfig, device: str, dtype: torch.dtype, wanted: str) -> str:
-    """``wanted``, or for "auto" the registry's preferred impl (Mechanism.preferred_impl)."""
-    entry = registry.get(mechanism)
-    if wanted != "auto":
-        reason = entry.impl(wanted).why_not(cfg, device, dtype)
-        if reason:
-            raise InputError(f"{mechanism} cannot run impl {wanted} here: {reason}")
-        return wanted
-    chosen = entry.preferred_impl(cfg, device, dtype)
-    if chosen:
-        return chosen
-    raise InputError(f"no impl of {mechanism} runs on {device}")
 
 
 def freeze_teacher_parameters(student: nn.Module, teacher_names: set[str], attention_names: list[str], train_all: bool) -> None:
@@ -445,11 +430,10 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
     ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps (step 0:
     zero-shot). Returns the trained student and the impl it ran."""
     from attnbench import data
-    from attnbench.train import lr_factor
+    from attnbench.train import choose_impl, lr_factor
 
     device = spec.device
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    impl = choose_impl(mechanism, source.layer_config(mechanism), device, dtype, spec.impl)
+    impl = choose_impl(mechanism, spec.impl, source.layer_config(mechanism), device)
     torch.manual_seed(spec.seed)
     student = source.student(mechanism, impl).eval()  # eval: no dropout; gradients still flow
     attention = source.attention_names(student)

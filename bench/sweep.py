@@ -94,7 +94,7 @@ class SweepSpec:
     max_call_ms: float | None = 2000.0  # slower cases skip their series' larger sizes (Sweep)
 
     def larger(self, case: Case, other: Case) -> bool:
-        """Whether an OOM at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
+        """Whether a stop (OOM, too slow) at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
         return case.longer_than(other) if self.tokens is not None else case.larger_than(other)
 
     def batches_for(self, seq: int) -> list[int]:

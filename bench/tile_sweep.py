@@ -3,10 +3,11 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
 
     python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --heads 8 --head-dim 64 --out tiles.csv
 
-(the defaults are GPT small's attention at 16k tokens per step). The forward is timed alone; a dk/dv candidate is timed as the whole backward with dq held
-at its current first choice (and a dq candidate with dk/dv held at the fastest dk/dv found),
-so within a kernel the rows rank its tiles. The kernels' own lists (kernels/flash_fwd.py,
-kernels/flash_bwd.py) are edited by hand from what this prints.
+(the defaults are GPT small's attention at 16k tokens per step). The forward is timed alone;
+a dk/dv candidate is timed as the whole backward with dq held at its current first choice,
+and a dq candidate with dk/dv held at the fastest dk/dv found, so within a kernel the rows
+rank its tiles. The kernels' own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are
+edited by hand from what this prints.
 """
 
 from __future__ import annotations

@@ -90,10 +90,7 @@ class TrainSpec:
                 raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(spec, name)}")
         if spec.lr <= 0 or spec.clip <= 0:
             raise InputError("--lr and the gradient clip must be positive")
-        window = spec.extra.get("window")
-        if window is not None and (not isinstance(window, int) or window <= 0):
-            raise InputError(f"--window must be a positive integer, not {window!r}")
-        registry.check_options(spec.attn, spec.extra)
+        check_mechanism_options(spec.attn, spec.extra)
         if spec.positions not in ("learned", "sinusoidal"):
             raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
         if spec.batch % spec.gpus:
@@ -103,6 +100,15 @@ class TrainSpec:
         for name in spec.attn:
             registry.get(name)
         return spec
+
+
+def check_mechanism_options(mechanisms: list[str], given: dict[str, Any]) -> None:
+    """--window / --option values (cli.mechanism_options): each declared by one of ``mechanisms``,
+    and a window a positive integer."""
+    window = given.get("window")
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        raise InputError(f"--window must be a positive integer, not {window!r}")
+    registry.check_options(mechanisms, given)
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -137,16 +143,16 @@ def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch
         spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
         positions=spec.positions, window=window, attention=options,
     )
-    cfg.impl = choose_impl(mechanism, spec.impl, cfg, device)
+    cfg.impl = choose_impl(mechanism, spec.impl, cfg.layer_config(), device)
     return cfg
 
 
-def choose_impl(mechanism: str, requested: str, cfg: ModelConfig, device: torch.device) -> str:
-    """``requested`` if it can run here (InputError saying why not), or for "auto" the
-    registry's preferred impl (Mechanism.preferred_impl)."""
+def choose_impl(mechanism: str, requested: str, layer: registry.LayerConfig, device: torch.device | str) -> str:
+    """``requested`` if it can run ``layer`` on ``device`` in its training dtype (bf16 on CUDA,
+    else fp32; InputError saying why not), or for "auto" the registry's preferred impl
+    (Mechanism.preferred_impl). `train` and `distill` both choose through this."""
     entry = registry.get(mechanism)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    layer = cfg.layer_config()
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     reason = entry.why_not(layer)
     if reason:
         raise InputError(f"{mechanism}: {reason}")

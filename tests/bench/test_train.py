@@ -175,7 +175,7 @@ def test_window_option_reaches_only_window_mechanisms():
 @pytest.mark.parametrize("mechanism, expected", [("standard", "sdpa"), ("gau", "chunked"), ("linear", "chunked"), ("deltanet", "chunked")])
 def test_auto_impl_takes_the_first_preferred_impl_that_runs_here(mechanism, expected):
     model = build_model("tiny", mechanism, task="clm")  # gau's impls are layer-only: they train too
-    assert train.choose_impl(mechanism, "auto", model.cfg, torch.device("cpu")) == expected
+    assert train.choose_impl(mechanism, "auto", model.cfg.layer_config(), torch.device("cpu")) == expected
 
 
 def test_learned_exposb_parameters_are_written_per_head(tmp_path):
