@@ -269,7 +269,7 @@ def distill(
     train_all: Annotated[bool, typer.Option("--train-all", help="Train every parameter, not only the attention.")] = False,
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation and checkpoint every N steps.")] = 50,
     eval_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.")] = 8,
-    impl: Annotated[str, typer.Option(help="Impl of the students' mechanisms, or auto (triton, sdpa, chunked, torch: first that runs).")] = "auto",
+    impl: Annotated[str, typer.Option(help="Impl of the students' mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one student's, e.g. auto,nsa=torch.")] = "auto",
     batch: Annotated[Optional[int], typer.Option(help="Batch size (default: the teacher run's; 8 for transformers models).")] = None,
     seq: Annotated[Optional[int], typer.Option(help="Sequence length (default: the teacher run's; 128 for transformers models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the students' new parameters and of sampled generations.")] = 0,
@@ -306,7 +306,7 @@ def train(
     data: Annotated[str, typer.Option(help="stdlib (no network), wikitext-2, wikitext-103, or a text file or folder.")] = "stdlib",
     tokenizer: Annotated[str, typer.Option(help="bpe[:VOCAB] trained on the train split, bytes, or a tokenizer.json / HF folder.")] = "bpe",
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
-    impl: Annotated[str, typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs).")] = "auto",
+    impl: Annotated[str, typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto,nsa=torch.")] = "auto",
     positions: Annotated[str, typer.Option(help="Absolute positions for mechanisms that need them: learned or sinusoidal.")] = "learned",
     window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
     option: Annotated[list[str], typer.Option(help="A mechanism parameter KEY=VALUE (see `attnbench list`), for the mechanisms that declare it; repeatable.")] = [],  # noqa: B006

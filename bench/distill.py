@@ -85,9 +85,10 @@ class DistillSpec:
             raise InputError("give at least one --student mechanism")
         for name in self.students:
             registry.get(name)  # unknown: UnknownNameError with the valid names
-        from attnbench.train import check_mechanism_options
+        from attnbench.train import check_mechanism_options, impl_per_mechanism
 
         check_mechanism_options(self.students, self.options)
+        impl_per_mechanism(self.impl, self.students)
         sizes = (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
                  ("batch", self.batch), ("seq", self.seq))  # batch, seq: None means the teacher's
         for option, value in sizes:
@@ -430,10 +431,10 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
     ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps (step 0:
     zero-shot). Returns the trained student and the impl it ran."""
     from attnbench import data
-    from attnbench.train import choose_impl, lr_factor
+    from attnbench.train import choose_impl, impl_per_mechanism, lr_factor
 
     device = spec.device
-    impl = choose_impl(mechanism, spec.impl, source.layer_config(mechanism), device)
+    impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.students)[mechanism], source.layer_config(mechanism), device)
     torch.manual_seed(spec.seed)
     student = source.student(mechanism, impl).eval()  # eval: no dropout; gradients still flow
     attention = source.attention_names(student)

@@ -5,9 +5,11 @@
 # and sweeps save series by series, so a step cut by its limit keeps what it finished).
 #   kernels:  a model-level profile, the exact-family grid (D 64 and 128), sliding-window scaling
 #   variants: rope/alibi/exposb against their peers, standard in the same run
-#   train:    GPT small, every mechanism (batch 8: under 3 epochs of the corpus), in four processes;
-#             standard distilled into performer/linear/window/nsa (window 128, nsa top-2 blocks);
-#             the CUDA-marked tests alongside (training is CPU-bound at batch 8: they share the GPU)
+#   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
+#             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
+#   quality:  every other mechanism with the same settings, in three processes (#6)
+#   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
+#             top-2 blocks), then the fla tests (#7, #6)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
@@ -31,6 +33,7 @@ speed() { limit "$1" attnbench speed "${@:2}" --measure-peak 2>&1 | tail -80; }
 drop_checkpoints() {  # train/distill weights stay on the machine: too large to bring back
     find "$out" -type d \( -name checkpoints -o -name students \) -prune -exec rm -rf {} +
 }
+TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
 EXACT=(--attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 1024 2048 4096 8192 16384
        --mode fwd --mode fwdbwd --causal --bidirectional)
 
@@ -52,23 +55,27 @@ tests)
     limit 220 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -5 "$out/check.txt"
     ;;
-train)  # GPT small: #4's run, every other mechanism in three more processes (the cost/quality
-         # comparison, identical settings), the distillation once standard is trained, the CUDA tests
-    TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
-    groups=(tests/kernels/test_flash.py "tests/kernels/test_exposb_kernel.py tests/bench" tests/models)
-    for i in "${!groups[@]}"; do  # compiling dominates: one process per group, on the 16 CPUs
-        limit 240 python3 -m pytest -q -m cuda ${groups[$i]} -rf --tb=short > "$out/cuda_tests_$i.txt" 2>&1 &
-    done
-    limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1 &
-    limit 560 attnbench train --attn linear,performer,deltanet,gau "${TRAIN[@]}" --out "$out/gpt-small-linear" > /dev/null 2>&1 &
-    limit 560 attnbench train --attn topk,block,bsbr,hopfield "${TRAIN[@]}" --out "$out/gpt-small-sparse" > /dev/null 2>&1 &
-    limit 560 attnbench train --attn nsa,stickbreaking,window "${TRAIN[@]}" --out "$out/gpt-small-other" > /dev/null 2>&1 &
-    limit 300 bash -c "until grep -qs '^standard,512,2048,4,sliding' '$out/gpt-small/extrapolation.csv'; do sleep 5; done"
-    limit 450 attnbench distill --teacher "$out/gpt-small" --teacher-attn standard --student performer \
-        --student linear --student window --student nsa --window 128 --option topn=2 --steps 1000 --batch 8 \
-        --eval-every 100 --out "$out/distill" > "$out/distill.txt" 2>&1
+train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, contention halves it)
+    limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
+    tail -4 "$out/train.txt"; drop_checkpoints
+    ;;
+quality)  # every other mechanism, identical settings, three processes; window and nsa really
+          # sparse at T = 512 (window 128, nsa top-2 blocks of 64 with a 128 window)
+    limit 560 attnbench train --attn deltanet,gau,linear "${TRAIN[@]}" --out "$out/quality-linear" > "$out/q1.txt" 2>&1 &
+    limit 560 attnbench train --attn bsbr,hopfield,stickbreaking "${TRAIN[@]}" --out "$out/quality-other" > "$out/q2.txt" 2>&1 &
+    limit 560 attnbench train --attn window,nsa,block "${TRAIN[@]}" --window 128 --option topn=2 --impl auto,nsa=torch --out "$out/quality-sparse" > "$out/q3.txt" 2>&1 &
     wait
-    for log in "$out"/cuda_tests_*.txt "$out/train.txt" "$out/distill.txt"; do echo "== $log"; tail -4 "$log"; done
+    for log in "$out"/q?.txt; do echo "== $log"; tail -3 "$log"; done
+    drop_checkpoints
+    ;;
+distill)  # #7: a standard teacher, then performer/linear/window/nsa students, then the fla tests
+    limit 150 attnbench train --attn standard "${TRAIN[@]}" --eval-every 500 --out "$out/teacher" > "$out/teacher.txt" 2>&1
+    limit 380 attnbench distill --teacher "$out/teacher" --teacher-attn standard --student performer \
+        --student linear --student window --student nsa --window 128 --option topn=2 --steps 1000 --batch 8 \
+        --lr 1e-4 --impl auto,nsa=torch --eval-every 100 --out "$out/distill" > "$out/distill.txt" 2>&1
+    tail -12 "$out/distill.txt"
+    limit 200 python3 -m pytest -v -m cuda tests/models -k fla --tb=short > "$out/fla_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|Error|error" "$out/fla_tests.txt" | tail -30
     drop_checkpoints
     ;;
 final)  # the CUDA tests that failed under contention, named one by one; model level; layer sweep

@@ -91,6 +91,7 @@ class TrainSpec:
         if spec.lr <= 0 or spec.clip <= 0:
             raise InputError("--lr and the gradient clip must be positive")
         check_mechanism_options(spec.attn, spec.extra)
+        impl_per_mechanism(spec.impl, spec.attn)
         if spec.positions not in ("learned", "sinusoidal"):
             raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
         if spec.batch % spec.gpus:
@@ -109,6 +110,24 @@ def check_mechanism_options(mechanisms: list[str], given: dict[str, Any]) -> Non
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise InputError(f"--window must be a positive integer, not {window!r}")
     registry.check_options(mechanisms, given)
+
+
+def impl_per_mechanism(text: str, mechanisms: list[str]) -> dict[str, str]:
+    """--impl: one impl (or auto) for every mechanism, and/or MECHANISM=IMPL entries for some,
+    comma-separated: "auto,nsa=torch" -> {"performer": "auto", ..., "nsa": "torch"}. An entry
+    for a mechanism not in ``mechanisms``, or two defaults, is an InputError."""
+    default, chosen = None, {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, impl = entry.partition("=")
+        if not sep:
+            if default is not None:
+                raise InputError(f"--impl {text}: one impl for every mechanism, then MECHANISM=IMPL entries")
+            default = entry
+        elif name.strip() not in mechanisms:
+            raise InputError(f"--impl {entry}: {name.strip()} is not one of the mechanisms ({', '.join(mechanisms)})")
+        else:
+            chosen[name.strip()] = impl.strip()
+    return {name: chosen.get(name, default or "auto") for name in mechanisms}
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -143,7 +162,7 @@ def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch
         spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
         positions=spec.positions, window=window, attention=options,
     )
-    cfg.impl = choose_impl(mechanism, spec.impl, cfg.layer_config(), device)
+    cfg.impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.attn)[mechanism], cfg.layer_config(), device)
     return cfg
 
 

@@ -159,6 +159,8 @@ BAD_INPUTS = {
     "option nobody declares": (["train", "--attn", "linear", "--option", "topn=4"], "option 'topn' is not a parameter of linear"),
     "window option not an integer": (["train", "--attn", "window", "--option", "window=abc"], "--window must be a positive integer, not 'abc'"),
     "distill window not positive": (["distill", "--teacher", "t", "--student", "window", "--window", "0"], "--window must be a positive integer, not 0"),
+    "impl for a mechanism not trained": (["train", "--attn", "linear", "--impl", "auto,nsa=torch"], "--impl nsa=torch: nsa is not one of the mechanisms"),
+    "two default impls": (["distill", "--teacher", "t", "--student", "linear", "--impl", "torch,chunked"], "one impl for every mechanism"),
     "distill option nobody declares": (["distill", "--teacher", "t", "--student", "linear", "--option", "x=1"], "option 'x'"),
 }
 

@@ -178,6 +178,22 @@ def test_auto_impl_takes_the_first_preferred_impl_that_runs_here(mechanism, expe
     assert train.choose_impl(mechanism, "auto", model.cfg.layer_config(), torch.device("cpu")) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("auto", {"linear": "auto", "nsa": "auto"}),
+    ("torch", {"linear": "torch", "nsa": "torch"}),
+    ("nsa=torch", {"linear": "auto", "nsa": "torch"}),
+    ("chunked, nsa=torch", {"linear": "chunked", "nsa": "torch"}),
+])
+def test_impl_entries_set_one_mechanism_and_the_rest_take_the_default(text, expected):
+    assert train.impl_per_mechanism(text, ["linear", "nsa"]) == expected
+
+
+def test_an_impl_entry_reaches_its_mechanism_model_only():
+    spec = train.TrainSpec(attn=["linear", "nsa"], task="clm", preset="tiny", impl="auto,nsa=torch").resolved()
+    assert train.model_config(spec, "nsa", 300, torch.device("cpu")).impl == "torch"
+    assert train.model_config(spec, "linear", 300, torch.device("cpu")).impl == "chunked"
+
+
 def test_learned_exposb_parameters_are_written_per_head(tmp_path):
     model = build_model("tiny", "exposb", task="clm")
     path = train.write_learned_parameters(model, "exposb", tmp_path)
