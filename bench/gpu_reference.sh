@@ -7,7 +7,8 @@
 #   variants: rope/alibi/exposb against their peers, standard in the same run
 #   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
 #             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
-#   quality:  every other mechanism with the same settings, in three processes (#6)
+#   quality:  every other mechanism with the same settings, in four processes, the fla tests
+#             alongside, then the layer sweep of layers-all/ resumed (#6)
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
@@ -59,15 +60,22 @@ train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, conte
     limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
     tail -4 "$out/train.txt"; drop_checkpoints
     ;;
-quality)  # every other mechanism, identical settings, three processes; window and nsa really
-          # sparse at T = 512 (window 128, nsa top-2 blocks of 64 with a 128 window); nsa through its
-          # definition: at T = 512 it is ~10x faster than the chunked form's per-query block gathers
-    limit 560 attnbench train --attn deltanet,gau,linear "${TRAIN[@]}" --out "$out/quality-linear" > "$out/q1.txt" 2>&1 &
-    limit 560 attnbench train --attn bsbr,hopfield,stickbreaking "${TRAIN[@]}" --out "$out/quality-other" > "$out/q2.txt" 2>&1 &
-    limit 560 attnbench train --attn window,nsa,block "${TRAIN[@]}" --window 128 --option topn=2 --impl auto,nsa=torch --out "$out/quality-sparse" > "$out/q3.txt" 2>&1 &
+quality)  # every other mechanism, identical settings, four processes (#6), the fla tests alongside
+          # (compile-bound), then the layer sweep resumed (committed layers-all/ was cut at deltanet).
+          # window and nsa really sparse at T = 512 (window 128, nsa top-2 blocks of 64, 128 window);
+          # nsa through its definition: at T = 512 ~10x faster than the chunked per-query block gathers
+    limit 380 python3 -m pytest -v -m cuda tests/models -k fla --timeout 120 --tb=short > "$out/fla_tests.txt" 2>&1 &
+    limit 380 attnbench train --attn deltanet,linear "${TRAIN[@]}" --out "$out/quality-1" > "$out/q1.txt" 2>&1 &
+    limit 380 attnbench train --attn gau,bsbr "${TRAIN[@]}" --out "$out/quality-2" > "$out/q2.txt" 2>&1 &
+    limit 380 attnbench train --attn hopfield,stickbreaking "${TRAIN[@]}" --out "$out/quality-3" > "$out/q3.txt" 2>&1 &
+    limit 380 attnbench train --attn window,nsa "${TRAIN[@]}" --window 128 --option topn=2 --impl auto,nsa=torch \
+        --out "$out/quality-4" > "$out/q4.txt" 2>&1 &
     wait
-    for log in "$out"/q?.txt; do echo "== $log"; tail -3 "$log"; done
+    for log in "$out"/q?.txt; do echo "== $log"; tail -2 "$log"; done
     drop_checkpoints
+    cp -r results/reference-h100/layers-all "$out/layers-all"
+    speed 150 --resume --out "$out/layers-all"
+    grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
     ;;
 distill)  # #7: a standard teacher, then performer/linear/window/nsa students, then the fla tests
     limit 150 attnbench train --attn standard "${TRAIN[@]}" --eval-every 500 --out "$out/teacher" > "$out/teacher.txt" 2>&1
