@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The reference GPU runs committed under results/ (see results/README.md), one stage per
 # device call (each under its 10-minute limit). Usage: bash bench/gpu_reference.sh STAGE OUT_DIR
-# (all output: OUT_DIR/STAGE.tgz; every step has its own time limit inside the stage's budget,
-# and sweeps save series by series, so a step cut by its limit keeps what it finished).
+# (all output: OUT_DIR/STAGE/; every step has its own time limit inside the stage's budget
+# BUDGET_S, which must stay under the call's limit; sweeps save series by series, so a step cut
+# by its limit keeps what it finished).
 #   kernels:  a model-level profile, the exact-family grid (D 64 and 128), sliding-window scaling
 #   variants: rope/alibi/exposb against their peers, standard in the same run
 #   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
@@ -15,8 +16,8 @@
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
-out=$(mktemp -d)
-trap 'tar czf "$dest/$stage.tgz" -C "$out" .' EXIT
+out="$dest/$stage"  # straight into the device's OUT: a call killed at its limit still brings back what it wrote
+mkdir -p "$out"
 deadline=$((SECONDS + ${BUDGET_S:-575}))
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 || { tail "$out/pip.log"; exit 1; }
