@@ -4,10 +4,12 @@ linear (phi = elu + 1) and performer (FAVOR+ random features).
 Given query features fq [B, T, Hq, M], key features fk [B, T, Hkv, M] and values
 v [B, T, Hkv, D], query i's output is
 
-    o_i = sum_j fq_i . fk_j  v_j  /  sum_j fq_i . fk_j        over the keys j query i sees
+    o_i = sum_j fq_i . fk_j  v_j  /  (sum_j fq_i . fk_j + EPS)        over the keys j query i sees
 
 (causal: j <= i; key padding: j < seq_lens[b]). Padded keys get zero features, so they add
-nothing to either sum. A query that sees no key gets zeros.
+nothing to either sum. A query that sees no key gets zeros. EPS = 1e-6, as in the linear
+attention paper's code: without it a denominator that underflows (every feature of a query or
+of its few keys ~0) sends 1 / den, and the gradient, to inf.
 
 `quadratic` is the definition (a T x T weight matrix, the ground truth); `chunked` is the
 linear-cost form: bidirectional by one K^T V state, causal by prefix sums of per-chunk states
@@ -29,9 +31,12 @@ def key_padding(length: int, seq_lens: torch.Tensor | None, device) -> torch.Ten
     return (torch.arange(length, device=device)[None, :] < seq_lens.to(device)[:, None])[:, :, None, None]
 
 
+EPS = 1e-6
+
+
 def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    # features are positive, so den == 0 only when no key is visible; then num == 0 too and o = 0
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
+    # features are positive: den == 0 only when no key is visible; then num == 0 too and o = 0
+    return num / (den + EPS).unsqueeze(-1)
 
 
 def _repeat_kv_heads(fk: torch.Tensor, v: torch.Tensor, hq: int) -> tuple[torch.Tensor, torch.Tensor]:

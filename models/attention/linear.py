@@ -1,7 +1,7 @@
 """linear: linear attention (Katharopoulos et al. 2020, "Transformers are RNNs") with the
 feature map phi(x) = elu(x) + 1 on queries and keys, normalised:
 
-    o_i = sum_j phi(q_i) . phi(k_j) v_j / sum_j phi(q_i) . phi(k_j)     (causal: j <= i)
+    o_i = sum_j phi(q_i) . phi(k_j) v_j / (sum_j phi(q_i) . phi(k_j) + 1e-6)     (causal: j <= i)
 
 Bidirectional by one K^T V state, causal by chunked prefix sums (models/feature_attention.py).
 No softmax, no position information: the model adds absolute positions.
@@ -21,8 +21,10 @@ DEFAULT_CHUNK = 64
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = elu(x) + 1 > 0, elementwise on [B, T, H, D]."""
-    return F.elu(x) + 1
+    """phi(x) = elu(x) + 1 > 0, elementwise on [B, T, H, D], as x + 1 (x > 0) and exp(x) (x <= 0):
+    ``F.elu(x) + 1`` computes exp(x) - 1 + 1, which cancels to 0 for x below -5 in bf16 (-17 in
+    fp32); a query whose features all vanish then had a zero normaliser (GPT small diverged)."""
+    return torch.exp(x.clamp(max=0)) + x.clamp(min=0)
 
 
 def torch_reference(q, k, v, *, causal=False, seq_lens=None, chunk=DEFAULT_CHUNK):

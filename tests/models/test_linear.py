@@ -25,9 +25,32 @@ def test_definition_is_normalised_elu_feature_attention():
     fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
     i = 3  # causal: query 3 sees keys 0..3
     weights = (fq[0, i, 0] * fk[0, : i + 1, 0]).sum(-1)
-    expected = (weights[:, None] * v[0, : i + 1, 0]).sum(0) / weights.sum()
+    expected = (weights[:, None] * v[0, : i + 1, 0]).sum(0) / (weights.sum() + 1e-6)
     got = linear.torch_reference(q, k, v, causal=True)[0, i, 0]
     assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_feature_map_is_elu_plus_one_without_cancellation(dtype):
+    x = torch.tensor([-60.0, -20.0, -6.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64)
+    got = linear.feature_map(x.to(dtype)).double()
+    assert (got > 0).all(), "elu(x) + 1 is positive everywhere"
+    exact = torch.nn.functional.elu(x) + 1  # float64: no cancellation down to -36
+    assert torch.allclose(got[1:], exact[1:], rtol=torch.finfo(dtype).eps, atol=0)
+
+
+def test_gradients_stay_bounded_when_a_query_sees_only_vanishing_features():
+    """Token 0 sees only itself: with q_0 = k_0 = -40 its normaliser is ~1e-33. The gradients
+    stay O(1) like every other token's (they were ~1e20 in bf16, where the features cancelled to
+    0 and 1 / den was 1 / tiny: GPT small's gradient norm went to inf)."""
+    q, k, v = (x.detach().to(torch.bfloat16) for x in random_qkv(b=1, t=16, hq=2, hkv=2, d=16))
+    q[:, 0], k[:, 0] = -40.0, -40.0
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = linear.chunked(q, k, v, causal=True, chunk=8)
+    (out.float() * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    for name, x in zip("qkv", (q, k, v)):
+        largest = x.grad.float().abs().max().item()
+        assert largest < 1e3, f"d{name} reaches {largest:.3g}"
 
 
 def test_chunked_is_causal():
