@@ -110,6 +110,18 @@ def torch_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DE
     return zero_padded_queries(o, seq_lens)
 
 
+def _gather_blocks(x: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
+    """The blocks ``index`` [B, Hkv, C, n] of x [B, T, Hkv, D] -> [B, Hkv, C, n, block, D]: whole
+    rows of block * D contiguous values (a partial last block is zero-padded), not one index per
+    element: ~5x less memory traffic than torch.gather, and its backward adds whole rows."""
+    b, t, hkv, d = x.shape
+    n_blocks = -(-t // block)
+    blocks = F.pad(x, (0, 0, 0, 0, 0, n_blocks * block - t)).view(b, n_blocks, block, hkv, d)
+    rows = blocks.permute(0, 3, 1, 2, 4).reshape(b * hkv * n_blocks, block * d)
+    first = torch.arange(b * hkv, device=x.device).view(b, hkv, 1, 1) * n_blocks  # each (batch, head)'s block 0
+    return rows.index_select(0, (first + index).flatten()).view(*index.shape, block, d)
+
+
 def _chunk_attention(q, k, v, k_cmp, v_cmp, start: int, block: int, topn: int, window: int):
     """One query chunk: q [B, C, Hkv, G, D] at positions start.., k/v [B, T, Hkv, D], compressed
     k/v [B, N_cmp, Hkv, D] -> the three branches [B, C, Hkv, G, D, 3]."""
@@ -122,8 +134,7 @@ def _chunk_attention(q, k, v, k_cmp, v_cmp, start: int, block: int, topn: int, w
     index, allowed = _select_blocks(probs, pos_q, -(-t // block), block, topn)  # (B, Hkv, C, n)
     pos_k = (index[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)  # (B, Hkv, C, n * block)
     visible = allowed.repeat_interleave(block, dim=-1) & (pos_k <= pos_q[:, None])  # <= t also keeps pos_k < T
-    flat = pos_k.clamp(max=t - 1).flatten(2)[..., None].expand(-1, -1, -1, d)  # (B, Hkv, C * n * block, D)
-    k_sel, v_sel = (x.transpose(1, 2).gather(2, flat).view(b, hkv, c, -1, d) for x in (k, v))
+    k_sel, v_sel = (_gather_blocks(x, index, block).view(b, hkv, c, -1, d) for x in (k, v))
     scores = torch.einsum("bcngd,bncjd->bngcj", q, k_sel) * scale
     o_slc = torch.einsum("bngcj,bncjd->bcngd", _softmax_rows(scores, visible[:, :, None]).to(v.dtype), v_sel)
     # sliding: the band of keys [start - window + 1, start + c)
