@@ -46,6 +46,15 @@ def assert_matches_reference(efficient, reference, inputs, low=torch.float32, **
         assert err <= bound, f"{label}: error {err:.3g} > bound {bound:.3g}"
 
 
+def exact_fp32_triton_dots(monkeypatch, dtype: torch.dtype) -> None:
+    """For an fla comparison in float32: fla's kernels take Triton's default dot precision, TF32
+    for fp32 inputs (10-bit mantissa, ~1e-3 relative), which no float32 bound survives.
+    TRITON_F32_DEFAULT=ieee (part of Triton's cache key) makes them compute in fp32, so the
+    float32 comparison checks fla's function at float32's bound and the bf16 one its precision."""
+    if dtype == torch.float32:
+        monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+
+
 def assert_causal(run, t_changed=20, **kwargs):
     """Changing token t_changed's q, k and v never changes outputs before it (float64, to
     rounding), and does change the output at t_changed."""

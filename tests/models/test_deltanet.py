@@ -11,6 +11,7 @@ from subquadratic_checks import (
     assert_layer_trains,
     assert_matches_reference,
     assert_padding_zeroes_padded_queries_only,
+    exact_fp32_triton_dots,
     random_qkv,
 )
 
@@ -106,8 +107,9 @@ def test_flops_grow_linearly_with_length():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fla_matches_recurrence(dtype):
+def test_fla_matches_recurrence(dtype, monkeypatch):
     pytest.importorskip("fla.ops.delta_rule")
+    exact_fp32_triton_dots(monkeypatch, dtype)
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=4, hkv=2, d=64))
     assert_matches_reference(
         deltanet.fla_chunk, deltanet.torch_reference, [q, k, v], low=dtype,

@@ -10,6 +10,7 @@ from subquadratic_checks import (
     assert_layer_trains,
     assert_matches_reference,
     assert_padding_zeroes_padded_queries_only,
+    exact_fp32_triton_dots,
     random_qkv,
 )
 
@@ -93,8 +94,9 @@ def test_flops_count_earlier_keys_only():
 @pytest.mark.cuda
 @pytest.mark.parametrize("attend_current", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fla_matches_definition(attend_current, dtype):
+def test_fla_matches_definition(attend_current, dtype, monkeypatch):
     pytest.importorskip("fla.ops.stickbreaking_attn")
+    exact_fp32_triton_dots(monkeypatch, dtype)
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=4, hkv=2, d=64))
     assert_matches_reference(
         stickbreaking.fla_parallel, stickbreaking.torch_reference, [q, k, v], low=dtype,
