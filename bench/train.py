@@ -405,8 +405,10 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
         (parts.loss_sum * world.size / count).backward()
         loss = distributed.all_sum(parts.loss_sum.detach().float()).item() / count
         if not math.isfinite(loss):
-            _stop_diverged(mechanism, loss, step + 1, ckpt_dir, logs)
+            _stop_diverged(mechanism, f"loss is {loss}", step + 1, ckpt_dir, logs, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip).item()
+        if not math.isfinite(grad_norm):  # clipping would zero the step: the run would go on, frozen
+            _stop_diverged(mechanism, f"the gradient norm is {grad_norm} (loss {loss:.4g})", step + 1, ckpt_dir, logs, loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         correct = distributed.all_sum(parts.correct.detach().float()).item()
@@ -458,10 +460,10 @@ def write_learned_parameters(model: torch.nn.Module, mechanism: str, run_dir: Pa
     return path
 
 
-def _stop_diverged(mechanism: str, loss: float, step: int, ckpt_dir: Path, logs) -> None:
+def _stop_diverged(mechanism: str, what: str, step: int, ckpt_dir: Path, logs, loss: float) -> None:
     last_good = checkpoint.latest(ckpt_dir)
     kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-    message = f"{mechanism}: loss is {loss} at step {step}; training stopped, {kept}"
+    message = f"{mechanism}: {what} at step {step}; training stopped, {kept}"
     if logs:
         logs["train"].append({"attn": mechanism, "step": step, "split": "train", "loss": loss, "status": "error", "message": message})
     raise TrainingDiverged(message)

@@ -110,6 +110,26 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus
     assert last["status"] == "error" and last["step"] == "5"
 
 
+def test_an_infinite_gradient_norm_stops_the_run_instead_of_freezing_it(corpus, tmp_path, monkeypatch):
+    """The loss stays finite, but its gradient is 1e38x: the norm overflows to inf, and clipping
+    would scale every step to zero (GPT small's linear run went on like that for 1300 steps)."""
+    real = train.lm_loss
+    calls = []
+
+    def exploding(model, input_ids, labels, seq_lens=None):
+        parts = real(model, input_ids, labels, seq_lens)
+        calls.append(1)
+        if len(calls) != 3:
+            return parts
+        return parts._replace(loss_sum=parts.loss_sum + (parts.loss_sum - parts.loss_sum.detach()) * 1e38)
+
+    monkeypatch.setattr(train, "lm_loss", exploding)
+    with pytest.raises(train.TrainingDiverged, match=r"the gradient norm is (inf|nan) \(loss [0-9.]+\) at step 3; training stopped, no checkpoint"):
+        train.run_train(_spec(corpus), tmp_path / "run")
+    last = store.read_rows(tmp_path / "run" / store.TRAIN_CSV, train.TRAIN_COLUMNS)[-1]
+    assert last["status"] == "error" and last["step"] == "3" and last["loss"] != "inf"
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     rope = build_model("tiny", "rope", task="clm", vocab_size=259)
     checkpoint.save(tmp_path, rope, torch.optim.AdamW(rope.parameters()), {"step": 1})
