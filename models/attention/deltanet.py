@@ -31,19 +31,22 @@ from attnbench.models.token_conditioned import TokenConditionedAttention
 DEFAULT_CHUNK = 64
 
 
-def _prepare(q, k, v, beta):
-    """L2-normalised q, k and v, beta ([B, T, Hkv], 1/2 when None) in the compute dtype (>= float32)."""
-    work = torch.promote_types(q.dtype, torch.float32)
+def _prepare(q, k, v, beta, upcast=True):
+    """L2-normalised q, k and v, beta ([B, T, Hkv], 1/2 when None) in the compute dtype
+    (>= float32; q's own dtype with upcast=False)."""
+    work = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     if beta is None:
         beta = torch.full(k.shape[:3], 0.5, dtype=work, device=k.device)
     q, k = F.normalize(q.to(work), dim=-1), F.normalize(k.to(work), dim=-1)
     return q, k, v.to(work), beta.to(work)
 
 
-def torch_reference(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEFAULT_CHUNK):
-    """The recurrence, token by token: q [B, T, Hq, D], k/v [B, T, Hkv, D], beta [B, T, Hkv] -> [B, T, Hq, D]."""
+def torch_reference(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEFAULT_CHUNK, upcast=True):
+    """The recurrence, token by token: q [B, T, Hq, D], k/v [B, T, Hkv, D], beta [B, T, Hkv] -> [B, T, Hq, D].
+    upcast=False keeps the state in the inputs' dtype (the low-precision reference of the tests'
+    FlashAttention rule, as its attention_ref(upcast=False))."""
     dtype = q.dtype
-    q, k, v, beta = _prepare(q, k, v, beta)
+    q, k, v, beta = _prepare(q, k, v, beta, upcast)
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     q = q.view(b, t, hkv, hq // hkv, d)  # (B, T, Hkv, G, D)

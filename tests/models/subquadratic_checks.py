@@ -24,17 +24,18 @@ def _outputs_and_grads(run, inputs, upstream, **kwargs):
     return [out.double(), *(g.double() for g in grads)]
 
 
-def assert_matches_reference(efficient, reference, inputs, low=torch.float32, **kwargs):
+def assert_matches_reference(efficient, reference, inputs, low=torch.float32, low_reference=None, **kwargs):
     """``efficient`` in ``low`` precision vs ``reference`` in float64: output and every input
     gradient, same upstream gradient. Tolerance: float32, 1e-5 of the quantity's largest
     magnitude (observed: ~1e-6); fp16/bf16 (FlashAttention rule), at most 2x the error of the
-    reference itself run in ``low``, plus 1e-6 of the largest magnitude."""
+    reference itself run in ``low`` (``low_reference``: the reference computing in ``low``, for
+    one that upcasts internally), plus 1e-6 of the largest magnitude."""
     exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
     low_inputs = [x.detach().to(low).requires_grad_() for x in inputs]
     upstream = torch.randn_like(reference(*exact_inputs, **kwargs))
     exact = _outputs_and_grads(reference, exact_inputs, upstream, **kwargs)
     got = _outputs_and_grads(efficient, low_inputs, upstream, **kwargs)
-    ref_low = got if low == torch.float32 else _outputs_and_grads(reference, low_inputs, upstream, **kwargs)
+    ref_low = got if low == torch.float32 else _outputs_and_grads(low_reference or reference, low_inputs, upstream, **kwargs)
     labels = ["output", "dq", "dk", "dv"] + [f"d(input {i})" for i in range(3, len(inputs))]
     assert len(exact) == len(got) == len(ref_low) == len(labels), "an output or gradient went missing"
     for label, e, r, g in zip(labels, exact, ref_low, got):

@@ -26,6 +26,15 @@ def _beta(b=2, t=37, hkv=2):
     return torch.rand(b, t, hkv, dtype=torch.float64)
 
 
+def test_reference_without_upcast_computes_in_the_inputs_dtype():
+    q, k, v = (x.detach().to(torch.bfloat16) for x in random_qkv(b=1, t=40, hq=2, hkv=1, d=16))
+    exact = deltanet.torch_reference(*(x.double() for x in (q, k, v)))
+    upcast = deltanet.torch_reference(q, k, v)
+    low = deltanet.torch_reference(q, k, v, upcast=False)
+    assert upcast.dtype == low.dtype == torch.bfloat16
+    assert (low.double() - exact).abs().max() > (upcast.double() - exact).abs().max()
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("chunk", [8, 64])  # 37 tokens: a ragged last chunk, and one chunk only
 def test_chunked_matches_recurrence(padded, chunk):
@@ -113,5 +122,6 @@ def test_fla_matches_recurrence(dtype, monkeypatch):
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=4, hkv=2, d=64))
     assert_matches_reference(
         deltanet.fla_chunk, deltanet.torch_reference, [q, k, v], low=dtype,
+        low_reference=functools.partial(deltanet.torch_reference, upcast=False),  # the recurrence's state in bf16
         causal=True, seq_lens=torch.tensor([300, 171], device="cuda"), beta=_beta(2, 300).cuda(),
     )
