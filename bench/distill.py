@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from torch import nn
 from attnbench import store
 from attnbench.data import IGNORE
 from attnbench.errors import InputError
+from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.models import registry
 
 DISTILL_CSV = store.DISTILL_CSV
@@ -85,8 +86,6 @@ class DistillSpec:
             raise InputError("give at least one --student mechanism")
         for name in self.students:
             registry.get(name)  # unknown: UnknownNameError with the valid names
-        from attnbench.train import check_mechanism_options, impl_per_mechanism
-
         check_mechanism_options(self.students, self.options)
         impl_per_mechanism(self.impl, self.students)
         sizes = (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
@@ -431,7 +430,7 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
     ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps (step 0:
     zero-shot). Returns the trained student and the impl it ran."""
     from attnbench import data
-    from attnbench.train import choose_impl, impl_per_mechanism, lr_factor
+    from attnbench.train import lr_factor
 
     device = spec.device
     impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.students)[mechanism], source.layer_config(mechanism), device)

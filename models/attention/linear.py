@@ -10,7 +10,6 @@ No softmax, no position information: the model adds absolute positions.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from attnbench.models import feature_attention
 from attnbench.models.fla import fla_missing

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnbench import checkpoint, store, train
+from attnbench import checkpoint, mechanism_choice, store, train, train_eval
 from attnbench.cli import app
 from attnbench.errors import InputError
 from attnbench.models.transformer import build_model, param_counts
@@ -100,11 +100,11 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus
     def poisoned(model, input_ids, labels, seq_lens=None):
         parts = real(model, input_ids, labels, seq_lens)
         calls.append(1)
-        return parts._replace(loss_sum=parts.loss_sum * float("nan")) if len(calls) == 6 else parts
+        return parts._replace(loss_sum=parts.loss_sum * float("nan")) if len(calls) == 5 else parts
 
-    monkeypatch.setattr(train, "lm_loss", poisoned)
+    monkeypatch.setattr(train, "lm_loss", poisoned)  # the training steps' loss (evaluation has its own)
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5; .*step-000004"):
-        train.run_train(_spec(corpus), tmp_path / "run")  # call 5 is the step-4 evaluation
+        train.run_train(_spec(corpus), tmp_path / "run")
     assert checkpoint.read_state(checkpoint.latest(tmp_path / "run" / "checkpoints" / "rope"))["step"] == 4
     last = store.read_rows(tmp_path / "run" / store.TRAIN_CSV, train.TRAIN_COLUMNS)[-1]
     assert last["status"] == "error" and last["step"] == "5"
@@ -195,7 +195,7 @@ def test_window_option_reaches_only_window_mechanisms():
 @pytest.mark.parametrize("mechanism, expected", [("standard", "sdpa"), ("gau", "chunked"), ("linear", "chunked"), ("deltanet", "chunked")])
 def test_auto_impl_takes_the_first_preferred_impl_that_runs_here(mechanism, expected):
     model = build_model("tiny", mechanism, task="clm")  # gau's impls are layer-only: they train too
-    assert train.choose_impl(mechanism, "auto", model.cfg.layer_config(), torch.device("cpu")) == expected
+    assert mechanism_choice.choose_impl(mechanism, "auto", model.cfg.layer_config(), torch.device("cpu")) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -205,7 +205,7 @@ def test_auto_impl_takes_the_first_preferred_impl_that_runs_here(mechanism, expe
     ("chunked, nsa=torch", {"linear": "chunked", "nsa": "torch"}),
 ])
 def test_impl_entries_set_one_mechanism_and_the_rest_take_the_default(text, expected):
-    assert train.impl_per_mechanism(text, ["linear", "nsa"]) == expected
+    assert mechanism_choice.impl_per_mechanism(text, ["linear", "nsa"]) == expected
 
 
 def test_an_impl_entry_reaches_its_mechanism_model_only():
@@ -228,7 +228,7 @@ def test_learned_exposb_parameters_are_written_per_head(tmp_path):
 @pytest.mark.parametrize("mechanism", ["nsa", "deltanet"])
 def test_entropy_of_token_conditioned_layers_uses_their_per_token_inputs(mechanism):
     model = build_model("tiny", mechanism, task="clm", seq=64)
-    results = train.attention_entropy(model, torch.randint(0, model.cfg.vocab_size, (2, 64)))
+    results = train_eval.attention_entropy(model, torch.randint(0, model.cfg.vocab_size, (2, 64)))
     assert len(results) == model.cfg.layers
     for value, message in results:
         assert value is not None or message, "each layer gives an entropy or the reason it has none"
@@ -237,7 +237,7 @@ def test_entropy_of_token_conditioned_layers_uses_their_per_token_inputs(mechani
 def test_entropy_of_a_core_that_cannot_take_one_hot_values_is_a_reason_not_a_crash():
     model = build_model("tiny", "bsbr", task="clm", seq=64)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 64))
-    results = train.attention_entropy(model, ids)
+    results = train_eval.attention_entropy(model, ids)
     assert len(results) == model.cfg.layers
     assert all(value is None and "cannot be read" in message for value, message in results)
 

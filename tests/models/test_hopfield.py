@@ -2,7 +2,6 @@
 update steps, causality, the layer (learned positive beta), flops."""
 
 import functools
-import math
 
 import pytest
 import torch
