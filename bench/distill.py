@@ -5,9 +5,10 @@ attention to reproduce the teacher's output distribution.
          + layer_mse * mean_l MSE(attn_l^student, attn_l^teacher)   (LoLCATs-style, real tokens)
          + mask_l1 * sum of the student layers' sparsity_penalty()   (learnable masks/selections)
 
-Teachers: a run folder of `attnbench train` (RunTeacher) or a transformers causal/masked LM
-by local path or HF cache (HFTeacher; never downloaded). A student is the same model with
-every attention layer's mechanism replaced: for our models a registry layer with the
+Teachers (bench/distill_teachers.py): a run folder of `attnbench train` (RunTeacher) or a
+transformers causal/masked LM by local path or HF cache (HFTeacher; never downloaded). A
+student is the same model with every attention layer's mechanism replaced: for our models a
+registry layer with the
 teacher's tensors copied wherever name and shape agree (QKVAttention's fused qkv + out);
 for transformers models the model's own projections feeding our core through
 AttentionInterface (bench/hf_attention.py). Every parameter the teacher had outside
@@ -16,13 +17,12 @@ mechanism needs) trains. Dropout is off in both models (the student learns to ma
 deterministic teacher).
 
 Run folder: meta.json, distill.csv (DISTILL_COLUMNS; step 0 is the zero-shot row),
-summary.csv (cost and quality per student), generations.md/.json, students/<name>.pt
-(the last checkpoint of each student: --resume continues from it).
+summary.csv (cost and quality per student), generations.md/.json (bench/distill_eval.py),
+students/<name>.pt (the last checkpoint of each student: --resume continues from it).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,18 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attnbench import store
-from attnbench.data import IGNORE
+from attnbench.distill_eval import autocast, evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
+from attnbench.distill_teachers import HFTeacher, RunTeacher
 from attnbench.errors import InputError
 from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.models import registry
 
 DISTILL_CSV = store.DISTILL_CSV
 SUMMARY_CSV = "summary.csv"
-GENERATIONS = "generations"
 DISTILL_COLUMNS = [
     "student", "step", "split", "loss", "kl", "agreement", "ppl_student", "ppl_teacher",
     "layer_mse", "lr", "tokens_per_s", "elapsed_s",
@@ -50,12 +49,7 @@ SUMMARY_COLUMNS = [
     "model", "mechanism", "impl", "steps", "kl_zero_shot", "kl", "agreement", "ppl",
     "attn_flops", "forward_ms", "peak_mem_mib", "trainable_params",
 ]
-PROMPTS = [
-    "def read_config(path):\n",
-    "import os\nimport sys\n\n",
-    "The following example shows how to",
-    "class Queue:\n    \"\"\"",
-]
+
 
 
 @dataclass
@@ -99,14 +93,7 @@ class DistillSpec:
             raise InputError("--layer-mse and --mask-l1 are weights: 0 or more")
 
 
-# ---- losses and metrics
-
-
-def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(P_teacher || P_student) [N] for logits [N, V], both softened by ``temperature``, in fp32."""
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+# ---- losses
 
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
@@ -155,273 +142,6 @@ class StudentDiverged(InputError):
     """A student's loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
-# ---- teachers
-
-
-class RunTeacher:
-    """A model trained by `attnbench train` (LanguageModel), its tokenizer and token streams."""
-
-    def __init__(self, model, tokenizer, streams: dict[str, torch.Tensor], *, batch: int, seq: int, label: str, options=None):
-        from attnbench.models.transformer import LanguageModel
-
-        if not isinstance(model, LanguageModel):
-            raise InputError(f"{label} does not hold an attnbench LanguageModel")
-        self.model, self.tokenizer, self.streams = model, tokenizer, streams
-        self.task = "clm" if model.cfg.causal else "mlm"
-        self.batch, self.seq, self.label = batch, seq, label
-        self.options = options or {}  # the students' mechanism options (DistillSpec.options)
-        self.mechanism = model.cfg.mechanism
-        self.max_length = model.cfg.max_length
-
-    @classmethod
-    def from_run(
-        cls, run_dir: Path, *, mechanism: str | None, batch: int | None, seq: int | None, device: str, options=None
-    ) -> "RunTeacher":
-        """The last checkpoint of ``mechanism`` (default: the run's first) in a run folder of `attnbench train`,
-        with the run's own corpus and tokenizer (checked against the hashes it recorded)."""
-        from attnbench import checkpoint, data
-        from attnbench.models.presets import Preset
-        from attnbench.models.transformer import LanguageModel, ModelConfig
-        from attnbench.train import TrainSpec
-
-        meta = store.read_meta(run_dir)
-        if meta.get("kind") != "train" or "models" not in meta:
-            raise InputError(f"--teacher {run_dir}: not a run folder of `attnbench train`")
-        spec = TrainSpec(**meta["spec"])
-        mechanism = mechanism or spec.attn[0]
-        if mechanism not in meta["models"]:
-            raise InputError(f"--teacher-attn {mechanism}: {run_dir} trained {', '.join(meta['models'])}")
-        step_dir = checkpoint.latest(run_dir / "checkpoints" / mechanism)
-        if step_dir is None:
-            raise InputError(f"{run_dir} has no checkpoint of {mechanism} yet")
-        cfg = ModelConfig(**meta["models"][mechanism]["config"])
-        model = LanguageModel(cfg, spec.seed).to(device)
-        checkpoint.load(step_dir, model)
-        corpus = data.load_corpus(spec.data, spec.download)
-        tokenizer = data.load_tokenizer(spec.tokenizer, corpus, Preset.from_name(spec.preset).vocab)
-        if tokenizer.digest != meta["tokenizer"]["sha256"]:
-            raise InputError(f"the tokenizer {tokenizer.name} found here is not the one {run_dir} trained with")
-        streams = data.token_streams(corpus, tokenizer)
-        return cls(model, tokenizer, streams, batch=batch or spec.batch, seq=seq or spec.seq, label=f"{run_dir}:{mechanism}", options=options)
-
-    def attention_names(self, model: nn.Module) -> list[str]:
-        return [f"trunk.blocks.{i}.attention" for i in range(len(model.trunk.blocks))]
-
-    def model_config(self, mechanism: str, impl: str):
-        """The teacher's ModelConfig with ``mechanism`` (and the run's options it declares)."""
-        from dataclasses import replace
-
-        window, options = registry.get(mechanism).split_options(self.options)
-        return replace(self.model.cfg, mechanism=mechanism, impl=impl, window=window, attention=options)
-
-    def layer_config(self, mechanism: str) -> registry.LayerConfig:
-        return self.model_config(mechanism, self.model.cfg.impl).layer_config()
-
-    def student(self, mechanism: str, impl: str) -> nn.Module:
-        """The teacher's model with ``mechanism`` in every block, teacher tensors copied where name and shape agree."""
-        from attnbench.models.transformer import LanguageModel
-
-        student = LanguageModel(self.model_config(mechanism, impl), seed=0).to(next(self.model.parameters()).device)
-        theirs = self.model.state_dict()
-        mine = student.state_dict()
-        shared = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
-        student.load_state_dict(shared, strict=False)
-        return student
-
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits [N, V] at the N labelled positions of ``batch`` (the head never sees the others)."""
-        hidden = model.trunk(batch["input_ids"], batch.get("seq_lens"))
-        return model.head(hidden[batch["labels"] != IGNORE])
-
-    def next_token_logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """ids [1, t] -> logits [V] of the token after them."""
-        return model(ids)[0, -1]
-
-    def attention_flops(self, mechanism: str, batch: int, seq: int) -> float:
-        return self.model.cfg.layers * registry.get(mechanism).flops(self.layer_config(mechanism), batch, seq)
-
-
-class HFTeacher:
-    """A transformers causal or masked LM from a local path or the HF cache (never downloaded);
-    students run our cores through AttentionInterface (bench/hf_attention.py)."""
-
-    def __init__(self, path: str, *, batch: int, seq: int, device: str):
-        import transformers
-
-        from attnbench import data
-
-        try:
-            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-            masked = any(name.endswith("ForMaskedLM") for name in (config.architectures or []))
-            auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
-            self.model = auto.from_pretrained(path, local_files_only=True).to(device)
-            tokenizer_file = transformers.utils.cached_file(path, "tokenizer.json", local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise InputError(f"--teacher {path}: not a run folder, nor a transformers model on disk or in the HF cache ({str(err).splitlines()[0]})") from None
-        self.task = "mlm" if masked else "clm"
-        self.tokenizer = data.load_tokenizer(tokenizer_file, None, 0)
-        self.streams = data.token_streams(data.load_corpus("stdlib"), self.tokenizer)
-        self.batch, self.seq, self.label = batch, seq, path
-        self.mechanism = "standard"  # HF's eager/sdpa attention is exact softmax attention
-        self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        text = config.get_text_config()
-        heads = text.num_attention_heads
-        self._layers = text.num_hidden_layers
-        self._shape = dict(
-            dim=text.hidden_size, heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, causal=self.task == "clm",
-        )
-
-    def attention_names(self, model: nn.Module) -> list[str]:
-        from attnbench.hf_attention import CORE_ATTRIBUTE
-
-        suffix = "." + CORE_ATTRIBUTE
-        return [name.removesuffix(suffix) for name, _ in model.named_modules() if name.endswith(suffix)]
-
-    def layer_config(self, mechanism: str) -> registry.LayerConfig:
-        return registry.LayerConfig(**self._shape)
-
-    def student(self, mechanism: str, impl: str) -> nn.Module:
-        import copy
-
-        from attnbench import hf_attention
-
-        student = copy.deepcopy(self.model)
-        student.set_attn_implementation(hf_attention.register(mechanism, impl))
-        with torch.no_grad():  # the cores are created by the first forward
-            student(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(student.parameters()).device))
-        return student
-
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"]).logits[batch["labels"] != IGNORE]
-
-    def next_token_logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids).logits[0, -1]
-
-    def attention_flops(self, mechanism: str, batch: int, seq: int) -> float:
-        return self._layers * registry.get(mechanism).flops(self.layer_config(mechanism), batch, seq)
-
-
-# ---- evaluation, cost, generations
-
-
-@torch.no_grad()
-def evaluate(source, student: nn.Module, batches: list[dict[str, torch.Tensor]], device: str) -> dict[str, float]:
-    """Held-out KL(teacher || student) per token at temperature 1, top-1 agreement, and the
-    perplexity of both on the labelled tokens of ``batches``."""
-    totals = dict(kl=0.0, agree=0.0, nll_student=0.0, nll_teacher=0.0, count=0)
-    for batch in batches:
-        batch = _to(batch, device)
-        with _autocast(device):
-            teacher_logits = source.logits(source.model, batch).float()
-            student_logits = source.logits(student, batch).float()
-        targets = batch["labels"][batch["labels"] != IGNORE]
-        totals["kl"] += kl_per_token(teacher_logits, student_logits).sum().item()
-        totals["agree"] += (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum().item()
-        totals["nll_student"] += F.cross_entropy(student_logits, targets, reduction="sum").item()
-        totals["nll_teacher"] += F.cross_entropy(teacher_logits, targets, reduction="sum").item()
-        totals["count"] += targets.numel()
-    n = max(totals["count"], 1)
-    return {
-        "kl": totals["kl"] / n,
-        "agreement": totals["agree"] / n,
-        "ppl_student": math.exp(totals["nll_student"] / n),
-        "ppl_teacher": math.exp(totals["nll_teacher"] / n),
-    }
-
-
-def measure_cost(source, model: nn.Module, mechanism: str, batch: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
-    """Attention FLOPs (the registry's forward model, all layers) and the whole model's forward
-    time (median ms) and peak memory (MiB, CUDA only) on one evaluation batch."""
-    from attnbench import timing
-    from attnbench.timing import peak_memory_mib
-
-    batch = _to(batch, device)
-    b, t = batch["input_ids"].shape
-
-    @torch.no_grad()
-    def forward():
-        with _autocast(device):
-            source.logits(model, batch)
-
-    forward()  # warm-up: autotuning and caches stay out of the numbers
-    dev = torch.device(device)
-    return {
-        "attn_flops": source.attention_flops(mechanism, b, t),
-        "forward_ms": timing.measure(forward, dev).median_ms,
-        "peak_mem_mib": peak_memory_mib(forward, dev),
-    }
-
-
-@torch.no_grad()
-def generate(source, model: nn.Module, prompt: list[int], new_tokens: int, device: str, generator: torch.Generator | None) -> list[int]:
-    """``new_tokens`` continuation ids of ``prompt``: greedy without ``generator``, else sampled
-    from the softmax with it. No KV cache (every mechanism works); the context is cut to the
-    model's longest input; stops after an eos."""
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        context = ids[-source.max_length :] if source.max_length else ids
-        with _autocast(device):
-            logits = source.next_token_logits(model, torch.tensor([context], device=device)).float()
-        if generator is None:
-            token = int(logits.argmax())
-        else:
-            token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
-        ids.append(token)
-        if token == source.tokenizer.eos_id:
-            break
-    return ids[len(prompt) :]
-
-
-def decode(tokenizer, ids: list[int]) -> str:
-    """Token ids -> text (data.Tokenizer has no decode: bytes decode as UTF-8, BPE through its backend)."""
-    if tokenizer.backend is None:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-    return tokenizer.backend.decode(ids)
-
-
-def generations(source, models: dict[str, nn.Module], new_tokens: int, seed: int, device: str) -> list[dict[str, Any]]:
-    """Each prompt continued by each model, greedy and sampled; a sampled prompt uses the same
-    seed for every model, so the texts differ only by the model."""
-    rows = []
-    prompts = source.tokenizer.encode_batch(PROMPTS)
-    for index, (text, prompt) in enumerate(zip(PROMPTS, prompts)):
-        for name, model in models.items():
-            for mode in ("greedy", "sampled"):
-                generator = None if mode == "greedy" else torch.Generator().manual_seed(seed + index)
-                ids = generate(source, model, prompt, new_tokens, device, generator)
-                rows.append({"prompt": text, "model": name, "mode": mode, "seed": seed + index if generator else None,
-                             "text": decode(source.tokenizer, ids)})
-    return rows
-
-
-def write_generations(run_dir: Path, rows: list[dict[str, Any]], note: str | None = None) -> None:
-    """generations.json (the rows) and generations.md (per prompt, each model's continuations)."""
-    import json
-
-    (run_dir / f"{GENERATIONS}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["# Generations", ""]
-    if note:
-        lines += [note, ""]
-    for prompt in dict.fromkeys(row["prompt"] for row in rows):
-        lines += [f"## Prompt: `{prompt!r}`", ""]
-        for row in (r for r in rows if r["prompt"] == prompt):
-            seed = f", seed {row['seed']}" if row["seed"] is not None else ""
-            lines += [f"**{row['model']}** ({row['mode']}{seed})", "", "```", prompt + row["text"], "```", ""]
-    (run_dir / f"{GENERATIONS}.md").write_text("\n".join(lines))
-
-
-def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _autocast(device: str):
-    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
-    import contextlib
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-
-
 # ---- the loop
 
 
@@ -459,7 +179,7 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
     sums, began, tokens = _zero_sums(), time.perf_counter(), 0
     try:
         for step in range(start, spec.steps):
-            batch = _to(train.at(step), device)
+            batch = to_device(train.at(step), device)
             parts = distill_loss(source, student, batch, spec, teacher_out, student_out)
             if not torch.isfinite(parts["loss"]):
                 raise StudentDiverged(
@@ -496,9 +216,9 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
 def distill_loss(source, student, batch, spec: DistillSpec, teacher_out: OutputRecorder | None, student_out: OutputRecorder | None) -> dict[str, torch.Tensor]:
     """The loss of one batch and its parts (module docstring): loss, kl (at the temperature, times T^2), layer_mse."""
     t = spec.temperature
-    with torch.no_grad(), _autocast(spec.device):
+    with torch.no_grad(), autocast(spec.device):
         teacher_logits = source.logits(source.model, batch)
-    with _autocast(spec.device):
+    with autocast(spec.device):
         student_logits = source.logits(student, batch)
     kl = kl_per_token(teacher_logits, student_logits, t).mean() * t**2  # T^2 keeps gradient sizes comparable across T
     loss, layer_mse = kl, torch.zeros(())

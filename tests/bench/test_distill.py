@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from attnbench import data, distill, store
+from attnbench import data, distill, distill_eval, distill_teachers, store
 from attnbench.models.transformer import build_model, training_step
 
 SEQ, BATCH = 64, 8
@@ -31,7 +31,7 @@ def teacher(tmp_path_factory):
     train = data.Batches(streams["train"], "clm", SEQ, BATCH, seed=0, tokenizer=tokenizer)
     for step in range(60):
         training_step(model, optimizer, train.at(step))
-    return distill.RunTeacher(model.eval(), tokenizer, streams, batch=BATCH, seq=SEQ, label="tiny-test")
+    return distill_teachers.RunTeacher(model.eval(), tokenizer, streams, batch=BATCH, seq=SEQ, label="tiny-test")
 
 
 def valid_rows(run_dir, student):
@@ -104,10 +104,10 @@ def test_resume_continues_from_the_checkpoint(teacher, tmp_path):
 
 def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
     logits = torch.randn(5, 11, dtype=torch.float64)
-    torch.testing.assert_close(distill.kl_per_token(logits, logits), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(distill_eval.kl_per_token(logits, logits), torch.zeros(5), atol=1e-6, rtol=0)
     other = torch.randn(5, 11, dtype=torch.float64)
     p, q = logits.softmax(-1), other.softmax(-1)
-    torch.testing.assert_close(distill.kl_per_token(logits, other), (p * (p / q).log()).sum(-1).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(distill_eval.kl_per_token(logits, other), (p * (p / q).log()).sum(-1).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_options_are_input_errors():
