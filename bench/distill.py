@@ -8,13 +8,12 @@ attention to reproduce the teacher's output distribution.
 Teachers (bench/distill_teachers.py): a run folder of `attnbench train` (RunTeacher) or a
 transformers causal/masked LM by local path or HF cache (HFTeacher; never downloaded). A
 student is the same model with every attention layer's mechanism replaced: for our models a
-registry layer with the
-teacher's tensors copied wherever name and shape agree (QKVAttention's fused qkv + out);
-for transformers models the model's own projections feeding our core through
-AttentionInterface (bench/hf_attention.py). Every parameter the teacher had outside
-attention is frozen unless ``train_all``; attention and anything new (a position table a
-mechanism needs) trains. Dropout is off in both models (the student learns to match a
-deterministic teacher).
+registry layer with the teacher's tensors copied wherever name and shape agree
+(QKVAttention's fused qkv + out); for transformers models the model's own projections
+feeding our core through AttentionInterface (bench/hf_attention.py). Every parameter the
+teacher had outside attention is frozen unless ``train_all``; attention and anything new (a
+position table a mechanism needs) trains. Dropout is off in both models (the student learns
+to match a deterministic teacher).
 
 Run folder: meta.json, distill.csv (DISTILL_COLUMNS; step 0 is the zero-shot row),
 summary.csv (cost and quality per student), generations.md/.json (bench/distill_eval.py),
