@@ -10,7 +10,9 @@ identical token stream, evaluated and compared.
 
 Mechanisms train one after the other with the same seed: the batch of step s and every
 weight outside the attention are the same for all of them. The learning rate, the batch and
-the MLM mask are pure functions of the step, so a resumed run continues exactly.
+the MLM mask are pure functions of the step, so a resumed run continues exactly. A mechanism
+whose loss or gradient norm turns non-finite stops (an error row, its last good checkpoint
+kept); the others still train, the report is rendered, and the run then exits with the error.
 """
 
 from __future__ import annotations
@@ -423,16 +425,22 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
         if resume:
             prune_to_checkpoints(run_dir, spec.attn)
         store.write_meta(run_dir, meta)
-    if spec.gpus > 1 and world.size == 1:
-        distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams)
-    else:
-        train_all(spec, run_dir, device, tokenizer, streams)
+    diverged = None
+    try:
+        if spec.gpus > 1 and world.size == 1:
+            distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams)
+        else:
+            train_all(spec, run_dir, device, tokenizer, streams)
+    except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
+        diverged = err
     if world.is_main:
         from attnbench.train_report import render_train_report
 
         meta["finished"] = store.now()
         store.write_meta(run_dir, meta)
         render_train_report([run_dir], run_dir)
+    if diverged:
+        raise diverged
     return run_dir
 
 
@@ -451,14 +459,20 @@ def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: d
             "entropy": store.RowLog(run_dir / ENTROPY_CSV, ENTROPY_COLUMNS, resume=True),
             "extrapolation": store.RowLog(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, resume=True),
         }
+    diverged = []
     try:
         with _progress(world.is_main) as progress:
             for mechanism in spec.attn:
-                train_mechanism(run, mechanism, logs, progress)
+                try:
+                    train_mechanism(run, mechanism, logs, progress)
+                except TrainingDiverged as err:  # recorded in train.csv; the other mechanisms still train
+                    diverged.append(str(err))
     finally:
         for log in (logs or {}).values():
             log.close()
         distributed.finish()
+    if diverged:
+        raise TrainingDiverged(" | ".join(diverged))
 
 
 @contextlib.contextmanager

@@ -103,11 +103,15 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus
         return parts._replace(loss_sum=parts.loss_sum * float("nan")) if len(calls) == 5 else parts
 
     monkeypatch.setattr(train, "lm_loss", poisoned)  # the training steps' loss (evaluation has its own)
-    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5; .*step-000004"):
-        train.run_train(_spec(corpus), tmp_path / "run")
+    with pytest.raises(train.TrainingDiverged, match=r"rope: loss is nan at step 5; .*step-000004"):
+        train.run_train(_spec(corpus, attn=["rope", "alibi"]), tmp_path / "run")
     assert checkpoint.read_state(checkpoint.latest(tmp_path / "run" / "checkpoints" / "rope"))["step"] == 4
-    last = store.read_rows(tmp_path / "run" / store.TRAIN_CSV, train.TRAIN_COLUMNS)[-1]
-    assert last["status"] == "error" and last["step"] == "5"
+    rows = store.read_rows(tmp_path / "run" / store.TRAIN_CSV, train.TRAIN_COLUMNS)
+    rope = [r for r in rows if r["attn"] == "rope"]
+    assert rope[-1]["status"] == "error" and rope[-1]["step"] == "5"
+    # the other mechanism still trained to the end, and the report was written
+    assert max(int(r["step"]) for r in rows if r["attn"] == "alibi") == 8
+    assert (tmp_path / "run" / "train_report.md").exists()
 
 
 def test_an_infinite_gradient_norm_stops_the_run_instead_of_freezing_it(corpus, tmp_path, monkeypatch):
