@@ -41,10 +41,14 @@ def output_and_grads(fn, q, k, v, params, upstream, dtype, **options):
 
 
 def assert_matches_reference(dtype, b, t, s, hq, hkv, d, causal, seq_lens, strong_decay=False):
-    q = torch.randn(b, t, hq, d)
-    k, v = torch.randn(b, s, hkv, d), torch.randn(b, s, hkv, d)
+    """The kernel in ``dtype`` against float64 evaluated at the same ``dtype``-rounded inputs and
+    upstream gradient (FlashAttention's method: what is compared is arithmetic, not the
+    rounding of the inputs, which for the parameter gradients summed over every score is
+    larger than either implementation's arithmetic error and would make the bound noise)."""
+    q = torch.randn(b, t, hq, d).to(dtype)
+    k, v = torch.randn(b, s, hkv, d).to(dtype), torch.randn(b, s, hkv, d).to(dtype)
     params = random_params(hq, d, strong_decay)
-    upstream = torch.randn(b, t, hq, d)
+    upstream = torch.randn(b, t, hq, d).to(dtype)
     options = dict(causal=causal, seq_lens=None if seq_lens is None else torch.tensor(seq_lens, device=DEVICE))
     exact = output_and_grads(reference.exposb_attention, q, k, v, params, upstream, torch.float64, **options)
     ours = output_and_grads(exposb_attention_triton, q, k, v, params, upstream, dtype, **options)

@@ -30,9 +30,11 @@ def assert_matches_reference(efficient, reference, inputs, low=torch.float32, lo
     magnitude (observed: ~1e-6); fp16/bf16 (FlashAttention rule), at most 2x the error of the
     reference itself run in ``low`` (``low_reference``: the reference computing in ``low``, for
     one that upcasts internally), plus 1e-6 of the largest magnitude."""
-    exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
     low_inputs = [x.detach().to(low).requires_grad_() for x in inputs]
-    upstream = torch.randn_like(reference(*exact_inputs, **kwargs))
+    # float64 at the same low-precision inputs and upstream gradient (FlashAttention's method):
+    # the comparison is of arithmetic, not of the inputs' rounding
+    exact_inputs = [x.detach().double().requires_grad_() for x in low_inputs]
+    upstream = torch.randn_like(reference(*exact_inputs, **kwargs)).to(low).double()
     exact = _outputs_and_grads(reference, exact_inputs, upstream, **kwargs)
     got = _outputs_and_grads(efficient, low_inputs, upstream, **kwargs)
     ref_low = got if low == torch.float32 else _outputs_and_grads(low_reference or reference, low_inputs, upstream, **kwargs)
