@@ -53,7 +53,9 @@ variants)
         --seq 1024 2048 4096 8192 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
     ;;
 tests)
-    limit 340 python3 -m pytest -q -m cuda tests -rf --tb=short 2>&1 | tee "$out/cuda_tests.txt" | tail -40
+    # verbose, with a per-test limit: a failure is named as it happens, even if the stage is cut
+    limit 340 python3 -m pytest -v -m cuda tests --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|error [0-9]|passed|failed" "$out/cuda_tests.txt" | tail -60
     limit 220 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -5 "$out/check.txt"
     ;;
