@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from typing import Callable
 
 NOT_INSTALLED = "fla-core is not installed (pip install attnbench[peers])"
@@ -16,7 +17,9 @@ def fla_missing(ops: str) -> Callable[[], str | None]:
     @functools.cache
     def missing() -> str | None:
         try:
-            importlib.import_module(f"fla.ops.{ops}")
+            with warnings.catch_warnings():  # fla warns at import on a machine without a GPU
+                warnings.simplefilter("ignore")
+                importlib.import_module(f"fla.ops.{ops}")
         except ImportError:
             return NOT_INSTALLED
         return None
