@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from attnbench import store
-from attnbench.distill_eval import autocast, evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
+from attnbench.distill_eval import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
 from attnbench.distill_teachers import HFTeacher, RunTeacher
 from attnbench.errors import InputError
 from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.models import registry
+from attnbench.train_eval import autocast
 
 DISTILL_CSV = store.DISTILL_CSV
 SUMMARY_CSV = "summary.csv"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.data import IGNORE
+from attnbench.train_eval import autocast
 
 GENERATIONS = "generations"
 PROMPTS = [
@@ -138,10 +139,3 @@ def write_generations(run_dir: Path, rows: list[dict[str, Any]], note: str | Non
 
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def autocast(device: str):
-    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
-    import contextlib
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()

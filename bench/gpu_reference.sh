@@ -32,6 +32,9 @@ limit() {  # limit SECONDS CMD...: run CMD for at most SECONDS, and never past t
     timeout "$t" "${@:2}" || echo "exit $? after at most ${t}s: ${*:2}" | tee -a "$out/skipped.txt"
 }
 speed() { limit "$1" attnbench speed "${@:2}" --measure-peak 2>&1 | tail -80; }
+fla_tests() {  # fla_tests SECONDS: every fla impl against our reference, verbose, a limit per test
+    limit "$1" python3 -m pytest -v -m cuda tests/models -k fla --timeout 120 --tb=short > "$out/fla_tests.txt" 2>&1
+}
 drop_checkpoints() {  # train/distill weights stay on the machine: too large to bring back
     find "$out" -type d \( -name checkpoints -o -name students \) -prune -exec rm -rf {} +
 }
@@ -67,7 +70,7 @@ quality)  # every other mechanism, identical settings, four processes (#6), the 
           # (compile-bound), then the layer sweep resumed (committed layers-all/ was cut at deltanet).
           # window and nsa really sparse at T = 512 (window 128, nsa top-2 blocks of 64, 128 window);
           # nsa through its definition: at T = 512 ~10x faster than the chunked per-query block gathers
-    limit 380 python3 -m pytest -v -m cuda tests/models -k fla --timeout 120 --tb=short > "$out/fla_tests.txt" 2>&1 &
+    fla_tests 380 &
     # each process: a mechanism known to train fast first, then one of unknown speed at T = 512
     limit 380 attnbench train --attn hopfield,deltanet "${TRAIN[@]}" --out "$out/quality-1" > "$out/q1.txt" 2>&1 &
     limit 380 attnbench train --attn window,stickbreaking "${TRAIN[@]}" --window 128 --out "$out/quality-2" > "$out/q2.txt" 2>&1 &
@@ -87,8 +90,8 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
         --student linear --student window --student nsa --window 128 --option topn=2 --steps 1000 --batch 8 \
         --lr 1e-4 --impl auto,nsa=torch --eval-every 100 --out "$out/distill" > "$out/distill.txt" 2>&1
     tail -12 "$out/distill.txt"
-    limit 200 python3 -m pytest -v -m cuda tests/models -k fla --tb=short > "$out/fla_tests.txt" 2>&1
-    grep -E "PASSED|FAILED|Error|error" "$out/fla_tests.txt" | tail -30
+    fla_tests 200
+    grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
     drop_checkpoints
     ;;
 final)  # the CUDA tests that failed under contention, named one by one; model level; layer sweep

@@ -106,14 +106,19 @@ def exponents(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _beside_reference(df: pd.DataFrame, column: str, reference: str, keys: list[str]) -> pd.DataFrame:
+    """The ok rows whose ``column`` is not ``reference``, each joined (on ``keys``) with the
+    reference row's ms_median and peak_mem_mib as ref_ms and ref_mem."""
+    ok = df[df["status"] == "ok"]
+    base = ok[ok[column] == reference][keys + ["ms_median", "peak_mem_mib"]]
+    return ok[ok[column] != reference].merge(base.rename(columns={"ms_median": "ref_ms", "peak_mem_mib": "ref_mem"}), on=keys)
+
+
 def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """For every ok case that the baseline also ran: speedup = baseline median / impl median,
     memory = impl peak memory / baseline peak memory."""
-    ok = df[df["status"] == "ok"]
-    keys = ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"]
-    base = ok[ok["impl"] == baseline][keys + ["ms_median", "peak_mem_mib"]]
-    joined = ok[ok["impl"] != baseline].merge(base.rename(columns={"ms_median": "baseline_ms", "peak_mem_mib": "baseline_mem"}), on=keys)
-    return joined.assign(speedup=joined["baseline_ms"] / joined["ms_median"], memory=joined["peak_mem_mib"] / joined["baseline_mem"])
+    joined = _beside_reference(df, "impl", baseline, ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"])
+    return joined.assign(speedup=joined["ref_ms"] / joined["ms_median"], memory=joined["peak_mem_mib"] / joined["ref_mem"])
 
 
 CASE_INDEX = ["run", "head_dim", "mechanism", "mode", "causal", "window", "seq"]
@@ -136,11 +141,8 @@ def speedup_table(df: pd.DataFrame, baseline: str, value: str = "speedup") -> pd
 def variant_costs(df: pd.DataFrame, reference: str = "standard") -> pd.DataFrame:
     """What each variant costs over the ``reference`` mechanism in the same run and impl:
     one row per case, one column per impl, variant median / reference median."""
-    ok = df[df["status"] == "ok"]
-    keys = ["run", *SETUP, "impl", "mode", "causal", "batch", "seq"]
-    base = ok[ok["mechanism"] == reference][keys + ["ms_median"]].rename(columns={"ms_median": "reference_ms"})
-    joined = ok[ok["mechanism"] != reference].merge(base, on=keys)
-    return _per_case(joined.assign(cost=joined["ms_median"] / joined["reference_ms"]), "cost")
+    joined = _beside_reference(df, "mechanism", reference, ["run", *SETUP, "impl", "mode", "causal", "batch", "seq"])
+    return _per_case(joined.assign(cost=joined["ms_median"] / joined["ref_ms"]), "cost")
 
 
 def fastest(df: pd.DataFrame) -> pd.DataFrame:

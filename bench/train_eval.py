@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 EXTRAPOLATION_FACTORS = (1, 2, 4)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full fp32 on CPU."""
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA (fp32 master weights); full fp32 on CPU. `train` and `distill` both run under it."""
+    device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 

@@ -199,7 +199,7 @@ def get(name: str) -> Mechanism:
 
 
 def check_options(names: list[str], given: dict[str, Any]) -> None:
-    """InputError-style ValueError for an option that none of the mechanisms ``names`` declares."""
+    """UnknownNameError (a user error: exit 2) for an option that none of the mechanisms ``names`` declares."""
     declared = {p for name in names for p in get(name).params}
     for key in given:
         if key not in declared:
