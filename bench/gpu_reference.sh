@@ -9,6 +9,8 @@
 #   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
 #             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
 #   quality:  every other mechanism with the same settings, one process each (#6)
+#   exposb:   exposb's GPT small run alone, its kernel timed again, the model-level step
+#   tests:    every CUDA test, the layer sweep of layers-all/ resumed, `check` for exposb
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
@@ -54,16 +56,30 @@ variants)
     speed 560 --attn standard,rope,alibi,exposb --impl triton,sdpa,flex --tokens 16384 --heads 16 --head-dim 128 \
         --seq 1024 2048 4096 8192 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
     ;;
-tests)
-    # verbose, with a per-test limit: a failure is named as it happens, even if the stage is cut
-    limit 340 python3 -m pytest -v -m cuda tests --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
-    grep -E "PASSED|FAILED|ERROR|error [0-9]|passed|failed" "$out/cuda_tests.txt" | tail -60
-    limit 220 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
+tests)  # every CUDA test (the fla impls against our references among them), then the layer sweep of
+       # layers-all/ resumed (it was cut at deltanet's recurrent reference), then `check` for exposb
+    # verbose, with a per-test limit: a failure is named as it happens, even if the stage is cut;
+    # two processes, so one's Triton compiles overlap the other's (no test here asserts a speed)
+    limit 240 python3 -m pytest -v -m cuda tests/kernels tests/bench --timeout 120 -rf --tb=short > "$out/cuda_tests_kernels_bench.txt" 2>&1 &
+    limit 240 python3 -m pytest -v -m cuda tests/models --timeout 120 -rf --tb=short > "$out/cuda_tests_models.txt" 2>&1 &
+    wait
+    grep -h -E "FAILED|ERROR|error [0-9]|passed|failed" "$out"/cuda_tests_*.txt | tail -40
+    cp -r results/reference-h100/layers-all "$out/layers-all"
+    speed 180 --resume --out "$out/layers-all"
+    limit 60 attnbench check --attn exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -5 "$out/check.txt"
     ;;
 train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, contention halves it)
     limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
     tail -4 "$out/train.txt"; drop_checkpoints
+    ;;
+exposb)  # exposb's GPT small run (cut from train's), its kernel against flex and standard after the
+        # float32-O change, and the model-level step of #4
+    limit 250 attnbench train --attn exposb "${TRAIN[@]}" --out "$out/gpt-small-exposb" > "$out/train.txt" 2>&1
+    tail -4 "$out/train.txt"; drop_checkpoints
+    speed 130 --attn standard,exposb --impl triton,flex --tokens 16384 --heads 16 --head-dim 128 \
+        --seq 1024 4096 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants-exposb"
+    speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     ;;
 quality)  # every other mechanism with the settings of gpt-small/, one process each (#6): at batch 8
           # a step is launch-bound, so nine processes share the GPU with little loss each; the
