@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
 # The reference GPU runs committed under results/ (see results/README.md), one stage per
 # device call (each under its 10-minute limit). Usage: bash bench/gpu_reference.sh STAGE OUT_DIR
-# (all output: OUT_DIR/STAGE/; every step has its own time limit inside the stage's budget
-# BUDGET_S, which must stay under the call's limit; sweeps save series by series, so a step cut
-# by its limit keeps what it finished).
+# (all output: OUT_DIR/STAGE.tar.gz, one file, since the device brings back at most 8; it is
+# rewritten after every step and every 45 s, so a call killed at its limit still brings back
+# what was done. Every step has its own time limit inside the stage's budget BUDGET_S, which
+# must stay under the call's limit; sweeps save series by series, so a step cut by its limit
+# keeps what it finished).
 #   kernels:  a model-level profile, the exact-family grid (D 64 and 128), sliding-window scaling
 #   variants: rope/alibi/exposb against their peers, standard in the same run
 #   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
 #             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
-#   quality:  every other mechanism with the same settings, one process each (#6)
-#   exposb:   exposb's GPT small run alone, its kernel timed again, the model-level step
-#   tests:    every CUDA test, the layer sweep of layers-all/ resumed, `check` for exposb
+#   quality:  every other mechanism with the same settings, one process each, CUDA tests alongside (#6)
+#   followup: the layers-all/ sweep resumed; exposb checked, timed and trained after its last change
+#   tests:    every CUDA test, `check` for exposb
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
-out="$dest/$stage"  # straight into the device's OUT: a call killed at its limit still brings back what it wrote
-mkdir -p "$out"
+work=/tmp/attnbench-gpu
+out="$work/$stage"
+mkdir -p "$out" "$dest"
+pack() {  # the stage's folder as one tarball in OUT_DIR (weights stay behind: too large to bring back)
+    local part="$dest/.$stage.tar.gz.$BASHPID"
+    tar -czf "$part" --exclude=checkpoints --exclude=students -C "$work" "$stage" 2> /dev/null
+    mv -f "$part" "$dest/$stage.tar.gz"
+}
+(while sleep 45; do pack; done) &
+packer=$!
+disown $packer  # not among the jobs that the stages' `wait` waits for
+trap 'kill $packer 2> /dev/null; pack' EXIT
 deadline=$((SECONDS + ${BUDGET_S:-575}))
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 || { tail "$out/pip.log"; exit 1; }
@@ -31,13 +43,19 @@ limit() {  # limit SECONDS CMD...: run CMD for at most SECONDS, and never past t
     local left=$((deadline - SECONDS)); local t=$(($1 < left ? $1 : left))
     if ((t <= 5)); then echo "skipped (stage budget spent): ${*:2}" | tee -a "$out/skipped.txt"; return 0; fi
     timeout "$t" "${@:2}" || echo "exit $? after at most ${t}s: ${*:2}" | tee -a "$out/skipped.txt"
+    pack
 }
 speed() { limit "$1" attnbench speed "${@:2}" --measure-peak 2>&1 | tail -80; }
 fla_tests() {  # fla_tests SECONDS: every fla impl against our reference, verbose, a limit per test
     limit "$1" python3 -m pytest -v -m cuda tests/models -k fla --timeout 120 --tb=short > "$out/fla_tests.txt" 2>&1
 }
-drop_checkpoints() {  # train/distill weights stay on the machine: too large to bring back
-    find "$out" -type d \( -name checkpoints -o -name students \) -prune -exec rm -rf {} +
+cuda_tests() {  # every CUDA test, verbose, a limit per test (a failure is named as it happens, even if
+               # the stage is cut); two processes, so one's Triton compiles overlap the other's
+    limit 300 python3 -m pytest -v -m cuda tests/kernels tests/bench --timeout 120 -rf --tb=short > "$out/cuda_tests_kernels_bench.txt" 2>&1 &
+    local first=$!
+    limit 300 python3 -m pytest -v -m cuda tests/models --timeout 120 -rf --tb=short > "$out/cuda_tests_models.txt" 2>&1
+    wait $first
+    grep -h -E "FAILED|ERROR|error [0-9]|passed|failed" "$out"/cuda_tests_*.txt | tail -40
 }
 TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
 EXACT=(--attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 1024 2048 4096 8192 16384
@@ -56,45 +74,41 @@ variants)
     speed 560 --attn standard,rope,alibi,exposb --impl triton,sdpa,flex --tokens 16384 --heads 16 --head-dim 128 \
         --seq 1024 2048 4096 8192 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
     ;;
-tests)  # every CUDA test (the fla impls against our references among them), then the layer sweep of
-       # layers-all/ resumed (it was cut at deltanet's recurrent reference), then `check` for exposb
-    # verbose, with a per-test limit: a failure is named as it happens, even if the stage is cut;
-    # two processes, so one's Triton compiles overlap the other's (no test here asserts a speed)
-    limit 240 python3 -m pytest -v -m cuda tests/kernels tests/bench --timeout 120 -rf --tb=short > "$out/cuda_tests_kernels_bench.txt" 2>&1 &
-    limit 240 python3 -m pytest -v -m cuda tests/models --timeout 120 -rf --tb=short > "$out/cuda_tests_models.txt" 2>&1 &
-    wait
-    grep -h -E "FAILED|ERROR|error [0-9]|passed|failed" "$out"/cuda_tests_*.txt | tail -40
-    cp -r results/reference-h100/layers-all "$out/layers-all"
-    speed 180 --resume --out "$out/layers-all"
+tests)  # every CUDA test (the fla impls against our references among them), `check` for exposb
+    cuda_tests
     limit 60 attnbench check --attn exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -5 "$out/check.txt"
     ;;
 train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, contention halves it)
     limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
-    tail -4 "$out/train.txt"; drop_checkpoints
+    tail -4 "$out/train.txt"
     ;;
-exposb)  # exposb's GPT small run (cut from train's), its kernel against flex and standard after the
-        # float32-O change, and the model-level step of #4
-    limit 250 attnbench train --attn exposb "${TRAIN[@]}" --out "$out/gpt-small-exposb" > "$out/train.txt" 2>&1
-    tail -4 "$out/train.txt"; drop_checkpoints
-    speed 130 --attn standard,exposb --impl triton,flex --tokens 16384 --heads 16 --head-dim 128 \
+followup)  # the layer sweep of layers-all/ resumed (cut at deltanet's recurrent reference, #6);
+          # exposb after its float32-O change: check, its kernel against flex and standard, its
+          # GPT small run alone (cut from train's, #4)
+    cp -r results/reference-h100/layers-all "$out/layers-all"
+    speed 190 --resume --out "$out/layers-all"
+    limit 60 attnbench check --attn exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
+    tail -3 "$out/check.txt"
+    speed 100 --attn standard,exposb --impl triton,flex --tokens 16384 --heads 16 --head-dim 128 \
         --seq 1024 4096 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants-exposb"
-    speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    limit 250 attnbench train --attn exposb "${TRAIN[@]}" --out "$out/gpt-small-exposb" > "$out/train.txt" 2>&1
+    tail -3 "$out/train.txt"
     ;;
 quality)  # every other mechanism with the settings of gpt-small/, one process each (#6): at batch 8
-          # a step is launch-bound, so nine processes share the GPU with little loss each; the
-          # fla tests and the layer sweep go in the tests stage. window and nsa really sparse at
-          # T = 512 (window 128, nsa top-2 blocks of 64); nsa through its definition (at T = 512
-          # ~10x faster than the chunked per-query block gathers)
+          # a step is launch-bound, so ten processes share the GPU with ~2.5x loss each; the CUDA
+          # tests alongside (correctness only). window and nsa really sparse at T = 512 (window
+          # 128, nsa top-2 blocks of 64); nsa through its definition (at T = 512 ~10x faster than
+          # the chunked per-query block gathers)
     quality_run() {  # quality_run MECHANISM [OPTIONS...]
         limit 530 env OMP_NUM_THREADS=1 attnbench train --attn "$1" "${TRAIN[@]}" "${@:2}" --out "$out/$1" > "$out/$1.txt" 2>&1
     }
-    for mechanism in linear block hopfield deltanet stickbreaking gau bsbr; do quality_run $mechanism & done
+    for mechanism in linear performer block hopfield deltanet stickbreaking gau bsbr; do quality_run $mechanism & done
     quality_run window --window 128 &
     quality_run nsa --window 128 --option topn=2 --impl torch &
+    cuda_tests
     wait
     for log in "$out"/*.txt; do echo "== $log"; tail -2 "$log"; done
-    drop_checkpoints
     ;;
 distill)  # #7: a standard teacher, then performer/linear/window/nsa students, then the fla tests
     limit 150 attnbench train --attn standard "${TRAIN[@]}" --eval-every 500 --out "$out/teacher" > "$out/teacher.txt" 2>&1
@@ -104,7 +118,6 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
     tail -12 "$out/distill.txt"
     fla_tests 200
     grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
-    drop_checkpoints
     ;;
 final)  # the CUDA tests that failed under contention, named one by one; model level; layer sweep
     groups=("tests/kernels/test_exposb_kernel.py tests/bench" tests/models)

@@ -62,7 +62,14 @@ def torch_reference(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEF
 
 def chunked(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEFAULT_CHUNK):
     """The chunked WY form: same arguments and result as the recurrence; a Python loop over
-    T / chunk chunks carries the state, everything within a chunk is batched matmuls."""
+    T / chunk chunks carries the state, everything within a chunk is batched matmuls.
+    Computed in float32 also under autocast: the state sums T writes, and the triangular
+    solve has no bf16 kernel."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunked(q, k, v, seq_lens, beta, chunk)
+
+
+def _chunked(q, k, v, seq_lens, beta, chunk):
     dtype = q.dtype
     q, k, v, beta = _prepare(q, k, v, beta)
     b, t, hq, d = q.shape

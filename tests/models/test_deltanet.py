@@ -44,6 +44,17 @@ def test_chunked_matches_recurrence(padded, chunk):
     )
 
 
+def test_chunked_runs_in_float32_under_bf16_autocast():
+    """Training autocasts to bf16: the chunked form keeps its float32 sums (and its triangular
+    solve, which has no bf16 kernel) and matches the float32 recurrence to float32 rounding."""
+    q, k, v = (x.detach().float().requires_grad_() for x in random_qkv(b=1, t=40, hq=2, hkv=1, d=16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deltanet.chunked(q, k, v, chunk=8)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    torch.testing.assert_close(out, deltanet.torch_reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 def _output_and_beta_grad(run, q, k, v, logits, upstream, **kwargs):
     logits = logits.detach().requires_grad_()
     out = run(q, k, v, beta=torch.sigmoid(logits), **kwargs)
