@@ -5,13 +5,14 @@
         out_dir/plots/extrapolation.png   perplexity against evaluation length (clm runs)
         out_dir/train_report.md           final metrics, steps to a target loss, tokens/s, parameters
 
-One line per mechanism; with several runs, a line is "<run>/<attn>".
+One line per mechanism, named "<run>/<attn>" where several runs have that mechanism.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import textwrap
 from pathlib import Path
 
@@ -25,19 +26,21 @@ def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, d
     """train rows, extrapolation rows (both with a ``line`` label) and each line's model description."""
     from attnbench.train import EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
 
+    runs = [(run_dir, pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)) for run_dir in run_dirs]
+    seen_in = Counter(attn for _, rows in runs for attn in rows["attn"].unique())  # runs per mechanism
     curves, extrapolation, models = [], [], {}
-    for run_dir in run_dirs:
-        meta = store.read_meta(run_dir)
-        prefix = f"{run_dir.name}/" if len(run_dirs) > 1 else ""
-        rows = pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)
-        rows["line"] = prefix + rows["attn"]
+    for run_dir, rows in runs:
+        def line(attn: str) -> str:  # the mechanism, and its run where several runs have it
+            return f"{run_dir.name}/{attn}" if seen_in[attn] > 1 else attn
+
+        rows["line"] = rows["attn"].map(line)
         curves.append(rows)
         if (run_dir / EXTRAPOLATION_CSV).exists():
             extra = pd.DataFrame(store.read_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS), columns=EXTRAPOLATION_COLUMNS)
-            extra["line"] = prefix + extra["attn"]
+            extra["line"] = extra["attn"].map(line)
             extrapolation.append(extra)
-        for attn, described in meta.get("models", {}).items():
-            models[prefix + attn] = described
+        for attn, described in store.read_meta(run_dir).get("models", {}).items():
+            models[line(attn)] = described
     train = pd.concat(curves, ignore_index=True)
     for column in ("step", "loss", "ppl", "accuracy", "lr", "tokens_per_s", "peak_mem_mib"):
         train[column] = pd.to_numeric(train[column], errors="coerce")

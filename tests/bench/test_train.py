@@ -11,6 +11,7 @@ from attnbench import checkpoint, mechanism_choice, store, train, train_eval
 from attnbench.cli import app
 from attnbench.errors import InputError
 from attnbench.models.transformer import build_model, param_counts
+from attnbench.train_report import render_train_report
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +66,9 @@ def test_loss_falls_same_seed_same_losses_and_everything_is_written(corpus, tmp_
     assert (first / "plots" / "train_curves.png").stat().st_size > 0 and (first / "plots" / "extrapolation.png").exists()
     assert "| rope |" in (first / "train_report.md").read_text() and " @ 12 |" in (first / "train_report.md").read_text()
     assert checkpoint.latest(first / "checkpoints" / "standard").name == "step-000012"
+    render_train_report([first, second], tmp_path / "both")  # rope in both runs: named by run; standard alone
+    table = (tmp_path / "both" / "train_report.md").read_text()
+    assert all(f"| {line} |" in table for line in ("a/rope", "b/rope", "standard")) and "a/standard" not in table
 
 
 class Killed(Exception):
