@@ -11,7 +11,7 @@
 #   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
 #             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
 #   quality:  every other mechanism with the same settings, one process each, CUDA tests alongside (#6)
-#   followup: the layers-all/ sweep resumed; exposb checked, timed and trained after its last change
+#   followup: the layers-all/ sweep resumed, the CUDA tests the quality call cut, exposb's check
 #   tests:    every CUDA test, `check` for exposb
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
@@ -32,7 +32,7 @@ packer=$!
 disown $packer  # not among the jobs that the stages' `wait` waits for
 trap 'kill $packer 2> /dev/null; pack' EXIT
 deadline=$((SECONDS + ${BUDGET_S:-575}))
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 ATTNBENCH_FAILURES_NOW=1  # tracebacks as failures happen (tests/conftest.py)
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 || { tail "$out/pip.log"; exit 1; }
 if ls .whl/*.whl > /dev/null 2>&1; then  # optional peers (fla-core) carried as wheels
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -83,17 +83,18 @@ train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, conte
     limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
     tail -4 "$out/train.txt"
     ;;
-followup)  # the layer sweep of layers-all/ resumed (cut at deltanet's recurrent reference, #6);
-          # exposb after its float32-O change: check, its kernel against flex and standard, its
-          # GPT small run alone (cut from train's, #4)
+followup)  # the layer sweep of layers-all/ resumed (cut at deltanet's recurrent reference, #6); the CUDA
+          # tests that the quality call's limit cut or that failed there, alone on the GPU; exposb's check
     cp -r results/reference-h100/layers-all "$out/layers-all"
-    speed 190 --resume --out "$out/layers-all"
+    speed 170 --resume --out "$out/layers-all"
+    limit 240 python3 -m pytest -v -m cuda tests/bench "tests/kernels/test_exposb_kernel.py::test_cuda_real_sizes" \
+        --timeout 120 -rf --tb=short > "$out/cuda_tests_kernels_bench.txt" 2>&1 &
+    first=$!
+    limit 240 python3 -m pytest -v -m cuda tests/models --timeout 120 -rf --tb=short > "$out/cuda_tests_models.txt" 2>&1
+    wait $first
+    grep -h -E "FAILED|ERROR|error [0-9]|passed|failed" "$out"/cuda_tests_*.txt | tail -40
     limit 60 attnbench check --attn exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -3 "$out/check.txt"
-    speed 100 --attn standard,exposb --impl triton,flex --tokens 16384 --heads 16 --head-dim 128 \
-        --seq 1024 4096 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants-exposb"
-    limit 250 attnbench train --attn exposb "${TRAIN[@]}" --out "$out/gpt-small-exposb" > "$out/train.txt" 2>&1
-    tail -3 "$out/train.txt"
     ;;
 quality)  # every other mechanism with the settings of gpt-small/, one process each (#6): at batch 8
           # a step is launch-bound, so ten processes share the GPU with ~2.5x loss each; the CUDA

@@ -20,3 +20,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With ATTNBENCH_FAILURES_NOW=1, a failure's traceback is printed as it happens, not in the
+    summary at the end: a GPU run cut by its time limit still says why its tests failed."""
+    if report.failed and os.environ.get("ATTNBENCH_FAILURES_NOW") == "1":
+        print(f"\n{report.nodeid}\n{report.longreprtext}", flush=True)
