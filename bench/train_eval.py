@@ -5,6 +5,7 @@ trained length (length extrapolation)."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -25,17 +26,26 @@ def autocast(device: torch.device | str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout, no performer feature redraws), its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model: LanguageModel, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
     """Loss (mean over labelled tokens), perplexity and token accuracy on fixed held-out batches."""
     loss_sum = count = correct = 0.0
-    model.eval()
-    with torch.no_grad(), autocast(device):
+    with evaluating(model), torch.no_grad(), autocast(device):
         for batch in batches:
             parts = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))
             loss_sum += parts.loss_sum.item()
             count += parts.count.item()
             correct += parts.correct.item()
-    model.train()
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700)), "accuracy": correct / max(count, 1), "tokens": count}
 
@@ -71,7 +81,7 @@ def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tup
 
         layer.attend = capture
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model.trunk(input_ids)
         results = []
         for layer, q, k, seq_lens, token_options in captured:

@@ -242,6 +242,17 @@ def test_entropy_of_token_conditioned_layers_uses_their_per_token_inputs(mechani
         assert value is not None or message, "each layer gives an entropy or the reason it has none"
 
 
+def test_measuring_entropy_is_not_a_training_forward():
+    """Entropy is read in eval mode: a performer's redraw counter (a training forward each) does
+    not move, so its features are not redrawn off schedule (GPT small's performer was redrawn at
+    steps ~992 and ~1992, just before its final evaluation), and the model is back in training mode after."""
+    model = build_model("tiny", "performer", task="clm", seq=64).train()
+    counters = lambda: [block.attention.steps_since_redraw for block in model.trunk.blocks]  # noqa: E731
+    before = counters()
+    train_eval.attention_entropy(model, torch.randint(0, model.cfg.vocab_size, (2, 64)))
+    assert counters() == before and model.training
+
+
 def test_entropy_of_a_core_that_cannot_take_one_hot_values_is_a_reason_not_a_crash():
     model = build_model("tiny", "bsbr", task="clm", seq=64)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 64))
