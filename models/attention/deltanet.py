@@ -118,6 +118,8 @@ def fla_chunk(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEFAULT_C
 
 
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
+    if dtype == torch.float32:
+        return "fla's chunk_delta_rule takes bf16 or fp16 only (fla-core 0.6 refuses float32)"
     return "fla's chunk_delta_rule supports head_dim <= 256" if cfg.head_dim > 256 else None
 
 
