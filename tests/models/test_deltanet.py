@@ -133,7 +133,7 @@ def test_fla_says_it_takes_no_float32():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fla_matches_recurrence(dtype, monkeypatch):
+def test_fla_matches_recurrence(dtype):
     pytest.importorskip("fla.ops.delta_rule")
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=4, hkv=2, d=64))
     assert_matches_reference(
