@@ -402,6 +402,21 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
     return sections
 
 
+def _tradeoff_section(df: pd.DataFrame, train_runs: list[Path], path: Path) -> list[tuple[str, Any]]:
+    """Quality against speed (attnbench.tradeoff), where a trained mechanism was also timed."""
+    from attnbench import tradeoff
+
+    rows = tradeoff.tradeoff_rows(df, train_runs)
+    if rows.empty:
+        return []
+    level, mode = rows["level"].iloc[0], rows["mode"].iloc[0]
+    caption = f"Quality against speed (causal {level} {mode})"
+    return [("h2", "Quality against speed"),
+            ("p", f"Final eval loss of each trained mechanism beside its fastest impl's time per sequence (causal, {level} "
+                  f"level, {mode}); lower left is better. A mechanism trained in several runs: the run with the most steps."),
+            ("table", tradeoff.tradeoff_table(rows)), ("figure", Figure(tradeoff.tradeoff_figure(rows, path), caption))]
+
+
 def _run_summary(run: Path) -> dict[str, Any]:
     meta = store.read_meta(run)
     info = meta.get("env", {})
@@ -506,6 +521,11 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
         figs = figures(df, fits, baselines[0], out_dir / "plots")
     other_pngs = _other_pngs(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
     sections = _sections(run_dirs, df, figs, fits, baselines or [], other_pngs)
+    train_runs = [r for r in run_dirs if (r / store.TRAIN_CSV).exists()]
+    if df is not None and train_runs:
+        tradeoff_section = _tradeoff_section(df, train_runs, out_dir / "plots" / "tradeoff.png")
+        sections += tradeoff_section
+        figs += [content for kind, content in tradeoff_section if kind == "figure"]
     (out_dir / "report.md").write_text(_markdown(sections, out_dir))
     (out_dir / "report.html").write_text(_html(sections))
     written = [f.path for f in figs] + [png for pngs in other_pngs.values() for png in pngs] + [out_dir / "report.md", out_dir / "report.html"]

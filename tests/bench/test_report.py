@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from attnbench import report, store
+from attnbench import report, store, tradeoff
 from attnbench.cli import app
 
 
@@ -176,3 +176,32 @@ def test_load_speed_tolerates_a_run_killed_mid_line(tmp_path):
     csv.write_bytes(csv.read_bytes()[:-5])
     df = report.load_speed([tmp_path / "run"])
     assert len(df) == 16 and isinstance(df, pd.DataFrame)
+
+
+def write_train_run(run, final_losses: dict[str, float], steps: int):
+    """A training run whose mechanisms end at the given eval losses after ``steps`` steps."""
+    from attnbench.train import TRAIN_COLUMNS
+
+    run.mkdir(parents=True)
+    store.write_meta(run, {"command": "attnbench train", "started": "2025-01-01T00:00:00"})
+    with store.RowLog(run / store.TRAIN_CSV, TRAIN_COLUMNS) as log:
+        for attn, loss in final_losses.items():
+            for step in (steps // 2, steps):
+                log.append(dict(attn=attn, step=step, split="valid", loss=loss + (step < steps), status="ok"))
+
+
+def test_quality_against_speed_pairs_each_trained_mechanism_with_its_fastest_impl(tmp_path):
+    write_run(tmp_path / "speed", quadratic_and_linear)  # standard: torch quadratic, sdpa linear per sequence
+    write_train_run(tmp_path / "short", {"standard": 9.0}, steps=10)
+    write_train_run(tmp_path / "long", {"standard": 3.5, "linear": 4.0}, steps=100)  # linear never timed
+    result = CliRunner().invoke(app, ["report", *(str(tmp_path / r) for r in ("speed", "short", "long")), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rows = report.load_speed([tmp_path / "speed"])
+    table = tradeoff.tradeoff_table(tradeoff.tradeoff_rows(rows, [tmp_path / "short", tmp_path / "long"]))
+    assert table["mechanism"].tolist() == ["standard"] and table["eval_loss"].tolist() == [3.5]  # the longer run
+    assert set(tradeoff.tradeoff_rows(rows, [tmp_path / "long"])["mode"]) == {"fwd"}  # fwd and bwd tie: fwd
+    for seq in (256, 2048):  # causal fwd: the cheaper of 1e-6 T^2 (torch) and 3e-4 T (sdpa) per sequence
+        ms, impl = min((1e-6 * seq**2, "torch"), (3e-4 * seq, "sdpa"))
+        assert table[f"ms/seq at {seq}"].iloc[0] == f"{ms:.3g} ({impl})"
+    assert "## Quality against speed" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "plots" / "tradeoff.png").stat().st_size > 0
