@@ -58,6 +58,17 @@ def exact_fp32_triton_dots(monkeypatch, dtype: torch.dtype) -> None:
         monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
 
 
+def one_autotune_config(monkeypatch) -> None:
+    """For a correctness comparison on a fresh GPU machine: every Triton autotuner compiles and
+    runs only the first config its own pruning keeps. fla lists up to 48 configs per kernel, and
+    compiling them all took minutes per test (the GPU runs' limits cut the fla tests); what is
+    compared is fla's function, which each of its configs computes."""
+    from triton.runtime.autotuner import Autotuner
+
+    prune = Autotuner.prune_configs
+    monkeypatch.setattr(Autotuner, "prune_configs", lambda self, kwargs: prune(self, kwargs)[:1])
+
+
 def assert_causal(run, t_changed=20, **kwargs):
     """Changing token t_changed's q, k and v never changes outputs before it (float64, to
     rounding), and does change the output at t_changed."""

@@ -11,6 +11,7 @@ from subquadratic_checks import (
     assert_layer_trains,
     assert_matches_reference,
     assert_padding_zeroes_padded_queries_only,
+    one_autotune_config,
     random_qkv,
 )
 
@@ -133,8 +134,9 @@ def test_fla_says_it_takes_no_float32():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fla_matches_recurrence(dtype):
+def test_fla_matches_recurrence(dtype, monkeypatch):
     pytest.importorskip("fla.ops.delta_rule")
+    one_autotune_config(monkeypatch)
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=4, hkv=2, d=64))
     assert_matches_reference(
         deltanet.fla_chunk, deltanet.torch_reference, [q, k, v], low=dtype,

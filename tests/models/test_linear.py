@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from subquadratic_checks import assert_causal, assert_layer_trains, assert_matches_reference, exact_fp32_triton_dots, random_qkv
+from subquadratic_checks import assert_causal, assert_layer_trains, assert_matches_reference, exact_fp32_triton_dots, one_autotune_config, random_qkv
 
 from attnbench.models import registry
 from attnbench.models.attention import linear
@@ -90,6 +90,7 @@ def test_fla_says_it_is_causal_only():
 def test_fla_matches_definition(padded, dtype, monkeypatch):
     pytest.importorskip("fla.ops.linear_attn")
     exact_fp32_triton_dots(monkeypatch, dtype)
+    one_autotune_config(monkeypatch)
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=4, hkv=2, d=64))
     seq_lens = torch.tensor([300, 171], device="cuda") if padded else None
     assert_matches_reference(linear.fla_chunk, linear.torch_reference, [q, k, v], low=dtype, causal=True, seq_lens=seq_lens)

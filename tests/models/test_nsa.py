@@ -11,6 +11,7 @@ from subquadratic_checks import (
     assert_layer_trains,
     assert_matches_reference,
     assert_padding_zeroes_padded_queries_only,
+    one_autotune_config,
     random_qkv,
 )
 
@@ -107,8 +108,9 @@ def test_flops_count_each_branch():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fla_matches_definition(dtype):
+def test_fla_matches_definition(dtype, monkeypatch):
     pytest.importorskip("fla.ops.nsa")
+    one_autotune_config(monkeypatch)
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=16, hkv=1, d=64))
     assert_matches_reference(
         nsa.fla_parallel, nsa.torch_reference, [q, k, v], low=dtype, causal=True,

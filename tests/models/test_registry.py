@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from subquadratic_checks import one_autotune_config
 
 from attnbench.models import registry
 from attnbench.models.registry import LayerConfig, UnknownNameError
@@ -86,8 +87,9 @@ def test_every_cpu_impl_trains_under_bf16_autocast(causal):
 
 
 @pytest.mark.cuda
-def test_fla_sliding_window_matches_our_reference():
+def test_fla_sliding_window_matches_our_reference(monkeypatch):
     pytest.importorskip("fla")
+    one_autotune_config(monkeypatch)
     from attnbench.kernels import reference
 
     window = registry.get("window")
@@ -100,3 +102,22 @@ def test_fla_sliding_window_matches_our_reference():
 
     bound = error_bound((torch_lowp.double() - exact).abs().max().item(), exact.abs().max().item(), torch.bfloat16)
     assert (got.double() - exact).abs().max().item() <= bound
+
+
+def test_one_autotune_config_keeps_the_first_config_its_pruning_keeps(monkeypatch):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(X, BLOCK: tl.constexpr):
+        tl.store(X + tl.arange(0, BLOCK), 1.0)
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+    drop_16 = {"early_config_prune": lambda configs, nargs, **kw: configs[1:]}
+    tuners = triton.autotune(configs, key=[])(kernel), triton.autotune(configs, key=[], prune_configs_by=drop_16)(kernel)
+    for tuner in tuners:
+        tuner.nargs = {}
+    assert [len(tuner.prune_configs({})) for tuner in tuners] == [3, 2]
+    one_autotune_config(monkeypatch)
+    assert [tuner.prune_configs({})[0].kwargs["BLOCK"] for tuner in tuners] == [16, 32]
+    assert all(len(tuner.prune_configs({})) == 1 for tuner in tuners)

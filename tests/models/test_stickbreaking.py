@@ -11,6 +11,7 @@ from subquadratic_checks import (
     assert_matches_reference,
     assert_padding_zeroes_padded_queries_only,
     exact_fp32_triton_dots,
+    one_autotune_config,
     random_qkv,
 )
 
@@ -97,6 +98,7 @@ def test_flops_count_earlier_keys_only():
 def test_fla_matches_definition(attend_current, dtype, monkeypatch):
     pytest.importorskip("fla.ops.stickbreaking_attn")
     exact_fp32_triton_dots(monkeypatch, dtype)
+    one_autotune_config(monkeypatch)
     q, k, v = (x.detach().cuda() for x in random_qkv(b=2, t=300, hq=4, hkv=2, d=64))
     assert_matches_reference(
         stickbreaking.fla_parallel, stickbreaking.torch_reference, [q, k, v], low=dtype,
