@@ -119,16 +119,6 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
     fla_tests 200
     grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
     ;;
-final)  # the CUDA tests that failed under contention, named one by one; model level; layer sweep
-    groups=("tests/kernels/test_exposb_kernel.py tests/bench" tests/models)
-    for i in "${!groups[@]}"; do
-        limit 150 python3 -m pytest -v -m cuda ${groups[$i]} --tb=short > "$out/cuda_tests_$i.txt" 2>&1 &
-    done
-    wait
-    grep -h -E "PASSED|FAILED|ERROR|passed|failed" "$out"/cuda_tests_*.txt | tail -40
-    speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
-    speed 400 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
-    ;;
 tiles)
     limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     tail -45 "$out/tiles.txt"
