@@ -183,8 +183,14 @@ def validate(spec: SweepSpec) -> None:
     check_device(spec.device, spec.dtypes)
 
 
+REFERENCE_IMPL = "torch"  # every mechanism's definition in plain torch: the slowest, timed last
+
+
 def expand(spec: SweepSpec) -> list[Case]:
-    """Every case of ``spec``, smaller sizes first within each series (so an OOM skips what follows)."""
+    """Every case of ``spec``, smaller sizes first within each series (so an OOM skips what
+    follows), and every mechanism's plain-torch reference after all other impls: a sweep cut
+    by a time limit has the fast impls of every mechanism before any reference (one recurrent
+    reference can take minutes)."""
     cases = []
     for name in spec.mechanisms:
         mechanism = registry.get(name)
@@ -203,7 +209,7 @@ def expand(spec: SweepSpec) -> list[Case]:
                                         name, impl, level, mode, dtype, spec.device, batch, seq,
                                         heads, kv_heads, head_dim, causal, window, preset,
                                     ))
-    return cases
+    return sorted(cases, key=lambda case: case.impl == REFERENCE_IMPL)  # stable: the order above otherwise
 
 
 def _shape(spec: SweepSpec, level: str) -> tuple[int, int, int, str]:

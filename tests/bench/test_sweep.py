@@ -230,3 +230,13 @@ def test_model_level_times_a_training_step_of_the_preset(monkeypatch):
     assert (fwd["preset"], fwd["heads"], fwd["head_dim"]) == ("tiny", tiny.heads, tiny.dim // tiny.heads)
     assert 3 * fwd["flops"] < fwdbwd["flops"] < 3.5 * fwd["flops"]  # matmuls 3x, attention core 3.5x the forward
     assert fwd["params"] > 100_000  # the whole model, embeddings included
+
+
+def test_every_mechanisms_references_come_after_all_other_impls():
+    cases = sweep.expand(tiny_spec(mechanisms=["standard", "linear"], impls=None, seqs=[8, 16]))
+    impls = [(c.mechanism, c.impl) for c in cases]
+    first_reference = next(i for i, c in enumerate(cases) if c.impl == "torch")
+    assert all(c.impl == "torch" for c in cases[first_reference:])
+    assert ("linear", "chunked") in impls[:first_reference]  # the second mechanism's fast impl before any reference
+    assert [m for m, i in impls[first_reference:]] == ["standard"] * 2 + ["linear"] * 2  # mechanism order kept
+    assert [c.seq for c in cases if (c.mechanism, c.impl) == ("standard", "sdpa")] == [8, 16]  # sizes still ascending
