@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +26,8 @@ def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, d
     """train rows, extrapolation rows (both with a ``line`` label) and each line's model description."""
     from attnbench.train import EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
 
-    runs = [(run_dir, pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)) for run_dir in run_dirs]
+    runs = [(run_dir, pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS))
+            for run_dir in run_dirs]
     seen_in = Counter(attn for _, rows in runs for attn in rows["attn"].unique())  # runs per mechanism
     curves, extrapolation, models = [], [], {}
     for run_dir, rows in runs:
