@@ -11,7 +11,7 @@
 #   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
 #             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
 #   quality:  every other mechanism with the same settings, one process each, CUDA tests alongside (#6)
-#   followup: the layers-all/ sweep resumed, performer's quality run again, the fla tests the limits cut
+#   followup: the layers-all/ sweep resumed, performer's and exposb's GPT small runs, the fla tests the limits cut
 #   tests:    every CUDA test, `check` for exposb
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
@@ -83,17 +83,18 @@ train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, conte
     limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
     tail -4 "$out/train.txt"
     ;;
-followup)  # what this session's calls left (#6): the layer sweep of layers-all/ resumed (cut in linear's
+followup)  # what the fifth session's calls left: the layer sweep of layers-all/ resumed (cut in linear's
           # fla series: linear/fla and performer are missing), performer's quality run again (its
-          # final evaluation followed an off-schedule feature redraw, fixed since), and the fla tests
-          # that the limits cut (linear, nsa, stickbreaking against our references)
+          # final evaluation followed an off-schedule feature redraw, fixed since), exposb's GPT small
+          # run (#4), and the fla tests that the limits cut (linear, nsa, stickbreaking)
     cp -r results/reference-h100/layers-all "$out/layers-all"
     speed 200 --resume --out "$out/layers-all"
     limit 300 env OMP_NUM_THREADS=1 attnbench train --attn performer "${TRAIN[@]}" --out "$out/performer" > "$out/performer.txt" 2>&1 &
+    limit 300 env OMP_NUM_THREADS=1 attnbench train --attn exposb "${TRAIN[@]}" --out "$out/gpt-small-exposb" > "$out/exposb.txt" 2>&1 &
     fla_tests 300
     wait
     grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
-    tail -2 "$out/performer.txt"
+    tail -2 "$out/performer.txt" "$out/exposb.txt"
     ;;
 quality)  # every other mechanism with the settings of gpt-small/, one process each (#6): at batch 8
           # a step is launch-bound, so ten processes share the GPU with ~2.5x loss each; the CUDA
