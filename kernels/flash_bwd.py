@@ -20,6 +20,7 @@ from attnbench.kernels.flash_tiles import (
     mma,
     qk_dot,
     query_blocks,
+    query_program,
     score_tile,
     store_qk_grad,
     store_rows,
@@ -194,16 +195,7 @@ def flash_dq_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D]; q, dO, lse, delta stay in registers."""
-    block = tl.program_id(0)
-    if CAUSAL:  # longest rows first
-        block = tl.num_programs(0) - 1 - block
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    kv_h = h // GROUP
-    kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
-    kv_len = tl.minimum(kv_len, S)
-    slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
+    block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     DO += b.to(tl.int64) * stride_dob + h * stride_doh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh

@@ -19,6 +19,7 @@ from attnbench.kernels.flash_tiles import (
     load_rows,
     mma,
     qk_dot,
+    query_program,
     score_tile,
     store_rows,
     tile_config,
@@ -75,17 +76,7 @@ def flash_fwd_kernel(
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
     LSE [B, Hq, T] float32 in log2 units of the scaled scores (+inf for a row with no visible key)."""
-    block = tl.program_id(0)
-    if CAUSAL:  # longest rows first, so the short ones fill the tail of the schedule
-        block = tl.num_programs(0) - 1 - block
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    kv_h = h // GROUP
-    kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
-    kv_len = tl.minimum(kv_len, S)
-    slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
-
+    block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh

@@ -209,6 +209,23 @@ def score_tile(
 
 
 @triton.jit
+def query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, ALIBI: tl.constexpr):
+    """Who a program of grid (query blocks, B * Hq) is: (query block, b * Hq + h, b, q head h,
+    kv head, visible keys kv_len, ALiBi slope in log2 units). Causal: longest rows first, so the
+    short ones fill the tail of the schedule."""
+    block = tl.program_id(0)
+    if CAUSAL:
+        block = tl.num_programs(0) - 1 - block
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
+    kv_len = tl.minimum(kv_len, S)
+    slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
+    return block, bh, b, h, h // GROUP, kv_len, slope_log2
+
+
+@triton.jit
 def key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key range of the query block [q_start, q_start + BLOCK_M), split for masking.
 
