@@ -15,6 +15,7 @@
 #   tests:    every CUDA test, `check` for exposb
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
+#   backward: the two-pass dk/dv timed and tested, then the model-level step (#4)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
@@ -119,6 +120,14 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
     tail -12 "$out/distill.txt"
     fla_tests 200
     grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
+    ;;
+backward)  # #4: the two-pass dk/dv beside the one-pass tiles and cuDNN, its correctness at real sizes,
+          # then the GPT small training step against SDPA (the issue's ratio)
+    limit 150 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    grep -E "^dkdv|^dq|^cudnn" "$out/tiles.txt" | tail -24
+    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/bench/test_check.py --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    speed 120 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     ;;
 tiles)
     limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
