@@ -90,6 +90,9 @@ followup)  # what the fifth session's calls left: the layer sweep of layers-all/
           # run (#4), and the fla tests that the limits cut (linear, nsa, stickbreaking)
     cp -r results/reference-h100/layers-all "$out/layers-all"
     speed 200 --resume --out "$out/layers-all"
+    # fla's parallel_nsa needs Hq / Hkv a power of two >= 16: NSA's peer at GQA 16:1
+    speed 60 --level layer --attn nsa --impl all --heads 16 --kv-heads 1 --head-dim 64 --tokens 16384 \
+        --seq 1024 4096 16384 65536 --mode fwd --causal --out "$out/nsa-gqa"
     limit 300 env OMP_NUM_THREADS=1 attnbench train --attn performer "${TRAIN[@]}" --out "$out/performer" > "$out/performer.txt" 2>&1 &
     limit 300 env OMP_NUM_THREADS=1 attnbench train --attn exposb "${TRAIN[@]}" --out "$out/gpt-small-exposb" > "$out/exposb.txt" 2>&1 &
     fla_tests 300
