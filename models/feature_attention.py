@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.kernels import reference
+from attnbench.models.float32_forms import outside_autocast
 
 
 def key_padding(length: int, seq_lens: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -56,6 +57,9 @@ def quadratic(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None) 
     return _divide(num, den)
 
 
+# under bf16 autocast the sums over T would lose the precision asked for here and, in training,
+# the 1 / den gradients overflow (NaN after ~100 distillation steps)
+@outside_autocast
 def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
     """The linear-cost form; fq [B, T, Hq, M], fk [B, T, Hkv, M], v [B, T, Hkv, D] -> o [B, T, Hq, D].
 
@@ -64,13 +68,7 @@ def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, ch
     """
     dtype = fq.dtype
     compute = torch.promote_types(dtype, torch.float32)
-    # autocast would run the einsums below in bf16: the sums over T lose the precision asked for
-    # here and, in training, the 1 / den gradients overflow (NaN after ~100 distillation steps)
-    with torch.autocast(fq.device.type, enabled=False):
-        return _chunked(fq.to(compute), fk.to(compute), v.to(compute), causal, seq_lens, chunk).to(dtype)
-
-
-def _chunked(fq, fk, v, causal: bool, seq_lens: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    fq, fk, v = fq.to(compute), fk.to(compute), v.to(compute)
     keep = key_padding(fk.shape[1], seq_lens, fk.device)
     if keep is not None:
         fk = fk * keep
@@ -79,8 +77,8 @@ def _chunked(fq, fk, v, causal: bool, seq_lens: torch.Tensor | None, chunk: int)
         state = torch.einsum("bjhm,bjhd->bhmd", fk, v)  # (B, H, M, D)
         num = torch.einsum("bihm,bhmd->bihd", fq, state)
         den = torch.einsum("bihm,bhm->bih", fq, fk.sum(1))
-        return _divide(num, den)
-    return _causal_chunks(fq, fk, v, chunk)
+        return _divide(num, den).to(dtype)
+    return _causal_chunks(fq, fk, v, chunk).to(dtype)
 
 
 def _causal_chunks(fq, fk, v, chunk: int) -> torch.Tensor:

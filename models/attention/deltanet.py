@@ -25,6 +25,7 @@ from torch import nn
 
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.fla import fla_missing
+from attnbench.models.float32_forms import outside_autocast
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.token_conditioned import TokenConditionedAttention
 
@@ -60,16 +61,11 @@ def torch_reference(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEF
     return zero_padded_queries(o, seq_lens).to(dtype)
 
 
+@outside_autocast  # the state sums T writes, and the triangular solve has no bf16 kernel
 def chunked(q, k, v, *, causal=True, seq_lens=None, beta=None, chunk=DEFAULT_CHUNK):
     """The chunked WY form: same arguments and result as the recurrence; a Python loop over
     T / chunk chunks carries the state, everything within a chunk is batched matmuls.
-    Computed in float32 also under autocast: the state sums T writes, and the triangular
-    solve has no bf16 kernel."""
-    with torch.autocast(q.device.type, enabled=False):
-        return _chunked(q, k, v, seq_lens, beta, chunk)
-
-
-def _chunked(q, k, v, seq_lens, beta, chunk):
+    Computed in float32, also under autocast."""
     dtype = q.dtype
     q, k, v, beta = _prepare(q, k, v, beta)
     b, t, hq, d = q.shape
