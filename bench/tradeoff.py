@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench import store
+from attnbench.train_report import train_rows
 
 MODE_PREFERENCE = ["fwdbwd", "fwd", "bwd"]
 FAMILY_COLOURS = {"exact": "#1f77b4", "sparse": "#ff7f0e", "linear": "#2ca02c", "recurrent": "#9467bd"}
@@ -26,11 +26,9 @@ FAMILY_COLOURS = {"exact": "#1f77b4", "sparse": "#ff7f0e", "linear": "#2ca02c", 
 def final_eval_losses(train_runs: list[Path]) -> pd.DataFrame:
     """[mechanism, eval_loss, steps, train_run]: each mechanism's last evaluation, from the run
     that trained it the most steps."""
-    from attnbench.train import TRAIN_COLUMNS
-
     finals = []
     for run in train_runs:
-        rows = pd.DataFrame(store.read_rows(run / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)
+        rows = train_rows(run)
         valid = rows[(rows["split"] == "valid") & (rows["loss"] != "")]
         for attn, evals in valid.groupby("attn"):
             last = evals.assign(step=pd.to_numeric(evals["step"])).sort_values("step").iloc[-1]
