@@ -7,8 +7,8 @@ length, so the mechanisms worth their cost sit at the lower left.
     tradeoff_figure(rows, path)       -> path of the scatter (one panel per T, log time, labelled points)
 
 Speed rows: status ok, causal (the trained models are GPT-style), of the level and mode that
-cover the most trained mechanisms (on a tie: fwdbwd, then fwd, then bwd). A mechanism trained in several runs takes the run that
-trained it longest.
+cover the most trained mechanisms (on a tie: fwdbwd, then fwd, then bwd). A mechanism
+trained in several runs takes the run that trained it longest.
 """
 
 from __future__ import annotations

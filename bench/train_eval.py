@@ -68,12 +68,10 @@ def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tup
     if "torch" not in registry.get(mechanism).impls:
         return [(None, f"{mechanism} has no torch impl to read weights from")] * model.cfg.layers
     captured: list[tuple] = []
-    originals = []
     for block in model.trunk.blocks:
         layer = block.attention
         if not hasattr(layer, "attend"):
             return [(None, f"{mechanism} has no q/k/v core")] * model.cfg.layers
-        originals.append(layer.attend)
 
         def capture(q, k, v, seq_lens=None, _layer=layer, _attend=layer.attend, **token_options):
             captured.append((_layer, q.detach(), k.detach(), seq_lens, token_options))
