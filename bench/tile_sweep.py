@@ -18,7 +18,6 @@ from typing import Annotated, Callable, Iterator
 
 import pandas as pd
 import torch
-import triton
 import typer
 
 from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
@@ -27,14 +26,12 @@ from attnbench.kernels.flash import flash_problem
 from attnbench.kernels.flash_tiles import tile_config
 from attnbench.timing import measure
 
-TWO_PASS = "two-pass"  # a dk/dv tile's variant: dv over every query block, then dk (kernels/flash_bwd.py)
-# (BLOCK_M, BLOCK_N, warps, stages[, variant]): the kernels' lists and their neighbours
+# (BLOCK_M, BLOCK_N, warps, stages): the kernels' lists and their neighbours
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
     "dkdv": [
         (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3),
         (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3),
-        (32, 128, 4, 2, TWO_PASS), (32, 128, 4, 3, TWO_PASS), (64, 128, 8, 2, TWO_PASS),
     ],
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
 }
@@ -53,12 +50,6 @@ def forced_tile(kernel, config) -> Iterator[None]:
         kernel.configs, kernel.cache = configs, cache
 
 
-def config_of(tile: tuple) -> triton.Config:
-    """The autotuner config of a candidate tile (BLOCK_M, BLOCK_N, warps, stages[, variant])."""
-    block_m, block_n, warps, stages, *variant = tile
-    return tile_config(block_m, block_n, warps, stages, **({"TWO_PASS": True} if variant == [TWO_PASS] else {}))
-
-
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
     try:
         fn()  # compile outside the timed region
@@ -69,7 +60,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
 
 
 def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, candidates=CANDIDATES) -> pd.DataFrame:
-    """Rows (kernel, block_m, block_n, warps, stages, variant, ms) for every tile in ``candidates``
+    """Rows (kernel, block_m, block_n, warps, stages, ms) for every tile in ``candidates``
     (kernel name -> tiles), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
     device = torch.device("cuda")
     q, k, v, do = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
@@ -77,16 +68,14 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, 
     o, lse = flash_forward(q, k, v, problem)
     rows = []
 
-    def add(kernel: str, tile: tuple, fn: Callable[[], object], held=()) -> float | None:
+    def add(kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=()) -> float | None:
         with contextlib.ExitStack() as stack:
             for held_kernel, held_tile in held:
-                stack.enter_context(forced_tile(KERNELS[held_kernel], config_of(held_tile)))
+                stack.enter_context(forced_tile(KERNELS[held_kernel], tile_config(*held_tile)))
             if kernel in KERNELS:
-                stack.enter_context(forced_tile(KERNELS[kernel], config_of(tile)))
+                stack.enter_context(forced_tile(KERNELS[kernel], tile_config(*tile)))
             ms = _time_ms(fn, device)
-        block_m, block_n, warps, stages, *variant = tile
-        rows.append(dict(kernel=kernel, block_m=block_m, block_n=block_n, warps=warps, stages=stages,
-                         variant=variant[0] if variant else "", ms=ms))
+        rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "ms"), (kernel, *tile, ms))))
         typer.echo(f"{kernel:10s} {tile} {ms if ms is None else round(ms, 4)} ms")
         return ms
 

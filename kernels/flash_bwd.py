@@ -51,11 +51,9 @@ def _dkdv_query_loop(
     COS, SIN, start, stop, T, S, kv_len, left, right, scale_log2, slope_log2,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
     ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    WANT_DV: tl.constexpr, WANT_DK: tl.constexpr,
 ):
-    """Accumulate one q head's contribution to dv and/or dk [BLOCK_N, *] over query blocks
-    [start, stop). Scores are kept transposed ([keys, queries]) so dk and dv come out without
-    a transpose."""
+    """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
+    Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose."""
     dims = tl.arange(0, D_PAD)
     for q_start in range(start, stop, BLOCK_M):
         rows = q_start + tl.arange(0, BLOCK_M)
@@ -64,61 +62,22 @@ def _dkdv_query_loop(
         do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
         # rows past T read lse = +inf, so their probabilities are exactly 0
         lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
         s_t = qk_dot(k_a, k_b, q_a, q_b, ROPE, PRECISION)
         s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if WANT_DV:
-            dv = mma(p_t.to(do.dtype), do, dv, PRECISION)
-        if WANT_DK:
-            delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
-            dp_t = mma(v, tl.trans(do), None, PRECISION)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
-            dk_a = mma(ds_t, q_a, dk_a, PRECISION)
-            if ROPE:
-                dk_b = mma(ds_t, q_b, dk_b, PRECISION)
-    return dk_a, dk_b, dv
-
-
-@triton.jit
-def _dkdv_all_queries(
-    dk_a, dk_b, dv, k_a, k_b, v, keys, b, kv_h, Q, DO, LSE, DELTA, SLOPES, COS, SIN,
-    stride_qb, stride_qt, stride_qh, stride_qd, stride_dob, stride_dot, stride_doh, stride_dod,
-    lo, full_lo, full_hi, hi, T, S, HQ, GROUP, kv_len, left, right, scale_log2,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
-    ALIBI: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, WANT_DV: tl.constexpr, WANT_DK: tl.constexpr,
-):
-    """_dkdv_query_loop over every query block that sees the key block (masked, unmasked,
-    masked: query_blocks' ranges) and every q head of the kv head's GQA group."""
-    for g in range(GROUP):
-        h = kv_h * GROUP + g
-        slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
-        Q_h = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
-        LSE_h = LSE + (b * HQ + h).to(tl.int64) * T
-        DELTA_h = DELTA + (b * HQ + h).to(tl.int64) * T
-        dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            COS, SIN, lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, WANT_DV, WANT_DK,
-        )
-        dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            COS, SIN, full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M, WANT_DV, WANT_DK,
-        )
-        dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            COS, SIN, full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, WANT_DV, WANT_DK,
-        )
+        dv = mma(p_t.to(do.dtype), do, dv, PRECISION)
+        dp_t = mma(v, tl.trans(do), None, PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+        dk_a = mma(ds_t, q_a, dk_a, PRECISION)
+        if ROPE:
+            dk_b = mma(ds_t, q_b, dk_b, PRECISION)
     return dk_a, dk_b, dv
 
 
 @flash_autotune(
     {
-        64: [tile_config(32, 128, 4, 3), tile_config(64, 64, 4, 2),  # fastest on the H100 at D=64 causal, T 1k and 4k (results/reference-h100/tiles)
-             # two-pass: 124-328 B of spills against 596 (triton 3.6, sm_90a; PERF_NOTES 6), not yet timed
-             tile_config(32, 128, 4, 2, TWO_PASS=True), tile_config(32, 128, 4, 3, TWO_PASS=True)],
+        64: [tile_config(32, 128, 4, 3), tile_config(64, 64, 4, 2)],  # fastest on the H100 at D=64 causal, T 1k and 4k (results/reference-h100/tiles)
         # H100: 16x128 (no spills) lost to 32x128 s2 (148 B spills), and fwd+bwd was 3-12% slower
         # than with the old five candidates (not re-measured with these three), so the 3-stage and 64-row tiles stay in the running
         128: [tile_config(32, 128, 8, 2), tile_config(32, 128, 8, 3), tile_config(64, 128, 8, 2)],
@@ -139,12 +98,10 @@ def flash_dkdv_kernel(
     T, S, HQ, HKV, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO_PASS: tl.constexpr = False,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
-    that share kv head; k and v stay in registers for the whole loop. TWO_PASS: dv over all
-    query blocks, stored, then dk over them again (one fp32 accumulator live at a time, for
-    tiles whose two accumulators spill; P is computed twice)."""
+    that share kv head; k and v stay in registers for the whole loop."""
     bh = tl.program_id(1)
     b = bh // HKV
     kv_h = bh % HKV
@@ -158,27 +115,38 @@ def flash_dkdv_kernel(
     k_a, k_b = load_qk(K, keys, S, stride_kt, stride_kd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
     v = load_rows(V, keys, S, stride_vt, dims, HEAD_DIM, stride_vd)
 
-    zeros_dk = tl.zeros([BLOCK_N, PART], dtype=tl.float32)
-    zeros_dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dk_a = tl.zeros([BLOCK_N, PART], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, PART], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = query_blocks(k_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
+        Q_h = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        LSE_h = LSE + (b * HQ + h).to(tl.int64) * T
+        DELTA_h = DELTA + (b * HQ + h).to(tl.int64) * T
+        dk_a, dk_b, dv = _dkdv_query_loop(
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            COS, SIN, lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M,
+        )
+        dk_a, dk_b, dv = _dkdv_query_loop(
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            COS, SIN, full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M,
+        )
+        dk_a, dk_b, dv = _dkdv_query_loop(
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            COS, SIN, full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M,
+        )
+
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + kv_h * stride_dvh
-    dk_a, dk_b, dv = _dkdv_all_queries(  # with TWO_PASS, dv alone
-        zeros_dk, zeros_dk, zeros_dv, k_a, k_b, v, keys, b, kv_h, Q, DO, LSE, DELTA, SLOPES, COS, SIN,
-        stride_qb, stride_qt, stride_qh, stride_qd, stride_dob, stride_dot, stride_doh, stride_dod,
-        lo, full_lo, full_hi, hi, T, S, HQ, GROUP, kv_len, left, right, scale_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, PRECISION, BLOCK_M, True, not TWO_PASS,
-    )
-    store_rows(DV, dv, keys, S, stride_dvt, dims, HEAD_DIM, stride_dvd)
-    if TWO_PASS:  # then dk alone, dv's accumulator no longer live
-        dk_a, dk_b, _ = _dkdv_all_queries(
-            zeros_dk, zeros_dk, zeros_dv, k_a, k_b, v, keys, b, kv_h, Q, DO, LSE, DELTA, SLOPES, COS, SIN,
-            stride_qb, stride_qt, stride_qh, stride_qd, stride_dob, stride_dot, stride_doh, stride_dod,
-            lo, full_lo, full_hi, hi, T, S, HQ, GROUP, kv_len, left, right, scale_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, PRECISION, BLOCK_M, False, True,
-        )
     # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
     store_qk_grad(DK, dk_a * scale, dk_b * scale, keys, S, stride_dkt, stride_dkd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
+    store_rows(DV, dv, keys, S, stride_dvt, dims, HEAD_DIM, stride_dvd)
 
 
 @triton.jit

@@ -86,9 +86,8 @@ TUNE_FROM_SEQ = 4096
 _TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION"]
 
 
-def tile_config(block_m: int, block_n: int, warps: int, stages: int, **variant: bool) -> triton.Config:
-    """A candidate tile; ``variant``: the kernel's constexpr switches (dk/dv: TWO_PASS=True)."""
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **variant}, num_warps=warps, num_stages=stages)
+def tile_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
 def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Config, interpret: triton.Config):

@@ -31,10 +31,3 @@ def test_sweep_times_every_candidate_and_cudnn():
     rows = sweep(batch=2, seq=256, heads=2, head_dim=64, candidates=candidates)
     assert rows["kernel"].tolist() == ["fwd", "dkdv", "dkdv", "dq", "cudnn-fwd", "cudnn-bwd"]
     assert (rows["ms"] > 0).all()
-
-
-def test_a_two_pass_candidate_forces_the_two_pass_dkdv():
-    from attnbench.tile_sweep import TWO_PASS, config_of
-
-    assert config_of((32, 128, 4, 2, TWO_PASS)).kwargs == {"BLOCK_M": 32, "BLOCK_N": 128, "TWO_PASS": True}
-    assert config_of((32, 128, 4, 2)).kwargs == {"BLOCK_M": 32, "BLOCK_N": 128}

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 from attnbench.check import error_bound
 from attnbench.kernels import flash_bwd, flash_fwd, reference
 from attnbench.kernels.flash import flash_attention
-from attnbench.kernels.flash_tiles import key_blocks, query_blocks, tile_config
-from attnbench.tile_sweep import forced_tile
+from attnbench.kernels.flash_tiles import key_blocks, query_blocks
 from attnbench.models.softmax import torch_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,21 +144,6 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     assert_matches_reference(CASES[name])
-
-
-def _two_pass_tile(dtype: torch.dtype):
-    """The interpreter's tile on CPU; on the GPU the two-pass tile of the D = 64 list (fp32: the fp32 tile's shape)."""
-    if DEVICE != "cuda":
-        return tile_config(16, 32, 4, 1, TWO_PASS=True)
-    return tile_config(32, 32, 4, 1, TWO_PASS=True) if dtype == torch.float32 else tile_config(32, 128, 4, 2, TWO_PASS=True)
-
-
-@pytest.mark.parametrize("name", ["gqa-4:2-causal", "window-causal", "rope-D80-gqa-padding", "everything", "fp32-causal-gqa"])
-def test_two_pass_dkdv_matches_reference(name):
-    """The dk/dv kernel's TWO_PASS variant (dv over every query block, then dk), forced."""
-    with forced_tile(flash_bwd.flash_dkdv_kernel, _two_pass_tile(CASES[name].dtype)):
-        assert_matches_reference(CASES[name])
-        assert flash_bwd.flash_dkdv_kernel.best_config.kwargs["TWO_PASS"]
 
 
 def test_custom_scale_matches_reference():
