@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Callable, Iterator
+from typing import Annotated, Callable
 
 import pandas as pd
 import torch
@@ -39,17 +39,6 @@ NO_TILE = (0, 0, 0, 0)
 KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
 
-@contextlib.contextmanager
-def forced_tile(kernel, config) -> Iterator[None]:
-    """Run an autotuned kernel with this one config (no pruning, no benchmarking)."""
-    configs, cache = kernel.configs, kernel.cache
-    kernel.configs, kernel.cache = [config], {}
-    try:
-        yield
-    finally:
-        kernel.configs, kernel.cache = configs, cache
-
-
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
     try:
         fn()  # compile outside the timed region
@@ -71,9 +60,9 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, 
     def add(kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=()) -> float | None:
         with contextlib.ExitStack() as stack:
             for held_kernel, held_tile in held:
-                stack.enter_context(forced_tile(KERNELS[held_kernel], tile_config(*held_tile)))
+                stack.enter_context(KERNELS[held_kernel].forced(tile_config(*held_tile)))
             if kernel in KERNELS:
-                stack.enter_context(forced_tile(KERNELS[kernel], tile_config(*tile)))
+                stack.enter_context(KERNELS[kernel].forced(tile_config(*tile)))
             ms = _time_ms(fn, device)
         rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "ms"), (kernel, *tile, ms))))
         typer.echo(f"{kernel:10s} {tile} {ms if ms is None else round(ms, 4)} ms")

@@ -1,7 +1,8 @@
-"""Flash-attention backward, FA2-style, in three kernels and without atomics:
-delta = rowsum(dO * O); dk/dv (one program per key block and kv head, looping over query
-blocks and over the q heads of its GQA group, so the group sum stays in registers); dq (one
-program per query block, looping over key blocks). Tile conventions: kernels/flash_tiles.py.
+"""Flash-attention backward, FA2-style, in two kernels and without atomics: dq first (one
+program per query block, looping over key blocks; it also stores delta = rowsum(dO * O) of
+its rows), then dk/dv (one program per key block and kv head, looping over query blocks and
+over the q heads of its GQA group, so the group sum stays in registers), which reads delta.
+Tile conventions: kernels/flash_tiles.py.
 """
 
 from __future__ import annotations
@@ -26,23 +27,6 @@ from attnbench.kernels.flash_tiles import (
     store_rows,
     tile_config,
 )
-
-
-@triton.jit
-def flash_delta_kernel(
-    O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_od, stride_dob, stride_dot, stride_doh, stride_dod,
-    T, HQ, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Grid (cdiv(T, BLOCK_M), B * Hq): DELTA [B, Hq, T] float32 = rowsum(dO * O)."""
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D_PAD)
-    o = load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, rows, T, stride_ot, dims, HEAD_DIM, stride_od)
-    do = load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
 
 @triton.jit
@@ -183,10 +167,11 @@ def _dq_key_loop(
 )
 @triton.jit
 def flash_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     T, S, HQ, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
@@ -194,9 +179,11 @@ def flash_dq_kernel(
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D]; q, dO, lse, delta stay in registers."""
+    """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 =
+    rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers."""
     block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    O += b.to(tl.int64) * stride_ob + h * stride_oh
     DO += b.to(tl.int64) * stride_dob + h * stride_doh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
@@ -207,7 +194,9 @@ def flash_dq_kernel(
     q_a, q_b = load_qk(Q, rows, T, stride_qt, stride_qd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
     do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
+    o = load_rows(O, rows, T, stride_ot, dims, HEAD_DIM, stride_od)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
     dq_a = tl.zeros([BLOCK_M, PART], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, PART], dtype=tl.float32)
@@ -235,25 +224,20 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem):
     """dq [B, T, Hq, D], dk and dv [B, S, Hkv, D] (dtypes of q, k, v) from the forward's o and lse."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    meta = problem.constexprs()
-    delta = empty((b, hq, t), torch.float32, q.device)
-    delta_block = 64
-    flash_delta_kernel[(triton.cdiv(t, delta_block), b * hq)](
-        o, do, delta, *o.stride(), *do.stride(), t, hq, d, meta["D_PAD"], delta_block,
-    )
+    delta = empty((b, hq, t), torch.float32, q.device)  # written by the dq kernel, read by dk/dv's
     dq = empty((b, t, hq, d), q.dtype, q.device)
     dk = empty((b, s, hkv, d), k.dtype, k.device)
     dv = empty((b, s, hkv, d), v.dtype, v.device)
     extras = problem.tensors(q)
-    scales = (problem.left, problem.right, problem.scale, problem.scale_log2, problem.seq_bucket)
+    scales = (problem.left, problem.right, problem.scale, problem.scale_log2)
+    flash_dq_kernel[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * hq)](
+        q, k, v, o, do, dq, lse, delta, *extras,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+        t, s, hq, hq // hkv, *scales, **problem.launch_kwargs(),
+    )
     flash_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, *scales, **meta,
-    )
-    flash_dq_kernel[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * hq)](
-        q, k, v, do, dq, lse, delta, *extras,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        t, s, hq, hq // hkv, *scales, **meta,
+        t, s, hq, hkv, hq // hkv, *scales, **problem.launch_kwargs(),
     )
     return dq, dk, dv

@@ -13,9 +13,11 @@ Conventions (kernels/flash_fwd.py, kernels/flash_bwd.py):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import triton
@@ -56,10 +58,13 @@ class FlashProblem:
     def scale_log2(self) -> float:
         return self.scale * math.log2(math.e)
 
-    def constexprs(self) -> dict:
+    def launch_kwargs(self) -> dict:
+        """The keyword arguments of every flash kernel launch: SEQ_BUCKET (a tuning key) and
+        the constexprs (FlashKernel remembers its config by them)."""
         rope = self.cos is not None
         part = self.head_dim // 2 if rope else self.head_dim
         return {
+            "SEQ_BUCKET": self.seq_bucket,
             "HEAD_DIM": self.head_dim,
             "PART": max(16, triton.next_power_of_2(part)),  # tl.dot needs K >= 16
             "D_PAD": max(16, triton.next_power_of_2(self.head_dim)),
@@ -90,22 +95,61 @@ def tile_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.C
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
+class FlashKernel:
+    """An autotuned flash kernel, launched as ``kernel[grid](*args, SEQ_BUCKET=..., **constexprs)``.
+
+    Triton's Autotuner.run rebuilds its key from every argument on every launch (about 50 here,
+    tens of microseconds of host time each launch), and a GPT small training step is host-bound
+    (PERF_NOTES 7). So the config the autotuner chose is remembered per (q's dtype, keyword
+    arguments), a superset of the autotuner's key, and later launches go straight to the JIT
+    function with it.
+    """
+
+    def __init__(self, autotuner):
+        self.autotuner = autotuner
+        self.chosen: dict[tuple, triton.Config] = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs) -> None:
+        key = (args[0].dtype, *kwargs.items())
+        config = self.chosen.get(key)
+        if config is None:
+            self.autotuner[grid](*args, **kwargs)
+            self.chosen[key] = self.autotuner.best_config
+        else:
+            self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+    @contextlib.contextmanager
+    def forced(self, config: triton.Config) -> Iterator[None]:
+        """Every launch inside runs ``config`` (no pruning, no benchmarking): tile sweeps."""
+        tuner = self.autotuner
+        saved = tuner.configs, tuner.cache, self.chosen
+        tuner.configs, tuner.cache, self.chosen = [config], {}, {}
+        try:
+            yield
+        finally:
+            tuner.configs, tuner.cache, self.chosen = saved
+
+
 def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Config, interpret: triton.Config):
-    """triton.autotune for a flash kernel. by_head_dim maps a D_PAD bound (64, 128, 256) to its
-    candidates, best guess first; fp32 inputs (FMA dots, twice the bytes per tile) get one small
-    tile; TRITON_INTERPRET gets one tiny tile (tuning is pointless there)."""
+    """Decorator: a FlashKernel over triton.autotune. by_head_dim maps a D_PAD bound (64, 128,
+    256) to its candidates, best guess first; fp32 inputs (FMA dots, twice the bytes per tile)
+    get one small tile; TRITON_INTERPRET gets one tiny tile (tuning is pointless there)."""
     if INTERPRET:
-        return triton.autotune([interpret], key=_TUNING_KEY)
+        return lambda fn: FlashKernel(triton.autotune([interpret], key=_TUNING_KEY)(fn))
 
     def candidates(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}  # constexprs arrive as kwargs, sizes as named args
+        args = {**named_args, **kwargs}  # constexprs and SEQ_BUCKET arrive as kwargs, sizes as named args
         if args["PRECISION"] == "ieee":
             return [fp32]
         picks = by_head_dim[min(bound for bound in by_head_dim if bound >= args["D_PAD"])]
         return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
 
     every = [fp32] + [config for picks in by_head_dim.values() for config in picks]
-    return triton.autotune(every, key=_TUNING_KEY, prune_configs_by={"early_config_prune": candidates})
+    tune = triton.autotune(every, key=_TUNING_KEY, prune_configs_by={"early_config_prune": candidates})
+    return lambda fn: FlashKernel(tune(fn))
 
 
 @triton.jit
