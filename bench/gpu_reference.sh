@@ -15,7 +15,8 @@
 #   tests:    every CUDA test, `check` for exposb
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
-#   backward: the two-pass dk/dv timed and tested, then the model-level step (#4)
+#   fused:    the one-kernel backward (atomic dq) timed per tile beside cuDNN and tested, host time
+#             per attention call, then the model-level step three times (its run-to-run spread) (#4)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
@@ -124,13 +125,19 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
     fla_tests 200
     grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
     ;;
-backward)  # #4: the two-pass dk/dv beside the one-pass tiles and cuDNN, its correctness at real sizes,
-          # then the GPT small training step against SDPA (the issue's ratio)
+fused)  # #4: the one-kernel backward (dq by float32 atomics) per tile beside cuDNN, its CUDA tests at
+       # real sizes, the host time of one attention call, then GPT small's training step against
+       # SDPA three times (its run-to-run spread is several percent)
     limit 150 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
-    grep -E "^dkdv|^dq|^cudnn" "$out/tiles.txt" | tail -24
-    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/bench/test_check.py --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "^fwd|^bwd|^cudnn|failed" "$out/tiles.txt" | tail -40
+    limit 120 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
+        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
-    speed 120 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa --profile 25 > "$out/host.txt" 2>&1
+    grep "per forward" "$out/host.txt"
+    for run in 1 2 3; do
+        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
+    done
     ;;
 tiles)
     limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1

@@ -46,7 +46,7 @@ def main(
     attn: Annotated[str, typer.Option(help="mechanism")] = "standard",
     calls: Annotated[int, typer.Option(help="forward + backward calls timed")] = 500,
     seq: Annotated[int, typer.Option(help="T (tiny: the GPU must not be the bottleneck)")] = 128,
-    profile: Annotated[int, typer.Option(help="also print the N functions with the most own time (cProfile)")] = 0,
+    profile: Annotated[int, typer.Option(help="also print the N functions with the most own and the most cumulative time (cProfile)")] = 0,
 ) -> None:
     """Host microseconds per forward + backward of each impl at B=1, H=8, D=64, causal, bf16."""
     mechanism = registry.get(attn)
@@ -56,7 +56,8 @@ def main(
         if profile:
             profiler = cProfile.Profile()
             profiler.runcall(host_us_per_call, run, calls, 1, seq, 8, 64)
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(profile)
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(profiler).sort_stats(order).print_stats(profile)
 
 
 if __name__ == "__main__":
