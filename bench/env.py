@@ -33,6 +33,12 @@ def collect() -> dict[str, Any]:
     return info
 
 
+def timing_setup(info: dict[str, Any]) -> str:
+    """What decides a timing in ``collect()``'s output: GPU models, torch, triton (one line)."""
+    devices = ", ".join(gpu["name"] for gpu in info.get("gpus", [])) or "no GPU"
+    return f"{devices}; torch {info.get('torch')}, triton {info.get('triton')}"
+
+
 def _version_of(package: str) -> str | None:
     from importlib import metadata
 

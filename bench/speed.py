@@ -78,7 +78,13 @@ def run_speed(
     run_dir, spec, meta = open_run(spec, out, resume, spec_given)
     validate(spec)
     store.ensure_writable(run_dir)
-    meta["env"] = env.collect()
+    here = env.collect()
+    if "env" in meta and env.timing_setup(meta["env"]) != env.timing_setup(here):
+        raise InputError(
+            f"{run_dir} was measured with {env.timing_setup(meta['env'])}, this machine has {env.timing_setup(here)}: "
+            "--resume here would mix their timings in one table; resume there, or sweep into a new --out"
+        )
+    meta["env"] = here
     if measure_peak:
         meta["peaks"] = env.measure_peaks(spec.device, spec.dtypes)
     peaks = meta.get("peaks", {}).get("matmul_tflops", {})

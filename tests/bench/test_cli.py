@@ -93,6 +93,18 @@ def test_resume_with_other_sweep_options_is_refused(tmp_path):
     assert result.exit_code == 2 and "--resume continues" in result.output
 
 
+def test_resume_on_another_gpu_or_torch_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("speed", "--seq", 8, *TINY, "--mode", "fwd", "--out", out).exit_code == 0
+    meta = json.loads((out / "meta.json").read_text())
+    meta["env"]["gpus"] = [{"name": "NVIDIA H100 80GB HBM3"}]
+    (out / "meta.json").write_text(json.dumps(meta))
+    before = (out / "speed.csv").read_bytes()
+    result = invoke("speed", "--resume", "--out", out)
+    assert result.exit_code == 2 and "H100" in result.output and "new --out" in result.output
+    assert (out / "speed.csv").read_bytes() == before
+
+
 def test_list_shows_mechanisms_and_why_impls_are_unavailable():
     result = invoke("list")
     assert result.exit_code == 0, result.output
