@@ -1,11 +1,13 @@
-"""Which tile each flash kernel should try first: every candidate forward and backward tile
+"""Which tile each flash kernel should try first: every candidate forward, dk/dv and dq tile
 timed on its own on one problem, next to cuDNN's forward and backward (CUDA only).
 
     python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --heads 8 --head-dim 64 --out tiles.csv
 
-(the defaults are GPT small's attention at 16k tokens per step). Each kernel is timed alone,
-so within a kernel the rows rank its tiles. The kernels' own lists (kernels/flash_fwd.py,
-kernels/flash_bwd.py) are edited by hand from what this prints.
+(the defaults are GPT small's attention at 16k tokens per step). The forward is timed alone;
+a dk/dv candidate is timed as the whole backward with dq held at its current first choice,
+and a dq candidate with dk/dv held at the fastest dk/dv found, so within a kernel the rows
+rank its tiles. The kernels' own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are
+edited by hand from what this prints.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 import torch
 import typer
 
-from attnbench.kernels.flash_bwd import flash_backward, flash_bwd_kernel
+from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
 from attnbench.kernels.flash import flash_problem
 from attnbench.kernels.flash_tiles import tile_config
@@ -27,13 +29,14 @@ from attnbench.timing import measure
 # (BLOCK_M, BLOCK_N, warps, stages): the kernels' lists and their neighbours
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
-    "bwd": [
-        (32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (16, 128, 4, 3), (32, 128, 4, 2), (32, 64, 4, 3),
-        (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2),
+    "dkdv": [
+        (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3),
+        (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3),
     ],
+    "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
 }
 NO_TILE = (0, 0, 0, 0)
-KERNELS = {"fwd": flash_fwd_kernel, "bwd": flash_bwd_kernel}
+KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -54,8 +57,12 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, 
     o, lse = flash_forward(q, k, v, problem)
     rows = []
 
-    def add(kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object]) -> float | None:
-        with KERNELS[kernel].forced(tile_config(*tile)) if kernel in KERNELS else contextlib.nullcontext():
+    def add(kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=()) -> float | None:
+        with contextlib.ExitStack() as stack:
+            for held_kernel, held_tile in held:
+                stack.enter_context(KERNELS[held_kernel].forced(tile_config(*held_tile)))
+            if kernel in KERNELS:
+                stack.enter_context(KERNELS[kernel].forced(tile_config(*tile)))
             ms = _time_ms(fn, device)
         rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "ms"), (kernel, *tile, ms))))
         typer.echo(f"{kernel:10s} {tile} {ms if ms is None else round(ms, 4)} ms")
@@ -65,8 +72,10 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, 
     backward = lambda: flash_backward(q, k, v, o, lse, do, problem)  # noqa: E731
     for tile in candidates["fwd"]:
         add("fwd", tile, forward)
-    for tile in candidates["bwd"]:
-        add("bwd", tile, backward)
+    timed = {tile: add("dkdv", tile, backward, held=[("dq", candidates["dq"][0])]) for tile in candidates["dkdv"]}
+    best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get)
+    for tile in candidates["dq"]:
+        add("dq", tile, backward, held=[("dkdv", best_dkdv)])
     _add_cudnn(add, q, k, v, do, causal)
     return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
 

@@ -217,33 +217,6 @@ def store_qk_grad(
 
 
 @triton.jit
-def add_rows_t(base, x_t, rows, n_rows, stride_row, cols, n_cols, stride_col):
-    """Atomically add x_t [cols, rows] (a transposed tile) into float32 x[rows, cols]."""
-    ptrs = base + rows[None, :].to(tl.int64) * stride_row + cols[:, None] * stride_col
-    tl.atomic_add(ptrs, x_t, mask=(rows[None, :] < n_rows) & (cols[:, None] < n_cols), sem="relaxed")
-
-
-@triton.jit
-def add_qk_grad_t(
-    base, grad_a_t, grad_b_t, rows, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, positions,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, ROPE: tl.constexpr,
-):
-    """store_qk_grad for transposed part gradients ([PART, rows]), added atomically into a
-    float32 gradient (several programs contribute to the same rows)."""
-    cols = tl.arange(0, PART)
-    if ROPE:
-        half: tl.constexpr = HEAD_DIM // 2
-        offsets = positions[None, :] * half + cols[:, None]
-        mask = (cols[:, None] < half) & (rows[None, :] < n_rows)
-        cos = tl.load(cos_ptr + offsets, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + offsets, mask=mask, other=0.0)
-        add_rows_t(base, grad_a_t * cos + grad_b_t * sin, rows, n_rows, stride_row, cols, half, stride_col)
-        add_rows_t(base + half * stride_col, grad_b_t * cos - grad_a_t * sin, rows, n_rows, stride_row, cols, half, stride_col)
-    else:
-        add_rows_t(base, grad_a_t, rows, n_rows, stride_row, cols, HEAD_DIM, stride_col)
-
-
-@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b, accumulated in float32 (acc None: a @ b)."""
     if _DOT_IN_FP32:

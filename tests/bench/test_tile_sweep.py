@@ -7,7 +7,7 @@ from attnbench.tile_sweep import sweep
 
 @pytest.mark.cuda
 def test_sweep_times_every_candidate_and_cudnn():
-    candidates = {"fwd": [(64, 64, 4, 2)], "bwd": [(32, 64, 4, 2), (64, 64, 4, 2)]}
+    candidates = {"fwd": [(64, 64, 4, 2)], "dkdv": [(32, 64, 4, 2), (64, 64, 4, 2)], "dq": [(64, 64, 4, 2)]}
     rows = sweep(batch=2, seq=256, heads=2, head_dim=64, candidates=candidates)
-    assert rows["kernel"].tolist() == ["fwd", "bwd", "bwd", "cudnn-fwd", "cudnn-bwd"]
+    assert rows["kernel"].tolist() == ["fwd", "dkdv", "dkdv", "dq", "cudnn-fwd", "cudnn-bwd"]
     assert (rows["ms"] > 0).all()
