@@ -11,12 +11,12 @@
 #   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
 #             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
 #   quality:  every other mechanism with the same settings, one process each, CUDA tests alongside (#6)
-#   followup: the layers-all/ sweep resumed, performer's and exposb's GPT small runs, the fla tests the limits cut
+#   followup: fla's NSA at GQA 16:1, and exact softmax / DeltaNet beside linear and performer on the H200
 #   tests:    every CUDA test, `check` for exposb
 #   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
 #             top-2 blocks), then the fla tests (#7, #6)
-#   fused:    the one-kernel backward (atomic dq) timed per tile beside cuDNN and tested, host time
-#             per attention call, then the model-level step three times (its run-to-run spread) (#4)
+#   launch:   the flash kernels' CUDA tests, host time per attention call, then the model-level
+#             step three times (its run-to-run spread) (#4)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
@@ -85,21 +85,13 @@ train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, conte
     limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
     tail -4 "$out/train.txt"
     ;;
-followup)  # what the fifth session's calls left: the layer sweep of layers-all/ resumed (cut in linear's
-          # fla series: linear/fla and performer are missing), performer's quality run again (its
-          # final evaluation followed an off-schedule feature redraw, fixed since), exposb's GPT small
-          # run (#4), and the fla tests that the limits cut (linear, nsa, stickbreaking)
-    cp -r results/reference-h100/layers-all "$out/layers-all"
-    speed 200 --resume --out "$out/layers-all"
-    # fla's parallel_nsa needs Hq / Hkv a power of two >= 16: NSA's peer at GQA 16:1
-    speed 60 --level layer --attn nsa --impl all --heads 16 --kv-heads 1 --head-dim 64 --tokens 16384 \
-        --seq 1024 4096 16384 65536 --mode fwd --causal --out "$out/nsa-gqa"
-    limit 300 env OMP_NUM_THREADS=1 attnbench train --attn performer "${TRAIN[@]}" --out "$out/performer" > "$out/performer.txt" 2>&1 &
-    limit 300 env OMP_NUM_THREADS=1 attnbench train --attn exposb "${TRAIN[@]}" --out "$out/gpt-small-exposb" > "$out/exposb.txt" 2>&1 &
-    fla_tests 300
-    wait
-    grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
-    tail -2 "$out/performer.txt" "$out/exposb.txt"
+followup)  # what the sixth session's followup call left (H200): fla's NSA at GQA 16:1 (its 60 s
+          # limit ended in the chunked series), and the H200 anchors for the linear-cost rows of
+          # layers-followup/: exact softmax (cuDNN) and DeltaNet (fla) at the same shapes
+    cp -r results/reference-h200/nsa-gqa "$out/nsa-gqa"
+    speed 200 --resume --out "$out/nsa-gqa"
+    speed 120 --level layer --attn standard,deltanet,linear,performer --impl sdpa-cudnn,fla,chunked --tokens 16384 \
+        --heads 16 --head-dim 64 --seq 1024 4096 16384 65536 --mode fwd --causal --out "$out/layers-anchor"
     ;;
 quality)  # every other mechanism with the settings of gpt-small/, one process each (#6): at batch 8
           # a step is launch-bound, so ten processes share the GPU with ~2.5x loss each; the CUDA
@@ -125,13 +117,11 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
     fla_tests 200
     grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
     ;;
-fused)  # #4: the one-kernel backward (dq by float32 atomics) per tile beside cuDNN, its CUDA tests at
-       # real sizes, the host time of one attention call, then GPT small's training step against
-       # SDPA three times (its run-to-run spread is several percent)
-    limit 150 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
-    grep -E "^fwd|^bwd|^cudnn|failed" "$out/tiles.txt" | tail -40
-    limit 120 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
-        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+launch)  # #4: launches that skip triton's JITFunction.run (FlashKernel): the CUDA tests of the flash
+        # kernels, the host time of one attention call, then GPT small's training step against
+        # SDPA three times (its run-to-run spread is several percent)
+    limit 200 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py \
+        --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
     limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa --profile 25 > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"

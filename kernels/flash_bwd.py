@@ -233,11 +233,11 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem):
     flash_dq_kernel[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * hq)](
         q, k, v, o, do, dq, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        t, s, hq, hq // hkv, *scales, **problem.launch_kwargs(),
+        t, s, hq, hq // hkv, *scales, **problem.launch_kwargs,
     )
     flash_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, *scales, **problem.launch_kwargs(),
+        t, s, hq, hkv, hq // hkv, *scales, **problem.launch_kwargs,
     )
     return dq, dk, dv

@@ -127,6 +127,6 @@ def flash_forward(q, k, v, problem: FlashProblem):
     flash_fwd_kernel[grid](
         q, k, v, o, lse, *problem.tensors(q),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        t, s, hq, hq // hkv, problem.left, problem.right, problem.scale_log2, **problem.launch_kwargs(),
+        t, s, hq, hq // hkv, problem.left, problem.right, problem.scale_log2, **problem.launch_kwargs,
     )
     return o, lse

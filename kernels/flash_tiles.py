@@ -14,6 +14,7 @@ Conventions (kernels/flash_fwd.py, kernels/flash_bwd.py):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -58,9 +59,10 @@ class FlashProblem:
     def scale_log2(self) -> float:
         return self.scale * math.log2(math.e)
 
+    @functools.cached_property
     def launch_kwargs(self) -> dict:
         """The keyword arguments of every flash kernel launch: SEQ_BUCKET (a tuning key) and
-        the constexprs (FlashKernel remembers its config by them)."""
+        the constexprs (FlashKernel remembers its config by them); computed once per problem."""
         rope = self.cos is not None
         part = self.head_dim // 2 if rope else self.head_dim
         return {
@@ -98,39 +100,66 @@ def tile_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.C
 class FlashKernel:
     """An autotuned flash kernel, launched as ``kernel[grid](*args, SEQ_BUCKET=..., **constexprs)``.
 
-    Triton's Autotuner.run rebuilds its key from every argument on every launch (about 50 here,
-    tens of microseconds of host time each launch), and a GPT small training step is host-bound
-    (PERF_NOTES 7). So the config the autotuner chose is remembered per (q's dtype, keyword
-    arguments), a superset of the autotuner's key, and later launches go straight to the JIT
-    function with it.
+    A GPT small training step is host-bound (PERF_NOTES 7), and triton spends tens of
+    microseconds of host time per launch binding and specialising our ~55 arguments, so:
+    - the config the autotuner chose is remembered per (q's dtype, keyword arguments), a
+      superset of the autotuner's key, so Autotuner.run runs once per key;
+    - on a GPU, the compiled kernel a launch returned is remembered per launch_signature (a
+      superset of what triton specialises on), and later launches with that signature call it
+      directly, skipping JITFunction.run.
     """
+
+    MAX_SIGNATURES = 256  # new shapes beyond this start the cache afresh
 
     def __init__(self, autotuner):
         self.autotuner = autotuner
         self.chosen: dict[tuple, triton.Config] = {}
+        self.compiled: dict[tuple, tuple] = {}  # launch_signature -> (CompiledKernel, trailing args, grid meta)
+        self.direct = not INTERPRET
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs) -> None:
+        signature = launch_signature(args, kwargs) if self.direct else None
+        hit = self.compiled.get(signature) if self.direct else None
+        if hit is not None:
+            kernel, tail, meta = hit
+            kernel[grid(meta)](*args, *tail)
+            return
         key = (args[0].dtype, *kwargs.items())
         config = self.chosen.get(key)
         if config is None:
-            self.autotuner[grid](*args, **kwargs)
-            self.chosen[key] = self.autotuner.best_config
+            kernel = self.autotuner[grid](*args, **kwargs)
+            config = self.chosen[key] = self.autotuner.best_config
         else:
-            self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+            kernel = self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+        if signature is not None:
+            meta = {**kwargs, **config.all_kwargs()}
+            tail = tuple(meta[name] for name in self.autotuner.fn.arg_names[len(args):])
+            if len(self.compiled) >= self.MAX_SIGNATURES:
+                self.compiled.clear()
+            self.compiled[signature] = (kernel, tail, meta)
 
     @contextlib.contextmanager
     def forced(self, config: triton.Config) -> Iterator[None]:
         """Every launch inside runs ``config`` (no pruning, no benchmarking): tile sweeps."""
         tuner = self.autotuner
-        saved = tuner.configs, tuner.cache, self.chosen
-        tuner.configs, tuner.cache, self.chosen = [config], {}, {}
+        saved = tuner.configs, tuner.cache, self.chosen, self.compiled
+        tuner.configs, tuner.cache, self.chosen, self.compiled = [config], {}, {}, {}
         try:
             yield
         finally:
-            tuner.configs, tuner.cache, self.chosen = saved
+            tuner.configs, tuner.cache, self.chosen, self.compiled = saved
+
+
+def launch_signature(args: tuple, kwargs: dict) -> tuple:
+    """Everything a compiled flash kernel depends on beyond pointer values: the device, every
+    tensor's dtype and 16-byte alignment, every scalar's value, the keyword arguments. Triton
+    specialises on less (integers only by divisibility by 16), so one signature never covers two
+    specialisations."""
+    tensors_and_scalars = ((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
+    return (args[0].device, *tensors_and_scalars, *kwargs.items())
 
 
 def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Config, interpret: triton.Config):

@@ -1,13 +1,16 @@
 """FlashKernel (kernels/flash_tiles.py): the autotuner chooses a config once per key, later
 launches skip it and run that config, a new key goes back to it, and a forced tile runs and is
-undone. Outputs are checked against the reference on every path."""
+undone; on a GPU, a launch whose signature was seen calls the compiled kernel directly, and a
+tensor of another alignment is a new signature. Outputs are checked against the reference on
+every path."""
 
 import pytest
 import torch
 
 from attnbench.kernels.flash import flash_attention
+from attnbench.kernels.flash_bwd import flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_fwd_kernel
-from attnbench.kernels.flash_tiles import tile_config
+from attnbench.kernels.flash_tiles import launch_signature, tile_config
 from attnbench.kernels.reference import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,3 +59,44 @@ def test_forced_tile_runs_that_tile_and_is_undone(autotuner_calls):
         assert list(flash_fwd_kernel.chosen.values()) == [tile]
     assert flash_fwd_kernel.chosen == chosen and flash_fwd_kernel.autotuner.configs is configs
     torch.testing.assert_close(out, attention(q, k, v, causal=True), atol=1e-4, rtol=1e-4)
+
+
+def test_launch_signature_tells_alignment_dtype_and_scalar_values_apart():
+    base = torch.zeros(40)
+    aligned, shifted = base[:8], base[1:9]  # 4-byte offset: no longer 16-byte aligned
+    signature = launch_signature((aligned, 3, 0.5), {"CAUSAL": True})
+    assert signature == launch_signature((base[4:12], 3, 0.5), {"CAUSAL": True})  # 16 bytes on: same
+    assert signature != launch_signature((shifted, 3, 0.5), {"CAUSAL": True})
+    assert signature != launch_signature((aligned.half(), 3, 0.5), {"CAUSAL": True})
+    assert signature != launch_signature((aligned, 16, 0.5), {"CAUSAL": True})
+    assert signature != launch_signature((aligned, 3, 0.5), {"CAUSAL": False})
+
+
+@pytest.mark.cuda
+def test_a_seen_signature_launches_the_compiled_kernel_directly(monkeypatch):
+    q, k, v, do = (torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    kernels = (flash_fwd_kernel, flash_dq_kernel, flash_dkdv_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "compiled", {})
+
+    def output_and_grads(q):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = flash_attention(*leaves, causal=True)
+        return (out, *torch.autograd.grad(out, leaves, do))
+
+    first = output_and_grads(q)
+    assert [len(kernel.compiled) for kernel in kernels] == [1, 1, 1]
+    for kernel in kernels:
+        monkeypatch.setattr(kernel.autotuner.fn, "run", lambda *a, **kw: pytest.fail("JITFunction.run on a seen signature"))
+    again = output_and_grads(q)
+    for mine, before in zip(again, first):  # the same kernels on the same inputs: bitwise equal
+        torch.testing.assert_close(mine, before, atol=0, rtol=0)
+    expected = attention(q.float(), k.float(), v.float(), causal=True)
+    torch.testing.assert_close(again[0].float(), expected, atol=2e-2, rtol=2e-2)
+
+    monkeypatch.undo()
+    storage = torch.randn(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
+    shifted = storage[1:].view_as(q).copy_(q)  # 2-byte offset: a new signature, compiled for it
+    compiled = len(flash_fwd_kernel.compiled)
+    torch.testing.assert_close(flash_attention(shifted, k, v, causal=True), first[0])
+    assert len(flash_fwd_kernel.compiled) == compiled + 1
