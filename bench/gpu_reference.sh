@@ -89,8 +89,8 @@ followup)  # what the sixth session's followup call left (H200): fla's NSA at GQ
           # limit ended in the chunked series), and the H200 anchors for the linear-cost rows of
           # layers-followup/: exact softmax (cuDNN) and DeltaNet (fla) at the same shapes
     cp -r results/reference-h200/nsa-gqa "$out/nsa-gqa"
-    speed 200 --resume --out "$out/nsa-gqa"
-    speed 120 --level layer --attn standard,deltanet,linear,performer --impl sdpa-cudnn,fla,chunked --tokens 16384 \
+    speed 150 --resume --out "$out/nsa-gqa"
+    speed 110 --level layer --attn standard,deltanet,linear,performer --impl sdpa-cudnn,fla,chunked --tokens 16384 \
         --heads 16 --head-dim 64 --seq 1024 4096 16384 65536 --mode fwd --causal --out "$out/layers-anchor"
     ;;
 quality)  # every other mechanism with the settings of gpt-small/, one process each (#6): at batch 8
@@ -120,7 +120,7 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
 launch)  # #4: launches that skip triton's JITFunction.run (FlashKernel): the CUDA tests of the flash
         # kernels, the host time of one attention call, then GPT small's training step against
         # SDPA three times (its run-to-run spread is several percent)
-    limit 200 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py \
+    limit 200 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_timing.py \
         --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
     limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa --profile 25 > "$out/host.txt" 2>&1

@@ -125,7 +125,7 @@ class FlashKernel:
         hit = self.compiled.get(signature) if self.direct else None
         if hit is not None:
             kernel, tail, meta = hit
-            kernel[grid(meta)](*args, *tail)
+            kernel[(*grid(meta), 1, 1)](*args, *tail)  # CompiledKernel reads three grid sizes
             return
         key = (args[0].dtype, *kwargs.items())
         config = self.chosen.get(key)
