@@ -302,11 +302,7 @@ def _dq_tiles(
     REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dq' += (dX / sm_scale) k' and the rows' d delta over the key tiles [lo, hi) of one regime.
-
-    dX is rounded to the input dtype for the tensor-core dot without its sm_scale factor, which
-    the epilogue applies in float32 (as FlashAttention 2 does): in fp16, dX = dS * w * sm_scale
-    of a long sequence falls into the subnormals (P ~ 1/T), where its relative error grows."""
+    """dq' += dX k' and the rows' d delta over the key tiles [lo, hi) of one regime."""
     cols = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK_N):
         pos_k = n0 + tl.arange(0, BLOCK_N)
@@ -319,7 +315,7 @@ def _dq_tiles(
         p = tl.where(_visible(pos_q, pos_k, kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - di[:, None])
-        dx = (ds * w).to(k1.dtype)  # the caller applies sm_scale (see _dq_tiles' docstring)
+        dx = (ds * w * sm_scale).to(k1.dtype)
         dq1 += tl.dot(dx, k1, input_precision=DOT_PRECISION)
         dq2 += tl.dot(dx, k2, input_precision=DOT_PRECISION)
         distance = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
@@ -391,8 +387,6 @@ def _exposb_dq_kernel(
         )
 
     # epilogue: q' again in fp32 (R q and r are needed for the parameter gradients)
-    dq1 *= sm_scale
-    dq2 *= sm_scale
     _, _, y1, y2, r = _load_transformed(
         Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, HALF
     )
@@ -423,8 +417,7 @@ def _dkdv_tiles(
     REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dk' += (dX / sm_scale)^T q' and dv += P^T dO over the query tiles [lo, hi) of one regime,
-    one query head (sm_scale: _dq_tiles)."""
+    """dk' += dX^T q' and dv += P^T dO over the query tiles [lo, hi) of one regime, one query head."""
     cols = tl.arange(0, D)
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -441,7 +434,7 @@ def _dkdv_tiles(
         p = tl.where(_visible(pos_q, pos_k, kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        dx_t = tl.trans((p * (dp - di[:, None]) * w).to(k1.dtype))  # [BN, BM], without sm_scale as in _dq_tiles
+        dx_t = tl.trans((p * (dp - di[:, None]) * w * sm_scale).to(k1.dtype))  # [BN, BM]
         dk1 += tl.dot(dx_t, q1, input_precision=DOT_PRECISION)
         dk2 += tl.dot(dx_t, q2, input_precision=DOT_PRECISION)
     return dk1, dk2, dv
@@ -512,8 +505,6 @@ def _exposb_dkdv_kernel(
     )
 
     # epilogue: k' again in fp32 (R k and r are needed for the parameter gradients)
-    g1 *= sm_scale
-    g2 *= sm_scale
     _, _, y1, y2, r = _load_transformed(k_base, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, HALF)
     dx1, dx2 = _input_grad(g1, g2, r, f1, f2, COS, SIN, pos_k, inside, HALF)
     _store_rows(DK + b * stride_dkb + h * stride_dkh, stride_dkt, stride_dkd, pos_k, inside, dx1, dx2, HALF)
