@@ -23,7 +23,7 @@ import typer
 from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
 from attnbench.kernels.flash import flash_problem
-from attnbench.kernels.flash_tiles import tile_config
+from attnbench.kernels.flash_launch import tile_config
 from attnbench.timing import measure
 
 # (BLOCK_M, BLOCK_N, warps, stages): the kernels' lists and their neighbours

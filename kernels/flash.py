@@ -1,6 +1,7 @@
 """Triton flash attention for the exact-softmax family: standard, causal, key padding,
 GQA/MQA, sliding windows, ALiBi and RoPE in one skeleton (forward: kernels/flash_fwd.py,
-backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py).
+backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py, launching:
+kernels/flash_launch.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import triton
 
 from attnbench.kernels.flash_bwd import flash_backward
 from attnbench.kernels.flash_fwd import flash_forward
-from attnbench.kernels.flash_tiles import INTERPRET, FlashProblem
+from attnbench.kernels.flash_launch import FlashProblem
+from attnbench.kernels.flash_tiles import INTERPRET
 from attnbench.kernels.reference import rope_angles
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

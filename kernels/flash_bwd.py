@@ -11,10 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config
 from attnbench.kernels.flash_tiles import (
-    FlashProblem,
-    empty,
-    flash_autotune,
     key_blocks,
     load_qk,
     load_rows,
@@ -25,7 +23,6 @@ from attnbench.kernels.flash_tiles import (
     score_tile,
     store_qk_grad,
     store_rows,
-    tile_config,
 )
 
 

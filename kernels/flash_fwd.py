@@ -10,10 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config
 from attnbench.kernels.flash_tiles import (
-    FlashProblem,
-    empty,
-    flash_autotune,
     key_blocks,
     load_qk,
     load_rows,
@@ -22,7 +20,6 @@ from attnbench.kernels.flash_tiles import (
     query_program,
     score_tile,
     store_rows,
-    tile_config,
 )
 
 

@@ -1,4 +1,4 @@
-"""FlashKernel (kernels/flash_tiles.py): the autotuner chooses a config once per key, later
+"""FlashKernel (kernels/flash_launch.py): the autotuner chooses a config once per key, later
 launches skip it and run that config, a new key goes back to it, and a forced tile runs and is
 undone; on a GPU, a launch whose signature was seen calls the compiled kernel directly, and a
 tensor of another alignment is a new signature. Outputs are checked against the reference on
@@ -10,7 +10,7 @@ import torch
 from attnbench.kernels.flash import flash_attention
 from attnbench.kernels.flash_bwd import flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_fwd_kernel
-from attnbench.kernels.flash_tiles import launch_signature, tile_config
+from attnbench.kernels.flash_launch import launch_signature, tile_config
 from attnbench.kernels.reference import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,12 +64,15 @@ def test_forced_tile_runs_that_tile_and_is_undone(autotuner_calls):
 def test_launch_signature_tells_alignment_dtype_and_scalar_values_apart():
     base = torch.zeros(40)
     aligned, shifted = base[:8], base[1:9]  # 4-byte offset: no longer 16-byte aligned
-    signature = launch_signature((aligned, 3, 0.5), {"CAUSAL": True})
-    assert signature == launch_signature((base[4:12], 3, 0.5), {"CAUSAL": True})  # 16 bytes on: same
-    assert signature != launch_signature((shifted, 3, 0.5), {"CAUSAL": True})
-    assert signature != launch_signature((aligned.half(), 3, 0.5), {"CAUSAL": True})
-    assert signature != launch_signature((aligned, 16, 0.5), {"CAUSAL": True})
-    assert signature != launch_signature((aligned, 3, 0.5), {"CAUSAL": False})
+
+    def signature(tensor, size=3, causal=True):
+        return launch_signature((tensor, base, size, 0.5), {"CAUSAL": causal}, tensors=2)
+
+    assert signature(aligned) == signature(base[4:12])  # 16 bytes on: same
+    assert signature(aligned) != signature(shifted)
+    assert signature(aligned) != signature(aligned.half())
+    assert signature(aligned) != signature(aligned, size=16)
+    assert signature(aligned) != signature(aligned, causal=False)
 
 
 @pytest.mark.cuda

@@ -1,0 +1,171 @@
+"""Launching the flash kernels from the host: FlashProblem (what a launch needs beyond q, k,
+v), output allocation, the hand-chosen tile lists (flash_autotune) and FlashKernel, which
+keeps triton's per-launch host work (autotuner key, argument binding) out of the hot path.
+The kernels themselves: kernels/flash_fwd.py, kernels/flash_bwd.py; tiles: kernels/flash_tiles.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import triton
+
+from attnbench.kernels.flash_tiles import INTERPRET
+
+
+@dataclass(frozen=True)
+class FlashProblem:
+    """What the kernels need beyond q, k, v, resolved by kernels/flash.py.
+
+    left/right: visible keys around a query's position (causal: right = 0; no window: huge);
+    seq_lens int32 [B] | None; slopes float32 [Hq] | None; cos/sin float32 [S, D/2] | None
+    (RoPE angles by position); scale: softmax scale of q.k.
+    """
+
+    causal: bool
+    left: int
+    right: int
+    seq_lens: torch.Tensor | None
+    slopes: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    scale: float
+    head_dim: int
+    dtype: torch.dtype
+    seq_bucket: int
+
+    def tensors(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """SEQ_LENS, SLOPES, COS, SIN kernel arguments; absent ones are a never-read placeholder."""
+        return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes, self.cos, self.sin))
+
+    @property
+    def scale_log2(self) -> float:
+        return self.scale * math.log2(math.e)
+
+    @functools.cached_property
+    def launch_kwargs(self) -> dict:
+        """The keyword arguments of every flash kernel launch: SEQ_BUCKET (a tuning key) and
+        the constexprs (FlashKernel remembers its config by them); computed once per problem."""
+        rope = self.cos is not None
+        part = self.head_dim // 2 if rope else self.head_dim
+        return {
+            "SEQ_BUCKET": self.seq_bucket,
+            "HEAD_DIM": self.head_dim,
+            "PART": max(16, triton.next_power_of_2(part)),  # tl.dot needs K >= 16
+            "D_PAD": max(16, triton.next_power_of_2(self.head_dim)),
+            "CAUSAL": self.causal,
+            "ROPE": rope,
+            "ALIBI": self.slopes is not None,
+            "HAS_SEQ_LENS": self.seq_lens is not None,
+            # tf32 would fail the fp32 error bound; fp16/bf16 inputs ignore this
+            "PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
+        }
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised memory for a kernel output (tests swap in NaN-filled memory to catch
+    elements a kernel forgets to write)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Autotuning compiles every candidate for every new constexpr combination (causal, rope, alibi,
+# D, ...), seconds each, so each kernel gets a short hand-chosen list per head-dim bound, and
+# only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
+# `attnbench check`) take the first candidate and compile one config per kernel.
+TUNE_FROM_SEQ = 4096
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION"]
+
+
+def tile_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+class FlashKernel:
+    """An autotuned flash kernel, launched as ``kernel[grid](*args, SEQ_BUCKET=..., **constexprs)``.
+
+    A GPT small training step is host-bound (PERF_NOTES 7), and triton spends tens of
+    microseconds of host time per launch binding and specialising our ~55 arguments, so:
+    - the config the autotuner chose is remembered per (q's dtype, keyword arguments), a
+      superset of the autotuner's key, so Autotuner.run runs once per key;
+    - on a GPU, the compiled kernel a launch returned is remembered per launch_signature (a
+      superset of what triton specialises on), and later launches with that signature call it
+      directly, skipping JITFunction.run.
+    """
+
+    MAX_SIGNATURES = 256  # new shapes beyond this start the cache afresh
+
+    def __init__(self, autotuner):
+        self.autotuner = autotuner
+        self.chosen: dict[tuple, triton.Config] = {}
+        self.compiled: dict[tuple, tuple] = {}  # launch_signature -> (CompiledKernel, trailing args, grid meta)
+        self.direct = not INTERPRET
+        self.tensors = 0  # how many leading arguments are tensors (the same at every launch)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs) -> None:
+        if not self.tensors:
+            self.tensors = next(i for i, arg in enumerate(args) if not isinstance(arg, torch.Tensor))
+        signature = launch_signature(args, kwargs, self.tensors) if self.direct else None
+        hit = self.compiled.get(signature) if self.direct else None
+        if hit is not None:
+            kernel, tail, meta = hit
+            kernel[(*grid(meta), 1, 1)](*args, *tail)  # CompiledKernel reads three grid sizes
+            return
+        key = (args[0].dtype, *kwargs.items())
+        config = self.chosen.get(key)
+        if config is None:
+            kernel = self.autotuner[grid](*args, **kwargs)
+            config = self.chosen[key] = self.autotuner.best_config
+        else:
+            kernel = self.autotuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+        if signature is not None:
+            meta = {**kwargs, **config.all_kwargs()}
+            tail = tuple(meta[name] for name in self.autotuner.fn.arg_names[len(args):])
+            if len(self.compiled) >= self.MAX_SIGNATURES:
+                self.compiled.clear()
+            self.compiled[signature] = (kernel, tail, meta)
+
+    @contextlib.contextmanager
+    def forced(self, config: triton.Config) -> Iterator[None]:
+        """Every launch inside runs ``config`` (no pruning, no benchmarking): tile sweeps."""
+        tuner = self.autotuner
+        saved = tuner.configs, tuner.cache, self.chosen, self.compiled
+        tuner.configs, tuner.cache, self.chosen, self.compiled = [config], {}, {}, {}
+        try:
+            yield
+        finally:
+            tuner.configs, tuner.cache, self.chosen, self.compiled = saved
+
+
+def launch_signature(args: tuple, kwargs: dict, tensors: int) -> tuple:
+    """Everything a compiled flash kernel depends on beyond pointer values, for launches whose
+    first ``tensors`` arguments are the tensors: the device, every tensor's dtype and 16-byte
+    alignment, every scalar's value, the keyword arguments. Triton specialises on less
+    (integers only by divisibility by 16), so one signature never covers two specialisations."""
+    return (args[0].device, *[(a.dtype, a.data_ptr() % 16 == 0) for a in args[:tensors]], *args[tensors:], *kwargs.items())
+
+
+def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Config, interpret: triton.Config):
+    """Decorator: a FlashKernel over triton.autotune. by_head_dim maps a D_PAD bound (64, 128,
+    256) to its candidates, best guess first; fp32 inputs (FMA dots, twice the bytes per tile)
+    get one small tile; TRITON_INTERPRET gets one tiny tile (tuning is pointless there)."""
+    if INTERPRET:
+        return lambda fn: FlashKernel(triton.autotune([interpret], key=_TUNING_KEY)(fn))
+
+    def candidates(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}  # constexprs and SEQ_BUCKET arrive as kwargs, sizes as named args
+        if args["PRECISION"] == "ieee":
+            return [fp32]
+        picks = by_head_dim[min(bound for bound in by_head_dim if bound >= args["D_PAD"])]
+        return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
+
+    every = [fp32] + [config for picks in by_head_dim.values() for config in picks]
+    tune = triton.autotune(every, key=_TUNING_KEY, prune_configs_by={"early_config_prune": candidates})
+    return lambda fn: FlashKernel(tune(fn))
