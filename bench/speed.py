@@ -79,11 +79,13 @@ def run_speed(
     validate(spec)
     store.ensure_writable(run_dir)
     here = env.collect()
-    if "env" in meta and env.timing_setup(meta["env"]) != env.timing_setup(here):
-        raise InputError(
-            f"{run_dir} was measured with {env.timing_setup(meta['env'])}, this machine has {env.timing_setup(here)}: "
-            "--resume here would mix their timings in one table; resume there, or sweep into a new --out"
-        )
+    if "env" in meta:
+        recorded, current = env.timing_setup(meta["env"]), env.timing_setup(here)
+        if recorded != current:
+            raise InputError(
+                f"{run_dir} was measured with {recorded}, this machine has {current}: "
+                "--resume here would mix their timings in one table; resume there, or sweep into a new --out"
+            )
     meta["env"] = here
     if measure_peak:
         meta["peaks"] = env.measure_peaks(spec.device, spec.dtypes)

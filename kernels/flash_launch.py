@@ -113,7 +113,7 @@ class FlashKernel:
         if not self.tensors:
             self.tensors = next(i for i, arg in enumerate(args) if not isinstance(arg, torch.Tensor))
         signature = launch_signature(args, kwargs, self.tensors) if self.direct else None
-        hit = self.compiled.get(signature) if self.direct else None
+        hit = self.compiled.get(signature)  # None (no direct launches) is never a stored signature
         if hit is not None:
             kernel, tail, meta = hit
             kernel[(*grid(meta), 1, 1)](*args, *tail)  # CompiledKernel reads three grid sizes
