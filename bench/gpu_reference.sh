@@ -18,6 +18,8 @@
 #   launch:   the flash kernels' CUDA tests, host time per attention call, then the model-level
 #             step three times (its run-to-run spread) (#4)
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
+#   tma:      the flash kernels' loops reading tiles through TMA descriptors: their CUDA tests, every
+#             tile both ways, then the model-level step (#4)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -132,6 +134,14 @@ launch)  # #4: launches that skip triton's JITFunction.run (FlashKernel): the CU
 tiles)
     limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     tail -45 "$out/tiles.txt"
+    ;;
+tma)
+    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
+        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    limit 280 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --loads tma --loads pointer --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    tail -70 "$out/tiles.txt"
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"

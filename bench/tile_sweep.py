@@ -3,7 +3,8 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
 
     python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --heads 8 --head-dim 64 --out tiles.csv
 
-(the defaults are GPT small's attention at 16k tokens per step). The forward is timed alone;
+(the defaults are GPT small's attention at 16k tokens per step; --loads tma --loads pointer
+times every tile both with the loops' tiles read through TMA descriptors and through pointers). The forward is timed alone;
 a dk/dv candidate is timed as the whole backward with dq held at its current first choice,
 and a dq candidate with dk/dv held at the fastest dk/dv found, so within a kernel the rows
 rank its tiles. The kernels' own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are
@@ -23,6 +24,7 @@ import typer
 from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
 from attnbench.kernels.flash import flash_problem
+from attnbench.kernels import flash_launch
 from attnbench.kernels.flash_launch import tile_config
 from attnbench.timing import measure
 
@@ -48,25 +50,50 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
         return None
 
 
-def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, candidates=CANDIDATES) -> pd.DataFrame:
-    """Rows (kernel, block_m, block_n, warps, stages, ms) for every tile in ``candidates``
-    (kernel name -> tiles), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
+def sweep(
+    batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, candidates=CANDIDATES, loads: tuple[str, ...] = ("tma",)
+) -> pd.DataFrame:
+    """Rows (kernel, block_m, block_n, warps, stages, loads, ms) for every tile in ``candidates``
+    (kernel name -> tiles) with each way of loading tiles in ``loads`` ('tma': descriptors where
+    the GPU has them, 'pointer'), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
     device = torch.device("cuda")
     q, k, v, do = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
     problem = flash_problem(q, k, causal=causal)
     o, lse = flash_forward(q, k, v, problem)
     rows = []
+    for way in loads:
+        with _loads(way):
+            _sweep_tiles(rows, q, k, v, o, lse, do, problem, candidates, way)
+    _add_cudnn(lambda *args: _add(rows, *args, loads=""), q, k, v, do, causal)
+    return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
 
-    def add(kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=()) -> float | None:
-        with contextlib.ExitStack() as stack:
-            for held_kernel, held_tile in held:
-                stack.enter_context(KERNELS[held_kernel].forced(tile_config(*held_tile)))
-            if kernel in KERNELS:
-                stack.enter_context(KERNELS[kernel].forced(tile_config(*tile)))
-            ms = _time_ms(fn, device)
-        rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "ms"), (kernel, *tile, ms))))
-        typer.echo(f"{kernel:10s} {tile} {ms if ms is None else round(ms, 4)} ms")
-        return ms
+
+@contextlib.contextmanager
+def _loads(way: str):
+    saved = flash_launch.TMA_LOADS
+    flash_launch.TMA_LOADS = way == "tma"
+    try:
+        yield
+    finally:
+        flash_launch.TMA_LOADS = saved
+
+
+def _add(rows: list, kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
+    """Time ``fn`` with ``kernel`` forced to ``tile`` and the ``held`` (kernel, tile) pairs; append a row."""
+    with contextlib.ExitStack() as stack:
+        for held_kernel, held_tile in held:
+            stack.enter_context(KERNELS[held_kernel].forced(tile_config(*held_tile)))
+        if kernel in KERNELS:
+            stack.enter_context(KERNELS[kernel].forced(tile_config(*tile)))
+        ms = _time_ms(fn, torch.device("cuda"))
+    rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "loads", "ms"), (kernel, *tile, loads, ms))))
+    typer.echo(f"{kernel:10s} {loads:8s} {tile} {ms if ms is None else round(ms, 4)} ms")
+    return ms
+
+
+def _sweep_tiles(rows, q, k, v, o, lse, do, problem, candidates, loads: str) -> None:
+    def add(kernel, tile, fn, held=()):
+        return _add(rows, kernel, tile, fn, held, loads)
 
     forward = lambda: flash_forward(q, k, v, problem)  # noqa: E731
     backward = lambda: flash_backward(q, k, v, o, lse, do, problem)  # noqa: E731
@@ -76,8 +103,6 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, 
     best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get)
     for tile in candidates["dq"]:
         add("dq", tile, backward, held=[("dkdv", best_dkdv)])
-    _add_cudnn(add, q, k, v, do, causal)
-    return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
 
 
 def _add_cudnn(add, q, k, v, do, causal: bool) -> None:
@@ -99,6 +124,7 @@ def main(
     heads: Annotated[int, typer.Option(help="H")] = 8,
     head_dim: Annotated[int, typer.Option(help="D")] = 64,
     causal: Annotated[bool, typer.Option(help="causal or bidirectional")] = True,
+    loads: Annotated[list[str], typer.Option(help="tma (descriptors where the GPU has them) and/or pointer")] = ["tma"],  # noqa: B006
     out: Annotated[Path, typer.Option(help="CSV of every timing")] = Path("tiles.csv"),
 ) -> None:
     """Time every candidate tile of the flash kernels on each T; prints and writes a CSV."""
@@ -106,7 +132,7 @@ def main(
     for t in seq:
         b = max(1, tokens // t)
         typer.echo(f"B={b} T={t} H={heads} D={head_dim} causal={causal}")
-        frames.append(sweep(b, t, heads, head_dim, causal))
+        frames.append(sweep(b, t, heads, head_dim, causal, loads=tuple(loads)))
         pd.concat(frames).to_csv(out, index=False)  # a sweep cut short keeps the finished T
 
 

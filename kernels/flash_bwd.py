@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config
+from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
     load_qk,
@@ -20,9 +20,12 @@ from attnbench.kernels.flash_tiles import (
     qk_dot,
     query_blocks,
     query_program,
+    read_qk,
+    read_rows,
     score_tile,
     store_qk_grad,
     store_rows,
+    tile_source,
 )
 
 
@@ -31,16 +34,16 @@ def _dkdv_query_loop(
     dk_a, dk_b, dv, k_a, k_b, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
     COS, SIN, start, stop, T, S, kv_len, left, right, scale_log2, slope_log2,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
-    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
 ):
     """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
-    Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose."""
-    dims = tl.arange(0, D_PAD)
+    Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose.
+    Q, DO: tile sources (flash_tiles.tile_source)."""
     for q_start in range(start, stop, BLOCK_M):
         rows = q_start + tl.arange(0, BLOCK_M)
         pos_q = rows + S - T
-        q_a, q_b = load_qk(Q, rows, T, stride_qt, stride_qd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
-        do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
+        q_a, q_b = read_qk(Q, q_start, T, stride_qt, stride_qd, COS, SIN, S - T, HEAD_DIM, PART, ROPE, BLOCK_M, TMA)
+        do = read_rows(DO, q_start, T, stride_dot, stride_dod, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         # rows past T read lse = +inf, so their probabilities are exactly 0
         lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
@@ -79,7 +82,7 @@ def flash_dkdv_kernel(
     T, S, HQ, HKV, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
     that share kv head; k and v stay in registers for the whole loop."""
@@ -105,22 +108,24 @@ def flash_dkdv_kernel(
         slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
         Q_h = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        Q_h = tile_source(Q_h, T, stride_qt, HEAD_DIM, BLOCK_M, PART, TMA)
+        DO_h = tile_source(DO_h, T, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         LSE_h = LSE + (b * HQ + h).to(tl.int64) * T
         DELTA_h = DELTA + (b * HQ + h).to(tl.int64) * T
         dk_a, dk_b, dv = _dkdv_query_loop(
             dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
             COS, SIN, lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA,
         )
         dk_a, dk_b, dv = _dkdv_query_loop(
             dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
             COS, SIN, full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M, TMA,
         )
         dk_a, dk_b, dv = _dkdv_query_loop(
             dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
             COS, SIN, full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA,
         )
 
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
@@ -135,13 +140,13 @@ def _dq_key_loop(
     dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
     COS, SIN, start, stop, kv_len, left, right, scale_log2, slope_log2,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
-    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
-    dims = tl.arange(0, D_PAD)
+    """K, V: tile sources (flash_tiles.tile_source)."""
     for k_start in range(start, stop, BLOCK_N):
         keys = k_start + tl.arange(0, BLOCK_N)
-        k_a, k_b = load_qk(K, keys, kv_len, stride_kt, stride_kd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
-        v = load_rows(V, keys, kv_len, stride_vt, dims, HEAD_DIM, stride_vd)
+        k_a, k_b = read_qk(K, k_start, kv_len, stride_kt, stride_kd, COS, SIN, 0, HEAD_DIM, PART, ROPE, BLOCK_N, TMA)
+        v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         s = qk_dot(q_a, q_b, k_a, k_b, ROPE, PRECISION)
         s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         p = tl.math.exp2(s - lse[:, None])
@@ -174,7 +179,7 @@ def flash_dq_kernel(
     T, S, HQ, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 =
     rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers."""
@@ -184,6 +189,8 @@ def flash_dq_kernel(
     DO += b.to(tl.int64) * stride_dob + h * stride_doh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, PART, TMA)
+    V = tile_source(V, kv_len, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     q_start = block * BLOCK_M
     rows = q_start + tl.arange(0, BLOCK_M)
     pos_q = rows + S - T
@@ -201,17 +208,17 @@ def flash_dq_kernel(
     dq_a, dq_b = _dq_key_loop(
         dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
         COS, SIN, lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
     dq_a, dq_b = _dq_key_loop(
         dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
         COS, SIN, full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N, TMA,
     )
     dq_a, dq_b = _dq_key_loop(
         dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
         COS, SIN, full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
     DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
     store_qk_grad(DQ, dq_a * scale, dq_b * scale, rows, T, stride_dqt, stride_dqd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
@@ -230,11 +237,11 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem):
     flash_dq_kernel[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * hq)](
         q, k, v, o, do, dq, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        t, s, hq, hq // hkv, *scales, **problem.launch_kwargs,
+        t, s, hq, hq // hkv, *scales, TMA=use_tma(problem, k, v), **problem.launch_kwargs,
     )
     flash_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, *scales, **problem.launch_kwargs,
+        t, s, hq, hkv, hq // hkv, *scales, TMA=use_tma(problem, q, do), **problem.launch_kwargs,
     )
     return dq, dk, dv

@@ -10,16 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config
+from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
     load_qk,
-    load_rows,
     mma,
     qk_dot,
     query_program,
+    read_qk,
+    read_rows,
     score_tile,
     store_rows,
+    tile_source,
 )
 
 
@@ -28,13 +30,13 @@ def _fwd_key_loop(
     acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
     COS, SIN, start, stop, kv_len, left, right, scale_log2, slope_log2,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
-    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
-    dims = tl.arange(0, D_PAD)
+    """K, V: tile sources (flash_tiles.tile_source)."""
     for k_start in range(start, stop, BLOCK_N):
         keys = k_start + tl.arange(0, BLOCK_N)
-        k_a, k_b = load_qk(K, keys, kv_len, stride_kt, stride_kd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
-        v = load_rows(V, keys, kv_len, stride_vt, dims, HEAD_DIM, stride_vd)
+        k_a, k_b = read_qk(K, k_start, kv_len, stride_kt, stride_kd, COS, SIN, 0, HEAD_DIM, PART, ROPE, BLOCK_N, TMA)
+        v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         s = qk_dot(q_a, q_b, k_a, k_b, ROPE, PRECISION)
         s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -69,7 +71,7 @@ def flash_fwd_kernel(
     T, S, HQ, GROUP, left, right, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
     LSE [B, Hq, T] float32 in log2 units of the scaled scores (+inf for a row with no visible key)."""
@@ -77,6 +79,8 @@ def flash_fwd_kernel(
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, PART, TMA)
+    V = tile_source(V, kv_len, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     q_start = block * BLOCK_M
     rows = q_start + tl.arange(0, BLOCK_M)
     pos_q = rows + S - T
@@ -90,17 +94,17 @@ def flash_fwd_kernel(
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
         lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
         full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N, TMA,
     )
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
         full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N,
+        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
 
     seen = l_i > 0.0
@@ -124,6 +128,7 @@ def flash_forward(q, k, v, problem: FlashProblem):
     flash_fwd_kernel[grid](
         q, k, v, o, lse, *problem.tensors(q),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        t, s, hq, hq // hkv, problem.left, problem.right, problem.scale_log2, **problem.launch_kwargs,
+        t, s, hq, hq // hkv, problem.left, problem.right, problem.scale_log2,
+        TMA=use_tma(problem, k, v), **problem.launch_kwargs,
     )
     return o, lse

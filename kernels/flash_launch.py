@@ -78,7 +78,36 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 # only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
 # `attnbench check`) take the first candidate and compile one config per kernel.
 TUNE_FROM_SEQ = 4096
-_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION"]
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION", "TMA"]
+
+# Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
+# (A/B timing: python3 -m attnbench.tile_sweep --loads pointer)
+TMA_LOADS = True
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a launch builds on the device (triton's allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_tma(problem: FlashProblem, *tensors: torch.Tensor) -> bool:
+    """Whether a launch over ``tensors`` (the ones its loops read tiles of) takes them through
+    TMA descriptors: a Hopper or newer GPU, 16-bit inputs without RoPE (whose rotation reads
+    the two halves of a row apart), each tensor with unit column stride and its base and other
+    strides 16-byte aligned. Sets triton's allocator for the descriptors when it says yes."""
+    if not (TMA_LOADS and problem.cos is None and problem.dtype != torch.float32 and _has_tma(tensors[0].device)):
+        return False
+    for x in tensors:
+        strides = x.stride()
+        if strides[-1] != 1 or x.data_ptr() % 16 or any(stride * x.element_size() % 16 for stride in strides[:-1]):
+            return False
+    triton.set_allocator(_scratch)  # a context variable: set where the launch runs (autograd's backward thread too)
+    return True
 
 
 def tile_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:

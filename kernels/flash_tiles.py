@@ -9,6 +9,10 @@ Conventions (kernels/flash_fwd.py, kernels/flash_bwd.py):
   dot(q_a, k_a^T) + dot(q_b, k_b^T); without ROPE, a is the whole row (padded to PART
   columns) and b is unused.
 - Scores live in the log2 domain (scale * log2(e) folded in) so softmax uses exp2.
+- Tiles a loop walks over (k, v in the forward and dq; q, dO in dk/dv) come from a tile
+  source: with TMA a tensor descriptor, so Hopper's copy engine fetches each tile (no address
+  registers, no per-thread copies), otherwise the base pointer (kernels/flash_launch.py,
+  use_tma, says when).
 """
 
 from __future__ import annotations
@@ -66,6 +70,43 @@ def load_qk(
     else:
         a = load_rows(base, rows, n_rows, stride_row, cols, HEAD_DIM, stride_col)
         b = a
+    return a, b
+
+
+@triton.jit
+def tile_source(base, n_rows, stride_row, N_COLS: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """Where [BLOCK, COLS] row tiles of a row-major view [n_rows, N_COLS] are read from: a TMA
+    descriptor (unit column stride, 16-byte-aligned base and row stride) or ``base`` itself."""
+    if TMA:
+        source = tl.make_tensor_descriptor(base, shape=[n_rows, N_COLS], strides=[stride_row, 1], block_shape=[BLOCK, COLS])
+    else:
+        source = base
+    return source
+
+
+@triton.jit
+def read_rows(source, start, n_rows, stride_row, stride_col, N_COLS: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) x columns [0, COLS) from a tile_source; out of range reads 0."""
+    if TMA:
+        x = source.load([start, 0])
+    else:
+        x = load_rows(source, start + tl.arange(0, BLOCK), n_rows, stride_row, tl.arange(0, COLS), N_COLS, stride_col)
+    return x
+
+
+@triton.jit
+def read_qk(
+    source, start, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, shift,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr,
+):
+    """load_qk of rows [start, start + BLOCK) (at positions row + shift) from a tile_source;
+    TMA never comes with ROPE (the rotation needs the two halves apart)."""
+    if TMA:
+        a = source.load([start, 0])
+        b = a
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        a, b = load_qk(source, rows, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, rows + shift, HEAD_DIM, PART, ROPE)
     return a, b
 
 

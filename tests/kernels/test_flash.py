@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnbench.check import error_bound
-from attnbench.kernels import flash_bwd, flash_fwd, reference
-from attnbench.kernels.flash import flash_attention
+from attnbench.kernels import flash_bwd, flash_fwd, flash_launch, reference
+from attnbench.kernels.flash import flash_attention, flash_problem
 from attnbench.kernels.flash_tiles import key_blocks, query_blocks
 from attnbench.models.softmax import torch_reference
 
@@ -144,6 +144,49 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     assert_matches_reference(CASES[name])
+
+
+# the cases whose loops read tiles through TMA descriptors on a Hopper GPU (16-bit, no RoPE):
+# padding, windows and tails read past a descriptor's rows, and D80 past its columns
+TMA_CASES = [name for name, case in CASES.items() if case.dtype != torch.float32 and "theta" not in case.options] + ["fused-qkv-no-rope"]
+CASES["fused-qkv-no-rope"] = Case(heads=4, kv_heads=2, fused_qkv=True, options={"causal": True, "window": (20, 0)})
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """use_tma answers for the device as it would for a Hopper GPU (on CPU: the interpreter's
+    descriptors); yields its answers, launch by launch."""
+    monkeypatch.setattr(flash_launch, "_has_tma", lambda device: True)
+    answers = []
+
+    def recorded(*args):
+        answers.append(flash_launch.use_tma(*args))
+        return answers[-1]
+
+    for module in (flash_fwd, flash_bwd):
+        monkeypatch.setattr(module, "use_tma", recorded)
+    return answers
+
+
+@pytest.mark.parametrize("name", TMA_CASES)
+def test_tma_loads_match_reference(name, tma):
+    assert_matches_reference(CASES[name])
+    assert tma and all(tma), "every launch read its tiles through descriptors"
+
+
+def test_tma_only_where_a_descriptor_can_read_the_tiles(tma):
+    x = torch.randn(2, 40, 3, 32, device=DEVICE, dtype=torch.bfloat16)
+    plain = flash_problem(x, x)
+    assert flash_launch.use_tma(plain, x, x)
+    assert not flash_launch.use_tma(flash_problem(x, x, theta=1e4), x, x), "RoPE reads row halves apart"
+    assert not flash_launch.use_tma(flash_problem(x.float(), x.float()), x.float(), x.float()), "fp32"
+    assert not flash_launch.use_tma(plain, x, x[..., ::2]), "column stride 2"
+    assert not flash_launch.use_tma(plain, x, x[..., 1:17]), "base off 16 bytes"
+    odd = torch.randn(2, 40, 3, 36, device=DEVICE, dtype=torch.bfloat16)[..., :32]
+    assert not flash_launch.use_tma(plain, x, odd), "row stride of 72 bytes"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flash_launch, "TMA_LOADS", False)
+        assert not flash_launch.use_tma(plain, x, x), "switched off"
 
 
 def test_custom_scale_matches_reference():
