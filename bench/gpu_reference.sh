@@ -20,6 +20,8 @@
 #   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
 #   tma:      the flash kernels' loops reading tiles through TMA descriptors: their CUDA tests, every
 #             tile both ways, then the model-level step (#4)
+#   tma-followup: each kernel's own tiles at D = 128 and 256 both ways, host time per call, the
+#             model-level step three times, after the D = 64 lists were re-chosen from `tma`
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -142,6 +144,20 @@ tma)
     limit 280 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --loads tma --loads pointer --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     tail -70 "$out/tiles.txt"
+    ;;
+tma-followup)
+    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
+        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    for d in 128 256; do
+        limit 80 python3 -m attnbench.tile_sweep --seq 4096 --heads $((2048 / d)) --head-dim $d --no-neighbours \
+            --loads tma --loads pointer --out "$out/tiles-d$d.csv" > "$out/tiles-d$d.txt" 2>&1
+    done
+    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa > "$out/host.txt" 2>&1
+    for run in 1 2 3; do
+        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
+    done
+    cat "$out"/tiles-d*.txt "$out/host.txt"
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"

@@ -25,10 +25,11 @@ from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
 from attnbench.kernels.flash import flash_problem
 from attnbench.kernels import flash_launch
-from attnbench.kernels.flash_launch import tile_config
+from attnbench.kernels.flash_launch import candidates_for, tile_config
 from attnbench.timing import measure
 
-# (BLOCK_M, BLOCK_N, warps, stages): the kernels' lists and their neighbours
+# (BLOCK_M, BLOCK_N, warps, stages): neighbours of the kernels' lists at D = 64 (each kernel's own
+# list for the D swept is timed too, first)
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
     "dkdv": [
@@ -66,6 +67,15 @@ def sweep(
             _sweep_tiles(rows, q, k, v, o, lse, do, problem, candidates, way)
     _add_cudnn(lambda *args: _add(rows, *args, loads=""), q, k, v, do, causal)
     return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
+
+
+def candidates_at(head_dim: int, neighbours: bool = True) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Each kernel's own list at ``head_dim`` (first choice first), then (neighbours) CANDIDATES' other tiles."""
+    merged = {}
+    for kernel, tiles in CANDIDATES.items():
+        own = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in candidates_for(KERNELS[kernel].by_head_dim, head_dim)]
+        merged[kernel] = own + [tile for tile in tiles if tile not in own and neighbours]
+    return merged
 
 
 @contextlib.contextmanager
@@ -125,14 +135,18 @@ def main(
     head_dim: Annotated[int, typer.Option(help="D")] = 64,
     causal: Annotated[bool, typer.Option(help="causal or bidirectional")] = True,
     loads: Annotated[list[str], typer.Option(help="tma (descriptors where the GPU has them) and/or pointer")] = ["tma"],  # noqa: B006
+    neighbours: Annotated[bool, typer.Option(help="also the D = 64 neighbours of the kernels' own lists")] = True,
     out: Annotated[Path, typer.Option(help="CSV of every timing")] = Path("tiles.csv"),
 ) -> None:
     """Time every candidate tile of the flash kernels on each T; prints and writes a CSV."""
+    unknown = sorted(set(loads) - {"tma", "pointer"})
+    if unknown:
+        raise typer.BadParameter(f"--loads takes tma or pointer, not {', '.join(unknown)}")
     frames = []
     for t in seq:
         b = max(1, tokens // t)
         typer.echo(f"B={b} T={t} H={heads} D={head_dim} causal={causal}")
-        frames.append(sweep(b, t, heads, head_dim, causal, loads=tuple(loads)))
+        frames.append(sweep(b, t, heads, head_dim, causal, candidates_at(head_dim, neighbours), tuple(loads)))
         pd.concat(frames).to_csv(out, index=False)  # a sweep cut short keeps the finished T
 
 

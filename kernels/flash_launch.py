@@ -128,8 +128,9 @@ class FlashKernel:
 
     MAX_SIGNATURES = 256  # new shapes beyond this start the cache afresh
 
-    def __init__(self, autotuner):
+    def __init__(self, autotuner, by_head_dim: dict[int, list[triton.Config]]):
         self.autotuner = autotuner
+        self.by_head_dim = by_head_dim  # flash_autotune's candidate lists
         self.chosen: dict[tuple, triton.Config] = {}
         self.compiled: dict[tuple, tuple] = {}  # launch_signature -> (CompiledKernel, trailing args, grid meta)
         self.direct = not INTERPRET
@@ -186,15 +187,20 @@ def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Con
     256) to its candidates, best guess first; fp32 inputs (FMA dots, twice the bytes per tile)
     get one small tile; TRITON_INTERPRET gets one tiny tile (tuning is pointless there)."""
     if INTERPRET:
-        return lambda fn: FlashKernel(triton.autotune([interpret], key=_TUNING_KEY)(fn))
+        return lambda fn: FlashKernel(triton.autotune([interpret], key=_TUNING_KEY)(fn), by_head_dim)
 
     def candidates(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # constexprs and SEQ_BUCKET arrive as kwargs, sizes as named args
         if args["PRECISION"] == "ieee":
             return [fp32]
-        picks = by_head_dim[min(bound for bound in by_head_dim if bound >= args["D_PAD"])]
+        picks = candidates_for(by_head_dim, args["D_PAD"])
         return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
 
     every = [fp32] + [config for picks in by_head_dim.values() for config in picks]
     tune = triton.autotune(every, key=_TUNING_KEY, prune_configs_by={"early_config_prune": candidates})
-    return lambda fn: FlashKernel(tune(fn))
+    return lambda fn: FlashKernel(tune(fn), by_head_dim)
+
+
+def candidates_for(by_head_dim: dict[int, list[triton.Config]], head_dim: int) -> list[triton.Config]:
+    """The candidate list of the smallest head-dim bound that holds ``head_dim``."""
+    return by_head_dim[min(bound for bound in by_head_dim if bound >= head_dim)]
