@@ -80,25 +80,39 @@ def flash_problem(
     offset: int = 0,
     scale: float | None = None,
 ) -> FlashProblem:
-    """What the kernels need beyond q [B, T, Hq, D] and k [B, S, Hkv, D] (options: flash_attention)."""
+    """What the kernels need beyond q [B, T, Hq, D] and k [B, S, Hkv, D] (options: flash_attention).
+    Without tensor options the problem is cached, so a model's repeated calls (the same shapes
+    every layer and step) build it, and its launch arguments, once."""
     t, s, d = q.shape[1], k.shape[1], q.shape[3]
+    window = None if window is None else tuple(window)
+    if seq_lens is None and slopes is None:
+        return _cached_problem(t, s, d, q.dtype, q.device, causal, window, theta, offset, scale)
+    return _build_problem(t, s, d, q.dtype, q.device, causal, seq_lens, window, slopes, theta, offset, scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_problem(t, s, d, dtype, device, causal, window, theta, offset, scale) -> FlashProblem:
+    return _build_problem(t, s, d, dtype, device, causal, None, window, None, theta, offset, scale)
+
+
+def _build_problem(t, s, d, dtype, device, causal, seq_lens, window, slopes, theta, offset, scale) -> FlashProblem:
     left, right = window if window is not None else (_NO_LIMIT, _NO_LIMIT)
     if causal:
         right = 0 if window is None else min(right, 0)
     cos = sin = None
     if theta is not None:
-        cos, sin = _rope_tables(s, d, float(theta), int(offset), q.device)
+        cos, sin = _rope_tables(s, d, float(theta), int(offset), device)
     return FlashProblem(
         causal=causal,
         left=int(left),
         right=int(right),
-        seq_lens=None if seq_lens is None else seq_lens.to(device=q.device, dtype=torch.int32).contiguous(),
-        slopes=None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous(),
+        seq_lens=None if seq_lens is None else seq_lens.to(device=device, dtype=torch.int32).contiguous(),
+        slopes=None if slopes is None else slopes.to(device=device, dtype=torch.float32).contiguous(),
         cos=cos,
         sin=sin,
         scale=d**-0.5 if scale is None else float(scale),
         head_dim=d,
-        dtype=q.dtype,
+        dtype=dtype,
         seq_bucket=triton.next_power_of_2(max(t, s, 1024)),
     )
 

@@ -63,9 +63,8 @@ def _dkdv_query_loop(
     {
         # the two fastest at D=64 causal, T 1k and 4k, tiles through TMA (H200: results/reference-h200/tma/tiles.csv)
         64: [tile_config(32, 128, 4, 3), tile_config(32, 64, 4, 3)],
-        # H100: 16x128 (no spills) lost to 32x128 s2 (148 B spills), and fwd+bwd was 3-12% slower
-        # than with the old five candidates (not re-measured with these three), so the 3-stage and 64-row tiles stay in the running
-        128: [tile_config(32, 128, 8, 2), tile_config(32, 128, 8, 3), tile_config(64, 128, 8, 2)],
+        # whole backward, H200, TMA, causal 4k (reference-h200/tma-followup): 2.21 / 2.41 / 2.43 ms
+        128: [tile_config(64, 128, 8, 2), tile_config(32, 128, 8, 2), tile_config(32, 128, 8, 3)],
         256: [tile_config(32, 64, 8, 2)],
     },
     fp32=tile_config(32, 32, 4, 1),

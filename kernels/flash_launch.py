@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 import triton
+from triton import knobs
 
 from attnbench.kernels.flash_tiles import INTERPRET
 
@@ -90,9 +91,24 @@ def _has_tma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the tensor descriptors a launch builds on the device (triton's allocator)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+class _Scratch:
+    """triton's allocator for the tensor descriptors a launch builds on the device: one buffer
+    per stream, reused while large enough (launches on one stream run in order), so a launch
+    costs no allocation; under CUDA graph capture each launch gets its own (the graph's pool)."""
+
+    def __init__(self):
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def __call__(self, size: int, alignment: int, stream: int) -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+        buffer = self.buffers.get(stream)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[stream] = torch.empty(size, dtype=torch.int8, device="cuda")
+        return buffer
+
+
+_scratch = _Scratch()
 
 
 def use_tma(problem: FlashProblem, *tensors: torch.Tensor) -> bool:
@@ -122,8 +138,9 @@ class FlashKernel:
     - the config the autotuner chose is remembered per (q's dtype, keyword arguments), a
       superset of the autotuner's key, so Autotuner.run runs once per key;
     - on a GPU, the compiled kernel a launch returned is remembered per launch_signature (a
-      superset of what triton specialises on), and later launches with that signature call it
-      directly, skipping JITFunction.run.
+      superset of what triton specialises on), and later launches with that signature call its
+      launcher directly, skipping JITFunction.run and CompiledKernel's per-launch wrapper
+      (unless triton's launch hooks, e.g. its profiler's, are set).
     """
 
     MAX_SIGNATURES = 256  # new shapes beyond this start the cache afresh
@@ -146,7 +163,12 @@ class FlashKernel:
         hit = self.compiled.get(signature)  # None (no direct launches) is never a stored signature
         if hit is not None:
             kernel, tail, meta = hit
-            kernel[(*grid(meta), 1, 1)](*args, *tail)  # CompiledKernel reads three grid sizes
+            if _no_launch_hooks():
+                driver = triton.runtime.driver.active
+                stream = driver.get_current_stream(driver.get_current_device())
+                kernel.run(*grid(meta), 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+            else:
+                kernel[(*grid(meta), 1, 1)](*args, *tail)  # CompiledKernel reads three grid sizes
             return
         key = (args[0].dtype, *kwargs.items())
         config = self.chosen.get(key)
@@ -172,6 +194,12 @@ class FlashKernel:
             yield
         finally:
             tuner.configs, tuner.cache, self.chosen, self.compiled = saved
+
+
+def _no_launch_hooks() -> bool:
+    """No launch hook is set (triton keeps them as chains that are empty unless a profiler joins)."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return all(hook is None or not getattr(hook, "calls", True) for hook in hooks)
 
 
 def launch_signature(args: tuple, kwargs: dict, tensors: int) -> tuple:

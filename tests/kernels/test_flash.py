@@ -189,6 +189,15 @@ def test_tma_only_where_a_descriptor_can_read_the_tiles(tma):
         assert not flash_launch.use_tma(plain, x, x), "switched off"
 
 
+def test_problems_without_tensor_options_are_built_once():
+    x = torch.randn(2, 40, 3, 32, device=DEVICE, dtype=torch.bfloat16)
+    assert flash_problem(x, x, causal=True, window=[8, 0]) is flash_problem(x.clone(), x, causal=True, window=(8, 0))
+    assert flash_problem(x, x, causal=True) is not flash_problem(x, x, causal=False)
+    assert flash_problem(x, x) is not flash_problem(x[:, :20], x)
+    padded = flash_problem(x, x, seq_lens=_lens(40, 20))
+    assert padded.seq_lens.tolist() == [40, 20] and flash_problem(x, x, seq_lens=_lens(3, 4)).seq_lens.tolist() == [3, 4]
+
+
 def test_custom_scale_matches_reference():
     q, k, v, do = Case(dtype=torch.float32, options={"causal": True}).inputs(torch.Generator().manual_seed(2))
     ours = _output_and_grads(flash_attention, q, k, v, do, {"causal": True, "scale": 0.3})

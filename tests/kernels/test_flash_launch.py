@@ -1,16 +1,17 @@
 """FlashKernel (kernels/flash_launch.py): the autotuner chooses a config once per key, later
 launches skip it and run that config, a new key goes back to it, and a forced tile runs and is
-undone; on a GPU, a launch whose signature was seen calls the compiled kernel directly, and a
-tensor of another alignment is a new signature. Outputs are checked against the reference on
-every path."""
+undone; on a GPU, a launch whose signature was seen calls the compiled kernel directly, a
+tensor of another alignment is a new signature, and a launch hook (a profiler's) still sees
+every launch. Outputs are checked against the reference on every path."""
 
 import pytest
 import torch
+from triton import knobs
 
 from attnbench.kernels.flash import flash_attention
 from attnbench.kernels.flash_bwd import flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_fwd_kernel
-from attnbench.kernels.flash_launch import launch_signature, tile_config
+from attnbench.kernels.flash_launch import _scratch, launch_signature, tile_config
 from attnbench.kernels.reference import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,6 +97,15 @@ def test_a_seen_signature_launches_the_compiled_kernel_directly(monkeypatch):
         torch.testing.assert_close(mine, before, atol=0, rtol=0)
     expected = attention(q.float(), k.float(), v.float(), causal=True)
     torch.testing.assert_close(again[0].float(), expected, atol=2e-2, rtol=2e-2)
+    launches = []
+    knobs.runtime.launch_enter_hook.add(launches.append)  # a profiler's hook: launches go through triton's wrapper
+    try:
+        hooked = output_and_grads(q)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(launches.append)
+    assert len(launches) == 3, "the hook sees the forward, dq and dk/dv launches"
+    for mine, before in zip(hooked, first):
+        torch.testing.assert_close(mine, before, atol=0, rtol=0)
 
     monkeypatch.undo()
     storage = torch.randn(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
@@ -103,3 +113,21 @@ def test_a_seen_signature_launches_the_compiled_kernel_directly(monkeypatch):
     compiled = len(flash_fwd_kernel.compiled)
     torch.testing.assert_close(flash_attention(shifted, k, v, causal=True), first[0])
     assert len(flash_fwd_kernel.compiled) == compiled + 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="TMA needs Hopper or newer")
+def test_descriptor_scratch_is_one_buffer_per_stream(monkeypatch):
+    q, k, v = (torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    monkeypatch.setattr(_scratch, "buffers", {})
+    first = flash_attention(q, k, v, causal=True)
+    second = flash_attention(q, k, v, causal=True)
+    (buffer,) = _scratch.buffers.values()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        third = flash_attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(_scratch.buffers) == 2 and any(b is buffer for b in _scratch.buffers.values())
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    torch.testing.assert_close(third, first, atol=0, rtol=0)
