@@ -22,6 +22,9 @@
 #             tile both ways, then the model-level step (#4)
 #   tma-followup: each kernel's own tiles at D = 128 and 256 both ways, host time per call, the
 #             model-level step three times, after the D = 64 lists were re-chosen from `tma`
+#   tma-final: after the host-time cuts (cached problems, direct launcher calls, reused scratch):
+#             the flash CUDA tests, host time per call, the model-level step three times, and the
+#             exact-softmax grid at 4k and 16k against cuDNN and FlashAttention-2 (D 64 and 128)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -158,6 +161,20 @@ tma-followup)
         speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
     done
     cat "$out"/tiles-d*.txt "$out/host.txt"
+    ;;
+tma-final)
+    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
+        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa --profile 25 > "$out/host.txt" 2>&1
+    grep "per forward" "$out/host.txt"
+    for run in 1 2 3; do
+        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
+    done
+    for d in 64 128; do
+        speed 75 --attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 4096 16384 --mode fwd --mode fwdbwd \
+            --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d"
+    done
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
