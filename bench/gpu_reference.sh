@@ -66,6 +66,20 @@ cuda_tests() {  # every CUDA test, verbose, a limit per test (a failure is named
     wait $first
     grep -h -E "FAILED|ERROR|error [0-9]|passed|failed" "$out"/cuda_tests_*.txt | tail -40
 }
+flash_tests() {  # flash_tests SECONDS [MORE TEST FILES...]: the flash kernels' CUDA tests (real sizes among them), verbose
+    limit "$1" python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py "${@:2}" \
+        --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+}
+host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
+    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
+    grep "per forward" "$out/host.txt"
+}
+model_steps() {  # model_steps RUNS: GPT small's training step, triton against SDPA at T 1k and 4k, RUNS times (its spread)
+    for run in $(seq "$1"); do
+        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
+    done
+}
 TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
 EXACT=(--attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 1024 2048 4096 8192 16384
        --mode fwd --mode fwdbwd --causal --bidirectional)
@@ -127,50 +141,34 @@ distill)  # #7: a standard teacher, then performer/linear/window/nsa students, t
 launch)  # #4: launches that skip triton's JITFunction.run (FlashKernel): the CUDA tests of the flash
         # kernels, the host time of one attention call, then GPT small's training step against
         # SDPA three times (its run-to-run spread is several percent)
-    limit 200 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_timing.py \
-        --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
-    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa --profile 25 > "$out/host.txt" 2>&1
-    grep "per forward" "$out/host.txt"
-    for run in 1 2 3; do
-        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
-    done
+    flash_tests 200 tests/bench/test_timing.py
+    host_time --profile 25
+    model_steps 3
     ;;
 tiles)
     limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     tail -45 "$out/tiles.txt"
     ;;
 tma)
-    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
-        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    flash_tests 150 tests/bench/test_tile_sweep.py
     limit 280 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --loads tma --loads pointer --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     tail -70 "$out/tiles.txt"
     ;;
 tma-followup)
-    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
-        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    flash_tests 150 tests/bench/test_tile_sweep.py
     for d in 128 256; do
         limit 80 python3 -m attnbench.tile_sweep --seq 4096 --heads $((2048 / d)) --head-dim $d --no-neighbours \
             --loads tma --loads pointer --out "$out/tiles-d$d.csv" > "$out/tiles-d$d.txt" 2>&1
     done
-    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa > "$out/host.txt" 2>&1
-    for run in 1 2 3; do
-        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
-    done
-    cat "$out"/tiles-d*.txt "$out/host.txt"
+    host_time
+    model_steps 3
+    cat "$out"/tiles-d*.txt
     ;;
 tma-final)
-    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py tests/bench/test_tile_sweep.py \
-        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
-    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa --profile 25 > "$out/host.txt" 2>&1
-    grep "per forward" "$out/host.txt"
-    for run in 1 2 3; do
-        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
-    done
+    flash_tests 150 tests/bench/test_tile_sweep.py
+    host_time --profile 25
+    model_steps 3
     for d in 64 128; do
         speed 75 --attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 4096 16384 --mode fwd --mode fwdbwd \
             --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d"
