@@ -25,6 +25,8 @@
 #   tma-final: after the host-time cuts (cached problems, direct launcher calls, reused scratch):
 #             the flash CUDA tests, host time per call, the model-level step three times, and the
 #             exact-softmax grid at 4k and 16k against cuDNN and FlashAttention-2 (D 64 and 128)
+#   graph:    the model-level step eager and as a CUDA graph replay (--level model-graph: GPU time
+#             alone, where the eager step is host-bound), three runs each, and the sweep's CUDA tests
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -75,9 +77,10 @@ host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, t
     limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"
 }
-model_steps() {  # model_steps RUNS: GPT small's training step, triton against SDPA at T 1k and 4k, RUNS times (its spread)
+model_steps() {  # model_steps RUNS [LEVEL]: GPT small's training step, triton against SDPA at T 1k and 4k, RUNS times (its spread)
+    local level=${2:-model}
     for run in $(seq "$1"); do
-        speed 60 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model-$run"
+        speed 75 --level "$level" --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/$level-$run"
     done
 }
 TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
@@ -173,6 +176,13 @@ tma-final)
         speed 75 --attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 4096 16384 --mode fwd --mode fwdbwd \
             --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d"
     done
+    ;;
+graph)
+    limit 150 python3 -m pytest -v -m cuda tests/bench/test_sweep.py tests/kernels/test_flash_launch.py --timeout 120 -rf \
+        --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    model_steps 3 model-graph
+    model_steps 2
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"

@@ -9,7 +9,10 @@ before timing any case; per series, a sweep stopped by a time limit keeps every 
 series instead of nothing, and no compile ever runs inside a timed region either way.)
 
 Levels: a level is one function ``Case -> Workload`` in ``LEVELS``: kernel (the core on
-q, k, v), layer (with projections), model (a full training step of a preset model).
+q, k, v), layer (with projections), model (a full training step of a preset model), and
+model-graph (that step captured once as a CUDA graph and replayed: the GPU's time alone,
+without the host's cost of launching each op, which makes an eager step host-bound on a
+slow host).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from attnbench.models.registry import LayerConfig, Mechanism
 from attnbench.store import case_key
 
 MODES = ("fwd", "bwd", "fwdbwd")
+MODEL_LEVELS = ("model", "model-graph")  # a training step of a preset model
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
@@ -214,7 +218,7 @@ def expand(spec: SweepSpec) -> list[Case]:
 
 def _shape(spec: SweepSpec, level: str) -> tuple[int, int, int, str]:
     """(heads, kv_heads, head_dim, preset) of a level's cases: the model level's come from its preset."""
-    if level != "model":
+    if level not in MODEL_LEVELS:
         return spec.heads, spec.kv_heads or spec.heads, spec.head_dim, ""
     from attnbench.models.presets import Preset
 
@@ -228,8 +232,10 @@ def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
     impl = mechanism.impl(case.impl)
     if case.level == "kernel" and (not mechanism.has_core or impl.run is None):
         return f"{case.mechanism}/{case.impl} has no kernel-level core (layer level only)"
-    if case.level == "model" and case.mode == "bwd":
+    if case.level in MODEL_LEVELS and case.mode == "bwd":
         return "the model level times fwd (forward and loss) or fwdbwd (a whole training step)"
+    if case.level == "model-graph" and not case.device.startswith("cuda"):
+        return "model-graph captures CUDA graphs: it needs a CUDA device"
     return mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
 
 
@@ -266,12 +272,14 @@ def layer_workload(case: Case) -> Workload:
     return Workload(forward, [x, *layer.parameters()], _param_count(layer), flops)
 
 
-def model_workload(case: Case) -> Workload:
+def model_workload(case: Case, graphed: bool = False) -> Workload:
     """A full training step of the ``case.preset`` model (GPT-style when causal, BERT-style MLM
     when bidirectional) on random tokens [B, T]: forward, loss, backward, AdamW step, under bf16
     or fp16 autocast for those dtypes (parameters stay fp32, as in `attnbench train`).
     fwd times the forward and loss alone, without autograd; FLOPs per token come from
-    attnbench.train.train_flops_per_token, so % of peak is the MFU."""
+    attnbench.train.train_flops_per_token, so % of peak is the MFU.
+    graphed: what the case's mode times is captured once as a CUDA graph (capturable AdamW,
+    autocast without its weight cache, as graph capture requires) and replayed."""
     from attnbench.models.transformer import build_model, training_step
     from attnbench.train import train_flops_per_token
 
@@ -279,9 +287,11 @@ def model_workload(case: Case) -> Workload:
     model = model.to(case.device)
     ids = torch.randint(0, model.cfg.vocab_size, (case.batch, case.seq), device=case.device)
     batch = {"input_ids": ids, "labels": ids}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graphed)
     dtype = DTYPES[case.dtype]
-    autocast = lambda: torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+
+    def autocast():
+        return torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graphed)
 
     def forward():
         with autocast():
@@ -291,8 +301,27 @@ def model_workload(case: Case) -> Workload:
         with autocast():
             return training_step(model, optimizer, batch)
 
+    if graphed and case.mode == "fwd":
+        forward = _graph_of(torch.no_grad()(forward))
+    elif graphed:
+        step = _graph_of(step)
     flops = train_flops_per_token(model, case.seq, case.mode) * case.batch * case.seq
     return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step)
+
+
+def _graph_of(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured once as a CUDA graph, after ``warmup`` calls on a side stream (autotuning
+    and lazy allocations happen there, as torch's graph docs prescribe); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _core_flops(case: Case) -> float:
@@ -304,7 +333,12 @@ def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-LEVELS: dict[str, Callable[[Case], Workload]] = {"kernel": kernel_workload, "layer": layer_workload, "model": model_workload}
+LEVELS: dict[str, Callable[[Case], Workload]] = {
+    "kernel": kernel_workload,
+    "layer": layer_workload,
+    "model": model_workload,
+    "model-graph": lambda case: model_workload(case, graphed=True),
+}
 
 
 # ---- modes: Workload -> the timed callable

@@ -232,6 +232,32 @@ def test_model_level_times_a_training_step_of_the_preset(monkeypatch):
     assert fwd["params"] > 100_000  # the whole model, embeddings included
 
 
+def test_model_graph_level_needs_cuda_and_takes_the_presets_shape():
+    rows, _ = run(tiny_spec(levels=["model-graph"], modes=["fwdbwd"], seqs=[16], preset="tiny"))
+    (row,) = rows
+    assert (row["status"], row["preset"]) == ("unsupported", "tiny")
+    assert "needs a CUDA device" in row["message"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "sdpa"])
+def test_model_graph_replays_the_training_step(impl):
+    """The replay runs the whole step (parameters move, each replay again), and the sweep times it."""
+    spec = tiny_spec(levels=["model-graph"], modes=["fwd", "fwdbwd"], seqs=[128], preset="tiny", device="cuda",
+                     dtypes=["bf16"], impls=[impl])
+    case = next(case for case in sweep.expand(spec) if case.mode == "fwdbwd")
+    work = sweep.LEVELS["model-graph"](case)
+    weight = work.leaves[0]
+    before = weight.detach().clone()
+    work.step()
+    after_one = weight.detach().clone()
+    work.step()
+    torch.cuda.synchronize()
+    assert not torch.equal(before, after_one) and not torch.equal(after_one, weight), "a replay is an optimizer step"
+    rows, _ = run(spec)
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r["message"] for r in rows]
+
+
 def test_every_mechanisms_references_come_after_all_other_impls():
     cases = sweep.expand(tiny_spec(mechanisms=["standard", "linear"], impls=None, seqs=[8, 16]))
     impls = [(c.mechanism, c.impl) for c in cases]
