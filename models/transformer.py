@@ -239,10 +239,17 @@ class LanguageModel(nn.Module):
         if labels is None:
             return self.head(hidden)
         keep = labels != IGNORE
-        logits = self.head(hidden[keep]).float()  # (N, V): the head runs on labelled positions only
-        targets = labels[keep]
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        return LossParts(loss_sum, keep.sum(), (logits.argmax(-1) == targets).sum())
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a CUDA graph (speed --level model-graph) takes no data-dependent shape: every
+            # position goes through the head and unlabelled ones are ignored, the same loss
+            logits, targets, keep = self.head(hidden).float().flatten(0, 1), labels.flatten(), keep.flatten()
+            correct = ((logits.argmax(-1) == targets) & keep).sum()
+        else:
+            logits = self.head(hidden[keep]).float()  # (N, V): the head runs on labelled positions only
+            targets = labels[keep]
+            correct = (logits.argmax(-1) == targets).sum()
+        loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        return LossParts(loss_sum, keep.sum(), correct)
 
 
 def seq_lens_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:

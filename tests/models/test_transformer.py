@@ -6,7 +6,7 @@ import torch
 
 from attnbench.models import registry
 from attnbench.models.presets import Preset
-from attnbench.models.transformer import LanguageModel, ModelConfig, build_model, lm_loss, param_counts, seq_lens_from_attention_mask
+from attnbench.models.transformer import IGNORE, LanguageModel, ModelConfig, build_model, lm_loss, param_counts, seq_lens_from_attention_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,6 +197,28 @@ def test_lm_loss_counts_only_labelled_positions():
     expected = torch.nn.functional.cross_entropy(logits[[0, 1], [3, 7]], torch.tensor([5, 11]), reduction="sum")
     assert parts.count.item() == 2
     torch.testing.assert_close(parts.loss_sum, expected)
+
+
+@pytest.mark.cuda
+def test_loss_captured_in_a_cuda_graph_equals_the_eager_loss():
+    """Under capture the head runs on every position (no data-dependent shape): the same loss parts."""
+    model = build_model("tiny", "standard", "torch", "mlm", 64).cuda()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 64), device="cuda")
+    labels = torch.where(torch.rand(2, 64, device="cuda") < 0.3, ids, torch.full_like(ids, IGNORE))
+    with torch.no_grad():
+        eager = lm_loss(model, ids, labels)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            lm_loss(model, ids, labels)  # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = lm_loss(model, ids, labels)
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured.loss_sum, eager.loss_sum, rtol=1e-5, atol=1e-4)
+    assert captured.count.item() == eager.count.item() and captured.correct.item() == eager.correct.item()
 
 
 def test_same_seed_gives_identical_shared_weights_across_mechanisms():
