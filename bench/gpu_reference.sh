@@ -27,6 +27,8 @@
 #             exact-softmax grid at 4k and 16k against cuDNN and FlashAttention-2 (D 64 and 128)
 #   graph:    the model-level step eager and as a CUDA graph replay (--level model-graph: GPU time
 #             alone, where the eager step is host-bound), three runs each, and the sweep's CUDA tests
+#   host:     after cheaper signatures, TMA checks and grids: the flash CUDA tests, host time per
+#             call (profiled), the model-level step eager twice and as a graph once
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -184,6 +186,12 @@ graph)  # a failed capture leaves its process's CUDA context unusable: the graph
     grep -E "FAILED|passed|failed" "$out/cuda_tests_graph.txt" | tail -8
     model_steps 3 model-graph
     model_steps 1
+    ;;
+host)
+    flash_tests 150
+    host_time --profile 25
+    model_steps 2
+    model_steps 1 model-graph
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config, use_tma
+from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
     load_qk,
@@ -235,12 +235,12 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem):
     dv = empty((b, s, hkv, d), v.dtype, v.device)
     extras = problem.tensors(q)
     scales = (problem.left, problem.right, problem.scale, problem.scale_log2)
-    flash_dq_kernel[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * hq)](
+    flash_dq_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * hq)](
         q, k, v, o, do, dq, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         t, s, hq, hq // hkv, *scales, TMA=use_tma(problem, k, v), **problem.launch_kwargs,
     )
-    flash_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
+    flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         t, s, hq, hkv, hq // hkv, *scales, TMA=use_tma(problem, q, do), **problem.launch_kwargs,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnbench.kernels.flash_launch import FlashProblem, empty, flash_autotune, tile_config, use_tma
+from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
     load_qk,
@@ -124,7 +124,7 @@ def flash_forward(q, k, v, problem: FlashProblem):
     lse = empty((b, hq, t), torch.float32, q.device)
 
     def grid(meta):
-        return (triton.cdiv(t, meta["BLOCK_M"]), b * hq)
+        return (blocks(t, meta["BLOCK_M"]), b * hq)
 
     flash_fwd_kernel[grid](
         q, k, v, o, lse, *problem.tensors(q),

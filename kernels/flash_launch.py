@@ -44,6 +44,11 @@ class FlashProblem:
         """SEQ_LENS, SLOPES, COS, SIN kernel arguments; absent ones are a never-read placeholder."""
         return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes, self.cos, self.sin))
 
+    @functools.cached_property
+    def tma_capable(self) -> bool:
+        """16-bit inputs without RoPE: what use_tma needs of the problem itself."""
+        return self.cos is None and self.dtype in (torch.float16, torch.bfloat16)
+
     @property
     def scale_log2(self) -> float:
         return self.scale * math.log2(math.e)
@@ -87,8 +92,14 @@ TMA_LOADS = True
 
 
 @functools.lru_cache(maxsize=None)
-def _has_tma(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+def _has_tma(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` (-1: the CPU) is a Hopper or newer GPU."""
+    return device_index >= 0 and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def blocks(n: int, block: int) -> int:
+    """ceil(n / block) (triton.cdiv, without its constexpr-function wrapper's host cost)."""
+    return -(-n // block)
 
 
 class _Scratch:
@@ -116,11 +127,11 @@ def use_tma(problem: FlashProblem, *tensors: torch.Tensor) -> bool:
     TMA descriptors: a Hopper or newer GPU, 16-bit inputs without RoPE (whose rotation reads
     the two halves of a row apart), each tensor with unit column stride and its base and other
     strides 16-byte aligned. Sets triton's allocator for the descriptors when it says yes."""
-    if not (TMA_LOADS and problem.cos is None and problem.dtype != torch.float32 and _has_tma(tensors[0].device)):
+    if not (TMA_LOADS and problem.tma_capable and _has_tma(tensors[0].get_device())):
         return False
     for x in tensors:
         strides = x.stride()
-        if strides[-1] != 1 or x.data_ptr() % 16 or any(stride * x.element_size() % 16 for stride in strides[:-1]):
+        if strides[-1] != 1 or x.data_ptr() % 16 or any(stride % 8 for stride in strides[:-1]):  # 8 x 2 bytes
             return False
     triton.set_allocator(_scratch)  # a context variable: set where the launch runs (autograd's backward thread too)
     return True
@@ -204,10 +215,13 @@ def _no_launch_hooks() -> bool:
 
 def launch_signature(args: tuple, kwargs: dict, tensors: int) -> tuple:
     """Everything a compiled flash kernel depends on beyond pointer values, for launches whose
-    first ``tensors`` arguments are the tensors: the device, every tensor's dtype and 16-byte
+    first ``tensors`` arguments are the tensors: the first tensor's device and dtype (the other
+    tensors' dtypes follow from it and the keyword arguments: k, v, o and the gradients share
+    q's, the rest are float32 or int32 or q itself as a placeholder), every tensor's 16-byte
     alignment, every scalar's value, the keyword arguments. Triton specialises on less
     (integers only by divisibility by 16), so one signature never covers two specialisations."""
-    return (args[0].device, *[(a.dtype, a.data_ptr() % 16 == 0) for a in args[:tensors]], *args[tensors:], *kwargs.items())
+    first = args[0]
+    return (first.get_device(), first.dtype, *[a.data_ptr() % 16 == 0 for a in args[:tensors]], *args[tensors:], *kwargs.items())
 
 
 def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Config, interpret: triton.Config):
