@@ -29,6 +29,7 @@
 #             alone, where the eager step is host-bound), three runs each, and the sweep's CUDA tests
 #   host:     after cheaper signatures, TMA checks and grids: the flash CUDA tests, host time per
 #             call (profiled), the model-level step eager twice and as a graph once
+#   check:    `attnbench check` of the flash family (TMA loads for all but rope) to T = 4k, bf16 and fp16
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -192,6 +193,13 @@ host)
     host_time --profile 25
     model_steps 2
     model_steps 1 model-graph
+    ;;
+check)
+    for dtype in bf16 fp16; do
+        limit 100 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype $dtype --csv "$out/check-$dtype.csv" \
+            > "$out/check-$dtype.txt" 2>&1
+        tail -n 3 "$out/check-$dtype.txt"
+    done
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
