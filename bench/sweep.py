@@ -112,13 +112,16 @@ class SweepSpec:
 class Workload:
     """A case built and ready: ``forward()`` runs the op once; ``leaves`` are the tensors whose
     grads are reset between backward repetitions; ``flops`` of one timed call in the case's mode;
-    ``step``: when set, what fwdbwd times instead of forward + backward (a whole training step)."""
+    ``step``: when set, what fwdbwd times instead of forward + backward (a whole training step);
+    ``peak_memory``: whether a call's peak above what was allocated before it is its memory
+    (not for a graph replay, which allocates nothing: its pool was taken at capture)."""
 
     forward: Callable[[], torch.Tensor]
     leaves: list[torch.Tensor]
     params: int
     flops: float
     step: Callable[[], object] | None = None
+    peak_memory: bool = True
 
 
 # ---- validation and expansion
@@ -306,7 +309,7 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     elif graphed:
         step = _graph_of(step)
     flops = train_flops_per_token(model, case.seq, case.mode) * case.batch * case.seq
-    return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step)
+    return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step, peak_memory=not graphed)
 
 
 def _graph_of(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
@@ -462,7 +465,7 @@ class Sweep:
         device = torch.device(case.device)
         work = LEVELS[case.level](case)
         call = timed_call(work, case.mode)
-        peak_mib = timing.peak_memory_mib(call, device)
+        peak_mib = timing.peak_memory_mib(call, device) if work.peak_memory else None
         measured = timing.measure(call, device, grad_to_none=[t for t in work.leaves if t.requires_grad])
         tflops = flop_model.tflops_per_s(work.flops, measured.median_ms)
         peak = self.peaks.get(case.dtype)

@@ -256,6 +256,7 @@ def test_model_graph_replays_the_training_step(impl):
     assert not torch.equal(before, after_one) and not torch.equal(after_one, weight), "a replay is an optimizer step"
     rows, _ = run(spec)
     assert [r["status"] for r in rows] == ["ok", "ok"], [r["message"] for r in rows]
+    assert [r["peak_mem_mib"] for r in rows] == [None, None], "a replay allocates nothing: no peak to report"
 
 
 def test_every_mechanisms_references_come_after_all_other_impls():
