@@ -4,9 +4,11 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
     python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --heads 8 --head-dim 64 --out tiles.csv
 
 (the defaults are GPT small's attention at 16k tokens per step; --loads tma --loads pointer
-times every tile both with the loops' tiles read through TMA descriptors and through pointers). The forward is timed alone;
-a dk/dv candidate is timed as the whole backward with dq held at its current first choice,
-and a dq candidate with dk/dv held at the fastest dk/dv found, so within a kernel the rows
+times every tile both with the loops' tiles read through TMA descriptors and through pointers;
+--kernels picks which of fwd, dkdv, dq, fused to sweep). The forward is timed alone; a dk/dv
+candidate is timed as the two-kernel backward with dq held at its current first choice, a dq
+candidate with dk/dv held at the fastest dk/dv found, and a fused candidate (the dk/dv kernel
+adding dq's shares, TMA loads only) as the whole fused backward, so within a kernel the rows
 rank its tiles. The kernels' own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are
 edited by hand from what this prints.
 """
@@ -21,6 +23,7 @@ import pandas as pd
 import torch
 import typer
 
+from attnbench.kernels import flash_bwd
 from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
 from attnbench.kernels.flash import flash_problem
@@ -37,9 +40,11 @@ CANDIDATES = {
         (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3),
     ],
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
+    "fused": [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 2)],
 }
 NO_TILE = (0, 0, 0, 0)
-KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
+# "fused" is the dk/dv kernel with dq's shares added in (flash_bwd.FUSED_BACKWARD)
+KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel, "fused": flash_dkdv_kernel}
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -55,7 +60,7 @@ def sweep(
     batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, candidates=CANDIDATES, loads: tuple[str, ...] = ("tma",)
 ) -> pd.DataFrame:
     """Rows (kernel, block_m, block_n, warps, stages, loads, ms) for every tile in ``candidates``
-    (kernel name -> tiles) with each way of loading tiles in ``loads`` ('tma': descriptors where
+    (kernel name -> tiles; a kernel left out is held at its first choice where another needs it) with each way of loading tiles in ``loads`` ('tma': descriptors where
     the GPU has them, 'pointer'), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
     device = torch.device("cuda")
     q, k, v, do = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
@@ -64,7 +69,7 @@ def sweep(
     rows = []
     for way in loads:
         with _loads(way):
-            _sweep_tiles(rows, q, k, v, o, lse, do, problem, candidates, way)
+            _sweep_tiles(rows, q, k, v, o, lse, do, problem, {**candidates_at(head_dim, False), **candidates}, candidates, way)
     _add_cudnn(lambda *args: _add(rows, *args, loads=""), q, k, v, do, causal)
     return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
 
@@ -79,13 +84,17 @@ def candidates_at(head_dim: int, neighbours: bool = True) -> dict[str, list[tupl
 
 
 @contextlib.contextmanager
-def _loads(way: str):
-    saved = flash_launch.TMA_LOADS
-    flash_launch.TMA_LOADS = way == "tma"
+def _switched(module, name: str, value: bool):
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        flash_launch.TMA_LOADS = saved
+        setattr(module, name, saved)
+
+
+def _loads(way: str):
+    return _switched(flash_launch, "TMA_LOADS", way == "tma")
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
@@ -101,18 +110,25 @@ def _add(rows: list, kernel: str, tile: tuple[int, int, int, int], fn: Callable[
     return ms
 
 
-def _sweep_tiles(rows, q, k, v, o, lse, do, problem, candidates, loads: str) -> None:
+def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -> None:
+    """Time the tiles of the kernels in ``swept``; ``tiles`` has every kernel's, for holding."""
+
     def add(kernel, tile, fn, held=()):
         return _add(rows, kernel, tile, fn, held, loads)
 
     forward = lambda: flash_forward(q, k, v, problem)  # noqa: E731
     backward = lambda: flash_backward(q, k, v, o, lse, do, problem)  # noqa: E731
-    for tile in candidates["fwd"]:
+    for tile in swept.get("fwd", []):
         add("fwd", tile, forward)
-    timed = {tile: add("dkdv", tile, backward, held=[("dq", candidates["dq"][0])]) for tile in candidates["dkdv"]}
-    best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get)
-    for tile in candidates["dq"]:
-        add("dq", tile, backward, held=[("dkdv", best_dkdv)])
+    with _switched(flash_bwd, "FUSED_BACKWARD", False):
+        timed = {tile: add("dkdv", tile, backward, held=[("dq", tiles["dq"][0])]) for tile in swept.get("dkdv", [])}
+        best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get, default=tiles["dkdv"][0])
+        for tile in swept.get("dq", []):
+            add("dq", tile, backward, held=[("dkdv", best_dkdv)])
+    if loads == "tma":  # the fused backward adds dq's shares through a descriptor
+        with _switched(flash_bwd, "FUSED_BACKWARD", True):
+            for tile in swept.get("fused", []):
+                add("fused", tile, backward)
 
 
 def _add_cudnn(add, q, k, v, do, causal: bool) -> None:
@@ -136,17 +152,22 @@ def main(
     causal: Annotated[bool, typer.Option(help="causal or bidirectional")] = True,
     loads: Annotated[list[str], typer.Option(help="tma (descriptors where the GPU has them) and/or pointer")] = ["tma"],  # noqa: B006
     neighbours: Annotated[bool, typer.Option(help="also the D = 64 neighbours of the kernels' own lists")] = True,
+    kernels: Annotated[list[str], typer.Option(help="which to sweep: fwd, dkdv, dq, fused (repeat the option)")] = list(CANDIDATES),  # noqa: B006
     out: Annotated[Path, typer.Option(help="CSV of every timing")] = Path("tiles.csv"),
 ) -> None:
     """Time every candidate tile of the flash kernels on each T; prints and writes a CSV."""
     unknown = sorted(set(loads) - {"tma", "pointer"})
     if unknown:
         raise typer.BadParameter(f"--loads takes tma or pointer, not {', '.join(unknown)}")
+    unknown = sorted(set(kernels) - set(CANDIDATES))
+    if unknown:
+        raise typer.BadParameter(f"--kernels takes {', '.join(CANDIDATES)}, not {', '.join(unknown)}")
     frames = []
     for t in seq:
         b = max(1, tokens // t)
         typer.echo(f"B={b} T={t} H={heads} D={head_dim} causal={causal}")
-        frames.append(sweep(b, t, heads, head_dim, causal, candidates_at(head_dim, neighbours), tuple(loads)))
+        candidates = {kernel: tiles for kernel, tiles in candidates_at(head_dim, neighbours).items() if kernel in kernels}
+        frames.append(sweep(b, t, heads, head_dim, causal, candidates, tuple(loads)))
         pd.concat(frames).to_csv(out, index=False)  # a sweep cut short keeps the finished T
 
 

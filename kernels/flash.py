@@ -13,7 +13,7 @@ import triton
 
 from attnbench.kernels.flash_bwd import flash_backward
 from attnbench.kernels.flash_fwd import flash_forward
-from attnbench.kernels.flash_launch import FlashProblem
+from attnbench.kernels.flash_launch import FlashProblem, empty
 from attnbench.kernels.flash_tiles import INTERPRET
 from attnbench.kernels.reference import rope_angles
 
@@ -23,18 +23,27 @@ _NO_LIMIT = 1 << 30  # "no window" bound: far beyond any sequence, safe from int
 
 
 class FlashAttention(torch.autograd.Function):
+    """Differentiable flash attention over (q, k, v), or over the fused projection
+    (qkv [B, T, Hq + 2 Hkv, D],) with ``split`` = (Hq, Hkv, Hkv): then the backward writes dq, dk,
+    dv into one tensor, qkv's gradient, where autograd would concatenate three after a split."""
+
     @staticmethod
-    def forward(ctx, q, k, v, problem: FlashProblem):
+    def forward(ctx, problem: FlashProblem, split: tuple[int, int, int] | None, *inputs):
+        q, k, v = inputs if split is None else inputs[0].split(split, dim=2)
         o, lse = flash_forward(q, k, v, problem)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.problem = problem
+        ctx.save_for_backward(*inputs, o, lse)
+        ctx.problem, ctx.split = problem, split
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_backward(q, k, v, o, lse, do, ctx.problem)
-        return dq, dk, dv, None
+        *inputs, o, lse = ctx.saved_tensors
+        if ctx.split is None:
+            return None, None, *flash_backward(*inputs, o, lse, do, ctx.problem)
+        qkv = inputs[0]
+        dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
+        flash_backward(*qkv.split(ctx.split, dim=2), o, lse, do, ctx.problem, grads=dqkv.split(ctx.split, dim=2))
+        return None, None, dqkv
 
 
 @functools.lru_cache(maxsize=16)
@@ -145,4 +154,17 @@ def flash_attention(
     problem = flash_problem(
         q, k, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes, theta=theta, offset=offset, scale=scale
     )
-    return FlashAttention.apply(q, k, v, problem)
+    return FlashAttention.apply(problem, None, q, k, v)
+
+
+def flash_attention_packed(qkv: torch.Tensor, heads: int, **options) -> torch.Tensor:
+    """flash_attention over the fused projection qkv [B, T, Hq + 2 Hkv, D] (q heads first, then
+    k's, then v's; Hq = ``heads``): o [B, T, Hq, D]. Its gradient is one tensor, written in place
+    by the backward kernels, so a layer saves the concatenation a split's backward would run."""
+    kv_heads, odd = divmod(qkv.shape[2] - heads, 2) if qkv.dim() == 4 else (0, 1)
+    if odd or kv_heads < 1:
+        raise ValueError(f"expected qkv [B, T, Hq + 2 Hkv, D] with Hq = {heads}; got {tuple(qkv.shape)}")
+    split = (heads, kv_heads, kv_heads)
+    q, k, v = qkv.split(split, dim=2)
+    _check(q, k, v, options.get("seq_lens"), options.get("window"), options.get("slopes"), options.get("theta"))
+    return FlashAttention.apply(flash_problem(q, k, **options), split, qkv)

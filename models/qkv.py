@@ -20,7 +20,8 @@ class QKVAttention(nn.Module):
     """Multi-head attention around a kernel-level core: fused q/k/v projection, core, output projection.
 
     x [B, T, C] -> q [B, T, Hq, D], k/v [B, T, Hkv, D] (views of one projection, no copy)
-    -> attend -> o [B, T, Hq, D] -> [B, T, C].
+    -> attend -> o [B, T, Hq, D] -> [B, T, C]; an impl with run_packed gets the projection
+    [B, T, Hq + 2 Hkv, D] whole instead (when attend is not overridden).
     ``options(cfg)`` gives the mechanism's kernel options; tensors among them become buffers.
     """
 
@@ -31,6 +32,8 @@ class QKVAttention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.run = impls[cfg.impl].run
+        # a subclass that overrides attend adds to the core, so it always gets q, k, v apart
+        self.run_packed = impls[cfg.impl].run_packed if type(self).attend is QKVAttention.attend else None
         self._plain_options = {}
         for name, value in options(cfg).items():
             if isinstance(value, torch.Tensor):
@@ -49,8 +52,10 @@ class QKVAttention(nn.Module):
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
-        o = self.attend(q, k, v, seq_lens)
+        if self.run_packed is not None:
+            o = self.run_packed(qkv, self.heads, causal=self.causal, seq_lens=seq_lens, **self.core_options())
+        else:
+            o = self.attend(*qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2), seq_lens)
         return self.out(o.reshape(b, t, self.heads * self.head_dim))
 
 

@@ -43,6 +43,10 @@ class Impl:
     """One way to compute a mechanism.
 
     run: the kernel-level core (module docstring), or None for a layer-only impl.
+    run_packed: the same core over the fused projection, (qkv [B, T, Hq + 2 Hkv, D], heads,
+        **run's keywords) -> o, for an impl whose backward writes qkv's gradient in one piece
+        (saving the concatenation of dq, dk, dv that a split's backward runs); None: the layer
+        splits qkv and calls run.
     needs_cuda: the impl runs only on a CUDA device.
     missing: returns why the impl cannot run on this machine at all (package missing), or None.
     unsupported: returns why it cannot run this case (dtype, padding, shape), or None.
@@ -51,6 +55,7 @@ class Impl:
     name: str
     run: Callable[..., torch.Tensor] | None
     description: str = ""
+    run_packed: Callable[..., torch.Tensor] | None = None
     needs_cuda: bool = False
     missing: Callable[[], str | None] = _always_available
     unsupported: Callable[["LayerConfig", torch.device, torch.dtype], str | None] = (

@@ -34,6 +34,13 @@ def triton_flash(q, k, v, **options):
     return flash_attention(q, k, v, **options)
 
 
+def triton_flash_packed(qkv, heads, **options):
+    """triton_flash over the fused projection qkv [B, T, Hq + 2 Hkv, D] (Impl.run_packed)."""
+    from attnbench.kernels.flash import flash_attention_packed
+
+    return flash_attention_packed(qkv, heads, **options)
+
+
 def _triton_missing() -> str | None:
     try:
         import triton  # noqa: F401
@@ -73,7 +80,9 @@ def softmax_impls(needs_mask: bool = False) -> dict[str, Impl]:
         "sdpa-math": ("MATH", "SDPA, math backend (materialises scores)", lambda *a: None),
     }
     impls = {
-        "triton": Impl("triton", triton_flash, "ours: fused Triton flash attention", needs_cuda=True, missing=_triton_missing),
+        "triton": Impl(
+            "triton", triton_flash, "ours: fused Triton flash attention", triton_flash_packed, needs_cuda=True, missing=_triton_missing
+        ),
         "torch": Impl("torch", torch_reference, "plain torch reference (T x T scores in memory)"),
         "sdpa": Impl("sdpa", peers.sdpa, "F.scaled_dot_product_attention, default dispatch"),
     }

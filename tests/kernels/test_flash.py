@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from attnbench.check import error_bound
 from attnbench.kernels import flash_bwd, flash_fwd, flash_launch, reference
-from attnbench.kernels.flash import flash_attention, flash_problem
+from attnbench.kernels import flash
+from attnbench.kernels.flash import flash_attention, flash_attention_packed, flash_problem
 from attnbench.kernels.flash_tiles import key_blocks, query_blocks
 from attnbench.models.softmax import torch_reference
 
@@ -36,6 +37,7 @@ def nan_poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(flash_fwd, "empty", poisoned)
     monkeypatch.setattr(flash_bwd, "empty", poisoned)
+    monkeypatch.setattr(flash, "empty", poisoned)
 
 
 @dataclass
@@ -147,6 +149,31 @@ def test_matches_reference(name):
     assert_matches_reference(CASES[name])
 
 
+def assert_packed_matches_split_views(case: Case) -> None:
+    """flash_attention_packed: o and qkv's one-piece gradient equal, bit for bit, flash_attention's
+    o and its dq, dk, dv concatenated."""
+    q, k, v, do = case.inputs(torch.Generator().manual_seed(0))
+    qkv = torch.cat((q, k, v), dim=2).requires_grad_()
+    o = flash_attention_packed(qkv, case.heads, **case.options)
+    (dqkv,) = torch.autograd.grad(o, qkv, do)
+    expected = _output_and_grads(flash_attention, q, k, v, do, case.options)
+    assert torch.equal(o, expected[0])
+    assert torch.equal(dqkv, torch.cat(expected[1:], dim=2))
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.fused_qkv])
+def test_packed_projection_gives_the_split_views_results(name):
+    assert_packed_matches_split_views(CASES[name])
+
+
+def test_packed_projection_needs_heads_that_split_it():
+    qkv = torch.zeros(1, 4, 7, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="Hq \\+ 2 Hkv"):
+        flash_attention_packed(qkv, 4)
+    with pytest.raises(ValueError, match="Hq \\+ 2 Hkv"):
+        flash_attention_packed(qkv, 7)
+
+
 # the cases whose loops read tiles through TMA descriptors on a Hopper GPU (16-bit, no RoPE):
 # padding, windows and tails read past a descriptor's rows, and D80 past its columns
 TMA_CASES = [name for name, case in CASES.items() if case.dtype != torch.float32 and "theta" not in case.options]
@@ -172,6 +199,14 @@ def tma(monkeypatch):
 def test_tma_loads_match_reference(name, tma):
     assert_matches_reference(CASES[name])
     assert tma and all(tma), "every launch read its tiles through descriptors"
+
+
+@pytest.mark.parametrize("name", ["causal", "gqa-4:2-causal", "D80-fp16", "padding"])
+def test_fused_dq_from_64_query_rows_matches_reference(name, tma):
+    """The fused backward forms dq's share as dS K from 64 query rows per tile up (as (K^T dS^T)^T
+    below, e.g. at the interpreter's own tile)."""
+    with flash_bwd.flash_dkdv_kernel.forced(flash_launch.tile_config(64, 16, 4, 1)):
+        assert_matches_reference(CASES[name])
 
 
 def test_tma_only_where_a_descriptor_can_read_the_tiles(tma):
@@ -314,6 +349,7 @@ REAL_SIZE_CASES = {
     "fp16-D96-gqa-rope-alibi-causal": Case(batch=1, t=3000, heads=8, kv_heads=2, head_dim=96, dtype=torch.float16, options={"causal": True, "theta": 1e4, "slopes": _slopes(8)}),
     "bf16-D256-window-4k": Case(batch=1, t=4096, heads=2, head_dim=256, options={"causal": True, "window": (512, 0)}),
     "bf16-D128-fused-qkv-mqa": Case(batch=2, t=1023, heads=8, kv_heads=1, head_dim=128, fused_qkv=True, options={"causal": True}),
+    "bf16-D64-fused-qkv-gpt-small-4k": Case(batch=4, t=4096, heads=8, head_dim=64, fused_qkv=True, options={"causal": True}),
 }
 
 
@@ -321,3 +357,9 @@ REAL_SIZE_CASES = {
 @pytest.mark.parametrize("name", list(REAL_SIZE_CASES))
 def test_matches_reference_at_real_sizes(name):
     assert_matches_reference(REAL_SIZE_CASES[name])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [name for name, case in REAL_SIZE_CASES.items() if case.fused_qkv])
+def test_packed_projection_gives_the_split_views_results_at_real_sizes(name):
+    assert_packed_matches_split_views(REAL_SIZE_CASES[name])

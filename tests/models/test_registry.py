@@ -121,3 +121,30 @@ def test_one_autotune_config_keeps_the_first_config_its_pruning_keeps(monkeypatc
     one_autotune_config(monkeypatch)
     assert [tuner.prune_configs({})[0].kwargs["BLOCK"] for tuner in tuners] == [16, 32]
     assert all(len(tuner.prune_configs({})) == 1 for tuner in tuners)
+
+
+@pytest.mark.parametrize("name", ["rope", "alibi"])
+def test_triton_layer_hands_the_whole_projection_to_its_kernel(name):
+    """Its backward writes the projection's gradient in one piece: the same numbers, bit for
+    bit, as the split views (which autograd concatenates); an overridden attend keeps the split."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU (tests/conftest.py)
+    cfg = LayerConfig(dim=64, heads=4, kv_heads=2, causal=True, impl="triton")
+    packed = registry.build_layer(name, cfg).to(device, torch.bfloat16)
+    split = registry.build_layer(name, cfg).to(device, torch.bfloat16)
+    split.load_state_dict(packed.state_dict())
+    split.run_packed = None
+    assert packed.run_packed is not None
+    x = torch.randn(2, 40, 64, device=device, dtype=torch.bfloat16)
+    outputs = []
+    for layer in (packed, split):
+        y = layer(x)
+        y.float().square().sum().backward()
+        outputs.append((y, layer.qkv.weight.grad))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+    class Wrapped(type(packed)):
+        def attend(self, q, k, v, seq_lens=None):
+            return super().attend(q, k, v, seq_lens)
+
+    assert Wrapped(cfg, registry.get(name).impls, lambda c: {}).run_packed is None
