@@ -30,8 +30,8 @@
 #   host:     after cheaper signatures, TMA checks and grids: the flash CUDA tests, host time per
 #             call (profiled), the model-level step eager twice and as a graph once
 #   check:    `attnbench check` of the flash family (TMA loads for all but rope) to T = 4k, bf16 and fp16
-#   fused:    the one-kernel backward (dq's shares added by the copy engine) and the one-piece qkv
-#             gradient: the flash CUDA tests, the backward tiles both ways, the model-level step
+#   packed:   the one-piece qkv gradient: the flash CUDA tests, the layer test on the GPU, host time
+#             per call, the model-level step as a CUDA graph three times and eager twice
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -190,16 +190,14 @@ graph)  # a failed capture leaves its process's CUDA context unusable: the graph
     model_steps 3 model-graph
     model_steps 1
     ;;
-fused)
-    flash_tests 150 tests/bench/test_tile_sweep.py
-    limit 40 python3 -m pytest -v tests/models/test_registry.py tests/kernels/test_flash.py -k "projection or fused_dq" \
+packed)
+    flash_tests 150
+    limit 40 python3 -m pytest -v tests/models/test_registry.py tests/kernels/test_flash.py -k "projection" \
         --tb=short > "$out/projection_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/projection_tests.txt" | tail -4
-    limit 200 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --kernels dkdv --kernels dq --kernels fused \
-        --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
-    cat "$out/tiles.txt"
-    model_steps 1 model-graph
-    model_steps 1
+    host_time
+    model_steps 3 model-graph
+    model_steps 2
     ;;
 host)
     flash_tests 150

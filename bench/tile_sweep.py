@@ -5,11 +5,9 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
 
 (the defaults are GPT small's attention at 16k tokens per step; --loads tma --loads pointer
 times every tile both with the loops' tiles read through TMA descriptors and through pointers;
---kernels picks which of fwd, dkdv, dq, fused to sweep). The forward is timed alone; a dk/dv
-candidate is timed as the two-kernel backward with dq held at its current first choice, a dq
-candidate with dk/dv held at the fastest dk/dv found, and a fused candidate (the dk/dv kernel
-adding dq's shares, TMA loads only) as the whole fused backward, so within a kernel the rows
-rank its tiles. The kernels' own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are
+--kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone; a dk/dv candidate
+is timed as the whole backward with dq held at its current first choice, and a dq candidate with
+dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels' own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are
 edited by hand from what this prints.
 """
 
@@ -23,7 +21,6 @@ import pandas as pd
 import torch
 import typer
 
-from attnbench.kernels import flash_bwd
 from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
 from attnbench.kernels.flash import flash_problem
@@ -40,11 +37,9 @@ CANDIDATES = {
         (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3),
     ],
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
-    "fused": [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 2)],
 }
 NO_TILE = (0, 0, 0, 0)
-# "fused" is the dk/dv kernel with dq's shares added in (flash_bwd.FUSED_BACKWARD)
-KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel, "fused": flash_dkdv_kernel}
+KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -84,17 +79,13 @@ def candidates_at(head_dim: int, neighbours: bool = True) -> dict[str, list[tupl
 
 
 @contextlib.contextmanager
-def _switched(module, name: str, value: bool):
-    saved = getattr(module, name)
-    setattr(module, name, value)
+def _loads(way: str):
+    saved = flash_launch.TMA_LOADS
+    flash_launch.TMA_LOADS = way == "tma"
     try:
         yield
     finally:
-        setattr(module, name, saved)
-
-
-def _loads(way: str):
-    return _switched(flash_launch, "TMA_LOADS", way == "tma")
+        flash_launch.TMA_LOADS = saved
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
@@ -120,15 +111,10 @@ def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -
     backward = lambda: flash_backward(q, k, v, o, lse, do, problem)  # noqa: E731
     for tile in swept.get("fwd", []):
         add("fwd", tile, forward)
-    with _switched(flash_bwd, "FUSED_BACKWARD", False):
-        timed = {tile: add("dkdv", tile, backward, held=[("dq", tiles["dq"][0])]) for tile in swept.get("dkdv", [])}
-        best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get, default=tiles["dkdv"][0])
-        for tile in swept.get("dq", []):
-            add("dq", tile, backward, held=[("dkdv", best_dkdv)])
-    if loads == "tma":  # the fused backward adds dq's shares through a descriptor
-        with _switched(flash_bwd, "FUSED_BACKWARD", True):
-            for tile in swept.get("fused", []):
-                add("fused", tile, backward)
+    timed = {tile: add("dkdv", tile, backward, held=[("dq", tiles["dq"][0])]) for tile in swept.get("dkdv", [])}
+    best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get, default=tiles["dkdv"][0])
+    for tile in swept.get("dq", []):
+        add("dq", tile, backward, held=[("dkdv", best_dkdv)])
 
 
 def _add_cudnn(add, q, k, v, do, causal: bool) -> None:
@@ -152,7 +138,7 @@ def main(
     causal: Annotated[bool, typer.Option(help="causal or bidirectional")] = True,
     loads: Annotated[list[str], typer.Option(help="tma (descriptors where the GPU has them) and/or pointer")] = ["tma"],  # noqa: B006
     neighbours: Annotated[bool, typer.Option(help="also the D = 64 neighbours of the kernels' own lists")] = True,
-    kernels: Annotated[list[str], typer.Option(help="which to sweep: fwd, dkdv, dq, fused (repeat the option)")] = list(CANDIDATES),  # noqa: B006
+    kernels: Annotated[list[str], typer.Option(help="which to sweep: fwd, dkdv, dq (repeat the option)")] = list(CANDIDATES),  # noqa: B006
     out: Annotated[Path, typer.Option(help="CSV of every timing")] = Path("tiles.csv"),
 ) -> None:
     """Time every candidate tile of the flash kernels on each T; prints and writes a CSV."""

@@ -13,8 +13,6 @@ import triton.language as tl
 
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
-    add_rows,
-    add_target,
     key_blocks,
     load_qk,
     load_rows,
@@ -33,13 +31,12 @@ from attnbench.kernels.flash_tiles import (
 
 @triton.jit
 def _dkdv_query_loop(
-    dk_a, dk_b, dv, k_a, k_b, v, pos_k, Q, DO, DQ_ACC, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    dk_a, dk_b, dv, k_a, k_b, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
     COS, SIN, start, stop, T, S, kv_len, left, right, scale_log2, slope_log2,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
+    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop),
-    and with FUSED_DQ add each block's share dS K of dq (unscaled) to DQ_ACC (flash_tiles.add_target).
+    """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
     Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose.
     Q, DO: tile sources (flash_tiles.tile_source)."""
     for q_start in range(start, stop, BLOCK_M):
@@ -59,20 +56,7 @@ def _dkdv_query_loop(
         dk_a = mma(ds_t, q_a, dk_a, PRECISION)
         if ROPE:
             dk_b = mma(ds_t, q_b, dk_b, PRECISION)
-        if FUSED_DQ:
-            add_rows(DQ_ACC, _dq_share(ds_t, k_a, BLOCK_M, PRECISION), q_start, T, HEAD_DIM, BLOCK_M, PART, TMA)
     return dk_a, dk_b, dv
-
-
-@triton.jit
-def _dq_share(ds_t, k, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """dS K [BLOCK_M, D] float32 from ds_t = dS^T [BLOCK_N, BLOCK_M] and k [BLOCK_N, D]; below 64
-    query rows it is formed as (K^T dS^T)^T, since Hopper's warpgroup MMA needs M >= 64."""
-    if BLOCK_M >= 64:
-        share = mma(tl.trans(ds_t), k, None, PRECISION)
-    else:
-        share = tl.trans(mma(tl.trans(k), ds_t, None, PRECISION))
-    return share
 
 
 @flash_autotune(
@@ -88,7 +72,7 @@ def _dq_share(ds_t, k, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
 )
 @triton.jit
 def flash_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -98,12 +82,10 @@ def flash_dkdv_kernel(
     T, S, HQ, HKV, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
-    that share kv head; k and v stay in registers for the whole loop. FUSED_DQ (not with ROPE):
-    also dq's shares, added to DQ_ACC [B, Hq, T, D] float32 (zeroed before, scaled after)."""
-    tl.static_assert(not (FUSED_DQ and ROPE), "a fused dq has no RoPE rotation")
+    that share kv head; k and v stay in registers for the whole loop."""
     bh = tl.program_id(1)
     b = bh // HKV
     kv_h = bh % HKV
@@ -130,21 +112,20 @@ def flash_dkdv_kernel(
         DO_h = tile_source(DO_h, T, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         LSE_h = LSE + (b * HQ + h).to(tl.int64) * T
         DELTA_h = DELTA + (b * HQ + h).to(tl.int64) * T
-        DQ_h = add_target(DQ_ACC + (b * HQ + h).to(tl.int64) * T * HEAD_DIM, T, HEAD_DIM, BLOCK_M, PART, TMA) if FUSED_DQ else DQ_ACC
         dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, DQ_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
             COS, SIN, lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA, FUSED_DQ,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA,
         )
         dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, DQ_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
             COS, SIN, full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M, TMA, FUSED_DQ,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M, TMA,
         )
         dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, DQ_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
             COS, SIN, full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA, FUSED_DQ,
+            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA,
         )
 
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
@@ -244,85 +225,23 @@ def flash_dq_kernel(
     store_qk_grad(DQ, dq_a * scale, dq_b * scale, rows, T, stride_dqt, stride_dqd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
 
 
-# The fused backward (dk/dv's kernel also adds dq's shares, by the copy engine's reduce-add): 5
-# tile GEMMs per (key block, query block) instead of 7, dq's float32 sums in arrival order
-# (not bitwise reproducible). Taken where dk/dv reads its tiles through TMA; False: two kernels.
-FUSED_BACKWARD = True
-
-
-@flash_autotune({64: [tile_config(64, 0, 4, 1)], 128: [tile_config(64, 0, 4, 1)], 256: [tile_config(32, 0, 4, 1)]},
-                fp32=tile_config(32, 0, 4, 1), interpret=tile_config(32, 0, 4, 1))
-@triton.jit
-def flash_bwd_prep_kernel(
-    O, DO, DELTA, DQ_ACC, stride_ob, stride_ot, stride_oh, stride_od, stride_dob, stride_dot, stride_doh, stride_dod,
-    T, HQ, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Grid (cdiv(T, BLOCK_M), B * Hq), before the fused backward: DELTA [B, Hq, T] = rowsum(dO * O)
-    and DQ_ACC [B, Hq, T, D] float32 zeroed."""
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D_PAD)
-    o = load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh, rows, T, stride_ot, dims, HEAD_DIM, stride_od)
-    do = load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
-    tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T)
-    zero = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    store_rows(DQ_ACC + bh.to(tl.int64) * T * HEAD_DIM, zero, rows, T, HEAD_DIM, dims, HEAD_DIM, 1)
-
-
-@flash_autotune({64: [tile_config(64, 0, 4, 1)], 128: [tile_config(64, 0, 4, 1)], 256: [tile_config(32, 0, 4, 1)]},
-                fp32=tile_config(32, 0, 4, 1), interpret=tile_config(32, 0, 4, 1))
-@triton.jit
-def flash_dq_finish_kernel(
-    DQ_ACC, DQ, stride_dqb, stride_dqt, stride_dqh, stride_dqd, T, HQ, scale, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Grid (cdiv(T, BLOCK_M), B * Hq), after the fused backward: dq [B, T, Hq, D] = scale * DQ_ACC
-    in dq's dtype (d(score)/dq carries the softmax scale)."""
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D_PAD)
-    dq = load_rows(DQ_ACC + bh.to(tl.int64) * T * HEAD_DIM, rows, T, HEAD_DIM, dims, HEAD_DIM, 1)
-    store_rows(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh, dq * scale, rows, T, stride_dqt, dims, HEAD_DIM, stride_dqd)
-
-
 def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torch.Tensor, ...] | None = None):
     """dq [B, T, Hq, D], dk and dv [B, S, Hkv, D] (dtypes of q, k, v) from the forward's o and lse,
     written into ``grads`` (any strides, e.g. views of one packed gradient) or new tensors."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    delta = empty((b, hq, t), torch.float32, q.device)
-    if grads is None:
-        grads = tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
-    dq, dk, dv = grads
+    delta = empty((b, hq, t), torch.float32, q.device)  # written by the dq kernel, read by dk/dv's
+    dq, dk, dv = grads if grads is not None else tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
     extras = problem.tensors(q)
     scales = (problem.left, problem.right, problem.scale, problem.scale_log2)
-    dkdv_tma = use_tma(problem, q, do)
-    fused = FUSED_BACKWARD and dkdv_tma
-    rows = lambda m: (blocks(t, m["BLOCK_M"]), b * hq)  # noqa: E731
-    if fused:
-        dq_acc = empty((b, hq, t, d), torch.float32, q.device)
-        flash_bwd_prep_kernel[rows](o, do, delta, dq_acc, *o.stride(), *do.stride(), t, hq, **problem.launch_kwargs)
-    else:  # the dq kernel also writes delta, which dk/dv's reads
-        dq_acc = q  # never read
-        flash_dq_kernel[rows](
-            q, k, v, o, do, dq, lse, delta, *extras,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-            t, s, hq, hq // hkv, *scales, TMA=use_tma(problem, k, v), **problem.launch_kwargs,
-        )
-    flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
-        q, k, v, do, dk, dv, dq_acc, lse, delta, *extras,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, *scales, TMA=dkdv_tma, FUSED_DQ=fused, **problem.launch_kwargs,
+    flash_dq_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * hq)](
+        q, k, v, o, do, dq, lse, delta, *extras,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+        t, s, hq, hq // hkv, *scales, TMA=use_tma(problem, k, v), **problem.launch_kwargs,
     )
-    if fused:
-        flash_dq_finish_kernel[rows](dq_acc, dq, *dq.stride(), t, hq, problem.scale, **problem.launch_kwargs)
+    flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
+        q, k, v, do, dk, dv, lse, delta, *extras,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        t, s, hq, hkv, hq // hkv, *scales, TMA=use_tma(problem, q, do), **problem.launch_kwargs,
+    )
     return dq, dk, dv

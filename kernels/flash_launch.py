@@ -84,7 +84,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 # only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
 # `attnbench check`) take the first candidate and compile one config per kernel.
 TUNE_FROM_SEQ = 4096
-_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION", "TMA", "FUSED_DQ"]
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION", "TMA"]
 
 # Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
 # (A/B timing: python3 -m attnbench.tile_sweep --loads pointer)
@@ -229,7 +229,7 @@ def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Con
     256) to its candidates, best guess first; fp32 inputs (FMA dots, twice the bytes per tile)
     get one small tile; TRITON_INTERPRET gets one tiny tile (tuning is pointless there)."""
     if INTERPRET:
-        return lambda fn: FlashKernel(triton.autotune([interpret], key=_tuning_key(fn))(fn), by_head_dim)
+        return lambda fn: FlashKernel(triton.autotune([interpret], key=_TUNING_KEY)(fn), by_head_dim)
 
     def candidates(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # constexprs and SEQ_BUCKET arrive as kwargs, sizes as named args
@@ -239,13 +239,8 @@ def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Con
         return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
 
     every = [fp32] + [config for picks in by_head_dim.values() for config in picks]
-    tune = lambda fn: triton.autotune(every, key=_tuning_key(fn), prune_configs_by={"early_config_prune": candidates})(fn)  # noqa: E731
+    tune = triton.autotune(every, key=_TUNING_KEY, prune_configs_by={"early_config_prune": candidates})
     return lambda fn: FlashKernel(tune(fn), by_head_dim)
-
-
-def _tuning_key(fn) -> list[str]:
-    """The tuning key's names that are arguments of kernel ``fn`` (triton rejects others)."""
-    return [name for name in _TUNING_KEY if name in fn.arg_names]
 
 
 def candidates_for(by_head_dim: dict[int, list[triton.Config]], head_dim: int) -> list[triton.Config]:

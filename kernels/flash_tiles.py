@@ -26,8 +26,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # triton's CPU interpreter multiplies bf16 tiles as their uint16 bit patterns; upcasting
 # first is exact (a product of two 16-bit floats fits float32) and what the GPU computes
 _DOT_IN_FP32 = tl.constexpr(INTERPRET)
-# the interpreter has tensor descriptors' loads but not their reduce-add (add_rows)
-DESCRIPTOR_REDUCE = tl.constexpr(not INTERPRET)
 
 
 @triton.jit
@@ -94,31 +92,6 @@ def read_rows(source, start, n_rows, stride_row, stride_col, N_COLS: tl.constexp
     else:
         x = load_rows(source, start + tl.arange(0, BLOCK), n_rows, stride_row, tl.arange(0, COLS), N_COLS, stride_col)
     return x
-
-
-@triton.jit
-def add_target(base, n_rows, N_COLS: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
-    """Where add_rows adds [BLOCK, COLS] tiles of a contiguous float32 [n_rows, N_COLS] view:
-    a TMA descriptor (on a GPU, when TMA) or ``base`` itself."""
-    if TMA and DESCRIPTOR_REDUCE:
-        target = tl.make_tensor_descriptor(base, shape=[n_rows, N_COLS], strides=[N_COLS, 1], block_shape=[BLOCK, COLS])
-    else:
-        target = base
-    return target
-
-
-@triton.jit
-def add_rows(target, x, start, n_rows, N_COLS: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
-    """Atomically add x [BLOCK, COLS] float32 to rows [start, start + BLOCK) of an add_target;
-    rows and columns out of range are dropped. With a descriptor the copy engine adds the whole
-    tile (cp.reduce.async.bulk.tensor), otherwise each element is an atomic of its own."""
-    if TMA and DESCRIPTOR_REDUCE:
-        target.atomic_add([start, 0], x)
-    else:
-        rows = start + tl.arange(0, BLOCK)
-        cols = tl.arange(0, COLS)
-        ptrs = target + rows[:, None].to(tl.int64) * N_COLS + cols[None, :]
-        tl.atomic_add(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), sem="relaxed")
 
 
 @triton.jit

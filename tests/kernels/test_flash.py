@@ -201,14 +201,6 @@ def test_tma_loads_match_reference(name, tma):
     assert tma and all(tma), "every launch read its tiles through descriptors"
 
 
-@pytest.mark.parametrize("name", ["causal", "gqa-4:2-causal", "D80-fp16", "padding"])
-def test_fused_dq_from_64_query_rows_matches_reference(name, tma):
-    """The fused backward forms dq's share as dS K from 64 query rows per tile up (as (K^T dS^T)^T
-    below, e.g. at the interpreter's own tile)."""
-    with flash_bwd.flash_dkdv_kernel.forced(flash_launch.tile_config(64, 16, 4, 1)):
-        assert_matches_reference(CASES[name])
-
-
 def test_tma_only_where_a_descriptor_can_read_the_tiles(tma):
     x = torch.randn(2, 40, 3, 32, device=DEVICE, dtype=torch.bfloat16)
     plain = flash_problem(x, x)
