@@ -30,8 +30,9 @@
 #   host:     after cheaper signatures, TMA checks and grids: the flash CUDA tests, host time per
 #             call (profiled), the model-level step eager twice and as a graph once
 #   check:    `attnbench check` of the flash family (TMA loads for all but rope) to T = 4k, bf16 and fp16
-#   packed:   the one-piece qkv gradient: the flash CUDA tests, the layer test on the GPU, host time
-#             per call, the model-level step as a CUDA graph three times and eager twice
+#   packed:   the one-piece qkv gradient: the flash CUDA tests, the layer test on the GPU, the sweep's
+#             graph tests, then the model-level step of standard, rope and alibi as a CUDA graph
+#             twice and eager once
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -82,10 +83,12 @@ host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, t
     limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"
 }
-model_steps() {  # model_steps RUNS [LEVEL]: GPT small's training step, triton against SDPA at T 1k and 4k, RUNS times (its spread)
-    local level=${2:-model}
+model_steps() {  # model_steps RUNS [LEVEL [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
+                 # at T 1k and 4k, RUNS times (its spread)
+    local level=${2:-model} attn=${3:-standard} seconds=${4:-75}
     for run in $(seq "$1"); do
-        speed 75 --level "$level" --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/$level-$run"
+        speed "$seconds" --level "$level" --preset small --attn "$attn" --impl triton,sdpa --seq 1024 4096 --mode fwdbwd \
+            --out "$out/$level-$run"
     done
 }
 TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
@@ -191,13 +194,14 @@ graph)  # a failed capture leaves its process's CUDA context unusable: the graph
     model_steps 1
     ;;
 packed)
-    flash_tests 150
+    flash_tests 130
+    limit 80 python3 -m pytest -v -m cuda tests/bench/test_sweep.py --timeout 60 -rf --tb=short > "$out/cuda_tests_sweep.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests_sweep.txt" | tail -4
     limit 40 python3 -m pytest -v tests/models/test_registry.py tests/kernels/test_flash.py -k "projection" \
         --tb=short > "$out/projection_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/projection_tests.txt" | tail -4
-    host_time
-    model_steps 3 model-graph
-    model_steps 2
+    model_steps 2 model-graph standard,rope,alibi 100
+    model_steps 1 model standard,rope,alibi 100
     ;;
 host)
     flash_tests 150
