@@ -33,6 +33,9 @@
 #   packed:   the one-piece qkv gradient: the flash CUDA tests, the layer test on the GPU, the sweep's
 #             graph tests, then the model-level step of standard, rope and alibi as a CUDA graph
 #             twice and eager once
+#   rope:     RoPE as rotation passes outside the kernels' loops: the flash CUDA tests, rope and
+#             standard against SDPA at D = 128 (the variants table's shapes), the model-level step of
+#             standard, rope and alibi as a CUDA graph and eager
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -201,6 +204,16 @@ packed)
         --tb=short > "$out/projection_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/projection_tests.txt" | tail -4
     model_steps 2 model-graph standard,rope,alibi 100
+    model_steps 1 model standard,rope,alibi 100
+    ;;
+rope)
+    flash_tests 130
+    limit 40 python3 -m pytest -v tests/models/test_registry.py tests/kernels/test_flash.py -k "projection" \
+        --tb=short > "$out/projection_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/projection_tests.txt" | tail -4
+    speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
+        --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    model_steps 1 model-graph standard,rope,alibi 100
     model_steps 1 model standard,rope,alibi 100
     ;;
 host)

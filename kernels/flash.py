@@ -1,7 +1,7 @@
 """Triton flash attention for the exact-softmax family: standard, causal, key padding,
 GQA/MQA, sliding windows, ALiBi and RoPE in one skeleton (forward: kernels/flash_fwd.py,
 backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py, launching:
-kernels/flash_launch.py).
+kernels/flash_launch.py, RoPE's rotation passes: kernels/flash_rope.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import triton
 from attnbench.kernels.flash_bwd import flash_backward
 from attnbench.kernels.flash_fwd import flash_forward
 from attnbench.kernels.flash_launch import FlashProblem, empty
+from attnbench.kernels.flash_rope import rope
 from attnbench.kernels.flash_tiles import INTERPRET
 from attnbench.kernels.reference import rope_angles
 
@@ -25,31 +26,50 @@ _NO_LIMIT = 1 << 30  # "no window" bound: far beyond any sequence, safe from int
 class FlashAttention(torch.autograd.Function):
     """Differentiable flash attention over (q, k, v), or over the fused projection
     (qkv [B, T, Hq + 2 Hkv, D],) with ``split`` = (Hq, Hkv, Hkv): then the backward writes dq, dk,
-    dv into one tensor, qkv's gradient, where autograd would concatenate three after a split."""
+    dv into one tensor, qkv's gradient, where autograd would concatenate three after a split.
+    With RoPE, q and k are rotated before the forward and their gradients rotated back after the
+    backward (kernels/flash_rope.py); the rotated q and k are what is saved."""
 
     @staticmethod
     def forward(ctx, problem: FlashProblem, split: tuple[int, int, int] | None, *inputs):
         q, k, v = inputs if split is None else inputs[0].split(split, dim=2)
+        if problem.rope and split is None:
+            q, k = rope(q, problem, k.shape[1] - q.shape[1]), rope(k, problem, 0)
+        elif problem.rope:  # q's and k's heads side by side, rotated in one pass (T = S: no shift)
+            q, k = rope(inputs[0][:, :, : split[0] + split[1]], problem, 0).split(split[:2], dim=2)
         o, lse = flash_forward(q, k, v, problem)
-        ctx.save_for_backward(*inputs, o, lse)
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.problem, ctx.split = problem, split
         return o
 
     @staticmethod
     def backward(ctx, do):
-        *inputs, o, lse = ctx.saved_tensors
-        if ctx.split is None:
-            return None, None, *flash_backward(*inputs, o, lse, do, ctx.problem)
-        qkv = inputs[0]
-        dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
-        flash_backward(*qkv.split(ctx.split, dim=2), o, lse, do, ctx.problem, grads=dqkv.split(ctx.split, dim=2))
-        return None, None, dqkv
+        q, k, v, o, lse = ctx.saved_tensors
+        problem, split = ctx.problem, ctx.split
+        (b, t, _, d), shift = q.shape, k.shape[1] - q.shape[1]
+        if split is None:
+            grads = tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+        else:
+            packed = empty((b, t, sum(split), d), q.dtype, q.device)
+            grads = packed.split(split, dim=2)
+        if not problem.rope:
+            flash_backward(q, k, v, o, lse, do, problem, grads)
+        elif split is None:  # dq, dk of the rotated q, k in float32, rotated back: one rounding
+            dq, dk = (empty(x.shape, torch.float32, x.device) for x in (q, k))
+            flash_backward(q, k, v, o, lse, do, problem, (dq, dk, grads[2]))
+            rope(dq, problem, shift, out=grads[0], inverse=True)
+            rope(dk, problem, 0, out=grads[1], inverse=True)
+        else:
+            dqk = empty((b, t, split[0] + split[1], d), torch.float32, q.device)
+            flash_backward(q, k, v, o, lse, do, problem, (*dqk.split(split[:2], dim=2), grads[2]))
+            rope(dqk, problem, 0, out=packed[:, :, : split[0] + split[1]], inverse=True)
+        return None, None, *(grads if split is None else (packed,))
 
 
 @functools.lru_cache(maxsize=16)
 def _rope_tables(length: int, head_dim: int, theta: float, offset: int, device: torch.device):
-    """cos, sin float32 [length, D/2] at positions offset .. offset+length-1, cached: the
-    kernels read them by position instead of rotating copies of q and k in memory."""
+    """cos, sin float32 [length, D/2] at positions offset .. offset+length-1, cached (a model's
+    layers share them; kernels/flash_rope.py reads them by position)."""
     positions = torch.arange(offset, offset + length, device=device)
     cos, sin = rope_angles(positions, head_dim, theta)
     return cos.contiguous(), sin.contiguous()
@@ -147,7 +167,8 @@ def flash_attention(
     seq_lens int [B]: keys j >= seq_lens[b] are padding. A query with no visible key gets 0.
     window (left, right): keys within [pos - left, pos + right] (with causal, right is 0).
     slopes float32 [Hq]: ALiBi bias -slope * |pos_q - pos_k|.
-    theta: RoPE base (rotate-half), fused; queries at offset + S - T + i, keys at offset + j.
+    theta: RoPE base (rotate-half; one Triton pass rotates q and k, another their gradients);
+        queries at offset + S - T + i, keys at offset + j.
     scale: of q.k (default D^-0.5).
     """
     _check(q, k, v, seq_lens, window, slopes, theta)

@@ -14,16 +14,12 @@ import triton.language as tl
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
-    load_qk,
     load_rows,
     mma,
-    qk_dot,
     query_blocks,
     query_program,
-    read_qk,
     read_rows,
     score_tile,
-    store_qk_grad,
     store_rows,
     tile_source,
 )
@@ -31,10 +27,10 @@ from attnbench.kernels.flash_tiles import (
 
 @triton.jit
 def _dkdv_query_loop(
-    dk_a, dk_b, dv, k_a, k_b, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-    COS, SIN, start, stop, T, S, kv_len, left, right, scale_log2, slope_log2,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
-    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
+    dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    start, stop, T, S, kv_len, left, right, scale_log2, slope_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
 ):
     """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
     Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose.
@@ -42,21 +38,19 @@ def _dkdv_query_loop(
     for q_start in range(start, stop, BLOCK_M):
         rows = q_start + tl.arange(0, BLOCK_M)
         pos_q = rows + S - T
-        q_a, q_b = read_qk(Q, q_start, T, stride_qt, stride_qd, COS, SIN, S - T, HEAD_DIM, PART, ROPE, BLOCK_M, TMA)
+        q = read_rows(Q, q_start, T, stride_qt, stride_qd, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         do = read_rows(DO, q_start, T, stride_dot, stride_dod, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         # rows past T read lse = +inf, so their probabilities are exactly 0
         lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
         delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
-        s_t = qk_dot(k_a, k_b, q_a, q_b, ROPE, PRECISION)
+        s_t = mma(k, tl.trans(q), None, PRECISION)
         s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv = mma(p_t.to(do.dtype), do, dv, PRECISION)
         dp_t = mma(v, tl.trans(do), None, PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
-        dk_a = mma(ds_t, q_a, dk_a, PRECISION)
-        if ROPE:
-            dk_b = mma(ds_t, q_b, dk_b, PRECISION)
-    return dk_a, dk_b, dv
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = mma(ds_t, q, dk, PRECISION)
+    return dk, dv
 
 
 @flash_autotune(
@@ -72,7 +66,7 @@ def _dkdv_query_loop(
 )
 @triton.jit
 def flash_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -80,8 +74,7 @@ def flash_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     T, S, HQ, HKV, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
@@ -96,11 +89,10 @@ def flash_dkdv_kernel(
     dims = tl.arange(0, D_PAD)
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
-    k_a, k_b = load_qk(K, keys, S, stride_kt, stride_kd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
+    k = load_rows(K, keys, S, stride_kt, dims, HEAD_DIM, stride_kd)
     v = load_rows(V, keys, S, stride_vt, dims, HEAD_DIM, stride_vd)
 
-    dk_a = tl.zeros([BLOCK_N, PART], dtype=tl.float32)
-    dk_b = tl.zeros([BLOCK_N, PART], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = query_blocks(k_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
@@ -108,54 +100,52 @@ def flash_dkdv_kernel(
         slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
         Q_h = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
-        Q_h = tile_source(Q_h, T, stride_qt, HEAD_DIM, BLOCK_M, PART, TMA)
+        Q_h = tile_source(Q_h, T, stride_qt, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         DO_h = tile_source(DO_h, T, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         LSE_h = LSE + (b * HQ + h).to(tl.int64) * T
         DELTA_h = DELTA + (b * HQ + h).to(tl.int64) * T
-        dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            COS, SIN, lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA,
+        dk, dv = _dkdv_query_loop(
+            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_M, TMA,
         )
-        dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            COS, SIN, full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_M, TMA,
+        dk, dv = _dkdv_query_loop(
+            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, D_PAD, ALIBI, False, PRECISION, BLOCK_M, TMA,
         )
-        dk_a, dk_b, dv = _dkdv_query_loop(
-            dk_a, dk_b, dv, k_a, k_b, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            COS, SIN, full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_M, TMA,
+        dk, dv = _dkdv_query_loop(
+            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+            full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
+            HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_M, TMA,
         )
 
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + kv_h * stride_dvh
     # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
-    store_qk_grad(DK, dk_a * scale, dk_b * scale, keys, S, stride_dkt, stride_dkd, COS, SIN, keys, HEAD_DIM, PART, ROPE)
+    store_rows(DK, dk * scale, keys, S, stride_dkt, dims, HEAD_DIM, stride_dkd)
     store_rows(DV, dv, keys, S, stride_dvt, dims, HEAD_DIM, stride_dvd)
 
 
 @triton.jit
 def _dq_key_loop(
-    dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    COS, SIN, start, stop, kv_len, left, right, scale_log2, slope_log2,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
-    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    start, stop, kv_len, left, right, scale_log2, slope_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
     """K, V: tile sources (flash_tiles.tile_source)."""
     for k_start in range(start, stop, BLOCK_N):
         keys = k_start + tl.arange(0, BLOCK_N)
-        k_a, k_b = read_qk(K, k_start, kv_len, stride_kt, stride_kd, COS, SIN, 0, HEAD_DIM, PART, ROPE, BLOCK_N, TMA)
+        k = read_rows(K, k_start, kv_len, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
-        s = qk_dot(q_a, q_b, k_a, k_b, ROPE, PRECISION)
+        s = mma(q, tl.trans(k), None, PRECISION)
         s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         p = tl.math.exp2(s - lse[:, None])
         dp = mma(do, tl.trans(v), None, PRECISION)
-        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
-        dq_a = mma(ds, k_a, dq_a, PRECISION)
-        if ROPE:
-            dq_b = mma(ds, k_b, dq_b, PRECISION)
-    return dq_a, dq_b
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = mma(ds, k, dq, PRECISION)
+    return dq
 
 
 @flash_autotune(
@@ -170,7 +160,7 @@ def _dq_key_loop(
 )
 @triton.jit
 def flash_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -178,8 +168,7 @@ def flash_dq_kernel(
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     T, S, HQ, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 =
@@ -190,39 +179,38 @@ def flash_dq_kernel(
     DO += b.to(tl.int64) * stride_dob + h * stride_doh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
-    K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, PART, TMA)
+    K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     V = tile_source(V, kv_len, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     q_start = block * BLOCK_M
     rows = q_start + tl.arange(0, BLOCK_M)
     pos_q = rows + S - T
     dims = tl.arange(0, D_PAD)
-    q_a, q_b = load_qk(Q, rows, T, stride_qt, stride_qd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
+    q = load_rows(Q, rows, T, stride_qt, dims, HEAD_DIM, stride_qd)
     do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
     lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
     o = load_rows(O, rows, T, stride_ot, dims, HEAD_DIM, stride_od)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
 
-    dq_a = tl.zeros([BLOCK_M, PART], dtype=tl.float32)
-    dq_b = tl.zeros([BLOCK_M, PART], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
-    dq_a, dq_b = _dq_key_loop(
-        dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        COS, SIN, lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
-    dq_a, dq_b = _dq_key_loop(
-        dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        COS, SIN, full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N, TMA,
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, D_PAD, ALIBI, False, PRECISION, BLOCK_N, TMA,
     )
-    dq_a, dq_b = _dq_key_loop(
-        dq_a, dq_b, q_a, q_b, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        COS, SIN, full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
+        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
     DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
-    store_qk_grad(DQ, dq_a * scale, dq_b * scale, rows, T, stride_dqt, stride_dqd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
+    store_rows(DQ, dq * scale, rows, T, stride_dqt, dims, HEAD_DIM, stride_dqd)
 
 
 def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torch.Tensor, ...] | None = None):

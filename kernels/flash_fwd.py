@@ -13,11 +13,9 @@ import triton.language as tl
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
-    load_qk,
+    load_rows,
     mma,
-    qk_dot,
     query_program,
-    read_qk,
     read_rows,
     score_tile,
     store_rows,
@@ -27,17 +25,17 @@ from attnbench.kernels.flash_tiles import (
 
 @triton.jit
 def _fwd_key_loop(
-    acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    COS, SIN, start, stop, kv_len, left, right, scale_log2, slope_log2,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
-    ALIBI: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    start, stop, kv_len, left, right, scale_log2, slope_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
     """K, V: tile sources (flash_tiles.tile_source)."""
     for k_start in range(start, stop, BLOCK_N):
         keys = k_start + tl.arange(0, BLOCK_N)
-        k_a, k_b = read_qk(K, k_start, kv_len, stride_kt, stride_kd, COS, SIN, 0, HEAD_DIM, PART, ROPE, BLOCK_N, TMA)
+        k = read_rows(K, k_start, kv_len, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
-        s = qk_dot(q_a, q_b, k_a, k_b, ROPE, PRECISION)
+        s = mma(q, tl.trans(k), None, PRECISION)
         s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead
@@ -64,14 +62,13 @@ def _fwd_key_loop(
 )
 @triton.jit
 def flash_fwd_kernel(
-    Q, K, V, O, LSE, SEQ_LENS, SLOPES, COS, SIN,
+    Q, K, V, O, LSE, SEQ_LENS, SLOPES,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     T, S, HQ, GROUP, left, right, scale_log2, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, D_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr, ROPE: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
@@ -80,12 +77,12 @@ def flash_fwd_kernel(
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
-    K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, PART, TMA)
+    K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     V = tile_source(V, kv_len, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     q_start = block * BLOCK_M
     rows = q_start + tl.arange(0, BLOCK_M)
     pos_q = rows + S - T
-    q_a, q_b = load_qk(Q, rows, T, stride_qt, stride_qd, COS, SIN, pos_q, HEAD_DIM, PART, ROPE)
+    q = load_rows(Q, rows, T, stride_qt, tl.arange(0, D_PAD), HEAD_DIM, stride_qd)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -93,19 +90,19 @@ def flash_fwd_kernel(
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
     # the window's left edge, then tiles every row sees in full (no mask), then the diagonal/right edge
     acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
+        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
         lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
+        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
     acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
+        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
         full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, False, PRECISION, BLOCK_N, TMA,
+        HEAD_DIM, D_PAD, ALIBI, False, PRECISION, BLOCK_N, TMA,
     )
     acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q_a, q_b, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, COS, SIN,
+        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
         full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, PART, D_PAD, ROPE, ALIBI, True, PRECISION, BLOCK_N, TMA,
+        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
 
     seen = l_i > 0.0

@@ -25,7 +25,8 @@ class FlashProblem:
 
     left/right: visible keys around a query's position (causal: right = 0; no window: huge);
     seq_lens int32 [B] | None; slopes float32 [Hq] | None; cos/sin float32 [S, D/2] | None
-    (RoPE angles by position); scale: softmax scale of q.k.
+    (RoPE angles by key position, applied to q and k before the kernels: kernels/flash_rope.py);
+    scale: softmax scale of q.k.
     """
 
     causal: bool
@@ -41,13 +42,17 @@ class FlashProblem:
     seq_bucket: int
 
     def tensors(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """SEQ_LENS, SLOPES, COS, SIN kernel arguments; absent ones are a never-read placeholder."""
-        return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes, self.cos, self.sin))
+        """SEQ_LENS, SLOPES kernel arguments; absent ones are a never-read placeholder."""
+        return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes))
+
+    @property
+    def rope(self) -> bool:
+        return self.cos is not None
 
     @functools.cached_property
     def tma_capable(self) -> bool:
-        """16-bit inputs without RoPE: what use_tma needs of the problem itself."""
-        return self.cos is None and self.dtype in (torch.float16, torch.bfloat16)
+        """16-bit inputs: what use_tma needs of the problem itself."""
+        return self.dtype in (torch.float16, torch.bfloat16)
 
     @property
     def scale_log2(self) -> float:
@@ -57,15 +62,11 @@ class FlashProblem:
     def launch_kwargs(self) -> dict:
         """The keyword arguments of every flash kernel launch: SEQ_BUCKET (a tuning key) and
         the constexprs (FlashKernel remembers its config by them); computed once per problem."""
-        rope = self.cos is not None
-        part = self.head_dim // 2 if rope else self.head_dim
         return {
             "SEQ_BUCKET": self.seq_bucket,
             "HEAD_DIM": self.head_dim,
-            "PART": max(16, triton.next_power_of_2(part)),  # tl.dot needs K >= 16
-            "D_PAD": max(16, triton.next_power_of_2(self.head_dim)),
+            "D_PAD": max(16, triton.next_power_of_2(self.head_dim)),  # tl.dot needs K >= 16
             "CAUSAL": self.causal,
-            "ROPE": rope,
             "ALIBI": self.slopes is not None,
             "HAS_SEQ_LENS": self.seq_lens is not None,
             # tf32 would fail the fp32 error bound; fp16/bf16 inputs ignore this
@@ -84,7 +85,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 # only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
 # `attnbench check`) take the first candidate and compile one config per kernel.
 TUNE_FROM_SEQ = 4096
-_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ROPE", "ALIBI", "PRECISION", "TMA"]
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA"]
 
 # Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
 # (A/B timing: python3 -m attnbench.tile_sweep --loads pointer)
@@ -124,9 +125,8 @@ _scratch = _Scratch()
 
 def use_tma(problem: FlashProblem, *tensors: torch.Tensor) -> bool:
     """Whether a launch over ``tensors`` (the ones its loops read tiles of) takes them through
-    TMA descriptors: a Hopper or newer GPU, 16-bit inputs without RoPE (whose rotation reads
-    the two halves of a row apart), each tensor with unit column stride and its base and other
-    strides 16-byte aligned. Sets triton's allocator for the descriptors when it says yes."""
+    TMA descriptors: a Hopper or newer GPU, 16-bit inputs, each tensor with unit column stride
+    and its base and other strides 16-byte aligned. Sets triton's allocator for the descriptors when it says yes."""
     if not (TMA_LOADS and problem.tma_capable and _has_tma(tensors[0].get_device())):
         return False
     for x in tensors:
@@ -229,7 +229,7 @@ def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Con
     256) to its candidates, best guess first; fp32 inputs (FMA dots, twice the bytes per tile)
     get one small tile; TRITON_INTERPRET gets one tiny tile (tuning is pointless there)."""
     if INTERPRET:
-        return lambda fn: FlashKernel(triton.autotune([interpret], key=_TUNING_KEY)(fn), by_head_dim)
+        return lambda fn: FlashKernel(triton.autotune([interpret], key=_tuning_key(fn))(fn), by_head_dim)
 
     def candidates(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}  # constexprs and SEQ_BUCKET arrive as kwargs, sizes as named args
@@ -239,8 +239,13 @@ def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Con
         return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
 
     every = [fp32] + [config for picks in by_head_dim.values() for config in picks]
-    tune = triton.autotune(every, key=_TUNING_KEY, prune_configs_by={"early_config_prune": candidates})
-    return lambda fn: FlashKernel(tune(fn), by_head_dim)
+    prune = {"early_config_prune": candidates}
+    return lambda fn: FlashKernel(triton.autotune(every, key=_tuning_key(fn), prune_configs_by=prune)(fn), by_head_dim)
+
+
+def _tuning_key(fn) -> list[str]:
+    """The tuning key's names that are arguments of kernel ``fn`` (triton rejects others)."""
+    return [name for name in _TUNING_KEY if name in fn.arg_names]
 
 
 def candidates_for(by_head_dim: dict[int, list[triton.Config]], head_dim: int) -> list[triton.Config]:

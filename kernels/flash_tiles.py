@@ -4,10 +4,8 @@ Conventions (kernels/flash_fwd.py, kernels/flash_bwd.py):
 - Positions: query row i sits at position i + S - T (the last query aligned with the last
   key), key row j at j. Key j is visible to a query at position p when
   p - left <= j <= p + right and j < kv_len (causal is right = 0; "no window" is a huge left).
-- q and k tiles come in two column parts (a, b) so RoPE can rotate them in registers:
-  with ROPE, a = x[:, :D/2] and b = x[:, D/2:] after the rotate-half rotation, and a score is
-  dot(q_a, k_a^T) + dot(q_b, k_b^T); without ROPE, a is the whole row (padded to PART
-  columns) and b is unused.
+- Tiles are [rows, D_PAD]: D padded to a power of two (at least 16), the padding read as 0.
+  RoPE is not applied here: q and k arrive rotated (kernels/flash_rope.py).
 - Scores live in the log2 domain (scale * log2(e) folded in) so softmax uses exp2.
 - Tiles a loop walks over (k, v in the forward and dq; q, dO in dk/dv) come from a tile
   source: with TMA a tensor descriptor, so Hopper's copy engine fetches each tile (no address
@@ -42,38 +40,6 @@ def store_rows(base, x, rows, n_rows, stride_row, cols, n_cols, stride_col):
 
 
 @triton.jit
-def rope_table(cos_ptr, sin_ptr, positions, rows, n_rows, HALF: tl.constexpr, PART: tl.constexpr):
-    """cos, sin [rows, PART] float32 of the RoPE angles at ``positions`` (tables [S, HALF])."""
-    cols = tl.arange(0, PART)
-    offsets = positions[:, None] * HALF + cols[None, :]
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < HALF)
-    return tl.load(cos_ptr + offsets, mask=mask, other=0.0), tl.load(sin_ptr + offsets, mask=mask, other=0.0)
-
-
-@triton.jit
-def load_qk(
-    base, rows, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, positions,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, ROPE: tl.constexpr,
-):
-    """A q or k tile as its two parts (a, b), rotated in registers when ROPE (module docstring)."""
-    cols = tl.arange(0, PART)
-    if ROPE:
-        half: tl.constexpr = HEAD_DIM // 2
-        x1 = load_rows(base, rows, n_rows, stride_row, cols, half, stride_col)
-        x2 = load_rows(base + half * stride_col, rows, n_rows, stride_row, cols, half, stride_col)
-        cos, sin = rope_table(cos_ptr, sin_ptr, positions, rows, n_rows, half, PART)
-        # rotate in float32 and round once, so q' and k' carry a single rounding error
-        x1f = x1.to(tl.float32)
-        x2f = x2.to(tl.float32)
-        a = (x1f * cos - x2f * sin).to(x1.dtype)
-        b = (x2f * cos + x1f * sin).to(x1.dtype)
-    else:
-        a = load_rows(base, rows, n_rows, stride_row, cols, HEAD_DIM, stride_col)
-        b = a
-    return a, b
-
-
-@triton.jit
 def tile_source(base, n_rows, stride_row, N_COLS: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
     """Where [BLOCK, COLS] row tiles of a row-major view [n_rows, N_COLS] are read from: a TMA
     descriptor (unit column stride, 16-byte-aligned base and row stride) or ``base`` itself."""
@@ -95,41 +61,6 @@ def read_rows(source, start, n_rows, stride_row, stride_col, N_COLS: tl.constexp
 
 
 @triton.jit
-def read_qk(
-    source, start, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, shift,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr,
-):
-    """load_qk of rows [start, start + BLOCK) (at positions row + shift) from a tile_source;
-    TMA never comes with ROPE (the rotation needs the two halves apart)."""
-    if TMA:
-        a = source.load([start, 0])
-        b = a
-    else:
-        rows = start + tl.arange(0, BLOCK)
-        a, b = load_qk(source, rows, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, rows + shift, HEAD_DIM, PART, ROPE)
-    return a, b
-
-
-@triton.jit
-def store_qk_grad(
-    base, grad_a, grad_b, rows, n_rows, stride_row, stride_col, cos_ptr, sin_ptr, positions,
-    HEAD_DIM: tl.constexpr, PART: tl.constexpr, ROPE: tl.constexpr,
-):
-    """Store the gradient of a q or k tile given the gradient of its parts (a, b);
-    with ROPE the parts are gradients w.r.t. the rotated tile, so apply the inverse rotation."""
-    cols = tl.arange(0, PART)
-    if ROPE:
-        half: tl.constexpr = HEAD_DIM // 2
-        cos, sin = rope_table(cos_ptr, sin_ptr, positions, rows, n_rows, half, PART)
-        grad1 = grad_a * cos + grad_b * sin
-        grad2 = grad_b * cos - grad_a * sin
-        store_rows(base, grad1, rows, n_rows, stride_row, cols, half, stride_col)
-        store_rows(base + half * stride_col, grad2, rows, n_rows, stride_row, cols, half, stride_col)
-    else:
-        store_rows(base, grad_a, rows, n_rows, stride_row, cols, HEAD_DIM, stride_col)
-
-
-@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b, accumulated in float32 (acc None: a @ b)."""
     if _DOT_IN_FP32:
@@ -137,15 +68,6 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
     else:
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
-
-
-@triton.jit
-def qk_dot(x_a, x_b, y_a, y_b, ROPE: tl.constexpr, PRECISION: tl.constexpr):
-    """x @ y^T of two tiles given as parts (module docstring): [M, N] float32."""
-    s = mma(x_a, tl.trans(y_a), None, PRECISION)
-    if ROPE:
-        s = mma(x_b, tl.trans(y_b), s, PRECISION)
-    return s
 
 
 @triton.jit

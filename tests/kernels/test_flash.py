@@ -174,9 +174,9 @@ def test_packed_projection_needs_heads_that_split_it():
         flash_attention_packed(qkv, 7)
 
 
-# the cases whose loops read tiles through TMA descriptors on a Hopper GPU (16-bit, no RoPE):
-# padding, windows and tails read past a descriptor's rows, and D80 past its columns
-TMA_CASES = [name for name, case in CASES.items() if case.dtype != torch.float32 and "theta" not in case.options]
+# the cases whose loops read tiles through TMA descriptors on a Hopper GPU (16-bit): padding,
+# windows and tails read past a descriptor's rows, and D80 past its columns
+TMA_CASES = [name for name, case in CASES.items() if case.dtype != torch.float32]
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ def test_tma_only_where_a_descriptor_can_read_the_tiles(tma):
     x = torch.randn(2, 40, 3, 32, device=DEVICE, dtype=torch.bfloat16)
     plain = flash_problem(x, x)
     assert flash_launch.use_tma(plain, x, x)
-    assert not flash_launch.use_tma(flash_problem(x, x, theta=1e4), x, x), "RoPE reads row halves apart"
+    assert flash_launch.use_tma(flash_problem(x, x, theta=1e4), x, x), "RoPE: q and k come rotated"
     assert not flash_launch.use_tma(flash_problem(x.float(), x.float()), x.float(), x.float()), "fp32"
     assert not flash_launch.use_tma(plain, x, x[..., ::2]), "column stride 2"
     assert not flash_launch.use_tma(plain, x, x[..., 1:17]), "base off 16 bytes"
@@ -342,6 +342,7 @@ REAL_SIZE_CASES = {
     "bf16-D256-window-4k": Case(batch=1, t=4096, heads=2, head_dim=256, options={"causal": True, "window": (512, 0)}),
     "bf16-D128-fused-qkv-mqa": Case(batch=2, t=1023, heads=8, kv_heads=1, head_dim=128, fused_qkv=True, options={"causal": True}),
     "bf16-D64-fused-qkv-gpt-small-4k": Case(batch=4, t=4096, heads=8, head_dim=64, fused_qkv=True, options={"causal": True}),
+    "bf16-D64-fused-qkv-rope-gqa-2k": Case(batch=2, t=2048, heads=8, kv_heads=4, head_dim=64, fused_qkv=True, options={"causal": True, "theta": 1e4}),
 }
 
 

@@ -1,0 +1,67 @@
+"""RoPE for the flash kernels, outside their loops: q and k are rotated once, in one pass, before
+the forward, and the gradients with respect to the rotated q and k are rotated back once after
+the backward. (Rotating inside the loops redid each streamed tile's rotation for every query or
+key block that read it: O(T^2 / block) rotations where this does O(T).)
+
+Rotate-half convention; the angles come from cos/sin tables [S, D/2] float32 by position
+(kernels/flash.py builds them); each rotation runs in float32 and rounds once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config
+from attnbench.kernels.flash_tiles import load_rows, store_rows
+
+
+@flash_autotune(
+    {64: [tile_config(64, 0, 4, 1)], 128: [tile_config(32, 0, 4, 1)], 256: [tile_config(16, 0, 4, 1)]},
+    fp32=tile_config(16, 0, 4, 1),
+    interpret=tile_config(16, 0, 4, 1),
+)
+@triton.jit
+def rope_kernel(
+    X, Y, COS, SIN,
+    stride_xb, stride_xt, stride_xh, stride_xd,
+    stride_yb, stride_yt, stride_yh, stride_yd,
+    T, H, shift, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    PRECISION: tl.constexpr, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_M), B * H): y [B, T, H, D] = x [B, T, H, D] rotated by the angles at
+    positions t + shift (INVERSE: by minus those angles, the transpose). The launch's other
+    constexprs are the flash kernels' (one FlashProblem launches them all) and unused here."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    half: tl.constexpr = HEAD_DIM // 2
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD // 2)
+    X += b.to(tl.int64) * stride_xb + h * stride_xh
+    Y += b.to(tl.int64) * stride_yb + h * stride_yh
+    x1 = load_rows(X, rows, T, stride_xt, cols, half, stride_xd).to(tl.float32)
+    x2 = load_rows(X + half * stride_xd, rows, T, stride_xt, cols, half, stride_xd).to(tl.float32)
+    angles = (rows + shift)[:, None] * half + cols[None, :]
+    visible = (rows[:, None] < T) & (cols[None, :] < half)
+    cos = tl.load(COS + angles, mask=visible, other=0.0)
+    sin = tl.load(SIN + angles, mask=visible, other=0.0)
+    if INVERSE:
+        sin = -sin
+    store_rows(Y, x1 * cos - x2 * sin, rows, T, stride_yt, cols, half, stride_yd)
+    store_rows(Y + half * stride_yd, x2 * cos + x1 * sin, rows, T, stride_yt, cols, half, stride_yd)
+
+
+def rope(x: torch.Tensor, problem: FlashProblem, shift: int, out: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
+    """x [B, T, H, D] (any strides) rotated by the problem's RoPE angles at positions t + shift,
+    into ``out`` (any strides, any float dtype) or a new contiguous tensor of x's dtype."""
+    b, t, h, _ = x.shape
+    if out is None:
+        out = empty(x.shape, x.dtype, x.device)
+    rope_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * h)](
+        x, out, problem.cos, problem.sin, *x.stride(), *out.stride(), t, h, shift,
+        INVERSE=inverse, **problem.launch_kwargs,
+    )
+    return out
