@@ -3,7 +3,7 @@ window (and one layer module, models/qkv.py), which differ only in the options t
 
 Softmax-family kernel options (all impls take all of them):
     window (left, right) | None, slopes [Hq] float32 | None (ALiBi),
-    theta float | None (fused RoPE base; None = no RoPE), offset int (RoPE position offset).
+    theta float | None (RoPE base; None = no RoPE), offset int (RoPE position offset).
 """
 
 from __future__ import annotations

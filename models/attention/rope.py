@@ -1,5 +1,6 @@
 """rope: softmax attention with rotary position embeddings (Su et al. 2021), rotate-half
-convention, fused into the kernel (q and k rotated as they are loaded)."""
+convention; our impl rotates q and k in one Triton pass before its kernels and their gradients
+back in one after (kernels/flash_rope.py), the peers rotate in torch."""
 
 from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
@@ -15,7 +16,7 @@ def rope_options(cfg: LayerConfig) -> dict:
 
 MECHANISM = Mechanism(
     name="rope",
-    description="softmax attention with rotary position embeddings (rotate-half), fused",
+    description="softmax attention with rotary position embeddings (rotate-half)",
     family="exact",
     layer=qkv_layer(rope_options, softmax_impls()),
     impls=softmax_impls(),
