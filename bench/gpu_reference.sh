@@ -36,6 +36,8 @@
 #   rope:     RoPE as rotation passes outside the kernels' loops: the flash CUDA tests, rope and
 #             standard against SDPA at D = 128 (the variants table's shapes), the model-level step of
 #             standard, rope and alibi as a CUDA graph and eager
+#   rope-epilogue: dq and dk rotated back in the backward kernels' epilogues (no float32 gradient
+#             buffers, no extra pass): the flash CUDA tests, the `rope` stage's variants and model steps
 #   final:    after `rope`: `attnbench check` of rope (bf16) to T = 4k, then the model-level step of
 #             standard, rope and alibi as a CUDA graph twice and eager twice (their spread)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
@@ -217,6 +219,12 @@ rope)
         --mode fwd --mode fwdbwd --causal --out "$out/variants"
     model_steps 1 model-graph standard,rope,alibi 100
     model_steps 1 model standard,rope,alibi 100
+    ;;
+rope-epilogue)
+    flash_tests 130
+    speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
+        --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    model_steps 1 model-graph standard,rope 100
     ;;
 final)
     limit 100 attnbench check --attn rope --max-seq 4096 --dtype bf16 --csv "$out/check-rope.csv" > "$out/check-rope.txt" 2>&1

@@ -27,8 +27,8 @@ class FlashAttention(torch.autograd.Function):
     """Differentiable flash attention over (q, k, v), or over the fused projection
     (qkv [B, T, Hq + 2 Hkv, D],) with ``split`` = (Hq, Hkv, Hkv): then the backward writes dq, dk,
     dv into one tensor, qkv's gradient, where autograd would concatenate three after a split.
-    With RoPE, q and k are rotated before the forward and their gradients rotated back after the
-    backward (kernels/flash_rope.py); the rotated q and k are what is saved."""
+    With RoPE, q and k are rotated before the forward (kernels/flash_rope.py) and the backward
+    kernels rotate dq and dk back; the rotated q and k are what is saved."""
 
     @staticmethod
     def forward(ctx, problem: FlashProblem, split: tuple[int, int, int] | None, *inputs):
@@ -45,31 +45,18 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        problem, split = ctx.problem, ctx.split
-        (b, t, _, d), shift = q.shape, k.shape[1] - q.shape[1]
-        if split is None:
-            grads = tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
-        else:
-            packed = empty((b, t, sum(split), d), q.dtype, q.device)
-            grads = packed.split(split, dim=2)
-        if not problem.rope:
-            flash_backward(q, k, v, o, lse, do, problem, grads)
-        elif split is None:  # dq, dk of the rotated q, k in float32, rotated back: one rounding
-            dq, dk = (empty(x.shape, torch.float32, x.device) for x in (q, k))
-            flash_backward(q, k, v, o, lse, do, problem, (dq, dk, grads[2]))
-            rope(dq, problem, shift, out=grads[0], inverse=True)
-            rope(dk, problem, 0, out=grads[1], inverse=True)
-        else:
-            dqk = empty((b, t, split[0] + split[1], d), torch.float32, q.device)
-            flash_backward(q, k, v, o, lse, do, problem, (*dqk.split(split[:2], dim=2), grads[2]))
-            rope(dqk, problem, 0, out=packed[:, :, : split[0] + split[1]], inverse=True)
-        return None, None, *(grads if split is None else (packed,))
+        if ctx.split is None:
+            return None, None, *flash_backward(q, k, v, o, lse, do, ctx.problem)
+        b, t, _, d = q.shape
+        packed = empty((b, t, sum(ctx.split), d), q.dtype, q.device)
+        flash_backward(q, k, v, o, lse, do, ctx.problem, grads=packed.split(ctx.split, dim=2))
+        return None, None, packed
 
 
 @functools.lru_cache(maxsize=16)
 def _rope_tables(length: int, head_dim: int, theta: float, offset: int, device: torch.device):
     """cos, sin float32 [length, D/2] at positions offset .. offset+length-1, cached (a model's
-    layers share them; kernels/flash_rope.py reads them by position)."""
+    layers share them; the rotation pass and the backward kernels read them by position)."""
     positions = torch.arange(offset, offset + length, device=device)
     cos, sin = rope_angles(positions, head_dim, theta)
     return cos.contiguous(), sin.contiguous()
@@ -167,7 +154,7 @@ def flash_attention(
     seq_lens int [B]: keys j >= seq_lens[b] are padding. A query with no visible key gets 0.
     window (left, right): keys within [pos - left, pos + right] (with causal, right is 0).
     slopes float32 [Hq]: ALiBi bias -slope * |pos_q - pos_k|.
-    theta: RoPE base (rotate-half; one Triton pass rotates q and k, another their gradients);
+    theta: RoPE base (rotate-half; one Triton pass rotates q and k, the backward rotates dq, dk back);
         queries at offset + S - T + i, keys at offset + j.
     scale: of q.k (default D^-0.5).
     """

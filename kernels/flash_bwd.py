@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
+from attnbench.kernels.flash_rope import unrotate_rows
 from attnbench.kernels.flash_tiles import (
     key_blocks,
     load_rows,
@@ -66,7 +67,7 @@ def _dkdv_query_loop(
 )
 @triton.jit
 def flash_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES,
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -75,10 +76,11 @@ def flash_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     T, S, HQ, HKV, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
-    that share kv head; k and v stay in registers for the whole loop."""
+    that share kv head; k and v stay in registers for the whole loop. ROPE: q and k came rotated
+    (kernels/flash_rope.py), and dk is rotated back by COS, SIN [S, D/2] before it is stored."""
     bh = tl.program_id(1)
     b = bh // HKV
     kv_h = bh % HKV
@@ -123,7 +125,10 @@ def flash_dkdv_kernel(
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + kv_h * stride_dvh
     # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
-    store_rows(DK, dk * scale, keys, S, stride_dkt, dims, HEAD_DIM, stride_dkd)
+    dk *= scale
+    if ROPE:
+        dk = unrotate_rows(dk, keys, S, keys, COS, SIN, HEAD_DIM, D_PAD)
+    store_rows(DK, dk, keys, S, stride_dkt, dims, HEAD_DIM, stride_dkd)
     store_rows(DV, dv, keys, S, stride_dvt, dims, HEAD_DIM, stride_dvd)
 
 
@@ -160,7 +165,7 @@ def _dq_key_loop(
 )
 @triton.jit
 def flash_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES,
+    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -169,10 +174,11 @@ def flash_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     T, S, HQ, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 =
-    rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers."""
+    rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers.
+    ROPE: as flash_dkdv_kernel's, for dq (rows at positions row + S - T)."""
     block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     O += b.to(tl.int64) * stride_ob + h * stride_oh
@@ -210,26 +216,30 @@ def flash_dq_kernel(
         HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
     )
     DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
-    store_rows(DQ, dq * scale, rows, T, stride_dqt, dims, HEAD_DIM, stride_dqd)
+    dq *= scale
+    if ROPE:
+        dq = unrotate_rows(dq, rows, T, pos_q, COS, SIN, HEAD_DIM, D_PAD)
+    store_rows(DQ, dq, rows, T, stride_dqt, dims, HEAD_DIM, stride_dqd)
 
 
 def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torch.Tensor, ...] | None = None):
     """dq [B, T, Hq, D], dk and dv [B, S, Hkv, D] (dtypes of q, k, v) from the forward's o and lse,
-    written into ``grads`` (any strides, e.g. views of one packed gradient) or new tensors."""
+    written into ``grads`` (any strides, e.g. views of one packed gradient) or new tensors. With
+    RoPE, q and k are the rotated ones and dq, dk come out for the unrotated q and k."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     delta = empty((b, hq, t), torch.float32, q.device)  # written by the dq kernel, read by dk/dv's
     dq, dk, dv = grads if grads is not None else tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
-    extras = problem.tensors(q)
+    extras = (*problem.tensors(q), *problem.rope_tables(q))
     scales = (problem.left, problem.right, problem.scale, problem.scale_log2)
     flash_dq_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * hq)](
         q, k, v, o, do, dq, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        t, s, hq, hq // hkv, *scales, TMA=use_tma(problem, k, v), **problem.launch_kwargs,
+        t, s, hq, hq // hkv, *scales, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
     )
     flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, *scales, TMA=use_tma(problem, q, do), **problem.launch_kwargs,
+        t, s, hq, hkv, hq // hkv, *scales, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
     )
     return dq, dk, dv

@@ -25,7 +25,8 @@ class FlashProblem:
 
     left/right: visible keys around a query's position (causal: right = 0; no window: huge);
     seq_lens int32 [B] | None; slopes float32 [Hq] | None; cos/sin float32 [S, D/2] | None
-    (RoPE angles by key position, applied to q and k before the kernels: kernels/flash_rope.py);
+    (RoPE angles by key position: q and k are rotated before the kernels, dq and dk rotated back
+    in the backward's epilogues, kernels/flash_rope.py);
     scale: softmax scale of q.k.
     """
 
@@ -44,6 +45,10 @@ class FlashProblem:
     def tensors(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """SEQ_LENS, SLOPES kernel arguments; absent ones are a never-read placeholder."""
         return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes))
+
+    def rope_tables(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """COS, SIN kernel arguments (placeholders without RoPE)."""
+        return (self.cos, self.sin) if self.rope else (placeholder, placeholder)
 
     @property
     def rope(self) -> bool:
@@ -85,7 +90,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 # only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
 # `attnbench check`) take the first candidate and compile one config per kernel.
 TUNE_FROM_SEQ = 4096
-_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA"]
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", "ROPE"]
 
 # Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
 # (A/B timing: python3 -m attnbench.tile_sweep --loads pointer)

@@ -1,7 +1,7 @@
 """RoPE for the flash kernels, outside their loops: q and k are rotated once, in one pass, before
-the forward, and the gradients with respect to the rotated q and k are rotated back once after
-the backward. (Rotating inside the loops redid each streamed tile's rotation for every query or
-key block that read it: O(T^2 / block) rotations where this does O(T).)
+the forward (rope_kernel), and the backward kernels rotate their float32 dq and dk back in their
+epilogues (unrotate_rows), once per row. (Rotating inside the loops redid each streamed tile's
+rotation for every query or key block that read it: O(T^2 / block) rotations where this does O(T).)
 
 Rotate-half convention; the angles come from cos/sin tables [S, D/2] float32 by position
 (kernels/flash.py builds them); each rotation runs in float32 and rounds once.
@@ -29,11 +29,11 @@ def rope_kernel(
     stride_yb, stride_yt, stride_yh, stride_yd,
     T, H, shift, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, INVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * H): y [B, T, H, D] = x [B, T, H, D] rotated by the angles at
-    positions t + shift (INVERSE: by minus those angles, the transpose). The launch's other
-    constexprs are the flash kernels' (one FlashProblem launches them all) and unused here."""
+    positions t + shift. The launch's other constexprs are the flash kernels' (one FlashProblem
+    launches them all) and unused here."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -48,20 +48,35 @@ def rope_kernel(
     visible = (rows[:, None] < T) & (cols[None, :] < half)
     cos = tl.load(COS + angles, mask=visible, other=0.0)
     sin = tl.load(SIN + angles, mask=visible, other=0.0)
-    if INVERSE:
-        sin = -sin
     store_rows(Y, x1 * cos - x2 * sin, rows, T, stride_yt, cols, half, stride_yd)
     store_rows(Y + half * stride_yd, x2 * cos + x1 * sin, rows, T, stride_yt, cols, half, stride_yd)
 
 
-def rope(x: torch.Tensor, problem: FlashProblem, shift: int, out: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
-    """x [B, T, H, D] (any strides) rotated by the problem's RoPE angles at positions t + shift,
-    into ``out`` (any strides, any float dtype) or a new contiguous tensor of x's dtype."""
+@triton.jit
+def unrotate_rows(x, rows, n_rows, positions, COS, SIN, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """R^T x for x [rows, D_PAD] float32, the gradient with respect to rows that RoPE rotated at
+    ``positions``: the gradient with respect to the rows before the rotation. Column j pairs with
+    j + D/2 (or j - D/2); padding columns stay 0."""
+    half: tl.constexpr = HEAD_DIM // 2
+    cols = tl.arange(0, D_PAD)
+    first = cols < half
+    pair = tl.where(first, cols, cols - half)
+    partner = tl.where(cols < HEAD_DIM, tl.where(first, cols + half, cols - half), cols)
+    visible = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    angles = positions[:, None] * half + pair[None, :]
+    cos = tl.load(COS + angles, mask=visible, other=0.0)
+    sin = tl.load(SIN + angles, mask=visible, other=0.0)
+    # first half: g1 = a cos + b sin; second half: g2 = b cos - a sin
+    x_partner = tl.gather(x, tl.broadcast_to(partner[None, :], x.shape), 1)
+    return x * cos + x_partner * tl.where(first[None, :], sin, -sin)
+
+
+def rope(x: torch.Tensor, problem: FlashProblem, shift: int) -> torch.Tensor:
+    """x [B, T, H, D] (any strides) rotated by the problem's RoPE angles at positions t + shift:
+    a new contiguous tensor of x's dtype."""
     b, t, h, _ = x.shape
-    if out is None:
-        out = empty(x.shape, x.dtype, x.device)
+    out = empty(x.shape, x.dtype, x.device)
     rope_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * h)](
-        x, out, problem.cos, problem.sin, *x.stride(), *out.stride(), t, h, shift,
-        INVERSE=inverse, **problem.launch_kwargs,
+        x, out, problem.cos, problem.sin, *x.stride(), *out.stride(), t, h, shift, **problem.launch_kwargs,
     )
     return out
