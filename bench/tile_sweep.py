@@ -7,8 +7,8 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
 times every tile both with the loops' tiles read through TMA descriptors and through pointers;
 --kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone; a dk/dv candidate
 is timed as the whole backward with dq held at its current first choice, and a dq candidate with
-dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels' own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are
-edited by hand from what this prints.
+dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels'
+own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are edited by hand from what this prints.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def sweep(
     batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, candidates=CANDIDATES, loads: tuple[str, ...] = ("tma",)
 ) -> pd.DataFrame:
     """Rows (kernel, block_m, block_n, warps, stages, loads, ms) for every tile in ``candidates``
-    (kernel name -> tiles; a kernel left out is held at its first choice where another needs it) with each way of loading tiles in ``loads`` ('tma': descriptors where
-    the GPU has them, 'pointer'), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
+    (kernel name -> tiles; a kernel left out is held at its first choice where another needs it)
+    with each way of loading tiles in ``loads`` ('tma': descriptors where the GPU has them,
+    'pointer'), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
     device = torch.device("cuda")
     q, k, v, do = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
     problem = flash_problem(q, k, causal=causal)
