@@ -116,8 +116,10 @@ def _build_problem(t, s, d, dtype, device, causal, seq_lens, window, slopes, the
     if causal:
         right = 0 if window is None else min(right, 0)
     cos = sin = None
-    if theta is not None:
-        cos, sin = _rope_tables(s, d, float(theta), int(offset), device)
+    if theta is not None:  # row p of the tables is position offset + p; with T > S the first
+        # queries sit at negative p, so the tables start that many rows earlier in memory
+        first = min(0, s - t)
+        cos, sin = (x[-first:] for x in _rope_tables(s - first, d, float(theta), int(offset) + first, device))
     return FlashProblem(
         causal=causal,
         left=int(left),

@@ -130,6 +130,7 @@ CASES = {
     "alibi-window": Case(t=60, heads=2, options={"window": (7, 7), "slopes": _slopes(2)}),
     "rope": Case(options={"theta": 10000.0}),
     "rope-causal-offset-cross": Case(t=20, s=45, options={"causal": True, "theta": 500.0, "offset": 9}),
+    "rope-T>S-queries-at-negative-positions": Case(t=40, s=23, options={"theta": 1e4, "offset": 2}),
     "rope-D80-gqa-padding": Case(heads=4, kv_heads=2, head_dim=80, options={"theta": 10000.0, "seq_lens": _lens(31, 45)}),
     "D16": Case(head_dim=16, options={"causal": True, "theta": 10000.0}),
     "D80-fp16": Case(head_dim=80, dtype=torch.float16, options={"causal": True}),
