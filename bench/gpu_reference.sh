@@ -38,6 +38,8 @@
 #             standard, rope and alibi as a CUDA graph and eager
 #   rope-epilogue: dq and dk rotated back in the backward kernels' epilogues (no float32 gradient
 #             buffers, no extra pass): the flash CUDA tests, the `rope` stage's variants and model steps
+#   rope-check: after the RoPE tables covered queries before the first key: the flash tests with
+#             RoPE on the GPU (small and real sizes), `attnbench check` of rope (bf16) to T = 4k
 #   final:    after `rope`: `attnbench check` of rope (bf16) to T = 4k, then the model-level step of
 #             standard, rope and alibi as a CUDA graph twice and eager twice (their spread)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
@@ -225,6 +227,13 @@ rope-epilogue)
     speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
         --mode fwd --mode fwdbwd --causal --out "$out/variants"
     model_steps 1 model-graph standard,rope 100
+    ;;
+rope-check)
+    limit 60 python3 -m pytest -v tests/kernels/test_flash.py -k "rope or fused or everything" --tb=short \
+        > "$out/rope_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/rope_tests.txt" | tail -4
+    limit 100 attnbench check --attn rope --max-seq 4096 --dtype bf16 --csv "$out/check-rope.csv" > "$out/check-rope.txt" 2>&1
+    tail -n 3 "$out/check-rope.txt"
     ;;
 final)
     limit 100 attnbench check --attn rope --max-seq 4096 --dtype bf16 --csv "$out/check-rope.csv" > "$out/check-rope.txt" 2>&1
