@@ -78,6 +78,11 @@ class FlashProblem:
             "PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
         }
 
+    @functools.cached_property
+    def rotation_kwargs(self) -> dict:
+        """launch_kwargs without the masking constexprs, for RoPE's rotation pass (flash_rope)."""
+        return {name: value for name, value in self.launch_kwargs.items() if name not in ("CAUSAL", "ALIBI", "HAS_SEQ_LENS")}
+
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised memory for a kernel output (tests swap in NaN-filled memory to catch

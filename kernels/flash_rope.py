@@ -28,12 +28,10 @@ def rope_kernel(
     stride_xb, stride_xt, stride_xh, stride_xd,
     stride_yb, stride_yt, stride_yh, stride_yd,
     T, H, shift, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * H): y [B, T, H, D] = x [B, T, H, D] rotated by the angles at
-    positions t + shift. The launch's other constexprs are the flash kernels' (one FlashProblem
-    launches them all) and unused here."""
+    positions t + shift (SEQ_BUCKET and PRECISION choose the tile, flash_launch.flash_autotune)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -44,12 +42,17 @@ def rope_kernel(
     Y += b.to(tl.int64) * stride_yb + h * stride_yh
     x1 = load_rows(X, rows, T, stride_xt, cols, half, stride_xd).to(tl.float32)
     x2 = load_rows(X + half * stride_xd, rows, T, stride_xt, cols, half, stride_xd).to(tl.float32)
-    angles = (rows + shift)[:, None] * half + cols[None, :]
-    visible = (rows[:, None] < T) & (cols[None, :] < half)
-    cos = tl.load(COS + angles, mask=visible, other=0.0)
-    sin = tl.load(SIN + angles, mask=visible, other=0.0)
+    cos, sin = _cos_sin(COS, SIN, rows + shift, cols, (rows[:, None] < T) & (cols[None, :] < half), half)
     store_rows(Y, x1 * cos - x2 * sin, rows, T, stride_yt, cols, half, stride_yd)
     store_rows(Y + half * stride_yd, x2 * cos + x1 * sin, rows, T, stride_yt, cols, half, stride_yd)
+
+
+@triton.jit
+def _cos_sin(COS, SIN, positions, pairs, visible, HALF: tl.constexpr):
+    """cos, sin [rows, cols] float32 of pair ``pairs[col]``'s angle at ``positions[row]``, from the
+    tables [*, HALF]; 0 where not ``visible``."""
+    angles = positions[:, None] * HALF + pairs[None, :]
+    return tl.load(COS + angles, mask=visible, other=0.0), tl.load(SIN + angles, mask=visible, other=0.0)
 
 
 @triton.jit
@@ -62,10 +65,7 @@ def unrotate_rows(x, rows, n_rows, positions, COS, SIN, HEAD_DIM: tl.constexpr, 
     first = cols < half
     pair = tl.where(first, cols, cols - half)
     partner = tl.where(cols < HEAD_DIM, tl.where(first, cols + half, cols - half), cols)
-    visible = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
-    angles = positions[:, None] * half + pair[None, :]
-    cos = tl.load(COS + angles, mask=visible, other=0.0)
-    sin = tl.load(SIN + angles, mask=visible, other=0.0)
+    cos, sin = _cos_sin(COS, SIN, positions, pair, (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), half)
     # first half: g1 = a cos + b sin; second half: g2 = b cos - a sin
     x_partner = tl.gather(x, tl.broadcast_to(partner[None, :], x.shape), 1)
     return x * cos + x_partner * tl.where(first[None, :], sin, -sin)
@@ -77,6 +77,6 @@ def rope(x: torch.Tensor, problem: FlashProblem, shift: int) -> torch.Tensor:
     b, t, h, _ = x.shape
     out = empty(x.shape, x.dtype, x.device)
     rope_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * h)](
-        x, out, problem.cos, problem.sin, *x.stride(), *out.stride(), t, h, shift, **problem.launch_kwargs,
+        x, out, problem.cos, problem.sin, *x.stride(), *out.stride(), t, h, shift, **problem.rotation_kwargs,
     )
     return out
