@@ -42,6 +42,9 @@
 #             RoPE on the GPU (small and real sizes), `attnbench check` of rope (bf16) to T = 4k
 #   final:    after `rope`: `attnbench check` of rope (bf16) to T = 4k, then the model-level step of
 #             standard, rope and alibi as a CUDA graph twice and eager twice (their spread)
+#   lean:     lse and delta read through TMA in dk/dv (no per-thread masked loads), the forward's
+#             softmax scale folded into its exponent: the flash CUDA tests, every D = 64 tile, the
+#             model-level step as a CUDA graph
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -253,6 +256,12 @@ check)
             > "$out/check-$dtype.txt" 2>&1
         tail -n 3 "$out/check-$dtype.txt"
     done
+    ;;
+lean)
+    flash_tests 150 tests/bench/test_tile_sweep.py
+    limit 250 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    model_steps 1 model-graph standard 100
+    tail -64 "$out/tiles.txt"
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"

@@ -20,9 +20,11 @@ from attnbench.kernels.flash_tiles import (
     query_blocks,
     query_program,
     read_rows,
+    read_vector,
     score_tile,
     store_rows,
     tile_source,
+    vector_source,
 )
 
 
@@ -35,15 +37,16 @@ def _dkdv_query_loop(
 ):
     """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
     Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose.
-    Q, DO: tile sources (flash_tiles.tile_source)."""
+    Q, DO: tile sources (flash_tiles.tile_source); LSE, DELTA: vector sources (flash_tiles.vector_source).
+    Rows past T read 0 in q, dO, lse and delta alike, so they add nothing: p = 1 there, but
+    dO = 0 (no dv) and dS = p * (0 - 0) = 0 (no dk)."""
     for q_start in range(start, stop, BLOCK_M):
         rows = q_start + tl.arange(0, BLOCK_M)
         pos_q = rows + S - T
         q = read_rows(Q, q_start, T, stride_qt, stride_qd, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         do = read_rows(DO, q_start, T, stride_dot, stride_dod, HEAD_DIM, BLOCK_M, D_PAD, TMA)
-        # rows past T read lse = +inf, so their probabilities are exactly 0
-        lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
-        delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
+        lse = read_vector(LSE, q_start, T, BLOCK_M, TMA)
+        delta = read_vector(DELTA, q_start, T, BLOCK_M, TMA)
         s_t = mma(k, tl.trans(q), None, PRECISION)
         s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
         p_t = tl.math.exp2(s_t - lse[None, :])
@@ -74,7 +77,7 @@ def flash_dkdv_kernel(
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    T, S, HQ, HKV, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
+    T, S, HQ, HKV, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -104,8 +107,8 @@ def flash_dkdv_kernel(
         DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
         Q_h = tile_source(Q_h, T, stride_qt, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         DO_h = tile_source(DO_h, T, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, TMA)
-        LSE_h = LSE + (b * HQ + h).to(tl.int64) * T
-        DELTA_h = DELTA + (b * HQ + h).to(tl.int64) * T
+        LSE_h = vector_source(LSE + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
+        DELTA_h = vector_source(DELTA + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
             lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
@@ -172,11 +175,11 @@ def flash_dq_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    T, S, HQ, GROUP, left, right, scale, scale_log2, SEQ_BUCKET,
+    T, S, HQ, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 =
+    """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 (LSE's row stride) =
     rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers.
     ROPE: as flash_dkdv_kernel's, for dq (rows at positions row + S - T)."""
     block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
@@ -193,10 +196,10 @@ def flash_dq_kernel(
     dims = tl.arange(0, D_PAD)
     q = load_rows(Q, rows, T, stride_qt, dims, HEAD_DIM, stride_qd)
     do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=rows < T, other=float("inf"))
+    lse = tl.load(LSE + bh.to(tl.int64) * stride_stats + rows, mask=rows < T, other=float("inf"))
     o = load_rows(O, rows, T, stride_ot, dims, HEAD_DIM, stride_od)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
+    tl.store(DELTA + bh.to(tl.int64) * stride_stats + rows, delta, mask=rows < T)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
@@ -228,18 +231,18 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torc
     RoPE, q and k are the rotated ones and dq, dk come out for the unrotated q and k."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    delta = empty((b, hq, t), torch.float32, q.device)  # written by the dq kernel, read by dk/dv's
+    delta = empty((b, hq, lse.stride(1)), torch.float32, q.device)[..., :t]  # lse's rows; written by the dq kernel, read by dk/dv's
     dq, dk, dv = grads if grads is not None else tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
     extras = (*problem.tensors(q), *problem.rope_tables(q))
     scales = (problem.left, problem.right, problem.scale, problem.scale_log2)
     flash_dq_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * hq)](
         q, k, v, o, do, dq, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        t, s, hq, hq // hkv, *scales, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
+        t, s, hq, hq // hkv, lse.stride(1), *scales, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
     )
     flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, *scales, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
+        t, s, hq, hkv, hq // hkv, lse.stride(1), *scales, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
     )
     return dq, dk, dv

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
+from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, stats_row_length, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
     load_rows,
@@ -36,13 +36,18 @@ def _fwd_key_loop(
         k = read_rows(K, k_start, kv_len, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         s = mma(q, tl.trans(k), None, PRECISION)
-        s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
+        if MASKED or ALIBI:
+            s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASKED:  # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead
+                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new_safe = m_new
+            p = tl.math.exp2(s - m_new_safe[:, None])
+        else:  # the scale (> 0) rides in the exponent's FMA: one multiply per score fewer
+            m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
             m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
+            p = tl.math.exp2(s * scale_log2 - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
@@ -67,12 +72,13 @@ def flash_fwd_kernel(
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    T, S, HQ, GROUP, left, right, scale_log2, SEQ_BUCKET,
+    T, S, HQ, GROUP, stride_stats, left, right, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
-    LSE [B, Hq, T] float32 in log2 units of the scaled scores (+inf for a row with no visible key)."""
+    LSE [B, Hq, T] float32 (row stride stride_stats) in log2 units of the scaled scores (+inf for a
+    row with no visible key)."""
     block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
@@ -110,15 +116,16 @@ def flash_fwd_kernel(
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     O += b.to(tl.int64) * stride_ob + h * stride_oh
     store_rows(O, o, rows, T, stride_ot, tl.arange(0, D_PAD), HEAD_DIM, stride_od)
-    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+    tl.store(LSE + bh.to(tl.int64) * stride_stats + rows, lse, mask=rows < T)
 
 
 def flash_forward(q, k, v, problem: FlashProblem):
-    """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, T] float32 (log2 units, for the backward)."""
+    """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, T] float32 (log2 units, for the backward; rows
+    padded to stats_row_length(T))."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     o = empty((b, t, hq, d), q.dtype, q.device)
-    lse = empty((b, hq, t), torch.float32, q.device)
+    lse = empty((b, hq, stats_row_length(t)), torch.float32, q.device)[..., :t]
 
     def grid(meta):
         return (blocks(t, meta["BLOCK_M"]), b * hq)
@@ -126,7 +133,7 @@ def flash_forward(q, k, v, problem: FlashProblem):
     flash_fwd_kernel[grid](
         q, k, v, o, lse, *problem.tensors(q),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        t, s, hq, hq // hkv, problem.left, problem.right, problem.scale_log2,
+        t, s, hq, hq // hkv, lse.stride(1), problem.left, problem.right, problem.scale_log2,
         TMA=use_tma(problem, k, v), **problem.launch_kwargs,
     )
     return o, lse

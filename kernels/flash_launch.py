@@ -108,6 +108,12 @@ def _has_tma(device_index: int) -> bool:
     return device_index >= 0 and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def stats_row_length(t: int) -> int:
+    """Row length of the per-row statistics (lse, delta [B, Hq, T] float32): T rounded up to 4
+    floats, so that every (b, h) row starts 16-byte aligned, as a TMA descriptor needs."""
+    return -(-t // 4) * 4
+
+
 def blocks(n: int, block: int) -> int:
     """ceil(n / block) (triton.cdiv, without its constexpr-function wrapper's host cost)."""
     return -(-n // block)

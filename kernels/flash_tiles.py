@@ -61,6 +61,27 @@ def read_rows(source, start, n_rows, stride_row, stride_col, N_COLS: tl.constexp
 
 
 @triton.jit
+def vector_source(base, n, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """Where [BLOCK] pieces of a float32 vector [n] (16-byte-aligned base with TMA) are read from."""
+    if TMA:
+        source = tl.make_tensor_descriptor(base, shape=[n], strides=[1], block_shape=[BLOCK])
+    else:
+        source = base
+    return source
+
+
+@triton.jit
+def read_vector(source, start, n, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """x[start : start + BLOCK] from a vector_source; out of range reads 0."""
+    if TMA:
+        x = source.load([start])
+    else:
+        at = start + tl.arange(0, BLOCK)
+        x = tl.load(source + at, mask=at < n, other=0.0)
+    return x
+
+
+@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b, accumulated in float32 (acc None: a @ b)."""
     if _DOT_IN_FP32:

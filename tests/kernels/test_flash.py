@@ -318,7 +318,7 @@ def test_block_ranges_cover_exactly_the_visible_tiles(t, s, kv_len, left, right)
                     assert not visible.any(), f"skipped tile {inner_start} of block {start} has visible pairs"
                 if full_lo <= inner_start < full_hi:
                     assert visible.all(), f"unmasked tile {inner_start} of block {start}"
-                    # keys past S may never go unmasked; query rows past T may (they read lse = +inf)
+                    # keys past S may never go unmasked; query rows past T may (q, dO, lse, delta read 0 there)
                     assert not keys_of_query_block or len(inner_idx) == inner, f"partial key tile {inner_start} unmasked"
 
 
@@ -334,6 +334,9 @@ def test_bad_inputs_raise_value_error():
         flash_attention(wide, wide, wide)
     with pytest.raises(ValueError, match="seq_lens"):
         flash_attention(q, q, q, seq_lens=torch.tensor([1, 2], device=DEVICE))
+    for scale in (0.0, -0.125, float("nan")):
+        with pytest.raises(ValueError, match="softmax scale must be > 0"):
+            flash_attention(q, q, q, scale=scale)
 
 
 REAL_SIZE_CASES = {
