@@ -45,6 +45,10 @@
 #   lean:     lse and delta read through TMA in dk/dv (no per-thread masked loads), the forward's
 #             softmax scale folded into its exponent: the flash CUDA tests, every D = 64 tile, the
 #             model-level step as a CUDA graph
+#   edges:    masked tiles test only the band edges their problem has, scores scaled inside exp2's
+#             FMA everywhere, the D = 64 dk/dv list re-chosen from `lean`: the flash CUDA tests,
+#             every D = 64 tile, the model-level step of standard, rope and alibi as a CUDA graph
+#             twice and of standard eager once
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -261,6 +265,13 @@ lean)
     flash_tests 150 tests/bench/test_tile_sweep.py
     limit 250 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     model_steps 1 model-graph standard 100
+    tail -64 "$out/tiles.txt"
+    ;;
+edges)
+    flash_tests 150 tests/bench/test_tile_sweep.py
+    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    model_steps 2 model-graph standard,rope,alibi 100
+    model_steps 1 model standard 80
     tail -64 "$out/tiles.txt"
     ;;
 layers)

@@ -13,14 +13,13 @@ import triton
 
 from attnbench.kernels.flash_bwd import flash_backward
 from attnbench.kernels.flash_fwd import flash_forward
-from attnbench.kernels.flash_launch import FlashProblem, empty
+from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem, empty
 from attnbench.kernels.flash_rope import rope
 from attnbench.kernels.flash_tiles import INTERPRET
 from attnbench.kernels.reference import rope_angles
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-_NO_LIMIT = 1 << 30  # "no window" bound: far beyond any sequence, safe from int32 overflow
 
 
 class FlashAttention(torch.autograd.Function):
@@ -114,7 +113,7 @@ def _cached_problem(t, s, d, dtype, device, causal, window, theta, offset, scale
 
 
 def _build_problem(t, s, d, dtype, device, causal, seq_lens, window, slopes, theta, offset, scale) -> FlashProblem:
-    left, right = window if window is not None else (_NO_LIMIT, _NO_LIMIT)
+    left, right = window if window is not None else (NO_LIMIT, NO_LIMIT)
     if causal:
         right = 0 if window is None else min(right, 0)
     cos = sin = None

@@ -14,6 +14,7 @@ import triton.language as tl
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_rope import unrotate_rows
 from attnbench.kernels.flash_tiles import (
+    alibi_slope,
     key_blocks,
     load_rows,
     mma,
@@ -31,8 +32,8 @@ from attnbench.kernels.flash_tiles import (
 @triton.jit
 def _dkdv_query_loop(
     dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-    start, stop, T, S, kv_len, left, right, scale_log2, slope_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    start, stop, T, S, kv_len, left, right, scale_log2, alibi,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
 ):
     """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
@@ -48,8 +49,8 @@ def _dkdv_query_loop(
         lse = read_vector(LSE, q_start, T, BLOCK_M, TMA)
         delta = read_vector(DELTA, q_start, T, BLOCK_M, TMA)
         s_t = mma(k, tl.trans(q), None, PRECISION)
-        s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
-        p_t = tl.math.exp2(s_t - lse[None, :])
+        s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, alibi, ALIBI, MASKED, EDGES)
+        p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         dv = mma(p_t.to(do.dtype), do, dv, PRECISION)
         dp_t = mma(v, tl.trans(do), None, PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
@@ -59,8 +60,8 @@ def _dkdv_query_loop(
 
 @flash_autotune(
     {
-        # the two fastest at D=64 causal, T 1k and 4k, tiles through TMA (H200: results/reference-h200/tma/tiles.csv)
-        64: [tile_config(32, 128, 4, 3), tile_config(32, 64, 4, 3)],
+        # the fastest at D=64 causal, T 1k then 4k, lse/delta through TMA (H200: results/reference-h200/lean/tiles.csv)
+        64: [tile_config(32, 64, 4, 3), tile_config(64, 64, 4, 3)],
         # whole backward, H200, TMA, causal 4k (reference-h200/tma-followup): 2.21 / 2.41 / 2.43 ms
         128: [tile_config(64, 128, 8, 2), tile_config(32, 128, 8, 2), tile_config(32, 128, 8, 3)],
         256: [tile_config(32, 64, 8, 2)],
@@ -79,7 +80,7 @@ def flash_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     T, S, HQ, HKV, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
     that share kv head; k and v stay in registers for the whole loop. ROPE: q and k came rotated
@@ -102,7 +103,7 @@ def flash_dkdv_kernel(
     lo, full_lo, full_hi, hi = query_blocks(k_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
+        alibi = alibi_slope(SLOPES, h, scale_log2, ALIBI)
         Q_h = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
         Q_h = tile_source(Q_h, T, stride_qt, HEAD_DIM, BLOCK_M, D_PAD, TMA)
@@ -111,18 +112,18 @@ def flash_dkdv_kernel(
         DELTA_h = vector_source(DELTA + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            lo, full_lo, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_M, TMA,
+            lo, full_lo, T, S, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
         )
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            full_lo, full_hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, D_PAD, ALIBI, False, PRECISION, BLOCK_M, TMA,
+            full_lo, full_hi, T, S, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_M, TMA,
         )
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            full_hi, hi, T, S, kv_len, left, right, scale_log2, slope_log2,
-            HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_M, TMA,
+            full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
         )
 
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
@@ -138,8 +139,8 @@ def flash_dkdv_kernel(
 @triton.jit
 def _dq_key_loop(
     dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    start, stop, kv_len, left, right, scale_log2, slope_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    start, stop, kv_len, left, right, scale_log2, alibi,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
     """K, V: tile sources (flash_tiles.tile_source)."""
@@ -148,8 +149,8 @@ def _dq_key_loop(
         k = read_rows(K, k_start, kv_len, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         s = mma(q, tl.trans(k), None, PRECISION)
-        s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
-        p = tl.math.exp2(s - lse[:, None])
+        s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, alibi, ALIBI, MASKED, EDGES)
+        p = tl.math.exp2(s * scale_log2 - lse[:, None])
         dp = mma(do, tl.trans(v), None, PRECISION)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = mma(ds, k, dq, PRECISION)
@@ -177,12 +178,12 @@ def flash_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     T, S, HQ, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 (LSE's row stride) =
     rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers.
     ROPE: as flash_dkdv_kernel's, for dq (rows at positions row + S - T)."""
-    block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
+    block, bh, b, h, kv_h, kv_len, alibi = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     O += b.to(tl.int64) * stride_ob + h * stride_oh
     DO += b.to(tl.int64) * stride_dob + h * stride_doh
@@ -205,18 +206,18 @@ def flash_dq_kernel(
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
     dq = _dq_key_loop(
         dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
+        lo, full_lo, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
     )
     dq = _dq_key_loop(
         dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, D_PAD, ALIBI, False, PRECISION, BLOCK_N, TMA,
+        full_lo, full_hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
     )
     dq = _dq_key_loop(
         dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
+        full_hi, hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
     )
     DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
     dq *= scale

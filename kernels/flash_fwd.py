@@ -26,28 +26,23 @@ from attnbench.kernels.flash_tiles import (
 @triton.jit
 def _fwd_key_loop(
     acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    start, stop, kv_len, left, right, scale_log2, slope_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr,
+    start, stop, kv_len, left, right, scale_log2, alibi,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
-    """K, V: tile sources (flash_tiles.tile_source)."""
+    """K, V: tile sources (flash_tiles.tile_source). m_i: each row's running max, in log2 units."""
     for k_start in range(start, stop, BLOCK_N):
         keys = k_start + tl.arange(0, BLOCK_N)
         k = read_rows(K, k_start, kv_len, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         s = mma(q, tl.trans(k), None, PRECISION)
-        if MASKED or ALIBI:
-            s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, scale_log2, slope_log2, ALIBI, MASKED)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if MASKED:  # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead
-                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new_safe = m_new
-            p = tl.math.exp2(s - m_new_safe[:, None])
-        else:  # the scale (> 0) rides in the exponent's FMA: one multiply per score fewer
-            m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        s = score_tile(s, pos_q[:, None], keys[None, :], kv_len, left, right, alibi, ALIBI, MASKED, EDGES)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        if MASKED:  # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
             m_new_safe = m_new
-            p = tl.math.exp2(s * scale_log2 - m_new[:, None])
+        p = tl.math.exp2(s * scale_log2 - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
@@ -74,12 +69,12 @@ def flash_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     T, S, HQ, GROUP, stride_stats, left, right, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
     LSE [B, Hq, T] float32 (row stride stride_stats) in log2 units of the scaled scores (+inf for a
     row with no visible key)."""
-    block, bh, b, h, kv_h, kv_len, slope_log2 = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL, HAS_SEQ_LENS, ALIBI)
+    block, bh, b, h, kv_h, kv_len, alibi = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
@@ -97,18 +92,18 @@ def flash_fwd_kernel(
     # the window's left edge, then tiles every row sees in full (no mask), then the diagonal/right edge
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        lo, full_lo, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
+        lo, full_lo, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
     )
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_lo, full_hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, D_PAD, ALIBI, False, PRECISION, BLOCK_N, TMA,
+        full_lo, full_hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
     )
     acc, l_i, m_i = _fwd_key_loop(
         acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_hi, hi, kv_len, left, right, scale_log2, slope_log2,
-        HEAD_DIM, D_PAD, ALIBI, True, PRECISION, BLOCK_N, TMA,
+        full_hi, hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
     )
 
     seen = l_i > 0.0

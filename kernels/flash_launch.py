@@ -16,7 +16,9 @@ import torch
 import triton
 from triton import knobs
 
-from attnbench.kernels.flash_tiles import INTERPRET
+from attnbench.kernels.flash_tiles import INTERPRET, LEFT_EDGE, LENGTH_EDGE, RIGHT_EDGE
+
+NO_LIMIT = 1 << 30  # "no window" bound: far beyond any sequence, safe from int32 overflow
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,18 @@ class FlashProblem:
     def rope(self) -> bool:
         return self.cos is not None
 
+    @property
+    def edges(self) -> int:
+        """The edges of the visible band that masked tiles test (flash_tiles.score_tile): the left
+        one with a window; the right one when it is finite; kv_len with padding, or unless the right
+        edge is the diagonal (then a key at or past S is past every valid query's position too)."""
+        edges = LEFT_EDGE.value if self.left < NO_LIMIT else 0
+        if self.right < NO_LIMIT:
+            edges |= RIGHT_EDGE.value
+        if self.seq_lens is not None or self.right != 0:
+            edges |= LENGTH_EDGE.value
+        return edges
+
     @functools.cached_property
     def tma_capable(self) -> bool:
         """16-bit inputs: what use_tma needs of the problem itself."""
@@ -74,6 +88,7 @@ class FlashProblem:
             "CAUSAL": self.causal,
             "ALIBI": self.slopes is not None,
             "HAS_SEQ_LENS": self.seq_lens is not None,
+            "EDGES": self.edges,
             # tf32 would fail the fp32 error bound; fp16/bf16 inputs ignore this
             "PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
         }
@@ -81,7 +96,7 @@ class FlashProblem:
     @functools.cached_property
     def rotation_kwargs(self) -> dict:
         """launch_kwargs without the masking constexprs, for RoPE's rotation pass (flash_rope)."""
-        return {name: value for name, value in self.launch_kwargs.items() if name not in ("CAUSAL", "ALIBI", "HAS_SEQ_LENS")}
+        return {name: value for name, value in self.launch_kwargs.items() if name not in ("CAUSAL", "ALIBI", "HAS_SEQ_LENS", "EDGES")}
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

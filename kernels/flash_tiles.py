@@ -6,7 +6,8 @@ Conventions (kernels/flash_fwd.py, kernels/flash_bwd.py):
   p - left <= j <= p + right and j < kv_len (causal is right = 0; "no window" is a huge left).
 - Tiles are [rows, D_PAD]: D padded to a power of two (at least 16), the padding read as 0.
   RoPE is not applied here: q and k arrive rotated (kernels/flash_rope.py).
-- Scores live in the log2 domain (scale * log2(e) folded in) so softmax uses exp2.
+- Scores stay raw (q.k^T, ALiBi bias in raw units) until exp2, whose FMA applies
+  scale * log2(e) (scale > 0): one multiply per score fewer than scaling the tile first.
 - Tiles a loop walks over (k, v in the forward and dq; q, dO in dk/dv) come from a tile
   source: with TMA a tensor descriptor, so Hopper's copy engine fetches each tile (no address
   registers, no per-thread copies), otherwise the base pointer (kernels/flash_launch.py,
@@ -62,8 +63,10 @@ def read_rows(source, start, n_rows, stride_row, stride_col, N_COLS: tl.constexp
 
 @triton.jit
 def vector_source(base, n, BLOCK: tl.constexpr, TMA: tl.constexpr):
-    """Where [BLOCK] pieces of a float32 vector [n] (16-byte-aligned base with TMA) are read from."""
-    if TMA:
+    """Where [BLOCK] pieces of a float32 vector [n] (16-byte-aligned base with TMA) are read from.
+    Pieces under 128 bytes take pointers: the copy engine writes shared memory 128-byte aligned,
+    and triton 3.6 aligned a 64-byte piece's buffer to 64 (misaligned address at BLOCK = 16, H200)."""
+    if TMA and BLOCK >= 32:
         source = tl.make_tensor_descriptor(base, shape=[n], strides=[1], block_shape=[BLOCK])
     else:
         source = base
@@ -73,7 +76,7 @@ def vector_source(base, n, BLOCK: tl.constexpr, TMA: tl.constexpr):
 @triton.jit
 def read_vector(source, start, n, BLOCK: tl.constexpr, TMA: tl.constexpr):
     """x[start : start + BLOCK] from a vector_source; out of range reads 0."""
-    if TMA:
+    if TMA and BLOCK >= 32:
         x = source.load([start])
     else:
         at = start + tl.arange(0, BLOCK)
@@ -91,28 +94,47 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
     return out
 
 
+# The edges of the visible band a masked tile must test (FlashProblem.edges), so that the common
+# problems test one: causal needs RIGHT_EDGE alone (a key past a valid query's position is past S
+# too), bidirectional LENGTH_EDGE alone.
+LEFT_EDGE = tl.constexpr(1)  # keys before pos - left: a sliding window
+RIGHT_EDGE = tl.constexpr(2)  # keys after pos + right: causal, or a window's right side
+LENGTH_EDGE = tl.constexpr(4)  # keys at or past kv_len: padding, or a partial last tile
+
+
 @triton.jit
-def score_tile(
-    s, pos_q, pos_k, kv_len, left, right, scale_log2, slope_log2,
-    ALIBI: tl.constexpr, MASKED: tl.constexpr,
-):
-    """Raw q.k^T scores -> log2-domain logits with the ALiBi bias, -inf where not visible.
+def score_tile(s, pos_q, pos_k, kv_len, left, right, alibi_slope, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr):
+    """Raw q.k^T scores with the ALiBi bias (alibi_slope in raw-score units, alibi_slope below),
+    -inf where not visible; the caller scales by scale_log2 inside its exp2's FMA.
 
     pos_q and pos_k broadcast against s ([M, 1] and [1, N], or transposed)."""
-    s = s * scale_log2
     if ALIBI:
-        s -= slope_log2 * tl.abs(pos_q - pos_k).to(tl.float32)
+        s -= alibi_slope * tl.abs(pos_q - pos_k).to(tl.float32)
     if MASKED:
-        visible = (pos_k >= pos_q - left) & (pos_k <= pos_q + right) & (pos_k < kv_len)
+        visible = pos_k < kv_len
+        if RIGHT_EDGE & EDGES:
+            before_right = pos_k <= pos_q + right
+            if LENGTH_EDGE & EDGES:
+                visible = visible & before_right
+            else:
+                visible = before_right
+        if LEFT_EDGE & EDGES:
+            visible = visible & (pos_k >= pos_q - left)
         s = tl.where(visible, s, float("-inf"))
     return s
 
 
 @triton.jit
-def query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, ALIBI: tl.constexpr):
+def alibi_slope(SLOPES, h, scale_log2, ALIBI: tl.constexpr):
+    """Head h's ALiBi slope in units of the raw q.k scores (slope / scale), 0 without ALiBi."""
+    return tl.load(SLOPES + h) * 1.4426950408889634 / scale_log2 if ALIBI else 0.0
+
+
+@triton.jit
+def query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, ALIBI: tl.constexpr):
     """Who a program of grid (query blocks, B * Hq) is: (query block, b * Hq + h, b, q head h,
-    kv head, visible keys kv_len, ALiBi slope in log2 units). Causal: longest rows first, so the
-    short ones fill the tail of the schedule."""
+    kv head, visible keys kv_len, alibi_slope). Causal: longest rows first, so the short ones
+    fill the tail of the schedule."""
     block = tl.program_id(0)
     if CAUSAL:
         block = tl.num_programs(0) - 1 - block
@@ -121,8 +143,7 @@ def query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, CAUSAL: tl.constexpr, HAS_SEQ_
     h = bh % HQ
     kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
     kv_len = tl.minimum(kv_len, S)
-    slope_log2 = tl.load(SLOPES + h) * 1.4426950408889634 if ALIBI else 0.0
-    return block, bh, b, h, h // GROUP, kv_len, slope_log2
+    return block, bh, b, h, h // GROUP, kv_len, alibi_slope(SLOPES, h, scale_log2, ALIBI)
 
 
 @triton.jit

@@ -8,10 +8,11 @@ import pytest
 import torch
 from triton import knobs
 
-from attnbench.kernels.flash import flash_attention
+from attnbench.kernels.flash import flash_attention, flash_problem
 from attnbench.kernels.flash_bwd import flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_fwd_kernel
 from attnbench.kernels.flash_launch import _scratch, launch_signature, tile_config
+from attnbench.kernels.flash_tiles import LEFT_EDGE, LENGTH_EDGE, RIGHT_EDGE
 from attnbench.kernels.reference import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +47,7 @@ def test_the_key_holds_every_launch_keyword(autotuner_calls):
     flash_attention(q, k, v, causal=True)
     (key,) = flash_fwd_kernel.chosen
     assert key[0] == torch.float32 and dict(key[1:])["CAUSAL"] is True
-    assert [name for name, _ in key[1:]] == ["TMA", "SEQ_BUCKET", "HEAD_DIM", "D_PAD", "CAUSAL", "ALIBI", "HAS_SEQ_LENS", "PRECISION"]
+    assert [name for name, _ in key[1:]] == ["TMA", "SEQ_BUCKET", "HEAD_DIM", "D_PAD", "CAUSAL", "ALIBI", "HAS_SEQ_LENS", "EDGES", "PRECISION"]
 
 
 def test_forced_tile_runs_that_tile_and_is_undone(autotuner_calls):
@@ -131,3 +132,23 @@ def test_descriptor_scratch_is_one_buffer_per_stream(monkeypatch):
     assert len(_scratch.buffers) == 2 and any(b is buffer for b in _scratch.buffers.values())
     torch.testing.assert_close(second, first, atol=0, rtol=0)
     torch.testing.assert_close(third, first, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "edges"),
+    [
+        ({"causal": True}, {"right"}),  # a key at or past S is past every valid query too
+        ({}, {"length"}),
+        ({"causal": True, "window": (64, 0)}, {"left", "right"}),
+        ({"window": (64, 0)}, {"left", "right"}),
+        ({"window": (64, 16)}, {"left", "right", "length"}),
+        ({"causal": True, "seq_lens": torch.tensor([3])}, {"right", "length"}),
+        ({"seq_lens": torch.tensor([3])}, {"length"}),
+    ],
+)
+def test_masked_tiles_test_only_the_edges_the_problem_has(options, edges):
+    """FlashProblem.edges, which masked tiles test (score_tile): fewer than needed would show
+    keys that must stay hidden (the reference tests catch that); more cost instructions."""
+    q = torch.zeros(1, 8, 1, 16)
+    names = {"left": LEFT_EDGE.value, "right": RIGHT_EDGE.value, "length": LENGTH_EDGE.value}
+    assert flash_problem(q, q, **options).edges == sum(names[edge] for edge in edges)
