@@ -28,8 +28,8 @@ from attnbench.kernels import flash_launch
 from attnbench.kernels.flash_launch import candidates_for, tile_config
 from attnbench.timing import measure
 
-# (BLOCK_M, BLOCK_N, warps, stages): neighbours of the kernels' lists at D = 64 (each kernel's own
-# list for the D swept is timed too, first)
+# (BLOCK_M, BLOCK_N, warps, stages[, max registers per thread]): neighbours of the kernels' lists at
+# D = 64 (each kernel's own list for the D swept is timed too, first)
 CANDIDATES = {
     "fwd": [
         (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
@@ -38,10 +38,12 @@ CANDIDATES = {
     "dkdv": [
         (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3),
         (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3), (32, 128, 4, 2), (32, 64, 4, 2),
+        # three or four programs per SM instead of two (235 and 178 registers without a cap)
+        (64, 64, 4, 3, 168), (32, 64, 4, 3, 168), (32, 64, 4, 3, 128), (32, 64, 4, 4, 168),
     ],
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4)],
 }
-NO_TILE = (0, 0, 0, 0)
+NO_TILE = (0, 0, 0, 0, 0)
 KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
 
@@ -57,7 +59,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
 def sweep(
     batch: int, seq: int, heads: int, head_dim: int, causal: bool = True, candidates=CANDIDATES, loads: tuple[str, ...] = ("tma",)
 ) -> pd.DataFrame:
-    """Rows (kernel, block_m, block_n, warps, stages, loads, ms) for every tile in ``candidates``
+    """Rows (kernel, block_m, block_n, warps, stages, max_registers, loads, ms) for every tile in ``candidates``
     (kernel name -> tiles; a kernel left out is held at its first choice where another needs it)
     with each way of loading tiles in ``loads`` ('tma': descriptors where the GPU has them,
     'pointer'), then cuDNN's fwd and bwd as kernels 'cudnn-fwd', 'cudnn-bwd'."""
@@ -73,12 +75,16 @@ def sweep(
     return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
 
 
-def candidates_at(head_dim: int, neighbours: bool = True) -> dict[str, list[tuple[int, int, int, int]]]:
-    """Each kernel's own list at ``head_dim`` (first choice first), then (neighbours) CANDIDATES' other tiles."""
+def candidates_at(head_dim: int, neighbours: bool = True) -> dict[str, list[tuple[int, int, int, int, int]]]:
+    """Each kernel's own list at ``head_dim`` (first choice first), then (neighbours) CANDIDATES' other
+    tiles, as (BLOCK_M, BLOCK_N, warps, stages, max registers or 0)."""
     merged = {}
     for kernel, tiles in CANDIDATES.items():
-        own = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in candidates_for(KERNELS[kernel].by_head_dim, head_dim)]
-        merged[kernel] = own + [tile for tile in tiles if tile not in own and neighbours]
+        own = [
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg or 0)
+            for c in candidates_for(KERNELS[kernel].by_head_dim, head_dim)
+        ]
+        merged[kernel] = own + [(*tile, 0)[:5] for tile in tiles if (*tile, 0)[:5] not in own and neighbours]
     return merged
 
 
@@ -92,7 +98,7 @@ def _loads(way: str):
         flash_launch.TMA_LOADS = saved
 
 
-def _add(rows: list, kernel: str, tile: tuple[int, int, int, int], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
+def _add(rows: list, kernel: str, tile: tuple[int, int, int, int, int], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
     """Time ``fn`` with ``kernel`` forced to ``tile`` and the ``held`` (kernel, tile) pairs; append a row."""
     with contextlib.ExitStack() as stack:
         for held_kernel, held_tile in held:
@@ -100,7 +106,7 @@ def _add(rows: list, kernel: str, tile: tuple[int, int, int, int], fn: Callable[
         if kernel in KERNELS:
             stack.enter_context(KERNELS[kernel].forced(tile_config(*tile)))
         ms = _time_ms(fn, torch.device("cuda"))
-    rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "loads", "ms"), (kernel, *tile, loads, ms))))
+    rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "max_registers", "loads", "ms"), (kernel, *tile, loads, ms))))
     typer.echo(f"{kernel:10s} {loads:8s} {tile} {ms if ms is None else round(ms, 4)} ms")
     return ms
 

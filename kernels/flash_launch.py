@@ -168,8 +168,12 @@ def use_tma(problem: FlashProblem, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def tile_config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def tile_config(block_m: int, block_n: int, warps: int, stages: int, max_registers: int = 0) -> triton.Config:
+    """A tile; max_registers (per thread, 0: the compiler's choice) below the compiler's choice lets
+    more programs share an SM, for the price of any spills it causes."""
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages, maxnreg=max_registers or None
+    )
 
 
 class FlashKernel:
