@@ -49,6 +49,9 @@
 #             FMA everywhere, the D = 64 dk/dv list re-chosen from `lean`: the flash CUDA tests,
 #             every D = 64 tile, the model-level step of standard, rope and alibi as a CUDA graph
 #             twice and of standard eager once
+#   registers: dk/dv's D = 64 tile capped at 168 registers (three programs per SM): the flash CUDA
+#             tests, every D = 64 tile, the model-level step of standard, rope and alibi as a CUDA
+#             graph twice and of standard eager once
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -268,6 +271,13 @@ lean)
     tail -64 "$out/tiles.txt"
     ;;
 edges)
+    flash_tests 150 tests/bench/test_tile_sweep.py
+    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    model_steps 2 model-graph standard,rope,alibi 100
+    model_steps 1 model standard 80
+    tail -64 "$out/tiles.txt"
+    ;;
+registers)
     flash_tests 150 tests/bench/test_tile_sweep.py
     limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     model_steps 2 model-graph standard,rope,alibi 100
