@@ -98,8 +98,10 @@ def _loads(way: str):
         flash_launch.TMA_LOADS = saved
 
 
-def _add(rows: list, kernel: str, tile: tuple[int, int, int, int, int], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
-    """Time ``fn`` with ``kernel`` forced to ``tile`` and the ``held`` (kernel, tile) pairs; append a row."""
+def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
+    """Time ``fn`` with ``kernel`` forced to ``tile`` and the ``held`` (kernel, tile) pairs; append a row.
+    A tile without a register cap (four numbers) gets 0, the compiler's choice."""
+    tile = (*tile, 0)[:5]
     with contextlib.ExitStack() as stack:
         for held_kernel, held_tile in held:
             stack.enter_context(KERNELS[held_kernel].forced(tile_config(*held_tile)))

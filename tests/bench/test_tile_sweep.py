@@ -9,10 +9,11 @@ from attnbench.tile_sweep import sweep
 
 @pytest.mark.cuda
 def test_sweep_times_every_candidate_and_cudnn():
-    candidates = {"fwd": [(64, 64, 4, 2)], "dkdv": [(32, 64, 4, 2), (64, 64, 4, 2)], "dq": [(64, 64, 4, 2)]}
+    candidates = {"fwd": [(64, 64, 4, 2)], "dkdv": [(32, 64, 4, 2), (64, 64, 4, 2, 168)], "dq": [(64, 64, 4, 2)]}
     rows = sweep(batch=2, seq=256, heads=2, head_dim=64, candidates=candidates, loads=("tma", "pointer"))
     assert rows["kernel"].tolist() == ["fwd", "dkdv", "dkdv", "dq"] * 2 + ["cudnn-fwd", "cudnn-bwd"]
     assert rows["loads"].tolist() == ["tma"] * 4 + ["pointer"] * 4 + ["", ""]
+    assert rows["max_registers"].tolist() == [0, 0, 168, 0] * 2 + [0, 0]
     assert (rows["ms"] > 0).all()
 
 
