@@ -52,6 +52,8 @@
 #   registers: dk/dv's D = 64 tile capped at 168 registers (three programs per SM): the flash CUDA
 #             tests, every D = 64 tile, the model-level step of standard, rope and alibi as a CUDA
 #             graph twice and of standard eager once
+#   registers-check: after `registers`: the tile sweep's and launcher's CUDA tests, `attnbench check`
+#             of the flash family (standard, rope, alibi, window) to T = 4k in bf16
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -283,6 +285,14 @@ registers)
     model_steps 2 model-graph standard,rope,alibi 100
     model_steps 1 model standard 80
     tail -64 "$out/tiles.txt"
+    ;;
+registers-check)
+    limit 120 python3 -m pytest -v -m cuda tests/bench/test_tile_sweep.py tests/kernels/test_flash_launch.py --timeout 120 -rf \
+        --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -4
+    limit 200 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype bf16 --csv "$out/check-bf16.csv" \
+        > "$out/check-bf16.txt" 2>&1
+    tail -n 3 "$out/check-bf16.txt"
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
