@@ -54,6 +54,8 @@
 #             graph twice and of standard eager once
 #   registers-check: after `registers`: the tile sweep's and launcher's CUDA tests, `attnbench check`
 #             of the flash family (standard, rope, alibi, window) to T = 4k in bf16
+#   registers-grid: after `registers`: the exact-softmax grid (D 64 and 128, 4k and 16k, against
+#             cuDNN and FlashAttention-2) and rope/standard against SDPA at D = 128 (the variants rows)
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -293,6 +295,14 @@ registers-check)
     limit 200 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype bf16 --csv "$out/check-bf16.csv" \
         > "$out/check-bf16.txt" 2>&1
     tail -n 3 "$out/check-bf16.txt"
+    ;;
+registers-grid)
+    for d in 64 128; do
+        speed 90 --attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 4096 16384 --mode fwd --mode fwdbwd \
+            --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d"
+    done
+    speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
+        --mode fwd --mode fwdbwd --causal --out "$out/variants"
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
