@@ -274,14 +274,7 @@ lean)
     model_steps 1 model-graph standard 100
     tail -64 "$out/tiles.txt"
     ;;
-edges)
-    flash_tests 150 tests/bench/test_tile_sweep.py
-    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
-    model_steps 2 model-graph standard,rope,alibi 100
-    model_steps 1 model standard 80
-    tail -64 "$out/tiles.txt"
-    ;;
-registers)
+edges | registers)  # the same steps, on two states of the kernels
     flash_tests 150 tests/bench/test_tile_sweep.py
     limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     model_steps 2 model-graph standard,rope,alibi 100
