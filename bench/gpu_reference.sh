@@ -56,6 +56,9 @@
 #             of the flash family (standard, rope, alibi, window) to T = 4k in bf16
 #   registers-grid: after `registers`: the exact-softmax grid (D 64 and 128, 4k and 16k, against
 #             cuDNN and FlashAttention-2) and rope/standard against SDPA at D = 128 (the variants rows)
+#   alibi-float: after ALiBi's distance moved to float32 (fewer registers under dk/dv's cap) and dk/dv's
+#             second D = 64 candidate went uncapped: the flash CUDA tests, the model-level step of
+#             standard, rope and alibi as a CUDA graph
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
 set -uo pipefail
 stage=$1 dest=$2
@@ -296,6 +299,10 @@ registers-grid)
     done
     speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
         --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    ;;
+alibi-float)
+    flash_tests 110
+    model_steps 1 model-graph standard,rope,alibi 100
     ;;
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"

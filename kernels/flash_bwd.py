@@ -61,8 +61,9 @@ def _dkdv_query_loop(
 @flash_autotune(
     {
         # the fastest at D=64 causal, T 1k and 4k: 235 registers capped at 168, three programs per SM
-        # instead of two (H200: 0.198 / 0.523 ms whole backward, cuDNN 0.197 / 0.500; reference-h200/registers)
-        64: [tile_config(64, 64, 4, 3, 168), tile_config(32, 64, 4, 3, 128)],
+        # instead of two (H200: 0.198 / 0.523 ms whole backward, cuDNN 0.197 / 0.500; reference-h200/registers);
+        # uncapped second, as fast at 4k (0.553) and without the spills the cap costs ALiBi's loop
+        64: [tile_config(64, 64, 4, 3, 168), tile_config(64, 64, 4, 3)],
         # whole backward, H200, TMA, causal 4k (reference-h200/tma-followup): 2.21 / 2.41 / 2.43 ms
         128: [tile_config(64, 128, 8, 2), tile_config(32, 128, 8, 2), tile_config(32, 128, 8, 3)],
         256: [tile_config(32, 64, 8, 2)],
@@ -228,12 +229,13 @@ def flash_dq_kernel(
 
 
 def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torch.Tensor, ...] | None = None):
-    """dq [B, T, Hq, D], dk and dv [B, S, Hkv, D] (dtypes of q, k, v) from the forward's o and lse,
+    """dq [B, T, Hq, D], dk and dv [B, S, Hkv, D] (dtypes of q, k, v) from the forward's o and lse
+    (flash_forward's padded rows),
     written into ``grads`` (any strides, e.g. views of one packed gradient) or new tensors. With
     RoPE, q and k are the rotated ones and dq, dk come out for the unrotated q and k."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    delta = empty((b, hq, lse.stride(1)), torch.float32, q.device)[..., :t]  # lse's rows; written by the dq kernel, read by dk/dv's
+    delta = empty(lse.shape, torch.float32, q.device)  # rows like lse's; written by the dq kernel, read by dk/dv's
     dq, dk, dv = grads if grads is not None else tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
     extras = (*problem.tensors(q), *problem.rope_tables(q))
     scales = (problem.left, problem.right, problem.scale, problem.scale_log2)

@@ -115,12 +115,12 @@ def flash_fwd_kernel(
 
 
 def flash_forward(q, k, v, problem: FlashProblem):
-    """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, T] float32 (log2 units, for the backward; rows
-    padded to stats_row_length(T))."""
+    """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, stats_row_length(T)] float32 (log2 units, for the
+    backward; the first T of each row are written)."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     o = empty((b, t, hq, d), q.dtype, q.device)
-    lse = empty((b, hq, stats_row_length(t)), torch.float32, q.device)[..., :t]
+    lse = empty((b, hq, stats_row_length(t)), torch.float32, q.device)
 
     def grid(meta):
         return (blocks(t, meta["BLOCK_M"]), b * hq)

@@ -109,7 +109,9 @@ def score_tile(s, pos_q, pos_k, kv_len, left, right, alibi_slope, ALIBI: tl.cons
 
     pos_q and pos_k broadcast against s ([M, 1] and [1, N], or transposed)."""
     if ALIBI:
-        s -= alibi_slope * tl.abs(pos_q - pos_k).to(tl.float32)
+        # in float32 (positions < 2^24 are exact): a subtract and an FMA per score, the int->float
+        # conversions stay on the row and column vectors
+        s -= alibi_slope * tl.abs(pos_q.to(tl.float32) - pos_k.to(tl.float32))
     if MASKED:
         visible = pos_k < kv_len
         if RIGHT_EDGE & EDGES:
