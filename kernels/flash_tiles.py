@@ -95,8 +95,8 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 # The edges of the visible band a masked tile must test (FlashProblem.edges), so that the common
-# problems test one: causal needs RIGHT_EDGE alone (a key past a valid query's position is past S
-# too), bidirectional LENGTH_EDGE alone.
+# problems test one: causal needs RIGHT_EDGE alone (a key at or past S is past every valid query's
+# position too), bidirectional LENGTH_EDGE alone.
 LEFT_EDGE = tl.constexpr(1)  # keys before pos - left: a sliding window
 RIGHT_EDGE = tl.constexpr(2)  # keys after pos + right: causal, or a window's right side
 LENGTH_EDGE = tl.constexpr(4)  # keys at or past kv_len: padding, or a partial last tile
@@ -104,8 +104,8 @@ LENGTH_EDGE = tl.constexpr(4)  # keys at or past kv_len: padding, or a partial l
 
 @triton.jit
 def score_tile(s, pos_q, pos_k, kv_len, left, right, alibi_slope, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr):
-    """Raw q.k^T scores with the ALiBi bias (alibi_slope in raw-score units, alibi_slope below),
-    -inf where not visible; the caller scales by scale_log2 inside its exp2's FMA.
+    """Raw q.k^T scores with the ALiBi bias (alibi_slope: in raw-score units, from the function of
+    that name), -inf where not visible; the caller scales by scale_log2 inside its exp2's FMA.
 
     pos_q and pos_k broadcast against s ([M, 1] and [1, N], or transposed)."""
     if ALIBI:
