@@ -84,8 +84,13 @@ def candidates_at(head_dim: int, neighbours: bool = True) -> dict[str, list[tupl
             (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg or 0)
             for c in candidates_for(KERNELS[kernel].by_head_dim, head_dim)
         ]
-        merged[kernel] = own + [(*tile, 0)[:5] for tile in tiles if (*tile, 0)[:5] not in own and neighbours]
+        merged[kernel] = own + [_five(tile) for tile in tiles if _five(tile) not in own and neighbours]
     return merged
+
+
+def _five(tile: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    """A tile as (BLOCK_M, BLOCK_N, warps, stages, max registers): four numbers get 0, the compiler's choice."""
+    return (*tile, 0)[:5]
 
 
 @contextlib.contextmanager
@@ -99,9 +104,8 @@ def _loads(way: str):
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
-    """Time ``fn`` with ``kernel`` forced to ``tile`` and the ``held`` (kernel, tile) pairs; append a row.
-    A tile without a register cap (four numbers) gets 0, the compiler's choice."""
-    tile = (*tile, 0)[:5]
+    """Time ``fn`` with ``kernel`` forced to ``tile`` and the ``held`` (kernel, tile) pairs; append a row."""
+    tile = _five(tile)
     with contextlib.ExitStack() as stack:
         for held_kernel, held_tile in held:
             stack.enter_context(KERNELS[held_kernel].forced(tile_config(*held_tile)))
