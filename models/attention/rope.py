@@ -1,6 +1,6 @@
 """rope: softmax attention with rotary position embeddings (Su et al. 2021), rotate-half
-convention; our impl rotates q and k in one Triton pass before its kernels and their gradients
-back in one after (kernels/flash_rope.py), the peers rotate in torch."""
+convention; our impl rotates q and k in one Triton pass before its kernels, and its backward
+kernels rotate dq and dk back in their epilogues (kernels/flash_rope.py); the peers rotate in torch."""
 
 from attnbench.models.flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
