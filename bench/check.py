@@ -17,17 +17,10 @@ from typing import Callable, Sequence
 import torch
 
 from attnbench.errors import InputError
+from attnbench.tolerance import error_bound
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OUTPUT_NAMES = ("o", "dq", "dk", "dv")
-FP32_NOISE = 1e-6  # absolute floor: float32 accumulation noise where the exact answer is 0
-
-
-def error_bound(torch_error: float, magnitude: float, dtype: torch.dtype) -> float:
-    """Largest kernel error allowed: 2x torch's own low-precision error, plus half an ulp of
-    ``dtype`` at the largest reference value ``magnitude``, plus float32 noise."""
-    return 2 * torch_error + torch.finfo(dtype).eps * magnitude / 2 + FP32_NOISE
-
 
 @dataclass(frozen=True)
 class CheckCase:

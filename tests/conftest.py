@@ -5,12 +5,21 @@ before any test module imports attnbench.kernels.
 """
 
 import os
+import random
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_generators():
+    """Every test starts from the same generator state, whatever ran before it: a test that sets
+    no seed of its own still passes or fails alone as in the whole suite."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ from attnbench import check
 from attnbench.cli import app
 from attnbench.errors import InputError
 from attnbench.kernels import reference
+from attnbench.tolerance import FP32_NOISE, error_bound, relative_bound
 
 
 def _inputs(generator: torch.Generator):
@@ -77,7 +78,12 @@ def test_table_shows_errors_ratios_and_results():
 
 
 def test_error_bound_is_twice_torchs_error_plus_half_an_ulp():
-    assert check.error_bound(0.01, 4.0, torch.bfloat16) == pytest.approx(0.02 + 2.0**-7 * 4.0 / 2 + check.FP32_NOISE)
+    assert error_bound(0.01, 4.0, torch.bfloat16) == pytest.approx(0.02 + 2.0**-7 * 4.0 / 2 + 4.0 * FP32_NOISE)
+
+
+def test_every_bound_has_a_floor_where_the_exact_answer_is_0():
+    assert error_bound(0.0, 0.0, torch.bfloat16) == FP32_NOISE
+    assert relative_bound(1e-4, 0.0) == FP32_NOISE
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")

@@ -45,9 +45,13 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
 
     rows = valid_rows(run_dir, "linear")
     assert [r["step"] for r in rows] == ["0", "10", "20"], "zero-shot row, then every eval_every steps"
-    zero_shot, final = float(rows[0]["kl"]), float(rows[-1]["kl"])
+    kls = [float(r["kl"]) for r in rows]
+    zero_shot, final = kls[0], kls[-1]
     assert final < 0.5 * zero_shot, f"held-out KL {zero_shot:.4f} -> {final:.4f}"
-    assert float(rows[-1]["agreement"]) >= float(rows[0]["agreement"])
+    assert kls == sorted(kls, reverse=True), f"held-out KL must fall at every evaluation: {kls}"
+    # top-1 agreement with a 60-step teacher is decided by near-ties of its flat distributions
+    # (it moved 0.92 -> 0.40 -> 0.83 while KL fell 0.089 -> 0.024 -> 0.012): a valid fraction, no trend
+    assert all(0.0 <= float(r["agreement"]) <= 1.0 for r in rows)
 
     summary = store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)
     assert [r["model"] for r in summary] == ["teacher", "student"]

@@ -17,7 +17,7 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnbench.check import error_bound
+from attnbench.tolerance import error_bound, relative_bound
 from attnbench.kernels import flash_bwd, flash_fwd, flash_launch, reference
 from attnbench.kernels import flash
 from attnbench.kernels.flash import flash_attention, flash_attention_packed, flash_problem
@@ -98,7 +98,7 @@ def assert_matches_reference(case: Case, seed: int = 0) -> None:
         error = (ours[i].double() - exact[i]).abs().max().item()
         magnitude = exact[i].abs().max().item()
         if plain is None:
-            bound = FP32_TOLERANCE * max(magnitude, 1.0)
+            bound = relative_bound(FP32_TOLERANCE, magnitude)
         else:  # 2x torch's own rounding error (plus half an ulp at the largest value), as `attnbench check`
             bound = error_bound((plain[i].double() - exact[i]).abs().max().item(), magnitude, case.dtype)
         assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g} ({case})"
@@ -231,7 +231,7 @@ def test_custom_scale_matches_reference():
     ours = _output_and_grads(flash_attention, q, k, v, do, {"causal": True, "scale": 0.3})
     exact = _output_and_grads(reference.attention, *(x.double() for x in (q, k, v, do)), {"causal": True, "scale": 0.3})
     for name, mine, truth in zip(("o", "dq", "dk", "dv"), ours, exact):
-        assert (mine.double() - truth).abs().max() <= FP32_TOLERANCE * max(truth.abs().max().item(), 1.0), name
+        assert (mine.double() - truth).abs().max().item() <= relative_bound(FP32_TOLERANCE, truth.abs().max().item()), name
 
 
 def test_query_without_visible_keys_gets_zero_output_and_zero_gradients():

@@ -8,6 +8,7 @@ import torch
 
 from attnbench.models import registry
 from attnbench.models.registry import LayerConfig
+from attnbench.tolerance import error_bound, relative_bound
 
 
 def random_qkv(b=2, t=37, hq=4, hkv=2, d=16, dtype=torch.float64, scale=1.0):
@@ -29,7 +30,7 @@ def assert_matches_reference(efficient, reference, inputs, low=torch.float32, lo
     gradient, same upstream gradient. Tolerance: float32, 1e-5 of the quantity's largest
     magnitude (observed: ~1e-6); fp16/bf16 (FlashAttention rule), at most 2x the error of the
     reference itself run in ``low`` (``low_reference``: the reference computing in ``low``, for
-    one that upcasts internally), plus 1e-6 of the largest magnitude."""
+    one that upcasts internally), plus the rounding floor (attnbench.tolerance)."""
     low_inputs = [x.detach().to(low).requires_grad_() for x in inputs]
     # float64 at the same low-precision inputs and upstream gradient (FlashAttention's method):
     # the comparison is of arithmetic, not of the inputs' rounding
@@ -45,7 +46,7 @@ def assert_matches_reference(efficient, reference, inputs, low=torch.float32, lo
         err = (g - e).abs().max().item()
         scale = e.abs().max().item()
         torch_err = (r - e).abs().max().item()
-        bound = 1e-5 * scale if low == torch.float32 else 2 * torch_err + 1e-6 * scale
+        bound = relative_bound(1e-5, scale) if low == torch.float32 else error_bound(torch_err, scale, low)
         assert err <= bound, f"{label}: error {err:.3g} > bound {bound:.3g}"
 
 

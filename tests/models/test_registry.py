@@ -98,7 +98,7 @@ def test_fla_sliding_window_matches_our_reference(monkeypatch):
     got = window.impl("fla").run(q, k, v, causal=True, window=(40, 0))
     exact = reference.attention(q.double(), k.double(), v.double(), causal=True, window=(40, 0))
     torch_lowp = reference.attention(q, k, v, causal=True, window=(40, 0))
-    from attnbench.check import error_bound
+    from attnbench.tolerance import error_bound
 
     bound = error_bound((torch_lowp.double() - exact).abs().max().item(), exact.abs().max().item(), torch.bfloat16)
     assert (got.double() - exact).abs().max().item() <= bound
