@@ -186,17 +186,28 @@ def _complete_text(path: Path) -> tuple[str, int]:
 
 def _parse(text: str, path: Path, columns: list[str]) -> list[dict[str, str]]:
     reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None:
-        return []
-    if header != columns:
-        raise InputError(f"{path} is corrupt or from another schema: header {header[:4]}... expected {columns[:4]}...")
     rows = []
-    for line_no, values in enumerate(reader, start=2):
-        if len(values) != len(columns):
-            raise InputError(f"{path} is corrupt: line {line_no} has {len(values)} fields, expected {len(columns)}")
-        rows.append(dict(zip(columns, values)))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if header != columns:
+            raise InputError(f"{path} is corrupt or from another schema: its header (line 1) reads '{_printable(','.join(header))}', "
+                             f"expected '{_printable(','.join(columns))}'")
+        for values in reader:
+            if len(values) != len(columns):
+                raise InputError(f"{path} is corrupt: line {reader.line_num} has {len(values)} fields, expected {len(columns)}")
+            rows.append(dict(zip(columns, values)))
+    except csv.Error as err:
+        raise InputError(f"{path} is corrupt: line {reader.line_num}: {_printable(str(err))}") from None
     return rows
+
+
+def _printable(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters, all but printable ASCII shown as '?': a corrupt
+    file's bytes reach the terminal neither as control codes nor as line breaks."""
+    shown = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 def read_rows(path: Path, columns: list[str] = SPEED_COLUMNS) -> list[dict[str, str]]:

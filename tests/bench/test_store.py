@@ -148,3 +148,17 @@ def test_locking_an_unwritable_folder_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="cannot write"):
         with store.run_lock(blocker / "run"):
             pass
+
+
+@pytest.mark.parametrize("content, line", [
+    (b"\x89PNG\r\n\x1a\n\x00\x1b[31m\xff\xfe\n", 1),
+    ((",".join(store.SPEED_COLUMNS) + "\n").encode() + b"x," * (len(store.SPEED_COLUMNS) - 1) + b"x\n\x00\x1b]0;\x07\xfe,\xff\n", 3),
+])
+def test_a_binary_csv_is_named_in_one_printable_line(tmp_path, content, line):
+    path = tmp_path / "speed.csv"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        store.read_rows(path)
+    message = str(err.value)
+    assert message.startswith(f"{path} is corrupt") and f"line {line}" in message
+    assert all(" " <= c <= "~" for c in message), ascii(message)
