@@ -128,6 +128,8 @@ def speed(
     on_cuda = device.startswith("cuda")
     if batch and tokens is not None:
         raise InputError("give --batch or --tokens, not both")
+    if tokens is not None:
+        sweep.check_token_budget(tokens, seq)
     if profile < 0:
         raise InputError(f"--profile must be >= 0 calls, got {profile}")
     spec = sweep.SweepSpec(
