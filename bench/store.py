@@ -169,9 +169,12 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise InputError(f"{run_dir} is not a run folder (no {META_JSON})")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except ValueError as err:
         raise InputError(f"{path} is corrupt: {err}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} is corrupt: not a JSON object")
+    return meta
 
 
 # ---- speed.csv
