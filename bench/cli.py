@@ -118,6 +118,7 @@ def speed(
 ) -> None:
     """Time attention mechanisms and impls over a sweep of sizes; one CSV row per case."""
     import torch
+    from rich.markup import escape
 
     from attnbench import console, sweep
     from attnbench.errors import InputError
@@ -152,11 +153,11 @@ def speed(
     )
     spec_given = any(ctx.get_parameter_source(name).name == "COMMANDLINE" for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus)
-    table, notes = console.speed_table(rows, title=f"{run_dir}  (median ms; ★ fastest)")
+    table, notes = console.speed_table(rows, title=f"{escape(str(run_dir))}  (median ms; ★ fastest)")
     console.out.print(table)
     for note in notes:
-        console.out.print(f"[dim]not run: {note}[/dim]")
-    console.out.print(f"{console.status_counts(rows)} -> {run_dir}/speed.csv")
+        console.out.print(f"[dim]not run: {escape(note)}[/dim]")
+    console.out.print(f"{console.status_counts(rows)} -> {escape(str(run_dir))}/speed.csv")
     if profile:
         from attnbench.profile import profile_ok_cases
 
@@ -223,6 +224,8 @@ def list_mechanisms(
     task: Annotated[str, typer.Option(help="With --params: mlm (BERT-style) or clm (GPT-style).")] = "mlm",
 ) -> None:
     """Mechanisms x impls, with what is available on this machine and why not."""
+    from rich.markup import escape
+
     from attnbench import console
     from attnbench.catalog import availability, describe
 
@@ -240,7 +243,7 @@ def list_mechanisms(
     entries = describe()
     console.out.print(console.mechanisms_table(entries))
     for reason, impls in availability(entries).items():
-        console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {reason}")
+        console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {escape(reason)}")
 
 
 @app.command()

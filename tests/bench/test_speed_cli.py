@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from attnbench import store, sweep
 from attnbench.cli import app
+from attnbench.models import fla
+from attnbench.models.registry import mechanisms
 
 runner = CliRunner()
 TINY = ["--heads", "2", "--head-dim", "8", "--device", "cpu", "--batch", "2", "--mode", "fwd"]
@@ -142,3 +144,21 @@ def test_triton_alone_without_cuda_is_refused_with_the_reason(tmp_path, no_sweep
     line = one_error_line(invoke("speed", "--impl", "triton", "--seq", 8, "--out", out))
     assert "nothing in this sweep can run here" in line and "CUDA" in line
     assert not out.exists()
+
+
+# ---- messages as the terminal shows them (rich markup escaped)
+
+
+def test_list_shows_the_missing_peer_hint_whole(monkeypatch):
+    monkeypatch.setattr("attnbench.catalog.machine_reason", lambda impl: fla.NOT_INSTALLED)
+    result = invoke("list")
+    assert result.exit_code == 0, result.output
+    assert "pip install 'attnbench[peers]'" in result.output
+
+
+def test_speed_shows_why_an_impl_did_not_run_whole(tmp_path, monkeypatch):
+    why = sweep.why_unsupported
+    monkeypatch.setattr(sweep, "why_unsupported", lambda case, m: fla.NOT_INSTALLED if case.impl == "sdpa" else why(case, m))
+    result = invoke("speed", "--seq", 8, *TINY, "--impl", "torch", "sdpa", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert f"not run: sdpa: {fla.NOT_INSTALLED}" in result.output
