@@ -242,6 +242,7 @@ def list_mechanisms(
         return
     entries = describe()
     console.out.print(console.mechanisms_table(entries))
+    console.out.print(console.params_table(entries))
     for reason, impls in availability(entries).items():
         console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {escape(reason)}")
 

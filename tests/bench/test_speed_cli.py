@@ -162,3 +162,15 @@ def test_speed_shows_why_an_impl_did_not_run_whole(tmp_path, monkeypatch):
     result = invoke("speed", "--seq", 8, *TINY, "--impl", "torch", "sdpa", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert f"not run: sdpa: {fla.NOT_INSTALLED}" in result.output
+
+
+def test_list_at_80_columns_shows_every_parameter_and_default_whole():
+    result = invoke("list", env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for mechanism in mechanisms().values():
+        assert any(re.search(rf"\b{mechanism.name}\b", line) for line in lines), mechanism.name
+        for name, (default, _) in mechanism.params.items():
+            pair = rf"(?<![\w.]){re.escape(name)}\b.*(?<![\w.]){re.escape(str(default))}(?![\w.])"
+            assert any(re.search(pair, line) for line in lines), f"{mechanism.name}: {name}={default}"
