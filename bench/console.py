@@ -141,13 +141,14 @@ def params_table(entries: list[dict[str, Any]]) -> Table:
 
 def frame_table(df, title: str, keep: tuple[str, ...] = ()) -> Table:
     """A pandas DataFrame as a rich table (floats to 4 significant digits); columns that never
-    vary are dropped unless in ``keep`` (the results themselves)."""
+    vary are dropped unless in ``keep`` (the results themselves). Title and cells are text, not
+    markup: a message or path with [brackets] shows whole."""
     varying = [c for c in df.columns if c in keep or df[c].nunique(dropna=False) > 1]
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for column in varying:
         table.add_column(str(column))
     for row in df[varying].itertuples(index=False):
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row])
     return table
 
 

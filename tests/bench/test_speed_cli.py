@@ -174,3 +174,16 @@ def test_list_at_80_columns_shows_every_parameter_and_default_whole():
         for name, (default, _) in mechanism.params.items():
             pair = rf"(?<![\w.]){re.escape(name)}\b.*(?<![\w.]){re.escape(str(default))}(?![\w.])"
             assert any(re.search(pair, line) for line in lines), f"{mechanism.name}: {name}={default}"
+
+
+def test_a_frame_table_shows_bracketed_messages_and_titles_whole():
+    import pandas as pd
+    from rich.console import Console
+
+    from attnbench import console
+
+    frame = pd.DataFrame({"mechanism": ["linear", "nsa"], "message": [fla.NOT_INSTALLED, ""]})
+    screen = Console(record=True, width=200)
+    screen.print(console.frame_table(frame, "results/run[2] vs results/run[1]"))
+    text = screen.export_text()
+    assert fla.NOT_INSTALLED in text and "results/run[2] vs results/run[1]" in text
