@@ -20,7 +20,8 @@ def machine_reason(impl: Impl) -> str | None:
 
 
 def describe() -> list[dict[str, Any]]:
-    """Per mechanism: name, description, family, position, supports, params, impls {name: reason | None}."""
+    """Per mechanism: name, description, family, position, supports, impls {name: reason | None}
+    and params [(name, default, meaning)]: what --option KEY=VALUE can set."""
     entries = []
     for mechanism in mechanisms().values():
         supports = [name for name, ok in (("causal", mechanism.causal), ("bidirectional", mechanism.bidirectional),
@@ -33,7 +34,7 @@ def describe() -> list[dict[str, Any]]:
             "family": mechanism.family,
             "position": mechanism.position,
             "supports": supports,
-            "params": ", ".join(f"{k}={default}" for k, (default, _) in mechanism.params.items()),
+            "params": [(name, default, meaning) for name, (default, meaning) in mechanism.params.items()],
             "impls": {name: machine_reason(impl) for name, impl in mechanism.impls.items()},
         })
     return entries

@@ -118,6 +118,7 @@ def speed(
 ) -> None:
     """Time attention mechanisms and impls over a sweep of sizes; one CSV row per case."""
     import torch
+    from rich.markup import escape
 
     from attnbench import console, sweep
     from attnbench.errors import InputError
@@ -128,6 +129,8 @@ def speed(
     on_cuda = device.startswith("cuda")
     if batch and tokens is not None:
         raise InputError("give --batch or --tokens, not both")
+    if tokens is not None:
+        sweep.check_token_budget(tokens, seq)
     if profile < 0:
         raise InputError(f"--profile must be >= 0 calls, got {profile}")
     spec = sweep.SweepSpec(
@@ -150,11 +153,11 @@ def speed(
     )
     spec_given = any(ctx.get_parameter_source(name).name == "COMMANDLINE" for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus)
-    table, notes = console.speed_table(rows, title=f"{run_dir}  (median ms; ★ fastest)")
+    table, notes = console.speed_table(rows, title=f"{escape(str(run_dir))}  (median ms; ★ fastest)")
     console.out.print(table)
     for note in notes:
-        console.out.print(f"[dim]not run: {note}[/dim]")
-    console.out.print(f"{console.status_counts(rows)} -> {run_dir}/speed.csv")
+        console.out.print(f"[dim]not run: {escape(note)}[/dim]")
+    console.out.print(f"{console.status_counts(rows)} -> {escape(str(run_dir))}/speed.csv")
     if profile:
         from attnbench.profile import profile_ok_cases
 
@@ -221,6 +224,8 @@ def list_mechanisms(
     task: Annotated[str, typer.Option(help="With --params: mlm (BERT-style) or clm (GPT-style).")] = "mlm",
 ) -> None:
     """Mechanisms x impls, with what is available on this machine and why not."""
+    from rich.markup import escape
+
     from attnbench import console
     from attnbench.catalog import availability, describe
 
@@ -237,8 +242,9 @@ def list_mechanisms(
         return
     entries = describe()
     console.out.print(console.mechanisms_table(entries))
+    console.out.print(console.params_table(entries))
     for reason, impls in availability(entries).items():
-        console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {reason}")
+        console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {escape(reason)}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -109,28 +110,45 @@ def env_table(info: dict[str, Any], peaks: dict[str, Any] | None) -> Table:
 
 
 def mechanisms_table(entries: list[dict[str, Any]]) -> Table:
-    """``entries``: per mechanism name, family, position, supports, params and
-    impls {name: reason or None} (None: available here)."""
+    """``entries`` (attnbench.catalog.describe): per mechanism its family, position, supports
+    and impls {name: reason or None} (None: available here). Cells fold rather than cut: a
+    name is never shown as a prefix that reads as another name."""
     table = Table(title="mechanisms and impls on this machine", title_justify="left", show_lines=True)
-    for name in ("mechanism", "family", "position", "supports", "impls (green: available here)", "params"):
-        table.add_column(name)
+    table.add_column("mechanism", no_wrap=True)
+    for name in ("family", "position", "supports", "impls (green: available here)"):
+        table.add_column(name, overflow="fold")
     for entry in entries:
         impls = " ".join(
             f"[green]{name}[/green]" if reason is None else f"[dim red]{name}[/dim red]" for name, reason in entry["impls"].items()
         )
-        table.add_row(entry["name"], entry["family"], entry["position"], ", ".join(entry["supports"]), impls, entry["params"])
+        table.add_row(entry["name"], entry["family"], entry["position"], ", ".join(entry["supports"]), impls)
+    return table
+
+
+def params_table(entries: list[dict[str, Any]]) -> Table:
+    """Every mechanism's parameters (what --option KEY=VALUE sets): name and default whole on
+    one line (they are what the user types), the meaning wrapped into what width is left."""
+    table = Table(title="mechanism parameters (--option KEY=VALUE)", title_justify="left")
+    for name in ("mechanism", "parameter", "default"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("meaning", overflow="fold")
+    for entry in entries:
+        for i, (name, default, meaning) in enumerate(entry["params"]):
+            table.add_row(entry["name"] if i == 0 else "", name, escape(str(default)), escape(meaning),
+                          end_section=i == len(entry["params"]) - 1)
     return table
 
 
 def frame_table(df, title: str, keep: tuple[str, ...] = ()) -> Table:
     """A pandas DataFrame as a rich table (floats to 4 significant digits); columns that never
-    vary are dropped unless in ``keep`` (the results themselves)."""
+    vary are dropped unless in ``keep`` (the results themselves). Title and cells are text, not
+    markup: a message or path with [brackets] shows whole."""
     varying = [c for c in df.columns if c in keep or df[c].nunique(dropna=False) > 1]
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for column in varying:
         table.add_column(str(column))
     for row in df[varying].itertuples(index=False):
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row])
     return table
 
 

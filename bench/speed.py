@@ -1,4 +1,4 @@
-"""`attnbench speed`: a validated spec -> a run folder (new or resumed) -> the sweep -> rows.
+"""`attnbench speed`: a validated spec -> a locked run folder (new or resumed) -> the sweep -> rows.
 
 Resuming continues the sweep recorded in the run's meta.json; rows already in speed.csv
 (whatever their status) are not run again, and recorded OOMs keep their larger sizes skipped.
@@ -18,27 +18,40 @@ from attnbench.errors import InputError
 from attnbench.shard import run_sharded
 from attnbench.sweep import Case, Sweep, SweepSpec, expand, stops_in, validate
 
+Progress = Callable[[int], ContextManager[Callable[[str, Case], None]]]  # total steps -> per-step callback
 
-def open_run(spec: SweepSpec, out: Path | None, resume: bool, spec_given: bool) -> tuple[Path, SweepSpec, dict[str, Any]]:
-    """The run folder, the spec to run and the meta.json to write.
+
+def run_folder(spec: SweepSpec, out: Path | None, resume: bool, gpus: int) -> Path:
+    """The run folder to lock, found or named without creating anything.
+
+    A new run's spec is validated here, before run_lock creates its folder; a resumed run's
+    spec is in its meta.json, read under the lock (open_run).
+    """
+    if not resume:
+        check_spec(spec, gpus)
+        return out or store.new_run_dir("speed")
+    if out is None:
+        return store.latest_run(needs=(store.SPEED_CSV,))
+    if not out.is_dir():
+        raise InputError(f"nothing to resume at {out}: no such folder (drop --resume to start a run there)")
+    return out
+
+
+def open_run(run_dir: Path, spec: SweepSpec, resume: bool, spec_given: bool) -> tuple[SweepSpec, dict[str, Any]]:
+    """The spec to run in ``run_dir`` (locked) and the meta.json to write.
 
     ``spec_given``: sweep options were given on the command line; resuming a run recorded
     with another spec is then an error rather than a silent choice between the two.
     """
-    if resume:
-        run_dir = out or store.latest_run(needs=(store.SPEED_CSV,))
-        if (run_dir / store.META_JSON).exists():
-            meta = store.read_meta(run_dir)
-            recorded = SweepSpec(**meta["spec"])
-            if spec_given and spec != recorded:
-                raise InputError(f"--resume continues the sweep recorded in {run_dir}; drop the sweep options or use a new --out")
-            meta["resumed"] = [*meta.get("resumed", []), store.now()]
-            meta["finished"] = None
-            return run_dir, recorded, meta
-    else:
-        run_dir = out or store.new_run_dir("speed")
-        if (run_dir / store.SPEED_CSV).exists():
-            raise InputError(f"{run_dir / store.SPEED_CSV} exists; pass --resume to continue it or choose another --out")
+    if resume and (run_dir / store.META_JSON).exists():
+        return resumed_run(run_dir, spec, spec_given)
+    if resume and not spec_given:
+        raise InputError(
+            f"{run_dir} has no {store.META_JSON}: its run stopped before it recorded its sweep, so there is nothing "
+            "to resume; run its command again without --resume (same --out), or give the sweep options with --resume"
+        )
+    if not resume and (run_dir / store.SPEED_CSV).exists():
+        raise InputError(f"{run_dir / store.SPEED_CSV} exists; pass --resume to continue it or choose another --out")
     meta = {
         "schema_version": store.SCHEMA_VERSION,
         "kind": "speed",
@@ -47,7 +60,30 @@ def open_run(spec: SweepSpec, out: Path | None, resume: bool, spec_given: bool) 
         "started": store.now(),
         "finished": None,
     }
-    return run_dir, spec, meta
+    return spec, meta
+
+
+def resumed_run(run_dir: Path, spec: SweepSpec, spec_given: bool) -> tuple[SweepSpec, dict[str, Any]]:
+    """The sweep recorded in ``run_dir``'s meta.json and that meta, marked resumed now."""
+    meta = store.read_meta(run_dir)
+    kind = meta.get("kind", "speed")
+    if kind != "speed":
+        raise InputError(f"{run_dir} is a {kind} run, not a speed run: continue it with `attnbench {kind} --resume --out {run_dir}`")
+    try:
+        recorded = SweepSpec(**meta["spec"])
+    except (KeyError, TypeError):
+        raise InputError(f"{run_dir / store.META_JSON} records no speed sweep (corrupt, or from another version)") from None
+    if spec_given and spec != recorded:
+        raise InputError(f"--resume continues the sweep recorded in {run_dir}; drop the sweep options or use a new --out")
+    meta["resumed"] = [*meta.get("resumed", []), store.now()]
+    meta["finished"] = None
+    return recorded, meta
+
+
+def check_spec(spec: SweepSpec, gpus: int) -> None:
+    """Every input error of a sweep and its --gpus, before anything is created or run."""
+    validate(spec)
+    check_workers(spec.device, gpus)
 
 
 def check_workers(device: str, gpus: int) -> None:
@@ -67,7 +103,7 @@ def run_speed(
     resume: bool,
     spec_given: bool,
     measure_peak: bool,
-    progress: Callable[[int], ContextManager[Callable[[str, Case], None]]],
+    progress: Progress,
     gpus: int = 1,
 ) -> tuple[Path, list[dict[str, str]]]:
     """Run (or resume) a sweep; returns the run folder and every row of its speed.csv.
@@ -75,9 +111,22 @@ def run_speed(
     ``progress(total)`` is a context yielding the per-step callback (attnbench.console.sweep_progress);
     ``gpus`` > 1 spreads the cases over that many worker processes (attnbench.shard).
     """
-    run_dir, spec, meta = open_run(spec, out, resume, spec_given)
-    validate(spec)
-    store.ensure_writable(run_dir)
+    run_dir = run_folder(spec, out, resume, gpus)
+    with store.run_lock(run_dir):
+        spec, meta = open_run(run_dir, spec, resume, spec_given)
+        if resume:
+            check_spec(spec, gpus)
+        record_setup(run_dir, meta, spec, measure_peak)
+        store.write_meta(run_dir, meta)
+        sweep_rows(run_dir, spec, meta, resume, progress, gpus)
+        meta["finished"] = store.now()
+        store.write_meta(run_dir, meta)
+        return run_dir, store.read_rows(run_dir / store.SPEED_CSV)
+
+
+def record_setup(run_dir: Path, meta: dict[str, Any], spec: SweepSpec, measure_peak: bool) -> None:
+    """Put this machine's env (and peaks with ``measure_peak``) in ``meta``; a resume on another
+    timing setup than the one recorded is refused (its timings would mix in one table)."""
     here = env.collect()
     if "env" in meta:
         recorded, current = env.timing_setup(meta["env"]), env.timing_setup(here)
@@ -89,9 +138,11 @@ def run_speed(
     meta["env"] = here
     if measure_peak:
         meta["peaks"] = env.measure_peaks(spec.device, spec.dtypes)
+
+
+def sweep_rows(run_dir: Path, spec: SweepSpec, meta: dict[str, Any], resume: bool, progress: Progress, gpus: int) -> None:
+    """The sweep's pending cases, each row appended to speed.csv as it is measured."""
     peaks = meta.get("peaks", {}).get("matmul_tflops", {})
-    store.write_meta(run_dir, meta)
-    check_workers(spec.device, gpus)
     with store.RowLog(run_dir / store.SPEED_CSV, resume=resume) as log:
         prior_stops = list(stops_in(log.existing, spec.max_call_ms))
         sweep_args = (prior_stops, peaks, spec.larger, spec.max_call_ms)
@@ -101,6 +152,3 @@ def run_speed(
                 sweep.run(on_step)
             else:
                 run_sharded(sweep.pending, gpus, log.append, on_step, (frozenset(), *sweep_args))
-    meta["finished"] = store.now()
-    store.write_meta(run_dir, meta)
-    return run_dir, store.read_rows(run_dir / store.SPEED_CSV)

@@ -5,17 +5,21 @@
 
 A run killed at any moment (kill -9 mid-line included) resumes without loss or duplicates:
 a final line without its newline is cut off on resume, and cases already recorded are skipped.
+One process at a time writes a run folder (run_lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from attnbench.errors import InputError
 
@@ -26,6 +30,7 @@ TRAIN_CSV = "train.csv"
 DISTILL_CSV = "distill.csv"
 RUN_CSVS = (SPEED_CSV, TRAIN_CSV, DISTILL_CSV)  # a run folder holds one of these
 META_JSON = "meta.json"
+LOCK_FILE = ".lock"  # the pid of the process writing the run (run_lock)
 
 # What identifies a case; resume and compare match rows on these.
 CASE_COLUMNS = [
@@ -49,6 +54,10 @@ def new_run_dir(kind: str = "speed", root: Path = DEFAULT_ROOT) -> Path:
     return root / f"{datetime.now():%Y%m%d-%H%M%S}-{kind}"
 
 
+def _cannot_write(run_dir: Path, err: OSError) -> InputError:
+    return InputError(f"cannot write to {run_dir}: {err.strerror or err}")
+
+
 def ensure_writable(run_dir: Path) -> None:
     """Create ``run_dir`` and prove a file can be written there, or raise InputError."""
     try:
@@ -57,7 +66,73 @@ def ensure_writable(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise InputError(f"cannot write to {run_dir}: {err.strerror or err}") from None
+        raise _cannot_write(run_dir, err) from None
+
+
+# ---- one writer per run folder
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock while writing it: take it before anything else in the folder.
+
+    Two writers in one folder interleave rows (a resume while the run still writes records
+    cases twice) and overwrite each other's meta.json. The lock is an flock on run_dir/.lock,
+    which holds the owner's pid for the refusal's message; the kernel drops an flock when its
+    process dies, so a lock left by a killed run is taken over (with a one-line note).
+    Creates ``run_dir``; InputError when it cannot be written or another process holds it.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cannot_write(run_dir, err) from None
+    path = run_dir / LOCK_FILE
+    fd = _acquire(path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # still holding the flock: a writer that opened this file sees it is gone
+        os.close(fd)
+
+
+def _acquire(path: Path) -> int:
+    """The fd of ``path`` opened and flocked, holding this process's pid."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise _cannot_write(path.parent, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _lock_pid(fd) or "another process"
+            os.close(fd)
+            raise InputError(f"{path.parent} is being written by pid {owner}; "
+                             "wait for it to finish, or write to another --out") from None
+        if _still_there(fd, path):
+            break
+        os.close(fd)  # the owner released and removed the file between our open and flock: again
+    left_by = _lock_pid(fd)
+    if left_by:
+        print(f"note: {path.parent}: taking over the lock left by pid {left_by}, which no longer runs", file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (an owner removes it as it releases)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _lock_pid(fd: int) -> str:
+    """The pid recorded in a lock file ('' when none is, yet, or the file holds something else)."""
+    text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    return text if text.isdigit() else ""
 
 
 def latest_run(root: Path = DEFAULT_ROOT, needs: tuple[str, ...] = RUN_CSVS) -> Path:
@@ -94,9 +169,12 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise InputError(f"{run_dir} is not a run folder (no {META_JSON})")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except ValueError as err:
         raise InputError(f"{path} is corrupt: {err}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} is corrupt: not a JSON object")
+    return meta
 
 
 # ---- speed.csv
@@ -111,17 +189,28 @@ def _complete_text(path: Path) -> tuple[str, int]:
 
 def _parse(text: str, path: Path, columns: list[str]) -> list[dict[str, str]]:
     reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None:
-        return []
-    if header != columns:
-        raise InputError(f"{path} is corrupt or from another schema: header {header[:4]}... expected {columns[:4]}...")
     rows = []
-    for line_no, values in enumerate(reader, start=2):
-        if len(values) != len(columns):
-            raise InputError(f"{path} is corrupt: line {line_no} has {len(values)} fields, expected {len(columns)}")
-        rows.append(dict(zip(columns, values)))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if header != columns:
+            raise InputError(f"{path} is corrupt or from another schema: its header (line 1) reads '{_printable(','.join(header))}', "
+                             f"expected '{_printable(','.join(columns))}'")
+        for values in reader:
+            if len(values) != len(columns):
+                raise InputError(f"{path} is corrupt: line {reader.line_num} has {len(values)} fields, expected {len(columns)}")
+            rows.append(dict(zip(columns, values)))
+    except csv.Error as err:
+        raise InputError(f"{path} is corrupt: line {reader.line_num}: {_printable(str(err))}") from None
     return rows
+
+
+def _printable(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters, all but printable ASCII shown as '?': a corrupt
+    file's bytes reach the terminal neither as control codes nor as line breaks."""
+    shown = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 def read_rows(path: Path, columns: list[str] = SPEED_COLUMNS) -> list[dict[str, str]]:

@@ -188,6 +188,30 @@ def validate(spec: SweepSpec) -> None:
     if spec.heads % kv_heads:
         raise InputError(f"--heads ({spec.heads}) must be a multiple of --kv-heads ({kv_heads})")
     check_device(spec.device, spec.dtypes)
+    check_runnable(expand(spec))
+
+
+def check_token_budget(tokens: int, seqs: Iterable[int]) -> None:
+    """A --tokens the user gave must hold one sequence of every --seq: B = tokens // T is never 0.
+    (The device's default budget is not checked: a --seq longer than it runs with B = 1.)"""
+    longest = max(seqs)
+    if tokens < longest:
+        raise InputError(f"--tokens {tokens} is less than one sequence of --seq {longest} (B = tokens // T would be 0); "
+                         f"give --tokens {longest} or more, or --batch")
+
+
+def check_runnable(cases: list[Case]) -> None:
+    """InputError when no case can run here: a sweep of unsupported rows alone is a refusal, not a result."""
+    reasons: dict[str, list[str]] = {}
+    for case in cases:
+        reason = why_unsupported(case, registry.get(case.mechanism))
+        if reason is None:
+            return
+        if case.impl not in reasons.setdefault(reason, []):
+            reasons[reason].append(case.impl)
+    why = [f"{', '.join(impls)}: {reason}" for reason, impls in reasons.items()]
+    more = f"; and {len(why) - 3} other reasons" if len(why) > 3 else ""
+    raise InputError(f"nothing in this sweep can run here (every case is unsupported): {'; '.join(why[:3]) or 'no cases'}{more}")
 
 
 REFERENCE_IMPL = "torch"  # every mechanism's definition in plain torch: the slowest, timed last

@@ -8,7 +8,7 @@ import importlib
 import warnings
 from typing import Callable
 
-NOT_INSTALLED = "fla-core is not installed (pip install attnbench[peers])"
+NOT_INSTALLED = "fla-core is not installed (pip install 'attnbench[peers]')"  # quoted: zsh globs [...]
 
 
 def fla_missing(ops: str) -> Callable[[], str | None]:

@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +105,60 @@ def test_meta_is_replaced_whole(tmp_path):
     store.write_meta(tmp_path, {"started": "x", "finished": "y"})
     assert store.read_meta(tmp_path) == {"started": "x", "finished": "y"}
     assert sorted(os.listdir(tmp_path)) == ["meta.json"]
+
+
+# ---- one writer per run folder
+
+
+def test_a_second_writer_is_refused_naming_the_owner_and_a_killed_owners_lock_is_taken_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    hold = "import sys, time; from pathlib import Path; from attnbench import store\n" \
+           "with store.run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"
+    owner = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"^{re.escape(str(run))} is being written by pid {owner.pid}; "):
+            with store.run_lock(run):
+                pass
+    finally:
+        owner.kill()  # kill -9: the owner never releases its lock
+        owner.wait()
+    assert (run / ".lock").exists()
+    with store.run_lock(run):
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+    (note,) = capsys.readouterr().err.splitlines()
+    assert note.startswith("note: ") and f"pid {owner.pid}" in note
+    assert not (run / ".lock").exists()
+
+
+def test_the_lock_creates_the_folder_and_is_released_on_an_error(tmp_path):
+    run = tmp_path / "a" / "run"
+    with pytest.raises(KeyError):
+        with store.run_lock(run):
+            assert run.is_dir()
+            raise KeyError("the run failed")
+    assert list(run.iterdir()) == []
+    with store.run_lock(run):  # free again
+        pass
+
+
+def test_locking_an_unwritable_folder_is_an_input_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cannot write"):
+        with store.run_lock(blocker / "run"):
+            pass
+
+
+@pytest.mark.parametrize("content, line", [
+    (b"\x89PNG\r\n\x1a\n\x00\x1b[31m\xff\xfe\n", 1),
+    ((",".join(store.SPEED_COLUMNS) + "\n").encode() + b"x," * (len(store.SPEED_COLUMNS) - 1) + b"x\n\x00\x1b]0;\x07\xfe,\xff\n", 3),
+])
+def test_a_binary_csv_is_named_in_one_printable_line(tmp_path, content, line):
+    path = tmp_path / "speed.csv"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        store.read_rows(path)
+    message = str(err.value)
+    assert message.startswith(f"{path} is corrupt") and f"line {line}" in message
+    assert all(" " <= c <= "~" for c in message), ascii(message)

@@ -267,3 +267,15 @@ def test_every_mechanisms_references_come_after_all_other_impls():
     assert ("linear", "chunked") in impls[:first_reference]  # the second mechanism's fast impl before any reference
     assert [m for m, i in impls[first_reference:]] == ["standard"] * 2 + ["linear"] * 2  # mechanism order kept
     assert [c.seq for c in cases if (c.mechanism, c.impl) == ("standard", "sdpa")] == [8, 16]  # sizes still ascending
+
+
+def test_a_token_budget_below_one_sequence_is_an_input_error():
+    with pytest.raises(InputError, match=r"^--tokens 100 is less than one sequence of --seq 512 .*--batch"):
+        sweep.check_token_budget(100, [64, 512, 128])
+    sweep.check_token_budget(512, [64, 512])  # B = 1 at the longest: the budget holds
+
+
+def test_a_sweep_where_nothing_can_run_is_an_input_error():
+    with pytest.raises(InputError, match=r"^nothing in this sweep can run here .*triton: triton needs a CUDA device"):
+        sweep.validate(tiny_spec(impls=["triton"]))
+    sweep.validate(tiny_spec(impls=["triton", "torch"]))  # one impl that runs is enough

@@ -80,7 +80,7 @@ def test_fla_says_it_is_causal_only():
     cfg = registry.LayerConfig(dim=64, heads=4, causal=False)
     assert linear.MECHANISM.impl("fla").why_not(cfg, "cuda", torch.bfloat16) in (
         "fla's chunk_linear_attn is causal only",
-        "fla-core is not installed (pip install attnbench[peers])",
+        "fla-core is not installed (pip install 'attnbench[peers]')",
     )
 
 
