@@ -50,7 +50,7 @@ def load_speed(run_dirs: list[Path]) -> pd.DataFrame:
     """The speed.csv rows of ``run_dirs`` as one frame with a ``run`` column, numbers parsed."""
     frames = []
     for run in run_dirs:
-        rows = store.read_rows(run / store.SPEED_CSV)
+        rows = store.read_cases(run / store.SPEED_CSV)
         frame = pd.DataFrame(rows, columns=store.SPEED_COLUMNS).assign(run=run.name)
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True)
@@ -495,6 +495,19 @@ def _other_pngs(run_dirs: list[Path], out_dir: Path) -> dict[str, list[Path]]:
     return drawn
 
 
+def _checked_baselines(df: pd.DataFrame, baselines: list[str] | None, speed_runs: list[Path]) -> list[str]:
+    """The impls the speedups divide by (default: sdpa, else torch, else the first impl), each
+    one in the runs; and the runs hold something to plot. Raises InputError otherwise."""
+    impls = sorted(set(df["impl"]))
+    baselines = baselines or [next((b for b in ("sdpa", "torch") if b in impls), impls[0])]
+    for baseline in baselines:
+        if baseline not in impls:
+            raise InputError(f"--baseline {baseline} is not in these runs; impls: {', '.join(impls)}")
+    if not (df["status"] == "ok").any():
+        raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
+    return baselines
+
+
 def render_report(runs: list[Path], out: Path | None, baselines: list[str] | None = None) -> list[Path]:
     """Write plots/*.png, report.md and report.html; print a summary. Returns the files written.
     ``baselines``: impls the speedup tables divide by; the first one also drives the speedup plots."""
@@ -505,18 +518,13 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
         store.read_meta(run)  # a folder without readable meta.json is no run
     speed_runs = [r for r in run_dirs if (r / store.SPEED_CSV).exists()]
     out_dir = out or (run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent / f"report-{datetime.now():%Y%m%d-%H%M%S}")
-    store.ensure_writable(out_dir)
     df = load_speed(speed_runs) if speed_runs else None
+    if df is not None:
+        baselines = _checked_baselines(df, baselines, speed_runs)
+    store.ensure_writable(out_dir)  # after the input is read: a bad run leaves no folder behind
     figs: list[Figure] = []
     fits = pd.DataFrame()
     if df is not None:
-        impls = sorted(set(df["impl"]))
-        baselines = baselines or [next((b for b in ("sdpa", "torch") if b in impls), impls[0])]
-        for baseline in baselines:
-            if baseline not in impls:
-                raise InputError(f"--baseline {baseline} is not in these runs; impls: {', '.join(impls)}")
-        if not (df["status"] == "ok").any():
-            raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
         fits = exponents(df)
         figs = figures(df, fits, baselines[0], out_dir / "plots")
     other_pngs = _other_pngs(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md

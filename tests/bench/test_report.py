@@ -141,7 +141,8 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
         drawn.append(run_dirs)
         return [png]
 
-    monkeypatch.setitem(sys.modules, "attnbench.train_report", types.SimpleNamespace(render_train_report=render_train_report))
+    monkeypatch.setitem(sys.modules, "attnbench.train_report",
+                        types.SimpleNamespace(render_train_report=render_train_report, report_sections=lambda run_dirs: []))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert drawn == [[run]]
@@ -205,3 +206,36 @@ def test_quality_against_speed_pairs_each_trained_mechanism_with_its_fastest_imp
         assert table[f"ms/seq at {seq}"].iloc[0] == f"{ms:.3g} ({impl})"
     assert "## Quality against speed" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "plots" / "tradeoff.png").stat().st_size > 0
+
+
+# ---- issue 20: what the report claims, empty and odd inputs, duplicate cases
+
+
+@pytest.mark.parametrize("content", [b"", (",".join(store.SPEED_COLUMNS) + "\n").encode()], ids=["0-byte", "header-only"])
+def test_a_speed_csv_without_rows_is_one_line_and_exit_2(tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    store.write_meta(run, {"command": "attnbench speed", "started": "2025-01-01T00:00:00"})
+    (run / store.SPEED_CSV).write_bytes(content)
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: no rows in {run / store.SPEED_CSV}"
+    assert not (tmp_path / "out").exists()  # nothing created for a bad input
+
+
+def test_a_case_recorded_twice_keeps_its_last_row_with_a_warning(tmp_path, capsys):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    first = report.load_speed([tmp_path / "run"])
+    capsys.readouterr()
+    again = store.read_rows(tmp_path / "run" / store.SPEED_CSV)[:3]  # a resume racing the first writer: 3 cases twice
+    with store.RowLog(tmp_path / "run" / store.SPEED_CSV, resume=True) as log:
+        for row in again:
+            log.append({**row, "ms_median": 2 * float(row["ms_median"])})
+    df = report.load_speed([tmp_path / "run"])
+    assert "3 duplicate row(s)" in capsys.readouterr().err
+    assert len(df) == len(first)
+    doubled = df.merge(first, on=[*store.CASE_COLUMNS, "run"], suffixes=("", "_first"))
+    assert len(doubled) == len(first)
+    assert (doubled["ms_median"] == 2 * doubled["ms_median_first"]).sum() == 3  # the later rows won
+
+
