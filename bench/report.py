@@ -31,6 +31,7 @@ NUMERIC = ["batch", "seq", "heads", "kv_heads", "head_dim", "ms_median", "ms_p20
 SETUP = ["level", "dtype", "device", "heads", "kv_heads", "head_dim"]
 SERIES = ["run", "mechanism", "impl", "mode", "causal", "window"]
 FIT_POINTS = 3  # the exponent is fitted over this many largest sequence lengths
+MIN_FIT_POINTS = 3  # on fewer, no exponent: a line through two points always fits (R^2 = 1 says nothing)
 
 FLOP_CONVENTION = (
     "FLOPs follow the FlashAttention-3 convention: a softmax forward counts 4 * B * Hq * D per visible "
@@ -89,21 +90,37 @@ def impl_order() -> list[str]:
 
 
 def exponents(df: pd.DataFrame) -> pd.DataFrame:
-    """Per series: slope of log(ms per sequence) vs log T over the FIT_POINTS largest T, R^2, points used."""
+    """Per series of at least two lengths: slope of log(ms per sequence) vs log T over the
+    FIT_POINTS largest T, R^2 and the points used; exponent and R^2 are NaN (refused) on fewer
+    than MIN_FIT_POINTS points."""
     ok = df[df["status"] == "ok"].assign(ms_per_seq=lambda d: d["ms_median"] / d["batch"])
     out = []
     for key, group in ok.groupby(SETUP + SERIES, dropna=False):
         per_seq = group.groupby("seq")["ms_per_seq"].median().sort_index().tail(FIT_POINTS)
         if len(per_seq) < 2:
             continue
-        x, y = np.log(per_seq.index.to_numpy(float)), np.log(per_seq.to_numpy(float))
-        slope, intercept = np.polyfit(x, y, 1)
-        residual = y - (slope * x + intercept)
-        total = ((y - y.mean()) ** 2).sum()
-        r2 = 1.0 - (residual**2).sum() / total if total > 0 else 1.0
+        slope, r2 = _fit(per_seq) if len(per_seq) >= MIN_FIT_POINTS else (np.nan, np.nan)
         out.append({**dict(zip(SETUP + SERIES, key)), "exponent": slope, "r2": r2, "points": len(per_seq),
                     "seq_range": f"{per_seq.index.min()}-{per_seq.index.max()}"})
     return pd.DataFrame(out)
+
+
+def _fit(per_seq: pd.Series) -> tuple[float, float]:
+    """Slope and R^2 of the least-squares line through log(ms per sequence) against log T."""
+    x, y = np.log(per_seq.index.to_numpy(float)), np.log(per_seq.to_numpy(float))
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - (residual**2).sum() / total if total > 0 else 1.0
+    return slope, r2
+
+
+def exponent_table(fits: pd.DataFrame) -> pd.DataFrame:
+    """``fits`` as shown in the reports and the terminal: exponent to 2 decimals and R^2 to 3,
+    written out as text, or "n/a (N points)" and "n/a" where the fit was refused."""
+    refused = fits["exponent"].isna()
+    exponent = fits["exponent"].round(2).map("{:.4g}".format).where(~refused, "n/a (" + fits["points"].astype(str) + " points)")
+    return fits.assign(exponent=exponent, r2=fits["r2"].round(3).map("{:.4g}".format).where(~refused, "n/a"))
 
 
 def _beside_reference(df: pd.DataFrame, column: str, reference: str, keys: list[str]) -> pd.DataFrame:
@@ -355,10 +372,24 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
                 add(f"speedup-{mode}", f"{mode}: speedup over {baseline}", _facet, ratio_in_mode, "speedup",
                     f"speedup over {baseline} (x)", True, markers=markers, hline=1.0)
         setup_fits = fits.merge(rows[SETUP].drop_duplicates(), on=SETUP) if not fits.empty else fits
-        if not setup_fits.empty:
-            add("exponent", f"Fitted exponent k, time per sequence ~ T^k over the {FIT_POINTS} largest T",
-                _exponent_figure, setup_fits)
+        fitted = setup_fits[setup_fits["exponent"].notna()] if not setup_fits.empty else setup_fits
+        if not fitted.empty:
+            add("exponent", _exponent_caption(len(setup_fits) - len(fitted)), _exponent_figure, fitted)
     return out
+
+
+def _exponent_note(fits: pd.DataFrame) -> str:
+    """The sentence above the exponent table; it says why a fit reads n/a where one does."""
+    note = f"Slope of log(ms per sequence) vs log T over the {FIT_POINTS} largest T."
+    if fits["exponent"].isna().any():
+        note += f" n/a: fewer than {MIN_FIT_POINTS} lengths to fit (a line passes through two points exactly: R^2 = 1 says nothing)."
+    return note
+
+
+def _exponent_caption(refused: int) -> str:
+    """The exponent figure's caption, naming the series it leaves out (n/a in the table)."""
+    left_out = f"; n/a for {refused} series fitted on fewer than {MIN_FIT_POINTS} T" if refused else ""
+    return f"Fitted exponent k, time per sequence ~ T^k over the {FIT_POINTS} largest T{left_out}"
 
 
 # ---- documents
@@ -394,8 +425,7 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
         sections.append(("h2", "Figures"))
         sections += [("figure", fig) for fig in figs]
         if not fits.empty:
-            sections += [("h2", "Complexity exponents"), ("p", f"Slope of log(ms per sequence) vs log T over the {FIT_POINTS} largest T."),
-                         ("table", fits.round({"exponent": 2, "r2": 3}))]
+            sections += [("h2", "Complexity exponents"), ("p", _exponent_note(fits)), ("table", exponent_table(fits))]
     for title, pngs in other_pngs.items():
         sections.append(("h2", title))
         sections += [("figure", Figure(png, png.stem)) for png in pngs]
@@ -541,8 +571,8 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
         console.out.print(console.frame_table(fastest(df), "fastest impl at the largest T",
                                               keep=("mechanism", "mode", "T", "fastest", "ms", "TFLOP/s", "next")))
         if not fits.empty:
-            console.out.print(console.frame_table(fits[["mechanism", "impl", "mode", "causal", "exponent", "r2", "seq_range"]],
-                                                  "complexity exponent (time per sequence ~ T^k)",
-                                                  keep=("mechanism", "impl", "mode", "exponent", "r2", "seq_range")))
+            shown = exponent_table(fits)[["mechanism", "impl", "mode", "causal", "exponent", "r2", "points", "seq_range"]]
+            console.out.print(console.frame_table(shown, "complexity exponent (time per sequence ~ T^k)",
+                                                  keep=("mechanism", "impl", "mode", "exponent", "r2", "points", "seq_range")))
     console.out.print(f"{len(written)} files -> {out_dir}/ (report.html, report.md, plots/)")
     return written

@@ -141,8 +141,7 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
         drawn.append(run_dirs)
         return [png]
 
-    monkeypatch.setitem(sys.modules, "attnbench.train_report",
-                        types.SimpleNamespace(render_train_report=render_train_report, report_sections=lambda run_dirs: []))
+    monkeypatch.setitem(sys.modules, "attnbench.train_report", types.SimpleNamespace(render_train_report=render_train_report))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert drawn == [[run]]
@@ -209,6 +208,38 @@ def test_quality_against_speed_pairs_each_trained_mechanism_with_its_fastest_imp
 
 
 # ---- issue 20: what the report claims, empty and odd inputs, duplicate cases
+
+
+def test_an_exponent_on_two_points_is_refused_in_the_table_and_the_figure(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear, seqs=(1024, 2048))  # two lengths: any line fits them
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    fits = report.exponents(report.load_speed([tmp_path / "run"]))
+    assert (fits["points"] == 2).all() and fits["exponent"].isna().all() and fits["r2"].isna().all()
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    exponent_rows = [line for line in markdown.splitlines() if line.endswith("| 2 | 1024-2048 |")]
+    assert len(exponent_rows) == len(fits) == 4 and all("| n/a (2 points) | n/a |" in line for line in exponent_rows)
+    assert "n/a: fewer than 3 lengths to fit" in markdown
+    assert not list((tmp_path / "run" / "plots").glob("exponent-*.png"))  # no bar for a refused fit
+    assert "n/a (2 points)" in result.output  # the terminal table too
+
+
+def test_the_exponent_figure_names_the_fits_it_leaves_out(tmp_path, monkeypatch):
+    write_run(tmp_path / "run", quadratic_and_linear)
+    df = report.load_speed([tmp_path / "run"]).query("mode == 'fwd'")
+    df = df[~((df["impl"] == "sdpa") & (df["seq"] < 1024))]  # sdpa keeps two lengths, torch four
+    fits = report.exponents(df)
+    assert fits.loc[fits["impl"] == "sdpa", "exponent"].isna().all() and fits.loc[fits["impl"] == "torch", "exponent"].notna().all()
+    drawn = []
+
+    def exponent_figure(fitted, *, path, palette, title):
+        drawn.append(fitted)
+        return path
+
+    monkeypatch.setattr(report, "_exponent_figure", exponent_figure)
+    captions = [f.caption for f in report.figures(df, fits, "torch", tmp_path / "plots") if f.path.name.startswith("exponent-")]
+    assert len(drawn) == 1 and set(drawn[0]["impl"]) == {"torch"}
+    assert len(captions) == 1 and "n/a for 1 series fitted on fewer than 3 T" in captions[0]
 
 
 @pytest.mark.parametrize("content", [b"", (",".join(store.SPEED_COLUMNS) + "\n").encode()], ids=["0-byte", "header-only"])
