@@ -212,8 +212,24 @@ def _draw(data: pd.DataFrame, y: str, band: tuple[str, str] | None, palette: dic
         series = series.sort_values("seq")
         style = "-" if causal == "causal" else "--"
         ax.plot(series["seq"], series[y], style, color=palette[impl], marker=markers[run], markersize=4, linewidth=1.6)
-        if band:
-            ax.fill_between(series["seq"], series[band[0]], series[band[1]], color=palette[impl], alpha=0.15, linewidth=0)
+        repeated = _repeated(series).to_numpy()
+        if band and repeated.any():  # filled between neighbouring lengths that were both timed more than once
+            ax.fill_between(series["seq"], series[band[0]], series[band[1]], where=repeated, color=palette[impl],
+                            alpha=0.15, linewidth=0)
+
+
+def _repeated(rows: pd.DataFrame) -> pd.Series:
+    """Rows timed more than once. No column counts the repetitions, but a case timed once (on
+    CPU a single block of blocked_autorange, on CUDA a call too slow for do_bench to repeat)
+    writes p20 == median == p80."""
+    return rows["ms_p20"] < rows["ms_p80"]
+
+
+def _latency_caption(mode: str, rows: pd.DataFrame) -> str:
+    """The latency figure's caption: it promises the p20-p80 band only where one is drawn."""
+    repeated = _repeated(rows)
+    band = "" if not repeated.any() else ", band p20-p80" + ("" if repeated.all() else " where timed more than once")
+    return f"{mode}: median latency vs T{band}"
 
 
 MODE_ORDER = ("fwd", "bwd", "fwdbwd")
@@ -360,7 +376,7 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
         ratio = speedups(rows, baseline)
         for mode in _modes(rows):
             in_mode, ratio_in_mode = rows[rows["mode"] == mode], ratio[ratio["mode"] == mode] if not ratio.empty else ratio
-            add(f"latency-{mode}", f"{mode}: median latency vs T, band p20-p80", _facet, in_mode, "ms_median",
+            add(f"latency-{mode}", _latency_caption(mode, in_mode), _facet, in_mode, "ms_median",
                 "median latency (ms)", True, markers=markers, band=("ms_p20", "ms_p80"))
             add(f"tflops-{mode}", f"{mode}: throughput vs T", _facet, in_mode, "tflops", "TFLOP/s", False, markers=markers)
             if in_mode["peak_mem_mib"].notna().any():

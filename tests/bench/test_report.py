@@ -242,6 +242,25 @@ def test_the_exponent_figure_names_the_fits_it_leaves_out(tmp_path, monkeypatch)
     assert len(captions) == 1 and "n/a for 1 series fitted on fewer than 3 T" in captions[0]
 
 
+def test_the_band_is_promised_and_drawn_only_where_a_case_was_timed_more_than_once(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_run(tmp_path / "run", quadratic_and_linear)
+    repeated = report.load_speed([tmp_path / "run"]).query("status == 'ok' and mode == 'fwd'")
+    once = repeated.assign(ms_p20=repeated["ms_median"], ms_p80=repeated["ms_median"])  # one block: p20 == median == p80
+    assert "band p20-p80" in report._latency_caption("fwd", repeated)
+    assert "p20" not in report._latency_caption("fwd", once)
+    assert "where" in report._latency_caption("fwd", pd.concat([once[once["impl"] == "torch"], repeated[repeated["impl"] == "sdpa"]]))
+    for rows, bands in ((repeated, 2), (once, 0)):  # one band per impl, or none
+        plt.figure()
+        report._draw(rows, "ms_median", band=("ms_p20", "ms_p80"), palette={"torch": "C0", "sdpa": "C1"}, markers={"run": "o"})
+        assert len(plt.gca().collections) == bands
+        plt.close()
+
+
 @pytest.mark.parametrize("content", [b"", (",".join(store.SPEED_COLUMNS) + "\n").encode()], ids=["0-byte", "header-only"])
 def test_a_speed_csv_without_rows_is_one_line_and_exit_2(tmp_path, content):
     run = tmp_path / "run"
