@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import importlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -186,12 +187,18 @@ class Figure:
     caption: str
 
 
+def slug(value: str) -> str:
+    """A value as it may appear in a file name: only letters, digits and ``.+_-`` stay
+    ('cuda:0' -> 'cuda0'), so a value read from a CSV never names a folder ('a/b' -> 'ab')."""
+    return re.sub(r"[^A-Za-z0-9.+_-]", "", value)
+
+
 def _setups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(slug, rows) per setup; the slug names the files (latency-kernel-bf16-h16-kv16-d64.png)."""
     out = []
     for key, group in df.groupby(SETUP, dropna=False):
         level, dtype, device, heads, kv_heads, head_dim = key
-        out.append((f"{level}-{dtype}-{device.replace(':', '')}-h{heads:g}-kv{kv_heads:g}-d{head_dim:g}", group))
+        out.append((slug(f"{level}-{dtype}-{device}-h{heads:g}-kv{kv_heads:g}-d{head_dim:g}"), group))
     return out
 
 
@@ -367,11 +374,11 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
     markers = {run: "osD^vP*X"[i % 8] for i, run in enumerate(sorted(set(df["run"])))}
     out = []
     ok = df[df["status"] == "ok"]
-    for slug, rows in _setups(ok):
+    for setup, rows in _setups(ok):
 
         def add(name: str, caption: str, draw, *args, **kwargs) -> None:
-            path = plots / f"{name}-{slug}.png"
-            out.append(Figure(draw(*args, path=path, palette=palette, title=f"{caption} ({slug})", **kwargs), f"{caption} ({slug})"))
+            path = plots / f"{slug(name)}-{setup}.png"
+            out.append(Figure(draw(*args, path=path, palette=palette, title=f"{caption} ({setup})", **kwargs), f"{caption} ({setup})"))
 
         ratio = speedups(rows, baseline)
         for mode in _modes(rows):

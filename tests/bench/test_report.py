@@ -12,7 +12,7 @@ from attnbench import report, store, tradeoff
 from attnbench.cli import app
 
 
-def write_run(run, cost, seqs=(256, 512, 1024, 2048), impls=("torch", "sdpa"), tokens=4096):
+def write_run(run, cost, seqs=(256, 512, 1024, 2048), impls=("torch", "sdpa"), tokens=4096, device="cuda"):
     """A speed run whose median ms is cost(impl, seq) * batch, batch = tokens // seq."""
     run.mkdir(parents=True)
     store.write_meta(run, {"schema_version": 1, "command": "attnbench speed", "started": "2025-01-01T00:00:00",
@@ -24,11 +24,11 @@ def write_run(run, cost, seqs=(256, 512, 1024, 2048), impls=("torch", "sdpa"), t
                     batch = tokens // seq
                     ms = cost(impl, seq) * batch
                     log.append(dict(mechanism="standard", impl=impl, level="kernel", mode=mode, dtype="bf16",
-                                    device="cuda", batch=batch, seq=seq, heads=16, kv_heads=16, head_dim=64,
+                                    device=device, batch=batch, seq=seq, heads=16, kv_heads=16, head_dim=64,
                                     causal=True, window=None, status="ok", message="", ms_median=ms,
                                     ms_p20=0.9 * ms, ms_p80=1.1 * ms, tokens_per_s=batch * seq / ms * 1e3,
                                     flops=1e9 * seq, tflops=1e9 * seq / ms * 1e-9, peak_mem_mib=seq / 8.0, params=1))
-        log.append(dict(mechanism="standard", impl="torch", level="kernel", mode="fwd", dtype="bf16", device="cuda",
+        log.append(dict(mechanism="standard", impl="torch", level="kernel", mode="fwd", dtype="bf16", device=device,
                         batch=1, seq=8192, heads=16, kv_heads=16, head_dim=64, causal=True, window=None,
                         status="oom", message="OutOfMemoryError: CUDA out of memory."))
 
@@ -271,6 +271,15 @@ def test_a_speed_csv_without_rows_is_one_line_and_exit_2(tmp_path, content):
     assert result.exit_code == 2
     assert result.output.strip() == f"error: no rows in {run / store.SPEED_CSV}"
     assert not (tmp_path / "out").exists()  # nothing created for a bad input
+
+
+def test_a_slash_in_a_setup_value_stays_in_the_plots_folder(tmp_path):
+    write_run(tmp_path / "run", quadratic_and_linear, device="cpu/x")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.exception
+    pngs = list((tmp_path / "run" / "plots").iterdir())
+    assert pngs and all(p.is_file() and "cpux" in p.name for p in pngs)
+    assert report.slug("cuda:0") == "cuda0" and report.slug("../x") == "..x"  # ':' as before; never a folder
 
 
 def test_a_case_recorded_twice_keeps_its_last_row_with_a_warning(tmp_path, capsys):
