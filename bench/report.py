@@ -419,7 +419,7 @@ def _exponent_caption(refused: int) -> str:
 
 
 def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure], fits: pd.DataFrame,
-              baselines: list[str], other_pngs: dict[str, list[Path]]) -> list[tuple[str, Any]]:
+              baselines: list[str], other: dict[str, list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
     sections: list[tuple[str, Any]] = [("h1", "attnbench report"), ("h2", "Runs")]
     sections.append(("table", pd.DataFrame([_run_summary(run) for run in run_dirs])))
     if df is not None:
@@ -449,9 +449,8 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
         sections += [("figure", fig) for fig in figs]
         if not fits.empty:
             sections += [("h2", "Complexity exponents"), ("p", _exponent_note(fits)), ("table", exponent_table(fits))]
-    for title, pngs in other_pngs.items():
-        sections.append(("h2", title))
-        sections += [("figure", Figure(png, png.stem)) for png in pngs]
+    for title, content in other.items():
+        sections += [("h2", title), *content]
     return sections
 
 
@@ -530,21 +529,24 @@ def _html(sections) -> str:
 # ---- the command
 
 
-# Runs that are not speed sweeps: their CSV -> (section title, the module that draws them).
+# Runs that are not speed sweeps: their CSV -> (section title, the module that draws them, its
+# function writing <kind>_report.md and plots, its function giving the tables shown beside them or None).
 OTHER_RUNS = {
-    store.TRAIN_CSV: ("Training", "attnbench.train_report", "render_train_report"),
-    store.DISTILL_CSV: ("Distillation", "attnbench.distill_report", "render_distill_report"),
+    store.TRAIN_CSV: ("Training", "attnbench.train_report", "render_train_report", "report_sections"),
+    store.DISTILL_CSV: ("Distillation", "attnbench.distill_report", "render_distill_report", None),
 }
 
 
-def _other_pngs(run_dirs: list[Path], out_dir: Path) -> dict[str, list[Path]]:
-    """Figures of the training and distillation runs among ``run_dirs``, by section title."""
+def _other_sections(run_dirs: list[Path], out_dir: Path) -> dict[str, list[tuple[str, Any]]]:
+    """Tables and figures of the training and distillation runs among ``run_dirs``, by section title."""
     drawn = {}
-    for csv_name, (title, module, function) in OTHER_RUNS.items():
+    for csv_name, (title, module_name, render, tables) in OTHER_RUNS.items():
         runs = [r for r in run_dirs if (r / csv_name).exists()]
         if runs:
-            render = getattr(importlib.import_module(module), function)
-            drawn[title] = [path for path in render(runs, out_dir) if path.suffix == ".png"]
+            module = importlib.import_module(module_name)
+            pngs = [path for path in getattr(module, render)(runs, out_dir) if path.suffix == ".png"]
+            beside = getattr(module, tables)(runs) if tables else []
+            drawn[title] = [*beside, *(("figure", Figure(png, png.stem)) for png in pngs)]
     return drawn
 
 
@@ -580,8 +582,8 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
     if df is not None:
         fits = exponents(df)
         figs = figures(df, fits, baselines[0], out_dir / "plots")
-    other_pngs = _other_pngs(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
-    sections = _sections(run_dirs, df, figs, fits, baselines or [], other_pngs)
+    other = _other_sections(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
+    sections = _sections(run_dirs, df, figs, fits, baselines or [], other)
     train_runs = [r for r in run_dirs if (r / store.TRAIN_CSV).exists()]
     if df is not None and train_runs:
         tradeoff_section = _tradeoff_section(df, train_runs, out_dir / "plots" / "tradeoff.png")
@@ -589,7 +591,8 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
         figs += [content for kind, content in tradeoff_section if kind == "figure"]
     (out_dir / "report.md").write_text(_markdown(sections, out_dir))
     (out_dir / "report.html").write_text(_html(sections))
-    written = [f.path for f in figs] + [png for pngs in other_pngs.values() for png in pngs] + [out_dir / "report.md", out_dir / "report.html"]
+    others = [content.path for section in other.values() for kind, content in section if kind == "figure"]
+    written = [f.path for f in figs] + others + [out_dir / "report.md", out_dir / "report.html"]
     if df is not None:
         console.out.print(console.frame_table(fastest(df), "fastest impl at the largest T",
                                               keep=("mechanism", "mode", "T", "fastest", "ms", "TFLOP/s", "next")))

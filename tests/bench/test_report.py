@@ -141,7 +141,8 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
         drawn.append(run_dirs)
         return [png]
 
-    monkeypatch.setitem(sys.modules, "attnbench.train_report", types.SimpleNamespace(render_train_report=render_train_report))
+    monkeypatch.setitem(sys.modules, "attnbench.train_report",
+                        types.SimpleNamespace(render_train_report=render_train_report, report_sections=lambda run_dirs: []))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert drawn == [[run]]
@@ -298,3 +299,43 @@ def test_a_case_recorded_twice_keeps_its_last_row_with_a_warning(tmp_path, capsy
     assert (doubled["ms_median"] == 2 * doubled["ms_median_first"]).sum() == 3  # the later rows won
 
 
+def write_train_run_with_one_eval(run, steps=50):
+    """A training run that logged every step and evaluated once, at its last step."""
+    from attnbench.train import TRAIN_COLUMNS
+
+    run.mkdir(parents=True)
+    store.write_meta(run, {"command": "attnbench train", "started": "2025-01-01T00:00:00"})
+    with store.RowLog(run / store.TRAIN_CSV, TRAIN_COLUMNS) as log:
+        for step in range(1, steps + 1):
+            log.append(dict(attn="rope", step=step, split="train", loss=6.0 - step / steps, lr=1e-3, tokens_per_s=1000.0, status="ok"))
+        log.append(dict(attn="rope", step=steps, split="valid", loss=5.25, ppl=190.6, accuracy=0.12, status="ok"))
+
+
+def test_the_training_report_html_carries_the_eval_loss_table(tmp_path):
+    write_train_run(tmp_path / "run", {"standard": 3.5, "rope": 3.25}, steps=100)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "run" / "report.html").read_text()
+    training = html[html.index("<h2>Training</h2>"):]
+    header = re.findall(r"<th>([^<]*)</th>", training)
+    cells = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", training, re.S)[1:]]
+    assert header[:3] == ["mechanism", "steps", "eval loss"]
+    assert [row[:3] for row in cells] == [["standard", "100", "3.5"], ["rope", "100", "3.25"]]
+    assert "Steps to eval loss 3.5" in training
+    train_md = (tmp_path / "run" / "train_report.md").read_text()
+    assert "| standard | 100 | 3.5 |" in train_md and "| standard | 100 | 3.5 |" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_an_eval_panel_with_one_point_draws_a_marker_on_the_runs_step_axis(tmp_path):
+    from attnbench import train_report
+
+    write_train_run_with_one_eval(tmp_path / "run", steps=50)
+    train, _, _ = train_report._load([tmp_path / "run"])
+    fig = train_report._draw_curves(train)
+    eval_loss = next(ax for ax in fig.axes if ax.get_title() == "eval loss")
+    (line,) = eval_loss.get_lines()
+    assert line.get_marker() not in (None, "", "None", " ") and line.get_markersize() >= 5
+    low, high = eval_loss.get_xlim()
+    assert low <= 1 and high >= 50  # the run's steps, not 48 to 52 around the one evaluation
+    bottom, top = eval_loss.get_ylim()
+    assert bottom < 5.25 < top and top / bottom < 2  # a tight axis around the value, not decades
