@@ -19,9 +19,7 @@ def _speed_csv(path: Path) -> Path:
 
 
 def _load(path: Path) -> pd.DataFrame:
-    rows = store.read_rows(_speed_csv(path))
-    if not rows:
-        raise InputError(f"{path} has no rows")
+    rows = store.read_cases(_speed_csv(path))
     df = pd.DataFrame(rows, columns=store.SPEED_COLUMNS)
     try:
         df["ms_median"] = pd.to_numeric(df["ms_median"].replace("", float("nan")))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import importlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ NUMERIC = ["batch", "seq", "heads", "kv_heads", "head_dim", "ms_median", "ms_p20
 SETUP = ["level", "dtype", "device", "heads", "kv_heads", "head_dim"]
 SERIES = ["run", "mechanism", "impl", "mode", "causal", "window"]
 FIT_POINTS = 3  # the exponent is fitted over this many largest sequence lengths
+MIN_FIT_POINTS = 3  # on fewer, no exponent: a line through two points always fits (R^2 = 1 says nothing)
 
 FLOP_CONVENTION = (
     "FLOPs follow the FlashAttention-3 convention: a softmax forward counts 4 * B * Hq * D per visible "
@@ -50,7 +52,7 @@ def load_speed(run_dirs: list[Path]) -> pd.DataFrame:
     """The speed.csv rows of ``run_dirs`` as one frame with a ``run`` column, numbers parsed."""
     frames = []
     for run in run_dirs:
-        rows = store.read_rows(run / store.SPEED_CSV)
+        rows = store.read_cases(run / store.SPEED_CSV)
         frame = pd.DataFrame(rows, columns=store.SPEED_COLUMNS).assign(run=run.name)
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True)
@@ -89,21 +91,37 @@ def impl_order() -> list[str]:
 
 
 def exponents(df: pd.DataFrame) -> pd.DataFrame:
-    """Per series: slope of log(ms per sequence) vs log T over the FIT_POINTS largest T, R^2, points used."""
+    """Per series of at least two lengths: slope of log(ms per sequence) vs log T over the
+    FIT_POINTS largest T, R^2 and the points used; exponent and R^2 are NaN (refused) on fewer
+    than MIN_FIT_POINTS points."""
     ok = df[df["status"] == "ok"].assign(ms_per_seq=lambda d: d["ms_median"] / d["batch"])
     out = []
     for key, group in ok.groupby(SETUP + SERIES, dropna=False):
         per_seq = group.groupby("seq")["ms_per_seq"].median().sort_index().tail(FIT_POINTS)
         if len(per_seq) < 2:
             continue
-        x, y = np.log(per_seq.index.to_numpy(float)), np.log(per_seq.to_numpy(float))
-        slope, intercept = np.polyfit(x, y, 1)
-        residual = y - (slope * x + intercept)
-        total = ((y - y.mean()) ** 2).sum()
-        r2 = 1.0 - (residual**2).sum() / total if total > 0 else 1.0
+        slope, r2 = _fit(per_seq) if len(per_seq) >= MIN_FIT_POINTS else (np.nan, np.nan)
         out.append({**dict(zip(SETUP + SERIES, key)), "exponent": slope, "r2": r2, "points": len(per_seq),
                     "seq_range": f"{per_seq.index.min()}-{per_seq.index.max()}"})
     return pd.DataFrame(out)
+
+
+def _fit(per_seq: pd.Series) -> tuple[float, float]:
+    """Slope and R^2 of the least-squares line through log(ms per sequence) against log T."""
+    x, y = np.log(per_seq.index.to_numpy(float)), np.log(per_seq.to_numpy(float))
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - (residual**2).sum() / total if total > 0 else 1.0
+    return slope, r2
+
+
+def exponent_table(fits: pd.DataFrame) -> pd.DataFrame:
+    """``fits`` as shown in the reports and the terminal: exponent to 2 decimals and R^2 to 3,
+    written out as text, or "n/a (N points)" and "n/a" where the fit was refused."""
+    refused = fits["exponent"].isna()
+    exponent = fits["exponent"].round(2).map("{:.4g}".format).where(~refused, "n/a (" + fits["points"].astype(str) + " points)")
+    return fits.assign(exponent=exponent, r2=fits["r2"].round(3).map("{:.4g}".format).where(~refused, "n/a"))
 
 
 def _beside_reference(df: pd.DataFrame, column: str, reference: str, keys: list[str]) -> pd.DataFrame:
@@ -169,12 +187,18 @@ class Figure:
     caption: str
 
 
+def slug(value: str) -> str:
+    """A value as it may appear in a file name: only letters, digits and ``.+_-`` stay
+    ('cuda:0' -> 'cuda0'), so a value read from a CSV never names a folder ('a/b' -> 'ab')."""
+    return re.sub(r"[^A-Za-z0-9.+_-]", "", value)
+
+
 def _setups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(slug, rows) per setup; the slug names the files (latency-kernel-bf16-h16-kv16-d64.png)."""
     out = []
     for key, group in df.groupby(SETUP, dropna=False):
         level, dtype, device, heads, kv_heads, head_dim = key
-        out.append((f"{level}-{dtype}-{device.replace(':', '')}-h{heads:g}-kv{kv_heads:g}-d{head_dim:g}", group))
+        out.append((slug(f"{level}-{dtype}-{device}-h{heads:g}-kv{kv_heads:g}-d{head_dim:g}"), group))
     return out
 
 
@@ -195,8 +219,24 @@ def _draw(data: pd.DataFrame, y: str, band: tuple[str, str] | None, palette: dic
         series = series.sort_values("seq")
         style = "-" if causal == "causal" else "--"
         ax.plot(series["seq"], series[y], style, color=palette[impl], marker=markers[run], markersize=4, linewidth=1.6)
-        if band:
-            ax.fill_between(series["seq"], series[band[0]], series[band[1]], color=palette[impl], alpha=0.15, linewidth=0)
+        repeated = _repeated(series).to_numpy()
+        if band and repeated.any():  # filled between neighbouring lengths that were both timed more than once
+            ax.fill_between(series["seq"], series[band[0]], series[band[1]], where=repeated, color=palette[impl],
+                            alpha=0.15, linewidth=0)
+
+
+def _repeated(rows: pd.DataFrame) -> pd.Series:
+    """Rows timed more than once. No column counts the repetitions, but a case timed once (on
+    CPU a single block of blocked_autorange, on CUDA a call too slow for do_bench to repeat)
+    writes p20 == median == p80."""
+    return rows["ms_p20"] < rows["ms_p80"]
+
+
+def _latency_caption(mode: str, rows: pd.DataFrame) -> str:
+    """The latency figure's caption: it promises the p20-p80 band only where one is drawn."""
+    repeated = _repeated(rows)
+    band = "" if not repeated.any() else ", band p20-p80" + ("" if repeated.all() else " where timed more than once")
+    return f"{mode}: median latency vs T{band}"
 
 
 MODE_ORDER = ("fwd", "bwd", "fwdbwd")
@@ -334,16 +374,16 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
     markers = {run: "osD^vP*X"[i % 8] for i, run in enumerate(sorted(set(df["run"])))}
     out = []
     ok = df[df["status"] == "ok"]
-    for slug, rows in _setups(ok):
+    for setup, rows in _setups(ok):
 
         def add(name: str, caption: str, draw, *args, **kwargs) -> None:
-            path = plots / f"{name}-{slug}.png"
-            out.append(Figure(draw(*args, path=path, palette=palette, title=f"{caption} ({slug})", **kwargs), f"{caption} ({slug})"))
+            path = plots / f"{slug(name)}-{setup}.png"
+            out.append(Figure(draw(*args, path=path, palette=palette, title=f"{caption} ({setup})", **kwargs), f"{caption} ({setup})"))
 
         ratio = speedups(rows, baseline)
         for mode in _modes(rows):
             in_mode, ratio_in_mode = rows[rows["mode"] == mode], ratio[ratio["mode"] == mode] if not ratio.empty else ratio
-            add(f"latency-{mode}", f"{mode}: median latency vs T, band p20-p80", _facet, in_mode, "ms_median",
+            add(f"latency-{mode}", _latency_caption(mode, in_mode), _facet, in_mode, "ms_median",
                 "median latency (ms)", True, markers=markers, band=("ms_p20", "ms_p80"))
             add(f"tflops-{mode}", f"{mode}: throughput vs T", _facet, in_mode, "tflops", "TFLOP/s", False, markers=markers)
             if in_mode["peak_mem_mib"].notna().any():
@@ -355,17 +395,31 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
                 add(f"speedup-{mode}", f"{mode}: speedup over {baseline}", _facet, ratio_in_mode, "speedup",
                     f"speedup over {baseline} (x)", True, markers=markers, hline=1.0)
         setup_fits = fits.merge(rows[SETUP].drop_duplicates(), on=SETUP) if not fits.empty else fits
-        if not setup_fits.empty:
-            add("exponent", f"Fitted exponent k, time per sequence ~ T^k over the {FIT_POINTS} largest T",
-                _exponent_figure, setup_fits)
+        fitted = setup_fits[setup_fits["exponent"].notna()] if not setup_fits.empty else setup_fits
+        if not fitted.empty:
+            add("exponent", _exponent_caption(len(setup_fits) - len(fitted)), _exponent_figure, fitted)
     return out
+
+
+def _exponent_note(fits: pd.DataFrame) -> str:
+    """The sentence above the exponent table; it says why a fit reads n/a where one does."""
+    note = f"Slope of log(ms per sequence) vs log T over the {FIT_POINTS} largest T."
+    if fits["exponent"].isna().any():
+        note += f" n/a: fewer than {MIN_FIT_POINTS} lengths to fit (a line passes through two points exactly: R^2 = 1 says nothing)."
+    return note
+
+
+def _exponent_caption(refused: int) -> str:
+    """The exponent figure's caption, naming the series it leaves out (n/a in the table)."""
+    left_out = f"; n/a for {refused} series fitted on fewer than {MIN_FIT_POINTS} T" if refused else ""
+    return f"Fitted exponent k, time per sequence ~ T^k over the {FIT_POINTS} largest T{left_out}"
 
 
 # ---- documents
 
 
 def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure], fits: pd.DataFrame,
-              baselines: list[str], other_pngs: dict[str, list[Path]]) -> list[tuple[str, Any]]:
+              baselines: list[str], other: dict[str, list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
     sections: list[tuple[str, Any]] = [("h1", "attnbench report"), ("h2", "Runs")]
     sections.append(("table", pd.DataFrame([_run_summary(run) for run in run_dirs])))
     if df is not None:
@@ -394,11 +448,9 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
         sections.append(("h2", "Figures"))
         sections += [("figure", fig) for fig in figs]
         if not fits.empty:
-            sections += [("h2", "Complexity exponents"), ("p", f"Slope of log(ms per sequence) vs log T over the {FIT_POINTS} largest T."),
-                         ("table", fits.round({"exponent": 2, "r2": 3}))]
-    for title, pngs in other_pngs.items():
-        sections.append(("h2", title))
-        sections += [("figure", Figure(png, png.stem)) for png in pngs]
+            sections += [("h2", "Complexity exponents"), ("p", _exponent_note(fits)), ("table", exponent_table(fits))]
+    for title, content in other.items():
+        sections += [("h2", title), *content]
     return sections
 
 
@@ -477,22 +529,38 @@ def _html(sections) -> str:
 # ---- the command
 
 
-# Runs that are not speed sweeps: their CSV -> (section title, the module that draws them).
+# Runs that are not speed sweeps: their CSV -> (section title, the module that draws them, its
+# function writing <kind>_report.md and plots, its function giving the tables shown beside them or None).
 OTHER_RUNS = {
-    store.TRAIN_CSV: ("Training", "attnbench.train_report", "render_train_report"),
-    store.DISTILL_CSV: ("Distillation", "attnbench.distill_report", "render_distill_report"),
+    store.TRAIN_CSV: ("Training", "attnbench.train_report", "render_train_report", "report_sections"),
+    store.DISTILL_CSV: ("Distillation", "attnbench.distill_report", "render_distill_report", None),
 }
 
 
-def _other_pngs(run_dirs: list[Path], out_dir: Path) -> dict[str, list[Path]]:
-    """Figures of the training and distillation runs among ``run_dirs``, by section title."""
+def _other_sections(run_dirs: list[Path], out_dir: Path) -> dict[str, list[tuple[str, Any]]]:
+    """Tables and figures of the training and distillation runs among ``run_dirs``, by section title."""
     drawn = {}
-    for csv_name, (title, module, function) in OTHER_RUNS.items():
+    for csv_name, (title, module_name, render, tables) in OTHER_RUNS.items():
         runs = [r for r in run_dirs if (r / csv_name).exists()]
         if runs:
-            render = getattr(importlib.import_module(module), function)
-            drawn[title] = [path for path in render(runs, out_dir) if path.suffix == ".png"]
+            module = importlib.import_module(module_name)
+            pngs = [path for path in getattr(module, render)(runs, out_dir) if path.suffix == ".png"]
+            beside = getattr(module, tables)(runs) if tables else []
+            drawn[title] = [*beside, *(("figure", Figure(png, png.stem)) for png in pngs)]
     return drawn
+
+
+def _checked_baselines(df: pd.DataFrame, baselines: list[str] | None, speed_runs: list[Path]) -> list[str]:
+    """The impls the speedups divide by (default: sdpa, else torch, else the first impl), each
+    one in the runs; and the runs hold something to plot. Raises InputError otherwise."""
+    impls = sorted(set(df["impl"]))
+    baselines = baselines or [next((b for b in ("sdpa", "torch") if b in impls), impls[0])]
+    for baseline in baselines:
+        if baseline not in impls:
+            raise InputError(f"--baseline {baseline} is not in these runs; impls: {', '.join(impls)}")
+    if not (df["status"] == "ok").any():
+        raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
+    return baselines
 
 
 def render_report(runs: list[Path], out: Path | None, baselines: list[str] | None = None) -> list[Path]:
@@ -505,22 +573,17 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
         store.read_meta(run)  # a folder without readable meta.json is no run
     speed_runs = [r for r in run_dirs if (r / store.SPEED_CSV).exists()]
     out_dir = out or (run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent / f"report-{datetime.now():%Y%m%d-%H%M%S}")
-    store.ensure_writable(out_dir)
     df = load_speed(speed_runs) if speed_runs else None
+    if df is not None:
+        baselines = _checked_baselines(df, baselines, speed_runs)
+    store.ensure_writable(out_dir)  # after the input is read: a bad run leaves no folder behind
     figs: list[Figure] = []
     fits = pd.DataFrame()
     if df is not None:
-        impls = sorted(set(df["impl"]))
-        baselines = baselines or [next((b for b in ("sdpa", "torch") if b in impls), impls[0])]
-        for baseline in baselines:
-            if baseline not in impls:
-                raise InputError(f"--baseline {baseline} is not in these runs; impls: {', '.join(impls)}")
-        if not (df["status"] == "ok").any():
-            raise InputError(f"no ok rows in {', '.join(map(str, speed_runs))}: nothing to plot")
         fits = exponents(df)
         figs = figures(df, fits, baselines[0], out_dir / "plots")
-    other_pngs = _other_pngs(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
-    sections = _sections(run_dirs, df, figs, fits, baselines or [], other_pngs)
+    other = _other_sections(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
+    sections = _sections(run_dirs, df, figs, fits, baselines or [], other)
     train_runs = [r for r in run_dirs if (r / store.TRAIN_CSV).exists()]
     if df is not None and train_runs:
         tradeoff_section = _tradeoff_section(df, train_runs, out_dir / "plots" / "tradeoff.png")
@@ -528,13 +591,14 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
         figs += [content for kind, content in tradeoff_section if kind == "figure"]
     (out_dir / "report.md").write_text(_markdown(sections, out_dir))
     (out_dir / "report.html").write_text(_html(sections))
-    written = [f.path for f in figs] + [png for pngs in other_pngs.values() for png in pngs] + [out_dir / "report.md", out_dir / "report.html"]
+    others = [content.path for section in other.values() for kind, content in section if kind == "figure"]
+    written = [f.path for f in figs] + others + [out_dir / "report.md", out_dir / "report.html"]
     if df is not None:
         console.out.print(console.frame_table(fastest(df), "fastest impl at the largest T",
                                               keep=("mechanism", "mode", "T", "fastest", "ms", "TFLOP/s", "next")))
         if not fits.empty:
-            console.out.print(console.frame_table(fits[["mechanism", "impl", "mode", "causal", "exponent", "r2", "seq_range"]],
-                                                  "complexity exponent (time per sequence ~ T^k)",
-                                                  keep=("mechanism", "impl", "mode", "exponent", "r2", "seq_range")))
+            shown = exponent_table(fits)[["mechanism", "impl", "mode", "causal", "exponent", "r2", "points", "seq_range"]]
+            console.out.print(console.frame_table(shown, "complexity exponent (time per sequence ~ T^k)",
+                                                  keep=("mechanism", "impl", "mode", "exponent", "r2", "points", "seq_range")))
     console.out.print(f"{len(written)} files -> {out_dir}/ (report.html, report.md, plots/)")
     return written

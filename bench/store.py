@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from attnbench import console
 from attnbench.errors import InputError
 
 SCHEMA_VERSION = 2  # 2: the preset column (model level)
@@ -278,3 +279,19 @@ def case_key(row: dict[str, Any]) -> tuple[str, ...]:
 
 def recorded_keys(rows: Iterable[dict[str, Any]]) -> set[tuple[str, ...]]:
     return {case_key(row) for row in rows}
+
+
+def read_cases(path: Path) -> list[dict[str, str]]:
+    """The rows of a speed.csv, one per case, for the commands that read a finished run (report,
+    compare). Two writers in one folder (a --resume racing the first run) can record a case
+    twice: the last row of each case is kept, and one warning line on stderr says how many rows
+    were dropped. A file without rows (0 bytes, or a header alone) is an InputError."""
+    rows = read_rows(path)
+    if not rows:
+        raise InputError(f"no rows in {path}")
+    last = {case_key(row): row for row in rows}  # a later row of the same case replaces the earlier one
+    dropped = len(rows) - len(last)
+    if dropped:
+        console.err.print(f"warning: {path}: {dropped} duplicate row(s) of a case dropped (the last row of each case kept)",
+                          style="yellow", markup=False, highlight=False, soft_wrap=True)
+    return list(last.values())

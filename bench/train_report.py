@@ -4,6 +4,7 @@
         out_dir/plots/train_curves.png    train loss, eval loss, eval perplexity, learning rate
         out_dir/plots/extrapolation.png   perplexity against evaluation length (clm runs)
         out_dir/train_report.md           final metrics, steps to a target loss, tokens/s, parameters
+    report_sections([run_dir, ...])    -> the eval-loss table and its notes, for report.md/.html
 
 One line per mechanism, named "<run>/<attn>" where several runs have that mechanism.
 """
@@ -83,6 +84,15 @@ def _plain_log_ticks(ax, axis: str = "y") -> None:
 
 
 def _curves_figure(train: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _draw_curves(train)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _draw_curves(train: pd.DataFrame):
+    """The 2 x 2 figure of train loss, eval loss, eval perplexity and learning rate against step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,22 +108,35 @@ def _curves_figure(train: pd.DataFrame, path: Path) -> None:
         (axes[1, 1], "train", "lr", "learning rate", False),
     ]
     for ax, split, column, title, log_y in panels:
-        for line, rows in ok[ok["split"] == split].groupby("line", sort=False):
+        panel = ok[ok["split"] == split]
+        for line, rows in panel.groupby("line", sort=False):
             values = rows[column]
             if split == "train" and column == "loss" and len(values) > 50:
                 values = values.rolling(max(1, len(values) // 50), min_periods=1).mean()  # smoothed: per-step noise hides the trend
-            ax.plot(rows["step"], values, label=line, marker="o" if split == "valid" else None, markersize=3, **styles[line])
+            marker = "o" if split == "valid" or len(rows) == 1 else None
+            ax.plot(rows["step"], values, label=line, marker=marker, markersize=3 if len(rows) > 1 else 7, **styles[line])
         ax.set_title(title)
         ax.set_xlabel("step")
         if log_y:
             ax.set_yscale("log")
             _plain_log_ticks(ax)
+        if panel["step"].nunique() == 1:
+            _frame_one_step(ax, ok["step"], panel[column])
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", frameon=False)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _frame_one_step(ax, steps: pd.Series, values: pd.Series) -> None:
+    """Limits for a panel whose points all sit at one step (a run evaluated once): x spans the
+    run's steps and y 10% around the values, where matplotlib would draw 5% around the step
+    (48 to 52) and a decade around the value."""
+    ax.set_xlim(0, max(float(steps.max()), 1.0) * 1.05)
+    finite = values[values.map(math.isfinite)]
+    if len(finite) and finite.min() > 0:
+        ax.set_ylim(finite.min() / 1.1, finite.max() * 1.1)
 
 
 def _extrapolation_figure(extra: pd.DataFrame, path: Path) -> None:
@@ -163,33 +186,52 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
+EVAL_COLUMNS = ["mechanism", "steps", "eval loss", "eval ppl", "eval acc", "best eval loss @ step", "steps to target",
+                "tokens/s", "peak MiB", "params", "attention params"]
+
+
+def eval_summary(train: pd.DataFrame, models: dict[str, dict]) -> tuple[list[str], pd.DataFrame, list[str]]:
+    """The eval-loss table that train_report.md and report.md/.html show: the notes above it, one
+    row per line (its final evaluation; cells as text, EVAL_COLUMNS) and a line per failure."""
     valid = train[(train["split"] == "valid") & (train["status"] == "ok")]
     finals = valid.groupby("line", sort=False).last()
     # the target: the worst of the final eval losses, so every line reaches it and the steps compare
     target = float(finals["loss"].max()) if len(finals) else float("nan")
-    lines = [
+    notes = [
         f"Steps to eval loss {target:.4g}: the first evaluation at or below the worst final eval loss.",
-        "",
         "Best: the lowest eval loss and its step (below the final one when the model overfits).",
-        "",
-        "| mechanism | steps | eval loss | eval ppl | eval acc | best eval loss @ step | steps to target | tokens/s | peak MiB | params | attention params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for line, final in finals.iterrows():
         trained = train[(train["line"] == line) & (train["split"] == "train") & (train["status"] == "ok")]
         params = models.get(line, {}).get("params", {})
         evals = valid[valid["line"] == line]
         best = evals.sort_values("loss").iloc[0]
-        lines.append(
-            f"| {line} | {int(final['step'])} | {_fmt(final['loss'])} | {_fmt(final['ppl'])} | {_fmt(final['accuracy'], 3)} "
-            f"| {_fmt(best['loss'])} @ {int(best['step'])} | {_fmt(steps_to_loss(evals, target))} | {_fmt(float(trained['tokens_per_s'].median()), 3)} "
-            f"| {_fmt(float(trained['peak_mem_mib'].max()), 4)} | {_fmt(params.get('total'))} | {_fmt(params.get('attention'))} |"
-        )
-    failed = train[train["status"] != "ok"]
-    for _, row in failed.iterrows():
-        lines.append(f"\n{row['line']}: {row['status']} at step {int(row['step'])}: {row['message']}")
-    return lines
+        rows.append([
+            line, str(int(final["step"])), _fmt(final["loss"]), _fmt(final["ppl"]), _fmt(final["accuracy"], 3),
+            f"{_fmt(best['loss'])} @ {int(best['step'])}", _fmt(steps_to_loss(evals, target)),
+            _fmt(float(trained["tokens_per_s"].median()), 3), _fmt(float(trained["peak_mem_mib"].max()), 4),
+            _fmt(params.get("total")), _fmt(params.get("attention")),
+        ])
+    failures = [f"{row['line']}: {row['status']} at step {int(row['step'])}: {row['message']}"
+                for _, row in train[train["status"] != "ok"].iterrows()]
+    return notes, pd.DataFrame(rows, columns=EVAL_COLUMNS), failures
+
+
+def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
+    """eval_summary as the lines of train_report.md."""
+    notes, table, failures = eval_summary(train, models)
+    lines = [notes[0], "", notes[1], "", "| " + " | ".join(EVAL_COLUMNS) + " |", "|" + "---|" * len(EVAL_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
+    return lines + [f"\n{failure}" for failure in failures]
+
+
+def report_sections(run_dirs: list[Path]) -> list[tuple[str, object]]:
+    """What report.md/.html show of these runs beside their figures: train_report.md's eval-loss
+    table with its notes, as (kind, content) sections ("p" text, "table" frame)."""
+    train, _, models = _load([Path(d) for d in run_dirs])
+    notes, table, failures = eval_summary(train, models)
+    return [*(("p", note) for note in notes), ("table", table), *(("p", failure) for failure in failures)]
 
 
 def render_train_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:

@@ -59,3 +59,22 @@ def test_the_ratio_is_head_over_base(tmp_path):
 def test_a_csv_path_works_as_well_as_a_folder(tmp_path):
     base = write(tmp_path / "base", {512: 1.0})
     assert compare(base / "speed.csv", base).exit_code == 0
+
+
+def test_a_run_with_a_case_recorded_twice_compares_its_last_rows(tmp_path):
+    run = write(tmp_path / "run", {512: 1.0, 1024: 4.0, 2048: 16.0})
+    with store.RowLog(run / store.SPEED_CSV, resume=True) as log:  # a resume racing the first writer
+        for row in store.read_rows(run / store.SPEED_CSV)[:2]:
+            log.append({**row, "ms_median": 3 * float(row["ms_median"])})
+    result = compare(run, run)
+    assert result.exit_code == 0, result.output
+    assert "2 duplicate row(s)" in result.output and "3 same" in result.output
+
+
+def test_a_speed_csv_without_rows_is_one_line_and_exit_2(tmp_path):
+    base = write(tmp_path / "base", {512: 1.0})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / store.SPEED_CSV).write_bytes(b"")
+    result = compare(base, empty)
+    assert result.exit_code == 2 and result.output.strip() == f"error: no rows in {empty / store.SPEED_CSV}"
