@@ -214,3 +214,26 @@ def test_help_needs_no_heavy_imports():
     code = "import sys, attnbench.cli; print(sorted({'torch', 'triton', 'seaborn', 'pandas'} & set(sys.modules)))"
     heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == "[]", f"`attnbench --help` imports {heavy}"
+
+COMMANDS = ("speed", "report", "compare", "env", "list", "check", "distill", "train")
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=lambda c: " ".join(c) or "attnbench")
+def test_help_shows_no_type_placeholders(command):
+    """Flags show nothing after their name, and values a plain metavar: no typer `<bool>`, `<list[str]>`."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0, result.output
+    assert "Usage: attnbench" in result.output
+    assert re.findall(r"<[a-z]+(?:\[[a-z|, ]+\])?>", result.output) == [], result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_help_shows_the_help_of_arguments():
+    assert "Baseline run folder" in invoke("compare", "--help").output
+    assert "Run folders" in invoke("report", "--help").output
+
+
+def test_commands_cover_the_app():
+    import typer
+
+    assert sorted(typer.main.get_command(app).commands) == sorted(COMMANDS)
