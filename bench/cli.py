@@ -11,24 +11,47 @@ List options take several values after one flag (`--seq 512 1024`), repeated fla
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
+import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from attnbench.errors import USER_ERRORS, InputError
 
 
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _one_line_errors():
+    """Our input errors and click's parse errors (a malformed value, an unknown option or command)
+    become one red line on stderr and exit code 2, instead of a traceback or typer's usage box.
+    `attnbench` alone still prints the help."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except USER_ERRORS as err:
+        _fail(str(err))
+    except click.UsageError as err:
+        _fail(" ".join(err.format_message().split()))
+
+
 class InputErrorsExit2(TyperGroup):
     """Every command's input errors become one red line and exit code 2 (also under CliRunner)."""
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        with _one_line_errors():  # `attnbench --bogus`
+            return super().parse_args(ctx, args)
+
     def invoke(self, ctx: typer.Context):
-        try:
+        with _one_line_errors():  # an unknown command, a command's parse errors and its input errors
             return super().invoke(ctx)
-        except USER_ERRORS as err:
-            typer.secho(f"error: {err}", fg="red", err=True)
-            raise typer.Exit(2) from None
 
 
 def _is_value(arg: str) -> bool:

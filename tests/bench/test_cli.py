@@ -327,3 +327,34 @@ def test_a_list_flag_without_a_value_is_refused_not_ignored(tmp_path):
         result = invoke(*tiny, *empty)
         assert result.exit_code == 2 and empty[0].rstrip("=") in result.stderr, (empty, result.output)
     assert not (tmp_path / "run").exists()
+
+
+MALFORMED = {
+    "speed int": (["speed", "--seq", "512", "abc"], r"--seq.*'abc' is not a valid integer"),
+    "train int": (["train", "--attn", "rope", "--steps", "many"], r"--steps.*'many' is not a valid integer"),
+    "distill float": (["distill", "--teacher", "t", "--student", "linear", "--lr", "fast"], r"--lr.*'fast' is not a valid float"),
+    "check int": (["check", "--max-seq", "1k"], r"--max-seq.*'1k' is not a valid integer"),
+    "compare float": (["compare", "a", "b", "--threshold", "x"], r"--threshold.*'x' is not a valid float"),
+    "env unknown option": (["env", "--jsn"], r"No such option.*--jsn.*Did you mean '?--json"),
+    "list missing value": (["list", "--task"], r"--task.*requires an argument"),
+    "report missing value": (["report", "--out"], r"--out.*requires an argument"),
+    "distill missing option": (["distill", "--student", "linear"], r"Missing option '--teacher'"),
+    "train extra argument": (["train", "--attn", "rope", "--steps", "3", "4"], r"unexpected extra argument \(4\)"),
+    "unknown command": (["spede"], r"No such command 'spede'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_command_line_is_one_line_on_stderr_and_exit_code_2(case):
+    args, message = MALFORMED[case]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_no_arguments_still_print_the_help():
+    result = invoke()
+    assert "Usage: attnbench" in result.output and "speed" in result.output and "error" not in result.output
