@@ -174,6 +174,8 @@ BAD_INPUTS = {
     "impl for a mechanism not trained": (["train", "--attn", "linear", "--impl", "auto,nsa=torch"], "--impl nsa=torch: nsa is not one of the mechanisms"),
     "two default impls": (["distill", "--teacher", "t", "--student", "linear", "--impl", "torch,chunked"], "one impl for every mechanism"),
     "distill option nobody declares": (["distill", "--teacher", "t", "--student", "linear", "--option", "x=1"], "option 'x'"),
+    "check unknown mechanism": (["check", "--attn", "no-such"], "unknown mechanism 'no-such'; valid: .*standard"),
+    "check mechanism without triton": (["check", "--attn", "standard", "linear"], "unknown impl 'triton' for linear; valid:"),
 }
 
 
@@ -214,6 +216,7 @@ def test_help_needs_no_heavy_imports():
     code = "import sys, attnbench.cli; print(sorted({'torch', 'triton', 'seaborn', 'pandas'} & set(sys.modules)))"
     heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == "[]", f"`attnbench --help` imports {heavy}"
+
 
 COMMANDS = ("speed", "report", "compare", "env", "list", "check", "distill", "train")
 
