@@ -140,16 +140,24 @@ def _heads_for(batch: int, seq: int) -> int:
 CHECK_OPTIONS = {"exposb": {"alpha": 0.3, "gamma": 0.5, "delta": 0.01}}
 
 
-def mechanism_cases(names: Sequence[str], max_seq: int, dtype: torch.dtype, head_dims=(64, 128)) -> list[CheckCase]:
-    """Causal and bidirectional (with key padding) cases of each mechanism's `triton` impl
-    against its `torch` impl, GQA 2:1, at every length of _seq_lengths(max_seq)."""
+def triton_mechanisms(names: Sequence[str]) -> list:
+    """The registry entries of ``names``; UnknownNameError (with the valid names) for an unknown
+    mechanism or one without a `triton` impl. Needs no GPU, so a bad name is told before the CUDA check."""
     from attnbench.models import registry
 
     mechanisms = [registry.get(name) for name in names]
     for mechanism in mechanisms:
         mechanism.impl("triton")
+    return mechanisms
+
+
+def mechanism_cases(names: Sequence[str], max_seq: int, dtype: torch.dtype, head_dims=(64, 128)) -> list[CheckCase]:
+    """Causal and bidirectional (with key padding) cases of each mechanism's `triton` impl
+    against its `torch` impl, GQA 2:1, at every length of _seq_lengths(max_seq)."""
+    from attnbench.models import registry
+
     cases = []
-    for mechanism in mechanisms:
+    for mechanism in triton_mechanisms(names):
         for i, seq in enumerate(_seq_lengths(max_seq)):
             head_dim = head_dims[i % len(head_dims)]
             for causal in (True, False):
@@ -199,6 +207,7 @@ def run_check(attn: Sequence[str], max_seq: int, dtype_name: str, console=None, 
         raise InputError(f"unknown dtype '{dtype_name}'; valid: {', '.join(DTYPES)}")
     if max_seq < 1:
         raise InputError(f"--max-seq must be positive, got {max_seq}")
+    triton_mechanisms(attn)
     if not torch.cuda.is_available():
         raise InputError("attnbench check needs a CUDA GPU (the Triton kernels run there); none found")
     console = console or Console()

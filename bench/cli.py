@@ -3,31 +3,55 @@
 Heavy imports (torch, triton, seaborn) happen inside the commands, so `--help` is instant.
 Bad input raises attnbench.errors.InputError (or UnknownNameError) and becomes one line, exit 2.
 
-List options take several values after one flag (`--seq 512 1024`), repeated flags or commas;
-commands with list options use ``cls=ListOptionsCommand``.
+List options take several values after one flag (`--seq 512 1024`), repeated flags or commas
+(`--seq 512,1024`, `--seq=512,1024`), in every command: commands with list options use
+``cls=ListOptionsCommand``.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
+import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from attnbench.errors import USER_ERRORS, InputError
 
 
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _one_line_errors():
+    """Our input errors and click's parse errors (a malformed value, an unknown option or command)
+    become one red line on stderr and exit code 2, instead of a traceback or typer's usage box.
+    `attnbench` alone still prints the help."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except USER_ERRORS as err:
+        _fail(str(err))
+    except click.UsageError as err:
+        _fail(" ".join(err.format_message().split()))
+
+
 class InputErrorsExit2(TyperGroup):
     """Every command's input errors become one red line and exit code 2 (also under CliRunner)."""
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        with _one_line_errors():  # `attnbench --bogus`
+            return super().parse_args(ctx, args)
+
     def invoke(self, ctx: typer.Context):
-        try:
+        with _one_line_errors():  # an unknown command, a command's parse errors and its input errors
             return super().invoke(ctx)
-        except USER_ERRORS as err:
-            typer.secho(f"error: {err}", fg="red", err=True)
-            raise typer.Exit(2) from None
 
 
 def _is_value(arg: str) -> bool:
@@ -40,23 +64,52 @@ def _is_value(arg: str) -> bool:
         return False
 
 
+def _split_values(text: str) -> list[str]:
+    """`a,b` -> [a, b]; a comma inside brackets or quotes belongs to its value, so an --option
+    KEY=VALUE whose value is a Python literal stays whole: `shape=(1, 2),name='x,y'` -> 2 values."""
+    values, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return [value.strip() for value in values if value.strip()]
+
+
 class ListOptionsCommand(TyperCommand):
-    """Rewrites `--seq 512 1024` and `--seq 512,1024` into `--seq 512 --seq 1024` before click parses."""
+    """Rewrites `--seq 512 1024`, `--seq 512,1024` and `--seq=512,1024` into `--seq 512 --seq 1024`
+    before click parses; a list flag left without any value stays bare, so click refuses it."""
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         lists = {opt for p in self.params if p.param_type_name == "option" and p.multiple for opt in p.opts}
         rewritten: list[str] = []
-        current = None
+        current, bare = None, False  # the list flag whose values follow; True while it has none
         for arg in args:
-            if arg in lists:
-                current = arg
+            flag, _, text = arg.partition("=")
+            if flag in lists:
+                if bare:
+                    rewritten.append(current)
+                current, bare, values = flag, True, _split_values(text)
             elif current is not None and _is_value(arg):
-                rewritten += [x for value in arg.split(",") if value for x in (current, value)]
-                continue
+                values = _split_values(arg)
             else:
-                current = None
-            if arg not in lists:
+                if bare:
+                    rewritten.append(current)
+                current, bare = None, False
                 rewritten.append(arg)
+                continue
+            rewritten += [x for value in values for x in (current, value)]
+            bare = bare and not values
+        if bare:
+            rewritten.append(current)
         return super().parse_args(ctx, rewritten)
 
 
@@ -247,9 +300,9 @@ def list_mechanisms(
         console.out.print(f"[dim red]{', '.join(impls)}[/dim red]: {escape(reason)}")
 
 
-@app.command()
+@app.command(cls=ListOptionsCommand)
 def check(
-    attn: Annotated[str, typer.Option(help="Comma-separated mechanisms whose triton impl is checked.")] = "standard,rope,alibi,window",
+    attn: Annotated[list[str], typer.Option(help="Mechanisms whose triton impl is checked.")] = ["standard", "rope", "alibi", "window"],
     max_seq: Annotated[int, typer.Option(help="Longest sequence T checked (also 1k, 1037 and powers of 4 from 4k).")] = 16384,
     dtype: Annotated[str, typer.Option(help="bf16 or fp16.")] = "bf16",
     csv: Annotated[Optional[Path], typer.Option(help="Also write every row to this CSV as it is measured.")] = None,
@@ -258,7 +311,7 @@ def check(
     from attnbench import console
     from attnbench.check import run_check
 
-    if not run_check([name.strip() for name in attn.split(",") if name.strip()], max_seq, dtype, console.out, csv):
+    if not run_check(attn, max_seq, dtype, console.out, csv):
         raise typer.Exit(1)
 
 
@@ -275,12 +328,12 @@ def distill(
     train_all: Annotated[bool, typer.Option("--train-all", help="Train every parameter, not only the attention.")] = False,
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation and checkpoint every N steps.")] = 50,
     eval_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.")] = 8,
-    impl: Annotated[str, typer.Option(help="Impl of the students' mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one student's, e.g. auto,nsa=torch.")] = "auto",
+    impl: Annotated[list[str], typer.Option(help="Impl of the students' mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one student's, e.g. auto nsa=torch.")] = ["auto"],
     batch: Annotated[Optional[int], typer.Option(help="Batch size (default: the teacher run's; 8 for transformers models).")] = None,
     seq: Annotated[Optional[int], typer.Option(help="Sequence length (default: the teacher run's; 128 for transformers models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the students' new parameters and of sampled generations.")] = 0,
     window: Annotated[Optional[int], typer.Option(help="Sliding window of the window-type students (default: the mechanism's).")] = None,
-    option: Annotated[list[str], typer.Option(help="A mechanism parameter KEY=VALUE (see `attnbench list`), for the mechanisms that declare it; repeatable.")] = [],  # noqa: B006
+    option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-distill).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest) from each student's last checkpoint.")] = False,
@@ -293,15 +346,15 @@ def distill(
     spec = DistillSpec(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
         layer_mse=layer_mse, mask_l1=mask_l1, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
-        impl=impl, batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
+        impl=",".join(impl), batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
     )
     run_dir = run_distill(spec, out, resume, command=" ".join(["attnbench", *sys.argv[1:]]))
     console.out.print(f"distilled {', '.join(student)} -> {run_dir}/summary.csv, generations.md")
 
 
-@app.command()
+@app.command(cls=ListOptionsCommand)
 def train(
-    attn: Annotated[str, typer.Option(help="Comma-separated mechanisms, or all; each trains an identical model on the identical token stream.")],
+    attn: Annotated[list[str], typer.Option(help="Mechanisms, or all; each trains an identical model on the identical token stream.")],
     task: Annotated[str, typer.Option(help="mlm (BERT-style encoder) or clm (GPT-style decoder).")] = "mlm",
     preset: Annotated[str, typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base).")] = "small",
     steps: Annotated[int, typer.Option(help="Optimizer steps per mechanism.")] = 2000,
@@ -312,10 +365,10 @@ def train(
     data: Annotated[str, typer.Option(help="stdlib (no network), wikitext-2, wikitext-103, or a text file or folder.")] = "stdlib",
     tokenizer: Annotated[str, typer.Option(help="bpe[:VOCAB] trained on the train split, bytes, or a tokenizer.json / HF folder.")] = "bpe",
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
-    impl: Annotated[str, typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto,nsa=torch.")] = "auto",
+    impl: Annotated[list[str], typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto nsa=torch.")] = ["auto"],
     positions: Annotated[str, typer.Option(help="Absolute positions for mechanisms that need them: learned or sinusoidal.")] = "learned",
     window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
-    option: Annotated[list[str], typer.Option(help="A mechanism parameter KEY=VALUE (see `attnbench list`), for the mechanisms that declare it; repeatable.")] = [],  # noqa: B006
+    option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     gpus: Annotated[int, typer.Option(help="Data-parallel processes (DDP, one per GPU; gloo on CPU).")] = 1,
     eval_every: Annotated[int, typer.Option(help="Validation, attention entropy and checkpoint every N steps.")] = 100,
@@ -329,9 +382,8 @@ def train(
     from attnbench.models.registry import mechanisms
     from attnbench.train import TrainSpec, run_train
 
-    names = [name.strip() for name in attn.split(",") if name.strip()]
     spec = TrainSpec(
-        attn=list(mechanisms()) if names == ["all"] else names, task=task, preset=preset, impl=impl,
+        attn=list(mechanisms()) if "all" in attn else attn, task=task, preset=preset, impl=",".join(impl),
         steps=steps, seq=seq, batch=batch, lr=lr, warmup=warmup, data=data, tokenizer=tokenizer, download=download,
         device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, seed=seed, gpus=gpus,
         extra=mechanism_options(window, option),

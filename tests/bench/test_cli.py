@@ -174,6 +174,8 @@ BAD_INPUTS = {
     "impl for a mechanism not trained": (["train", "--attn", "linear", "--impl", "auto,nsa=torch"], "--impl nsa=torch: nsa is not one of the mechanisms"),
     "two default impls": (["distill", "--teacher", "t", "--student", "linear", "--impl", "torch,chunked"], "one impl for every mechanism"),
     "distill option nobody declares": (["distill", "--teacher", "t", "--student", "linear", "--option", "x=1"], "option 'x'"),
+    "check unknown mechanism": (["check", "--attn", "no-such"], "unknown mechanism 'no-such'; valid: .*standard"),
+    "check mechanism without triton": (["check", "--attn", "standard", "linear"], "unknown impl 'triton' for linear; valid:"),
 }
 
 
@@ -214,3 +216,148 @@ def test_help_needs_no_heavy_imports():
     code = "import sys, attnbench.cli; print(sorted({'torch', 'triton', 'seaborn', 'pandas'} & set(sys.modules)))"
     heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == "[]", f"`attnbench --help` imports {heavy}"
+
+
+COMMANDS = ("speed", "report", "compare", "env", "list", "check", "distill", "train")
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=lambda c: " ".join(c) or "attnbench")
+def test_help_shows_no_type_placeholders(command):
+    """Flags show nothing after their name, and values a plain metavar: no typer `<bool>`, `<list[str]>`."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0, result.output
+    assert "Usage: attnbench" in result.output
+    assert re.findall(r"<[a-z]+(?:\[[a-z|, ]+\])?>", result.output) == [], result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_help_shows_the_help_of_arguments():
+    assert "Baseline run folder" in invoke("compare", "--help").output
+    assert "Run folders" in invoke("report", "--help").output
+
+
+def test_commands_cover_the_app():
+    import typer
+
+    assert sorted(typer.main.get_command(app).commands) == sorted(COMMANDS)
+
+
+class HandedOver(Exception):
+    """Raised by a stand-in for the function a command hands its parsed options to."""
+
+
+@pytest.fixture
+def handed_over(monkeypatch):
+    """Each command's hand-off function replaced by one that stops the command with what it got:
+    the command line is parsed for real, nothing runs."""
+    import importlib
+
+    def stop(*args, **kwargs):
+        raise HandedOver(args, kwargs)
+
+    for module, function in [("attnbench.speed", "run_speed"), ("attnbench.train", "run_train"),
+                             ("attnbench.distill", "run_distill"), ("attnbench.check", "run_check"),
+                             ("attnbench.report", "render_report")]:
+        monkeypatch.setattr(importlib.import_module(module), function, stop)
+
+    def run(*args):
+        result = invoke(*args)
+        assert isinstance(result.exception, HandedOver), result.output
+        return result.exception.args
+
+    run.stop = stop
+    return run
+
+
+# (command with its other required options, list option, values, what the command hands over)
+LIST_OPTIONS = [
+    (["speed", "--device", "cpu"], "--attn", ["standard", "rope"], lambda args, kw: args[0].mechanisms),
+    (["speed", "--device", "cpu"], "--impl", ["torch", "sdpa"], lambda args, kw: args[0].impls),
+    (["speed", "--device", "cpu"], "--level", ["kernel", "layer"], lambda args, kw: args[0].levels),
+    (["speed", "--device", "cpu"], "--mode", ["fwd", "fwdbwd"], lambda args, kw: args[0].modes),
+    (["speed", "--device", "cpu"], "--seq", ["8", "16"], lambda args, kw: [str(s) for s in args[0].seqs]),
+    (["speed", "--device", "cpu"], "--batch", ["1", "2"], lambda args, kw: [str(b) for b in args[0].batches]),
+    (["speed", "--device", "cpu"], "--dtype", ["fp32", "fp16"], lambda args, kw: args[0].dtypes),
+    (["train"], "--attn", ["standard", "rope"], lambda args, kw: args[0].attn),
+    (["train", "--attn", "linear", "nsa"], "--impl", ["auto", "nsa=torch"], lambda args, kw: args[0].impl.split(",")),
+    (["distill", "--teacher", "t"], "--student", ["linear", "nsa"], lambda args, kw: args[0].students),
+    (["distill", "--teacher", "t", "--student", "linear", "nsa"], "--impl", ["auto", "nsa=torch"],
+     lambda args, kw: args[0].impl.split(",")),
+    (["check"], "--attn", ["standard", "rope"], lambda args, kw: list(args[0])),
+    (["report"], "--baseline", ["sdpa", "torch"], lambda args, kw: args[2]),
+]
+SYNTAXES = {
+    "commas": lambda flag, values: [flag, ",".join(values)],
+    "spaces": lambda flag, values: [flag, *values],
+    "repeated flags": lambda flag, values: [x for value in values for x in (flag, value)],
+    "flag=commas": lambda flag, values: [f"{flag}={','.join(values)}"],
+}
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+@pytest.mark.parametrize("case", LIST_OPTIONS, ids=lambda case: f"{case[0][0]} {case[1]}")
+def test_every_list_option_takes_commas_spaces_and_repeated_flags(case, syntax, handed_over):
+    command, flag, values, handed = case
+    args, kwargs = handed_over(*command, *SYNTAXES[syntax](flag, values))
+    assert handed(args, kwargs) == values
+
+
+def test_all_and_mechanism_impl_entries_stay_list_values(handed_over):
+    from attnbench.models.registry import mechanisms
+
+    (spec, *_), _ = handed_over("train", "--attn", "all", "--impl", "auto", "nsa=torch")
+    assert spec.attn == list(mechanisms()) and spec.impl == "auto,nsa=torch"
+    (spec, *_), _ = handed_over("speed", "--device", "cpu", "--attn", "all", "--impl", "all")
+    assert spec.mechanisms == list(mechanisms()) and spec.impls is None
+
+
+def test_option_values_split_at_commas_outside_brackets_and_quotes(handed_over, monkeypatch):
+    """--option is a list option too: `a=1,b=2` is two entries, but a comma inside a Python
+    literal (a tuple, a list, a quoted string) belongs to its value."""
+    from attnbench import cli
+    from attnbench.cli import mechanism_options
+
+    monkeypatch.setattr(cli, "mechanism_options", handed_over.stop)
+    (window, option), _ = handed_over("train", "--attn", "exposb", "--option", "a=1,b=(1, 2),c='x,y'", "d=4",
+                                      "--option", "e=[5,6]", "--window", 8)
+    assert window == 8 and option == ["a=1", "b=(1, 2)", "c='x,y'", "d=4", "e=[5,6]"]
+    assert mechanism_options(None, option) == {"a": 1, "b": (1, 2), "c": "x,y", "d": 4, "e": [5, 6]}
+
+
+def test_a_list_flag_without_a_value_is_refused_not_ignored(tmp_path):
+    tiny = ["speed", "--seq", 8, "--mode", "fwd", *TINY, "--out", tmp_path / "run"]  # were the flag ignored: a tiny run
+    for empty in (["--mode"], ["--attn", ","], ["--attn="]):
+        result = invoke(*tiny, *empty)
+        assert result.exit_code == 2 and empty[0].rstrip("=") in result.stderr, (empty, result.output)
+    assert not (tmp_path / "run").exists()
+
+
+MALFORMED = {
+    "speed int": (["speed", "--seq", "512", "abc"], r"--seq.*'abc' is not a valid integer"),
+    "train int": (["train", "--attn", "rope", "--steps", "many"], r"--steps.*'many' is not a valid integer"),
+    "distill float": (["distill", "--teacher", "t", "--student", "linear", "--lr", "fast"], r"--lr.*'fast' is not a valid float"),
+    "check int": (["check", "--max-seq", "1k"], r"--max-seq.*'1k' is not a valid integer"),
+    "compare float": (["compare", "a", "b", "--threshold", "x"], r"--threshold.*'x' is not a valid float"),
+    "env unknown option": (["env", "--jsn"], r"No such option.*--jsn.*Did you mean '?--json"),
+    "list missing value": (["list", "--task"], r"--task.*requires an argument"),
+    "report missing value": (["report", "--out"], r"--out.*requires an argument"),
+    "distill missing option": (["distill", "--student", "linear"], r"Missing option '--teacher'"),
+    "train extra argument": (["train", "--attn", "rope", "--steps", "3", "4"], r"unexpected extra argument \(4\)"),
+    "unknown command": (["spede"], r"No such command 'spede'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_command_line_is_one_line_on_stderr_and_exit_code_2(case):
+    args, message = MALFORMED[case]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_no_arguments_still_print_the_help():
+    result = invoke()
+    assert "Usage: attnbench" in result.output and "speed" in result.output and "error" not in result.output
