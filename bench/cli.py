@@ -317,7 +317,7 @@ def check(
 
 @app.command(cls=ListOptionsCommand)
 def distill(
-    teacher: Annotated[str, typer.Option(help="A run folder of `attnbench train`, or a transformers model path / HF cache name (never downloaded).")],
+    teacher: Annotated[str, typer.Option(help="A run folder of `attnbench train`, or a transformers model path / HF cache name (fetched only with --download).")],
     student: Annotated[list[str], typer.Option(help="Mechanisms to swap in for the teacher's attention, one student each.")],
     teacher_attn: Annotated[Optional[str], typer.Option(help="Which mechanism of a multi-mechanism train run is the teacher (default: its first).")] = None,
     steps: Annotated[int, typer.Option(help="Training steps per student.")] = 200,
@@ -337,18 +337,24 @@ def distill(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-distill).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest) from each student's last checkpoint.")] = False,
+    download: Annotated[bool, typer.Option("--download", help="Allow fetching a transformers --teacher from the Hugging Face Hub (never otherwise).")] = False,
 ) -> None:
     """Swap a trained model's attention for cheaper mechanisms and distil them: KL(P_teacher || P_student)."""
     from attnbench import console
-    from attnbench.distill import DistillSpec, run_distill
+    from attnbench.distill import DistillSpec, StudentDiverged, run_distill
     from attnbench.train import resolve_device
 
     spec = DistillSpec(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
         layer_mse=layer_mse, mask_l1=mask_l1, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
         impl=",".join(impl), batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
+        download=download,
     )
-    run_dir = run_distill(spec, out, resume, command=" ".join(["attnbench", *sys.argv[1:]]))
+    try:
+        run_dir = run_distill(spec, out, resume, command=" ".join(["attnbench", *sys.argv[1:]]))
+    except StudentDiverged as err:  # not bad input (exit 2): the run is written, a student in it failed
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(1) from None
     console.out.print(f"distilled {', '.join(student)} -> {run_dir}/summary.csv, generations.md")
 
 

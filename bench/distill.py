@@ -6,7 +6,8 @@ attention to reproduce the teacher's output distribution.
          + mask_l1 * sum of the student layers' sparsity_penalty()   (learnable masks/selections)
 
 Teachers (bench/distill_teachers.py): a run folder of `attnbench train` (RunTeacher) or a
-transformers causal/masked LM by local path or HF cache (HFTeacher; never downloaded). A
+transformers causal/masked LM by local path or HF cache (HFTeacher; from the Hub only with
+``download``). A
 student is the same model with every attention layer's mechanism replaced: for our models a
 registry layer with the teacher's tensors copied wherever name and shape agree
 (QKVAttention's fused qkv + out); for transformers models the model's own projections
@@ -18,11 +19,14 @@ to match a deterministic teacher).
 Run folder: meta.json, distill.csv (DISTILL_COLUMNS; step 0 is the zero-shot row),
 summary.csv (cost and quality per student), generations.md/.json (bench/distill_eval.py),
 students/<name>.pt (the last checkpoint of each student: --resume continues from it).
+
+A student whose loss turns NaN or inf stops as `train`'s mechanisms do: an error row naming its
+last good checkpoint (or none), a summary row with status error; the other students still run,
+everything is written, and run_distill then raises StudentDiverged (the CLI: one line, exit 1).
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +37,7 @@ from torch import nn
 
 from attnbench import store
 from attnbench.distill_eval import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
-from attnbench.distill_teachers import HFTeacher, RunTeacher
+from attnbench.distill_teachers import HFTeacher, RunTeacher, hf_offline
 from attnbench.errors import InputError
 from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.models import registry
@@ -43,11 +47,11 @@ DISTILL_CSV = store.DISTILL_CSV
 SUMMARY_CSV = "summary.csv"
 DISTILL_COLUMNS = [
     "student", "step", "split", "loss", "kl", "agreement", "ppl_student", "ppl_teacher",
-    "layer_mse", "lr", "tokens_per_s", "elapsed_s",
+    "layer_mse", "lr", "tokens_per_s", "elapsed_s", "status", "message",
 ]
 SUMMARY_COLUMNS = [
     "model", "mechanism", "impl", "steps", "kl_zero_shot", "kl", "agreement", "ppl",
-    "attn_flops", "forward_ms", "peak_mem_mib", "trainable_params",
+    "attn_flops", "forward_ms", "peak_mem_mib", "trainable_params", "status", "message",
 ]
 
 
@@ -74,10 +78,13 @@ class DistillSpec:
     seed: int = 0
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)  # the students' mechanism options (window, topn, ...)
+    download: bool = False  # may a transformers teacher (or a train run's corpus) be fetched
 
     def validate(self) -> None:
         if not self.students:
             raise InputError("give at least one --student mechanism")
+        if len(set(self.students)) != len(self.students):
+            raise InputError(f"--student {','.join(self.students)}: each mechanism once (a student per name)")
         for name in self.students:
             registry.get(name)  # unknown: UnknownNameError with the valid names
         check_mechanism_options(self.students, self.options)
@@ -138,22 +145,23 @@ def freeze_teacher_parameters(student: nn.Module, teacher_names: set[str], atten
         param.requires_grad = train_all or in_attention or name not in teacher_names
 
 
-class StudentDiverged(InputError):
-    """A student's loss became NaN or inf; the message names the step and the last good checkpoint."""
+class StudentDiverged(RuntimeError):
+    """A student's loss became NaN or inf; the message names the step and the last good checkpoint.
+    Not an InputError: the input was fine, the run was not (the CLI exits 1, not 2)."""
 
 
 # ---- the loop
 
 
-def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, log: store.RowLog) -> tuple[nn.Module, str]:
-    """Build the ``mechanism`` student, continue from its checkpoint if there is one, train it to
-    ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps (step 0:
-    zero-shot). Returns the trained student and the impl it ran."""
+def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_dir: Path, log: store.RowLog) -> nn.Module:
+    """Build the ``mechanism`` student on ``impl``, continue from its checkpoint if there is one,
+    train it to ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps
+    (step 0: zero-shot). Returns the trained student; StudentDiverged (after its error row) if
+    its loss turns non-finite."""
     from attnbench import data
     from attnbench.train import lr_factor
 
     device = spec.device
-    impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.students)[mechanism], source.layer_config(mechanism), device)
     torch.manual_seed(spec.seed)
     student = source.student(mechanism, impl).eval()  # eval: no dropout; gradients still flow
     attention = source.attention_names(student)
@@ -165,13 +173,14 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
     warmup = max(1, min(100, spec.steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, spec.steps))
     checkpoint = run_dir / "students" / f"{mechanism}.pt"
-    start = load_checkpoint(checkpoint, student, optimizer, scheduler) if checkpoint.exists() else 0
+    saved = load_checkpoint(checkpoint, student, optimizer, scheduler) if checkpoint.exists() else None  # its step
+    start = saved or 0
 
     train = data.Batches(source.streams["train"], source.task, source.seq, source.batch, spec.seed, source.tokenizer)
     valid = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, spec.eval_batches, source.tokenizer, spec.seed)
     recorded = {(row["student"], row["step"], row["split"]) for row in log.existing}
     if (mechanism, str(start), "valid") not in recorded:  # the zero-shot row, or one lost with a kill
-        log.append({"student": mechanism, "step": start, "split": "valid", **evaluate(source, student, valid, device)})
+        log.append({"student": mechanism, "step": start, "split": "valid", "status": "ok", **evaluate(source, student, valid, device)})
 
     modules = dict(source.model.named_modules()), dict(student.named_modules())
     teacher_out = OutputRecorder([modules[0][name] for name in attention]) if spec.layer_mse else None
@@ -182,10 +191,7 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
             batch = to_device(train.at(step), device)
             parts = distill_loss(source, student, batch, spec, teacher_out, student_out)
             if not torch.isfinite(parts["loss"]):
-                raise StudentDiverged(
-                    f"student {mechanism}: loss is {float(parts['loss'])} at step {step + 1}; it is left out, "
-                    f"its last good checkpoint is {checkpoint} (step {step // spec.eval_every * spec.eval_every})"
-                )
+                _stop_diverged(mechanism, float(parts["loss"].detach()), step + 1, checkpoint, saved, log)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
@@ -197,20 +203,30 @@ def distill_student(source, mechanism: str, spec: DistillSpec, run_dir: Path, lo
             done = step + 1
             if done % spec.eval_every == 0 or done == spec.steps:
                 save_checkpoint(checkpoint, student, optimizer, scheduler, done)
+                saved = done
                 elapsed = time.perf_counter() - began
                 n = sums["n"]
                 log.append({
                     "student": mechanism, "step": done, "split": "train", "loss": sums["loss"] / n, "kl": sums["kl"] / n,
                     "layer_mse": sums["layer_mse"] / n if spec.layer_mse else None, "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed,
+                    "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed, "status": "ok",
                 })
-                log.append({"student": mechanism, "step": done, "split": "valid", **evaluate(source, student, valid, device)})
+                log.append({"student": mechanism, "step": done, "split": "valid", "status": "ok", **evaluate(source, student, valid, device)})
                 sums, began, tokens = _zero_sums(), time.perf_counter(), 0
     finally:
         for recorder in (teacher_out, student_out):
             if recorder is not None:
                 recorder.remove()
-    return student, impl
+    return student
+
+
+def _stop_diverged(mechanism: str, loss: float, step: int, checkpoint: Path, saved: int | None, log: store.RowLog) -> None:
+    """The error row of a student whose loss is ``loss`` at ``step``, then StudentDiverged; both
+    name its last good checkpoint (``checkpoint``, written at step ``saved``), or say that none was."""
+    kept = f"its last good checkpoint is {checkpoint} (step {saved})" if saved is not None else "no checkpoint was written yet"
+    message = f"student {mechanism}: loss is {loss} at step {step}; it is left out, {kept}"
+    log.append({"student": mechanism, "step": step, "split": "train", "loss": loss, "status": "error", "message": message})
+    raise StudentDiverged(message)
 
 
 def distill_loss(source, student, batch, spec: DistillSpec, teacher_out: OutputRecorder | None, student_out: OutputRecorder | None) -> dict[str, torch.Tensor]:
@@ -271,51 +287,78 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, scheduler) -> int
 
 
 def load_teacher(spec: DistillSpec):
-    """A RunTeacher for a run folder of `attnbench train`, else an HFTeacher for a transformers path or cache name."""
+    """A RunTeacher for a run folder of `attnbench train`, else an HFTeacher for a transformers path
+    or cache name; transformers and huggingface_hub stay offline unless ``spec.download``."""
+    if not spec.download:
+        hf_offline()  # before either is imported or called
     path = Path(spec.teacher).expanduser()
     if (path / store.META_JSON).exists():
         return RunTeacher.from_run(
-            path, mechanism=spec.teacher_attn, batch=spec.batch, seq=spec.seq, device=spec.device, options=spec.options
+            path, mechanism=spec.teacher_attn, batch=spec.batch, seq=spec.seq, device=spec.device, options=spec.options,
+            download=spec.download,
         )
     if spec.options:
         raise InputError("--window and --option reach the students of an `attnbench train` teacher only; transformers students take each mechanism's defaults")
     if path.exists() and not (path / "config.json").exists():
         raise InputError(f"--teacher {path}: neither a run folder (no meta.json) nor a transformers model (no config.json)")
-    return HFTeacher(spec.teacher, batch=spec.batch or 8, seq=spec.seq or 128, device=spec.device)
+    return HFTeacher(spec.teacher, batch=spec.batch or 8, seq=spec.seq or 128, device=spec.device, download=spec.download)
+
+
+def student_impls(source, spec: DistillSpec) -> dict[str, str]:
+    """Each student's impl on ``spec.device`` (--impl, or auto), for the teacher's layer shape; an
+    InputError names a student that cannot run there or in that teacher."""
+    requested = impl_per_mechanism(spec.impl, spec.students)
+    impls = {name: choose_impl(name, requested[name], source.layer_config(name), spec.device) for name in spec.students}
+    for name, impl in impls.items():
+        source.check_student(name, impl)
+    return impls
+
+
+def open_run(spec: DistillSpec, out: Path | None, resume: bool, command: str) -> tuple[Path, dict[str, Any]]:
+    """The run folder (created) and its meta.json (not written yet). A new run refuses a folder that
+    holds a distill.csv; a resumed one must be a distill of the same teacher into the same students."""
+    from attnbench import env
+
+    run_dir = out or (store.latest_run(needs=(DISTILL_CSV,)) if resume else store.new_run_dir("distill"))
+    meta = {"command": command, "schema_version": store.SCHEMA_VERSION, "kind": "distill", "spec": asdict(spec), "started": store.now()}
+    if resume:
+        before = store.read_meta(run_dir)
+        if {k: before.get("spec", {}).get(k) for k in ("teacher", "students")} != {"teacher": spec.teacher, "students": spec.students}:
+            raise InputError(f"{run_dir} distilled {before.get('spec', {}).get('teacher')} into {before.get('spec', {}).get('students')}; resume it with the same --teacher and --student")
+        meta["started"] = before.get("started", meta["started"])
+    elif (run_dir / DISTILL_CSV).exists():
+        raise InputError(f"{run_dir / DISTILL_CSV} exists; pass --resume to continue it or choose another --out")
+    store.ensure_writable(run_dir)
+    meta["env"] = env.collect()
+    return run_dir, meta
 
 
 def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False, command: str = "", source=None) -> Path:
     """Distil every student of ``spec`` from its teacher into a run folder (module docstring); returns it.
+    The teacher and every student are checked before the folder is made (bad input leaves nothing).
+    A diverged student is recorded and left out; after the others and the summary, StudentDiverged.
 
     ``source``: an already loaded teacher (tests); by default ``load_teacher(spec)``.
     """
-    from attnbench import env
-
     spec.validate()
     torch.manual_seed(spec.seed)
-    source = source or load_teacher(spec)  # before any folder is made: a bad --teacher leaves nothing behind
-    run_dir = out or (store.latest_run(needs=(DISTILL_CSV,)) if resume else store.new_run_dir("distill"))
-    store.ensure_writable(run_dir)
-    meta = {"command": command, "schema_version": store.SCHEMA_VERSION, "kind": "distill", "spec": asdict(spec), "started": store.now()}
-    if resume and (run_dir / store.META_JSON).exists():
-        before = store.read_meta(run_dir)
-        if {k: before["spec"].get(k) for k in ("teacher", "students")} != {"teacher": spec.teacher, "students": spec.students}:
-            raise InputError(f"{run_dir} distilled {before['spec'].get('teacher')} into {before['spec'].get('students')}; resume it with the same --teacher and --student")
-        meta["started"] = before.get("started", meta["started"])
-    meta["env"] = env.collect()
+    source = source or load_teacher(spec)
+    impls = student_impls(source, spec)
+    run_dir, meta = open_run(spec, out, resume, command)
     store.write_meta(run_dir, meta)
     source.model.eval().requires_grad_(False)
 
-    students: dict[str, tuple[nn.Module, str]] = {}
+    students: dict[str, nn.Module] = {}
+    failed: dict[str, str] = {}  # mechanism -> why it stopped
     with store.RowLog(run_dir / DISTILL_CSV, DISTILL_COLUMNS, resume=resume) as log:
-        for mechanism in spec.students:
+        for mechanism, impl in impls.items():
             try:
-                students[mechanism] = distill_student(source, mechanism, spec, run_dir, log)
-            except StudentDiverged as err:  # the other students still run
-                print(f"error: {err}", file=sys.stderr)
+                students[mechanism] = distill_student(source, mechanism, impl, spec, run_dir, log)
+            except StudentDiverged as err:  # recorded in distill.csv; the other students still run
+                failed[mechanism] = str(err)
     rows = store.read_rows(run_dir / DISTILL_CSV, DISTILL_COLUMNS)
-    write_summary(run_dir, source, students, rows, spec)
-    models = {f"teacher ({source.mechanism})": source.model, **{name: model for name, (model, _) in students.items()}}
+    write_summary(run_dir, source, impls, students, failed, rows, spec)
+    models = {f"teacher ({source.mechanism})": source.model, **students}
     note = None
     if source.task == "clm":
         write_generations(run_dir, generations(source, models, spec.new_tokens, spec.seed, spec.device))
@@ -324,12 +367,18 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
         write_generations(run_dir, [], note)
     meta["finished"] = store.now()
     store.write_meta(run_dir, meta)
+    if failed:
+        raise StudentDiverged(f"{len(failed)} of {len(impls)} students diverged: {' | '.join(failed.values())}; see {run_dir / SUMMARY_CSV}")
     return run_dir
 
 
-def write_summary(run_dir: Path, source, students: dict[str, tuple[nn.Module, str]], rows: list[dict[str, str]], spec: DistillSpec) -> list[dict[str, Any]]:
+def write_summary(
+    run_dir: Path, source, impls: dict[str, str], students: dict[str, nn.Module], failed: dict[str, str],
+    rows: list[dict[str, str]], spec: DistillSpec,
+) -> list[dict[str, Any]]:
     """summary.csv: the teacher and each student's cost (attention FLOPs, forward ms, peak MiB on
-    one held-out batch) and quality (zero-shot and final held-out KL, agreement, perplexity)."""
+    one held-out batch) and quality (zero-shot and final held-out KL, agreement, perplexity). A
+    ``failed`` student's row has status error, its reason, and the quality of its last good checkpoint."""
     from attnbench import data
 
     probe = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, 1, source.tokenizer, spec.seed)[0]
@@ -337,17 +386,23 @@ def write_summary(run_dir: Path, source, students: dict[str, tuple[nn.Module, st
     teacher_ppl = valid[-1]["ppl_teacher"] if valid else None
     summary = [{
         "model": "teacher", "mechanism": source.mechanism, "impl": "", "steps": "", "kl": 0.0, "agreement": 1.0,
-        "ppl": teacher_ppl, "trainable_params": "", **measure_cost(source, source.model, source.mechanism, probe, spec.device),
+        "ppl": teacher_ppl, "trainable_params": "", "status": "ok",
+        **measure_cost(source, source.model, source.mechanism, probe, spec.device),
     }]
-    for mechanism, (student, impl) in students.items():
+    for mechanism, impl in impls.items():
         mine = sorted((r for r in valid if r["student"] == mechanism), key=lambda r: int(r["step"]))
-        summary.append({
+        row = {
             "model": "student", "mechanism": mechanism, "impl": impl, "steps": mine[-1]["step"],
             "kl_zero_shot": mine[0]["kl"] if mine[0]["step"] == "0" else None, "kl": mine[-1]["kl"],
-            "agreement": mine[-1]["agreement"], "ppl": mine[-1]["ppl_student"],
-            "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
-            **measure_cost(source, student, mechanism, probe, spec.device),
-        })
+            "agreement": mine[-1]["agreement"], "ppl": mine[-1]["ppl_student"], "status": "ok",
+        }
+        if mechanism in failed:
+            row.update(status="error", message=failed[mechanism])
+        else:
+            student = students[mechanism]
+            row.update(trainable_params=sum(p.numel() for p in student.parameters() if p.requires_grad),
+                       **measure_cost(source, student, mechanism, probe, spec.device))
+        summary.append(row)
     (run_dir / SUMMARY_CSV).unlink(missing_ok=True)  # rewritten whole from distill.csv and fresh costs
     with store.RowLog(run_dir / SUMMARY_CSV, SUMMARY_COLUMNS) as out:
         for row in summary:

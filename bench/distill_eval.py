@@ -25,10 +25,13 @@ PROMPTS = [
 
 
 def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(P_teacher || P_student) [N] for logits [N, V], both softened by ``temperature``, in fp32."""
+    """KL(P_teacher || P_student) [N] for logits [N, V], both softened by ``temperature``, in fp32.
+
+    Clamped at 0 here, the one place every KL (training loss, held-out rows, summary, report) is
+    computed: a KL is >= 0, but fp32 rounding of nearly equal distributions lands a few 1e-8 below."""
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The report of `attnbench distill` runs: held-out KL and top-1 agreement curves per student
-mechanism, the cost/quality table, and the generations.
+mechanism, the cost/quality table (a diverged student: status error and why, below it), and the generations.
 
     render_distill_report([run_dir, ...], out_dir) -> [distill_report.md, plots/distill_kl.png, plots/distill_agreement.png]
 
@@ -20,6 +20,7 @@ TABLE = [
     ("model", "model"), ("mechanism", "mechanism"), ("impl", "impl"), ("steps", "steps"),
     ("kl_zero_shot", "KL zero-shot"), ("kl", "KL"), ("agreement", "agreement"), ("ppl", "ppl"),
     ("attn_flops", "attn GFLOP"), ("forward_ms", "forward ms"), ("peak_mem_mib", "peak MiB"), ("trainable_params", "trained params"),
+    ("status", "status"),
 ]
 
 
@@ -92,8 +93,9 @@ def _markdown(run_dirs: list[Path], plots: list[Path], out_dir: Path) -> str:
         if not (run / SUMMARY_CSV).exists():  # a run stopped before its end: its curves still count
             lines[-2:] = ["Unfinished run (no summary.csv): the curves above are every evaluation it recorded."]
         else:
-            for row in store.read_rows(run / SUMMARY_CSV, SUMMARY_COLUMNS):
-                lines.append("| " + " | ".join(_cell(column, row[column]) for column, _ in TABLE) + " |")
+            summary = store.read_rows(run / SUMMARY_CSV, SUMMARY_COLUMNS)
+            lines += ["| " + " | ".join(_cell(column, row[column]) for column, _ in TABLE) + " |" for row in summary]
+            lines += [f"\nDiverged: {row['message']}." for row in summary if row["status"] == "error"]
         generations = run / f"{GENERATIONS}.md"
         if generations.exists():
             body = generations.read_text().split("\n", 1)[1]  # without its own title

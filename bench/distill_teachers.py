@@ -1,10 +1,13 @@
 """The two kinds of distillation teacher, behind one interface (model, tokenizer, streams,
-task, batch, seq, mechanism; attention_names, layer_config, student, logits,
+task, batch, seq, mechanism; attention_names, layer_config, check_student, student, logits,
 next_token_logits, attention_flops): a run folder of `attnbench train` (RunTeacher) and a
-transformers causal or masked LM by local path or HF cache (HFTeacher; never downloaded)."""
+transformers causal or masked LM by local path or HF cache (HFTeacher; fetched from the Hub only
+when the user passes --download: hf_offline() keeps transformers and huggingface_hub off the network)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +17,17 @@ from attnbench import store
 from attnbench.data import IGNORE
 from attnbench.errors import InputError
 from attnbench.models import registry
+
+
+def hf_offline() -> None:
+    """Keep transformers and huggingface_hub off the network (the tool's promise: no network unless
+    asked): even with local_files_only, huggingface_hub looks huggingface.co up for its user agent.
+    Both read HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE when huggingface_hub is imported; where it already
+    is (a library caller, the test suite), its module constant is what they consult, so it is set too."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
 
 
 class RunTeacher:
@@ -33,10 +47,12 @@ class RunTeacher:
 
     @classmethod
     def from_run(
-        cls, run_dir: Path, *, mechanism: str | None, batch: int | None, seq: int | None, device: str, options=None
+        cls, run_dir: Path, *, mechanism: str | None, batch: int | None, seq: int | None, device: str, options=None,
+        download: bool = False,
     ) -> "RunTeacher":
         """The last checkpoint of ``mechanism`` (default: the run's first) in a run folder of `attnbench train`,
-        with the run's own corpus and tokenizer (checked against the hashes it recorded)."""
+        with the run's own corpus and tokenizer (checked against the hashes it recorded). The corpus is
+        fetched only with ``download`` (distill's own flag, not the one the train run recorded)."""
         from attnbench import checkpoint, data
         from attnbench.models.presets import Preset
         from attnbench.models.transformer import LanguageModel, ModelConfig
@@ -55,7 +71,7 @@ class RunTeacher:
         cfg = ModelConfig(**meta["models"][mechanism]["config"])
         model = LanguageModel(cfg, spec.seed).to(device)
         checkpoint.load(step_dir, model)
-        corpus = data.load_corpus(spec.data, spec.download)
+        corpus = data.load_corpus(spec.data, download)
         tokenizer = data.load_tokenizer(spec.tokenizer, corpus, Preset.from_name(spec.preset).vocab)
         if tokenizer.digest != meta["tokenizer"]["sha256"]:
             raise InputError(f"the tokenizer {tokenizer.name} found here is not the one {run_dir} trained with")
@@ -74,6 +90,9 @@ class RunTeacher:
 
     def layer_config(self, mechanism: str) -> registry.LayerConfig:
         return self.model_config(mechanism, self.model.cfg.impl).layer_config()
+
+    def check_student(self, mechanism: str, impl: str) -> None:
+        """Nothing beyond the impl choice: every registry mechanism has a layer for our models."""
 
     def student(self, mechanism: str, impl: str) -> nn.Module:
         """The teacher's model with ``mechanism`` in every block, teacher tensors copied where name and shape agree."""
@@ -100,22 +119,26 @@ class RunTeacher:
 
 
 class HFTeacher:
-    """A transformers causal or masked LM from a local path or the HF cache (never downloaded);
-    students run our cores through AttentionInterface (bench/hf_attention.py)."""
+    """A transformers causal or masked LM from a local path or the HF cache (from the Hub only with
+    ``download``); students run our cores through AttentionInterface (bench/hf_attention.py)."""
 
-    def __init__(self, path: str, *, batch: int, seq: int, device: str):
+    def __init__(self, path: str, *, batch: int, seq: int, device: str, download: bool = False):
         import transformers
 
         from attnbench import data
 
+        local = not download
         try:
-            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=local)
             masked = any(name.endswith("ForMaskedLM") for name in (config.architectures or []))
             auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
-            self.model = auto.from_pretrained(path, local_files_only=True).to(device)
-            tokenizer_file = transformers.utils.cached_file(path, "tokenizer.json", local_files_only=True)
+            self.model = auto.from_pretrained(path, local_files_only=local).to(device)
+            tokenizer_file = transformers.utils.cached_file(path, "tokenizer.json", local_files_only=local)
         except (OSError, ValueError) as err:
-            raise InputError(f"--teacher {path}: not a run folder, nor a transformers model on disk or in the HF cache ({str(err).splitlines()[0]})") from None
+            detail = str(err).splitlines()[0]
+            if local and isinstance(err, OSError):  # missing files; transformers' text says it "couldn't connect", which it never tried
+                detail = "pass --download to fetch it from the Hugging Face Hub"
+            raise InputError(f"--teacher {path}: not a run folder, nor a transformers model on disk or in the HF cache ({detail})") from None
         self.task = "mlm" if masked else "clm"
         self.tokenizer = data.load_tokenizer(tokenizer_file, None, 0)
         self.streams = data.token_streams(data.load_corpus("stdlib"), self.tokenizer)
@@ -138,6 +161,13 @@ class HFTeacher:
 
     def layer_config(self, mechanism: str) -> registry.LayerConfig:
         return registry.LayerConfig(**self._shape)
+
+    def check_student(self, mechanism: str, impl: str) -> None:
+        """Inside a transformers model a student runs a kernel-level core (UnknownNameError names the
+        mechanisms that have one); registering it now, before any run folder, is what checks that."""
+        from attnbench import hf_attention
+
+        hf_attention.register(mechanism, impl)
 
     def student(self, mechanism: str, impl: str) -> nn.Module:
         import copy
