@@ -19,7 +19,7 @@ import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from attnbench.errors import USER_ERRORS, InputError
+from attnbench.errors import USER_ERRORS, InputError, Interrupted
 
 
 def _fail(message: str) -> NoReturn:
@@ -362,12 +362,12 @@ def distill(
 def train(
     attn: Annotated[list[str], typer.Option(help="Mechanisms, or all; each trains an identical model on the identical token stream.")],
     task: Annotated[str, typer.Option(help="mlm (BERT-style encoder) or clm (GPT-style decoder).")] = "mlm",
-    preset: Annotated[str, typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base).")] = "small",
-    steps: Annotated[int, typer.Option(help="Optimizer steps per mechanism.")] = 2000,
+    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base) (default: tiny on CPU, small on CUDA).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per mechanism (default: at most 2 epochs of the corpus, and 2500 on CPU, 2000 on CUDA).")] = None,
     seq: Annotated[Optional[int], typer.Option(help="Training length in tokens (default: the preset's).")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Sequences per step, over all GPUs (default: the preset's).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Sequences per step, over all GPUs (default: the preset's, halved while a default run would take under 1000 steps).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate; warmup then cosine to 10% (default: the preset's).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default: the preset's).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default: the preset's, at most a tenth of default-sized steps).")] = None,
     data: Annotated[str, typer.Option(help="stdlib (no network), wikitext-2, wikitext-103, or a text file or folder.")] = "stdlib",
     tokenizer: Annotated[str, typer.Option(help="bpe[:VOCAB] trained on the train split, bytes, or a tokenizer.json / HF folder.")] = "bpe",
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
@@ -394,7 +394,11 @@ def train(
         device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, seed=seed, gpus=gpus,
         extra=mechanism_options(window, option),
     )
-    run_dir = run_train(spec, out, resume)
+    try:
+        run_dir = run_train(spec, out, resume)
+    except Interrupted as err:
+        console.err.print(str(err), highlight=False, markup=False, soft_wrap=True)  # the command stays one line
+        raise typer.Exit(130) from None
     console.out.print(f"trained {', '.join(spec.attn)} -> {run_dir}/train.csv, train_report.md")
 
 

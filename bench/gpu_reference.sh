@@ -60,6 +60,8 @@
 #             second D = 64 candidate went uncapped: the flash CUDA tests, the model-level step of
 #             standard, rope and alibi as a CUDA graph
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
+#   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
+#             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 set -uo pipefail
 stage=$1 dest=$2
 work=/tmp/attnbench-gpu
@@ -307,5 +309,11 @@ alibi-float)
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
     speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    ;;
+defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
+    (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)
+    grep -v "━" "$out/train.txt" | tail -12
+    (cd "$out" && limit 150 bash -c 'time attnbench speed --seq 512 4096' > "$out/speed.txt" 2>&1)
+    grep -v "━" "$out/speed.txt" | tail -30
     ;;
 esac

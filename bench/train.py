@@ -21,6 +21,7 @@ import contextlib
 import csv
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -32,7 +33,7 @@ import torch
 from attnbench import checkpoint, data, distributed, store
 from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.train_eval import attention_entropy, autocast, evaluate, extrapolation_rows
-from attnbench.errors import InputError
+from attnbench.errors import InputError, Interrupted
 from attnbench.flops import CORE_MODE_FACTOR, LINEAR_MODE_FACTOR
 from attnbench.models import registry
 from attnbench.models.presets import Preset
@@ -51,16 +52,25 @@ class TrainingDiverged(InputError):
     """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
+DEVICE_PRESET = {"cpu": "tiny", "cuda": "small"}  # the default --preset on each device type
+DEFAULT_EPOCHS = 2.0  # a default-sized run passes over the train split at most this often
+MIN_DEFAULT_STEPS = 1000  # below this many steps, default sizing halves the batch instead
+MAX_DEFAULT_STEPS = {"cpu": 2500, "cuda": 2000}  # cpu: the tiny preset in about 2 minutes on 2 cores
+
+
 @dataclass
 class TrainSpec:
     """What `attnbench train` was asked to do; recorded in meta.json, compared on --resume.
-    None means the preset's default (models/presets.py)."""
+
+    None means a default: the preset's (models/presets.py) for seq, lr; the device's for preset
+    (DEVICE_PRESET); steps, batch and warmup sized to the corpus by `default_size`.
+    """
 
     attn: list[str]
     task: str = "mlm"
-    preset: str = "small"
+    preset: str | None = None
     impl: str = "auto"
-    steps: int = 2000
+    steps: int | None = None
     seq: int | None = None
     batch: int | None = None
     lr: float | None = None
@@ -78,32 +88,54 @@ class TrainSpec:
     gpus: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # mechanism options (window, theta, ...)
 
-    def resolved(self) -> "TrainSpec":
-        """The spec with the preset's defaults filled in, validated (InputError on bad values)."""
-        preset = Preset.from_name(self.preset)
+    def resolved(self, device: torch.device, train_tokens: int | None = None) -> "TrainSpec":
+        """The spec with its defaults filled in for ``device``, validated (InputError on bad
+        values). Steps, batch and warmup are sized only once ``train_tokens`` (the corpus's
+        train split) is known; before that they stay None where not given."""
         spec = TrainSpec(**{f.name: getattr(self, f.name) for f in fields(self)})
+        spec.preset = spec.preset or DEVICE_PRESET.get(device.type, "tiny")
+        preset = Preset.from_name(spec.preset)
         spec.seq = preset.seq if spec.seq is None else spec.seq  # None, not 0: 0 is refused below
-        spec.batch = preset.batch if spec.batch is None else spec.batch
         spec.lr = preset.lr if spec.lr is None else spec.lr
-        spec.warmup = preset.warmup if spec.warmup is None else spec.warmup
+        if train_tokens is not None:
+            spec.steps, spec.batch = default_size(spec, preset, train_tokens, device)
+            if spec.warmup is None:  # a warmup longer than a tenth of a default-sized run would be most of it
+                spec.warmup = preset.warmup if self.steps is not None else min(preset.warmup, max(1, spec.steps // 10))
         if spec.task not in ("mlm", "clm"):
             raise InputError(f"--task {spec.task}: valid: mlm, clm")
-        for name in ("steps", "seq", "batch", "eval_every", "eval_batches", "gpus"):
-            if getattr(spec, name) <= 0:
-                raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(spec, name)}")
+        for name in ("steps", "seq", "batch", "warmup", "eval_every", "eval_batches", "gpus"):
+            value = getattr(spec, name)
+            if value is not None and (value <= 0 if name != "warmup" else value < 0):
+                raise InputError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if spec.lr <= 0 or spec.clip <= 0:
             raise InputError("--lr and the gradient clip must be positive")
         check_mechanism_options(spec.attn, spec.extra)
         impl_per_mechanism(spec.impl, spec.attn)
         if spec.positions not in ("learned", "sinusoidal"):
             raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
-        if spec.batch % spec.gpus:
+        if spec.batch is not None and spec.batch % spec.gpus:
             raise InputError(f"--batch {spec.batch} must be a multiple of --gpus {spec.gpus}")
         if not spec.attn or len(set(spec.attn)) != len(spec.attn):
             raise InputError("--attn needs one or more distinct mechanism names")
         for name in spec.attn:
             registry.get(name)
         return spec
+
+
+def default_size(spec: TrainSpec, preset: Preset, train_tokens: int, device: torch.device) -> tuple[int, int]:
+    """(steps, batch) where not given: at most DEFAULT_EPOCHS passes over ``train_tokens`` and
+    MAX_DEFAULT_STEPS[device type]; when the preset's batch leaves fewer than MIN_DEFAULT_STEPS
+    steps, the batch halves (staying a multiple of --gpus) so that the run takes more, smaller steps."""
+    budget = int(DEFAULT_EPOCHS * train_tokens)  # tokens a default run may read
+    max_steps = MAX_DEFAULT_STEPS.get(device.type, MAX_DEFAULT_STEPS["cpu"])
+    batch = spec.batch
+    if batch is None:
+        batch = preset.batch
+        while spec.steps is None and budget // (batch * spec.seq) < min(max_steps, MIN_DEFAULT_STEPS) \
+                and batch // 2 >= spec.gpus and (batch // 2) % spec.gpus == 0:
+            batch //= 2
+    steps = spec.steps if spec.steps is not None else max(1, min(max_steps, budget // (batch * spec.seq)))
+    return steps, batch
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -204,9 +236,50 @@ def _peak_mem_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | None, progress) -> None:
+def forward_backward(trained: torch.nn.Module, full: dict[str, torch.Tensor], world: distributed.World, device: torch.device):
+    """This rank's share of one batch forward and backward; returns (loss, parts, count): the
+    loss averaged over every labelled token of the whole batch, lm_loss's parts, and that count."""
+    count = (full["labels"] != IGNORE).sum().item()  # over the whole batch, all ranks alike
+    mine = {k: v[world.rank :: world.size].to(device) for k, v in full.items()}
+    with autocast(device):
+        parts = lm_loss(trained, mine["input_ids"], mine["labels"])
+    # DDP averages gradients over ranks; scaling by world size makes it the global mean's gradient
+    (parts.loss_sum * world.size / count).backward()
+    loss = distributed.all_sum(parts.loss_sum.detach().float()).item() / count
+    return loss, parts, count
+
+
+def step_seconds(run: Run, mechanism: str) -> float:
+    """Wall seconds of one training step of ``mechanism`` on this device, measured on a
+    throwaway copy of its model: the second of two steps (the first pays for compilation and
+    autotuning). The run's weights and RNG are untouched: train_mechanism seeds itself."""
+    cfg = model_config(run.spec, mechanism, run.tokenizer.vocab_size, run.device)
+    model = LanguageModel(cfg, run.spec.seed).to(run.device)
+    optimizer = optimizer_for(model, run.spec)
+    batches = data.Batches(run.streams["train"], run.spec.task, run.spec.seq, run.spec.batch, run.spec.seed, run.tokenizer)
+    for step in range(2):
+        tick = time.perf_counter()
+        forward_backward(model, batches.at(step), run.world, run.device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+    return time.perf_counter() - tick
+
+
+def run_seconds(spec: TrainSpec, per_step: float, start: int = 0) -> float:
+    """Estimated wall seconds of steps ``start`` to spec.steps at ``per_step`` seconds a step,
+    with the evaluations (eval_batches forward passes every eval_every steps, a forward taken
+    as a third of a training step)."""
+    steps = spec.steps - start
+    evaluations = steps // spec.eval_every + 1
+    return per_step * (steps + evaluations * spec.eval_batches / 3)
+
+
+def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | None, progress, estimate: float | None = None) -> None:
     """Train one mechanism for spec.steps (from its checkpoint, if any), evaluating and
-    checkpointing every eval_every steps, then measure length extrapolation (clm)."""
+    checkpointing every eval_every steps, then measure length extrapolation (clm).
+    ``estimate``: seconds a step is expected to take, for the progress bar before the first step."""
     spec, device, world = run.spec, run.device, run.world
     cfg = model_config(spec, mechanism, run.tokenizer.vocab_size, device)
     torch.manual_seed(spec.seed)
@@ -225,7 +298,9 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = data.Batches(run.streams["train"], spec.task, spec.seq, spec.batch, spec.seed, run.tokenizer)
     held_out = data.eval_batches(run.streams["valid"], spec.task, spec.seq, spec.batch, spec.eval_batches, run.tokenizer, spec.seed)
-    task = progress.add_task(mechanism, total=spec.steps, completed=start, loss=float("nan")) if progress else None
+    if progress:
+        eta = None if estimate is None else run_seconds(spec, estimate, start)
+        task = progress.add_task(mechanism, total=spec.steps, completed=start, first=start, estimate=eta, loss=float("nan"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     began = time.perf_counter() - state.get("elapsed_s", 0.0)
@@ -236,13 +311,7 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
         for group in optimizer.param_groups:
             group["lr"] = lr
         full = batches.at(step)
-        count = (full["labels"] != IGNORE).sum().item()  # over the whole batch, all ranks alike
-        mine = {k: v[world.rank :: world.size].to(device) for k, v in full.items()}
-        with autocast(device):
-            parts = lm_loss(trained, mine["input_ids"], mine["labels"])
-        # DDP averages gradients over ranks; scaling by world size makes it the global mean's gradient
-        (parts.loss_sum * world.size / count).backward()
-        loss = distributed.all_sum(parts.loss_sum.detach().float()).item() / count
+        loss, parts, count = forward_backward(trained, full, world, device)
         if not math.isfinite(loss):
             _stop_diverged(mechanism, f"loss is {loss}", step + 1, ckpt_dir, logs, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip).item()
@@ -329,13 +398,19 @@ def _evaluate_and_save(run: Run, model, optimizer, held_out, step: int, state: d
 
 
 def open_run(spec: TrainSpec, out: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
-    """The run folder and its meta.json; on --resume the recorded spec must equal ``spec``."""
+    """The run folder and its meta.json (not written yet: the caller holds the folder's lock
+    first); on --resume the folder must hold a train run whose recorded spec equals ``spec``."""
     from attnbench import env
 
     if resume:
         run_dir = out or store.latest_run(needs=(store.TRAIN_CSV,))
         meta = store.read_meta(run_dir)
-        recorded = TrainSpec(**meta["spec"])
+        if meta.get("kind") != "train":
+            raise InputError(f"{run_dir} holds a {meta.get('kind', 'unknown')} run, not a train run: resume it with the command that made it")
+        try:
+            recorded = TrainSpec(**meta["spec"])
+        except (KeyError, TypeError) as err:
+            raise InputError(f"{run_dir / store.META_JSON} records no train spec this version can read ({err})") from None
         changed = [f.name for f in fields(spec) if getattr(spec, f.name) != getattr(recorded, f.name)]
         if changed:
             raise InputError(f"--resume continues {run_dir} as recorded; these options differ: {', '.join(changed)}")
@@ -345,13 +420,48 @@ def open_run(spec: TrainSpec, out: Path | None, resume: bool) -> tuple[Path, dic
     run_dir = out or store.new_run_dir("train")
     if (run_dir / store.TRAIN_CSV).exists():
         raise InputError(f"{run_dir / store.TRAIN_CSV} exists; pass --resume to continue it or choose another --out")
-    store.ensure_writable(run_dir)
     meta = {
         "schema_version": store.SCHEMA_VERSION, "kind": "train",
         "command": " ".join(["attnbench", *sys.argv[1:]]), "spec": asdict(spec),
         "env": env.collect(), "started": store.now(), "finished": None,
     }
     return run_dir, meta
+
+
+def command_line(spec: TrainSpec) -> list[str]:
+    """The `attnbench train` arguments that ask for ``spec``: every option that is not at its
+    default, with --window and --option for the mechanism options."""
+    defaults = TrainSpec(attn=[])
+    args = ["train", "--attn", ",".join(spec.attn)]
+    for f in fields(spec):
+        value, flag = getattr(spec, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("attn", "extra") or value == getattr(defaults, f.name):
+            continue
+        args += [flag] if value is True else [flag, str(value)]
+    for key, value in spec.extra.items():
+        args += ["--window", str(value)] if key == "window" else ["--option", f"{key}={value!r}"]
+    return args
+
+
+def resume_command(spec: TrainSpec, run_dir: Path) -> str:
+    """The shell command that continues the run of ``spec`` (as the user asked for it) in ``run_dir``."""
+    return shlex.join(["attnbench", *command_line(spec), "--out", str(run_dir), "--resume"])
+
+
+def check_models_build(spec: TrainSpec, device: torch.device) -> None:
+    """Every mechanism's model builds (shapes only, on the meta device) with spec's options: a
+    bad option value, or a model a mechanism cannot be (e.g. causal only), is an InputError now,
+    before any data is loaded or folder made."""
+    vocab = Preset.from_name(spec.preset).vocab  # the tokenizer's size is not known yet; shapes only
+    for name in spec.attn:
+        try:
+            cfg = model_config(spec, name, vocab, device)
+            with torch.device("meta"):
+                LanguageModel(cfg, spec.seed)
+        except InputError:
+            raise
+        except ValueError as err:
+            raise InputError(f"--attn {name}: {err}") from None
 
 
 def _keep_rows(path: Path, columns: list[str], keep) -> None:
@@ -398,54 +508,93 @@ def epochs(spec: TrainSpec, train_tokens: int) -> float:
 
 
 def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) -> Path:
-    """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder."""
-    spec = spec.resolved()
+    """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder.
+
+    Everything the user gave is checked, and the data loaded, before the folder is made. The
+    plan (preset, steps, tokens, time per step measured here) is printed before the first step.
+    Ctrl-C raises Interrupted with the command that resumes the run.
+    """
+    asked = spec
     device = resolve_device(spec.device)
+    spec = asked.resolved(device)
     world = distributed.from_environment()
     if world.size > 1 and out is None:
         raise InputError("under torchrun pass --out, so that every rank writes the same run folder")
-    run_dir, meta = open_run(spec, out, resume)
+    check_models_build(spec, device)
     corpus = data.load_corpus(spec.data, spec.download)
     tokenizer = data.load_tokenizer(spec.tokenizer, corpus, Preset.from_name(spec.preset).vocab)
-    streams = data.token_streams(corpus, tokenizer)
     if spec.task == "mlm" and tokenizer.mask_id is None:
         raise InputError(f"tokenizer {tokenizer.name} has no mask token; use --task clm or another tokenizer")
-    meta["corpus"] = {"name": corpus.name, "sha256": corpus.digest, "tokens": {s: t.numel() for s, t in streams.items()}}
-    train_tokens = meta["corpus"]["tokens"]["train"]
-    meta["epochs"] = epochs(spec, train_tokens)
-    meta["tokenizer"] = {"name": tokenizer.name, "sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size}
-    meta["models"] = describe_models(spec, tokenizer.vocab_size, device)
-    if world.is_main:
-        if meta["epochs"] > MANY_EPOCHS:
-            from attnbench import console
+    streams = data.token_streams(corpus, tokenizer)
+    spec = asked.resolved(device, streams["train"].numel())
+    run_dir, meta = open_run(spec, out, resume)
+    with store.run_lock(run_dir) if world.is_main else contextlib.nullcontext():
+        meta["corpus"] = {"name": corpus.name, "sha256": corpus.digest, "tokens": {s: t.numel() for s, t in streams.items()}}
+        meta["epochs"] = epochs(spec, meta["corpus"]["tokens"]["train"])
+        meta["tokenizer"] = {"name": tokenizer.name, "sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size}
+        meta["models"] = describe_models(spec, tokenizer.vocab_size, device)
+        estimates = None
+        if world.is_main:
+            if resume:
+                prune_to_checkpoints(run_dir, spec.attn)
+            store.write_meta(run_dir, meta)
+            announce(spec, meta, run_dir, device)
+            if world.size == 1 and spec.gpus == 1:
+                estimates = {name: step_seconds(Run(spec, run_dir, device, world, tokenizer, streams), name) for name in spec.attn}
+                announce_time(spec, estimates)
+        diverged = None
+        try:
+            if spec.gpus > 1 and world.size == 1:
+                distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams, None)
+            else:
+                train_all(spec, run_dir, device, tokenizer, streams, estimates)
+        except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
+            diverged = err
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: every mechanism keeps its last checkpoint in {run_dir / 'checkpoints'}; "
+                              f"continue with\n  {resume_command(asked, run_dir)}") from None
+        if world.is_main:
+            from attnbench.train_report import render_train_report
 
-            console.err.print(f"[yellow]warning: {spec.steps} steps x {spec.batch} x {spec.seq} tokens are {meta['epochs']:.1f} epochs "
-                              f"of {corpus.name}'s {train_tokens:,} train tokens: expect the validation loss to rise "
-                              "(overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
-        if resume:
-            prune_to_checkpoints(run_dir, spec.attn)
-        store.write_meta(run_dir, meta)
-    diverged = None
-    try:
-        if spec.gpus > 1 and world.size == 1:
-            distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams)
-        else:
-            train_all(spec, run_dir, device, tokenizer, streams)
-    except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
-        diverged = err
-    if world.is_main:
-        from attnbench.train_report import render_train_report
-
-        meta["finished"] = store.now()
-        store.write_meta(run_dir, meta)
-        render_train_report([run_dir], run_dir)
+            meta["finished"] = store.now()
+            store.write_meta(run_dir, meta)
+            render_train_report([run_dir], run_dir)
     if diverged:
         raise diverged
     return run_dir
 
 
-def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: data.Tokenizer, streams: dict[str, torch.Tensor]) -> None:
-    """Every mechanism in turn, in this process (one rank of the world, or the only one)."""
+def announce(spec: TrainSpec, meta: dict[str, Any], run_dir: Path, device: torch.device) -> None:
+    """Before the first step: the run folder and what will be trained, with the overfitting
+    warning when the steps pass over the train split more than MANY_EPOCHS times."""
+    from attnbench import console
+
+    corpus, train_tokens = meta["corpus"]["name"], meta["corpus"]["tokens"]["train"]
+    tokens = spec.steps * spec.batch * spec.seq
+    console.err.print(f"run folder: {run_dir}")
+    console.err.print(f"training {', '.join(spec.attn)} ({spec.task}) on {device}: preset {spec.preset}, {spec.steps} steps "
+                      f"x {spec.batch} x {spec.seq} tokens = {tokens:,} tokens, {meta['epochs']:.2f} epochs of {corpus}'s "
+                      f"{train_tokens:,} train tokens", highlight=False)
+    if meta["epochs"] > MANY_EPOCHS:
+        console.err.print(f"[yellow]warning: {meta['epochs']:.1f} epochs of {corpus}'s train split: expect the validation loss "
+                          "to rise (overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
+
+
+def announce_time(spec: TrainSpec, per_step: dict[str, float]) -> None:
+    """The time the run will take at the step times measured on this device (step_seconds)."""
+    from attnbench import console
+
+    total = sum(run_seconds(spec, seconds) for seconds in per_step.values())
+    each = ", ".join(f"{name} {seconds:.3g} s" if seconds >= 1 else f"{name} {seconds * 1e3:.3g} ms" for name, seconds in per_step.items())
+    console.err.print(f"a step measured here takes {each}: about {console.clock(total)} in all", highlight=False)
+
+
+def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: data.Tokenizer,
+              streams: dict[str, torch.Tensor], estimates: dict[str, float] | None) -> None:
+    """Every mechanism in turn, in this process (one rank of the world, or the only one);
+    ``estimates``: seconds a step of each, for the progress bars (None: unknown)."""
+    from attnbench import console
+
     world = distributed.from_environment()
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -461,10 +610,10 @@ def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: d
         }
     diverged = []
     try:
-        with _progress(world.is_main) as progress:
+        with console.train_progress(world.is_main) as progress:
             for mechanism in spec.attn:
                 try:
-                    train_mechanism(run, mechanism, logs, progress)
+                    train_mechanism(run, mechanism, logs, progress, (estimates or {}).get(mechanism))
                 except TrainingDiverged as err:  # recorded in train.csv; the other mechanisms still train
                     diverged.append(str(err))
     finally:
@@ -473,20 +622,3 @@ def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: d
         distributed.finish()
     if diverged:
         raise TrainingDiverged(" | ".join(diverged))
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool):
-    """A rich progress bar per mechanism with the live training loss (stderr), or None."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = [
-        TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        yield progress
