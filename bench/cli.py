@@ -31,7 +31,8 @@ def _fail(message: str) -> NoReturn:
 def _one_line_errors():
     """Our input errors and click's parse errors (a malformed value, an unknown option or command)
     become one red line on stderr and exit code 2, instead of a traceback or typer's usage box.
-    `attnbench` alone still prints the help."""
+    `attnbench` alone still prints the help. Interrupted (Ctrl-C in a run) prints its resume
+    message and exits 130."""
     try:
         yield
     except click.exceptions.NoArgsIsHelpError:
@@ -40,6 +41,9 @@ def _one_line_errors():
         _fail(str(err))
     except click.UsageError as err:
         _fail(" ".join(err.format_message().split()))
+    except Interrupted as err:  # Ctrl-C during a run: what was kept, and the command that continues it
+        typer.echo(str(err), err=True)
+        raise typer.Exit(130) from None
 
 
 class InputErrorsExit2(TyperGroup):
@@ -394,11 +398,7 @@ def train(
         device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, seed=seed, gpus=gpus,
         extra=mechanism_options(window, option),
     )
-    try:
-        run_dir = run_train(spec, out, resume)
-    except Interrupted as err:
-        console.err.print(str(err), highlight=False, markup=False, soft_wrap=True)  # the command stays one line
-        raise typer.Exit(130) from None
+    run_dir = run_train(spec, out, resume)
     console.out.print(f"trained {', '.join(spec.attn)} -> {run_dir}/train.csv, train_report.md")
 
 

@@ -9,6 +9,7 @@ import contextlib
 import datetime
 from typing import Any, Callable, Iterator
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
@@ -93,11 +94,12 @@ def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str
     cases: dict[tuple, dict[str, dict[str, str]]] = {}
     for row in rows:
         cases.setdefault(tuple(row[c] for c in varying), {})[row["impl"]] = row
-    table = Table(title=f"{title}\n{' '.join(constant)}", title_justify="left")
+    # no vertical rules, impl names broken at their dashes, cells never cut: eight impls fit 80 columns
+    table = Table(title=f"{title}\n{' '.join(constant)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for name in varying:
-        table.add_column(SHORT.get(name, name), justify="right" if name in SHORT else "left")
+        table.add_column(SHORT.get(name, name), justify="right" if name in SHORT else "left", no_wrap=True)
     for impl in ran:
-        table.add_column(f"{impl}\nms", justify="right")
+        table.add_column(impl.replace("-", "-\n") + "\nms", justify="right", no_wrap=True)
     for key, by_impl in cases.items():
         ok = {impl: float(r["ms_median"]) for impl, r in by_impl.items() if r["status"] == "ok"}
         fastest = min(ok, key=ok.get) if ok else None
