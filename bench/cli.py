@@ -216,10 +216,12 @@ def speed(
         console.out.print(f"[dim]not run: {escape(note)}[/dim]")
     console.out.print(f"{console.status_counts(rows)} -> {escape(str(run_dir))}/speed.csv")
     if profile:
+        from attnbench import store
         from attnbench.profile import profile_ok_cases
 
-        for case_profile in profile_ok_cases(spec, rows, run_dir, profile):
-            console.out.print(console.profile_table(case_profile, top))
+        with store.run_lock(run_dir):  # the profiles are written into the run folder too
+            for case_profile in profile_ok_cases(spec, rows, run_dir, profile):
+                console.out.print(console.profile_table(case_profile, top))
 
 
 @app.command(cls=ListOptionsCommand)
