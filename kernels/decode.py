@@ -1,0 +1,258 @@
+"""Split-KV (flash-decoding) softmax attention for a decode step against a KV cache.
+
+A decode step reads the whole cache to produce a few query rows, so it is bound by the cache's
+bytes, and a grid of one program per (sequence, kv head) leaves most SMs idle at small batch.
+So the cache is cut along its keys into splits: one program per (sequence, kv head, split)
+computes an unnormalised softmax over its keys for the query rows of that kv head (GQA
+packing: the Hq / Hkv query heads of one kv head, times the N new queries, are the rows of one
+tile, so the cache is read once for all of them), and a second kernel combines the splits by
+their log-sum-exp. Paged and contiguous caches go through one code path: a contiguous cache
+[B, L, Hkv, D] is the paged one whose page is the whole sequence (page size L, page table
+[[0], [1], ...]). Semantics, and the plain-torch twin: models/decode.py (softmax_step).
+Tile helpers shared with the flash kernels: kernels/flash_tiles.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from attnbench.kernels.flash_launch import NO_LIMIT, blocks, empty
+from attnbench.kernels.flash_tiles import INTERPRET, LEFT_EDGE, LENGTH_EDGE, RIGHT_EDGE, alibi_slope, mma, score_tile
+
+
+@triton.jit
+def _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, stride_page, stride_row, valid):
+    """Element offsets (int64) of cache rows ``keys`` of sequence b: row keys % page of page
+    TABLE[b, keys // page] (keys outside ``valid`` read table entry 0, never dereferenced)."""
+    slot = tl.load(TABLE + b.to(tl.int64) * stride_tb + (keys // page) * stride_tp, mask=valid, other=0)
+    return slot.to(tl.int64) * stride_page + (keys % page).to(tl.int64) * stride_row
+
+
+@triton.jit
+def _split_kernel(
+    Q, K, V, TABLE, LENGTHS, SLOPES, O, O_PART, LSE_PART,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kp, stride_kr, stride_kh, stride_kd,
+    stride_vp, stride_vr, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_tb, stride_tp, page, N, HKV, ROW_BLOCKS, left, scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (B, Hkv * ROW_BLOCKS, splits). q [B, N, Hq, D]; k/v pages [P, page, Hkv, D]; TABLE int32
+    [B, max_pages]; LENGTHS int32 [B]. The M = N * GROUP rows of kv head kv_h, in blocks of BLOCK_M:
+    row r is query n = r // GROUP of query head kv_h * GROUP + r % GROUP.
+    ONE_SPLIT: o [B, N, Hq, D]; otherwise each split's own softmax result O_PART float32
+    [B, Hkv, splits, M, D] (M = N * GROUP; 0 for a row that sees no key of the split) and its
+    log-sum-exp LSE_PART float32 [B, Hkv, splits, M] (log2 units of the scaled scores; -inf there)."""
+    b = tl.program_id(0)
+    kv_h = tl.program_id(1) // ROW_BLOCKS
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    length = tl.load(LENGTHS + b)
+    rows = tl.program_id(1) % ROW_BLOCKS * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = rows // GROUP
+    h = kv_h * GROUP + rows % GROUP
+    real = rows < N * GROUP
+    pos_q = length - N + n
+    cols = tl.arange(0, D_PAD)
+    in_head = cols < HEAD_DIM
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + n[:, None] * stride_qt + h[:, None] * stride_qh + cols[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=real[:, None] & in_head[None, :], other=0.0)  # stays in registers for the whole loop
+    if ALIBI:
+        slope = alibi_slope(SLOPES, h, scale_log2, ALIBI)[:, None]
+    else:
+        slope = 0.0
+
+    # the keys some new query sees, [lo, length), cut into splits of whole tiles; a split past the
+    # end (short sequences of a ragged batch) is empty and writes lse = -inf
+    lo = tl.maximum(length - N - left, 0) // BLOCK_N * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(length - lo, splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    stop = tl.minimum(start + chunk, length)
+
+    K += kv_h * stride_kh
+    V += kv_h * stride_vh
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for k_start in range(start, stop, BLOCK_N):
+        keys = k_start + tl.arange(0, BLOCK_N)
+        inside = keys < stop
+        loaded = inside[:, None] & in_head[None, :]
+        k_rows = _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, stride_kp, stride_kr, inside)
+        v_rows = _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, stride_vp, stride_vr, inside)
+        k = tl.load(K + k_rows[:, None] + cols[None, :] * stride_kd, mask=loaded, other=0.0)
+        v = tl.load(V + v_rows[:, None] + cols[None, :] * stride_vd, mask=loaded, other=0.0)
+        s = mma(q, tl.trans(k), None, PRECISION)
+        s = score_tile(s, pos_q[:, None], keys[None, :], stop, left, 0, slope, ALIBI, True, EDGES)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0  # always, with one split: every query sees its own key
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if ONE_SPLIT:
+        o_ptrs = O + b.to(tl.int64) * stride_ob + n[:, None] * stride_ot + h[:, None] * stride_oh + cols[None, :] * stride_od
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=real[:, None] & in_head[None, :])
+    else:
+        m = N * GROUP
+        part = (b * HKV + kv_h) * splits + split
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_PART + part.to(tl.int64) * m + rows, lse, mask=real)
+        part_ptrs = O_PART + (part.to(tl.int64) * m + rows[:, None]) * HEAD_DIM + cols[None, :]
+        tl.store(part_ptrs, o, mask=real[:, None] & in_head[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    O_PART, LSE_PART, O, stride_ob, stride_ot, stride_oh, stride_od, splits, N,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """Grid (B, Hkv, N * GROUP): output row r of every split, weighted by its share of the
+    softmax's total, o = sum_s 2^(lse_s - top) o_s / sum_s 2^(lse_s - top), top = max_s lse_s."""
+    b = tl.program_id(0)
+    kv_h = tl.program_id(1)
+    row = tl.program_id(2)
+    m = N * GROUP
+    first = (b * tl.num_programs(1) + kv_h) * splits
+    cols = tl.arange(0, D_PAD)
+    in_head = cols < HEAD_DIM
+    top = float("-inf")
+    for s in range(0, splits):  # finite: the row's own key is in some split
+        top = tl.maximum(top, tl.load(LSE_PART + (first + s).to(tl.int64) * m + row))
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    total = 0.0
+    for s in range(0, splits):
+        weight = tl.math.exp2(tl.load(LSE_PART + (first + s).to(tl.int64) * m + row) - top)  # 0: an empty split
+        acc += weight * tl.load(O_PART + ((first + s).to(tl.int64) * m + row) * HEAD_DIM + cols, mask=in_head, other=0.0)
+        total += weight
+    n = row // GROUP
+    h = kv_h * GROUP + row % GROUP
+    o_ptrs = O + b.to(tl.int64) * stride_ob + n * stride_ot + h * stride_oh + cols * stride_od
+    tl.store(o_ptrs, (acc / total).to(O.dtype.element_ty), mask=in_head)
+
+
+MAX_SPLITS = 128
+MIN_SPLIT_KEYS = 256  # below this a split's share of the cache no longer pays for its partial result
+RESIDENT = 2  # programs per SM at once: a 64-key K and V tile in 3 stages (96 KB) fit twice in shared memory
+_INTERPRETER_SMS = 132  # under TRITON_INTERPRET, the H200's count: tests take the GPU's split choices
+
+
+def split_count(programs: int, keys: int, sms: int) -> int:
+    """How many splits to cut ``keys`` cache keys into when ``programs`` programs (sequences x kv
+    heads x row blocks) share them and the GPU has ``sms`` SMs: the fewest whose programs fill the
+    SMs' resident slots in waves at least 85% full (FlashAttention's num_splits_heuristic), each
+    split at least MIN_SPLIT_KEYS keys. Large batches get 1; B = 1, Hkv = 8 at 64k gets 33."""
+    slots = RESIDENT * sms
+    most = max(1, min(MAX_SPLITS, keys // MIN_SPLIT_KEYS))
+
+    def efficiency(splits: int) -> float:
+        waves = programs * splits / slots
+        return waves / -(-waves // 1)
+
+    best = max(efficiency(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if efficiency(s) >= 0.85 * best)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return _INTERPRETER_SMS if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=16)
+def _identity_table(batch: int, device: torch.device) -> torch.Tensor:
+    """The page table of a contiguous cache read as paged with one page per sequence: [[0], [1], ...]."""
+    return torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+
+
+def _tile(dtype: torch.dtype, rows: int) -> dict:
+    """Block sizes and launch options: BLOCK_M query rows (>= 16 for tl.dot), BLOCK_N keys."""
+    block_m = min(max(16, triton.next_power_of_2(rows)), 64)
+    if INTERPRET:
+        return {"BLOCK_M": block_m, "BLOCK_N": 16}
+    if dtype == torch.float32:
+        return {"BLOCK_M": block_m, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _launch(q, k_pages, v_pages, table, page, lengths, slopes, left, scale, splits) -> torch.Tensor:
+    """o [B, N, Hq, D]: the split kernel over (table, page) pages, then the combine kernel unless one split."""
+    b, n, hq, d = q.shape
+    hkv = k_pages.shape[2]
+    group = hq // hkv
+    tile = _tile(q.dtype, n * group)
+    row_blocks = blocks(n * group, tile["BLOCK_M"])
+    if splits is None:
+        keys = table.shape[1] * page if left >= NO_LIMIT else min(table.shape[1] * page, left + n)
+        splits = split_count(b * hkv * row_blocks, keys, _sm_count(q.device))
+    o = empty((b, n, hq, d), q.dtype, q.device)
+    if splits == 1:
+        o_part = lse_part = o  # never read
+    else:
+        o_part = empty((b, hkv, splits, n * group, d), torch.float32, q.device)
+        lse_part = empty((b, hkv, splits, n * group), torch.float32, q.device)
+    edges = RIGHT_EDGE.value | LENGTH_EDGE.value | (LEFT_EDGE.value if left < NO_LIMIT else 0)
+    _split_kernel[(b, hkv * row_blocks, splits)](
+        q, k_pages, v_pages, table, lengths, q if slopes is None else slopes, o, o_part, lse_part,
+        *q.stride(), *k_pages.stride(), *v_pages.stride(), *o.stride(), *table.stride(),
+        page, n, hkv, row_blocks, left, scale * 1.4426950408889634,
+        GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), ALIBI=slopes is not None, EDGES=edges,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1, **tile,
+    )
+    if splits > 1:
+        _combine_kernel[(b, hkv, n * group)](
+            o_part, lse_part, o, *o.stride(), splits, n,
+            GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
+        )
+    return o
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    page_table: torch.Tensor | None = None,
+    window: int | None = None,
+    slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """One decode step of softmax attention against a KV cache: o [B, N, Hq, D] in q's dtype.
+
+    q [B, N, Hq, D]: the N new queries of each sequence (any strides), Hq a multiple of Hkv.
+    k_cache, v_cache: contiguous [B, L, Hkv, D], or with page_table int [B, max_pages] a pool of
+    pages [P, page, Hkv, D] (token j of sequence b in row j % page of page page_table[b, j // page]);
+    any strides, D contiguous is fastest. lengths int [B]: tokens in each sequence's cache, the N
+    new ones (already appended) included, N <= lengths[b] <= the cache's capacity (not checked:
+    that would synchronise). Query n of sequence b sits at position lengths[b] - N + n and sees
+    the keys at or before it (causal among the new queries); window W: only the W keys before it
+    and itself; slopes float32 [Hq]: ALiBi bias -slope * distance; scale: of q.k (D^-0.5).
+    splits: how many pieces the keys are cut into (None: split_count's choice for this GPU).
+    dtypes: float16, bfloat16 (float32 accumulation) or float32 (IEEE dots), the same for q, k, v.
+    The plain-torch twin: attnbench.models.decode.softmax_step.
+    """
+    b, n, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k and v must share one of float16, bfloat16, float32; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[-1] != d or hq % hkv:
+        raise ValueError(f"k/v cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)} (Hq a multiple of Hkv, same D)")
+    if page_table is None:
+        table, page = _identity_table(b, q.device), k_cache.shape[1]
+    else:
+        table, page = page_table.to(torch.int32), k_cache.shape[1]
+    left = NO_LIMIT if window is None else int(window)
+    scale = d**-0.5 if scale is None else scale
+    slopes = None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    return _launch(q, k_cache, v_cache, table, page, lengths.to(device=q.device, dtype=torch.int32), slopes, left, scale, splits)
