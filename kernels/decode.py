@@ -25,11 +25,11 @@ from attnbench.kernels.flash_tiles import INTERPRET, LEFT_EDGE, LENGTH_EDGE, RIG
 
 
 @triton.jit
-def _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, stride_page, stride_row, valid):
-    """Element offsets (int64) of cache rows ``keys`` of sequence b: row keys % page of page
-    TABLE[b, keys // page] (keys outside ``valid`` read table entry 0, never dereferenced)."""
+def _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, valid):
+    """Where cache keys ``keys`` of sequence b live: (page slot TABLE[b, keys // page], row keys % page),
+    both int64; keys outside ``valid`` read table entry 0 (they are never loaded)."""
     slot = tl.load(TABLE + b.to(tl.int64) * stride_tb + (keys // page) * stride_tp, mask=valid, other=0)
-    return slot.to(tl.int64) * stride_page + (keys % page).to(tl.int64) * stride_row
+    return slot.to(tl.int64), (keys % page).to(tl.int64)
 
 
 @triton.jit
@@ -84,8 +84,9 @@ def _split_kernel(
         keys = k_start + tl.arange(0, BLOCK_N)
         inside = keys < stop
         loaded = inside[:, None] & in_head[None, :]
-        k_rows = _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, stride_kp, stride_kr, inside)
-        v_rows = _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, stride_vp, stride_vr, inside)
+        slot, row = _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, inside)  # one table read for k and v
+        k_rows = slot * stride_kp + row * stride_kr
+        v_rows = slot * stride_vp + row * stride_vr
         k = tl.load(K + k_rows[:, None] + cols[None, :] * stride_kd, mask=loaded, other=0.0)
         v = tl.load(V + v_rows[:, None] + cols[None, :] * stride_vd, mask=loaded, other=0.0)
         s = mma(q, tl.trans(k), None, PRECISION)
