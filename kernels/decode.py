@@ -144,15 +144,18 @@ def _combine_kernel(
 
 MAX_SPLITS = 128
 MIN_SPLIT_KEYS = 256  # below this a split's share of the cache no longer pays for its partial result
-RESIDENT = 2  # programs per SM at once: a 64-key K and V tile in 3 stages (96 KB) fit twice in shared memory
-_INTERPRETER_SMS = 132  # under TRITON_INTERPRET, the H200's count: tests take the GPU's split choices
+# programs per SM to aim for: each keeps a few K/V tiles in flight, and HBM at ~4.8 TB/s with ~1 us
+# of latency needs ~36 KB in flight per SM of the H200's 132 (a guess to measure, not a tuned value)
+RESIDENT = 4
+H200_SMS = 132  # what the interpreter (and a dry run) assumes, so tests take the GPU's split choices
 
 
 def split_count(programs: int, keys: int, sms: int) -> int:
     """How many splits to cut ``keys`` cache keys into when ``programs`` programs (sequences x kv
     heads x row blocks) share them and the GPU has ``sms`` SMs: the fewest whose programs fill the
     SMs' resident slots in waves at least 85% full (FlashAttention's num_splits_heuristic), each
-    split at least MIN_SPLIT_KEYS keys. Large batches get 1; B = 1, Hkv = 8 at 64k gets 33."""
+    split at least MIN_SPLIT_KEYS keys. On an H200 with Hkv = 8: B = 64 gets 1, B = 32 2, B = 8 8,
+    B = 1 up to 66 (at 16k keys and more)."""
     slots = RESIDENT * sms
     most = max(1, min(MAX_SPLITS, keys // MIN_SPLIT_KEYS))
 
@@ -165,8 +168,9 @@ def split_count(programs: int, keys: int, sms: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return _INTERPRETER_SMS if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+def sm_count(device: torch.device) -> int:
+    """The SMs of CUDA device ``device``; H200_SMS elsewhere (the interpreter)."""
+    return H200_SMS if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=16)
@@ -194,7 +198,7 @@ def _launch(q, k_pages, v_pages, table, page, lengths, slopes, left, scale, spli
     row_blocks = blocks(n * group, tile["BLOCK_M"])
     if splits is None:
         keys = table.shape[1] * page if left >= NO_LIMIT else min(table.shape[1] * page, left + n)
-        splits = split_count(b * hkv * row_blocks, keys, _sm_count(q.device))
+        splits = split_count(b * hkv * row_blocks, keys, sm_count(q.device))
     o = empty((b, n, hq, d), q.dtype, q.device)
     if splits == 1:
         o_part = lse_part = o  # never read

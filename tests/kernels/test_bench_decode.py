@@ -1,0 +1,41 @@
+"""The decode benchmark's CPU side: the plan, the bytes each step must move, the dry run's CSV."""
+
+import csv
+
+import torch
+
+from attnbench.kernels import bench_decode
+from attnbench.kernels.bench_decode import Case
+
+
+def test_bytes_are_the_cache_or_the_state_moved_once():
+    assert Case("triton", 32, 4096).bytes == 2 * 32 * 4096 * 8 * 128 * 2  # K and V, bf16
+    assert Case("triton-paged", 1, 1024).bytes == Case("sdpa-cudnn", 1, 1024).bytes
+    assert Case("triton-deltanet-step", 32, 0, kv_heads=32).bytes == 2 * 32 * 32 * 128 * 128 * 4  # float32, read and written
+
+
+def test_dry_run_writes_every_case_of_the_plan(tmp_path, capsys):
+    out = tmp_path / "plan.csv"
+    assert bench_decode.main(["--dry-run", "--out", str(out), "--batch", "1", "32", "--context", "1024", "65536"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    softmax = len(bench_decode.SOFTMAX_IMPLS) * 2 * 2
+    assert len(rows) == softmax + len(bench_decode.STATE_IMPLS) * 2
+    assert {row["status"] for row in rows} == {"skipped"}
+    assert tuple(rows[0]) == bench_decode.COLUMNS
+    ours = [row for row in rows if row["impl"] == "triton" and row["batch"] == "1" and row["context"] == "65536"]
+    assert int(ours[0]["splits"]) > 1 and all(row["splits"] == "" for row in rows if row["impl"].startswith("sdpa"))
+    assert "triton-paged" in capsys.readouterr().out
+
+
+def test_steps_build_and_run_under_the_interpreter():
+    """Every impl of ours builds its inputs and steps at a tiny size (the GPU path's CPU side)."""
+    for impl in ("triton", "triton-paged", *bench_decode.STATE_IMPLS):
+        case = Case(impl, 2, 128, heads=4, kv_heads=2, head_dim=16, page=16, dtype="float32")
+        out = bench_decode.build(case, torch.device("cpu"))()
+        assert torch.isfinite(out).all(), impl
+
+
+def test_refuses_to_time_without_a_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_decode.main(["--out", str(tmp_path / "x.csv")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
