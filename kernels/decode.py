@@ -8,7 +8,9 @@ packing: the Hq / Hkv query heads of one kv head, times the N new queries, are t
 tile, so the cache is read once for all of them), and a second kernel combines the splits by
 their log-sum-exp. Paged and contiguous caches go through one code path: a contiguous cache
 [B, L, Hkv, D] is the paged one whose page is the whole sequence (page size L, page table
-[[0], [1], ...]). Semantics, and the plain-torch twin: models/decode.py (softmax_step).
+[[0], [1], ...]). Fused: ALiBi biases, sliding windows (only the window's tiles are read), and
+RoPE on q (the cache holds rotated keys). Semantics, and the plain-torch twin: models/decode.py
+(softmax_step).
 Tile helpers shared with the flash kernels: kernels/flash_tiles.py.
 """
 
@@ -20,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnbench.kernels.flash import _rope_tables  # cos, sin by position, shared with the flash kernels' RoPE
 from attnbench.kernels.flash_launch import NO_LIMIT, blocks, empty
 from attnbench.kernels.flash_tiles import INTERPRET, LEFT_EDGE, LENGTH_EDGE, RIGHT_EDGE, alibi_slope, mma, score_tile
 
@@ -33,14 +36,29 @@ def _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, valid):
 
 
 @triton.jit
+def _rotated(q, q_ptrs, COS, SIN, pos_q, stride_angle, stride_qd, real, cols, HEAD_DIM: tl.constexpr):
+    """q [BLOCK_M, D_PAD] rotated by RoPE (rotate-half) at its rows' positions pos_q, in float32:
+    column j < D/2 becomes q_j cos - q_{j+D/2} sin, column j + D/2 becomes q_{j+D/2} cos + q_j sin."""
+    half: tl.constexpr = HEAD_DIM // 2
+    first = cols < half
+    partner = tl.where(first, half, -half)  # column offset of the pair's other half
+    inside = real[:, None] & (cols < HEAD_DIM)[None, :]
+    other = tl.load(q_ptrs + partner[None, :] * stride_qd, mask=inside, other=0.0).to(tl.float32)
+    angle = pos_q[:, None].to(tl.int64) * stride_angle + (cols % half)[None, :]
+    cos = tl.load(COS + angle, mask=inside, other=0.0)
+    sin = tl.load(SIN + angle, mask=inside, other=0.0)
+    return (q.to(tl.float32) * cos + tl.where(first, -1.0, 1.0)[None, :] * other * sin).to(q.dtype)
+
+
+@triton.jit
 def _split_kernel(
-    Q, K, V, TABLE, LENGTHS, SLOPES, O, O_PART, LSE_PART,
+    Q, K, V, TABLE, LENGTHS, SLOPES, COS, SIN, O, O_PART, LSE_PART,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kp, stride_kr, stride_kh, stride_kd,
     stride_vp, stride_vr, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    stride_tb, stride_tp, page, N, HKV, ROW_BLOCKS, left, scale_log2,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
+    stride_tb, stride_tp, stride_angle, page, N, HKV, ROW_BLOCKS, left, scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr, EDGES: tl.constexpr,
     PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (B, Hkv * ROW_BLOCKS, splits). q [B, N, Hq, D]; k/v pages [P, page, Hkv, D]; TABLE int32
@@ -63,6 +81,8 @@ def _split_kernel(
     in_head = cols < HEAD_DIM
     q_ptrs = Q + b.to(tl.int64) * stride_qb + n[:, None] * stride_qt + h[:, None] * stride_qh + cols[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=real[:, None] & in_head[None, :], other=0.0)  # stays in registers for the whole loop
+    if ROPE:
+        q = _rotated(q, q_ptrs, COS, SIN, pos_q, stride_angle, stride_qd, real, cols, HEAD_DIM)
     if ALIBI:
         slope = alibi_slope(SLOPES, h, scale_log2, ALIBI)[:, None]
     else:
@@ -189,7 +209,7 @@ def _tile(dtype: torch.dtype, rows: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
-def _launch(q, k_pages, v_pages, table, page, lengths, slopes, left, scale, splits) -> torch.Tensor:
+def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left, scale, splits) -> torch.Tensor:
     """o [B, N, Hq, D]: the split kernel over (table, page) pages, then the combine kernel unless one split."""
     b, n, hq, d = q.shape
     hkv = k_pages.shape[2]
@@ -207,10 +227,11 @@ def _launch(q, k_pages, v_pages, table, page, lengths, slopes, left, scale, spli
         lse_part = empty((b, hkv, splits, n * group), torch.float32, q.device)
     edges = RIGHT_EDGE.value | LENGTH_EDGE.value | (LEFT_EDGE.value if left < NO_LIMIT else 0)
     _split_kernel[(b, hkv * row_blocks, splits)](
-        q, k_pages, v_pages, table, lengths, q if slopes is None else slopes, o, o_part, lse_part,
+        q, k_pages, v_pages, table, lengths, q if slopes is None else slopes, *(rope_tables or (q, q)), o, o_part, lse_part,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *o.stride(), *table.stride(),
-        page, n, hkv, row_blocks, left, scale * 1.4426950408889634,
-        GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), ALIBI=slopes is not None, EDGES=edges,
+        d // 2, page, n, hkv, row_blocks, left, scale * 1.4426950408889634,
+        GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), ALIBI=slopes is not None, ROPE=rope_tables is not None,
+        EDGES=edges,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1, **tile,
     )
     if splits > 1:
@@ -230,6 +251,7 @@ def decode_attention(
     page_table: torch.Tensor | None = None,
     window: int | None = None,
     slopes: torch.Tensor | None = None,
+    theta: float | None = None,
     scale: float | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
@@ -242,22 +264,28 @@ def decode_attention(
     new ones (already appended) included, N <= lengths[b] <= the cache's capacity (not checked:
     that would synchronise). Query n of sequence b sits at position lengths[b] - N + n and sees
     the keys at or before it (causal among the new queries); window W: only the W keys before it
-    and itself; slopes float32 [Hq]: ALiBi bias -slope * distance; scale: of q.k (D^-0.5).
+    and itself; slopes float32 [Hq]: ALiBi bias -slope * distance; theta: RoPE base, q rotated
+    at its position in the kernel (rotate-half; the cache holds keys rotated at theirs, D even);
+    scale: of q.k (D^-0.5).
     splits: how many pieces the keys are cut into (None: split_count's choice for this GPU).
     dtypes: float16, bfloat16 (float32 accumulation) or float32 (IEEE dots), the same for q, k, v.
     The plain-torch twin: attnbench.models.decode.softmax_step.
     """
     b, n, hq, d = q.shape
     hkv = k_cache.shape[2]
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q, k and v must share one of float16, bfloat16, float32; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if k_cache.shape != v_cache.shape or k_cache.shape[-1] != d or hq % hkv:
         raise ValueError(f"k/v cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)} (Hq a multiple of Hkv, same D)")
-    if page_table is None:
-        table, page = _identity_table(b, q.device), k_cache.shape[1]
-    else:
-        table, page = page_table.to(torch.int32), k_cache.shape[1]
+    if d > 256 or (theta is not None and d % 2) or (window is not None and window < 0):
+        raise ValueError(f"need head_dim <= 256 (even with RoPE) and a window >= 0; got D = {d}, window {window}")
+    page = k_cache.shape[1]
+    table = _identity_table(b, q.device) if page_table is None else page_table.to(torch.int32)
+    rope_tables = None if theta is None else _rope_tables(table.shape[1] * page, d, float(theta), 0, q.device)
     left = NO_LIMIT if window is None else int(window)
     scale = d**-0.5 if scale is None else scale
     slopes = None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous()
-    return _launch(q, k_cache, v_cache, table, page, lengths.to(device=q.device, dtype=torch.int32), slopes, left, scale, splits)
+    lengths = lengths.to(device=q.device, dtype=torch.int32)
+    return _launch(q, k_cache, v_cache, table, page, lengths, slopes, rope_tables, left, scale, splits)

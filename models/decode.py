@@ -12,12 +12,28 @@ appended before the step, as FlashAttention's flash_attn_with_kvcache and vLLM d
 Step: q [B, N, Hq, D], the N new queries of each sequence, Hq a multiple of Hkv (GQA/MQA: query
 head h reads kv head h // (Hq / Hkv)). Query n of sequence b sits at position
 p = lengths[b] - N + n and sees the cached keys j <= p (causal among the new queries too), with
-a window W only those with j >= p - W; ALiBi adds -slope_h * (p - j) to the scores.
+a window W only those with j >= p - W; ALiBi adds -slope_h * (p - j) to the scores; RoPE
+(theta) rotates q at p, the cache holding keys rotated at their own positions (rope_at, before
+they are appended).
 """
 
 from __future__ import annotations
 
 import torch
+
+from attnbench.kernels.reference import rope_angles, rotate
+
+
+def positions_of_new(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions lengths[b] - N .. lengths[b] - 1 of each sequence's N newest tokens: long [B, N]."""
+    return lengths.long()[:, None] - n + torch.arange(n, device=lengths.device)
+
+
+def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [B, N, H, D] rotated by RoPE (rotate-half, kernels/reference.py) at positions long [B, N]."""
+    b, n, h, d = x.shape
+    cos, sin = rope_angles(positions.reshape(-1), d, theta)  # (B*N, D/2)
+    return rotate(x.reshape(1, b * n, h, d), cos, sin).reshape(b, n, h, d)
 
 
 def gather_pages(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
@@ -72,13 +88,15 @@ def softmax_step(
     page_table: torch.Tensor | None = None,
     window: int | None = None,
     slopes: torch.Tensor | None = None,
+    theta: float | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """One decode step by definition (module docstring): o [B, N, Hq, D] in q's dtype.
 
     q [B, N, Hq, D]; k/v_cache contiguous [B, L, Hkv, D] or, with page_table int [B, max_pages],
     pages [P, page, Hkv, D]; lengths int [B] >= N; window: W keys before each query (None: all);
-    slopes float32 [Hq] (ALiBi); scale: of q.k, D^-0.5 by default. Computes as
+    slopes float32 [Hq] (ALiBi); theta: RoPE base (q is rotated here, the cache holds rotated
+    keys); scale: of q.k, D^-0.5 by default. Computes as
     kernels/reference.attention does (scores in q's dtype, softmax in at least float32).
     """
     if page_table is not None:
@@ -87,10 +105,12 @@ def softmax_step(
     if bool((lengths < n).any()):
         raise ValueError(f"every sequence needs its {n} new tokens in the cache; lengths {lengths.tolist()}")
     scale = d**-0.5 if scale is None else scale
+    pos_q = positions_of_new(lengths.to(q.device), n)  # (B, N)
+    if theta is not None:
+        q = rope_at(q, pos_q, theta)
     group = hq // k_cache.shape[2]
     k, v = k_cache.repeat_interleave(group, dim=2), v_cache.repeat_interleave(group, dim=2)  # (B, L, Hq, D)
     scores = torch.einsum("bnhd,blhd->bhnl", q, k) * scale  # (B, Hq, N, L)
-    pos_q = lengths.to(q.device).long()[:, None] - n + torch.arange(n, device=q.device)  # (B, N)
     distance = pos_q[:, None, :, None] - torch.arange(k.shape[1], device=q.device)  # (B, 1, N, L)
     if slopes is not None:
         scores = scores - slopes.to(scores.dtype).view(1, hq, 1, 1) * distance.to(scores.dtype)

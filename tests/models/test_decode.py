@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
 from attnbench.models.attention import deltanet, linear
@@ -54,7 +55,7 @@ class SoftmaxCase:
         return randn(self.heads), randn(self.kv_heads), randn(self.kv_heads)
 
     def step_options(self) -> dict:
-        """window W (keys before the query) and the ALiBi slopes of the mechanism."""
+        """window W (keys before the query), theta, and the ALiBi slopes of the mechanism."""
         return {"slopes": alibi_slopes(self.heads), **self.options} if self.mechanism == "alibi" else dict(self.options)
 
     def forward_options(self) -> dict:
@@ -71,17 +72,22 @@ def last_rows(x: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
     return x[torch.arange(x.shape[0])[:, None], rows]
 
 
-def prefix_cache(x: torch.Tensor, lengths: torch.Tensor, n: int, page: int | None, generator: torch.Generator):
+def prefix_cache(x: torch.Tensor, lengths: torch.Tensor, n: int, page: int | None, generator: torch.Generator, theta=None):
     """The cache of each sequence's first lengths[b] - N tokens of x [B, T, Hkv, D], then its N new
     tokens appended by decode.append: (cache, page_table or None). Paged: pages allocated for the
-    final lengths at shuffled places in the pool, with spare pages between them."""
+    final lengths at shuffled places in the pool, with spare pages between them. theta: keys are
+    cached rotated, the prefix at positions 0.., the new ones by decode.rope_at at theirs."""
     cache = torch.zeros_like(x)
+    prefix = x if theta is None else reference.rope(x, theta)
     for b, length in enumerate(lengths.tolist()):
-        cache[b, : length - n] = x[b, : length - n]
+        cache[b, : length - n] = prefix[b, : length - n]
     table = None
     if page is not None:
         cache, table = decode.paginate(cache, lengths, page, generator, spare=3)
-    decode.append(cache, last_rows(x, lengths, n), lengths - n, table)
+    new = last_rows(x, lengths, n)
+    if theta is not None:
+        new = decode.rope_at(new, decode.positions_of_new(lengths, n), theta)
+    decode.append(cache, new, lengths - n, table)
     return cache, table
 
 
@@ -92,7 +98,8 @@ def step_and_forward(case: SoftmaxCase, seed: int = 0):
     lengths = torch.tensor(case.lengths)
     run = registry.get(case.mechanism).impl("torch").run
     full = run(q, k, v, causal=True, seq_lens=lengths, **case.forward_options())
-    k_cache, table = prefix_cache(k, lengths, case.new, case.page, torch.Generator().manual_seed(seed))
+    theta = case.options.get("theta")
+    k_cache, table = prefix_cache(k, lengths, case.new, case.page, torch.Generator().manual_seed(seed), theta)
     v_cache, _ = prefix_cache(v, lengths, case.new, case.page, torch.Generator().manual_seed(seed))  # the same table
     o = decode.softmax_step(last_rows(q, lengths, case.new), k_cache, v_cache, lengths, page_table=table, **case.step_options())
     return o, last_rows(full, lengths, case.new)
@@ -110,6 +117,8 @@ SOFTMAX_CASES = {
     "paged-16": SoftmaxCase(lengths=(7, 33, 16, 1), new=1, page=16),
     "paged-4-ragged-window": SoftmaxCase(lengths=(33, 18, 3), new=3, page=4, mechanism="window", options={"window": 9}),
     "paged-5-alibi-gqa": SoftmaxCase(lengths=(23, 7), new=2, heads=6, kv_heads=2, page=5, mechanism="alibi"),
+    "rope": SoftmaxCase(lengths=(33, 7, 1), new=1, mechanism="rope", options={"theta": 10000.0}),
+    "rope-paged-ragged-3-new": SoftmaxCase(lengths=(30, 9), new=3, page=4, mechanism="rope", options={"theta": 500.0}),
 }
 
 
