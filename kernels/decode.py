@@ -170,6 +170,7 @@ RESIDENT = 4
 H200_SMS = 132  # what the interpreter (and a dry run) assumes, so tests take the GPU's split choices
 
 
+@functools.lru_cache(maxsize=256)  # host time counts at small batch, where decode is launch-bound
 def split_count(programs: int, keys: int, sms: int) -> int:
     """How many splits to cut ``keys`` cache keys into when ``programs`` programs (sequences x kv
     heads x row blocks) share them and the GPU has ``sms`` SMs: the fewest whose programs fill the
@@ -229,7 +230,7 @@ def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left
     _split_kernel[(b, hkv * row_blocks, splits)](
         q, k_pages, v_pages, table, lengths, q if slopes is None else slopes, *(rope_tables or (q, q)), o, o_part, lse_part,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *o.stride(), *table.stride(),
-        d // 2, page, n, hkv, row_blocks, left, scale * 1.4426950408889634,
+        (rope_tables or (q,))[0].stride(0), page, n, hkv, row_blocks, left, scale * 1.4426950408889634,
         GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), ALIBI=slopes is not None, ROPE=rope_tables is not None,
         EDGES=edges,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1, **tile,

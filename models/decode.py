@@ -36,6 +36,21 @@ def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
     return rotate(x.reshape(1, b * n, h, d), cos, sin).reshape(b, n, h, d)
 
 
+def step_options(core_options: dict) -> dict:
+    """A causal softmax-family layer's kernel options (models/softmax.py: window (left, right),
+    slopes, theta, offset) as softmax_step's and kernels/decode.py's: window W = left. A window
+    reaching right of the query or a RoPE offset has no decode form here (ValueError)."""
+    options = dict(core_options)
+    window = options.pop("window", None)
+    if window is not None:
+        if window[1] != 0:
+            raise ValueError(f"a decode step is causal: window {tuple(window)} reaches right of the query")
+        options["window"] = window[0]
+    if options.pop("offset", 0):
+        raise ValueError("a decode step takes RoPE positions from the cache; offset must be 0")
+    return options
+
+
 def gather_pages(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
     """The paged cache pages [P, page, Hkv, D] read as a contiguous one [B, max_pages * page, Hkv, D]."""
     b, n = page_table.shape

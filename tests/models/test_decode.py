@@ -128,6 +128,31 @@ def test_softmax_step_equals_last_rows_of_the_causal_forward(name):
     assert_close(o, expected, name)
 
 
+@pytest.mark.parametrize("mechanism", ["standard", "window", "alibi", "rope"])
+def test_a_causal_layers_own_options_give_its_core_s_last_rows(mechanism):
+    """The options a causal GQA layer passes its core (registry, LayerConfig), through
+    decode.step_options, make the step equal the layer's attend on the whole sequences."""
+    cfg = registry.LayerConfig(dim=64, heads=4, kv_heads=2, causal=True, window=6 if mechanism == "window" else None)
+    layer = registry.build_layer(mechanism, cfg).double()
+    case = SoftmaxCase(lengths=(29, 29), new=2, heads=4, kv_heads=2, head_dim=16)
+    q, k, v = case.inputs(torch.Generator().manual_seed(3))
+    lengths = torch.tensor(case.lengths)
+    options = decode.step_options(layer.core_options())
+    theta = options.get("theta")
+    k_cache, _ = prefix_cache(k, lengths, 2, None, None, theta)
+    v_cache, _ = prefix_cache(v, lengths, 2, None, None)
+    o = decode.softmax_step(last_rows(q, lengths, 2), k_cache, v_cache, lengths, **options)
+    assert_close(o, layer.attend(q, k, v)[:, -2:], mechanism)
+
+
+def test_step_options_refuse_what_has_no_decode_form():
+    assert decode.step_options({"window": (5, 0), "theta": 1e4, "offset": 0}) == {"window": 5, "theta": 1e4}
+    with pytest.raises(ValueError, match="right"):
+        decode.step_options({"window": (5, 5)})
+    with pytest.raises(ValueError, match="offset"):
+        decode.step_options({"theta": 1e4, "offset": 3})
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_softmax_step_in_low_precision(dtype):
     """bf16/fp16: within 2x the full forward's own low-precision error against float64."""
