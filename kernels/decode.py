@@ -8,7 +8,8 @@ packing: the Hq / Hkv query heads of one kv head, times the N new queries, are t
 tile, so the cache is read once for all of them), and a second kernel combines the splits by
 their log-sum-exp. Paged and contiguous caches go through one code path: a contiguous cache
 [B, L, Hkv, D] is the paged one whose page is the whole sequence (page size L, page table
-[[0], [1], ...]). Fused: ALiBi biases, sliding windows (only the window's tiles are read), and
+[[0], [1], ...]), and a rolling cache for a sliding window is either one with positions taken
+modulo its rows. Fused: ALiBi biases, sliding windows (only the window's tiles are read), and
 RoPE on q (the cache holds rotated keys). Semantics, and the plain-torch twin: models/decode.py
 (softmax_step).
 Tile helpers shared with the flash kernels: kernels/flash_tiles.py.
@@ -28,11 +29,13 @@ from attnbench.kernels.flash_tiles import INTERPRET, LEFT_EDGE, LENGTH_EDGE, RIG
 
 
 @triton.jit
-def _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, valid):
-    """Where cache keys ``keys`` of sequence b live: (page slot TABLE[b, keys // page], row keys % page),
+def _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, capacity, valid):
+    """Where the keys at positions ``keys`` of sequence b live: row r = key % capacity of its cache
+    (a rolling cache wraps; otherwise r = key), i.e. (page slot TABLE[b, r // page], row r % page),
     both int64; keys outside ``valid`` read table entry 0 (they are never loaded)."""
-    slot = tl.load(TABLE + b.to(tl.int64) * stride_tb + (keys // page) * stride_tp, mask=valid, other=0)
-    return slot.to(tl.int64), (keys % page).to(tl.int64)
+    r = keys % capacity
+    slot = tl.load(TABLE + b.to(tl.int64) * stride_tb + (r // page) * stride_tp, mask=valid, other=0)
+    return slot.to(tl.int64), (r % page).to(tl.int64)
 
 
 @triton.jit
@@ -57,7 +60,7 @@ def _split_kernel(
     stride_kp, stride_kr, stride_kh, stride_kd,
     stride_vp, stride_vr, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    stride_tb, stride_tp, stride_angle, page, N, HKV, ROW_BLOCKS, left, scale_log2,
+    stride_tb, stride_tp, stride_angle, page, capacity, N, HKV, ROW_BLOCKS, left, scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, ROPE: tl.constexpr, EDGES: tl.constexpr,
     PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -104,7 +107,7 @@ def _split_kernel(
         keys = k_start + tl.arange(0, BLOCK_N)
         inside = keys < stop
         loaded = inside[:, None] & in_head[None, :]
-        slot, row = _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, inside)  # one table read for k and v
+        slot, row = _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, capacity, inside)  # one table read for k and v
         k_rows = slot * stride_kp + row * stride_kr
         v_rows = slot * stride_vp + row * stride_vr
         k = tl.load(K + k_rows[:, None] + cols[None, :] * stride_kd, mask=loaded, other=0.0)
@@ -230,7 +233,7 @@ def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left
     _split_kernel[(b, hkv * row_blocks, splits)](
         q, k_pages, v_pages, table, lengths, q if slopes is None else slopes, *(rope_tables or (q, q)), o, o_part, lse_part,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *o.stride(), *table.stride(),
-        (rope_tables or (q,))[0].stride(0), page, n, hkv, row_blocks, left, scale * 1.4426950408889634,
+        (rope_tables or (q,))[0].stride(0), page, table.shape[1] * page, n, hkv, row_blocks, left, scale * 1.4426950408889634,
         GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), ALIBI=slopes is not None, ROPE=rope_tables is not None,
         EDGES=edges,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1, **tile,
@@ -261,9 +264,10 @@ def decode_attention(
     q [B, N, Hq, D]: the N new queries of each sequence (any strides), Hq a multiple of Hkv.
     k_cache, v_cache: contiguous [B, L, Hkv, D], or with page_table int [B, max_pages] a pool of
     pages [P, page, Hkv, D] (token j of sequence b in row j % page of page page_table[b, j // page]);
-    any strides, D contiguous is fastest. lengths int [B]: tokens in each sequence's cache, the N
-    new ones (already appended) included, N <= lengths[b] <= the cache's capacity (not checked:
-    that would synchronise). Query n of sequence b sits at position lengths[b] - N + n and sees
+    any strides, D contiguous is fastest. The cache has C rows per sequence (L, or max_pages *
+    page) and holds position j in row j % C. lengths int [B]: tokens in each sequence's cache,
+    the N new ones (already appended) included, N <= lengths[b] <= C, or any length with a window
+    and window + N <= C (a rolling cache; not checked: that would synchronise). Query n of sequence b sits at position lengths[b] - N + n and sees
     the keys at or before it (causal among the new queries); window W: only the W keys before it
     and itself; slopes float32 [Hq]: ALiBi bias -slope * distance; theta: RoPE base, q rotated
     at its position in the kernel (rotate-half; the cache holds keys rotated at theirs, D even);

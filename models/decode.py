@@ -8,6 +8,9 @@ Caches (both hold keys as the attention sees them, e.g. after RoPE):
   past a sequence's last page are never read (any value).
 lengths int [B]: the tokens each sequence has in the cache, the N new ones included (they are
 appended before the step, as FlashAttention's flash_attn_with_kvcache and vLLM do).
+A cache has C rows per sequence (contiguous: L; paged: max_pages * page) and token j lives in
+row j % C, so a sliding window W runs on a rolling cache of C >= W + N rows: tokens past C
+overwrite the oldest, which the window no longer sees. Without a window, lengths[b] <= C.
 
 Step: q [B, N, Hq, D], the N new queries of each sequence, Hq a multiple of Hkv (GQA/MQA: query
 head h reads kv head h // (Hq / Hkv)). Query n of sequence b sits at position
@@ -81,17 +84,18 @@ def paginate(
 
 
 def append(cache: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, page_table: torch.Tensor | None = None) -> None:
-    """Writes new [B, N, Hkv, D] into the cache at positions lengths[b] .. lengths[b] + N - 1, in
-    place (contiguous [B, L, Hkv, D], or paged [P, page, Hkv, D] with its page_table [B, max_pages]);
-    the caller then adds N to lengths."""
+    """Writes new [B, N, Hkv, D] into the cache at positions lengths[b] .. lengths[b] + N - 1 (rows
+    position % C: module docstring), in place (contiguous [B, L, Hkv, D], or paged [P, page, Hkv, D]
+    with its page_table [B, max_pages]); the caller then adds N to lengths."""
     n = new.shape[1]
     positions = lengths.long().to(new.device)[:, None] + torch.arange(n, device=new.device)  # (B, N)
     if page_table is None:
-        cache[torch.arange(cache.shape[0], device=new.device)[:, None], positions] = new
+        cache[torch.arange(cache.shape[0], device=new.device)[:, None], positions % cache.shape[1]] = new
     else:
         page = cache.shape[1]
-        slots = page_table.long().gather(1, positions // page)  # (B, N)
-        cache[slots, positions % page] = new
+        rows = positions % (page_table.shape[1] * page)
+        slots = page_table.long().gather(1, rows // page)  # (B, N)
+        cache[slots, rows % page] = new
 
 
 def softmax_step(
@@ -109,7 +113,8 @@ def softmax_step(
     """One decode step by definition (module docstring): o [B, N, Hq, D] in q's dtype.
 
     q [B, N, Hq, D]; k/v_cache contiguous [B, L, Hkv, D] or, with page_table int [B, max_pages],
-    pages [P, page, Hkv, D]; lengths int [B] >= N; window: W keys before each query (None: all);
+    pages [P, page, Hkv, D]; lengths int [B] >= N (> C: a rolling cache, window + N <= C);
+    window: W keys before each query (None: all);
     slopes float32 [Hq] (ALiBi); theta: RoPE base (q is rotated here, the cache holds rotated
     keys); scale: of q.k, D^-0.5 by default. Computes as
     kernels/reference.attention does (scores in q's dtype, softmax in at least float32).
@@ -117,16 +122,20 @@ def softmax_step(
     if page_table is not None:
         k_cache, v_cache = gather_pages(k_cache, page_table), gather_pages(v_cache, page_table)
     b, n, hq, d = q.shape
+    capacity = k_cache.shape[1]
     if bool((lengths < n).any()):
         raise ValueError(f"every sequence needs its {n} new tokens in the cache; lengths {lengths.tolist()}")
+    if bool((lengths > capacity).any()) and (window is None or window + n > capacity):
+        raise ValueError(f"lengths {lengths.tolist()} overflow a cache of {capacity} rows (a rolling cache needs window + N <= {capacity})")
     scale = d**-0.5 if scale is None else scale
     pos_q = positions_of_new(lengths.to(q.device), n)  # (B, N)
     if theta is not None:
         q = rope_at(q, pos_q, theta)
     group = hq // k_cache.shape[2]
-    k, v = k_cache.repeat_interleave(group, dim=2), v_cache.repeat_interleave(group, dim=2)  # (B, L, Hq, D)
+    positions = torch.arange(max(capacity, int(lengths.max())), device=q.device)  # (L,) every position, held in row % C
+    k, v = (x[:, positions % capacity].repeat_interleave(group, dim=2) for x in (k_cache, v_cache))  # (B, L, Hq, D)
     scores = torch.einsum("bnhd,blhd->bhnl", q, k) * scale  # (B, Hq, N, L)
-    distance = pos_q[:, None, :, None] - torch.arange(k.shape[1], device=q.device)  # (B, 1, N, L)
+    distance = pos_q[:, None, :, None] - positions  # (B, 1, N, L); overwritten rows are outside the window
     if slopes is not None:
         scores = scores - slopes.to(scores.dtype).view(1, hq, 1, 1) * distance.to(scores.dtype)
     seen = distance >= 0

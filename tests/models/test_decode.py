@@ -163,6 +163,40 @@ def test_softmax_step_in_low_precision(dtype):
     assert_close(o, exact, str(dtype), plain=full)
 
 
+@pytest.mark.parametrize("page", [None, 4])
+def test_window_on_a_rolling_cache(page):
+    """A window of 6 and N = 2 on a cache of 8 rows (contiguous, or two pages of 4) that has
+    taken 33 and 19 tokens, appended a few at a time: the oldest rows were overwritten, and the
+    step still equals the window's full forward."""
+    case = SoftmaxCase(lengths=(33, 19), new=2, mechanism="window", options={"window": 6})
+    q, k, v = case.inputs(torch.Generator().manual_seed(0))
+    lengths = torch.tensor(case.lengths)
+    full = registry.get("window").impl("torch").run(q, k, v, causal=True, seq_lens=lengths, window=(6, 0))
+    caches = [torch.zeros(2, 8, 2, 16, dtype=torch.float64) for _ in range(2)]
+    table = None
+    if page is not None:
+        caches = [torch.zeros(5, 4, 2, 16, dtype=torch.float64) for _ in range(2)]
+        table = torch.tensor([[3, 0], [4, 1]])
+    filled = torch.zeros(2, dtype=torch.long)
+    while bool((filled < lengths).any()):
+        chunk = torch.minimum(lengths - filled, torch.tensor(3))
+        for b in range(2):  # sequences take chunks of up to 3 tokens, each on its own
+            rows = slice(int(filled[b]), int(filled[b] + chunk[b]))
+            for cache, x in zip(caches, (k, v)):
+                decode.append(cache[b : b + 1] if table is None else cache, x[b : b + 1, rows], filled[b : b + 1], None if table is None else table[b : b + 1])
+        filled += chunk
+    o = decode.softmax_step(last_rows(q, lengths, 2), *caches, lengths, page_table=table, window=6)
+    assert_close(o, last_rows(full, lengths, 2), f"rolling, page {page}")
+
+
+def test_a_cache_too_small_for_the_window_is_refused():
+    q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="rolling"):
+        decode.softmax_step(q, k, k, torch.tensor([9]), window=7)
+    with pytest.raises(ValueError, match="rolling"):
+        decode.softmax_step(q, k, k, torch.tensor([9]))
+
+
 def test_paged_cache_reads_as_the_contiguous_one():
     k = torch.randn(3, 20, 2, 8, dtype=torch.float64)
     lengths = torch.tensor([20, 1, 9])
