@@ -3,10 +3,10 @@
 A decode step reads the whole cache to produce a few query rows, so it is bound by the cache's
 bytes, and a grid of one program per (sequence, kv head) leaves most SMs idle at small batch.
 So the cache is cut along its keys into splits: one program per (sequence, kv head, split)
-computes an unnormalised softmax over its keys for the query rows of that kv head (GQA
-packing: the Hq / Hkv query heads of one kv head, times the N new queries, are the rows of one
-tile, so the cache is read once for all of them), and a second kernel combines the splits by
-their log-sum-exp. Paged and contiguous caches go through one code path: a contiguous cache
+computes the softmax over its keys, and their log-sum-exp, for the query rows of that kv head
+(GQA packing: the Hq / Hkv query heads of one kv head, times the N new queries, are the rows of
+one tile, so the cache is read once for all of them), and a second kernel combines the splits,
+each weighted by its share of the total exp-sum. With one split the first kernel writes o itself. Paged and contiguous caches go through one code path: a contiguous cache
 [B, L, Hkv, D] is the paged one whose page is the whole sequence (page size L, page table
 [[0], [1], ...]), and a rolling cache for a sliding window is either one with positions taken
 modulo its rows. Fused: ALiBi biases, sliding windows (only the window's tiles are read), and
