@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnbench.kernels import decode as decode_kernel
 from attnbench.kernels.decode import decode_attention, split_count
@@ -196,3 +198,24 @@ def test_refuses_mismatched_inputs():
         decode_attention(q, k, k, torch.tensor([8]))
     with pytest.raises(ValueError, match="share"):
         decode_attention(q, k.half()[:, :, :2], k.half()[:, :, :2], torch.tensor([8]))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)  # the same draws in every CI run
+@given(
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+    new=st.integers(1, 5),
+    group=st.sampled_from([(1, 1), (2, 1), (4, 2), (6, 3)]),
+    head_dim=st.sampled_from([16, 32, 48]),
+    page=st.none() | st.sampled_from([1, 5, 16, 32]),
+    window=st.none() | st.integers(0, 40),
+    alibi=st.booleans(),
+    rope=st.booleans(),
+    splits=st.none() | st.integers(1, 6),
+)
+def test_random_shapes_and_options(lengths, new, group, head_dim, page, window, alibi, rope, splits):
+    heads, kv_heads = group
+    lengths = tuple(max(length, new) for length in lengths)
+    options = {"window": window, "alibi": alibi, **({"theta": 1e4} if rope else {})}
+    case = Case(lengths=lengths, new=new, heads=heads, kv_heads=kv_heads, head_dim=head_dim, capacity=max(lengths) + 3,
+                page=page, splits=splits, options=options)
+    assert_matches_reference(case)
