@@ -1,4 +1,4 @@
-"""Standalone GPU benchmark of one decode step (issue 24's kernel-level targets):
+"""Standalone GPU benchmark of one decode step, at issue 24's kernel-level target shapes.
 
     python -m attnbench.kernels.bench_decode --out decode.csv [--batch 1 8 32 64] [--context 1024 ...]
     python -m attnbench.kernels.bench_decode --dry-run --out plan.csv     # the plan, on any machine
@@ -76,15 +76,16 @@ class Case:
         return split_count(self.batch * self.kv_heads, self.context, sms)
 
 
-def plan(batches: list[int], contexts: list[int], impls: list[str]) -> list[Case]:
-    """Every case, series by series (an impl at one batch across the contexts)."""
+def plan(batches: list[int], contexts: list[int], impls: list[str], **shape) -> list[Case]:
+    """Every case, series by series (an impl at one batch across the contexts); ``shape``: Case's
+    heads, kv_heads, head_dim, page, dtype (state steps take kv_heads = heads)."""
     cases = []
     for impl in impls:
         for batch in batches:
             if impl in STATE_IMPLS:
-                cases.append(Case(impl, batch, 0, kv_heads=32))
+                cases.append(Case(impl, batch, 0, **{**shape, "kv_heads": shape.get("heads", Case.heads)}))
             else:
-                cases.extend(Case(impl, batch, context) for context in contexts)
+                cases.extend(Case(impl, batch, context, **shape) for context in contexts)
     return cases
 
 
@@ -189,18 +190,26 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="CSV to write (one row per case, flushed as it is measured)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="cached tokens L")
+    parser.add_argument("--heads", type=int, default=Case.heads, help="query heads Hq (and the state steps' heads)")
+    parser.add_argument("--kv-heads", type=int, default=Case.kv_heads, help="kv heads Hkv of the softmax cases")
+    parser.add_argument("--head-dim", type=int, default=Case.head_dim)
+    parser.add_argument("--page", type=int, default=Case.page, help="page size of the paged cache")
+    parser.add_argument("--dtype", default=Case.dtype, choices=["bfloat16", "float16"])
     parser.add_argument("--impl", nargs="+", default=[*SOFTMAX_IMPLS, *STATE_IMPLS], choices=[*SOFTMAX_IMPLS, *STATE_IMPLS])
     parser.add_argument("--cuda-graph", action="store_true", help="time CUDA graph replays of the step")
     parser.add_argument("--dry-run", action="store_true", help="write the plan (bytes, split counts for an H200's 132 SMs) without a GPU")
     args = parser.parse_args(argv)
-    if min(args.batch) <= 0 or min(args.context) <= 0:
-        parser.error("--batch and --context take positive integers")
+    if min(*args.batch, *args.context, args.heads, args.kv_heads, args.head_dim, args.page) <= 0:
+        parser.error("sizes must be positive integers")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    cases = plan(args.batch, args.context, args.impl)
+    shape = {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page": args.page, "dtype": args.dtype}
+    cases = plan(args.batch, args.context, args.impl, **shape)
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device (use --dry-run for the plan)", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 
 from attnbench.kernels import bench_decode
@@ -39,3 +40,20 @@ def test_refuses_to_time_without_a_gpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench_decode.main(["--out", str(tmp_path / "x.csv")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_shape_options_reach_every_case(tmp_path):
+    out = tmp_path / "plan.csv"
+    argv = ["--dry-run", "--out", str(out), "--batch", "2", "--context", "512", "--heads", "8", "--kv-heads", "2", "--page", "16"]
+    assert bench_decode.main(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert all(row["heads"] == "8" and row["page"] == "16" for row in rows)
+    assert {row["kv_heads"] for row in rows if row["impl"] in bench_decode.STATE_IMPLS} == {"8"}
+    assert {row["kv_heads"] for row in rows if row["impl"] not in bench_decode.STATE_IMPLS} == {"2"}
+
+
+def test_bad_sizes_are_usage_errors(tmp_path):
+    for argv in (["--batch", "0"], ["--heads", "6", "--kv-heads", "4"]):
+        with pytest.raises(SystemExit) as exit_:
+            bench_decode.main(["--dry-run", "--out", str(tmp_path / "x.csv"), *argv])
+        assert exit_.value.code == 2
