@@ -42,7 +42,7 @@ def _cache_rows(TABLE, b, keys, stride_tb, stride_tp, page, capacity, valid):
 def _rotated(q, q_ptrs, COS, SIN, pos_q, stride_angle, stride_qd, real, cols, HEAD_DIM: tl.constexpr):
     """q [BLOCK_M, D_PAD] rotated by RoPE (rotate-half) at its rows' positions pos_q, in float32:
     column j < D/2 becomes q_j cos - q_{j+D/2} sin, column j + D/2 becomes q_{j+D/2} cos + q_j sin."""
-    half: tl.constexpr = HEAD_DIM // 2
+    half = HEAD_DIM // 2
     first = cols < half
     partner = tl.where(first, half, -half)  # column offset of the pair's other half
     inside = real[:, None] & (cols < HEAD_DIM)[None, :]
