@@ -139,26 +139,31 @@ def _split_kernel(
 @triton.jit
 def _combine_kernel(
     O_PART, LSE_PART, O, stride_ob, stride_ot, stride_oh, stride_od, splits, N,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Grid (B, Hkv, N * GROUP): output row r of every split, weighted by its share of the
-    softmax's total, o = sum_s 2^(lse_s - top) o_s / sum_s 2^(lse_s - top), top = max_s lse_s."""
+    softmax's total, o = sum_s 2^(lse_s - top) o_s / sum_s 2^(lse_s - top), top = max_s lse_s.
+    Splits are read BLOCK_S at a time as one tile, so no load waits on another."""
     b = tl.program_id(0)
     kv_h = tl.program_id(1)
     row = tl.program_id(2)
     m = N * GROUP
-    first = (b * tl.num_programs(1) + kv_h) * splits
+    first = ((b * tl.num_programs(1) + kv_h) * splits).to(tl.int64)
+    every = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(LSE_PART + (first + every) * m + row, mask=every < splits, other=float("-inf"))
+    top = tl.max(lse, 0)  # finite: the row's own key is in some split
+    total = tl.sum(tl.math.exp2(lse - top), 0)  # an empty split weighs 0
     cols = tl.arange(0, D_PAD)
     in_head = cols < HEAD_DIM
-    top = float("-inf")
-    for s in range(0, splits):  # finite: the row's own key is in some split
-        top = tl.maximum(top, tl.load(LSE_PART + (first + s).to(tl.int64) * m + row))
     acc = tl.zeros([D_PAD], dtype=tl.float32)
-    total = 0.0
-    for s in range(0, splits):
-        weight = tl.math.exp2(tl.load(LSE_PART + (first + s).to(tl.int64) * m + row) - top)  # 0: an empty split
-        acc += weight * tl.load(O_PART + ((first + s).to(tl.int64) * m + row) * HEAD_DIM + cols, mask=in_head, other=0.0)
-        total += weight
+    for s_start in range(0, splits, BLOCK_S):
+        some = s_start + tl.arange(0, BLOCK_S)
+        inside = some < splits
+        weight = tl.math.exp2(tl.load(LSE_PART + (first + some) * m + row, mask=inside, other=float("-inf")) - top)
+        parts = tl.load(
+            O_PART + ((first + some) * m + row)[:, None] * HEAD_DIM + cols[None, :], mask=inside[:, None] & in_head[None, :], other=0.0
+        )
+        acc += tl.sum(weight[:, None] * parts, 0)
     n = row // GROUP
     h = kv_h * GROUP + row % GROUP
     o_ptrs = O + b.to(tl.int64) * stride_ob + n * stride_ot + h * stride_oh + cols * stride_od
@@ -242,7 +247,7 @@ def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left
     if splits > 1:
         _combine_kernel[(b, hkv, n * group)](
             o_part, lse_part, o, *o.stride(), splits, n,
-            GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
+            GROUP=group, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_S=16,
         )
     return o
 

@@ -107,6 +107,7 @@ CASES = {
     "default-splits": Case(),
     "empty-splits": Case(lengths=(1, 40, 17), splits=4),  # sequence 0 fills one tile of split 0 only
     "length-1-only": Case(lengths=(1,), capacity=8, splits=2),
+    "many-splits-combined-in-pieces": Case(lengths=(390, 37), capacity=400, splits=20),  # 20 > BLOCK_S, most empty for 37
     "length-not-a-multiple-of-the-tile": Case(lengths=(33, 45), capacity=45, splits=2),
     "mha": Case(heads=2, kv_heads=2, splits=2),
     "mqa": Case(heads=3, kv_heads=1, splits=2),
