@@ -220,11 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, restval="")
         writer.writeheader()
+        out_of_memory = set()  # series (impl, batch) that ran out of memory: their longer contexts are skipped
         for case in cases:
             if args.dry_run:
                 row = {**_row(case, H200_SMS, args.cuda_graph), "status": "skipped", "message": "dry run"}
+            elif (case.impl, case.batch) in out_of_memory:
+                row = {**_row(case, sm_count(device), args.cuda_graph), "status": "skipped", "message": "a shorter context ran out of memory"}
             else:
                 row = measure(case, device, args.cuda_graph, copy_gbps)
+                if row["status"] == "oom":
+                    out_of_memory.add((case.impl, case.batch))
             writer.writerow(row)
             handle.flush()
             timing = f"{row['median_us']:>9} us {row['gbps']:>7} GB/s" if row["status"] == "ok" else f"{row['status']}: {row['message']}"
