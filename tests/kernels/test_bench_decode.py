@@ -57,3 +57,32 @@ def test_bad_sizes_are_usage_errors(tmp_path):
         with pytest.raises(SystemExit) as exit_:
             bench_decode.main(["--dry-run", "--out", str(tmp_path / "x.csv"), *argv])
         assert exit_.value.code == 2
+
+
+def test_a_refusal_is_a_row_with_its_reasons(monkeypatch):
+    """SDPA pinned to a backend that cannot run the case raises, after warnings that say why."""
+
+    def refusing():
+        import warnings
+
+        warnings.warn("Flash attention does not support enable_gqa with this shape")
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setattr(bench_decode, "build", lambda case, device: refusing)
+    row = bench_decode.measure(Case("sdpa-efficient", 1, 1024), torch.device("cpu"), False, None)
+    assert row["status"] == "unsupported" and "enable_gqa" in row["message"] and row["impl"] == "sdpa-efficient"
+
+
+def test_out_of_memory_skips_the_longer_contexts_of_its_series(tmp_path, monkeypatch):
+    def oom(case, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16 GiB")
+
+    monkeypatch.setattr(bench_decode, "build", oom)
+    assert bench_decode.measure(Case("triton", 64, 65536), torch.device("cpu"), False, None)["status"] == "oom"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_decode, "copy_bandwidth", lambda device: 4000.0)
+    monkeypatch.setattr(bench_decode, "sm_count", lambda device: 132)
+    monkeypatch.setattr(bench_decode, "measure", lambda case, *args: {**bench_decode._row(case, 132, False), "status": "oom", "message": "oom"})
+    out = tmp_path / "x.csv"
+    assert bench_decode.main(["--out", str(out), "--impl", "triton", "--batch", "64", "--context", "1024", "4096", "16384"]) == 0
+    assert [row["status"] for row in csv.DictReader(out.open())] == ["oom", "skipped", "skipped"]
