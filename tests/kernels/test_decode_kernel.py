@@ -171,8 +171,8 @@ def test_the_check_can_fail():
     """A cache one token longer than the lengths say gives another answer: the comparison sees it."""
     case = Case(splits=2)
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 1, 4, 32, generator=generator, device=DEVICE)
-    k, v = (torch.randn(2, 45, 2, 32, generator=generator, device=DEVICE) for _ in range(2))
+    q = torch.randn(2, 1, 4, 32, generator=generator).to(DEVICE)
+    k, v = (torch.randn(2, 45, 2, 32, generator=generator).to(DEVICE) for _ in range(2))
     lengths = torch.tensor(case.lengths, device=DEVICE)
     ours = decode_attention(q, k, v, lengths + 1, splits=2)
     exact = softmax_step(q.double(), k.double(), v.double(), lengths)
