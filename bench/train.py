@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attnbench import checkpoint, data, distributed, store
+from attnbench import checkpoint, config, data, distributed, store
 from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.train_eval import attention_entropy, autocast, evaluate, extrapolation_rows
 from attnbench.errors import InputError, Interrupted
@@ -507,8 +507,9 @@ def epochs(spec: TrainSpec, train_tokens: int) -> float:
     return spec.steps * spec.batch * spec.seq / max(train_tokens, 1)
 
 
-def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) -> Path:
+def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False, options: dict[str, Any] | None = None) -> Path:
     """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder.
+    ``options``: the command's options (attnbench.config.of_invocation), kept as the run's config.toml.
 
     Everything the user gave is checked, and the data loaded, before the folder is made. The
     plan (preset, steps, tokens, time per step measured here) is printed before the first step.
@@ -537,6 +538,9 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
         if world.is_main:
             if resume:
                 prune_to_checkpoints(run_dir, spec.attn)
+            elif options is not None:
+                meta["config"] = options
+                config.write(run_dir, options)
             store.write_meta(run_dir, meta)
             announce(spec, meta, run_dir, device)
             if world.size == 1 and spec.gpus == 1:

@@ -279,7 +279,7 @@ def test_cli_attn_all_trains_every_registered_mechanism(monkeypatch, tmp_path):
     from attnbench.models.registry import mechanisms
 
     seen = {}
-    monkeypatch.setattr(train, "run_train", lambda spec, out, resume: seen.setdefault("spec", spec) and tmp_path)
+    monkeypatch.setattr(train, "run_train", lambda spec, out, resume, options: seen.setdefault("spec", spec) and tmp_path)
     result = CliRunner().invoke(app, ["train", "--attn", "all", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert seen["spec"].attn == list(mechanisms())
@@ -331,7 +331,7 @@ def test_the_command_line_of_a_spec_asks_for_that_spec(monkeypatch, tmp_path):
     spec = train.TrainSpec(attn=["exposb", "window"], task="clm", preset="tiny", steps=7, lr=1e-3, download=True,
                            impl="auto,window=torch", extra={"window": 16, "decay_factor": 0.9})
     seen = {}
-    monkeypatch.setattr(train, "run_train", lambda spec, out, resume: seen.update(spec=spec, resume=resume) or out)
+    monkeypatch.setattr(train, "run_train", lambda spec, out, resume, options: seen.update(spec=spec, resume=resume) or out)
     result = CliRunner().invoke(app, train.resume_command(spec, tmp_path).split()[1:])
     assert result.exit_code == 0, result.output
     assert seen == {"spec": spec, "resume": True}
@@ -358,6 +358,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_prints_the_command_that_resumes_exactly
     resume_line = stopped.output.strip().splitlines()[-1].strip()
     assert resume_line.startswith("attnbench train ") and resume_line.endswith("--resume"), stopped.output
     assert checkpoint.latest(tmp_path / "stopped" / "checkpoints" / "rope").name == "step-000003"
+    assert "steps = 6" in (tmp_path / "stopped" / "config.toml").read_text()  # kept from the start: `--config` repeats it
     monkeypatch.setattr(train.data.Batches, "at", at)
     resumed = CliRunner().invoke(app, shlex.split(resume_line)[1:])
     assert resumed.exit_code == 0, resumed.output
