@@ -401,6 +401,7 @@ def train(
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
     impl: Annotated[list[str], typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto nsa=torch.")] = ["auto"],
     positions: Annotated[str, typer.Option(help="Absolute positions for mechanisms that need them: learned or sinusoidal.")] = "learned",
+    kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA; 1: MQA); a divisor of the preset's heads (default: as many as query heads).")] = None,
     window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -420,7 +421,7 @@ def train(
     spec = TrainSpec(
         attn=list(mechanisms()) if "all" in attn else attn, task=task, preset=preset, impl=",".join(impl),
         steps=steps, seq=seq, batch=batch, lr=lr, warmup=warmup, data=data, tokenizer=tokenizer, download=download,
-        device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, seed=seed, gpus=gpus,
+        device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, kv_heads=kv_heads, seed=seed, gpus=gpus,
         extra=mechanism_options(window, option),
     )
     run_dir = run_train(spec, out, resume, of_invocation(ctx.params))

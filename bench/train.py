@@ -84,6 +84,7 @@ class TrainSpec:
     eval_every: int = 100
     eval_batches: int = 8
     positions: str = "learned"
+    kv_heads: int | None = None  # GQA/MQA: key/value heads (None: as many as query heads)
     seed: int = 0
     gpus: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # mechanism options (window, theta, ...)
@@ -103,7 +104,7 @@ class TrainSpec:
                 spec.warmup = preset.warmup if self.steps is not None else min(preset.warmup, max(1, spec.steps // 10))
         if spec.task not in ("mlm", "clm"):
             raise InputError(f"--task {spec.task}: valid: mlm, clm")
-        for name in ("steps", "seq", "batch", "warmup", "eval_every", "eval_batches", "gpus"):
+        for name in ("steps", "seq", "batch", "warmup", "eval_every", "eval_batches", "gpus", "kv_heads"):
             value = getattr(spec, name)
             if value is not None and (value <= 0 if name != "warmup" else value < 0):
                 raise InputError(f"--{name.replace('_', '-')} must be positive, not {value}")
@@ -168,7 +169,7 @@ def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch
     window, options = registry.get(mechanism).split_options(spec.extra)  # only the options it declares
     cfg = ModelConfig.for_task(
         spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
-        positions=spec.positions, window=window, attention=options,
+        positions=spec.positions, window=window, attention=options, kv_heads=spec.kv_heads,
     )
     cfg.impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.attn)[mechanism], cfg.layer_config(), device)
     return cfg

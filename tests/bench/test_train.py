@@ -312,6 +312,7 @@ def test_given_sizes_are_kept_and_only_the_missing_ones_are_sized():
     (["--attn", "exposb", "--option", "decay_factor=2"], "decay_factor must be in (0, 1)"),
     (["--attn", "exposb", "--option", "decay_factor=abc"], "--attn exposb"),
     (["--attn", "rope", "--data", "no/such/corpus"], "not a corpus name"),
+    (["--attn", "rope", "--kv-heads", "3"], "heads (4) must be a multiple of kv_heads (3)"),
 ])
 def test_bad_values_are_refused_before_any_folder_exists(args, message, tmp_path):
     result = CliRunner().invoke(app, ["train", *args, "--device", "cpu", "--out", str(tmp_path / "run")])
@@ -382,3 +383,10 @@ def test_the_eta_shows_from_the_first_step_at_the_bars_own_pace():
 def test_a_mechanism_with_its_own_positions_is_not_recorded_with_learned_ones():
     assert build_model("tiny", "rope", task="clm").cfg.positions == "inside"
     assert build_model("tiny", "standard", task="clm").cfg.positions == "learned"
+
+
+def test_kv_heads_reach_every_layer_of_the_model():
+    spec = train.TrainSpec(attn=["rope"], preset="tiny", kv_heads=1).resolved(CPU)
+    model = train.LanguageModel(train.model_config(spec, "rope", 300, CPU), 0)
+    projections = [m.qkv for m in model.modules() if hasattr(m, "qkv")]
+    assert len(projections) == 2 and all(p.out_features == (4 + 2 * 1) * 32 for p in projections)  # MQA: one k and one v head
