@@ -95,7 +95,7 @@ def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str
     for row in rows:
         cases.setdefault(tuple(row[c] for c in varying), {})[row["impl"]] = row
     # no vertical rules, impl names broken at their dashes, cells never cut: eight impls fit 80 columns
-    table = Table(title=f"{title}\n{' '.join(constant)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=f"{title}\n{' '.join(constant)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
     for name in varying:
         table.add_column(SHORT.get(name, name), justify="right" if name in SHORT else "left", no_wrap=True)
     for impl in ran:
