@@ -189,8 +189,8 @@ def _layer_pair(name: str, causal: bool, scheme: str, **options):
 
 def test_rope_on_linear_is_linear_attention_on_q_and_k_rotated_by_hand():
     theta = 500.0
-    layer = registry.build_layer("linear", LayerConfig(dim=32, heads=4, kv_heads=2, causal=True, positions="rope", options={"theta": theta}))
-    layer = layer.double()
+    cfg = LayerConfig(dim=32, heads=4, kv_heads=2, causal=True, positions="rope", options={"theta": theta})
+    layer = registry.build_layer("linear", cfg).double()
     x = torch.randn(2, 13, 32, dtype=torch.float64)
     q, k, v = layer.qkv(x).view(2, 13, 8, 8).split([4, 2, 2], dim=2)
     cos, sin = reference.rope_angles(torch.arange(13), 8, theta)  # position t, pair i: t * theta^(-2i/8)
@@ -206,7 +206,10 @@ def test_rope_on_linear_is_linear_attention_on_q_and_k_rotated_by_hand():
     assert not torch.allclose(expected, unrotated, atol=1e-3), "the rotation changed nothing"
 
 
-ROPE_CORES = [name for name, m in registry.mechanisms().items() if m.has_core and m.position == "learned" and positions.why_not(m, "rope") is None]
+ROPE_CORES = [  # every q/k core whose natural scheme is an embedding and which takes RoPE
+    name for name, m in registry.mechanisms().items()
+    if m.has_core and m.position == "learned" and positions.why_not(m, "rope") is None
+]
 
 
 @pytest.mark.parametrize("name", ROPE_CORES)
@@ -263,7 +266,9 @@ def test_alibi_on_block_is_softmax_with_alibi_within_blocks(causal):
     expected = reference.attention(q, k, v, causal=causal, slopes=_slopes())
     assert torch.allclose(block.torch_reference(q, k, v, causal=causal, block=32, slopes=_slopes()), expected, rtol=1e-10, atol=1e-12)
     seq_lens = torch.tensor([21, 13])
-    assert_matches_reference(block.sdpa_blocks, block.torch_reference, random_qkv(t=21), causal=causal, block=8, slopes=_slopes(), seq_lens=seq_lens)
+    assert_matches_reference(
+        block.sdpa_blocks, block.torch_reference, random_qkv(t=21), causal=causal, block=8, slopes=_slopes(), seq_lens=seq_lens
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -274,9 +279,12 @@ def test_alibi_on_bsbr_biases_the_in_chunk_part_only(causal):
     without = {**options, "slopes": None}
     change = bsbr.torch_reference(q, k, v, causal=causal, **options) - bsbr.torch_reference(q, k, v, causal=causal, **without)
     kv = [x.repeat_interleave(2, dim=2) for x in (k, v)]
-    local_change = block.torch_reference(q, *kv, causal=causal, block=8, slopes=_slopes()) - block.torch_reference(q, *kv, causal=causal, block=8)
+    local_change = (
+        block.torch_reference(q, *kv, causal=causal, block=8, slopes=_slopes()) - block.torch_reference(q, *kv, causal=causal, block=8)
+    )
     assert torch.allclose(change, local_change, rtol=1e-10, atol=1e-12) and change.abs().max() > 1e-3
-    assert_matches_reference(bsbr.chunked, bsbr.torch_reference, random_qkv(t=21), causal=causal, **{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in options.items()})
+    fixed = {name: x.detach() if isinstance(x, torch.Tensor) else x for name, x in options.items()}
+    assert_matches_reference(bsbr.chunked, bsbr.torch_reference, random_qkv(t=21), causal=causal, **fixed)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -285,7 +293,9 @@ def test_alibi_on_hopfield_biases_every_step(causal):
     beta = torch.full((4,), 16**-0.5, dtype=torch.float64)
     one_step = hopfield.torch_reference(q, k, v, causal=causal, beta=beta, n_steps=1, slopes=_slopes())
     assert torch.allclose(one_step, reference.attention(q, k, v, causal=causal, slopes=_slopes()), rtol=1e-10, atol=1e-12)
-    assert_matches_reference(hopfield.sdpa_steps, hopfield.torch_reference, random_qkv(t=21), causal=causal, beta=beta * 2, n_steps=2, slopes=_slopes())
+    assert_matches_reference(
+        hopfield.sdpa_steps, hopfield.torch_reference, random_qkv(t=21), causal=causal, beta=beta * 2, n_steps=2, slopes=_slopes()
+    )
 
 
 def test_alibi_on_nsa_biases_each_branch():
@@ -299,7 +309,8 @@ def test_alibi_on_nsa_biases_each_branch():
     assert torch.allclose(got, reference.attention(q, k, v, causal=True, slopes=_slopes()), rtol=1e-10, atol=1e-12)
     for gates in (None, sliding_only.roll(-2, dims=-1)):  # all branches, and the compressed one alone
         options = dict(gates=gates, block=4, topn=2, window=6, chunk=8)
-        assert not torch.allclose(nsa.torch_reference(q, k, v, **options, slopes=_slopes()), nsa.torch_reference(q, k, v, **options), atol=1e-4)
+        biased = nsa.torch_reference(q, k, v, **options, slopes=_slopes())
+        assert not torch.allclose(biased, nsa.torch_reference(q, k, v, **options), atol=1e-4)
         assert_matches_reference(nsa.chunked, nsa.torch_reference, random_qkv(t=21), **options, slopes=_slopes())
 
 
