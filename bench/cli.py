@@ -19,6 +19,7 @@ import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from attnbench.config import of_invocation
 from attnbench.errors import USER_ERRORS, InputError, Interrupted
 
 
@@ -114,7 +115,24 @@ class ListOptionsCommand(TyperCommand):
             bare = bare and not values
         if bare:
             rewritten.append(current)
+        config_file = _config_file(rewritten)
+        if config_file is not None:  # the file's values become defaults: the command line overrides them
+            from attnbench import config
+
+            names = {p.name: p.param_type_name == "option" and p.multiple for p in self.params}
+            ctx.default_map = {**(ctx.default_map or {}), **config.read(config_file, names)}
         return super().parse_args(ctx, rewritten)
+
+
+def _config_file(args: list[str]) -> str | None:
+    """The value of --config among ``args`` (the last one given), or None."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.partition("=")[2]
+    return found
 
 
 app = typer.Typer(
@@ -168,6 +186,7 @@ def speed(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-speed).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest): recorded cases are skipped.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of options (long names as keys, e.g. eval-every = 200); the command line overrides it. A run folder's config.toml repeats that run.")] = None,
     measure_peak: Annotated[bool, typer.Option("--measure-peak", help="Measure matmul TFLOP/s first; rows get % of peak.")] = False,
     gpus: Annotated[int, typer.Option(help="Spread the cases over GPUs 0..N-1, one worker process each; rows as one GPU gives.")] = 1,
     profile: Annotated[int, typer.Option(help="After timing, profile each case that ran over N calls: top kernels, wall vs GPU-busy time (profile.csv).")] = 0,
@@ -208,8 +227,8 @@ def speed(
         preset=preset,
         max_call_ms=max_call_ms or None,
     )
-    spec_given = any(ctx.get_parameter_source(name).name == "COMMANDLINE" for name in SWEEP_OPTIONS)
-    run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus)
+    spec_given = any(ctx.get_parameter_source(name).name in ("COMMANDLINE", "DEFAULT_MAP") for name in SWEEP_OPTIONS)
+    run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus, of_invocation(ctx.params))
     table, notes = console.speed_table(rows, title=f"{escape(str(run_dir))}  (median ms; ★ fastest)")
     console.out.print(table)
     for note in notes:
@@ -323,6 +342,7 @@ def check(
 
 @app.command(cls=ListOptionsCommand)
 def distill(
+    ctx: typer.Context,
     teacher: Annotated[str, typer.Option(help="A run folder of `attnbench train`, or a transformers model path / HF cache name (fetched only with --download).")],
     student: Annotated[list[str], typer.Option(help="Mechanisms to swap in for the teacher's attention, one student each.")],
     teacher_attn: Annotated[Optional[str], typer.Option(help="Which mechanism of a multi-mechanism train run is the teacher (default: its first).")] = None,
@@ -344,6 +364,7 @@ def distill(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-distill).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest) from each student's last checkpoint.")] = False,
     download: Annotated[bool, typer.Option("--download", help="Allow fetching a transformers --teacher from the Hugging Face Hub (never otherwise).")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of options (long names as keys, e.g. eval-every = 200); the command line overrides it. A run folder's config.toml repeats that run.")] = None,
 ) -> None:
     """Swap a trained model's attention for cheaper mechanisms and distil them: KL(P_teacher || P_student)."""
     from attnbench import console
@@ -357,7 +378,7 @@ def distill(
         download=download,
     )
     try:
-        run_dir = run_distill(spec, out, resume, command=" ".join(["attnbench", *sys.argv[1:]]))
+        run_dir = run_distill(spec, out, resume, command=" ".join(["attnbench", *sys.argv[1:]]), options=of_invocation(ctx.params))
     except StudentDiverged as err:  # not bad input (exit 2): the run is written, a student in it failed
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -366,6 +387,7 @@ def distill(
 
 @app.command(cls=ListOptionsCommand)
 def train(
+    ctx: typer.Context,
     attn: Annotated[list[str], typer.Option(help="Mechanisms, or all; each trains an identical model on the identical token stream.")],
     task: Annotated[str, typer.Option(help="mlm (BERT-style encoder) or clm (GPT-style decoder).")] = "mlm",
     preset: Annotated[Optional[str], typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base) (default: tiny on CPU, small on CUDA).")] = None,
@@ -379,6 +401,7 @@ def train(
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
     impl: Annotated[list[str], typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto nsa=torch.")] = ["auto"],
     positions: Annotated[str, typer.Option(help="Absolute positions for mechanisms that need them: learned or sinusoidal.")] = "learned",
+    kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA; 1: MQA); a divisor of the preset's heads (default: as many as query heads).")] = None,
     window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -388,6 +411,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the weights, the batch order and the MLM masks.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-train).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run (--out, or the latest) from its checkpoints.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of options (long names as keys, e.g. eval-every = 200); the command line overrides it. A run folder's config.toml repeats that run.")] = None,
 ) -> None:
     """Train identical models that differ only in their attention; learning curves, extrapolation, report."""
     from attnbench import console
@@ -397,10 +421,10 @@ def train(
     spec = TrainSpec(
         attn=list(mechanisms()) if "all" in attn else attn, task=task, preset=preset, impl=",".join(impl),
         steps=steps, seq=seq, batch=batch, lr=lr, warmup=warmup, data=data, tokenizer=tokenizer, download=download,
-        device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, seed=seed, gpus=gpus,
+        device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, kv_heads=kv_heads, seed=seed, gpus=gpus,
         extra=mechanism_options(window, option),
     )
-    run_dir = run_train(spec, out, resume)
+    run_dir = run_train(spec, out, resume, of_invocation(ctx.params))
     console.out.print(f"trained {', '.join(spec.attn)} -> {run_dir}/train.csv, train_report.md")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnbench import store
+from attnbench import config, store
 from attnbench.distill_eval import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
 from attnbench.distill_teachers import HFTeacher, RunTeacher, hf_offline
 from attnbench.errors import InputError, Interrupted
@@ -334,12 +334,14 @@ def open_run(spec: DistillSpec, out: Path | None, resume: bool, command: str) ->
     return run_dir, meta
 
 
-def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False, command: str = "", source=None) -> Path:
+def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False, command: str = "", source=None,
+                options: dict[str, Any] | None = None) -> Path:
     """Distil every student of ``spec`` from its teacher into a run folder (module docstring); returns it.
     The teacher and every student are checked before the folder is made (bad input leaves nothing).
     A diverged student is recorded and left out; after the others and the summary, StudentDiverged.
 
-    ``source``: an already loaded teacher (tests); by default ``load_teacher(spec)``.
+    ``source``: an already loaded teacher (tests); by default ``load_teacher(spec)``; ``options``:
+    the command's options (attnbench.config.of_invocation), kept as the run's config.toml.
     """
     spec.validate()
     torch.manual_seed(spec.seed)
@@ -347,6 +349,9 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
     impls = student_impls(source, spec)
     run_dir, meta = open_run(spec, out, resume, command)
     with store.run_lock(run_dir):
+        if options is not None and not resume:
+            meta["config"] = options
+            config.write(run_dir, options)
         store.write_meta(run_dir, meta)
         try:
             return distill_into(run_dir, meta, source, impls, spec, resume)

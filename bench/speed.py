@@ -14,7 +14,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from attnbench import env, store
+from attnbench import config, env, store
 from attnbench.errors import InputError, Interrupted
 from attnbench.shard import run_sharded
 from attnbench.sweep import Case, Sweep, SweepSpec, expand, stops_in, validate
@@ -106,17 +106,22 @@ def run_speed(
     measure_peak: bool,
     progress: Progress,
     gpus: int = 1,
+    options: dict[str, Any] | None = None,
 ) -> tuple[Path, list[dict[str, str]]]:
     """Run (or resume) a sweep; returns the run folder and every row of its speed.csv.
 
     ``progress(total)`` is a context yielding the per-step callback (attnbench.console.sweep_progress);
-    ``gpus`` > 1 spreads the cases over that many worker processes (attnbench.shard).
+    ``gpus`` > 1 spreads the cases over that many worker processes (attnbench.shard);
+    ``options``: the command's options (attnbench.config.of_invocation), kept as the run's config.toml.
     """
     run_dir = run_folder(spec, out, resume, gpus)
     with store.run_lock(run_dir):
         spec, meta = open_run(run_dir, spec, resume, spec_given)
         if resume:
             check_spec(spec, gpus)
+        elif options is not None:
+            meta["config"] = options
+            config.write(run_dir, options)
         record_setup(run_dir, meta, spec, measure_peak)
         store.write_meta(run_dir, meta)
         try:

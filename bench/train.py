@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attnbench import checkpoint, data, distributed, store
+from attnbench import checkpoint, config, data, distributed, store
 from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.train_eval import attention_entropy, autocast, evaluate, extrapolation_rows
 from attnbench.errors import InputError, Interrupted
@@ -84,6 +84,7 @@ class TrainSpec:
     eval_every: int = 100
     eval_batches: int = 8
     positions: str = "learned"
+    kv_heads: int | None = None  # GQA/MQA: key/value heads (None: as many as query heads)
     seed: int = 0
     gpus: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # mechanism options (window, theta, ...)
@@ -103,7 +104,7 @@ class TrainSpec:
                 spec.warmup = preset.warmup if self.steps is not None else min(preset.warmup, max(1, spec.steps // 10))
         if spec.task not in ("mlm", "clm"):
             raise InputError(f"--task {spec.task}: valid: mlm, clm")
-        for name in ("steps", "seq", "batch", "warmup", "eval_every", "eval_batches", "gpus"):
+        for name in ("steps", "seq", "batch", "warmup", "eval_every", "eval_batches", "gpus", "kv_heads"):
             value = getattr(spec, name)
             if value is not None and (value <= 0 if name != "warmup" else value < 0):
                 raise InputError(f"--{name.replace('_', '-')} must be positive, not {value}")
@@ -168,7 +169,7 @@ def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch
     window, options = registry.get(mechanism).split_options(spec.extra)  # only the options it declares
     cfg = ModelConfig.for_task(
         spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
-        positions=spec.positions, window=window, attention=options,
+        positions=spec.positions, window=window, attention=options, kv_heads=spec.kv_heads,
     )
     cfg.impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.attn)[mechanism], cfg.layer_config(), device)
     return cfg
@@ -507,8 +508,9 @@ def epochs(spec: TrainSpec, train_tokens: int) -> float:
     return spec.steps * spec.batch * spec.seq / max(train_tokens, 1)
 
 
-def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) -> Path:
+def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False, options: dict[str, Any] | None = None) -> Path:
     """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder.
+    ``options``: the command's options (attnbench.config.of_invocation), kept as the run's config.toml.
 
     Everything the user gave is checked, and the data loaded, before the folder is made. The
     plan (preset, steps, tokens, time per step measured here) is printed before the first step.
@@ -537,6 +539,9 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
         if world.is_main:
             if resume:
                 prune_to_checkpoints(run_dir, spec.attn)
+            elif options is not None:
+                meta["config"] = options
+                config.write(run_dir, options)
             store.write_meta(run_dir, meta)
             announce(spec, meta, run_dir, device)
             if world.size == 1 and spec.gpus == 1:

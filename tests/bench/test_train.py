@@ -279,7 +279,7 @@ def test_cli_attn_all_trains_every_registered_mechanism(monkeypatch, tmp_path):
     from attnbench.models.registry import mechanisms
 
     seen = {}
-    monkeypatch.setattr(train, "run_train", lambda spec, out, resume: seen.setdefault("spec", spec) and tmp_path)
+    monkeypatch.setattr(train, "run_train", lambda spec, out, resume, options: seen.setdefault("spec", spec) and tmp_path)
     result = CliRunner().invoke(app, ["train", "--attn", "all", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert seen["spec"].attn == list(mechanisms())
@@ -312,6 +312,7 @@ def test_given_sizes_are_kept_and_only_the_missing_ones_are_sized():
     (["--attn", "exposb", "--option", "decay_factor=2"], "decay_factor must be in (0, 1)"),
     (["--attn", "exposb", "--option", "decay_factor=abc"], "--attn exposb"),
     (["--attn", "rope", "--data", "no/such/corpus"], "not a corpus name"),
+    (["--attn", "rope", "--kv-heads", "3"], "heads (4) must be a multiple of kv_heads (3)"),
 ])
 def test_bad_values_are_refused_before_any_folder_exists(args, message, tmp_path):
     result = CliRunner().invoke(app, ["train", *args, "--device", "cpu", "--out", str(tmp_path / "run")])
@@ -331,7 +332,7 @@ def test_the_command_line_of_a_spec_asks_for_that_spec(monkeypatch, tmp_path):
     spec = train.TrainSpec(attn=["exposb", "window"], task="clm", preset="tiny", steps=7, lr=1e-3, download=True,
                            impl="auto,window=torch", extra={"window": 16, "decay_factor": 0.9})
     seen = {}
-    monkeypatch.setattr(train, "run_train", lambda spec, out, resume: seen.update(spec=spec, resume=resume) or out)
+    monkeypatch.setattr(train, "run_train", lambda spec, out, resume, options: seen.update(spec=spec, resume=resume) or out)
     result = CliRunner().invoke(app, train.resume_command(spec, tmp_path).split()[1:])
     assert result.exit_code == 0, result.output
     assert seen == {"spec": spec, "resume": True}
@@ -358,6 +359,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_prints_the_command_that_resumes_exactly
     resume_line = stopped.output.strip().splitlines()[-1].strip()
     assert resume_line.startswith("attnbench train ") and resume_line.endswith("--resume"), stopped.output
     assert checkpoint.latest(tmp_path / "stopped" / "checkpoints" / "rope").name == "step-000003"
+    assert "steps = 6" in (tmp_path / "stopped" / "config.toml").read_text()  # kept from the start: `--config` repeats it
     monkeypatch.setattr(train.data.Batches, "at", at)
     resumed = CliRunner().invoke(app, shlex.split(resume_line)[1:])
     assert resumed.exit_code == 0, resumed.output
@@ -381,3 +383,10 @@ def test_the_eta_shows_from_the_first_step_at_the_bars_own_pace():
 def test_a_mechanism_with_its_own_positions_is_not_recorded_with_learned_ones():
     assert build_model("tiny", "rope", task="clm").cfg.positions == "rope"
     assert build_model("tiny", "standard", task="clm").cfg.positions == "learned"
+
+
+def test_kv_heads_reach_every_layer_of_the_model():
+    spec = train.TrainSpec(attn=["rope"], preset="tiny", kv_heads=1).resolved(CPU)
+    model = train.LanguageModel(train.model_config(spec, "rope", 300, CPU), 0)
+    projections = [m.qkv for m in model.modules() if hasattr(m, "qkv")]
+    assert len(projections) == 2 and all(p.out_features == (4 + 2 * 1) * 32 for p in projections)  # MQA: one k and one v head
