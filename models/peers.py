@@ -17,14 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.kernels import reference
+from attnbench.models import positions
 
 
 def _rotate_if_rope(q, k, theta: float | None, offset: int):
-    if theta is None:
-        return q, k
-    # both rotated at their own absolute positions; with T != S, queries are the last T keys
-    q_offset = offset + k.shape[1] - q.shape[1]
-    return reference.rope(q, theta, q_offset), reference.rope(k, theta, offset)
+    return (q, k) if theta is None else positions.rotate_qk(q, k, theta, offset)
 
 
 def sdpa(
@@ -49,9 +46,8 @@ def sdpa(
         visible = reference.visible(t, s, causal=causal, window=window, seq_lens=seq_lens, device=q.device)
         mask = visible  # (B|1, 1, T, S) bool
         if slopes is not None:
-            pos_q = torch.arange(t, device=q.device)[:, None] + (s - t)
-            pos_k = torch.arange(s, device=q.device)[None, :]
-            bias = -slopes.to(q.dtype).view(1, -1, 1, 1) * (pos_q - pos_k).abs().to(q.dtype)  # (1, H, T, S)
+            pos_k = torch.arange(s, device=q.device)
+            bias = positions.alibi_bias(slopes, pos_k[s - t :], pos_k, q.dtype)[None]  # (1, H, T, S)
             mask = bias.masked_fill(~visible, float("-inf"))
         is_causal = False
     pinned = torch.nn.attention.sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()

@@ -3,6 +3,11 @@
 Mechanisms differ in their impls and in the kernel options their layer passes
 (``options(cfg)``); anything learnable beyond the projections comes by subclassing and
 overriding ``core_options``.
+
+Position schemes of the layer (``cfg.positions``, models/positions.py): a core whose options
+carry ``theta`` rotates q and k itself (the softmax family, fused); for any other core the layer
+rotates q and k before it. ALiBi needs a core that biases its scores: its options must carry the
+``slopes``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from attnbench.models import positions
 from attnbench.models.registry import Impl, LayerConfig
 
 
@@ -21,8 +27,9 @@ class QKVAttention(nn.Module):
 
     x [B, T, C] -> q [B, T, Hq, D], k/v [B, T, Hkv, D] (views of one projection, no copy)
     -> attend -> o [B, T, Hq, D] -> [B, T, C]; an impl with run_packed gets the projection
-    [B, T, Hq + 2 Hkv, D] whole instead (when attend is not overridden).
-    ``options(cfg)`` gives the mechanism's kernel options; tensors among them become buffers.
+    [B, T, Hq + 2 Hkv, D] whole instead (when attend is not overridden and the core rotates
+    for itself). ``options(cfg)`` gives the mechanism's kernel options; tensors among them
+    become buffers. ``theta``: the RoPE base when the layer rotates q and k before the core.
     """
 
     def __init__(self, cfg: LayerConfig, impls: dict[str, Impl], options: Callable[[LayerConfig], dict]):
@@ -32,10 +39,15 @@ class QKVAttention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.out = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.run = impls[cfg.impl].run
+        core_options = options(cfg)
+        self.theta = positions.theta(cfg) if cfg.positions == "rope" and "theta" not in core_options else None
+        if cfg.positions == "alibi" and "slopes" not in core_options:
+            raise ValueError("this attention's core takes no ALiBi slopes")
         # a subclass that overrides attend adds to the core, so it always gets q, k, v apart
-        self.run_packed = impls[cfg.impl].run_packed if type(self).attend is QKVAttention.attend else None
+        plain = type(self).attend is QKVAttention.attend and self.theta is None
+        self.run_packed = impls[cfg.impl].run_packed if plain else None
         self._plain_options = {}
-        for name, value in options(cfg).items():
+        for name, value in core_options.items():
             if isinstance(value, torch.Tensor):
                 self.register_buffer(name, value, persistent=False)
             else:
@@ -45,8 +57,13 @@ class QKVAttention(nn.Module):
     def core_options(self) -> dict:
         return {**self._plain_options, **{name: getattr(self, name) for name in self._tensor_options}}
 
+    def positioned(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, T, Hq, D], k [B, S, Hkv, D] as the core takes them: rotated when the layer applies RoPE."""
+        return (q, k) if self.theta is None else positions.rotate_qk(q, k, self.theta)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         """The kernel-level core: q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D]."""
+        q, k = self.positioned(q, k)
         return self.run(q, k, v, causal=self.causal, seq_lens=seq_lens, **self.core_options())
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,13 +25,14 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from attnbench.models import positions
 from attnbench.models.errors import UnknownNameError
 
 Family = Literal["exact", "linear", "sparse", "recurrent"]
 # what "auto" means when a model is built to train: our fused kernel, then SDPA, then the
 # efficient torch form, then the definition (peers like fla are asked for by name)
 TRAINING_IMPL_PREFERENCE = ("triton", "sdpa", "chunked", "torch")
-Position = Literal["inside", "absolute"]
+Position = Literal["learned", "sinusoidal", "rope", "alibi", "none", "inside"]
 
 
 def _always_available() -> str | None:
@@ -82,7 +83,10 @@ class LayerConfig:
     dim: model width C; heads: query heads Hq; kv_heads: Hkv (None = Hq; Hq % Hkv == 0);
     head_dim: D (None = dim // heads); causal: causal or bidirectional; impl: impl name;
     window: sliding window size (causal: left w; bidirectional: w on each side), None = full;
-    options: the mechanism's extra parameters (see Mechanism.params for names and defaults).
+    positions: the position scheme the layer applies, "rope" or "alibi" (models/positions.py),
+        or None for the mechanism's own (rope for rope, alibi for alibi, nothing for the others);
+    options: the mechanism's extra parameters (see Mechanism.params for names and defaults)
+        and its scheme's (positions.PARAMS: RoPE's theta).
     """
 
     dim: int
@@ -93,9 +97,12 @@ class LayerConfig:
     impl: str = "torch"
     window: int | None = None
     bias: bool = False
+    positions: Literal["rope", "alibi"] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.positions not in (None, *positions.IN_LAYER):
+            raise ValueError(f"a layer applies position scheme rope, alibi or none (None), not '{self.positions}'")
         if self.kv_heads is None:
             self.kv_heads = self.heads
         if self.head_dim is None:
@@ -119,8 +126,10 @@ class Mechanism:
 
     flops: forward FLOPs of the kernel-level core, flops(cfg, batch, seq, seq_lens=None)
         (models/flops.py holds the shared models, e.g. softmax_flops counts visible q-k pairs).
-    position: "inside" (encodes position itself) or "absolute" (the model must add
-        learned/sinusoidal position embeddings).
+    position: its natural position scheme (models/positions.py), what it is built with when
+        none is asked for: "learned" (the model adds learned embeddings), "rope", "alibi", or
+        "inside" (it encodes positions itself).
+    refuses: the position schemes it cannot take, each with the one-line reason.
     params: its extra parameters with defaults and one-line meanings, for `attnbench list`.
     """
 
@@ -130,7 +139,8 @@ class Mechanism:
     layer: Callable[[LayerConfig], torch.nn.Module]
     impls: dict[str, Impl]
     flops: Callable[..., float]
-    position: Position = "inside"
+    position: Position = "learned"
+    refuses: dict[str, str] = field(default_factory=dict)
     causal: bool = True
     bidirectional: bool = True
     padding: bool = True
@@ -150,10 +160,12 @@ class Mechanism:
         ranked = [n for n in TRAINING_IMPL_PREFERENCE if n in self.impls] + [n for n in self.impls if n not in TRAINING_IMPL_PREFERENCE]
         return next((n for n in ranked if self.impls[n].why_not(cfg, device, dtype) is None), None)
 
-    def split_options(self, given: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+    def split_options(self, given: dict[str, Any], scheme: str | None = None) -> tuple[int | None, dict[str, Any]]:
         """Of a run's mechanism options (``--window``, ``--option``), the ones this mechanism
-        declares in ``params``: (its window or None, the rest for LayerConfig.attention)."""
-        mine = {k: v for k, v in given.items() if k in self.params}
+        declares in ``params`` or position ``scheme`` in positions.PARAMS: (its window or None,
+        the rest for LayerConfig.attention)."""
+        declared = {**positions.PARAMS.get(scheme, {}), **self.params}
+        mine = {k: v for k, v in given.items() if k in declared}
         return mine.pop("window", None), mine
 
     def why_not(self, cfg: LayerConfig) -> str | None:
@@ -164,7 +176,7 @@ class Mechanism:
             return f"{self.name} is causal only"
         if cfg.kv_heads != cfg.heads and not self.gqa:
             return f"{self.name} does not support GQA"
-        return None
+        return None if cfg.positions is None else positions.why_not(self, cfg.positions)
 
 
 def _discover() -> dict[str, Mechanism]:
@@ -203,9 +215,10 @@ def get(name: str) -> Mechanism:
         raise UnknownNameError(f"unknown mechanism '{name}'; valid: {', '.join(registry)}") from None
 
 
-def check_options(names: list[str], given: dict[str, Any]) -> None:
-    """UnknownNameError (a user error: exit 2) for an option that none of the mechanisms ``names`` declares."""
-    declared = {p for name in names for p in get(name).params}
+def check_options(names: list[str], given: dict[str, Any], schemes: tuple[str, ...] = ()) -> None:
+    """UnknownNameError (a user error: exit 2) for an option that none of the mechanisms ``names``
+    nor of the position ``schemes`` declares."""
+    declared = {p for name in names for p in get(name).params} | {p for s in schemes for p in positions.PARAMS.get(s, {})}
     for key in given:
         if key not in declared:
             raise UnknownNameError(f"option '{key}' is not a parameter of {', '.join(names)}; theirs: {', '.join(sorted(declared)) or 'none'}")

@@ -4,6 +4,9 @@ window (and one layer module, models/qkv.py), which differ only in the options t
 Softmax-family kernel options (all impls take all of them):
     window (left, right) | None, slopes [Hq] float32 | None (ALiBi),
     theta float | None (RoPE base; None = no RoPE), offset int (RoPE position offset).
+Any position scheme of the layer (LayerConfig.positions, or the mechanism's natural one)
+becomes these options (`position_options`), so every impl serves every window x scheme x GQA cell
+it can; one that cannot says so from the cfg (`Impl.unsupported`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Callable
 import torch
 
 from attnbench.kernels import reference
-from attnbench.models import peers
+from attnbench.models import peers, positions
 from attnbench.models.registry import Impl, LayerConfig
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -22,8 +25,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def torch_reference(q, k, v, *, causal=False, seq_lens=None, window=None, slopes=None, theta=None, offset=0):
     """Plain torch by definition (kernels/reference.py): RoPE, then masked softmax attention."""
     if theta is not None:
-        q = reference.rope(q, theta, offset + k.shape[1] - q.shape[1])
-        k = reference.rope(k, theta, offset)
+        q, k = positions.rotate_qk(q, k, theta, offset)
     return reference.attention(q, k, v, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes)
 
 
@@ -59,10 +61,12 @@ def _needs_low_precision(cfg: LayerConfig, device: torch.device, dtype: torch.dt
     return None if dtype in _LOW_PRECISION else f"needs fp16 or bf16, not {str(dtype).removeprefix('torch.')}"
 
 
-def _flash_unsupported(needs_mask: bool):
+def _flash_unsupported(needs_mask: bool, natural: str | None):
     def why(cfg: LayerConfig, device: torch.device, dtype: torch.dtype) -> str | None:
         if needs_mask or cfg.window is not None:
-            return "the flash backend takes no mask or bias"
+            return "the flash backend takes no mask (a window)"
+        if (cfg.positions or natural) == "alibi":
+            return "the flash backend takes no bias (ALiBi)"
         if cfg.head_dim > 256:
             return "the flash backend supports head_dim <= 256"
         return _needs_low_precision(cfg, device, dtype)
@@ -70,11 +74,12 @@ def _flash_unsupported(needs_mask: bool):
     return why
 
 
-def softmax_impls(needs_mask: bool = False) -> dict[str, Impl]:
-    """The impls of one softmax-family mechanism; ``needs_mask``: SDPA needs a mask or
-    bias tensor for it (ALiBi, windows), which SDPA's flash backend cannot take."""
+def softmax_impls(needs_mask: bool = False, natural: str | None = None) -> dict[str, Impl]:
+    """The impls of one softmax-family mechanism; ``needs_mask``: it always has a window, so
+    SDPA needs a mask, which SDPA's flash backend cannot take (nor ALiBi's bias); ``natural``: the
+    layer scheme of a cfg whose ``positions`` is None (the mechanism's own: rope, alibi)."""
     sdpa_backends = {
-        "sdpa-flash": ("FLASH_ATTENTION", "SDPA, FlashAttention-2 backend", _flash_unsupported(needs_mask)),
+        "sdpa-flash": ("FLASH_ATTENTION", "SDPA, FlashAttention-2 backend", _flash_unsupported(needs_mask, natural)),
         "sdpa-cudnn": ("CUDNN_ATTENTION", "SDPA, cuDNN backend", _needs_low_precision),
         "sdpa-efficient": ("EFFICIENT_ATTENTION", "SDPA, memory-efficient (xformers) backend", lambda *a: None),
         "sdpa-math": ("MATH", "SDPA, math backend (materialises scores)", lambda *a: None),
@@ -105,3 +110,16 @@ def window_option(cfg: LayerConfig) -> dict:
     """The window bounds of ``cfg`` as a kernel option (empty when it has none)."""
     bounds = cfg.window_bounds
     return {} if bounds is None else {"window": bounds}
+
+
+def position_options(cfg: LayerConfig, natural: str | None = None) -> dict:
+    """The layer's position scheme (``cfg.positions``, else ``natural``) as softmax kernel
+    options: RoPE's theta and offset, ALiBi's slopes, or nothing."""
+    if (cfg.positions or natural) == "rope":
+        return {"theta": positions.theta(cfg), "offset": 0}
+    return positions.alibi_option(cfg, natural)
+
+
+def softmax_options(cfg: LayerConfig, natural: str | None = None) -> dict:
+    """The kernel options of a softmax-family layer: its window and its position scheme."""
+    return {**position_options(cfg, natural), **window_option(cfg)}

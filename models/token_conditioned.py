@@ -23,6 +23,7 @@ class TokenConditionedAttention(QKVAttention):
     def attend(self, q, k, v, seq_lens=None, **token_options) -> torch.Tensor:
         """The kernel-level core, q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]; without
         ``token_options`` the core's defaults stand in for them."""
+        q, k = self.positioned(q, k)
         return self.run(q, k, v, causal=self.causal, seq_lens=seq_lens, **self.core_options(), **token_options)
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:

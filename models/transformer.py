@@ -7,8 +7,9 @@
 Both are a `LanguageModel`: one `Trunk` (embeddings, blocks, optional final norm) plus a
 head, and differ only through their `ModelConfig`. The attention of every block is
 ``registry.build_layer(mechanism, LayerConfig(...))``, called as layer(x [B, T, C], seq_lens).
-Positions follow the mechanism: learned (or sinusoidal) absolute embeddings when it says
-``position == "absolute"``, none when it encodes position itself (rope, alibi, ...).
+Positions are a scheme of their own (models/positions.py): learned or sinusoidal embeddings are
+added here, rope and alibi are applied by every attention layer, none adds nothing; without one
+asked for, the mechanism's natural scheme (learned for standard, rope for rope, its own for exposb).
 
 With the same weights, the MLM trunk computes transformers' BertModel hidden states and the
 causal trunk GPT2Model's (tests/models/test_transformer.py copies weights across).
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnbench.models import registry
+from attnbench.models import positions as schemes, registry
 from attnbench.models.presets import Preset
 from attnbench.models.registry import LayerConfig
 
@@ -38,8 +39,9 @@ class ModelConfig:
     """Everything that shapes a model. Use `ModelConfig.for_task` for the BERT/GPT conventions.
 
     causal: GPT-style decoder (True) or BERT-style encoder; norm: "post" (BERT) or "pre" (GPT-2);
-    positions: the absolute scheme of a mechanism that needs one ("learned" or "sinusoidal"), or
-        "inside" for one that encodes positions itself (rope, alibi, exposb, stick-breaking);
+    positions: the position scheme, learned | sinusoidal | rope | alibi | none (models/positions.py),
+        or "inside" for a mechanism that encodes positions itself (exposb, stickbreaking); None:
+        the mechanism's natural scheme, which is what the config then records (`positions.resolve`);
     gelu: "none" (exact erf GELU, BERT) or "tanh" (GPT-2's approximation);
     max_seq: length of the learned position table (no limit for other schemes);
     attention: the mechanism's own options (registry Mechanism.params).
@@ -55,13 +57,20 @@ class ModelConfig:
     impl: str = "torch"
     causal: bool = False
     norm: Literal["post", "pre"] = "post"
-    positions: Literal["learned", "sinusoidal", "inside"] = "learned"
+    positions: str | None = None
     gelu: Literal["none", "tanh"] = "none"
     norm_eps: float = 1e-12
     kv_heads: int | None = None
     window: int | None = None
     dropout: float = 0.0
     attention: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        mechanism = registry.get(self.mechanism)
+        self.positions = schemes.resolve(mechanism, self.positions)
+        reason = schemes.why_not(mechanism, self.positions)
+        if reason:
+            raise ValueError(reason)
 
     @classmethod
     def for_task(cls, task: Task, preset: Preset, vocab_size: int, mechanism: str, impl: str = "torch", seq: int | None = None, **overrides) -> "ModelConfig":
@@ -74,23 +83,17 @@ class ModelConfig:
             else dict(causal=True, norm="pre", gelu="tanh", norm_eps=1e-5)
         )
         shape = dict(dim=preset.dim, layers=preset.layers, heads=preset.heads, mlp_dim=preset.mlp_dim, max_seq=seq or preset.seq)
-        if registry.get(mechanism).position != "absolute":  # the model adds no positions: say so
-            overrides["positions"] = "inside"
         return cls(vocab_size=vocab_size, mechanism=mechanism, impl=impl, **{**shape, **conventions, **overrides})
-
-    @property
-    def absolute_positions(self) -> bool:
-        return registry.get(self.mechanism).position == "absolute"
 
     @property
     def max_length(self) -> int | None:
         """The longest input the model can take: max_seq with learned positions, else no limit."""
-        return self.max_seq if self.absolute_positions and self.positions == "learned" else None
+        return self.max_seq if self.positions == "learned" else None
 
     def layer_config(self) -> LayerConfig:
         return LayerConfig(
-            dim=self.dim, heads=self.heads, kv_heads=self.kv_heads, causal=self.causal,
-            impl=self.impl, window=self.window, bias=True, options=dict(self.attention),
+            dim=self.dim, heads=self.heads, kv_heads=self.kv_heads, causal=self.causal, impl=self.impl,
+            window=self.window, bias=True, positions=schemes.layer_scheme(self.positions), options=dict(self.attention),
         )
 
 
@@ -105,15 +108,15 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.T
 
 
 class Embeddings(nn.Module):
-    """Token ids [B, T] -> [B, T, C]: token embedding, plus absolute positions when the mechanism
-    needs them, then LayerNorm in post-LN models (BERT normalises its embeddings; pre-LN models
+    """Token ids [B, T] -> [B, T, C]: token embedding, plus absolute positions when the scheme is
+    learned or sinusoidal, then LayerNorm in post-LN models (BERT normalises its embeddings; pre-LN models
     normalise at the start of every block instead)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.positions = nn.Embedding(cfg.max_seq, cfg.dim) if cfg.absolute_positions and cfg.positions == "learned" else None
+        self.positions = nn.Embedding(cfg.max_seq, cfg.dim) if cfg.positions == "learned" else None
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm == "post" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -124,7 +127,7 @@ class Embeddings(nn.Module):
             if t > self.cfg.max_seq:
                 raise ValueError(f"input of {t} tokens is longer than the {self.cfg.max_seq} learned positions")
             x = x + self.positions.weight[:t]
-        elif self.cfg.absolute_positions:
+        elif self.cfg.positions == "sinusoidal":
             x = x + sinusoidal_positions(t, self.cfg.dim, x.device).to(x.dtype)
         if self.norm is not None:
             x = self.norm(x)
@@ -289,12 +292,18 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, seq
 
 def build_model(
     preset: Preset | str, mechanism: str, impl: str = "torch", task: Task = "mlm", seq: int | None = None,
-    vocab_size: int | None = None, seed: int = 0, **overrides,
+    vocab_size: int | None = None, seed: int = 0, positions: str | None = None, **overrides,
 ) -> LanguageModel:
     """The model the training and the model-level speed sweep use: ``preset`` shape, ``mechanism``
-    run by ``impl``, BERT (mlm) or GPT (clm) conventions, learned positions for ``seq`` tokens."""
+    run by ``impl``, BERT (mlm) or GPT (clm) conventions, position scheme ``positions`` (None:
+    the mechanism's natural one; learned positions cover ``seq`` tokens). ValueError with
+    `positions.why_not`'s reason for a scheme the mechanism cannot take."""
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
-    cfg = ModelConfig.for_task(task, preset, vocab_size or preset.vocab, mechanism, impl, seq, **overrides)
+    if positions is not None:
+        reason = schemes.why_not(registry.get(mechanism), positions)
+        if reason:
+            raise ValueError(reason)
+    cfg = ModelConfig.for_task(task, preset, vocab_size or preset.vocab, mechanism, impl, seq, positions=positions, **overrides)
     return LanguageModel(cfg, seed)
 
 

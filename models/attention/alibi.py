@@ -1,22 +1,22 @@
-"""alibi: softmax attention with linear biases -slope_h * |i - j| (Press et al. 2022),
-fused into the score tile; geometric per-head slopes."""
+"""alibi: softmax attention with linear biases -slope_h * |i - j| (Press et al. 2022), fused
+into the score tile, geometric per-head slopes: standard with the alibi position scheme (the
+name stays for the command lines that use it)."""
 
-from attnbench.kernels.reference import alibi_slopes
+import functools
+
+from attnbench.models import positions
 from attnbench.models.flops import softmax_flops
-from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.softmax import softmax_impls, window_option
-
-
-def alibi_options(cfg: LayerConfig) -> dict:
-    return {"slopes": alibi_slopes(cfg.heads), **window_option(cfg)}
-
+from attnbench.models.softmax import softmax_impls, softmax_options
 
 MECHANISM = Mechanism(
     name="alibi",
     description="softmax attention with ALiBi distance biases (geometric per-head slopes), fused",
     family="exact",
-    layer=qkv_layer(alibi_options, softmax_impls(needs_mask=True)),
-    impls=softmax_impls(needs_mask=True),
+    layer=qkv_layer(functools.partial(softmax_options, natural="alibi"), softmax_impls(natural="alibi")),
+    impls=softmax_impls(natural="alibi"),
     flops=softmax_flops,
+    position="alibi",
+    refuses=positions.standard_with("alibi"),
 )

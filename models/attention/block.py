@@ -2,7 +2,8 @@
 of ``block`` tokens (the last one may be shorter); each query attends only to the keys of its
 own block (causal: those at or before it). Unlike the sliding window, the visible set does
 not move with the query: a query at the start of a block sees nothing of the previous one.
-Cost O(T * block). Positions come from the model.
+Cost O(T * block). Positions come from the model, or from the layer: RoPE rotates q and k
+before the core; ALiBi (``slopes`` [Hq]) biases the scores within each block.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.kernels import reference
-from attnbench.models import peers
+from attnbench.models import peers, positions
 from attnbench.models.flops import visible_pairs
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
@@ -24,18 +25,20 @@ def _block_lens(seq_lens: torch.Tensor, starts: torch.Tensor, block: int) -> tor
     return (seq_lens.to(starts.device)[:, None] - starts[None, :]).clamp(0, block)
 
 
-def torch_reference(q, k, v, *, causal=False, seq_lens=None, block=DEFAULT_BLOCK):
+def torch_reference(q, k, v, *, causal=False, seq_lens=None, block=DEFAULT_BLOCK, slopes=None):
     """The definition, block by block: softmax attention (kernels/reference.py) on each block's
     q [B, L, Hq, D], k/v [B, L, Hkv, D]; o [B, T, Hq, D]."""
     outputs = []
     for start in range(0, q.shape[1], block):
         end = min(start + block, q.shape[1])
         lens = None if seq_lens is None else (seq_lens - start).clamp(0, end - start)
-        outputs.append(reference.attention(q[:, start:end], k[:, start:end], v[:, start:end], causal=causal, seq_lens=lens))
+        outputs.append(
+            reference.attention(q[:, start:end], k[:, start:end], v[:, start:end], causal=causal, seq_lens=lens, slopes=slopes)
+        )
     return torch.cat(outputs, dim=1)
 
 
-def sdpa_blocks(q, k, v, *, causal=False, seq_lens=None, block=DEFAULT_BLOCK):
+def sdpa_blocks(q, k, v, *, causal=False, seq_lens=None, block=DEFAULT_BLOCK, slopes=None):
     """Blocks folded into the batch: [B, T, H, D] -> [B * N, block, H, D], one SDPA call.
 
     The tail is zero-padded to a whole block; its padded keys are masked like key padding
@@ -49,7 +52,7 @@ def sdpa_blocks(q, k, v, *, causal=False, seq_lens=None, block=DEFAULT_BLOCK):
     if seq_lens is not None or (pad and not causal):
         real = torch.full((b,), t, device=q.device) if seq_lens is None else seq_lens
         lens = _block_lens(real, torch.arange(0, t + pad, block, device=q.device), block).flatten()  # (B * N,)
-    o = peers.sdpa(q, k, v, causal=causal, seq_lens=lens)
+    o = peers.sdpa(q, k, v, causal=causal, seq_lens=lens, slopes=slopes)
     if seq_lens is not None:  # a block of padding only: its queries see nothing, so zeros (SDPA may give NaN)
         o = o * (lens > 0).view(-1, 1, 1, 1).to(o.dtype)
     return o.reshape(b, n * block, hq, d)[:, :t]
@@ -59,7 +62,7 @@ def block_options(cfg: LayerConfig) -> dict:
     block = int(cfg.options.get("block", DEFAULT_BLOCK))
     if block <= 0:
         raise ValueError(f"block size must be positive, not {block}")
-    return {"block": block}
+    return {"block": block, **positions.alibi_option(cfg)}
 
 
 def block_pairs(seq: int, block: int, causal: bool, seq_lens=None) -> int:
@@ -92,6 +95,5 @@ MECHANISM = Mechanism(
     layer=qkv_layer(block_options, IMPLS),
     impls=IMPLS,
     flops=block_flops,
-    position="absolute",
     params={"block": (DEFAULT_BLOCK, "tokens per block; a query sees only keys of its own block")},
 )

@@ -28,7 +28,9 @@ meta query from the previous chunk; states are mean outer products and q is scal
 1/sqrt(D) (the repository sums C outer products unscaled, which grows with C); W_up has no bias.
 
 Cost per head: O(T C D) within chunks, O(T D^2) for states and their read-out, O((T/C)^2 D^2 / r)
-for the retrieval: quadratic in T with a 1/C^2 factor. Positions come from the model.
+for the retrieval: quadratic in T with a 1/C^2 factor. Positions come from the model, or from
+the layer: RoPE rotates q and k before the core (so the states hold rotated keys); ALiBi
+(``slopes`` [Hq]) biases the softmax scores within chunks (the retrieval has no token distances).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.models import positions
 from attnbench.models.attention import block
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
@@ -67,7 +70,8 @@ def _retrieval_weights(r, h, counts, causal: bool) -> torch.Tensor:
 
 
 def torch_reference(
-    q, k, v, *, causal=False, seq_lens=None, chunk=DEFAULT_CHUNK, meta_query, meta_key, compress=None, decompress=None
+    q, k, v, *, causal=False, seq_lens=None, chunk=DEFAULT_CHUNK, meta_query, meta_key, compress=None, decompress=None,
+    slopes=None,
 ):
     """The definition, chunk by chunk; q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
     b, t, hq, d = q.shape
@@ -89,7 +93,7 @@ def torch_reference(
     if causal:  # chunk c asks with the previous chunk's query; chunk 0 sees no chunk anyway
         meta_queries = torch.cat([torch.zeros_like(meta_queries[:, :1]), meta_queries[:, :-1]], 1)
     weights = _retrieval_weights(meta_queries, meta_keys, counts, causal)
-    local = block.torch_reference(q, k, v, causal=causal, seq_lens=seq_lens, block=chunk)
+    local = block.torch_reference(q, k, v, causal=causal, seq_lens=seq_lens, block=chunk, slopes=slopes)
     outputs = []
     for c, start in enumerate(range(0, t, chunk)):
         retrieved = torch.einsum("bhe,behf->bhf", weights[:, :, c], states)  # (B, H, D*D or D*D/r)
@@ -101,13 +105,14 @@ def torch_reference(
 
 
 def chunked(
-    q, k, v, *, causal=False, seq_lens=None, chunk=DEFAULT_CHUNK, meta_query, meta_key, compress=None, decompress=None
+    q, k, v, *, causal=False, seq_lens=None, chunk=DEFAULT_CHUNK, meta_query, meta_key, compress=None, decompress=None,
+    slopes=None,
 ):
     """All chunks at once: local part by blocks in one SDPA call, retrieval as batched matmuls
     over [B, N, C, H, D] views. No T x T tensor: [B, H, N, N] retrieval weights, [B, N, H, D*D] states."""
     b, t, hq, d = q.shape
     k, v = (x.repeat_interleave(hq // x.shape[2], dim=2) for x in (k, v))
-    local = block.sdpa_blocks(q, k, v, causal=causal, seq_lens=seq_lens, block=chunk)
+    local = block.sdpa_blocks(q, k, v, causal=causal, seq_lens=seq_lens, block=chunk, slopes=slopes)
     pad = -t % chunk
     n = (t + pad) // chunk
     real = _real_tokens(b, t, seq_lens, q.device).to(q.dtype)
@@ -160,7 +165,7 @@ def bsbr_options(cfg: LayerConfig) -> dict:
     compression = int(cfg.options.get("compression", DEFAULT_COMPRESSION))
     if chunk <= 0 or compression <= 0 or (cfg.head_dim**2) % compression:
         raise ValueError(f"bsbr needs chunk > 0 and a compression dividing head_dim^2, not {chunk}, {compression}")
-    return {"chunk": chunk}
+    return {"chunk": chunk, **positions.alibi_option(cfg)}
 
 
 def bsbr_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
@@ -194,7 +199,6 @@ MECHANISM = Mechanism(
     layer=lambda cfg: BSBRAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=bsbr_flops,
-    position="absolute",
     params={
         "chunk": (DEFAULT_CHUNK, "tokens per chunk (exact softmax within, state retrieval across)"),
         "compression": (DEFAULT_COMPRESSION, "state compression factor r: states D*D -> D*D/r (1 = none)"),

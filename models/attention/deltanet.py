@@ -14,7 +14,8 @@ Impls: the recurrent loop over tokens (the definition); the chunked WY form, whe
 chunk of C tokens the writes u = T (V - K S_0^T), T = (I + tril(diag(beta) K K^T, -1))^-1
 diag(beta), come from one triangular solve per chunk (all chunks at once) and only the
 state is carried across chunks; fla's chunk_delta_rule (Triton). Both torch forms compute in
-at least float32. No position information: the model adds absolute positions.
+at least float32. No position information: the model adds absolute positions (or the layer
+rotates q and k by RoPE); no scores, so no ALiBi.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ MECHANISM = Mechanism(
     layer=lambda cfg: DeltaNetAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=deltanet_flops,
-    position="absolute",
+    refuses={"alibi": "deltanet's delta-rule state has no score matrix to bias (ALiBi needs scores before a softmax)"},
     bidirectional=False,
     params={"chunk": (DEFAULT_CHUNK, "tokens per chunk of the WY form")},
 )

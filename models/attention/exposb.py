@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.kernels import reference
-from attnbench.models import peers
+from attnbench.models import peers, positions
 from attnbench.models.flops import softmax_flops
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
@@ -142,5 +142,6 @@ MECHANISM = Mechanism(
     impls=IMPLS,
     flops=softmax_flops,
     position="inside",
+    refuses=positions.own_scheme_only("exposb encodes positions itself (a modulated rotation and a distance decay)"),
     params=DEFAULTS,
 )

@@ -17,7 +17,8 @@ FLASH form at linear cost: [G, G] weights per chunk, plus one [S, E] state per c
 (exclusive) prefix sums carry the earlier chunks. Both compute the same A exactly. With one
 chunk (G >= T), causal, the linear part vanishes and this is the plain quadratic GAU with
 relu(q . k / T)^2 over keys at or before the query (tested). The paper's relative position
-bias is left out: the model adds absolute positions.
+bias is left out: the model adds absolute positions, or the layer rotates all four of q_quad,
+k_quad, q_lin, k_lin by RoPE (as FLASH's code does); ALiBi has no softmax scores to bias here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.models import positions
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 256
@@ -90,6 +92,9 @@ class GatedAttentionUnit(nn.Module):
         options = gau_options(cfg)
         self.causal, self.chunk = cfg.causal, options["chunk"]
         self.mix = MIXERS[cfg.impl]
+        if cfg.positions == "alibi":
+            raise ValueError(MECHANISM.refuses["alibi"])
+        self.theta = positions.theta(cfg) if cfg.positions == "rope" else None
         expanded = options["expansion"] * cfg.dim
         self.uv = nn.Linear(cfg.dim, 2 * expanded, bias=cfg.bias)
         self.z = nn.Linear(cfg.dim, options["qk_dim"], bias=cfg.bias)
@@ -102,8 +107,16 @@ class GatedAttentionUnit(nn.Module):
         u, v = F.silu(self.uv(x)).chunk(2, dim=-1)  # (B, T, E) each
         z = F.silu(self.z(x))  # (B, T, S)
         q_quad, k_quad, q_lin, k_lin = (z[:, :, None] * self.gamma + self.beta).unbind(dim=2)
+        if self.theta is not None:
+            q_quad, k_quad = self.rotated(q_quad, k_quad)
+            q_lin, k_lin = self.rotated(q_lin, k_lin)
         mixed = self.mix(q_quad, k_quad, q_lin, k_lin, v, causal=self.causal, seq_lens=seq_lens, chunk=self.chunk)
         return self.out(u * mixed)
+
+    def rotated(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on one-head queries and keys [B, T, S] (as [B, T, 1, S])."""
+        q, k = positions.rotate_qk(q[:, :, None], k[:, :, None], self.theta)
+        return q[:, :, 0], k[:, :, 0]
 
 
 def gau_options(cfg: LayerConfig) -> dict:
@@ -140,7 +153,7 @@ MECHANISM = Mechanism(
     layer=GatedAttentionUnit,
     impls=IMPLS,
     flops=gau_flops,
-    position="absolute",
+    refuses={"alibi": "gau has no softmax scores to bias (relu^2 weights within chunks, linear across)"},
     gqa=False,
     has_core=False,
     params={

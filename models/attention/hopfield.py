@@ -9,7 +9,9 @@ retrieves a pattern from the keys with an inverse temperature beta per query hea
 each softmax over the keys the query may see (causal, key padding). With one step and
 beta = 1/sqrt(D) this is softmax attention. beta = exp(log_beta) is learned per head (positive
 by parametrisation) and starts at 1/sqrt(D); large beta retrieves single patterns, small beta
-averages (metastable states). Positions come from the model.
+averages (metastable states). Positions come from the model, or from the layer: RoPE rotates
+q and k before the core (the stored patterns are the rotated keys); ALiBi (``slopes`` [Hq])
+biases the scores of every step.
 
 Impls: the definition (kernels/reference.py, T x T scores) and one SDPA call per step
 (flash / memory-efficient backends: no T x T tensor without a mask).
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from attnbench.kernels import reference
-from attnbench.models import peers
+from attnbench.models import peers, positions
 from attnbench.models.flops import visible_pairs
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
@@ -39,23 +41,23 @@ def _steps(attend, q, k, v, n_steps: int):
     return attend(state, k, v)
 
 
-def torch_reference(q, k, v, *, causal=False, seq_lens=None, beta, n_steps=DEFAULT_STEPS):
+def torch_reference(q, k, v, *, causal=False, seq_lens=None, beta, n_steps=DEFAULT_STEPS, slopes=None):
     """The definition: q [B, T, Hq, D], k/v [B, T, Hkv, D], beta [Hq] > 0 -> [B, T, Hq, D]."""
     scale = beta.to(q.dtype).view(1, 1, -1, 1)
 
     def attend(state, keys, values):
-        return reference.attention(state * scale, keys, values, causal=causal, seq_lens=seq_lens, scale=1.0)
+        return reference.attention(state * scale, keys, values, causal=causal, seq_lens=seq_lens, slopes=slopes, scale=1.0)
 
     return _steps(attend, q, k, v, n_steps)
 
 
-def sdpa_steps(q, k, v, *, causal=False, seq_lens=None, beta, n_steps=DEFAULT_STEPS):
+def sdpa_steps(q, k, v, *, causal=False, seq_lens=None, beta, n_steps=DEFAULT_STEPS, slopes=None):
     """One F.scaled_dot_product_attention call per step; beta enters by rescaling the state
     (SDPA divides by sqrt(D) itself)."""
     scale = (beta * math.sqrt(q.shape[-1])).to(q.dtype).view(1, 1, -1, 1)
 
     def attend(state, keys, values):
-        return peers.sdpa(state * scale, keys, values, causal=causal, seq_lens=seq_lens)
+        return peers.sdpa(state * scale, keys, values, causal=causal, seq_lens=seq_lens, slopes=slopes)
 
     return _steps(attend, q, k, v, n_steps)
 
@@ -75,7 +77,7 @@ def hopfield_options(cfg: LayerConfig) -> dict:
     n_steps = int(cfg.options.get("n_steps", DEFAULT_STEPS))
     if n_steps <= 0:
         raise ValueError(f"hopfield n_steps must be positive, not {n_steps}")
-    return {"n_steps": n_steps}
+    return {"n_steps": n_steps, **positions.alibi_option(cfg)}
 
 
 def hopfield_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
@@ -99,6 +101,5 @@ MECHANISM = Mechanism(
     layer=lambda cfg: HopfieldAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=hopfield_flops,
-    position="absolute",
     params={"n_steps": (DEFAULT_STEPS, "update steps: n_steps - 1 retrievals from the keys, then one from the values")},
 )

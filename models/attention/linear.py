@@ -4,7 +4,8 @@ feature map phi(x) = elu(x) + 1 on queries and keys, normalised:
     o_i = sum_j phi(q_i) . phi(k_j) v_j / (sum_j phi(q_i) . phi(k_j) + 1e-6)     (causal: j <= i)
 
 Bidirectional by one K^T V state, causal by chunked prefix sums (models/feature_attention.py).
-No softmax, no position information: the model adds absolute positions.
+No softmax, no position information: the model adds absolute positions (or the layer
+rotates q and k by RoPE before the feature map); no scores, so no ALiBi.
 """
 
 from __future__ import annotations
@@ -93,6 +94,6 @@ MECHANISM = Mechanism(
     layer=qkv_layer(linear_options, IMPLS),
     impls=IMPLS,
     flops=linear_flops,
-    position="absolute",
+    refuses={"alibi": "linear attention has no score matrix to bias (ALiBi needs scores before a softmax)"},
     params={"chunk": (DEFAULT_CHUNK, "tokens per chunk of the causal prefix-sum form")},
 )

@@ -17,6 +17,11 @@ compresses blocks of 32 with stride 16 and selects blocks of 64) and mean poolin
 paper's learned MLP. Causal only; key padding: see models/causal_padding.py. Kernel level
 (``attend`` without gates, see models/token_conditioned.py): every gate 1/2.
 
+Positions come from the model, or from the layer: RoPE rotates q and k before the core (so
+the compressed keys are means of rotated keys); ALiBi (``slopes`` [Hq]) biases the scores of
+every branch, a compressed key sitting at the centre of its block (the bias also steers the
+selection, which reads the compressed branch's probabilities).
+
 Impls: the definition (each branch a masked softmax over all T keys, [B, H, T, T] masks);
 ``chunked``: query chunks that gather only their selected blocks ([chunk, topn * block]
 scores) and their window band, recomputed in the backward pass; ``fla``: parallel_nsa for the
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from attnbench.models import positions
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.fla import fla_missing
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
@@ -76,15 +82,28 @@ def _select_blocks(probs: torch.Tensor, pos_q: torch.Tensor, n_blocks: int, bloc
     return index, allowed
 
 
-def _compressed_probs(q, k_cmp, pos_q, block, scale):
+def _with_alibi(scores: torch.Tensor, slopes: torch.Tensor | None, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+    """scores [B, Hkv, G, C, J] of queries at pos_q [C] and keys at pos_k [J] (or [B, Hkv, C, J])
+    plus ALiBi's -slope * |pos_q - pos_k| for slopes [Hq] (query head h = kv head * G + g)."""
+    if slopes is None:
+        return scores
+    hkv, group = scores.shape[1:3]
+    distance = (pos_q[:, None] - pos_k).abs().to(scores.dtype)  # (C, J) or (B, Hkv, C, J)
+    if distance.dim() == 4:
+        distance = distance[:, :, None]
+    return scores - slopes.to(scores.dtype).view(hkv, group, 1, 1) * distance
+
+
+def _compressed_probs(q, k_cmp, pos_q, block, scale, slopes=None):
     """q [B, C, Hkv, G, D] at pos_q [C], k_cmp [B, N_cmp, Hkv, D] -> probs [B, Hkv, G, C, N_cmp]."""
     scores = torch.einsum("bcngd,bmnd->bngcm", q, k_cmp) * scale
     ends = (torch.arange(k_cmp.shape[1], device=q.device) + 1) * block - 1
+    scores = _with_alibi(scores, slopes, pos_q, ends - (block - 1) / 2)  # a block's mean sits at its centre
     return _softmax_rows(scores, (ends[None, :] <= pos_q[:, None]))
 
 
 def torch_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
-                    window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK):
+                    window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK, slopes=None):
     """The definition: q [B, T, Hq, D], k/v [B, T, Hkv, D], gates [B, T, Hq, 3] (cmp, slc, swa)
     -> [B, T, Hq, D]; each branch a masked softmax over all keys."""
     b, t, hq, d = q.shape
@@ -94,7 +113,7 @@ def torch_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DE
     position = torch.arange(t, device=q.device)
     grouped = q.view(b, t, hkv, group, d)
     k_cmp, v_cmp = compress(k, block), compress(v, block)
-    probs = _compressed_probs(grouped, k_cmp, position, block, scale)  # (B, Hkv, G, T, N_cmp)
+    probs = _compressed_probs(grouped, k_cmp, position, block, scale, slopes)  # (B, Hkv, G, T, N_cmp)
     o_cmp = torch.einsum("bngtm,bmnd->btngd", probs.to(v.dtype), v_cmp)
     index, allowed = _select_blocks(probs, position, -(-t // block), block, topn)  # (B, Hkv, T, n)
     chosen = torch.zeros(b, hkv, t, -(-t // block), dtype=torch.bool, device=q.device)
@@ -102,7 +121,7 @@ def torch_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DE
     causal_mask = position[None, :] <= position[:, None]  # (T, T)
     selected = chosen.repeat_interleave(block, dim=-1)[..., :t] & causal_mask  # (B, Hkv, T, T)
     sliding = causal_mask & (position[None, :] > position[:, None] - window)
-    scores = torch.einsum("btngd,bsnd->bngts", grouped, k) * scale  # (B, Hkv, G, T, T)
+    scores = _with_alibi(torch.einsum("btngd,bsnd->bngts", grouped, k) * scale, slopes, position, position)  # (B, Hkv, G, T, T)
     o_slc = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, selected[:, :, None]).to(v.dtype), v)
     o_swa = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, sliding).to(v.dtype), v)
     branches = torch.stack([o_cmp, o_slc, o_swa], dim=-1).reshape(b, t, hq, d, 3)
@@ -122,32 +141,32 @@ def _gather_blocks(x: torch.Tensor, index: torch.Tensor, block: int) -> torch.Te
     return rows.index_select(0, (first + index).flatten()).view(*index.shape, block, d)
 
 
-def _chunk_attention(q, k, v, k_cmp, v_cmp, start: int, block: int, topn: int, window: int):
+def _chunk_attention(q, k, v, k_cmp, v_cmp, start: int, block: int, topn: int, window: int, slopes):
     """One query chunk: q [B, C, Hkv, G, D] at positions start.., k/v [B, T, Hkv, D], compressed
-    k/v [B, N_cmp, Hkv, D] -> the three branches [B, C, Hkv, G, D, 3]."""
+    k/v [B, N_cmp, Hkv, D], ALiBi slopes [Hq] or None -> the three branches [B, C, Hkv, G, D, 3]."""
     b, c, hkv, group, d = q.shape
     t, scale = k.shape[1], d**-0.5
     pos_q = torch.arange(start, start + c, device=q.device)
-    probs = _compressed_probs(q, k_cmp, pos_q, block, scale)
+    probs = _compressed_probs(q, k_cmp, pos_q, block, scale, slopes)
     o_cmp = torch.einsum("bngcm,bmnd->bcngd", probs.to(v.dtype), v_cmp)
     # selected: gather topn blocks of keys per query, [C, topn * block] scores
     index, allowed = _select_blocks(probs, pos_q, -(-t // block), block, topn)  # (B, Hkv, C, n)
     pos_k = (index[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)  # (B, Hkv, C, n * block)
     visible = allowed.repeat_interleave(block, dim=-1) & (pos_k <= pos_q[:, None])  # <= t also keeps pos_k < T
     k_sel, v_sel = (_gather_blocks(x, index, block).view(b, hkv, c, -1, d) for x in (k, v))
-    scores = torch.einsum("bcngd,bncjd->bngcj", q, k_sel) * scale
+    scores = _with_alibi(torch.einsum("bcngd,bncjd->bngcj", q, k_sel) * scale, slopes, pos_q, pos_k)
     o_slc = torch.einsum("bngcj,bncjd->bcngd", _softmax_rows(scores, visible[:, :, None]).to(v.dtype), v_sel)
     # sliding: the band of keys [start - window + 1, start + c)
     first = max(0, start - window + 1)
     band = torch.arange(first, start + c, device=q.device)
-    scores = torch.einsum("bcngd,bsnd->bngcs", q, k[:, first : start + c]) * scale
+    scores = _with_alibi(torch.einsum("bcngd,bsnd->bngcs", q, k[:, first : start + c]) * scale, slopes, pos_q, band)
     in_window = (band[None, :] <= pos_q[:, None]) & (band[None, :] > pos_q[:, None] - window)
     o_swa = torch.einsum("bngcs,bsnd->bcngd", _softmax_rows(scores, in_window).to(v.dtype), v[:, first : start + c])
     return torch.stack([o_cmp, o_slc, o_swa], dim=-1)
 
 
 def chunked(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
-            window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK):
+            window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK, slopes=None):
     """Query chunks of ``chunk`` rows, each checkpointed under autograd: memory
     O(chunk * (T / block + topn * block + window)) per head; same arguments and result as the definition."""
     b, t, hq, d = q.shape
@@ -158,7 +177,7 @@ def chunked(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BL
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     outputs = []
     for start in range(0, t, chunk):
-        args = (grouped[:, start : start + chunk], k, v, k_cmp, v_cmp, start, block, topn, window)
+        args = (grouped[:, start : start + chunk], k, v, k_cmp, v_cmp, start, block, topn, window, slopes)
         outputs.append(checkpoint(_chunk_attention, *args, use_reentrant=False) if recompute else _chunk_attention(*args))
     branches = torch.cat(outputs, dim=1).reshape(b, t, hq, d, 3)
     o = (branches * gates[:, :, :, None].to(branches.dtype)).sum(-1)
@@ -166,13 +185,15 @@ def chunked(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BL
 
 
 def fla_parallel(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
-                 window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK):
+                 window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK, slopes=None):
     """fla's parallel_nsa (compressed + selected, Triton) plus the sliding branch by our Triton
     flash kernel (left window - 1 keys and the query's own)."""
     from fla.ops.nsa import parallel_nsa
 
     from attnbench.kernels.flash import flash_attention
 
+    if slopes is not None:
+        raise ValueError("fla's parallel_nsa takes no ALiBi bias")
     gates = _default_gates(q, gates)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g_cmp, g_slc, g_swa = (g.contiguous() for g in gates.to(q.dtype).unbind(-1))
@@ -182,6 +203,8 @@ def fla_parallel(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAU
 
 
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
+    if cfg.positions == "alibi":
+        return "fla's parallel_nsa takes no ALiBi bias"
     group = cfg.heads // cfg.kv_heads
     if group < 16 or group & (group - 1):
         return f"fla's parallel_nsa needs Hq / Hkv a power of two >= 16, not {group}"
@@ -208,7 +231,7 @@ def nsa_options(cfg: LayerConfig) -> dict:
     for name, value in options.items():
         if value <= 0:
             raise ValueError(f"nsa option {name} must be positive, not {value}")
-    return options
+    return {**options, **positions.alibi_option(cfg)}
 
 
 def nsa_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
@@ -244,7 +267,6 @@ MECHANISM = Mechanism(
     layer=lambda cfg: NSAAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=nsa_flops,
-    position="absolute",
     bidirectional=False,
     params=PARAMS,
 )

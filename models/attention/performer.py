@@ -140,7 +140,7 @@ MECHANISM = Mechanism(
     layer=lambda cfg: PerformerAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=performer_flops,
-    position="absolute",
+    refuses={"alibi": "performer's random-feature attention has no score matrix to bias (ALiBi needs scores before a softmax)"},
     params={
         "features": (DEFAULT_FEATURES, "random features M (approximation error falls as M grows)"),
         "redraw_every": (DEFAULT_REDRAW_EVERY, "redraw the random features every N training steps (0 = never)"),

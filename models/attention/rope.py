@@ -1,25 +1,24 @@
 """rope: softmax attention with rotary position embeddings (Su et al. 2021), rotate-half
-convention; our impl rotates q and k in one Triton pass before its kernels, and its backward
+convention: standard with the rope position scheme (the name stays for the command lines that
+use it). Our impl rotates q and k in one Triton pass before its kernels, and its backward
 kernels rotate dq and dk back in their epilogues (kernels/flash_rope.py); the peers rotate in torch."""
 
+import functools
+
+from attnbench.models import positions
 from attnbench.models.flops import softmax_flops
-from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.softmax import softmax_impls, window_option
-
-DEFAULT_THETA = 10000.0
-
-
-def rope_options(cfg: LayerConfig) -> dict:
-    return {"theta": float(cfg.options.get("theta", DEFAULT_THETA)), "offset": 0, **window_option(cfg)}
-
+from attnbench.models.softmax import softmax_impls, softmax_options
 
 MECHANISM = Mechanism(
     name="rope",
     description="softmax attention with rotary position embeddings (rotate-half)",
     family="exact",
-    layer=qkv_layer(rope_options, softmax_impls()),
-    impls=softmax_impls(),
+    layer=qkv_layer(functools.partial(softmax_options, natural="rope"), softmax_impls(natural="rope")),
+    impls=softmax_impls(natural="rope"),
     flops=softmax_flops,
-    params={"theta": (DEFAULT_THETA, "RoPE base: angle of pair i is pos * theta^(-2i/D)")},
+    position="rope",
+    refuses=positions.standard_with("rope"),
+    params=positions.PARAMS["rope"],
 )

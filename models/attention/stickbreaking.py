@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from attnbench.models import positions
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.fla import fla_missing
 from attnbench.models.flops import visible_pairs
@@ -138,6 +139,7 @@ MECHANISM = Mechanism(
     impls=IMPLS,
     flops=stickbreaking_flops,
     position="inside",
+    refuses=positions.own_scheme_only("stickbreaking encodes positions itself (nearer keys break the stick first)"),
     bidirectional=False,
     params={
         "attend_current": (False, "a query also attends to its own key (the stick starts there)"),

@@ -6,7 +6,9 @@ The score computation is still quadratic (T x S dot products), so this saves no 
 dense attention in the Q K^T half; what it changes is which keys carry weight. The efficient
 form runs query chunks of ``chunk`` rows, so it holds at most [B, H, chunk, S] scores at a
 time, and under autograd recomputes each chunk in the backward pass instead of keeping all
-scores: memory O(chunk * S), not O(T * S). Positions come from the model.
+scores: memory O(chunk * S), not O(T * S). Positions come from the model, or from the layer:
+RoPE rotates q and k before the core; ALiBi (``slopes`` [Hq]) biases the scores before the
+selection, so it decides which keys are kept as well as their weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from attnbench.kernels import reference
+from attnbench.models import positions
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 
@@ -22,7 +25,7 @@ DEFAULT_TOPK = 64
 DEFAULT_CHUNK = 128
 
 
-def torch_reference(q, k, v, *, causal=False, seq_lens=None, topk=DEFAULT_TOPK, chunk=DEFAULT_CHUNK):
+def torch_reference(q, k, v, *, causal=False, seq_lens=None, topk=DEFAULT_TOPK, chunk=DEFAULT_CHUNK, slopes=None):
     """The definition: all scores [B, H, T, S], top-k per row, softmax over the kept scores,
     weighted sum of the gathered values; q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D]."""
     b, t, hq, d = q.shape
@@ -30,6 +33,9 @@ def torch_reference(q, k, v, *, causal=False, seq_lens=None, topk=DEFAULT_TOPK, 
     k = k.repeat_interleave(hq // k.shape[2], dim=2)
     v = v.repeat_interleave(hq // v.shape[2], dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q, k) * d**-0.5
+    if slopes is not None:
+        pos_k = torch.arange(s, device=q.device)
+        scores = scores + positions.alibi_bias(slopes, pos_k[s - t :], pos_k, scores.dtype)
     mask = reference.visible(t, s, causal=causal, seq_lens=seq_lens, device=q.device)
     kept, index = scores.masked_fill(~mask, float("-inf")).topk(min(topk, s), dim=-1)  # (B, H, T, k)
     upcast = torch.promote_types(scores.dtype, torch.float32)
@@ -39,11 +45,15 @@ def torch_reference(q, k, v, *, causal=False, seq_lens=None, topk=DEFAULT_TOPK, 
     return torch.einsum("bhtk,bhtkd->bthd", probs, gathered)
 
 
-def _chunk_attention(q, k, v, visible, topk: int):
-    """One query chunk, grouped heads: q [B, C, Hkv, G, D], k/v [B, S, Hkv, D], visible
-    [B|1, 1, C, S] -> [B, C, Hkv, G, D]. Kept probabilities scattered into a dense [C, S]
-    row block so that P V is one matmul."""
+def _chunk_attention(q, k, v, visible, topk: int, slopes, pos_q):
+    """One query chunk, grouped heads: q [B, C, Hkv, G, D] at positions pos_q [C], k/v
+    [B, S, Hkv, D], visible [B|1, 1, C, S], ALiBi slopes [Hq] or None -> [B, C, Hkv, G, D].
+    Kept probabilities scattered into a dense [C, S] row block so that P V is one matmul."""
+    c, hkv, group = q.shape[1:4]
     scores = torch.einsum("bcngd,bsnd->bngcs", q, k) * q.shape[-1] ** -0.5  # (B, Hkv, G, C, S)
+    if slopes is not None:
+        bias = positions.alibi_bias(slopes, pos_q, torch.arange(k.shape[1], device=q.device), scores.dtype)
+        scores = scores + bias.view(hkv, group, c, -1)
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
     index = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
     keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
@@ -52,7 +62,7 @@ def _chunk_attention(q, k, v, visible, topk: int):
     return torch.einsum("bngcs,bsnd->bcngd", probs.to(v.dtype), v)
 
 
-def chunked(q, k, v, *, causal=False, seq_lens=None, topk=DEFAULT_TOPK, chunk=DEFAULT_CHUNK):
+def chunked(q, k, v, *, causal=False, seq_lens=None, topk=DEFAULT_TOPK, chunk=DEFAULT_CHUNK, slopes=None):
     """Query chunks of ``chunk`` rows, heads grouped (no k/v copies for GQA), each chunk
     checkpointed under autograd; same arguments and result as the definition."""
     b, t, hq, d = q.shape
@@ -63,7 +73,8 @@ def chunked(q, k, v, *, causal=False, seq_lens=None, topk=DEFAULT_TOPK, chunk=DE
     outputs = []
     for start in range(0, t, chunk):
         rows = slice(start, start + chunk)
-        args = (grouped[:, rows], k, v, visible[:, :, rows], topk)
+        pos_q = torch.arange(start, min(start + chunk, t), device=q.device) + (s - t)
+        args = (grouped[:, rows], k, v, visible[:, :, rows], topk, slopes, pos_q)
         outputs.append(checkpoint(_chunk_attention, *args, use_reentrant=False) if recompute else _chunk_attention(*args))
     return torch.cat(outputs, dim=1).reshape(b, t, hq, d)
 
@@ -73,7 +84,7 @@ def topk_options(cfg: LayerConfig) -> dict:
     for name, value in options.items():
         if value <= 0:
             raise ValueError(f"topk option {name} must be positive, not {value}")
-    return options
+    return {**options, **positions.alibi_option(cfg)}
 
 
 def topk_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
@@ -102,7 +113,6 @@ MECHANISM = Mechanism(
     layer=qkv_layer(topk_options, IMPLS),
     impls=IMPLS,
     flops=topk_flops,
-    position="absolute",
     params={
         "topk": (DEFAULT_TOPK, "keys kept per query (all visible keys when fewer)"),
         "chunk": (DEFAULT_CHUNK, "queries per chunk of the efficient form (memory O(chunk * T))"),

@@ -1,16 +1,18 @@
 """window: sliding-window softmax attention (Longformer/Mistral style). Causal: each query
 sees the w keys before it and itself; bidirectional: w on each side. Whole tiles outside
-the window are skipped, so the cost is O(T * w)."""
+the window are skipped, so the cost is O(T * w). Every position scheme composes with it: the
+window's band and RoPE or ALiBi are fused alike (models/softmax.py)."""
 
 import dataclasses
 
 import torch
 
+from attnbench.models import positions
 from attnbench.models.fla import fla_missing
 from attnbench.models.flops import softmax_flops
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
-from attnbench.models.softmax import softmax_impls, window_option
+from attnbench.models.softmax import softmax_impls, softmax_options
 
 DEFAULT_WINDOW = 1024
 
@@ -18,23 +20,27 @@ DEFAULT_WINDOW = 1024
 def sliding_options(cfg: LayerConfig) -> dict:
     if cfg.window is None:
         cfg = dataclasses.replace(cfg, window=DEFAULT_WINDOW)
-    return window_option(cfg)
+    return softmax_options(cfg)
 
 
-def fla_parallel(q, k, v, *, causal: bool, seq_lens=None, window=None, **_) -> torch.Tensor:
+def fla_parallel(q, k, v, *, causal: bool, seq_lens=None, window=None, slopes=None, theta=None, offset=0) -> torch.Tensor:
     """flash-linear-attention's parallel_attn with its sliding window: q [B, T, Hq, D],
     k/v [B, T, Hkv, D] -> [B, T, Hq, D]. fla's window_size counts the query's own key, ours
-    does not: window (w, 0) is window_size w + 1."""
+    does not: window (w, 0) is window_size w + 1. RoPE rotates q and k in torch first."""
     from fla.ops.attn import parallel_attn
 
-    if not causal or window is None or window[1] != 0 or seq_lens is not None:
-        raise ValueError("fla's parallel_attn takes a causal left window without key padding")
+    if not causal or window is None or window[1] != 0 or seq_lens is not None or slopes is not None:
+        raise ValueError("fla's parallel_attn takes a causal left window without key padding or ALiBi")
+    if theta is not None:
+        q, k = positions.rotate_qk(q, k, theta, offset)
     return parallel_attn(q, k, v, window_size=window[0] + 1)
 
 
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
     if not cfg.causal:
         return "fla's parallel_attn is causal only"
+    if cfg.positions == "alibi":
+        return "fla's parallel_attn takes no ALiBi bias"
     if dtype not in (torch.float16, torch.bfloat16):
         return "fla's parallel_attn runs fp16 or bf16"
     return None
@@ -53,6 +59,5 @@ MECHANISM = Mechanism(
     layer=qkv_layer(sliding_options, IMPLS),
     impls=IMPLS,
     flops=softmax_flops,
-    position="absolute",
     params={"window": (DEFAULT_WINDOW, "keys visible on each side (left only when causal); --window sets it")},
 )

@@ -381,7 +381,7 @@ def test_the_eta_shows_from_the_first_step_at_the_bars_own_pace():
 
 
 def test_a_mechanism_with_its_own_positions_is_not_recorded_with_learned_ones():
-    assert build_model("tiny", "rope", task="clm").cfg.positions == "inside"
+    assert build_model("tiny", "rope", task="clm").cfg.positions == "rope"
     assert build_model("tiny", "standard", task="clm").cfg.positions == "learned"
 
 

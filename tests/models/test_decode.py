@@ -128,11 +128,16 @@ def test_softmax_step_equals_last_rows_of_the_causal_forward(name):
     assert_close(o, expected, name)
 
 
-@pytest.mark.parametrize("mechanism", ["standard", "window", "alibi", "rope"])
-def test_a_causal_layers_own_options_give_its_core_s_last_rows(mechanism):
-    """The options a causal GQA layer passes its core (registry, LayerConfig), through
-    decode.step_options, make the step equal the layer's attend on the whole sequences."""
-    cfg = registry.LayerConfig(dim=64, heads=4, kv_heads=2, causal=True, window=6 if mechanism == "window" else None)
+@pytest.mark.parametrize("mechanism, positions", [
+    ("standard", None), ("window", None), ("alibi", None), ("rope", None),
+    ("window", "rope"), ("window", "alibi"), ("standard", "rope"),
+])
+def test_a_causal_layers_own_options_give_its_core_s_last_rows(mechanism, positions):
+    """The options a causal GQA layer passes its core (registry, LayerConfig, with a position
+    scheme of its own or one asked for), through decode.step_options, make the step equal the
+    layer's attend on the whole sequences."""
+    window = 6 if mechanism == "window" else None
+    cfg = registry.LayerConfig(dim=64, heads=4, kv_heads=2, causal=True, window=window, positions=positions)
     layer = registry.build_layer(mechanism, cfg).double()
     case = SoftmaxCase(lengths=(29, 29), new=2, heads=4, kv_heads=2, head_dim=16)
     q, k, v = case.inputs(torch.Generator().manual_seed(3))
