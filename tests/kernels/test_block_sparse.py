@@ -1,4 +1,4 @@
-"""Block-sparse flash attention (kernels/block_sparse.py) against kernels/reference.py with the
+"""Block-sparse flash attention (kernels/block_sparse.py, masks: kernels/block_mask.py) against kernels/reference.py with the
 equivalent token mask: forward output and dq, dk, dv, with bench/tolerance.py's rule.
 
 Under TRITON_INTERPRET=1 mask blocks are 32 tokens and the kernels' tiles 32 x 16 (forward, dq)
@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from attnbench.kernels import flash, flash_bwd, flash_fwd, reference
-from attnbench.kernels.block_sparse import (
-    BlockLists,
-    block_lists,
-    block_pairs,
-    block_sparse_attention,
-    block_sparse_flops,
-    expand_blocks,
-)
+from attnbench.kernels.block_mask import BlockLists, block_lists, block_pairs, block_sparse_flops, expand_blocks
+from attnbench.kernels.block_sparse import block_sparse_attention
 from attnbench.kernels.flash import flash_attention
 from attnbench.kernels.flash_launch import SPARSE_TILE
 from attnbench.kernels.reference import attention, visible
