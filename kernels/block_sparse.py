@@ -1,15 +1,9 @@
 """Block-sparse flash attention: the flash kernels (kernels/flash_fwd.py, kernels/flash_bwd.py)
 visiting only listed blocks, FlexAttention's BlockMask shape of the problem.
 
-The sequence is cut into blocks of ``block`` tokens (the last ones may be partial): query block i
-holds rows [i * block, (i + 1) * block), key block j keys [j * block, (j + 1) * block). A block
-mask bool [B, H, Tq_blocks, S_blocks] (H = Hq or 1, B or 1) says which key blocks each query
-block attends to; ``block_lists`` turns it into the lists the kernels loop over:
-
-    kv_num [B, H, Tq_blocks], kv_idx [B, H, Tq_blocks, S_blocks]: the key blocks each query
-        block visits (the first kv_num of each row), for the forward and dq;
-    q_num [B, H, S_blocks], q_idx [B, H, S_blocks, Tq_blocks]: the query blocks that visit
-        each key block (the transposed lists), for dk/dv.
+Blocks, block masks and their lists (kv_num/kv_idx for the forward and dq, the transposed
+q_num/q_idx for dk/dv) are kernels/block_mask.py's; the lists ride on the FlashProblem
+(sparse_block > 0), so the autograd Function and the launches are the dense kernel's.
 
 Inside a listed block the flash options still hold (causal, windows, padding, ALiBi, RoPE): a
 listed block past the diagonal costs nothing; a block not listed is never loaded; a row that

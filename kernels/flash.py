@@ -1,7 +1,8 @@
 """Triton flash attention for the exact-softmax family: standard, causal, key padding,
 GQA/MQA, sliding windows, ALiBi and RoPE in one skeleton (forward: kernels/flash_fwd.py,
 backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py, launching:
-kernels/flash_launch.py, RoPE's rotation passes: kernels/flash_rope.py).
+kernels/flash_launch.py, RoPE's rotation passes: kernels/flash_rope.py); the same kernels
+visit listed blocks only for kernels/block_sparse.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnbench.kernels import flash, flash_bwd, flash_fwd, reference
 from attnbench.kernels.block_mask import BlockLists, block_lists, block_pairs, block_sparse_flops, expand_blocks
@@ -132,6 +134,21 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_with_the_same_mask(name):
     assert_matches_reference(CASES[name], _inputs(CASES[name]))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)  # the same draws in every CI run
+@given(
+    t=st.integers(1, 100),
+    s=st.integers(1, 100),
+    group=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    head_dim=st.sampled_from([16, 48]),
+    causal=st.booleans(),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_and_masks(t, s, group, head_dim, causal, density, seed):
+    case = Case(t=t, s=s, heads=group[0], kv_heads=group[1], head_dim=head_dim, density=density, options={"causal": causal})
+    assert_matches_reference(case, _inputs(case, seed))
 
 
 def test_empty_lists_for_some_rows_give_zeros_there():
