@@ -138,3 +138,25 @@ def test_triton_impl_runs_the_block_sparse_kernel_on_hard_gates():
     out = learned.triton_block_sparse(q.float(), k.float(), v.float(), gates=soft, block=block)
     out.sum().backward()
     assert soft.grad is not None and soft.grad.abs().sum() > 0
+
+
+@pytest.mark.cuda
+def test_triton_layer_at_evaluation_equals_the_torch_layer():
+    """Heads open and closed by their bias (gates that no precision flips): the bf16 triton layer
+    against the float64 torch layer, within 2x the bf16 torch layer's error."""
+    torch.manual_seed(0)
+    cfg = dict(dim=256, heads=4, kv_heads=2, causal=True, options={"block": 64})
+    ours = registry.build_layer("learned", LayerConfig(**cfg, impl="triton")).cuda().bfloat16().eval()
+    plain = registry.build_layer("learned", LayerConfig(**cfg, impl="torch")).cuda().eval()
+    with torch.no_grad():
+        ours.scorer.bias.copy_(torch.tensor([100.0, -100.0, 100.0, -100.0]))
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 1000, 256, device="cuda")
+    with torch.no_grad():
+        got = ours(x.bfloat16())
+        exact = plain.double()(x.double())
+        low = plain.bfloat16()(x.bfloat16())
+    n = -(-1000 // 64)
+    assert torch.allclose(ours.density().cpu(), torch.tensor([1.0, 2 / (n + 1), 1.0, 2 / (n + 1)]))
+    bound = error_bound((low.double() - exact).abs().max().item(), exact.abs().max().item(), torch.bfloat16)
+    assert (got.double() - exact).abs().max().item() <= bound
