@@ -1,7 +1,8 @@
 """Triton flash attention for the exact-softmax family: standard, causal, key padding,
 GQA/MQA, sliding windows, ALiBi and RoPE in one skeleton (forward: kernels/flash_fwd.py,
 backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py, launching:
-kernels/flash_launch.py, RoPE's rotation passes: kernels/flash_rope.py).
+kernels/flash_launch.py, RoPE's rotation passes: kernels/flash_rope.py); the same kernels
+visit listed blocks only for kernels/block_sparse.py.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _rope_tables(length: int, head_dim: int, theta: float, offset: int, device: 
     return cos.contiguous(), sin.contiguous()
 
 
-def _check(q, k, v, seq_lens, window, slopes, theta, scale) -> None:
+def check_inputs(q, k, v, seq_lens, window, slopes, theta, scale) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, S, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     (b, _, hq, d), (bk, _, hkv, dk) = q.shape, k.shape
@@ -161,7 +162,7 @@ def flash_attention(
         queries at offset + S - T + i, keys at offset + j.
     scale: of q.k, > 0 (default D^-0.5).
     """
-    _check(q, k, v, seq_lens, window, slopes, theta, scale)
+    check_inputs(q, k, v, seq_lens, window, slopes, theta, scale)
     problem = flash_problem(
         q, k, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes, theta=theta, offset=offset, scale=scale
     )
@@ -177,5 +178,5 @@ def flash_attention_packed(qkv: torch.Tensor, heads: int, **options) -> torch.Te
         raise ValueError(f"expected qkv [B, T, Hq + 2 Hkv, D] with Hq = {heads}; got {tuple(qkv.shape)}")
     split = (heads, kv_heads, kv_heads)
     q, k, v = qkv.split(split, dim=2)
-    _check(q, k, v, options.get("seq_lens"), options.get("window"), options.get("slopes"), options.get("theta"), options.get("scale"))
+    check_inputs(q, k, v, options.get("seq_lens"), options.get("window"), options.get("slopes"), options.get("theta"), options.get("scale"))
     return FlashAttention.apply(flash_problem(q, k, **options), split, qkv)

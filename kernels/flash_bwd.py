@@ -58,6 +58,33 @@ def _dkdv_query_loop(
     return dk, dv
 
 
+@triton.jit
+def _dkdv_query_range(
+    dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    start, stop, lo, full_lo, full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
+):
+    """Query rows [start, stop) (start a multiple of BLOCK_M) of a key tile whose query range is
+    flash_tiles.query_blocks' (lo, full_lo, full_hi, hi): masked, unmasked, masked, each clipped."""
+    dk, dv = _dkdv_query_loop(
+        dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+        tl.maximum(start, lo), tl.minimum(stop, full_lo), T, S, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
+    )
+    dk, dv = _dkdv_query_loop(
+        dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+        tl.maximum(start, full_lo), tl.minimum(stop, full_hi), T, S, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_M, TMA,
+    )
+    dk, dv = _dkdv_query_loop(
+        dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+        tl.maximum(start, full_hi), tl.minimum(stop, hi), T, S, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
+    )
+    return dk, dv
+
+
 @flash_autotune(
     {
         # the fastest at D=64 causal, T 1k and 4k: 235 registers capped at 168, three programs per SM
@@ -73,7 +100,7 @@ def _dkdv_query_loop(
 )
 @triton.jit
 def flash_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN, Q_NUM, Q_IDX,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -82,11 +109,13 @@ def flash_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     T, S, HQ, HKV, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
     that share kv head; k and v stay in registers for the whole loop. ROPE: q and k came rotated
-    (kernels/flash_rope.py), and dk is rotated back by COS, SIN [S, D/2] before it is stored."""
+    (kernels/flash_rope.py), and dk is rotated back by COS, SIN [S, D/2] before it is stored.
+    SPARSE_BLOCK > 0: each q head visits only the query blocks Q_NUM, Q_IDX list (FlashProblem)."""
     bh = tl.program_id(1)
     b = bh // HKV
     kv_h = bh % HKV
@@ -112,21 +141,21 @@ def flash_dkdv_kernel(
         DO_h = tile_source(DO_h, T, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         LSE_h = vector_source(LSE + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
         DELTA_h = vector_source(DELTA + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
-        dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            lo, full_lo, T, S, kv_len, left, right, scale_log2, alibi,
-            HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
-        )
-        dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            full_lo, full_hi, T, S, kv_len, left, right, scale_log2, alibi,
-            HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_M, TMA,
-        )
-        dk, dv = _dkdv_query_loop(
-            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-            full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
-            HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
-        )
+        if SPARSE_BLOCK:  # only the query blocks listed as visiting this tile's key block
+            row = (b * HQ + h).to(tl.int64) * tl.cdiv(S, SPARSE_BLOCK) + k_start // SPARSE_BLOCK
+            for n in range(tl.load(Q_NUM + row)):
+                q_block = tl.load(Q_IDX + row * tl.cdiv(T, SPARSE_BLOCK) + n) * SPARSE_BLOCK
+                dk, dv = _dkdv_query_range(
+                    dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+                    q_block, q_block + SPARSE_BLOCK, lo, full_lo, full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
+                    HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_M, TMA,
+                )
+        else:
+            dk, dv = _dkdv_query_range(
+                dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
+                lo, hi, lo, full_lo, full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
+                HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_M, TMA,
+            )
 
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + kv_h * stride_dvh
@@ -159,6 +188,32 @@ def _dq_key_loop(
     return dq
 
 
+@triton.jit
+def _dq_key_range(
+    dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    start, stop, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+):
+    """Keys [start, stop) of a query tile, split and clipped as flash_fwd._fwd_key_range's."""
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        tl.maximum(start, lo), tl.minimum(stop, full_lo), kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
+    )
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        tl.maximum(start, full_lo), tl.minimum(stop, full_hi), kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
+    )
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        tl.maximum(start, full_hi), tl.minimum(stop, hi), kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
+    )
+    return dq
+
+
 @flash_autotune(
     {
         # the two fastest at D=64 causal, T 1k and 4k, tiles through TMA (H200: results/reference-h200/tma/tiles.csv)
@@ -171,7 +226,7 @@ def _dq_key_loop(
 )
 @triton.jit
 def flash_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN,
+    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN, KV_NUM, KV_IDX,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -180,11 +235,12 @@ def flash_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     T, S, HQ, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 (LSE's row stride) =
     rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers.
-    ROPE: as flash_dkdv_kernel's, for dq (rows at positions row + S - T)."""
+    ROPE: as flash_dkdv_kernel's, for dq (rows at positions row + S - T). SPARSE_BLOCK: as the forward's."""
     block, bh, b, h, kv_h, kv_len, alibi = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     O += b.to(tl.int64) * stride_ob + h * stride_oh
@@ -206,21 +262,21 @@ def flash_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
-    dq = _dq_key_loop(
-        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        lo, full_lo, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    dq = _dq_key_loop(
-        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_lo, full_hi, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    dq = _dq_key_loop(
-        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_hi, hi, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
+    if SPARSE_BLOCK:  # the key blocks listed for this tile's query block, as in the forward
+        row = bh.to(tl.int64) * tl.cdiv(T, SPARSE_BLOCK) + q_start // SPARSE_BLOCK
+        for n in range(tl.load(KV_NUM + row)):
+            k_block = tl.load(KV_IDX + row * tl.cdiv(S, SPARSE_BLOCK) + n) * SPARSE_BLOCK
+            dq = _dq_key_range(
+                dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                k_block, k_block + SPARSE_BLOCK, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
+                HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
+            )
+    else:
+        dq = _dq_key_range(
+            dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+            lo, hi, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
+        )
     DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
     dq *= scale
     if ROPE:
@@ -240,12 +296,12 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torc
     extras = (*problem.tensors(q), *problem.rope_tables(q))
     scales = (problem.left, problem.right, problem.scale, problem.scale_log2)
     flash_dq_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * hq)](
-        q, k, v, o, do, dq, lse, delta, *extras,
+        q, k, v, o, do, dq, lse, delta, *extras, *problem.key_lists(q),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         t, s, hq, hq // hkv, lse.stride(1), *scales, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
     )
     flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
-        q, k, v, do, dk, dv, lse, delta, *extras,
+        q, k, v, do, dk, dv, lse, delta, *extras, *problem.query_lists(q),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         t, s, hq, hkv, hq // hkv, lse.stride(1), *scales, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
     )

@@ -50,6 +50,34 @@ def _fwd_key_loop(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _fwd_key_range(
+    acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    start, stop, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+):
+    """Keys [start, stop) (start a multiple of BLOCK_N) of a query tile whose key range is
+    flash_tiles.key_blocks' (lo, full_lo, full_hi, hi): the window's left edge, then tiles every
+    row sees in full (no mask), then the diagonal/right edge, each clipped to [start, stop)."""
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        tl.maximum(start, lo), tl.minimum(stop, full_lo), kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
+    )
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        tl.maximum(start, full_lo), tl.minimum(stop, full_hi), kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
+    )
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+        tl.maximum(start, full_hi), tl.minimum(stop, hi), kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
+    )
+    return acc, l_i, m_i
+
+
 @flash_autotune(
     {
         # the two fastest at D=64 causal, T 1k and 4k, tiles through TMA (H200: results/reference-h200/tma/tiles.csv)
@@ -62,18 +90,20 @@ def _fwd_key_loop(
 )
 @triton.jit
 def flash_fwd_kernel(
-    Q, K, V, O, LSE, SEQ_LENS, SLOPES,
+    Q, K, V, O, LSE, SEQ_LENS, SLOPES, KV_NUM, KV_IDX,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     T, S, HQ, GROUP, stride_stats, left, right, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
     LSE [B, Hq, T] float32 (row stride stride_stats) in log2 units of the scaled scores (+inf for a
-    row with no visible key)."""
+    row with no visible key). SPARSE_BLOCK > 0: block-sparse, visiting only the key blocks that
+    KV_NUM, KV_IDX list (FlashProblem); BLOCK_M and BLOCK_N divide SPARSE_BLOCK."""
     block, bh, b, h, kv_h, kv_len, alibi = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
@@ -89,22 +119,21 @@ def flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
-    # the window's left edge, then tiles every row sees in full (no mask), then the diagonal/right edge
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        lo, full_lo, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_lo, full_hi, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        full_hi, hi, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
+    if SPARSE_BLOCK:  # only the key blocks listed for this tile's query block, each clipped to [lo, hi)
+        row = bh.to(tl.int64) * tl.cdiv(T, SPARSE_BLOCK) + q_start // SPARSE_BLOCK
+        for n in range(tl.load(KV_NUM + row)):
+            k_block = tl.load(KV_IDX + row * tl.cdiv(S, SPARSE_BLOCK) + n) * SPARSE_BLOCK
+            acc, l_i, m_i = _fwd_key_range(
+                acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                k_block, k_block + SPARSE_BLOCK, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
+                HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
+            )
+    else:
+        acc, l_i, m_i = _fwd_key_range(
+            acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+            lo, hi, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
+        )
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -126,7 +155,7 @@ def flash_forward(q, k, v, problem: FlashProblem):
         return (blocks(t, meta["BLOCK_M"]), b * hq)
 
     flash_fwd_kernel[grid](
-        q, k, v, o, lse, *problem.tensors(q),
+        q, k, v, o, lse, *problem.tensors(q), *problem.key_lists(q),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         t, s, hq, hq // hkv, lse.stride(1), problem.left, problem.right, problem.scale_log2,
         TMA=use_tma(problem, k, v), **problem.launch_kwargs,

@@ -43,10 +43,23 @@ class FlashProblem:
     head_dim: int
     dtype: torch.dtype
     seq_bucket: int
+    sparse_block: int = 0
+    kv_num: torch.Tensor | None = None
+    kv_idx: torch.Tensor | None = None
+    q_num: torch.Tensor | None = None
+    q_idx: torch.Tensor | None = None
 
     def tensors(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """SEQ_LENS, SLOPES kernel arguments; absent ones are a never-read placeholder."""
         return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes))
+
+    def key_lists(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV_NUM, KV_IDX kernel arguments (placeholders when dense)."""
+        return (self.kv_num, self.kv_idx) if self.sparse_block else (placeholder, placeholder)
+
+    def query_lists(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q_NUM, Q_IDX kernel arguments (placeholders when dense)."""
+        return (self.q_num, self.q_idx) if self.sparse_block else (placeholder, placeholder)
 
     def rope_tables(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """COS, SIN kernel arguments (placeholders without RoPE)."""
@@ -91,12 +104,13 @@ class FlashProblem:
             "EDGES": self.edges,
             # tf32 would fail the fp32 error bound; fp16/bf16 inputs ignore this
             "PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
+            "SPARSE_BLOCK": self.sparse_block,
         }
 
     @functools.cached_property
     def rotation_kwargs(self) -> dict:
         """launch_kwargs without the masking constexprs, for RoPE's rotation pass (flash_rope)."""
-        return {name: value for name, value in self.launch_kwargs.items() if name not in ("CAUSAL", "ALIBI", "HAS_SEQ_LENS", "EDGES")}
+        return {name: value for name, value in self.launch_kwargs.items() if name not in ("CAUSAL", "ALIBI", "HAS_SEQ_LENS", "EDGES", "SPARSE_BLOCK")}
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -110,7 +124,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 # only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
 # `attnbench check`) take the first candidate and compile one config per kernel.
 TUNE_FROM_SEQ = 4096
-_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", "ROPE"]
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", "ROPE", "SPARSE_BLOCK"]
+
+# A block-sparse launch needs tiles that divide its mask's block (a tile never straddles two
+# blocks): candidates that do not are dropped, and this tile stands in when none is left, so a
+# block must be a multiple of SPARSE_TILE (the interpreter's and fp32's tiles are 32 or less).
+SPARSE_TILE = 32 if INTERPRET else 64
 
 # Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
 # (A/B timing: python3 -m attnbench.tile_sweep --loads pointer)
@@ -271,6 +290,10 @@ def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Con
         if args["PRECISION"] == "ieee":
             return [fp32]
         picks = candidates_for(by_head_dim, args["D_PAD"])
+        block = args.get("SPARSE_BLOCK", 0)
+        if block:
+            fits = [c for c in picks if block % c.kwargs["BLOCK_M"] == 0 and block % c.kwargs["BLOCK_N"] == 0]
+            picks = fits or [tile_config(SPARSE_TILE, SPARSE_TILE, 4 if args["D_PAD"] <= 64 else 8, 2)]
         return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
 
     every = [fp32] + [config for picks in by_head_dim.values() for config in picks]

@@ -93,10 +93,12 @@ def attention(
     window: tuple[int, int] | None = None,
     slopes: torch.Tensor | None = None,
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention by definition: o [B, T, Hq, D].
 
     slopes [Hq]: ALiBi bias -slope * |pos_q - pos_k| added to the scores.
+    mask bool [B or 1, Hq or 1, T, S]: keys a query may see, ANDed with the options' pattern.
     A query that sees no key gets zeros (not NaN).
     """
     b, t, hq, d = q.shape
@@ -110,8 +112,10 @@ def attention(
         pos_k = torch.arange(s, device=q.device)[None, :]
         distance = (pos_q - pos_k).abs().to(scores.dtype)  # (T, S)
         scores = scores - slopes.to(scores.dtype).view(1, hq, 1, 1) * distance
-    mask = visible(t, s, causal=causal, window=window, seq_lens=seq_lens, device=q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    seen = visible(t, s, causal=causal, window=window, seq_lens=seq_lens, device=q.device)
+    if mask is not None:
+        seen = seen & mask.to(q.device)
+    scores = scores.masked_fill(~seen, float("-inf"))
     upcast = torch.promote_types(scores.dtype, torch.float32)  # softmax in at least fp32, as kernels do
     probs = torch.softmax(scores.to(upcast), dim=-1).nan_to_num(0.0).to(q.dtype)  # all-masked rows -> 0
     return torch.einsum("bhts,bshd->bthd", probs, v)

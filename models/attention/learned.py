@@ -1,0 +1,206 @@
+"""learned: softmax attention over the key blocks a small learned scorer keeps, per head.
+
+The sequence is cut into blocks of ``block`` tokens. For query block i and key block j <= i
+(causal) the scorer gives a logit from the block means of the layer's own q and k (a low-rank
+bilinear form per head, plus a per-head bias):
+
+    logit[b, h, i, j] = (mean_i(q_h) U_h) . (mean_j(k_h) V_h) / sqrt(rank) + bias_h
+    p = sigmoid(logit),   gate = 1[p > 1/2]   (straight-through: forward hard, gradient of p)
+
+The diagonal block (and the first ``sinks`` key blocks) is always kept; blocks past the
+diagonal are never visited. The core is softmax attention weighted by the gates,
+
+    o_t = sum_s g(t, s) exp(s_ts) v_s / sum_s g(t, s) exp(s_ts)
+
+which with hard gates is exactly masked softmax over the kept blocks (so the block-sparse
+kernel computes it), and with all gates open is standard attention: the scorer's bias starts
+at OPEN_BIAS, so a student whose q/k/v/out are copied from its teacher starts as the teacher.
+The gates' gradient reaches the scorer through p (straight-through); the layer keeps the last
+forward's gates: ``mask_penalty()`` is the mean gate probability over the learnable blocks
+(what distill's --mask-l1 weighs) and ``density()`` the fraction of causal key blocks kept per
+head. The scorer reads q and k detached: the penalty should bend the mask, not the copied q/k.
+
+Causal only (bidirectional=False): the mask and its density are defined over the causal key
+blocks of self-attention (T = S). Kernel level (``attend`` of a layer computes the gates; a
+bare ``run`` without gates): every block open. The registry's FLOPs are the dense causal
+count (the mask is data-dependent); a layer's ``visited_flops()`` counts the blocks it kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnbench.kernels.block_mask import block_lists, block_sparse_flops, blocks, expand_blocks
+from attnbench.kernels.reference import visible
+from attnbench.models.flops import softmax_flops
+from attnbench.models.qkv import QKVAttention
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.softmax import _triton_missing
+
+DEFAULT_BLOCK = 64
+DEFAULT_RANK = 16
+DEFAULT_SINKS = 0
+OPEN_BIAS = 3.0  # sigmoid(3) = 0.95: every gate starts open, away from the 1/2 threshold
+_MAX_EXPONENT = 30.0  # closed keys above the open keys' max: finite gate gradients (their weight is 0)
+
+
+def gated_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK):
+    """The definition, differentiable in the gates: q [B, T, Hq, D], k/v [B, S, Hkv, D], gates
+    [B, Hq, cdiv(T, block), cdiv(S, block)] in [0, 1] (None: all open) -> o [B, T, Hq, D].
+    Rows whose visible keys are all gated out get zeros."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
+    upcast = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bthd,bshd->bhts", q, k).to(upcast) * d**-0.5  # (B, H, T, S)
+    seen = visible(t, s, causal=causal, seq_lens=seq_lens, device=q.device)
+    g = torch.ones(1, 1, t, s, device=q.device) if gates is None else expand_blocks(gates.to(upcast), block, t, s)
+    top = scores.masked_fill(~(seen & (g > 0)), float("-inf")).amax(-1, keepdim=True).detach()  # the open keys' max
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp((scores - top).clamp(max=_MAX_EXPONENT)).masked_fill(~seen, 0.0) * g
+    total = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.einsum("bhts,bshd->bthd", probs.to(v.dtype), v)
+
+
+def triton_block_sparse(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK):
+    """Our block-sparse flash kernel over the open blocks (hard gates). When the gates need a
+    gradient (training) it runs gated_reference instead: the kernel has no gate gradient."""
+    if gates is None:
+        gates = torch.ones(1, 1, blocks(q.shape[1], block), blocks(k.shape[1], block), device=q.device)
+    if torch.is_grad_enabled() and gates.requires_grad:
+        return gated_reference(q, k, v, causal=causal, seq_lens=seq_lens, gates=gates, block=block)
+    from attnbench.kernels.block_sparse import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, block_lists(gates > 0.5, block), causal=causal, seq_lens=seq_lens)
+
+
+def _triton_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
+    from attnbench.kernels.flash_launch import SPARSE_TILE
+
+    block = learned_options(cfg)["block"]
+    return None if block % SPARSE_TILE == 0 else f"the block-sparse kernel needs a block that is a multiple of {SPARSE_TILE}, not {block}"
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean of each block of x [B, T, H, D] (a partial last block over its own tokens): [B, cdiv(T, block), H, D]."""
+    b, t, h, d = x.shape
+    n = blocks(t, block)
+    sums = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * block - t)).view(b, n, block, h, d).sum(2)
+    counts = (t - torch.arange(n, device=x.device) * block).clamp(max=block)
+    return sums / counts.view(1, n, 1, 1).to(x.dtype)
+
+
+class BlockScorer(nn.Module):
+    """Per-head logits [B, Hq, Nq, Nk] of key block j for query block i from block-mean-pooled
+    q [B, T, Hq, D] and k [B, S, Hkv, D]: (q̄_i U_h) . (k̄_j V_h) / sqrt(rank) + bias_h."""
+
+    def __init__(self, heads: int, head_dim: int, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.u = nn.Parameter(torch.randn(heads, head_dim, rank) * head_dim**-0.5)
+        self.v = nn.Parameter(torch.randn(heads, head_dim, rank) * head_dim**-0.5)
+        self.bias = nn.Parameter(torch.full((heads,), OPEN_BIAS))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        queries = torch.einsum("bnhd,hdr->bhnr", block_means(q, block), self.u.to(q.dtype))
+        keys = torch.einsum("bmhd,hdr->bhmr", block_means(k, block), self.v.to(q.dtype))
+        return torch.einsum("bhnr,bhmr->bhnm", queries, keys) * self.rank**-0.5 + self.bias.to(q.dtype).view(1, -1, 1, 1)
+
+
+class LearnedMaskAttention(QKVAttention):
+    """QKVAttention (the teacher's q/k/v/out, under the same names) whose core is gated by a
+    BlockScorer; mask_penalty() and density() read the last forward's gates."""
+
+    def __init__(self, cfg: LayerConfig, impls: dict[str, Impl]):
+        super().__init__(cfg, impls, learned_options)
+        self.block = learned_options(cfg)["block"]
+        self.sinks = int(cfg.options.get("sinks", DEFAULT_SINKS))
+        rank = int(cfg.options.get("rank", DEFAULT_RANK))
+        if self.sinks < 0 or rank <= 0:
+            raise ValueError(f"learned needs sinks >= 0 and rank > 0, not sinks={self.sinks}, rank={rank}")
+        self.scorer = BlockScorer(cfg.heads, cfg.head_dim, rank)
+        self._last: dict | None = None
+
+    def _structure(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(causal key blocks, forced ones: the diagonal and the first ``sinks``), bool [n, n]."""
+        rows, cols = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
+        causal = cols <= rows
+        return causal, causal & ((cols == rows) | (cols < self.sinks))
+
+    def gates(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Hard gates [B, Hq, Nq, Nk] with the straight-through gradient of their probabilities."""
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"learned masks self-attention blocks (T = S), got T={q.shape[1]}, S={k.shape[1]}")
+        causal, forced = self._structure(blocks(q.shape[1], self.block), q.device)
+        learnable = causal & ~forced
+        probs = torch.sigmoid(self.scorer(q.detach(), k.detach(), self.block).float())
+        hard = probs > 0.5
+        gates = torch.where(learnable, hard.float() + probs - probs.detach(), forced.float())
+        self._last = {"probs": probs, "learnable": learnable, "causal": causal, "kept": (hard & learnable) | forced, "t": q.shape[1]}
+        return gates
+
+    def attend(self, q, k, v, seq_lens=None):
+        return self.run(q, k, v, causal=True, seq_lens=seq_lens, gates=self.gates(q, k), **self.core_options())
+
+    def _gates_seen(self) -> dict:
+        if self._last is None:
+            raise RuntimeError("the learned mask is known only after a forward")
+        return self._last
+
+    def mask_penalty(self) -> torch.Tensor:
+        """Mean gate probability over the learnable (causal, not forced) blocks of the last
+        forward: the expected fraction of them kept, differentiable in the scorer (0 without any)."""
+        last = self._gates_seen()
+        probs = last["probs"].masked_select(last["learnable"])
+        return probs.mean() if probs.numel() else last["probs"].sum() * 0.0
+
+    def density(self) -> torch.Tensor:
+        """Fraction of causal key blocks kept per head in the last forward (hard gates; the forced
+        blocks count as kept): float [Hq]."""
+        last = self._gates_seen()
+        kept = last["kept"] & last["causal"]
+        return kept.float().sum((0, 2, 3)) / (kept.shape[0] * last["causal"].sum())
+
+    def visited_flops(self) -> float:
+        """Forward FLOPs of the blocks the last forward kept (kernels/block_sparse.py's count)."""
+        last = self._gates_seen()
+        t = last["t"]
+        return block_sparse_flops(last["kept"], t, t, self.heads, self.head_dim, self.block, causal=True)
+
+
+def learned_options(cfg: LayerConfig) -> dict:
+    block = int(cfg.options.get("block", DEFAULT_BLOCK))
+    if block <= 0:
+        raise ValueError(f"learned option block must be positive, not {block}")
+    return {"block": block}
+
+
+PARAMS = {
+    "block": (DEFAULT_BLOCK, "tokens per block; the scorer keeps or drops whole key blocks"),
+    "rank": (DEFAULT_RANK, "rank of the per-head bilinear block scorer"),
+    "sinks": (DEFAULT_SINKS, "leading key blocks always kept (attention sinks); the diagonal always is"),
+}
+
+IMPLS = {
+    "torch": Impl("torch", gated_reference, "plain torch, T x T scores weighted by the block gates (differentiable in them)"),
+    "triton": Impl(
+        "triton", triton_block_sparse,
+        "ours: block-sparse Triton flash kernel over the kept blocks (hard gates); while the gates train, the torch form",
+        needs_cuda=True, missing=_triton_missing, unsupported=_triton_unsupported,
+    ),
+}
+
+MECHANISM = Mechanism(
+    name="learned",
+    description="softmax over the key blocks a learned per-head scorer keeps (straight-through gates, L1 penalty)",
+    family="sparse",
+    layer=lambda cfg: LearnedMaskAttention(cfg, IMPLS),
+    impls=IMPLS,
+    flops=softmax_flops,
+    position="absolute",
+    bidirectional=False,
+    params=PARAMS,
+)
