@@ -143,6 +143,7 @@ class LearnedMaskAttention(QKVAttention):
         return gates
 
     def attend(self, q, k, v, seq_lens=None):
+        q, k = self.positioned(q, k)  # RoPE (when asked) before the scorer and the core alike
         return self.run(q, k, v, causal=True, seq_lens=seq_lens, gates=self.gates(q, k), **self.core_options())
 
     def _gates_seen(self) -> dict:
@@ -200,7 +201,8 @@ MECHANISM = Mechanism(
     layer=lambda cfg: LearnedMaskAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=softmax_flops,
-    position="absolute",
+    position="learned",
+    refuses={"alibi": "learned's gated scores take no ALiBi bias yet (its torch form and the block-sparse call pass no slopes)"},
     bidirectional=False,
     params=PARAMS,
 )

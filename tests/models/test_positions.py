@@ -29,6 +29,7 @@ TINY_OPTIONS = {
     "gau": {"chunk": 8},
     "topk": {"topk": 4, "chunk": 8},
     "block": {"block": 8},
+    "learned": {"block": 4},  # T = 16: four key blocks, so the scorer has off-diagonal blocks to gate
     "performer": {"features": 32},
 }
 TINY_WINDOW = {"window": 4}
@@ -42,6 +43,7 @@ UNSUPPORTED = {
     "performer": {"alibi"},
     "deltanet": {"alibi"},
     "gau": {"alibi"},
+    "learned": {"alibi"},
 }
 
 
