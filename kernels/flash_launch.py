@@ -113,7 +113,7 @@ TUNE_FROM_SEQ = 4096
 _TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", "ROPE"]
 
 # Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
-# (A/B timing: python3 -m attnbench.tile_sweep --loads pointer)
+# (A/B timing: python3 -m attnbench.devtools.tile_sweep --loads pointer)
 TMA_LOADS = True
 
 

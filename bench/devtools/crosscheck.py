@@ -2,7 +2,7 @@
 F.scaled_dot_product_attention under one backend and a bare ``triton.testing.do_bench``
 (median), count FLOPs by hand (causal: T(T+1)/2 pairs), and print both TFLOP/s.
 
-    python -m attnbench.crosscheck results/<run>      # on a CUDA machine
+    python -m attnbench.devtools.crosscheck results/<run>      # on a CUDA machine
 
 Shares no code with the sweep (no registry, no adapters, no FLOP model), so agreement
 means the sweep's layout handling, timing and FLOP counting are right.

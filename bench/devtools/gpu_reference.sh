@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reference GPU runs committed under results/ (see results/README.md), one stage per
-# device call (each under its 10-minute limit). Usage: bash bench/gpu_reference.sh STAGE OUT_DIR
+# device call (each under its 10-minute limit). Usage: bash bench/devtools/gpu_reference.sh STAGE OUT_DIR
 # (all output: OUT_DIR/STAGE.tar.gz, one file, since the device brings back at most 8; it is
 # rewritten after every step and every 45 s, so a call killed at its limit still brings back
 # what was done. Every step has its own time limit inside the stage's budget BUDGET_S, which
@@ -17,7 +17,7 @@
 #             top-2 blocks), then the fla tests (#7, #6)
 #   launch:   the flash kernels' CUDA tests, host time per attention call, then the model-level
 #             step three times (its run-to-run spread) (#4)
-#   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.tile_sweep)
+#   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.devtools.tile_sweep)
 #   tma:      the flash kernels' loops reading tiles through TMA descriptors: their CUDA tests, every
 #             tile both ways, then the model-level step (#4)
 #   tma-followup: each kernel's own tiles at D = 128 and 256 both ways, host time per call, the
@@ -106,7 +106,7 @@ flash_tests() {  # flash_tests SECONDS [MORE TEST FILES...]: the flash kernels' 
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
 }
 host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
-    limit 60 python3 -m attnbench.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
+    limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"
 }
 model_steps() {  # model_steps RUNS [LEVEL [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
@@ -183,19 +183,19 @@ launch)  # #4: launches that skip triton's JITFunction.run (FlashKernel): the CU
     model_steps 3
     ;;
 tiles)
-    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    limit 120 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     tail -45 "$out/tiles.txt"
     ;;
 tma)
     flash_tests 150 tests/bench/test_tile_sweep.py
-    limit 280 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --loads tma --loads pointer --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    limit 280 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --loads tma --loads pointer --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     tail -70 "$out/tiles.txt"
     ;;
 tma-followup)
     flash_tests 150 tests/bench/test_tile_sweep.py
     for d in 128 256; do
-        limit 80 python3 -m attnbench.tile_sweep --seq 4096 --heads $((2048 / d)) --head-dim $d --no-neighbours \
+        limit 80 python3 -m attnbench.devtools.tile_sweep --seq 4096 --heads $((2048 / d)) --head-dim $d --no-neighbours \
             --loads tma --loads pointer --out "$out/tiles-d$d.csv" > "$out/tiles-d$d.txt" 2>&1
     done
     host_time
@@ -273,13 +273,13 @@ check)
     ;;
 lean)
     flash_tests 150 tests/bench/test_tile_sweep.py
-    limit 250 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    limit 250 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     model_steps 1 model-graph standard 100
     tail -64 "$out/tiles.txt"
     ;;
 edges | registers)  # the same steps, on two states of the kernels
     flash_tests 150 tests/bench/test_tile_sweep.py
-    limit 120 python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    limit 120 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     model_steps 2 model-graph standard,rope,alibi 100
     model_steps 1 model standard 80
     tail -64 "$out/tiles.txt"

@@ -6,7 +6,7 @@ A model step at batch 16 x 1k tokens of GPT small is host-bound (results/referen
 model: ~45% of it the GPU idles), so this cost, times layers, is the difference between
 two impls whose kernels take the same GPU time.
 
-    python3 -m attnbench.host_overhead --impl triton --impl sdpa --profile 20
+    python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa --profile 20
 """
 
 from __future__ import annotations

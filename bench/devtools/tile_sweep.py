@@ -1,7 +1,7 @@
 """Which tile each flash kernel should try first: every candidate forward, dk/dv and dq tile
 timed on its own on one problem, next to cuDNN's forward and backward (CUDA only).
 
-    python3 -m attnbench.tile_sweep --seq 1024 --seq 4096 --heads 8 --head-dim 64 --out tiles.csv
+    python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --heads 8 --head-dim 64 --out tiles.csv
 
 (the defaults are GPT small's attention at 16k tokens per step; --loads tma --loads pointer
 times every tile both with the loops' tiles read through TMA descriptors and through pointers;

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnbench.data import IGNORE
-from attnbench.train_eval import autocast
+from attnbench.train.data import IGNORE
+from attnbench.train.evaluate import autocast
 
 GENERATIONS = "generations"
 PROMPTS = [

@@ -5,19 +5,19 @@ attention to reproduce the teacher's output distribution.
          + layer_mse * mean_l MSE(attn_l^student, attn_l^teacher)   (LoLCATs-style, real tokens)
          + mask_l1 * sum of the student layers' sparsity_penalty()   (learnable masks/selections)
 
-Teachers (bench/distill_teachers.py): a run folder of `attnbench train` (RunTeacher) or a
+Teachers (bench/distill/teachers.py): a run folder of `attnbench train` (RunTeacher) or a
 transformers causal/masked LM by local path or HF cache (HFTeacher; from the Hub only with
 ``download``). A
 student is the same model with every attention layer's mechanism replaced: for our models a
 registry layer with the teacher's tensors copied wherever name and shape agree
 (QKVAttention's fused qkv + out); for transformers models the model's own projections
-feeding our core through AttentionInterface (bench/hf_attention.py). Every parameter the
+feeding our core through AttentionInterface (models/hf_attention.py). Every parameter the
 teacher had outside attention is frozen unless ``train_all``; attention and anything new (a
 position table a mechanism needs) trains. Dropout is off in both models (the student learns
 to match a deterministic teacher).
 
 Run folder: meta.json, distill.csv (DISTILL_COLUMNS; step 0 is the zero-shot row),
-summary.csv (cost and quality per student), generations.md/.json (bench/distill_eval.py),
+summary.csv (cost and quality per student), generations.md/.json (bench/distill/evaluate.py),
 students/<name>.pt (the last checkpoint of each student: --resume continues from it).
 
 A student whose loss turns NaN or inf stops as `train`'s mechanisms do: an error row naming its
@@ -36,12 +36,12 @@ import torch
 from torch import nn
 
 from attnbench import store
-from attnbench.distill_eval import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
-from attnbench.distill_teachers import HFTeacher, RunTeacher, hf_offline
+from attnbench.distill.evaluate import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
+from attnbench.distill.teachers import HFTeacher, RunTeacher, hf_offline
 from attnbench.errors import InputError
-from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
+from attnbench.train.impl_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.models import registry
-from attnbench.train_eval import autocast
+from attnbench.train.evaluate import autocast
 
 DISTILL_CSV = store.DISTILL_CSV
 SUMMARY_CSV = "summary.csv"
@@ -158,8 +158,8 @@ def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_di
     train it to ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps
     (step 0: zero-shot). Returns the trained student; StudentDiverged (after its error row) if
     its loss turns non-finite."""
-    from attnbench import data
-    from attnbench.train import lr_factor
+    from attnbench.train import data
+    from attnbench.train.run import lr_factor
 
     device = spec.device
     torch.manual_seed(spec.seed)
@@ -379,7 +379,7 @@ def write_summary(
     """summary.csv: the teacher and each student's cost (attention FLOPs, forward ms, peak MiB on
     one held-out batch) and quality (zero-shot and final held-out KL, agreement, perplexity). A
     ``failed`` student's row has status error, its reason, and the quality of its last good checkpoint."""
-    from attnbench import data
+    from attnbench.train import data
 
     probe = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, 1, source.tokenizer, spec.seed)[0]
     valid = [r for r in rows if r["split"] == "valid"]

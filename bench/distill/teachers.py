@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attnbench import store
-from attnbench.data import IGNORE
+from attnbench.train.data import IGNORE
 from attnbench.errors import InputError
 from attnbench.models import registry
 
@@ -53,10 +53,11 @@ class RunTeacher:
         """The last checkpoint of ``mechanism`` (default: the run's first) in a run folder of `attnbench train`,
         with the run's own corpus and tokenizer (checked against the hashes it recorded). The corpus is
         fetched only with ``download`` (distill's own flag, not the one the train run recorded)."""
-        from attnbench import checkpoint, data
+        from attnbench.train import checkpoint
+        from attnbench.train import data
         from attnbench.models.presets import Preset
         from attnbench.models.transformer import LanguageModel, ModelConfig
-        from attnbench.train import TrainSpec
+        from attnbench.train.run import TrainSpec
 
         meta = store.read_meta(run_dir)
         if meta.get("kind") != "train" or "models" not in meta:
@@ -120,12 +121,12 @@ class RunTeacher:
 
 class HFTeacher:
     """A transformers causal or masked LM from a local path or the HF cache (from the Hub only with
-    ``download``); students run our cores through AttentionInterface (bench/hf_attention.py)."""
+    ``download``); students run our cores through AttentionInterface (models/hf_attention.py)."""
 
     def __init__(self, path: str, *, batch: int, seq: int, device: str, download: bool = False):
         import transformers
 
-        from attnbench import data
+        from attnbench.train import data
 
         local = not download
         try:
@@ -154,7 +155,7 @@ class HFTeacher:
         )
 
     def attention_names(self, model: nn.Module) -> list[str]:
-        from attnbench.hf_attention import CORE_ATTRIBUTE
+        from attnbench.models.hf_attention import CORE_ATTRIBUTE
 
         suffix = "." + CORE_ATTRIBUTE
         return [name.removesuffix(suffix) for name, _ in model.named_modules() if name.endswith(suffix)]
@@ -165,14 +166,14 @@ class HFTeacher:
     def check_student(self, mechanism: str, impl: str) -> None:
         """Inside a transformers model a student runs a kernel-level core (UnknownNameError names the
         mechanisms that have one); registering it now, before any run folder, is what checks that."""
-        from attnbench import hf_attention
+        from attnbench.models import hf_attention
 
         hf_attention.register(mechanism, impl)
 
     def student(self, mechanism: str, impl: str) -> nn.Module:
         import copy
 
-        from attnbench import hf_attention
+        from attnbench.models import hf_attention
 
         student = copy.deepcopy(self.model)
         student.set_attn_implementation(hf_attention.register(mechanism, impl))

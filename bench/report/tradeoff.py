@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.train_report import train_rows
+from attnbench.report.train import train_rows
 
 MODE_PREFERENCE = ["fwdbwd", "fwd", "bwd"]
 FAMILY_COLOURS = {"exact": "#1f77b4", "sparse": "#ff7f0e", "linear": "#2ca02c", "recurrent": "#9467bd"}
@@ -43,7 +43,7 @@ def tradeoff_rows(speed: pd.DataFrame, train_runs: list[Path]) -> pd.DataFrame:
     """Final eval loss and fastest causal time per sequence, per trained mechanism and length
     (speed as report.load_speed returns it). Empty when no trained mechanism was timed."""
     from attnbench.models.registry import mechanisms
-    from attnbench.report import best_per_sequence
+    from attnbench.report.speed import best_per_sequence
 
     finals = final_eval_losses(train_runs)
     timed = speed[(speed["status"] == "ok") & (speed["causal"] == "causal") & speed["mechanism"].isin(finals["mechanism"])]

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from attnbench import timing
 from attnbench.store import case_key
-from attnbench.sweep import LEVELS, Case, expand, timed_call
+from attnbench.speed.sweep import LEVELS, Case, expand, timed_call
 
 PROFILE_CSV = "profile.csv"
 WARMUP_CALLS = 3

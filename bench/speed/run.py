@@ -15,8 +15,8 @@ import torch
 
 from attnbench import env, store
 from attnbench.errors import InputError
-from attnbench.shard import run_sharded
-from attnbench.sweep import Case, Sweep, SweepSpec, expand, stops_in, validate
+from attnbench.speed.shard import run_sharded
+from attnbench.speed.sweep import Case, Sweep, SweepSpec, expand, stops_in, validate
 
 Progress = Callable[[int], ContextManager[Callable[[str, Case], None]]]  # total steps -> per-step callback
 
@@ -109,7 +109,7 @@ def run_speed(
     """Run (or resume) a sweep; returns the run folder and every row of its speed.csv.
 
     ``progress(total)`` is a context yielding the per-step callback (attnbench.console.sweep_progress);
-    ``gpus`` > 1 spreads the cases over that many worker processes (attnbench.shard).
+    ``gpus`` > 1 spreads the cases over that many worker processes (attnbench.speed.shard).
     """
     run_dir = run_folder(spec, out, resume, gpus)
     with store.run_lock(run_dir):

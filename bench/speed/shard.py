@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from attnbench.sweep import Case, Sweep
+from attnbench.speed.sweep import Case, Sweep
 
 
 def split_by_series(cases: Iterable[Case], workers: int) -> list[list[Case]]:

@@ -304,11 +304,11 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     when bidirectional) on random tokens [B, T]: forward, loss, backward, AdamW step, under bf16
     or fp16 autocast for those dtypes (parameters stay fp32, as in `attnbench train`).
     fwd times the forward and loss alone, without autograd; FLOPs per token come from
-    attnbench.train.train_flops_per_token, so % of peak is the MFU.
+    attnbench.train.run.train_flops_per_token, so % of peak is the MFU.
     graphed: what the case's mode times is captured once as a CUDA graph (capturable AdamW,
     autocast without its weight cache, as graph capture requires) and replayed."""
     from attnbench.models.transformer import build_model, training_step
-    from attnbench.train import train_flops_per_token
+    from attnbench.train.run import train_flops_per_token
 
     model = build_model(case.preset, case.mechanism, case.impl, "clm" if case.causal else "mlm", case.seq)
     model = model.to(case.device)

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from attnbench import data
+from attnbench.train import data
 from attnbench.models import registry
 from attnbench.models.transformer import IGNORE, LanguageModel, lm_loss
 
 if TYPE_CHECKING:
-    from attnbench.train import TrainSpec
+    from attnbench.train.run import TrainSpec
 
 EXTRAPOLATION_FACTORS = (1, 2, 4)
 

@@ -5,7 +5,7 @@ identical token stream, evaluated and compared.
     results/<run>/train.csv           TRAIN_COLUMNS: one train row per step, one valid row per evaluation
     results/<run>/entropy.csv         ENTROPY_COLUMNS: attention entropy per layer at every evaluation
     results/<run>/extrapolation.csv   EXTRAPOLATION_COLUMNS (clm): loss at L, 2L, 4L
-    results/<run>/checkpoints/<attn>/ bench/checkpoint.py
+    results/<run>/checkpoints/<attn>/ bench/train/checkpoint.py
     results/<run>/train_report.md, plots/*.png
 
 Mechanisms train one after the other with the same seed: the batch of step s and every
@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from attnbench import checkpoint, data, distributed, store
-from attnbench.mechanism_choice import check_mechanism_options, choose_impl, impl_per_mechanism
-from attnbench.train_eval import attention_entropy, autocast, evaluate, extrapolation_rows
+from attnbench import store
+from attnbench.train import checkpoint, data, distributed
+from attnbench.train.impl_choice import check_mechanism_options, choose_impl, impl_per_mechanism
+from attnbench.train.evaluate import attention_entropy, autocast, evaluate, extrapolation_rows
 from attnbench.errors import InputError
 from attnbench.flops import CORE_MODE_FACTOR, LINEAR_MODE_FACTOR
 from attnbench.models import registry
@@ -434,7 +435,7 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
     except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
         diverged = err
     if world.is_main:
-        from attnbench.train_report import render_train_report
+        from attnbench.report.train import render_train_report
 
         meta["finished"] = store.now()
         store.write_meta(run_dir, meta)

@@ -1,4 +1,4 @@
-"""bench/check.py on the CPU: the no-CUDA error, and the measuring/table logic on fake cases."""
+"""bench/devtools/check.py on the CPU: the no-CUDA error, and the measuring/table logic on fake cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from attnbench import check
+from attnbench.devtools import check
 from attnbench.cli import app
 from attnbench.errors import InputError
 from attnbench.kernels import reference

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnbench import data
+from attnbench.train import data
 from attnbench.errors import InputError
 from attnbench.models.transformer import IGNORE
 

@@ -1,4 +1,4 @@
-"""`attnbench distill` (bench/distill.py): a tiny causal teacher trained here for a few dozen
+"""`attnbench distill` (bench/distill/run.py): a tiny causal teacher trained here for a few dozen
 steps, its attention swapped, and the student distilled back towards it."""
 
 from __future__ import annotations
@@ -8,7 +8,11 @@ import json
 import pytest
 import torch
 
-from attnbench import data, distill, distill_eval, distill_teachers, store
+from attnbench import store
+from attnbench.train import data
+from attnbench.distill import run as distill
+from attnbench.distill import evaluate as distill_eval
+from attnbench.distill import teachers as distill_teachers
 from attnbench.models.transformer import build_model, training_step
 
 SEQ, BATCH = 64, 8
@@ -64,7 +68,7 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
     assert {g["mode"] for g in generations} == {"greedy", "sampled"}
     assert "```" in (run_dir / "generations.md").read_text()
 
-    from attnbench.distill_report import render_distill_report
+    from attnbench.report.distill import render_distill_report
 
     report, *plots = render_distill_report([run_dir], tmp_path / "report")
     text = report.read_text()
@@ -169,7 +173,7 @@ def test_a_diverged_student_is_an_error_row_and_the_others_finish(teacher, tmp_p
     generations = json.loads((run_dir / "generations.json").read_text())
     assert {g["model"] for g in generations} == {"teacher (standard)", "linear"}
 
-    from attnbench.distill_report import render_distill_report
+    from attnbench.report.distill import render_distill_report
 
     report, *_ = render_distill_report([run_dir], tmp_path / "report")
     assert f"{checkpoint} (step 2)" in report.read_text()
@@ -276,8 +280,8 @@ def test_a_train_run_teacher_fetches_its_corpus_only_with_distills_download(teac
     """The train run recorded --download (it fetched WikiText); distill without --download must not."""
     from dataclasses import asdict
 
-    from attnbench import checkpoint
-    from attnbench.train import TrainSpec
+    from attnbench.train import checkpoint
+    from attnbench.train.run import TrainSpec
 
     run = tmp_path / "train-run"
     checkpoint.save(run / "checkpoints" / "standard", teacher.model, torch.optim.AdamW(teacher.model.parameters()), {"step": 1})

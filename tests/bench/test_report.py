@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from attnbench import report, store, tradeoff
+from attnbench import store
+from attnbench.report import speed as report
+from attnbench.report import tradeoff
 from attnbench.cli import app
 
 
@@ -141,7 +143,7 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
         drawn.append(run_dirs)
         return [png]
 
-    monkeypatch.setitem(sys.modules, "attnbench.train_report",
+    monkeypatch.setitem(sys.modules, "attnbench.report.train",
                         types.SimpleNamespace(render_train_report=render_train_report, report_sections=lambda run_dirs: []))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
@@ -164,7 +166,7 @@ def test_distill_runs_go_to_distill_report(tmp_path, monkeypatch):
         png.write_bytes(b"\x89PNG\r\n\x1a\n")
         return [png, out_dir / "distill_report.md"]  # only the PNG becomes a figure
 
-    monkeypatch.setitem(sys.modules, "attnbench.distill_report", types.SimpleNamespace(render_distill_report=render_distill_report))
+    monkeypatch.setitem(sys.modules, "attnbench.report.distill", types.SimpleNamespace(render_distill_report=render_distill_report))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     report = (run / "report.md").read_text()
@@ -181,7 +183,7 @@ def test_load_speed_tolerates_a_run_killed_mid_line(tmp_path):
 
 def write_train_run(run, final_losses: dict[str, float], steps: int):
     """A training run whose mechanisms end at the given eval losses after ``steps`` steps."""
-    from attnbench.train import TRAIN_COLUMNS
+    from attnbench.train.run import TRAIN_COLUMNS
 
     run.mkdir(parents=True)
     store.write_meta(run, {"command": "attnbench train", "started": "2025-01-01T00:00:00"})
@@ -301,7 +303,7 @@ def test_a_case_recorded_twice_keeps_its_last_row_with_a_warning(tmp_path, capsy
 
 def write_train_run_with_one_eval(run, steps=50):
     """A training run that logged every step and evaluated once, at its last step."""
-    from attnbench.train import TRAIN_COLUMNS
+    from attnbench.train.run import TRAIN_COLUMNS
 
     run.mkdir(parents=True)
     store.write_meta(run, {"command": "attnbench train", "started": "2025-01-01T00:00:00"})
@@ -327,7 +329,7 @@ def test_the_training_report_html_carries_the_eval_loss_table(tmp_path):
 
 
 def test_an_eval_panel_with_one_point_draws_a_marker_on_the_runs_step_axis(tmp_path):
-    from attnbench import train_report
+    from attnbench.report import train as train_report
 
     write_train_run_with_one_eval(tmp_path / "run", steps=50)
     train, _, _ = train_report._load([tmp_path / "run"])

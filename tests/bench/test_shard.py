@@ -5,9 +5,9 @@ import pytest
 
 from attnbench import store
 from attnbench.errors import InputError
-from attnbench.shard import run_sharded, split_by_series
-from attnbench.speed import check_workers
-from attnbench.sweep import Sweep, SweepSpec, expand
+from attnbench.speed.shard import run_sharded, split_by_series
+from attnbench.speed.run import check_workers
+from attnbench.speed.sweep import Sweep, SweepSpec, expand
 
 
 def spec(**overrides):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnbench import store, sweep
+from attnbench import store
+from attnbench.speed import sweep
 from attnbench.cli import app
 from attnbench.models import fla
 from attnbench.models.registry import mechanisms

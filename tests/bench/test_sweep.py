@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from attnbench import store, sweep, timing
+from attnbench import store, timing
+from attnbench.speed import sweep
 from attnbench.errors import InputError
-from attnbench.sweep import Sweep, SweepSpec
+from attnbench.speed.sweep import Sweep, SweepSpec
 
 
 def tiny_spec(**overrides):

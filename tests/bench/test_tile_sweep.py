@@ -3,8 +3,8 @@
 import pytest
 from typer.testing import CliRunner
 
-from attnbench import tile_sweep
-from attnbench.tile_sweep import sweep
+from attnbench.devtools import tile_sweep
+from attnbench.devtools.tile_sweep import sweep
 
 
 @pytest.mark.cuda

@@ -7,11 +7,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnbench import checkpoint, mechanism_choice, store, train, train_eval
+from attnbench import store
+from attnbench.train import checkpoint
+from attnbench.train import impl_choice as mechanism_choice
+from attnbench.train import run as train
+from attnbench.train import evaluate as train_eval
 from attnbench.cli import app
 from attnbench.errors import InputError
 from attnbench.models.transformer import build_model, param_counts
-from attnbench.train_report import render_train_report
+from attnbench.report.train import render_train_report
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Our cores inside transformers models (bench/hf_attention.py): logits of small random-config
+"""Our cores inside transformers models (models/hf_attention.py): logits of small random-config
 GPT-2, Llama-like (GQA, HF's own RoPE) and BERT models built locally, against the same
 weights under HF's eager attention.
 
@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from attnbench import hf_attention  # noqa: E402  (after the importorskip)
+from attnbench.models import hf_attention  # noqa: E402  (after the importorskip)
 from attnbench.tolerance import error_bound
 
 VOCAB = 97
