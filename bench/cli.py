@@ -174,6 +174,7 @@ def speed(
     from rich.markup import escape
 
     from attnbench import console
+    from attnbench.dtypes import resolve_dtype
     from attnbench.speed import sweep
     from attnbench.errors import InputError
     from attnbench.models.registry import mechanisms
@@ -192,7 +193,7 @@ def speed(
         impls=None if "all" in impl else impl,
         levels=level,
         modes=mode,
-        dtypes=[sweep.resolve_dtype(d) for d in (dtype or ["bf16" if on_cuda else "fp32"])],
+        dtypes=[resolve_dtype(d) for d in (dtype or ["bf16" if on_cuda else "fp32"])],
         device=device,
         seqs=seq,
         batches=batch or None,

@@ -12,7 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from attnbench.models import registry
 from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.models.transformer import LanguageModel
 
 CORE_MODE_FACTOR = {
     "fwd": 1.0,
@@ -56,3 +58,17 @@ def linear_flops(layer: nn.Module, forward: Callable[[], object], mode: str) -> 
 
 def tflops_per_s(flops: float, median_ms: float) -> float:
     return flops / (median_ms * 1e-3) / 1e12
+
+
+def train_flops_per_token(model: LanguageModel, seq: int, mode: str = "fwdbwd") -> float:
+    """Training FLOPs per token (``mode`` fwdbwd; fwd: the forward alone), for MFU: 2 per
+    multiply-add of every matmul weight (every Linear and the tied output projection; embedding
+    lookups are free) times the linear mode factor, plus the attention core's forward FLOPs at
+    ``seq`` times the core mode factor."""
+    cfg = model.cfg
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    matmul_weights = linear_weights + cfg.vocab_size * cfg.dim  # the tied output projection
+    per_token = 2 * LINEAR_MODE_FACTOR[mode] * matmul_weights  # 2 FLOPs per multiply-add
+    mechanism = registry.get(cfg.mechanism)
+    core = mechanism.flops(cfg.layer_config(), 1, seq) / seq
+    return per_token + cfg.layers * CORE_MODE_FACTOR[mode] * core

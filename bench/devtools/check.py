@@ -16,10 +16,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
 from attnbench.tolerance import error_bound
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOW_PRECISION = {name: DTYPES[name] for name in ("bf16", "fp16")}  # what the kernels are checked in
 OUTPUT_NAMES = ("o", "dq", "dk", "dv")
 
 @dataclass(frozen=True)
@@ -203,15 +204,15 @@ def run_check(attn: Sequence[str], max_seq: int, dtype_name: str, console=None, 
 
     from attnbench import store
 
-    if dtype_name not in DTYPES:
-        raise InputError(f"unknown dtype '{dtype_name}'; valid: {', '.join(DTYPES)}")
+    if dtype_name not in LOW_PRECISION:
+        raise InputError(f"unknown dtype '{dtype_name}'; valid: {', '.join(LOW_PRECISION)}")
     if max_seq < 1:
         raise InputError(f"--max-seq must be positive, got {max_seq}")
     triton_mechanisms(attn)
     if not torch.cuda.is_available():
         raise InputError("attnbench check needs a CUDA GPU (the Triton kernels run there); none found")
     console = console or Console()
-    cases = mechanism_cases(attn, max_seq, DTYPES[dtype_name])
+    cases = mechanism_cases(attn, max_seq, LOW_PRECISION[dtype_name])
     log = None
     if csv_path is not None:
         store.ensure_writable(csv_path.parent)

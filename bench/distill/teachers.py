@@ -57,7 +57,7 @@ class RunTeacher:
         from attnbench.train import data
         from attnbench.models.presets import Preset
         from attnbench.models.transformer import LanguageModel, ModelConfig
-        from attnbench.train.run import TrainSpec
+        from attnbench.train.spec import TrainSpec
 
         meta = store.read_meta(run_dir)
         if meta.get("kind") != "train" or "models" not in meta:

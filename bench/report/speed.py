@@ -7,7 +7,7 @@ baseline impl, and the fitted complexity exponent: the slope of log(time per seq
 against log T over the largest points, with its R^2.
 
 report.md and report.html are rendered from one list of sections, so they say the same.
-Runs holding train.csv or distill.csv are drawn by attnbench.report.train / distill_report.
+Runs holding train.csv or distill.csv are drawn by attnbench.train.report / distill_report.
 """
 
 from __future__ import annotations
@@ -532,8 +532,8 @@ def _html(sections) -> str:
 # Runs that are not speed sweeps: their CSV -> (section title, the module that draws them, its
 # function writing <kind>_report.md and plots, its function giving the tables shown beside them or None).
 OTHER_RUNS = {
-    store.TRAIN_CSV: ("Training", "attnbench.report.train", "render_train_report", "report_sections"),
-    store.DISTILL_CSV: ("Distillation", "attnbench.report.distill", "render_distill_report", None),
+    store.TRAIN_CSV: ("Training", "attnbench.train.report", "render_train_report", "report_sections"),
+    store.DISTILL_CSV: ("Distillation", "attnbench.distill.report", "render_distill_report", None),
 }
 
 

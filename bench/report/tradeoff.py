@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.report.train import train_rows
+from attnbench.train.report import train_rows
 
 MODE_PREFERENCE = ["fwdbwd", "fwd", "bwd"]
 FAMILY_COLOURS = {"exact": "#1f77b4", "sparse": "#ff7f0e", "linear": "#2ca02c", "recurrent": "#9467bd"}

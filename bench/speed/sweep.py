@@ -26,6 +26,7 @@ import torch
 
 from attnbench import flops as flop_model
 from attnbench import timing
+from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
 from attnbench.models import registry
 from attnbench.models.registry import LayerConfig, Mechanism
@@ -33,8 +34,6 @@ from attnbench.store import case_key
 
 MODES = ("fwd", "bwd", "fwdbwd")
 MODEL_LEVELS = ("model", "model-graph")  # a training step of a preset model
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -125,13 +124,6 @@ class Workload:
 
 
 # ---- validation and expansion
-
-
-def resolve_dtype(name: str) -> str:
-    canonical = DTYPE_ALIASES.get(name.lower(), name.lower())
-    if canonical not in DTYPES:
-        raise InputError(f"unknown dtype '{name}'; valid: {', '.join(DTYPES)}")
-    return canonical
 
 
 def check_device(device: str, dtypes: Iterable[str]) -> None:
@@ -304,11 +296,10 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     when bidirectional) on random tokens [B, T]: forward, loss, backward, AdamW step, under bf16
     or fp16 autocast for those dtypes (parameters stay fp32, as in `attnbench train`).
     fwd times the forward and loss alone, without autograd; FLOPs per token come from
-    attnbench.train.run.train_flops_per_token, so % of peak is the MFU.
+    flops.train_flops_per_token, so % of peak is the MFU.
     graphed: what the case's mode times is captured once as a CUDA graph (capturable AdamW,
     autocast without its weight cache, as graph capture requires) and replayed."""
     from attnbench.models.transformer import build_model, training_step
-    from attnbench.train.run import train_flops_per_token
 
     model = build_model(case.preset, case.mechanism, case.impl, "clm" if case.causal else "mlm", case.seq)
     model = model.to(case.device)
@@ -332,7 +323,7 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
         forward = _graph_of(torch.no_grad()(forward))
     elif graphed:
         step = _graph_of(step)
-    flops = train_flops_per_token(model, case.seq, case.mode) * case.batch * case.seq
+    flops = flop_model.train_flops_per_token(model, case.seq, case.mode) * case.batch * case.seq
     return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step, peak_memory=not graphed)
 
 

@@ -15,7 +15,7 @@ from attnbench.models import registry
 from attnbench.models.transformer import IGNORE, LanguageModel, lm_loss
 
 if TYPE_CHECKING:
-    from attnbench.train.run import TrainSpec
+    from attnbench.train.spec import TrainSpec
 
 EXTRAPOLATION_FACTORS = (1, 2, 4)
 

@@ -21,19 +21,16 @@ import pandas as pd
 
 from attnbench import store
 from attnbench.errors import InputError
+from attnbench.train.columns import EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
 
 
 def train_rows(run_dir: Path) -> pd.DataFrame:
     """A run's train.csv, every TRAIN_COLUMNS column, values as written (strings)."""
-    from attnbench.train.run import TRAIN_COLUMNS
-
     return pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)
 
 
 def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
     """train rows, extrapolation rows (both with a ``line`` label) and each line's model description."""
-    from attnbench.train.run import EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV
-
     runs = [(run_dir, train_rows(run_dir)) for run_dir in run_dirs]
     seen_in = Counter(attn for _, rows in runs for attn in rows["attn"].unique())  # runs per mechanism
     curves, extrapolation, models = [], [], {}

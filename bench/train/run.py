@@ -23,88 +23,27 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attnbench import store
-from attnbench.train import checkpoint, data, distributed
-from attnbench.train.impl_choice import check_mechanism_options, choose_impl, impl_per_mechanism
-from attnbench.train.evaluate import attention_entropy, autocast, evaluate, extrapolation_rows
 from attnbench.errors import InputError
-from attnbench.flops import CORE_MODE_FACTOR, LINEAR_MODE_FACTOR
+from attnbench.flops import train_flops_per_token
 from attnbench.models import registry
 from attnbench.models.presets import Preset
 from attnbench.models.transformer import IGNORE, LanguageModel, ModelConfig, build_model, lm_loss, param_counts
-
-TRAIN_COLUMNS = [
-    "attn", "step", "split", "loss", "ppl", "accuracy", "lr", "tokens", "tokens_per_s",
-    "grad_norm", "peak_mem_mib", "elapsed_s", "status", "message",
-]
-ENTROPY_COLUMNS = ["attn", "step", "layer", "entropy", "status", "message"]
-EXTRAPOLATION_COLUMNS = ["attn", "train_seq", "seq", "factor", "method", "loss", "ppl", "tokens", "status", "message"]
-ENTROPY_CSV, EXTRAPOLATION_CSV = "entropy.csv", "extrapolation.csv"
+from attnbench.train import checkpoint, data, distributed
+from attnbench.train.columns import ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
+from attnbench.train.evaluate import attention_entropy, autocast, evaluate, extrapolation_rows
+from attnbench.train.impl_choice import choose_impl, impl_per_mechanism
+from attnbench.train.spec import TrainSpec
 
 
 class TrainingDiverged(InputError):
     """The loss became NaN or inf; the message names the step and the last good checkpoint."""
-
-
-@dataclass
-class TrainSpec:
-    """What `attnbench train` was asked to do; recorded in meta.json, compared on --resume.
-    None means the preset's default (models/presets.py)."""
-
-    attn: list[str]
-    task: str = "mlm"
-    preset: str = "small"
-    impl: str = "auto"
-    steps: int = 2000
-    seq: int | None = None
-    batch: int | None = None
-    lr: float | None = None
-    warmup: int | None = None
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    data: str = "stdlib"
-    tokenizer: str = "bpe"
-    download: bool = False
-    device: str = "auto"
-    eval_every: int = 100
-    eval_batches: int = 8
-    positions: str = "learned"
-    seed: int = 0
-    gpus: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)  # mechanism options (window, theta, ...)
-
-    def resolved(self) -> "TrainSpec":
-        """The spec with the preset's defaults filled in, validated (InputError on bad values)."""
-        preset = Preset.from_name(self.preset)
-        spec = TrainSpec(**{f.name: getattr(self, f.name) for f in fields(self)})
-        spec.seq = preset.seq if spec.seq is None else spec.seq  # None, not 0: 0 is refused below
-        spec.batch = preset.batch if spec.batch is None else spec.batch
-        spec.lr = preset.lr if spec.lr is None else spec.lr
-        spec.warmup = preset.warmup if spec.warmup is None else spec.warmup
-        if spec.task not in ("mlm", "clm"):
-            raise InputError(f"--task {spec.task}: valid: mlm, clm")
-        for name in ("steps", "seq", "batch", "eval_every", "eval_batches", "gpus"):
-            if getattr(spec, name) <= 0:
-                raise InputError(f"--{name.replace('_', '-')} must be positive, not {getattr(spec, name)}")
-        if spec.lr <= 0 or spec.clip <= 0:
-            raise InputError("--lr and the gradient clip must be positive")
-        check_mechanism_options(spec.attn, spec.extra)
-        impl_per_mechanism(spec.impl, spec.attn)
-        if spec.positions not in ("learned", "sinusoidal"):
-            raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
-        if spec.batch % spec.gpus:
-            raise InputError(f"--batch {spec.batch} must be a multiple of --gpus {spec.gpus}")
-        if not spec.attn or len(set(spec.attn)) != len(spec.attn):
-            raise InputError("--attn needs one or more distinct mechanism names")
-        for name in spec.attn:
-            registry.get(name)
-        return spec
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -141,20 +80,6 @@ def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch
     )
     cfg.impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.attn)[mechanism], cfg.layer_config(), device)
     return cfg
-
-
-def train_flops_per_token(model: LanguageModel, seq: int, mode: str = "fwdbwd") -> float:
-    """Training FLOPs per token (``mode`` fwdbwd; fwd: the forward alone), for MFU: 2 per
-    multiply-add of every matmul weight (every Linear and the tied output projection; embedding
-    lookups are free) times the linear mode factor, plus the attention core's forward FLOPs at
-    ``seq`` times the core mode factor (attnbench.flops)."""
-    cfg = model.cfg
-    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    matmul_weights = linear_weights + cfg.vocab_size * cfg.dim  # the tied output projection
-    per_token = 2 * LINEAR_MODE_FACTOR[mode] * matmul_weights  # 2 FLOPs per multiply-add
-    mechanism = registry.get(cfg.mechanism)
-    core = mechanism.flops(cfg.layer_config(), 1, seq) / seq
-    return per_token + cfg.layers * CORE_MODE_FACTOR[mode] * core
 
 
 def param_table(presets: list[str] | None = None, mechanisms: list[str] | None = None, task: str = "mlm") -> list[dict[str, Any]]:
@@ -435,7 +360,7 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) ->
     except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
         diverged = err
     if world.is_main:
-        from attnbench.report.train import render_train_report
+        from attnbench.train.report import render_train_report
 
         meta["finished"] = store.now()
         store.write_meta(run_dir, meta)

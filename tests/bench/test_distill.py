@@ -68,7 +68,7 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
     assert {g["mode"] for g in generations} == {"greedy", "sampled"}
     assert "```" in (run_dir / "generations.md").read_text()
 
-    from attnbench.report.distill import render_distill_report
+    from attnbench.distill.report import render_distill_report
 
     report, *plots = render_distill_report([run_dir], tmp_path / "report")
     text = report.read_text()
@@ -173,7 +173,7 @@ def test_a_diverged_student_is_an_error_row_and_the_others_finish(teacher, tmp_p
     generations = json.loads((run_dir / "generations.json").read_text())
     assert {g["model"] for g in generations} == {"teacher (standard)", "linear"}
 
-    from attnbench.report.distill import render_distill_report
+    from attnbench.distill.report import render_distill_report
 
     report, *_ = render_distill_report([run_dir], tmp_path / "report")
     assert f"{checkpoint} (step 2)" in report.read_text()

@@ -143,7 +143,7 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
         drawn.append(run_dirs)
         return [png]
 
-    monkeypatch.setitem(sys.modules, "attnbench.report.train",
+    monkeypatch.setitem(sys.modules, "attnbench.train.report",
                         types.SimpleNamespace(render_train_report=render_train_report, report_sections=lambda run_dirs: []))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
@@ -166,7 +166,7 @@ def test_distill_runs_go_to_distill_report(tmp_path, monkeypatch):
         png.write_bytes(b"\x89PNG\r\n\x1a\n")
         return [png, out_dir / "distill_report.md"]  # only the PNG becomes a figure
 
-    monkeypatch.setitem(sys.modules, "attnbench.report.distill", types.SimpleNamespace(render_distill_report=render_distill_report))
+    monkeypatch.setitem(sys.modules, "attnbench.distill.report", types.SimpleNamespace(render_distill_report=render_distill_report))
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     report = (run / "report.md").read_text()
@@ -329,7 +329,7 @@ def test_the_training_report_html_carries_the_eval_loss_table(tmp_path):
 
 
 def test_an_eval_panel_with_one_point_draws_a_marker_on_the_runs_step_axis(tmp_path):
-    from attnbench.report import train as train_report
+    from attnbench.train import report as train_report
 
     write_train_run_with_one_eval(tmp_path / "run", steps=50)
     train, _, _ = train_report._load([tmp_path / "run"])

@@ -15,7 +15,7 @@ from attnbench.train import evaluate as train_eval
 from attnbench.cli import app
 from attnbench.errors import InputError
 from attnbench.models.transformer import build_model, param_counts
-from attnbench.report.train import render_train_report
+from attnbench.train.report import render_train_report
 
 
 @pytest.fixture(autouse=True)
