@@ -227,7 +227,7 @@ def report(
     baseline: Annotated[Optional[list[str]], typer.Option(help="Impls the speedup tables divide by; the first also the speedup plots (default: sdpa, else torch).")] = None,
 ) -> None:
     """Plots, report.md and a self-contained report.html from one or more runs."""
-    from attnbench.report.speed import render_report
+    from attnbench.report.render import render_report
 
     render_report(runs or [], out, baseline)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from attnbench.report.speed import best_per_sequence
 from attnbench.train.report import train_rows
 
 MODE_PREFERENCE = ["fwdbwd", "fwd", "bwd"]
@@ -41,9 +42,8 @@ def final_eval_losses(train_runs: list[Path]) -> pd.DataFrame:
 
 def tradeoff_rows(speed: pd.DataFrame, train_runs: list[Path]) -> pd.DataFrame:
     """Final eval loss and fastest causal time per sequence, per trained mechanism and length
-    (speed as report.load_speed returns it). Empty when no trained mechanism was timed."""
+    (speed as report.speed.load_speed returns it). Empty when no trained mechanism was timed."""
     from attnbench.models.registry import mechanisms
-    from attnbench.report.speed import best_per_sequence
 
     finals = final_eval_losses(train_runs)
     timed = speed[(speed["status"] == "ok") & (speed["causal"] == "causal") & speed["mechanism"].isin(finals["mechanism"])]

@@ -257,7 +257,7 @@ def handed_over(monkeypatch):
 
     for module, function in [("attnbench.speed.run", "run_speed"), ("attnbench.train.run", "run_train"),
                              ("attnbench.distill.run", "run_distill"), ("attnbench.devtools.check", "run_check"),
-                             ("attnbench.report.speed", "render_report")]:
+                             ("attnbench.report.render", "render_report")]:
         monkeypatch.setattr(importlib.import_module(module), function, stop)
 
     def run(*args):

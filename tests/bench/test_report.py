@@ -127,8 +127,7 @@ def test_a_baseline_not_in_the_run_is_an_input_error(tmp_path):
 
 
 def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
-    import sys
-    import types
+    from attnbench.train import report as train_report
 
     run = tmp_path / "train-run"
     run.mkdir()
@@ -143,8 +142,8 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
         drawn.append(run_dirs)
         return [png]
 
-    monkeypatch.setitem(sys.modules, "attnbench.train.report",
-                        types.SimpleNamespace(render_train_report=render_train_report, report_sections=lambda run_dirs: []))
+    monkeypatch.setattr(train_report, "render_train_report", render_train_report)
+    monkeypatch.setattr(train_report, "report_sections", lambda run_dirs: [])
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert drawn == [[run]]
@@ -152,8 +151,7 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
 
 
 def test_distill_runs_go_to_distill_report(tmp_path, monkeypatch):
-    import sys
-    import types
+    from attnbench.distill import report as distill_report
 
     run = tmp_path / "distill-run"
     run.mkdir()
@@ -166,7 +164,7 @@ def test_distill_runs_go_to_distill_report(tmp_path, monkeypatch):
         png.write_bytes(b"\x89PNG\r\n\x1a\n")
         return [png, out_dir / "distill_report.md"]  # only the PNG becomes a figure
 
-    monkeypatch.setitem(sys.modules, "attnbench.distill.report", types.SimpleNamespace(render_distill_report=render_distill_report))
+    monkeypatch.setattr(distill_report, "render_distill_report", render_distill_report)
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     report = (run / "report.md").read_text()
