@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from attnbench import console
+from attnbench.case import CASE_COLUMNS
 from attnbench.errors import InputError
 
 SCHEMA_VERSION = 2  # 2: the preset column (model level)
@@ -33,11 +34,7 @@ RUN_CSVS = (SPEED_CSV, TRAIN_CSV, DISTILL_CSV)  # a run folder holds one of thes
 META_JSON = "meta.json"
 LOCK_FILE = ".lock"  # the pid of the process writing the run (run_lock)
 
-# What identifies a case; resume and compare match rows on these.
-CASE_COLUMNS = [
-    "mechanism", "impl", "level", "mode", "dtype", "device",
-    "batch", "seq", "heads", "kv_heads", "head_dim", "causal", "window", "preset",
-]
+# After the case columns (bench/case.py: what identifies a case; resume and compare match rows on them), what was measured.
 RESULT_COLUMNS = [
     "status", "message", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
     "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",

@@ -26,53 +26,15 @@ import torch
 
 from attnbench import flops as flop_model
 from attnbench import timing
+from attnbench.case import Case
 from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
 from attnbench.models import registry
-from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.models.registry import Mechanism
 from attnbench.store import case_key
 
 MODES = ("fwd", "bwd", "fwdbwd")
 MODEL_LEVELS = ("model", "model-graph")  # a training step of a preset model
-
-
-@dataclass(frozen=True)
-class Case:
-    """One point of the sweep; its fields are the CSV's case columns."""
-
-    mechanism: str
-    impl: str
-    level: str
-    mode: str
-    dtype: str
-    device: str
-    batch: int
-    seq: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    causal: bool
-    window: int | None
-    preset: str = ""  # model level only: the models/presets.py shape (heads, head_dim follow it)
-
-    def layer_config(self) -> LayerConfig:
-        return LayerConfig(
-            dim=self.heads * self.head_dim, heads=self.heads, kv_heads=self.kv_heads,
-            head_dim=self.head_dim, causal=self.causal, impl=self.impl, window=self.window,
-        )
-
-    def series(self) -> tuple:
-        """Everything but the size: an OOM at one size skips the larger sizes of the same series."""
-        return tuple(v for k, v in asdict(self).items() if k not in ("batch", "seq"))
-
-    def larger_than(self, other: "Case") -> bool:
-        """Same series, and no smaller in seq nor batch (what an OOM at ``other`` predicts for explicit batches)."""
-        return self.series() == other.series() and self.seq >= other.seq and self.batch >= other.batch and self != other
-
-    def longer_than(self, other: "Case") -> bool:
-        """Same series and a longer sequence (a fixed token budget shrinks B as T grows, but
-        attention's cost per token still grows with T, so a longer T is the larger size)."""
-        return self.series() == other.series() and self.seq > other.seq
 
 
 @dataclass
@@ -521,9 +483,4 @@ def stops_in(rows: Iterable[dict[str, str]], max_call_ms: float | None) -> Itera
         why = stop_reason(row["status"], ms, max_call_ms)
         if not why:
             continue
-        case = Case(
-            row["mechanism"], row["impl"], row["level"], row["mode"], row["dtype"], row["device"],
-            int(row["batch"]), int(row["seq"]), int(row["heads"]), int(row["kv_heads"]), int(row["head_dim"]),
-            row["causal"] == "True", int(row["window"]) if row["window"] else None, row.get("preset") or "",
-        )
-        yield case, why
+        yield Case.from_row(row), why
