@@ -16,6 +16,7 @@ from torch import nn
 from attnbench import store
 from attnbench.train.data import IGNORE
 from attnbench.errors import InputError
+from attnbench.flops import attention_flops
 from attnbench.models import registry
 
 
@@ -116,7 +117,7 @@ class RunTeacher:
         return model(ids)[0, -1]
 
     def attention_flops(self, mechanism: str, batch: int, seq: int) -> float:
-        return self.model.cfg.layers * registry.get(mechanism).flops(self.layer_config(mechanism), batch, seq)
+        return attention_flops(registry.get(mechanism), self.layer_config(mechanism), self.model.cfg.layers, batch, seq)
 
 
 class HFTeacher:
@@ -188,4 +189,4 @@ class HFTeacher:
         return model(input_ids=ids).logits[0, -1]
 
     def attention_flops(self, mechanism: str, batch: int, seq: int) -> float:
-        return self._layers * registry.get(mechanism).flops(self.layer_config(mechanism), batch, seq)
+        return attention_flops(registry.get(mechanism), self.layer_config(mechanism), self._layers, batch, seq)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from attnbench import store
+from attnbench import flops, store
 from attnbench.errors import InputError
 
 NUMERIC = ["batch", "seq", "heads", "kv_heads", "head_dim", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
@@ -29,11 +29,7 @@ FIT_POINTS = 3  # the exponent is fitted over this many largest sequence lengths
 MIN_FIT_POINTS = 3  # on fewer, no exponent: a line through two points always fits (R^2 = 1 says nothing)
 
 FLOP_CONVENTION = (
-    "FLOPs follow the FlashAttention-3 convention: a softmax forward counts 4 * B * Hq * D per visible "
-    "query-key pair (2 for QK^T, 2 for PV), with pairs counted exactly for causal masks, windows and "
-    "padding; backward = 2.5x forward (2x for the gradient matmuls + 0.5x recomputing QK^T), "
-    "fwd+bwd = 3.5x. Mechanisms with their own cost model (linear, performer, ...) use it. At layer "
-    "level every nn.Linear adds 2 FLOPs per multiply-add (backward 2x). fwd runs without autograd; "
+    f"{flops.CONVENTION} fwd runs without autograd; "
     "bwd times the backward alone. The exponent is the slope of log(median ms / batch) against "
     "log T over the largest points (time per sequence, so fixed-token sweeps compare fairly)."
 )
