@@ -3,7 +3,7 @@
 (distill's summary.csv), and CONVENTION, the report's sentence saying how they are counted.
 
 Forward FLOPs of an attention core come from its registry entry (Mechanism.flops; the shared
-forms in models/flops.py: 4 * Hq * D per visible q-k pair for softmax, counted exactly for
+forms in models/pair_flops.py: 4 * Hq * D per visible q-k pair for softmax, counted exactly for
 causal, window, padding and GQA). This module adds the mode multipliers and the projections.
 """
 

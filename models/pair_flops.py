@@ -1,8 +1,8 @@
-"""Forward FLOP models of the kernel-level cores, FlashAttention-3 convention.
+"""Forward FLOPs counted over the visible query-key pairs, FlashAttention-3 convention.
 
 Each mechanism's registry entry names one of these (or its own, in its file) as
 ``flops(cfg, batch, seq, seq_lens=None) -> float``: forward FLOPs of the core for q, k, v of
-``seq`` tokens. Backward and fwd+bwd multipliers live in attnbench.flops.
+``seq`` tokens. Backward and fwd+bwd multipliers, and every count the harness records, live in bench/flops.py.
 """
 
 from __future__ import annotations

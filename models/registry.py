@@ -118,7 +118,7 @@ class Mechanism:
     """A named attention: what it is, what it supports, how it is computed.
 
     flops: forward FLOPs of the kernel-level core, flops(cfg, batch, seq, seq_lens=None)
-        (models/flops.py holds the shared models, e.g. softmax_flops counts visible q-k pairs).
+        (models/pair_flops.py holds the shared models, e.g. softmax_flops counts visible q-k pairs).
     position: "inside" (encodes position itself) or "absolute" (the model must add
         learned/sinusoidal position embeddings).
     params: its extra parameters with defaults and one-line meanings, for `attnbench list`.

@@ -2,7 +2,7 @@
 fused into the score tile; geometric per-head slopes."""
 
 from attnbench.kernels.reference import alibi_slopes
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, window_option

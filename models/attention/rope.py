@@ -2,7 +2,7 @@
 convention; our impl rotates q and k in one Triton pass before its kernels, and its backward
 kernels rotate dq and dk back in their epilogues (kernels/flash_rope.py); the peers rotate in torch."""
 
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import LayerConfig, Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, window_option

@@ -1,6 +1,6 @@
 """standard: exact softmax attention (Vaswani et al. 2017); needs absolute positions in the model."""
 
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, window_option

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from attnbench.models.fla import fla_missing
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.softmax import softmax_impls, window_option
