@@ -152,14 +152,35 @@ def _started(meta_path: Path) -> str:
         return ""
 
 
+# ---- whole files
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write the new file to; leaving the block without an error
+    renames it over ``path`` in one step, so a reader (or a kill) finds the old file or the new one,
+    never half of one. The temp file is gone either way; its name carries the pid, so processes
+    filling one cache do not write into each other's."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON, written whole (replacing)."""
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
 # ---- meta.json
 
 
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     """Write meta.json whole (a temp file and a rename: never half a file)."""
-    tmp = run_dir / f".{META_JSON}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    os.replace(tmp, run_dir / META_JSON)
+    write_json(run_dir / META_JSON, meta)
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:

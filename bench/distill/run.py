@@ -256,14 +256,11 @@ def _zero_sums() -> dict[str, float]:
 def save_checkpoint(path: Path, student: nn.Module, optimizer, scheduler, step: int) -> None:
     """What a resumed student needs: its trainable parameters and every buffer (a performer's
     random features), the optimizer and schedule, the step. Frozen tensors come from the teacher."""
-    import os
-
     tensors = {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
     tensors.update({n: b for n, b in student.named_buffers()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "tensors": tensors, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with store.replacing(path) as tmp:
+        torch.save({"step": step, "tensors": tensors, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
 
 
 def load_checkpoint(path: Path, student: nn.Module, optimizer, scheduler) -> int:

@@ -12,7 +12,6 @@ folder exists, so a run killed at any moment resumes from a complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from attnbench import store
 from attnbench.errors import InputError
 
 LATEST = "latest.json"
-
-
-def _replace_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
@@ -36,14 +30,12 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     folder.mkdir(parents=True, exist_ok=True)
     step_dir = folder / f"step-{int(state['step']):06d}"
     step_dir.mkdir(exist_ok=True)
-    tmp = step_dir / ".model.safetensors.tmp"
-    save_model(model, str(tmp))
-    os.replace(tmp, step_dir / "model.safetensors")
-    tmp = step_dir / ".optimizer.pt.tmp"
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, step_dir / "optimizer.pt")
-    _replace_json(step_dir / "state.json", state)
-    _replace_json(folder / LATEST, {"step_dir": step_dir.name})
+    with store.replacing(step_dir / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+    with store.replacing(step_dir / "optimizer.pt") as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp)
+    store.write_json(step_dir / "state.json", state)
+    store.write_json(folder / LATEST, {"step_dir": step_dir.name})
     for old in folder.glob("step-*"):
         if old != step_dir:
             shutil.rmtree(old, ignore_errors=True)

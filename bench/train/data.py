@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from attnbench import store
 from attnbench.errors import InputError
 from attnbench.models.transformer import IGNORE
 
@@ -236,9 +237,8 @@ def train_bpe(corpus: Corpus, vocab_size: int) -> Tokenizer:
     )
     backend.train_from_iterator(corpus.splits["train"], trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    backend.save(str(tmp))
-    os.replace(tmp, path)
+    with store.replacing(path) as tmp:
+        backend.save(str(tmp))
     return _wrap(name, backend)
 
 
@@ -283,9 +283,8 @@ def token_streams(corpus: Corpus, tokenizer: Tokenizer) -> dict[str, torch.Tenso
                 ids.append(tokenizer.eos_id)
         streams[split] = torch.tensor(ids, dtype=torch.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(streams, str(tmp))
-    os.replace(tmp, path)
+    with store.replacing(path) as tmp:
+        save_file(streams, str(tmp))
     return {s: t.long() for s, t in streams.items()}
 
 

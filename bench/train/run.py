@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -216,12 +215,10 @@ def write_learned_parameters(model: torch.nn.Module, mechanism: str, run_dir: Pa
     if not rows:
         return None
     path = run_dir / f"learned-{mechanism}.csv"
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with store.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, LEARNED_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
@@ -285,12 +282,10 @@ def _keep_rows(path: Path, columns: list[str], keep) -> None:
     if not path.exists():
         return
     rows = [row for row in store.read_rows(path, columns) if keep(row)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with store.replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def prune_to_checkpoints(run_dir: Path, mechanisms: list[str]) -> None:
