@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from attnbench import store
 from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
 from attnbench.tolerance import error_bound
@@ -201,8 +202,6 @@ def run_check(attn: Sequence[str], max_seq: int, dtype_name: str, console=None, 
     """`attnbench check`: print the table of the softmax-family matrix; True when all pass.
     ``csv_path``: also write every row there as it is measured (CHECK_COLUMNS)."""
     from rich.console import Console
-
-    from attnbench import store
 
     if dtype_name not in LOW_PRECISION:
         raise InputError(f"unknown dtype '{dtype_name}'; valid: {', '.join(LOW_PRECISION)}")

@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 import typer
 
+from attnbench.kernels import flash_launch
+from attnbench.kernels.flash import flash_problem
 from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
-from attnbench.kernels.flash import flash_problem
-from attnbench.kernels import flash_launch
 from attnbench.kernels.flash_launch import candidates_for, tile_config
 from attnbench.timing import measure
 

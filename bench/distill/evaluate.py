@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench import timing
 from attnbench.train.data import IGNORE
 from attnbench.train.evaluate import autocast
 
@@ -62,9 +63,6 @@ def evaluate(source, student: nn.Module, batches: list[dict[str, torch.Tensor]],
 def measure_cost(source, model: nn.Module, mechanism: str, batch: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
     """Attention FLOPs (the registry's forward model, all layers) and the whole model's forward
     time (median ms) and peak memory (MiB, CUDA only) on one evaluation batch."""
-    from attnbench import timing
-    from attnbench.timing import peak_memory_mib
-
     batch = to_device(batch, device)
     b, t = batch["input_ids"].shape
 
@@ -78,7 +76,7 @@ def measure_cost(source, model: nn.Module, mechanism: str, batch: dict[str, torc
     return {
         "attn_flops": source.attention_flops(mechanism, b, t),
         "forward_ms": timing.measure(forward, dev).median_ms,
-        "peak_mem_mib": peak_memory_mib(forward, dev),
+        "peak_mem_mib": timing.peak_memory_mib(forward, dev),
     }
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnbench import store
-from attnbench.distill.run import DISTILL_COLUMNS, DISTILL_CSV, SUMMARY_COLUMNS, SUMMARY_CSV
 from attnbench.distill.evaluate import GENERATIONS
+from attnbench.distill.run import DISTILL_COLUMNS, DISTILL_CSV, SUMMARY_COLUMNS, SUMMARY_CSV
 from attnbench.errors import InputError
 
 CURVES = {"kl": ("held-out KL(teacher || student), nats/token", True), "agreement": ("top-1 agreement with the teacher", False)}

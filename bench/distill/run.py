@@ -35,13 +35,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnbench import store
+from attnbench import env, store
 from attnbench.distill.evaluate import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
 from attnbench.distill.teachers import HFTeacher, RunTeacher, hf_offline
 from attnbench.errors import InputError
-from attnbench.train.impl_choice import check_mechanism_options, choose_impl, impl_per_mechanism
 from attnbench.models import registry
+from attnbench.train import data
 from attnbench.train.evaluate import autocast
+from attnbench.train.impl_choice import check_mechanism_options, choose_impl, impl_per_mechanism
+from attnbench.train.run import lr_factor
 
 DISTILL_CSV = store.DISTILL_CSV
 SUMMARY_CSV = "summary.csv"
@@ -158,9 +160,6 @@ def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_di
     train it to ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps
     (step 0: zero-shot). Returns the trained student; StudentDiverged (after its error row) if
     its loss turns non-finite."""
-    from attnbench.train import data
-    from attnbench.train.run import lr_factor
-
     device = spec.device
     torch.manual_seed(spec.seed)
     student = source.student(mechanism, impl).eval()  # eval: no dropout; gradients still flow
@@ -314,8 +313,6 @@ def student_impls(source, spec: DistillSpec) -> dict[str, str]:
 def open_run(spec: DistillSpec, out: Path | None, resume: bool, command: str) -> tuple[Path, dict[str, Any]]:
     """The run folder (created) and its meta.json (not written yet). A new run refuses a folder that
     holds a distill.csv; a resumed one must be a distill of the same teacher into the same students."""
-    from attnbench import env
-
     run_dir = out or (store.latest_run(needs=(DISTILL_CSV,)) if resume else store.new_run_dir("distill"))
     meta = {"command": command, "schema_version": store.SCHEMA_VERSION, "kind": "distill", "spec": asdict(spec), "started": store.now()}
     if resume:
@@ -376,8 +373,6 @@ def write_summary(
     """summary.csv: the teacher and each student's cost (attention FLOPs, forward ms, peak MiB on
     one held-out batch) and quality (zero-shot and final held-out KL, agreement, perplexity). A
     ``failed`` student's row has status error, its reason, and the quality of its last good checkpoint."""
-    from attnbench.train import data
-
     probe = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, 1, source.tokenizer, spec.seed)[0]
     valid = [r for r in rows if r["split"] == "valid"]
     teacher_ppl = valid[-1]["ppl_teacher"] if valid else None

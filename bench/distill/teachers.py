@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from attnbench import store
-from attnbench.train.data import IGNORE
 from attnbench.errors import InputError
 from attnbench.flops import attention_flops
 from attnbench.models import registry
+from attnbench.train import checkpoint, data
+from attnbench.train.data import IGNORE
+from attnbench.train.spec import TrainSpec
 
 
 def hf_offline() -> None:
@@ -54,11 +56,8 @@ class RunTeacher:
         """The last checkpoint of ``mechanism`` (default: the run's first) in a run folder of `attnbench train`,
         with the run's own corpus and tokenizer (checked against the hashes it recorded). The corpus is
         fetched only with ``download`` (distill's own flag, not the one the train run recorded)."""
-        from attnbench.train import checkpoint
-        from attnbench.train import data
         from attnbench.models.presets import Preset
         from attnbench.models.transformer import LanguageModel, ModelConfig
-        from attnbench.train.spec import TrainSpec
 
         meta = store.read_meta(run_dir)
         if meta.get("kind") != "train" or "models" not in meta:
@@ -126,8 +125,6 @@ class HFTeacher:
 
     def __init__(self, path: str, *, batch: int, seq: int, device: str, download: bool = False):
         import transformers
-
-        from attnbench.train import data
 
         local = not download
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench import store
+from attnbench import console, store
 from attnbench.errors import InputError
 
 
@@ -53,8 +53,6 @@ def ratios(base: pd.DataFrame, head: pd.DataFrame, threshold: float) -> tuple[pd
 
 def compare_runs(base: Path, head: Path, threshold: float) -> bool:
     """Print the per-case table; True when any case regressed."""
-    from attnbench import console
-
     if threshold < 0:
         raise InputError(f"--threshold must be >= 0, got {threshold}")
     table, only_base, only_head = ratios(_load(base), _load(head), threshold)

@@ -18,8 +18,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from attnbench import timing
-from attnbench.store import case_key
 from attnbench.speed.sweep import LEVELS, Case, expand, timed_call
+from attnbench.store import case_key
 
 PROFILE_CSV = "profile.csv"
 WARMUP_CALLS = 3

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from attnbench.train import data
 from attnbench.models import registry
 from attnbench.models.transformer import IGNORE, LanguageModel, lm_loss
-
-if TYPE_CHECKING:
-    from attnbench.train.spec import TrainSpec
+from attnbench.train import data
+from attnbench.train.spec import TrainSpec
 
 EXTRAPOLATION_FACTORS = (1, 2, 4)
 
