@@ -187,13 +187,13 @@ tiles)
     tail -45 "$out/tiles.txt"
     ;;
 tma)
-    flash_tests 150 tests/bench/test_tile_sweep.py
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
     limit 280 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --loads tma --loads pointer --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
     tail -70 "$out/tiles.txt"
     ;;
 tma-followup)
-    flash_tests 150 tests/bench/test_tile_sweep.py
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
     for d in 128 256; do
         limit 80 python3 -m attnbench.devtools.tile_sweep --seq 4096 --heads $((2048 / d)) --head-dim $d --no-neighbours \
             --loads tma --loads pointer --out "$out/tiles-d$d.csv" > "$out/tiles-d$d.txt" 2>&1
@@ -203,7 +203,7 @@ tma-followup)
     cat "$out"/tiles-d*.txt
     ;;
 tma-final)
-    flash_tests 150 tests/bench/test_tile_sweep.py
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
     host_time --profile 25
     model_steps 3
     for d in 64 128; do
@@ -212,7 +212,7 @@ tma-final)
     done
     ;;
 graph)  # a failed capture leaves its process's CUDA context unusable: the graph tests run apart
-    limit 120 python3 -m pytest -v -m cuda tests/bench/test_sweep.py tests/models/test_transformer.py --timeout 120 -rf \
+    limit 120 python3 -m pytest -v -m cuda tests/bench/speed/test_sweep.py tests/models/test_transformer.py --timeout 120 -rf \
         --tb=short > "$out/cuda_tests_graph.txt" 2>&1
     flash_tests 120
     grep -E "FAILED|passed|failed" "$out/cuda_tests_graph.txt" | tail -8
@@ -221,7 +221,7 @@ graph)  # a failed capture leaves its process's CUDA context unusable: the graph
     ;;
 packed)
     flash_tests 130
-    limit 80 python3 -m pytest -v -m cuda tests/bench/test_sweep.py --timeout 60 -rf --tb=short > "$out/cuda_tests_sweep.txt" 2>&1
+    limit 80 python3 -m pytest -v -m cuda tests/bench/speed/test_sweep.py --timeout 60 -rf --tb=short > "$out/cuda_tests_sweep.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests_sweep.txt" | tail -4
     limit 40 python3 -m pytest -v tests/models/test_registry.py tests/kernels/test_flash.py -k "projection" \
         --tb=short > "$out/projection_tests.txt" 2>&1
@@ -272,20 +272,20 @@ check)
     done
     ;;
 lean)
-    flash_tests 150 tests/bench/test_tile_sweep.py
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
     limit 250 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     model_steps 1 model-graph standard 100
     tail -64 "$out/tiles.txt"
     ;;
 edges | registers)  # the same steps, on two states of the kernels
-    flash_tests 150 tests/bench/test_tile_sweep.py
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
     limit 120 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
     model_steps 2 model-graph standard,rope,alibi 100
     model_steps 1 model standard 80
     tail -64 "$out/tiles.txt"
     ;;
 registers-check)
-    limit 120 python3 -m pytest -v -m cuda tests/bench/test_tile_sweep.py tests/kernels/test_flash_launch.py --timeout 120 -rf \
+    limit 120 python3 -m pytest -v -m cuda tests/bench/devtools/test_tile_sweep.py tests/kernels/test_flash_launch.py --timeout 120 -rf \
         --tb=short > "$out/cuda_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -4
     limit 200 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype bf16 --csv "$out/check-bf16.csv" \
