@@ -19,7 +19,7 @@ import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from attnbench.errors import USER_ERRORS, InputError
+from attnbench.errors import USER_ERRORS, InputError, Interrupted
 
 
 def _fail(message: str) -> NoReturn:
@@ -31,7 +31,8 @@ def _fail(message: str) -> NoReturn:
 def _one_line_errors():
     """Our input errors and click's parse errors (a malformed value, an unknown option or command)
     become one red line on stderr and exit code 2, instead of a traceback or typer's usage box.
-    `attnbench` alone still prints the help."""
+    `attnbench` alone still prints the help. Interrupted (Ctrl-C in a run) prints its resume
+    message and exits 130."""
     try:
         yield
     except click.exceptions.NoArgsIsHelpError:
@@ -40,6 +41,9 @@ def _one_line_errors():
         _fail(str(err))
     except click.UsageError as err:
         _fail(" ".join(err.format_message().split()))
+    except Interrupted as err:  # Ctrl-C during a run: what was kept, and the command that continues it
+        typer.echo(str(err), err=True)
+        raise typer.Exit(130) from None
 
 
 class InputErrorsExit2(TyperGroup):
@@ -214,10 +218,12 @@ def speed(
         console.out.print(f"[dim]not run: {escape(note)}[/dim]")
     console.out.print(f"{console.status_counts(rows)} -> {escape(str(run_dir))}/speed.csv")
     if profile:
+        from attnbench import store
         from attnbench.speed.profile import profile_ok_cases
 
-        for case_profile in profile_ok_cases(spec, rows, run_dir, profile):
-            console.out.print(console.profile_table(case_profile, top))
+        with store.run_lock(run_dir):  # the profiles are written into the run folder too
+            for case_profile in profile_ok_cases(spec, rows, run_dir, profile):
+                console.out.print(console.profile_table(case_profile, top))
 
 
 @app.command(cls=ListOptionsCommand)
@@ -364,12 +370,12 @@ def distill(
 def train(
     attn: Annotated[list[str], typer.Option(help="Mechanisms, or all; each trains an identical model on the identical token stream.")],
     task: Annotated[str, typer.Option(help="mlm (BERT-style encoder) or clm (GPT-style decoder).")] = "mlm",
-    preset: Annotated[str, typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base).")] = "small",
-    steps: Annotated[int, typer.Option(help="Optimizer steps per mechanism.")] = 2000,
+    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny, small (~30M) or base (BERT-base) (default: tiny on CPU, small on CUDA).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per mechanism (default: at most 2 epochs of the corpus, and 2500 on CPU, 2000 on CUDA).")] = None,
     seq: Annotated[Optional[int], typer.Option(help="Training length in tokens (default: the preset's).")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Sequences per step, over all GPUs (default: the preset's).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Sequences per step, over all GPUs (default: the preset's, halved while a default run would take under 1000 steps).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate; warmup then cosine to 10% (default: the preset's).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default: the preset's).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default: the preset's, at most a tenth of default-sized steps).")] = None,
     data: Annotated[str, typer.Option(help="stdlib (no network), wikitext-2, wikitext-103, or a text file or folder.")] = "stdlib",
     tokenizer: Annotated[str, typer.Option(help="bpe[:VOCAB] trained on the train split, bytes, or a tokenizer.json / HF folder.")] = "bpe",
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,

@@ -6,12 +6,15 @@ Nothing here computes a result; every function takes rows or dicts and draws the
 from __future__ import annotations
 
 import contextlib
+import datetime
 from typing import Any, Callable, Iterator
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -19,10 +22,33 @@ err = Console(stderr=True)
 STATUS_STYLE = {"oom": "OOM", "error": "error", "unsupported": "-", "skipped": "skip"}
 
 
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss (rich's elapsed-time format)."""
+    return str(datetime.timedelta(seconds=max(0, round(seconds))))
+
+
+class PaceColumn(ProgressColumn):
+    """Time left at this bar's own pace: its elapsed time over the steps it has done since it
+    began (field ``first``: the step a resumed run began at), times the steps left; from the
+    first step on, however slow. Before it, the task's ``estimate`` field (seconds), when one
+    was given. (Rich's TimeRemainingColumn averages only the last 30 s of updates, so it shows
+    nothing while a step takes longer than that.)"""
+
+    def render(self, task: Task) -> Text:
+        done = task.completed - task.fields.get("first", 0)
+        if done > 0 and task.elapsed and task.total is not None:
+            text = f"eta {clock(task.elapsed / done * (task.total - task.completed))}"
+        elif task.fields.get("estimate") is not None:
+            text = f"eta ~{clock(task.fields['estimate'])}"
+        else:
+            text = "eta -:--:--"
+        return Text(text, style="progress.remaining")
+
+
 @contextlib.contextmanager
 def sweep_progress(total: int) -> Iterator[Callable[[str, Any], None]]:
     """A progress bar over ``total`` steps (warm-up and timing of each case), on stderr."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), PaceColumn()]
     with Progress(*columns, console=err, transient=False) as progress:
         task = progress.add_task("sweep", total=total)
 
@@ -31,6 +57,21 @@ def sweep_progress(total: int) -> Iterator[Callable[[str, Any], None]]:
             progress.update(task, advance=1, description=label)
 
         yield on_step
+
+
+@contextlib.contextmanager
+def train_progress(enabled: bool = True) -> Iterator[Progress | None]:
+    """A bar per trained mechanism with its live loss and time left (PaceColumn), on stderr;
+    None when not ``enabled`` (the ranks of a DDP run other than the first)."""
+    if not enabled:
+        yield None
+        return
+    columns = [
+        TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), PaceColumn(),
+    ]
+    with Progress(*columns, console=err) as progress:
+        yield progress
 
 
 CASE_COLUMNS = ["mechanism", "level", "mode", "causal", "dtype", "device", "heads", "kv_heads", "head_dim", "window", "batch", "seq"]
@@ -53,11 +94,12 @@ def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str
     cases: dict[tuple, dict[str, dict[str, str]]] = {}
     for row in rows:
         cases.setdefault(tuple(row[c] for c in varying), {})[row["impl"]] = row
-    table = Table(title=f"{title}\n{' '.join(constant)}", title_justify="left")
+    # no vertical rules, impl names broken at their dashes, cells never cut: eight impls fit 80 columns
+    table = Table(title=f"{title}\n{' '.join(constant)}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for name in varying:
-        table.add_column(SHORT.get(name, name), justify="right" if name in SHORT else "left")
+        table.add_column(SHORT.get(name, name), justify="right" if name in SHORT else "left", no_wrap=True)
     for impl in ran:
-        table.add_column(f"{impl}\nms", justify="right")
+        table.add_column(impl.replace("-", "-\n") + "\nms", justify="right", no_wrap=True)
     for key, by_impl in cases.items():
         ok = {impl: float(r["ms_median"]) for impl, r in by_impl.items() if r["status"] == "ok"}
         fastest = min(ok, key=ok.get) if ok else None

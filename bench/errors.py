@@ -7,4 +7,9 @@ class InputError(ValueError):
     """Bad user input (a value, a path, a combination of options); the message is the whole story."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C stopped a run; the message says what was kept and the command that continues it.
+    The CLI prints it and exits 130 (the shell's code for SIGINT)."""
+
+
 USER_ERRORS = (InputError, UnknownNameError)

@@ -38,7 +38,8 @@ class ModelConfig:
     """Everything that shapes a model. Use `ModelConfig.for_task` for the BERT/GPT conventions.
 
     causal: GPT-style decoder (True) or BERT-style encoder; norm: "post" (BERT) or "pre" (GPT-2);
-    positions: the absolute scheme used when the mechanism needs one ("learned" or "sinusoidal");
+    positions: the absolute scheme of a mechanism that needs one ("learned" or "sinusoidal"), or
+        "inside" for one that encodes positions itself (rope, alibi, exposb, stick-breaking);
     gelu: "none" (exact erf GELU, BERT) or "tanh" (GPT-2's approximation);
     max_seq: length of the learned position table (no limit for other schemes);
     attention: the mechanism's own options (registry Mechanism.params).
@@ -54,7 +55,7 @@ class ModelConfig:
     impl: str = "torch"
     causal: bool = False
     norm: Literal["post", "pre"] = "post"
-    positions: Literal["learned", "sinusoidal"] = "learned"
+    positions: Literal["learned", "sinusoidal", "inside"] = "learned"
     gelu: Literal["none", "tanh"] = "none"
     norm_eps: float = 1e-12
     kv_heads: int | None = None
@@ -73,6 +74,8 @@ class ModelConfig:
             else dict(causal=True, norm="pre", gelu="tanh", norm_eps=1e-5)
         )
         shape = dict(dim=preset.dim, layers=preset.layers, heads=preset.heads, mlp_dim=preset.mlp_dim, max_seq=seq or preset.seq)
+        if registry.get(mechanism).position != "absolute":  # the model adds no positions: say so
+            overrides["positions"] = "inside"
         return cls(vocab_size=vocab_size, mechanism=mechanism, impl=impl, **{**shape, **conventions, **overrides})
 
     @property

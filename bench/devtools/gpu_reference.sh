@@ -60,6 +60,11 @@
 #             second D = 64 candidate went uncapped: the flash CUDA tests, the model-level step of
 #             standard, rope and alibi as a CUDA graph
 #   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
+#   decode:   the decode kernels' tests on the GPU, then one decode step at issue 24's shapes (B 1-64,
+#             L 1k-64k, Hq 32, Hkv 8, D 128, bf16): ours contiguous and paged against SDPA's backends,
+#             and the one-token state steps, eager and as CUDA graph replays
+#   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
+#             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 set -uo pipefail
 stage=$1 dest=$2
 work=/tmp/attnbench-gpu
@@ -307,5 +312,20 @@ alibi-float)
 layers)
     speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
     speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    ;;
+decode)
+    limit 150 python3 -m pytest -v tests/kernels/test_decode_kernel.py tests/kernels/test_state_decode.py tests/models/test_decode.py \
+        --timeout 120 -rf --tb=short > "$out/decode_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/decode_tests.txt" | tail -6
+    limit 170 python3 -m attnbench.kernels.bench_decode --out "$out/decode.csv" > "$out/decode.txt" 2>&1
+    tail -40 "$out/decode.txt"
+    limit 170 python3 -m attnbench.kernels.bench_decode --cuda-graph --out "$out/decode-graph.csv" > "$out/decode-graph.txt" 2>&1
+    tail -40 "$out/decode-graph.txt"
+    ;;
+defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
+    (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)
+    grep -v "━" "$out/train.txt" | tail -12
+    (cd "$out" && limit 150 bash -c 'time attnbench speed --seq 512 4096' > "$out/speed.txt" 2>&1)
+    grep -v "━" "$out/speed.txt" | tail -30
     ;;
 esac

@@ -27,6 +27,7 @@ everything is written, and run_distill then raises StudentDiverged (the CLI: one
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch import nn
 from attnbench import env, store
 from attnbench.distill.evaluate import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
 from attnbench.distill.teachers import HFTeacher, RunTeacher, hf_offline
-from attnbench.errors import InputError
+from attnbench.errors import InputError, Interrupted
 from attnbench.models import registry
 from attnbench.train import data
 from attnbench.train.evaluate import autocast
@@ -339,9 +340,18 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
     source = source or load_teacher(spec)
     impls = student_impls(source, spec)
     run_dir, meta = open_run(spec, out, resume, command)
-    store.write_meta(run_dir, meta)
-    source.model.eval().requires_grad_(False)
+    with store.run_lock(run_dir):
+        store.write_meta(run_dir, meta)
+        try:
+            return distill_into(run_dir, meta, source, impls, spec, resume)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: every student keeps its last checkpoint in {run_dir}; continue with\n"
+                              f"  {command or 'attnbench distill ...'} --out {shlex.quote(str(run_dir))} --resume") from None
 
+
+def distill_into(run_dir: Path, meta: dict[str, Any], source, impls: dict[str, str], spec: DistillSpec, resume: bool) -> Path:
+    """run_distill's work once its folder is locked: every student, the summary, the generations."""
+    source.model.eval().requires_grad_(False)
     students: dict[str, nn.Module] = {}
     failed: dict[str, str] = {}  # mechanism -> why it stopped
     with store.RowLog(run_dir / DISTILL_CSV, DISTILL_COLUMNS, resume=resume) as log:

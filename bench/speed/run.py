@@ -6,6 +6,7 @@ Resuming continues the sweep recorded in the run's meta.json; rows already in sp
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from attnbench import env, store
-from attnbench.errors import InputError
+from attnbench.errors import InputError, Interrupted
 from attnbench.speed.shard import run_sharded
 from attnbench.speed.sweep import Case, Sweep, SweepSpec, expand, stops_in, validate
 
@@ -118,7 +119,11 @@ def run_speed(
             check_spec(spec, gpus)
         record_setup(run_dir, meta, spec, measure_peak)
         store.write_meta(run_dir, meta)
-        sweep_rows(run_dir, spec, meta, resume, progress, gpus)
+        try:
+            sweep_rows(run_dir, spec, meta, resume, progress, gpus)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: every row recorded is kept in {run_dir / store.SPEED_CSV}; continue with\n"
+                              f"  {shlex.join(['attnbench', 'speed', '--resume', '--out', str(run_dir)])}") from None
         meta["finished"] = store.now()
         store.write_meta(run_dir, meta)
         return run_dir, store.read_rows(run_dir / store.SPEED_CSV)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from attnbench import store
-from attnbench.errors import InputError
+from attnbench.errors import InputError, Interrupted
 from attnbench.flops import train_flops_per_token
 from attnbench.models import registry
 from attnbench.models.presets import Preset
@@ -129,9 +130,50 @@ def _peak_mem_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | None, progress) -> None:
+def forward_backward(trained: torch.nn.Module, full: dict[str, torch.Tensor], world: distributed.World, device: torch.device):
+    """This rank's share of one batch forward and backward; returns (loss, parts, count): the
+    loss averaged over every labelled token of the whole batch, lm_loss's parts, and that count."""
+    count = (full["labels"] != IGNORE).sum().item()  # over the whole batch, all ranks alike
+    mine = {k: v[world.rank :: world.size].to(device) for k, v in full.items()}
+    with autocast(device):
+        parts = lm_loss(trained, mine["input_ids"], mine["labels"])
+    # DDP averages gradients over ranks; scaling by world size makes it the global mean's gradient
+    (parts.loss_sum * world.size / count).backward()
+    loss = distributed.all_sum(parts.loss_sum.detach().float()).item() / count
+    return loss, parts, count
+
+
+def step_seconds(run: Run, mechanism: str) -> float:
+    """Wall seconds of one training step of ``mechanism`` on this device, measured on a
+    throwaway copy of its model: the second of two steps (the first pays for compilation and
+    autotuning). The run's weights and RNG are untouched: train_mechanism seeds itself."""
+    cfg = model_config(run.spec, mechanism, run.tokenizer.vocab_size, run.device)
+    model = LanguageModel(cfg, run.spec.seed).to(run.device)
+    optimizer = optimizer_for(model, run.spec)
+    batches = data.Batches(run.streams["train"], run.spec.task, run.spec.seq, run.spec.batch, run.spec.seed, run.tokenizer)
+    for step in range(2):
+        tick = time.perf_counter()
+        forward_backward(model, batches.at(step), run.world, run.device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+    return time.perf_counter() - tick
+
+
+def run_seconds(spec: TrainSpec, per_step: float, start: int = 0) -> float:
+    """Estimated wall seconds of steps ``start`` to spec.steps at ``per_step`` seconds a step,
+    with the evaluations (eval_batches forward passes every eval_every steps, a forward taken
+    as a third of a training step)."""
+    steps = spec.steps - start
+    evaluations = steps // spec.eval_every + 1
+    return per_step * (steps + evaluations * spec.eval_batches / 3)
+
+
+def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | None, progress, estimate: float | None = None) -> None:
     """Train one mechanism for spec.steps (from its checkpoint, if any), evaluating and
-    checkpointing every eval_every steps, then measure length extrapolation (clm)."""
+    checkpointing every eval_every steps, then measure length extrapolation (clm).
+    ``estimate``: seconds a step is expected to take, for the progress bar before the first step."""
     spec, device, world = run.spec, run.device, run.world
     cfg = model_config(spec, mechanism, run.tokenizer.vocab_size, device)
     torch.manual_seed(spec.seed)
@@ -150,7 +192,9 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = data.Batches(run.streams["train"], spec.task, spec.seq, spec.batch, spec.seed, run.tokenizer)
     held_out = data.eval_batches(run.streams["valid"], spec.task, spec.seq, spec.batch, spec.eval_batches, run.tokenizer, spec.seed)
-    task = progress.add_task(mechanism, total=spec.steps, completed=start, loss=float("nan")) if progress else None
+    if progress:
+        eta = None if estimate is None else run_seconds(spec, estimate, start)
+        task = progress.add_task(mechanism, total=spec.steps, completed=start, first=start, estimate=eta, loss=float("nan"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     began = time.perf_counter() - state.get("elapsed_s", 0.0)
@@ -161,13 +205,7 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
         for group in optimizer.param_groups:
             group["lr"] = lr
         full = batches.at(step)
-        count = (full["labels"] != IGNORE).sum().item()  # over the whole batch, all ranks alike
-        mine = {k: v[world.rank :: world.size].to(device) for k, v in full.items()}
-        with autocast(device):
-            parts = lm_loss(trained, mine["input_ids"], mine["labels"])
-        # DDP averages gradients over ranks; scaling by world size makes it the global mean's gradient
-        (parts.loss_sum * world.size / count).backward()
-        loss = distributed.all_sum(parts.loss_sum.detach().float()).item() / count
+        loss, parts, count = forward_backward(trained, full, world, device)
         if not math.isfinite(loss):
             _stop_diverged(mechanism, f"loss is {loss}", step + 1, ckpt_dir, logs, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip).item()
@@ -252,13 +290,19 @@ def _evaluate_and_save(run: Run, model, optimizer, held_out, step: int, state: d
 
 
 def open_run(spec: TrainSpec, out: Path | None, resume: bool) -> tuple[Path, dict[str, Any]]:
-    """The run folder and its meta.json; on --resume the recorded spec must equal ``spec``."""
+    """The run folder and its meta.json (not written yet: the caller holds the folder's lock
+    first); on --resume the folder must hold a train run whose recorded spec equals ``spec``."""
     from attnbench import env
 
     if resume:
         run_dir = out or store.latest_run(needs=(store.TRAIN_CSV,))
         meta = store.read_meta(run_dir)
-        recorded = TrainSpec(**meta["spec"])
+        if meta.get("kind") != "train":
+            raise InputError(f"{run_dir} holds a {meta.get('kind', 'unknown')} run, not a train run: resume it with the command that made it")
+        try:
+            recorded = TrainSpec(**meta["spec"])
+        except (KeyError, TypeError) as err:
+            raise InputError(f"{run_dir / store.META_JSON} records no train spec this version can read ({err})") from None
         changed = [f.name for f in fields(spec) if getattr(spec, f.name) != getattr(recorded, f.name)]
         if changed:
             raise InputError(f"--resume continues {run_dir} as recorded; these options differ: {', '.join(changed)}")
@@ -268,13 +312,48 @@ def open_run(spec: TrainSpec, out: Path | None, resume: bool) -> tuple[Path, dic
     run_dir = out or store.new_run_dir("train")
     if (run_dir / store.TRAIN_CSV).exists():
         raise InputError(f"{run_dir / store.TRAIN_CSV} exists; pass --resume to continue it or choose another --out")
-    store.ensure_writable(run_dir)
     meta = {
         "schema_version": store.SCHEMA_VERSION, "kind": "train",
         "command": " ".join(["attnbench", *sys.argv[1:]]), "spec": asdict(spec),
         "env": env.collect(), "started": store.now(), "finished": None,
     }
     return run_dir, meta
+
+
+def command_line(spec: TrainSpec) -> list[str]:
+    """The `attnbench train` arguments that ask for ``spec``: every option that is not at its
+    default, with --window and --option for the mechanism options."""
+    defaults = TrainSpec(attn=[])
+    args = ["train", "--attn", ",".join(spec.attn)]
+    for f in fields(spec):
+        value, flag = getattr(spec, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("attn", "extra") or value == getattr(defaults, f.name):
+            continue
+        args += [flag] if value is True else [flag, str(value)]
+    for key, value in spec.extra.items():
+        args += ["--window", str(value)] if key == "window" else ["--option", f"{key}={value!r}"]
+    return args
+
+
+def resume_command(spec: TrainSpec, run_dir: Path) -> str:
+    """The shell command that continues the run of ``spec`` (as the user asked for it) in ``run_dir``."""
+    return shlex.join(["attnbench", *command_line(spec), "--out", str(run_dir), "--resume"])
+
+
+def check_models_build(spec: TrainSpec, device: torch.device) -> None:
+    """Every mechanism's model builds (shapes only, on the meta device) with spec's options: a
+    bad option value, or a model a mechanism cannot be (e.g. causal only), is an InputError now,
+    before any data is loaded or folder made."""
+    vocab = Preset.from_name(spec.preset).vocab  # the tokenizer's size is not known yet; shapes only
+    for name in spec.attn:
+        try:
+            cfg = model_config(spec, name, vocab, device)
+            with torch.device("meta"):
+                LanguageModel(cfg, spec.seed)
+        except InputError:
+            raise
+        except ValueError as err:
+            raise InputError(f"--attn {name}: {err}") from None
 
 
 def _keep_rows(path: Path, columns: list[str], keep) -> None:
@@ -319,54 +398,93 @@ def epochs(spec: TrainSpec, train_tokens: int) -> float:
 
 
 def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False) -> Path:
-    """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder."""
-    spec = spec.resolved()
+    """Train every mechanism of ``spec`` into one run folder, then render its report; returns the folder.
+
+    Everything the user gave is checked, and the data loaded, before the folder is made. The
+    plan (preset, steps, tokens, time per step measured here) is printed before the first step.
+    Ctrl-C raises Interrupted with the command that resumes the run.
+    """
+    asked = spec
     device = resolve_device(spec.device)
+    spec = asked.resolved(device)
     world = distributed.from_environment()
     if world.size > 1 and out is None:
         raise InputError("under torchrun pass --out, so that every rank writes the same run folder")
-    run_dir, meta = open_run(spec, out, resume)
+    check_models_build(spec, device)
     corpus = data.load_corpus(spec.data, spec.download)
     tokenizer = data.load_tokenizer(spec.tokenizer, corpus, Preset.from_name(spec.preset).vocab)
-    streams = data.token_streams(corpus, tokenizer)
     if spec.task == "mlm" and tokenizer.mask_id is None:
         raise InputError(f"tokenizer {tokenizer.name} has no mask token; use --task clm or another tokenizer")
-    meta["corpus"] = {"name": corpus.name, "sha256": corpus.digest, "tokens": {s: t.numel() for s, t in streams.items()}}
-    train_tokens = meta["corpus"]["tokens"]["train"]
-    meta["epochs"] = epochs(spec, train_tokens)
-    meta["tokenizer"] = {"name": tokenizer.name, "sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size}
-    meta["models"] = describe_models(spec, tokenizer.vocab_size, device)
-    if world.is_main:
-        if meta["epochs"] > MANY_EPOCHS:
-            from attnbench import console
+    streams = data.token_streams(corpus, tokenizer)
+    spec = asked.resolved(device, streams["train"].numel())
+    run_dir, meta = open_run(spec, out, resume)
+    with store.run_lock(run_dir) if world.is_main else contextlib.nullcontext():
+        meta["corpus"] = {"name": corpus.name, "sha256": corpus.digest, "tokens": {s: t.numel() for s, t in streams.items()}}
+        meta["epochs"] = epochs(spec, meta["corpus"]["tokens"]["train"])
+        meta["tokenizer"] = {"name": tokenizer.name, "sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size}
+        meta["models"] = describe_models(spec, tokenizer.vocab_size, device)
+        estimates = None
+        if world.is_main:
+            if resume:
+                prune_to_checkpoints(run_dir, spec.attn)
+            store.write_meta(run_dir, meta)
+            announce(spec, meta, run_dir, device)
+            if world.size == 1 and spec.gpus == 1:
+                estimates = {name: step_seconds(Run(spec, run_dir, device, world, tokenizer, streams), name) for name in spec.attn}
+                announce_time(spec, estimates)
+        diverged = None
+        try:
+            if spec.gpus > 1 and world.size == 1:
+                distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams, None)
+            else:
+                train_all(spec, run_dir, device, tokenizer, streams, estimates)
+        except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
+            diverged = err
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: every mechanism keeps its last checkpoint in {run_dir / 'checkpoints'}; "
+                              f"continue with\n  {resume_command(asked, run_dir)}") from None
+        if world.is_main:
+            from attnbench.train.report import render_train_report
 
-            console.err.print(f"[yellow]warning: {spec.steps} steps x {spec.batch} x {spec.seq} tokens are {meta['epochs']:.1f} epochs "
-                              f"of {corpus.name}'s {train_tokens:,} train tokens: expect the validation loss to rise "
-                              "(overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
-        if resume:
-            prune_to_checkpoints(run_dir, spec.attn)
-        store.write_meta(run_dir, meta)
-    diverged = None
-    try:
-        if spec.gpus > 1 and world.size == 1:
-            distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams)
-        else:
-            train_all(spec, run_dir, device, tokenizer, streams)
-    except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
-        diverged = err
-    if world.is_main:
-        from attnbench.train.report import render_train_report
-
-        meta["finished"] = store.now()
-        store.write_meta(run_dir, meta)
-        render_train_report([run_dir], run_dir)
+            meta["finished"] = store.now()
+            store.write_meta(run_dir, meta)
+            render_train_report([run_dir], run_dir)
     if diverged:
         raise diverged
     return run_dir
 
 
-def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: data.Tokenizer, streams: dict[str, torch.Tensor]) -> None:
-    """Every mechanism in turn, in this process (one rank of the world, or the only one)."""
+def announce(spec: TrainSpec, meta: dict[str, Any], run_dir: Path, device: torch.device) -> None:
+    """Before the first step: the run folder and what will be trained, with the overfitting
+    warning when the steps pass over the train split more than MANY_EPOCHS times."""
+    from attnbench import console
+
+    corpus, train_tokens = meta["corpus"]["name"], meta["corpus"]["tokens"]["train"]
+    tokens = spec.steps * spec.batch * spec.seq
+    console.err.print(f"run folder: {run_dir}")
+    console.err.print(f"training {', '.join(spec.attn)} ({spec.task}) on {device}: preset {spec.preset}, {spec.steps} steps "
+                      f"x {spec.batch} x {spec.seq} tokens = {tokens:,} tokens, {meta['epochs']:.2f} epochs of {corpus}'s "
+                      f"{train_tokens:,} train tokens", highlight=False)
+    if meta["epochs"] > MANY_EPOCHS:
+        console.err.print(f"[yellow]warning: {meta['epochs']:.1f} epochs of {corpus}'s train split: expect the validation loss "
+                          "to rise (overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
+
+
+def announce_time(spec: TrainSpec, per_step: dict[str, float]) -> None:
+    """The time the run will take at the step times measured on this device (step_seconds)."""
+    from attnbench import console
+
+    total = sum(run_seconds(spec, seconds) for seconds in per_step.values())
+    each = ", ".join(f"{name} {seconds:.3g} s" if seconds >= 1 else f"{name} {seconds * 1e3:.3g} ms" for name, seconds in per_step.items())
+    console.err.print(f"a step measured here takes {each}: about {console.clock(total)} in all", highlight=False)
+
+
+def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: data.Tokenizer,
+              streams: dict[str, torch.Tensor], estimates: dict[str, float] | None) -> None:
+    """Every mechanism in turn, in this process (one rank of the world, or the only one);
+    ``estimates``: seconds a step of each, for the progress bars (None: unknown)."""
+    from attnbench import console
+
     world = distributed.from_environment()
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -382,10 +500,10 @@ def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: d
         }
     diverged = []
     try:
-        with _progress(world.is_main) as progress:
+        with console.train_progress(world.is_main) as progress:
             for mechanism in spec.attn:
                 try:
-                    train_mechanism(run, mechanism, logs, progress)
+                    train_mechanism(run, mechanism, logs, progress, (estimates or {}).get(mechanism))
                 except TrainingDiverged as err:  # recorded in train.csv; the other mechanisms still train
                     diverged.append(str(err))
     finally:
@@ -394,20 +512,3 @@ def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: d
         distributed.finish()
     if diverged:
         raise TrainingDiverged(" | ".join(diverged))
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool):
-    """A rich progress bar per mechanism with the live training loss (stderr), or None."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = [
-        TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        yield progress

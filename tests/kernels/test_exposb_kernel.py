@@ -56,11 +56,15 @@ def assert_matches_reference(dtype, b, t, s, hq, hkv, d, causal, seq_lens, stron
     plain = None
     if dtype != torch.float32:
         plain = output_and_grads(reference.exposb_attention, q, k, v, params, upstream, dtype, **options)
+    # the gradients share the rounding of the score gradient dS = P (dP - delta), at the scale of the
+    # case's largest gradient; with one key the exact dS is 0, so q's, k's and the parameters' are 0
+    # and what the kernel returns is that rounding, summed over every score
+    scale = max(g.abs().max().item() for g in exact[1])
     for i, name in enumerate(("out", *GRAD_NAMES)):
         got, want = (ours[0], exact[0]) if i == 0 else (ours[1][i - 1], exact[1][i - 1])
         err, magnitude = (got - want).abs().max().item(), want.abs().max().item()
         if plain is None:  # fp32: parameter gradients sum ~1e4 fp32 terms; a wrong term shows at >= 1e-2
-            bound = relative_bound(1e-4, magnitude)
+            bound = relative_bound(1e-4, max(magnitude, 0.1 * scale))  # relative to itself, or to dS's scale
         else:  # low precision: at most twice plain torch's own error in that precision
             torch_got = plain[0] if i == 0 else plain[1][i - 1]
             bound = error_bound((torch_got - want).abs().max().item(), magnitude, dtype)

@@ -201,6 +201,24 @@ def test_cli_every_student_diverged_exits_1_with_one_line(teacher, tmp_path, mon
     assert "no checkpoint" in summary[1]["message"]
 
 
+def test_ctrl_c_prints_the_command_that_resumes_the_run(teacher, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "load_teacher", lambda spec: teacher)
+    monkeypatch.setattr(distill, "distill_student", ctrl_c)
+    args = ["distill", "--teacher", "tiny-test", "--student", "window", "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "run")]
+    monkeypatch.setattr("sys.argv", ["attnbench", *args])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines()[-1].split() == ["attnbench", *args, "--out", str(tmp_path / "run"), "--resume"]
+    assert not (tmp_path / "run" / store.LOCK_FILE).exists()  # the lock went with the run
+
+
 # ---- KL
 
 

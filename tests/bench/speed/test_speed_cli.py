@@ -71,6 +71,30 @@ def test_a_resume_while_the_run_still_writes_is_refused(finished_run, no_sweep):
     assert not (finished_run / ".lock").exists()
 
 
+def test_ctrl_c_prints_the_command_that_resumes_without_losing_or_repeating_a_row(tmp_path, monkeypatch):
+    from attnbench import timing
+
+    measure, timed = timing.measure, []
+
+    def ctrl_c_at_the_third(*args, **kwargs):
+        timed.append(1)
+        if len(timed) == 3:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "measure", ctrl_c_at_the_third)
+    out = tmp_path / "run"
+    stopped = invoke("speed", "--seq", 8, 16, *TINY, "--impl", "torch", "--mode", "bwd", "--out", out)
+    assert stopped.exit_code == 130, stopped.output
+    resume = stopped.output.strip().splitlines()[-1].split()
+    assert resume == ["attnbench", "speed", "--resume", "--out", str(out)]
+    assert len(store.read_rows(out / store.SPEED_CSV)) == 2
+    monkeypatch.setattr(timing, "measure", measure)
+    assert invoke(*resume[1:]).exit_code == 0
+    rows = store.read_rows(out / store.SPEED_CSV)
+    assert sorted((r["mode"], r["seq"]) for r in rows) == [("bwd", "16"), ("bwd", "8"), ("fwd", "16"), ("fwd", "8")]
+
+
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -188,3 +212,21 @@ def test_a_frame_table_shows_bracketed_messages_and_titles_whole():
     screen.print(console.frame_table(frame, "results/run[2] vs results/run[1]"))
     text = screen.export_text()
     assert fla.NOT_INSTALLED in text and "results/run[2] vs results/run[1]" in text
+
+
+def test_the_speed_table_shows_eight_impls_whole_at_80_columns():
+    from rich.console import Console
+
+    from attnbench.console import speed_table
+
+    impls = ["triton", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "torch"]
+    case = {"mechanism": "standard", "level": "kernel", "mode": "fwd", "causal": "True", "dtype": "bf16", "device": "cuda",
+            "heads": "16", "kv_heads": "16", "head_dim": "64", "window": "", "batch": "32", "seq": "512"}
+    rows = [{**case, "impl": impl, "status": "ok", "ms_median": str(0.0937 + i), "message": ""} for i, impl in enumerate(impls)]
+    table, _ = speed_table(rows, "run")
+    screen = Console(width=80, record=True, file=open(os.devnull, "w"))
+    screen.print(table)
+    text = screen.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert all(f"{0.0937 + i:.3g}" in text for i in range(len(impls))), text
+    assert all(part in text for impl in impls for part in impl.split("-")), text

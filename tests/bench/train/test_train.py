@@ -2,6 +2,7 @@
 divergence stops cleanly, DDP matches one process, extrapolation and the report are written."""
 
 import math
+import shlex
 
 import pytest
 import torch
@@ -17,10 +18,22 @@ from attnbench.errors import InputError
 from attnbench.models.transformer import build_model, param_counts
 from attnbench.train.report import render_train_report
 
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
+
+
+MEASURED_STEP_SECONDS = train.step_seconds
+
+
+@pytest.fixture(autouse=True)
+def no_throwaway_steps(monkeypatch):
+    """step_seconds' two throwaway steps would shift tests that count training calls; the tests
+    that want the measured estimate put it back (MEASURED_STEP_SECONDS)."""
+    monkeypatch.setattr(train, "step_seconds", lambda run, mechanism: 0.01)
 
 
 @pytest.fixture
@@ -46,7 +59,8 @@ def _losses(run_dir, split="train"):
     return [(r["attn"], r["step"], r["loss"]) for r in rows if r["split"] == split]
 
 
-def test_loss_falls_same_seed_same_losses_and_everything_is_written(corpus, tmp_path):
+def test_loss_falls_same_seed_same_losses_and_everything_is_written(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "step_seconds", MEASURED_STEP_SECONDS)  # its throwaway steps change nothing
     spec = _spec(corpus, attn=["rope", "standard"], steps=12)
     first = train.run_train(spec, tmp_path / "a")
     second = train.run_train(_spec(corpus, attn=["rope"], steps=12), tmp_path / "b")
@@ -164,7 +178,7 @@ def test_ddp_two_processes_give_the_single_process_curve(corpus, tmp_path):
 
 
 def test_lr_warms_up_then_decays_to_a_tenth():
-    spec = train.TrainSpec(attn=["rope"], preset="tiny", steps=100, warmup=10, lr=1.0).resolved()
+    spec = train.TrainSpec(attn=["rope"], preset="tiny", steps=100, warmup=10, lr=1.0).resolved(CPU)
     assert train.lr_at(0, spec) == pytest.approx(0.1) and train.lr_at(9, spec) == pytest.approx(1.0)
     assert train.lr_at(55, spec) == pytest.approx(0.55) and train.lr_at(100, spec) == pytest.approx(0.1)
 
@@ -199,7 +213,7 @@ def test_param_table_covers_presets_and_mechanisms():
 
 
 def test_window_option_reaches_only_window_mechanisms():
-    spec = train.TrainSpec(attn=["standard", "window"], preset="tiny", extra={"window": 16}).resolved()
+    spec = train.TrainSpec(attn=["standard", "window"], preset="tiny", extra={"window": 16}).resolved(CPU)
     assert train.model_config(spec, "standard", 300, torch.device("cpu")).window is None
     assert train.model_config(spec, "window", 300, torch.device("cpu")).window == 16
 
@@ -221,7 +235,7 @@ def test_impl_entries_set_one_mechanism_and_the_rest_take_the_default(text, expe
 
 
 def test_an_impl_entry_reaches_its_mechanism_model_only():
-    spec = train.TrainSpec(attn=["linear", "nsa"], task="clm", preset="tiny", impl="auto,nsa=torch").resolved()
+    spec = train.TrainSpec(attn=["linear", "nsa"], task="clm", preset="tiny", impl="auto,nsa=torch").resolved(CPU)
     assert train.model_config(spec, "nsa", 300, torch.device("cpu")).impl == "torch"
     assert train.model_config(spec, "linear", 300, torch.device("cpu")).impl == "chunked"
 
@@ -273,3 +287,101 @@ def test_cli_attn_all_trains_every_registered_mechanism(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["train", "--attn", "all", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert seen["spec"].attn == list(mechanisms())
+
+
+# ---- defaults that fit the device, input checked before any work, Ctrl-C
+
+
+STDLIB_TRAIN_TOKENS = {"tiny": 3_709_061, "small": 2_500_000}  # the embedded corpus at each preset's BPE vocabulary
+
+
+@pytest.mark.parametrize("device, preset, steps, batch", [("cpu", "tiny", 2500, 8), ("cuda", "small", 1220, 8)])
+def test_default_run_fits_the_device_and_stays_under_two_epochs(device, preset, steps, batch):
+    spec = train.TrainSpec(attn=["rope"]).resolved(torch.device(device), STDLIB_TRAIN_TOKENS[preset])
+    assert (spec.preset, spec.steps, spec.batch) == (preset, steps, batch)
+    assert train.epochs(spec, STDLIB_TRAIN_TOKENS[preset]) <= train.DEFAULT_EPOCHS < train.MANY_EPOCHS
+    assert spec.warmup <= spec.steps // 10  # a default-sized run is not mostly warmup
+
+
+def test_given_sizes_are_kept_and_only_the_missing_ones_are_sized():
+    small = train.TrainSpec(attn=["rope"], preset="small", steps=2000).resolved(torch.device("cuda"), 2_500_000)
+    assert (small.batch, small.warmup) == (32, 500)  # --steps given: the preset's batch and warmup, as asked
+    sized = train.TrainSpec(attn=["rope"], preset="small", batch=4).resolved(torch.device("cuda"), 2_500_000)
+    assert sized.batch == 4 and sized.steps == 2000  # 2 epochs would be 2441 steps: capped at the maximum
+    tiny_corpus = train.TrainSpec(attn=["rope"], preset="tiny").resolved(CPU, 10_000)
+    assert tiny_corpus.steps * tiny_corpus.batch * tiny_corpus.seq <= 2 * 10_000 and tiny_corpus.steps >= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attn", "exposb", "--option", "decay_factor=2"], "decay_factor must be in (0, 1)"),
+    (["--attn", "exposb", "--option", "decay_factor=abc"], "--attn exposb"),
+    (["--attn", "rope", "--data", "no/such/corpus"], "not a corpus name"),
+])
+def test_bad_values_are_refused_before_any_folder_exists(args, message, tmp_path):
+    result = CliRunner().invoke(app, ["train", *args, "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_folder_of_another_command(corpus, tmp_path):
+    store.ensure_writable(tmp_path / "speedrun")
+    store.write_meta(tmp_path / "speedrun", {"kind": "speed", "spec": {"mechanisms": ["standard"]}})
+    with pytest.raises(InputError, match="holds a speed run, not a train run"):
+        train.run_train(_spec(corpus), tmp_path / "speedrun", resume=True)
+
+
+def test_the_command_line_of_a_spec_asks_for_that_spec(monkeypatch, tmp_path):
+    spec = train.TrainSpec(attn=["exposb", "window"], task="clm", preset="tiny", steps=7, lr=1e-3, download=True,
+                           impl="auto,window=torch", extra={"window": 16, "decay_factor": 0.9})
+    seen = {}
+    monkeypatch.setattr(train, "run_train", lambda spec, out, resume: seen.update(spec=spec, resume=resume) or out)
+    result = CliRunner().invoke(app, train.resume_command(spec, tmp_path).split()[1:])
+    assert result.exit_code == 0, result.output
+    assert seen == {"spec": spec, "resume": True}
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_prints_the_command_that_resumes_exactly(corpus, tmp_path, monkeypatch):
+    args = ["train", "--attn", "rope", "--task", "clm", "--preset", "tiny", "--steps", "6", "--seq", "32", "--batch", "4",
+            "--data", corpus, "--tokenizer", "bytes", "--device", "cpu", "--eval-every", "3", "--eval-batches", "1"]
+    monkeypatch.setattr(train, "step_seconds", MEASURED_STEP_SECONDS)
+    whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    at = train.data.Batches.at
+
+    def ctrl_c_before_step_5(self, step):  # step_seconds' throwaway steps read batches 0 and 1 only
+        if step == 4:
+            raise KeyboardInterrupt
+        return at(self, step)
+
+    monkeypatch.setattr(train.data.Batches, "at", ctrl_c_before_step_5)
+    stopped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "stopped")])
+    assert stopped.exit_code == 130, stopped.output
+    assert "run folder: " in stopped.output and "preset tiny, 6 steps x 4 x 32 tokens" in stopped.output
+    assert "a step measured here takes rope" in stopped.output
+    resume_line = stopped.output.strip().splitlines()[-1].strip()
+    assert resume_line.startswith("attnbench train ") and resume_line.endswith("--resume"), stopped.output
+    assert checkpoint.latest(tmp_path / "stopped" / "checkpoints" / "rope").name == "step-000003"
+    monkeypatch.setattr(train.data.Batches, "at", at)
+    resumed = CliRunner().invoke(app, shlex.split(resume_line)[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert _losses(tmp_path / "stopped") == _losses(tmp_path / "whole")
+
+
+def test_the_eta_shows_from_the_first_step_at_the_bars_own_pace():
+    from rich.progress import Progress
+
+    from attnbench.console import PaceColumn
+
+    now = [0.0]
+    progress = Progress(get_time=lambda: now[0])
+    task = progress.add_task("rope", total=100, completed=40, first=40, estimate=30.0)
+    assert str(PaceColumn().render(progress.tasks[0])) == "eta ~0:00:30"  # before a step: the measured estimate
+    now[0] = 120.0  # one step of a resumed run took two minutes
+    progress.update(task, completed=41)
+    assert str(PaceColumn().render(progress.tasks[0])) == "eta 1:58:00"
+
+
+def test_a_mechanism_with_its_own_positions_is_not_recorded_with_learned_ones():
+    assert build_model("tiny", "rope", task="clm").cfg.positions == "inside"
+    assert build_model("tiny", "standard", task="clm").cfg.positions == "learned"

@@ -1,0 +1,98 @@
+"""The one-token recurrent steps of linear attention and DeltaNet, in plain torch: the ground
+truth of the fused Triton steps (kernels/state_decode.py) and what a generate loop calls.
+
+One token per sequence: q [B, Hq, Dk], k [B, Hkv, Dk], v [B, Hkv, Dv]; GQA: query head h reads
+kv head h // (Hq / Hkv)'s state, as the full-sequence forms do. States are per kv head, in
+float32 (or wider) whatever the inputs' dtype, and every step computes in the state's dtype;
+the output comes back in q's dtype. A step returns (o [B, Hq, Dv], the new state) and leaves
+the old one as it was.
+
+- linear (models/attention/linear.py): kv = sum_j phi(k_j) v_j^T [B, Hkv, Dk, Dv] and
+  k_sum = sum_j phi(k_j) [B, Hkv, Dk]; o = phi(q) kv / (phi(q) . k_sum + EPS), phi = elu + 1.
+- deltanet (models/attention/deltanet.py): S [B, Hkv, Dk, Dv] (the transpose of that file's
+  [Dv, Dk], fla's layout), q and k L2-normalised, beta [B, Hkv] (1/2 when None):
+  S += k (beta (v - S^T k))^T, o = S^T q.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.models.attention.linear import feature_map
+from attnbench.models.feature_attention import EPS
+
+
+class LinearState(NamedTuple):
+    """Linear attention's state: kv [B, Hkv, Dk, Dv], k_sum [B, Hkv, Dk]."""
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+
+
+def _groups(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q [B, Hq, D] -> [B, Hkv, G, D], the query heads of each kv head together."""
+    b, hq, d = q.shape
+    return q.reshape(b, kv_heads, hq // kv_heads, d)
+
+
+def linear_state(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> LinearState:
+    """The state after the tokens of k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (T = 0: the empty state)."""
+    work = torch.promote_types(dtype, k.dtype)
+    fk, v = feature_map(k.to(work)), v.to(work)
+    return LinearState(torch.einsum("bthk,bthv->bhkv", fk, v).to(dtype), fk.sum(1).to(dtype))
+
+
+def linear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState) -> tuple[torch.Tensor, LinearState]:
+    """Adds the token (k [B, Hkv, Dk], v [B, Hkv, Dv]) to ``state`` and reads it with q [B, Hq, Dk]."""
+    work = state.kv.dtype
+    fk = feature_map(k.to(work))
+    kv = state.kv + fk[..., :, None] * v.to(work)[..., None, :]
+    k_sum = state.k_sum + fk
+    fq = _groups(feature_map(q.to(work)), k.shape[1])  # (B, Hkv, G, Dk)
+    num = torch.einsum("bhgk,bhkv->bhgv", fq, kv)
+    den = torch.einsum("bhgk,bhk->bhg", fq, k_sum)
+    o = num / (den + EPS)[..., None]
+    return o.flatten(1, 2).to(q.dtype), LinearState(kv, k_sum)
+
+
+def _delta_write(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """S + k (beta (v - S^T k))^T for normalised k [B, Hkv, Dk], v [B, Hkv, Dv], beta [B, Hkv]."""
+    error = v - torch.einsum("bhkv,bhk->bhv", state, k)
+    return state + k[..., :, None] * (beta[..., None] * error)[..., None, :]
+
+
+def _unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., D] L2-normalised in ``dtype`` (as deltanet's forms normalise q and k)."""
+    return F.normalize(x.to(dtype), dim=-1)
+
+
+def _write_strength(beta: torch.Tensor | None, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """beta [B, Hkv] in ``dtype``; None: 1/2, deltanet's kernel-level default."""
+    return torch.full(k.shape[:2], 0.5, dtype=dtype, device=k.device) if beta is None else beta.to(dtype)
+
+
+def deltanet_state(
+    k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """S [B, Hkv, Dk, Dv] after the tokens of k [B, T, Hkv, Dk], v [B, T, Hkv, Dv], beta [B, T, Hkv]
+    (None: 1/2), written one by one from S = 0."""
+    b, t, hkv, dk = k.shape
+    state = torch.zeros(b, hkv, dk, v.shape[-1], dtype=torch.promote_types(dtype, k.dtype), device=k.device)
+    for i in range(t):
+        beta_i = _write_strength(None if beta is None else beta[:, i], k[:, i], state.dtype)
+        state = _delta_write(state, _unit(k[:, i], state.dtype), v[:, i].to(state.dtype), beta_i)
+    return state.to(dtype)
+
+
+def deltanet_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, beta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writes the token (k [B, Hkv, Dk], v [B, Hkv, Dv], beta [B, Hkv] or None) into S [B, Hkv, Dk, Dv]
+    and reads the new S with q [B, Hq, Dk]."""
+    work = state.dtype
+    state = _delta_write(state, _unit(k, work), v.to(work), _write_strength(beta, k, work))
+    o = torch.einsum("bhkv,bhgk->bhgv", state, _groups(_unit(q, work), k.shape[1]))
+    return o.flatten(1, 2).to(q.dtype), state

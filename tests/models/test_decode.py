@@ -1,0 +1,315 @@
+"""Decode steps (models/decode.py, models/state_decode.py) against the full-sequence forward:
+the last N rows of a mechanism's causal forward over T tokens equal one decode step on the
+cache (or state) of its first T - N tokens with the N new ones appended. Contiguous and paged
+caches (ragged lengths, shuffled page tables), GQA, awkward lengths, every softmax option."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from attnbench.kernels import reference
+from attnbench.kernels.reference import alibi_slopes
+from attnbench.models import decode, registry, state_decode
+from attnbench.models.attention import deltanet, linear
+from attnbench.tolerance import error_bound, relative_bound
+
+FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
+
+
+def assert_close(got: torch.Tensor, exact: torch.Tensor, label: str, plain: torch.Tensor | None = None) -> None:
+    """float64 results: to rounding; low precision (``plain``: torch's own low-precision result,
+    the full forward in that dtype): at most 2x its error against ``exact`` (attnbench.tolerance)."""
+    assert got.shape == exact.shape, f"{label}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    error = (got.double() - exact.double()).abs().max().item()
+    magnitude = exact.double().abs().max().item()
+    if plain is None:
+        bound = relative_bound(FP64_TOLERANCE, magnitude, got.dtype)
+    else:
+        bound = error_bound((plain.double() - exact.double()).abs().max().item(), magnitude, got.dtype)
+    assert error <= bound, f"{label}: max error {error:.3g} > bound {bound:.3g}"
+
+
+@dataclass
+class SoftmaxCase:
+    """Sequences of ``lengths`` tokens (the N new ones included), q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
+
+    lengths: tuple[int, ...] = (7, 33)
+    new: int = 1  # N
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    mechanism: str = "standard"
+    options: dict = field(default_factory=dict)
+    page: int | None = None  # None: a contiguous cache
+    dtype: torch.dtype = torch.float64
+
+    def inputs(self, generator: torch.Generator):
+        t = max(self.lengths)
+
+        def randn(heads):
+            return torch.randn(len(self.lengths), t, heads, self.head_dim, generator=generator, dtype=torch.float64).to(self.dtype)
+
+        return randn(self.heads), randn(self.kv_heads), randn(self.kv_heads)
+
+    def step_options(self) -> dict:
+        """window W (keys before the query), theta, and the ALiBi slopes of the mechanism."""
+        return {"slopes": alibi_slopes(self.heads), **self.options} if self.mechanism == "alibi" else dict(self.options)
+
+    def forward_options(self) -> dict:
+        """The same options as the causal layer passes them to the full-sequence core: window (W, 0)."""
+        options = self.step_options()
+        if "window" in options:
+            options["window"] = (options["window"], 0)
+        return options
+
+
+def last_rows(x: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, T, ...] -> [B, N, ...]: rows lengths[b] - N .. lengths[b] - 1 of each sequence."""
+    rows = lengths[:, None] - n + torch.arange(n)  # (B, N)
+    return x[torch.arange(x.shape[0])[:, None], rows]
+
+
+def prefix_cache(x: torch.Tensor, lengths: torch.Tensor, n: int, page: int | None, generator: torch.Generator, theta=None):
+    """The cache of each sequence's first lengths[b] - N tokens of x [B, T, Hkv, D], then its N new
+    tokens appended by decode.append: (cache, page_table or None). Paged: pages allocated for the
+    final lengths at shuffled places in the pool, with spare pages between them. theta: keys are
+    cached rotated, the prefix at positions 0.., the new ones by decode.rope_at at theirs."""
+    cache = torch.zeros_like(x)
+    prefix = x if theta is None else reference.rope(x, theta)
+    for b, length in enumerate(lengths.tolist()):
+        cache[b, : length - n] = prefix[b, : length - n]
+    table = None
+    if page is not None:
+        cache, table = decode.paginate(cache, lengths, page, generator, spare=3)
+    new = last_rows(x, lengths, n)
+    if theta is not None:
+        new = decode.rope_at(new, decode.positions_of_new(lengths, n), theta)
+    decode.append(cache, new, lengths - n, table)
+    return cache, table
+
+
+def step_and_forward(case: SoftmaxCase, seed: int = 0):
+    """(the decode step's output [B, N, Hq, D], the full forward's last N rows, both in case.dtype)."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = case.inputs(generator)
+    lengths = torch.tensor(case.lengths)
+    run = registry.get(case.mechanism).impl("torch").run
+    full = run(q, k, v, causal=True, seq_lens=lengths, **case.forward_options())
+    theta = case.options.get("theta")
+    k_cache, table = prefix_cache(k, lengths, case.new, case.page, torch.Generator().manual_seed(seed), theta)
+    v_cache, _ = prefix_cache(v, lengths, case.new, case.page, torch.Generator().manual_seed(seed))  # the same table
+    o = decode.softmax_step(last_rows(q, lengths, case.new), k_cache, v_cache, lengths, page_table=table, **case.step_options())
+    return o, last_rows(full, lengths, case.new)
+
+
+SOFTMAX_CASES = {
+    "one-token": SoftmaxCase(lengths=(1, 1), heads=2, kv_heads=2),
+    "ragged-gqa": SoftmaxCase(lengths=(7, 33, 1)),
+    "mqa-4-new": SoftmaxCase(lengths=(33, 7), new=4, heads=3, kv_heads=1),
+    "new-equals-length": SoftmaxCase(lengths=(7, 5), new=5),
+    "window": SoftmaxCase(lengths=(33, 20), new=3, mechanism="window", options={"window": 5}),
+    "window-wider-than-sequence": SoftmaxCase(lengths=(7, 33), mechanism="window", options={"window": 40}),
+    "alibi": SoftmaxCase(lengths=(33, 12), new=2, heads=8, kv_heads=2, mechanism="alibi"),
+    "alibi-window": SoftmaxCase(lengths=(33, 9), new=2, mechanism="alibi", options={"window": 6}),
+    "paged-16": SoftmaxCase(lengths=(7, 33, 16, 1), new=1, page=16),
+    "paged-4-ragged-window": SoftmaxCase(lengths=(33, 18, 3), new=3, page=4, mechanism="window", options={"window": 9}),
+    "paged-5-alibi-gqa": SoftmaxCase(lengths=(23, 7), new=2, heads=6, kv_heads=2, page=5, mechanism="alibi"),
+    "rope": SoftmaxCase(lengths=(33, 7, 1), new=1, mechanism="rope", options={"theta": 10000.0}),
+    "rope-paged-ragged-3-new": SoftmaxCase(lengths=(30, 9), new=3, page=4, mechanism="rope", options={"theta": 500.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(SOFTMAX_CASES))
+def test_softmax_step_equals_last_rows_of_the_causal_forward(name):
+    o, expected = step_and_forward(SOFTMAX_CASES[name])
+    assert_close(o, expected, name)
+
+
+@pytest.mark.parametrize("mechanism", ["standard", "window", "alibi", "rope"])
+def test_a_causal_layers_own_options_give_its_core_s_last_rows(mechanism):
+    """The options a causal GQA layer passes its core (registry, LayerConfig), through
+    decode.step_options, make the step equal the layer's attend on the whole sequences."""
+    cfg = registry.LayerConfig(dim=64, heads=4, kv_heads=2, causal=True, window=6 if mechanism == "window" else None)
+    layer = registry.build_layer(mechanism, cfg).double()
+    case = SoftmaxCase(lengths=(29, 29), new=2, heads=4, kv_heads=2, head_dim=16)
+    q, k, v = case.inputs(torch.Generator().manual_seed(3))
+    lengths = torch.tensor(case.lengths)
+    options = decode.step_options(layer.core_options())
+    theta = options.get("theta")
+    k_cache, _ = prefix_cache(k, lengths, 2, None, None, theta)
+    v_cache, _ = prefix_cache(v, lengths, 2, None, None)
+    o = decode.softmax_step(last_rows(q, lengths, 2), k_cache, v_cache, lengths, **options)
+    assert_close(o, layer.attend(q, k, v)[:, -2:], mechanism)
+
+
+def test_step_options_refuse_what_has_no_decode_form():
+    assert decode.step_options({"window": (5, 0), "theta": 1e4, "offset": 0}) == {"window": 5, "theta": 1e4}
+    with pytest.raises(ValueError, match="right"):
+        decode.step_options({"window": (5, 5)})
+    with pytest.raises(ValueError, match="offset"):
+        decode.step_options({"theta": 1e4, "offset": 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softmax_step_in_low_precision(dtype):
+    """bf16/fp16: within 2x the full forward's own low-precision error against float64."""
+    case = SoftmaxCase(lengths=(33, 7), new=2, page=16, dtype=dtype)
+    o, full = step_and_forward(case)
+    exact, _ = step_and_forward(SoftmaxCase(lengths=(33, 7), new=2, page=16))
+    assert o.dtype == dtype
+    assert_close(o, exact, str(dtype), plain=full)
+
+
+@pytest.mark.parametrize("page", [None, 4])
+def test_window_on_a_rolling_cache(page):
+    """A window of 6 and N = 2 on a cache of 8 rows (contiguous, or two pages of 4) that has
+    taken 33 and 19 tokens, appended a few at a time: the oldest rows were overwritten, and the
+    step still equals the window's full forward."""
+    case = SoftmaxCase(lengths=(33, 19), new=2, mechanism="window", options={"window": 6})
+    q, k, v = case.inputs(torch.Generator().manual_seed(0))
+    lengths = torch.tensor(case.lengths)
+    full = registry.get("window").impl("torch").run(q, k, v, causal=True, seq_lens=lengths, window=(6, 0))
+    caches = [torch.zeros(2, 8, 2, 16, dtype=torch.float64) for _ in range(2)]
+    table = None
+    if page is not None:
+        caches = [torch.zeros(5, 4, 2, 16, dtype=torch.float64) for _ in range(2)]
+        table = torch.tensor([[3, 0], [4, 1]])
+    filled = torch.zeros(2, dtype=torch.long)
+    while bool((filled < lengths).any()):
+        chunk = torch.minimum(lengths - filled, torch.tensor(3))
+        for b in range(2):  # sequences take chunks of up to 3 tokens, each on its own
+            rows = slice(int(filled[b]), int(filled[b] + chunk[b]))
+            for cache, x in zip(caches, (k, v)):
+                decode.append(cache[b : b + 1] if table is None else cache, x[b : b + 1, rows], filled[b : b + 1], None if table is None else table[b : b + 1])
+        filled += chunk
+    o = decode.softmax_step(last_rows(q, lengths, 2), *caches, lengths, page_table=table, window=6)
+    assert_close(o, last_rows(full, lengths, 2), f"rolling, page {page}")
+
+
+def test_a_cache_too_small_for_the_window_is_refused():
+    q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="rolling"):
+        decode.softmax_step(q, k, k, torch.tensor([9]), window=7)
+    with pytest.raises(ValueError, match="rolling"):
+        decode.softmax_step(q, k, k, torch.tensor([9]))
+
+
+def test_paged_cache_reads_as_the_contiguous_one():
+    k = torch.randn(3, 20, 2, 8, dtype=torch.float64)
+    lengths = torch.tensor([20, 1, 9])
+    pages, table = decode.paginate(k, lengths, 4, torch.Generator().manual_seed(1), spare=2)
+    assert pages.shape == (5 + 1 + 3 + 2, 4, 2, 8) and table.shape == (3, 5)
+    assert table[table >= 0].unique().numel() == 9, "every page is owned once"
+    gathered = decode.gather_pages(pages, table)
+    for b, length in enumerate(lengths.tolist()):
+        assert torch.equal(gathered[b, :length], k[b, :length])
+
+
+def test_step_refuses_lengths_without_the_new_tokens():
+    q = torch.randn(1, 3, 2, 8)
+    k = torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="new tokens"):
+        decode.softmax_step(q, k, k, torch.tensor([2]))
+
+
+def test_a_wrong_position_would_be_caught():
+    """The test's comparison can fail: the step one position off (lengths one larger, so every new
+    query sees one more key) disagrees with the forward."""
+    case = SoftmaxCase(lengths=(20, 9), new=2)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = case.inputs(generator)
+    lengths = torch.tensor(case.lengths)
+    k_cache = torch.cat([k, torch.randn_like(k[:, :1])], dim=1)
+    v_cache = torch.cat([v, torch.randn_like(v[:, :1])], dim=1)
+    full = registry.get("standard").impl("torch").run(q, k, v, causal=True, seq_lens=lengths)
+    o = decode.softmax_step(last_rows(q, lengths, 2), k_cache, v_cache, lengths + 1)
+    with pytest.raises(AssertionError):
+        assert_close(o, last_rows(full, lengths, 2), "shifted")
+
+
+# --- recurrent states ---------------------------------------------------------------------
+
+
+def random_tokens(b=2, t=7, hq=4, hkv=2, d=16, dv=8, dtype=torch.float64):
+    """q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], beta [B, T, Hkv] in (0, 1)."""
+    return (
+        torch.randn(b, t, hq, d, dtype=dtype),
+        torch.randn(b, t, hkv, d, dtype=dtype),
+        torch.randn(b, t, hkv, dv, dtype=dtype),
+        torch.rand(b, t, hkv, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2), (3, 1)])
+@pytest.mark.parametrize("form", ["torch", "chunked"])
+def test_linear_step_equals_the_last_row_of_the_causal_forward(t, heads, form):
+    q, k, v, _ = random_tokens(t=t, hq=heads[0], hkv=heads[1])
+    full = linear.IMPLS[form].run(q, k, v, causal=True, chunk=8)
+    state = state_decode.linear_state(k[:, :-1], v[:, :-1], dtype=torch.float64)
+    o, _ = state_decode.linear_step(q[:, -1], k[:, -1], v[:, -1], state)
+    assert_close(o, full[:, -1], f"linear T={t}")
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2), (3, 1)])
+@pytest.mark.parametrize("form", ["torch", "chunked"])
+def test_deltanet_step_equals_the_last_row_of_the_causal_forward(t, heads, form):
+    q, k, v, beta = random_tokens(t=t, hq=heads[0], hkv=heads[1])
+    full = deltanet.IMPLS[form].run(q, k, v, causal=True, beta=beta, chunk=8)
+    state = state_decode.deltanet_state(k[:, :-1], v[:, :-1], beta[:, :-1], dtype=torch.float64)
+    o, _ = state_decode.deltanet_step(q[:, -1], k[:, -1], v[:, -1], state, beta[:, -1])
+    assert_close(o, full[:, -1], f"deltanet T={t}")
+
+
+def test_deltanet_default_beta_is_the_forward_default():
+    q, k, v, _ = random_tokens(t=5)
+    full = deltanet.torch_reference(q, k, v)
+    o, _ = state_decode.deltanet_step(q[:, -1], k[:, -1], v[:, -1], state_decode.deltanet_state(k[:, :-1], v[:, :-1], dtype=torch.float64))
+    assert_close(o, full[:, -1], "beta None")
+
+
+def test_linear_steps_from_the_empty_state_give_every_row_and_the_closed_form_state():
+    q, k, v, _ = random_tokens(t=12)
+    full = linear.torch_reference(q, k, v, causal=True)
+    state = state_decode.linear_state(k[:, :0], v[:, :0], torch.float64)
+    for i in range(q.shape[1]):
+        o, state = state_decode.linear_step(q[:, i], k[:, i], v[:, i], state)
+        assert_close(o, full[:, i], f"row {i}")
+    final = state_decode.linear_state(k, v, torch.float64)
+    assert_close(state.kv, final.kv, "kv")
+    assert_close(state.k_sum, final.k_sum, "k_sum")
+
+
+def test_deltanet_steps_from_the_empty_state_give_every_row_and_the_folded_state():
+    q, k, v, beta = random_tokens(t=12)
+    full = deltanet.torch_reference(q, k, v, beta=beta)
+    state = state_decode.deltanet_state(k[:, :0], v[:, :0], dtype=torch.float64)
+    for i in range(q.shape[1]):
+        o, new = state_decode.deltanet_step(q[:, i], k[:, i], v[:, i], state, beta[:, i])
+        assert_close(o, full[:, i], f"row {i}")
+        assert not torch.equal(new, state), "the step writes a new state and keeps the old one"
+        state = new
+    assert_close(state, state_decode.deltanet_state(k, v, beta, torch.float64), "state")
+
+
+@pytest.mark.parametrize("mechanism", ["linear", "deltanet"])
+def test_low_precision_tokens_with_a_float32_state(mechanism):
+    """bf16 tokens, float32 state: within 2x the bf16 full forward's error against float64."""
+    q, k, v, beta = random_tokens(t=33)
+    q, k, v, beta = (x.to(torch.bfloat16) for x in (q, k, v, beta))
+    if mechanism == "linear":
+        full = linear.torch_reference(q, k, v, causal=True)
+        exact = linear.torch_reference(*(x.double() for x in (q, k, v)), causal=True)
+        o, _ = state_decode.linear_step(q[:, -1], k[:, -1], v[:, -1], state_decode.linear_state(k[:, :-1], v[:, :-1]))
+    else:
+        full = deltanet.torch_reference(q, k, v, beta=beta, upcast=False)
+        exact = deltanet.torch_reference(*(x.double() for x in (q, k, v)), beta=beta.double())
+        state = state_decode.deltanet_state(k[:, :-1], v[:, :-1], beta[:, :-1])
+        o, new = state_decode.deltanet_step(q[:, -1], k[:, -1], v[:, -1], state, beta[:, -1])
+        assert state.dtype == new.dtype == torch.float32
+    assert o.dtype == torch.bfloat16
+    assert_close(o, exact[:, -1], mechanism, plain=full[:, -1])
