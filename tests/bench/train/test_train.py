@@ -12,6 +12,7 @@ from attnbench import store
 from attnbench.train import checkpoint
 from attnbench.train import impl_choice as mechanism_choice
 from attnbench.train import run as train
+from attnbench.train import spec as train_spec
 from attnbench.train import evaluate as train_eval
 from attnbench.cli import app
 from attnbench.errors import InputError
@@ -299,7 +300,7 @@ STDLIB_TRAIN_TOKENS = {"tiny": 3_709_061, "small": 2_500_000}  # the embedded co
 def test_default_run_fits_the_device_and_stays_under_two_epochs(device, preset, steps, batch):
     spec = train.TrainSpec(attn=["rope"]).resolved(torch.device(device), STDLIB_TRAIN_TOKENS[preset])
     assert (spec.preset, spec.steps, spec.batch) == (preset, steps, batch)
-    assert train.epochs(spec, STDLIB_TRAIN_TOKENS[preset]) <= train.DEFAULT_EPOCHS < train.MANY_EPOCHS
+    assert train.epochs(spec, STDLIB_TRAIN_TOKENS[preset]) <= train_spec.DEFAULT_EPOCHS < train.MANY_EPOCHS
     assert spec.warmup <= spec.steps // 10  # a default-sized run is not mostly warmup
 
 
