@@ -196,10 +196,12 @@ def speed(
     import torch
     from rich.markup import escape
 
-    from attnbench import console, sweep
+    from attnbench import console
+    from attnbench.dtypes import resolve_dtype
+    from attnbench.speed import sweep
     from attnbench.errors import InputError
     from attnbench.models.registry import mechanisms
-    from attnbench.speed import run_speed
+    from attnbench.speed.run import run_speed
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
@@ -214,7 +216,7 @@ def speed(
         impls=None if "all" in impl else impl,
         levels=level,
         modes=mode,
-        dtypes=[sweep.resolve_dtype(d) for d in (dtype or ["bf16" if on_cuda else "fp32"])],
+        dtypes=[resolve_dtype(d) for d in (dtype or ["bf16" if on_cuda else "fp32"])],
         device=device,
         seqs=seq,
         batches=batch or None,
@@ -236,7 +238,7 @@ def speed(
     console.out.print(f"{console.status_counts(rows)} -> {escape(str(run_dir))}/speed.csv")
     if profile:
         from attnbench import store
-        from attnbench.profile import profile_ok_cases
+        from attnbench.speed.profile import profile_ok_cases
 
         with store.run_lock(run_dir):  # the profiles are written into the run folder too
             for case_profile in profile_ok_cases(spec, rows, run_dir, profile):
@@ -250,7 +252,7 @@ def report(
     baseline: Annotated[Optional[list[str]], typer.Option(help="Impls the speedup tables divide by; the first also the speedup plots (default: sdpa, else torch).")] = None,
 ) -> None:
     """Plots, report.md and a self-contained report.html from one or more runs."""
-    from attnbench.report import render_report
+    from attnbench.report.render import render_report
 
     render_report(runs or [], out, baseline)
 
@@ -262,7 +264,7 @@ def compare(
     threshold: Annotated[float, typer.Option(help="Percent slower than base that counts as a regression.")] = 5.0,
 ) -> None:
     """Per-case latency ratio HEAD/BASE; exit code 1 when any case regressed."""
-    from attnbench.compare import compare_runs
+    from attnbench.speed.compare import compare_runs
 
     if compare_runs(base, head, threshold):
         raise typer.Exit(1)
@@ -281,7 +283,7 @@ def env(
 
     from attnbench import console
     from attnbench import env as environment
-    from attnbench.sweep import check_device
+    from attnbench.speed.sweep import check_device
 
     info = environment.collect()
     peaks = None
@@ -310,7 +312,7 @@ def list_mechanisms(
     if params:
         import pandas as pd
 
-        from attnbench.train import param_table
+        from attnbench.train.run import param_table
 
         rows = pd.DataFrame(param_table(task=task))
         counts = [c for c in rows.columns if c not in ("preset", "mechanism", "task", "message")]
@@ -334,7 +336,7 @@ def check(
 ) -> None:
     """Our Triton kernels against the plain-torch reference on the GPU at real sizes; exit 1 on a failure."""
     from attnbench import console
-    from attnbench.check import run_check
+    from attnbench.devtools.check import run_check
 
     if not run_check(attn, max_seq, dtype, console.out, csv):
         raise typer.Exit(1)
@@ -368,8 +370,8 @@ def distill(
 ) -> None:
     """Swap a trained model's attention for cheaper mechanisms and distil them: KL(P_teacher || P_student)."""
     from attnbench import console
-    from attnbench.distill import DistillSpec, StudentDiverged, run_distill
-    from attnbench.train import resolve_device
+    from attnbench.distill.run import DistillSpec, StudentDiverged, run_distill
+    from attnbench.train.run import resolve_device
 
     spec = DistillSpec(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
@@ -416,7 +418,7 @@ def train(
     """Train identical models that differ only in their attention; learning curves, extrapolation, report."""
     from attnbench import console
     from attnbench.models.registry import mechanisms
-    from attnbench.train import TrainSpec, run_train
+    from attnbench.train.run import TrainSpec, run_train
 
     spec = TrainSpec(
         attn=list(mechanisms()) if "all" in attn else attn, task=task, preset=preset, impl=",".join(impl),

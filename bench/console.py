@@ -195,7 +195,7 @@ def frame_table(df, title: str, keep: tuple[str, ...] = ()) -> Table:
 
 
 def profile_table(case_profile, top: int) -> Table:
-    """The ``top`` most expensive kernels of one profiled case (attnbench.profile.CaseProfile)."""
+    """The ``top`` most expensive kernels of one profiled case (attnbench.speed.profile.CaseProfile)."""
     case = case_profile.case
     idle = 100.0 * max(0.0, 1.0 - case_profile.busy_ms / case_profile.wall_ms) if case_profile.wall_ms else 0.0
     title = (

@@ -116,7 +116,7 @@ def measure_peaks(device: str, dtypes: list[str]) -> dict[str, Any]:
     """Measured, not datasheet: matmul TFLOP/s per dtype (8192^3 on CUDA, 2048^3 on CPU) and
     device copy GB/s (read + write of a 1 GiB buffer on CUDA, 256 MiB on CPU)."""
     from attnbench import timing
-    from attnbench.sweep import DTYPES
+    from attnbench.dtypes import DTYPES
 
     dev = torch.device(device)
     n = 8192 if dev.type == "cuda" else 2048

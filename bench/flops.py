@@ -1,8 +1,10 @@
-"""FLOPs and throughput of one measured case, FlashAttention-3 convention.
+"""Every FLOP count the harness records, FlashAttention-3 convention: one measured case
+(speed.csv's flops), a training step per token (MFU, meta.json), a model's attention cores
+(distill's summary.csv), and CONVENTION, the report's sentence saying how they are counted.
 
-Forward FLOPs of an attention core come from its registry entry (attnbench.models.flops:
-4 * Hq * D per visible q-k pair for softmax, counted exactly for causal, window, padding
-and GQA). This module adds the mode multipliers and, at layer level, the projections.
+Forward FLOPs of an attention core come from its registry entry (Mechanism.flops; the shared
+forms in models/pair_flops.py: 4 * Hq * D per visible q-k pair for softmax, counted exactly for
+causal, window, padding and GQA). This module adds the mode multipliers and the projections.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from attnbench.models import registry
 from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.models.transformer import LanguageModel
 
 CORE_MODE_FACTOR = {
     "fwd": 1.0,
@@ -27,6 +31,15 @@ LINEAR_MODE_FACTOR = {
     "bwd": 2.0,  # dX = dY W and dW = dY^T X, one matmul each the size of the forward one
     "fwdbwd": 3.0,  # 1.0 (forward) + 2.0 (backward)
 }
+
+
+CONVENTION = (
+    "FLOPs follow the FlashAttention-3 convention: a softmax forward counts 4 * B * Hq * D per visible "
+    "query-key pair (2 for QK^T, 2 for PV), with pairs counted exactly for causal masks, windows and "
+    f"padding; backward = {CORE_MODE_FACTOR['bwd']:g}x forward (2x for the gradient matmuls + 0.5x recomputing QK^T), "
+    f"fwd+bwd = {CORE_MODE_FACTOR['fwdbwd']:g}x. Mechanisms with their own cost model (linear, performer, ...) use it. At layer "
+    f"level every nn.Linear adds 2 FLOPs per multiply-add (backward {LINEAR_MODE_FACTOR['bwd']:g}x)."
+)
 
 
 def core_flops(mechanism: Mechanism, cfg: LayerConfig, batch: int, seq: int, mode: str, seq_lens=None) -> float:
@@ -56,3 +69,21 @@ def linear_flops(layer: nn.Module, forward: Callable[[], object], mode: str) -> 
 
 def tflops_per_s(flops: float, median_ms: float) -> float:
     return flops / (median_ms * 1e-3) / 1e12
+
+
+def train_flops_per_token(model: LanguageModel, seq: int, mode: str = "fwdbwd") -> float:
+    """Training FLOPs per token (``mode`` fwdbwd; fwd: the forward alone), for MFU: 2 per
+    multiply-add of every matmul weight (every Linear and the tied output projection; embedding
+    lookups are free) times the linear mode factor, plus the attention core's forward FLOPs at
+    ``seq`` times the core mode factor."""
+    cfg = model.cfg
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    matmul_weights = linear_weights + cfg.vocab_size * cfg.dim  # the tied output projection
+    per_token = 2 * LINEAR_MODE_FACTOR[mode] * matmul_weights  # 2 FLOPs per multiply-add
+    core = core_flops(registry.get(cfg.mechanism), cfg.layer_config(), 1, seq, mode) / seq
+    return per_token + cfg.layers * core
+
+
+def attention_flops(mechanism: Mechanism, cfg: LayerConfig, layers: int, batch: int, seq: int) -> float:
+    """Forward FLOPs of the attention cores of a ``layers``-layer model on [batch, seq] tokens."""
+    return layers * core_flops(mechanism, cfg, batch, seq, "fwd")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from attnbench import console
+from attnbench.case import CASE_COLUMNS
 from attnbench.errors import InputError
 
 SCHEMA_VERSION = 2  # 2: the preset column (model level)
@@ -33,11 +34,7 @@ RUN_CSVS = (SPEED_CSV, TRAIN_CSV, DISTILL_CSV)  # a run folder holds one of thes
 META_JSON = "meta.json"
 LOCK_FILE = ".lock"  # the pid of the process writing the run (run_lock)
 
-# What identifies a case; resume and compare match rows on these.
-CASE_COLUMNS = [
-    "mechanism", "impl", "level", "mode", "dtype", "device",
-    "batch", "seq", "heads", "kv_heads", "head_dim", "causal", "window", "preset",
-]
+# After the case columns (bench/case.py: what identifies a case; resume and compare match rows on them), what was measured.
 RESULT_COLUMNS = [
     "status", "message", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
     "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",
@@ -155,14 +152,35 @@ def _started(meta_path: Path) -> str:
         return ""
 
 
+# ---- whole files
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write the new file to; leaving the block without an error
+    renames it over ``path`` in one step, so a reader (or a kill) finds the old file or the new one,
+    never half of one. The temp file is gone either way; its name carries the pid, so processes
+    filling one cache do not write into each other's."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON, written whole (replacing)."""
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
 # ---- meta.json
 
 
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     """Write meta.json whole (a temp file and a rename: never half a file)."""
-    tmp = run_dir / f".{META_JSON}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    os.replace(tmp, run_dir / META_JSON)
+    write_json(run_dir / META_JSON, meta)
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:

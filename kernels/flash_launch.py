@@ -132,7 +132,7 @@ _TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", 
 SPARSE_TILE = 32 if INTERPRET else 64
 
 # Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
-# (A/B timing: python3 -m attnbench.tile_sweep --loads pointer)
+# (A/B timing: python3 -m attnbench.devtools.tile_sweep --loads pointer)
 TMA_LOADS = True
 
 

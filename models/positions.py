@@ -19,15 +19,13 @@ Queries sit at the last T of the S key positions (bottom-right aligned, as with 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
 from attnbench.kernels import reference
 from attnbench.models.errors import UnknownNameError
 
-if TYPE_CHECKING:  # for annotations only: the registry imports this module
-    from attnbench.models.registry import LayerConfig, Mechanism
 
 Scheme = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 SCHEMES: tuple[str, ...] = ("learned", "sinusoidal", "rope", "alibi", "none")

@@ -125,7 +125,7 @@ class Mechanism:
     """A named attention: what it is, what it supports, how it is computed.
 
     flops: forward FLOPs of the kernel-level core, flops(cfg, batch, seq, seq_lens=None)
-        (models/flops.py holds the shared models, e.g. softmax_flops counts visible q-k pairs).
+        (models/pair_flops.py holds the shared models, e.g. softmax_flops counts visible q-k pairs).
     position: its natural position scheme (models/positions.py), what it is built with when
         none is asked for: "learned" (the model adds learned embeddings), "rope", "alibi", or
         "inside" (it encodes positions itself).

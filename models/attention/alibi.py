@@ -5,7 +5,7 @@ name stays for the command lines that use it)."""
 import functools
 
 from attnbench.models import positions
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, softmax_options

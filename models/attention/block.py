@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from attnbench.kernels import reference
 from attnbench.models import peers, positions
-from attnbench.models.flops import visible_pairs
+from attnbench.models.pair_flops import visible_pairs
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from attnbench.kernels import reference
 from attnbench.models import peers, positions
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.softmax import _triton_missing

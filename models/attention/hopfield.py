@@ -26,7 +26,7 @@ from torch import nn
 
 from attnbench.kernels import reference
 from attnbench.models import peers, positions
-from attnbench.models.flops import visible_pairs
+from attnbench.models.pair_flops import visible_pairs
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from attnbench.kernels.block_mask import block_lists, block_sparse_flops, blocks, expand_blocks
 from attnbench.kernels.reference import visible
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.softmax import _triton_missing

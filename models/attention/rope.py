@@ -6,7 +6,7 @@ kernels rotate dq and dk back in their epilogues (kernels/flash_rope.py); the pe
 import functools
 
 from attnbench.models import positions
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, softmax_options

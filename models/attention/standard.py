@@ -1,7 +1,7 @@
 """standard: exact softmax attention (Vaswani et al. 2017); positions from the model's learned
 embeddings unless another scheme is asked for (any of models/positions.py, fused by every impl)."""
 
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, softmax_options

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from attnbench.models import positions
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.fla import fla_missing
-from attnbench.models.flops import visible_pairs
+from attnbench.models.pair_flops import visible_pairs
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 

@@ -9,7 +9,7 @@ import torch
 
 from attnbench.models import positions
 from attnbench.models.fla import fla_missing
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.softmax import softmax_impls, softmax_options

@@ -118,7 +118,7 @@ def test_list_params_counts_every_preset_and_says_why_a_model_cannot_build():
     assert result.exit_code == 0, result.output
     for preset in ("tiny", "small", "base"):
         assert preset in result.output
-    from attnbench.train import param_table
+    from attnbench.train.run import param_table
 
     (deltanet,) = param_table(["tiny"], ["deltanet"], task="mlm")
     assert "causal only" in deltanet["message"]  # no BERT-style (bidirectional) model of it
@@ -255,9 +255,9 @@ def handed_over(monkeypatch):
     def stop(*args, **kwargs):
         raise HandedOver(args, kwargs)
 
-    for module, function in [("attnbench.speed", "run_speed"), ("attnbench.train", "run_train"),
-                             ("attnbench.distill", "run_distill"), ("attnbench.check", "run_check"),
-                             ("attnbench.report", "render_report")]:
+    for module, function in [("attnbench.speed.run", "run_speed"), ("attnbench.train.run", "run_train"),
+                             ("attnbench.distill.run", "run_distill"), ("attnbench.devtools.check", "run_check"),
+                             ("attnbench.report.render", "render_report")]:
         monkeypatch.setattr(importlib.import_module(module), function, stop)
 
     def run(*args):

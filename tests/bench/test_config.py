@@ -4,7 +4,8 @@ overrides them, an unknown key is one line and exit 2, and a run folder's config
 import pytest
 from typer.testing import CliRunner
 
-from attnbench import store, train
+from attnbench import store
+from attnbench.train import run as train
 from attnbench.cli import app
 
 runner = CliRunner()

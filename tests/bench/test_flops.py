@@ -49,3 +49,17 @@ def test_layer_linears_count_two_flops_per_multiply_add(mode, factor):
 
 def test_tflops_per_s():
     assert flops.tflops_per_s(3e12, 1500.0) == pytest.approx(2.0)
+
+
+def test_a_models_attention_flops_are_its_layers_forward_cores():
+    """distill's attn_flops column: every layer's core forward, brute-force pairs."""
+    t, batch, heads, d, layers = 23, 2, 4, 8, 3
+    cfg = LayerConfig(dim=heads * d, heads=heads, causal=True)
+    expected = layers * 4 * batch * heads * d * brute_force_pairs(t, causal=True, window=None)
+    assert flops.attention_flops(registry.get("standard"), cfg, layers, batch, t) == expected
+
+
+def test_the_convention_sentence_states_the_factors_in_use():
+    assert f"backward = {flops.CORE_MODE_FACTOR['bwd']:g}x forward" in flops.CONVENTION
+    assert f"fwd+bwd = {flops.CORE_MODE_FACTOR['fwdbwd']:g}x" in flops.CONVENTION
+    assert f"(backward {flops.LINEAR_MODE_FACTOR['bwd']:g}x)" in flops.CONVENTION

@@ -162,3 +162,17 @@ def test_a_binary_csv_is_named_in_one_printable_line(tmp_path, content, line):
     message = str(err.value)
     assert message.startswith(f"{path} is corrupt") and f"line {line}" in message
     assert all(" " <= c <= "~" for c in message), ascii(message)
+
+
+def test_replacing_swaps_the_whole_file_in_or_leaves_the_old_one(tmp_path):
+    path = tmp_path / "meta.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with store.replacing(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    with store.replacing(path) as tmp:
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # nothing reaches path before the block ends
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]

@@ -11,7 +11,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.models import registry
 from attnbench.models.attention.exposb import PARAMETERS, flex_exposb
-from attnbench.models.flops import softmax_flops
+from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import LayerConfig
 from attnbench.tolerance import relative_bound
 

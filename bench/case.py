@@ -1,0 +1,69 @@
+"""The speed case: one point of a sweep, the schema of speed.csv's case columns.
+
+    Case             the dataclass; its fields, in order, are the columns
+    CASE_COLUMNS     their names: what identifies a row (resume, compare, report)
+    Case.from_row    a CSV row (strings) back into a Case
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import get_type_hints
+
+from attnbench.models.registry import LayerConfig
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point of a speed sweep; its fields, in order, are speed.csv's case columns (CASE_COLUMNS)."""
+
+    mechanism: str
+    impl: str
+    level: str
+    mode: str
+    dtype: str
+    device: str
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    window: int | None
+    preset: str = ""  # model level only: the models/presets.py shape (heads, head_dim follow it)
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> "Case":
+        """The case of a speed.csv row (strings as store.format_value wrote them; a column that an
+        older schema lacks reads as empty)."""
+        hints = get_type_hints(cls)
+        return cls(**{f.name: _parse(row.get(f.name, ""), hints[f.name]) for f in fields(cls)})
+
+    def layer_config(self) -> LayerConfig:
+        return LayerConfig(
+            dim=self.heads * self.head_dim, heads=self.heads, kv_heads=self.kv_heads,
+            head_dim=self.head_dim, causal=self.causal, impl=self.impl, window=self.window,
+        )
+
+    def series(self) -> tuple:
+        """Everything but the size: an OOM at one size skips the larger sizes of the same series."""
+        return tuple(v for k, v in asdict(self).items() if k not in ("batch", "seq"))
+
+    def larger_than(self, other: "Case") -> bool:
+        """Same series, and no smaller in seq nor batch (what an OOM at ``other`` predicts for explicit batches)."""
+        return self.series() == other.series() and self.seq >= other.seq and self.batch >= other.batch and self != other
+
+    def longer_than(self, other: "Case") -> bool:
+        """Same series and a longer sequence (a fixed token budget shrinks B as T grows, but
+        attention's cost per token still grows with T, so a longer T is the larger size)."""
+        return self.series() == other.series() and self.seq > other.seq
+
+
+CASE_COLUMNS = [f.name for f in fields(Case)]
+
+
+def _parse(text: str, hint: object) -> object:
+    """A CSV cell back into the field's type: '' is None for an optional int, 'True' is True."""
+    if hint == int | None:
+        return int(text) if text else None
+    return {int: int, bool: lambda value: value == "True", str: str}[hint](text)

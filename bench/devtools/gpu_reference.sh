@@ -1,0 +1,331 @@
+#!/usr/bin/env bash
+# The reference GPU runs committed under results/ (see results/README.md), one stage per
+# device call (each under its 10-minute limit). Usage: bash bench/devtools/gpu_reference.sh STAGE OUT_DIR
+# (all output: OUT_DIR/STAGE.tar.gz, one file, since the device brings back at most 8; it is
+# rewritten after every step and every 45 s, so a call killed at its limit still brings back
+# what was done. Every step has its own time limit inside the stage's budget BUDGET_S, which
+# must stay under the call's limit; sweeps save series by series, so a step cut by its limit
+# keeps what it finished).
+#   kernels:  a model-level profile, the exact-family grid (D 64 and 128), sliding-window scaling
+#   variants: rope/alibi/exposb against their peers, standard in the same run
+#   train:    GPT small with standard/rope/alibi/exposb (#4), alone on the GPU (batch 8: under 3
+#             epochs of the corpus; training at batch 8 is launch-bound, so contention halves it)
+#   quality:  every other mechanism with the same settings, one process each, CUDA tests alongside (#6)
+#   followup: fla's NSA at GQA 16:1, and exact softmax / DeltaNet beside linear and performer on the H200
+#   tests:    every CUDA test, `check` for exposb
+#   distill:  a standard teacher, distilled into performer/linear/window/nsa (window 128, nsa
+#             top-2 blocks), then the fla tests (#7, #6)
+#   launch:   the flash kernels' CUDA tests, host time per attention call, then the model-level
+#             step three times (its run-to-run spread) (#4)
+#   tiles:    every candidate flash tile at D = 64 (python3 -m attnbench.devtools.tile_sweep)
+#   tma:      the flash kernels' loops reading tiles through TMA descriptors: their CUDA tests, every
+#             tile both ways, then the model-level step (#4)
+#   tma-followup: each kernel's own tiles at D = 128 and 256 both ways, host time per call, the
+#             model-level step three times, after the D = 64 lists were re-chosen from `tma`
+#   tma-final: after the host-time cuts (cached problems, direct launcher calls, reused scratch):
+#             the flash CUDA tests, host time per call, the model-level step three times, and the
+#             exact-softmax grid at 4k and 16k against cuDNN and FlashAttention-2 (D 64 and 128)
+#   graph:    the model-level step eager and as a CUDA graph replay (--level model-graph: GPU time
+#             alone, where the eager step is host-bound), three runs each, and the sweep's CUDA tests
+#   host:     after cheaper signatures, TMA checks and grids: the flash CUDA tests, host time per
+#             call (profiled), the model-level step eager twice and as a graph once
+#   check:    `attnbench check` of the flash family (TMA loads for all but rope) to T = 4k, bf16 and fp16
+#   packed:   the one-piece qkv gradient: the flash CUDA tests, the layer test on the GPU, the sweep's
+#             graph tests, then the model-level step of standard, rope and alibi as a CUDA graph
+#             twice and eager once
+#   rope:     RoPE as rotation passes outside the kernels' loops: the flash CUDA tests, rope and
+#             standard against SDPA at D = 128 (the variants table's shapes), the model-level step of
+#             standard, rope and alibi as a CUDA graph and eager
+#   rope-epilogue: dq and dk rotated back in the backward kernels' epilogues (no float32 gradient
+#             buffers, no extra pass): the flash CUDA tests, the `rope` stage's variants and model steps
+#   rope-check: after the RoPE tables covered queries before the first key: the flash tests with
+#             RoPE on the GPU (small and real sizes), `attnbench check` of rope (bf16) to T = 4k
+#   final:    after `rope`: `attnbench check` of rope (bf16) to T = 4k, then the model-level step of
+#             standard, rope and alibi as a CUDA graph twice and eager twice (their spread)
+#   lean:     lse and delta read through TMA in dk/dv (no per-thread masked loads), the forward's
+#             softmax scale folded into its exponent: the flash CUDA tests, every D = 64 tile, the
+#             model-level step as a CUDA graph
+#   edges:    masked tiles test only the band edges their problem has, scores scaled inside exp2's
+#             FMA everywhere, the D = 64 dk/dv list re-chosen from `lean`: the flash CUDA tests,
+#             every D = 64 tile, the model-level step of standard, rope and alibi as a CUDA graph
+#             twice and of standard eager once
+#   registers: dk/dv's D = 64 tile capped at 168 registers (three programs per SM): the flash CUDA
+#             tests, every D = 64 tile, the model-level step of standard, rope and alibi as a CUDA
+#             graph twice and of standard eager once
+#   registers-check: after `registers`: the tile sweep's and launcher's CUDA tests, `attnbench check`
+#             of the flash family (standard, rope, alibi, window) to T = 4k in bf16
+#   registers-grid: after `registers`: the exact-softmax grid (D 64 and 128, 4k and 16k, against
+#             cuDNN and FlashAttention-2) and rope/standard against SDPA at D = 128 (the variants rows)
+#   alibi-float: after ALiBi's distance moved to float32 (fewer registers under dk/dv's cap) and dk/dv's
+#             second D = 64 candidate went uncapped: the flash CUDA tests, the model-level step of
+#             standard, rope and alibi as a CUDA graph
+#   layers:   every mechanism and impl at layer level to T = 64k (the crossover figure), model level
+#   decode:   the decode kernels' tests on the GPU, then one decode step at issue 24's shapes (B 1-64,
+#             L 1k-64k, Hq 32, Hkv 8, D 128, bf16): ours contiguous and paged against SDPA's backends,
+#             and the one-token state steps, eager and as CUDA graph replays
+#   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
+#             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
+set -uo pipefail
+stage=$1 dest=$2
+work=/tmp/attnbench-gpu
+out="$work/$stage"
+mkdir -p "$out" "$dest"
+pack() {  # the stage's folder as one tarball in OUT_DIR (weights stay behind: too large to bring back)
+    local part="$dest/.$stage.tar.gz.$BASHPID"
+    tar -czf "$part" --exclude=checkpoints --exclude=students -C "$work" "$stage" 2> /dev/null
+    mv -f "$part" "$dest/$stage.tar.gz"
+}
+(while sleep 45; do pack; done) &
+packer=$!
+disown $packer  # not among the jobs that the stages' `wait` waits for
+trap 'kill $packer 2> /dev/null; pack' EXIT
+deadline=$((SECONDS + ${BUDGET_S:-575}))
+export PYTHONUNBUFFERED=1 ATTNBENCH_FAILURES_NOW=1  # tracebacks as failures happen (tests/conftest.py)
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/pip.log" 2>&1 || { tail "$out/pip.log"; exit 1; }
+if ls .whl/*.whl > /dev/null 2>&1; then  # optional peers (fla-core) carried as wheels
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit --format=csv | tee "$out/gpu.txt"
+
+limit() {  # limit SECONDS CMD...: run CMD for at most SECONDS, and never past the stage's deadline
+    local left=$((deadline - SECONDS)); local t=$(($1 < left ? $1 : left))
+    if ((t <= 5)); then echo "skipped (stage budget spent): ${*:2}" | tee -a "$out/skipped.txt"; return 0; fi
+    timeout "$t" "${@:2}" || echo "exit $? after at most ${t}s: ${*:2}" | tee -a "$out/skipped.txt"
+    pack
+}
+speed() { limit "$1" attnbench speed "${@:2}" --measure-peak 2>&1 | tail -80; }
+fla_tests() {  # fla_tests SECONDS: every fla impl against our reference, verbose, a limit per test
+    limit "$1" python3 -m pytest -v -m cuda tests/models -k fla --timeout 120 --tb=short > "$out/fla_tests.txt" 2>&1
+}
+cuda_tests() {  # every CUDA test, verbose, a limit per test (a failure is named as it happens, even if
+               # the stage is cut); two processes, so one's Triton compiles overlap the other's
+    limit 300 python3 -m pytest -v -m cuda tests/kernels tests/bench --timeout 120 -rf --tb=short > "$out/cuda_tests_kernels_bench.txt" 2>&1 &
+    local first=$!
+    limit 300 python3 -m pytest -v -m cuda tests/models --timeout 120 -rf --tb=short > "$out/cuda_tests_models.txt" 2>&1
+    wait $first
+    grep -h -E "FAILED|ERROR|error [0-9]|passed|failed" "$out"/cuda_tests_*.txt | tail -40
+}
+flash_tests() {  # flash_tests SECONDS [MORE TEST FILES...]: the flash kernels' CUDA tests (real sizes among them), verbose
+    limit "$1" python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py "${@:2}" \
+        --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+}
+host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
+    limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
+    grep "per forward" "$out/host.txt"
+}
+model_steps() {  # model_steps RUNS [LEVEL [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
+                 # at T 1k and 4k, RUNS times (its spread)
+    local level=${2:-model} attn=${3:-standard} seconds=${4:-75}
+    for run in $(seq "$1"); do
+        speed "$seconds" --level "$level" --preset small --attn "$attn" --impl triton,sdpa --seq 1024 4096 --mode fwdbwd \
+            --out "$out/$level-$run"
+    done
+}
+TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
+EXACT=(--attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 1024 2048 4096 8192 16384
+       --mode fwd --mode fwdbwd --causal --bidirectional)
+
+case $stage in
+kernels)
+    speed 120 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd \
+        --profile 5 --top 15 --out "$out/model-profile"
+    speed 190 "${EXACT[@]}" --heads 16 --head-dim 128 --out "$out/exact-d128"
+    speed 180 "${EXACT[@]}" --heads 32 --head-dim 64 --out "$out/exact-d64"
+    speed 90 --attn window --impl triton,flex,fla --window 1024 --tokens 32768 --heads 16 --head-dim 128 \
+        --seq 4096 8192 16384 32768 --mode fwd --mode fwdbwd --causal --out "$out/window"
+    ;;
+variants)
+    speed 560 --attn standard,rope,alibi,exposb --impl triton,sdpa,flex --tokens 16384 --heads 16 --head-dim 128 \
+        --seq 1024 2048 4096 8192 16384 --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    ;;
+tests)  # every CUDA test (the fla impls against our references among them), `check` for exposb
+    cuda_tests
+    limit 60 attnbench check --attn exposb --max-seq 16384 --csv "$out/check.csv" > "$out/check.txt" 2>&1
+    tail -5 "$out/check.txt"
+    ;;
+train)  # GPT small, #4's run (alone: training at batch 8 is launch-bound, contention halves it)
+    limit 560 attnbench train --attn standard,rope,alibi,exposb "${TRAIN[@]}" --out "$out/gpt-small" > "$out/train.txt" 2>&1
+    tail -4 "$out/train.txt"
+    ;;
+followup)  # what the sixth session's followup call left (H200): fla's NSA at GQA 16:1 (its 60 s
+          # limit ended in the chunked series), and the H200 anchors for the linear-cost rows of
+          # layers-followup/: exact softmax (cuDNN) and DeltaNet (fla) at the same shapes
+    cp -r results/reference-h200/nsa-gqa "$out/nsa-gqa"
+    speed 150 --resume --out "$out/nsa-gqa"
+    speed 110 --level layer --attn standard,deltanet,linear,performer --impl sdpa-cudnn,fla,chunked --tokens 16384 \
+        --heads 16 --head-dim 64 --seq 1024 4096 16384 65536 --mode fwd --causal --out "$out/layers-anchor"
+    ;;
+quality)  # every other mechanism with the settings of gpt-small/, one process each (#6): at batch 8
+          # a step is launch-bound, so ten processes share the GPU with ~2.5x loss each; the CUDA
+          # tests alongside (correctness only). window and nsa really sparse at T = 512 (window
+          # 128, nsa top-2 blocks of 64); nsa through its definition (at T = 512 ~10x faster than
+          # the chunked per-query block gathers)
+    quality_run() {  # quality_run MECHANISM [OPTIONS...]
+        limit 530 env OMP_NUM_THREADS=1 attnbench train --attn "$1" "${TRAIN[@]}" "${@:2}" --out "$out/$1" > "$out/$1.txt" 2>&1
+    }
+    for mechanism in linear performer block hopfield deltanet stickbreaking gau bsbr; do quality_run $mechanism & done
+    quality_run window --window 128 &
+    quality_run nsa --window 128 --option topn=2 --impl torch &
+    cuda_tests
+    wait
+    for log in "$out"/*.txt; do echo "== $log"; tail -2 "$log"; done
+    ;;
+distill)  # #7: a standard teacher, then performer/linear/window/nsa students, then the fla tests
+    limit 150 attnbench train --attn standard "${TRAIN[@]}" --eval-every 500 --out "$out/teacher" > "$out/teacher.txt" 2>&1
+    limit 380 attnbench distill --teacher "$out/teacher" --teacher-attn standard --student performer \
+        --student linear --student window --student nsa --window 128 --option topn=2 --steps 1000 --batch 8 \
+        --lr 1e-4 --impl auto,nsa=torch --eval-every 100 --out "$out/distill" > "$out/distill.txt" 2>&1
+    tail -12 "$out/distill.txt"
+    fla_tests 200
+    grep -E "PASSED|FAILED|Error:|error [0-9]" "$out/fla_tests.txt" | tail -30
+    ;;
+launch)  # #4: launches that skip triton's JITFunction.run (FlashKernel): the CUDA tests of the flash
+        # kernels, the host time of one attention call, then GPT small's training step against
+        # SDPA three times (its run-to-run spread is several percent)
+    flash_tests 200 tests/bench/test_timing.py
+    host_time --profile 25
+    model_steps 3
+    ;;
+tiles)
+    limit 120 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    tail -45 "$out/tiles.txt"
+    ;;
+tma)
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
+    limit 280 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --loads tma --loads pointer --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    tail -70 "$out/tiles.txt"
+    ;;
+tma-followup)
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
+    for d in 128 256; do
+        limit 80 python3 -m attnbench.devtools.tile_sweep --seq 4096 --heads $((2048 / d)) --head-dim $d --no-neighbours \
+            --loads tma --loads pointer --out "$out/tiles-d$d.csv" > "$out/tiles-d$d.txt" 2>&1
+    done
+    host_time
+    model_steps 3
+    cat "$out"/tiles-d*.txt
+    ;;
+tma-final)
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
+    host_time --profile 25
+    model_steps 3
+    for d in 64 128; do
+        speed 75 --attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 4096 16384 --mode fwd --mode fwdbwd \
+            --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d"
+    done
+    ;;
+graph)  # a failed capture leaves its process's CUDA context unusable: the graph tests run apart
+    limit 120 python3 -m pytest -v -m cuda tests/bench/speed/test_sweep.py tests/models/test_transformer.py --timeout 120 -rf \
+        --tb=short > "$out/cuda_tests_graph.txt" 2>&1
+    flash_tests 120
+    grep -E "FAILED|passed|failed" "$out/cuda_tests_graph.txt" | tail -8
+    model_steps 3 model-graph
+    model_steps 1
+    ;;
+packed)
+    flash_tests 130
+    limit 80 python3 -m pytest -v -m cuda tests/bench/speed/test_sweep.py --timeout 60 -rf --tb=short > "$out/cuda_tests_sweep.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests_sweep.txt" | tail -4
+    limit 40 python3 -m pytest -v tests/models/test_registry.py tests/kernels/test_flash.py -k "projection" \
+        --tb=short > "$out/projection_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/projection_tests.txt" | tail -4
+    model_steps 2 model-graph standard,rope,alibi 100
+    model_steps 1 model standard,rope,alibi 100
+    ;;
+rope)
+    flash_tests 130
+    limit 40 python3 -m pytest -v tests/models/test_registry.py tests/kernels/test_flash.py -k "projection" \
+        --tb=short > "$out/projection_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/projection_tests.txt" | tail -4
+    speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
+        --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    model_steps 1 model-graph standard,rope,alibi 100
+    model_steps 1 model standard,rope,alibi 100
+    ;;
+rope-epilogue)
+    flash_tests 130
+    speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
+        --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    model_steps 1 model-graph standard,rope 100
+    ;;
+rope-check)
+    limit 60 python3 -m pytest -v tests/kernels/test_flash.py -k "rope or fused or everything" --tb=short \
+        > "$out/rope_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/rope_tests.txt" | tail -4
+    limit 100 attnbench check --attn rope --max-seq 4096 --dtype bf16 --csv "$out/check-rope.csv" > "$out/check-rope.txt" 2>&1
+    tail -n 3 "$out/check-rope.txt"
+    ;;
+final)
+    limit 100 attnbench check --attn rope --max-seq 4096 --dtype bf16 --csv "$out/check-rope.csv" > "$out/check-rope.txt" 2>&1
+    tail -n 3 "$out/check-rope.txt"
+    model_steps 2 model-graph standard,rope,alibi 100
+    model_steps 2 model standard,rope,alibi 100
+    ;;
+host)
+    flash_tests 150
+    host_time --profile 25
+    model_steps 2
+    model_steps 1 model-graph
+    ;;
+check)
+    for dtype in bf16 fp16; do
+        limit 100 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype $dtype --csv "$out/check-$dtype.csv" \
+            > "$out/check-$dtype.txt" 2>&1
+        tail -n 3 "$out/check-$dtype.txt"
+    done
+    ;;
+lean)
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
+    limit 250 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    model_steps 1 model-graph standard 100
+    tail -64 "$out/tiles.txt"
+    ;;
+edges | registers)  # the same steps, on two states of the kernels
+    flash_tests 150 tests/bench/devtools/test_tile_sweep.py
+    limit 120 python3 -m attnbench.devtools.tile_sweep --seq 1024 --seq 4096 --out "$out/tiles.csv" > "$out/tiles.txt" 2>&1
+    model_steps 2 model-graph standard,rope,alibi 100
+    model_steps 1 model standard 80
+    tail -64 "$out/tiles.txt"
+    ;;
+registers-check)
+    limit 120 python3 -m pytest -v -m cuda tests/bench/devtools/test_tile_sweep.py tests/kernels/test_flash_launch.py --timeout 120 -rf \
+        --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -4
+    limit 200 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype bf16 --csv "$out/check-bf16.csv" \
+        > "$out/check-bf16.txt" 2>&1
+    tail -n 3 "$out/check-bf16.txt"
+    ;;
+registers-grid)
+    for d in 64 128; do
+        speed 90 --attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 4096 16384 --mode fwd --mode fwdbwd \
+            --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d"
+    done
+    speed 120 --attn standard,rope --impl triton,sdpa --tokens 16384 --heads 16 --head-dim 128 --seq 4096 16384 \
+        --mode fwd --mode fwdbwd --causal --out "$out/variants"
+    ;;
+alibi-float)
+    flash_tests 110
+    model_steps 1 model-graph standard,rope,alibi 100
+    ;;
+layers)
+    speed 490 --level layer --attn all --impl all --seq 1024 4096 16384 65536 --mode fwd --out "$out/layers"
+    speed 70 --level model --preset small --attn standard --impl triton,sdpa --seq 1024 4096 --mode fwdbwd --out "$out/model"
+    ;;
+decode)
+    limit 150 python3 -m pytest -v tests/kernels/test_decode_kernel.py tests/kernels/test_state_decode.py tests/models/test_decode.py \
+        --timeout 120 -rf --tb=short > "$out/decode_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/decode_tests.txt" | tail -6
+    limit 170 python3 -m attnbench.kernels.bench_decode --out "$out/decode.csv" > "$out/decode.txt" 2>&1
+    tail -40 "$out/decode.txt"
+    limit 170 python3 -m attnbench.kernels.bench_decode --cuda-graph --out "$out/decode-graph.csv" > "$out/decode-graph.txt" 2>&1
+    tail -40 "$out/decode-graph.txt"
+    ;;
+defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
+    (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)
+    grep -v "━" "$out/train.txt" | tail -12
+    (cd "$out" && limit 150 bash -c 'time attnbench speed --seq 512 4096' > "$out/speed.txt" 2>&1)
+    grep -v "━" "$out/speed.txt" | tail -30
+    ;;
+esac

@@ -1,0 +1,64 @@
+"""What one attention call costs the host (CPU), apart from the GPU (CUDA only).
+
+At a tiny shape every kernel finishes before the host has launched the next, so the wall
+time per forward + backward is the host's: Python, argument binding, autograd, launches.
+A model step at batch 16 x 1k tokens of GPT small is host-bound (results/reference-h100/
+model: ~45% of it the GPU idles), so this cost, times layers, is the difference between
+two impls whose kernels take the same GPU time.
+
+    python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa --profile 20
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import time
+from typing import Annotated
+
+import torch
+import typer
+
+from attnbench.models import registry
+
+
+def host_us_per_call(run, calls: int, batch: int, seq: int, heads: int, head_dim: int) -> float:
+    """Microseconds of wall time per forward + backward of ``run`` (a kernel-level core) on
+    q, k, v [batch, seq, heads, head_dim] bf16, causal, after a warm-up that compiles."""
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step() -> None:
+        run(q, k, v, causal=True).backward(grad)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main(
+    impl: Annotated[list[str], typer.Option(help="impl of --attn (repeat the option for several)")] = ["triton", "sdpa"],  # noqa: B006
+    attn: Annotated[str, typer.Option(help="mechanism")] = "standard",
+    calls: Annotated[int, typer.Option(help="forward + backward calls timed")] = 500,
+    seq: Annotated[int, typer.Option(help="T (tiny: the GPU must not be the bottleneck)")] = 128,
+    profile: Annotated[int, typer.Option(help="also print the N functions with the most own and the most cumulative time (cProfile)")] = 0,
+) -> None:
+    """Host microseconds per forward + backward of each impl at B=1, H=8, D=64, causal, bf16."""
+    mechanism = registry.get(attn)
+    for name in impl:
+        run = mechanism.impls[name].run
+        typer.echo(f"{attn}/{name}: {host_us_per_call(run, calls, 1, seq, 8, 64):.0f} us per forward + backward")
+        if profile:
+            profiler = cProfile.Profile()
+            profiler.runcall(host_us_per_call, run, calls, 1, seq, 8, 64)
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(profiler).sort_stats(order).print_stats(profile)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,1 @@
+"""Distillation: a student trained against a teacher (run), the teachers, evaluation."""

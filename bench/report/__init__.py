@@ -1,0 +1,1 @@
+"""`attnbench report`: speed, train and distill sections, quality against speed, md/html render."""

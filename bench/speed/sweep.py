@@ -1,0 +1,486 @@
+"""The speed sweep: a spec expands to cases; series by series, every case is warmed up, then timed.
+
+A series is the sizes (seq, batch) of one mechanism, impl, mode, dtype, ... Warm-up builds
+each case once and calls it once: compilation, autotuning and cuDNN graph building happen
+here, their cost lands in ``first_call_ms``, and cases that cannot run (unsupported, error,
+OOM) get their row now. Timing then rebuilds each remaining case of the series and times it.
+An OOM marks the larger sizes of its case ``skipped``. (DESIGN.md warms up the whole sweep
+before timing any case; per series, a sweep stopped by a time limit keeps every finished
+series instead of nothing, and no compile ever runs inside a timed region either way.)
+
+Levels: a level is one function ``Case -> Workload`` in ``LEVELS``: kernel (the core on
+q, k, v), layer (with projections), model (a full training step of a preset model), and
+model-graph (that step captured once as a CUDA graph and replayed: the GPU's time alone,
+without the host's cost of launching each op, which makes an eager step host-bound on a
+slow host).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from attnbench import flops as flop_model
+from attnbench import timing
+from attnbench.case import Case
+from attnbench.dtypes import DTYPES
+from attnbench.errors import InputError
+from attnbench.models import registry
+from attnbench.models.registry import Mechanism
+from attnbench.store import case_key
+
+MODES = ("fwd", "bwd", "fwdbwd")
+MODEL_LEVELS = ("model", "model-graph")  # a training step of a preset model
+
+
+@dataclass
+class SweepSpec:
+    """What `attnbench speed` was asked for (stored in meta.json; --resume re-reads it)."""
+
+    mechanisms: list[str]
+    impls: list[str] | None  # None: every impl of each mechanism
+    levels: list[str]
+    modes: list[str]
+    dtypes: list[str]
+    device: str
+    seqs: list[int]
+    batches: list[int] | None = None  # exactly one of batches, tokens
+    tokens: int | None = None
+    heads: int = 16
+    kv_heads: int | None = None
+    head_dim: int = 64
+    causal: list[bool] = field(default_factory=lambda: [True])
+    window: int | None = None
+    preset: str = "small"  # the model level's preset
+    max_call_ms: float | None = 2000.0  # slower cases skip their series' larger sizes (Sweep)
+
+    def larger(self, case: Case, other: Case) -> bool:
+        """Whether a stop (OOM, too slow) at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
+        return case.longer_than(other) if self.tokens is not None else case.larger_than(other)
+
+    def batches_for(self, seq: int) -> list[int]:
+        """The batch sizes at ``seq``: the given list, or tokens // seq (at least 1)."""
+        if self.batches is not None:
+            return self.batches
+        return [max(1, self.tokens // seq)]
+
+
+@dataclass
+class Workload:
+    """A case built and ready: ``forward()`` runs the op once; ``leaves`` are the tensors whose
+    grads are reset between backward repetitions; ``flops`` of one timed call in the case's mode;
+    ``step``: when set, what fwdbwd times instead of forward + backward (a whole training step);
+    ``peak_memory``: whether a call's peak above what was allocated before it is its memory
+    (not for a graph replay, which allocates nothing: its pool was taken at capture)."""
+
+    forward: Callable[[], torch.Tensor]
+    leaves: list[torch.Tensor]
+    params: int
+    flops: float
+    step: Callable[[], object] | None = None
+    peak_memory: bool = True
+
+
+# ---- validation and expansion
+
+
+def check_device(device: str, dtypes: Iterable[str]) -> None:
+    """Raise InputError when ``device`` does not exist here or cannot compute in a dtype."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}'; use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise InputError(f"unsupported device '{device}'; use cpu or cuda[:N]")
+    for name in dtypes:
+        if dev.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
+            raise InputError(f"{torch.cuda.get_device_name(dev)} cannot compute in bf16; use --dtype fp16")
+        try:
+            a = torch.ones(8, 8, device=dev, dtype=DTYPES[name])
+            torch.softmax(a @ a, dim=-1)
+        except RuntimeError as err:
+            raise InputError(f"{device} cannot compute in {name}: {str(err).splitlines()[0]}") from None
+
+
+def validate(spec: SweepSpec) -> None:
+    """Every InputError a spec can deserve, before anything runs."""
+    mechanisms = [registry.get(name) for name in spec.mechanisms]  # unknown names raise with the list
+    if spec.impls is not None:
+        known = sorted({impl for m in mechanisms for impl in m.impls})
+        for impl in spec.impls:
+            if impl not in known:
+                raise InputError(f"unknown impl '{impl}' for {', '.join(spec.mechanisms)}; valid: {', '.join(known)}")
+    if spec.max_call_ms is not None and spec.max_call_ms < 0:
+        raise InputError(f"--max-call-ms must be >= 0 (0: no limit), got {spec.max_call_ms:g}")
+    for level in spec.levels:
+        if level not in LEVELS:
+            raise InputError(f"unknown level '{level}'; valid: {', '.join(LEVELS)}")
+    for mode in spec.modes:
+        if mode not in MODES:
+            raise InputError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
+    if not spec.seqs:
+        raise InputError("give at least one --seq")
+    if (spec.batches is None) == (spec.tokens is None):
+        raise InputError("give --batch or --tokens, not both")
+    positive = {"--seq": spec.seqs, "--batch": spec.batches or [], "--tokens": [spec.tokens] if spec.tokens is not None else []}
+    positive |= {"--heads": [spec.heads], "--head-dim": [spec.head_dim]}
+    positive |= {"--kv-heads": [spec.kv_heads] if spec.kv_heads is not None else [], "--window": [spec.window] if spec.window is not None else []}
+    for option, values in positive.items():
+        bad = [v for v in values if v <= 0]
+        if bad:
+            raise InputError(f"{option} must be positive, got {bad[0]}")
+    kv_heads = spec.kv_heads or spec.heads
+    if spec.heads % kv_heads:
+        raise InputError(f"--heads ({spec.heads}) must be a multiple of --kv-heads ({kv_heads})")
+    check_device(spec.device, spec.dtypes)
+    check_runnable(expand(spec))
+
+
+def check_token_budget(tokens: int, seqs: Iterable[int]) -> None:
+    """A --tokens the user gave must hold one sequence of every --seq: B = tokens // T is never 0.
+    (The device's default budget is not checked: a --seq longer than it runs with B = 1.)"""
+    longest = max(seqs)
+    if tokens < longest:
+        raise InputError(f"--tokens {tokens} is less than one sequence of --seq {longest} (B = tokens // T would be 0); "
+                         f"give --tokens {longest} or more, or --batch")
+
+
+def check_runnable(cases: list[Case]) -> None:
+    """InputError when no case can run here: a sweep of unsupported rows alone is a refusal, not a result."""
+    reasons: dict[str, list[str]] = {}
+    for case in cases:
+        reason = why_unsupported(case, registry.get(case.mechanism))
+        if reason is None:
+            return
+        if case.impl not in reasons.setdefault(reason, []):
+            reasons[reason].append(case.impl)
+    why = [f"{', '.join(impls)}: {reason}" for reason, impls in reasons.items()]
+    more = f"; and {len(why) - 3} other reasons" if len(why) > 3 else ""
+    raise InputError(f"nothing in this sweep can run here (every case is unsupported): {'; '.join(why[:3]) or 'no cases'}{more}")
+
+
+REFERENCE_IMPL = "torch"  # every mechanism's definition in plain torch: the slowest, timed last
+
+
+def expand(spec: SweepSpec) -> list[Case]:
+    """Every case of ``spec``, smaller sizes first within each series (so an OOM skips what
+    follows), and every mechanism's plain-torch reference after all other impls: a sweep cut
+    by a time limit has the fast impls of every mechanism before any reference (one recurrent
+    reference can take minutes)."""
+    cases = []
+    for name in spec.mechanisms:
+        mechanism = registry.get(name)
+        impls = [i for i in (spec.impls or mechanism.impls) if i in mechanism.impls]
+        # a mechanism whose window has a default (window) records the window it really uses
+        window = spec.window if spec.window is not None else mechanism.params.get("window", (None,))[0]
+        for level in spec.levels:
+            heads, kv_heads, head_dim, preset = _shape(spec, level)
+            for causal in spec.causal:
+                for dtype in spec.dtypes:
+                    for mode in spec.modes:
+                        for impl in impls:
+                            for seq in sorted(spec.seqs):
+                                for batch in sorted(spec.batches_for(seq)):
+                                    cases.append(Case(
+                                        name, impl, level, mode, dtype, spec.device, batch, seq,
+                                        heads, kv_heads, head_dim, causal, window, preset,
+                                    ))
+    return sorted(cases, key=lambda case: case.impl == REFERENCE_IMPL)  # stable: the order above otherwise
+
+
+def _shape(spec: SweepSpec, level: str) -> tuple[int, int, int, str]:
+    """(heads, kv_heads, head_dim, preset) of a level's cases: the model level's come from its preset."""
+    if level not in MODEL_LEVELS:
+        return spec.heads, spec.kv_heads or spec.heads, spec.head_dim, ""
+    from attnbench.models.presets import Preset
+
+    preset = Preset.from_name(spec.preset)
+    return preset.heads, preset.heads, preset.dim // preset.heads, preset.name
+
+
+def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
+    """Why ``case`` cannot run on this machine, or None."""
+    cfg = case.layer_config()
+    impl = mechanism.impl(case.impl)
+    if case.level == "kernel" and (not mechanism.has_core or impl.run is None):
+        return f"{case.mechanism}/{case.impl} has no kernel-level core (layer level only)"
+    if case.level in MODEL_LEVELS and case.mode == "bwd":
+        return "the model level times fwd (forward and loss) or fwdbwd (a whole training step)"
+    if case.level == "model-graph" and not case.device.startswith("cuda"):
+        return "model-graph captures CUDA graphs: it needs a CUDA device"
+    return mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
+
+
+# ---- levels: Case -> Workload
+
+
+def _build_layer(case: Case) -> torch.nn.Module:
+    layer = registry.build_layer(case.mechanism, case.layer_config())
+    return layer.to(device=case.device, dtype=DTYPES[case.dtype])
+
+
+def _randn(shape, case: Case, requires_grad: bool) -> torch.Tensor:
+    return torch.randn(shape, device=case.device, dtype=DTYPES[case.dtype], requires_grad=requires_grad)
+
+
+def kernel_workload(case: Case) -> Workload:
+    """layer.attend(q, k, v): q [B, T, Hq, D], k/v [B, T, Hkv, D], the layer's own parameters."""
+    layer = _build_layer(case)
+    grad = case.mode != "fwd"
+    b, t = case.batch, case.seq
+    q = _randn((b, t, case.heads, case.head_dim), case, grad)
+    k = _randn((b, t, case.kv_heads, case.head_dim), case, grad)
+    v = _randn((b, t, case.kv_heads, case.head_dim), case, grad)
+    leaves = [q, k, v, *layer.parameters()]
+    return Workload(lambda: layer.attend(q, k, v), leaves, _param_count(layer), _core_flops(case))
+
+
+def layer_workload(case: Case) -> Workload:
+    """layer(x): x [B, T, C], C = heads * head_dim; projections and parameters included."""
+    layer = _build_layer(case)
+    x = _randn((case.batch, case.seq, case.heads * case.head_dim), case, case.mode != "fwd")
+    forward = lambda: layer(x)  # noqa: E731
+    flops = _core_flops(case) + flop_model.linear_flops(layer, forward, case.mode)
+    return Workload(forward, [x, *layer.parameters()], _param_count(layer), flops)
+
+
+def model_workload(case: Case, graphed: bool = False) -> Workload:
+    """A full training step of the ``case.preset`` model (GPT-style when causal, BERT-style MLM
+    when bidirectional) on random tokens [B, T]: forward, loss, backward, AdamW step, under bf16
+    or fp16 autocast for those dtypes (parameters stay fp32, as in `attnbench train`).
+    fwd times the forward and loss alone, without autograd; FLOPs per token come from
+    flops.train_flops_per_token, so % of peak is the MFU.
+    graphed: what the case's mode times is captured once as a CUDA graph (capturable AdamW,
+    autocast without its weight cache, as graph capture requires) and replayed."""
+    from attnbench.models.transformer import build_model, training_step
+
+    model = build_model(case.preset, case.mechanism, case.impl, "clm" if case.causal else "mlm", case.seq)
+    model = model.to(case.device)
+    ids = torch.randint(0, model.cfg.vocab_size, (case.batch, case.seq), device=case.device)
+    batch = {"input_ids": ids, "labels": ids}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graphed)
+    dtype = DTYPES[case.dtype]
+
+    def autocast():
+        return torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graphed)
+
+    def forward():
+        with autocast():
+            return model(ids, labels=ids).loss_sum
+
+    def step():
+        with autocast():
+            return training_step(model, optimizer, batch)
+
+    if graphed and case.mode == "fwd":
+        forward = _graph_of(torch.no_grad()(forward))
+    elif graphed:
+        step = _graph_of(step)
+    flops = flop_model.train_flops_per_token(model, case.seq, case.mode) * case.batch * case.seq
+    return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step, peak_memory=not graphed)
+
+
+def _graph_of(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured once as a CUDA graph, after ``warmup`` calls on a side stream (autotuning
+    and lazy allocations happen there, as torch's graph docs prescribe); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _core_flops(case: Case) -> float:
+    mechanism = registry.get(case.mechanism)
+    return flop_model.core_flops(mechanism, case.layer_config(), case.batch, case.seq, case.mode)
+
+
+def _param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+LEVELS: dict[str, Callable[[Case], Workload]] = {
+    "kernel": kernel_workload,
+    "layer": layer_workload,
+    "model": model_workload,
+    "model-graph": lambda case: model_workload(case, graphed=True),
+}
+
+
+# ---- modes: Workload -> the timed callable
+
+
+def timed_call(work: Workload, mode: str) -> Callable[[], object]:
+    """fwd: forward without autograd; bwd: backward of one forward done here, graph retained;
+    fwdbwd: forward then backward, or the workload's whole step where it has one.
+    The upstream gradient is random, made once."""
+    if mode == "fwdbwd" and work.step is not None:
+        return work.step
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return work.forward()
+
+        return fwd
+    out = work.forward()
+    grad = torch.randn_like(out)
+    if mode == "bwd":
+        return lambda: out.backward(grad, retain_graph=True)
+    return lambda: work.forward().backward(grad)
+
+
+# ---- the loop
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _free(device: str) -> None:
+    """After a failed case: its tensors may sit in reference cycles through the traceback."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Sweep:
+    """Runs ``cases``; every finished row goes to ``write`` at once.
+
+    ``recorded``: case keys (attnbench.store.case_key) already in the results, skipped on resume;
+    ``prior_stops``: (case, reason) of cases that stopped their series before (stops_in);
+    ``peaks``: measured matmul TFLOP/s per dtype name, for % of peak;
+    ``larger(case, stop)``: whether a stop at ``stop`` skips ``case`` (SweepSpec.larger);
+    ``max_call_ms``: a case slower than this per call skips the larger sizes of its series
+    (a recurrent reference at 64k tokens would hold the sweep for minutes); None: no limit.
+    """
+
+    def __init__(
+        self,
+        cases: list[Case],
+        write: Callable[[dict[str, Any]], None],
+        recorded: set[tuple[str, ...]] = frozenset(),
+        prior_stops: Iterable[tuple[Case, str]] = (),
+        peaks: dict[str, float] | None = None,
+        larger: Callable[[Case, Case], bool] = Case.larger_than,
+        max_call_ms: float | None = None,
+    ):
+        self.pending = [c for c in cases if case_key(asdict(c)) not in recorded]
+        self.write, self.peaks, self.larger = write, peaks or {}, larger
+        self.stops: list[tuple[Case, str]] = list(prior_stops)
+        self.max_call_ms = max_call_ms
+        self.done: set[Case] = set()
+        self.first_call: dict[Case, float] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self, on_step: Callable[[str, Case], None] = lambda phase, case: None) -> list[dict[str, Any]]:
+        """Series by series (the sizes of one mechanism/impl/mode/...): warm up each case of the
+        series, then time each that warmed up; returns the rows written. A sweep stopped part way
+        keeps every finished series' rows (resume runs the rest).
+        ``on_step(phase, case)``: progress, once per pending case per phase ("warmup", "timing")."""
+        for _, series in itertools.groupby(self.pending, key=Case.series):
+            series = list(series)
+            for case in series:
+                on_step("warmup", case)
+                self._step(case, self._warm_up)
+            for case in series:
+                on_step("timing", case)
+                self._step(case, self._time)
+        return self.rows
+
+    def _step(self, case: Case, action: Callable[[Case], dict[str, Any] | None]) -> None:
+        if case in self.done:
+            return
+        reason = next((why for stop, why in self.stops if self.larger(case, stop)), None)
+        if reason:
+            self._record(case, status="skipped", message=reason)
+            return
+        failed = False
+        try:
+            row = action(case)
+        except Exception as err:  # one case failing never stops the sweep
+            failed = True
+            row = {"status": "oom" if is_oom(err) else "error", "message": one_line(err)}
+        if failed:  # outside the except block, so the traceback's frames can be collected
+            _free(case.device)
+        if row is not None:
+            self._record(case, **row)
+            why = stop_reason(row["status"], row.get("ms_median"), self.max_call_ms)
+            if why:
+                self.stops.append((case, why))
+
+    def _warm_up(self, case: Case) -> dict[str, Any] | None:
+        mechanism = registry.get(case.mechanism)
+        reason = why_unsupported(case, mechanism)
+        if reason:
+            return {"status": "unsupported", "message": reason}
+        work = LEVELS[case.level](case)
+        call = timed_call(work, case.mode)
+        self.first_call[case] = timing.first_call_ms(call, torch.device(case.device))
+        return None
+
+    def _time(self, case: Case) -> dict[str, Any]:
+        device = torch.device(case.device)
+        work = LEVELS[case.level](case)
+        call = timed_call(work, case.mode)
+        peak_mib = timing.peak_memory_mib(call, device) if work.peak_memory else None
+        measured = timing.measure(call, device, grad_to_none=[t for t in work.leaves if t.requires_grad])
+        tflops = flop_model.tflops_per_s(work.flops, measured.median_ms)
+        peak = self.peaks.get(case.dtype)
+        return {
+            "status": "ok",
+            "message": "",
+            "ms_median": measured.median_ms,
+            "ms_p20": measured.p20_ms,
+            "ms_p80": measured.p80_ms,
+            "tokens_per_s": case.batch * case.seq / (measured.median_ms * 1e-3),
+            "flops": work.flops,
+            "tflops": tflops,
+            "pct_peak": 100.0 * tflops / peak if peak else None,
+            "peak_mem_mib": peak_mib,
+            "params": work.params,
+        }
+
+    def _record(self, case: Case, **result: Any) -> None:
+        row = {**asdict(case), "first_call_ms": self.first_call.get(case), **result}
+        self.write(row)
+        self.rows.append(row)
+        self.done.add(case)
+
+
+def stop_reason(status: str, ms_median: float | None, max_call_ms: float | None) -> str | None:
+    """Why a case's result skips the larger sizes of its series, or None."""
+    if status == "oom":
+        return "a smaller size of this case ran out of memory"
+    if status == "ok" and max_call_ms and ms_median is not None and ms_median > max_call_ms:
+        return f"a smaller size took {ms_median:.0f} ms per call (over --max-call-ms {max_call_ms:g})"
+    return None
+
+
+def stops_in(rows: Iterable[dict[str, str]], max_call_ms: float | None) -> Iterator[tuple[Case, str]]:
+    """(case, reason) of the CSV rows (strings) that stop their series (stop_reason), rebuilt as Cases."""
+    for row in rows:
+        ms = float(row["ms_median"]) if row.get("ms_median") else None
+        why = stop_reason(row["status"], ms, max_call_ms)
+        if not why:
+            continue
+        yield Case.from_row(row), why

@@ -1,0 +1,14 @@
+"""The columns of a training run's CSV files (results/README.md describes each one).
+
+    train.csv           TRAIN_COLUMNS: one train row per step, one valid row per evaluation
+    entropy.csv         ENTROPY_COLUMNS: attention entropy per layer at every evaluation
+    extrapolation.csv   EXTRAPOLATION_COLUMNS (clm): loss at L, 2L, 4L
+"""
+
+TRAIN_COLUMNS = [
+    "attn", "step", "split", "loss", "ppl", "accuracy", "lr", "tokens", "tokens_per_s",
+    "grad_norm", "peak_mem_mib", "elapsed_s", "status", "message",
+]
+ENTROPY_COLUMNS = ["attn", "step", "layer", "entropy", "status", "message"]
+EXTRAPOLATION_COLUMNS = ["attn", "train_seq", "seq", "factor", "method", "loss", "ppl", "tokens", "status", "message"]
+ENTROPY_CSV, EXTRAPOLATION_CSV = "entropy.csv", "extrapolation.csv"

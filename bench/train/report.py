@@ -1,0 +1,254 @@
+"""The report of training runs: learning curves side by side, length extrapolation, a table.
+
+    render_train_report([run_dir, ...], out_dir) -> [PNG paths]
+        out_dir/plots/train_curves.png    train loss, eval loss, eval perplexity, learning rate
+        out_dir/plots/extrapolation.png   perplexity against evaluation length (clm runs)
+        out_dir/train_report.md           final metrics, steps to a target loss, tokens/s, parameters
+    report_sections([run_dir, ...])    -> the eval-loss table and its notes, for report.md/.html
+
+One line per mechanism, named "<run>/<attn>" where several runs have that mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from attnbench import store
+from attnbench.errors import InputError
+from attnbench.train.columns import EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
+
+
+def train_rows(run_dir: Path) -> pd.DataFrame:
+    """A run's train.csv, every TRAIN_COLUMNS column, values as written (strings)."""
+    return pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)
+
+
+def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
+    """train rows, extrapolation rows (both with a ``line`` label) and each line's model description."""
+    runs = [(run_dir, train_rows(run_dir)) for run_dir in run_dirs]
+    seen_in = Counter(attn for _, rows in runs for attn in rows["attn"].unique())  # runs per mechanism
+    curves, extrapolation, models = [], [], {}
+    for run_dir, rows in runs:
+        def line(attn: str) -> str:  # the mechanism, and its run where several runs have it
+            return f"{run_dir.name}/{attn}" if seen_in[attn] > 1 else attn
+
+        rows["line"] = rows["attn"].map(line)
+        curves.append(rows)
+        if (run_dir / EXTRAPOLATION_CSV).exists():
+            extra = pd.DataFrame(store.read_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS), columns=EXTRAPOLATION_COLUMNS)
+            extra["line"] = extra["attn"].map(line)
+            extrapolation.append(extra)
+        for attn, described in store.read_meta(run_dir).get("models", {}).items():
+            models[line(attn)] = described
+    train = pd.concat(curves, ignore_index=True)
+    for column in ("step", "loss", "ppl", "accuracy", "lr", "tokens_per_s", "peak_mem_mib"):
+        train[column] = pd.to_numeric(train[column], errors="coerce")
+    extra = pd.concat(extrapolation, ignore_index=True) if extrapolation else pd.DataFrame(columns=[*EXTRAPOLATION_COLUMNS, "line"])
+    for column in ("seq", "ppl", "loss"):
+        extra[column] = pd.to_numeric(extra[column], errors="coerce")
+    return train, extra, models
+
+
+def _line_styles(lines) -> dict[str, dict]:
+    """A distinct colour per line (husl, so 15 mechanisms stay apart), dashes cycling in threes."""
+    import seaborn as sns
+
+    lines = list(dict.fromkeys(lines))
+    colors = sns.color_palette("husl", max(len(lines), 1))
+    return {line: {"color": colors[i], "linestyle": ("-", "--", ":")[i % 3]} for i, line in enumerate(lines)}
+
+
+def _plain_log_ticks(ax, axis: str = "y") -> None:
+    """Log axis with plain numbers (5.2, 300) instead of 5.2 x 10^0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+
+    def minor(value, _pos) -> str:  # minor labels only where the axis spans under a decade (few majors)
+        lo, hi = sorted(target.get_view_interval())
+        return f"{value:.3g}" if lo > 0 and hi / lo <= 10 else ""
+
+    target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    target.set_minor_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    target.set_minor_formatter(FuncFormatter(minor))
+
+
+def _curves_figure(train: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _draw_curves(train)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _draw_curves(train: pd.DataFrame):
+    """The 2 x 2 figure of train loss, eval loss, eval perplexity and learning rate against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    ok = train[train["status"] == "ok"]
+    styles = _line_styles(ok["line"])
+    panels = [
+        (axes[0, 0], "train", "loss", "train loss", True),
+        (axes[0, 1], "valid", "loss", "eval loss", True),
+        (axes[1, 0], "valid", "ppl", "eval perplexity", True),
+        (axes[1, 1], "train", "lr", "learning rate", False),
+    ]
+    for ax, split, column, title, log_y in panels:
+        panel = ok[ok["split"] == split]
+        for line, rows in panel.groupby("line", sort=False):
+            values = rows[column]
+            if split == "train" and column == "loss" and len(values) > 50:
+                values = values.rolling(max(1, len(values) // 50), min_periods=1).mean()  # smoothed: per-step noise hides the trend
+            marker = "o" if split == "valid" or len(rows) == 1 else None
+            ax.plot(rows["step"], values, label=line, marker=marker, markersize=3 if len(rows) > 1 else 7, **styles[line])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if log_y:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
+        if panel["step"].nunique() == 1:
+            _frame_one_step(ax, ok["step"], panel[column])
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    return fig
+
+
+def _frame_one_step(ax, steps: pd.Series, values: pd.Series) -> None:
+    """Limits for a panel whose points all sit at one step (a run evaluated once): x spans the
+    run's steps and y 10% around the values, where matplotlib would draw 5% around the step
+    (48 to 52) and a decade around the value."""
+    ax.set_xlim(0, max(float(steps.max()), 1.0) * 1.05)
+    finite = values[values.map(math.isfinite)]
+    if len(finite) and finite.min() > 0:
+        ax.set_ylim(finite.min() / 1.1, finite.max() * 1.1)
+
+
+def _extrapolation_figure(extra: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    styles = _line_styles(extra["line"])
+    for ax, method in zip(axes, ("blocks", "sliding")):
+        rows = extra[(extra["method"] == method) & (extra["status"] == "ok")]
+        for line, per_line in rows.groupby("line", sort=False):
+            ax.plot(per_line["seq"], per_line["ppl"], marker="o", label=line, **styles[line])
+        unsupported = sorted(set(extra[(extra["method"] == method) & (extra["status"] == "unsupported")]["line"]))
+        title = f"{'non-overlapping blocks' if method == 'blocks' else 'sliding window'}"
+        if unsupported:  # wrapped: with many mechanisms the list is longer than the panel
+            title += "\n" + textwrap.fill(f"(cannot run past training length: {', '.join(unsupported)})", 70)
+        ax.set_title(title, fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(rows["seq"].dropna().astype(int))) or [1])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(v)}"))
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.set_xlabel("evaluation length (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test perplexity")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def steps_to_loss(rows: pd.DataFrame, target: float) -> int | None:
+    """The first evaluation step whose loss is <= target, or None."""
+    hit = rows[rows["loss"] <= target]
+    return None if hit.empty else int(hit["step"].iloc[0])
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+EVAL_COLUMNS = ["mechanism", "steps", "eval loss", "eval ppl", "eval acc", "best eval loss @ step", "steps to target",
+                "tokens/s", "peak MiB", "params", "attention params"]
+
+
+def eval_summary(train: pd.DataFrame, models: dict[str, dict]) -> tuple[list[str], pd.DataFrame, list[str]]:
+    """The eval-loss table that train_report.md and report.md/.html show: the notes above it, one
+    row per line (its final evaluation; cells as text, EVAL_COLUMNS) and a line per failure."""
+    valid = train[(train["split"] == "valid") & (train["status"] == "ok")]
+    finals = valid.groupby("line", sort=False).last()
+    # the target: the worst of the final eval losses, so every line reaches it and the steps compare
+    target = float(finals["loss"].max()) if len(finals) else float("nan")
+    notes = [
+        f"Steps to eval loss {target:.4g}: the first evaluation at or below the worst final eval loss.",
+        "Best: the lowest eval loss and its step (below the final one when the model overfits).",
+    ]
+    rows = []
+    for line, final in finals.iterrows():
+        trained = train[(train["line"] == line) & (train["split"] == "train") & (train["status"] == "ok")]
+        params = models.get(line, {}).get("params", {})
+        evals = valid[valid["line"] == line]
+        best = evals.sort_values("loss").iloc[0]
+        rows.append([
+            line, str(int(final["step"])), _fmt(final["loss"]), _fmt(final["ppl"]), _fmt(final["accuracy"], 3),
+            f"{_fmt(best['loss'])} @ {int(best['step'])}", _fmt(steps_to_loss(evals, target)),
+            _fmt(float(trained["tokens_per_s"].median()), 3), _fmt(float(trained["peak_mem_mib"].max()), 4),
+            _fmt(params.get("total")), _fmt(params.get("attention")),
+        ])
+    failures = [f"{row['line']}: {row['status']} at step {int(row['step'])}: {row['message']}"
+                for _, row in train[train["status"] != "ok"].iterrows()]
+    return notes, pd.DataFrame(rows, columns=EVAL_COLUMNS), failures
+
+
+def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
+    """eval_summary as the lines of train_report.md."""
+    notes, table, failures = eval_summary(train, models)
+    lines = [notes[0], "", notes[1], "", "| " + " | ".join(EVAL_COLUMNS) + " |", "|" + "---|" * len(EVAL_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
+    return lines + [f"\n{failure}" for failure in failures]
+
+
+def report_sections(run_dirs: list[Path]) -> list[tuple[str, object]]:
+    """What report.md/.html show of these runs beside their figures: train_report.md's eval-loss
+    table with its notes, as (kind, content) sections ("p" text, "table" frame)."""
+    train, _, models = _load([Path(d) for d in run_dirs])
+    notes, table, failures = eval_summary(train, models)
+    return [*(("p", note) for note in notes), ("table", table), *(("p", failure) for failure in failures)]
+
+
+def render_train_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Figures and train_report.md for the runs in ``run_dirs`` (folders holding train.csv); returns the PNGs."""
+    if not run_dirs:
+        raise InputError("no training runs to report")
+    train, extra, models = _load([Path(d) for d in run_dirs])
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    pngs = [plots / "train_curves.png"]
+    _curves_figure(train, pngs[0])
+    if not extra.empty:
+        pngs.append(plots / "extrapolation.png")
+        _extrapolation_figure(extra, pngs[-1])
+    md = ["# Training report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", "", *_table(train, models), ""]
+    md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
+    if not extra.empty:
+        md += ["", "## Length extrapolation (test perplexity)", "", "| mechanism | method | length | ppl | status |", "|---|---|---|---|---|"]
+        for _, row in extra.iterrows():
+            md.append(f"| {row['line']} | {row['method']} | {int(row['seq'])} | {_fmt(row['ppl'])} | {row['status']} {row['message']} |")
+    md += ["", "## Models", "", "```json", json.dumps(models, indent=1, default=str), "```", ""]
+    (out_dir / "train_report.md").write_text("\n".join(md))
+    return pngs

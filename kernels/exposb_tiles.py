@@ -1,0 +1,129 @@
+"""ExpoSB's tile helpers (@triton.jit, inlined into the forward and backward kernels): the
+per-head parameters, RoPE tables, q'/k' formed on load, the distance decay per tile regime and
+the key and query ranges of each regime. kernels/exposb.py has the math."""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # globals read inside @triton.jit must be constexpr
+
+# tile regimes, by where the key tile lies relative to the query tile
+BELOW = tl.constexpr(0)  # every key n <= every query position m
+DIAGONAL = tl.constexpr(1)  # the tile straddles the diagonal
+ABOVE = tl.constexpr(2)  # every key n > every query position m
+
+
+@triton.jit
+def head_params(LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF: tl.constexpr):
+    """Head h's scalars and its channel filter f and band, as halves [D/2] (channels j and j + D/2)."""
+    lam, alpha, beta = tl.load(LAM + h), tl.load(ALPHA + h), tl.load(BETA + h)
+    gamma, mu, sigma, delta = tl.load(GAMMA + h), tl.load(MU + h), tl.load(SIGMA + h), tl.load(DELTA + h)
+    j1 = tl.arange(0, HALF).to(tl.float32)
+    j2 = j1 + HALF
+    band1 = tl.exp(-(j1 - mu) * (j1 - mu) / (2.0 * sigma * sigma))
+    band2 = tl.exp(-(j2 - mu) * (j2 - mu) / (2.0 * sigma * sigma))
+    return lam, alpha, gamma, mu, sigma, delta, beta + gamma * band1, beta + gamma * band2, band1, band2
+
+
+@triton.jit
+def cos_sin(COS, SIN, pos, inside, HALF: tl.constexpr):
+    """cos, sin [R, D/2] of positions pos [R] (tables [S, D/2]); rows outside read zeros."""
+    at = pos[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    return tl.load(COS + at, mask=inside, other=0.0), tl.load(SIN + at, mask=inside, other=0.0)
+
+
+@triton.jit
+def load_transformed(ptr, stride_row, stride_col, rows, pos, n_rows, COS, SIN, lam, alpha, f1, f2, HALF: tl.constexpr):
+    """Rows ``rows`` [R] (at positions ``pos`` [R]) of a [n_rows, D] slice at ``ptr``, transformed.
+
+    Returns x' = f * r * R x as halves x'_1, x'_2 [R, D/2] fp32, the rotated halves (R x)_1,
+    (R x)_2 and r [R]. Rows >= n_rows read as zeros.
+    """
+    half = tl.arange(0, HALF)
+    inside = (rows < n_rows)[:, None]
+    row_ptr = ptr + rows[:, None] * stride_row
+    x1 = tl.load(row_ptr + half[None, :] * stride_col, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(row_ptr + (half + HALF)[None, :] * stride_col, mask=inside, other=0.0).to(tl.float32)
+    c, s = cos_sin(COS, SIN, pos, inside, HALF)
+    y1 = x1 * c - x2 * s
+    y2 = x2 * c + x1 * s
+    r = 1.0 + alpha * tl.exp2(-lam * LOG2E * pos.to(tl.float32))
+    return y1 * r[:, None] * f1[None, :], y2 * r[:, None] * f2[None, :], y1, y2, r
+
+
+@triton.jit
+def input_grad(g1, g2, r, f1, f2, COS, SIN, pos, inside, HALF: tl.constexpr):
+    """dx = r * R^T (f * g) from g = dL/dx' given as halves [R, D/2]; returns dx as halves."""
+    c, s = cos_sin(COS, SIN, pos, inside, HALF)
+    h1 = g1 * f1[None, :]
+    h2 = g2 * f2[None, :]
+    return (h1 * c + h2 * s) * r[:, None], (h2 * c - h1 * s) * r[:, None]
+
+
+@triton.jit
+def store_rows(ptr, stride_row, stride_col, rows, inside, x1, x2, HALF: tl.constexpr):
+    """Store halves x1, x2 [R, D/2] as rows of a [*, D] tensor at ptr."""
+    half = tl.arange(0, HALF)
+    row_ptr = ptr + rows[:, None] * stride_row
+    tl.store(row_ptr + half[None, :] * stride_col, x1.to(ptr.dtype.element_ty), mask=inside)
+    tl.store(row_ptr + (half + HALF)[None, :] * stride_col, x2.to(ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def scores(a1, a2, b1, b2, DOT_PRECISION: tl.constexpr):
+    """a . b^T [Ra, Rb] for a, b given as halves."""
+    qk = tl.dot(a1, tl.trans(b1), input_precision=DOT_PRECISION)
+    return tl.dot(a2, tl.trans(b2), acc=qk, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def distance_weight(pos_q, pos_k, pos_q0, delta, REGIME: tl.constexpr, BLOCK_M: tl.constexpr):
+    """w = exp(-delta |m - n|) [BLOCK_M, BLOCK_N] for query positions pos_q (block start pos_q0), keys pos_k.
+
+    Off the diagonal the pivot keeps both factors <= 1, so neither overflows.
+    """
+    rate = delta * LOG2E
+    if REGIME == BELOW:  # n <= pos_q0 <= m: |m - n| = (m - pos_q0) + (pos_q0 - n)
+        row = tl.exp2(-rate * (pos_q - pos_q0).to(tl.float32))
+        col = tl.exp2(-rate * (pos_q0 - pos_k).to(tl.float32))
+        w = row[:, None] * col[None, :]
+    elif REGIME == ABOVE:  # m <= pivot < n
+        pivot = pos_q0 + BLOCK_M - 1
+        row = tl.exp2(-rate * (pivot - pos_q).to(tl.float32))
+        col = tl.exp2(-rate * (pos_k - pivot).to(tl.float32))
+        w = row[:, None] * col[None, :]
+    else:
+        w = tl.exp2(-rate * tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32))
+    return w
+
+
+@triton.jit
+def visible(pos_q, pos_k, kv_len, REGIME: tl.constexpr, CAUSAL: tl.constexpr):
+    """Which scores of the tile count: keys before kv_len, and (on the diagonal, causal) n <= m."""
+    keep = (pos_k < kv_len)[None, :]
+    if CAUSAL and REGIME == DIAGONAL:
+        keep = keep & (pos_k[None, :] <= pos_q[:, None])
+    return keep
+
+
+@triton.jit
+def key_ranges(pos_q0, kv_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-tile bounds for the query block starting at position pos_q0:
+    BELOW [0, below_end), DIAGONAL [below_end, above_start), ABOVE [above_start, hi)."""
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, pos_q0 + BLOCK_M)
+    below_end = tl.minimum((pos_q0 + 1) // BLOCK_N * BLOCK_N, hi)  # n0 + BLOCK_N - 1 <= pos_q0
+    above_start = tl.minimum(tl.cdiv(pos_q0 + BLOCK_M, BLOCK_N) * BLOCK_N, hi)  # n0 >= pos_q0 + BLOCK_M
+    return below_end, above_start, hi
+
+
+@triton.jit
+def query_ranges(n0, kv_len, T, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query-tile bounds (row indices) for the key block starting at n0:
+    ABOVE [lo, above_end), DIAGONAL [above_end, below_start), BELOW [below_start, hi)."""
+    hi = tl.where(n0 < kv_len, T, 0)  # a block of padding keys gets no gradient
+    above_end = tl.minimum(tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M, hi)  # pos_q0 + BLOCK_M <= n0
+    below_start = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M, hi)
+    lo = above_end if CAUSAL else 0  # causal: keys above every query are never seen
+    return lo, above_end, below_start, hi

@@ -1,0 +1,359 @@
+"""`attnbench distill` (bench/distill/run.py): a tiny causal teacher trained here for a few dozen
+steps, its attention swapped, and the student distilled back towards it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnbench import store
+from attnbench.train import data
+from attnbench.distill import run as distill
+from attnbench.distill import evaluate as distill_eval
+from attnbench.distill import teachers as distill_teachers
+from attnbench.models.transformer import build_model, training_step
+
+SEQ, BATCH = 64, 8
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny-preset GPT (standard attention) on 300 kB of the stdlib corpus, bytes tokenizer,
+    trained 60 steps: far enough from uniform that a swapped attention is visibly off."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTNBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        tokenizer = data.bytes_tokenizer()
+        streams = data.token_streams(data.stdlib_corpus(cap_bytes=300_000), tokenizer)
+    finally:
+        mp.undo()
+    torch.manual_seed(0)
+    model = build_model("tiny", "standard", task="clm", seq=SEQ, vocab_size=tokenizer.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train = data.Batches(streams["train"], "clm", SEQ, BATCH, seed=0, tokenizer=tokenizer)
+    for step in range(60):
+        training_step(model, optimizer, train.at(step))
+    return distill_teachers.RunTeacher(model.eval(), tokenizer, streams, batch=BATCH, seq=SEQ, label="tiny-test")
+
+
+def valid_rows(run_dir, student):
+    rows = store.read_rows(run_dir / distill.DISTILL_CSV, distill.DISTILL_COLUMNS)
+    return [r for r in rows if r["student"] == student and r["split"] == "valid"]
+
+
+def test_distilling_lowers_held_out_kl(teacher, tmp_path):
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=20, lr=5e-3, eval_every=10, eval_batches=2, new_tokens=8)
+    run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+
+    rows = valid_rows(run_dir, "linear")
+    assert [r["step"] for r in rows] == ["0", "10", "20"], "zero-shot row, then every eval_every steps"
+    kls = [float(r["kl"]) for r in rows]
+    zero_shot, final = kls[0], kls[-1]
+    assert final < 0.5 * zero_shot, f"held-out KL {zero_shot:.4f} -> {final:.4f}"
+    assert kls == sorted(kls, reverse=True), f"held-out KL must fall at every evaluation: {kls}"
+    # top-1 agreement with a 60-step teacher is decided by near-ties of its flat distributions
+    # (it moved 0.92 -> 0.40 -> 0.83 while KL fell 0.089 -> 0.024 -> 0.012): a valid fraction, no trend
+    assert all(0.0 <= float(r["agreement"]) <= 1.0 for r in rows)
+
+    summary = store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)
+    assert [r["model"] for r in summary] == ["teacher", "student"]
+    assert float(summary[1]["kl_zero_shot"]) == pytest.approx(zero_shot, rel=1e-5)
+    # tiny preset: 2 layers, 4 heads, D = 32; softmax counts T(T+1)/2 causal pairs per head
+    assert float(summary[0]["attn_flops"]) == pytest.approx(2 * 4.0 * 4 * 32 * (SEQ * (SEQ + 1) // 2) * BATCH, rel=1e-5)
+
+    generations = json.loads((run_dir / "generations.json").read_text())
+    assert {g["model"] for g in generations} == {"teacher (standard)", "linear"}
+    assert {g["mode"] for g in generations} == {"greedy", "sampled"}
+    assert "```" in (run_dir / "generations.md").read_text()
+
+    from attnbench.distill.report import render_distill_report
+
+    report, *plots = render_distill_report([run_dir], tmp_path / "report")
+    text = report.read_text()
+    assert "| student | linear | chunked | 20 |" in text and "### Generations" in text
+    assert all(p.stat().st_size > 0 for p in plots)
+    (run_dir / distill.SUMMARY_CSV).unlink()  # as a run killed before its end leaves it
+    report, *_ = render_distill_report([run_dir], tmp_path / "report-unfinished")
+    assert "Unfinished run" in report.read_text() and (tmp_path / "report-unfinished" / "plots" / "distill_kl.png").exists()
+
+
+def test_only_attention_trains_by_default(teacher):
+    student = teacher.student("linear", "torch")
+    names = {n for n, _ in teacher.model.named_parameters()}
+    distill.freeze_teacher_parameters(student, names, teacher.attention_names(student), train_all=False)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all(".attention." in n for n in trainable)
+    for name, param in student.named_parameters():  # every tensor of the teacher's came across (same layout)
+        torch.testing.assert_close(param, dict(teacher.model.named_parameters())[name], rtol=0, atol=0)
+
+
+def test_student_options_reach_only_the_mechanisms_that_declare_them(teacher):
+    teacher.options = {"window": 16, "topn": 2}
+    try:
+        window, nsa = teacher.student("window", "torch"), teacher.student("nsa", "torch")
+        assert window.cfg.window == 16 and window.cfg.attention == {}
+        assert nsa.cfg.window == 16 and nsa.cfg.attention == {"topn": 2}
+        assert teacher.layer_config("standard").window is None
+        narrow = teacher.attention_flops("window", BATCH, SEQ)
+    finally:
+        teacher.options = {}
+    assert narrow < teacher.attention_flops("window", BATCH, SEQ), "a 16-token window costs less than the default (1024 > T)"
+
+
+def test_resume_continues_from_the_checkpoint(teacher, tmp_path):
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=4, eval_every=2, eval_batches=1, new_tokens=2)
+    run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    spec.steps = 6
+    distill.run_distill(spec, out=run_dir, resume=True, source=teacher)
+    assert [r["step"] for r in valid_rows(run_dir, "linear")] == ["0", "2", "4", "6"], "no step is logged twice"
+
+
+def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(5, 11, dtype=torch.float64)
+    torch.testing.assert_close(distill_eval.kl_per_token(logits, logits), torch.zeros(5), atol=1e-6, rtol=0)
+    other = torch.randn(5, 11, dtype=torch.float64)
+    p, q = logits.softmax(-1), other.softmax(-1)
+    torch.testing.assert_close(distill_eval.kl_per_token(logits, other), (p * (p / q).log()).sum(-1).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_options_are_input_errors():
+    with pytest.raises(distill.InputError, match="steps"):
+        distill.DistillSpec(teacher="x", students=["linear"], steps=0).validate()
+    with pytest.raises(distill.registry.UnknownNameError, match="valid"):
+        distill.DistillSpec(teacher="x", students=["nope"]).validate()
+    with pytest.raises(distill.registry.UnknownNameError, match="option 'topn' is not a parameter of linear"):
+        distill.DistillSpec(teacher="x", students=["linear"], options={"topn": 4}).validate()
+    for size in ("seq", "batch"):  # None means the teacher's; 0 is an error, not a default
+        with pytest.raises(distill.InputError, match=f"--{size} must be positive"):
+            distill.DistillSpec(teacher="x", students=["linear"], **{size: 0}).validate()
+
+
+# ---- a diverged student: an error row, the real last good checkpoint, exit 1; the others finish
+
+
+def nan_loss_for(monkeypatch, mechanism, from_call):
+    """Make ``mechanism``'s training loss NaN from its ``from_call``-th step on (1-based)."""
+    real, calls = distill.distill_loss, []
+
+    def loss(source, student, batch, spec, teacher_out, student_out):
+        parts = real(source, student, batch, spec, teacher_out, student_out)
+        if student.cfg.mechanism == mechanism:
+            calls.append(1)
+            if len(calls) >= from_call:
+                parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(distill, "distill_loss", loss)
+
+
+def test_a_diverged_student_is_an_error_row_and_the_others_finish(teacher, tmp_path, monkeypatch):
+    nan_loss_for(monkeypatch, "window", from_call=3)
+    spec = distill.DistillSpec(teacher="tiny-test", students=["window", "linear"], steps=4, eval_every=2, eval_batches=1, new_tokens=2)
+    with pytest.raises(distill.StudentDiverged) as raised:
+        distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    run_dir = tmp_path / "run"
+    message = str(raised.value)
+    checkpoint = run_dir / "students" / "window.pt"
+    assert "\n" not in message and "window" in message and f"{checkpoint} (step 2)" in message and checkpoint.exists()
+    assert not isinstance(raised.value, distill.InputError), "a diverged student is no input error (exit 1, not 2)"
+
+    rows = store.read_rows(run_dir / distill.DISTILL_CSV, distill.DISTILL_COLUMNS)
+    errors = [r for r in rows if r["status"] == "error"]
+    assert [(r["student"], r["step"]) for r in errors] == [("window", "3")]
+    assert f"{checkpoint} (step 2)" in errors[0]["message"]
+    assert {r["status"] for r in rows if r not in errors} == {"ok"}
+    assert [r["step"] for r in valid_rows(run_dir, "linear")] == ["0", "2", "4"], "the student after it still trains"
+
+    summary = {r["mechanism"]: r for r in store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS) if r["model"] == "student"}
+    assert summary["window"]["status"] == "error" and f"{checkpoint} (step 2)" in summary["window"]["message"]
+    assert summary["window"]["steps"] == "2", "the step of its last good checkpoint"
+    assert summary["linear"]["status"] == "ok" and summary["linear"]["steps"] == "4"
+    generations = json.loads((run_dir / "generations.json").read_text())
+    assert {g["model"] for g in generations} == {"teacher (standard)", "linear"}
+
+    from attnbench.distill.report import render_distill_report
+
+    report, *_ = render_distill_report([run_dir], tmp_path / "report")
+    assert f"{checkpoint} (step 2)" in report.read_text()
+
+
+def test_cli_every_student_diverged_exits_1_with_one_line(teacher, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    monkeypatch.setattr(distill, "load_teacher", lambda spec: teacher)
+    run_dir = tmp_path / "run"
+    args = ["distill", "--teacher", "tiny-test", "--student", "window", "--lr", "1e6", "--steps", "4",
+            "--eval-every", "10", "--eval-batches", "1", "--device", "cpu", "--out", str(run_dir)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "distilled" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "window" in lines[0] and "no checkpoint" in lines[0], result.stderr
+    assert not (run_dir / "students" / "window.pt").exists()
+    rows = store.read_rows(run_dir / distill.DISTILL_CSV, distill.DISTILL_COLUMNS)
+    assert [r["student"] for r in rows if r["status"] == "error"] == ["window"], "lr 1e6: NaN at step 3 (seeded)"
+    summary = store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)
+    assert [(r["mechanism"], r["status"]) for r in summary] == [("standard", "ok"), ("window", "error")]
+    assert "no checkpoint" in summary[1]["message"]
+
+
+def test_ctrl_c_prints_the_command_that_resumes_the_run(teacher, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "load_teacher", lambda spec: teacher)
+    monkeypatch.setattr(distill, "distill_student", ctrl_c)
+    args = ["distill", "--teacher", "tiny-test", "--student", "window", "--steps", "4", "--device", "cpu", "--out", str(tmp_path / "run")]
+    monkeypatch.setattr("sys.argv", ["attnbench", *args])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines()[-1].split() == ["attnbench", *args, "--out", str(tmp_path / "run"), "--resume"]
+    assert not (tmp_path / "run" / store.LOCK_FILE).exists()  # the lock went with the run
+
+
+# ---- KL
+
+
+def test_kl_is_never_negative():
+    """KL of two distributions is >= 0; fp32 rounding of nearly equal ones gives tiny negatives."""
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(256, 50) * 4
+    student_logits = teacher_logits + 1e-4 * torch.randn(256, 50)  # nearly the teacher: KL ~ 1e-9
+    log_p, log_q = teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)
+    unclamped = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert unclamped.min() < 0, "the example must round below 0 (else this test cannot fail)"
+    kl = distill_eval.kl_per_token(teacher_logits, student_logits)
+    assert kl.min() >= 0
+    torch.testing.assert_close(kl, unclamped.clamp_min(0), rtol=0, atol=0)
+
+
+# ---- no network unless --download
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connect and DNS lookup is recorded and refused; HF's offline switches start off
+    (and are restored after the test, whatever the code under test sets)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network attempted in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+def test_an_uncached_transformers_teacher_is_one_line_without_network(no_network, tmp_path):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["distill", "--teacher", "attnbench-test/not-cached", "--student", "linear", "--out", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert no_network == [], f"network attempted without --download: {no_network[:2]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--download" in lines[0], result.stderr
+    assert not run_dir.exists()
+
+
+def test_download_lets_transformers_reach_the_hub(no_network, monkeypatch):
+    import os
+
+    import transformers
+    from huggingface_hub import constants
+
+    asked = []
+
+    def from_pretrained(path, **kwargs):  # stands in for the Hub (which retries for ~25 s when refused)
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError("stopped by the test")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    spec = distill.DistillSpec(teacher="attnbench-test/not-cached", students=["linear"], download=True)
+    with pytest.raises(distill.InputError, match=r"attnbench-test/not-cached: .*\(stopped by the test\)"):
+        distill.load_teacher(spec)
+    assert asked == [False], "--download lets transformers look beyond its cache"
+    assert not constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_a_train_run_teacher_fetches_its_corpus_only_with_distills_download(teacher, tmp_path, monkeypatch, no_network):
+    """The train run recorded --download (it fetched WikiText); distill without --download must not."""
+    from dataclasses import asdict
+
+    from attnbench.train import checkpoint
+    from attnbench.train.run import TrainSpec
+
+    run = tmp_path / "train-run"
+    checkpoint.save(run / "checkpoints" / "standard", teacher.model, torch.optim.AdamW(teacher.model.parameters()), {"step": 1})
+    spec = TrainSpec(attn=["standard"], task="clm", preset="tiny", data="wikitext-2", tokenizer="bytes", download=True)
+    store.write_meta(run, {"kind": "train", "spec": asdict(spec), "models": {"standard": {"config": asdict(teacher.model.cfg)}}})
+    asked = []
+
+    def load_corpus(name, download=False):
+        asked.append(download)
+        raise distill.InputError("stopped by the test")
+
+    monkeypatch.setattr(data, "load_corpus", load_corpus)
+    for download in (False, True):
+        with pytest.raises(distill.InputError, match="stopped by the test"):
+            distill.load_teacher(distill.DistillSpec(teacher=str(run), students=["linear"], download=download))
+    assert asked == [False, True] and no_network == []
+
+
+# ---- bad input leaves nothing behind
+
+
+def test_a_student_that_cannot_run_leaves_no_folder(teacher, tmp_path):
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear", "window"], impl="auto,window=triton", steps=2, new_tokens=2)
+    with pytest.raises(distill.InputError, match="window/triton"):
+        distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(teacher, tmp_path):
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=2, eval_every=2, eval_batches=1, new_tokens=2)
+    run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    meta = (run_dir / store.META_JSON).read_text()
+    with pytest.raises(distill.InputError, match="--resume"):
+        distill.run_distill(distill.DistillSpec(teacher="tiny-test", students=["window"]), out=run_dir, source=teacher)
+    assert (run_dir / store.META_JSON).read_text() == meta, "meta.json of the finished run is untouched"
+
+
+def test_a_student_named_twice_is_an_input_error():
+    with pytest.raises(distill.InputError, match="each mechanism once"):
+        distill.DistillSpec(teacher="x", students=["linear", "linear"]).validate()
+
+
+def test_a_transformers_teacher_refuses_a_student_without_a_core_before_any_folder(tmp_path, monkeypatch, no_network):
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    model_dir = tmp_path / "gpt2-tiny"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300, n_positions=SEQ)
+    transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
+    Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(str(model_dir / "tokenizer.json"))
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "load_corpus", lambda name, download=False: data.stdlib_corpus(cap_bytes=50_000))
+    spec = distill.DistillSpec(teacher=str(model_dir), students=["gau"])
+    with pytest.raises(distill.registry.UnknownNameError, match="gau has no kernel-level core"):
+        distill.run_distill(spec, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
