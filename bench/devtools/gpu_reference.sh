@@ -63,6 +63,9 @@
 #   decode:   the decode kernels' tests on the GPU, then one decode step at issue 24's shapes (B 1-64,
 #             L 1k-64k, Hq 32, Hkv 8, D 128, bf16): ours contiguous and paged against SDPA's backends,
 #             and the one-token state steps, eager and as CUDA graph replays
+#   sparse:   after the rooms, positions and block-sparse merges: every CUDA test of kernels/ and
+#             models/ (the exposb split, window x rope/alibi, the block-sparse kernel, learned), then the
+#             block-sparse kernel against our dense kernel, cuDNN and flex at densities 0.1-1 (#23)
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 set -uo pipefail
@@ -321,6 +324,12 @@ decode)
     tail -40 "$out/decode.txt"
     limit 170 python3 -m attnbench.kernels.bench_decode --cuda-graph --out "$out/decode-graph.csv" > "$out/decode-graph.txt" 2>&1
     tail -40 "$out/decode-graph.txt"
+    ;;
+sparse)
+    limit 330 python3 -m pytest -v -m cuda tests/kernels tests/models --timeout 150 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -25
+    limit 200 python3 -m attnbench.kernels.bench_block_sparse --seq 4096 16384 --out "$out/block_sparse.csv" > "$out/block_sparse.txt" 2>&1
+    tail -45 "$out/block_sparse.txt"
     ;;
 defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
     (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)
