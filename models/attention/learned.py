@@ -16,7 +16,7 @@ which with hard gates is exactly masked softmax over the kept blocks (so the blo
 kernel computes it), and with all gates open is standard attention: the scorer's bias starts
 at OPEN_BIAS, so a student whose q/k/v/out are copied from its teacher starts as the teacher.
 The gates' gradient reaches the scorer through p (straight-through); the layer keeps the last
-forward's gates: ``mask_penalty()`` is the mean gate probability over the learnable blocks
+forward's gates: ``sparsity_penalty()`` is the mean gate probability over the learnable blocks
 (what distill's --mask-l1 weighs) and ``density()`` the fraction of causal key blocks kept per
 head. The scorer reads q and k detached: the penalty should bend the mask, not the copied q/k.
 
@@ -112,7 +112,7 @@ class BlockScorer(nn.Module):
 
 class LearnedMaskAttention(QKVAttention):
     """QKVAttention (the teacher's q/k/v/out, under the same names) whose core is gated by a
-    BlockScorer; mask_penalty() and density() read the last forward's gates."""
+    BlockScorer; sparsity_penalty() and density() read the last forward's gates."""
 
     def __init__(self, cfg: LayerConfig, impls: dict[str, Impl]):
         super().__init__(cfg, impls, learned_options)
@@ -151,7 +151,7 @@ class LearnedMaskAttention(QKVAttention):
             raise RuntimeError("the learned mask is known only after a forward")
         return self._last
 
-    def mask_penalty(self) -> torch.Tensor:
+    def sparsity_penalty(self) -> torch.Tensor:
         """Mean gate probability over the learnable (causal, not forced) blocks of the last
         forward: the expected fraction of them kept, differentiable in the scorer (0 without any)."""
         last = self._gates_seen()

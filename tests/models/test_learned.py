@@ -57,7 +57,7 @@ def test_a_new_layer_keeps_every_block():
 def test_every_parameter_gets_a_gradient_from_output_loss_and_penalty():
     layer = _layer()
     y = layer(torch.randn(2, 37, 32), seq_lens=torch.tensor([37, 30]))
-    (y.square().mean() + layer.mask_penalty()).backward()
+    (y.square().mean() + layer.sparsity_penalty()).backward()
     for name, p in layer.named_parameters():
         assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
 
@@ -80,7 +80,7 @@ def test_a_strong_penalty_makes_the_mask_sparse():
         x = data[step % len(data)]
         with torch.no_grad():
             target = teacher(x)
-        loss = (student(x) - target).square().mean() + 5.0 * student.mask_penalty()
+        loss = (student(x) - target).square().mean() + 5.0 * student.sparsity_penalty()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -99,7 +99,7 @@ def test_density_counts_causal_blocks_only(sinks):
     layer(x)
     forced = 6 + sum(min(sinks, i) for i in range(6))  # the diagonal, and the sinks before it
     assert torch.allclose(layer.density(), torch.full((4,), forced / 21))
-    assert layer.mask_penalty().item() == 0.0
+    assert layer.sparsity_penalty().item() == 0.0
     _set_bias(layer, 100.0)
     layer(x)
     assert (layer.density() == 1).all(), "blocks past the diagonal never count"

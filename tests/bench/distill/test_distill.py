@@ -357,3 +357,25 @@ def test_a_transformers_teacher_refuses_a_student_without_a_core_before_any_fold
     with pytest.raises(distill.registry.UnknownNameError, match="gau has no kernel-level core"):
         distill.run_distill(spec, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_mask_l1_weighs_the_learned_students_gate_penalty(teacher):
+    """--mask-l1 adds mask_l1 x the student's sparsity_penalty() (learned: the mean probability of
+    its learnable key-block gates) to the KL, so the scorer gets a gradient from it."""
+    teacher.options = {"block": 8}  # SEQ 64: eight key blocks, so there are gates to learn
+    try:
+        student = teacher.student("learned", "torch")
+    finally:
+        teacher.options = {}
+    batch = data.Batches(teacher.streams["train"], "clm", SEQ, BATCH, seed=0, tokenizer=teacher.tokenizer).at(0)
+    losses = {}
+    for weight in (0.0, 5.0):
+        spec = distill.DistillSpec(teacher="tiny-test", students=["learned"], mask_l1=weight)
+        parts = distill.distill_loss(teacher, student, batch, spec, None, None)
+        losses[weight] = parts["loss"] - parts["kl"]
+    penalty = distill.sparsity_penalty(student)
+    layers = sum(1 for m in student.modules() if hasattr(m, "density"))  # each layer's mean gate probability is <= 1
+    assert layers == 2 and 0 < penalty.item() <= layers and losses[0.0].item() == 0.0
+    torch.testing.assert_close(losses[5.0], 5.0 * penalty)
+    losses[5.0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters() if "scorer" in n)
