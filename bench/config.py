@@ -9,11 +9,11 @@ the command line override the file; an unknown key is an InputError naming the v
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from attnbench import store
 from attnbench.errors import InputError
 
 CONFIG_TOML = "config.toml"
@@ -59,10 +59,11 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
 
 
-def write(run_dir: Path, config: dict[str, Any]) -> Path:
-    """<run_dir>/config.toml holding ``config`` (of_invocation), written whole (temp + rename)."""
-    path = run_dir / CONFIG_TOML
-    tmp = run_dir / f".{CONFIG_TOML}.tmp"
-    tmp.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in config.items()), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def keep(run_dir: Path, meta: dict[str, Any], options: dict[str, Any] | None) -> None:
+    """A new run's options (of_invocation) as meta["config"] and <run_dir>/config.toml, written
+    whole (store.replacing); nothing when the run was not started from the command line (None)."""
+    if options is None:
+        return
+    meta["config"] = options
+    with store.replacing(run_dir / CONFIG_TOML) as tmp:
+        tmp.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in options.items()), encoding="utf-8")

@@ -343,9 +343,8 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
     impls = student_impls(source, spec)
     run_dir, meta = open_run(spec, out, resume, command)
     with store.run_lock(run_dir):
-        if options is not None and not resume:
-            meta["config"] = options
-            config.write(run_dir, options)
+        if not resume:
+            config.keep(run_dir, meta, options)
         store.write_meta(run_dir, meta)
         try:
             return distill_into(run_dir, meta, source, impls, spec, resume)

@@ -119,9 +119,8 @@ def run_speed(
         spec, meta = open_run(run_dir, spec, resume, spec_given)
         if resume:
             check_spec(spec, gpus)
-        elif options is not None:
-            meta["config"] = options
-            config.write(run_dir, options)
+        else:
+            config.keep(run_dir, meta, options)
         record_setup(run_dir, meta, spec, measure_peak)
         store.write_meta(run_dir, meta)
         try:

@@ -428,9 +428,8 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False, op
         if world.is_main:
             if resume:
                 prune_to_checkpoints(run_dir, spec.attn)
-            elif options is not None:
-                meta["config"] = options
-                config.write(run_dir, options)
+            else:
+                config.keep(run_dir, meta, options)
             store.write_meta(run_dir, meta)
             announce(spec, meta, run_dir, device)
             if world.size == 1 and spec.gpus == 1:

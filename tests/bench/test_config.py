@@ -43,7 +43,7 @@ def test_train_keeps_its_config_and_repeats_from_it(tmp_path, monkeypatch):
         from attnbench import config
 
         out.mkdir(parents=True)
-        config.write(out, options)
+        config.keep(out, {}, options)
         seen.append(spec)
         return out
 
