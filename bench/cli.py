@@ -19,7 +19,6 @@ import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from attnbench.config import of_invocation
 from attnbench.errors import USER_ERRORS, InputError, Interrupted
 
 
@@ -197,6 +196,7 @@ def speed(
     from rich.markup import escape
 
     from attnbench import console
+    from attnbench.config import of_invocation
     from attnbench.dtypes import resolve_dtype
     from attnbench.speed import sweep
     from attnbench.errors import InputError
@@ -370,6 +370,7 @@ def distill(
 ) -> None:
     """Swap a trained model's attention for cheaper mechanisms and distil them: KL(P_teacher || P_student)."""
     from attnbench import console
+    from attnbench.config import of_invocation
     from attnbench.distill.run import DistillSpec, StudentDiverged, run_distill
     from attnbench.train.run import resolve_device
 
@@ -417,6 +418,7 @@ def train(
 ) -> None:
     """Train identical models that differ only in their attention; learning curves, extrapolation, report."""
     from attnbench import console
+    from attnbench.config import of_invocation
     from attnbench.models.registry import mechanisms
     from attnbench.train.run import TrainSpec, run_train
 
