@@ -15,36 +15,50 @@ import torch
 from torch import nn
 
 from attnbench.models import registry
-from attnbench.models.registry import LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, SOFTMAX_BACKWARD, LayerConfig, Mechanism
 from attnbench.models.transformer import LanguageModel
-
-CORE_MODE_FACTOR = {
-    "fwd": 1.0,
-    # 2.0: dS = dO V^T and dV = P^T dO, dQ = dS K and dK = dS^T Q (two matmuls per forward one)
-    # + 0.5: the backward recomputes S = Q K^T (one of the two forward matmuls)
-    "bwd": 2.5,
-    "fwdbwd": 3.5,  # 1.0 (forward) + 2.5 (backward)
-}
 
 LINEAR_MODE_FACTOR = {
     "fwd": 1.0,
-    "bwd": 2.0,  # dX = dY W and dW = dY^T X, one matmul each the size of the forward one
-    "fwdbwd": 3.0,  # 1.0 (forward) + 2.0 (backward)
+    "bwd": MATMUL_BACKWARD,  # dX = dY W and dW = dY^T X, one matmul each the size of the forward one
+    "fwdbwd": 1.0 + MATMUL_BACKWARD,
 }
 
 
-CONVENTION = (
-    "FLOPs follow the FlashAttention-3 convention: a softmax forward counts 4 * B * Hq * D per visible "
-    "query-key pair (2 for QK^T, 2 for PV), with pairs counted exactly for causal masks, windows and "
-    f"padding; backward = {CORE_MODE_FACTOR['bwd']:g}x forward (2x for the gradient matmuls + 0.5x recomputing QK^T), "
-    f"fwd+bwd = {CORE_MODE_FACTOR['fwdbwd']:g}x. Mechanisms with their own cost model (linear, performer, ...) use it. At layer "
-    f"level every nn.Linear adds 2 FLOPs per multiply-add (backward {LINEAR_MODE_FACTOR['bwd']:g}x)."
-)
+def core_mode_factor(mechanism: Mechanism, mode: str) -> float:
+    """The multiple of the core's forward FLOPs that ``mode`` costs: 1 (fwd), the mechanism's
+    backward_factor (bwd: 2.5 for forms that recompute their scores, 2.0 for matmul-only
+    forms; models/registry.py), or 1 + that (fwdbwd)."""
+    return {"fwd": 1.0, "bwd": mechanism.backward_factor, "fwdbwd": 1.0 + mechanism.backward_factor}[mode]
+
+
+def _by_backward_factor() -> dict[float, list[str]]:
+    groups: dict[float, list[str]] = {}
+    for name, mechanism in registry.mechanisms().items():
+        groups.setdefault(mechanism.backward_factor, []).append(name)
+    return groups
+
+
+def _convention() -> str:
+    groups = _by_backward_factor()
+    others = "; ".join(f"{factor:g}x for {', '.join(names)}" for factor, names in sorted(groups.items()) if factor != SOFTMAX_BACKWARD)
+    return (
+        "FLOPs follow the FlashAttention-3 convention: a softmax forward counts 4 * B * Hq * D per visible "
+        "query-key pair (2 for QK^T, 2 for PV), with pairs counted exactly for causal masks, windows and "
+        "padding; mechanisms with their own cost model (linear, performer, ...) use it. Backward = "
+        f"{SOFTMAX_BACKWARD:g}x forward for forms that recompute their scores (2x for the gradient matmuls + 0.5x "
+        f"recomputing QK^T: {', '.join(groups.get(SOFTMAX_BACKWARD, []))}); {others} (the gradients of their matmuls "
+        f"alone); fwd+bwd = 1x + backward. At layer level every nn.Linear adds 2 FLOPs per multiply-add "
+        f"(backward {LINEAR_MODE_FACTOR['bwd']:g}x)."
+    )
+
+
+CONVENTION = _convention()
 
 
 def core_flops(mechanism: Mechanism, cfg: LayerConfig, batch: int, seq: int, mode: str, seq_lens=None) -> float:
     """FLOPs of the kernel-level core in ``mode`` for q, k, v of ``seq`` tokens (key padding: seq_lens [B])."""
-    return CORE_MODE_FACTOR[mode] * mechanism.flops(cfg, batch, seq, seq_lens=seq_lens)
+    return core_mode_factor(mechanism, mode) * mechanism.flops(cfg, batch, seq, seq_lens=seq_lens)
 
 
 def linear_flops(layer: nn.Module, forward: Callable[[], object], mode: str) -> float:
@@ -75,7 +89,7 @@ def train_flops_per_token(model: LanguageModel, seq: int, mode: str = "fwdbwd") 
     """Training FLOPs per token (``mode`` fwdbwd; fwd: the forward alone), for MFU: 2 per
     multiply-add of every matmul weight (every Linear and the tied output projection; embedding
     lookups are free) times the linear mode factor, plus the attention core's forward FLOPs at
-    ``seq`` times the core mode factor."""
+    ``seq`` times the mechanism's core mode factor."""
     cfg = model.cfg
     linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     matmul_weights = linear_weights + cfg.vocab_size * cfg.dim  # the tied output projection

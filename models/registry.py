@@ -32,6 +32,10 @@ Family = Literal["exact", "linear", "sparse", "recurrent"]
 # what "auto" means when a model is built to train: our fused kernel, then SDPA, then the
 # efficient torch form, then the definition (peers like fla are asked for by name)
 TRAINING_IMPL_PREFERENCE = ("triton", "sdpa", "chunked", "torch")
+# 2.0: dS = dO V^T and dV = P^T dO, dQ = dS K and dK = dS^T Q (two matmuls per forward one)
+# + 0.5: the backward recomputes S = Q K^T (one of the two forward matmuls)
+SOFTMAX_BACKWARD = 2.5
+MATMUL_BACKWARD = 2.0  # dX = dY W and dW = dY^T X: two matmuls the size of each forward one
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "none", "inside"]
 
 
@@ -126,6 +130,10 @@ class Mechanism:
 
     flops: forward FLOPs of the kernel-level core, flops(cfg, batch, seq, seq_lens=None)
         (models/pair_flops.py holds the shared models, e.g. softmax_flops counts visible q-k pairs).
+    backward_factor: the backward's FLOPs as a multiple of ``flops`` by its cost model:
+        SOFTMAX_BACKWARD for forms whose backward recomputes its scores (every flash-style
+        kernel), MATMUL_BACKWARD for forms whose backward is the gradients of their matmuls
+        alone; a mechanism's file says why it has the one it has.
     position: its natural position scheme (models/positions.py), what it is built with when
         none is asked for: "learned" (the model adds learned embeddings), "rope", "alibi", or
         "inside" (it encodes positions itself).
@@ -139,6 +147,7 @@ class Mechanism:
     layer: Callable[[LayerConfig], torch.nn.Module]
     impls: dict[str, Impl]
     flops: Callable[..., float]
+    backward_factor: float = SOFTMAX_BACKWARD
     position: Position = "learned"
     refuses: dict[str, str] = field(default_factory=dict)
     causal: bool = True

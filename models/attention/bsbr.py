@@ -44,7 +44,7 @@ from torch import nn
 from attnbench.models import positions
 from attnbench.models.attention import block
 from attnbench.models.qkv import QKVAttention
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 128
 DEFAULT_COMPRESSION = 1
@@ -199,6 +199,7 @@ MECHANISM = Mechanism(
     layer=lambda cfg: BSBRAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=bsbr_flops,
+    backward_factor=MATMUL_BACKWARD,  # retrieval is matmuls alone; the in-chunk SDPA recomputes its scores, +0.5x of that part not counted
     params={
         "chunk": (DEFAULT_CHUNK, "tokens per chunk (exact softmax within, state retrieval across)"),
         "compression": (DEFAULT_COMPRESSION, "state compression factor r: states D*D -> D*D/r (1 = none)"),

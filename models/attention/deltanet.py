@@ -27,7 +27,7 @@ from torch import nn
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.fla import fla_missing
 from attnbench.models.float32_forms import outside_autocast
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
 from attnbench.models.token_conditioned import TokenConditionedAttention
 
 DEFAULT_CHUNK = 64
@@ -165,6 +165,7 @@ MECHANISM = Mechanism(
     layer=lambda cfg: DeltaNetAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=deltanet_flops,
+    backward_factor=MATMUL_BACKWARD,  # its backward is the gradients of its chunked WY matmuls and triangular solve (nothing recomputed)
     refuses={"alibi": "deltanet's delta-rule state has no score matrix to bias (ALiBi needs scores before a softmax)"},
     bidirectional=False,
     params={"chunk": (DEFAULT_CHUNK, "tokens per chunk of the WY form")},

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.models import positions
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 256
 DEFAULT_QK_DIM = 128
@@ -153,6 +153,7 @@ MECHANISM = Mechanism(
     layer=GatedAttentionUnit,
     impls=IMPLS,
     flops=gau_flops,
+    backward_factor=MATMUL_BACKWARD,  # its backward is the gradients of its in-chunk and state matmuls (relu^2 weights kept, nothing recomputed)
     refuses={"alibi": "gau has no softmax scores to bias (relu^2 weights within chunks, linear across)"},
     gqa=False,
     has_core=False,

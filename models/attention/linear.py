@@ -15,7 +15,7 @@ import torch
 from attnbench.models import feature_attention
 from attnbench.models.fla import fla_missing
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 64
 
@@ -94,6 +94,7 @@ MECHANISM = Mechanism(
     layer=qkv_layer(linear_options, IMPLS),
     impls=IMPLS,
     flops=linear_flops,
+    backward_factor=MATMUL_BACKWARD,  # its backward is the gradients of its matmuls (states and chunk tiles kept or rebuilt by prefix sums, no scores to recompute)
     refuses={"alibi": "linear attention has no score matrix to bias (ALiBi needs scores before a softmax)"},
     params={"chunk": (DEFAULT_CHUNK, "tokens per chunk of the causal prefix-sum form")},
 )

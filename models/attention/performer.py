@@ -25,7 +25,7 @@ import torch
 
 from attnbench.models import feature_attention
 from attnbench.models.qkv import QKVAttention
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
 
 DEFAULT_FEATURES = 256
 DEFAULT_REDRAW_EVERY = 1000
@@ -140,6 +140,7 @@ MECHANISM = Mechanism(
     layer=lambda cfg: PerformerAttention(cfg, IMPLS),
     impls=IMPLS,
     flops=performer_flops,
+    backward_factor=MATMUL_BACKWARD,  # its backward is the gradients of its feature and state matmuls (nothing recomputed)
     refuses={"alibi": "performer's random-feature attention has no score matrix to bias (ALiBi needs scores before a softmax)"},
     params={
         "features": (DEFAULT_FEATURES, "random features M (approximation error falls as M grows)"),

@@ -112,7 +112,7 @@ MECHANISM = Mechanism(
     family="sparse",
     layer=qkv_layer(topk_options, IMPLS),
     impls=IMPLS,
-    flops=topk_flops,
+    flops=topk_flops,  # backward: the default 2.5x (its chunked form recomputes every score, as flash kernels do)
     params={
         "topk": (DEFAULT_TOPK, "keys kept per query (all visible keys when fewer)"),
         "chunk": (DEFAULT_CHUNK, "queries per chunk of the efficient form (memory O(chunk * T))"),

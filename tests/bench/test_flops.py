@@ -60,6 +60,17 @@ def test_a_models_attention_flops_are_its_layers_forward_cores():
 
 
 def test_the_convention_sentence_states_the_factors_in_use():
-    assert f"backward = {flops.CORE_MODE_FACTOR['bwd']:g}x forward" in flops.CONVENTION
-    assert f"fwd+bwd = {flops.CORE_MODE_FACTOR['fwdbwd']:g}x" in flops.CONVENTION
+    assert f"Backward = {registry.SOFTMAX_BACKWARD:g}x forward" in flops.CONVENTION
+    assert f"{registry.MATMUL_BACKWARD:g}x for bsbr, deltanet, gau, linear, performer" in flops.CONVENTION
     assert f"(backward {flops.LINEAR_MODE_FACTOR['bwd']:g}x)" in flops.CONVENTION
+
+
+@pytest.mark.parametrize("name, backward", [("standard", 2.5), ("topk", 2.5), ("linear", 2.0), ("deltanet", 2.0), ("bsbr", 2.0)])
+def test_each_mechanism_backward_has_its_own_factor(name, backward):
+    """The softmax family recomputes its scores in the backward (2.5x); matmul-only forms do not (2x)."""
+    cfg = LayerConfig(dim=64, heads=4, causal=True)
+    mechanism = registry.get(name)
+    forward = flops.core_flops(mechanism, cfg, 2, 48, "fwd")
+    assert forward > 0
+    assert flops.core_flops(mechanism, cfg, 2, 48, "bwd") == pytest.approx(backward * forward)
+    assert flops.core_flops(mechanism, cfg, 2, 48, "fwdbwd") == pytest.approx((1 + backward) * forward)
