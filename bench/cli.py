@@ -403,7 +403,7 @@ def train(
     tokenizer: Annotated[str, typer.Option(help="bpe[:VOCAB] trained on the train split, bytes, or a tokenizer.json / HF folder.")] = "bpe",
     download: Annotated[bool, typer.Option("--download", help="Allow HF datasets to download WikiText (never otherwise).")] = False,
     impl: Annotated[list[str], typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto nsa=torch.")] = ["auto"],
-    positions: Annotated[str, typer.Option(help="Absolute positions for mechanisms that need them: learned or sinusoidal.")] = "learned",
+    positions: Annotated[Optional[list[str]], typer.Option(help="Position schemes crossed with --attn: learned, sinusoidal, rope, alibi, none (default: each mechanism's own); a cell that has no meaning is an unsupported row with its reason.")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA; 1: MQA); a divisor of the preset's heads (default: as many as query heads).")] = None,
     window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
@@ -429,7 +429,7 @@ def train(
         extra=mechanism_options(window, option),
     )
     run_dir = run_train(spec, out, resume, of_invocation(ctx.params))
-    console.out.print(f"trained {', '.join(spec.attn)} -> {run_dir}/train.csv, train_report.md")
+    console.out.print(f"trained {', '.join(cell.name for cell in spec.cells())} -> {run_dir}/train.csv, train_report.md")
 
 
 def main() -> None:

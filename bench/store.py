@@ -25,7 +25,7 @@ from attnbench import console
 from attnbench.case import CASE_COLUMNS
 from attnbench.errors import InputError
 
-SCHEMA_VERSION = 2  # 2: the preset column (model level)
+SCHEMA_VERSION = 3  # 2: the preset column (model level); 3: the positions column of train runs
 DEFAULT_ROOT = Path("results")
 SPEED_CSV = "speed.csv"
 TRAIN_CSV = "train.csv"
@@ -206,13 +206,17 @@ def _complete_text(path: Path) -> tuple[str, int]:
     return data[:end].decode("utf-8", errors="replace"), end
 
 
-def _parse(text: str, path: Path, columns: list[str]) -> list[dict[str, str]]:
+def _parse(text: str, path: Path, columns: list[str], added: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Rows of ``text`` under the header ``columns``; a file written before the ``added``
+    columns existed (its header is ``columns`` without them) reads with them empty."""
     reader = csv.reader(io.StringIO(text))
     rows = []
     try:
         header = next(reader, None)
         if header is None:
             return []
+        if added and header == [c for c in columns if c not in added]:
+            return [{**dict.fromkeys(added, ""), **row} for row in _parse(text, path, header)]
         if header != columns:
             raise InputError(f"{path} is corrupt or from another schema: its header (line 1) reads '{_printable(','.join(header))}', "
                              f"expected '{_printable(','.join(columns))}'")
@@ -232,12 +236,13 @@ def _printable(text: str, limit: int = 40) -> str:
     return shown + ("..." if len(text) > limit else "")
 
 
-def read_rows(path: Path, columns: list[str] = SPEED_COLUMNS) -> list[dict[str, str]]:
-    """Every complete row of a results CSV as strings (a partial last line is ignored)."""
+def read_rows(path: Path, columns: list[str] = SPEED_COLUMNS, added: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Every complete row of a results CSV as strings (a partial last line is ignored); ``added``:
+    columns a file of an earlier schema lacks, read as empty."""
     if not path.exists():
         raise InputError(f"no {path.name} in {path.parent}")
     text, _ = _complete_text(path)
-    return _parse(text, path, columns)
+    return _parse(text, path, columns, added)
 
 
 def format_value(value: Any) -> str:

@@ -61,9 +61,9 @@ def resolve(mechanism: "Mechanism", scheme: str | None) -> str:
     """The scheme a model of ``mechanism`` records for the requested ``scheme``: its natural one
     for None. A learned or sinusoidal request for a mechanism whose natural scheme is not an
     embedding also resolves to the natural one: runs before position schemes were an axis
-    recorded the model's absolute embedding that way (``learned`` for rope), and the train
-    command still passes its --positions default for every mechanism. Callers building a grid
-    ask `why_not` first, which refuses that cell."""
+    recorded the model's absolute embedding that way (``learned`` for rope: committed run
+    folders, which distill reads as teachers). Callers building a grid ask `why_not` first,
+    which refuses that cell."""
     if scheme is None or (scheme in EMBEDDED and mechanism.position not in EMBEDDED):
         return mechanism.position
     check_scheme(scheme)

@@ -6,9 +6,12 @@
 """
 
 TRAIN_COLUMNS = [
-    "attn", "step", "split", "loss", "ppl", "accuracy", "lr", "tokens", "tokens_per_s",
+    "attn", "positions", "step", "split", "loss", "ppl", "accuracy", "lr", "tokens", "tokens_per_s",
     "grad_norm", "peak_mem_mib", "elapsed_s", "status", "message",
 ]
-ENTROPY_COLUMNS = ["attn", "step", "layer", "entropy", "status", "message"]
-EXTRAPOLATION_COLUMNS = ["attn", "train_seq", "seq", "factor", "method", "loss", "ppl", "tokens", "status", "message"]
+ENTROPY_COLUMNS = ["attn", "positions", "step", "layer", "entropy", "status", "message"]
+EXTRAPOLATION_COLUMNS = ["attn", "positions", "train_seq", "seq", "factor", "method", "loss", "ppl", "tokens", "status", "message"]
 ENTROPY_CSV, EXTRAPOLATION_CSV = "entropy.csv", "extrapolation.csv"
+# columns runs of an earlier schema lack (store.read_rows reads them as empty): positions, the
+# scheme each model was trained with (its mechanism's natural one before it was an axis)
+ADDED_COLUMNS = ("positions",)

@@ -50,13 +50,20 @@ def evaluate(model: LanguageModel, batches: list[dict[str, torch.Tensor]], devic
 
 def attention_probabilities(layer: torch.nn.Module, mechanism: str, q, k, seq_lens, **token_options) -> torch.Tensor:
     """The attention weights [B, Hq, T, S] of a q/k/v core, read off its torch impl by attending
-    to one-hot values: v[b, s, h, :] = e_s gives o[b, t, h, s] = A[b, h, t, s] (any core is linear in v).
+    to one-hot values (any core is linear in v): values of width D, the core's own, whose column
+    j is 1 at key c * D + j give o[b, t, h, j] = A[b, h, t, c * D + j], for c = 0, 1, ... until S.
     ``token_options``: per-token inputs a token-conditioned layer computed from x (nsa's gates)."""
     run = registry.get(mechanism).impls["torch"].run
-    b, s, hkv = k.shape[0], k.shape[1], k.shape[2]
-    onehot = torch.eye(s, device=k.device, dtype=torch.float32)[None, :, None, :].expand(b, s, hkv, s)
-    out = run(q.float(), k.float(), onehot, causal=layer.causal, seq_lens=seq_lens, **layer.core_options(), **token_options)
-    return out.permute(0, 2, 1, 3)  # (B, Hq, T, S)
+    b, s, hkv, d = k.shape
+    columns = []
+    for first in range(0, s, d):
+        onehot = torch.zeros(s, d, device=k.device, dtype=torch.float32)
+        width = min(d, s - first)
+        onehot[first : first + width, :width] = torch.eye(width, device=k.device)
+        v = onehot[None, :, None, :].expand(b, s, hkv, d)
+        out = run(q.float(), k.float(), v, causal=layer.causal, seq_lens=seq_lens, **layer.core_options(), **token_options)
+        columns.append(out[..., :width])
+    return torch.cat(columns, dim=-1).permute(0, 2, 1, 3)  # (B, Hq, T, S)
 
 
 def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tuple[float | None, str]]:
@@ -87,11 +94,16 @@ def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tup
             except (RuntimeError, ValueError) as err:  # e.g. a core whose value width must equal D (bsbr)
                 results.append((None, f"weights cannot be read off the torch impl: {str(err).splitlines()[0][:120]}"))
                 continue
-            if probs.min() < -1e-4 or (probs.sum(-1) - 1).abs().max() > 1e-3:
-                results.append((None, "weights are not a distribution over keys (negative or not summing to 1)"))
+            totals = probs.sum(-1, keepdim=True)  # (B, Hq, T, 1)
+            if probs.min() < -1e-4 or totals.min() <= 0:
+                results.append((None, "weights are not a distribution over keys (negative or summing to 0)"))
                 continue
+            note = ""
+            if (totals - 1).abs().max() > 1e-3:  # gated branches (nsa): the mixture each query reads, normalised
+                probs = probs.clamp_min(0) / totals
+                note = f"weights normalised per query (they sum to {totals.min().item():.3g}..{totals.max().item():.3g})"
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (B, Hq, T)
-            results.append((entropy.mean().item(), ""))
+            results.append((entropy.mean().item(), note))
         return results
     finally:
         for block in model.trunk.blocks:
@@ -114,7 +126,7 @@ def extrapolation_rows(model: LanguageModel, spec: TrainSpec, stream: torch.Tens
     budget = spec.eval_batches * spec.batch * spec.seq  # tokens scored at every length
     for factor in EXTRAPOLATION_FACTORS:
         seq = spec.seq * factor
-        base = {"attn": model.cfg.mechanism, "train_seq": spec.seq, "seq": seq, "factor": factor}
+        base = {"attn": model.cfg.mechanism, "positions": model.cfg.positions, "train_seq": spec.seq, "seq": seq, "factor": factor}
         for method in ("blocks", "sliding"):
             row = {**base, "method": method}
             limit = model.cfg.max_length

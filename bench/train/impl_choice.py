@@ -11,13 +11,13 @@ from attnbench.errors import InputError
 from attnbench.models import registry
 
 
-def check_mechanism_options(mechanisms: list[str], given: dict[str, Any]) -> None:
-    """--window / --option values (cli.mechanism_options): each declared by one of ``mechanisms``,
-    and a window a positive integer."""
+def check_mechanism_options(mechanisms: list[str], given: dict[str, Any], schemes: tuple[str, ...] = ()) -> None:
+    """--window / --option values (cli.mechanism_options): each declared by one of ``mechanisms``
+    or of the position ``schemes``, and a window a positive integer."""
     window = given.get("window")
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise InputError(f"--window must be a positive integer, not {window!r}")
-    registry.check_options(mechanisms, given)
+    registry.check_options(mechanisms, given, schemes)
 
 
 def impl_per_mechanism(text: str, mechanisms: list[str]) -> dict[str, str]:

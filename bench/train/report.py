@@ -21,38 +21,61 @@ import pandas as pd
 
 from attnbench import store
 from attnbench.errors import InputError
-from attnbench.train.columns import EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
+from attnbench.train import grid
+from attnbench.train.columns import (
+    ADDED_COLUMNS, ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS,
+)
 
 
 def train_rows(run_dir: Path) -> pd.DataFrame:
     """A run's train.csv, every TRAIN_COLUMNS column, values as written (strings)."""
-    return pd.DataFrame(store.read_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS), columns=TRAIN_COLUMNS)
+    return _rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS)
 
 
-def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
-    """train rows, extrapolation rows (both with a ``line`` label) and each line's model description."""
+def _rows(path: Path, columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(store.read_rows(path, columns, ADDED_COLUMNS), columns=columns)
+
+
+def _crosses_schemes(run_dir: Path) -> bool:
+    """The run was asked for position schemes (--positions): its models are named attn+scheme."""
+    return isinstance(store.read_meta(run_dir).get("spec", {}).get("positions"), list)
+
+
+def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, dict]]:
+    """train, extrapolation and entropy rows (each with a ``line`` label: the model's name, its
+    run's before it where several runs have it) and each line's model description."""
     runs = [(run_dir, train_rows(run_dir)) for run_dir in run_dirs]
-    seen_in = Counter(attn for _, rows in runs for attn in rows["attn"].unique())  # runs per mechanism
-    curves, extrapolation, models = [], [], {}
+    for run_dir, rows in runs:  # the model's name in its run (train's Cell.name)
+        rows["cell"] = rows["attn"] + "+" + rows["positions"] if _crosses_schemes(run_dir) else rows["attn"]
+    seen_in = Counter(cell for _, rows in runs for cell in rows["cell"].unique())  # runs per model name
+    curves, extrapolation, entropy, models = [], [], [], {}
     for run_dir, rows in runs:
-        def line(attn: str) -> str:  # the mechanism, and its run where several runs have it
-            return f"{run_dir.name}/{attn}" if seen_in[attn] > 1 else attn
+        crossed = _crosses_schemes(run_dir)
 
-        rows["line"] = rows["attn"].map(line)
-        curves.append(rows)
-        if (run_dir / EXTRAPOLATION_CSV).exists():
-            extra = pd.DataFrame(store.read_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS), columns=EXTRAPOLATION_COLUMNS)
-            extra["line"] = extra["attn"].map(line)
-            extrapolation.append(extra)
-        for attn, described in store.read_meta(run_dir).get("models", {}).items():
-            models[line(attn)] = described
+        def line(row) -> str:  # the model's name, and its run where several runs have it
+            cell = f"{row['attn']}+{row['positions']}" if crossed else row["attn"]
+            return f"{run_dir.name}/{cell}" if seen_in[cell] > 1 else cell
+
+        rows["line"] = rows.apply(line, axis=1) if len(rows) else pd.Series(dtype=str)
+        curves.append(rows.drop(columns="cell"))
+        for name, columns, found in ((EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, extrapolation), (ENTROPY_CSV, ENTROPY_COLUMNS, entropy)):
+            if (run_dir / name).exists():
+                extra = _rows(run_dir / name, columns)
+                if len(extra):
+                    extra["line"] = extra.apply(line, axis=1)
+                    found.append(extra)
+        for cell, described in store.read_meta(run_dir).get("models", {}).items():
+            models[f"{run_dir.name}/{cell}" if seen_in[cell] > 1 else cell] = described
     train = pd.concat(curves, ignore_index=True)
     for column in ("step", "loss", "ppl", "accuracy", "lr", "tokens_per_s", "peak_mem_mib"):
         train[column] = pd.to_numeric(train[column], errors="coerce")
     extra = pd.concat(extrapolation, ignore_index=True) if extrapolation else pd.DataFrame(columns=[*EXTRAPOLATION_COLUMNS, "line"])
     for column in ("seq", "ppl", "loss"):
         extra[column] = pd.to_numeric(extra[column], errors="coerce")
-    return train, extra, models
+    entropy = pd.concat(entropy, ignore_index=True) if entropy else pd.DataFrame(columns=[*ENTROPY_COLUMNS, "line"])
+    for column in ("step", "layer", "entropy"):
+        entropy[column] = pd.to_numeric(entropy[column], errors="coerce")
+    return train, extra, entropy, models
 
 
 def _line_styles(lines) -> dict[str, dict]:
@@ -210,7 +233,8 @@ def eval_summary(train: pd.DataFrame, models: dict[str, dict]) -> tuple[list[str
             _fmt(float(trained["tokens_per_s"].median()), 3), _fmt(float(trained["peak_mem_mib"].max()), 4),
             _fmt(params.get("total")), _fmt(params.get("attention")),
         ])
-    failures = [f"{row['line']}: {row['status']} at step {int(row['step'])}: {row['message']}"
+    failures = [f"{row['line']}: unsupported: {row['message']}" if row["status"] == "unsupported"
+                else f"{row['line']}: {row['status']} at step {int(row['step'])}: {row['message']}"
                 for _, row in train[train["status"] != "ok"].iterrows()]
     return notes, pd.DataFrame(rows, columns=EVAL_COLUMNS), failures
 
@@ -226,7 +250,7 @@ def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
 def report_sections(run_dirs: list[Path]) -> list[tuple[str, object]]:
     """What report.md/.html show of these runs beside their figures: train_report.md's eval-loss
     table with its notes, as (kind, content) sections ("p" text, "table" frame)."""
-    train, _, models = _load([Path(d) for d in run_dirs])
+    train, _, _, models = _load([Path(d) for d in run_dirs])
     notes, table, failures = eval_summary(train, models)
     return [*(("p", note) for note in notes), ("table", table), *(("p", failure) for failure in failures)]
 
@@ -235,7 +259,7 @@ def render_train_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Figures and train_report.md for the runs in ``run_dirs`` (folders holding train.csv); returns the PNGs."""
     if not run_dirs:
         raise InputError("no training runs to report")
-    train, extra, models = _load([Path(d) for d in run_dirs])
+    train, extra, entropy, models = _load([Path(d) for d in run_dirs])
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     pngs = [plots / "train_curves.png"]
@@ -243,6 +267,12 @@ def render_train_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     if not extra.empty:
         pngs.append(plots / "extrapolation.png")
         _extrapolation_figure(extra, pngs[-1])
+    if grid.is_grid(train):
+        pngs.append(plots / "grid.png")
+        grid.heatmaps(train, pngs[-1])
+    if not entropy.empty:
+        pngs.append(plots / "entropy.png")
+        grid.entropy_figure(entropy, pngs[-1])
     md = ["# Training report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", "", *_table(train, models), ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     if not extra.empty:

@@ -39,7 +39,7 @@ from attnbench.train import checkpoint, data, distributed
 from attnbench.train.columns import ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
 from attnbench.train.evaluate import attention_entropy, autocast, evaluate, extrapolation_rows
 from attnbench.train.impl_choice import choose_impl, impl_per_mechanism
-from attnbench.train.spec import TrainSpec
+from attnbench.train.spec import Cell, TrainSpec
 
 
 class TrainingDiverged(InputError):
@@ -70,13 +70,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def model_config(spec: TrainSpec, mechanism: str, vocab_size: int, device: torch.device) -> ModelConfig:
-    """The model of ``mechanism`` for this run, with the impl resolved for ``device``."""
+def model_config(spec: TrainSpec, cell: Cell, vocab_size: int, device: torch.device) -> ModelConfig:
+    """The model of ``cell`` (a mechanism and its position scheme) for this run, with the impl
+    resolved for ``device``."""
     preset = Preset.from_name(spec.preset)
-    window, options = registry.get(mechanism).split_options(spec.extra)  # only the options it declares
+    mechanism = cell.attn
+    window, options = registry.get(mechanism).split_options(spec.extra, cell.scheme)  # only the options it declares
     cfg = ModelConfig.for_task(
         spec.task, preset, vocab_size, mechanism, "torch", spec.seq,
-        positions=spec.positions, window=window, attention=options, kv_heads=spec.kv_heads,
+        positions=cell.scheme, window=window, attention=options, kv_heads=spec.kv_heads,
     )
     cfg.impl = choose_impl(mechanism, impl_per_mechanism(spec.impl, spec.attn)[mechanism], cfg.layer_config(), device)
     return cfg
@@ -143,11 +145,11 @@ def forward_backward(trained: torch.nn.Module, full: dict[str, torch.Tensor], wo
     return loss, parts, count
 
 
-def step_seconds(run: Run, mechanism: str) -> float:
-    """Wall seconds of one training step of ``mechanism`` on this device, measured on a
+def step_seconds(run: Run, cell: Cell) -> float:
+    """Wall seconds of one training step of ``cell``'s model on this device, measured on a
     throwaway copy of its model: the second of two steps (the first pays for compilation and
-    autotuning). The run's weights and RNG are untouched: train_mechanism seeds itself."""
-    cfg = model_config(run.spec, mechanism, run.tokenizer.vocab_size, run.device)
+    autotuning). The run's weights and RNG are untouched: train_cell seeds itself."""
+    cfg = model_config(run.spec, cell, run.tokenizer.vocab_size, run.device)
     model = LanguageModel(cfg, run.spec.seed).to(run.device)
     optimizer = optimizer_for(model, run.spec)
     batches = data.Batches(run.streams["train"], run.spec.task, run.spec.seq, run.spec.batch, run.spec.seed, run.tokenizer)
@@ -170,16 +172,17 @@ def run_seconds(spec: TrainSpec, per_step: float, start: int = 0) -> float:
     return per_step * (steps + evaluations * spec.eval_batches / 3)
 
 
-def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | None, progress, estimate: float | None = None) -> None:
-    """Train one mechanism for spec.steps (from its checkpoint, if any), evaluating and
+def train_cell(run: Run, cell: Cell, logs: dict[str, store.RowLog] | None, progress, estimate: float | None = None) -> None:
+    """Train one cell's model for spec.steps (from its checkpoint, if any), evaluating and
     checkpointing every eval_every steps, then measure length extrapolation (clm).
     ``estimate``: seconds a step is expected to take, for the progress bar before the first step."""
     spec, device, world = run.spec, run.device, run.world
-    cfg = model_config(spec, mechanism, run.tokenizer.vocab_size, device)
+    cfg = model_config(spec, cell, run.tokenizer.vocab_size, device)
+    name, labels = cell.name, {"attn": cell.attn, "positions": cfg.positions}
     torch.manual_seed(spec.seed)
     model = LanguageModel(cfg, spec.seed).to(device)
     optimizer = optimizer_for(model, spec)
-    ckpt_dir = run.run_dir / "checkpoints" / mechanism
+    ckpt_dir = run.run_dir / "checkpoints" / name
     start, state = 0, {}
     last = checkpoint.latest(ckpt_dir)
     if last is not None:
@@ -194,7 +197,7 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
     held_out = data.eval_batches(run.streams["valid"], spec.task, spec.seq, spec.batch, spec.eval_batches, run.tokenizer, spec.seed)
     if progress:
         eta = None if estimate is None else run_seconds(spec, estimate, start)
-        task = progress.add_task(mechanism, total=spec.steps, completed=start, first=start, estimate=eta, loss=float("nan"))
+        task = progress.add_task(name, total=spec.steps, completed=start, first=start, estimate=eta, loss=float("nan"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     began = time.perf_counter() - state.get("elapsed_s", 0.0)
@@ -207,17 +210,17 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
         full = batches.at(step)
         loss, parts, count = forward_backward(trained, full, world, device)
         if not math.isfinite(loss):
-            _stop_diverged(mechanism, f"loss is {loss}", step + 1, ckpt_dir, logs, loss)
+            _stop_diverged(cell, f"loss is {loss}", step + 1, ckpt_dir, logs, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip).item()
         if not math.isfinite(grad_norm):  # clipping would zero the step: the run would go on, frozen
-            _stop_diverged(mechanism, f"the gradient norm is {grad_norm} (loss {loss:.4g})", step + 1, ckpt_dir, logs, loss)
+            _stop_diverged(cell, f"the gradient norm is {grad_norm} (loss {loss:.4g})", step + 1, ckpt_dir, logs, loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         correct = distributed.all_sum(parts.correct.detach().float()).item()
         tokens_seen += full["input_ids"].numel()
         elapsed = time.perf_counter() - began
         row = {
-            "attn": mechanism, "step": step + 1, "split": "train", "loss": loss, "ppl": math.exp(min(loss, 700)),
+            **labels, "step": step + 1, "split": "train", "loss": loss, "ppl": math.exp(min(loss, 700)),
             "accuracy": correct / count, "lr": lr, "tokens": tokens_seen,
             "tokens_per_s": full["input_ids"].numel() / (time.perf_counter() - tick), "grad_norm": grad_norm,
             "peak_mem_mib": _peak_mem_mib(device), "elapsed_s": elapsed, "status": "ok", "message": "",
@@ -227,32 +230,33 @@ def train_mechanism(run: Run, mechanism: str, logs: dict[str, store.RowLog] | No
         if progress:
             progress.update(task, completed=step + 1, loss=loss)
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
-            _evaluate_and_save(run, model, optimizer, held_out, step + 1, {"tokens": tokens_seen, "elapsed_s": elapsed, "config": asdict(cfg)}, logs)
+            state_now = {"tokens": tokens_seen, "elapsed_s": elapsed, "config": asdict(cfg)}
+            _evaluate_and_save(run, cell, model, optimizer, held_out, step + 1, state_now, logs)
     if spec.task == "clm" and logs and not state.get("extrapolated"):
         for row in extrapolation_rows(model, spec, run.streams["test"], device):
             logs["extrapolation"].append(row)
         final = checkpoint.latest(ckpt_dir)
         checkpoint.save(ckpt_dir, model, optimizer, {**checkpoint.read_state(final), "extrapolated": True})
     if logs:
-        write_learned_parameters(model, mechanism, run.run_dir)
+        write_learned_parameters(model, name, run.run_dir)
     distributed.barrier()
 
 
 LEARNED_COLUMNS = ["attn", "layer", "param", "head", "value"]
 
 
-def write_learned_parameters(model: torch.nn.Module, mechanism: str, run_dir: Path) -> Path | None:
-    """learned-<mechanism>.csv: the per-head values of attention layers that expose
+def write_learned_parameters(model: torch.nn.Module, name: str, run_dir: Path) -> Path | None:
+    """learned-<name>.csv (name: the cell's, Cell.name): the per-head values of attention layers that expose
     ``learned_parameters() -> {name: [H]}`` (ExpoSB's seven), as trained; None when none do."""
     rows = [
-        {"attn": mechanism, "layer": layer, "param": name, "head": head, "value": value}
+        {"attn": name, "layer": layer, "param": param, "head": head, "value": value}
         for layer, module in enumerate(m for m in model.modules() if hasattr(m, "learned_parameters"))
-        for name, values in module.learned_parameters().items()
+        for param, values in module.learned_parameters().items()
         for head, value in enumerate(values.detach().float().cpu().tolist())
     ]
     if not rows:
         return None
-    path = run_dir / f"learned-{mechanism}.csv"
+    path = run_dir / f"learned-{name}.csv"
     with store.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, LEARNED_COLUMNS)
         writer.writeheader()
@@ -260,29 +264,29 @@ def write_learned_parameters(model: torch.nn.Module, mechanism: str, run_dir: Pa
     return path
 
 
-def _stop_diverged(mechanism: str, what: str, step: int, ckpt_dir: Path, logs, loss: float) -> None:
+def _stop_diverged(cell: Cell, what: str, step: int, ckpt_dir: Path, logs, loss: float) -> None:
     last_good = checkpoint.latest(ckpt_dir)
     kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-    message = f"{mechanism}: {what} at step {step}; training stopped, {kept}"
+    message = f"{cell.name}: {what} at step {step}; training stopped, {kept}"
     if logs:
-        logs["train"].append({"attn": mechanism, "step": step, "split": "train", "loss": loss, "status": "error", "message": message})
+        logs["train"].append({"attn": cell.attn, "positions": cell.scheme, "step": step, "split": "train", "loss": loss, "status": "error", "message": message})
     raise TrainingDiverged(message)
 
 
-def _evaluate_and_save(run: Run, model, optimizer, held_out, step: int, state: dict, logs) -> None:
+def _evaluate_and_save(run: Run, cell: Cell, model, optimizer, held_out, step: int, state: dict, logs) -> None:
     metrics = evaluate(model, held_out, run.device)
     if run.world.is_main:
-        mechanism = model.cfg.mechanism
+        labels = {"attn": cell.attn, "positions": model.cfg.positions}
         logs["train"].append({
-            "attn": mechanism, "step": step, "split": "valid", "loss": metrics["loss"], "ppl": metrics["ppl"],
+            **labels, "step": step, "split": "valid", "loss": metrics["loss"], "ppl": metrics["ppl"],
             "accuracy": metrics["accuracy"], "tokens": state["tokens"], "elapsed_s": state["elapsed_s"],
             "peak_mem_mib": _peak_mem_mib(run.device), "status": "ok", "message": "",
         })
         sample = held_out[0]["input_ids"][:2].to(run.device)
         for layer, (entropy, message) in enumerate(attention_entropy(model, sample)):
             status = "ok" if entropy is not None else "unsupported"
-            logs["entropy"].append({"attn": mechanism, "step": step, "layer": layer, "entropy": entropy, "status": status, "message": message})
-        checkpoint.save(run.run_dir / "checkpoints" / mechanism, model, optimizer, {"step": step, **state})
+            logs["entropy"].append({**labels, "step": step, "layer": layer, "entropy": entropy, "status": status, "message": message})
+        checkpoint.save(run.run_dir / "checkpoints" / cell.name, model, optimizer, {"step": step, **state})
     distributed.barrier()
 
 
@@ -329,7 +333,7 @@ def command_line(spec: TrainSpec) -> list[str]:
         value, flag = getattr(spec, f.name), "--" + f.name.replace("_", "-")
         if f.name in ("attn", "extra") or value == getattr(defaults, f.name):
             continue
-        args += [flag] if value is True else [flag, str(value)]
+        args += [flag] if value is True else [flag, ",".join(value) if isinstance(value, list) else str(value)]
     for key, value in spec.extra.items():
         args += ["--window", str(value)] if key == "window" else ["--option", f"{key}={value!r}"]
     return args
@@ -341,19 +345,25 @@ def resume_command(spec: TrainSpec, run_dir: Path) -> str:
 
 
 def check_models_build(spec: TrainSpec, device: torch.device) -> None:
-    """Every mechanism's model builds (shapes only, on the meta device) with spec's options: a
+    """Every supported cell's model builds (shapes only, on the meta device) with spec's options: a
     bad option value, or a model a mechanism cannot be (e.g. causal only), is an InputError now,
-    before any data is loaded or folder made."""
+    before any data is loaded or folder made; so is a run whose every cell is unsupported."""
     vocab = Preset.from_name(spec.preset).vocab  # the tokenizer's size is not known yet; shapes only
-    for name in spec.attn:
+    cells = spec.cells()
+    refused = {cell.name: cell.why_not() for cell in cells if cell.why_not()}
+    if len(refused) == len(cells):
+        raise InputError("nothing to train: " + "; ".join(f"{name}: {why}" for name, why in refused.items()))
+    for cell in cells:
+        if cell.name in refused:
+            continue
         try:
-            cfg = model_config(spec, name, vocab, device)
+            cfg = model_config(spec, cell, vocab, device)
             with torch.device("meta"):
                 LanguageModel(cfg, spec.seed)
         except InputError:
             raise
         except ValueError as err:
-            raise InputError(f"--attn {name}: {err}") from None
+            raise InputError(f"--attn {cell.name}: {err}") from None
 
 
 def _keep_rows(path: Path, columns: list[str], keep) -> None:
@@ -367,25 +377,34 @@ def _keep_rows(path: Path, columns: list[str], keep) -> None:
         writer.writerows(rows)
 
 
-def prune_to_checkpoints(run_dir: Path, mechanisms: list[str]) -> None:
-    """Drop rows logged after each mechanism's last checkpoint: resuming repeats those steps."""
+def prune_to_checkpoints(run_dir: Path, cells: list[Cell]) -> None:
+    """Drop rows logged after each cell's last checkpoint (resuming repeats those steps) and the
+    unsupported cells' rows (train_all writes them again)."""
     saved = {}
-    for name in mechanisms:
-        last = checkpoint.latest(run_dir / "checkpoints" / name)
-        saved[name] = checkpoint.read_state(last) if last else {"step": 0}
-    _keep_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS, lambda r: int(r["step"]) <= saved[r["attn"]]["step"])
-    _keep_rows(run_dir / ENTROPY_CSV, ENTROPY_COLUMNS, lambda r: int(r["step"]) <= saved[r["attn"]]["step"])
-    _keep_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, lambda r: saved[r["attn"]].get("extrapolated", False))
+    for cell in cells:
+        last = checkpoint.latest(run_dir / "checkpoints" / cell.name)
+        saved[(cell.attn, cell.scheme)] = checkpoint.read_state(last) if last else {"step": 0}
+
+    def reached(row) -> bool:
+        return row["status"] != "unsupported" and int(row["step"]) <= saved[(row["attn"], row["positions"])]["step"]
+
+    _keep_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS, reached)
+    _keep_rows(run_dir / ENTROPY_CSV, ENTROPY_COLUMNS, lambda r: int(r["step"]) <= saved[(r["attn"], r["positions"])]["step"])
+    _keep_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, lambda r: saved[(r["attn"], r["positions"])].get("extrapolated", False))
 
 
 def describe_models(spec: TrainSpec, vocab_size: int, device: torch.device) -> dict[str, Any]:
-    """Per mechanism: its model config, parameter counts per component and training FLOPs per token."""
+    """Per cell (Cell.name): its model config, parameter counts per component and training FLOPs
+    per token; for an unsupported cell, why."""
     described = {}
-    for name in spec.attn:
-        cfg = model_config(spec, name, vocab_size, device)
+    for cell in spec.cells():
+        if cell.why_not():
+            described[cell.name] = {"unsupported": cell.why_not()}
+            continue
+        cfg = model_config(spec, cell, vocab_size, device)
         with torch.device("meta"):  # shapes only: no memory, no init
             model = LanguageModel(cfg, spec.seed)
-        described[name] = {"config": asdict(cfg), "params": param_counts(model), "train_flops_per_token": train_flops_per_token(model, spec.seq)}
+        described[cell.name] = {"config": asdict(cfg), "params": param_counts(model), "train_flops_per_token": train_flops_per_token(model, spec.seq)}
     return described
 
 
@@ -427,13 +446,14 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False, op
         estimates = None
         if world.is_main:
             if resume:
-                prune_to_checkpoints(run_dir, spec.attn)
+                prune_to_checkpoints(run_dir, spec.cells())
             else:
                 config.keep(run_dir, meta, options)
             store.write_meta(run_dir, meta)
             announce(spec, meta, run_dir, device)
             if world.size == 1 and spec.gpus == 1:
-                estimates = {name: step_seconds(Run(spec, run_dir, device, world, tokenizer, streams), name) for name in spec.attn}
+                run = Run(spec, run_dir, device, world, tokenizer, streams)
+                estimates = {cell.name: step_seconds(run, cell) for cell in spec.cells() if not cell.why_not()}
                 announce_time(spec, estimates)
         diverged = None
         try:
@@ -441,7 +461,7 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False, op
                 distributed.spawn(spec.gpus, train_all, spec, run_dir, device, tokenizer, streams, None)
             else:
                 train_all(spec, run_dir, device, tokenizer, streams, estimates)
-        except TrainingDiverged as err:  # the report still shows every mechanism, the diverged one up to its last step
+        except TrainingDiverged as err:  # the report still shows every cell, the diverged one up to its last step
             diverged = err
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: every mechanism keeps its last checkpoint in {run_dir / 'checkpoints'}; "
@@ -465,9 +485,13 @@ def announce(spec: TrainSpec, meta: dict[str, Any], run_dir: Path, device: torch
     corpus, train_tokens = meta["corpus"]["name"], meta["corpus"]["tokens"]["train"]
     tokens = spec.steps * spec.batch * spec.seq
     console.err.print(f"run folder: {run_dir}")
-    console.err.print(f"training {', '.join(spec.attn)} ({spec.task}) on {device}: preset {spec.preset}, {spec.steps} steps "
+    names = [cell.name for cell in spec.cells() if not cell.why_not()]
+    console.err.print(f"training {', '.join(names)} ({spec.task}) on {device}: preset {spec.preset}, {spec.steps} steps "
                       f"x {spec.batch} x {spec.seq} tokens = {tokens:,} tokens, {meta['epochs']:.2f} epochs of {corpus}'s "
                       f"{train_tokens:,} train tokens", highlight=False)
+    for cell in spec.cells():
+        if cell.why_not():
+            console.err.print(f"unsupported: {cell.name}: {cell.why_not()}", highlight=False)
     if meta["epochs"] > MANY_EPOCHS:
         console.err.print(f"[yellow]warning: {meta['epochs']:.1f} epochs of {corpus}'s train split: expect the validation loss "
                           "to rise (overfitting); give --data a larger corpus (wikitext-103 --download, a folder) or fewer --steps[/yellow]")
@@ -484,8 +508,9 @@ def announce_time(spec: TrainSpec, per_step: dict[str, float]) -> None:
 
 def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: data.Tokenizer,
               streams: dict[str, torch.Tensor], estimates: dict[str, float] | None) -> None:
-    """Every mechanism in turn, in this process (one rank of the world, or the only one);
-    ``estimates``: seconds a step of each, for the progress bars (None: unknown)."""
+    """Every cell in turn, in this process (one rank of the world, or the only one), an
+    unsupported one as a train.csv row with its reason; ``estimates``: seconds a step of each,
+    for the progress bars (None: unknown)."""
     from attnbench import console
 
     world = distributed.from_environment()
@@ -504,10 +529,15 @@ def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: d
     diverged = []
     try:
         with console.train_progress(world.is_main) as progress:
-            for mechanism in spec.attn:
+            for cell in spec.cells():
+                if cell.why_not():
+                    if logs:
+                        logs["train"].append({"attn": cell.attn, "positions": cell.positions, "step": 0, "split": "train",
+                                              "status": "unsupported", "message": cell.why_not()})
+                    continue
                 try:
-                    train_mechanism(run, mechanism, logs, progress, (estimates or {}).get(mechanism))
-                except TrainingDiverged as err:  # recorded in train.csv; the other mechanisms still train
+                    train_cell(run, cell, logs, progress, (estimates or {}).get(cell.name))
+                except TrainingDiverged as err:  # recorded in train.csv; the other cells still train
                     diverged.append(str(err))
     finally:
         for log in (logs or {}).values():

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from attnbench.errors import InputError
-from attnbench.models import registry
+from attnbench.models import positions, registry
 from attnbench.models.presets import Preset
 from attnbench.train.impl_choice import check_mechanism_options, impl_per_mechanism
 
@@ -44,7 +44,7 @@ class TrainSpec:
     device: str = "auto"
     eval_every: int = 100
     eval_batches: int = 8
-    positions: str = "learned"
+    positions: list[str] | None = None  # position schemes crossed with attn (None: each mechanism's natural one)
     kv_heads: int | None = None  # GQA/MQA: key/value heads (None: as many as query heads)
     seed: int = 0
     gpus: int = 1
@@ -71,10 +71,13 @@ class TrainSpec:
                 raise InputError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if spec.lr <= 0 or spec.clip <= 0:
             raise InputError("--lr and the gradient clip must be positive")
-        check_mechanism_options(spec.attn, spec.extra)
+        if spec.positions is not None:
+            if not spec.positions or len(set(spec.positions)) != len(spec.positions):
+                raise InputError("--positions needs one or more distinct position schemes")
+            for scheme in spec.positions:
+                positions.check_scheme(scheme)
+        check_mechanism_options(spec.attn, spec.extra, tuple(spec.positions or ()))
         impl_per_mechanism(spec.impl, spec.attn)
-        if spec.positions not in ("learned", "sinusoidal"):
-            raise InputError(f"--positions {spec.positions}: valid: learned, sinusoidal")
         if spec.batch is not None and spec.batch % spec.gpus:
             raise InputError(f"--batch {spec.batch} must be a multiple of --gpus {spec.gpus}")
         if not spec.attn or len(set(spec.attn)) != len(spec.attn):
@@ -82,6 +85,33 @@ class TrainSpec:
         for name in spec.attn:
             registry.get(name)
         return spec
+
+    def cells(self) -> list["Cell"]:
+        """The models of the run: every mechanism crossed with every position scheme, in order."""
+        return [Cell(attn, scheme) for attn in self.attn for scheme in (self.positions or [None])]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model of a run: mechanism ``attn`` with position scheme ``positions`` (None: its natural one)."""
+
+    attn: str
+    positions: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How the run names it (progress, checkpoints/<name>/, meta.json's models): the mechanism,
+        + the scheme when the run crosses schemes (``linear+rope``)."""
+        return self.attn if self.positions is None else f"{self.attn}+{self.positions}"
+
+    @property
+    def scheme(self) -> str:
+        """The scheme the model is built with and its rows record (models/positions.py resolve)."""
+        return positions.resolve(registry.get(self.attn), self.positions)
+
+    def why_not(self) -> str | None:
+        """Why this mechanism cannot take this scheme (a row of status unsupported), or None."""
+        return None if self.positions is None else positions.why_not(registry.get(self.attn), self.positions)
 
 
 def default_size(spec: TrainSpec, preset: Preset, train_tokens: int, device: torch.device) -> tuple[int, int]:

@@ -330,7 +330,7 @@ def test_an_eval_panel_with_one_point_draws_a_marker_on_the_runs_step_axis(tmp_p
     from attnbench.train import report as train_report
 
     write_train_run_with_one_eval(tmp_path / "run", steps=50)
-    train, _, _ = train_report._load([tmp_path / "run"])
+    train, _, _, _ = train_report._load([tmp_path / "run"])
     fig = train_report._draw_curves(train)
     eval_loss = next(ax for ax in fig.axes if ax.get_title() == "eval loss")
     (line,) = eval_loss.get_lines()

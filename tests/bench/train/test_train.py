@@ -13,6 +13,7 @@ from attnbench.train import checkpoint
 from attnbench.train import impl_choice as mechanism_choice
 from attnbench.train import run as train
 from attnbench.train import spec as train_spec
+from attnbench.train.spec import Cell
 from attnbench.train import evaluate as train_eval
 from attnbench.cli import app
 from attnbench.errors import InputError
@@ -215,8 +216,8 @@ def test_param_table_covers_presets_and_mechanisms():
 
 def test_window_option_reaches_only_window_mechanisms():
     spec = train.TrainSpec(attn=["standard", "window"], preset="tiny", extra={"window": 16}).resolved(CPU)
-    assert train.model_config(spec, "standard", 300, torch.device("cpu")).window is None
-    assert train.model_config(spec, "window", 300, torch.device("cpu")).window == 16
+    assert train.model_config(spec, Cell("standard"), 300, torch.device("cpu")).window is None
+    assert train.model_config(spec, Cell("window"), 300, torch.device("cpu")).window == 16
 
 
 @pytest.mark.parametrize("mechanism, expected", [("standard", "sdpa"), ("gau", "chunked"), ("linear", "chunked"), ("deltanet", "chunked")])
@@ -237,8 +238,8 @@ def test_impl_entries_set_one_mechanism_and_the_rest_take_the_default(text, expe
 
 def test_an_impl_entry_reaches_its_mechanism_model_only():
     spec = train.TrainSpec(attn=["linear", "nsa"], task="clm", preset="tiny", impl="auto,nsa=torch").resolved(CPU)
-    assert train.model_config(spec, "nsa", 300, torch.device("cpu")).impl == "torch"
-    assert train.model_config(spec, "linear", 300, torch.device("cpu")).impl == "chunked"
+    assert train.model_config(spec, Cell("nsa"), 300, torch.device("cpu")).impl == "torch"
+    assert train.model_config(spec, Cell("linear"), 300, torch.device("cpu")).impl == "chunked"
 
 
 def test_learned_exposb_parameters_are_written_per_head(tmp_path):
@@ -272,12 +273,26 @@ def test_measuring_entropy_is_not_a_training_forward():
     assert counters() == before and model.training
 
 
-def test_entropy_of_a_core_that_cannot_take_one_hot_values_is_a_reason_not_a_crash():
-    model = build_model("tiny", "bsbr", task="clm", seq=64)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 64))
+@pytest.mark.parametrize("name", ["bsbr", "topk", "nsa"])
+def test_entropy_reads_cores_whose_values_must_be_head_dim_wide(name):
+    """bsbr and topk take values of width D only, nsa mixes gated branches: the probe reads
+    their weights D keys at a time (nsa's normalised per query), each layer a finite entropy
+    between 0 and the causal uniform's."""
+    model = build_model("tiny", name, task="clm", seq=96)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 96))
     results = train_eval.attention_entropy(model, ids)
+    uniform = sum(math.log(t) for t in range(1, 97)) / 96  # mean over causal rows of log(keys seen)
     assert len(results) == model.cfg.layers
-    assert all(value is None and "cannot be read" in message for value, message in results)
+    assert all(value is not None and 0 < value <= uniform + 1e-4 for value, _ in results), results
+
+
+def test_topk_weights_read_by_the_probe_keep_at_most_topk_keys_and_sum_to_one():
+    layer_model = build_model("tiny", "topk", task="clm", seq=80, attention={"topk": 5})
+    layer = layer_model.trunk.blocks[0].attention
+    q, k = torch.randn(1, 80, 4, 32), torch.randn(1, 80, 4, 32)
+    probs = train_eval.attention_probabilities(layer, "topk", q, k, None)  # (B, Hq, T, S), S = 80 > D = 32: three probes
+    assert probs.shape == (1, 4, 80, 80)
+    assert ((probs > 1e-6).sum(-1) <= 5).all() and torch.allclose(probs.sum(-1), torch.ones(1, 4, 80), atol=1e-5)
 
 
 def test_cli_attn_all_trains_every_registered_mechanism(monkeypatch, tmp_path):
@@ -392,6 +407,6 @@ def test_a_mechanism_with_its_own_positions_is_not_recorded_with_learned_ones():
 
 def test_kv_heads_reach_every_layer_of_the_model():
     spec = train.TrainSpec(attn=["rope"], preset="tiny", kv_heads=1).resolved(CPU)
-    model = train.LanguageModel(train.model_config(spec, "rope", 300, CPU), 0)
+    model = train.LanguageModel(train.model_config(spec, Cell("rope"), 300, CPU), 0)
     projections = [m.qkv for m in model.modules() if hasattr(m, "qkv")]
     assert len(projections) == 2 and all(p.out_features == (4 + 2 * 1) * 32 for p in projections)  # MQA: one k and one v head
