@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from attnbench import store
-from attnbench.train import checkpoint
+from attnbench import checkpoint
 from attnbench.train import impl_choice as mechanism_choice
 from attnbench.train import run as train
 from attnbench.train import spec as train_spec
@@ -329,7 +329,7 @@ def test_bad_values_are_refused_before_any_folder_exists(args, message, tmp_path
 def test_resume_refuses_a_folder_of_another_command(corpus, tmp_path):
     store.ensure_writable(tmp_path / "speedrun")
     store.write_meta(tmp_path / "speedrun", {"kind": "speed", "spec": {"mechanisms": ["standard"]}})
-    with pytest.raises(InputError, match="holds a speed run, not a train run"):
+    with pytest.raises(InputError, match="is a speed run, not a train run"):
         train.run_train(_spec(corpus), tmp_path / "speedrun", resume=True)
 
 
