@@ -381,7 +381,7 @@ def distill(
         download=download,
     )
     try:
-        run_dir = run_distill(spec, out, resume, command=" ".join(["attnbench", *sys.argv[1:]]), options=of_invocation(ctx.params))
+        run_dir = run_distill(spec, out, resume, options=of_invocation(ctx.params))
     except StudentDiverged as err:  # not bad input (exit 2): the run is written, a student in it failed
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None

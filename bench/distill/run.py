@@ -18,7 +18,8 @@ to match a deterministic teacher).
 
 Run folder: meta.json, distill.csv (DISTILL_COLUMNS; step 0 is the zero-shot row),
 summary.csv (cost and quality per student), generations.md/.json (bench/distill/evaluate.py),
-students/<name>.pt (the last checkpoint of each student: --resume continues from it).
+students/<name>/ (the last checkpoint of each student, bench/checkpoint.py with trainable_only:
+--resume continues from it).
 
 A student whose loss turns NaN or inf stops as `train`'s mechanisms do: an error row naming its
 last good checkpoint (or none), a summary row with status error; the other students still run,
@@ -29,14 +30,14 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from attnbench import config, env, store
+from attnbench import checkpoint, config, env, run_folder, store
 from attnbench.distill.evaluate import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
 from attnbench.distill.teachers import HFTeacher, RunTeacher, hf_offline
 from attnbench.errors import InputError, Interrupted
@@ -172,8 +173,9 @@ def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_di
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
     warmup = max(1, min(100, spec.steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, spec.steps))
-    checkpoint = run_dir / "students" / f"{mechanism}.pt"
-    saved = load_checkpoint(checkpoint, student, optimizer, scheduler) if checkpoint.exists() else None  # its step
+    ckpt_dir = run_dir / "students" / mechanism
+    last = checkpoint.latest(ckpt_dir)
+    saved = checkpoint.load(last, student, optimizer, scheduler, trainable_only=True)["step"] if last else None  # its step
     start = saved or 0
 
     train = data.Batches(source.streams["train"], source.task, source.seq, source.batch, spec.seed, source.tokenizer)
@@ -191,7 +193,7 @@ def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_di
             batch = to_device(train.at(step), device)
             parts = distill_loss(source, student, batch, spec, teacher_out, student_out)
             if not torch.isfinite(parts["loss"]):
-                _stop_diverged(mechanism, float(parts["loss"].detach()), step + 1, checkpoint, saved, log)
+                _stop_diverged(mechanism, float(parts["loss"].detach()), step + 1, checkpoint.latest(ckpt_dir), saved, log)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
@@ -202,7 +204,7 @@ def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_di
             tokens += batch["input_ids"].numel()
             done = step + 1
             if done % spec.eval_every == 0 or done == spec.steps:
-                save_checkpoint(checkpoint, student, optimizer, scheduler, done)
+                checkpoint.save(ckpt_dir, student, optimizer, {"step": done}, scheduler, trainable_only=True)
                 saved = done
                 elapsed = time.perf_counter() - began
                 n = sums["n"]
@@ -220,10 +222,10 @@ def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_di
     return student
 
 
-def _stop_diverged(mechanism: str, loss: float, step: int, checkpoint: Path, saved: int | None, log: store.RowLog) -> None:
+def _stop_diverged(mechanism: str, loss: float, step: int, last: Path | None, saved: int | None, log: store.RowLog) -> None:
     """The error row of a student whose loss is ``loss`` at ``step``, then StudentDiverged; both
-    name its last good checkpoint (``checkpoint``, written at step ``saved``), or say that none was."""
-    kept = f"its last good checkpoint is {checkpoint} (step {saved})" if saved is not None else "no checkpoint was written yet"
+    name its last good checkpoint (the folder ``last``, written at step ``saved``), or say that none was."""
+    kept = f"its last good checkpoint is {last} (step {saved})" if last is not None else "no checkpoint was written yet"
     message = f"student {mechanism}: loss is {loss} at step {step}; it is left out, {kept}"
     log.append({"student": mechanism, "step": step, "split": "train", "loss": loss, "status": "error", "message": message})
     raise StudentDiverged(message)
@@ -251,33 +253,6 @@ def distill_loss(source, student, batch, spec: DistillSpec, teacher_out: OutputR
 
 def _zero_sums() -> dict[str, float]:
     return {"loss": 0.0, "kl": 0.0, "layer_mse": 0.0, "n": 0}
-
-
-def save_checkpoint(path: Path, student: nn.Module, optimizer, scheduler, step: int) -> None:
-    """What a resumed student needs: its trainable parameters and every buffer (a performer's
-    random features), the optimizer and schedule, the step. Frozen tensors come from the teacher."""
-    tensors = {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
-    tensors.update({n: b for n, b in student.named_buffers()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with store.replacing(path) as tmp:
-        torch.save({"step": step, "tensors": tensors, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-
-
-def load_checkpoint(path: Path, student: nn.Module, optimizer, scheduler) -> int:
-    """Restore a student saved by save_checkpoint; returns its step."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = set(state["tensors"]) - set(student.state_dict())
-        if missing:
-            raise InputError(f"{path} is from another student: {sorted(missing)[:3]}...")
-        student.load_state_dict(state["tensors"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        return int(state["step"])
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
-        raise InputError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from None
 
 
 # ---- the run
@@ -311,24 +286,7 @@ def student_impls(source, spec: DistillSpec) -> dict[str, str]:
     return impls
 
 
-def open_run(spec: DistillSpec, out: Path | None, resume: bool, command: str) -> tuple[Path, dict[str, Any]]:
-    """The run folder (created) and its meta.json (not written yet). A new run refuses a folder that
-    holds a distill.csv; a resumed one must be a distill of the same teacher into the same students."""
-    run_dir = out or (store.latest_run(needs=(DISTILL_CSV,)) if resume else store.new_run_dir("distill"))
-    meta = {"command": command, "schema_version": store.SCHEMA_VERSION, "kind": "distill", "spec": asdict(spec), "started": store.now()}
-    if resume:
-        before = store.read_meta(run_dir)
-        if {k: before.get("spec", {}).get(k) for k in ("teacher", "students")} != {"teacher": spec.teacher, "students": spec.students}:
-            raise InputError(f"{run_dir} distilled {before.get('spec', {}).get('teacher')} into {before.get('spec', {}).get('students')}; resume it with the same --teacher and --student")
-        meta["started"] = before.get("started", meta["started"])
-    elif (run_dir / DISTILL_CSV).exists():
-        raise InputError(f"{run_dir / DISTILL_CSV} exists; pass --resume to continue it or choose another --out")
-    store.ensure_writable(run_dir)
-    meta["env"] = env.collect()
-    return run_dir, meta
-
-
-def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False, command: str = "", source=None,
+def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False, source=None,
                 options: dict[str, Any] | None = None) -> Path:
     """Distil every student of ``spec`` from its teacher into a run folder (module docstring); returns it.
     The teacher and every student are checked before the folder is made (bad input leaves nothing).
@@ -341,7 +299,10 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
     torch.manual_seed(spec.seed)
     source = source or load_teacher(spec)
     impls = student_impls(source, spec)
-    run_dir, meta = open_run(spec, out, resume, command)
+    # a resumed run must distil the same teacher into the same students; --steps and the rest may change
+    run_dir, meta, spec = run_folder.open_run("distill", spec, out, resume, run_folder.agreeing("teacher", "students"))
+    store.ensure_writable(run_dir)
+    meta["env"] = env.collect()
     with store.run_lock(run_dir):
         if not resume:
             config.keep(run_dir, meta, options)
@@ -350,7 +311,7 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
             return distill_into(run_dir, meta, source, impls, spec, resume)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: every student keeps its last checkpoint in {run_dir}; continue with\n"
-                              f"  {command or 'attnbench distill ...'} --out {shlex.quote(str(run_dir))} --resume") from None
+                              f"  {meta['command']} --out {shlex.quote(str(run_dir))} --resume") from None
 
 
 def distill_into(run_dir: Path, meta: dict[str, Any], source, impls: dict[str, str], spec: DistillSpec, resume: bool) -> Path:

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnbench import store
+from attnbench import checkpoint, store
 from attnbench.errors import InputError
 from attnbench.flops import attention_flops
 from attnbench.models import registry
-from attnbench.train import checkpoint, data
+from attnbench.train import data
 from attnbench.train.data import IGNORE
 from attnbench.train.spec import TrainSpec
 

@@ -7,14 +7,12 @@ Resuming continues the sweep recorded in the run's meta.json; rows already in sp
 from __future__ import annotations
 
 import shlex
-import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
 
-from attnbench import config, env, store
+from attnbench import config, env, run_folder, store
 from attnbench.errors import InputError, Interrupted
 from attnbench.speed.shard import run_sharded
 from attnbench.speed.sweep import Case, Sweep, SweepSpec, expand, stops_in, validate
@@ -22,63 +20,14 @@ from attnbench.speed.sweep import Case, Sweep, SweepSpec, expand, stops_in, vali
 Progress = Callable[[int], ContextManager[Callable[[str, Case], None]]]  # total steps -> per-step callback
 
 
-def run_folder(spec: SweepSpec, out: Path | None, resume: bool, gpus: int) -> Path:
-    """The run folder to lock, found or named without creating anything.
-
-    A new run's spec is validated here, before run_lock creates its folder; a resumed run's
-    spec is in its meta.json, read under the lock (open_run).
-    """
-    if not resume:
-        check_spec(spec, gpus)
-        return out or store.new_run_dir("speed")
-    if out is None:
-        return store.latest_run(needs=(store.SPEED_CSV,))
-    if not out.is_dir():
-        raise InputError(f"nothing to resume at {out}: no such folder (drop --resume to start a run there)")
-    return out
-
-
 def open_run(run_dir: Path, spec: SweepSpec, resume: bool, spec_given: bool) -> tuple[SweepSpec, dict[str, Any]]:
-    """The spec to run in ``run_dir`` (locked) and the meta.json to write.
-
-    ``spec_given``: sweep options were given on the command line; resuming a run recorded
-    with another spec is then an error rather than a silent choice between the two.
-    """
-    if resume and (run_dir / store.META_JSON).exists():
-        return resumed_run(run_dir, spec, spec_given)
-    if resume and not spec_given:
-        raise InputError(
-            f"{run_dir} has no {store.META_JSON}: its run stopped before it recorded its sweep, so there is nothing "
-            "to resume; run its command again without --resume (same --out), or give the sweep options with --resume"
-        )
-    if not resume and (run_dir / store.SPEED_CSV).exists():
-        raise InputError(f"{run_dir / store.SPEED_CSV} exists; pass --resume to continue it or choose another --out")
-    meta = {
-        "schema_version": store.SCHEMA_VERSION,
-        "kind": "speed",
-        "command": " ".join(["attnbench", *sys.argv[1:]]),
-        "spec": asdict(spec),
-        "started": store.now(),
-        "finished": None,
-    }
+    """The sweep to run in ``run_dir`` (locked) and the meta.json to write. Resuming continues the
+    recorded sweep; ``spec_given`` (sweep options on the command line) must then equal it, or, in
+    a folder whose run died before its meta.json, starts that sweep there."""
+    fresh = resume and spec_given and not (run_dir / store.META_JSON).exists()
+    rule = run_folder.agreeing() if spec_given else run_folder.as_recorded
+    meta, spec = run_folder.begin("speed", run_dir, spec, resume and not fresh, rule)
     return spec, meta
-
-
-def resumed_run(run_dir: Path, spec: SweepSpec, spec_given: bool) -> tuple[SweepSpec, dict[str, Any]]:
-    """The sweep recorded in ``run_dir``'s meta.json and that meta, marked resumed now."""
-    meta = store.read_meta(run_dir)
-    kind = meta.get("kind", "speed")
-    if kind != "speed":
-        raise InputError(f"{run_dir} is a {kind} run, not a speed run: continue it with `attnbench {kind} --resume --out {run_dir}`")
-    try:
-        recorded = SweepSpec(**meta["spec"])
-    except (KeyError, TypeError):
-        raise InputError(f"{run_dir / store.META_JSON} records no speed sweep (corrupt, or from another version)") from None
-    if spec_given and spec != recorded:
-        raise InputError(f"--resume continues the sweep recorded in {run_dir}; drop the sweep options or use a new --out")
-    meta["resumed"] = [*meta.get("resumed", []), store.now()]
-    meta["finished"] = None
-    return recorded, meta
 
 
 def check_spec(spec: SweepSpec, gpus: int) -> None:
@@ -114,8 +63,10 @@ def run_speed(
     ``gpus`` > 1 spreads the cases over that many worker processes (attnbench.speed.shard);
     ``options``: the command's options (attnbench.config.of_invocation), kept as the run's config.toml.
     """
-    run_dir = run_folder(spec, out, resume, gpus)
-    with store.run_lock(run_dir):
+    if not resume:
+        check_spec(spec, gpus)  # before run_lock creates the folder: bad input leaves nothing
+    run_dir = run_folder.locate("speed", out, resume)
+    with store.run_lock(run_dir):  # a resumed run's sweep is read under the lock
         spec, meta = open_run(run_dir, spec, resume, spec_given)
         if resume:
             check_spec(spec, gpus)

@@ -5,7 +5,7 @@ identical token stream, evaluated and compared.
     results/<run>/train.csv           TRAIN_COLUMNS: one train row per step, one valid row per evaluation
     results/<run>/entropy.csv         ENTROPY_COLUMNS: attention entropy per layer at every evaluation
     results/<run>/extrapolation.csv   EXTRAPOLATION_COLUMNS (clm): loss at L, 2L, 4L
-    results/<run>/checkpoints/<attn>/ bench/train/checkpoint.py
+    results/<run>/checkpoints/<cell>/ bench/checkpoint.py (<cell>: the mechanism, or attn+scheme for --positions)
     results/<run>/train_report.md, plots/*.png
 
 Mechanisms train one after the other with the same seed: the batch of step s and every
@@ -21,7 +21,6 @@ import contextlib
 import csv
 import math
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,13 +28,13 @@ from typing import Any
 
 import torch
 
-from attnbench import config, store
+from attnbench import checkpoint, config, run_folder, store
 from attnbench.errors import InputError, Interrupted
 from attnbench.flops import train_flops_per_token
 from attnbench.models import registry
 from attnbench.models.presets import Preset
 from attnbench.models.transformer import IGNORE, LanguageModel, ModelConfig, build_model, lm_loss, param_counts
-from attnbench.train import checkpoint, data, distributed
+from attnbench.train import data, distributed
 from attnbench.train.columns import ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
 from attnbench.train.evaluate import attention_entropy, autocast, evaluate, extrapolation_rows
 from attnbench.train.impl_choice import choose_impl, impl_per_mechanism
@@ -298,29 +297,9 @@ def open_run(spec: TrainSpec, out: Path | None, resume: bool) -> tuple[Path, dic
     first); on --resume the folder must hold a train run whose recorded spec equals ``spec``."""
     from attnbench import env
 
-    if resume:
-        run_dir = out or store.latest_run(needs=(store.TRAIN_CSV,))
-        meta = store.read_meta(run_dir)
-        if meta.get("kind") != "train":
-            raise InputError(f"{run_dir} holds a {meta.get('kind', 'unknown')} run, not a train run: resume it with the command that made it")
-        try:
-            recorded = TrainSpec(**meta["spec"])
-        except (KeyError, TypeError) as err:
-            raise InputError(f"{run_dir / store.META_JSON} records no train spec this version can read ({err})") from None
-        changed = [f.name for f in fields(spec) if getattr(spec, f.name) != getattr(recorded, f.name)]
-        if changed:
-            raise InputError(f"--resume continues {run_dir} as recorded; these options differ: {', '.join(changed)}")
-        meta["resumed"] = [*meta.get("resumed", []), store.now()]
-        meta["finished"] = None
-        return run_dir, meta
-    run_dir = out or store.new_run_dir("train")
-    if (run_dir / store.TRAIN_CSV).exists():
-        raise InputError(f"{run_dir / store.TRAIN_CSV} exists; pass --resume to continue it or choose another --out")
-    meta = {
-        "schema_version": store.SCHEMA_VERSION, "kind": "train",
-        "command": " ".join(["attnbench", *sys.argv[1:]]), "spec": asdict(spec),
-        "env": env.collect(), "started": store.now(), "finished": None,
-    }
+    run_dir, meta, _ = run_folder.open_run("train", spec, out, resume, run_folder.agreeing())
+    if not resume:
+        meta["env"] = env.collect()
     return run_dir, meta
 
 

@@ -155,8 +155,8 @@ def test_a_diverged_student_is_an_error_row_and_the_others_finish(teacher, tmp_p
         distill.run_distill(spec, out=tmp_path / "run", source=teacher)
     run_dir = tmp_path / "run"
     message = str(raised.value)
-    checkpoint = run_dir / "students" / "window.pt"
-    assert "\n" not in message and "window" in message and f"{checkpoint} (step 2)" in message and checkpoint.exists()
+    checkpoint = run_dir / "students" / "window" / "step-000002"
+    assert "\n" not in message and "window" in message and f"{checkpoint} (step 2)" in message and checkpoint.is_dir()
     assert not isinstance(raised.value, distill.InputError), "a diverged student is no input error (exit 1, not 2)"
 
     rows = store.read_rows(run_dir / distill.DISTILL_CSV, distill.DISTILL_COLUMNS)
@@ -193,7 +193,7 @@ def test_cli_every_student_diverged_exits_1_with_one_line(teacher, tmp_path, mon
     assert "distilled" not in result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "window" in lines[0] and "no checkpoint" in lines[0], result.stderr
-    assert not (run_dir / "students" / "window.pt").exists()
+    assert not (run_dir / "students" / "window").exists()
     rows = store.read_rows(run_dir / distill.DISTILL_CSV, distill.DISTILL_COLUMNS)
     assert [r["student"] for r in rows if r["status"] == "error"] == ["window"], "lr 1e6: NaN at step 3 (seeded)"
     summary = store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)
@@ -298,7 +298,7 @@ def test_a_train_run_teacher_fetches_its_corpus_only_with_distills_download(teac
     """The train run recorded --download (it fetched WikiText); distill without --download must not."""
     from dataclasses import asdict
 
-    from attnbench.train import checkpoint
+    from attnbench import checkpoint
     from attnbench.train.run import TrainSpec
 
     run = tmp_path / "train-run"

@@ -126,7 +126,7 @@ def test_resume_of_a_folder_that_does_not_exist_creates_nothing(tmp_path, no_swe
 
 @pytest.mark.parametrize("meta, message", [
     ({"kind": "train", "spec": {"attn": ["rope"]}}, "is a train run, not a speed run: continue it with `attnbench train --resume"),
-    ({}, "records no speed sweep"),
+    ({}, "records no speed spec"),
     ([1, 2], "meta.json is corrupt: not a JSON object"),
 ])
 def test_resume_of_a_folder_holding_no_speed_sweep_is_refused(tmp_path, no_sweep, meta, message):
