@@ -120,9 +120,11 @@ def _sliding_windows(stream: torch.Tensor, seq: int, stride: int) -> dict[str, t
     return {"input_ids": rows[:, :-1], "labels": labels}
 
 
-def extrapolation_rows(model: LanguageModel, spec: TrainSpec, stream: torch.Tensor, device: torch.device) -> Iterator[dict[str, Any]]:
-    """Perplexity on the test split at L, 2L, 4L (L = the trained length), non-overlapping
-    blocks and sliding windows (stride L/2 of the window), over the same token budget."""
+def extrapolation_rows(model: LanguageModel, spec: TrainSpec, stream: torch.Tensor, device: torch.device,
+                       tokenizer: data.Tokenizer | None = None) -> Iterator[dict[str, Any]]:
+    """Perplexity on the test split at L, 2L, 4L (L = the trained length) over the same token
+    budget: clm on non-overlapping blocks and sliding windows (stride L/2 of the window); mlm
+    (``tokenizer`` given, for its mask) on blocks with fixed masks, sliding windows unsupported."""
     budget = spec.eval_batches * spec.batch * spec.seq  # tokens scored at every length
     for factor in EXTRAPOLATION_FACTORS:
         seq = spec.seq * factor
@@ -133,11 +135,16 @@ def extrapolation_rows(model: LanguageModel, spec: TrainSpec, stream: torch.Tens
             if limit is not None and seq > limit:
                 yield {**row, "status": "unsupported", "message": f"learned positions end at {limit}"}
                 continue
+            if spec.task == "mlm" and method == "sliding":
+                yield {**row, "status": "unsupported", "message": "an encoder sees the whole window: MLM is scored on blocks"}
+                continue
             span = stream[: budget + seq + 1]
             if span.numel() < seq + 2:
                 yield {**row, "status": "skipped", "message": f"the test split has fewer than {seq + 2} tokens"}
                 continue
-            if method == "blocks":
+            if spec.task == "mlm":
+                batch = data.mask_tokens(data.blocks(span, seq), tokenizer, torch.Generator().manual_seed(spec.seed))
+            elif method == "blocks":
                 batch = data.causal_pair(data.blocks(span, seq + 1))
             else:
                 batch = _sliding_windows(span, seq, max(1, seq // 2))

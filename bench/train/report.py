@@ -57,7 +57,8 @@ def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
             return f"{run_dir.name}/{cell}" if seen_in[cell] > 1 else cell
 
         rows["line"] = rows.apply(line, axis=1) if len(rows) else pd.Series(dtype=str)
-        curves.append(rows.drop(columns="cell"))
+        rows["task"] = store.read_meta(run_dir).get("spec", {}).get("task", "")
+        curves.append(rows.rename(columns={"cell": "model"}))
         for name, columns, found in ((EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, extrapolation), (ENTROPY_CSV, ENTROPY_COLUMNS, entropy)):
             if (run_dir / name).exists():
                 extra = _rows(run_dir / name, columns)
@@ -111,8 +112,34 @@ def _curves_figure(train: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def _panels(ok: pd.DataFrame, axes) -> list[tuple]:
+    """(axis, rows, column, title, log y) of the 2 x 2 figure. Causal-LM runs: train loss, eval
+    loss, eval perplexity, learning rate. Masked-LM runs (the seeds' BERT figure): training MLM
+    loss, evaluation MLM loss, training LM loss (that of the clm runs of the same models in the
+    report; masked-token accuracy where it holds none, said in the title), learning rate."""
+    mlm, clm = ok[ok["task"] == "mlm"], ok[ok["task"] != "mlm"]
+    if mlm.empty:
+        return [
+            (axes[0, 0], ok[ok["split"] == "train"], "loss", "train loss", True),
+            (axes[0, 1], ok[ok["split"] == "valid"], "loss", "eval loss", True),
+            (axes[1, 0], ok[ok["split"] == "valid"], "ppl", "eval perplexity", True),
+            (axes[1, 1], ok[ok["split"] == "train"], "lr", "learning rate", False),
+        ]
+    lm = clm[(clm["split"] == "train") & clm["model"].isin(set(mlm["model"]))]
+    third = (
+        (axes[1, 0], lm, "loss", "training LM loss (the clm runs of the same models)", True) if not lm.empty
+        else (axes[1, 0], mlm[mlm["split"] == "valid"], "accuracy", "evaluation masked-token accuracy (no clm run of these models)", False)
+    )
+    return [
+        (axes[0, 0], mlm[mlm["split"] == "train"], "loss", "training MLM loss", True),
+        (axes[0, 1], mlm[mlm["split"] == "valid"], "loss", "evaluation MLM loss", True),
+        third,
+        (axes[1, 1], mlm[mlm["split"] == "train"], "lr", "learning rate", False),
+    ]
+
+
 def _draw_curves(train: pd.DataFrame):
-    """The 2 x 2 figure of train loss, eval loss, eval perplexity and learning rate against step."""
+    """The 2 x 2 figure of _panels against step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,19 +148,12 @@ def _draw_curves(train: pd.DataFrame):
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     ok = train[train["status"] == "ok"]
     styles = _line_styles(ok["line"])
-    panels = [
-        (axes[0, 0], "train", "loss", "train loss", True),
-        (axes[0, 1], "valid", "loss", "eval loss", True),
-        (axes[1, 0], "valid", "ppl", "eval perplexity", True),
-        (axes[1, 1], "train", "lr", "learning rate", False),
-    ]
-    for ax, split, column, title, log_y in panels:
-        panel = ok[ok["split"] == split]
+    for ax, panel, column, title, log_y in _panels(ok, axes):
         for line, rows in panel.groupby("line", sort=False):
             values = rows[column]
-            if split == "train" and column == "loss" and len(values) > 50:
+            if rows["split"].iloc[0] == "train" and column == "loss" and len(values) > 50:
                 values = values.rolling(max(1, len(values) // 50), min_periods=1).mean()  # smoothed: per-step noise hides the trend
-            marker = "o" if split == "valid" or len(rows) == 1 else None
+            marker = "o" if rows["split"].iloc[0] == "valid" or len(rows) == 1 else None
             ax.plot(rows["step"], values, label=line, marker=marker, markersize=3 if len(rows) > 1 else 7, **styles[line])
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -143,8 +163,11 @@ def _draw_curves(train: pd.DataFrame):
         if panel["step"].nunique() == 1:
             _frame_one_step(ax, ok["step"], panel[column])
         ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", frameon=False)
+    handles, labels = {}, {}
+    for ax in axes.flat:  # every line once, also those of the third panel's clm runs
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="center right", frameon=False)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     return fig
 

@@ -4,7 +4,7 @@ identical token stream, evaluated and compared.
     results/<run>/meta.json           spec, env, corpus + tokenizer hashes, model configs, parameter counts
     results/<run>/train.csv           TRAIN_COLUMNS: one train row per step, one valid row per evaluation
     results/<run>/entropy.csv         ENTROPY_COLUMNS: attention entropy per layer at every evaluation
-    results/<run>/extrapolation.csv   EXTRAPOLATION_COLUMNS (clm): loss at L, 2L, 4L
+    results/<run>/extrapolation.csv   EXTRAPOLATION_COLUMNS: loss at L, 2L, 4L
     results/<run>/checkpoints/<cell>/ bench/checkpoint.py (<cell>: the mechanism, or attn+scheme for --positions)
     results/<run>/train_report.md, plots/*.png
 
@@ -231,8 +231,8 @@ def train_cell(run: Run, cell: Cell, logs: dict[str, store.RowLog] | None, progr
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             state_now = {"tokens": tokens_seen, "elapsed_s": elapsed, "config": asdict(cfg)}
             _evaluate_and_save(run, cell, model, optimizer, held_out, step + 1, state_now, logs)
-    if spec.task == "clm" and logs and not state.get("extrapolated"):
-        for row in extrapolation_rows(model, spec, run.streams["test"], device):
+    if logs and not state.get("extrapolated"):
+        for row in extrapolation_rows(model, spec, run.streams["test"], device, run.tokenizer):
             logs["extrapolation"].append(row)
         final = checkpoint.latest(ckpt_dir)
         checkpoint.save(ckpt_dir, model, optimizer, {**checkpoint.read_state(final), "extrapolated": True})
