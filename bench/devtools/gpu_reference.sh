@@ -68,6 +68,11 @@
 #             block-sparse kernel against our dense kernel, cuDNN and flex at densities 0.1-1 (#23)
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
+#   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.7 epochs): forms
+#             standard, linear, topk, window (128), block against sinusoidal, rope and alibi, one
+#             process per cell, beside BERT small MLM runs of standard (learned), rope, alibi and exposb
+#             (same steps and batch, extrapolation to 4x): 18 trainings sharing the GPU, so their
+#             tokens/s compare within this stage only
 set -uo pipefail
 stage=$1 dest=$2
 work=/tmp/attnbench-gpu
@@ -336,5 +341,24 @@ defaults)  # results/ of each default command lands in $out (their run folders a
     grep -v "━" "$out/train.txt" | tail -12
     (cd "$out" && limit 150 bash -c 'time attnbench speed --seq 512 4096' > "$out/speed.txt" 2>&1)
     grep -v "━" "$out/speed.txt" | tail -30
+    ;;
+grid)
+    common=(--preset small --seq 512 --steps 2000 --batch 4 --eval-every 250 --eval-batches 8)
+    for form in standard linear topk window block; do
+        for scheme in sinusoidal rope alibi; do
+            args=(--attn "$form" --positions "$scheme" --task clm "${common[@]}" --out "$out/grid/$form-$scheme")
+            [[ $form != window ]] || args+=(--window 128)
+            limit 520 attnbench train "${args[@]}" > "$out/grid-$form-$scheme.txt" 2>&1 &
+        done
+    done
+    for attn in standard rope alibi exposb; do
+        limit 520 attnbench train --attn "$attn" --task mlm "${common[@]}" --out "$out/bert/$attn" > "$out/bert-$attn.txt" 2>&1 &
+    done
+    wait
+    attnbench report "$out"/grid/* --out "$out/grid-report" > /dev/null 2>&1
+    attnbench report "$out"/bert/* --out "$out/bert-report" > /dev/null 2>&1
+    for f in "$out"/grid-*.txt "$out"/bert-*.txt; do echo "$(basename "$f"): $(grep -v "━" "$f" | tail -1)"; done
+    grep -A20 "| mechanism" "$out/grid-report/train_report.md" | head -22
+    grep -A8 "| mechanism" "$out/bert-report/train_report.md" | head -8
     ;;
 esac
