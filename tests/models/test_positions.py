@@ -5,6 +5,7 @@ compute what their definitions say on every core that takes them."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -133,6 +134,17 @@ def test_embedded_schemes_live_in_the_embeddings():
         assert moved(none) < 1e-12
         for model in (learned, sinusoidal, _tiny("linear", "mlm", positions="rope")):
             assert moved(model) > 1e-6
+
+
+def test_sinusoidal_positions_are_on_the_token_embeddings_scale():
+    """Added raw, Vaswani's table (rms 1/sqrt(2)) would outweigh N(0, 0.02) token embeddings 35 to 1."""
+    from attnbench.models.transformer import INIT_STD, sinusoidal_positions
+
+    table = sinusoidal_positions(512, 128, torch.device("cpu"))
+    tokens = _tiny("standard", "clm", positions="sinusoidal").trunk.embeddings.tokens.weight
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(INIT_STD, rel=0.02)
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(tokens.pow(2).mean().sqrt().item(), rel=0.1)
+    assert table[1, 0].item() == pytest.approx(INIT_STD * 2 ** 0.5 * math.sin(1.0), rel=1e-5)  # still sin(pos) on channel 0
 
 
 def test_invalid_cells_and_names_are_refused():
