@@ -70,9 +70,9 @@
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.7 epochs): forms
 #             standard, linear, topk, window (128), block against sinusoidal, rope and alibi, one
-#             process per cell, beside BERT small MLM runs of standard (learned), rope, alibi and exposb
-#             (same steps and batch, extrapolation to 4x): 18 trainings sharing the GPU, so their
-#             tokens/s compare within this stage only
+#             process per cell: 14 trainings sharing the GPU, so their tokens/s compare within the grid only
+#   bert:     BERT small MLM runs of standard (learned), rope, alibi and exposb, the grid's steps and
+#             batch, extrapolation to 4x, one process each (BERT=1 adds them to the grid stage's call)
 set -uo pipefail
 stage=$1 dest=$2
 work=/tmp/attnbench-gpu
@@ -102,6 +102,16 @@ limit() {  # limit SECONDS CMD...: run CMD for at most SECONDS, and never past t
     pack
 }
 speed() { limit "$1" attnbench speed "${@:2}" --measure-peak 2>&1 | tail -80; }
+bert() {  # bert TRAIN OPTIONS...: BERT MLM runs of standard (learned), rope, alibi, exposb, one background process each
+    for attn in standard rope alibi exposb; do
+        limit 520 attnbench train --attn "$attn" --task mlm "$@" --out "$out/bert/$attn" > "$out/bert-$attn.txt" 2>&1 &
+    done
+}
+bert_report() {
+    attnbench report "$out"/bert/* --out "$out/bert-report" > /dev/null 2>&1
+    for f in "$out"/bert-*.txt; do echo "$(basename "$f"): $(grep -v "━" "$f" | tail -1)"; done
+    grep -A8 "| mechanism" "$out/bert-report/train_report.md" | head -8
+}
 fla_tests() {  # fla_tests SECONDS: every fla impl against our reference, verbose, a limit per test
     limit "$1" python3 -m pytest -v -m cuda tests/models -k fla --timeout 120 --tb=short > "$out/fla_tests.txt" 2>&1
 }
@@ -351,14 +361,16 @@ grid)
             limit 520 attnbench train "${args[@]}" > "$out/grid-$form-$scheme.txt" 2>&1 &
         done
     done
-    for attn in standard rope alibi exposb; do
-        limit 520 attnbench train --attn "$attn" --task mlm "${common[@]}" --out "$out/bert/$attn" > "$out/bert-$attn.txt" 2>&1 &
-    done
+    [[ -z ${BERT:-} ]] || bert "${common[@]}"
     wait
     attnbench report "$out"/grid/* --out "$out/grid-report" > /dev/null 2>&1
-    attnbench report "$out"/bert/* --out "$out/bert-report" > /dev/null 2>&1
-    for f in "$out"/grid-*.txt "$out"/bert-*.txt; do echo "$(basename "$f"): $(grep -v "━" "$f" | tail -1)"; done
+    for f in "$out"/grid-*.txt; do echo "$(basename "$f"): $(grep -v "━" "$f" | tail -1)"; done
     grep -A20 "| mechanism" "$out/grid-report/train_report.md" | head -22
-    grep -A8 "| mechanism" "$out/bert-report/train_report.md" | head -8
+    [[ -z ${BERT:-} ]] || bert_report
+    ;;
+bert)
+    bert --preset small --seq 512 --steps 2000 --batch 4 --eval-every 250 --eval-batches 8
+    wait
+    bert_report
     ;;
 esac
