@@ -7,7 +7,8 @@ attention entropy of every model.
     entropy_figure(entropy, path) mean attention entropy per layer at the last evaluation: a
                                   panel per position scheme, a line per form
 
-Both take report.py's frames (train.csv / entropy.csv rows with their ``line`` labels).
+Both take report.py's frames (train.csv / entropy.csv rows with their ``line`` labels; train's
+``crossed`` marks the rows of runs that crossed position schemes).
 """
 
 from __future__ import annotations
@@ -17,21 +18,29 @@ from pathlib import Path
 
 import pandas as pd
 
+from attnbench.models import positions, registry
+
 NOT_APPLICABLE = "n/a"
 
 
+def _scheme_order(scheme: str) -> int:
+    """Position schemes in models/positions.py's order (learned, sinusoidal, rope, alibi, none, others)."""
+    return positions.SCHEMES.index(scheme) if scheme in positions.SCHEMES else len(positions.SCHEMES)
+
+
 def is_grid(train: pd.DataFrame) -> bool:
-    """The rows hold more than one form and more than one position scheme."""
-    schemes = train[train["positions"] != ""]
-    return schemes["attn"].nunique() > 1 and schemes["positions"].nunique() > 1
+    """The rows of runs that crossed position schemes (``crossed``) hold more than one form and
+    more than one scheme."""
+    cells = train[train["crossed"]]
+    return cells["attn"].nunique() > 1 and cells["positions"].nunique() > 1
 
 
 def grid_tables(train: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """{title: [form x scheme] values}: final eval loss, median train tokens/s, peak MiB; NaN
     where the cell did not train (unsupported or failed before an evaluation)."""
-    rows = train[train["positions"] != ""]
-    forms = list(dict.fromkeys(rows["attn"]))
-    schemes = list(dict.fromkeys(rows["positions"]))
+    rows = train[train["crossed"]]
+    forms = sorted(set(rows["attn"]), key=list(registry.mechanisms()).index)  # the registry's order
+    schemes = sorted(set(rows["positions"]), key=_scheme_order)
     ok = rows[rows["status"] == "ok"]
     valid = ok[ok["split"] == "valid"].sort_values("step").groupby(["attn", "positions"])["loss"].last()
     trained = ok[ok["split"] == "train"].groupby(["attn", "positions"])
@@ -93,7 +102,7 @@ def entropy_figure(entropy: pd.DataFrame, path: Path) -> None:
 
     last = entropy.sort_values("step").groupby("line").tail(entropy["layer"].nunique())  # each line's last evaluation
     last = last[last.groupby("line")["step"].transform("max") == last["step"]]
-    schemes = [s for s in dict.fromkeys(entropy["positions"]) if s] or [""]  # in the run's order
+    schemes = sorted({s for s in entropy["positions"] if s}, key=_scheme_order) or [""]
     crossed = len(schemes) > 1
     forms = list(dict.fromkeys(last["attn"] if crossed else last["line"]))
     colours = dict(zip(forms, sns.color_palette("husl", len(forms))))  # one colour per form in every panel

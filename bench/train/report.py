@@ -58,6 +58,7 @@ def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
 
         rows["line"] = rows.apply(line, axis=1) if len(rows) else pd.Series(dtype=str)
         rows["task"] = store.read_meta(run_dir).get("spec", {}).get("task", "")
+        rows["crossed"] = crossed  # a cell of a grid of position schemes (train --positions)
         curves.append(rows.rename(columns={"cell": "model"}))
         for name, columns, found in ((EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, extrapolation), (ENTROPY_CSV, ENTROPY_COLUMNS, entropy)):
             if (run_dir / name).exists():
