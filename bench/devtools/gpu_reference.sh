@@ -68,7 +68,7 @@
 #             block-sparse kernel against our dense kernel, cuDNN and flex at densities 0.1-1 (#23)
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
-#   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.7 epochs): forms
+#   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
 #             standard, linear, topk, window (128), block against sinusoidal, rope and alibi, one
 #             process per cell: 14 trainings sharing the GPU, so their tokens/s compare within the grid only
 #   bert:     BERT small MLM runs of standard (learned), rope, alibi and exposb, the grid's steps and
