@@ -3,13 +3,16 @@
     Case             the dataclass; its fields, in order, are the columns
     CASE_COLUMNS     their names: what identifies a row (resume, compare, report)
     Case.from_row    a CSV row (strings) back into a Case
+    option_text      a mechanism's options as the ``options`` cell
 """
 
 from __future__ import annotations
 
+import ast
 from dataclasses import asdict, dataclass, fields
-from typing import get_type_hints
+from typing import Any, get_type_hints
 
+from attnbench.models import positions as schemes
 from attnbench.models.registry import LayerConfig
 
 
@@ -31,6 +34,8 @@ class Case:
     causal: bool
     window: int | None
     preset: str = ""  # model level only: the models/presets.py shape (heads, head_dim follow it)
+    positions: str = ""  # the position scheme (`speed --positions`; "": the mechanism's natural one)
+    options: str = ""  # the mechanism's --option values it declares, as option_text writes them
 
     @classmethod
     def from_row(cls, row: dict[str, str]) -> "Case":
@@ -43,7 +48,12 @@ class Case:
         return LayerConfig(
             dim=self.heads * self.head_dim, heads=self.heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, causal=self.causal, impl=self.impl, window=self.window,
+            positions=schemes.layer_scheme(self.positions or None), options=self.option_values(),
         )
+
+    def option_values(self) -> dict[str, Any]:
+        """The ``options`` column back into values: 'compression=4; theta=500.0' -> {...}."""
+        return {key: ast.literal_eval(value) for key, _, value in (item.partition("=") for item in self.options.split("; ") if item)}
 
     def series(self) -> tuple:
         """Everything but the size: an OOM at one size skips the larger sizes of the same series."""
@@ -60,6 +70,12 @@ class Case:
 
 
 CASE_COLUMNS = [f.name for f in fields(Case)]
+ADDED_COLUMNS = ("positions", "options")  # speed.csv files of schema 2 lack them (read as empty)
+
+
+def option_text(options: dict[str, Any]) -> str:
+    """Mechanism options as one CSV cell, keys sorted, values as Python literals: {'theta': 500.0} -> 'theta=500.0'."""
+    return "; ".join(f"{key}={value!r}" for key, value in sorted(options.items()))
 
 
 def _parse(text: str, hint: object) -> object:

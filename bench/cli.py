@@ -160,7 +160,7 @@ def mechanism_options(window: int | None, option: list[str]) -> dict:
 
 
 SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
-                 "dtype", "causal", "bidirectional", "window", "device", "preset", "max_call_ms")
+                 "dtype", "causal", "bidirectional", "window", "positions", "option", "device", "preset", "max_call_ms")
 
 
 @app.command(cls=ListOptionsCommand)
@@ -180,6 +180,8 @@ def speed(
     causal: Annotated[bool, typer.Option("--causal", help="Causal cases (the default when neither is given).")] = False,
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="Bidirectional cases (both flags: both).")] = False,
     window: Annotated[Optional[int], typer.Option(help="Sliding window w (keys each side; left only when causal).")] = None,
+    positions: Annotated[Optional[list[str]], typer.Option(help="Position schemes crossed with --attn: rope, alibi, none at every level, learned and sinusoidal at --level model (default: each mechanism's own); a cell without meaning is an unsupported row.")] = None,
+    option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them, e.g. compression=4 for bsbr.")] = [],  # noqa: B006
     preset: Annotated[str, typer.Option(help="Model preset of --level model and model-graph (tiny, small, base); GPT-style when causal, BERT-style otherwise.")] = "small",
     max_call_ms: Annotated[float, typer.Option(help="A case slower than this per call skips the longer sizes of its series (0: no limit).")] = 2000.0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
@@ -226,6 +228,8 @@ def speed(
         head_dim=head_dim,
         causal=[c for c, given in ((True, causal), (False, bidirectional)) if given] or [True],
         window=window,
+        positions=positions,
+        options=mechanism_options(None, option),
         preset=preset,
         max_call_ms=max_call_ms or None,
     )

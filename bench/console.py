@@ -74,7 +74,8 @@ def train_progress(enabled: bool = True) -> Iterator[Progress | None]:
         yield progress
 
 
-CASE_COLUMNS = ["mechanism", "level", "mode", "causal", "dtype", "device", "heads", "kv_heads", "head_dim", "window", "batch", "seq"]
+CASE_COLUMNS = ["mechanism", "positions", "options", "level", "mode", "causal", "dtype", "device", "heads", "kv_heads", "head_dim",
+                "window", "batch", "seq"]  # the case columns the speed table shows
 SHORT = {"batch": "B", "seq": "T", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D"}
 
 
@@ -84,8 +85,8 @@ def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str
     Case columns that are the same on every row move into the title; impls that ran no case
     are left out. Returns the table and notes on what was left out and why.
     """
-    varying = [c for c in CASE_COLUMNS if len({row[c] for row in rows}) > 1 or c in ("batch", "seq")]
-    constant = [f"{SHORT.get(c, c)}={_show(c, rows[0][c])}" for c in CASE_COLUMNS if c not in varying and rows and rows[0][c]]
+    varying = [c for c in CASE_COLUMNS if len({row.get(c, "") for row in rows}) > 1 or c in ("batch", "seq")]
+    constant = [f"{SHORT.get(c, c)}={_show(c, rows[0][c])}" for c in CASE_COLUMNS if c not in varying and rows and rows[0].get(c)]
     ran = list(dict.fromkeys(row["impl"] for row in rows if row["status"] not in ("unsupported",)))
     notes = [
         f"{impl}: {reason}"

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from attnbench import console
-from attnbench.case import CASE_COLUMNS
+from attnbench.case import ADDED_COLUMNS, CASE_COLUMNS
 from attnbench.errors import InputError
 
-SCHEMA_VERSION = 3  # 2: the preset column (model level); 3: the positions column of train runs
+SCHEMA_VERSION = 3  # 2: the preset column (model level); 3: the positions column of train and speed runs, speed's options
 DEFAULT_ROOT = Path("results")
 SPEED_CSV = "speed.csv"
 TRAIN_CSV = "train.csv"
@@ -309,7 +309,7 @@ def read_cases(path: Path) -> list[dict[str, str]]:
     compare). Two writers in one folder (a --resume racing the first run) can record a case
     twice: the last row of each case is kept, and one warning line on stderr says how many rows
     were dropped. A file without rows (0 bytes, or a header alone) is an InputError."""
-    rows = read_rows(path)
+    rows = read_rows(path, SPEED_COLUMNS, ADDED_COLUMNS)
     if not rows:
         raise InputError(f"no rows in {path}")
     last = {case_key(row): row for row in rows}  # a later row of the same case replaces the earlier one

@@ -138,6 +138,7 @@ class Mechanism:
         none is asked for: "learned" (the model adds learned embeddings), "rope", "alibi", or
         "inside" (it encodes positions itself).
     refuses: the position schemes it cannot take, each with the one-line reason.
+    windowed: its layer honours LayerConfig.window (a sliding window); the others refuse one.
     params: its extra parameters with defaults and one-line meanings, for `attnbench list`.
     """
 
@@ -155,6 +156,7 @@ class Mechanism:
     padding: bool = True
     gqa: bool = True
     has_core: bool = True
+    windowed: bool = False
     params: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def impl(self, name: str) -> Impl:
@@ -185,6 +187,9 @@ class Mechanism:
             return f"{self.name} is causal only"
         if cfg.kv_heads != cfg.heads and not self.gqa:
             return f"{self.name} does not support GQA"
+        if cfg.window is not None and not self.windowed:
+            takers = ", ".join(name for name, m in mechanisms().items() if m.windowed)
+            return f"{self.name} takes no sliding window (the mechanisms that do: {takers})"
         return None if cfg.positions is None else positions.why_not(self, cfg.positions)
 
 

@@ -54,6 +54,8 @@ def load_speed(run_dirs: list[Path]) -> pd.DataFrame:
     bad = set(df["status"]) - set(store.STATUSES)
     if bad:
         raise InputError(f"corrupt speed.csv: unknown status {sorted(bad)[0]!r}")
+    # a scheme or options the run crossed name the series: rope+alibi... (empty in runs before schema 3)
+    df["mechanism"] = df["mechanism"] + df["positions"].map(lambda s: f"+{s}" if s else "") + df["options"].map(lambda o: f" [{o}]" if o else "")
     df["causal"] = df["causal"].map({"True": "causal", "False": "bidirectional"})
     df["window"] = df["window"].replace("", "none")
     return df

@@ -26,10 +26,10 @@ import torch
 
 from attnbench import flops as flop_model
 from attnbench import timing
-from attnbench.case import Case
+from attnbench.case import Case, option_text
 from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
-from attnbench.models import registry
+from attnbench.models import positions, registry
 from attnbench.models.registry import Mechanism
 from attnbench.store import case_key
 
@@ -55,6 +55,8 @@ class SweepSpec:
     head_dim: int = 64
     causal: list[bool] = field(default_factory=lambda: [True])
     window: int | None = None
+    positions: list[str] | None = None  # position schemes crossed with the mechanisms (None: each one's natural)
+    options: dict[str, Any] = field(default_factory=dict)  # --option values; each mechanism takes those it declares
     preset: str = "small"  # the model level's preset
     max_call_ms: float | None = 2000.0  # slower cases skip their series' larger sizes (Sweep)
 
@@ -138,6 +140,9 @@ def validate(spec: SweepSpec) -> None:
         bad = [v for v in values if v <= 0]
         if bad:
             raise InputError(f"{option} must be positive, got {bad[0]}")
+    for scheme in spec.positions or []:
+        positions.check_scheme(scheme)
+    registry.check_options(spec.mechanisms, spec.options, tuple(spec.positions or ()))
     kv_heads = spec.kv_heads or spec.heads
     if spec.heads % kv_heads:
         raise InputError(f"--heads ({spec.heads}) must be a multiple of --kv-heads ({kv_heads})")
@@ -182,7 +187,9 @@ def expand(spec: SweepSpec) -> list[Case]:
         impls = [i for i in (spec.impls or mechanism.impls) if i in mechanism.impls]
         # a mechanism whose window has a default (window) records the window it really uses
         window = spec.window if spec.window is not None else mechanism.params.get("window", (None,))[0]
-        for level in spec.levels:
+        for level, scheme in itertools.product(spec.levels, spec.positions or [None]):
+            recorded = "" if scheme is None else scheme
+            options = option_text(mechanism.split_options(spec.options, scheme)[1])
             heads, kv_heads, head_dim, preset = _shape(spec, level)
             for causal in spec.causal:
                 for dtype in spec.dtypes:
@@ -192,7 +199,7 @@ def expand(spec: SweepSpec) -> list[Case]:
                                 for batch in sorted(spec.batches_for(seq)):
                                     cases.append(Case(
                                         name, impl, level, mode, dtype, spec.device, batch, seq,
-                                        heads, kv_heads, head_dim, causal, window, preset,
+                                        heads, kv_heads, head_dim, causal, window, preset, recorded, options,
                                     ))
     return sorted(cases, key=lambda case: case.impl == REFERENCE_IMPL)  # stable: the order above otherwise
 
@@ -217,6 +224,12 @@ def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
         return "the model level times fwd (forward and loss) or fwdbwd (a whole training step)"
     if case.level == "model-graph" and not case.device.startswith("cuda"):
         return "model-graph captures CUDA graphs: it needs a CUDA device"
+    if case.positions:
+        reason = positions.why_not(mechanism, case.positions)
+        if reason:
+            return reason
+        if case.positions in positions.EMBEDDED and case.level not in MODEL_LEVELS:
+            return f"{case.positions} positions are the model's embeddings, outside the attention: time them at --level model"
     return mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
 
 
@@ -263,7 +276,8 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     autocast without its weight cache, as graph capture requires) and replayed."""
     from attnbench.models.transformer import build_model, training_step
 
-    model = build_model(case.preset, case.mechanism, case.impl, "clm" if case.causal else "mlm", case.seq)
+    model = build_model(case.preset, case.mechanism, case.impl, "clm" if case.causal else "mlm", case.seq,
+                        positions=case.positions or None, window=case.window, attention=case.option_values())
     model = model.to(case.device)
     ids = torch.randint(0, model.cfg.vocab_size, (case.batch, case.seq), device=case.device)
     batch = {"input_ids": ids, "labels": ids}

@@ -12,6 +12,7 @@ from attnbench.models.softmax import softmax_impls, softmax_options
 
 MECHANISM = Mechanism(
     name="alibi",
+    windowed=True,
     description="softmax attention with ALiBi distance biases (geometric per-head slopes), fused",
     family="exact",
     layer=qkv_layer(functools.partial(softmax_options, natural="alibi"), softmax_impls(natural="alibi")),

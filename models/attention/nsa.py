@@ -262,6 +262,7 @@ IMPLS = {
 
 MECHANISM = Mechanism(
     name="nsa",
+    windowed=True,
     description="native sparse attention: compressed, top-n selected and sliding branches, gated (Yuan et al. 2025)",
     family="sparse",
     layer=lambda cfg: NSAAttention(cfg, IMPLS),

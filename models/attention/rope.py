@@ -13,6 +13,7 @@ from attnbench.models.softmax import softmax_impls, softmax_options
 
 MECHANISM = Mechanism(
     name="rope",
+    windowed=True,
     description="softmax attention with rotary position embeddings (rotate-half)",
     family="exact",
     layer=qkv_layer(functools.partial(softmax_options, natural="rope"), softmax_impls(natural="rope")),

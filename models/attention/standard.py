@@ -8,6 +8,7 @@ from attnbench.models.softmax import softmax_impls, softmax_options
 
 MECHANISM = Mechanism(
     name="standard",
+    windowed=True,
     description="exact softmax attention; positions come from the model's absolute embeddings",
     family="exact",
     layer=qkv_layer(softmax_options, softmax_impls()),

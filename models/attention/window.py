@@ -54,6 +54,7 @@ IMPLS = {
 
 MECHANISM = Mechanism(
     name="window",
+    windowed=True,
     description="sliding-window softmax attention (left window w causal, w each side bidirectional)",
     family="sparse",
     layer=qkv_layer(sliding_options, IMPLS),
