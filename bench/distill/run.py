@@ -102,6 +102,9 @@ class DistillSpec:
             raise InputError("--lr and --temperature must be positive")
         if self.layer_mse < 0 or self.mask_l1 < 0:
             raise InputError("--layer-mse and --mask-l1 are weights: 0 or more")
+        if self.mask_l1 and not any(has_sparsity_penalty(name) for name in self.students):
+            takers = ", ".join(name for name in registry.mechanisms() if has_sparsity_penalty(name))
+            raise InputError(f"--mask-l1 weighs a student's sparsity penalty, and {', '.join(self.students)} define none (students that do: {takers})")
 
 
 # ---- losses
@@ -114,6 +117,13 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, seq_lens: torch.Ten
         return err.mean()
     real = torch.arange(err.shape[1], device=err.device)[None, :] < seq_lens.to(err.device)[:, None]
     return err[real].mean()
+
+
+def has_sparsity_penalty(mechanism: str) -> bool:
+    """Whether ``mechanism``'s layer defines ``sparsity_penalty()`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        layer = registry.build_layer(mechanism, registry.LayerConfig(dim=64, heads=4, causal=registry.get(mechanism).causal))
+    return any(callable(getattr(m, "sparsity_penalty", None)) for m in layer.modules())
 
 
 def sparsity_penalty(model: nn.Module) -> torch.Tensor | None:

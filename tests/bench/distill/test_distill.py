@@ -379,3 +379,12 @@ def test_mask_l1_weighs_the_learned_students_gate_penalty(teacher):
     torch.testing.assert_close(losses[5.0], 5.0 * penalty)
     losses[5.0].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters() if "scorer" in n)
+
+
+def test_mask_l1_without_a_student_that_has_a_penalty_is_refused_in_one_line():
+    """Accepted and ignored would be a stub: window and linear have no sparsity penalty to weigh."""
+    from attnbench.errors import InputError
+
+    with pytest.raises(InputError, match="--mask-l1 weighs a student's sparsity penalty, and window, linear define none .*learned"):
+        distill.DistillSpec(teacher="t", students=["window", "linear"], mask_l1=0.5).validate()
+    distill.DistillSpec(teacher="t", students=["window", "learned"], mask_l1=0.5).validate()  # learned takes it
