@@ -366,6 +366,8 @@ def distill(
     seed: Annotated[int, typer.Option(help="Seed of the students' new parameters and of sampled generations.")] = 0,
     window: Annotated[Optional[int], typer.Option(help="Sliding window of the window-type students (default: the mechanism's).")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
+    positions: Annotated[Optional[str], typer.Option(help="The students' position scheme: learned, sinusoidal, rope, alibi, none (default: the teacher's, or a student's own).")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help="The students' key/value heads (GQA; 1: MQA), a divisor of the teacher's heads; the teacher's k/v projections are mean-pooled per group (default: the teacher's).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-distill).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest) from each student's last checkpoint.")] = False,
@@ -382,7 +384,7 @@ def distill(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
         layer_mse=layer_mse, mask_l1=mask_l1, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
         impl=",".join(impl), batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
-        download=download,
+        positions=positions, kv_heads=kv_heads, download=download,
     )
     try:
         run_dir = run_distill(spec, out, resume, options=of_invocation(ctx.params))

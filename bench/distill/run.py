@@ -41,7 +41,7 @@ from attnbench import checkpoint, config, env, run_folder, store
 from attnbench.distill.evaluate import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
 from attnbench.distill.teachers import HFTeacher, RunTeacher, hf_offline
 from attnbench.errors import InputError, Interrupted
-from attnbench.models import registry
+from attnbench.models import positions, registry
 from attnbench.train import data
 from attnbench.train.evaluate import autocast
 from attnbench.train.impl_choice import check_mechanism_options, choose_impl, impl_per_mechanism
@@ -82,6 +82,8 @@ class DistillSpec:
     seed: int = 0
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)  # the students' mechanism options (window, topn, ...)
+    positions: str | None = None  # the students' position scheme (None: the teacher's, or the student's own)
+    kv_heads: int | None = None  # the students' key/value heads (GQA/MQA; None: the teacher's)
     download: bool = False  # may a transformers teacher (or a train run's corpus) be fetched
 
     def validate(self) -> None:
@@ -100,6 +102,10 @@ class DistillSpec:
                 raise InputError(f"--{option} must be positive, not {value}")
         if self.lr <= 0 or self.temperature <= 0:
             raise InputError("--lr and --temperature must be positive")
+        if self.positions is not None:
+            positions.check_scheme(self.positions)
+        if self.kv_heads is not None and self.kv_heads <= 0:
+            raise InputError(f"--kv-heads must be positive, not {self.kv_heads}")
         if self.layer_mse < 0 or self.mask_l1 < 0:
             raise InputError("--layer-mse and --mask-l1 are weights: 0 or more")
         if self.mask_l1 and not any(has_sparsity_penalty(name) for name in self.students):
@@ -277,13 +283,20 @@ def load_teacher(spec: DistillSpec):
     if (path / store.META_JSON).exists():
         return RunTeacher.from_run(
             path, mechanism=spec.teacher_attn, batch=spec.batch, seq=spec.seq, device=spec.device, options=spec.options,
-            download=spec.download,
+            download=spec.download, overrides=student_overrides(spec),
         )
-    if spec.options:
-        raise InputError("--window and --option reach the students of an `attnbench train` teacher only; transformers students take each mechanism's defaults")
+    if spec.options or student_overrides(spec):
+        raise InputError("--window, --option, --positions and --kv-heads reach the students of an `attnbench train` teacher only; "
+                         "transformers students keep the teacher's shape and each mechanism's defaults")
     if path.exists() and not (path / "config.json").exists():
         raise InputError(f"--teacher {path}: neither a run folder (no meta.json) nor a transformers model (no config.json)")
     return HFTeacher(spec.teacher, batch=spec.batch or 8, seq=spec.seq or 128, device=spec.device, download=spec.download)
+
+
+def student_overrides(spec: DistillSpec) -> dict[str, Any]:
+    """The ModelConfig fields the students take instead of the teacher's (--positions, --kv-heads)."""
+    given = {"positions": spec.positions, "kv_heads": spec.kv_heads}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def student_impls(source, spec: DistillSpec) -> dict[str, str]:

@@ -33,10 +33,28 @@ def hf_offline() -> None:
         constants.HF_HUB_OFFLINE = True
 
 
+def pooled_kv(fused: torch.Tensor, teacher, student) -> torch.Tensor:
+    """A fused q/k/v projection's weight [(Hq + 2 H) D, C] (or bias [(Hq + 2 H) D]) of ``teacher``'s
+    H kv heads as ``student``'s Hkv: q rows kept, each group of H / Hkv key (and value) heads
+    mean-pooled into one (GQA uptraining, Ainslie et al. 2023). Shapes that do not pool are returned as given."""
+    heads, d = teacher.heads, teacher.dim // teacher.heads
+    h, hkv = teacher.kv_heads or heads, student.kv_heads or heads
+    if h % hkv or fused.shape[0] != (heads + 2 * h) * d:
+        return fused
+    q, k, v = fused.split([heads * d, h * d, h * d])
+
+    def pool(part: torch.Tensor) -> torch.Tensor:
+        grouped = part.reshape(hkv, h // hkv, d, *part.shape[1:])
+        return grouped.mean(1).reshape(hkv * d, *part.shape[1:])
+
+    return torch.cat([q, pool(k), pool(v)])
+
+
 class RunTeacher:
     """A model trained by `attnbench train` (LanguageModel), its tokenizer and token streams."""
 
-    def __init__(self, model, tokenizer, streams: dict[str, torch.Tensor], *, batch: int, seq: int, label: str, options=None):
+    def __init__(self, model, tokenizer, streams: dict[str, torch.Tensor], *, batch: int, seq: int, label: str, options=None,
+                 overrides=None):
         from attnbench.models.transformer import LanguageModel
 
         if not isinstance(model, LanguageModel):
@@ -45,13 +63,14 @@ class RunTeacher:
         self.task = "clm" if model.cfg.causal else "mlm"
         self.batch, self.seq, self.label = batch, seq, label
         self.options = options or {}  # the students' mechanism options (DistillSpec.options)
+        self.overrides = overrides or {}  # ModelConfig fields the students change (positions, kv_heads)
         self.mechanism = model.cfg.mechanism
         self.max_length = model.cfg.max_length
 
     @classmethod
     def from_run(
         cls, run_dir: Path, *, mechanism: str | None, batch: int | None, seq: int | None, device: str, options=None,
-        download: bool = False,
+        download: bool = False, overrides=None,
     ) -> "RunTeacher":
         """The last checkpoint of ``mechanism`` (default: the run's first) in a run folder of `attnbench train`,
         with the run's own corpus and tokenizer (checked against the hashes it recorded). The corpus is
@@ -63,7 +82,7 @@ class RunTeacher:
         if meta.get("kind") != "train" or "models" not in meta:
             raise InputError(f"--teacher {run_dir}: not a run folder of `attnbench train`")
         spec = TrainSpec(**meta["spec"])
-        mechanism = mechanism or spec.attn[0]
+        mechanism = mechanism or next(iter(meta["models"]))  # a model's name in the run: attn, or attn+scheme
         if mechanism not in meta["models"]:
             raise InputError(f"--teacher-attn {mechanism}: {run_dir} trained {', '.join(meta['models'])}")
         step_dir = checkpoint.latest(run_dir / "checkpoints" / mechanism)
@@ -77,17 +96,23 @@ class RunTeacher:
         if tokenizer.digest != meta["tokenizer"]["sha256"]:
             raise InputError(f"the tokenizer {tokenizer.name} found here is not the one {run_dir} trained with")
         streams = data.token_streams(corpus, tokenizer)
-        return cls(model, tokenizer, streams, batch=batch or spec.batch, seq=seq or spec.seq, label=f"{run_dir}:{mechanism}", options=options)
+        return cls(model, tokenizer, streams, batch=batch or spec.batch, seq=seq or spec.seq, label=f"{run_dir}:{mechanism}",
+                   options=options, overrides=overrides)
 
     def attention_names(self, model: nn.Module) -> list[str]:
         return [f"trunk.blocks.{i}.attention" for i in range(len(model.trunk.blocks))]
 
     def model_config(self, mechanism: str, impl: str):
-        """The teacher's ModelConfig with ``mechanism`` (and the run's options it declares)."""
+        """The teacher's ModelConfig with ``mechanism`` (the run's options it declares, the students'
+        position scheme and kv heads); InputError when the mechanism cannot take them."""
         from dataclasses import replace
 
-        window, options = registry.get(mechanism).split_options(self.options)
-        return replace(self.model.cfg, mechanism=mechanism, impl=impl, window=window, attention=options)
+        scheme = self.overrides.get("positions")
+        window, options = registry.get(mechanism).split_options(self.options, scheme)
+        try:
+            return replace(self.model.cfg, mechanism=mechanism, impl=impl, window=window, attention=options, **self.overrides)
+        except ValueError as err:  # a scheme the mechanism refuses, kv heads that do not divide the heads
+            raise InputError(f"--student {mechanism}: {err}") from None
 
     def layer_config(self, mechanism: str) -> registry.LayerConfig:
         return self.model_config(mechanism, self.model.cfg.impl).layer_config()
@@ -99,8 +124,12 @@ class RunTeacher:
         """The teacher's model with ``mechanism`` in every block, teacher tensors copied where name and shape agree."""
         from attnbench.models.transformer import LanguageModel
 
-        student = LanguageModel(self.model_config(mechanism, impl), seed=0).to(next(self.model.parameters()).device)
+        cfg = self.model_config(mechanism, impl)
+        student = LanguageModel(cfg, seed=0).to(next(self.model.parameters()).device)
         theirs = self.model.state_dict()
+        if cfg.kv_heads != self.model.cfg.kv_heads:  # fewer kv heads: the teacher's, mean-pooled per group
+            theirs = {k: pooled_kv(v, self.model.cfg, cfg) if k.endswith(("attention.qkv.weight", "attention.qkv.bias")) else v
+                      for k, v in theirs.items()}
         mine = student.state_dict()
         shared = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
         student.load_state_dict(shared, strict=False)

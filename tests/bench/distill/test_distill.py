@@ -388,3 +388,30 @@ def test_mask_l1_without_a_student_that_has_a_penalty_is_refused_in_one_line():
     with pytest.raises(InputError, match="--mask-l1 weighs a student's sparsity penalty, and window, linear define none .*learned"):
         distill.DistillSpec(teacher="t", students=["window", "linear"], mask_l1=0.5).validate()
     distill.DistillSpec(teacher="t", students=["window", "learned"], mask_l1=0.5).validate()  # learned takes it
+
+
+def test_students_take_their_own_position_scheme_and_kv_heads(teacher):
+    """--positions and --kv-heads reach the students: a rope linear student has no learned table, a
+    GQA student starts from the teacher's k/v heads mean-pooled per group (q rows and the rest copied)."""
+    source = distill_teachers.RunTeacher(teacher.model, teacher.tokenizer, teacher.streams, batch=BATCH, seq=SEQ, label="t",
+                                         overrides={"positions": "rope", "kv_heads": 2})
+    student = source.student("standard", "torch")
+    assert student.cfg.positions == "rope" and student.cfg.kv_heads == 2 and student.trunk.embeddings.positions is None
+    fused_t = teacher.model.trunk.blocks[0].attention.qkv.weight.detach()
+    fused_s = student.trunk.blocks[0].attention.qkv.weight.detach()
+    heads, d = teacher.model.cfg.heads, teacher.model.cfg.dim // teacher.model.cfg.heads
+    assert fused_s.shape[0] == (heads + 2 * 2) * d
+    assert torch.equal(fused_s[: heads * d], fused_t[: heads * d])
+    k_teacher = fused_t[heads * d : 2 * heads * d].reshape(2, heads // 2, d, -1)
+    assert torch.allclose(fused_s[heads * d : heads * d + 2 * d], k_teacher.mean(1).reshape(2 * d, -1))
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.zeros(1, 8, dtype=torch.long))).all()
+
+
+def test_a_scheme_a_student_cannot_take_is_one_line(teacher):
+    from attnbench.errors import InputError
+
+    source = distill_teachers.RunTeacher(teacher.model, teacher.tokenizer, teacher.streams, batch=BATCH, seq=SEQ, label="t",
+                                         overrides={"positions": "alibi"})
+    with pytest.raises(InputError, match="--student linear: .*no score matrix"):
+        source.layer_config("linear")
