@@ -179,7 +179,7 @@ def speed(
     dtype: Annotated[Optional[list[str]], typer.Option(help="fp32, fp16, bf16 (default: bf16 on CUDA, fp32 on CPU).")] = None,
     causal: Annotated[bool, typer.Option("--causal", help="Causal cases (the default when neither is given).")] = False,
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="Bidirectional cases (both flags: both).")] = False,
-    window: Annotated[Optional[int], typer.Option(help="Sliding window w (keys each side; left only when causal).")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window W: the W keys before each query plus the query (bidirectional: W each side too).")] = None,
     preset: Annotated[str, typer.Option(help="Model preset of --level model and model-graph (tiny, small, base); GPT-style when causal, BERT-style otherwise.")] = "small",
     max_call_ms: Annotated[float, typer.Option(help="A case slower than this per call skips the longer sizes of its series (0: no limit).")] = 2000.0,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N (default: cuda when present).")] = None,
