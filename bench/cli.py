@@ -179,7 +179,7 @@ def speed(
     dtype: Annotated[Optional[list[str]], typer.Option(help="fp32, fp16, bf16 (default: bf16 on CUDA, fp32 on CPU).")] = None,
     causal: Annotated[bool, typer.Option("--causal", help="Causal cases (the default when neither is given).")] = False,
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="Bidirectional cases (both flags: both).")] = False,
-    window: Annotated[Optional[int], typer.Option(help="Sliding window w (keys each side; left only when causal).")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window W: the W keys before each query plus the query (bidirectional: W each side too).")] = None,
     positions: Annotated[Optional[list[str]], typer.Option(help="Position schemes crossed with --attn: rope, alibi, none at every level, learned and sinusoidal at --level model (default: each mechanism's own); a cell without meaning is an unsupported row.")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them, e.g. compression=4 for bsbr.")] = [],  # noqa: B006
     preset: Annotated[str, typer.Option(help="Model preset of --level model and model-graph (tiny, small, base); GPT-style when causal, BERT-style otherwise.")] = "small",

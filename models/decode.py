@@ -41,7 +41,8 @@ def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
 
 def step_options(core_options: dict) -> dict:
     """A causal softmax-family layer's kernel options (models/softmax.py: window (left, right),
-    slopes, theta, offset) as softmax_step's and kernels/decode.py's: window W = left. A window
+    slopes, theta, offset) as softmax_step's and kernels/decode.py's: window W = left, the W keys
+    before the query plus the query (LayerConfig.window's meaning, models/registry.py). A window
     reaching right of the query or a RoPE offset has no decode form here (ValueError)."""
     options = dict(core_options)
     window = options.pop("window", None)

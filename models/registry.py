@@ -86,7 +86,10 @@ class LayerConfig:
 
     dim: model width C; heads: query heads Hq; kv_heads: Hkv (None = Hq; Hq % Hkv == 0);
     head_dim: D (None = dim // heads); causal: causal or bidirectional; impl: impl name;
-    window: sliding window size (causal: left w; bidirectional: w on each side), None = full;
+    window: sliding window W, None = full. The one meaning of ``--window W`` everywhere: the W keys
+        before each query plus the query itself (FlashAttention's window_size=(W, 0)); bidirectional:
+        W on each side plus the query (``window_bounds``). An impl whose own window counts otherwise
+        translates it and says so, pointing here;
     positions: the position scheme the layer applies, "rope" or "alibi" (models/positions.py),
         or None for the mechanism's own (rope for rope, alibi for alibi, nothing for the others);
     options: the mechanism's extra parameters (see Mechanism.params for names and defaults)

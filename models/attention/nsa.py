@@ -8,7 +8,8 @@ Three softmax branches per query t, summed with per-head gates in (0, 1) from x:
                 over the query heads of a GQA group (one selection per kv head), always
                 including block 0 and the query's own and previous blocks; t attends to the
                 tokens <= t of those blocks.
-    sliding:    the last ``window`` tokens, t included.
+    sliding:    the ``window`` tokens before t and t itself (``--window W``'s one meaning,
+                LayerConfig in models/registry.py).
 
     o_t = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa
 
@@ -44,7 +45,7 @@ from attnbench.models.token_conditioned import TokenConditionedAttention
 
 DEFAULT_BLOCK = 64
 DEFAULT_TOPN = 16
-DEFAULT_WINDOW = 512
+DEFAULT_WINDOW = 511  # 511 keys before the query + its own: the 512 keys nsa's sliding branch saw when its window counted the query
 DEFAULT_CHUNK = 64
 
 
@@ -120,7 +121,7 @@ def torch_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DE
     chosen.scatter_(-1, index, allowed)  # (B, Hkv, T, N) selected blocks of each query
     causal_mask = position[None, :] <= position[:, None]  # (T, T)
     selected = chosen.repeat_interleave(block, dim=-1)[..., :t] & causal_mask  # (B, Hkv, T, T)
-    sliding = causal_mask & (position[None, :] > position[:, None] - window)
+    sliding = causal_mask & (position[None, :] >= position[:, None] - window)
     scores = _with_alibi(torch.einsum("btngd,bsnd->bngts", grouped, k) * scale, slopes, position, position)  # (B, Hkv, G, T, T)
     o_slc = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, selected[:, :, None]).to(v.dtype), v)
     o_swa = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, sliding).to(v.dtype), v)
@@ -156,11 +157,11 @@ def _chunk_attention(q, k, v, k_cmp, v_cmp, start: int, block: int, topn: int, w
     k_sel, v_sel = (_gather_blocks(x, index, block).view(b, hkv, c, -1, d) for x in (k, v))
     scores = _with_alibi(torch.einsum("bcngd,bncjd->bngcj", q, k_sel) * scale, slopes, pos_q, pos_k)
     o_slc = torch.einsum("bngcj,bncjd->bcngd", _softmax_rows(scores, visible[:, :, None]).to(v.dtype), v_sel)
-    # sliding: the band of keys [start - window + 1, start + c)
-    first = max(0, start - window + 1)
+    # sliding: the band of keys [start - window, start + c)
+    first = max(0, start - window)
     band = torch.arange(first, start + c, device=q.device)
     scores = _with_alibi(torch.einsum("bcngd,bsnd->bngcs", q, k[:, first : start + c]) * scale, slopes, pos_q, band)
-    in_window = (band[None, :] <= pos_q[:, None]) & (band[None, :] > pos_q[:, None] - window)
+    in_window = (band[None, :] <= pos_q[:, None]) & (band[None, :] >= pos_q[:, None] - window)
     o_swa = torch.einsum("bngcs,bsnd->bcngd", _softmax_rows(scores, in_window).to(v.dtype), v[:, first : start + c])
     return torch.stack([o_cmp, o_slc, o_swa], dim=-1)
 
@@ -187,7 +188,7 @@ def chunked(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BL
 def fla_parallel(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
                  window=DEFAULT_WINDOW, chunk=DEFAULT_CHUNK, slopes=None):
     """fla's parallel_nsa (compressed + selected, Triton) plus the sliding branch by our Triton
-    flash kernel (left window - 1 keys and the query's own)."""
+    flash kernel, whose window (W, 0) means what nsa's W does (LayerConfig, models/registry.py)."""
     from fla.ops.nsa import parallel_nsa
 
     from attnbench.kernels.flash import flash_attention
@@ -198,7 +199,7 @@ def fla_parallel(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAU
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g_cmp, g_slc, g_swa = (g.contiguous() for g in gates.to(q.dtype).unbind(-1))
     o = parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=topn, block_size=block, window_size=0, scale=q.shape[-1] ** -0.5)
-    o_swa = flash_attention(q, k, v, causal=True, window=(window - 1, 0))
+    o_swa = flash_attention(q, k, v, causal=True, window=(window, 0))
     return zero_padded_queries(o + g_swa[..., None] * o_swa, seq_lens)
 
 
@@ -237,17 +238,17 @@ def nsa_options(cfg: LayerConfig) -> dict:
 def nsa_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
     """4 * Hq * D per (query, key) pair of each branch (2 for q.k, 2 for P v), per query at t:
     compressed: (t + 1) // block blocks; selected: min(t + 1, topn * block) tokens (whole blocks
-    as a kernel computes them); sliding: min(t + 1, window). Pooling, selection, gates not counted."""
+    as a kernel computes them); sliding: min(t + 1, window + 1). Pooling, selection, gates not counted."""
     options = nsa_options(cfg)
     seen = torch.arange(1, seq + 1, dtype=torch.int64)  # t + 1
-    pairs = seen // options["block"] + seen.clamp(max=options["topn"] * options["block"]) + seen.clamp(max=options["window"])
+    pairs = seen // options["block"] + seen.clamp(max=options["topn"] * options["block"]) + seen.clamp(max=options["window"] + 1)
     return 4.0 * cfg.heads * cfg.head_dim * batch * int(pairs.sum())
 
 
 PARAMS = {
     "block": (DEFAULT_BLOCK, "tokens per block, for compression and selection alike"),
     "topn": (DEFAULT_TOPN, "blocks selected per query (block 0, its own and previous block included)"),
-    "window": (DEFAULT_WINDOW, "keys of the sliding branch, the query's own included; --window sets it"),
+    "window": (DEFAULT_WINDOW, "keys before the query in the sliding branch, plus the query; --window sets it"),
     "chunk": (DEFAULT_CHUNK, "queries per chunk of the chunked form"),
 }
 

@@ -25,8 +25,9 @@ def sliding_options(cfg: LayerConfig) -> dict:
 
 def fla_parallel(q, k, v, *, causal: bool, seq_lens=None, window=None, slopes=None, theta=None, offset=0) -> torch.Tensor:
     """flash-linear-attention's parallel_attn with its sliding window: q [B, T, Hq, D],
-    k/v [B, T, Hkv, D] -> [B, T, Hq, D]. fla's window_size counts the query's own key, ours
-    does not: window (w, 0) is window_size w + 1. RoPE rotates q and k in torch first."""
+    k/v [B, T, Hkv, D] -> [B, T, Hq, D]. fla's window_size counts the query's own key, W
+    (LayerConfig.window, models/registry.py) does not: window (W, 0) is window_size W + 1.
+    RoPE rotates q and k in torch first."""
     from fla.ops.attn import parallel_attn
 
     if not causal or window is None or window[1] != 0 or seq_lens is not None or slopes is not None:
@@ -60,5 +61,5 @@ MECHANISM = Mechanism(
     layer=qkv_layer(sliding_options, IMPLS),
     impls=IMPLS,
     flops=softmax_flops,
-    params={"window": (DEFAULT_WINDOW, "keys visible on each side (left only when causal); --window sets it")},
+    params={"window": (DEFAULT_WINDOW, "keys before the query (and after it, bidirectional), plus the query; --window sets it")},
 )

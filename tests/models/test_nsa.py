@@ -21,7 +21,7 @@ from attnbench.models.attention import nsa
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # many tiny gathers per query chunk
 
-SMALL = {"block": 8, "topn": 4, "window": 12}  # 64 tokens: 8 blocks, 4 selected of which 3 forced
+SMALL = {"block": 8, "topn": 4, "window": 12}  # 64 tokens: 8 blocks, 4 selected of which 3 forced; 12 keys + the query slide
 
 
 def _gates(b, t, hq):
@@ -47,7 +47,7 @@ def test_chunked_matches_definition(padded, chunk):
 def test_sliding_branch_is_windowed_softmax():
     q, k, v = (x.detach() for x in random_qkv(t=40))
     got = nsa.chunked(q, k, v, gates=_only(2, 2, 40, 4), chunk=8, **SMALL)
-    expected = reference.attention(q, k, v, causal=True, window=(11, 0))
+    expected = reference.attention(q, k, v, causal=True, window=(12, 0))
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-13)
 
 
@@ -102,7 +102,7 @@ def test_fla_needs_a_large_power_of_two_group():
 def test_flops_count_each_branch():
     cfg = registry.LayerConfig(dim=64, heads=4, causal=True, options={"block": 4, "topn": 2, "window": 3})
     seen = torch.arange(1, 11)  # 10 tokens
-    pairs = (seen // 4).sum() + seen.clamp(max=8).sum() + seen.clamp(max=3).sum()
+    pairs = (seen // 4).sum() + seen.clamp(max=8).sum() + seen.clamp(max=4).sum()  # sliding: 3 keys before + the query
     assert nsa.MECHANISM.flops(cfg, 2, 10) == 4 * 4 * 16 * 2 * int(pairs)
 
 

@@ -317,7 +317,7 @@ def test_alibi_on_nsa_biases_each_branch():
     sliding_only = torch.zeros(2, 21, 4, 3, dtype=torch.float64)
     sliding_only[..., 2] = 1
     got = nsa.torch_reference(q, k, v, gates=sliding_only, block=4, topn=2, window=6, slopes=_slopes())
-    assert torch.allclose(got, reference.attention(q, k, v, causal=True, window=(5, 0), slopes=_slopes()), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got, reference.attention(q, k, v, causal=True, window=(6, 0), slopes=_slopes()), rtol=1e-10, atol=1e-12)
     selected_only = sliding_only.roll(-1, dims=-1)  # every block selected when topn covers them all
     got = nsa.torch_reference(q, k, v, gates=selected_only, block=4, topn=6, window=6, slopes=_slopes())
     assert torch.allclose(got, reference.attention(q, k, v, causal=True, slopes=_slopes()), rtol=1e-10, atol=1e-12)
