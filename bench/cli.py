@@ -364,7 +364,7 @@ def distill(
     batch: Annotated[Optional[int], typer.Option(help="Batch size (default: the teacher run's; 8 for transformers models).")] = None,
     seq: Annotated[Optional[int], typer.Option(help="Sequence length (default: the teacher run's; 128 for transformers models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the students' new parameters and of sampled generations.")] = 0,
-    window: Annotated[Optional[int], typer.Option(help="Sliding window of the window-type students (default: the mechanism's).")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window W of the students that take one (window, nsa): the W keys before each query plus the query (default: the mechanism's).")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     positions: Annotated[Optional[str], typer.Option(help="The students' position scheme: learned, sinusoidal, rope, alibi, none (default: the teacher's, or a student's own).")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="The students' key/value heads (GQA; 1: MQA), a divisor of the teacher's heads; the teacher's k/v projections are mean-pooled per group (default: the teacher's).")] = None,
@@ -411,7 +411,7 @@ def train(
     impl: Annotated[list[str], typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto nsa=torch.")] = ["auto"],
     positions: Annotated[Optional[list[str]], typer.Option(help="Position schemes crossed with --attn: learned, sinusoidal, rope, alibi, none (default: each mechanism's own); a cell that has no meaning is an unsupported row with its reason.")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA; 1: MQA); a divisor of the preset's heads (default: as many as query heads).")] = None,
-    window: Annotated[Optional[int], typer.Option(help="Sliding window of window-type mechanisms.")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window W of the mechanisms that declare one (window, nsa): the W keys before each query plus the query.")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     gpus: Annotated[int, typer.Option(help="Data-parallel processes (DDP, one per GPU; gloo on CPU).")] = 1,
