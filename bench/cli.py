@@ -333,16 +333,20 @@ def list_mechanisms(
 
 @app.command(cls=ListOptionsCommand)
 def check(
-    attn: Annotated[list[str], typer.Option(help="Mechanisms whose triton impl is checked.")] = ["standard", "rope", "alibi", "window"],
+    attn: Annotated[list[str], typer.Option(help="Mechanisms whose impls are checked, or all.")] = ["standard", "rope", "alibi", "window"],
+    impl: Annotated[Optional[list[str]], typer.Option(help="Impls checked (default: every impl but the torch definition they are checked against).")] = None,
+    positions: Annotated[Optional[list[str]], typer.Option(help="Position schemes crossed with --attn (rope, alibi, none; default: each mechanism's own).")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Sliding window W (the W keys before each query plus the query) for the mechanisms that take one.")] = None,
     max_seq: Annotated[int, typer.Option(help="Longest sequence T checked (also 1k, 1037 and powers of 4 from 4k).")] = 16384,
     dtype: Annotated[str, typer.Option(help="bf16 or fp16.")] = "bf16",
+    device: Annotated[Optional[str], typer.Option(help="cuda (default when present) or cpu (give a small --max-seq).")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="Also write every row to this CSV as it is measured.")] = None,
 ) -> None:
-    """Our Triton kernels against the plain-torch reference on the GPU at real sizes; exit 1 on a failure."""
+    """Every impl of each mechanism against its plain-torch definition (float64 truth, FlashAttention's tolerance rule), forward and every gradient; exit 1 on a failure."""
     from attnbench import console
     from attnbench.devtools.check import run_check
 
-    if not run_check(attn, max_seq, dtype, console.out, csv):
+    if not run_check(attn, max_seq, dtype, console.out, csv, impls=impl, positions=positions, window=window, device=device):
         raise typer.Exit(1)
 
 

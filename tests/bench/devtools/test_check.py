@@ -117,10 +117,37 @@ def test_check_passes_on_the_gpu_at_moderate_sizes():
 def test_check_csv_holds_every_row_as_printed(monkeypatch, tmp_path):
     cases = [_fake_case("good", _attention_in_fp32), _fake_case("biased", _attention_with_bias)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fake cases run on the CPU
-    monkeypatch.setattr(check, "mechanism_cases", lambda *args: cases)
+    monkeypatch.setattr(check, "mechanism_cases", lambda *args, **kwargs: cases)
     path = tmp_path / "out" / "check.csv"
     ok = check.run_check(["standard"], 64, "bf16", Console(file=io.StringIO()), path)
     rows = pd.read_csv(path)
     assert not ok and len(rows) == 8 and list(rows.columns) == check.CHECK_COLUMNS
     failed = rows[rows["status"] == "fail"]
     assert list(zip(failed["case"], failed["output"])) == [("biased", "o")] and (failed["ratio"] > 2).all()
+
+
+def test_the_gate_checks_every_cpu_impl_of_every_scheme_and_names_what_it_cannot(tmp_path):
+    """On the CPU at a small size: linear and standard with rope and alibi; linear x alibi is a row
+    of status unsupported with its reason, the rest pass against the float64 definition."""
+    path = tmp_path / "check.csv"
+    ok = check.run_check(["standard", "linear"], 40, "bf16", Console(file=io.StringIO()), path, positions=["rope", "alibi"], device="cpu")
+    rows = pd.read_csv(path, keep_default_na=False)
+    assert ok
+    ran = rows[rows["status"] == "ok"]
+    assert {case.split(" ")[0] for case in ran["case"]} >= {"standard+rope/sdpa", "standard+alibi/sdpa", "linear+rope/chunked"}
+    assert set(ran["output"]) == {"o", "dq", "dk", "dv"}
+    refused = rows[rows["case"].str.startswith("linear+alibi/")]
+    assert len(refused) and (refused["status"] == "unsupported").all() and refused["message"].str.contains("no score matrix").all()
+
+
+def test_a_wrong_impl_fails_the_gate(monkeypatch):
+    """An impl off by a small bias in its output fails, also when the definition is right."""
+    import dataclasses
+
+    from attnbench.models import registry
+
+    mechanism = registry.get("linear")
+    right = mechanism.impls["chunked"]
+    monkeypatch.setitem(mechanism.impls, "chunked", dataclasses.replace(right, run=lambda *a, **k: right.run(*a, **k) + 0.05))
+    cases = check.mechanism_cases(["linear"], 40, torch.bfloat16, impls=["chunked"], device="cpu")
+    assert not check.passed(check.run_cases(cases))
