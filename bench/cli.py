@@ -160,7 +160,7 @@ def mechanism_options(window: int | None, option: list[str]) -> dict:
 
 
 SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
-                 "dtype", "causal", "bidirectional", "window", "positions", "option", "device", "preset", "max_call_ms")
+                 "dtype", "causal", "bidirectional", "window", "positions", "option", "device", "preset", "max_call_ms", "check")
 
 
 @app.command(cls=ListOptionsCommand)
@@ -189,6 +189,7 @@ def speed(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run (--out, or the latest): recorded cases are skipped.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML file of options (long names as keys, e.g. eval-every = 200); the command line overrides it. A run folder's config.toml repeats that run.")] = None,
     measure_peak: Annotated[bool, typer.Option("--measure-peak", help="Measure matmul TFLOP/s first; rows get % of peak.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Before timing each kernel-level case, check its impl against the torch definition (forward and gradients, float64 truth; T capped at 2048): the verdict goes in the row's check column, and a case that fails is an error row, not a time.")] = False,
     gpus: Annotated[int, typer.Option(help="Spread the cases over GPUs 0..N-1, one worker process each; rows as one GPU gives.")] = 1,
     profile: Annotated[int, typer.Option(help="After timing, profile each case that ran over N calls: top kernels, wall vs GPU-busy time (profile.csv).")] = 0,
     top: Annotated[int, typer.Option(help="Kernels shown per case with --profile.")] = 8,
@@ -232,6 +233,7 @@ def speed(
         options=mechanism_options(None, option),
         preset=preset,
         max_call_ms=max_call_ms or None,
+        check=check,
     )
     spec_given = any(ctx.get_parameter_source(name).name in ("COMMANDLINE", "DEFAULT_MAP") for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus, of_invocation(ctx.params))

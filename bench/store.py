@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from attnbench import console
-from attnbench.case import ADDED_COLUMNS, CASE_COLUMNS
+from attnbench.case import ADDED_COLUMNS as ADDED_CASE_COLUMNS, CASE_COLUMNS
 from attnbench.errors import InputError
 
 SCHEMA_VERSION = 3  # 2: the preset column (model level); 3: the positions column of train and speed runs, speed's options
@@ -36,10 +36,11 @@ LOCK_FILE = ".lock"  # the pid of the process writing the run (run_lock)
 
 # After the case columns (bench/case.py: what identifies a case; resume and compare match rows on them), what was measured.
 RESULT_COLUMNS = [
-    "status", "message", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
+    "status", "message", "check", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
     "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",
 ]
 SPEED_COLUMNS = CASE_COLUMNS + RESULT_COLUMNS
+ADDED_COLUMNS = (*ADDED_CASE_COLUMNS, "check")  # speed.csv files of schema 2 lack them (read as empty)
 STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
 
 

@@ -1,108 +1,25 @@
 """`attnbench check`: every impl of every mechanism against the mechanism's plain-torch
-definition, at real sizes on a GPU (or small ones on the CPU): the correctness gate.
-
-A check is a table of named cases, each a kernel fn and a reference fn of the same inputs.
-Every output and gradient is compared with FlashAttention's rule: the impl's error against a
-float64 run of the reference must be at most 2x what the reference itself gets in the same low
-precision (plus half an ulp of the largest value). The table shows that ratio per output. A
-cell that cannot run (an impl missing here, a scheme a mechanism refuses) is a row of status
-unsupported with the reason.
+definition, at real sizes on a GPU (or small ones on the CPU): the correctness gate
+(attnbench.gate) over a matrix of lengths, masks, GQA, position schemes and windows. The table
+shows, per output and gradient, the impl's error as a multiple of torch's own low-precision
+error; a cell that cannot run (an impl missing here, a scheme a mechanism refuses) is a row of
+status unsupported with the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from attnbench import store
-from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
-from attnbench.tolerance import error_bound
-
-LOW_PRECISION = {name: DTYPES[name] for name in ("bf16", "fp16")}  # what the kernels are checked in
-OUTPUT_NAMES = ("o", "dq", "dk", "dv")
-
-@dataclass(frozen=True)
-class CheckCase:
-    """One named problem. ``inputs(generator)`` gives (q, k, v, do): the differentiable inputs
-    in the low precision and the upstream gradient, made on ``device`` from the generator;
-    kernel and reference map (q, k, v) -> o. ``unsupported``: why the case cannot run (then
-    kernel, reference and inputs are None)."""
-
-    name: str
-    kernel: Callable[..., torch.Tensor] | None
-    reference: Callable[..., torch.Tensor] | None
-    inputs: Callable[[torch.Generator], tuple[torch.Tensor, ...]] | None
-    device: str = "cuda"
-    unsupported: str = ""
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One output or gradient of one case; status ok | fail | oom | error."""
-
-    case: str
-    output: str
-    kernel_error: float
-    torch_error: float
-    status: str
-    message: str = ""
-
-    @property
-    def ratio(self) -> float:
-        """Kernel error / torch's low-precision error (the rule allows ~2)."""
-        if self.torch_error == 0:
-            return 0.0 if self.kernel_error == 0 else math.inf
-        return self.kernel_error / self.torch_error
-
-
-def _output_and_grads(fn, inputs, do) -> list[torch.Tensor]:
-    inputs = [x.detach().requires_grad_() for x in inputs]
-    o = fn(*inputs)
-    return [o.detach(), *torch.autograd.grad(o, inputs, do)]
-
-
-def measure(case: CheckCase, seed: int = 0) -> list[Measurement]:
-    """Kernel, float64 reference and low-precision reference on the same inputs and upstream
-    gradient; one Measurement per output and gradient."""
-    if case.unsupported:
-        return [Measurement(case.name, "-", math.nan, math.nan, "unsupported", case.unsupported)]
-    *inputs, do = case.inputs(torch.Generator(device=case.device).manual_seed(seed))
-    dtype = inputs[0].dtype
-    try:
-        ours = _output_and_grads(case.kernel, inputs, do)
-        plain = _output_and_grads(case.reference, inputs, do)
-        exact = _output_and_grads(case.reference, [x.double() for x in inputs], do.double())
-    except torch.cuda.OutOfMemoryError as err:
-        return [Measurement(case.name, "-", math.nan, math.nan, "oom", str(err).splitlines()[0])]
-    rows = []
-    for name, mine, low, truth in zip(OUTPUT_NAMES, ours, plain, exact):
-        kernel_error = (mine.double() - truth).abs().max().item()
-        torch_error = (low.double() - truth).abs().max().item()
-        ok = math.isfinite(kernel_error) and kernel_error <= error_bound(torch_error, truth.abs().max().item(), dtype)
-        rows.append(Measurement(case.name, name, kernel_error, torch_error, "ok" if ok else "fail"))
-    return rows
-
-
-def run_cases(cases: Sequence[CheckCase], on_row: Callable[[Measurement], None] = lambda row: None) -> list[Measurement]:
-    """Measure every case (a crash in one is a failed row, not a crashed check)."""
-    rows = []
-    for case in cases:
-        try:
-            measured = measure(case)
-        except Exception as err:  # a kernel that raises is a failed check of that case
-            measured = [Measurement(case.name, "-", math.nan, math.nan, "error", f"{type(err).__name__}: {err}")]
-        for row in measured:
-            on_row(row)
-        rows.extend(measured)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return rows
+from attnbench.gate import (  # noqa: F401 (CheckCase, measure: re-exported for the check's tests)
+    CHECK_OPTIONS, LOW_PRECISION, REFERENCE, CheckCase, Measurement, layer_case, measure, passed, run_cases, why_not,
+)
 
 
 def table(rows: Sequence[Measurement]):
@@ -117,12 +34,6 @@ def table(rows: Sequence[Measurement]):
         result = "pass" if row.status == "ok" else f"{row.status.upper()} {row.message}".strip()
         out.add_row(row.case, row.output, f"{row.kernel_error:.3g}", f"{row.torch_error:.3g}", f"{row.ratio:.2f}", f"[{style}]{result}[/]")
     return out
-
-
-def passed(rows: Sequence[Measurement]) -> bool:
-    """At least one case ran, and every case that could run passed."""
-    ran = [row for row in rows if row.status != "unsupported"]
-    return bool(ran) and all(row.status == "ok" for row in ran)
 
 
 # --- the softmax family's matrix: registry mechanisms, triton impl against torch impl ---
@@ -144,11 +55,6 @@ def _heads_for(batch: int, seq: int) -> int:
     (~8 live in its fwd+bwd) within ~16 GiB."""
     budget_heads = 16 * 2**30 / (8 * 8 * batch * seq * seq)
     return max(2, min(8, 2 ** int(math.log2(max(budget_heads, 1)))))
-
-
-# layer options for the check where the initial values leave terms of the kernel inert
-# (exposb starts with gamma = 0: its band filter, mu and sigma would go unchecked)
-CHECK_OPTIONS = {"exposb": {"alpha": 0.3, "gamma": 0.5, "delta": 0.01}}
 
 
 def checked_mechanisms(names: Sequence[str], impls: Sequence[str] | None = None) -> list:
@@ -189,58 +95,12 @@ def mechanism_cases(names: Sequence[str], max_seq: int, dtype: torch.dtype, head
                         if impl not in mechanism.impls:
                             continue
                         name = f"{label}/{impl} {shape}"
-                        reason = _why_not(mechanism, scheme, dataclasses.replace(cfg, impl=impl), device, dtype)
+                        reason = why_not(mechanism, scheme, dataclasses.replace(cfg, impl=impl), device, dtype)
                         if reason:
                             cases.append(CheckCase(name, None, None, None, device, reason))
                         else:
-                            cases.append(_mechanism_case(name, mechanism, dataclasses.replace(cfg, impl=impl), seq, dtype, not causal, device))
+                            cases.append(layer_case(name, mechanism, dataclasses.replace(cfg, impl=impl), seq, dtype, not causal, device))
     return cases
-
-
-REFERENCE = "torch"  # every mechanism's definition in plain torch: what each impl is checked against
-
-
-def _why_not(mechanism, scheme: str | None, cfg, device: str, dtype: torch.dtype) -> str | None:
-    """Why ``cfg``'s impl of ``mechanism`` cannot be checked here, or None."""
-    from attnbench.models import positions
-
-    if REFERENCE not in mechanism.impls or mechanism.impls[REFERENCE].run is None:
-        return f"{mechanism.name} has no kernel-level torch definition to check against"
-    if mechanism.impls[cfg.impl].run is None:
-        return f"{mechanism.name}/{cfg.impl} has no kernel-level core (layer level only)"
-    if scheme in positions.EMBEDDED:
-        return f"{scheme} positions are the model's embeddings, outside the attention core"
-    reason = positions.why_not(mechanism, scheme) if scheme else None
-    return reason or mechanism.why_not(cfg) or mechanism.impls[cfg.impl].why_not(cfg, device, dtype)
-
-
-def _mechanism_case(name, mechanism, cfg, seq: int, dtype: torch.dtype, padded: bool, device: str = "cuda") -> CheckCase:
-    """The layer's core (layer.attend: its scheme's rotation, options and parameters included)
-    with ``cfg.impl`` against the same layer with the torch definition: both built from one
-    seed, the second given the first's state, so random features and parameters agree."""
-    from attnbench.models import registry
-
-    torch.manual_seed(0)
-    layer = registry.build_layer(mechanism.name, cfg).to(device)
-    torch.manual_seed(0)
-    reference = registry.build_layer(mechanism.name, dataclasses.replace(cfg, impl=REFERENCE)).to(device)
-    reference.load_state_dict(layer.state_dict())
-    seq_lens = torch.tensor([seq, seq * 3 // 4], device=device) if padded else None
-    batch = 1 if seq_lens is None else len(seq_lens)
-
-    def inputs(generator: torch.Generator):
-        def randn(heads):
-            return torch.randn(batch, seq, heads, cfg.head_dim, generator=generator, device=device).to(dtype)
-
-        return randn(cfg.heads), randn(cfg.kv_heads), randn(cfg.kv_heads), randn(cfg.heads)
-
-    def bind(module):
-        def call(q, k, v):
-            return module.to(q.dtype if q.dtype == torch.float64 else torch.float32).attend(q, k, v, seq_lens)
-
-        return call
-
-    return CheckCase(name, bind(layer), bind(reference), inputs, device)
 
 
 CHECK_COLUMNS = ["case", "output", "kernel_error", "torch_error", "ratio", "status", "message"]

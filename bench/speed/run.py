@@ -105,7 +105,7 @@ def sweep_rows(run_dir: Path, spec: SweepSpec, meta: dict[str, Any], resume: boo
     peaks = meta.get("peaks", {}).get("matmul_tflops", {})
     with store.RowLog(run_dir / store.SPEED_CSV, resume=resume) as log:
         prior_stops = list(stops_in(log.existing, spec.max_call_ms))
-        sweep_args = (prior_stops, peaks, spec.larger, spec.max_call_ms)
+        sweep_args = (prior_stops, peaks, spec.larger, spec.max_call_ms, spec.check)
         sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), *sweep_args)
         with progress(2 * len(sweep.pending)) as on_step:
             if gpus == 1:

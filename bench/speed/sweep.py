@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from attnbench import flops as flop_model
-from attnbench import timing
+from attnbench import gate, timing
 from attnbench.case import Case, option_text
 from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
@@ -59,6 +59,7 @@ class SweepSpec:
     options: dict[str, Any] = field(default_factory=dict)  # --option values; each mechanism takes those it declares
     preset: str = "small"  # the model level's preset
     max_call_ms: float | None = 2000.0  # slower cases skip their series' larger sizes (Sweep)
+    check: bool = False  # the correctness gate (attnbench.gate) on each kernel-level case before it is timed
 
     def larger(self, case: Case, other: Case) -> bool:
         """Whether a stop (OOM, too slow) at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
@@ -397,11 +398,13 @@ class Sweep:
         peaks: dict[str, float] | None = None,
         larger: Callable[[Case, Case], bool] = Case.larger_than,
         max_call_ms: float | None = None,
+        check: bool = False,
     ):
         self.pending = [c for c in cases if case_key(asdict(c)) not in recorded]
         self.write, self.peaks, self.larger = write, peaks or {}, larger
         self.stops: list[tuple[Case, str]] = list(prior_stops)
-        self.max_call_ms = max_call_ms
+        self.max_call_ms, self.check = max_call_ms, check
+        self.verdicts: dict[Case, str] = {}
         self.done: set[Case] = set()
         self.first_call: dict[Case, float] = {}
         self.rows: list[dict[str, Any]] = []
@@ -447,6 +450,10 @@ class Sweep:
         reason = why_unsupported(case, mechanism)
         if reason:
             return {"status": "unsupported", "message": reason}
+        if self.check and case.level == "kernel":
+            self.verdicts[case] = gate_verdict(case, mechanism)
+            if self.verdicts[case].startswith("fail"):  # a fast wrong answer is not a result
+                return {"status": "error", "message": f"failed the correctness gate: {self.verdicts[case]}"}
         work = LEVELS[case.level](case)
         call = timed_call(work, case.mode)
         self.first_call[case] = timing.first_call_ms(call, torch.device(case.device))
@@ -475,10 +482,29 @@ class Sweep:
         }
 
     def _record(self, case: Case, **result: Any) -> None:
-        row = {**asdict(case), "first_call_ms": self.first_call.get(case), **result}
+        row = {**asdict(case), "first_call_ms": self.first_call.get(case), "check": self.verdicts.get(case), **result}
         self.write(row)
         self.rows.append(row)
         self.done.add(case)
+
+
+GATE_MAX_SEQ = 2048  # the gate's float64 reference holds B x H x T x T scores: longer cases are checked at this T
+
+
+def gate_verdict(case: Case, mechanism: Mechanism) -> str:
+    """The correctness gate (attnbench.gate) on ``case``'s impl against the torch definition, at
+    the case's shape with T capped at GATE_MAX_SEQ and B at 1: 'ok 1.02x', 'fail dq 3.1x',
+    '... at T=2048' when capped; '' where the impl is the definition itself."""
+    if case.impl == gate.REFERENCE:
+        return ""
+    seq = min(case.seq, GATE_MAX_SEQ)
+    dtype = DTYPES[case.dtype]
+    reason = gate.why_not(mechanism, case.positions or None, case.layer_config(), case.device, dtype)
+    if reason:
+        return f"unsupported {reason}"
+    checked = gate.layer_case(str(case), mechanism, case.layer_config(), seq, dtype, False, case.device)
+    said = gate.verdict(gate.measure(checked))
+    return said + (f" at T={seq}" if seq < case.seq else "")
 
 
 def stop_reason(status: str, ms_median: float | None, max_call_ms: float | None) -> str | None:

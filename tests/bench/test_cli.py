@@ -175,7 +175,7 @@ BAD_INPUTS = {
     "two default impls": (["distill", "--teacher", "t", "--student", "linear", "--impl", "torch,chunked"], "one impl for every mechanism"),
     "distill option nobody declares": (["distill", "--teacher", "t", "--student", "linear", "--option", "x=1"], "option 'x'"),
     "check unknown mechanism": (["check", "--attn", "no-such"], "unknown mechanism 'no-such'; valid: .*standard"),
-    "check mechanism without triton": (["check", "--attn", "standard", "linear"], "unknown impl 'triton' for linear; valid:"),
+    "check impl the mechanism lacks": (["check", "--attn", "linear", "--impl", "triton"], "unknown impl 'triton' for linear; valid:"),
 }
 
 

@@ -73,3 +73,25 @@ def test_the_model_level_builds_the_scheme_and_window_it_records(monkeypatch):
     assert built and all(m.cfg.positions == "sinusoidal" and m.cfg.window == 4 for m in built)
     (case,) = sweep.expand(s)
     assert Case.from_row({k: str(v) for k, v in case.__dict__.items()}) == case
+
+
+def test_speed_check_records_the_gate_verdict_and_a_wrong_impl_is_no_time(monkeypatch):
+    import dataclasses
+
+    from attnbench.models import registry
+
+    s = spec(mechanisms=["linear"], impls=["chunked", "torch"], seqs=[32], check=True)
+    rows = []
+    Sweep(sweep.expand(s), rows.append, check=True).run()
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["chunked"]["status"] == "ok" and by_impl["chunked"]["check"].startswith("ok ")
+    assert by_impl["torch"]["check"] == ""  # the definition is not checked against itself
+
+    mechanism = registry.get("linear")
+    right = mechanism.impls["chunked"]
+    monkeypatch.setitem(mechanism.impls, "chunked", dataclasses.replace(right, run=lambda *a, **k: right.run(*a, **k) * 1.1))
+    rows = []
+    Sweep(sweep.expand(spec(mechanisms=["linear"], impls=["chunked"], seqs=[32])), rows.append, check=True).run()
+    (row,) = rows
+    assert row["status"] == "error" and row["check"].startswith("fail ") and "correctness gate" in row["message"]
+    assert row.get("ms_median") is None
