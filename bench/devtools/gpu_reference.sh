@@ -73,6 +73,9 @@
 #             process per cell: 14 trainings sharing the GPU, so their tokens/s compare within the grid only
 #   bert:     BERT small MLM runs of standard (learned), rope, alibi and exposb, the grid's steps and
 #             batch, extrapolation to 4x, one process each (BERT=1 adds them to the grid stage's call)
+#   gate:     the correctness gate on the GPU: the window x rope/alibi x GQA cells of the softmax family
+#             (`attnbench check --attn standard,window --positions rope,alibi --window 256`) to T = 4k,
+#             every impl of every mechanism to T = 2k (`check --attn all`), and `speed --check` of standard
 set -uo pipefail
 stage=$1 dest=$2
 work=/tmp/attnbench-gpu
@@ -367,6 +370,28 @@ grid)
     for f in "$out"/grid-*.txt; do echo "$(basename "$f"): $(grep -v "━" "$f" | tail -1)"; done
     grep -A20 "| mechanism" "$out/grid-report/train_report.md" | head -22
     [[ -z ${BERT:-} ]] || bert_report
+    ;;
+gate)
+    limit 170 attnbench check --attn standard,window --positions rope,alibi --window 256 --max-seq 4096 --csv "$out/window-schemes.csv" > "$out/window-schemes.txt" 2>&1
+    tail -3 "$out/window-schemes.txt"
+    limit 200 attnbench check --attn all --max-seq 2048 --csv "$out/all.csv" > "$out/all.txt" 2>&1
+    tail -3 "$out/all.txt"
+    (cd "$out" && limit 60 attnbench speed --attn standard --seq 1024 4096 --mode fwd --mode fwdbwd --check --out "$out/speed-check" > "$out/speed-check.txt" 2>&1)
+    python3 - "$out" <<'PY'
+import csv, collections, sys
+for name in ("window-schemes", "all"):
+    try:
+        rows = list(csv.DictReader(open(f"{sys.argv[1]}/{name}.csv")))
+    except OSError:
+        continue
+    print(name, dict(collections.Counter(r["status"] for r in rows)))
+    for r in rows:
+        if r["status"] in ("fail", "error", "oom"):
+            print("  ", r["case"], r["output"], r["status"], r["ratio"], r["message"][:120])
+rows = list(csv.DictReader(open(f"{sys.argv[1]}/speed-check/speed.csv")))
+for r in rows:
+    print(r["impl"], r["seq"], r["mode"], r["status"], r["check"], r["ms_median"])
+PY
     ;;
 bert)
     bert --preset small --seq 512 --steps 2000 --batch 4 --eval-every 250 --eval-batches 8
