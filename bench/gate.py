@@ -119,8 +119,8 @@ CHECK_OPTIONS = {"exposb": {"alpha": 0.3, "gamma": 0.5, "delta": 0.01}}
 REFERENCE = "torch"  # every mechanism's definition in plain torch: what each impl is checked against
 
 
-def why_not(mechanism, scheme: str | None, cfg, device: str, dtype: torch.dtype) -> str | None:
-    """Why ``cfg``'s impl of ``mechanism`` cannot be checked here, or None."""
+def why_not(mechanism, scheme: str | None, cfg, device: str, dtype: torch.dtype, padded: bool = False) -> str | None:
+    """Why ``cfg``'s impl of ``mechanism`` cannot be checked here (``padded``: with key padding), or None."""
     from attnbench.models import positions
 
     if REFERENCE not in mechanism.impls or mechanism.impls[REFERENCE].run is None:
@@ -129,6 +129,8 @@ def why_not(mechanism, scheme: str | None, cfg, device: str, dtype: torch.dtype)
         return f"{mechanism.name}/{cfg.impl} has no kernel-level core (layer level only)"
     if scheme in positions.EMBEDDED:
         return f"{scheme} positions are the model's embeddings, outside the attention core"
+    if padded and mechanism.impls[cfg.impl].no_padding:
+        return mechanism.impls[cfg.impl].no_padding
     reason = positions.why_not(mechanism, scheme) if scheme else None
     return reason or mechanism.why_not(cfg) or mechanism.impls[cfg.impl].why_not(cfg, device, dtype)
 
@@ -146,6 +148,9 @@ def layer_case(name, mechanism, cfg, seq: int, dtype: torch.dtype, padded: bool,
     reference.load_state_dict(layer.state_dict())
     seq_lens = torch.tensor([seq, seq * 3 // 4], device=device) if padded else None
     batch = 1 if seq_lens is None else len(seq_lens)
+    # padded query rows are don't-care (a model reads no output there; with a window some see no
+    # key at all, and impls differ on an empty softmax): every impl's output is zeroed there
+    valid = None if seq_lens is None else (torch.arange(seq, device=device)[None, :] < seq_lens[:, None])[:, :, None, None]
 
     def inputs(generator: torch.Generator):
         def randn(heads):
@@ -155,7 +160,8 @@ def layer_case(name, mechanism, cfg, seq: int, dtype: torch.dtype, padded: bool,
 
     def bind(module):
         def call(q, k, v):
-            return module.to(q.dtype if q.dtype == torch.float64 else torch.float32).attend(q, k, v, seq_lens)
+            o = module.to(q.dtype if q.dtype == torch.float64 else torch.float32).attend(q, k, v, seq_lens)
+            return o if valid is None else torch.where(valid, o, torch.zeros((), dtype=o.dtype, device=o.device))
 
         return call
 

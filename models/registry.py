@@ -55,6 +55,7 @@ class Impl:
     needs_cuda: the impl runs only on a CUDA device.
     missing: returns why the impl cannot run on this machine at all (package missing), or None.
     unsupported: returns why it cannot run this case (dtype, padding, shape), or None.
+    no_padding: why it cannot take key padding (seq_lens, a runtime input), or "" when it can.
     """
 
     name: str
@@ -66,6 +67,7 @@ class Impl:
     unsupported: Callable[["LayerConfig", torch.device, torch.dtype], str | None] = (
         lambda cfg, device, dtype: None
     )
+    no_padding: str = ""
 
     def why_not(self, cfg: "LayerConfig", device: torch.device | str, dtype: torch.dtype) -> str | None:
         """Why this impl cannot run ``cfg`` on ``device`` in ``dtype``, or None when it can."""

@@ -74,6 +74,11 @@ def _flash_unsupported(needs_mask: bool, natural: str | None):
     return why
 
 
+def _efficient_unsupported(cfg: LayerConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    """torch 2.11's efficient backend has no kernel for enable_gqa (H200, `attnbench check`: 'No available kernel')."""
+    return "the efficient backend takes no GQA (kv heads fewer than query heads)" if cfg.kv_heads != cfg.heads else None
+
+
 def softmax_impls(needs_mask: bool = False, natural: str | None = None) -> dict[str, Impl]:
     """The impls of one softmax-family mechanism; ``needs_mask``: it always has a window, so
     SDPA needs a mask, which SDPA's flash backend cannot take (nor ALiBi's bias); ``natural``: the
@@ -81,7 +86,7 @@ def softmax_impls(needs_mask: bool = False, natural: str | None = None) -> dict[
     sdpa_backends = {
         "sdpa-flash": ("FLASH_ATTENTION", "SDPA, FlashAttention-2 backend", _flash_unsupported(needs_mask, natural)),
         "sdpa-cudnn": ("CUDNN_ATTENTION", "SDPA, cuDNN backend", _needs_low_precision),
-        "sdpa-efficient": ("EFFICIENT_ATTENTION", "SDPA, memory-efficient (xformers) backend", lambda *a: None),
+        "sdpa-efficient": ("EFFICIENT_ATTENTION", "SDPA, memory-efficient (xformers) backend", _efficient_unsupported),
         "sdpa-math": ("MATH", "SDPA, math backend (materialises scores)", lambda *a: None),
     }
     impls = {
@@ -93,7 +98,8 @@ def softmax_impls(needs_mask: bool = False, natural: str | None = None) -> dict[
     }
     for name, (backend, description, unsupported) in sdpa_backends.items():
         run = _bind_backend(backend)
-        impls[name] = Impl(name, run, description, needs_cuda=name != "sdpa-math", unsupported=unsupported)
+        no_padding = "the flash backend takes no mask (key padding)" if name == "sdpa-flash" else ""
+        impls[name] = Impl(name, run, description, needs_cuda=name != "sdpa-math", unsupported=unsupported, no_padding=no_padding)
     impls["flex"] = Impl("flex", peers.flex, "FlexAttention, torch.compile'd", needs_cuda=True)
     return impls
 

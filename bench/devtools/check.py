@@ -95,7 +95,7 @@ def mechanism_cases(names: Sequence[str], max_seq: int, dtype: torch.dtype, head
                         if impl not in mechanism.impls:
                             continue
                         name = f"{label}/{impl} {shape}"
-                        reason = why_not(mechanism, scheme, dataclasses.replace(cfg, impl=impl), device, dtype)
+                        reason = why_not(mechanism, scheme, dataclasses.replace(cfg, impl=impl), device, dtype, padded=not causal)
                         if reason:
                             cases.append(CheckCase(name, None, None, None, device, reason))
                         else:

@@ -151,3 +151,22 @@ def test_a_wrong_impl_fails_the_gate(monkeypatch):
     monkeypatch.setitem(mechanism.impls, "chunked", dataclasses.replace(right, run=lambda *a, **k: right.run(*a, **k) + 0.05))
     cases = check.mechanism_cases(["linear"], 40, torch.bfloat16, impls=["chunked"], device="cpu")
     assert not check.passed(check.run_cases(cases))
+
+
+def test_padded_queries_that_see_no_key_are_not_compared():
+    """bidirectional, window 4, key padding 48 of 64: queries 53..63 of the padded sequence see no
+    key at all (impls differ on an empty softmax); what a model reads, the valid rows, is compared."""
+    cases = [c for c in check.mechanism_cases(["window"], 64, torch.bfloat16, impls=["sdpa", "sdpa-math"], window=4, device="cpu")
+             if "bidir" in c.name]
+    assert cases and all(not c.unsupported for c in cases)
+    assert check.passed(check.run_cases(cases))
+
+
+def test_an_impl_that_takes_no_key_padding_is_unsupported_on_padded_cases():
+    from attnbench.models import registry
+
+    standard = registry.get("standard")
+    cfg = registry.LayerConfig(dim=64, heads=4, impl="sdpa-flash", causal=False)
+    assert check.why_not(standard, None, cfg, "cuda", torch.bfloat16, padded=True) == "the flash backend takes no mask (key padding)"
+    gqa = registry.LayerConfig(dim=64, heads=4, kv_heads=2, impl="sdpa-efficient")
+    assert "takes no GQA" in standard.impls["sdpa-efficient"].unsupported(gqa, torch.device("cuda"), torch.bfloat16)
