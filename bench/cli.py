@@ -256,11 +256,12 @@ def report(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders (default: the latest run).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where report.md/.html and plots/ go (default: the run folder).")] = None,
     baseline: Annotated[Optional[list[str]], typer.Option(help="Impls the speedup tables divide by; the first also the speedup plots (default: sdpa, else torch).")] = None,
+    target_loss: Annotated[Optional[float], typer.Option(help="Eval loss that training runs' steps to convergence count to (default: the worst final eval loss).")] = None,
 ) -> None:
     """Plots, report.md and a self-contained report.html from one or more runs."""
     from attnbench.report.render import render_report
 
-    render_report(runs or [], out, baseline)
+    render_report(runs or [], out, baseline, target_loss)
 
 
 @app.command()
@@ -417,6 +418,7 @@ def train(
     impl: Annotated[list[str], typer.Option(help="Impl of the mechanisms, or auto (triton, sdpa, chunked, torch: first that runs); MECHANISM=IMPL entries set one mechanism's, e.g. auto nsa=torch.")] = ["auto"],
     positions: Annotated[Optional[list[str]], typer.Option(help="Position schemes crossed with --attn: learned, sinusoidal, rope, alibi, none (default: each mechanism's own); a cell that has no meaning is an unsupported row with its reason.")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads (GQA; 1: MQA); a divisor of the preset's heads (default: as many as query heads).")] = None,
+    target_loss: Annotated[Optional[float], typer.Option(help="Eval loss the report's steps to convergence count to (default: the worst final eval loss).")] = None,
     window: Annotated[Optional[int], typer.Option(help="Sliding window W of the mechanisms that declare one (window, nsa): the W keys before each query plus the query.")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -437,7 +439,7 @@ def train(
     spec = TrainSpec(
         attn=list(mechanisms()) if "all" in attn else attn, task=task, preset=preset, impl=",".join(impl),
         steps=steps, seq=seq, batch=batch, lr=lr, warmup=warmup, data=data, tokenizer=tokenizer, download=download,
-        device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, kv_heads=kv_heads, seed=seed, gpus=gpus,
+        device=device, eval_every=eval_every, eval_batches=eval_batches, positions=positions, kv_heads=kv_heads, target_loss=target_loss, seed=seed, gpus=gpus,
         extra=mechanism_options(window, option),
     )
     run_dir = run_train(spec, out, resume, of_invocation(ctx.params))

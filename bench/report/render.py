@@ -147,14 +147,15 @@ def _html(sections) -> str:
 # ---- the command
 
 
-def _other_sections(run_dirs: list[Path], out_dir: Path) -> dict[str, list[tuple[str, Any]]]:
+def _other_sections(run_dirs: list[Path], out_dir: Path, target_loss: float | None = None) -> dict[str, list[tuple[str, Any]]]:
     """Tables and figures of the training and distillation runs among ``run_dirs``, by section
-    title; each report writes its own <kind>_report.md and plots/*.png into ``out_dir``."""
+    title; each report writes its own <kind>_report.md and plots/*.png into ``out_dir``;
+    ``target_loss``: the training table's steps-to-target loss."""
     drawn = {}
     train_runs = [r for r in run_dirs if (r / store.TRAIN_CSV).exists()]
     if train_runs:
-        pngs = train_report.render_train_report(train_runs, out_dir)
-        drawn["Training"] = [*train_report.report_sections(train_runs), *_figures(pngs)]
+        pngs = train_report.render_train_report(train_runs, out_dir, target_loss)
+        drawn["Training"] = [*train_report.report_sections(train_runs, target_loss), *_figures(pngs)]
     distill_runs = [r for r in run_dirs if (r / store.DISTILL_CSV).exists()]
     if distill_runs:
         drawn["Distillation"] = _figures(distill_report.render_distill_report(distill_runs, out_dir))
@@ -178,9 +179,11 @@ def _checked_baselines(df: pd.DataFrame, baselines: list[str] | None, speed_runs
     return baselines
 
 
-def render_report(runs: list[Path], out: Path | None, baselines: list[str] | None = None) -> list[Path]:
+def render_report(runs: list[Path], out: Path | None, baselines: list[str] | None = None,
+                  target_loss: float | None = None) -> list[Path]:
     """Write plots/*.png, report.md and report.html; print a summary. Returns the files written.
-    ``baselines``: impls the speedup tables divide by; the first one also drives the speedup plots."""
+    ``baselines``: impls the speedup tables divide by; the first one also drives the speedup plots;
+    ``target_loss``: the eval loss training runs' steps to convergence count to."""
     from attnbench import console
 
     run_dirs = resolve_runs(runs)
@@ -197,7 +200,7 @@ def render_report(runs: list[Path], out: Path | None, baselines: list[str] | Non
     if df is not None:
         fits = exponents(df)
         figs = figures(df, fits, baselines[0], out_dir / "plots")
-    other = _other_sections(run_dirs, out_dir)  # each writes its own plots/ and <kind>_report.md
+    other = _other_sections(run_dirs, out_dir, target_loss)  # each writes its own plots/ and <kind>_report.md
     sections = _sections(run_dirs, df, figs, fits, baselines or [], other)
     train_runs = [r for r in run_dirs if (r / store.TRAIN_CSV).exists()]
     if df is not None and train_runs:

@@ -110,6 +110,38 @@ def attention_entropy(model: LanguageModel, input_ids: torch.Tensor) -> list[tup
             del block.attention.attend  # the instance attribute goes; the class method is back
 
 
+INFERENCE_FACTORS = (1, 4)  # inference tokens/s at the trained length L and at 4L
+
+
+def inference_rows(model: LanguageModel, spec: TrainSpec, device: torch.device) -> Iterator[dict[str, Any]]:
+    """The trained model's forward (eval mode, no autograd, the training autocast) on random
+    tokens, at L and 4L with the same tokens per call (batch spec.batch, then batch / 4, at
+    least 1): median ms and tokens/s (attnbench.timing). Past learned positions: unsupported."""
+    from attnbench import timing
+
+    for factor in INFERENCE_FACTORS:
+        seq, batch = spec.seq * factor, max(1, spec.batch // factor)
+        row = {"attn": model.cfg.mechanism, "positions": model.cfg.positions, "seq": seq, "batch": batch}
+        limit = model.cfg.max_length
+        if limit is not None and seq > limit:
+            yield {**row, "status": "unsupported", "message": f"learned positions end at {limit}"}
+            continue
+        ids = torch.randint(0, model.cfg.vocab_size, (batch, seq), device=device)
+
+        def forward() -> None:
+            with torch.no_grad(), autocast(device):
+                model.trunk(ids)
+
+        try:
+            with evaluating(model):
+                measured = timing.measure(forward, device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            yield {**row, "status": "oom", "message": f"out of memory at {batch} x {seq} tokens"}
+            continue
+        yield {**row, "ms": measured.median_ms, "tokens_per_s": batch * seq / (measured.median_ms * 1e-3), "status": "ok", "message": ""}
+
+
 def _sliding_windows(stream: torch.Tensor, seq: int, stride: int) -> dict[str, torch.Tensor]:
     """Windows of seq tokens every ``stride`` tokens; each scores only tokens no earlier window
     scored (the first window scores all), so every token is predicted once with >= seq - stride context."""

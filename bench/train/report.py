@@ -16,6 +16,7 @@ import math
 import textwrap
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -23,7 +24,8 @@ from attnbench import store
 from attnbench.errors import InputError
 from attnbench.train import grid
 from attnbench.train.columns import (
-    ADDED_COLUMNS, ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS,
+    ADDED_COLUMNS, ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, INFERENCE_COLUMNS, INFERENCE_CSV,
+    TRAIN_COLUMNS,
 )
 
 
@@ -41,14 +43,24 @@ def _crosses_schemes(run_dir: Path) -> bool:
     return isinstance(store.read_meta(run_dir).get("spec", {}).get("positions"), list)
 
 
-def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, dict]]:
-    """train, extrapolation and entropy rows (each with a ``line`` label: the model's name, its
-    run's before it where several runs have it) and each line's model description."""
+class Loaded(NamedTuple):
+    """The rows of training runs, each with a ``line`` label (the model's name, its run's before
+    it where several runs have it), and each line's model description (meta.json's models)."""
+
+    train: pd.DataFrame
+    extrapolation: pd.DataFrame
+    entropy: pd.DataFrame
+    inference: pd.DataFrame
+    models: dict[str, dict]
+
+
+def _load(run_dirs: list[Path]) -> Loaded:
+    """Loaded of ``run_dirs`` (folders of `attnbench train`); numeric columns parsed."""
     runs = [(run_dir, train_rows(run_dir)) for run_dir in run_dirs]
     for run_dir, rows in runs:  # the model's name in its run (train's Cell.name)
         rows["cell"] = rows["attn"] + "+" + rows["positions"] if _crosses_schemes(run_dir) else rows["attn"]
     seen_in = Counter(cell for _, rows in runs for cell in rows["cell"].unique())  # runs per model name
-    curves, extrapolation, entropy, models = [], [], [], {}
+    curves, extrapolation, entropy, inference, models = [], [], [], [], {}
     for run_dir, rows in runs:
         crossed = _crosses_schemes(run_dir)
 
@@ -60,7 +72,9 @@ def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         rows["task"] = store.read_meta(run_dir).get("spec", {}).get("task", "")
         rows["crossed"] = crossed  # a cell of a grid of position schemes (train --positions)
         curves.append(rows.rename(columns={"cell": "model"}))
-        for name, columns, found in ((EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, extrapolation), (ENTROPY_CSV, ENTROPY_COLUMNS, entropy)):
+        optional = ((EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, extrapolation), (ENTROPY_CSV, ENTROPY_COLUMNS, entropy),
+                    (INFERENCE_CSV, INFERENCE_COLUMNS, inference))
+        for name, columns, found in optional:
             if (run_dir / name).exists():
                 extra = _rows(run_dir / name, columns)
                 if len(extra):
@@ -77,7 +91,10 @@ def _load(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     entropy = pd.concat(entropy, ignore_index=True) if entropy else pd.DataFrame(columns=[*ENTROPY_COLUMNS, "line"])
     for column in ("step", "layer", "entropy"):
         entropy[column] = pd.to_numeric(entropy[column], errors="coerce")
-    return train, extra, entropy, models
+    inference = pd.concat(inference, ignore_index=True) if inference else pd.DataFrame(columns=[*INFERENCE_COLUMNS, "line"])
+    for column in ("seq", "tokens_per_s"):
+        inference[column] = pd.to_numeric(inference[column], errors="coerce")
+    return Loaded(train, extra, entropy, inference, models)
 
 
 def _line_styles(lines) -> dict[str, dict]:
@@ -234,56 +251,105 @@ EVAL_COLUMNS = ["mechanism", "steps", "eval loss", "eval ppl", "eval acc", "best
                 "tokens/s", "peak MiB", "params", "attention params"]
 
 
-def eval_summary(train: pd.DataFrame, models: dict[str, dict]) -> tuple[list[str], pd.DataFrame, list[str]]:
+INFERENCE_HEADERS = {1: "infer tok/s @L", 4: "infer tok/s @4L"}  # shown when the runs measured inference.csv
+
+
+def eval_summary(loaded: Loaded, target_loss: float | None = None) -> tuple[list[str], pd.DataFrame, list[str]]:
     """The eval-loss table that train_report.md and report.md/.html show: the notes above it, one
-    row per line (its final evaluation; cells as text, EVAL_COLUMNS) and a line per failure."""
+    row per line (its final evaluation; cells as text, EVAL_COLUMNS, then INFERENCE_HEADERS where
+    measured) and a line per failure. ``target_loss``: the loss "steps to target" counts to
+    (default: the worst final eval loss, which every line reaches)."""
+    train, models, inference = loaded.train, loaded.models, loaded.inference
     valid = train[(train["split"] == "valid") & (train["status"] == "ok")]
     finals = valid.groupby("line", sort=False).last()
-    # the target: the worst of the final eval losses, so every line reaches it and the steps compare
-    target = float(finals["loss"].max()) if len(finals) else float("nan")
+    worst = target_loss is None
+    target = (float(finals["loss"].max()) if len(finals) else float("nan")) if worst else target_loss
     notes = [
-        f"Steps to eval loss {target:.4g}: the first evaluation at or below the worst final eval loss.",
+        f"Steps to eval loss {target:.4g}: the first evaluation at or below "
+        + ("the worst final eval loss." if worst else "the --target-loss given (-: never reached)."),
         "Best: the lowest eval loss and its step (below the final one when the model overfits).",
     ]
+    ran = inference[inference["status"] == "ok"]
+    columns = EVAL_COLUMNS + (list(INFERENCE_HEADERS.values()) if len(ran) else [])
     rows = []
     for line, final in finals.iterrows():
         trained = train[(train["line"] == line) & (train["split"] == "train") & (train["status"] == "ok")]
         params = models.get(line, {}).get("params", {})
         evals = valid[valid["line"] == line]
         best = evals.sort_values("loss").iloc[0]
-        rows.append([
+        row = [
             line, str(int(final["step"])), _fmt(final["loss"]), _fmt(final["ppl"]), _fmt(final["accuracy"], 3),
             f"{_fmt(best['loss'])} @ {int(best['step'])}", _fmt(steps_to_loss(evals, target)),
             _fmt(float(trained["tokens_per_s"].median()), 3), _fmt(float(trained["peak_mem_mib"].max()), 4),
             _fmt(params.get("total")), _fmt(params.get("attention")),
-        ])
+        ]
+        if len(ran):
+            mine = inference[inference["line"] == line]
+            row += [_inference_cell(mine, factor * mine["seq"].min()) for factor in INFERENCE_HEADERS]
+        rows.append(row)
     failures = [f"{row['line']}: unsupported: {row['message']}" if row["status"] == "unsupported"
                 else f"{row['line']}: {row['status']} at step {int(row['step'])}: {row['message']}"
                 for _, row in train[train["status"] != "ok"].iterrows()]
-    return notes, pd.DataFrame(rows, columns=EVAL_COLUMNS), failures
+    return notes, pd.DataFrame(rows, columns=columns), failures
 
 
-def _table(train: pd.DataFrame, models: dict[str, dict]) -> list[str]:
+def _inference_cell(rows: pd.DataFrame, seq: float) -> str:
+    """tokens/s of the inference row at ``seq``, else its status (unsupported past learned positions), else -."""
+    at = rows[rows["seq"] == seq]
+    if at.empty:
+        return "-"
+    return _fmt(float(at["tokens_per_s"].iloc[0]), 3) if at["status"].iloc[0] == "ok" else at["status"].iloc[0]
+
+
+def _table(loaded: Loaded, target_loss: float | None) -> list[str]:
     """eval_summary as the lines of train_report.md."""
-    notes, table, failures = eval_summary(train, models)
-    lines = [notes[0], "", notes[1], "", "| " + " | ".join(EVAL_COLUMNS) + " |", "|" + "---|" * len(EVAL_COLUMNS)]
+    notes, table, failures = eval_summary(loaded, target_loss)
+    lines = [notes[0], "", notes[1], "", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
     return lines + [f"\n{failure}" for failure in failures]
 
 
-def report_sections(run_dirs: list[Path]) -> list[tuple[str, object]]:
+def report_sections(run_dirs: list[Path], target_loss: float | None = None) -> list[tuple[str, object]]:
     """What report.md/.html show of these runs beside their figures: train_report.md's eval-loss
     table with its notes, as (kind, content) sections ("p" text, "table" frame)."""
-    train, _, _, models = _load([Path(d) for d in run_dirs])
-    notes, table, failures = eval_summary(train, models)
+    notes, table, failures = eval_summary(_load([Path(d) for d in run_dirs]), target_loss)
     return [*(("p", note) for note in notes), ("table", table), *(("p", failure) for failure in failures)]
 
 
-def render_train_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """Figures and train_report.md for the runs in ``run_dirs`` (folders holding train.csv); returns the PNGs."""
+def _efficiency_figure(train: pd.DataFrame, models: dict[str, dict], path: Path) -> bool:
+    """Final eval loss against non-embedding parameters, a point per line (the seeds' parameter
+    efficiency); False (nothing drawn) with fewer than two lines that have both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals = train[(train["split"] == "valid") & (train["status"] == "ok")].groupby("line", sort=False)["loss"].last()
+    points = {line: (p["total"] - p["embeddings"], loss) for line, loss in finals.items()
+              if (p := models.get(line, {}).get("params", {})).get("total") is not None and "embeddings" in p}
+    if len(points) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for line, (params, loss) in points.items():
+        ax.scatter(params / 1e6, loss, s=30)
+        ax.annotate(line, (params / 1e6, loss), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xlabel("non-embedding parameters (millions)")
+    ax.set_ylabel("final eval loss")
+    ax.set_title("parameter efficiency (lower left is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def render_train_report(run_dirs: list[Path], out_dir: Path, target_loss: float | None = None) -> list[Path]:
+    """Figures and train_report.md for the runs in ``run_dirs`` (folders holding train.csv); returns
+    the PNGs. ``target_loss``: what "steps to target" counts to (eval_summary)."""
     if not run_dirs:
         raise InputError("no training runs to report")
-    train, extra, entropy, models = _load([Path(d) for d in run_dirs])
+    loaded = _load([Path(d) for d in run_dirs])
+    train, extra, entropy, models = loaded.train, loaded.extrapolation, loaded.entropy, loaded.models
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     pngs = [plots / "train_curves.png"]
@@ -297,7 +363,9 @@ def render_train_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     if not entropy.empty:
         pngs.append(plots / "entropy.png")
         grid.entropy_figure(entropy, pngs[-1])
-    md = ["# Training report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", "", *_table(train, models), ""]
+    if _efficiency_figure(train, models, plots / "efficiency.png"):
+        pngs.append(plots / "efficiency.png")
+    md = ["# Training report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", "", *_table(loaded, target_loss), ""]
     md += [f"![{p.stem}](plots/{p.name})" for p in pngs]
     if not extra.empty:
         md += ["", "## Length extrapolation (test perplexity)", "", "| mechanism | method | length | ppl | status |", "|---|---|---|---|---|"]

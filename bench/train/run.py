@@ -5,6 +5,7 @@ identical token stream, evaluated and compared.
     results/<run>/train.csv           TRAIN_COLUMNS: one train row per step, one valid row per evaluation
     results/<run>/entropy.csv         ENTROPY_COLUMNS: attention entropy per layer at every evaluation
     results/<run>/extrapolation.csv   EXTRAPOLATION_COLUMNS: loss at L, 2L, 4L
+    results/<run>/inference.csv       INFERENCE_COLUMNS: eval-mode forward tokens/s at L and 4L
     results/<run>/checkpoints/<cell>/ bench/checkpoint.py (<cell>: the mechanism, or attn+scheme for --positions)
     results/<run>/train_report.md, plots/*.png
 
@@ -35,8 +36,10 @@ from attnbench.models import registry
 from attnbench.models.presets import Preset
 from attnbench.models.transformer import IGNORE, LanguageModel, ModelConfig, build_model, lm_loss, param_counts
 from attnbench.train import data, distributed
-from attnbench.train.columns import ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, TRAIN_COLUMNS
-from attnbench.train.evaluate import attention_entropy, autocast, evaluate, extrapolation_rows
+from attnbench.train.columns import (
+    ENTROPY_COLUMNS, ENTROPY_CSV, EXTRAPOLATION_COLUMNS, EXTRAPOLATION_CSV, INFERENCE_COLUMNS, INFERENCE_CSV, TRAIN_COLUMNS,
+)
+from attnbench.train.evaluate import attention_entropy, autocast, evaluate, extrapolation_rows, inference_rows
 from attnbench.train.impl_choice import choose_impl, impl_per_mechanism
 from attnbench.train.spec import Cell, TrainSpec
 
@@ -234,6 +237,8 @@ def train_cell(run: Run, cell: Cell, logs: dict[str, store.RowLog] | None, progr
     if logs and not state.get("extrapolated"):
         for row in extrapolation_rows(model, spec, run.streams["test"], device, run.tokenizer):
             logs["extrapolation"].append(row)
+        for row in inference_rows(model, spec, device):
+            logs["inference"].append(row)
         final = checkpoint.latest(ckpt_dir)
         checkpoint.save(ckpt_dir, model, optimizer, {**checkpoint.read_state(final), "extrapolated": True})
     if logs:
@@ -369,7 +374,8 @@ def prune_to_checkpoints(run_dir: Path, cells: list[Cell]) -> None:
 
     _keep_rows(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS, reached)
     _keep_rows(run_dir / ENTROPY_CSV, ENTROPY_COLUMNS, lambda r: int(r["step"]) <= saved[(r["attn"], r["positions"])]["step"])
-    _keep_rows(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, lambda r: saved[(r["attn"], r["positions"])].get("extrapolated", False))
+    for name, columns in ((EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS), (INFERENCE_CSV, INFERENCE_COLUMNS)):  # written with "extrapolated"
+        _keep_rows(run_dir / name, columns, lambda r: saved[(r["attn"], r["positions"])].get("extrapolated", False))
 
 
 def describe_models(spec: TrainSpec, vocab_size: int, device: torch.device) -> dict[str, Any]:
@@ -450,7 +456,7 @@ def run_train(spec: TrainSpec, out: Path | None = None, resume: bool = False, op
 
             meta["finished"] = store.now()
             store.write_meta(run_dir, meta)
-            render_train_report([run_dir], run_dir)
+            render_train_report([run_dir], run_dir, spec.target_loss)
     if diverged:
         raise diverged
     return run_dir
@@ -504,6 +510,7 @@ def train_all(spec: TrainSpec, run_dir: Path, device: torch.device, tokenizer: d
             "train": store.RowLog(run_dir / store.TRAIN_CSV, TRAIN_COLUMNS, resume=True),
             "entropy": store.RowLog(run_dir / ENTROPY_CSV, ENTROPY_COLUMNS, resume=True),
             "extrapolation": store.RowLog(run_dir / EXTRAPOLATION_CSV, EXTRAPOLATION_COLUMNS, resume=True),
+            "inference": store.RowLog(run_dir / INFERENCE_CSV, INFERENCE_COLUMNS, resume=True),
         }
     diverged = []
     try:

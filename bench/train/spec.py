@@ -46,6 +46,7 @@ class TrainSpec:
     eval_batches: int = 8
     positions: list[str] | None = None  # position schemes crossed with attn (None: each mechanism's natural one)
     kv_heads: int | None = None  # GQA/MQA: key/value heads (None: as many as query heads)
+    target_loss: float | None = None  # the report's steps to convergence count to it (None: the worst final eval loss)
     seed: int = 0
     gpus: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # mechanism options (window, theta, ...)

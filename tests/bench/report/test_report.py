@@ -135,7 +135,7 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
     (run / "train.csv").write_text("step,loss\n1,2.0\n")
     drawn = []
 
-    def render_train_report(run_dirs, out_dir):  # as the real one: out_dir/plots/*.png
+    def render_train_report(run_dirs, out_dir, target_loss=None):  # as the real one: out_dir/plots/*.png
         (out_dir / "plots").mkdir(parents=True, exist_ok=True)
         png = out_dir / "plots" / "loss.png"
         png.write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -143,7 +143,7 @@ def test_train_runs_go_to_train_report_when_present(tmp_path, monkeypatch):
         return [png]
 
     monkeypatch.setattr(train_report, "render_train_report", render_train_report)
-    monkeypatch.setattr(train_report, "report_sections", lambda run_dirs: [])
+    monkeypatch.setattr(train_report, "report_sections", lambda run_dirs, target_loss=None: [])
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert drawn == [[run]]
@@ -330,7 +330,7 @@ def test_an_eval_panel_with_one_point_draws_a_marker_on_the_runs_step_axis(tmp_p
     from attnbench.train import report as train_report
 
     write_train_run_with_one_eval(tmp_path / "run", steps=50)
-    train, _, _, _ = train_report._load([tmp_path / "run"])
+    train = train_report._load([tmp_path / "run"]).train
     fig = train_report._draw_curves(train)
     eval_loss = next(ax for ax in fig.axes if ax.get_title() == "eval loss")
     (line,) = eval_loss.get_lines()

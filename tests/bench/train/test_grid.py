@@ -44,7 +44,7 @@ def test_the_grid_trains_every_valid_cell_and_records_why_the_others_cannot(tmp_
 def test_the_heatmap_tables_put_forms_on_rows_and_schemes_on_columns(tmp_path):
     out = tmp_path / "grid"
     assert CliRunner().invoke(app, ["train", *GRID, "--out", str(out)]).exit_code == 0
-    train, _, _, _ = _load([out])
+    train = _load([out]).train
     tables = grid.grid_tables(train)
     loss = tables["final eval loss"]
     assert list(loss.index) == ["standard", "linear"] and list(loss.columns) == ["rope", "alibi"]
@@ -68,3 +68,18 @@ def test_cells_name_themselves_by_mechanism_and_scheme():
     assert Cell("linear", "rope").name == "linear+rope" and Cell("rope").name == "rope"
     assert Cell("rope").scheme == "rope" and Cell("standard").scheme == "learned"
     assert Cell("rope", "sinusoidal").why_not() is not None and Cell("standard", "none").why_not() is None
+
+
+def test_the_report_has_inference_throughput_parameter_efficiency_and_a_target_loss(tmp_path):
+    out = tmp_path / "grid"
+    assert CliRunner().invoke(app, ["train", *GRID, "--out", str(out)]).exit_code == 0
+    inference = _rows(out / "inference.csv")
+    assert {(r["attn"], r["positions"], r["seq"]) for r in inference} == {
+        (a, p, s) for a, p in {("standard", "rope"), ("standard", "alibi"), ("linear", "rope")} for s in ("32", "128")}
+    assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 for r in inference)
+    from attnbench.train.report import eval_summary
+
+    notes, table, _ = eval_summary(_load([out]), target_loss=9.0)
+    assert "the --target-loss given" in notes[0] and "9" in notes[0]
+    assert list(table.columns[-2:]) == ["infer tok/s @L", "infer tok/s @4L"] and (table["steps to target"] != "-").all()
+    assert (out / "plots" / "efficiency.png").stat().st_size > 0

@@ -24,7 +24,7 @@ def runs(tmp_path_factory):
 
 
 def _titles(run_dirs):
-    train, _, _, _ = report._load(run_dirs)
+    train = report._load(run_dirs).train
     return [ax.get_title() for ax in report._draw_curves(train).axes if ax.get_title()]
 
 
