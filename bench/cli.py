@@ -373,6 +373,7 @@ def distill(
     seed: Annotated[int, typer.Option(help="Seed of the students' new parameters and of sampled generations.")] = 0,
     window: Annotated[Optional[int], typer.Option(help="Sliding window W of the students that take one (window, nsa): the W keys before each query plus the query (default: the mechanism's).")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
+    data: Annotated[Optional[str], typer.Option(help="Corpus to distil on: stdlib, wikitext-2, wikitext-103 (local or HF cache; --download to fetch), or a text file or folder (default: the teacher run's corpus; stdlib for transformers teachers).")] = None,
     positions: Annotated[Optional[str], typer.Option(help="The students' position scheme: learned, sinusoidal, rope, alibi, none (default: the teacher's, or a student's own).")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="The students' key/value heads (GQA; 1: MQA), a divisor of the teacher's heads; the teacher's k/v projections are mean-pooled per group (default: the teacher's).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -391,7 +392,7 @@ def distill(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
         layer_mse=layer_mse, mask_l1=mask_l1, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
         impl=",".join(impl), batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
-        positions=positions, kv_heads=kv_heads, download=download,
+        data=data, positions=positions, kv_heads=kv_heads, download=download,
     )
     try:
         run_dir = run_distill(spec, out, resume, options=of_invocation(ctx.params))

@@ -82,6 +82,7 @@ class DistillSpec:
     seed: int = 0
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)  # the students' mechanism options (window, topn, ...)
+    data: str | None = None  # the corpus distilled on (train's --data names; None: the teacher run's, or stdlib)
     positions: str | None = None  # the students' position scheme (None: the teacher's, or the student's own)
     kv_heads: int | None = None  # the students' key/value heads (GQA/MQA; None: the teacher's)
     download: bool = False  # may a transformers teacher (or a train run's corpus) be fetched
@@ -283,14 +284,15 @@ def load_teacher(spec: DistillSpec):
     if (path / store.META_JSON).exists():
         return RunTeacher.from_run(
             path, mechanism=spec.teacher_attn, batch=spec.batch, seq=spec.seq, device=spec.device, options=spec.options,
-            download=spec.download, overrides=student_overrides(spec),
+            download=spec.download, overrides=student_overrides(spec), corpus_name=spec.data,
         )
     if spec.options or student_overrides(spec):
         raise InputError("--window, --option, --positions and --kv-heads reach the students of an `attnbench train` teacher only; "
                          "transformers students keep the teacher's shape and each mechanism's defaults")
     if path.exists() and not (path / "config.json").exists():
         raise InputError(f"--teacher {path}: neither a run folder (no meta.json) nor a transformers model (no config.json)")
-    return HFTeacher(spec.teacher, batch=spec.batch or 8, seq=spec.seq or 128, device=spec.device, download=spec.download)
+    return HFTeacher(spec.teacher, batch=spec.batch or 8, seq=spec.seq or 128, device=spec.device, download=spec.download,
+                     corpus_name=spec.data or "stdlib")
 
 
 def student_overrides(spec: DistillSpec) -> dict[str, Any]:

@@ -70,11 +70,12 @@ class RunTeacher:
     @classmethod
     def from_run(
         cls, run_dir: Path, *, mechanism: str | None, batch: int | None, seq: int | None, device: str, options=None,
-        download: bool = False, overrides=None,
+        download: bool = False, overrides=None, corpus_name: str | None = None,
     ) -> "RunTeacher":
         """The last checkpoint of ``mechanism`` (default: the run's first) in a run folder of `attnbench train`,
-        with the run's own corpus and tokenizer (checked against the hashes it recorded). The corpus is
-        fetched only with ``download`` (distill's own flag, not the one the train run recorded)."""
+        with the run's own tokenizer (checked against the hash it recorded, so it is rebuilt from the
+        run's corpus) and the token streams of ``corpus_name`` (train's --data names; None: the run's corpus).
+        A corpus is fetched only with ``download`` (distill's own flag, not the one the train run recorded)."""
         from attnbench.models.presets import Preset
         from attnbench.models.transformer import LanguageModel, ModelConfig
 
@@ -95,7 +96,8 @@ class RunTeacher:
         tokenizer = data.load_tokenizer(spec.tokenizer, corpus, Preset.from_name(spec.preset).vocab)
         if tokenizer.digest != meta["tokenizer"]["sha256"]:
             raise InputError(f"the tokenizer {tokenizer.name} found here is not the one {run_dir} trained with")
-        streams = data.token_streams(corpus, tokenizer)
+        distilled_on = corpus if corpus_name is None else data.load_corpus(corpus_name, download)
+        streams = data.token_streams(distilled_on, tokenizer)
         return cls(model, tokenizer, streams, batch=batch or spec.batch, seq=seq or spec.seq, label=f"{run_dir}:{mechanism}",
                    options=options, overrides=overrides)
 
@@ -152,7 +154,7 @@ class HFTeacher:
     """A transformers causal or masked LM from a local path or the HF cache (from the Hub only with
     ``download``); students run our cores through AttentionInterface (models/hf_attention.py)."""
 
-    def __init__(self, path: str, *, batch: int, seq: int, device: str, download: bool = False):
+    def __init__(self, path: str, *, batch: int, seq: int, device: str, download: bool = False, corpus_name: str = "stdlib"):
         import transformers
 
         local = not download
@@ -169,7 +171,7 @@ class HFTeacher:
             raise InputError(f"--teacher {path}: not a run folder, nor a transformers model on disk or in the HF cache ({detail})") from None
         self.task = "mlm" if masked else "clm"
         self.tokenizer = data.load_tokenizer(tokenizer_file, None, 0)
-        self.streams = data.token_streams(data.load_corpus("stdlib"), self.tokenizer)
+        self.streams = data.token_streams(data.load_corpus(corpus_name, download), self.tokenizer)
         self.batch, self.seq, self.label = batch, seq, path
         self.mechanism = "standard"  # HF's eager/sdpa attention is exact softmax attention
         self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -415,3 +415,24 @@ def test_a_scheme_a_student_cannot_take_is_one_line(teacher):
                                          overrides={"positions": "alibi"})
     with pytest.raises(InputError, match="--student linear: .*no score matrix"):
         source.layer_config("linear")
+
+
+def test_distill_data_streams_another_corpus_through_the_teachers_tokenizer(tmp_path):
+    """--data: the teacher run's tokenizer (rebuilt from its corpus, hash-checked) encodes the
+    corpus given; without it the run's own corpus is used."""
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    run = tmp_path / "teacher"
+    args = ["train", "--attn", "standard", "--task", "clm", "--preset", "tiny", "--seq", "32", "--batch", "2", "--steps", "2",
+            "--tokenizer", "bytes", "--device", "cpu", "--out", str(run)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40 for i in range(60)))
+    own = distill_teachers.RunTeacher.from_run(run, mechanism=None, batch=None, seq=None, device="cpu")
+    other = distill_teachers.RunTeacher.from_run(run, mechanism=None, batch=None, seq=None, device="cpu", corpus_name=str(text))
+    assert own.tokenizer.digest == other.tokenizer.digest
+    assert other.streams["train"].numel() < own.streams["train"].numel()
+    from_text = set(other.tokenizer.encode_batch([text.read_text()])[0]) | set(other.tokenizer.special_ids)
+    assert set(other.streams["train"].tolist()) <= from_text < set(own.streams["train"].tolist()) | from_text
