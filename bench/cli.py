@@ -363,7 +363,8 @@ def distill(
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warmup over 10% of the steps, at most 100, then cosine decay to 10%).")] = 2e-4,
     temperature: Annotated[float, typer.Option(help="Softmax temperature T of the KL(P_teacher || P_student) loss (scaled by T^2).")] = 1.0,
     layer_mse: Annotated[float, typer.Option(help="Weight of the per-layer attention-output MSE (LoLCATs-style layer-wise distillation).")] = 0.0,
-    mask_l1: Annotated[float, typer.Option(help="Weight of the L1 penalty on learnable masks/selections (mechanisms with sparsity_penalty()).")] = 0.0,
+    mask_l1: Annotated[list[float], typer.Option(help="Weights of the L1 penalty on learned masks (students with sparsity_penalty(), e.g. learned): one student per weight.")] = [0.0],  # noqa: B006
+    mask_lr: Annotated[float, typer.Option(help="Peak learning rate of the learned masks' scorers (their gates start open and must cross the threshold within the run).")] = 1e-2,
     train_all: Annotated[bool, typer.Option("--train-all", help="Train every parameter, not only the attention.")] = False,
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation and checkpoint every N steps.")] = 50,
     eval_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.")] = 8,
@@ -374,7 +375,9 @@ def distill(
     window: Annotated[Optional[int], typer.Option(help="Sliding window W of the students that take one (window, nsa): the W keys before each query plus the query (default: the mechanism's).")] = None,
     option: Annotated[list[str], typer.Option(help="Mechanism parameters KEY=VALUE (see `attnbench list`), for the mechanisms that declare them; a comma inside a literal, e.g. (1, 2), stays in its value.")] = [],  # noqa: B006
     data: Annotated[Optional[str], typer.Option(help="Corpus to distil on: stdlib, wikitext-2, wikitext-103 (local or HF cache; --download to fetch), or a text file or folder (default: the teacher run's corpus; stdlib for transformers teachers).")] = None,
-    positions: Annotated[Optional[str], typer.Option(help="The students' position scheme: learned, sinusoidal, rope, alibi, none (default: the teacher's, or a student's own).")] = None,
+    positions: Annotated[Optional[list[str]], typer.Option(help="Position schemes crossed with --student: learned, sinusoidal, rope, alibi, none (default: the teacher's, or a student's own); a cell that has no meaning is an unsupported row with its reason.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts to continue: a text file, prompts separated by lines holding only --- (default: four code and prose openings).")] = None,
+    scale_seq: Annotated[Optional[list[int]], typer.Option(help="Lengths one attention layer of the teacher and of each student is timed at (default: 1024 4096 16384 on CUDA, 256 1024 on CPU).")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="The students' key/value heads (GQA; 1: MQA), a divisor of the teacher's heads; the teacher's k/v projections are mean-pooled per group (default: the teacher's).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: results/<YYYYmmdd-HHMMSS>-distill).")] = None,
@@ -385,21 +388,23 @@ def distill(
     """Swap a trained model's attention for cheaper mechanisms and distil them: KL(P_teacher || P_student)."""
     from attnbench import console
     from attnbench.config import of_invocation
-    from attnbench.distill.run import DistillSpec, StudentDiverged, run_distill
+    from attnbench.distill.run import StudentDiverged, run_distill
+    from attnbench.distill.spec import DistillSpec
     from attnbench.train.run import resolve_device
 
     spec = DistillSpec(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
-        layer_mse=layer_mse, mask_l1=mask_l1, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
+        layer_mse=layer_mse, mask_l1=mask_l1, mask_lr=mask_lr, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
         impl=",".join(impl), batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
-        data=data, positions=positions, kv_heads=kv_heads, download=download,
+        data=data, positions=positions, kv_heads=kv_heads, download=download, prompts=None if prompts is None else str(prompts),
+        scale_seq=scale_seq,
     )
     try:
         run_dir = run_distill(spec, out, resume, options=of_invocation(ctx.params))
     except StudentDiverged as err:  # not bad input (exit 2): the run is written, a student in it failed
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(1) from None
-    console.out.print(f"distilled {', '.join(student)} -> {run_dir}/summary.csv, generations.md")
+    console.out.print(f"distilled {', '.join(cell.name for cell in spec.cells())} -> {run_dir}/summary.csv, generations.md")
 
 
 @app.command(cls=ListOptionsCommand)

@@ -170,7 +170,7 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON, written whole (replacing)."""
     with replacing(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -208,16 +208,17 @@ def _complete_text(path: Path) -> tuple[str, int]:
 
 
 def _parse(text: str, path: Path, columns: list[str], added: tuple[str, ...] = ()) -> list[dict[str, str]]:
-    """Rows of ``text`` under the header ``columns``; a file written before the ``added``
-    columns existed (its header is ``columns`` without them) reads with them empty."""
+    """Rows of ``text`` under the header ``columns``; a file written before some of the ``added``
+    columns existed (its header is ``columns`` without them, in order) reads with them empty."""
     reader = csv.reader(io.StringIO(text))
     rows = []
     try:
         header = next(reader, None)
         if header is None:
             return []
-        if added and header == [c for c in columns if c not in added]:
-            return [{**dict.fromkeys(added, ""), **row} for row in _parse(text, path, header)]
+        missing = [c for c in columns if c not in header]
+        if missing and set(missing) <= set(added) and header == [c for c in columns if c in header]:
+            return [{**dict.fromkeys(missing, ""), **row} for row in _parse(text, path, header)]
         if header != columns:
             raise InputError(f"{path} is corrupt or from another schema: its header (line 1) reads '{_printable(','.join(header))}', "
                              f"expected '{_printable(','.join(columns))}'")

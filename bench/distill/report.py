@@ -1,9 +1,13 @@
-"""The report of `attnbench distill` runs: held-out KL and top-1 agreement curves per student
-mechanism, the cost/quality table (a diverged student: status error and why, below it), and the generations.
+"""The report of `attnbench distill` runs: held-out KL and top-1 agreement curves per student,
+the quality/cost Pareto figure (held-out KL and perplexity against one attention layer's
+measured time at the reference length, and against a learned mask's density), the density of
+each learned mask per layer and head, and the tables: cost and quality (a diverged student:
+status error and why; an unsupported cell: why), edge cases and generation metrics, layer time
+and memory against length (scale.csv), then the generations.
 
-    render_distill_report([run_dir, ...], out_dir) -> [distill_report.md, plots/distill_kl.png, plots/distill_agreement.png]
+    render_distill_report([run_dir, ...], out_dir) -> [distill_report.md, plots/distill_*.png]
 
-Each run's rows are labelled "<run>/<student>" when several runs are given, "<student>" otherwise.
+Each run's students are labelled "<run>/<student>" when several runs are given, "<student>" otherwise.
 """
 
 from __future__ import annotations
@@ -11,17 +15,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnbench import store
-from attnbench.distill.evaluate import GENERATIONS
-from attnbench.distill.run import DISTILL_COLUMNS, DISTILL_CSV, SUMMARY_COLUMNS, SUMMARY_CSV
+from attnbench.distill.columns import (
+    ADDED_SUMMARY_COLUMNS, DENSITY_COLUMNS, DENSITY_CSV, DISTILL_COLUMNS, DISTILL_CSV, EDGE_METRICS, GENERATION_METRICS,
+    SCALE_COLUMNS, SCALE_CSV, SUMMARY_COLUMNS, SUMMARY_CSV,
+)
+from attnbench.distill.generate import GENERATIONS
 from attnbench.errors import InputError
 
+REFERENCE_SEQ = 4096  # the Pareto figure's x axis: one layer's forward at this length (else the longest timed)
 CURVES = {"kl": ("held-out KL(teacher || student), nats/token", True), "agreement": ("top-1 agreement with the teacher", False)}
 TABLE = [
-    ("model", "model"), ("mechanism", "mechanism"), ("impl", "impl"), ("steps", "steps"),
-    ("kl_zero_shot", "KL zero-shot"), ("kl", "KL"), ("agreement", "agreement"), ("ppl", "ppl"),
-    ("attn_flops", "attn GFLOP"), ("forward_ms", "forward ms"), ("peak_mem_mib", "peak MiB"), ("trainable_params", "trained params"),
-    ("status", "status"),
+    ("model", "model"), ("student", "student"), ("mechanism", "mechanism"), ("positions", "positions"), ("mask_l1", "mask L1"),
+    ("impl", "impl"), ("steps", "steps"), ("kl_zero_shot", "KL zero-shot"), ("kl", "KL"), ("agreement", "agreement"),
+    ("ppl", "ppl"), ("density", "density"), ("attn_flops", "attn GFLOP"), ("forward_ms", "forward ms"),
+    ("peak_mem_mib", "peak MiB"), ("trainable_params", "trained params"), ("status", "status"),
 ]
+QUALITY_TABLE = [("student", "student"), *((m, m.replace("_", " ")) for m in EDGE_METRICS + GENERATION_METRICS)]
+_FLOATS = {"kl", "kl_zero_shot", "agreement", "ppl", "density", "forward_ms", "peak_mem_mib", *EDGE_METRICS, *GENERATION_METRICS}
 
 
 def render_distill_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
@@ -32,13 +42,140 @@ def render_distill_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     curves: dict[str, list[tuple[int, dict[str, str]]]] = {}
     for run in run_dirs:
         for row in store.read_rows(run / DISTILL_CSV, DISTILL_COLUMNS):
-            if row["split"] == "valid":
+            if row["split"] == "valid" and row["status"] == "ok":
                 curves.setdefault(label(run, row["student"]), []).append((int(row["step"]), row))
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     written = [_plot(curves, metric, out_dir / "plots" / f"distill_{metric}.png") for metric in CURVES]
+    points = _pareto_points(run_dirs, label)
+    if points:
+        written.append(_plot_pareto(points, out_dir / "plots" / "distill_pareto.png"))
+    masks = {label(run, s): rows for run in run_dirs for s, rows in _densities(run).items()}
+    if masks:
+        written.append(_plot_densities(masks, out_dir / "plots" / "distill_density.png"))
     report = out_dir / "distill_report.md"
     report.write_text(_markdown(run_dirs, written, out_dir))
     return [report, *written]
+
+
+def _summary(run: Path) -> list[dict[str, str]]:
+    return store.read_rows(run / SUMMARY_CSV, SUMMARY_COLUMNS, added=ADDED_SUMMARY_COLUMNS)
+
+
+def _scale(run: Path) -> list[dict[str, str]]:
+    return store.read_rows(run / SCALE_CSV, SCALE_COLUMNS) if (run / SCALE_CSV).exists() else []
+
+
+def _densities(run: Path) -> dict[str, list[dict[str, str]]]:
+    """density.csv's rows per student (none for a run without learned masks)."""
+    if not (run / DENSITY_CSV).exists():
+        return {}
+    out: dict[str, list[dict[str, str]]] = {}
+    for row in store.read_rows(run / DENSITY_CSV, DENSITY_COLUMNS):
+        out.setdefault(row["student"], []).append(row)
+    return out
+
+
+def reference_seq(scale: list[dict[str, str]]) -> int | None:
+    """REFERENCE_SEQ when the run timed it, else its longest timed length (None: nothing timed)."""
+    seqs = {int(r["seq"]) for r in scale if r["status"] == "ok"}
+    return REFERENCE_SEQ if REFERENCE_SEQ in seqs else max(seqs, default=None)
+
+
+def _pareto_points(run_dirs: list[Path], label) -> list[dict]:
+    """One point per finished model: its KL, ppl, density and its own impl's layer ms at the reference length."""
+    points = []
+    for run in run_dirs:
+        if not (run / SUMMARY_CSV).exists():
+            continue
+        scale = _scale(run)
+        seq = reference_seq(scale)
+        if seq is None:
+            continue
+        timed = {(r["model"], r["impl"]): float(r["forward_ms"]) for r in scale if r["status"] == "ok" and int(r["seq"]) == seq}
+        for row in _summary(run):
+            name = "teacher" if row["model"] == "teacher" else row["student"]
+            impl = next((i for (m, i) in timed if m == name), None) if row["model"] == "teacher" else row["impl"]
+            if row["status"] != "ok" or (name, impl) not in timed:
+                continue
+            points.append({
+                "label": label(run, f"teacher ({row['mechanism']})" if name == "teacher" else name), "teacher": name == "teacher",
+                "mechanism": row["mechanism"], "kl": float(row["kl"]), "ppl": float(row["ppl"]) if row["ppl"] else None,
+                "density": 1.0 if name == "teacher" else (float(row["density"]) if row["density"] else None),
+                "ms": timed[(name, impl)], "seq": seq,
+            })
+    return points
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other is at least as good as in both coordinates (lower is better), by x."""
+    front, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def _plot_pareto(points: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    seqs = sorted({p["seq"] for p in points})
+    panels = [("ms", "kl", f"attention layer forward ms at T = {'/'.join(map(str, seqs))}", "held-out KL (nats/token)"),
+              ("ms", "ppl", f"attention layer forward ms at T = {'/'.join(map(str, seqs))}", "held-out perplexity"),
+              ("density", "kl", "fraction of causal key blocks kept (learned masks; teacher 1)", "held-out KL (nats/token)")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    colours = dict(zip(sorted({p["mechanism"] for p in points}), sns.color_palette("colorblind", 10) * 3))
+    for ax, (x, y, xlabel, ylabel) in zip(axes, panels):
+        shown = [p for p in points if p[x] is not None and p[y] is not None and (x != "density" or p["teacher"] or p["mechanism"] == "learned")]
+        for p in shown:
+            ax.scatter(p[x], max(p[y], 1e-6) if y == "kl" else p[y], s=90 if p["teacher"] else 45, marker="*" if p["teacher"] else "o",
+                       color=colours[p["mechanism"]], edgecolor="black", linewidth=0.5, zorder=3)
+            ax.annotate(p["label"], (p[x], max(p[y], 1e-6) if y == "kl" else p[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front = pareto_front([(p[x], max(p[y], 1e-6) if y == "kl" else p[y]) for p in shown if not p["teacher"]])
+        if len(front) > 1:
+            ax.plot(*zip(*front), color="grey", linestyle="--", linewidth=1, zorder=2, label="Pareto front (students)")
+            ax.legend(fontsize=8, loc="upper right")
+        if y == "kl":
+            ax.set_yscale("log")
+        if x == "ms":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Distilled students: quality against cost (lower left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_densities(masks: dict[str, list[dict[str, str]]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(masks), figsize=(3.2 * len(masks) + 1, 3.2), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], sorted(masks.items())):
+        layers, heads = 1 + max(int(r["layer"]) for r in rows), 1 + max(int(r["head"]) for r in rows)
+        grid = [[0.0] * heads for _ in range(layers)]
+        for r in rows:
+            grid[int(r["layer"])][int(r["head"])] = float(r["density"])
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=heads <= 12, fmt=".2f", cbar=ax is axes[0][-1],
+                    annot_kws={"fontsize": 7})
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.suptitle("Learned masks: fraction of causal key blocks kept on held-out text")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _plot(curves, metric: str, path: Path) -> Path:
@@ -57,7 +194,7 @@ def _plot(curves, metric: str, path: Path) -> Path:
     ax.set_xlabel("distillation step (0 = zero-shot: attention swapped, no training)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -69,9 +206,28 @@ def _cell(column: str, value: str) -> str:
         return ""
     if column == "attn_flops":
         return f"{float(value) / 1e9:.3g}"
-    if column in ("kl", "kl_zero_shot", "agreement", "ppl", "forward_ms", "peak_mem_mib"):
+    if column in _FLOATS:
         return f"{float(value):.4g}"
     return value
+
+
+def _table(columns: list[tuple[str, str]], rows: list[dict[str, str]]) -> list[str]:
+    return ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(_cell(c, row[c]) for c, _ in columns) + " |" for row in rows)]
+
+
+def _scale_table(scale: list[dict[str, str]]) -> list[str]:
+    """Layer forward ms (peak MiB) per model and impl (rows) and length (columns)."""
+    seqs = sorted({int(r["seq"]) for r in scale})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for r in scale:
+        text = f"{float(r['forward_ms']):.3g}" + (f" ({float(r['peak_mem_mib']):.0f})" if r["peak_mem_mib"] else "") if r["status"] == "ok" else r["status"]
+        if r["density"]:
+            text += f", density {float(r['density']):.2f}"
+        cells.setdefault((r["model"], r["impl"]), {})[int(r["seq"])] = text
+    lines = ["| model | impl | " + " | ".join(f"T = {s}" for s in seqs) + " |", "|" + "---|" * (2 + len(seqs))]
+    lines += [f"| {m} | {i} | " + " | ".join(row.get(s, "") for s in seqs) + " |" for (m, i), row in cells.items()]
+    return lines
 
 
 def _markdown(run_dirs: list[Path], plots: list[Path], out_dir: Path) -> str:
@@ -86,16 +242,27 @@ def _markdown(run_dirs: list[Path], plots: list[Path], out_dir: Path) -> str:
             f"{spec.get('temperature')}, layer MSE {spec.get('layer_mse')}, mask L1 {spec.get('mask_l1')}, "
             f"{'all parameters' if spec.get('train_all') else 'attention only'} trained.", "",
             "Attention FLOPs: the registry's forward model over all layers for one held-out batch (FlashAttention-3 "
-            "convention); forward ms and peak MiB: the whole model's forward on that batch (peak: CUDA only).", "",
-            "| " + " | ".join(title for _, title in TABLE) + " |",
-            "|" + "---|" * len(TABLE),
+            "convention); forward ms and peak MiB: the whole model's forward on that batch (peak: CUDA only); density: "
+            "the fraction of causal key blocks a learned mask keeps on the held-out batches.", "",
         ]
         if not (run / SUMMARY_CSV).exists():  # a run stopped before its end: its curves still count
-            lines[-2:] = ["Unfinished run (no summary.csv): the curves above are every evaluation it recorded."]
+            lines += ["Unfinished run (no summary.csv): the curves above are every evaluation it recorded."]
         else:
-            summary = store.read_rows(run / SUMMARY_CSV, SUMMARY_COLUMNS)
-            lines += ["| " + " | ".join(_cell(column, row[column]) for column, _ in TABLE) + " |" for row in summary]
-            lines += [f"\nDiverged: {row['message']}." for row in summary if row["status"] == "error"]
+            summary = _summary(run)
+            lines += _table(TABLE, summary)
+            lines += [f"\n{'Diverged' if row['status'] == 'error' else 'Unsupported'} {row['student'] or row['mechanism']}: {row['message']}."
+                      for row in summary if row["status"] in ("error", "unsupported")]
+            students = [row for row in summary if row["model"] == "student" and row["status"] == "ok"]
+            if any(row[m] for row in students for m in EDGE_METRICS):
+                lines += ["", "Edge cases (KL and top-1 agreement with the teacher; one token: all padding but the first token; "
+                          "repeated: one token repeated T times) and generation metrics (mean over the greedy and sampled "
+                          "continuations; fluency ppl: the teacher's perplexity of the continuation):", ""]
+                lines += _table(QUALITY_TABLE, [{**row, "student": row["student"] or "teacher"} for row in summary if row["status"] == "ok"])
+        scale = _scale(run)
+        if scale:
+            lines += ["", "One attention layer (the first block's, trained weights) forward in eval mode on x ~ N(0, 1) [1, T, C]: "
+                      "median ms (peak MiB beyond the input, CUDA only); a learned mask's density is the one it chose there.", ""]
+            lines += _scale_table(scale)
         generations = run / f"{GENERATIONS}.md"
         if generations.exists():
             body = generations.read_text().split("\n", 1)[1]  # without its own title

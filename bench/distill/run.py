@@ -7,8 +7,8 @@ attention to reproduce the teacher's output distribution.
 
 Teachers (bench/distill/teachers.py): a run folder of `attnbench train` (RunTeacher) or a
 transformers causal/masked LM by local path or HF cache (HFTeacher; from the Hub only with
-``download``). A
-student is the same model with every attention layer's mechanism replaced: for our models a
+``download``). The students: bench/distill/spec.py (mechanisms x position schemes x mask
+strengths). A student is the same model with every attention layer's mechanism replaced: for our models a
 registry layer with the teacher's tensors copied wherever name and shape agree
 (QKVAttention's fused qkv + out); for transformers models the model's own projections
 feeding our core through AttentionInterface (models/hf_attention.py). Every parameter the
@@ -16,10 +16,12 @@ teacher had outside attention is frozen unless ``train_all``; attention and anyt
 position table a mechanism needs) trains. Dropout is off in both models (the student learns
 to match a deterministic teacher).
 
-Run folder: meta.json, distill.csv (DISTILL_COLUMNS; step 0 is the zero-shot row),
-summary.csv (cost and quality per student), generations.md/.json (bench/distill/evaluate.py),
-students/<name>/ (the last checkpoint of each student, bench/checkpoint.py with trainable_only:
---resume continues from it).
+Run folder (bench/distill/columns.py): meta.json, distill.csv (step 0 is the zero-shot row;
+a cell that cannot be trained: one row of status unsupported), summary.csv (cost and quality
+per student), density.csv (learned masks), scale.csv (one layer timed at --scale-seq,
+bench/distill/scale.py), generations.md/.json (bench/distill/generate.py), students/<name>/
+(the last checkpoint of each student, bench/checkpoint.py with trainable_only: --resume
+continues from it).
 
 A student whose loss turns NaN or inf stops as `train`'s mechanisms do: an error row naming its
 last good checkpoint (or none), a summary row with status error; the other students still run,
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,81 +39,18 @@ import torch
 from torch import nn
 
 from attnbench import checkpoint, config, env, run_folder, store
-from attnbench.distill.evaluate import evaluate, generations, kl_per_token, measure_cost, to_device, write_generations
+from attnbench.distill import edges, generate, scale
+from attnbench.distill.columns import (
+    DENSITY_COLUMNS, DENSITY_CSV, DISTILL_COLUMNS, DISTILL_CSV, SCALE_COLUMNS, SCALE_CSV, SUMMARY_COLUMNS, SUMMARY_CSV,
+)
+from attnbench.distill.evaluate import evaluate, kl_per_token, measure_cost, to_device
+from attnbench.distill.spec import DistillSpec, StudentCell
 from attnbench.distill.teachers import HFTeacher, RunTeacher, hf_offline
 from attnbench.errors import InputError, Interrupted
-from attnbench.models import positions, registry
 from attnbench.train import data
 from attnbench.train.evaluate import autocast
-from attnbench.train.impl_choice import check_mechanism_options, choose_impl, impl_per_mechanism
+from attnbench.train.impl_choice import choose_impl, impl_per_mechanism
 from attnbench.train.run import lr_factor
-
-DISTILL_CSV = store.DISTILL_CSV
-SUMMARY_CSV = "summary.csv"
-DISTILL_COLUMNS = [
-    "student", "step", "split", "loss", "kl", "agreement", "ppl_student", "ppl_teacher",
-    "layer_mse", "lr", "tokens_per_s", "elapsed_s", "status", "message",
-]
-SUMMARY_COLUMNS = [
-    "model", "mechanism", "impl", "steps", "kl_zero_shot", "kl", "agreement", "ppl",
-    "attn_flops", "forward_ms", "peak_mem_mib", "trainable_params", "status", "message",
-]
-
-
-
-@dataclass
-class DistillSpec:
-    """What one `attnbench distill` run does (the CLI's options)."""
-
-    teacher: str
-    students: list[str]
-    teacher_attn: str | None = None  # which mechanism of a multi-mechanism train run; None: its first
-    steps: int = 200
-    lr: float = 2e-4  # the attention starts from the teacher's weights: a fine-tuning rate
-    temperature: float = 1.0
-    layer_mse: float = 0.0
-    mask_l1: float = 0.0
-    train_all: bool = False
-    eval_every: int = 50
-    eval_batches: int = 8
-    impl: str = "auto"
-    batch: int | None = None  # None: the teacher's training batch
-    seq: int | None = None  # None: the teacher's training length
-    new_tokens: int = 40
-    seed: int = 0
-    device: str = "cpu"
-    options: dict[str, Any] = field(default_factory=dict)  # the students' mechanism options (window, topn, ...)
-    data: str | None = None  # the corpus distilled on (train's --data names; None: the teacher run's, or stdlib)
-    positions: str | None = None  # the students' position scheme (None: the teacher's, or the student's own)
-    kv_heads: int | None = None  # the students' key/value heads (GQA/MQA; None: the teacher's)
-    download: bool = False  # may a transformers teacher (or a train run's corpus) be fetched
-
-    def validate(self) -> None:
-        if not self.students:
-            raise InputError("give at least one --student mechanism")
-        if len(set(self.students)) != len(self.students):
-            raise InputError(f"--student {','.join(self.students)}: each mechanism once (a student per name)")
-        for name in self.students:
-            registry.get(name)  # unknown: UnknownNameError with the valid names
-        check_mechanism_options(self.students, self.options)
-        impl_per_mechanism(self.impl, self.students)
-        sizes = (("steps", self.steps), ("eval-every", self.eval_every), ("eval-batches", self.eval_batches),
-                 ("batch", self.batch), ("seq", self.seq))  # batch, seq: None means the teacher's
-        for option, value in sizes:
-            if value is not None and value <= 0:
-                raise InputError(f"--{option} must be positive, not {value}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise InputError("--lr and --temperature must be positive")
-        if self.positions is not None:
-            positions.check_scheme(self.positions)
-        if self.kv_heads is not None and self.kv_heads <= 0:
-            raise InputError(f"--kv-heads must be positive, not {self.kv_heads}")
-        if self.layer_mse < 0 or self.mask_l1 < 0:
-            raise InputError("--layer-mse and --mask-l1 are weights: 0 or more")
-        if self.mask_l1 and not any(has_sparsity_penalty(name) for name in self.students):
-            takers = ", ".join(name for name in registry.mechanisms() if has_sparsity_penalty(name))
-            raise InputError(f"--mask-l1 weighs a student's sparsity penalty, and {', '.join(self.students)} define none (students that do: {takers})")
-
 
 # ---- losses
 
@@ -124,13 +62,6 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, seq_lens: torch.Ten
         return err.mean()
     real = torch.arange(err.shape[1], device=err.device)[None, :] < seq_lens.to(err.device)[:, None]
     return err[real].mean()
-
-
-def has_sparsity_penalty(mechanism: str) -> bool:
-    """Whether ``mechanism``'s layer defines ``sparsity_penalty()`` (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        layer = registry.build_layer(mechanism, registry.LayerConfig(dim=64, heads=4, causal=registry.get(mechanism).causal))
-    return any(callable(getattr(m, "sparsity_penalty", None)) for m in layer.modules())
 
 
 def sparsity_penalty(model: nn.Module) -> torch.Tensor | None:
@@ -166,6 +97,15 @@ def freeze_teacher_parameters(student: nn.Module, teacher_names: set[str], atten
         param.requires_grad = train_all or in_attention or name not in teacher_names
 
 
+def parameter_groups(student: nn.Module, trainable: list[nn.Parameter], spec: DistillSpec) -> list[dict[str, Any]]:
+    """AdamW's groups: the learned masks' scorers (layers' ``mask_parameters()``) at --mask-lr,
+    everything else trainable at --lr (empty groups left out)."""
+    masks = {id(p) for m in student.modules() if callable(getattr(m, "mask_parameters", None)) for p in m.mask_parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in masks], "lr": spec.lr},
+              {"params": [p for p in trainable if id(p) in masks], "lr": spec.mask_lr}]
+    return [group for group in groups if group["params"]]
+
+
 class StudentDiverged(RuntimeError):
     """A student's loss became NaN or inf; the message names the step and the last good checkpoint.
     Not an InputError: the input was fine, the run was not (the CLI exits 1, not 2)."""
@@ -174,20 +114,21 @@ class StudentDiverged(RuntimeError):
 # ---- the loop
 
 
-def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_dir: Path, log: store.RowLog) -> nn.Module:
-    """Build the ``mechanism`` student on ``impl``, continue from its checkpoint if there is one,
+def distill_student(source, cell: StudentCell, impl: str, spec: DistillSpec, run_dir: Path, log: store.RowLog) -> nn.Module:
+    """Build the ``cell`` student on ``impl``, continue from its checkpoint if there is one,
     train it to ``spec.steps``, logging train and held-out rows every ``spec.eval_every`` steps
     (step 0: zero-shot). Returns the trained student; StudentDiverged (after its error row) if
     its loss turns non-finite."""
-    device = spec.device
+    device, mechanism = spec.device, cell.name
     torch.manual_seed(spec.seed)
-    student = source.student(mechanism, impl).eval()  # eval: no dropout; gradients still flow
+    source = source.with_positions(cell.positions)
+    student = source.student(cell.mechanism, impl).eval()  # eval: no dropout; gradients still flow
     attention = source.attention_names(student)
     freeze_teacher_parameters(student, {n for n, _ in source.model.named_parameters()}, attention, spec.train_all)
     trainable = [p for p in student.parameters() if p.requires_grad]
     if not trainable:
         raise InputError(f"{mechanism}: the student has nothing to train (no attention parameters); pass --train-all")
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameter_groups(student, trainable, spec), weight_decay=0.0)
     warmup = max(1, min(100, spec.steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, spec.steps))
     ckpt_dir = run_dir / "students" / mechanism
@@ -208,7 +149,7 @@ def distill_student(source, mechanism: str, impl: str, spec: DistillSpec, run_di
     try:
         for step in range(start, spec.steps):
             batch = to_device(train.at(step), device)
-            parts = distill_loss(source, student, batch, spec, teacher_out, student_out)
+            parts = distill_loss(source, student, batch, spec, teacher_out, student_out, cell.mask_l1)
             if not torch.isfinite(parts["loss"]):
                 _stop_diverged(mechanism, float(parts["loss"].detach()), step + 1, checkpoint.latest(ckpt_dir), saved, log)
             optimizer.zero_grad(set_to_none=True)
@@ -248,8 +189,10 @@ def _stop_diverged(mechanism: str, loss: float, step: int, last: Path | None, sa
     raise StudentDiverged(message)
 
 
-def distill_loss(source, student, batch, spec: DistillSpec, teacher_out: OutputRecorder | None, student_out: OutputRecorder | None) -> dict[str, torch.Tensor]:
-    """The loss of one batch and its parts (module docstring): loss, kl (at the temperature, times T^2), layer_mse."""
+def distill_loss(source, student, batch, spec: DistillSpec, teacher_out: OutputRecorder | None, student_out: OutputRecorder | None,
+                 mask_l1: float = 0.0) -> dict[str, torch.Tensor]:
+    """The loss of one batch and its parts (module docstring): loss, kl (at the temperature, times T^2),
+    layer_mse; ``mask_l1``: the student's weight of its sparsity penalty."""
     t = spec.temperature
     with torch.no_grad(), autocast(spec.device):
         teacher_logits = source.logits(source.model, batch)
@@ -261,10 +204,10 @@ def distill_loss(source, student, batch, spec: DistillSpec, teacher_out: OutputR
         seq_lens = batch.get("seq_lens")
         layer_mse = torch.stack([masked_mse(s, t_, seq_lens) for s, t_ in zip(student_out.outputs, teacher_out.outputs)]).mean()
         loss = loss + spec.layer_mse * layer_mse
-    if spec.mask_l1:
+    if mask_l1:
         penalty = sparsity_penalty(student)
         if penalty is not None:
-            loss = loss + spec.mask_l1 * penalty
+            loss = loss + mask_l1 * penalty
     return {"loss": loss, "kl": kl.detach(), "layer_mse": layer_mse.detach()}
 
 
@@ -286,7 +229,7 @@ def load_teacher(spec: DistillSpec):
             path, mechanism=spec.teacher_attn, batch=spec.batch, seq=spec.seq, device=spec.device, options=spec.options,
             download=spec.download, overrides=student_overrides(spec), corpus_name=spec.data,
         )
-    if spec.options or student_overrides(spec):
+    if spec.options or student_overrides(spec) or spec.positions:
         raise InputError("--window, --option, --positions and --kv-heads reach the students of an `attnbench train` teacher only; "
                          "transformers students keep the teacher's shape and each mechanism's defaults")
     if path.exists() and not (path / "config.json").exists():
@@ -296,18 +239,24 @@ def load_teacher(spec: DistillSpec):
 
 
 def student_overrides(spec: DistillSpec) -> dict[str, Any]:
-    """The ModelConfig fields the students take instead of the teacher's (--positions, --kv-heads)."""
-    given = {"positions": spec.positions, "kv_heads": spec.kv_heads}
-    return {key: value for key, value in given.items() if value is not None}
+    """The ModelConfig fields every student takes instead of the teacher's (--kv-heads; each
+    cell's position scheme is its own: RunTeacher.with_positions)."""
+    return {} if spec.kv_heads is None else {"kv_heads": spec.kv_heads}
 
 
-def student_impls(source, spec: DistillSpec) -> dict[str, str]:
-    """Each student's impl on ``spec.device`` (--impl, or auto), for the teacher's layer shape; an
+def student_impls(source, spec: DistillSpec) -> dict[StudentCell, str | None]:
+    """Each student's impl on ``spec.device`` (--impl, or auto), for the teacher's layer shape with
+    its position scheme, or None for a cell its mechanism cannot take (StudentCell.why_not); an
     InputError names a student that cannot run there or in that teacher."""
     requested = impl_per_mechanism(spec.impl, spec.students)
-    impls = {name: choose_impl(name, requested[name], source.layer_config(name), spec.device) for name in spec.students}
-    for name, impl in impls.items():
-        source.check_student(name, impl)
+    impls: dict[StudentCell, str | None] = {}
+    for cell in spec.cells():
+        if cell.why_not():
+            impls[cell] = None
+            continue
+        cell_source = source.with_positions(cell.positions)
+        impls[cell] = choose_impl(cell.mechanism, requested[cell.mechanism], cell_source.layer_config(cell.mechanism), spec.device)
+        cell_source.check_student(cell.mechanism, impls[cell])
     return impls
 
 
@@ -321,6 +270,7 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
     the command's options (attnbench.config.of_invocation), kept as the run's config.toml.
     """
     spec.validate()
+    generate.read_prompts(spec.prompts)  # a bad file is an input error before anything runs
     torch.manual_seed(spec.seed)
     source = source or load_teacher(spec)
     impls = student_impls(source, spec)
@@ -339,64 +289,140 @@ def run_distill(spec: DistillSpec, out: Path | None = None, resume: bool = False
                               f"  {meta['command']} --out {shlex.quote(str(run_dir))} --resume") from None
 
 
-def distill_into(run_dir: Path, meta: dict[str, Any], source, impls: dict[str, str], spec: DistillSpec, resume: bool) -> Path:
-    """run_distill's work once its folder is locked: every student, the summary, the generations."""
+def distill_into(run_dir: Path, meta: dict[str, Any], source, impls: dict[StudentCell, str | None], spec: DistillSpec, resume: bool) -> Path:
+    """run_distill's work once its folder is locked: every student, the summary, the densities,
+    the generations, the layer timings at --scale-seq."""
     source.model.eval().requires_grad_(False)
-    students: dict[str, nn.Module] = {}
-    failed: dict[str, str] = {}  # mechanism -> why it stopped
+    students: dict[StudentCell, nn.Module] = {}
+    failed: dict[str, str] = {}  # student name -> why it stopped
     with store.RowLog(run_dir / DISTILL_CSV, DISTILL_COLUMNS, resume=resume) as log:
-        for mechanism, impl in impls.items():
+        done = {row["student"] for row in log.existing if row["status"] == "unsupported"}
+        for cell, impl in impls.items():
+            if impl is None:
+                if cell.name not in done:
+                    log.append({"student": cell.name, "step": 0, "split": "valid", "status": "unsupported", "message": cell.why_not()})
+                continue
             try:
-                students[mechanism] = distill_student(source, mechanism, impl, spec, run_dir, log)
+                students[cell] = distill_student(source, cell, impl, spec, run_dir, log)
             except StudentDiverged as err:  # recorded in distill.csv; the other students still run
-                failed[mechanism] = str(err)
+                failed[cell.name] = str(err)
     rows = store.read_rows(run_dir / DISTILL_CSV, DISTILL_COLUMNS)
-    write_summary(run_dir, source, impls, students, failed, rows, spec)
-    models = {f"teacher ({source.mechanism})": source.model, **students}
-    note = None
+    prompts = generate.read_prompts(spec.prompts)
+    texts = []
     if source.task == "clm":
-        write_generations(run_dir, generations(source, models, spec.new_tokens, spec.seed, spec.device))
+        models = {f"teacher ({source.mechanism})": source.model, **{cell.name: model for cell, model in students.items()}}
+        texts = generate.generations(source, models, prompts, spec.new_tokens, spec.seed, spec.device)
+        generate.write_generations(run_dir, texts)
     else:
-        note = "A masked LM does not generate left to right: no generations for this teacher."
-        write_generations(run_dir, [], note)
+        generate.write_generations(run_dir, [], "A masked LM does not generate left to right: no generations for this teacher.")
+    write_summary(run_dir, source, impls, students, failed, rows, texts, spec)
+    write_densities(run_dir, source, students, spec)
+    write_scale(run_dir, source, impls, students, spec)
     meta["finished"] = store.now()
     store.write_meta(run_dir, meta)
     if failed:
-        raise StudentDiverged(f"{len(failed)} of {len(impls)} students diverged: {' | '.join(failed.values())}; see {run_dir / SUMMARY_CSV}")
+        raise StudentDiverged(f"{len(failed)} of {len(students) + len(failed)} students diverged: {' | '.join(failed.values())}; see {run_dir / SUMMARY_CSV}")
     return run_dir
 
 
 def write_summary(
-    run_dir: Path, source, impls: dict[str, str], students: dict[str, nn.Module], failed: dict[str, str],
-    rows: list[dict[str, str]], spec: DistillSpec,
+    run_dir: Path, source, impls: dict[StudentCell, str | None], students: dict[StudentCell, nn.Module], failed: dict[str, str],
+    rows: list[dict[str, str]], texts: list[dict[str, Any]], spec: DistillSpec,
 ) -> list[dict[str, Any]]:
     """summary.csv: the teacher and each student's cost (attention FLOPs, forward ms, peak MiB on
-    one held-out batch) and quality (zero-shot and final held-out KL, agreement, perplexity). A
-    ``failed`` student's row has status error, its reason, and the quality of its last good checkpoint."""
-    probe = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, 1, source.tokenizer, spec.seed)[0]
-    valid = [r for r in rows if r["split"] == "valid"]
+    one held-out batch), quality (zero-shot and final held-out KL, agreement, perplexity; the edge
+    cases), the learned masks' density and the generations' metrics. A ``failed`` student's row has
+    status error, its reason, and the quality of its last good checkpoint; an unsupported cell's, why."""
+    valid_batches = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, spec.eval_batches, source.tokenizer, spec.seed)
+    probe, edge = valid_batches[0], edges.edge_batches(source, valid_batches, spec.seed)
+    valid = [r for r in rows if r["split"] == "valid" and r["status"] == "ok"]
     teacher_ppl = valid[-1]["ppl_teacher"] if valid else None
+    teacher_name = f"teacher ({source.mechanism})"
     summary = [{
-        "model": "teacher", "mechanism": source.mechanism, "impl": "", "steps": "", "kl": 0.0, "agreement": 1.0,
-        "ppl": teacher_ppl, "trainable_params": "", "status": "ok",
+        "model": "teacher", "student": "", "mechanism": source.mechanism, "impl": "", "steps": "", "kl": 0.0, "agreement": 1.0,
+        "ppl": teacher_ppl, "trainable_params": "", "status": "ok", **generate.mean_metrics(texts, teacher_name),
         **measure_cost(source, source.model, source.mechanism, probe, spec.device),
     }]
-    for mechanism, impl in impls.items():
-        mine = sorted((r for r in valid if r["student"] == mechanism), key=lambda r: int(r["step"]))
-        row = {
-            "model": "student", "mechanism": mechanism, "impl": impl, "steps": mine[-1]["step"],
-            "kl_zero_shot": mine[0]["kl"] if mine[0]["step"] == "0" else None, "kl": mine[-1]["kl"],
+    for cell, impl in impls.items():
+        row = {"model": "student", "student": cell.name, "mechanism": cell.mechanism, "positions": cell.positions,
+               "mask_l1": cell.mask_l1 if cell.mask_l1 else None, "impl": impl}
+        if impl is None:
+            summary.append({**row, "status": "unsupported", "message": cell.why_not()})
+            continue
+        mine = sorted((r for r in valid if r["student"] == cell.name), key=lambda r: int(r["step"]))
+        row.update({
+            "steps": mine[-1]["step"], "kl_zero_shot": mine[0]["kl"] if mine[0]["step"] == "0" else None, "kl": mine[-1]["kl"],
             "agreement": mine[-1]["agreement"], "ppl": mine[-1]["ppl_student"], "status": "ok",
-        }
-        if mechanism in failed:
-            row.update(status="error", message=failed[mechanism])
+        })
+        if cell.name in failed:
+            row.update(status="error", message=failed[cell.name])
         else:
-            student = students[mechanism]
+            student, cell_source = students[cell], source.with_positions(cell.positions)
             row.update(trainable_params=sum(p.numel() for p in student.parameters() if p.requires_grad),
-                       **measure_cost(source, student, mechanism, probe, spec.device))
+                       density=mean_density(student, cell_source, valid_batches, spec.device),
+                       **generate.mean_metrics(texts, cell.name), **edge_metrics(cell_source, student, edge, spec.device),
+                       **measure_cost(cell_source, student, cell.mechanism, probe, spec.device))
         summary.append(row)
     (run_dir / SUMMARY_CSV).unlink(missing_ok=True)  # rewritten whole from distill.csv and fresh costs
     with store.RowLog(run_dir / SUMMARY_CSV, SUMMARY_COLUMNS) as out:
         for row in summary:
             out.append(row)
     return summary
+
+
+def edge_metrics(source, student: nn.Module, edge: dict[str, list[dict[str, torch.Tensor]]], device: str) -> dict[str, float]:
+    """KL and top-1 agreement of ``student`` with the teacher on each edge case (bench/distill/edges.py)."""
+    out = {}
+    for case, batches in edge.items():
+        result = evaluate(source, student, batches, device)
+        out[f"kl_{case}"], out[f"agreement_{case}"] = result["kl"], result["agreement"]
+    return out
+
+
+def mask_layers(model: nn.Module) -> list[nn.Module]:
+    """The attention layers of ``model`` that keep a learned mask (they define density())."""
+    return [m for m in model.modules() if callable(getattr(m, "density", None))]
+
+
+@torch.no_grad()
+def densities(student: nn.Module, source, batches: list[dict[str, torch.Tensor]], device: str) -> torch.Tensor | None:
+    """Fraction of causal key blocks each learned-mask layer keeps per head, averaged over the
+    held-out ``batches`` (hard gates): float [layers, Hq], or None for a student without one."""
+    layers = mask_layers(student)
+    if not layers:
+        return None
+    total = None
+    for batch in batches:
+        with autocast(device):
+            source.logits(student, to_device(batch, device))
+        kept = torch.stack([layer.density().float().cpu() for layer in layers])
+        total = kept if total is None else total + kept
+    return total / len(batches)
+
+
+def mean_density(student: nn.Module, source, batches: list[dict[str, torch.Tensor]], device: str) -> float | None:
+    kept = densities(student, source, batches, device)
+    return None if kept is None else float(kept.mean())
+
+
+def write_densities(run_dir: Path, source, students: dict[StudentCell, nn.Module], spec: DistillSpec) -> None:
+    """density.csv: per learned-mask student, layer and head, the kept fraction on the held-out batches."""
+    batches = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, spec.eval_batches, source.tokenizer, spec.seed)
+    (run_dir / DENSITY_CSV).unlink(missing_ok=True)
+    with store.RowLog(run_dir / DENSITY_CSV, DENSITY_COLUMNS) as out:
+        for cell, student in students.items():
+            kept = densities(student, source.with_positions(cell.positions), batches, spec.device)
+            for layer, heads in enumerate([] if kept is None else kept.tolist()):
+                for head, value in enumerate(heads):
+                    out.append({"student": cell.name, "layer": layer, "head": head, "density": value})
+
+
+def write_scale(run_dir: Path, source, impls: dict[StudentCell, str | None], students: dict[StudentCell, nn.Module], spec: DistillSpec) -> None:
+    """scale.csv: the teacher's and each trained student's first attention layer timed at
+    --scale-seq (bench/distill/scale.py), every row written as it is measured."""
+    models = {"teacher": (source.mechanism, getattr(getattr(source.model, "cfg", None), "impl", ""), source.model)}
+    models.update({cell.name: (cell.mechanism, impls[cell], student) for cell, student in students.items()})
+    (run_dir / SCALE_CSV).unlink(missing_ok=True)
+    with store.RowLog(run_dir / SCALE_CSV, SCALE_COLUMNS) as out:
+        for row in scale.scale_rows(source, models, spec.scale_seq or scale.default_seq(spec.device), spec.device):
+            out.append(row)

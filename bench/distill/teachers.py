@@ -1,11 +1,12 @@
 """The two kinds of distillation teacher, behind one interface (model, tokenizer, streams,
-task, batch, seq, mechanism; attention_names, layer_config, check_student, student, logits,
-next_token_logits, attention_flops): a run folder of `attnbench train` (RunTeacher) and a
+task, batch, seq, mechanism; attention_names, with_positions, layer_config, check_student,
+student, logits, sequence_logits, attention_flops): a run folder of `attnbench train` (RunTeacher) and a
 transformers causal or masked LM by local path or HF cache (HFTeacher; fetched from the Hub only
 when the user passes --download: hf_offline() keeps transformers and huggingface_hub off the network)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -104,6 +105,14 @@ class RunTeacher:
     def attention_names(self, model: nn.Module) -> list[str]:
         return [f"trunk.blocks.{i}.attention" for i in range(len(model.trunk.blocks))]
 
+    def with_positions(self, scheme: str | None) -> "RunTeacher":
+        """This teacher, its students given position scheme ``scheme`` (None: as they are)."""
+        if scheme is None:
+            return self
+        other = copy.copy(self)
+        other.overrides = {**self.overrides, "positions": scheme}
+        return other
+
     def model_config(self, mechanism: str, impl: str):
         """The teacher's ModelConfig with ``mechanism`` (the run's options it declares, the students'
         position scheme and kv heads); InputError when the mechanism cannot take them."""
@@ -142,9 +151,9 @@ class RunTeacher:
         hidden = model.trunk(batch["input_ids"], batch.get("seq_lens"))
         return model.head(hidden[batch["labels"] != IGNORE])
 
-    def next_token_logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """ids [1, t] -> logits [V] of the token after them."""
-        return model(ids)[0, -1]
+    def sequence_logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, t] -> logits [t, V]: row i predicts the token after ids[0, i]."""
+        return model(ids)[0]
 
     def attention_flops(self, mechanism: str, batch: int, seq: int) -> float:
         return attention_flops(registry.get(mechanism), self.layer_config(mechanism), self.model.cfg.layers, batch, seq)
@@ -200,8 +209,6 @@ class HFTeacher:
         hf_attention.register(mechanism, impl)
 
     def student(self, mechanism: str, impl: str) -> nn.Module:
-        import copy
-
         from attnbench.models import hf_attention
 
         student = copy.deepcopy(self.model)
@@ -210,11 +217,18 @@ class HFTeacher:
             student(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(student.parameters()).device))
         return student
 
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"]).logits[batch["labels"] != IGNORE]
+    def with_positions(self, scheme: str | None) -> "HFTeacher":
+        if scheme is not None:
+            raise InputError("--positions reaches the students of an `attnbench train` teacher only")
+        return self
 
-    def next_token_logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids).logits[0, -1]
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, seq_lens = batch["input_ids"], batch.get("seq_lens")
+        mask = None if seq_lens is None else (torch.arange(ids.shape[1], device=ids.device)[None, :] < seq_lens[:, None]).long()
+        return model(input_ids=ids, attention_mask=mask).logits[batch["labels"] != IGNORE]
+
+    def sequence_logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids).logits[0]
 
     def attention_flops(self, mechanism: str, batch: int, seq: int) -> float:
         return attention_flops(registry.get(mechanism), self.layer_config(mechanism), self._layers, batch, seq)

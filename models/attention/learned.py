@@ -4,8 +4,9 @@ The sequence is cut into blocks of ``block`` tokens. For query block i and key b
 (causal) the scorer gives a logit from the block means of the layer's own q and k (a low-rank
 bilinear form per head, plus a per-head bias):
 
-    logit[b, h, i, j] = (mean_i(q_h) U_h) . (mean_j(k_h) V_h) / sqrt(rank) + bias_h
-    p = sigmoid(logit),   gate = 1[p > 1/2]   (straight-through: forward hard, gradient of p)
+    score[b, h, i, j] = (mean_i(q_h) U_h) . (mean_j(k_h) V_h) / sqrt(rank)
+    logit = bias_h + SCORE_BOUND tanh(score / SCORE_BOUND)          (|logit - bias_h| < SCORE_BOUND)
+    p = sigmoid(logit),   gate = 1[p > 1/2]   (forward hard; gradient of the soft-gated output at g = p)
 
 The diagonal block (and the first ``sinks`` key blocks) is always kept; blocks past the
 diagonal are never visited. The core is softmax attention weighted by the gates,
@@ -14,8 +15,9 @@ diagonal are never visited. The core is softmax attention weighted by the gates,
 
 which with hard gates is exactly masked softmax over the kept blocks (so the block-sparse
 kernel computes it), and with all gates open is standard attention: the scorer's bias starts
-at OPEN_BIAS, so a student whose q/k/v/out are copied from its teacher starts as the teacher.
-The gates' gradient reaches the scorer through p (straight-through); the layer keeps the last
+at OPEN_BIAS > SCORE_BOUND, so every gate starts open whatever q and k are, and a student whose
+q/k/v/out are copied from its teacher starts as the teacher exactly.
+The gates' gradient reaches the scorer through p (LearnedMaskAttention.attend); the layer keeps the last
 forward's gates: ``sparsity_penalty()`` is the mean gate probability over the learnable blocks
 (what distill's --mask-l1 weighs) and ``density()`` the fraction of causal key blocks kept per
 head. The scorer reads q and k detached: the penalty should bend the mask, not the copied q/k.
@@ -41,7 +43,8 @@ from attnbench.models.softmax import _triton_missing
 DEFAULT_BLOCK = 64
 DEFAULT_RANK = 16
 DEFAULT_SINKS = 0
-OPEN_BIAS = 3.0  # sigmoid(3) = 0.95: every gate starts open, away from the 1/2 threshold
+SCORE_BOUND = 2.0  # the q/k term of a logit stays within +-2 of the head's bias
+OPEN_BIAS = 3.0  # > SCORE_BOUND: every gate starts open (p >= sigmoid(1) = 0.73), away from the 1/2 threshold
 _MAX_EXPONENT = 30.0  # closed keys above the open keys' max: finite gate gradients (their weight is 0)
 
 
@@ -65,8 +68,8 @@ def gated_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DE
 
 
 def triton_block_sparse(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK):
-    """Our block-sparse flash kernel over the open blocks (hard gates). When the gates need a
-    gradient (training) it runs gated_reference instead: the kernel has no gate gradient."""
+    """Our block-sparse flash kernel over the open blocks (hard gates; its backward gives q, k, v
+    their gradients). Gates that need a gradient run gated_reference: the kernel has no gate gradient."""
     if gates is None:
         gates = torch.ones(1, 1, blocks(q.shape[1], block), blocks(k.shape[1], block), device=q.device)
     if torch.is_grad_enabled() and gates.requires_grad:
@@ -94,7 +97,7 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
 
 class BlockScorer(nn.Module):
     """Per-head logits [B, Hq, Nq, Nk] of key block j for query block i from block-mean-pooled
-    q [B, T, Hq, D] and k [B, S, Hkv, D]: (q̄_i U_h) . (k̄_j V_h) / sqrt(rank) + bias_h."""
+    q [B, T, Hq, D] and k [B, S, Hkv, D] (the module docstring's formula)."""
 
     def __init__(self, heads: int, head_dim: int, rank: int):
         super().__init__()
@@ -107,7 +110,8 @@ class BlockScorer(nn.Module):
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         queries = torch.einsum("bnhd,hdr->bhnr", block_means(q, block), self.u.to(q.dtype))
         keys = torch.einsum("bmhd,hdr->bhmr", block_means(k, block), self.v.to(q.dtype))
-        return torch.einsum("bhnr,bhmr->bhnm", queries, keys) * self.rank**-0.5 + self.bias.to(q.dtype).view(1, -1, 1, 1)
+        score = torch.einsum("bhnr,bhmr->bhnm", queries, keys) * self.rank**-0.5
+        return self.bias.to(q.dtype).view(1, -1, 1, 1) + SCORE_BOUND * torch.tanh(score / SCORE_BOUND)
 
 
 class LearnedMaskAttention(QKVAttention):
@@ -130,26 +134,40 @@ class LearnedMaskAttention(QKVAttention):
         causal = cols <= rows
         return causal, causal & ((cols == rows) | (cols < self.sinks))
 
-    def gates(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Hard gates [B, Hq, Nq, Nk] with the straight-through gradient of their probabilities."""
+    def gates(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft, hard) gates [B, Hq, Nq, Nk]: soft = p on the learnable blocks (differentiable in
+        the scorer), hard = 1[p > 1/2] there (no gradient); both 1 on the forced blocks."""
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"learned masks self-attention blocks (T = S), got T={q.shape[1]}, S={k.shape[1]}")
         causal, forced = self._structure(blocks(q.shape[1], self.block), q.device)
         learnable = causal & ~forced
         probs = torch.sigmoid(self.scorer(q.detach(), k.detach(), self.block).float())
-        hard = probs > 0.5
-        gates = torch.where(learnable, hard.float() + probs - probs.detach(), forced.float())
+        hard = probs.detach() > 0.5
         self._last = {"probs": probs, "learnable": learnable, "causal": causal, "kept": (hard & learnable) | forced, "t": q.shape[1]}
-        return gates
+        return torch.where(learnable, probs, forced.float()), torch.where(learnable, hard.float(), forced.float())
 
     def attend(self, q, k, v, seq_lens=None):
+        """The core on the hard mask; while the scorer trains, plus soft - soft.detach() (zero in
+        value): the gates' gradient is the soft-gated output's at g = p. q/k/v get the hard path's
+        gradient only. (The plain straight-through estimator, the hard output's gradient at g = 0,
+        scales with exp(score) of a closed key and reopens every gate the softmax would favour.)"""
         q, k = self.positioned(q, k)  # RoPE (when asked) before the scorer and the core alike
-        return self.run(q, k, v, causal=True, seq_lens=seq_lens, gates=self.gates(q, k), **self.core_options())
+        soft, hard = self.gates(q, k)
+        o = self.run(q, k, v, causal=True, seq_lens=seq_lens, gates=hard, **self.core_options())
+        if torch.is_grad_enabled() and soft.requires_grad:
+            relaxed = gated_reference(q.detach(), k.detach(), v.detach(), causal=True, seq_lens=seq_lens, gates=soft, block=self.block)
+            o = o + (relaxed - relaxed.detach()).to(o.dtype)
+        return o
 
     def _gates_seen(self) -> dict:
         if self._last is None:
             raise RuntimeError("the learned mask is known only after a forward")
         return self._last
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The scorer's parameters: distill trains them at their own rate (--mask-lr), since the
+        gates must travel from OPEN_BIAS to the threshold within a fine-tuning run."""
+        return list(self.scorer.parameters())
 
     def sparsity_penalty(self) -> torch.Tensor:
         """Mean gate probability over the learnable (causal, not forced) blocks of the last
@@ -196,7 +214,7 @@ IMPLS = {
 
 MECHANISM = Mechanism(
     name="learned",
-    description="softmax over the key blocks a learned per-head scorer keeps (straight-through gates, L1 penalty)",
+    description="softmax over the key blocks a learned per-head scorer keeps (hard gates, relaxed gradient, L1 penalty)",
     family="sparse",
     layer=lambda cfg: LearnedMaskAttention(cfg, IMPLS),
     impls=IMPLS,

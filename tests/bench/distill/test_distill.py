@@ -10,9 +10,11 @@ import torch
 
 from attnbench import store
 from attnbench.train import data
+from attnbench.distill import columns as distill_columns
 from attnbench.distill import run as distill
 from attnbench.distill import evaluate as distill_eval
 from attnbench.distill import teachers as distill_teachers
+from attnbench.models.registry import UnknownNameError
 from attnbench.models.transformer import build_model, training_step
 
 SEQ, BATCH = 64, 8
@@ -44,7 +46,8 @@ def valid_rows(run_dir, student):
 
 
 def test_distilling_lowers_held_out_kl(teacher, tmp_path):
-    spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=20, lr=5e-3, eval_every=10, eval_batches=2, new_tokens=8)
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear"], steps=20, lr=5e-3, eval_every=10, eval_batches=2, new_tokens=8,
+                               scale_seq=[64])
     run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
 
     rows = valid_rows(run_dir, "linear")
@@ -59,6 +62,11 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
 
     summary = store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)
     assert [r["model"] for r in summary] == ["teacher", "student"]
+    for metric in distill_columns.EDGE_METRICS + distill_columns.GENERATION_METRICS:  # every one measured, for the student
+        assert summary[1][metric] != "", metric
+    assert 0.0 <= float(summary[1]["agreement_one_token"]) <= 1.0 and float(summary[1]["kl_repeated"]) >= 0.0
+    scale = store.read_rows(run_dir / distill_columns.SCALE_CSV, distill_columns.SCALE_COLUMNS)
+    assert {(r["model"], r["impl"], r["seq"], r["status"]) for r in scale} == {("teacher", "torch", "64", "ok"), ("linear", "chunked", "64", "ok")}
     assert float(summary[1]["kl_zero_shot"]) == pytest.approx(zero_shot, rel=1e-5)
     # tiny preset: 2 layers, 4 heads, D = 32; softmax counts T(T+1)/2 causal pairs per head
     assert float(summary[0]["attn_flops"]) == pytest.approx(2 * 4.0 * 4 * 32 * (SEQ * (SEQ + 1) // 2) * BATCH, rel=1e-5)
@@ -72,7 +80,8 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
 
     report, *plots = render_distill_report([run_dir], tmp_path / "report")
     text = report.read_text()
-    assert "| student | linear | chunked | 20 |" in text and "### Generations" in text
+    assert "| student | linear | linear |  |  | chunked | 20 |" in text and "### Generations" in text
+    assert "Edge cases" in text and "| model | impl | T = 64 |" in text and "| linear | chunked | " in text
     assert all(p.stat().st_size > 0 for p in plots)
     (run_dir / distill.SUMMARY_CSV).unlink()  # as a run killed before its end leaves it
     report, *_ = render_distill_report([run_dir], tmp_path / "report-unfinished")
@@ -121,9 +130,9 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
 def test_bad_options_are_input_errors():
     with pytest.raises(distill.InputError, match="steps"):
         distill.DistillSpec(teacher="x", students=["linear"], steps=0).validate()
-    with pytest.raises(distill.registry.UnknownNameError, match="valid"):
+    with pytest.raises(UnknownNameError, match="valid"):
         distill.DistillSpec(teacher="x", students=["nope"]).validate()
-    with pytest.raises(distill.registry.UnknownNameError, match="option 'topn' is not a parameter of linear"):
+    with pytest.raises(UnknownNameError, match="option 'topn' is not a parameter of linear"):
         distill.DistillSpec(teacher="x", students=["linear"], options={"topn": 4}).validate()
     for size in ("seq", "batch"):  # None means the teacher's; 0 is an error, not a default
         with pytest.raises(distill.InputError, match=f"--{size} must be positive"):
@@ -137,8 +146,8 @@ def nan_loss_for(monkeypatch, mechanism, from_call):
     """Make ``mechanism``'s training loss NaN from its ``from_call``-th step on (1-based)."""
     real, calls = distill.distill_loss, []
 
-    def loss(source, student, batch, spec, teacher_out, student_out):
-        parts = real(source, student, batch, spec, teacher_out, student_out)
+    def loss(source, student, batch, spec, teacher_out, student_out, mask_l1=0.0):
+        parts = real(source, student, batch, spec, teacher_out, student_out, mask_l1)
         if student.cfg.mechanism == mechanism:
             calls.append(1)
             if len(calls) >= from_call:
@@ -354,7 +363,7 @@ def test_a_transformers_teacher_refuses_a_student_without_a_core_before_any_fold
     monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "load_corpus", lambda name, download=False: data.stdlib_corpus(cap_bytes=50_000))
     spec = distill.DistillSpec(teacher=str(model_dir), students=["gau"])
-    with pytest.raises(distill.registry.UnknownNameError, match="gau has no kernel-level core"):
+    with pytest.raises(UnknownNameError, match="gau has no kernel-level core"):
         distill.run_distill(spec, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -370,8 +379,8 @@ def test_mask_l1_weighs_the_learned_students_gate_penalty(teacher):
     batch = data.Batches(teacher.streams["train"], "clm", SEQ, BATCH, seed=0, tokenizer=teacher.tokenizer).at(0)
     losses = {}
     for weight in (0.0, 5.0):
-        spec = distill.DistillSpec(teacher="tiny-test", students=["learned"], mask_l1=weight)
-        parts = distill.distill_loss(teacher, student, batch, spec, None, None)
+        spec = distill.DistillSpec(teacher="tiny-test", students=["learned"], mask_l1=[weight])
+        parts = distill.distill_loss(teacher, student, batch, spec, None, None, mask_l1=weight)
         losses[weight] = parts["loss"] - parts["kl"]
     penalty = distill.sparsity_penalty(student)
     layers = sum(1 for m in student.modules() if hasattr(m, "density"))  # each layer's mean gate probability is <= 1
@@ -386,15 +395,15 @@ def test_mask_l1_without_a_student_that_has_a_penalty_is_refused_in_one_line():
     from attnbench.errors import InputError
 
     with pytest.raises(InputError, match="--mask-l1 weighs a student's sparsity penalty, and window, linear define none .*learned"):
-        distill.DistillSpec(teacher="t", students=["window", "linear"], mask_l1=0.5).validate()
-    distill.DistillSpec(teacher="t", students=["window", "learned"], mask_l1=0.5).validate()  # learned takes it
+        distill.DistillSpec(teacher="t", students=["window", "linear"], mask_l1=[0.5]).validate()
+    distill.DistillSpec(teacher="t", students=["window", "learned"], mask_l1=[0.5]).validate()  # learned takes it
 
 
 def test_students_take_their_own_position_scheme_and_kv_heads(teacher):
     """--positions and --kv-heads reach the students: a rope linear student has no learned table, a
     GQA student starts from the teacher's k/v heads mean-pooled per group (q rows and the rest copied)."""
     source = distill_teachers.RunTeacher(teacher.model, teacher.tokenizer, teacher.streams, batch=BATCH, seq=SEQ, label="t",
-                                         overrides={"positions": "rope", "kv_heads": 2})
+                                         overrides={"kv_heads": 2}).with_positions("rope")
     student = source.student("standard", "torch")
     assert student.cfg.positions == "rope" and student.cfg.kv_heads == 2 and student.trunk.embeddings.positions is None
     fused_t = teacher.model.trunk.blocks[0].attention.qkv.weight.detach()
@@ -411,8 +420,7 @@ def test_students_take_their_own_position_scheme_and_kv_heads(teacher):
 def test_a_scheme_a_student_cannot_take_is_one_line(teacher):
     from attnbench.errors import InputError
 
-    source = distill_teachers.RunTeacher(teacher.model, teacher.tokenizer, teacher.streams, batch=BATCH, seq=SEQ, label="t",
-                                         overrides={"positions": "alibi"})
+    source = teacher.with_positions("alibi")
     with pytest.raises(InputError, match="--student linear: .*no score matrix"):
         source.layer_config("linear")
 

@@ -1,0 +1,90 @@
+"""Scalability: one attention layer of the teacher and of each distilled student, timed at
+lengths longer than the run trains on (scale.csv, SCALE_COLUMNS), in the same process.
+
+Each model's first block's attention layer, its trained weights copied into a fresh layer on
+the impl named in the row, runs forward in eval mode without autograd on x ~ N(0, 1) [1, T, C]
+(the activation scale a pre-LN block feeds it), under the run's autocast (bf16 on CUDA): median
+ms (bench/timing.py) and peak MiB beyond the input (CUDA only). The teacher is also timed on our
+dense flash kernel and on cuDNN where they run, so a student's time has both peers beside it. A
+learned mask decides its blocks from that input: the row records the density it kept. An OOM is
+a row (status oom); a teacher from transformers has no layer of ours to time (unsupported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from attnbench import timing
+from attnbench.models import registry
+from attnbench.train.evaluate import autocast
+
+TEACHER_PEERS = ("triton", "sdpa-cudnn")  # the dense kernel and cuDNN, beside the teacher's own impl
+DEFAULT_SEQ = {"cuda": [1024, 4096, 16384], "cpu": [256, 1024]}
+
+
+def default_seq(device: str) -> list[int]:
+    """The lengths timed when --scale-seq is not given: the issue's 1k, 4k, 16k on CUDA, short on CPU."""
+    return DEFAULT_SEQ["cuda" if device.startswith("cuda") else "cpu"]
+
+
+def first_layer(model: nn.Module, mechanism: str, impl: str) -> nn.Module:
+    """A fresh ``mechanism`` layer on ``impl`` holding ``model``'s first attention layer's weights."""
+    cfg = replace(model.cfg.layer_config(), impl=impl)
+    layer = registry.build_layer(mechanism, cfg).to(next(model.parameters()).device)
+    layer.load_state_dict(model.trunk.blocks[0].attention.state_dict())
+    return layer.eval()
+
+
+def timed_layers(source, models: dict[str, tuple[str, str, nn.Module]], device: str) -> Iterator[tuple[str, str, str]]:
+    """(model name, mechanism, impl) of each row: the teacher on its impl and TEACHER_PEERS that
+    run here, then every model of ``models`` (name -> (mechanism, impl, model)) on its own."""
+    teacher, own, model = models["teacher"]
+    yield "teacher", teacher, own
+    entry = registry.get(teacher)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    for impl in TEACHER_PEERS:
+        if impl != own and impl in entry.impls and hasattr(model, "cfg") and \
+                entry.impl(impl).why_not(model.cfg.layer_config(), device, dtype) is None:
+            yield "teacher", teacher, impl
+    for name, (mechanism, impl, _) in models.items():
+        if name != "teacher":
+            yield name, mechanism, impl
+
+
+def scale_rows(source, models: dict[str, tuple[str, str, nn.Module]], seqs: list[int], device: str) -> Iterator[dict[str, Any]]:
+    """scale.csv's rows, one per (timed layer, length), as they are measured."""
+    dev = torch.device(device)
+    for name, mechanism, impl in timed_layers(source, models, device):
+        base = {"model": name, "mechanism": mechanism, "impl": impl, "batch": 1}
+        model = models.get(name, models["teacher"])[2]
+        if not hasattr(model, "trunk"):
+            for seq in seqs:
+                yield {**base, "seq": seq, "status": "unsupported", "message": "a transformers model has no layer of ours to time"}
+            continue
+        layer = first_layer(model, mechanism, impl)
+        for seq in seqs:
+            yield {**base, "seq": seq, **measure(layer, model.cfg.dim, seq, dev)}
+
+
+@torch.no_grad()
+def measure(layer: nn.Module, dim: int, seq: int, device: torch.device) -> dict[str, Any]:
+    """forward_ms, peak_mem_mib and (learned masks) density of ``layer`` on x [1, seq, dim]; an OOM: status oom."""
+    try:
+        x = torch.randn(1, seq, dim, device=device)
+
+        def forward():
+            with autocast(device.type):
+                layer(x)
+
+        forward()  # compilation, autotuning and caches stay out of the numbers
+        row = {"forward_ms": timing.measure(forward, device).median_ms, "peak_mem_mib": timing.peak_memory_mib(forward, device)}
+        if callable(getattr(layer, "density", None)):
+            row["density"] = float(layer.density().mean())
+        return {**row, "status": "ok"}
+    except torch.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        return {"status": "oom", "message": str(err).split("\n")[0]}
