@@ -93,7 +93,7 @@ def fluency_ppl(source, prompt: list[int], continuation: list[int], device: str)
     ids = (prompt + continuation)[-(source.max_length + 1) :] if source.max_length else prompt + continuation
     with autocast(device):
         logits = source.sequence_logits(source.model, torch.tensor([ids[:-1]], device=device)).float()
-    n = len(continuation)
+    n = min(len(continuation), len(ids) - 1)  # a context cut to max_length scores its last n tokens
     return math.exp(F.cross_entropy(logits[-n:], torch.tensor(ids[-n:], device=logits.device)).item())
 
 

@@ -444,3 +444,120 @@ def test_distill_data_streams_another_corpus_through_the_teachers_tokenizer(tmp_
     assert other.streams["train"].numel() < own.streams["train"].numel()
     from_text = set(other.tokenizer.encode_batch([text.read_text()])[0]) | set(other.tokenizer.special_ids)
     assert set(other.streams["train"].tolist()) <= from_text < set(own.streams["train"].tolist()) | from_text
+
+
+def test_a_penalty_sweep_trains_one_learned_student_per_strength_and_a_strong_one_is_sparse(teacher, tmp_path):
+    """--mask-l1 0,10: without a penalty the learned mask keeps every block (the student is the
+    teacher: zero-shot KL ~ 0); with a strong one it keeps under half of them on held-out text
+    and its held-out KL falls at every evaluation once the mask has closed."""
+    teacher.options = {"block": 8}  # SEQ 64: eight key blocks, 28 learnable of 36 causal
+    try:
+        spec = distill.DistillSpec(teacher="tiny-test", students=["learned", "window"], mask_l1=[0.0, 10.0], mask_lr=0.1, steps=40,
+                                   lr=5e-3, eval_every=10, eval_batches=2, new_tokens=4, scale_seq=[64], options={"block": 8})
+        run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    finally:
+        teacher.options = {}
+    assert [cell.name for cell in spec.cells()] == ["learned@l1=0", "learned@l1=10", "window"], "window has no penalty: trained once"
+    open_kls = [float(r["kl"]) for r in valid_rows(run_dir, "learned@l1=0")]
+    assert open_kls[0] < 1e-6, f"the learned student starts as its teacher: zero-shot KL {open_kls[0]}"
+    sparse_kls = [float(r["kl"]) for r in valid_rows(run_dir, "learned@l1=10")]
+    closed = sparse_kls.index(max(sparse_kls))
+    assert closed < len(sparse_kls) - 2 and sparse_kls[closed:] == sorted(sparse_kls[closed:], reverse=True), sparse_kls
+
+    density = store.read_rows(run_dir / distill_columns.DENSITY_CSV, distill_columns.DENSITY_COLUMNS)
+    per_student = {}
+    for row in density:
+        per_student.setdefault(row["student"], []).append(float(row["density"]))
+    assert set(per_student) == {"learned@l1=0", "learned@l1=10"} and all(len(v) == 2 * 4 for v in per_student.values())
+    assert all(d == 1.0 for d in per_student["learned@l1=0"]), per_student["learned@l1=0"]
+    assert sum(per_student["learned@l1=10"]) / 8 < 0.5, per_student["learned@l1=10"]
+    assert min(per_student["learned@l1=10"]) >= round(8 / 36, 6), "the diagonal block is always kept (the CSV holds 6 digits)"
+    summary = {r["student"]: r for r in store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)}
+    assert float(summary["learned@l1=10"]["density"]) == pytest.approx(sum(per_student["learned@l1=10"]) / 8, rel=1e-4)
+    assert summary["learned@l1=10"]["mask_l1"] == "10" and summary["window"]["density"] == ""
+
+    from attnbench.distill.report import render_distill_report
+
+    report, *plots = render_distill_report([run_dir], tmp_path / "report")
+    assert {p.name for p in plots} >= {"distill_pareto.png", "distill_density.png"}
+    assert "| student | learned@l1=10 | learned |  | 10 |" in report.read_text()
+
+
+def test_position_schemes_cross_the_students_and_a_cell_without_meaning_is_an_unsupported_row(teacher, tmp_path):
+    spec = distill.DistillSpec(teacher="tiny-test", students=["linear", "window"], positions=["rope", "alibi"], steps=2, eval_every=2,
+                               eval_batches=1, new_tokens=2, scale_seq=[32])
+    run_dir = distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    summary = {r["student"]: r for r in store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS) if r["model"] == "student"}
+    assert set(summary) == {"linear+rope", "linear+alibi", "window+rope", "window+alibi"}
+    assert summary["linear+alibi"]["status"] == "unsupported" and "no score matrix" in summary["linear+alibi"]["message"]
+    assert all(summary[name]["status"] == "ok" and summary[name]["positions"] == name.split("+")[1]
+               for name in ("linear+rope", "window+rope", "window+alibi"))
+    rows = store.read_rows(run_dir / distill.DISTILL_CSV, distill.DISTILL_COLUMNS)
+    assert [(r["step"], r["status"]) for r in rows if r["student"] == "linear+alibi"] == [("0", "unsupported")]
+    from attnbench.errors import InputError
+
+    with pytest.raises(InputError, match="no student can be trained: linear\\+alibi: .*no score matrix"):
+        distill.DistillSpec(teacher="t", students=["linear"], positions=["alibi"]).validate()
+
+
+def test_prompts_file_holds_prompts_separated_by_dashes(tmp_path):
+    from attnbench.distill import generate
+    from attnbench.errors import InputError
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("def f(x):\n    return\n---\nOnce upon a time\n---\n\n")
+    assert generate.read_prompts(str(path)) == ["def f(x):\n    return", "Once upon a time"]
+    assert generate.read_prompts(None) == generate.PROMPTS
+    (tmp_path / "empty.txt").write_text("---\n  \n")
+    for bad in (tmp_path / "empty.txt", tmp_path / "missing.txt"):
+        with pytest.raises(InputError, match="--prompts"):
+            generate.read_prompts(str(bad))
+
+
+def test_cli_prompts_reach_the_generations_and_a_missing_file_is_one_line(teacher, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attnbench.cli import app
+
+    run = tmp_path / "teacher"
+    args = ["train", "--attn", "standard", "--task", "clm", "--preset", "tiny", "--seq", "32", "--batch", "2", "--steps", "2",
+            "--tokenizer", "bytes", "--device", "cpu", "--out", str(run)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("SELECT name FROM\n---\nDear Sir,")
+    base = ["distill", "--teacher", str(run), "--student", "linear", "--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--device", "cpu", "--scale-seq", "32"]
+    result = CliRunner().invoke(app, [*base, "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "--prompts" in result.output and not (tmp_path / "bad").exists()
+    result = CliRunner().invoke(app, [*base, "--prompts", str(prompts), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    texts = json.loads((tmp_path / "run" / "generations.json").read_text())
+    assert {t["prompt"] for t in texts} == {"SELECT name FROM", "Dear Sir,"}
+
+
+def test_generation_metrics_count_ngrams_and_fluency_is_the_teachers_perplexity(teacher):
+    from attnbench.distill import generate
+
+    assert generate.distinct([1, 2, 1, 2, 3], 1) == 3 / 5 and generate.distinct([1, 2, 1, 2, 3], 2) == 3 / 4
+    assert generate.distinct([7], 2) is None
+    m = generate.metrics(teacher, [10, 11], [5, 6, 5, 6, 5, 6], "cpu")
+    assert m["rep_4"] == pytest.approx(1 - 2 / 3), "4-grams 5656, 6565, 5656: two unique of three"
+    ids = torch.tensor([[10, 11, 5, 6, 5, 6, 5]])
+    with torch.no_grad():
+        logits = teacher.model(ids)[0, -6:]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([5, 6, 5, 6, 5, 6])).exp().item()
+    assert m["fluency_ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_edge_batches_keep_one_token_or_repeat_one(teacher):
+    from attnbench.distill import edges
+
+    valid = data.eval_batches(teacher.streams["valid"], "clm", SEQ, BATCH, 1, teacher.tokenizer)
+    one = edges.one_token(valid[0], "clm", teacher.tokenizer)
+    assert one["seq_lens"].tolist() == [1] * BATCH and (one["labels"][:, 1:] == data.IGNORE).all()
+    assert torch.equal(one["labels"][:, 0], valid[0]["labels"][:, 0]) and (one["input_ids"][:, 1:] == teacher.tokenizer.pad_id).all()
+    masked = edges.one_token(valid[0], "mlm", teacher.tokenizer)
+    assert (masked["input_ids"][:, 0] == teacher.tokenizer.mask_id).all() and torch.equal(masked["labels"][:, 0], valid[0]["input_ids"][:, 0])
+    same = edges.repeated(teacher.streams["valid"], "clm", SEQ, BATCH, teacher.tokenizer, 0)
+    assert same["input_ids"].shape == (BATCH, SEQ) and same["input_ids"].unique().numel() == 1
+    assert int(same["input_ids"][0, 0]) not in teacher.tokenizer.special_ids
