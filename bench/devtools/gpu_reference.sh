@@ -73,6 +73,10 @@
 #             process per cell: 14 trainings sharing the GPU, so their tokens/s compare within the grid only
 #   bert:     BERT small MLM runs of standard (learned), rope, alibi and exposb, the grid's steps and
 #             batch, extrapolation to 4x, one process each (BERT=1 adds them to the grid stage's call)
+#   learned:  issue 23: a GPT small teacher (`train`'s CUDA default: 1235 x 8 x 512, 2 epochs), distilled
+#             1000 steps into learned at L1 1, 10, 100 (one process) and into nsa, window (128),
+#             performer, linear (another, alongside), then both resumed at their last step on the quiet
+#             GPU to measure costs and layer times at 1k/4k/16k; the report with the Pareto figure
 #   gate:     the correctness gate on the GPU: the window x rope/alibi x GQA cells of the softmax family
 #             (`attnbench check --attn standard,window --positions rope,alibi --window 256`) to T = 4k,
 #             every impl of every mechanism to T = 2k (`check --attn all`), and `speed --check` of standard
@@ -391,6 +395,29 @@ for name in ("window-schemes", "all"):
 rows = list(csv.DictReader(open(f"{sys.argv[1]}/speed-check/speed.csv")))
 for r in rows:
     print(r["impl"], r["seq"], r["mode"], r["status"], r["check"], r["ms_median"])
+PY
+    ;;
+learned)  # #23: distilled into learned (three L1 strengths) and nsa/window/performer/linear
+    limit 100 attnbench train --attn standard --task clm ${TEACHER:-} --out "$out/teacher" > "$out/teacher.txt" 2>&1
+    tail -2 "$out/teacher.txt"
+    common=(--teacher "$out/teacher" --steps "${STEPS:-1000}" --batch 8 --lr 1e-4 --eval-every "${EVAL_EVERY:-100}" ${DISTILL:-})
+    limit 360 attnbench distill "${common[@]}" --student learned --mask-l1 "${MASK_L1:-1,10,100}" --out "$out/learned" > "$out/learned.txt" 2>&1 &
+    limit 360 attnbench distill "${common[@]}" --student nsa,window,performer,linear --window 128 --option topn=2 \
+        --impl auto,nsa=torch --out "$out/others" > "$out/others.txt" 2>&1 &
+    wait
+    for run in learned others; do  # again on a quiet GPU: every student is at its last step, so only the costs,
+        # the layer timings (scale.csv), densities, edge cases and generations are measured anew
+        limit 90 attnbench distill --resume --out "$out/$run" --config "$out/$run/config.toml" > "$out/$run-costs.txt" 2>&1
+        tail -1 "$out/$run-costs.txt"
+    done
+    attnbench report "$out/learned" "$out/others" --out "$out/report" > /dev/null 2>&1
+    python3 - "$out" <<'PY'
+import csv, sys
+for run in ("learned", "others"):
+    for r in csv.DictReader(open(f"{sys.argv[1]}/{run}/summary.csv")):
+        print(run, r["student"] or "teacher", r["impl"], r["kl_zero_shot"], r["kl"], r["agreement"], r["ppl"], r["density"], r["status"])
+    for r in csv.DictReader(open(f"{sys.argv[1]}/{run}/scale.csv")):
+        print("  ", r["model"], r["impl"], r["seq"], r["forward_ms"], r["peak_mem_mib"], r["density"], r["status"])
 PY
     ;;
 bert)

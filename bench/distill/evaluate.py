@@ -52,8 +52,9 @@ def evaluate(source, student: nn.Module, batches: list[dict[str, torch.Tensor]],
 
 
 def measure_cost(source, model: nn.Module, mechanism: str, batch: dict[str, torch.Tensor], device: str) -> dict[str, Any]:
-    """Attention FLOPs (the registry's forward model, all layers) and the whole model's forward
-    time (median ms) and peak memory (MiB, CUDA only) on one evaluation batch."""
+    """Attention FLOPs (the registry's forward model, all layers; a learned mask's layers count the
+    blocks they kept on this batch, ``visited_flops()``) and the whole model's forward time
+    (median ms) and peak memory (MiB, CUDA only) on one evaluation batch."""
     batch = to_device(batch, device)
     b, t = batch["input_ids"].shape
 
@@ -63,9 +64,11 @@ def measure_cost(source, model: nn.Module, mechanism: str, batch: dict[str, torc
             source.logits(model, batch)
 
     forward()  # warm-up: autotuning and caches stay out of the numbers
+    masked = [m for m in model.modules() if callable(getattr(m, "visited_flops", None))]
+    flops = sum(m.visited_flops() for m in masked) if masked else source.attention_flops(mechanism, b, t)
     dev = torch.device(device)
     return {
-        "attn_flops": source.attention_flops(mechanism, b, t),
+        "attn_flops": flops,
         "forward_ms": timing.measure(forward, dev).median_ms,
         "peak_mem_mib": timing.peak_memory_mib(forward, dev),
     }

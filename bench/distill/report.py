@@ -46,9 +46,9 @@ def render_distill_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
                 curves.setdefault(label(run, row["student"]), []).append((int(row["step"]), row))
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     written = [_plot(curves, metric, out_dir / "plots" / f"distill_{metric}.png") for metric in CURVES]
-    points = _pareto_points(run_dirs, label)
-    if points:
-        written.append(_plot_pareto(points, out_dir / "plots" / "distill_pareto.png"))
+    students, teachers = _pareto_points(run_dirs, label)
+    if students:
+        written.append(_plot_pareto(students, teachers, out_dir / "plots" / "distill_pareto.png"))
     masks = {label(run, s): rows for run in run_dirs for s, rows in _densities(run).items()}
     if masks:
         written.append(_plot_densities(masks, out_dir / "plots" / "distill_density.png"))
@@ -81,9 +81,11 @@ def reference_seq(scale: list[dict[str, str]]) -> int | None:
     return REFERENCE_SEQ if REFERENCE_SEQ in seqs else max(seqs, default=None)
 
 
-def _pareto_points(run_dirs: list[Path], label) -> list[dict]:
-    """One point per finished model: its KL, ppl, density and its own impl's layer ms at the reference length."""
-    points = []
+def _pareto_points(run_dirs: list[Path], label) -> tuple[list[dict], list[dict]]:
+    """(students, teachers): each finished student's KL, ppl, density and its own impl's layer ms
+    at the reference length; each teacher's ppl and layer ms on every impl timed (a teacher
+    several runs share is drawn once)."""
+    students, teachers, seen = [], [], set()
     for run in run_dirs:
         if not (run / SUMMARY_CSV).exists():
             continue
@@ -92,18 +94,22 @@ def _pareto_points(run_dirs: list[Path], label) -> list[dict]:
         if seq is None:
             continue
         timed = {(r["model"], r["impl"]): float(r["forward_ms"]) for r in scale if r["status"] == "ok" and int(r["seq"]) == seq}
+        teacher_path = store.read_meta(run).get("spec", {}).get("teacher")
         for row in _summary(run):
-            name = "teacher" if row["model"] == "teacher" else row["student"]
-            impl = next((i for (m, i) in timed if m == name), None) if row["model"] == "teacher" else row["impl"]
-            if row["status"] != "ok" or (name, impl) not in timed:
+            if row["status"] != "ok":
                 continue
-            points.append({
-                "label": label(run, f"teacher ({row['mechanism']})" if name == "teacher" else name), "teacher": name == "teacher",
-                "mechanism": row["mechanism"], "kl": float(row["kl"]), "ppl": float(row["ppl"]) if row["ppl"] else None,
-                "density": 1.0 if name == "teacher" else (float(row["density"]) if row["density"] else None),
-                "ms": timed[(name, impl)], "seq": seq,
-            })
-    return points
+            if row["model"] == "teacher":
+                if (teacher_path, row["mechanism"], seq) not in seen:
+                    seen.add((teacher_path, row["mechanism"], seq))
+                    teachers += [{"label": f"teacher ({row['mechanism']}, {impl})", "ms": ms, "seq": seq, "ppl": float(row["ppl"]) if row["ppl"] else None}
+                                 for (model, impl), ms in timed.items() if model == "teacher"]
+            elif (row["student"], row["impl"]) in timed:
+                students.append({
+                    "label": label(run, row["student"]), "mechanism": row["mechanism"], "kl": float(row["kl"]),
+                    "ppl": float(row["ppl"]) if row["ppl"] else None, "density": float(row["density"]) if row["density"] else None,
+                    "ms": timed[(row["student"], row["impl"])], "seq": seq,
+                })
+    return students, teachers
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -116,37 +122,44 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def _plot_pareto(points: list[dict], path: Path) -> Path:
+def _plot_pareto(students: list[dict], teachers: list[dict], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import LogFormatter
 
-    seqs = sorted({p["seq"] for p in points})
-    panels = [("ms", "kl", f"attention layer forward ms at T = {'/'.join(map(str, seqs))}", "held-out KL (nats/token)"),
-              ("ms", "ppl", f"attention layer forward ms at T = {'/'.join(map(str, seqs))}", "held-out perplexity"),
-              ("density", "kl", "fraction of causal key blocks kept (learned masks; teacher 1)", "held-out KL (nats/token)")]
+    at = "/".join(map(str, sorted({p["seq"] for p in students + teachers})))
+    panels = [("ms", "kl", f"one attention layer's forward, ms at T = {at}", "held-out KL(teacher || student), nats/token"),
+              ("ms", "ppl", f"one attention layer's forward, ms at T = {at}", "held-out perplexity"),
+              ("density", "kl", "fraction of causal key blocks a learned mask keeps", "held-out KL(teacher || student), nats/token")]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    colours = dict(zip(sorted({p["mechanism"] for p in points}), sns.color_palette("colorblind", 10) * 3))
+    colours = dict(zip(sorted({p["mechanism"] for p in students}), sns.color_palette("colorblind", 10) * 3))
     for ax, (x, y, xlabel, ylabel) in zip(axes, panels):
-        shown = [p for p in points if p[x] is not None and p[y] is not None and (x != "density" or p["teacher"] or p["mechanism"] == "learned")]
+        shown = [p for p in students if p[x] is not None and p[y] is not None and (x != "density" or p["mechanism"] == "learned")]
         for p in shown:
-            ax.scatter(p[x], max(p[y], 1e-6) if y == "kl" else p[y], s=90 if p["teacher"] else 45, marker="*" if p["teacher"] else "o",
-                       color=colours[p["mechanism"]], edgecolor="black", linewidth=0.5, zorder=3)
-            ax.annotate(p["label"], (p[x], max(p[y], 1e-6) if y == "kl" else p[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        front = pareto_front([(p[x], max(p[y], 1e-6) if y == "kl" else p[y]) for p in shown if not p["teacher"]])
+            ax.scatter(p[x], p[y], s=45, color=colours[p["mechanism"]], edgecolor="black", linewidth=0.5, zorder=3)
+            ax.annotate(p["label"], (p[x], p[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front = pareto_front([(p[x], p[y]) for p in shown])
         if len(front) > 1:
-            ax.plot(*zip(*front), color="grey", linestyle="--", linewidth=1, zorder=2, label="Pareto front (students)")
-            ax.legend(fontsize=8, loc="upper right")
+            ax.plot(*zip(*front), color="grey", linestyle="--", linewidth=1, zorder=2, label="Pareto front")
+        if x == "ms":  # the teacher's layer on each impl timed: the cost a student must beat
+            for i, t in enumerate(teachers):
+                ax.axvline(t["ms"], color="black", linestyle=(0, (1, 2 + 2 * i)), linewidth=1, label=t["label"])
+                if y == "ppl" and t["ppl"] is not None and i == 0:
+                    ax.scatter(t["ms"], t["ppl"], marker="*", s=110, color="black", zorder=4)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         if y == "kl":
             ax.set_yscale("log")
-        if x == "ms":
-            ax.set_xscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.suptitle("Distilled students: quality against cost (lower left is better)")
+    fig.suptitle("Distilled students: quality against cost (lower left is better; dotted: the teacher's layer)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

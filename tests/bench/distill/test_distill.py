@@ -475,6 +475,9 @@ def test_a_penalty_sweep_trains_one_learned_student_per_strength_and_a_strong_on
     summary = {r["student"]: r for r in store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)}
     assert float(summary["learned@l1=10"]["density"]) == pytest.approx(sum(per_student["learned@l1=10"]) / 8, rel=1e-4)
     assert summary["learned@l1=10"]["mask_l1"] == "10" and summary["window"]["density"] == ""
+    teacher_flops = float(summary[""]["attn_flops"])  # the teacher's row has no student name
+    assert float(summary["learned@l1=0"]["attn_flops"]) == pytest.approx(teacher_flops, rel=1e-5), "every block kept: the dense count"
+    assert float(summary["learned@l1=10"]["attn_flops"]) < 0.6 * teacher_flops, "the kept blocks' count"
 
     from attnbench.distill.report import render_distill_report
 
