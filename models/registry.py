@@ -128,8 +128,8 @@ class DecodeForm:
     """
 
     carries: Literal["kv-cache", "state"]
-    bytes: Callable[..., float]
-    memory: Callable[..., float]
+    bytes: Callable[..., int]
+    memory: Callable[..., int]
     impls: dict[str, DecodeImpl]
 
 
