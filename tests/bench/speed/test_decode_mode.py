@@ -141,3 +141,28 @@ def test_a_decode_step_at_the_layer_level_or_bidirectional_is_unsupported_with_i
     kernel = sweep.SweepSpec(**{**spec.__dict__, "levels": ["kernel"]})
     reasons = {case.causal: sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(kernel)}
     assert reasons[True] is None and "causal" in reasons[False]
+
+
+def test_report_on_a_decode_run_draws_time_per_step_with_the_bandwidth_bound(decode_run, tmp_path):
+    from attnbench.report.decode import bound_ms
+    from attnbench.report.speed import load_speed
+
+    out, _ = decode_run
+    assert invoke("report", out, "--out", tmp_path / "plain").exit_code == 0
+    assert [p.name for p in (tmp_path / "plain" / "plots").glob("decode-*.png")]
+    assert bound_ms(load_speed([out])).empty  # no bandwidth measured: no bound drawn
+    measured = tmp_path / "measured"
+    measured.mkdir()
+    (measured / store.META_JSON).write_text((out / store.META_JSON).read_text())
+    rows = rows_of(out)
+    for row in rows:  # as a run with --measure-peak at 10 GB/s would have recorded
+        row["pct_bandwidth"] = f"{10 * float(row['gbps']):.6g}" if row["gbps"] else ""
+    with open(measured / store.SPEED_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=store.SPEED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    bound = bound_ms(load_speed([measured]))
+    assert bound["standard", 1, 128] == pytest.approx(next(
+        int(r["bytes"]) for r in rows if r["mechanism"] == "standard" and r["seq"] == "128" and r["bytes"]) / 10e9 * 1e3, rel=1e-4)
+    result = invoke("report", measured)
+    assert result.exit_code == 0 and "the bandwidth bound" in (measured / "report.md").read_text()
