@@ -36,6 +36,7 @@ class Case:
     preset: str = ""  # model level only: the models/presets.py shape (heads, head_dim follow it)
     positions: str = ""  # the position scheme (`speed --positions`; "": the mechanism's natural one)
     options: str = ""  # the mechanism's --option values it declares, as option_text writes them
+    queries: int | None = None  # mode decode only: N new tokens per sequence a step (seq is then the context L)
 
     @classmethod
     def from_row(cls, row: dict[str, str]) -> "Case":
@@ -70,7 +71,7 @@ class Case:
 
 
 CASE_COLUMNS = [f.name for f in fields(Case)]
-ADDED_COLUMNS = ("positions", "options")  # speed.csv files of schema 2 lack them (read as empty)
+ADDED_COLUMNS = ("positions", "options", "queries")  # speed.csv files of schema 2 lack the first two, of schema 3 queries (read as empty)
 
 
 def option_text(options: dict[str, Any]) -> str:

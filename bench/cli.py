@@ -160,7 +160,8 @@ def mechanism_options(window: int | None, option: list[str]) -> dict:
 
 
 SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
-                 "dtype", "causal", "bidirectional", "window", "positions", "option", "device", "preset", "max_call_ms", "check")
+                 "dtype", "causal", "bidirectional", "window", "positions", "option", "device", "preset", "max_call_ms", "check",
+                 "context", "queries")
 
 
 @app.command(cls=ListOptionsCommand)
@@ -169,9 +170,11 @@ def speed(
     attn: Annotated[list[str], typer.Option(help="Mechanisms, or 'all'.")] = ["standard"],
     impl: Annotated[list[str], typer.Option(help="Impls, or 'all' (each mechanism runs those it has).")] = ["all"],
     level: Annotated[list[str], typer.Option(help="kernel (core on q, k, v), layer (with projections), model (a training step of --preset), model-graph (that step as a CUDA graph replay: GPU time without launch overhead).")] = ["kernel"],
-    mode: Annotated[list[str], typer.Option(help="fwd, bwd (backward alone), fwdbwd.")] = ["fwd", "bwd"],
+    mode: Annotated[list[str], typer.Option(help="fwd, bwd (backward alone), fwdbwd over whole sequences; decode: one generation step against a KV cache or recurrent state of --context tokens (kernel level).")] = ["fwd", "bwd"],
     seq: Annotated[list[int], typer.Option(help="Sequence lengths T.")] = [512, 1024, 2048, 4096, 8192, 16384],
-    batch: Annotated[Optional[list[int]], typer.Option(help="Batch sizes B (instead of --tokens).")] = None,
+    context: Annotated[list[int], typer.Option(help="--mode decode: cache lengths L (tokens each sequence holds, the new ones included).")] = [],  # noqa: B006
+    queries: Annotated[int, typer.Option(help="--mode decode: new tokens N per sequence a step (more than 1: chunked prefill, speculative verification).")] = 1,
+    batch: Annotated[Optional[list[int]], typer.Option(help="Batch sizes B (instead of --tokens; decode: default 1).")] = None,
     tokens: Annotated[Optional[int], typer.Option(help="Fixed B*T budget, B = tokens // T (default: 16384 on CUDA, 2048 on CPU).")] = None,
     heads: Annotated[int, typer.Option(help="Query heads Hq.")] = 16,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads Hkv (GQA) (default: heads).")] = None,
@@ -234,6 +237,8 @@ def speed(
         preset=preset,
         max_call_ms=max_call_ms or None,
         check=check,
+        contexts=context,
+        queries=queries,
     )
     spec_given = any(ctx.get_parameter_source(name).name in ("COMMANDLINE", "DEFAULT_MAP") for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus, of_invocation(ctx.params))

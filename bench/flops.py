@@ -1,10 +1,13 @@
 """Every FLOP count the harness records, FlashAttention-3 convention: one measured case
 (speed.csv's flops), a training step per token (MFU, meta.json), a model's attention cores
-(distill's summary.csv), and CONVENTION, the report's sentence saying how they are counted.
+(distill's summary.csv), and CONVENTION, the report's sentence saying how they are counted;
+and a decode step's bytes (speed.csv's bytes, gbps, mem_per_seq_mib; BYTES_CONVENTION).
 
 Forward FLOPs of an attention core come from its registry entry (Mechanism.flops; the shared
 forms in models/pair_flops.py: 4 * Hq * D per visible q-k pair for softmax, counted exactly for
 causal, window, padding and GQA). This module adds the mode multipliers and the projections.
+A decode step's bytes come from the mechanism's decode form (Mechanism.decode, whose formulas
+live in kernels/decode_cost.py, where the standalone kernels/bench_decode.py counts with them too).
 """
 
 from __future__ import annotations
@@ -54,6 +57,27 @@ def _convention() -> str:
 
 
 CONVENTION = _convention()
+
+BYTES_CONVENTION = (
+    "A decode step's bytes are what it must move, each once: against a KV cache, K and V of every cached key "
+    "its new queries see (the new tokens' own included; a window: W + N keys) plus q read and o written; "
+    "with a recurrent state, the float32 state read and written plus the token's q, k, v (DeltaNet: beta) "
+    "read and o written. GB/s = bytes / median time; % of bandwidth: of the measured copy GB/s (read + write)."
+)
+
+
+def decode_bytes(mechanism: Mechanism, cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+    """Bytes one decode step of B sequences of ``context`` tokens (``queries`` new) must move (BYTES_CONVENTION)."""
+    return int(mechanism.decode.bytes(cfg, batch, context, queries, itemsize))
+
+
+def decode_memory_mib(mechanism: Mechanism, cfg: LayerConfig, context: int, queries: int, itemsize: int) -> float:
+    """The KV cache or state one sequence holds at ``context`` tokens, MiB."""
+    return mechanism.decode.memory(cfg, context, queries, itemsize) / 2**20
+
+
+def gb_per_s(nbytes: float, median_ms: float) -> float:
+    return nbytes / (median_ms * 1e-3) / 1e9
 
 
 def core_flops(mechanism: Mechanism, cfg: LayerConfig, batch: int, seq: int, mode: str, seq_lens=None) -> float:

@@ -25,7 +25,7 @@ from attnbench import console
 from attnbench.case import ADDED_COLUMNS as ADDED_CASE_COLUMNS, CASE_COLUMNS
 from attnbench.errors import InputError
 
-SCHEMA_VERSION = 3  # 2: the preset column (model level); 3: the positions column of train and speed runs, speed's options
+SCHEMA_VERSION = 4  # 2: the preset column (model level); 3: the positions column of train and speed runs, speed's options; 4: speed's decode columns
 DEFAULT_ROOT = Path("results")
 SPEED_CSV = "speed.csv"
 TRAIN_CSV = "train.csv"
@@ -38,9 +38,12 @@ LOCK_FILE = ".lock"  # the pid of the process writing the run (run_lock)
 RESULT_COLUMNS = [
     "status", "message", "check", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
     "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",
+    "bytes", "gbps", "pct_bandwidth", "mem_per_seq_mib", "cuda_graph",  # mode decode
 ]
 SPEED_COLUMNS = CASE_COLUMNS + RESULT_COLUMNS
-ADDED_COLUMNS = (*ADDED_CASE_COLUMNS, "check")  # speed.csv files of schema 2 lack them (read as empty)
+DECODE_COLUMNS = ("queries", "bytes", "gbps", "pct_bandwidth", "mem_per_seq_mib", "cuda_graph")  # schema 4
+# speed.csv files of earlier schemas lack some of these (read as empty): schema 2 all, schema 3 the decode ones
+ADDED_COLUMNS = (*ADDED_CASE_COLUMNS, "check", *DECODE_COLUMNS)
 STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
 
 

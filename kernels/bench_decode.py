@@ -13,8 +13,10 @@ DeltaNet steps. Each impl gets its own natural layout: ours [B, L, Hkv, D], SDPA
 Timing: triton.testing.do_bench (L2 flushed before every repetition) median, p20, p80, after a
 first call timed apart (compilation, cuDNN graph building); with --cuda-graph, the step is
 captured once and the replay is timed (decode is launch-bound at small batch). GB/s: the bytes a
-step must move (the cache read once: K and V; a state read and written once) over the median,
-and as % of the copy bandwidth measured at the start (a 1 GiB device-to-device copy).
+step must move (kernels/decode_cost.py: the cache read once, K and V, or a state read and written
+once, plus q/k/v/o) over the median, and as % of the copy bandwidth measured at the start (a
+1 GiB device-to-device copy). The CSVs in results/reference-h200/decode/ predate q/k/v/o and
+linear attention's k_sum in the count (cache or kv state alone: under 0.5% less at those shapes).
 Imports only torch and triton, like every kernels/ module.
 """
 
@@ -32,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from attnbench.kernels import decode_cost
 from attnbench.kernels.decode import H200_SMS, decode_attention, sm_count, split_count
 from attnbench.kernels.state_decode import deltanet_step, linear_step
 
@@ -64,10 +67,14 @@ class Case:
 
     @property
     def bytes(self) -> int:
-        """What the step must move: K and V of the cache read once, or the state read and written once."""
-        if self.impl in STATE_IMPLS:
-            return 2 * self.batch * self.heads * self.head_dim * self.head_dim * 4
-        return 2 * self.batch * self.context * self.kv_heads * self.head_dim * self.torch_dtype.itemsize
+        """What the step must move (kernels/decode_cost.py): K and V of the cache read once, or the
+        state read and written once, plus the token's q (k, v, beta) read and o written."""
+        b, h, d, size = self.batch, self.heads, self.head_dim, self.torch_dtype.itemsize
+        if self.impl == "triton-linear-step":
+            return decode_cost.state_step_bytes(b, decode_cost.linear_state_bytes(h, d, d), h, h, d, d, size)
+        if self.impl == "triton-deltanet-step":
+            return decode_cost.state_step_bytes(b, decode_cost.deltanet_state_bytes(h, d, d), h, h, d, d, size, gates=h)
+        return decode_cost.softmax_step_bytes(b, self.context, 1, h, self.kv_heads, d, size)
 
     def splits(self, sms: int) -> int | str:
         """Our kernel's split count on a GPU of ``sms`` SMs ('' for the others)."""

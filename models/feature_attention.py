@@ -14,6 +14,9 @@ of its few keys ~0) sends 1 / den, and the gradient, to inf.
 `quadratic` is the definition (a T x T weight matrix, the ground truth); `chunked` is the
 linear-cost form: bidirectional by one K^T V state, causal by prefix sums of per-chunk states
 (exact within a chunk, a running state across chunks), no T x T tensor.
+
+`elu_plus_one` is linear attention's phi, here on the floor that linear.py and its decode step
+(models/state_decode.py) both stand on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ def key_padding(length: int, seq_lens: torch.Tensor | None, device) -> torch.Ten
 
 
 EPS = 1e-6
+
+
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 > 0, elementwise on [B, T, H, D], as x + 1 (x > 0) and exp(x) (x <= 0):
+    ``F.elu(x) + 1`` computes exp(x) - 1 + 1, which cancels to 0 for x below -5 in bf16 (-17 in
+    fp32); a query whose features all vanish then had a zero normaliser (GPT small diverged)."""
+    return torch.exp(x.clamp(max=0)) + x.clamp(min=0)
 
 
 def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

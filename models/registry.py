@@ -82,6 +82,57 @@ class Impl:
         return self.unsupported(cfg, device, dtype)
 
 
+@dataclass(frozen=True)
+class DecodeImpl:
+    """One way to compute a mechanism's decode step (``speed --mode decode``).
+
+    build(cfg, batch, context, queries, device, dtype) -> step: random inputs of B sequences that
+        hold ``context`` tokens each (a KV cache or a recurrent state; the ``queries`` new ones
+        included), and the zero-argument step over them, the one call that is timed.
+    graphable: the step may be captured as a CUDA graph (no host synchronisation in it).
+    needs_cuda, missing, unsupported(cfg, queries, device, dtype): as Impl's.
+    """
+
+    name: str
+    build: Callable[..., Callable[[], torch.Tensor]]
+    description: str = ""
+    graphable: bool = True
+    needs_cuda: bool = False
+    missing: Callable[[], str | None] = _always_available
+    unsupported: Callable[["LayerConfig", int, torch.device, torch.dtype], str | None] = (
+        lambda cfg, queries, device, dtype: None
+    )
+
+    def why_not(self, cfg: "LayerConfig", queries: int, device: torch.device | str, dtype: torch.dtype) -> str | None:
+        """Why this impl cannot run the step of ``cfg`` with ``queries`` new tokens here, or None."""
+        device = torch.device(device)
+        reason = self.missing()
+        if reason:
+            return reason
+        if self.needs_cuda and device.type != "cuda":
+            return f"{self.name} needs a CUDA device"
+        if self.needs_cuda and not torch.cuda.is_available():
+            return "no CUDA device on this machine"
+        return self.unsupported(cfg, queries, device, dtype)
+
+
+@dataclass(frozen=True)
+class DecodeForm:
+    """A mechanism's decode step: what it carries from token to token and its cost model.
+
+    carries: "kv-cache" (grows with the context) or "state" (a fixed size).
+    bytes(cfg, batch, context, queries, itemsize): what one step must read and write;
+    memory(cfg, context, queries, itemsize): the cache or state of one sequence, in bytes
+        (the formulas: kernels/decode_cost.py).
+    impls: its DecodeImpls by name.
+    """
+
+    carries: Literal["kv-cache", "state"]
+    bytes: Callable[..., int]
+    memory: Callable[..., int]
+    impls: dict[str, DecodeImpl]
+
+
 @dataclass
 class LayerConfig:
     """What builds one attention layer.
@@ -145,6 +196,7 @@ class Mechanism:
     refuses: the position schemes it cannot take, each with the one-line reason.
     windowed: its layer honours LayerConfig.window (a sliding window); the others refuse one.
     params: its extra parameters with defaults and one-line meanings, for `attnbench list`.
+    decode: its decode step against a KV cache or a recurrent state, or None (no decode form here).
     """
 
     name: str
@@ -163,6 +215,7 @@ class Mechanism:
     has_core: bool = True
     windowed: bool = False
     params: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    decode: DecodeForm | None = None
 
     def impl(self, name: str) -> Impl:
         try:

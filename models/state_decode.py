@@ -21,8 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from attnbench.models.attention.linear import feature_map
-from attnbench.models.feature_attention import EPS
+from attnbench.models.feature_attention import EPS, elu_plus_one as feature_map
 
 
 class LinearState(NamedTuple):
@@ -30,6 +29,15 @@ class LinearState(NamedTuple):
 
     kv: torch.Tensor
     k_sum: torch.Tensor
+
+
+def why_no_step(cfg, queries: int) -> str | None:
+    """Why these steps cannot run a decode case of LayerConfig ``cfg`` with ``queries`` new tokens, or None."""
+    if queries != 1:
+        return "a recurrent step takes one token at a time (--queries 1); N tokens at once is a chunked prefill, not built"
+    if cfg.positions == "rope":
+        return "the recurrent steps take no RoPE (q and k would be rotated before the step; not built)"
+    return None
 
 
 def _groups(q: torch.Tensor, kv_heads: int) -> torch.Tensor:

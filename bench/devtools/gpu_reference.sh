@@ -74,7 +74,7 @@
 #   bert:     BERT small MLM runs of standard (learned), rope, alibi and exposb, the grid's steps and
 #             batch, extrapolation to 4x, one process each (BERT=1 adds them to the grid stage's call)
 #   learned:  issue 23: a GPT small teacher (`train`'s CUDA default: 1235 x 8 x 512, 2 epochs), distilled
-#             1000 steps into learned at L1 1, 10, 100 (one process) and into nsa, window (128),
+#             1000 steps into learned at L1 0.001, 0.01, 0.1 (one process) and into nsa, window (128),
 #             performer, linear (another, alongside), then both resumed at their last step on the quiet
 #             GPU to measure costs and layer times at 1k/4k/16k; the report with the Pareto figure
 #   gate:     the correctness gate on the GPU: the window x rope/alibi x GQA cells of the softmax family
@@ -401,7 +401,7 @@ learned)  # #23: distilled into learned (three L1 strengths) and nsa/window/perf
     limit 100 attnbench train --attn standard --task clm ${TEACHER:-} --out "$out/teacher" > "$out/teacher.txt" 2>&1
     tail -2 "$out/teacher.txt"
     common=(--teacher "$out/teacher" --steps "${STEPS:-1000}" --batch 8 --lr 1e-4 --eval-every "${EVAL_EVERY:-100}" ${DISTILL:-})
-    limit 360 attnbench distill "${common[@]}" --student learned --mask-l1 "${MASK_L1:-1,10,100}" --out "$out/learned" > "$out/learned.txt" 2>&1 &
+    limit 360 attnbench distill "${common[@]}" --student learned --mask-l1 "${MASK_L1:-0.001,0.01,0.1}" --out "$out/learned" > "$out/learned.txt" 2>&1 &
     limit 360 attnbench distill "${common[@]}" --student nsa,window,performer,linear --window 128 --option topn=2 \
         --impl auto,nsa=torch --out "$out/others" > "$out/others.txt" 2>&1 &
     wait

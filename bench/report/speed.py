@@ -5,7 +5,8 @@ Figures (one set per setup: level, dtype, device, heads, kv_heads, head_dim; one
 mode, one panel per mechanism), one colour per impl everywhere, solid causal / dashed bidirectional:
 latency vs T (log-log, p20-p80 band), TFLOP/s vs T, peak memory vs T, speedup over a
 baseline impl, and the fitted complexity exponent: the slope of log(time per sequence)
-against log T over the largest points, with its R^2.
+against log T over the largest points, with its R^2. Decode rows (T is their context L) get
+their own figure instead (bench/report/decode.py): time per step against L with the bandwidth bound.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import pandas as pd
 
 from attnbench import flops, store
 from attnbench.errors import InputError
+from attnbench.report.decode import decode_figure
 
 NUMERIC = ["batch", "seq", "heads", "kv_heads", "head_dim", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
-           "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params"]
+           "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",
+           "queries", "bytes", "gbps", "pct_bandwidth", "mem_per_seq_mib"]
 SETUP = ["level", "dtype", "device", "heads", "kv_heads", "head_dim"]
 SERIES = ["run", "mechanism", "impl", "mode", "causal", "window"]
 FIT_POINTS = 3  # the exponent is fitted over this many largest sequence lengths
@@ -362,6 +365,10 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
             out.append(Figure(draw(*args, path=path, palette=palette, title=f"{caption} ({setup})", **kwargs), f"{caption} ({setup})"))
 
         ratio = speedups(rows, baseline)
+        decode = rows[rows["mode"] == "decode"]
+        if not decode.empty:
+            bound = ", dotted: the bandwidth bound" if decode["pct_bandwidth"].notna().any() else ""
+            add("decode", f"decode: time per step vs context L{bound}", decode_figure, decode, seq_label=_seq_label)
         for mode in _modes(rows):
             in_mode, ratio_in_mode = rows[rows["mode"] == mode], ratio[ratio["mode"] == mode] if not ratio.empty else ratio
             add(f"latency-{mode}", _latency_caption(mode, in_mode), _facet, in_mode, "ms_median",

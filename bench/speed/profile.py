@@ -18,7 +18,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from attnbench import timing
-from attnbench.speed.sweep import LEVELS, Case, expand, timed_call
+from attnbench.speed.sweep import Case, expand, timed_call, workload
 from attnbench.store import case_key
 
 PROFILE_CSV = "profile.csv"
@@ -38,7 +38,7 @@ class CaseProfile:
 
 def profile_case(case: Case, steps: int = 5) -> CaseProfile:
     device = torch.device(case.device)
-    work = LEVELS[case.level](case)
+    work = workload(case)
     call = timed_call(work, case.mode)
     for _ in range(WARMUP_CALLS):
         call()

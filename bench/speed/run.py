@@ -102,10 +102,10 @@ def record_setup(run_dir: Path, meta: dict[str, Any], spec: SweepSpec, measure_p
 
 def sweep_rows(run_dir: Path, spec: SweepSpec, meta: dict[str, Any], resume: bool, progress: Progress, gpus: int) -> None:
     """The sweep's pending cases, each row appended to speed.csv as it is measured."""
-    peaks = meta.get("peaks", {}).get("matmul_tflops", {})
+    peaks = meta.get("peaks", {})
     with store.RowLog(run_dir / store.SPEED_CSV, resume=resume) as log:
         prior_stops = list(stops_in(log.existing, spec.max_call_ms))
-        sweep_args = (prior_stops, peaks, spec.larger, spec.max_call_ms, spec.check)
+        sweep_args = (prior_stops, peaks.get("matmul_tflops", {}), spec.larger, spec.max_call_ms, spec.check, peaks.get("copy_gbps"))
         sweep = Sweep(expand(spec), log.append, store.recorded_keys(log.existing), *sweep_args)
         with progress(2 * len(sweep.pending)) as on_step:
             if gpus == 1:

@@ -13,6 +13,13 @@ q, k, v), layer (with projections), model (a full training step of a preset mode
 model-graph (that step captured once as a CUDA graph and replayed: the GPU's time alone,
 without the host's cost of launching each op, which makes an eager step host-bound on a
 slow host).
+
+Mode decode: one step of N new tokens a sequence against a KV cache or a recurrent state of L
+tokens (the mechanism's decode form, Mechanism.decode), at the kernel level; ``seq`` is then L
+(``--context``) and ``queries`` N. Its rows add the bytes the step must move (bench/flops.py),
+GB/s, % of the measured copy bandwidth and the cache or state per sequence. On CUDA the timed
+step is a CUDA graph replay where its impl allows one (``cuda_graph``); the warm-up's first call
+is always the eager step, so compilation lands in ``first_call_ms``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from attnbench.models import positions, registry
 from attnbench.models.registry import Mechanism
 from attnbench.store import case_key
 
-MODES = ("fwd", "bwd", "fwdbwd")
+DECODE = "decode"  # one generation step against a cache or state (module docstring)
+MODES = ("fwd", "bwd", "fwdbwd", DECODE)
+DECODE_BATCHES = [1]  # decode's batch sizes without --batch (--tokens budgets whole sequences)
 MODEL_LEVELS = ("model", "model-graph")  # a training step of a preset model
 
 
@@ -60,6 +69,8 @@ class SweepSpec:
     preset: str = "small"  # the model level's preset
     max_call_ms: float | None = 2000.0  # slower cases skip their series' larger sizes (Sweep)
     check: bool = False  # the correctness gate (attnbench.gate) on each kernel-level case before it is timed
+    contexts: list[int] = field(default_factory=list)  # mode decode: the cache lengths L (--context)
+    queries: int = 1  # mode decode: new tokens per sequence a step (--queries)
 
     def larger(self, case: Case, other: Case) -> bool:
         """Whether a stop (OOM, too slow) at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
@@ -71,6 +82,13 @@ class SweepSpec:
             return self.batches
         return [max(1, self.tokens // seq)]
 
+    def sizes(self, mode: str) -> list[tuple[int, int]]:
+        """(seq, batch) of a mode's cases, smaller first: decode's (context, batch) from --context
+        and --batch (DECODE_BATCHES without it), the others' from --seq and batches_for."""
+        if mode == DECODE:
+            return [(context, batch) for context in sorted(self.contexts) for batch in sorted(self.batches or DECODE_BATCHES)]
+        return [(seq, batch) for seq in sorted(self.seqs) for batch in sorted(self.batches_for(seq))]
+
 
 @dataclass
 class Workload:
@@ -78,14 +96,19 @@ class Workload:
     grads are reset between backward repetitions; ``flops`` of one timed call in the case's mode;
     ``step``: when set, what fwdbwd times instead of forward + backward (a whole training step);
     ``peak_memory``: whether a call's peak above what was allocated before it is its memory
-    (not for a graph replay, which allocates nothing: its pool was taken at capture)."""
+    (not for a graph replay, which allocates nothing: its pool was taken at capture);
+    ``cuda_graph``: the timed call is a CUDA graph replay. Decode steps have no parameters and
+    no FLOP count (None) but ``bytes`` (of one step) and ``mem_per_seq_mib`` (its cache or state)."""
 
     forward: Callable[[], torch.Tensor]
     leaves: list[torch.Tensor]
-    params: int
-    flops: float
+    params: int | None
+    flops: float | None
     step: Callable[[], object] | None = None
     peak_memory: bool = True
+    cuda_graph: bool = False
+    bytes: int | None = None
+    mem_per_seq_mib: float | None = None
 
 
 # ---- validation and expansion
@@ -118,7 +141,8 @@ def validate(spec: SweepSpec) -> None:
     """Every InputError a spec can deserve, before anything runs."""
     mechanisms = [registry.get(name) for name in spec.mechanisms]  # unknown names raise with the list
     if spec.impls is not None:
-        known = sorted({impl for m in mechanisms for impl in m.impls})
+        decode = [m.decode.impls for m in mechanisms if m.decode is not None and DECODE in spec.modes]
+        known = sorted({impl for m in mechanisms for impl in m.impls} | {impl for impls in decode for impl in impls})
         for impl in spec.impls:
             if impl not in known:
                 raise InputError(f"unknown impl '{impl}' for {', '.join(spec.mechanisms)}; valid: {', '.join(known)}")
@@ -130,6 +154,10 @@ def validate(spec: SweepSpec) -> None:
     for mode in spec.modes:
         if mode not in MODES:
             raise InputError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
+    if DECODE in spec.modes and not spec.contexts:
+        raise InputError("--mode decode needs --context L ... (the cache lengths)")
+    if spec.contexts and DECODE not in spec.modes:
+        raise InputError("--context gives the cache lengths of --mode decode; add decode to --mode")
     if not spec.seqs:
         raise InputError("give at least one --seq")
     if (spec.batches is None) == (spec.tokens is None):
@@ -137,10 +165,13 @@ def validate(spec: SweepSpec) -> None:
     positive = {"--seq": spec.seqs, "--batch": spec.batches or [], "--tokens": [spec.tokens] if spec.tokens is not None else []}
     positive |= {"--heads": [spec.heads], "--head-dim": [spec.head_dim]}
     positive |= {"--kv-heads": [spec.kv_heads] if spec.kv_heads is not None else [], "--window": [spec.window] if spec.window is not None else []}
+    positive |= {"--context": spec.contexts, "--queries": [spec.queries]}
     for option, values in positive.items():
         bad = [v for v in values if v <= 0]
         if bad:
             raise InputError(f"{option} must be positive, got {bad[0]}")
+    if spec.contexts and min(spec.contexts) < spec.queries:
+        raise InputError(f"--context {min(spec.contexts)} is less than --queries {spec.queries}: the cache holds the new tokens too")
     for scheme in spec.positions or []:
         positions.check_scheme(scheme)
     registry.check_options(spec.mechanisms, spec.options, tuple(spec.positions or ()))
@@ -195,14 +226,22 @@ def expand(spec: SweepSpec) -> list[Case]:
             for causal in spec.causal:
                 for dtype in spec.dtypes:
                     for mode in spec.modes:
-                        for impl in impls:
-                            for seq in sorted(spec.seqs):
-                                for batch in sorted(spec.batches_for(seq)):
-                                    cases.append(Case(
-                                        name, impl, level, mode, dtype, spec.device, batch, seq,
-                                        heads, kv_heads, head_dim, causal, window, preset, recorded, options,
-                                    ))
+                        queries = spec.queries if mode == DECODE else None
+                        for impl in impls if mode != DECODE else _decode_impls(spec, mechanism):
+                            for seq, batch in spec.sizes(mode):
+                                cases.append(Case(
+                                    name, impl, level, mode, dtype, spec.device, batch, seq,
+                                    heads, kv_heads, head_dim, causal, window, preset, recorded, options, queries,
+                                ))
     return sorted(cases, key=lambda case: case.impl == REFERENCE_IMPL)  # stable: the order above otherwise
+
+
+def _decode_impls(spec: SweepSpec, mechanism: Mechanism) -> list[str]:
+    """The decode impls of ``mechanism`` the sweep runs (--impl among them); a mechanism without a
+    decode form gets the reference's name alone, for its rows that say so (never a silent drop)."""
+    if mechanism.decode is None:
+        return [REFERENCE_IMPL]
+    return [i for i in (spec.impls or mechanism.decode.impls) if i in mechanism.decode.impls]
 
 
 def _shape(spec: SweepSpec, level: str) -> tuple[int, int, int, str]:
@@ -217,6 +256,8 @@ def _shape(spec: SweepSpec, level: str) -> tuple[int, int, int, str]:
 
 def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
     """Why ``case`` cannot run on this machine, or None."""
+    if case.mode == DECODE:
+        return why_no_decode(case, mechanism)
     cfg = case.layer_config()
     impl = mechanism.impl(case.impl)
     if case.level == "kernel" and (not mechanism.has_core or impl.run is None):
@@ -225,13 +266,33 @@ def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
         return "the model level times fwd (forward and loss) or fwdbwd (a whole training step)"
     if case.level == "model-graph" and not case.device.startswith("cuda"):
         return "model-graph captures CUDA graphs: it needs a CUDA device"
-    if case.positions:
-        reason = positions.why_not(mechanism, case.positions)
-        if reason:
-            return reason
-        if case.positions in positions.EMBEDDED and case.level not in MODEL_LEVELS:
-            return f"{case.positions} positions are the model's embeddings, outside the attention: time them at --level model"
-    return mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
+    return _why_not_positions(case, mechanism) or mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
+
+
+def _why_not_positions(case: Case, mechanism: Mechanism) -> str | None:
+    if not case.positions:
+        return None
+    reason = positions.why_not(mechanism, case.positions)
+    if reason:
+        return reason
+    if case.positions in positions.EMBEDDED and case.level not in MODEL_LEVELS:
+        return f"{case.positions} positions are the model's embeddings, outside the attention: time them at --level model"
+    return None
+
+
+def why_no_decode(case: Case, mechanism: Mechanism) -> str | None:
+    """Why the decode ``case`` cannot run here, or None."""
+    if mechanism.decode is None:
+        have = ", ".join(name for name, m in registry.mechanisms().items() if m.decode is not None)
+        return f"{case.mechanism} has no decode step here (the mechanisms with one: {have})"
+    if case.level != "kernel":
+        return "decode is timed at the kernel level (one step on a cache or state); layer and model decode steps are not built"
+    if not case.causal:
+        return "a decode step is causal: its new tokens see the tokens before them (drop --bidirectional)"
+    cfg = case.layer_config()
+    impl = mechanism.decode.impls[case.impl]
+    reason = _why_not_positions(case, mechanism) or mechanism.why_not(cfg)
+    return reason or impl.why_not(cfg, case.queries, case.device, DTYPES[case.dtype])
 
 
 # ---- levels: Case -> Workload
@@ -301,7 +362,23 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     elif graphed:
         step = _graph_of(step)
     flops = flop_model.train_flops_per_token(model, case.seq, case.mode) * case.batch * case.seq
-    return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step, peak_memory=not graphed)
+    return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step, peak_memory=not graphed, cuda_graph=graphed)
+
+
+def decode_workload(case: Case, graphed: bool) -> Workload:
+    """One decode step of ``case.impl`` (Mechanism.decode): B sequences holding L = case.seq tokens,
+    N = case.queries of them new; graphed: captured once as a CUDA graph and replayed, when the
+    impl allows it on a CUDA device (otherwise the eager step)."""
+    mechanism = registry.get(case.mechanism)
+    impl = mechanism.decode.impls[case.impl]
+    cfg, device, dtype = case.layer_config(), torch.device(case.device), DTYPES[case.dtype]
+    step = impl.build(cfg, case.batch, case.seq, case.queries, device, dtype)
+    graphed = graphed and impl.graphable and device.type == "cuda"
+    return Workload(
+        _graph_of(step) if graphed else step, [], None, None, peak_memory=not graphed, cuda_graph=graphed,
+        bytes=flop_model.decode_bytes(mechanism, cfg, case.batch, case.seq, case.queries, dtype.itemsize),
+        mem_per_seq_mib=flop_model.decode_memory_mib(mechanism, cfg, case.seq, case.queries, dtype.itemsize),
+    )
 
 
 def _graph_of(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
@@ -336,16 +413,22 @@ LEVELS: dict[str, Callable[[Case], Workload]] = {
 }
 
 
+def workload(case: Case, timed: bool = True) -> Workload:
+    """``case`` built: its level's workload, or a decode step (graphed where allowed when ``timed``;
+    the warm-up calls the eager step, so compiling stays in first_call_ms)."""
+    return decode_workload(case, graphed=timed) if case.mode == DECODE else LEVELS[case.level](case)
+
+
 # ---- modes: Workload -> the timed callable
 
 
 def timed_call(work: Workload, mode: str) -> Callable[[], object]:
-    """fwd: forward without autograd; bwd: backward of one forward done here, graph retained;
-    fwdbwd: forward then backward, or the workload's whole step where it has one.
+    """fwd and decode: forward without autograd; bwd: backward of one forward done here, graph
+    retained; fwdbwd: forward then backward, or the workload's whole step where it has one.
     The upstream gradient is random, made once."""
     if mode == "fwdbwd" and work.step is not None:
         return work.step
-    if mode == "fwd":
+    if mode in ("fwd", DECODE):
 
         def fwd():
             with torch.no_grad():
@@ -384,6 +467,7 @@ class Sweep:
     ``recorded``: case keys (attnbench.store.case_key) already in the results, skipped on resume;
     ``prior_stops``: (case, reason) of cases that stopped their series before (stops_in);
     ``peaks``: measured matmul TFLOP/s per dtype name, for % of peak;
+    ``copy_gbps``: measured copy bandwidth, for decode's % of bandwidth (None: not measured);
     ``larger(case, stop)``: whether a stop at ``stop`` skips ``case`` (SweepSpec.larger);
     ``max_call_ms``: a case slower than this per call skips the larger sizes of its series
     (a recurrent reference at 64k tokens would hold the sweep for minutes); None: no limit.
@@ -399,11 +483,12 @@ class Sweep:
         larger: Callable[[Case, Case], bool] = Case.larger_than,
         max_call_ms: float | None = None,
         check: bool = False,
+        copy_gbps: float | None = None,
     ):
         self.pending = [c for c in cases if case_key(asdict(c)) not in recorded]
         self.write, self.peaks, self.larger = write, peaks or {}, larger
         self.stops: list[tuple[Case, str]] = list(prior_stops)
-        self.max_call_ms, self.check = max_call_ms, check
+        self.max_call_ms, self.check, self.copy_gbps = max_call_ms, check, copy_gbps
         self.verdicts: dict[Case, str] = {}
         self.done: set[Case] = set()
         self.first_call: dict[Case, float] = {}
@@ -450,35 +535,42 @@ class Sweep:
         reason = why_unsupported(case, mechanism)
         if reason:
             return {"status": "unsupported", "message": reason}
-        if self.check and case.level == "kernel":
+        if self.check and case.level == "kernel" and case.mode != DECODE:
             self.verdicts[case] = gate_verdict(case, mechanism)
             if self.verdicts[case].startswith("fail"):  # a fast wrong answer is not a result
                 return {"status": "error", "message": f"failed the correctness gate: {self.verdicts[case]}"}
-        work = LEVELS[case.level](case)
+        work = workload(case, timed=False)
         call = timed_call(work, case.mode)
         self.first_call[case] = timing.first_call_ms(call, torch.device(case.device))
         return None
 
     def _time(self, case: Case) -> dict[str, Any]:
         device = torch.device(case.device)
-        work = LEVELS[case.level](case)
+        work = workload(case)
         call = timed_call(work, case.mode)
         peak_mib = timing.peak_memory_mib(call, device) if work.peak_memory else None
         measured = timing.measure(call, device, grad_to_none=[t for t in work.leaves if t.requires_grad])
-        tflops = flop_model.tflops_per_s(work.flops, measured.median_ms)
+        tflops = None if work.flops is None else flop_model.tflops_per_s(work.flops, measured.median_ms)
         peak = self.peaks.get(case.dtype)
+        gbps = None if work.bytes is None else flop_model.gb_per_s(work.bytes, measured.median_ms)
+        tokens = case.batch * (case.queries if case.mode == DECODE else case.seq)
         return {
             "status": "ok",
             "message": "",
             "ms_median": measured.median_ms,
             "ms_p20": measured.p20_ms,
             "ms_p80": measured.p80_ms,
-            "tokens_per_s": case.batch * case.seq / (measured.median_ms * 1e-3),
+            "tokens_per_s": tokens / (measured.median_ms * 1e-3),
             "flops": work.flops,
             "tflops": tflops,
-            "pct_peak": 100.0 * tflops / peak if peak else None,
+            "pct_peak": 100.0 * tflops / peak if peak and tflops is not None else None,
             "peak_mem_mib": peak_mib,
             "params": work.params,
+            "bytes": work.bytes,
+            "gbps": gbps,
+            "pct_bandwidth": 100.0 * gbps / self.copy_gbps if gbps is not None and self.copy_gbps else None,
+            "mem_per_seq_mib": work.mem_per_seq_mib,
+            "cuda_graph": work.cuda_graph,
         }
 
     def _record(self, case: Case, **result: Any) -> None:

@@ -9,6 +9,7 @@ from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, softmax_options
+from attnbench.models.softmax_decode import softmax_decode
 
 MECHANISM = Mechanism(
     name="alibi",
@@ -20,4 +21,5 @@ MECHANISM = Mechanism(
     flops=softmax_flops,
     position="alibi",
     refuses=positions.standard_with("alibi"),
+    decode=softmax_decode(functools.partial(softmax_options, natural="alibi")),
 )

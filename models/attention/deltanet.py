@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.kernels import decode_cost
+from attnbench.models import state_decode
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.fla import fla_missing
 from attnbench.models.float32_forms import outside_autocast
-from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 from attnbench.models.token_conditioned import TokenConditionedAttention
 
 DEFAULT_CHUNK = 64
@@ -158,6 +160,47 @@ IMPLS = {
     ),
 }
 
+def _step_inputs(cfg: LayerConfig, batch: int, device, dtype):
+    """One token q [B, Hq, D], k/v [B, Hkv, D], beta [B, Hkv] in (0, 1) and a random float32 state
+    S [B, Hkv, D, D]: what the state holds after L tokens does not change the step's work."""
+    q = torch.randn(batch, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    beta = torch.rand(batch, cfg.kv_heads, device=device, dtype=dtype)
+    state = 0.01 * torch.randn(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim, device=device)
+    return q, k, v, beta, state
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    q, k, v, beta, state = _step_inputs(cfg, batch, device, dtype)
+    return lambda: state_decode.deltanet_step(q, k, v, state, beta)[0]
+
+
+def _triton_step(cfg, batch, context, queries, device, dtype):
+    from attnbench.kernels.state_decode import deltanet_step
+
+    q, k, v, beta, state = _step_inputs(cfg, batch, device, dtype)
+    return lambda: deltanet_step(q, k, v, state, beta)  # the state takes the token in place
+
+
+def _state_bytes(cfg: LayerConfig) -> int:
+    return decode_cost.deltanet_state_bytes(cfg.kv_heads, cfg.head_dim, cfg.head_dim)
+
+
+def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+    d = cfg.head_dim
+    return decode_cost.state_step_bytes(batch, _state_bytes(cfg), cfg.heads, cfg.kv_heads, d, d, itemsize, gates=cfg.kv_heads)
+
+
+def _step_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | None:
+    return state_decode.why_no_step(cfg, queries)
+
+
+DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize: _state_bytes(cfg), {
+    "triton": DecodeImpl("triton", _triton_step, "ours: fused Triton one-token delta-rule update and readout",
+                         needs_cuda=True, unsupported=_step_unsupported),
+    "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step (models/state_decode.py)", unsupported=_step_unsupported),
+})
+
 MECHANISM = Mechanism(
     name="deltanet",
     description="delta-rule linear attention: the state is corrected towards each key's value (Yang et al. 2024)",
@@ -169,4 +212,5 @@ MECHANISM = Mechanism(
     refuses={"alibi": "deltanet's delta-rule state has no score matrix to bias (ALiBi needs scores before a softmax)"},
     bidirectional=False,
     params={"chunk": (DEFAULT_CHUNK, "tokens per chunk of the WY form")},
+    decode=DECODE,
 )

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.models import feature_attention
+from attnbench.kernels import decode_cost
+from attnbench.models import feature_attention, state_decode
+from attnbench.models.feature_attention import elu_plus_one as feature_map
 from attnbench.models.fla import fla_missing
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 64
-
-
-def feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = elu(x) + 1 > 0, elementwise on [B, T, H, D], as x + 1 (x > 0) and exp(x) (x <= 0):
-    ``F.elu(x) + 1`` computes exp(x) - 1 + 1, which cancels to 0 for x below -5 in bf16 (-17 in
-    fp32); a query whose features all vanish then had a zero normaliser (GPT small diverged)."""
-    return torch.exp(x.clamp(max=0)) + x.clamp(min=0)
 
 
 def torch_reference(q, k, v, *, causal=False, seq_lens=None, chunk=DEFAULT_CHUNK):
@@ -87,6 +82,48 @@ IMPLS = {
     ),
 }
 
+def _step_inputs(cfg: LayerConfig, batch: int, device, dtype):
+    """One token q [B, Hq, D], k/v [B, Hkv, D] and a random state (float32 kv [B, Hkv, D, D],
+    k_sum [B, Hkv, D] > 0): what the state holds after L tokens does not change the step's work."""
+    q = torch.randn(batch, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    kv = 0.01 * torch.randn(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim, device=device)
+    k_sum = torch.rand(batch, cfg.kv_heads, cfg.head_dim, device=device) + 1.0
+    return q, k, v, kv, k_sum
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    q, k, v, kv, k_sum = _step_inputs(cfg, batch, device, dtype)
+    state = state_decode.LinearState(kv, k_sum)
+    return lambda: state_decode.linear_step(q, k, v, state)[0]
+
+
+def _triton_step(cfg, batch, context, queries, device, dtype):
+    from attnbench.kernels.state_decode import linear_step
+
+    q, k, v, kv, k_sum = _step_inputs(cfg, batch, device, dtype)
+    return lambda: linear_step(q, k, v, kv, k_sum)  # the state takes the token in place
+
+
+def _state_bytes(cfg: LayerConfig) -> int:
+    return decode_cost.linear_state_bytes(cfg.kv_heads, cfg.head_dim, cfg.head_dim)
+
+
+def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+    d = cfg.head_dim
+    return decode_cost.state_step_bytes(batch, _state_bytes(cfg), cfg.heads, cfg.kv_heads, d, d, itemsize)
+
+
+def _step_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | None:
+    return state_decode.why_no_step(cfg, queries)
+
+
+DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize: _state_bytes(cfg), {
+    "triton": DecodeImpl("triton", _triton_step, "ours: fused Triton one-token state update and readout",
+                         needs_cuda=True, unsupported=_step_unsupported),
+    "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step (models/state_decode.py)", unsupported=_step_unsupported),
+})
+
 MECHANISM = Mechanism(
     name="linear",
     description="linear attention, phi = elu + 1, normalised (Katharopoulos et al. 2020)",
@@ -97,4 +134,5 @@ MECHANISM = Mechanism(
     backward_factor=MATMUL_BACKWARD,  # its backward is the gradients of its matmuls (states and chunk tiles kept or rebuilt by prefix sums, no scores to recompute)
     refuses={"alibi": "linear attention has no score matrix to bias (ALiBi needs scores before a softmax)"},
     params={"chunk": (DEFAULT_CHUNK, "tokens per chunk of the causal prefix-sum form")},
+    decode=DECODE,
 )

@@ -10,6 +10,7 @@ from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, softmax_options
+from attnbench.models.softmax_decode import softmax_decode
 
 MECHANISM = Mechanism(
     name="rope",
@@ -22,4 +23,5 @@ MECHANISM = Mechanism(
     position="rope",
     refuses=positions.standard_with("rope"),
     params=positions.PARAMS["rope"],
+    decode=softmax_decode(functools.partial(softmax_options, natural="rope")),
 )

@@ -5,6 +5,7 @@ from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.registry import Mechanism
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.softmax import softmax_impls, softmax_options
+from attnbench.models.softmax_decode import softmax_decode
 
 MECHANISM = Mechanism(
     name="standard",
@@ -14,4 +15,5 @@ MECHANISM = Mechanism(
     layer=qkv_layer(softmax_options, softmax_impls()),
     impls=softmax_impls(),
     flops=softmax_flops,
+    decode=softmax_decode(softmax_options),
 )

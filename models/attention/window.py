@@ -13,6 +13,7 @@ from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import qkv_layer
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
 from attnbench.models.softmax import softmax_impls, softmax_options
+from attnbench.models.softmax_decode import softmax_decode
 
 DEFAULT_WINDOW = 1024
 
@@ -62,4 +63,5 @@ MECHANISM = Mechanism(
     impls=IMPLS,
     flops=softmax_flops,
     params={"window": (DEFAULT_WINDOW, "keys before the query (and after it, bidirectional), plus the query; --window sets it")},
+    decode=softmax_decode(sliding_options),
 )

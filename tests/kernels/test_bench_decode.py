@@ -9,10 +9,12 @@ from attnbench.kernels import bench_decode
 from attnbench.kernels.bench_decode import Case
 
 
-def test_bytes_are_the_cache_or_the_state_moved_once():
-    assert Case("triton", 32, 4096).bytes == 2 * 32 * 4096 * 8 * 128 * 2  # K and V, bf16
+def test_bytes_are_the_cache_or_the_state_moved_once_plus_the_token():
+    q_and_o = 2 * 32 * 128 * 2  # a sequence's query read and output written, Hq = 32, bf16
+    assert Case("triton", 32, 4096).bytes == 32 * (2 * 4096 * 8 * 128 * 2 + q_and_o)  # K and V, bf16
     assert Case("triton-paged", 1, 1024).bytes == Case("sdpa-cudnn", 1, 1024).bytes
-    assert Case("triton-deltanet-step", 32, 0, kv_heads=32).bytes == 2 * 32 * 32 * 128 * 128 * 4  # float32, read and written
+    qkvo_beta = (4 * 32 * 128 + 32) * 2  # q, k, v read and o written per head, beta per head, bf16
+    assert Case("triton-deltanet-step", 32, 0, kv_heads=32).bytes == 32 * (2 * 32 * 128 * 128 * 4 + qkvo_beta)  # float32 state, read and written
 
 
 def test_dry_run_writes_every_case_of_the_plan(tmp_path, capsys):

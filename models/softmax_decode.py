@@ -1,0 +1,131 @@
+"""The softmax family's decode step (a registry DecodeForm): the torch definition
+(models/decode.py's softmax_step), our Triton split-KV kernel on a contiguous and on a paged
+cache (kernels/decode.py), and SDPA with enable_gqa as the peer; a KV cache's cost model.
+
+A case's inputs: B sequences holding L tokens each (the N new ones included), a cache of C rows a
+sequence, k/v [B, C, Hkv, D] (C = L, or with a window W the rolling cache of W + N rows, position
+j in row j % C: kernels/decode_cost.visible_keys), q [B, N, Hq, D] (the layout of kernels/decode.py).
+The paged cache: pages of PAGE rows [P, PAGE, Hkv, D] through a shuffled page table [B, C / PAGE]
+(rounded up), as a long-running server's is. The mechanism's kernel options (window, ALiBi
+slopes, RoPE theta) become the step's (models/decode.step_options); the cache holds keys already
+rotated, so RoPE rotates q alone, inside the step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.kernels import decode_cost
+from attnbench.models.decode import positions_of_new, rope_at, softmax_step, step_options
+from attnbench.models.registry import DecodeForm, DecodeImpl, LayerConfig
+
+PAGE = 64  # tokens per page of the paged cache (kernels/bench_decode.py's default too)
+
+
+def _missing_triton() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def _kernel_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | None:
+    return "our decode kernel takes head_dim <= 256" if cfg.head_dim > 256 else None
+
+
+def held_positions(lengths: torch.Tensor, rows: int) -> torch.Tensor:
+    """The position each row of a cache of ``rows`` rows holds after lengths[b] tokens: long [B, C]
+    (row r: the latest position p < lengths[b] with p % C == r; rows no token reached yet hold r,
+    beyond every query)."""
+    r = torch.arange(rows, device=lengths.device)
+    return r + rows * ((lengths.long()[:, None] - 1 - r) // rows).clamp(min=0)
+
+
+def sdpa_mask(lengths: torch.Tensor, queries: int, rows: int, window: int | None, slopes: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor | None:
+    """SDPA's attn_mask for the step (softmax_step's meaning): bool [B, 1, N, C] of the cached keys
+    each new query sees, or with ALiBi slopes [Hq] the float bias [B, Hq, N, C] (-inf where unseen);
+    None when every query sees every row (one query, no window, no bias)."""
+    if queries == 1 and window is None and slopes is None:
+        return None
+    distance = positions_of_new(lengths, queries)[:, :, None] - held_positions(lengths, rows)[:, None, :]  # (B, N, C)
+    seen = distance >= 0
+    if window is not None:
+        seen &= distance <= window
+    if slopes is None:
+        return seen[:, None]
+    bias = -slopes.view(1, -1, 1, 1) * distance[:, None].to(slopes.dtype)
+    return bias.masked_fill(~seen[:, None], float("-inf")).to(dtype)
+
+
+def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
+    """The DecodeForm of a softmax-family mechanism whose kernel options are ``options(cfg)``
+    (models/softmax.py's softmax_options, or the mechanism's own)."""
+
+    def window_of(cfg: LayerConfig) -> int | None:
+        return step_options(options(cfg)).get("window")
+
+    def inputs(cfg: LayerConfig, batch: int, context: int, queries: int, device, dtype):
+        """(q, k, v, lengths, step options, rows C) of a contiguous cache."""
+        opts = step_options(options(cfg))
+        if opts.get("slopes") is not None:
+            opts["slopes"] = opts["slopes"].to(device)
+        rows = decode_cost.visible_keys(context, queries, opts.get("window"))
+        q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, rows, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+        lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+        return q, k, v, lengths, opts, rows
+
+    def torch_step(cfg, batch, context, queries, device, dtype):
+        q, k, v, lengths, opts, _ = inputs(cfg, batch, context, queries, device, dtype)
+        return lambda: softmax_step(q, k, v, lengths, **opts)
+
+    def triton_step(cfg, batch, context, queries, device, dtype):
+        from attnbench.kernels.decode import decode_attention
+
+        q, k, v, lengths, opts, _ = inputs(cfg, batch, context, queries, device, dtype)
+        return lambda: decode_attention(q, k, v, lengths, **opts)
+
+    def paged_step(cfg, batch, context, queries, device, dtype):
+        from attnbench.kernels.decode import decode_attention
+
+        q, _, _, lengths, opts, rows = inputs(cfg, batch, context, queries, device, dtype)
+        pages = batch * math.ceil(rows / PAGE)
+        k, v = (torch.randn(pages, PAGE, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+        table = torch.randperm(pages, device=device).to(torch.int32).view(batch, -1)
+        return lambda: decode_attention(q, k, v, lengths, page_table=table, **opts)
+
+    def sdpa_step(cfg, batch, context, queries, device, dtype):
+        q, k, v, lengths, opts, rows = inputs(cfg, batch, context, queries, device, dtype)
+        mask = sdpa_mask(lengths, queries, rows, opts.get("window"), opts.get("slopes"), dtype)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, C, D): SDPA's layout, made once
+        theta, at = opts.get("theta"), positions_of_new(lengths, queries)
+
+        def step():
+            rotated = q if theta is None else rope_at(q, at, theta)
+            o = F.scaled_dot_product_attention(rotated.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+            return o.transpose(1, 2)  # (B, N, Hq, D)
+
+        return step
+
+    def step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+        keys = decode_cost.visible_keys(context, queries, window_of(cfg))
+        return decode_cost.softmax_step_bytes(batch, keys, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize)
+
+    def memory(cfg: LayerConfig, context: int, queries: int, itemsize: int) -> int:
+        rows = decode_cost.visible_keys(context, queries, window_of(cfg))
+        return decode_cost.kv_cache_bytes(rows, cfg.kv_heads, cfg.head_dim, itemsize)
+
+    ours = {"needs_cuda": True, "missing": _missing_triton, "unsupported": _kernel_unsupported}
+    impls = {
+        "triton": DecodeImpl("triton", triton_step, "ours: Triton split-KV decode, contiguous cache", **ours),
+        "triton-paged": DecodeImpl("triton-paged", paged_step, f"ours: Triton split-KV decode, paged cache ({PAGE}-token pages, shuffled table)", **ours),
+        "sdpa": DecodeImpl("sdpa", sdpa_step, "F.scaled_dot_product_attention with enable_gqa, default dispatch"),
+        "torch": DecodeImpl("torch", torch_step, "plain torch decode step by definition (models/decode.py)", graphable=False),
+    }
+    return DecodeForm("kv-cache", step_bytes, memory, impls)

@@ -1,0 +1,168 @@
+"""`attnbench speed --mode decode` through typer's CliRunner: rows with the step's bytes, GB/s and
+the cache or state per sequence; unsupported rows with their reasons; bad --context refused in
+one line; a resumed decode sweep records nothing twice; whole-sequence modes beside it unchanged."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from attnbench import flops, store
+from attnbench.cli import app
+from attnbench.models import registry
+from attnbench.speed import sweep
+
+runner = CliRunner()
+SMALL = ["--device", "cpu", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def rows_of(run_dir):
+    with open(run_dir / store.SPEED_CSV, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def decode_run(tmp_path_factory):
+    """The issue's CPU command, at a small head shape, with a mechanism that has no decode form."""
+    out = tmp_path_factory.mktemp("decode") / "run"
+    result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer",
+                    "--context", 128, 512, *SMALL, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, rows_of(out)
+
+
+def test_decode_rows_carry_time_bytes_bandwidth_and_memory_per_sequence(decode_run):
+    _, rows = decode_run
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert {(row["mechanism"], row["impl"]) for row in ok} == {
+        ("standard", "torch"), ("standard", "sdpa"), ("linear", "torch"), ("deltanet", "torch")}
+    assert len(ok) == 4 * 2  # two contexts each
+    for row in ok:
+        assert row["mode"] == "decode" and row["queries"] == "1" and row["batch"] == "1" and row["seq"] in ("128", "512")
+        median, p20, p80 = float(row["ms_median"]), float(row["ms_p20"]), float(row["ms_p80"])
+        assert 0 < p20 <= median <= p80
+        assert float(row["tokens_per_s"]) == pytest.approx(1 / (median * 1e-3), rel=1e-4)  # B x N = 1 token a step
+        assert int(row["bytes"]) > 0 and float(row["mem_per_seq_mib"]) > 0
+        assert float(row["gbps"]) == pytest.approx(int(row["bytes"]) / (median * 1e-3) / 1e9, rel=1e-4)
+        assert row["pct_bandwidth"] == "" and row["cuda_graph"] == "False"  # no --measure-peak; CPU
+        assert row["flops"] == "" and row["params"] == ""
+
+
+def test_a_kv_cache_grows_with_the_context_and_a_state_does_not(decode_run):
+    _, rows = decode_run
+    memory = {(row["mechanism"], row["seq"]): float(row["mem_per_seq_mib"]) for row in rows if row["impl"] == "torch" and row["status"] == "ok"}
+    six_digits = {"rel": 1e-5}  # the CSV's floats
+    assert memory["standard", "512"] == pytest.approx(4 * memory["standard", "128"], **six_digits)
+    assert memory["standard", "128"] == pytest.approx(2 * 128 * 2 * 16 * 4 / 2**20, **six_digits)  # K, V; Hkv = 2, D = 16, fp32
+    assert memory["deltanet", "512"] == memory["deltanet", "128"] == pytest.approx(2 * 16 * 16 * 4 / 2**20, **six_digits)  # S [Hkv, D, D] fp32
+
+
+def test_unsupported_decode_rows_say_why(decode_run):
+    _, rows = decode_run
+    unsupported = [row for row in rows if row["status"] == "unsupported"]
+    assert unsupported and all(row["message"] for row in unsupported)
+    performer = [row for row in rows if row["mechanism"] == "performer"]
+    assert len(performer) == 2 and all("has no decode step" in row["message"] for row in performer)
+    triton = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
+    assert triton == {"triton", "triton-paged"}
+
+
+def test_resuming_a_decode_sweep_records_no_case_twice(decode_run, tmp_path):
+    out, rows = decode_run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in (store.SPEED_CSV, store.META_JSON):
+        (copy / name).write_text((out / name).read_text())
+    lines = (copy / store.SPEED_CSV).read_text().splitlines(keepends=True)
+    (copy / store.SPEED_CSV).write_text("".join(lines[:-3]) + lines[-3][:10])  # two rows lost and a cut line
+    result = invoke("speed", "--resume", "--out", copy)
+    assert result.exit_code == 0, result.output
+    resumed = rows_of(copy)
+    keys = [store.case_key(row) for row in resumed]
+    assert len(keys) == len(set(keys)) == len(rows)
+    assert {store.case_key(row) for row in rows} == set(keys)
+    assert json.loads((copy / store.META_JSON).read_text())["spec"]["contexts"] == [128, 512]
+
+
+@pytest.mark.parametrize("context", ["0", "-4"])
+def test_a_context_that_is_not_positive_is_one_line_exit_2(context, tmp_path):
+    result = invoke("speed", "--mode", "decode", "--context", context, *SMALL, "--out", tmp_path / "run")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0] == f"error: --context must be positive, got {context}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "decode"], "--mode decode needs --context"),
+    (["--mode", "fwd", "--context", "64"], "add decode to --mode"),
+    (["--mode", "decode", "--context", "4", "--queries", "8"], "--context 4 is less than --queries 8"),
+])
+def test_decode_options_that_do_not_fit_are_refused(args, message, tmp_path):
+    result = invoke("speed", *args, *SMALL, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_whole_sequence_modes_beside_decode_keep_their_rows():
+    spec = sweep.SweepSpec(["standard"], ["torch"], ["kernel"], ["fwd", "bwd", "decode"], ["fp32"], "cpu", [32],
+                           batches=[2], heads=4, head_dim=16, contexts=[64, 128], queries=2)
+    cases = sweep.expand(spec)
+    whole = [case for case in cases if case.mode != "decode"]
+    assert [(c.mode, c.seq, c.batch, c.queries) for c in whole] == [("fwd", 32, 2, None), ("bwd", 32, 2, None)]
+    decode = [case for case in cases if case.mode == "decode"]
+    assert [(c.seq, c.batch, c.queries) for c in decode] == [(64, 2, 2), (128, 2, 2)]
+    rows = sweep.Sweep(cases, lambda row: None).run()
+    assert {row["status"] for row in rows} == {"ok"}
+    fwd = next(row for row in rows if row["mode"] == "fwd")
+    assert fwd["bytes"] is None and fwd["flops"] > 0 and fwd["tokens_per_s"] == pytest.approx(2 * 32 / (fwd["ms_median"] * 1e-3))
+    step = next(row for row in rows if row["mode"] == "decode")
+    assert step["tokens_per_s"] == pytest.approx(2 * 2 / (step["ms_median"] * 1e-3))  # B x N
+
+
+def test_decode_rows_get_percent_of_the_measured_copy_bandwidth():
+    spec = sweep.SweepSpec(["linear"], ["torch"], ["kernel"], ["decode"], ["fp32"], "cpu", [32], batches=[1],
+                           heads=4, head_dim=16, contexts=[64])
+    (row,) = sweep.Sweep(sweep.expand(spec), lambda row: None, copy_gbps=50.0).run()
+    assert row["pct_bandwidth"] == pytest.approx(100 * row["gbps"] / 50.0)
+    cfg = sweep.expand(spec)[0].layer_config()
+    assert row["bytes"] == flops.decode_bytes(registry.get("linear"), cfg, 1, 64, 1, 4)
+
+
+def test_a_decode_step_at_the_layer_level_or_bidirectional_is_unsupported_with_its_reason():
+    spec = sweep.SweepSpec(["standard"], ["torch"], ["layer"], ["decode"], ["fp32"], "cpu", [32], batches=[1],
+                           heads=4, head_dim=16, causal=[True, False], contexts=[64])
+    reasons = {case.causal: sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(spec)}
+    assert "kernel level" in reasons[True] and "kernel level" in reasons[False]
+    kernel = sweep.SweepSpec(**{**spec.__dict__, "levels": ["kernel"]})
+    reasons = {case.causal: sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(kernel)}
+    assert reasons[True] is None and "causal" in reasons[False]
+
+
+def test_report_on_a_decode_run_draws_time_per_step_with_the_bandwidth_bound(decode_run, tmp_path):
+    from attnbench.report.decode import bound_ms
+    from attnbench.report.speed import load_speed
+
+    out, _ = decode_run
+    assert invoke("report", out, "--out", tmp_path / "plain").exit_code == 0
+    assert [p.name for p in (tmp_path / "plain" / "plots").glob("decode-*.png")]
+    assert bound_ms(load_speed([out])).empty  # no bandwidth measured: no bound drawn
+    measured = tmp_path / "measured"
+    measured.mkdir()
+    (measured / store.META_JSON).write_text((out / store.META_JSON).read_text())
+    rows = rows_of(out)
+    for row in rows:  # as a run with --measure-peak at 10 GB/s would have recorded
+        row["pct_bandwidth"] = f"{10 * float(row['gbps']):.6g}" if row["gbps"] else ""
+    with open(measured / store.SPEED_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=store.SPEED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    bound = bound_ms(load_speed([measured]))
+    assert bound["standard", 1, 128] == pytest.approx(next(
+        int(r["bytes"]) for r in rows if r["mechanism"] == "standard" and r["seq"] == "128" and r["bytes"]) / 10e9 * 1e3, rel=1e-4)
+    result = invoke("report", measured)
+    assert result.exit_code == 0 and "the bandwidth bound" in (measured / "report.md").read_text()

@@ -1,0 +1,82 @@
+"""The registry's decode forms (models/softmax_decode.py, linear's and deltanet's DECODE): every
+impl's step, built from the same seed, gives the torch definition's output (SDPA through its
+mask: windows on a rolling cache, ALiBi, several new queries, GQA); the cost model's bytes and
+memory per sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbench.models import registry
+from attnbench.models.registry import LayerConfig
+from attnbench.tolerance import relative_bound
+
+CPU = torch.device("cpu")
+FP32_TOLERANCE = 1e-5  # float32 steps summing the same terms in another order
+
+
+def _step_output(mechanism: str, impl: str, cfg: LayerConfig, batch: int, context: int, queries: int) -> torch.Tensor:
+    torch.manual_seed(1)  # every impl draws the same inputs, in the same order
+    return registry.get(mechanism).decode.impls[impl].build(cfg, batch, context, queries, CPU, torch.float32)()
+
+
+def _assert_close(got: torch.Tensor, exact: torch.Tensor, label: str) -> None:
+    error = (got - exact).abs().max().item()
+    bound = relative_bound(FP32_TOLERANCE, exact.abs().max().item())
+    assert error <= bound, f"{label}: max error {error:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("mechanism,window,queries", [
+    ("standard", None, 1), ("standard", None, 3), ("alibi", None, 2), ("rope", None, 2),
+    ("window", 5, 1), ("window", 5, 3), ("alibi", 4, 2),  # context 37 > window + N: a rolling cache
+])
+def test_sdpa_step_equals_the_definition(mechanism, window, queries):
+    cfg = LayerConfig(dim=64, heads=4, kv_heads=2, head_dim=16, causal=True, window=window)
+    exact = _step_output(mechanism, "torch", cfg, 2, 37, queries)
+    got = _step_output(mechanism, "sdpa", cfg, 2, 37, queries)
+    assert got.shape == (2, queries, 4, 16)
+    _assert_close(got, exact, f"{mechanism} W={window} N={queries}")
+
+
+def test_triton_step_equals_the_definition_under_the_interpreter():
+    """Our split-KV kernel through its DecodeImpl (contiguous cache; the paged one draws its own pages)."""
+    cfg = LayerConfig(dim=64, heads=4, kv_heads=2, head_dim=16, causal=True, window=5)
+    exact = _step_output("window", "torch", cfg, 2, 37, 2)
+    got = _step_output("window", "triton", cfg, 2, 37, 2)
+    _assert_close(got, exact, "window triton")
+
+
+@pytest.mark.parametrize("mechanism", ["linear", "deltanet"])
+def test_fused_state_step_equals_the_definition_under_the_interpreter(mechanism):
+    cfg = LayerConfig(dim=64, heads=4, kv_heads=2, head_dim=16, causal=True)
+    exact = _step_output(mechanism, "torch", cfg, 2, 0, 1)
+    got = _step_output(mechanism, "triton", cfg, 2, 0, 1)
+    assert got.shape == (2, 4, 16)
+    _assert_close(got, exact, mechanism)
+
+
+def test_state_steps_refuse_more_than_one_token():
+    cfg = LayerConfig(dim=64, heads=4, head_dim=16, causal=True)
+    assert "one token at a time" in registry.get("deltanet").decode.impls["torch"].why_not(cfg, 2, CPU, torch.float32)
+    assert registry.get("deltanet").decode.impls["torch"].why_not(cfg, 1, CPU, torch.float32) is None
+    assert "needs a CUDA device" in registry.get("linear").decode.impls["triton"].why_not(cfg, 1, CPU, torch.float32)
+
+
+def test_cost_model_by_hand():
+    """B = 2, Hq = 8, Hkv = 2, D = 64, N = 1, fp16 (2 bytes), L = 1000."""
+    cfg = LayerConfig(dim=512, heads=8, kv_heads=2, head_dim=64, causal=True)
+    kv_per_seq = 2 * 1000 * 2 * 64 * 2  # K and V, 1000 rows, 2 kv heads, 64 dims, 2 bytes = 512000
+    q_and_o = 2 * 8 * 64 * 2  # q read, o written: 8 heads x 64 dims x 2 bytes each = 2048
+    standard = registry.get("standard").decode
+    assert standard.memory(cfg, 1000, 1, 2) == 512_000 == kv_per_seq
+    assert standard.bytes(cfg, 2, 1000, 1, 2) == 2 * (kv_per_seq + q_and_o) == 1_028_096
+    windowed = LayerConfig(dim=512, heads=8, kv_heads=2, head_dim=64, causal=True, window=99)
+    assert registry.get("window").decode.bytes(windowed, 2, 1000, 1, 2) == 2 * (2 * 100 * 2 * 64 * 2 + q_and_o)  # W + N = 100 keys
+    state = 2 * 64 * 64 * 4  # S [Hkv, D, D] float32 = 32768
+    token = (8 * 64 + 2 * 64 + 2 * 64 + 2 + 8 * 64) * 2  # q, k, v, beta read, o written, fp16 = 2564
+    deltanet = registry.get("deltanet").decode
+    assert deltanet.memory(cfg, 1000, 1, 2) == state
+    assert deltanet.bytes(cfg, 2, 1000, 1, 2) == 2 * (2 * state + token) == 136_200
+    linear_state = 2 * (64 * 64 + 64) * 4  # kv and k_sum, float32
+    assert registry.get("linear").decode.memory(cfg, 1000, 1, 2) == linear_state == 33_280
