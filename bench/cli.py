@@ -370,6 +370,7 @@ def distill(
     layer_mse: Annotated[float, typer.Option(help="Weight of the per-layer attention-output MSE (LoLCATs-style layer-wise distillation).")] = 0.0,
     mask_l1: Annotated[list[float], typer.Option(help="Weights of the L1 penalty on learned masks (students with sparsity_penalty(), e.g. learned): one student per weight.")] = [0.0],  # noqa: B006
     mask_lr: Annotated[float, typer.Option(help="Peak learning rate of the learned masks' scorers (their gates start open and must cross the threshold within the run).")] = 1e-2,
+    mask_freeze: Annotated[float, typer.Option(help="Fraction of the steps after which the learned masks stop learning (the rest of the attention adapts to a fixed pattern).")] = 0.5,
     train_all: Annotated[bool, typer.Option("--train-all", help="Train every parameter, not only the attention.")] = False,
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation and checkpoint every N steps.")] = 50,
     eval_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.")] = 8,
@@ -399,7 +400,7 @@ def distill(
 
     spec = DistillSpec(
         teacher=teacher, students=student, teacher_attn=teacher_attn, steps=steps, lr=lr, temperature=temperature,
-        layer_mse=layer_mse, mask_l1=mask_l1, mask_lr=mask_lr, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
+        layer_mse=layer_mse, mask_l1=mask_l1, mask_lr=mask_lr, mask_freeze=mask_freeze, train_all=train_all, eval_every=eval_every, eval_batches=eval_batches,
         impl=",".join(impl), batch=batch, seq=seq, seed=seed, device=str(resolve_device(device)), options=mechanism_options(window, option),
         data=data, positions=positions, kv_heads=kv_heads, download=download, prompts=None if prompts is None else str(prompts),
         scale_seq=scale_seq,

@@ -273,7 +273,7 @@ def _markdown(run_dirs: list[Path], plots: list[Path], out_dir: Path) -> str:
                 lines += _table(QUALITY_TABLE, [{**row, "student": row["student"] or "teacher"} for row in summary if row["status"] == "ok"])
         scale = _scale(run)
         if scale:
-            lines += ["", "One attention layer (the first block's, trained weights) forward in eval mode on x ~ N(0, 1) [1, T, C]: "
+            lines += ["", "One attention layer (the first block's, trained weights) forward in eval mode on x ~ N(0, 1) [B, T, C], B = 64k tokens // T on CUDA (1k on CPU): "
                       "median ms (peak MiB beyond the input, CUDA only); a learned mask's density is the one it chose there.", ""]
             lines += _scale_table(scale)
         generations = run / f"{GENERATIONS}.md"

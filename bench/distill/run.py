@@ -99,10 +99,11 @@ def freeze_teacher_parameters(student: nn.Module, teacher_names: set[str], atten
 
 def parameter_groups(student: nn.Module, trainable: list[nn.Parameter], spec: DistillSpec) -> list[dict[str, Any]]:
     """AdamW's groups: the learned masks' scorers (layers' ``mask_parameters()``) at --mask-lr,
-    everything else trainable at --lr (empty groups left out)."""
+    until --mask-freeze of the steps (its own warmup and cosine over those), then 0; everything
+    else trainable at --lr over all steps (empty groups left out)."""
     masks = {id(p) for m in student.modules() if callable(getattr(m, "mask_parameters", None)) for p in m.mask_parameters()}
     groups = [{"params": [p for p in trainable if id(p) not in masks], "lr": spec.lr},
-              {"params": [p for p in trainable if id(p) in masks], "lr": spec.mask_lr}]
+              {"params": [p for p in trainable if id(p) in masks], "lr": spec.mask_lr, "mask": True}]
     return [group for group in groups if group["params"]]
 
 
@@ -128,9 +129,17 @@ def distill_student(source, cell: StudentCell, impl: str, spec: DistillSpec, run
     trainable = [p for p in student.parameters() if p.requires_grad]
     if not trainable:
         raise InputError(f"{mechanism}: the student has nothing to train (no attention parameters); pass --train-all")
-    optimizer = torch.optim.AdamW(parameter_groups(student, trainable, spec), weight_decay=0.0)
+    groups = parameter_groups(student, trainable, spec)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     warmup = max(1, min(100, spec.steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, spec.steps))
+    frozen_from = round(spec.mask_freeze * spec.steps)  # the masks stop learning: q/k/v settle on a fixed pattern
+
+    def schedule(group: dict[str, Any]):
+        if group.get("mask"):
+            return lambda s: lr_factor(s, warmup, frozen_from) if s < frozen_from else 0.0
+        return lambda s: lr_factor(s, warmup, spec.steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(group) for group in groups])
     ckpt_dir = run_dir / "students" / mechanism
     last = checkpoint.latest(ckpt_dir)
     saved = checkpoint.load(last, student, optimizer, scheduler, trainable_only=True)["step"] if last else None  # its step

@@ -2,8 +2,9 @@
 lengths longer than the run trains on (scale.csv, SCALE_COLUMNS), in the same process.
 
 Each model's first block's attention layer, its trained weights copied into a fresh layer on
-the impl named in the row, runs forward in eval mode without autograd on x ~ N(0, 1) [1, T, C]
-(the activation scale a pre-LN block feeds it), under the run's autocast (bf16 on CUDA): median
+the impl named in the row, runs forward in eval mode without autograd on x ~ N(0, 1) [B, T, C]
+(the activation scale a pre-LN block feeds it; B = TOKENS // T, at least 1, so that short
+lengths are not timed as launch overhead alone), under the run's autocast (bf16 on CUDA): median
 ms (bench/timing.py) and peak MiB beyond the input (CUDA only). The teacher is also timed on our
 dense flash kernel and on cuDNN where they run, so a student's time has both peers beside it. A
 learned mask decides its blocks from that input: the row records the density it kept. An OOM is
@@ -24,6 +25,7 @@ from attnbench.train.evaluate import autocast
 
 TEACHER_PEERS = ("triton", "sdpa-cudnn")  # the dense kernel and cuDNN, beside the teacher's own impl
 DEFAULT_SEQ = {"cuda": [1024, 4096, 16384], "cpu": [256, 1024]}
+TOKENS = {"cuda": 65536, "cpu": 1024}  # tokens per timed call: B = TOKENS // T
 
 
 def default_seq(device: str) -> list[int]:
@@ -58,23 +60,26 @@ def timed_layers(source, models: dict[str, tuple[str, str, nn.Module]], device: 
 def scale_rows(source, models: dict[str, tuple[str, str, nn.Module]], seqs: list[int], device: str) -> Iterator[dict[str, Any]]:
     """scale.csv's rows, one per (timed layer, length), as they are measured."""
     dev = torch.device(device)
+    tokens = TOKENS["cuda" if dev.type == "cuda" else "cpu"]
     for name, mechanism, impl in timed_layers(source, models, device):
-        base = {"model": name, "mechanism": mechanism, "impl": impl, "batch": 1}
+        base = {"model": name, "mechanism": mechanism, "impl": impl}
         model = models.get(name, models["teacher"])[2]
         if not hasattr(model, "trunk"):
             for seq in seqs:
-                yield {**base, "seq": seq, "status": "unsupported", "message": "a transformers model has no layer of ours to time"}
+                yield {**base, "seq": seq, "batch": max(1, tokens // seq), "status": "unsupported",
+                       "message": "a transformers model has no layer of ours to time"}
             continue
         layer = first_layer(model, mechanism, impl)
         for seq in seqs:
-            yield {**base, "seq": seq, **measure(layer, model.cfg.dim, seq, dev)}
+            batch = max(1, tokens // seq)
+            yield {**base, "seq": seq, "batch": batch, **measure(layer, model.cfg.dim, batch, seq, dev)}
 
 
 @torch.no_grad()
-def measure(layer: nn.Module, dim: int, seq: int, device: torch.device) -> dict[str, Any]:
-    """forward_ms, peak_mem_mib and (learned masks) density of ``layer`` on x [1, seq, dim]; an OOM: status oom."""
+def measure(layer: nn.Module, dim: int, batch: int, seq: int, device: torch.device) -> dict[str, Any]:
+    """forward_ms, peak_mem_mib and (learned masks) density of ``layer`` on x [batch, seq, dim]; an OOM: status oom."""
     try:
-        x = torch.randn(1, seq, dim, device=device)
+        x = torch.randn(batch, seq, dim, device=device)
 
         def forward():
             with autocast(device.type):

@@ -47,6 +47,7 @@ class DistillSpec:
     layer_mse: float = 0.0
     mask_l1: list[float] = field(default_factory=lambda: [0.0])  # one student per strength (penalised students)
     mask_lr: float = 1e-2  # the learned masks' scorers: gates must cross from open to shut within the run
+    mask_freeze: float = 0.5  # the fraction of the steps after which the masks stop learning
     train_all: bool = False
     eval_every: int = 50
     eval_batches: int = 8
@@ -99,6 +100,8 @@ class DistillSpec:
                 raise InputError(f"--{option} must be positive, not {value}")
         if self.lr <= 0 or self.mask_lr <= 0 or self.temperature <= 0:
             raise InputError("--lr, --mask-lr and --temperature must be positive")
+        if not 0 < self.mask_freeze <= 1:
+            raise InputError(f"--mask-freeze is a fraction of the steps in (0, 1], not {self.mask_freeze}")
         for scheme in self.positions or []:
             positions.check_scheme(scheme)
         if self.positions and len(set(self.positions)) != len(self.positions):

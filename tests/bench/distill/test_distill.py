@@ -67,6 +67,7 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
     assert 0.0 <= float(summary[1]["agreement_one_token"]) <= 1.0 and float(summary[1]["kl_repeated"]) >= 0.0
     scale = store.read_rows(run_dir / distill_columns.SCALE_CSV, distill_columns.SCALE_COLUMNS)
     assert {(r["model"], r["impl"], r["seq"], r["status"]) for r in scale} == {("teacher", "torch", "64", "ok"), ("linear", "chunked", "64", "ok")}
+    assert {r["batch"] for r in scale} == {"16"}, "1024 tokens per call on CPU"
     assert float(summary[1]["kl_zero_shot"]) == pytest.approx(zero_shot, rel=1e-5)
     # tiny preset: 2 layers, 4 heads, D = 32; softmax counts T(T+1)/2 causal pairs per head
     assert float(summary[0]["attn_flops"]) == pytest.approx(2 * 4.0 * 4 * 32 * (SEQ * (SEQ + 1) // 2) * BATCH, rel=1e-5)
@@ -564,3 +565,28 @@ def test_edge_batches_keep_one_token_or_repeat_one(teacher):
     same = edges.repeated(teacher.streams["valid"], "clm", SEQ, BATCH, teacher.tokenizer, 0)
     assert same["input_ids"].shape == (BATCH, SEQ) and same["input_ids"].unique().numel() == 1
     assert int(same["input_ids"][0, 0]) not in teacher.tokenizer.special_ids
+
+
+def test_learned_masks_stop_learning_at_mask_freeze_while_the_rest_trains(teacher, tmp_path, monkeypatch):
+    """--mask-freeze 0.5 of 4 steps: the scorers change over steps 1-2 and not after; q/k/v keep training."""
+    snapshots = {}
+    real_save = distill.checkpoint.save
+
+    def save(folder, model, optimizer, state, *args, **kwargs):
+        snapshots[state["step"]] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return real_save(folder, model, optimizer, state, *args, **kwargs)
+
+    monkeypatch.setattr(distill.checkpoint, "save", save)
+    teacher.options = {"block": 8}
+    try:
+        spec = distill.DistillSpec(teacher="tiny-test", students=["learned"], mask_l1=[1.0], mask_lr=0.1, mask_freeze=0.5, steps=4,
+                                   lr=5e-3, eval_every=2, eval_batches=1, new_tokens=2, scale_seq=[64], options={"block": 8})
+        distill.run_distill(spec, out=tmp_path / "run", source=teacher)
+    finally:
+        teacher.options = {}
+    student = teacher.student("learned", "torch")
+    start = {n: p.detach() for n, p in student.named_parameters()}
+    scorer = [n for n in snapshots[2] if ".scorer." in n]
+    assert scorer and all(not torch.equal(snapshots[2][n], start[n]) for n in scorer), "the masks learn before the freeze"
+    assert all(torch.equal(snapshots[4][n], snapshots[2][n]) for n in scorer), "and not after it"
+    assert not torch.equal(snapshots[4]["trunk.blocks.0.attention.qkv.weight"], snapshots[2]["trunk.blocks.0.attention.qkv.weight"])
