@@ -13,12 +13,10 @@ sees no key gets zeros. Block sizes must be multiples of flash_launch.SPARSE_TIL
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from attnbench.kernels.block_mask import BlockLists, blocks
-from attnbench.kernels.flash import FlashAttention, check_inputs, flash_problem
+from attnbench.kernels.flash import attend, check_inputs
 from attnbench.kernels.flash_launch import SPARSE_TILE
 
 
@@ -58,6 +56,5 @@ def block_sparse_attention(
     check_inputs(q, k, v, seq_lens, window, slopes, theta, scale)
     (b, t, hq, _), s = q.shape, k.shape[1]
     _check_lists(lists, b, hq, t, s)
-    dense = flash_problem(q, k, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes, theta=theta, offset=offset, scale=scale)
-    problem = dataclasses.replace(dense, sparse_block=lists.block, **lists.expanded(b, hq))
-    return FlashAttention.apply(problem, None, q, k, v)
+    options = {"causal": causal, "seq_lens": seq_lens, "window": window, "slopes": slopes, "theta": theta, "offset": offset, "scale": scale}
+    return attend(q, k, v, options, lists=lists.expanded(b, hq), block=lists.block)

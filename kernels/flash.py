@@ -2,11 +2,14 @@
 GQA/MQA, sliding windows, ALiBi and RoPE in one skeleton (forward: kernels/flash_fwd.py,
 backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py, launching:
 kernels/flash_launch.py, RoPE's rotation passes: kernels/flash_rope.py); the same kernels
-visit listed blocks only for kernels/block_sparse.py.
+visit listed blocks only for kernels/block_sparse.py. Eager calls run FlashAttention (an
+autograd.Function); under torch.compile the same forward and backward are the custom ops
+attnbench::flash_fwd and attnbench::flash_bwd.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -14,7 +17,7 @@ import triton
 
 from attnbench.kernels.flash_bwd import flash_backward
 from attnbench.kernels.flash_fwd import flash_forward
-from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem, empty
+from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem, empty, stats_row_length
 from attnbench.kernels.flash_rope import rope
 from attnbench.kernels.flash_tiles import INTERPRET
 from attnbench.kernels.reference import rope_angles
@@ -23,21 +26,28 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
+def _forward(problem: FlashProblem, split: tuple[int, int, int] | None, inputs: tuple[torch.Tensor, ...]):
+    """o [B, T, Hq, D], lse, and the q, k, v the backward reads (q and k rotated with RoPE)."""
+    q, k, v = inputs if split is None else inputs[0].split(split, dim=2)
+    if problem.rope and split is None:
+        q, k = rope(q, problem, k.shape[1] - q.shape[1]), rope(k, problem, 0)
+    elif problem.rope:  # q's and k's heads side by side, rotated in one pass (T = S: no shift)
+        q, k = rope(inputs[0][:, :, : split[0] + split[1]], problem, 0).split(split[:2], dim=2)
+    o, lse = flash_forward(q, k, v, problem)
+    return o, lse, q, k, v
+
+
 class FlashAttention(torch.autograd.Function):
     """Differentiable flash attention over (q, k, v), or over the fused projection
     (qkv [B, T, Hq + 2 Hkv, D],) with ``split`` = (Hq, Hkv, Hkv): then the backward writes dq, dk,
     dv into one tensor, qkv's gradient, where autograd would concatenate three after a split.
     With RoPE, q and k are rotated before the forward (kernels/flash_rope.py) and the backward
-    kernels rotate dq and dk back; the rotated q and k are what is saved."""
+    kernels rotate dq and dk back; the rotated q and k are what is saved. The eager path: no
+    dispatcher between the caller and the launches (flash_fwd below is the traced one)."""
 
     @staticmethod
     def forward(ctx, problem: FlashProblem, split: tuple[int, int, int] | None, *inputs):
-        q, k, v = inputs if split is None else inputs[0].split(split, dim=2)
-        if problem.rope and split is None:
-            q, k = rope(q, problem, k.shape[1] - q.shape[1]), rope(k, problem, 0)
-        elif problem.rope:  # q's and k's heads side by side, rotated in one pass (T = S: no shift)
-            q, k = rope(inputs[0][:, :, : split[0] + split[1]], problem, 0).split(split[:2], dim=2)
-        o, lse = flash_forward(q, k, v, problem)
+        o, lse, q, k, v = _forward(problem, split, inputs)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.problem, ctx.split = problem, split
         return o
@@ -51,6 +61,89 @@ class FlashAttention(torch.autograd.Function):
         packed = empty((b, t, sum(ctx.split), d), q.dtype, q.device)
         flash_backward(q, k, v, o, lse, do, ctx.problem, grads=packed.split(ctx.split, dim=2))
         return None, None, packed
+
+
+# The same forward and backward as torch.library custom ops, which torch.compile traces as
+# opaque calls (register_fake gives their output shapes, register_autograd their gradient):
+# flash_attention calls them while compiling, FlashAttention.apply otherwise, since a custom
+# op's dispatch and generated autograd.Function cost host time per call that eager mode would
+# pay on top (PERF_NOTES 11). Options travel as the caller gave them; the ops build the
+# FlashProblem when they run. sparse_block > 0: block-sparse, with its four lists (block_sparse.py).
+_OPTIONS = "Tensor? seq_lens, Tensor? slopes, Tensor? kv_num, Tensor? kv_idx, Tensor? q_num, Tensor? q_idx, " \
+    "bool causal, int[]? window, float? theta, int offset, float? scale, int sparse_block"
+_LISTS = ("kv_num", "kv_idx", "q_num", "q_idx")
+_DEFAULTS = {"causal": False, "seq_lens": None, "window": None, "slopes": None, "theta": None, "offset": 0, "scale": None}
+
+
+def _op_problem(q, k, seq_lens, slopes, kv_num, kv_idx, q_num, q_idx, causal, window, theta, offset, scale, sparse_block):
+    problem = flash_problem(q, k, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes, theta=theta, offset=offset, scale=scale)
+    if sparse_block:
+        problem = dataclasses.replace(problem, sparse_block=sparse_block, kv_num=kv_num, kv_idx=kv_idx, q_num=q_num, q_idx=q_idx)
+    return problem
+
+
+@torch.library.custom_op("attnbench::flash_fwd", mutates_args=(), schema=f"(Tensor q, Tensor k, Tensor v, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)")
+def flash_fwd(q, k, v, *options):
+    """o, lse and the rotated q, k that flash_bwd takes (RoPE; 0-element tensors without)."""
+    o, lse, q_saved, k_saved, _ = _forward(_op_problem(q, k, *options), None, (q, k, v))
+    if q_saved is q:  # an op's outputs may not alias its inputs
+        q_saved, k_saved = q.new_empty(0), k.new_empty(0)
+    if lse.shape[2] > q.shape[1]:  # no kernel writes the padding past T, and an op's output must be defined
+        lse[:, :, q.shape[1] :].zero_()
+    return o, lse, q_saved, k_saved
+
+
+@flash_fwd.register_fake
+def _(q, k, v, *options):
+    (b, t, hq, d), rope = q.shape, options[8] is not None
+    lse = q.new_empty((b, hq, stats_row_length(t)), dtype=torch.float32)
+    return q.new_empty(q.shape), lse, q.new_empty(q.shape if rope else 0), k.new_empty(k.shape if rope else 0)
+
+
+@torch.library.custom_op("attnbench::flash_bwd", mutates_args=(), schema=f"(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor do, {_OPTIONS}) -> (Tensor, Tensor, Tensor)")
+def flash_bwd(q, k, v, o, lse, do, *options):
+    """dq, dk, dv of flash_fwd's inputs; q and k are flash_fwd's rotated ones with RoPE."""
+    return flash_backward(q, k, v, o, lse, do, _op_problem(q, k, *options))
+
+
+@flash_bwd.register_fake
+def _(q, k, v, o, lse, do, *options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_context(ctx, inputs, output):
+    q, k, v, *options = inputs
+    o, lse, q_rotated, k_rotated = output
+    rope = options[8] is not None
+    ctx.save_for_backward(q_rotated if rope else q, k_rotated if rope else k, v, o, lse)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse, q_rotated, k_rotated)
+
+
+def _fwd_gradient(ctx, do, *_):
+    q, k, v, o, lse = ctx.saved_tensors
+    return *torch.ops.attnbench.flash_bwd(q, k, v, o, lse, do, *ctx.options), *(None,) * len(ctx.options)
+
+
+flash_fwd.register_autograd(_fwd_gradient, setup_context=_fwd_context)
+
+
+def attend(q, k, v, options: dict, *, qkv: torch.Tensor | None = None, lists: dict | None = None, block: int = 0) -> torch.Tensor:
+    """o [B, T, Hq, D] of checked inputs q [B, T, Hq, D], k/v [B, S, Hkv, D], or of qkv, the fused
+    projection they are views of; options flash_attention's (all seven keys); lists the four block
+    lists (kv_num, kv_idx, q_num, q_idx) of blocks of ``block`` (block_sparse.py)."""
+    if torch.compiler.is_compiling():
+        lists, window = lists or dict.fromkeys(_LISTS), options["window"]
+        return torch.ops.attnbench.flash_fwd(
+            q, k, v, options["seq_lens"], options["slopes"], *(lists[name] for name in _LISTS), options["causal"],
+            None if window is None else list(window), options["theta"], options["offset"], options["scale"], block,
+        )[0]
+    problem = flash_problem(q, k, **options)
+    if block:
+        problem = dataclasses.replace(problem, sparse_block=block, **lists)
+    if qkv is None:
+        return FlashAttention.apply(problem, None, q, k, v)
+    return FlashAttention.apply(problem, (q.shape[2], k.shape[2], v.shape[2]), qkv)
 
 
 @functools.lru_cache(maxsize=16)
@@ -163,10 +256,8 @@ def flash_attention(
     scale: of q.k, > 0 (default D^-0.5).
     """
     check_inputs(q, k, v, seq_lens, window, slopes, theta, scale)
-    problem = flash_problem(
-        q, k, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes, theta=theta, offset=offset, scale=scale
-    )
-    return FlashAttention.apply(problem, None, q, k, v)
+    options = {"causal": causal, "seq_lens": seq_lens, "window": window, "slopes": slopes, "theta": theta, "offset": offset, "scale": scale}
+    return attend(q, k, v, options)
 
 
 def flash_attention_packed(qkv: torch.Tensor, heads: int, **options) -> torch.Tensor:
@@ -176,7 +267,7 @@ def flash_attention_packed(qkv: torch.Tensor, heads: int, **options) -> torch.Te
     kv_heads, odd = divmod(qkv.shape[2] - heads, 2) if qkv.dim() == 4 else (0, 1)
     if odd or kv_heads < 1:
         raise ValueError(f"expected qkv [B, T, Hq + 2 Hkv, D] with Hq = {heads}; got {tuple(qkv.shape)}")
-    split = (heads, kv_heads, kv_heads)
-    q, k, v = qkv.split(split, dim=2)
-    check_inputs(q, k, v, options.get("seq_lens"), options.get("window"), options.get("slopes"), options.get("theta"), options.get("scale"))
-    return FlashAttention.apply(flash_problem(q, k, **options), split, qkv)
+    q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
+    options = {**_DEFAULTS, **options}
+    check_inputs(q, k, v, options["seq_lens"], options["window"], options["slopes"], options["theta"], options["scale"])
+    return attend(q, k, v, options, qkv=qkv)

@@ -292,17 +292,22 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torc
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     delta = empty(lse.shape, torch.float32, q.device)  # rows like lse's; written by the dq kernel, read by dk/dv's
-    dq, dk, dv = grads if grads is not None else tuple(empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+    if grads is None:
+        dq, dk, dv = empty(q.shape, q.dtype, q.device), empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
+    else:
+        dq, dk, dv = grads
     extras = (*problem.tensors(q), *problem.rope_tables(q))
-    scales = (problem.left, problem.right, problem.scale, problem.scale_log2)
+    strides = (*q.stride(), *k.stride(), *v.stride())  # both kernels take q, k, v first
+    do_strides, stats = do.stride(), lse.stride(1)
+    scalars = (problem.left, problem.right, problem.scale, problem.scale_log2)
     flash_dq_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * hq)](
         q, k, v, o, do, dq, lse, delta, *extras, *problem.key_lists(q),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        t, s, hq, hq // hkv, lse.stride(1), *scales, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
+        *strides, *o.stride(), *do_strides, *dq.stride(),
+        t, s, hq, hq // hkv, stats, *scalars, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
     )
     flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras, *problem.query_lists(q),
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, lse.stride(1), *scales, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
+        *strides, *do_strides, *dk.stride(), *dv.stride(),
+        t, s, hq, hkv, hq // hkv, stats, *scalars, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
     )
     return dq, dk, dv

@@ -86,7 +86,7 @@ class FlashProblem:
         """16-bit inputs: what use_tma needs of the problem itself."""
         return self.dtype in (torch.float16, torch.bfloat16)
 
-    @property
+    @functools.cached_property
     def scale_log2(self) -> float:
         return self.scale * math.log2(math.e)
 

@@ -7,7 +7,12 @@ model: ~45% of it the GPU idles), so this cost, times layers, is the difference 
 two impls whose kernels take the same GPU time.
 
     python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa --profile 20
+    python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa --compiled   # also torch.compile'd
+
+Eager, our kernels run through an autograd.Function; compiled (fullgraph), through the custom
+ops attnbench::flash_fwd / flash_bwd (kernels/flash.py), so --compiled times that path too.
 """
+
 
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from attnbench.models import registry
 
 
 def host_us_per_call(run, calls: int, batch: int, seq: int, heads: int, head_dim: int) -> float:
-    """Microseconds of wall time per forward + backward of ``run`` (a kernel-level core) on
-    q, k, v [batch, seq, heads, head_dim] bf16, causal, after a warm-up that compiles."""
+    """Microseconds of wall time per forward + backward of ``run`` (a kernel-level core, called
+    as run(q, k, v, causal=True)) on q, k, v [batch, seq, heads, head_dim] bf16, after a warm-up
+    that compiles."""
     q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
 
@@ -47,15 +53,20 @@ def main(
     calls: Annotated[int, typer.Option(help="forward + backward calls timed")] = 500,
     seq: Annotated[int, typer.Option(help="T (tiny: the GPU must not be the bottleneck)")] = 128,
     profile: Annotated[int, typer.Option(help="also print the N functions with the most own and the most cumulative time (cProfile)")] = 0,
+    compiled: Annotated[bool, typer.Option(help="also time each impl under torch.compile(fullgraph=True), after the eager line")] = False,
 ) -> None:
     """Host microseconds per forward + backward of each impl at B=1, H=8, D=64, causal, bf16."""
     mechanism = registry.get(attn)
     for name in impl:
-        run = mechanism.impls[name].run
-        typer.echo(f"{attn}/{name}: {host_us_per_call(run, calls, 1, seq, 8, 64):.0f} us per forward + backward")
+        eager = mechanism.impls[name].run
+        runs = [("", eager)]
+        if compiled:
+            runs.append((" (compiled)", torch.compile(eager, fullgraph=True)))
+        for label, run in runs:
+            typer.echo(f"{attn}/{name}{label}: {host_us_per_call(run, calls, 1, seq, 8, 64):.0f} us per forward + backward")
         if profile:
             profiler = cProfile.Profile()
-            profiler.runcall(host_us_per_call, run, calls, 1, seq, 8, 64)
+            profiler.runcall(host_us_per_call, eager, calls, 1, seq, 8, 64)
             for order in ("tottime", "cumulative"):
                 pstats.Stats(profiler).sort_stats(order).print_stats(profile)
 
