@@ -76,7 +76,8 @@
 #   learned:  issue 23: a GPT small teacher (`train`'s CUDA default: 1235 x 8 x 512, 2 epochs), distilled
 #             1000 steps into learned at L1 0.001, 0.01, 0.1 (one process) and into nsa, window (128),
 #             performer, linear (another, alongside), then both resumed at their last step on the quiet
-#             GPU to measure costs and layer times at 1k/4k/16k; the report with the Pareto figure
+#             GPU to measure costs and layer times at 1k/4k/16k; the report with the Pareto figure;
+#             a layer-level profile of learned beside standard (wall against GPU-busy time)
 #   gate:     the correctness gate on the GPU: the window x rope/alibi x GQA cells of the softmax family
 #             (`attnbench check --attn standard,window --positions rope,alibi --window 256`) to T = 4k,
 #             every impl of every mechanism to T = 2k (`check --attn all`), and `speed --check` of standard
@@ -411,6 +412,9 @@ learned)  # #23: distilled into learned (three L1 strengths) and nsa/window/perf
         tail -1 "$out/$run-costs.txt"
     done
     attnbench report "$out/learned" "$out/others" --out "$out/report" > /dev/null 2>&1
+    # where a learned layer's time goes next to the dense one (random weights: every gate open)
+    speed 60 --level layer --attn learned,standard --impl triton --tokens 65536 --seq 4096 16384 --mode fwd --profile 20 \
+        --out "$out/layer-profile" | grep -E -A12 "wall|busy" | head -60
     python3 - "$out" <<'PY'
 import csv, sys
 for run in ("learned", "others"):
