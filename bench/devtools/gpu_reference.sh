@@ -78,6 +78,8 @@
 #             performer, linear (another, alongside), then both resumed at their last step on the quiet
 #             GPU to measure costs and layer times at 1k/4k/16k; the report with the Pareto figure;
 #             a layer-level profile of learned beside standard (wall against GPU-busy time)
+#   decode-cli: issue 24's decode through `attnbench speed --mode decode` (standard, linear, deltanet; B 1-64,
+#             L 1k-64k, Hq 32, Hkv 8, D 128) with its CUDA tests, and host time per call with the custom ops
 #   gate:     the correctness gate on the GPU: the window x rope/alibi x GQA cells of the softmax family
 #             (`attnbench check --attn standard,window --positions rope,alibi --window 256`) to T = 4k,
 #             every impl of every mechanism to T = 2k (`check --attn all`), and `speed --check` of standard
@@ -422,6 +424,24 @@ for run in ("learned", "others"):
         print(run, r["student"] or "teacher", r["impl"], r["kl_zero_shot"], r["kl"], r["agreement"], r["ppl"], r["density"], r["status"])
     for r in csv.DictReader(open(f"{sys.argv[1]}/{run}/scale.csv")):
         print("  ", r["model"], r["impl"], r["seq"], r["forward_ms"], r["peak_mem_mib"], r["density"], r["status"])
+PY
+    ;;
+decode-cli)  # #24 through `attnbench speed --mode decode`, and #25's custom ops: CUDA tests, the decode sweep at
+            # the issue's shapes, host time per attention call (eager and torch.compile)
+    limit 150 python3 -m pytest -v tests/kernels/test_flash_ops.py tests/models/test_decode_forms.py tests/bench/speed/test_decode_mode.py \
+        tests/kernels/test_decode_kernel.py tests/kernels/test_state_decode.py --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -8
+    speed 240 --mode decode --attn standard,linear,deltanet --impl all --heads 32 --kv-heads 8 --head-dim 128 \
+        --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/decode" > "$out/decode.txt"
+    limit 90 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa --compiled > "$out/host.txt" 2>&1
+    grep -E "per forward|compiled" "$out/host.txt" | head
+    python3 - "$out" <<'PY'
+import csv, sys
+for r in csv.DictReader(open(f"{sys.argv[1]}/decode/speed.csv")):
+    if r["batch"] in ("1", "32") and r["status"] == "ok":
+        print(r["mechanism"], r["impl"], r["batch"], r["seq"], r["ms_median"], r["gbps"], r["pct_bandwidth"], r["cuda_graph"])
+    elif r["status"] != "ok":
+        print(r["mechanism"], r["impl"], r["batch"], r["seq"], r["status"], r["message"][:80])
 PY
     ;;
 bert)
