@@ -227,7 +227,13 @@ MODE_ORDER = ("fwd", "bwd", "fwdbwd")
 
 
 def _modes(data: pd.DataFrame) -> list[str]:
+    """The training-shaped modes of ``data``, in order (decode has figures of its own)."""
     return [m for m in MODE_ORDER if m in set(data["mode"])]
+
+
+def _all_modes(data: pd.DataFrame) -> list[str]:
+    """Every mode of ``data``: the training-shaped ones in order, then decode."""
+    return _modes(data) + sorted(set(data["mode"]) - set(MODE_ORDER))
 
 
 def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, palette, markers, title: str,
@@ -327,7 +333,7 @@ def _exponent_figure(fits: pd.DataFrame, *, path: Path, palette, title: str) -> 
     present = set(fits["mechanism"])
     mechanisms = [m for m in registered() if m in present] + sorted(present - set(registered()))
     bars = len(mechanisms) * len(order)
-    g = sns.catplot(fits, x="mechanism", y="exponent", hue="impl", hue_order=order, row="mode", row_order=_modes(fits),
+    g = sns.catplot(fits, x="mechanism", y="exponent", hue="impl", hue_order=order, row="mode", row_order=_all_modes(fits),
                     col="causal", order=mechanisms, kind="bar", palette=palette, errorbar=None,
                     height=3.0, aspect=min(4.0, max(1.4, 0.07 * bars)), margin_titles=True)
     for ax in g.axes.flat:
@@ -353,8 +359,7 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
     known = impl_order()
     impls = [i for i in known if i in set(df["impl"])] + sorted(set(df["impl"]) - set(known))
     colours = sns.color_palette("tab10") + sns.color_palette("Dark2")
-    palette = {impl: colours[known.index(impl) % len(colours)] if impl in known else colours[-1 - n % 8]
-               for n, impl in enumerate(impls)}
+    palette = {impl: colours[n % len(colours)] for n, impl in enumerate(impls)}  # distinct within a report, in impl order
     markers = {run: "osD^vP*X"[i % 8] for i, run in enumerate(sorted(set(df["run"])))}
     out = []
     ok = df[df["status"] == "ok"]

@@ -13,12 +13,13 @@ from attnbench.models.registry import LayerConfig
 from attnbench.tolerance import relative_bound
 
 CPU = torch.device("cpu")
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: under TRITON_INTERPRET (tests/conftest.py)
 FP32_TOLERANCE = 1e-5  # float32 steps summing the same terms in another order
 
 
-def _step_output(mechanism: str, impl: str, cfg: LayerConfig, batch: int, context: int, queries: int) -> torch.Tensor:
+def _step_output(mechanism: str, impl: str, cfg: LayerConfig, batch: int, context: int, queries: int, device=CPU) -> torch.Tensor:
     torch.manual_seed(1)  # every impl draws the same inputs, in the same order
-    return registry.get(mechanism).decode.impls[impl].build(cfg, batch, context, queries, CPU, torch.float32)()
+    return registry.get(mechanism).decode.impls[impl].build(cfg, batch, context, queries, device, torch.float32)().cpu()
 
 
 def _assert_close(got: torch.Tensor, exact: torch.Tensor, label: str) -> None:
@@ -39,19 +40,19 @@ def test_sdpa_step_equals_the_definition(mechanism, window, queries):
     _assert_close(got, exact, f"{mechanism} W={window} N={queries}")
 
 
-def test_triton_step_equals_the_definition_under_the_interpreter():
+def test_triton_step_equals_the_definition():
     """Our split-KV kernel through its DecodeImpl (contiguous cache; the paged one draws its own pages)."""
     cfg = LayerConfig(dim=64, heads=4, kv_heads=2, head_dim=16, causal=True, window=5)
-    exact = _step_output("window", "torch", cfg, 2, 37, 2)
-    got = _step_output("window", "triton", cfg, 2, 37, 2)
+    exact = _step_output("window", "torch", cfg, 2, 37, 2, KERNEL_DEVICE)
+    got = _step_output("window", "triton", cfg, 2, 37, 2, KERNEL_DEVICE)
     _assert_close(got, exact, "window triton")
 
 
 @pytest.mark.parametrize("mechanism", ["linear", "deltanet"])
-def test_fused_state_step_equals_the_definition_under_the_interpreter(mechanism):
+def test_fused_state_step_equals_the_definition(mechanism):
     cfg = LayerConfig(dim=64, heads=4, kv_heads=2, head_dim=16, causal=True)
-    exact = _step_output(mechanism, "torch", cfg, 2, 0, 1)
-    got = _step_output(mechanism, "triton", cfg, 2, 0, 1)
+    exact = _step_output(mechanism, "torch", cfg, 2, 0, 1, KERNEL_DEVICE)
+    got = _step_output(mechanism, "triton", cfg, 2, 0, 1, KERNEL_DEVICE)
     assert got.shape == (2, 4, 16)
     _assert_close(got, exact, mechanism)
 

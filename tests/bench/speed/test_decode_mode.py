@@ -166,3 +166,14 @@ def test_report_on_a_decode_run_draws_time_per_step_with_the_bandwidth_bound(dec
         int(r["bytes"]) for r in rows if r["mechanism"] == "standard" and r["seq"] == "128" and r["bytes"]) / 10e9 * 1e3, rel=1e-4)
     result = invoke("report", measured)
     assert result.exit_code == 0 and "the bandwidth bound" in (measured / "report.md").read_text()
+
+
+def test_report_fits_the_exponent_of_decode_time_in_the_context(tmp_path):
+    """Three contexts or more: the scaling exponent is fitted for decode rows too (its figure
+    once failed on them with no row for the mode)."""
+    out = tmp_path / "run"
+    assert invoke("speed", "--mode", "decode", "--attn", "standard", "--impl", "torch", "--context", 64, 128, 256, *SMALL,
+                  "--out", out).exit_code == 0
+    result = invoke("report", out, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "report" / "plots").glob("exponent-*.png")]
