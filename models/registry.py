@@ -43,6 +43,18 @@ def _always_available() -> str | None:
     return None
 
 
+def unavailable(name: str, missing: Callable[[], str | None], needs_cuda: bool, device: torch.device) -> str | None:
+    """Why an impl ``name`` cannot run on ``device`` at all (a package missing, no CUDA), or None."""
+    reason = missing()
+    if reason:
+        return reason
+    if needs_cuda and device.type != "cuda":
+        return f"{name} needs a CUDA device"
+    if needs_cuda and not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    return None
+
+
 @dataclass(frozen=True)
 class Impl:
     """One way to compute a mechanism.
@@ -72,14 +84,7 @@ class Impl:
     def why_not(self, cfg: "LayerConfig", device: torch.device | str, dtype: torch.dtype) -> str | None:
         """Why this impl cannot run ``cfg`` on ``device`` in ``dtype``, or None when it can."""
         device = torch.device(device)
-        reason = self.missing()
-        if reason:
-            return reason
-        if self.needs_cuda and device.type != "cuda":
-            return f"{self.name} needs a CUDA device"
-        if self.needs_cuda and not torch.cuda.is_available():
-            return "no CUDA device on this machine"
-        return self.unsupported(cfg, device, dtype)
+        return unavailable(self.name, self.missing, self.needs_cuda, device) or self.unsupported(cfg, device, dtype)
 
 
 @dataclass(frozen=True)
@@ -106,14 +111,7 @@ class DecodeImpl:
     def why_not(self, cfg: "LayerConfig", queries: int, device: torch.device | str, dtype: torch.dtype) -> str | None:
         """Why this impl cannot run the step of ``cfg`` with ``queries`` new tokens here, or None."""
         device = torch.device(device)
-        reason = self.missing()
-        if reason:
-            return reason
-        if self.needs_cuda and device.type != "cuda":
-            return f"{self.name} needs a CUDA device"
-        if self.needs_cuda and not torch.cuda.is_available():
-            return "no CUDA device on this machine"
-        return self.unsupported(cfg, queries, device, dtype)
+        return unavailable(self.name, self.missing, self.needs_cuda, device) or self.unsupported(cfg, queries, device, dtype)
 
 
 @dataclass(frozen=True)
