@@ -19,6 +19,9 @@ from attnbench.models import positions, registry
 from attnbench.train.impl_choice import check_mechanism_options, impl_per_mechanism
 
 
+MASK_LR, MASK_FREEZE = 1e-2, 0.5
+
+
 @dataclass(frozen=True)
 class StudentCell:
     """One student: ``mechanism`` given position scheme ``positions`` (None: the teacher's, or the
@@ -46,8 +49,8 @@ class DistillSpec:
     temperature: float = 1.0
     layer_mse: float = 0.0
     mask_l1: list[float] = field(default_factory=lambda: [0.0])  # one student per strength (penalised students)
-    mask_lr: float = 1e-2  # the learned masks' scorers: gates must cross from open to shut within the run
-    mask_freeze: float = 0.5  # the fraction of the steps after which the masks stop learning
+    mask_lr: float = MASK_LR  # the learned masks' scorers: gates must cross from open to shut within the run
+    mask_freeze: float = MASK_FREEZE  # the fraction of the steps after which the masks stop learning
     train_all: bool = False
     eval_every: int = 50
     eval_batches: int = 8
@@ -115,6 +118,8 @@ class DistillSpec:
         if any(self.mask_l1) and not any(has_sparsity_penalty(name) for name in self.students):
             takers = ", ".join(name for name in registry.mechanisms() if has_sparsity_penalty(name))
             raise InputError(f"--mask-l1 weighs a student's sparsity penalty, and {', '.join(self.students)} define none (students that do: {takers})")
+        if (self.mask_lr, self.mask_freeze) != (MASK_LR, MASK_FREEZE) and not any(has_sparsity_penalty(n) for n in self.students):
+            raise InputError(f"--mask-lr and --mask-freeze train a student's learned mask, and {', '.join(self.students)} have none")
         if all(cell.why_not() for cell in self.cells()):
             reasons = "; ".join(f"{cell.name}: {cell.why_not()}" for cell in self.cells())
             raise InputError(f"no student can be trained: {reasons}")

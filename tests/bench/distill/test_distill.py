@@ -590,3 +590,13 @@ def test_learned_masks_stop_learning_at_mask_freeze_while_the_rest_trains(teache
     assert scorer and all(not torch.equal(snapshots[2][n], start[n]) for n in scorer), "the masks learn before the freeze"
     assert all(torch.equal(snapshots[4][n], snapshots[2][n]) for n in scorer), "and not after it"
     assert not torch.equal(snapshots[4]["trunk.blocks.0.attention.qkv.weight"], snapshots[2]["trunk.blocks.0.attention.qkv.weight"])
+
+
+def test_mask_options_without_a_learned_mask_are_refused_in_one_line():
+    """Accepted and ignored would be a flag that does nothing: linear has no mask to train."""
+    from attnbench.errors import InputError
+
+    for given in ({"mask_lr": 0.05}, {"mask_freeze": 0.8}):
+        with pytest.raises(InputError, match="--mask-lr and --mask-freeze train a student's learned mask, and linear have none"):
+            distill.DistillSpec(teacher="t", students=["linear"], **given).validate()
+    distill.DistillSpec(teacher="t", students=["linear", "learned"], mask_lr=0.05).validate()
