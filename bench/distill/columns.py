@@ -21,7 +21,8 @@ SUMMARY_COLUMNS = [
     "density", "attn_flops", "forward_ms", "peak_mem_mib", "trainable_params", *GENERATION_METRICS, *EDGE_METRICS,
     "status", "message",
 ]
-SCALE_COLUMNS = ["model", "mechanism", "impl", "seq", "batch", "forward_ms", "peak_mem_mib", "density", "status", "message"]
+SCALE_COLUMNS = ["model", "mechanism", "impl", "seq", "batch", "input", "forward_ms", "peak_mem_mib", "density", "status", "message"]
 DENSITY_COLUMNS = ["student", "layer", "head", "density"]
+ADDED_SCALE_COLUMNS = ("input",)  # scale.csv before it: the input was N(0, 1) noise
 # summary.csv columns runs of an earlier schema lack (store.read_rows reads them as empty)
 ADDED_SUMMARY_COLUMNS = ("student", "positions", "mask_l1", "density", *GENERATION_METRICS, *EDGE_METRICS, "status", "message")

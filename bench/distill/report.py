@@ -16,7 +16,7 @@ from pathlib import Path
 
 from attnbench import store
 from attnbench.distill.columns import (
-    ADDED_SUMMARY_COLUMNS, DENSITY_COLUMNS, DENSITY_CSV, DISTILL_COLUMNS, DISTILL_CSV, EDGE_METRICS, GENERATION_METRICS,
+    ADDED_SCALE_COLUMNS, ADDED_SUMMARY_COLUMNS, DENSITY_COLUMNS, DENSITY_CSV, DISTILL_COLUMNS, DISTILL_CSV, EDGE_METRICS, GENERATION_METRICS,
     SCALE_COLUMNS, SCALE_CSV, SUMMARY_COLUMNS, SUMMARY_CSV,
 )
 from attnbench.distill.generate import GENERATIONS
@@ -62,7 +62,7 @@ def _summary(run: Path) -> list[dict[str, str]]:
 
 
 def _scale(run: Path) -> list[dict[str, str]]:
-    return store.read_rows(run / SCALE_CSV, SCALE_COLUMNS) if (run / SCALE_CSV).exists() else []
+    return store.read_rows(run / SCALE_CSV, SCALE_COLUMNS, added=ADDED_SCALE_COLUMNS) if (run / SCALE_CSV).exists() else []
 
 
 def _densities(run: Path) -> dict[str, list[dict[str, str]]]:
@@ -273,8 +273,10 @@ def _markdown(run_dirs: list[Path], plots: list[Path], out_dir: Path) -> str:
                 lines += _table(QUALITY_TABLE, [{**row, "student": row["student"] or "teacher"} for row in summary if row["status"] == "ok"])
         scale = _scale(run)
         if scale:
-            lines += ["", "One attention layer (the first block's, trained weights) forward in eval mode on x ~ N(0, 1) [B, T, C], B = 64k tokens // T on CUDA (1k on CPU): "
-                      "median ms (peak MiB beyond the input, CUDA only); a learned mask's density is the one it chose there.", ""]
+            given = scale[0]["input"] or "x ~ N(0, 1)"  # runs before the input column timed noise
+            lines += ["", f"One attention layer (the first block's, trained weights) forward in eval mode on {given} [B, T, C], "
+                      "B = 64k tokens // T on CUDA (1k on CPU): median ms (peak MiB beyond the input, CUDA only); a learned "
+                      "mask's density is the one it chose there.", ""]
             lines += _scale_table(scale)
         generations = run / f"{GENERATIONS}.md"
         if generations.exists():

@@ -2,9 +2,13 @@
 lengths longer than the run trains on (scale.csv, SCALE_COLUMNS), in the same process.
 
 Each model's first block's attention layer, its trained weights copied into a fresh layer on
-the impl named in the row, runs forward in eval mode without autograd on x ~ N(0, 1) [B, T, C]
-(the activation scale a pre-LN block feeds it; B = TOKENS // T, at least 1, so that short
-lengths are not timed as launch overhead alone), under the run's autocast (bf16 on CUDA): median
+the impl named in the row, runs forward in eval mode without autograd on x [B, T, C] (B =
+TOKENS // T, at least 1, so that short lengths are not timed as launch overhead alone): held-out
+text as that layer sees it (INPUT: the model's own embeddings, and its first block's norm when
+it normalises before attention, of held-out rows of at most the model's longest input,
+concatenated to T tokens; the split repeats when it has fewer), since a learned mask decides
+its blocks from its input (on N(0, 1) noise, what runs before the ``input`` column timed, the
+trained scorers keep every block). Under the run's autocast (bf16 on CUDA): median
 ms (bench/timing.py) and peak MiB beyond the input (CUDA only). The teacher is also timed on our
 dense flash kernel and on cuDNN where they run, so a student's time has both peers beside it. A
 learned mask decides its blocks from that input: the row records the density it kept. An OOM is
@@ -26,6 +30,7 @@ from attnbench.train.evaluate import autocast
 TEACHER_PEERS = ("triton", "sdpa-cudnn")  # the dense kernel and cuDNN, beside the teacher's own impl
 DEFAULT_SEQ = {"cuda": [1024, 4096, 16384], "cpu": [256, 1024]}
 TOKENS = {"cuda": 65536, "cpu": 1024}  # tokens per timed call: B = TOKENS // T
+INPUT = "held-out text"  # what scale.csv's input column records
 
 
 def default_seq(device: str) -> list[int]:
@@ -72,14 +77,28 @@ def scale_rows(source, models: dict[str, tuple[str, str, nn.Module]], seqs: list
         layer = first_layer(model, mechanism, impl)
         for seq in seqs:
             batch = max(1, tokens // seq)
-            yield {**base, "seq": seq, "batch": batch, **measure(layer, model.cfg.dim, batch, seq, dev)}
+            x = layer_input(model, source.streams["valid"], batch, seq, dev)
+            yield {**base, "seq": seq, "batch": batch, "input": INPUT, **measure(layer, x, dev)}
 
 
 @torch.no_grad()
-def measure(layer: nn.Module, dim: int, batch: int, seq: int, device: torch.device) -> dict[str, Any]:
-    """forward_ms, peak_mem_mib and (learned masks) density of ``layer`` on x [batch, seq, dim]; an OOM: status oom."""
+def layer_input(model: nn.Module, stream: torch.Tensor, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """Held-out tokens ``stream`` [N] as ``model``'s first attention layer sees them (module
+    docstring): x [batch, seq, C] float32."""
+    piece = min(seq, model.cfg.max_length or seq)
+    rows = -(-batch * seq // piece)
+    ids = stream.repeat(-(-rows * piece // stream.numel()))[: rows * piece].view(rows, piece).to(device)
+    x = model.trunk.embeddings(ids)
+    block = model.trunk.blocks[0]
+    if block.pre_norm:
+        x = block.norm1(x)
+    return x.float().reshape(-1, x.shape[-1])[: batch * seq].view(batch, seq, -1)
+
+
+@torch.no_grad()
+def measure(layer: nn.Module, x: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """forward_ms, peak_mem_mib and (learned masks) density of ``layer`` on x [B, T, C]; an OOM: status oom."""
     try:
-        x = torch.randn(batch, seq, dim, device=device)
 
         def forward():
             with autocast(device.type):

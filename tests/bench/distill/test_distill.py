@@ -67,7 +67,7 @@ def test_distilling_lowers_held_out_kl(teacher, tmp_path):
     assert 0.0 <= float(summary[1]["agreement_one_token"]) <= 1.0 and float(summary[1]["kl_repeated"]) >= 0.0
     scale = store.read_rows(run_dir / distill_columns.SCALE_CSV, distill_columns.SCALE_COLUMNS)
     assert {(r["model"], r["impl"], r["seq"], r["status"]) for r in scale} == {("teacher", "torch", "64", "ok"), ("linear", "chunked", "64", "ok")}
-    assert {r["batch"] for r in scale} == {"16"}, "1024 tokens per call on CPU"
+    assert {r["batch"] for r in scale} == {"16"} and {r["input"] for r in scale} == {"held-out text"}, "1024 tokens per call on CPU"
     assert float(summary[1]["kl_zero_shot"]) == pytest.approx(zero_shot, rel=1e-5)
     # tiny preset: 2 layers, 4 heads, D = 32; softmax counts T(T+1)/2 causal pairs per head
     assert float(summary[0]["attn_flops"]) == pytest.approx(2 * 4.0 * 4 * 32 * (SEQ * (SEQ + 1) // 2) * BATCH, rel=1e-5)
@@ -476,6 +476,8 @@ def test_a_penalty_sweep_trains_one_learned_student_per_strength_and_a_strong_on
     summary = {r["student"]: r for r in store.read_rows(run_dir / distill.SUMMARY_CSV, distill.SUMMARY_COLUMNS)}
     assert float(summary["learned@l1=10"]["density"]) == pytest.approx(sum(per_student["learned@l1=10"]) / 8, rel=1e-4)
     assert summary["learned@l1=10"]["mask_l1"] == "10" and summary["window"]["density"] == ""
+    scale = {r["model"]: r for r in store.read_rows(run_dir / distill_columns.SCALE_CSV, distill_columns.SCALE_COLUMNS)}
+    assert float(scale["learned@l1=10"]["density"]) < 0.5, "on held-out text the layer keeps the blocks it learned to keep"
     teacher_flops = float(summary[""]["attn_flops"])  # the teacher's row has no student name
     assert float(summary["learned@l1=0"]["attn_flops"]) == pytest.approx(teacher_flops, rel=1e-5), "every block kept: the dense count"
     assert float(summary["learned@l1=10"]["attn_flops"]) < 0.6 * teacher_flops, "the kept blocks' count"
