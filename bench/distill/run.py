@@ -324,8 +324,10 @@ def distill_into(run_dir: Path, meta: dict[str, Any], source, impls: dict[Studen
         generate.write_generations(run_dir, texts)
     else:
         generate.write_generations(run_dir, [], "A masked LM does not generate left to right: no generations for this teacher.")
-    write_summary(run_dir, source, impls, students, failed, rows, texts, spec)
-    write_densities(run_dir, source, students, spec)
+    valid = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, spec.eval_batches, source.tokenizer, spec.seed)
+    kept = {cell: densities(student, source.with_positions(cell.positions), valid, spec.device) for cell, student in students.items()}
+    write_summary(run_dir, source, impls, students, failed, rows, texts, valid, kept, spec)
+    write_densities(run_dir, kept)
     write_scale(run_dir, source, impls, students, spec)
     meta["finished"] = store.now()
     store.write_meta(run_dir, meta)
@@ -336,13 +338,13 @@ def distill_into(run_dir: Path, meta: dict[str, Any], source, impls: dict[Studen
 
 def write_summary(
     run_dir: Path, source, impls: dict[StudentCell, str | None], students: dict[StudentCell, nn.Module], failed: dict[str, str],
-    rows: list[dict[str, str]], texts: list[dict[str, Any]], spec: DistillSpec,
+    rows: list[dict[str, str]], texts: list[dict[str, Any]], valid_batches: list[dict[str, torch.Tensor]],
+    kept: dict[StudentCell, torch.Tensor | None], spec: DistillSpec,
 ) -> list[dict[str, Any]]:
     """summary.csv: the teacher and each student's cost (attention FLOPs, forward ms, peak MiB on
     one held-out batch), quality (zero-shot and final held-out KL, agreement, perplexity; the edge
     cases), the learned masks' density and the generations' metrics. A ``failed`` student's row has
     status error, its reason, and the quality of its last good checkpoint; an unsupported cell's, why."""
-    valid_batches = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, spec.eval_batches, source.tokenizer, spec.seed)
     probe, edge = valid_batches[0], edges.edge_batches(source, valid_batches, spec.seed)
     valid = [r for r in rows if r["split"] == "valid" and r["status"] == "ok"]
     teacher_ppl = valid[-1]["ppl_teacher"] if valid else None
@@ -368,7 +370,7 @@ def write_summary(
         else:
             student, cell_source = students[cell], source.with_positions(cell.positions)
             row.update(trainable_params=sum(p.numel() for p in student.parameters() if p.requires_grad),
-                       density=mean_density(student, cell_source, valid_batches, spec.device),
+                       density=None if kept[cell] is None else float(kept[cell].mean()),
                        **generate.mean_metrics(texts, cell.name), **edge_metrics(cell_source, student, edge, spec.device),
                        **measure_cost(cell_source, student, cell.mechanism, probe, spec.device))
         summary.append(row)
@@ -409,19 +411,12 @@ def densities(student: nn.Module, source, batches: list[dict[str, torch.Tensor]]
     return total / len(batches)
 
 
-def mean_density(student: nn.Module, source, batches: list[dict[str, torch.Tensor]], device: str) -> float | None:
-    kept = densities(student, source, batches, device)
-    return None if kept is None else float(kept.mean())
-
-
-def write_densities(run_dir: Path, source, students: dict[StudentCell, nn.Module], spec: DistillSpec) -> None:
-    """density.csv: per learned-mask student, layer and head, the kept fraction on the held-out batches."""
-    batches = data.eval_batches(source.streams["valid"], source.task, source.seq, source.batch, spec.eval_batches, source.tokenizer, spec.seed)
+def write_densities(run_dir: Path, kept: dict[StudentCell, torch.Tensor | None]) -> None:
+    """density.csv: per learned-mask student, layer and head, the kept fraction on the held-out batches (``densities``)."""
     (run_dir / DENSITY_CSV).unlink(missing_ok=True)
     with store.RowLog(run_dir / DENSITY_CSV, DENSITY_COLUMNS) as out:
-        for cell, student in students.items():
-            kept = densities(student, source.with_positions(cell.positions), batches, spec.device)
-            for layer, heads in enumerate([] if kept is None else kept.tolist()):
+        for cell, fractions in kept.items():
+            for layer, heads in enumerate([] if fractions is None else fractions.tolist()):
                 for head, value in enumerate(heads):
                     out.append({"student": cell.name, "layer": layer, "head": head, "density": value})
 

@@ -9,6 +9,7 @@ it as a row of status unsupported with the reason.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,10 +81,10 @@ class DistillSpec:
         several = len(self.mask_l1) > 1
         cells = []
         for mechanism in self.students:
-            strengths = self.mask_l1 if has_sparsity_penalty(mechanism) else [0.0]
+            penalised = has_sparsity_penalty(mechanism)
             for scheme in schemes:
-                for weight in strengths:
-                    name = mechanism + (f"+{scheme}" if scheme is not None else "") + (f"@l1={weight:g}" if several and has_sparsity_penalty(mechanism) else "")
+                for weight in self.mask_l1 if penalised else [0.0]:
+                    name = mechanism + (f"+{scheme}" if scheme is not None else "") + (f"@l1={weight:g}" if several and penalised else "")
                     cells.append(StudentCell(name, mechanism, scheme, weight))
         return cells
 
@@ -125,6 +126,7 @@ class DistillSpec:
             raise InputError(f"no student can be trained: {reasons}")
 
 
+@functools.cache  # builds a layer; cells() and validate() ask once per student and cell
 def has_sparsity_penalty(mechanism: str) -> bool:
     """Whether ``mechanism``'s layer defines ``sparsity_penalty()`` (built on the meta device: no memory)."""
     with torch.device("meta"):
