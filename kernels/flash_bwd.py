@@ -16,6 +16,7 @@ from attnbench.kernels.flash_rope import unrotate_rows
 from attnbench.kernels.flash_tiles import (
     alibi_slope,
     key_blocks,
+    listed_ranges,
     load_rows,
     mma,
     query_blocks,
@@ -25,23 +26,26 @@ from attnbench.kernels.flash_tiles import (
     score_tile,
     store_rows,
     tile_source,
+    tile_start,
     vector_source,
 )
 
 
 @triton.jit
 def _dkdv_query_loop(
-    dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
     start, stop, T, S, kv_len, left, right, scale_log2, alibi,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
 ):
-    """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query blocks [start, stop).
+    """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query tiles [start, stop):
+    rows, or positions in LIST's tiles when block-sparse (flash_tiles.tile_start).
     Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose.
     Q, DO: tile sources (flash_tiles.tile_source); LSE, DELTA: vector sources (flash_tiles.vector_source).
     Rows past T read 0 in q, dO, lse and delta alike, so they add nothing: p = 1 there, but
     dO = 0 (no dv) and dS = p * (0 - 0) = 0 (no dk)."""
-    for q_start in range(start, stop, BLOCK_M):
+    for n in range(start, stop, 1 if SPARSE_BLOCK else BLOCK_M):
+        q_start = tile_start(LIST, n, SPARSE_BLOCK, BLOCK_M)
         rows = q_start + tl.arange(0, BLOCK_M)
         pos_q = rows + S - T
         q = read_rows(Q, q_start, T, stride_qt, stride_qd, HEAD_DIM, BLOCK_M, D_PAD, TMA)
@@ -55,33 +59,6 @@ def _dkdv_query_loop(
         dp_t = mma(v, tl.trans(do), None, PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = mma(ds_t, q, dk, PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_query_range(
-    dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-    start, stop, lo, full_lo, full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr,
-):
-    """Query rows [start, stop) (start a multiple of BLOCK_M) of a key tile whose query range is
-    flash_tiles.query_blocks' (lo, full_lo, full_hi, hi): masked, unmasked, masked, each clipped."""
-    dk, dv = _dkdv_query_loop(
-        dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-        tl.maximum(start, lo), tl.minimum(stop, full_lo), T, S, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
-    )
-    dk, dv = _dkdv_query_loop(
-        dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-        tl.maximum(start, full_lo), tl.minimum(stop, full_hi), T, S, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_M, TMA,
-    )
-    dk, dv = _dkdv_query_loop(
-        dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-        tl.maximum(start, full_hi), tl.minimum(stop, hi), T, S, kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA,
-    )
     return dk, dv
 
 
@@ -141,21 +118,28 @@ def flash_dkdv_kernel(
         DO_h = tile_source(DO_h, T, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         LSE_h = vector_source(LSE + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
         DELTA_h = vector_source(DELTA + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
-        if SPARSE_BLOCK:  # only the query blocks listed as visiting this tile's key block
+        LIST = Q_IDX
+        q_lo, q_full_lo, q_full_hi, q_hi = lo, full_lo, full_hi, hi
+        if SPARSE_BLOCK:  # the same split, over the tiles of the query blocks listed as visiting this key block
             row = (b * HQ + h).to(tl.int64) * tl.cdiv(S, SPARSE_BLOCK) + k_start // SPARSE_BLOCK
-            for n in range(tl.load(Q_NUM + row)):
-                q_block = tl.load(Q_IDX + row * tl.cdiv(T, SPARSE_BLOCK) + n) * SPARSE_BLOCK
-                dk, dv = _dkdv_query_range(
-                    dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-                    q_block, q_block + SPARSE_BLOCK, lo, full_lo, full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
-                    HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_M, TMA,
-                )
-        else:
-            dk, dv = _dkdv_query_range(
-                dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_qd, stride_dot, stride_dod,
-                lo, hi, lo, full_lo, full_hi, hi, T, S, kv_len, left, right, scale_log2, alibi,
-                HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_M, TMA,
-            )
+            LIST = Q_IDX + row * tl.cdiv(T, SPARSE_BLOCK)
+            q_lo, q_full_lo, q_full_hi, q_hi = listed_ranges(LIST, tl.load(Q_NUM + row), lo, full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_M)
+        # masked, unmasked, masked (flash_tiles.query_blocks)
+        dk, dv = _dkdv_query_loop(
+            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
+            q_lo, q_full_lo, T, S, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA, SPARSE_BLOCK,
+        )
+        dk, dv = _dkdv_query_loop(
+            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
+            q_full_lo, q_full_hi, T, S, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_M, TMA, SPARSE_BLOCK,
+        )
+        dk, dv = _dkdv_query_loop(
+            dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
+            q_full_hi, q_hi, T, S, kv_len, left, right, scale_log2, alibi,
+            HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA, SPARSE_BLOCK,
+        )
 
     DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + kv_h * stride_dvh
@@ -169,13 +153,14 @@ def flash_dkdv_kernel(
 
 @triton.jit
 def _dq_key_loop(
-    dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    dq, q, do, lse, delta, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
     start, stop, kv_len, left, right, scale_log2, alibi,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
 ):
-    """K, V: tile sources (flash_tiles.tile_source)."""
-    for k_start in range(start, stop, BLOCK_N):
+    """Key tiles [start, stop), as flash_fwd._fwd_key_loop's. K, V: tile sources (flash_tiles.tile_source)."""
+    for n in range(start, stop, 1 if SPARSE_BLOCK else BLOCK_N):
+        k_start = tile_start(LIST, n, SPARSE_BLOCK, BLOCK_N)
         keys = k_start + tl.arange(0, BLOCK_N)
         k = read_rows(K, k_start, kv_len, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
@@ -185,32 +170,6 @@ def _dq_key_loop(
         dp = mma(do, tl.trans(v), None, PRECISION)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq = mma(ds, k, dq, PRECISION)
-    return dq
-
-
-@triton.jit
-def _dq_key_range(
-    dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    start, stop, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-):
-    """Keys [start, stop) of a query tile, split and clipped as flash_fwd._fwd_key_range's."""
-    dq = _dq_key_loop(
-        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        tl.maximum(start, lo), tl.minimum(stop, full_lo), kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    dq = _dq_key_loop(
-        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        tl.maximum(start, full_lo), tl.minimum(stop, full_hi), kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    dq = _dq_key_loop(
-        dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        tl.maximum(start, full_hi), tl.minimum(stop, hi), kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
     return dq
 
 
@@ -262,21 +221,27 @@ def flash_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
+    LIST = KV_IDX
     if SPARSE_BLOCK:  # the key blocks listed for this tile's query block, as in the forward
         row = bh.to(tl.int64) * tl.cdiv(T, SPARSE_BLOCK) + q_start // SPARSE_BLOCK
-        for n in range(tl.load(KV_NUM + row)):
-            k_block = tl.load(KV_IDX + row * tl.cdiv(S, SPARSE_BLOCK) + n) * SPARSE_BLOCK
-            dq = _dq_key_range(
-                dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                k_block, k_block + SPARSE_BLOCK, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
-                HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
-            )
-    else:
-        dq = _dq_key_range(
-            dq, q, do, lse, delta, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-            lo, hi, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
-            HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
-        )
+        LIST = KV_IDX + row * tl.cdiv(S, SPARSE_BLOCK)
+        lo, full_lo, full_hi, hi = listed_ranges(LIST, tl.load(KV_NUM + row), lo, full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_N)
+    # the window's left edge, then tiles every row sees in full, then the diagonal/right edge
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
+        lo, full_lo, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA, SPARSE_BLOCK,
+    )
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
+        full_lo, full_hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA, SPARSE_BLOCK,
+    )
+    dq = _dq_key_loop(
+        dq, q, do, lse, delta, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
+        full_hi, hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA, SPARSE_BLOCK,
+    )
     DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
     dq *= scale
     if ROPE:

@@ -13,6 +13,7 @@ import triton.language as tl
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, stats_row_length, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
+    listed_ranges,
     load_rows,
     mma,
     query_program,
@@ -20,18 +21,21 @@ from attnbench.kernels.flash_tiles import (
     score_tile,
     store_rows,
     tile_source,
+    tile_start,
 )
 
 
 @triton.jit
 def _fwd_key_loop(
-    acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    acc, l_i, m_i, q, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
     start, stop, kv_len, left, right, scale_log2, alibi,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
 ):
-    """K, V: tile sources (flash_tiles.tile_source). m_i: each row's running max, in log2 units."""
-    for k_start in range(start, stop, BLOCK_N):
+    """Key tiles [start, stop): rows, or positions in LIST's tiles when block-sparse (tile_start).
+    K, V: tile sources (flash_tiles.tile_source). m_i: each row's running max, in log2 units."""
+    for n in range(start, stop, 1 if SPARSE_BLOCK else BLOCK_N):
+        k_start = tile_start(LIST, n, SPARSE_BLOCK, BLOCK_N)
         keys = k_start + tl.arange(0, BLOCK_N)
         k = read_rows(K, k_start, kv_len, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
         v = read_rows(V, k_start, kv_len, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, D_PAD, TMA)
@@ -47,34 +51,6 @@ def _fwd_key_loop(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_key_range(
-    acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    start, stop, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, EDGES: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-):
-    """Keys [start, stop) (start a multiple of BLOCK_N) of a query tile whose key range is
-    flash_tiles.key_blocks' (lo, full_lo, full_hi, hi): the window's left edge, then tiles every
-    row sees in full (no mask), then the diagonal/right edge, each clipped to [start, stop)."""
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        tl.maximum(start, lo), tl.minimum(stop, full_lo), kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        tl.maximum(start, full_lo), tl.minimum(stop, full_hi), kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA,
-    )
-    acc, l_i, m_i = _fwd_key_loop(
-        acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-        tl.maximum(start, full_hi), tl.minimum(stop, hi), kv_len, left, right, scale_log2, alibi,
-        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA,
-    )
     return acc, l_i, m_i
 
 
@@ -119,21 +95,27 @@ def flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
-    if SPARSE_BLOCK:  # only the key blocks listed for this tile's query block, each clipped to [lo, hi)
+    LIST = KV_IDX
+    if SPARSE_BLOCK:  # the same split, over the tiles of the key blocks listed for this tile's query block
         row = bh.to(tl.int64) * tl.cdiv(T, SPARSE_BLOCK) + q_start // SPARSE_BLOCK
-        for n in range(tl.load(KV_NUM + row)):
-            k_block = tl.load(KV_IDX + row * tl.cdiv(S, SPARSE_BLOCK) + n) * SPARSE_BLOCK
-            acc, l_i, m_i = _fwd_key_range(
-                acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                k_block, k_block + SPARSE_BLOCK, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
-                HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
-            )
-    else:
-        acc, l_i, m_i = _fwd_key_range(
-            acc, l_i, m_i, q, pos_q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-            lo, hi, lo, full_lo, full_hi, hi, kv_len, left, right, scale_log2, alibi,
-            HEAD_DIM, D_PAD, ALIBI, EDGES, PRECISION, BLOCK_N, TMA,
-        )
+        LIST = KV_IDX + row * tl.cdiv(S, SPARSE_BLOCK)
+        lo, full_lo, full_hi, hi = listed_ranges(LIST, tl.load(KV_NUM + row), lo, full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_N)
+    # the window's left edge, then tiles every row sees in full (no mask), then the diagonal/right edge
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
+        lo, full_lo, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA, SPARSE_BLOCK,
+    )
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
+        full_lo, full_hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_N, TMA, SPARSE_BLOCK,
+    )
+    acc, l_i, m_i = _fwd_key_loop(
+        acc, l_i, m_i, q, pos_q, K, V, LIST, stride_kt, stride_kd, stride_vt, stride_vd,
+        full_hi, hi, kv_len, left, right, scale_log2, alibi,
+        HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA, SPARSE_BLOCK,
+    )
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]

@@ -179,3 +179,40 @@ def query_blocks(k_start, T, S, kv_len, left, right, BLOCK_M: tl.constexpr, BLOC
     full_hi = tl.maximum(k_start + left - shift + 1, 0) // BLOCK_M * BLOCK_M
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def listed_ranges(LIST, num, lo, full_lo, full_hi, hi, SPARSE_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """key_blocks' (or query_blocks') bounds lo <= full_lo <= full_hi <= hi in rows, restated as
+    positions in the list of TILE-row tiles of the num blocks LIST holds (SPARSE_BLOCK-row blocks,
+    ascending): each bound becomes the number of listed tiles that start before it. The listed
+    tiles are ascending too, so positions [a, b) are exactly the listed tiles a dense loop over
+    rows [bound_a, bound_b) would visit, the masked / unmasked split included; tile_start maps a
+    position back to its first row. One pass over the list, CHUNK entries at a time."""
+    CHUNK: tl.constexpr = 64
+    per_block: tl.constexpr = SPARSE_BLOCK // TILE
+    n_lo = 0
+    n_full_lo = 0
+    n_full_hi = 0
+    n_hi = 0
+    for c in range(0, num, CHUNK):
+        n = c + tl.arange(0, CHUNK)
+        listed = n < num
+        start = tl.load(LIST + n, mask=listed, other=0) * SPARSE_BLOCK
+        n_lo += tl.sum(tl.where(listed, tl.minimum(tl.cdiv(tl.maximum(lo - start, 0), TILE), per_block), 0))
+        n_full_lo += tl.sum(tl.where(listed, tl.minimum(tl.cdiv(tl.maximum(full_lo - start, 0), TILE), per_block), 0))
+        n_full_hi += tl.sum(tl.where(listed, tl.minimum(tl.cdiv(tl.maximum(full_hi - start, 0), TILE), per_block), 0))
+        n_hi += tl.sum(tl.where(listed, tl.minimum(tl.cdiv(tl.maximum(hi - start, 0), TILE), per_block), 0))
+    return n_lo, n_full_lo, n_full_hi, n_hi
+
+
+@triton.jit
+def tile_start(LIST, n, SPARSE_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """First row of the tile a loop is at: n itself on a dense range (n steps by TILE through rows);
+    block-sparse, the n-th listed tile of listed_ranges (n steps by 1 through the list LIST)."""
+    if SPARSE_BLOCK:
+        per_block: tl.constexpr = SPARSE_BLOCK // TILE
+        start = tl.load(LIST + n // per_block) * SPARSE_BLOCK + (n % per_block) * TILE
+    else:
+        start = n
+    return start

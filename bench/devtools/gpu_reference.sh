@@ -66,6 +66,8 @@
 #   sparse:   after the rooms, positions and block-sparse merges: every CUDA test of kernels/ and
 #             models/ (the exposb split, window x rope/alibi, the block-sparse kernel, learned), then the
 #             block-sparse kernel against our dense kernel, cuDNN and flex at densities 0.1-1 (#23)
+#   sparse-list: the block-sparse kernels walking the listed tiles in one loop (#23): their CUDA tests and the
+#             dense kernel's, then the kernel against our dense kernel, cuDNN and flex at blocks 64 and 128
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -355,6 +357,14 @@ sparse)
     grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -25
     limit 200 python3 -m attnbench.kernels.bench_block_sparse --seq 4096 16384 --out "$out/block_sparse.csv" > "$out/block_sparse.txt" 2>&1
     tail -45 "$out/block_sparse.txt"
+    ;;
+sparse-list)
+    limit 170 python3 -m pytest -v tests/kernels/test_block_sparse.py tests/kernels/test_flash.py --timeout 150 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -15
+    for block in 64 128; do
+        limit 150 python3 -m attnbench.kernels.bench_block_sparse --seq 4096 16384 --block $block --out "$out/block_sparse_$block.csv" > "$out/block_sparse_$block.txt" 2>&1
+        tail -34 "$out/block_sparse_$block.txt"
+    done
     ;;
 defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
     (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)

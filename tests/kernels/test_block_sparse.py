@@ -183,7 +183,7 @@ def test_full_lists_equal_the_dense_kernel_bit_for_bit(options):
 
 def test_a_wrong_list_fails_the_check():
     """The check can fail: lists missing one visible block of the mask give another answer."""
-    case = Case(t=100, density=1.0)
+    case = Case(t=3 * BLOCK + 4, density=1.0)  # four query blocks at any BLOCK
     inputs = _inputs(case, seed=4)
     wrong = inputs[-1].clone()
     wrong[1, 0, 2, 1] = False  # visible under causal masking
@@ -205,7 +205,7 @@ def test_lists_hold_the_mask_in_both_directions():
 
 
 def test_bad_lists_raise_value_error():
-    q = torch.zeros(1, 70, 2, 16, device=DEVICE)
+    q = torch.zeros(1, 2 * BLOCK + 6, 2, 16, device=DEVICE)  # three blocks at any BLOCK
     with pytest.raises(ValueError, match="multiple of"):
         block_sparse_attention(q, q, q, block_lists(torch.ones(1, 2, 5, 5, dtype=torch.bool), BLOCK // 2))
     with pytest.raises(ValueError, match="kv_num must have shape"):
