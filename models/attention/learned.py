@@ -87,12 +87,14 @@ def _triton_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of each block of x [B, T, H, D] (a partial last block over its own tokens): [B, cdiv(T, block), H, D]."""
+    """Mean of each block of x [B, T, H, D] (a partial last block over its own tokens): [B, cdiv(T, block), H, D].
+    The full blocks are a view of x (no copy, any strides along T)."""
     b, t, h, d = x.shape
-    n = blocks(t, block)
-    sums = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * block - t)).view(b, n, block, h, d).sum(2)
-    counts = (t - torch.arange(n, device=x.device) * block).clamp(max=block)
-    return sums / counts.view(1, n, 1, 1).to(x.dtype)
+    full = t // block
+    means = x[:, : full * block].unflatten(1, (full, block)).mean(2)
+    if t % block:
+        means = torch.cat([means, x[:, full * block :].mean(1, keepdim=True)], 1)
+    return means
 
 
 class BlockScorer(nn.Module):
@@ -107,9 +109,9 @@ class BlockScorer(nn.Module):
         self.bias = nn.Parameter(torch.full((heads,), OPEN_BIAS))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
-        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+        key_means = block_means(k, block).repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # GQA: per q head
         queries = torch.einsum("bnhd,hdr->bhnr", block_means(q, block), self.u.to(q.dtype))
-        keys = torch.einsum("bmhd,hdr->bhmr", block_means(k, block), self.v.to(q.dtype))
+        keys = torch.einsum("bmhd,hdr->bhmr", key_means, self.v.to(q.dtype))
         score = torch.einsum("bhnr,bhmr->bhnm", queries, keys) * self.rank**-0.5
         return self.bias.to(q.dtype).view(1, -1, 1, 1) + SCORE_BOUND * torch.tanh(score / SCORE_BOUND)
 

@@ -106,6 +106,14 @@ def test_density_counts_causal_blocks_only(sinks):
     assert layer.visited_flops() == 4 * 4 * 8 * 2 * (45 * 46 // 2)
 
 
+@pytest.mark.parametrize("t", [64, 70, 5])
+def test_block_means_are_each_blocks_mean_on_strided_input(t):
+    """Full blocks and a partial last one, on a q-like view of a packed qkv tensor (strided along H)."""
+    x = torch.randn(2, t, 9, 8, generator=torch.Generator().manual_seed(3))[:, :, ::3]
+    expected = torch.stack([x[:, start : start + 32].mean(1) for start in range(0, t, 32)], 1)
+    assert torch.allclose(learned.block_means(x, 32), expected, atol=1e-6)
+
+
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="block must be positive"):
         _layer(block=0)
