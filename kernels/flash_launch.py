@@ -293,12 +293,21 @@ def flash_autotune(by_head_dim: dict[int, list[triton.Config]], fp32: triton.Con
         block = args.get("SPARSE_BLOCK", 0)
         if block:
             fits = [c for c in picks if block % c.kwargs["BLOCK_M"] == 0 and block % c.kwargs["BLOCK_N"] == 0]
-            picks = fits or [tile_config(SPARSE_TILE, SPARSE_TILE, 4 if args["D_PAD"] <= 64 else 8, 2)]
+            picks = fits or _sparse_fallback(args["D_PAD"])
         return picks if args["SEQ_BUCKET"] >= TUNE_FROM_SEQ else picks[:1]
 
     every = [fp32] + [config for picks in by_head_dim.values() for config in picks]
     prune = {"early_config_prune": candidates}
     return lambda fn: FlashKernel(triton.autotune(every, key=_tuning_key(fn), prune_configs_by=prune)(fn), by_head_dim)
+
+
+def _sparse_fallback(d_pad: int) -> list[triton.Config]:
+    """Tiles of one SPARSE_TILE square for a head dim whose tuned tiles do not divide the block
+    (D 128 and 256 at block 64): the untuned guess first, a second for the autotuner to weigh
+    (4 warps, 3 stages; a candidate that overflows shared memory is skipped by triton)."""
+    if d_pad <= 64:
+        return [tile_config(SPARSE_TILE, SPARSE_TILE, 4, 2)]
+    return [tile_config(SPARSE_TILE, SPARSE_TILE, 8, 2), tile_config(SPARSE_TILE, SPARSE_TILE, 4, 3)]
 
 
 def _tuning_key(fn) -> list[str]:
