@@ -8,7 +8,8 @@ What is counted is what the step cannot avoid reading or writing, each byte once
   queries q read and the outputs o written. The page table, lengths, ALiBi slopes and RoPE
   tables are not counted (a few bytes a sequence).
 - a recurrent state: the state read and written once (float32), the token's q, k, v (and the
-  write strength beta, one value per kv head, for DeltaNet) read and o written.
+  write strength beta, one value per kv head, for DeltaNet) read and o written; Performer also
+  reads its random projection W [M, D] (float32) once a step, shared by the batch.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def linear_state_bytes(kv_heads: int, dk: int, dv: int) -> int:
 def deltanet_state_bytes(kv_heads: int, dk: int, dv: int) -> int:
     """DeltaNet's state of one sequence: S [Hkv, Dk, Dv], float32."""
     return kv_heads * dk * dv * STATE_ITEMSIZE
+
+
+def performer_state_bytes(kv_heads: int, features: int, dv: int) -> int:
+    """Performer's state of one sequence: kv [Hkv, M, Dv], k_sum [Hkv, M] and the running key
+    stabiliser [Hkv], float32."""
+    return kv_heads * (features * dv + features + 1) * STATE_ITEMSIZE
 
 
 def state_step_bytes(

@@ -15,17 +15,25 @@ rounding (tested to 1e-12 in float64).
 
 The layer holds W as a buffer, shared by all heads, saved with the model, and redrawn every
 ``redraw_every`` training steps (0 = never) or on demand with ``redraw_features()``.
+
+Decode (causal): the state of the keys so far, PerformerState, one token at a time
+(performer_step). Its key stabiliser is the largest exponent seen so far, and the state is
+rescaled when a larger one arrives (as an online softmax rescales), so after the last token it
+is the full forward's constant and the step equals the causal forward's last row.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from attnbench.models import feature_attention
+from attnbench.kernels import decode_cost
+from attnbench.models import feature_attention, state_decode
+from attnbench.models.feature_attention import EPS
 from attnbench.models.qkv import QKVAttention
-from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 
 DEFAULT_FEATURES = 256
 DEFAULT_REDRAW_EVERY = 1000
@@ -82,6 +90,48 @@ def chunked(q, k, v, *, causal=False, seq_lens=None, projection, chunk=DEFAULT_C
     return feature_attention.chunked(fq, fk, v, causal=causal, seq_lens=seq_lens, chunk=chunk)
 
 
+class PerformerState(NamedTuple):
+    """The keys so far of B sequences, per kv head: kv [B, Hkv, M, Dv] = sum_j phi_j v_j^T and
+    k_sum [B, Hkv, M] = sum_j phi_j, phi_j = exp(e_j - largest) / sqrt(M) (e_j: key j's exponents,
+    _exponents), largest [B, Hkv] the largest exponent so far (-inf before any key)."""
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+    largest: torch.Tensor
+
+
+def performer_state(k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, dtype: torch.dtype = torch.float32) -> PerformerState:
+    """The state after the tokens of k [B, T, Hkv, D], v [B, T, Hkv, Dv] (T = 0: the empty state)."""
+    work = torch.promote_types(dtype, k.dtype)
+    b, t, hkv, _ = k.shape
+    exponents = _exponents(k.to(work), projection.to(work))  # (B, T, Hkv, M)
+    largest = exponents.amax(dim=(1, 3)) if t else torch.full((b, hkv), float("-inf"), dtype=work, device=k.device)
+    features = torch.exp(exponents - largest[:, None, :, None]) / math.sqrt(projection.shape[0])
+    kv = torch.einsum("bthm,bthv->bhmv", features, v.to(work))
+    return PerformerState(kv.to(dtype), features.sum(1).to(dtype), largest.to(dtype))
+
+
+def performer_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: PerformerState, projection: torch.Tensor
+) -> tuple[torch.Tensor, PerformerState]:
+    """Adds the token (k [B, Hkv, D], v [B, Hkv, Dv]) to ``state``, rescaled to the new largest
+    exponent, and reads it with q [B, Hq, D]: (o [B, Hq, Dv] in q's dtype, the new state)."""
+    work = state.kv.dtype
+    projection = projection.to(work)
+    exponents = _exponents(k.to(work)[:, None], projection)[:, 0]  # (B, Hkv, M)
+    largest = torch.maximum(state.largest, exponents.amax(-1))
+    rescale = torch.exp(state.largest - largest)  # 0 for the empty state (exp(-inf))
+    features = torch.exp(exponents - largest[..., None]) / math.sqrt(projection.shape[0])
+    kv = state.kv * rescale[..., None, None] + features[..., :, None] * v.to(work)[..., None, :]
+    k_sum = state.k_sum * rescale[..., None] + features
+    fq = query_features(q.to(work)[:, None], projection)[:, 0]  # (B, Hq, M)
+    fq = fq.reshape(fq.shape[0], k.shape[1], -1, fq.shape[-1])  # (B, Hkv, G, M): GQA groups
+    num = torch.einsum("bhgm,bhmv->bhgv", fq, kv)
+    den = torch.einsum("bhgm,bhm->bhg", fq, k_sum)
+    o = num / (den + EPS)[..., None]
+    return o.flatten(1, 2).to(q.dtype), PerformerState(kv, k_sum, largest)
+
+
 class PerformerAttention(QKVAttention):
     """QKVAttention whose random projection W [M, D] is a saved buffer, redrawn every
     ``redraw_every`` training forward passes (0 = never)."""
@@ -133,6 +183,37 @@ IMPLS = {
     "chunked": Impl("chunked", chunked, "torch, linear cost: K^T V state / chunked prefix sums"),
 }
 
+def _features(cfg: LayerConfig) -> int:
+    return int(cfg.options.get("features", DEFAULT_FEATURES))
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    """One token q [B, Hq, D], k/v [B, Hkv, D] against the state of ``context`` random keys
+    (what the state holds does not change the step's work)."""
+    m, d = _features(cfg), cfg.head_dim
+    projection = orthogonal_features(m, d).to(device)
+    q = torch.randn(batch, cfg.heads, d, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, cfg.kv_heads, d, device=device, dtype=dtype) for _ in range(2))
+    kv = 0.01 * torch.randn(batch, cfg.kv_heads, m, d, device=device)
+    state = PerformerState(kv, torch.rand(batch, cfg.kv_heads, m, device=device) + 1.0, torch.zeros(batch, cfg.kv_heads, device=device))
+    return lambda: performer_step(q, k, v, state, projection)[0]
+
+
+def _state_bytes(cfg: LayerConfig) -> int:
+    return decode_cost.performer_state_bytes(cfg.kv_heads, _features(cfg), cfg.head_dim)
+
+
+def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+    d = cfg.head_dim
+    projection = _features(cfg) * d * decode_cost.STATE_ITEMSIZE
+    return decode_cost.state_step_bytes(batch, _state_bytes(cfg), cfg.heads, cfg.kv_heads, d, d, itemsize) + projection
+
+
+DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize: _state_bytes(cfg), {
+    "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step, the stabiliser kept running (performer_step)",
+                        unsupported=lambda cfg, queries, device, dtype: state_decode.why_no_step(cfg, queries)),
+})
+
 MECHANISM = Mechanism(
     name="performer",
     description="FAVOR+ positive orthogonal random features approximating softmax (Choromanski et al. 2021)",
@@ -147,4 +228,5 @@ MECHANISM = Mechanism(
         "redraw_every": (DEFAULT_REDRAW_EVERY, "redraw the random features every N training steps (0 = never)"),
         "chunk": (DEFAULT_CHUNK, "tokens per chunk of the causal prefix-sum form"),
     },
+    decode=DECODE,
 )

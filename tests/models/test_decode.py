@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, linear
+from attnbench.models.attention import deltanet, linear, performer
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -268,6 +268,37 @@ def test_deltanet_step_equals_the_last_row_of_the_causal_forward(t, heads, form)
     state = state_decode.deltanet_state(k[:, :-1], v[:, :-1], beta[:, :-1], dtype=torch.float64)
     o, _ = state_decode.deltanet_step(q[:, -1], k[:, -1], v[:, -1], state, beta[:, -1])
     assert_close(o, full[:, -1], f"deltanet T={t}")
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2), (3, 1)])
+@pytest.mark.parametrize("form", ["torch", "chunked"])
+def test_performer_step_equals_the_last_row_of_the_causal_forward(t, heads, form):
+    q, k, v, _ = random_tokens(t=t, hq=heads[0], hkv=heads[1])
+    projection = performer.orthogonal_features(24, q.shape[-1], torch.Generator().manual_seed(t)).double()
+    full = performer.IMPLS[form].run(q, k, v, causal=True, projection=projection, chunk=8)
+    state = performer.performer_state(k[:, :-1], v[:, :-1], projection, dtype=torch.float64)
+    o, _ = performer.performer_step(q[:, -1], k[:, -1], v[:, -1], state, projection)
+    assert_close(o, full[:, -1], f"performer T={t}")
+
+
+def test_performer_steps_from_the_empty_state_keep_the_stabiliser_running():
+    """Every row from the empty state: row i's forward stabilises by the largest exponent of keys
+    <= i only, so the running stabiliser must match each prefix's forward; the keys are scaled so
+    that later keys carry larger exponents (the state is rescaled on the way)."""
+    q, k, v, _ = random_tokens(t=12)
+    k = k * torch.linspace(0.5, 3.0, 12, dtype=k.dtype)[None, :, None, None]
+    projection = performer.orthogonal_features(24, q.shape[-1], torch.Generator().manual_seed(0)).double()
+    state = performer.performer_state(k[:, :0], v[:, :0], projection, torch.float64)
+    for i in range(q.shape[1]):
+        prefix = performer.torch_reference(q[:, : i + 1], k[:, : i + 1], v[:, : i + 1], causal=True, projection=projection)
+        o, new = performer.performer_step(q[:, i], k[:, i], v[:, i], state, projection)
+        assert_close(o, prefix[:, -1], f"row {i}")
+        assert bool((new.largest >= state.largest).all()), "the stabiliser only grows"
+        state = new
+    final = performer.performer_state(k, v, projection, torch.float64)
+    for name in ("kv", "k_sum", "largest"):
+        assert_close(getattr(state, name), getattr(final, name), name)
 
 
 def test_deltanet_default_beta_is_the_forward_default():

@@ -30,7 +30,7 @@ def rows_of(run_dir):
 def decode_run(tmp_path_factory):
     """The issue's CPU command, at a small head shape, with a mechanism that has no decode form."""
     out = tmp_path_factory.mktemp("decode") / "run"
-    result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer",
+    result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer,topk",
                     "--context", 128, 512, *SMALL, "--out", out)
     assert result.exit_code == 0, result.output
     return out, rows_of(out)
@@ -40,8 +40,8 @@ def test_decode_rows_carry_time_bytes_bandwidth_and_memory_per_sequence(decode_r
     _, rows = decode_run
     ok = [row for row in rows if row["status"] == "ok"]
     assert {(row["mechanism"], row["impl"]) for row in ok} == {
-        ("standard", "torch"), ("standard", "sdpa"), ("linear", "torch"), ("deltanet", "torch")}
-    assert len(ok) == 4 * 2  # two contexts each
+        ("standard", "torch"), ("standard", "sdpa"), ("linear", "torch"), ("deltanet", "torch"), ("performer", "torch")}
+    assert len(ok) == 5 * 2  # two contexts each
     for row in ok:
         assert row["mode"] == "decode" and row["queries"] == "1" and row["batch"] == "1" and row["seq"] in ("128", "512")
         median, p20, p80 = float(row["ms_median"]), float(row["ms_p20"]), float(row["ms_p80"])
@@ -66,8 +66,8 @@ def test_unsupported_decode_rows_say_why(decode_run):
     _, rows = decode_run
     unsupported = [row for row in rows if row["status"] == "unsupported"]
     assert unsupported and all(row["message"] for row in unsupported)
-    performer = [row for row in rows if row["mechanism"] == "performer"]
-    assert len(performer) == 2 and all("has no decode step" in row["message"] for row in performer)
+    topk = [row for row in rows if row["mechanism"] == "topk"]
+    assert len(topk) == 2 and all("has no decode step" in row["message"] for row in topk)
     triton = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
     assert triton == {"triton", "triton-paged"}
 
