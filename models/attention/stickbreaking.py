@@ -16,6 +16,10 @@ logsigmoid(-z_il), in at least float32. The definition keeps [B, H, T, T]; the c
 walks query chunks of ``chunk`` rows against the keys up to the chunk's end, takes the sums
 over l by a reversed cumulative sum, and is recomputed chunk by chunk in the backward pass:
 memory O(chunk * T), not O(T * T). FLOPs stay quadratic, as for softmax attention.
+
+Decode: exact only against a KV cache of every earlier key (the weight of key j depends on
+every key between it and the query), so ``stickbreaking_step`` reads the whole contiguous cache
+per step, as softmax does; no window, no paging here.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from attnbench.kernels import decode_cost
 from attnbench.models import positions
 from attnbench.models.causal_padding import zero_padded_queries
+from attnbench.models.decode import positions_of_new
 from attnbench.models.fla import fla_missing
 from attnbench.models.pair_flops import visible_pairs
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 128
 
@@ -122,6 +128,42 @@ def stickbreaking_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -
     return 4.0 * cfg.heads * cfg.head_dim * pairs
 
 
+def stickbreaking_step(q, k_cache, v_cache, lengths, *, attend_current=False) -> torch.Tensor:
+    """One decode step by definition: q [B, N, Hq, D], the N newest tokens of each sequence (at
+    positions lengths[b] - N .. lengths[b] - 1, their keys already in the cache), k/v_cache
+    [B, L, Hkv, D] (sequence b's tokens in rows 0 .. lengths[b] - 1) -> o [B, N, Hq, D]. The sums
+    over the keys between j and the query are a reversed cumulative sum over the cache."""
+    b, n, hq, d = q.shape
+    group = hq // k_cache.shape[2]
+    k, v = k_cache.repeat_interleave(group, dim=2), v_cache.repeat_interleave(group, dim=2)
+    work = torch.promote_types(q.dtype, torch.float32)
+    z = torch.einsum("bnhd,blhd->bhnl", q, k).to(work) * d**-0.5  # (B, Hq, N, L)
+    pos_q = positions_of_new(lengths.to(q.device), n)  # (B, N)
+    pos_k = torch.arange(k.shape[1], device=q.device)
+    seen = (pos_k <= pos_q[..., None]) if attend_current else (pos_k < pos_q[..., None])  # (B, N, L)
+    log_unbroken = F.logsigmoid(-z).masked_fill(~seen[:, None], 0.0)
+    after = log_unbroken.flip(-1).cumsum(-1).flip(-1) - log_unbroken  # sum over l > j of the keys seen
+    weights = (F.logsigmoid(z) + after).exp().masked_fill(~seen[:, None], 0.0)
+    return torch.einsum("bhnl,blhd->bnhd", weights.to(v.dtype), v)
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    """``queries`` new tokens of B sequences against a random cache of ``context`` tokens each."""
+    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    attend_current = stickbreaking_options(cfg)["attend_current"]
+    return lambda: stickbreaking_step(q, k, v, lengths, attend_current=attend_current)
+
+
+DECODE = DecodeForm(
+    "kv-cache",
+    lambda cfg, batch, context, queries, itemsize: decode_cost.softmax_step_bytes(
+        batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize),
+    lambda cfg, context, queries, itemsize: decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize),
+    {"torch": DecodeImpl("torch", _torch_step, "plain torch decode step by definition (stickbreaking_step)", graphable=False)},
+)
+
 IMPLS = {
     "torch": Impl("torch", torch_reference, "plain torch by definition (T x T weights in memory)"),
     "chunked": Impl("chunked", chunked, "torch, log-space query chunks (O(chunk * T) memory, recomputed in backward)"),
@@ -145,4 +187,5 @@ MECHANISM = Mechanism(
         "attend_current": (False, "a query also attends to its own key (the stick starts there)"),
         "chunk": (DEFAULT_CHUNK, "queries per chunk of the chunked form (memory O(chunk * T))"),
     },
+    decode=DECODE,
 )

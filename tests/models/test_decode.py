@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, linear, performer
+from attnbench.models.attention import deltanet, linear, performer, stickbreaking
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -299,6 +299,23 @@ def test_performer_steps_from_the_empty_state_keep_the_stabiliser_running():
     final = performer.performer_state(k, v, projection, torch.float64)
     for name in ("kv", "k_sum", "largest"):
         assert_close(getattr(state, name), getattr(final, name), name)
+
+
+@pytest.mark.parametrize("attend_current", [False, True])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1)])
+def test_stickbreaking_step_equals_the_last_rows_of_each_sequences_causal_forward(attend_current, heads):
+    """Ragged lengths (one sequence of a single token), N = 1 and 3 new queries, a cache longer than any."""
+    torch.manual_seed(7)
+    lengths = torch.tensor([9, 3, 1])
+    q, k, v, _ = random_tokens(b=3, t=12, hq=heads[0], hkv=heads[1], dv=16)
+    for n in (1, 3):
+        live = lengths.clamp(min=n)
+        newest = torch.stack([q[b, live[b] - n : live[b]] for b in range(3)])  # (B, N, Hq, D)
+        o = stickbreaking.stickbreaking_step(newest, k, v, live, attend_current=attend_current)
+        for b in range(3):
+            t = int(live[b])
+            full = stickbreaking.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], attend_current=attend_current)
+            assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
 
 
 def test_deltanet_default_beta_is_the_forward_default():
