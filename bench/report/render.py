@@ -20,9 +20,10 @@ from attnbench import store
 from attnbench.distill import report as distill_report
 from attnbench.errors import InputError
 from attnbench.report import tradeoff
+from attnbench.report.decode import CROSSOVER_NOTE, crossover_table
 from attnbench.report.speed import (
-    FLOP_CONVENTION, Figure, exponent_note, exponent_table, exponents, fastest, figures, load_speed, speedup_table,
-    variant_costs,
+    FLOP_CONVENTION, Figure, exponent_note, exponent_table, exponents, fastest, figures, load_speed, setups,
+    speedup_table, variant_costs,
 )
 from attnbench.train import report as train_report
 
@@ -65,6 +66,12 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
         if not costs.empty:
             sections += [("h2", "Cost of each variant over standard"),
                          ("p", "variant median / standard median in the same run and impl (1.10 = 10% slower)."), ("table", costs)]
+        decode = df[(df["status"] == "ok") & (df["mode"] == "decode")]
+        tables = [crossover_table(rows).assign(setup=setup) for setup, rows in setups(decode)]
+        tables = [table for table in tables if not table.empty]
+        if tables:
+            sections += [("h2", "Decode: where a recurrent state overtakes the KV cache"), ("p", CROSSOVER_NOTE),
+                         ("table", pd.concat(tables, ignore_index=True))]
         sections.append(("h2", "Figures"))
         sections += [("figure", fig) for fig in figs]
         if not fits.empty:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from attnbench import flops, store
 from attnbench.errors import InputError
-from attnbench.report.decode import decode_figure
+from attnbench.report.decode import capacity_figure, decode_figure
 
 NUMERIC = ["batch", "seq", "heads", "kv_heads", "head_dim", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
            "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",
@@ -177,7 +177,7 @@ def slug(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+_-]", "", value)
 
 
-def _setups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def setups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(slug, rows) per setup; the slug names the files (latency-kernel-bf16-h16-kv16-d64.png)."""
     out = []
     for key, group in df.groupby(SETUP, dropna=False):
@@ -363,7 +363,7 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
     markers = {run: "osD^vP*X"[i % 8] for i, run in enumerate(sorted(set(df["run"])))}
     out = []
     ok = df[df["status"] == "ok"]
-    for setup, rows in _setups(ok):
+    for setup, rows in setups(ok):
 
         def add(name: str, caption: str, draw, *args, **kwargs) -> None:
             path = plots / f"{slug(name)}-{setup}.png"
@@ -374,6 +374,7 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
         if not decode.empty:
             bound = ", dotted: the bandwidth bound" if decode["pct_bandwidth"].notna().any() else ""
             add("decode", f"decode: time per step vs context L{bound}", decode_figure, decode, seq_label=_seq_label)
+            add("decode-capacity", "decode: memory per sequence vs L, tokens/s vs batch", capacity_figure, decode, seq_label=_seq_label)
         for mode in _modes(rows):
             in_mode, ratio_in_mode = rows[rows["mode"] == mode], ratio[ratio["mode"] == mode] if not ratio.empty else ratio
             add(f"latency-{mode}", _latency_caption(mode, in_mode), _facet, in_mode, "ms_median",
