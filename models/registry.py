@@ -123,12 +123,18 @@ class DecodeForm:
     memory(cfg, context, queries, itemsize): the cache or state of one sequence, in bytes
         (the formulas: kernels/decode_cost.py).
     impls: its DecodeImpls by name.
+    layer_cache: what a generate loop (models/generate.py) keeps for one of the mechanism's layers,
+        layer_cache(layer, capacity) -> an object with prefill(x [B, T, C]) -> [B, T, C] (the layer's
+        own forward over the prompt, its keys and values or its state kept) and step(x [B, 1, C]) ->
+        [B, 1, C] (one token more); capacity: the most tokens it will hold. ValueError for a layer
+        whose options have no incremental form; None: the mechanism has none (generate recomputes).
     """
 
     carries: Literal["kv-cache", "state"]
     bytes: Callable[..., int]
     memory: Callable[..., int]
     impls: dict[str, DecodeImpl]
+    layer_cache: Callable[..., Any] | None = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ j in row j % C: kernels/decode_cost.visible_keys), q [B, N, Hq, D] (the layout o
 The paged cache: pages of PAGE rows [P, PAGE, Hkv, D] through a shuffled page table [B, C / PAGE]
 (rounded up), as a long-running server's is. The mechanism's kernel options (window, ALiBi
 slopes, RoPE theta) become the step's (models/decode.step_options); the cache holds keys already
-rotated, so RoPE rotates q alone, inside the step.
+rotated, so RoPE rotates q alone, inside the step. A generate loop keeps one `KVCache` per layer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.kernels import decode_cost
-from attnbench.models.decode import positions_of_new, rope_at, softmax_step, step_options
+from attnbench.models.decode import append, positions_of_new, rope_at, softmax_step, step_options
 from attnbench.models.registry import DecodeForm, DecodeImpl, LayerConfig
 
 PAGE = 64  # tokens per page of the paged cache (kernels/bench_decode.py's default too)
@@ -61,6 +61,47 @@ def sdpa_mask(lengths: torch.Tensor, queries: int, rows: int, window: int | None
         return seen[:, None]
     bias = -slopes.view(1, -1, 1, 1) * distance[:, None].to(slopes.dtype)
     return bias.masked_fill(~seen[:, None], float("-inf")).to(dtype)
+
+
+class KVCache:
+    """A softmax-family layer's KV cache in a generate loop (DecodeForm.layer_cache): k/v
+    [B, C, Hkv, D] in the projection's dtype, keys as the core sees them (rotated at their own
+    positions under RoPE), ALiBi slopes and window from the layer's core options (step_options);
+    C = capacity rows, or with a window W the rolling cache of min(capacity, W + 1) rows
+    (models/decode.py). ``layer``: the QKVAttention of a causal softmax-family mechanism."""
+
+    def __init__(self, layer, capacity: int):
+        self.layer = layer
+        self.options = step_options(layer.core_options())  # ValueError: a window right of the query, a RoPE offset
+        window = self.options.get("window")
+        self.rows = capacity if window is None else min(capacity, window + 1)
+        self.k = self.v = self.lengths = None
+
+    def _keep(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Appends k/v [B, N, Hkv, D] of the tokens after the ``lengths`` the cache holds, rotating the keys."""
+        theta = self.options.get("theta")
+        if theta is not None:
+            k = rope_at(k, positions_of_new(self.lengths + k.shape[1], k.shape[1]), theta)
+        append(self.k, k, self.lengths)
+        append(self.v, v, self.lengths)
+        self.lengths = self.lengths + k.shape[1]
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's forward over the prompt x [B, T, C] -> [B, T, C]; its last C keys and values kept."""
+        _, k, v = self.layer.project(x)
+        b, t = x.shape[:2]
+        self.k, self.v = (k.new_zeros(b, self.rows, *k.shape[2:]) for _ in range(2))
+        kept = min(t, self.rows)  # a rolling cache takes the tokens its window still sees, one per row
+        self.lengths = torch.full((b,), t - kept, dtype=torch.int32, device=x.device)
+        self._keep(k[:, t - kept :], v[:, t - kept :])
+        return self.layer(x)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, C] of the token at position lengths -> [B, 1, C], its key and value appended first."""
+        q, k, v = self.layer.project(x)
+        self._keep(k, v)
+        o = softmax_step(q, self.k, self.v, self.lengths, **self.options)  # (B, 1, Hq, D)
+        return self.layer.out(o.reshape(x.shape[0], 1, -1))
 
 
 def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
@@ -128,4 +169,4 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
         "sdpa": DecodeImpl("sdpa", sdpa_step, "F.scaled_dot_product_attention with enable_gqa, default dispatch"),
         "torch": DecodeImpl("torch", torch_step, "plain torch decode step by definition (models/decode.py)", graphable=False),
     }
-    return DecodeForm("kv-cache", step_bytes, memory, impls)
+    return DecodeForm("kv-cache", step_bytes, memory, impls, layer_cache=KVCache)

@@ -12,6 +12,9 @@ the old one as it was.
 - deltanet (models/attention/deltanet.py): S [B, Hkv, Dk, Dv] (the transpose of that file's
   [Dv, Dk], fla's layout), q and k L2-normalised, beta [B, Hkv] (1/2 when None):
   S += k (beta (v - S^T k))^T, o = S^T q.
+
+Every form here computes with autocast off (outside_autocast): a float32 state stays float32
+under a bf16 autocast. A generate loop keeps a `LinearCache` or `DeltaNetCache` per layer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.models.feature_attention import EPS, elu_plus_one as feature_map
+from attnbench.models.float32_forms import outside_autocast
 
 
 class LinearState(NamedTuple):
@@ -46,6 +50,7 @@ def _groups(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(b, kv_heads, hq // kv_heads, d)
 
 
+@outside_autocast
 def linear_state(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> LinearState:
     """The state after the tokens of k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (T = 0: the empty state)."""
     work = torch.promote_types(dtype, k.dtype)
@@ -53,6 +58,7 @@ def linear_state(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.fl
     return LinearState(torch.einsum("bthk,bthv->bhkv", fk, v).to(dtype), fk.sum(1).to(dtype))
 
 
+@outside_autocast
 def linear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState) -> tuple[torch.Tensor, LinearState]:
     """Adds the token (k [B, Hkv, Dk], v [B, Hkv, Dv]) to ``state`` and reads it with q [B, Hq, Dk]."""
     work = state.kv.dtype
@@ -82,6 +88,7 @@ def _write_strength(beta: torch.Tensor | None, k: torch.Tensor, dtype: torch.dty
     return torch.full(k.shape[:2], 0.5, dtype=dtype, device=k.device) if beta is None else beta.to(dtype)
 
 
+@outside_autocast
 def deltanet_state(
     k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -95,6 +102,7 @@ def deltanet_state(
     return state.to(dtype)
 
 
+@outside_autocast
 def deltanet_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, beta: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,3 +112,55 @@ def deltanet_step(
     state = _delta_write(state, _unit(k, work), v.to(work), _write_strength(beta, k, work))
     o = torch.einsum("bhkv,bhgk->bhgv", state, _groups(_unit(q, work), k.shape[1]))
     return o.flatten(1, 2).to(q.dtype), state
+
+
+class StateCache:
+    """A recurrent layer's state in a generate loop (DecodeForm.layer_cache), whatever the capacity:
+    the layer's forward over the prompt, then one token at a time by the steps above. ``layer``: the
+    mechanism's QKVAttention (RoPE, when the layer applies it, rotates q and k at their positions)."""
+
+    def __init__(self, layer, capacity: int):
+        self.layer, self.length, self.state = layer, 0, None
+
+    def begin(self, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor):
+        """The state after the prompt's k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] (x [B, T, C]: the layer's input)."""
+        raise NotImplementedError
+
+    def advance(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor):
+        """(o [B, Hq, Dv], the new state) of one token q [B, Hq, Dk], k [B, Hkv, Dk], v [B, Hkv, Dv], x [B, 1, C]."""
+        raise NotImplementedError
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's forward over the prompt x [B, T, C] -> [B, T, C]; the state after it kept."""
+        q, k, v = self.layer.project(x)
+        _, k = self.layer.positioned(q, k)
+        self.state, self.length = self.begin(k, v, x), x.shape[1]
+        return self.layer(x)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, C] of the token at position ``length`` -> [B, 1, C]."""
+        q, k, v = self.layer.project(x)
+        q, k = self.layer.positioned(q, k, self.length)
+        o, self.state = self.advance(q[:, 0], k[:, 0], v[:, 0], x)
+        self.length += 1
+        return self.layer.out(o.reshape(x.shape[0], 1, -1))
+
+
+class LinearCache(StateCache):
+    """Linear attention's LinearState (kv [B, Hkv, Dk, Dv], k_sum [B, Hkv, Dk], float32)."""
+
+    def begin(self, k, v, x):
+        return linear_state(k, v)
+
+    def advance(self, q, k, v, x):
+        return linear_step(q, k, v, self.state)
+
+
+class DeltaNetCache(StateCache):
+    """DeltaNet's S [B, Hkv, Dk, Dv] (float32); beta from the layer's own projection of x."""
+
+    def begin(self, k, v, x):
+        return deltanet_state(k, v, self.layer.token_options(x)["beta"])
+
+    def advance(self, q, k, v, x):
+        return deltanet_step(q, k, v, self.state, self.layer.token_options(x)["beta"][:, 0])

@@ -28,7 +28,5 @@ class TokenConditionedAttention(QKVAttention):
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
-        o = self.attend(q, k, v, seq_lens, **self.token_options(x))
+        o = self.attend(*self.project(x), seq_lens, **self.token_options(x))
         return self.out(o.reshape(b, t, self.heads * self.head_dim))

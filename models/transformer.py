@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +100,12 @@ class ModelConfig:
 INIT_STD = 0.02  # BERT's and GPT-2's: every Linear and Embedding weight starts N(0, INIT_STD)
 
 
-def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
-    """Vaswani et al.'s fixed embeddings [T, C]: sin on even channels, cos on odd, wavelengths
+def sinusoidal_positions(length: int, dim: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """Vaswani et al.'s fixed embeddings [T, C] of positions start .. start+T-1: sin on even channels, cos on odd, wavelengths
     up to 10000 * 2pi, scaled to the token embeddings' init (root mean square INIT_STD; the raw
     table's is 1/sqrt(2)). Vaswani et al. scale the tokens up by sqrt(C) instead; added raw to
     N(0, 0.02) tokens the table outweighs them 35 to 1 and the model learns from positions alone."""
-    position = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    position = torch.arange(start, start + length, dtype=torch.float32, device=device)[:, None]
     inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim, device=device)
     table[:, 0::2] = torch.sin(position * inv_freq)
@@ -116,7 +116,8 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.T
 class Embeddings(nn.Module):
     """Token ids [B, T] -> [B, T, C]: token embedding, plus absolute positions when the scheme is
     learned or sinusoidal, then LayerNorm in post-LN models (BERT normalises its embeddings; pre-LN models
-    normalise at the start of every block instead)."""
+    normalise at the start of every block instead). ``start``: the position of the first token (0,
+    but the number of tokens already cached in a generate step, models/generate.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -126,15 +127,15 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm == "post" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         t = input_ids.shape[1]
         x = self.tokens(input_ids)  # (B, T, C)
         if self.positions is not None:
-            if t > self.cfg.max_seq:
-                raise ValueError(f"input of {t} tokens is longer than the {self.cfg.max_seq} learned positions")
-            x = x + self.positions.weight[:t]
+            if start + t > self.cfg.max_seq:
+                raise ValueError(f"input of {start + t} tokens is longer than the {self.cfg.max_seq} learned positions")
+            x = x + self.positions.weight[start : start + t]
         elif self.cfg.positions == "sinusoidal":
-            x = x + sinusoidal_positions(t, self.cfg.dim, x.device).to(x.dtype)
+            x = x + sinusoidal_positions(t, self.cfg.dim, x.device, start).to(x.dtype)
         if self.norm is not None:
             x = self.norm(x)
         return self.dropout(x)
@@ -170,10 +171,15 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.around(lambda h: self.attention(h, seq_lens), x)
+
+    def around(self, attention: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """This block on x [B, T, C] with ``attention`` (h [B, T, C] -> [B, T, C]) in its attention
+        layer's place: the layer itself in forward, a layer's cache in a generate step (models/generate.py)."""
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.norm1(x), seq_lens))
+            x = x + self.dropout(attention(self.norm1(x)))
             return x + self.dropout(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.attention(x, seq_lens)))
+        x = self.norm1(x + self.dropout(attention(x)))
         return self.norm2(x + self.dropout(self.mlp(x)))
 
 

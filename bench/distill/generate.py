@@ -25,6 +25,8 @@ from torch import nn
 from attnbench import store
 from attnbench.distill.columns import GENERATION_METRICS
 from attnbench.errors import InputError
+from attnbench.models import generate as decoding
+from attnbench.models.transformer import LanguageModel
 from attnbench.train.evaluate import autocast
 
 GENERATIONS = "generations"
@@ -62,21 +64,17 @@ def read_prompts(path: str | None) -> list[str]:
 @torch.no_grad()
 def generate(source, model: nn.Module, prompt: list[int], new_tokens: int, device: str, generator: torch.Generator | None) -> list[int]:
     """``new_tokens`` continuation ids of ``prompt``: greedy without ``generator``, else sampled
-    from the softmax with it. No KV cache (every mechanism works); the context is cut to the
-    model's longest input; stops after an eos."""
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        context = ids[-source.max_length :] if source.max_length else ids
-        with autocast(device):
-            logits = source.sequence_logits(model, torch.tensor([context], device=device))[-1].float()
-        if generator is None:
-            token = int(logits.argmax())
-        else:
-            token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
-        ids.append(token)
-        if token == source.tokenizer.eos_id:
-            break
-    return ids[len(prompt) :]
+    from the softmax with it; stops after an eos. An attnbench LanguageModel decodes with its
+    layers' KV cache or state where its mechanism has one (models/generate.py: the same tokens
+    as recomputing); any other model, and mechanisms without one, recompute the context, cut
+    to the model's longest input, for every token."""
+    eos = source.tokenizer.eos_id
+    with autocast(device):
+        if isinstance(model, LanguageModel):
+            return decoding.generate(model, prompt, new_tokens, generator=generator, eos_id=eos).ids
+        forward = lambda ids: source.sequence_logits(model, ids)  # noqa: E731
+        return decoding.recompute(forward, source.max_length, prompt, new_tokens, device, generator=generator, eos_id=eos,
+                                  reason="not an attnbench LanguageModel").ids
 
 
 def distinct(ids: list[int], n: int) -> float | None:

@@ -122,7 +122,7 @@ DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize
     "triton": DecodeImpl("triton", _triton_step, "ours: fused Triton one-token state update and readout",
                          needs_cuda=True, unsupported=_step_unsupported),
     "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step (models/state_decode.py)", unsupported=_step_unsupported),
-})
+}, layer_cache=state_decode.LinearCache)
 
 MECHANISM = Mechanism(
     name="linear",

@@ -555,6 +555,25 @@ def test_generation_metrics_count_ngrams_and_fluency_is_the_teachers_perplexity(
     assert m["fluency_ppl"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_generations_keep_the_cache_and_pick_the_tokens_of_recomputation(teacher):
+    """The teacher (standard, learned positions up to SEQ) and a linear student generate from their
+    caches, past SEQ by recomputation (models/generate.py): the tokens of the recompute-only path."""
+    from attnbench.distill import generate
+    from attnbench.models import generate as decoding
+
+    prompt = teacher.tokenizer.encode_batch(["def read_config(path):\n"])[0]
+    for model in (teacher.model, teacher.student("linear", "chunked").eval()):
+        assert decoding.why_no_cache(model) is None
+        forward = lambda ids, model=model: teacher.sequence_logits(model, ids)  # noqa: E731
+        for generator in (None, 3):
+            def draw(seed=generator):
+                return None if seed is None else torch.Generator().manual_seed(seed)
+
+            got = generate.generate(teacher, model, prompt, SEQ, "cpu", draw())
+            recomputed = decoding.recompute(forward, teacher.max_length, prompt, SEQ, "cpu", generator=draw(), eos_id=teacher.tokenizer.eos_id)
+            assert got == recomputed.ids and len(got) > SEQ - len(prompt), "past SEQ tokens of context"
+
+
 def test_edge_batches_keep_one_token_or_repeat_one(teacher):
     from attnbench.distill import edges
 

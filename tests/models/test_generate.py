@@ -1,0 +1,146 @@
+"""Generation with the layers' caches (models/generate.py): every incremental step's logits
+equal the full-sequence forward's last-position logits, and generating with the cache picks
+the same tokens as recomputing the context, greedy and sampled; mechanisms without a cache say
+so and still generate; the learned positions' max_length hands over to recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbench.models import generate
+from attnbench.models.transformer import build_model
+from attnbench.tolerance import relative_bound
+
+VOCAB, MAX_SEQ = 97, 24
+# a step and the forward sum the same terms in another order (softmax over a masked cache, a state
+# built token by token against chunked or quadratic forms): float32 noise, relative to the logits
+STEP_RELATIVE = 1e-5
+QK_GAIN = 8.0  # q/k projections scaled up from init's N(0, 0.02): peaked attention, so windows, biases and positions show
+
+CACHED = {
+    "standard": dict(mechanism="standard"),
+    "rope": dict(mechanism="rope"),
+    "alibi": dict(mechanism="alibi"),
+    "window": dict(mechanism="window", window=3),
+    "linear": dict(mechanism="linear"),
+    "deltanet": dict(mechanism="deltanet"),
+    "standard-gqa": dict(mechanism="standard", kv_heads=2),
+    "rope-mqa": dict(mechanism="rope", kv_heads=1),
+    "alibi-gqa": dict(mechanism="alibi", kv_heads=2),
+    "window-gqa": dict(mechanism="window", window=3, kv_heads=2),
+    "linear-gqa": dict(mechanism="linear", kv_heads=2),
+    "deltanet-gqa": dict(mechanism="deltanet", kv_heads=2),
+    "standard-sinusoidal": dict(mechanism="standard", positions="sinusoidal"),
+    "standard-rope-window": dict(mechanism="standard", positions="rope", window=4),
+    "linear-rope": dict(mechanism="linear", positions="rope"),
+}
+
+
+def model_of(mechanism: str, seed: int = 3, **overrides):
+    """A tiny GPT (2 blocks, 4 heads, D 32) in eval mode, its q/k projections scaled by QK_GAIN."""
+    model = build_model("tiny", mechanism, task="clm", seq=MAX_SEQ, vocab_size=VOCAB, seed=seed, **overrides).eval()
+    d = model.cfg.dim // model.cfg.heads
+    with torch.no_grad():
+        for block in model.trunk.blocks:
+            qk = (model.cfg.heads + (model.cfg.kv_heads or model.cfg.heads)) * d
+            block.attention.qkv.weight[:qk] *= QK_GAIN
+    return model
+
+
+def assert_close(got: torch.Tensor, full: torch.Tensor, label: str) -> None:
+    error = (got - full).abs().max().item()
+    bound = relative_bound(STEP_RELATIVE, full.abs().max().item())
+    assert error <= bound, f"{label}: max error {error:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("case", CACHED, ids=list(CACHED))
+@torch.no_grad()
+def test_every_step_equals_the_full_forward(case):
+    model = model_of(**CACHED[case])
+    assert generate.why_no_cache(model) is None
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    full = model(ids)  # (B, T, V)
+    decoder = generate.Decoder(model, capacity=20)
+    assert_close(decoder.prefill(ids[:, :7]), full[:, 6], f"{case}: prefill")
+    for t in range(7, 20):
+        assert_close(decoder.step(ids[:, t]), full[:, t], f"{case}: step at position {t}")
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(ids[:, 0])
+
+
+@torch.no_grad()
+def test_the_window_case_can_fail():
+    """The window of 3 changes the logits far beyond the bound: a step that ignored it would fail."""
+    windowed, full = model_of("standard", window=3), model_of("standard")
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
+    a, b = windowed(ids)[0, -1], full(ids)[0, -1]
+    assert (a - b).abs().max().item() > 100 * relative_bound(STEP_RELATIVE, b.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["standard", "rope", "window", "linear", "deltanet", "alibi-gqa"])
+@torch.no_grad()
+def test_cached_generation_picks_the_tokens_of_recomputation(case):
+    model = model_of(**CACHED[case])
+    prompt = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(2)).tolist()
+    cached = generate.generate(model, prompt, 12)
+    assert (cached.cached, cached.recomputed, cached.reason) == (12, 0, None)
+    assert cached.ids == generate.generate(model, prompt, 12, cache=False).ids
+    sampled = [generate.generate(model, prompt, 12, generator=torch.Generator().manual_seed(7), cache=c) for c in (True, False)]
+    assert sampled[0].ids == sampled[1].ids and sampled[0].cached == 12 and sampled[1].recomputed == 12
+    assert sampled[0].ids != cached.ids, "sampling draws other tokens than greedy (else the sampled check is the greedy one)"
+
+
+@torch.no_grad()
+def test_generation_stops_after_eos():
+    model = model_of("standard")
+    prompt = [5, 9, 11]
+    first_three = generate.generate(model, prompt, 3).ids
+    stopped = generate.generate(model, prompt, 10, eos_id=first_three[1])
+    assert stopped.ids == first_three[: first_three.index(first_three[1]) + 1]
+
+
+@pytest.mark.parametrize("mechanism", ["performer", "topk"])
+@torch.no_grad()
+def test_a_mechanism_without_a_cache_says_so_and_recomputes(mechanism):
+    model = model_of(mechanism)
+    reason = generate.why_no_cache(model)
+    assert reason and mechanism in reason
+    with pytest.raises(ValueError, match=mechanism):
+        generate.Decoder(model, 8)
+    result = generate.generate(model, [1, 2, 3, 4], 5)
+    assert (result.cached, result.recomputed, result.reason) == (0, 5, reason) and len(result.ids) == 5
+
+
+def test_a_bidirectional_model_has_no_cache():
+    model = build_model("tiny", "standard", task="mlm", seq=MAX_SEQ, vocab_size=VOCAB)
+    assert "bidirectional" in generate.why_no_cache(model)
+
+
+@pytest.mark.parametrize("prompt_length", [5, MAX_SEQ, MAX_SEQ + 6])
+@torch.no_grad()
+def test_past_max_length_the_cache_hands_over_to_recomputation(prompt_length):
+    """Learned positions: the cached path runs while the context fits the MAX_SEQ positions, then
+    recomputes over the last MAX_SEQ tokens (positions from 0 again), as recomputation alone does."""
+    model = model_of("standard")
+    assert model.cfg.max_length == MAX_SEQ
+    prompt = torch.randint(0, VOCAB, (prompt_length,), generator=torch.Generator().manual_seed(4)).tolist()
+    new = 30
+    result = generate.generate(model, prompt, new)
+    fits = max(MAX_SEQ - prompt_length, 0) + 1  # tokens chosen from contexts of at most MAX_SEQ tokens
+    assert (result.cached, result.recomputed) == (fits, new - fits)
+    assert "positions" in result.reason
+    assert result.ids == generate.generate(model, prompt, new, cache=False).ids
+    with pytest.raises(ValueError, match="positions"):
+        generate.Decoder(model, MAX_SEQ + 1)
+
+
+@torch.no_grad()
+def test_schemes_without_a_limit_keep_the_cache_past_max_seq():
+    """rope has no max_length: a context longer than the preset's seq stays cached (a window's rolls)."""
+    for case in ("rope", "standard-rope-window"):
+        model = model_of(**CACHED[case])
+        assert model.cfg.max_length is None
+        result = generate.generate(model, list(range(MAX_SEQ)), 10)
+        assert (result.cached, result.reason) == (10, None)
+        assert result.ids == generate.generate(model, list(range(MAX_SEQ)), 10, cache=False).ids
