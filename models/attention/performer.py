@@ -32,6 +32,7 @@ import torch
 from attnbench.kernels import decode_cost
 from attnbench.models import feature_attention, state_decode
 from attnbench.models.feature_attention import EPS
+from attnbench.models.float32_forms import outside_autocast
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import MATMUL_BACKWARD, DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 
@@ -100,6 +101,7 @@ class PerformerState(NamedTuple):
     largest: torch.Tensor
 
 
+@outside_autocast
 def performer_state(k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, dtype: torch.dtype = torch.float32) -> PerformerState:
     """The state after the tokens of k [B, T, Hkv, D], v [B, T, Hkv, Dv] (T = 0: the empty state)."""
     work = torch.promote_types(dtype, k.dtype)
@@ -111,6 +113,7 @@ def performer_state(k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, 
     return PerformerState(kv.to(dtype), features.sum(1).to(dtype), largest.to(dtype))
 
 
+@outside_autocast
 def performer_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: PerformerState, projection: torch.Tensor
 ) -> tuple[torch.Tensor, PerformerState]:
@@ -130,6 +133,16 @@ def performer_step(
     den = torch.einsum("bhgm,bhm->bhg", fq, k_sum)
     o = num / (den + EPS)[..., None]
     return o.flatten(1, 2).to(q.dtype), PerformerState(kv, k_sum, largest)
+
+
+class PerformerCache(state_decode.StateCache):
+    """Performer's PerformerState in a generate loop, under the layer's own projection W."""
+
+    def begin(self, k, v, x):
+        return performer_state(k, v, self.layer.projection)
+
+    def advance(self, q, k, v, x):
+        return performer_step(q, k, v, self.state, self.layer.projection)
 
 
 class PerformerAttention(QKVAttention):
@@ -212,7 +225,7 @@ def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsi
 DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize: _state_bytes(cfg), {
     "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step, the stabiliser kept running (performer_step)",
                         unsupported=lambda cfg, queries, device, dtype: state_decode.why_no_step(cfg, queries)),
-})
+}, layer_cache=PerformerCache)
 
 MECHANISM = Mechanism(
     name="performer",
