@@ -29,6 +29,8 @@ CACHED = {
     # at QK_GAIN's peaked scores earlier keys' features underflow against later ones, so that
     # forward is not causal in float32; at init's scale it is, and the running stabiliser matches it
     "performer": dict(mechanism="performer", qk_gain=1.0),
+    "stickbreaking": dict(mechanism="stickbreaking"),
+    "stickbreaking-current-gqa": dict(mechanism="stickbreaking", kv_heads=2, attention={"attend_current": True}),
     "standard-gqa": dict(mechanism="standard", kv_heads=2),
     "rope-mqa": dict(mechanism="rope", kv_heads=1),
     "alibi-gqa": dict(mechanism="alibi", kv_heads=2),
@@ -83,7 +85,7 @@ def test_the_window_case_can_fail():
     assert (a - b).abs().max().item() > 100 * relative_bound(STEP_RELATIVE, b.abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["standard", "rope", "window", "linear", "deltanet", "performer", "alibi-gqa"])
+@pytest.mark.parametrize("case", ["standard", "rope", "window", "linear", "deltanet", "performer", "stickbreaking", "alibi-gqa"])
 @torch.no_grad()
 def test_cached_generation_picks_the_tokens_of_recomputation(case):
     model = model_of(**CACHED[case])
