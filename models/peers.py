@@ -64,7 +64,7 @@ def sdpa(
 
 
 @functools.lru_cache(maxsize=1)
-def _compiled_flex():
+def compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     # one compile per shape (dynamic=False, the fastest kernels); a sweep has more shapes than
@@ -127,7 +127,7 @@ def flex(
         def score_mod(score, batch, head, q_idx, kv_idx):
             return score - slopes_f[head] * (q_idx + shift - kv_idx).abs()
 
-    fn = _compiled_flex() if compiled else flex_attention
+    fn = compiled_flex() if compiled else flex_attention
     o = fn(
         q.transpose(1, 2),
         k.transpose(1, 2),

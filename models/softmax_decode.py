@@ -1,6 +1,7 @@
 """The softmax family's decode step (a registry DecodeForm): the torch definition
 (models/decode.py's softmax_step), our Triton split-KV kernel on a contiguous and on a paged
-cache (kernels/decode.py), and SDPA with enable_gqa as the peer; a KV cache's cost model.
+cache (kernels/decode.py), and the peers SDPA (enable_gqa) and FlexAttention (compiled, its block
+mask built from the cache's positions); a KV cache's cost model.
 
 A case's inputs: B sequences holding L tokens each (the N new ones included), a cache of C rows a
 sequence, k/v [B, C, Hkv, D] (C = L, or with a window W the rolling cache of W + N rows, position
@@ -61,6 +62,44 @@ def sdpa_mask(lengths: torch.Tensor, queries: int, rows: int, window: int | None
         return seen[:, None]
     bias = -slopes.view(1, -1, 1, 1) * distance[:, None].to(slopes.dtype)
     return bias.masked_fill(~seen[:, None], float("-inf")).to(dtype)
+
+
+def flex_decode(lengths: torch.Tensor, queries: int, rows: int, *, window: int | None = None,
+                slopes: torch.Tensor | None = None, theta: float | None = None, compiled: bool = True) -> Callable[..., torch.Tensor]:
+    """FlexAttention's decode step for caches of ``rows`` rows after lengths int [B] tokens (softmax_step's
+    meaning): the block mask and ALiBi score_mod are built here, once (setup); the returned
+    step(q [B, N, Hq, D], k/v [B, C, Hkv, D]) -> o [B, N, Hq, D] rotates q (RoPE) and calls flex."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from attnbench.models.peers import compiled_flex
+
+    pos_q = positions_of_new(lengths, queries)  # (B, N)
+    held = held_positions(lengths, rows)  # (B, C)
+
+    def distance(b, q_idx, kv_idx):
+        return pos_q[b, q_idx] - held[b, kv_idx]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seen = distance(b, q_idx, kv_idx) >= 0
+        return seen if window is None else seen & (distance(b, q_idx, kv_idx) <= window)
+
+    block_mask = create_block_mask(mask_mod, lengths.shape[0], None, queries, rows, device=lengths.device)
+    score_mod = None
+    if slopes is not None:
+        slopes = slopes.float()
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * distance(b, q_idx, kv_idx)
+
+    flex = compiled_flex() if compiled else flex_attention
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rotated = q if theta is None else rope_at(q, pos_q, theta)
+        o = flex(rotated.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod, block_mask=block_mask,
+                 enable_gqa=q.shape[2] != k.shape[2])
+        return o.transpose(1, 2)
+
+    return step
 
 
 class KVCache:
@@ -154,6 +193,12 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
 
         return step
 
+    def flex_step(cfg, batch, context, queries, device, dtype):
+        q, k, v, lengths, opts, rows = inputs(cfg, batch, context, queries, device, dtype)
+        step = flex_decode(lengths, queries, rows, **opts)
+        k, v = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hkv, C, D] in memory, flex's layout
+        return lambda: step(q, k, v)
+
     def step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
         keys = decode_cost.visible_keys(context, queries, window_of(cfg))
         return decode_cost.softmax_step_bytes(batch, keys, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize)
@@ -167,6 +212,8 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
         "triton": DecodeImpl("triton", triton_step, "ours: Triton split-KV decode, contiguous cache", **ours),
         "triton-paged": DecodeImpl("triton-paged", paged_step, f"ours: Triton split-KV decode, paged cache ({PAGE}-token pages, shuffled table)", **ours),
         "sdpa": DecodeImpl("sdpa", sdpa_step, "F.scaled_dot_product_attention with enable_gqa, default dispatch"),
+        "flex": DecodeImpl("flex", flex_step, "FlexAttention (torch.compile), block mask of the cache's positions, ALiBi as score_mod",
+                           needs_cuda=True),
         "torch": DecodeImpl("torch", torch_step, "plain torch decode step by definition (models/decode.py)", graphable=False),
     }
     return DecodeForm("kv-cache", step_bytes, memory, impls, layer_cache=KVCache)

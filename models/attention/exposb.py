@@ -113,7 +113,7 @@ def flex_exposb(q, k, v, *, lam, alpha, beta, gamma, mu, sigma, delta, causal=Fa
         return score * torch.exp(-rate[head] * (q_idx + shift - kv_idx).abs())
 
     if compiled:
-        flex_attention = peers._compiled_flex()
+        flex_attention = peers.compiled_flex()
     else:
         from torch.nn.attention.flex_attention import flex_attention
     o = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod, block_mask=block_mask)

@@ -81,3 +81,29 @@ def test_cost_model_by_hand():
     assert deltanet.bytes(cfg, 2, 1000, 1, 2) == 2 * (2 * state + token) == 136_200
     linear_state = 2 * (64 * 64 + 64) * 4  # kv and k_sum, float32
     assert registry.get("linear").decode.memory(cfg, 1000, 1, 2) == linear_state == 33_280
+
+
+@pytest.mark.parametrize("window,alibi,theta,queries", [
+    (None, False, None, 1), (None, False, None, 3), (None, True, None, 2), (None, False, 10000.0, 2),
+    (5, False, None, 1), (4, True, None, 3),  # a rolling cache: 37 tokens in window + N rows
+])
+def test_flex_step_equals_the_definition(window, alibi, theta, queries):
+    """FlexAttention's step, uncompiled here (its masks and score_mod are what is tested; the GPU
+    compiles the same functions), against softmax_step; ragged lengths, GQA."""
+    import warnings
+
+    from attnbench.kernels.reference import alibi_slopes
+    from attnbench.models.decode import softmax_step
+    from attnbench.models.softmax_decode import flex_decode
+
+    generator = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([37, 9], dtype=torch.int32)
+    rows = 37 if window is None else window + queries
+    q = torch.randn(2, queries, 4, 16, generator=generator)
+    k, v = (torch.randn(2, rows, 2, 16, generator=generator) for _ in range(2))
+    options = {"window": window, "slopes": alibi_slopes(4) if alibi else None, "theta": theta}
+    exact = softmax_step(q, k, v, lengths, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex warns when called without torch.compile
+        got = flex_decode(lengths, queries, rows, compiled=False, **options)(q, k, v)
+    _assert_close(got, exact, f"flex W={window} alibi={alibi} theta={theta} N={queries}")

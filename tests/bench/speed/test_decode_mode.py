@@ -69,7 +69,7 @@ def test_unsupported_decode_rows_say_why(decode_run):
     topk = [row for row in rows if row["mechanism"] == "topk"]
     assert len(topk) == 2 and all("has no decode step" in row["message"] for row in topk)
     triton = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
-    assert triton == {"triton", "triton-paged"}
+    assert triton == {"triton", "triton-paged", "flex"}
 
 
 def test_resuming_a_decode_sweep_records_no_case_twice(decode_run, tmp_path):
