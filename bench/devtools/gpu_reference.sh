@@ -68,6 +68,8 @@
 #             block-sparse kernel against our dense kernel, cuDNN and flex at densities 0.1-1 (#23)
 #   sparse-list: the block-sparse kernels walking the listed tiles in one loop (#23): their CUDA tests and the
 #             dense kernel's, then the kernel against our dense kernel, cuDNN and flex at blocks 64 and 128
+#   decode-peers: #24's decode forms and peers added since decode-cli (flex beside sdpa and ours; performer's
+#             state step), their CUDA tests and generate's, B 1 and 32, L 1k-64k, Hq 32, Hkv 8, D 128
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -365,6 +367,18 @@ sparse-list)
         limit 150 python3 -m attnbench.kernels.bench_block_sparse --seq 4096 16384 --block $block --out "$out/block_sparse_$block.csv" > "$out/block_sparse_$block.txt" 2>&1
         tail -34 "$out/block_sparse_$block.txt"
     done
+    ;;
+decode-peers)
+    limit 150 python3 -m pytest -v tests/models/test_decode_forms.py tests/models/test_generate.py tests/bench/speed/test_decode_mode.py \
+        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -8
+    speed 300 --mode decode --attn standard,linear,deltanet,performer --impl all --heads 32 --kv-heads 8 --head-dim 128 \
+        --batch 1 32 --context 1024 16384 65536 --out "$out/decode" > "$out/decode.txt"
+    python3 - "$out" <<'PY'
+import csv, sys
+for r in csv.DictReader(open(f"{sys.argv[1]}/decode/speed.csv")):
+    print(r["mechanism"], r["impl"], r["batch"], r["seq"], r["status"], r["ms_median"], r["pct_bandwidth"], r["message"][:80])
+PY
     ;;
 defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
     (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)
