@@ -154,13 +154,14 @@ def _plot_pareto(students: list[dict], teachers: list[dict], path: Path) -> Path
             ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         if y == "kl":
             ax.set_yscale("log")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     fig.suptitle("Distilled students: quality against cost (lower left is better; dotted: the teacher's layer)")
-    fig.tight_layout()
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}  # once each, below the panels
+    fig.tight_layout(rect=(0, 0.07 if legend else 0, 1, 1))
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
