@@ -86,6 +86,29 @@ class Decoder:
             raise ValueError(f"a prompt of {ids.shape[1]} tokens exceeds the capacity of {self.capacity}")
         return self._forward(ids, "prefill")
 
+    def fill(self, batch: int, context: int) -> None:
+        """Every cache as if B sequences of ``context`` tokens had been prefilled, with random contents
+        (``speed --level model --mode decode``: a step's cost without a prefill of that length)."""
+        if context >= self.capacity:
+            raise ValueError(f"a context of {context} tokens leaves no room for a step (capacity {self.capacity})")
+        weight = next(self.model.parameters())
+        projection = self.caches[0].layer.qkv
+        dtype = projection(torch.zeros(1, 1, projection.in_features, device=weight.device, dtype=weight.dtype)).dtype  # autocast's, if on
+        for cache in self.caches:
+            cache.fill(batch, context, weight.device, dtype)
+        self.length = context
+
+    def snapshot(self) -> tuple:
+        """What restore() needs to undo the steps taken after it. The caches replace their lengths and
+        states by new tensors at each step (rows a step writes lie past the snapshot's lengths), so
+        their attributes are all there is to keep."""
+        return self.length, [dict(vars(cache)) for cache in self.caches]
+
+    def restore(self, snapshot: tuple) -> None:
+        self.length, kept = snapshot
+        for cache, attributes in zip(self.caches, kept):
+            vars(cache).update(attributes)
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per sequence, tokens [B], appended -> logits [B, V] after it."""
         if not self.length:

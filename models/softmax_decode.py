@@ -135,6 +135,13 @@ class KVCache:
         self._keep(k[:, t - kept :], v[:, t - kept :])
         return self.layer(x)
 
+    def fill(self, batch: int, context: int, device, dtype) -> None:
+        """As if ``context`` tokens of B sequences were cached: random keys and values in the rows they
+        would take (a step's work depends on how many, not on what they hold)."""
+        shape = (batch, self.rows, self.layer.kv_heads, self.layer.head_dim)
+        self.k, self.v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
+        self.lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 1, C] of the token at position lengths -> [B, 1, C], its key and value appended first."""
         q, k, v = self.layer.project(x)

@@ -137,6 +137,13 @@ class StateCache:
         self.state, self.length = self.begin(k, v, x), x.shape[1]
         return self.layer(x)
 
+    def fill(self, batch: int, context: int, device, dtype) -> None:
+        """As if ``context`` tokens of B sequences had been read: the state of one random token (a step's
+        work does not depend on what the state holds), at position ``context``."""
+        x = torch.randn(batch, 1, self.layer.qkv.in_features, device=device, dtype=dtype)
+        q, k, v = self.layer.project(x)
+        self.state, self.length = self.begin(k, v, x), context
+
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 1, C] of the token at position ``length`` -> [B, 1, C]."""
         q, k, v = self.layer.project(x)

@@ -15,8 +15,10 @@ without the host's cost of launching each op, which makes an eager step host-bou
 slow host).
 
 Mode decode: one step of N new tokens a sequence against a KV cache or a recurrent state of L
-tokens (the mechanism's decode form, Mechanism.decode), at the kernel level; ``seq`` is then L
-(``--context``) and ``queries`` N. Its rows add the bytes the step must move (bench/flops.py),
+tokens (the mechanism's decode form, Mechanism.decode), at the kernel level, or at the model
+level one token through the whole preset GPT (models/generate.Decoder: every layer's cache filled
+as if L tokens had been prefilled, embeddings to logits; impl torch: the caches' own steps);
+``seq`` is then L (``--context``) and ``queries`` N. Its rows add the bytes the step must move (bench/flops.py),
 GB/s, % of the measured copy bandwidth and the cache or state per sequence. On CUDA the timed
 step is a CUDA graph replay where its impl allows one (``cuda_graph``); the warm-up's first call
 is always the eager step, so compilation lands in ``first_call_ms``.
@@ -285,14 +287,28 @@ def why_no_decode(case: Case, mechanism: Mechanism) -> str | None:
     if mechanism.decode is None:
         have = ", ".join(name for name, m in registry.mechanisms().items() if m.decode is not None)
         return f"{case.mechanism} has no decode step here (the mechanisms with one: {have})"
-    if case.level != "kernel":
-        return "decode is timed at the kernel level (one step on a cache or state); layer and model decode steps are not built"
+    if case.level not in ("kernel", "model"):
+        return ("decode is timed at the kernel level (one step on a cache or state) and the model level (a preset "
+                "model's whole step); layer and model-graph decode steps are not built")
     if not case.causal:
         return "a decode step is causal: its new tokens see the tokens before them (drop --bidirectional)"
     cfg = case.layer_config()
+    if case.level == "model":
+        return _why_no_model_decode(case, mechanism) or _why_not_positions(case, mechanism) or mechanism.why_not(cfg)
     impl = mechanism.decode.impls[case.impl]
     reason = _why_not_positions(case, mechanism) or mechanism.why_not(cfg)
     return reason or impl.why_not(cfg, case.queries, case.device, DTYPES[case.dtype])
+
+
+def _why_no_model_decode(case: Case, mechanism: Mechanism) -> str | None:
+    if mechanism.decode.layer_cache is None:
+        return f"{case.mechanism} has a decode step but no layer cache for a model's generate loop (models/generate.py)"
+    if case.impl != REFERENCE_IMPL:
+        return (f"the model's decode step runs its layers' caches ({REFERENCE_IMPL}, models/generate.py): "
+                f"time {case.impl} at --level kernel")
+    if case.queries != 1:
+        return "the model's decode step takes one new token a sequence (--queries 1)"
+    return None
 
 
 # ---- levels: Case -> Workload
@@ -365,10 +381,42 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step, peak_memory=not graphed, cuda_graph=graphed)
 
 
+def model_decode_workload(case: Case) -> Workload:
+    """One token through the ``case.preset`` GPT for B sequences that hold L = case.seq tokens: every
+    layer's cache filled with random contents (models/generate.Decoder.fill), then each timed call
+    is one step (embeddings, every block with its cache, the head's logits) under the dtype's
+    autocast, undone after it (Decoder.restore) so that every call steps from L. Memory per
+    sequence: every layer's cache or state."""
+    from attnbench.models.generate import Decoder
+    from attnbench.models.transformer import build_model
+
+    mechanism = registry.get(case.mechanism)
+    model = build_model(case.preset, case.mechanism, REFERENCE_IMPL, "clm", case.seq + 1, positions=case.positions or None,
+                        window=case.window, attention=case.option_values()).to(case.device).eval()
+    dtype = DTYPES[case.dtype]
+    decoder = Decoder(model, capacity=case.seq + 1)
+    with torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32):
+        decoder.fill(case.batch, case.seq)
+    start = decoder.snapshot()
+    tokens = torch.randint(0, model.cfg.vocab_size, (case.batch,), device=case.device)
+
+    @torch.no_grad()
+    def step():
+        with torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = decoder.step(tokens)
+        decoder.restore(start)
+        return logits
+
+    per_layer = flop_model.decode_memory_mib(mechanism, case.layer_config(), case.seq, 1, dtype.itemsize)
+    return Workload(step, [], _param_count(model), None, mem_per_seq_mib=per_layer * model.cfg.layers)
+
+
 def decode_workload(case: Case, graphed: bool) -> Workload:
     """One decode step of ``case.impl`` (Mechanism.decode): B sequences holding L = case.seq tokens,
     N = case.queries of them new; graphed: captured once as a CUDA graph and replayed, when the
-    impl allows it on a CUDA device (otherwise the eager step)."""
+    impl allows it on a CUDA device (otherwise the eager step). The model level: model_decode_workload."""
+    if case.level == "model":
+        return model_decode_workload(case)
     mechanism = registry.get(case.mechanism)
     impl = mechanism.decode.impls[case.impl]
     cfg, device, dtype = case.layer_config(), torch.device(case.device), DTYPES[case.dtype]

@@ -151,3 +151,22 @@ def test_schemes_without_a_limit_keep_the_cache_past_max_seq():
         result = generate.generate(model, list(range(MAX_SEQ)), 10)
         assert (result.cached, result.reason) == (10, None)
         assert result.ids == generate.generate(model, list(range(MAX_SEQ)), 10, cache=False).ids
+
+
+@pytest.mark.parametrize("case", ["standard", "window", "linear", "deltanet", "performer", "stickbreaking"])
+@torch.no_grad()
+def test_a_restored_decoder_steps_from_the_same_context_again(case):
+    """fill (random caches as if 12 tokens were read) then step, restore, step: the same logits, and
+    a step that is not undone moves on (speed --level model --mode decode times steps this way)."""
+    torch.manual_seed(0)
+    model = model_of(**CACHED[case])
+    decoder = generate.Decoder(model, capacity=16)
+    decoder.fill(2, 12)
+    start = decoder.snapshot()
+    tokens = torch.tensor([5, 7])
+    first = decoder.step(tokens)
+    assert decoder.length == 13
+    decoder.restore(start)
+    assert decoder.length == 12
+    assert torch.equal(decoder.step(tokens), first)
+    assert not torch.equal(decoder.step(tokens), first)  # from 13 tokens now

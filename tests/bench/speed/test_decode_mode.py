@@ -177,3 +177,28 @@ def test_report_fits_the_exponent_of_decode_time_in_the_context(tmp_path):
     result = invoke("report", out, "--out", tmp_path / "report")
     assert result.exit_code == 0, result.output
     assert [p.name for p in (tmp_path / "report" / "plots").glob("exponent-*.png")]
+
+
+def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
+    """--level model: one token through the tiny GPT against every layer's cache or state; the
+    impls whose steps run at the kernel level only, and mechanisms without a layer cache, say why."""
+    out = tmp_path / "run"
+    result = invoke("speed", "--mode", "decode", "--level", "model", "--preset", "tiny", "--device", "cpu",
+                    "--attn", "standard,linear,topk", "--impl", "torch,sdpa", "--context", 32, 64, "--batch", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = rows_of(out)
+    ok = {(r["mechanism"], r["seq"]): r for r in rows if r["status"] == "ok"}
+    assert set(ok) == {("standard", "32"), ("standard", "64"), ("linear", "32"), ("linear", "64")}
+    from attnbench.models.presets import Preset
+
+    layers = Preset.from_name("tiny").layers
+    for (mechanism, seq), row in ok.items():
+        assert row["impl"] == "torch" and row["level"] == "model" and float(row["tokens_per_s"]) > 0
+        per_layer = registry.get(mechanism).decode.memory(
+            registry.LayerConfig(dim=64, heads=int(row["heads"]), kv_heads=int(row["kv_heads"]), head_dim=int(row["head_dim"]), causal=True),
+            int(seq), 1, 4) / 2**20
+        assert float(row["mem_per_seq_mib"]) == pytest.approx(layers * per_layer, rel=1e-4)
+    assert float(ok["standard", "64"]["mem_per_seq_mib"]) == pytest.approx(2 * float(ok["standard", "32"]["mem_per_seq_mib"]), rel=1e-3)
+    reasons = {(r["mechanism"], r["impl"]): r["message"] for r in rows if r["status"] == "unsupported"}
+    assert "time sdpa at --level kernel" in reasons["standard", "sdpa"]
+    assert "has no decode step" in reasons["topk", "torch"]
