@@ -252,6 +252,15 @@ def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left
     return o
 
 
+def _rope_positions(rows: int, lengths: torch.Tensor, window: int | None) -> int:
+    """Positions the RoPE tables must cover: the cache's rows, or on a rolling cache (a window: lengths
+    may pass the rows) up to the longest sequence, rounded up to a power of two so that the cached
+    tables serve many steps (reading lengths synchronises: only then)."""
+    if window is None:
+        return rows
+    return max(rows, triton.next_power_of_2(int(lengths.max())))
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -294,7 +303,7 @@ def decode_attention(
         raise ValueError(f"need head_dim <= 256 (even with RoPE) and a window >= 0; got D = {d}, window {window}")
     page = k_cache.shape[1]
     table = _identity_table(b, q.device) if page_table is None else page_table.to(torch.int32)
-    rope_tables = None if theta is None else _rope_tables(table.shape[1] * page, d, float(theta), 0, q.device)
+    rope_tables = None if theta is None else _rope_tables(_rope_positions(table.shape[1] * page, lengths, window), d, float(theta), 0, q.device)
     left = NO_LIMIT if window is None else int(window)
     scale = d**-0.5 if scale is None else scale
     slopes = None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous()

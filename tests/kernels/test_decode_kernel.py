@@ -140,19 +140,22 @@ def test_matches_reference(name):
     assert_matches_reference(CASES[name])
 
 
+@pytest.mark.parametrize("theta", [None, 1e4])
 @pytest.mark.parametrize("page", [None, 16])
-def test_window_on_a_rolling_cache(page):
+def test_window_on_a_rolling_cache(page, theta):
     """Sequences of 70 and 41 tokens through a cache of 32 rows (contiguous, or two pages of 16
-    at shuffled places): window 25 + N = 3 fits, and the kernel reads positions modulo 32."""
+    at shuffled places): window 25 + N = 3 fits, and the kernel reads positions modulo 32. With
+    RoPE, q is rotated at positions past the rows (its tables once stopped at the rows: NaN)."""
     generator = torch.Generator().manual_seed(0)
     lengths = torch.tensor([70, 41])
     q = torch.randn(2, 3, 4, 32, generator=generator)
     rows = (2, 32) if page is None else (5, 16)  # per sequence, or a pool of pages
     k, v = torch.randn(*rows, 2, 32, generator=generator), torch.randn(*rows, 2, 32, generator=generator)
     table = None if page is None else torch.tensor([[4, 1], [0, 3]], dtype=torch.int32)
-    exact = softmax_step(q.double(), k.double(), v.double(), lengths, page_table=table, window=25)
+    exact = softmax_step(q.double(), k.double(), v.double(), lengths, page_table=table, window=25, theta=theta)
     ours = decode_attention(
-        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), lengths.to(DEVICE), page_table=None if table is None else table.to(DEVICE), window=25, splits=2
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), lengths.to(DEVICE), page_table=None if table is None else table.to(DEVICE), window=25,
+        theta=theta, splits=2,
     ).cpu()
     assert (ours.double() - exact).abs().max().item() <= relative_bound(FP32_TOLERANCE, exact.abs().max().item())
 
