@@ -52,19 +52,31 @@ def why_no_cache(model: LanguageModel) -> str | None:
     return None
 
 
+def cache_snapshot(cache) -> dict:
+    """A layer cache's attributes: all restore_cache needs to undo its steps since. The caches replace
+    their lengths and states by new tensors at each step, and the rows a step writes lie past the
+    snapshot's lengths (or, in a rolling cache, hold a key no longer in the window)."""
+    return dict(vars(cache))
+
+
+def restore_cache(cache, snapshot: dict) -> None:
+    vars(cache).update(snapshot)
+
+
 class Decoder:
     """Incremental forward of a causal LanguageModel whose `why_no_cache` is None: prefill(ids
     [B, T]) once, then step(tokens [B]) per token; both return the next token's logits [B, V].
-    ``capacity``: the most tokens the context will hold (at most the model's max_length)."""
+    ``capacity``: the most tokens the context will hold (at most the model's max_length);
+    ``layer_cache``: the cache class to use instead of the mechanism's (DecodeForm.layer_cache's signature)."""
 
-    def __init__(self, model: LanguageModel, capacity: int):
+    def __init__(self, model: LanguageModel, capacity: int, layer_cache: Callable | None = None):
         reason = why_no_cache(model)
         if reason:
             raise ValueError(reason)
         limit = model.cfg.max_length
         if limit is not None and capacity > limit:
             raise ValueError(f"a context of {capacity} tokens is longer than the model's {limit} positions")
-        cache = registry.get(model.cfg.mechanism).decode.layer_cache
+        cache = layer_cache or registry.get(model.cfg.mechanism).decode.layer_cache
         self.model, self.capacity, self.length = model, capacity, 0
         self.caches = [cache(block.attention, capacity) for block in model.trunk.blocks]
 
@@ -99,15 +111,13 @@ class Decoder:
         self.length = context
 
     def snapshot(self) -> tuple:
-        """What restore() needs to undo the steps taken after it. The caches replace their lengths and
-        states by new tensors at each step (rows a step writes lie past the snapshot's lengths), so
-        their attributes are all there is to keep."""
-        return self.length, [dict(vars(cache)) for cache in self.caches]
+        """What restore() needs to undo the steps taken after it (cache_snapshot of each layer's)."""
+        return self.length, [cache_snapshot(cache) for cache in self.caches]
 
     def restore(self, snapshot: tuple) -> None:
         self.length, kept = snapshot
         for cache, attributes in zip(self.caches, kept):
-            vars(cache).update(attributes)
+            restore_cache(cache, attributes)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per sequence, tokens [B], appended -> logits [B, V] after it."""

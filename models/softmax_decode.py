@@ -107,10 +107,11 @@ class KVCache:
     [B, C, Hkv, D] in the projection's dtype, keys as the core sees them (rotated at their own
     positions under RoPE), ALiBi slopes and window from the layer's core options (step_options);
     C = capacity rows, or with a window W the rolling cache of min(capacity, W + 1) rows
-    (models/decode.py). ``layer``: the QKVAttention of a causal softmax-family mechanism."""
+    (models/decode.py). ``layer``: the QKVAttention of a causal softmax-family mechanism; ``attend``:
+    the step that reads the cache (the definition, or our Triton kernel)."""
 
-    def __init__(self, layer, capacity: int):
-        self.layer = layer
+    def __init__(self, layer, capacity: int, attend: Callable[..., torch.Tensor] = softmax_step):
+        self.layer, self.attend = layer, attend  # attend: softmax_step's signature (kernels/decode.decode_attention's too)
         self.options = step_options(layer.core_options())  # ValueError: a window right of the query, a RoPE offset
         window = self.options.get("window")
         self.rows = capacity if window is None else min(capacity, window + 1)
@@ -146,7 +147,7 @@ class KVCache:
         """x [B, 1, C] of the token at position lengths -> [B, 1, C], its key and value appended first."""
         q, k, v = self.layer.project(x)
         self._keep(k, v)
-        o = softmax_step(q, self.k, self.v, self.lengths, **self.options)  # (B, 1, Hq, D)
+        o = self.attend(q, self.k, self.v, self.lengths, **self.options)  # (B, 1, Hq, D)
         return self.layer.out(o.reshape(x.shape[0], 1, -1))
 
 

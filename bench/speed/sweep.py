@@ -15,9 +15,10 @@ without the host's cost of launching each op, which makes an eager step host-bou
 slow host).
 
 Mode decode: one step of N new tokens a sequence against a KV cache or a recurrent state of L
-tokens (the mechanism's decode form, Mechanism.decode), at the kernel level, or at the model
-level one token through the whole preset GPT (models/generate.Decoder: every layer's cache filled
-as if L tokens had been prefilled, embeddings to logits; impl torch: the caches' own steps);
+tokens (the mechanism's decode form, Mechanism.decode), at the kernel level; at the layer level
+one token through one layer with its cache (projections, append, attention, output), at the model
+level through the whole preset GPT (models/generate.Decoder), every cache filled as if L tokens
+had been prefilled (impls: CACHED_DECODE_IMPLS);
 ``seq`` is then L (``--context``) and ``queries`` N. Its rows add the bytes the step must move (bench/flops.py),
 GB/s, % of the measured copy bandwidth and the cache or state per sequence. On CUDA the timed
 step is a CUDA graph replay where its impl allows one (``cuda_graph``); the warm-up's first call
@@ -26,6 +27,7 @@ is always the eager step, so compilation lands in ``first_call_ms``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 from dataclasses import asdict, dataclass, field
@@ -40,6 +42,7 @@ from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
 from attnbench.models import positions, registry
 from attnbench.models.registry import Mechanism
+from attnbench.models.softmax_decode import KVCache
 from attnbench.store import case_key
 
 DECODE = "decode"  # one generation step against a cache or state (module docstring)
@@ -287,28 +290,46 @@ def why_no_decode(case: Case, mechanism: Mechanism) -> str | None:
     if mechanism.decode is None:
         have = ", ".join(name for name, m in registry.mechanisms().items() if m.decode is not None)
         return f"{case.mechanism} has no decode step here (the mechanisms with one: {have})"
-    if case.level not in ("kernel", "model"):
-        return ("decode is timed at the kernel level (one step on a cache or state) and the model level (a preset "
-                "model's whole step); layer and model-graph decode steps are not built")
+    if case.level == "model-graph":
+        return "decode is timed at the kernel, layer and model levels; a model-graph decode step is not built"
     if not case.causal:
         return "a decode step is causal: its new tokens see the tokens before them (drop --bidirectional)"
     cfg = case.layer_config()
-    if case.level == "model":
-        return _why_no_model_decode(case, mechanism) or _why_not_positions(case, mechanism) or mechanism.why_not(cfg)
+    if case.level != "kernel":
+        return _why_no_cached_decode(case, mechanism) or _why_not_positions(case, mechanism) or mechanism.why_not(cfg)
     impl = mechanism.decode.impls[case.impl]
     reason = _why_not_positions(case, mechanism) or mechanism.why_not(cfg)
     return reason or impl.why_not(cfg, case.queries, case.device, DTYPES[case.dtype])
 
 
-def _why_no_model_decode(case: Case, mechanism: Mechanism) -> str | None:
+CACHED_DECODE_IMPLS = {REFERENCE_IMPL: "the layers' caches' own steps (models/generate.py)",
+                       "triton": "the softmax family's KV caches read by our Triton decode kernel"}
+
+
+def _why_no_cached_decode(case: Case, mechanism: Mechanism) -> str | None:
+    """Why a layer- or model-level decode case (a layer cache's step, models/generate.py) cannot run, or None."""
     if mechanism.decode.layer_cache is None:
-        return f"{case.mechanism} has a decode step but no layer cache for a model's generate loop (models/generate.py)"
-    if case.impl != REFERENCE_IMPL:
-        return (f"the model's decode step runs its layers' caches ({REFERENCE_IMPL}, models/generate.py): "
-                f"time {case.impl} at --level kernel")
+        return f"{case.mechanism} has a decode step but no layer cache for a generate loop (models/generate.py)"
+    if case.impl not in CACHED_DECODE_IMPLS:
+        return f"the {case.level} level's decode step runs a layer cache ({', '.join(CACHED_DECODE_IMPLS)}): time {case.impl} at --level kernel"
+    if case.impl == "triton":
+        if mechanism.decode.carries != "kv-cache" or not issubclass(mechanism.decode.layer_cache, KVCache):
+            return f"at the {case.level} level, {case.mechanism}'s state steps run in torch (the fused ones update the state in place)"
+        reason = mechanism.decode.impls["triton"].why_not(case.layer_config(), case.queries, case.device, DTYPES[case.dtype])
+        if reason:
+            return reason
     if case.queries != 1:
-        return "the model's decode step takes one new token a sequence (--queries 1)"
+        return f"the {case.level} level's decode step takes one new token a sequence (--queries 1)"
     return None
+
+
+def _layer_cache(case: Case, mechanism: Mechanism):
+    """The layer cache class a layer- or model-level decode case runs (CACHED_DECODE_IMPLS)."""
+    if case.impl == "triton":
+        from attnbench.kernels.decode import decode_attention
+
+        return functools.partial(mechanism.decode.layer_cache, attend=decode_attention)
+    return mechanism.decode.layer_cache
 
 
 # ---- levels: Case -> Workload
@@ -381,6 +402,29 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     return Workload(forward, list(model.parameters()), _param_count(model), flops, step=step, peak_memory=not graphed, cuda_graph=graphed)
 
 
+def layer_decode_workload(case: Case) -> Workload:
+    """One token through one layer (projections, cache append, attention, output) for B sequences
+    that hold L = case.seq tokens: the layer cache filled with random contents, each timed call one
+    step undone after it (restore_cache), as model_decode_workload's."""
+    from attnbench.models.generate import cache_snapshot, restore_cache
+
+    mechanism = registry.get(case.mechanism)
+    layer = _build_layer(case).eval()
+    cache = _layer_cache(case, mechanism)(layer, case.seq + 1)
+    cache.fill(case.batch, case.seq, torch.device(case.device), DTYPES[case.dtype])
+    start = cache_snapshot(cache)
+    x = _randn((case.batch, 1, layer.qkv.in_features), case, False)
+
+    @torch.no_grad()
+    def step():
+        o = cache.step(x)
+        restore_cache(cache, start)
+        return o
+
+    memory = flop_model.decode_memory_mib(mechanism, case.layer_config(), case.seq, 1, DTYPES[case.dtype].itemsize)
+    return Workload(step, [], _param_count(layer), None, mem_per_seq_mib=memory)
+
+
 def model_decode_workload(case: Case) -> Workload:
     """One token through the ``case.preset`` GPT for B sequences that hold L = case.seq tokens: every
     layer's cache filled with random contents (models/generate.Decoder.fill), then each timed call
@@ -394,7 +438,7 @@ def model_decode_workload(case: Case) -> Workload:
     model = build_model(case.preset, case.mechanism, REFERENCE_IMPL, "clm", case.seq + 1, positions=case.positions or None,
                         window=case.window, attention=case.option_values()).to(case.device).eval()
     dtype = DTYPES[case.dtype]
-    decoder = Decoder(model, capacity=case.seq + 1)
+    decoder = Decoder(model, capacity=case.seq + 1, layer_cache=_layer_cache(case, mechanism))
     with torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32):
         decoder.fill(case.batch, case.seq)
     start = decoder.snapshot()
@@ -414,9 +458,10 @@ def model_decode_workload(case: Case) -> Workload:
 def decode_workload(case: Case, graphed: bool) -> Workload:
     """One decode step of ``case.impl`` (Mechanism.decode): B sequences holding L = case.seq tokens,
     N = case.queries of them new; graphed: captured once as a CUDA graph and replayed, when the
-    impl allows it on a CUDA device (otherwise the eager step). The model level: model_decode_workload."""
-    if case.level == "model":
-        return model_decode_workload(case)
+    impl allows it on a CUDA device (otherwise the eager step). The layer and model levels:
+    layer_decode_workload, model_decode_workload."""
+    if case.level != "kernel":
+        return model_decode_workload(case) if case.level == "model" else layer_decode_workload(case)
     mechanism = registry.get(case.mechanism)
     impl = mechanism.decode.impls[case.impl]
     cfg, device, dtype = case.layer_config(), torch.device(case.device), DTYPES[case.dtype]

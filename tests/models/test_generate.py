@@ -170,3 +170,22 @@ def test_a_restored_decoder_steps_from_the_same_context_again(case):
     assert decoder.length == 12
     assert torch.equal(decoder.step(tokens), first)
     assert not torch.equal(decoder.step(tokens), first)  # from 13 tokens now
+
+
+@pytest.mark.parametrize("case", ["standard-rope-window", "alibi-gqa"])
+@torch.no_grad()
+def test_a_kv_cache_read_by_our_decode_kernel_steps_as_the_definition(case):
+    """KVCache(attend=decode_attention), what speed's layer and model decode levels run as triton
+    (under TRITON_INTERPRET on a CPU), against the definition's steps."""
+    import functools
+
+    from attnbench.kernels.decode import decode_attention
+    from attnbench.models.softmax_decode import KVCache
+
+    model = model_of(**CACHED[case])
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    plain = generate.Decoder(model, capacity=12)
+    ours = generate.Decoder(model, capacity=12, layer_cache=functools.partial(KVCache, attend=decode_attention))
+    assert_close(ours.prefill(ids[:, :8]), plain.prefill(ids[:, :8]), f"{case}: prefill")
+    for t in range(8, 12):
+        assert_close(ours.step(ids[:, t]), plain.step(ids[:, t]), f"{case}: step at {t}")

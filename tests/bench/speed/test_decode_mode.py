@@ -133,14 +133,29 @@ def test_decode_rows_get_percent_of_the_measured_copy_bandwidth():
     assert row["bytes"] == flops.decode_bytes(registry.get("linear"), cfg, 1, 64, 1, 4)
 
 
-def test_a_decode_step_at_the_layer_level_or_bidirectional_is_unsupported_with_its_reason():
+def test_a_bidirectional_or_model_graph_decode_step_is_unsupported_with_its_reason():
     spec = sweep.SweepSpec(["standard"], ["torch"], ["layer"], ["decode"], ["fp32"], "cpu", [32], batches=[1],
                            heads=4, head_dim=16, causal=[True, False], contexts=[64])
-    reasons = {case.causal: sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(spec)}
-    assert "kernel level" in reasons[True] and "kernel level" in reasons[False]
-    kernel = sweep.SweepSpec(**{**spec.__dict__, "levels": ["kernel"]})
-    reasons = {case.causal: sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(kernel)}
-    assert reasons[True] is None and "causal" in reasons[False]
+    for level in ("kernel", "layer"):
+        at_level = sweep.SweepSpec(**{**spec.__dict__, "levels": [level]})
+        reasons = {case.causal: sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(at_level)}
+        assert reasons[True] is None and "causal" in reasons[False], level
+    graph = sweep.SweepSpec(**{**spec.__dict__, "levels": ["model-graph"], "causal": [True]})
+    assert all("model-graph decode step is not built" in sweep.why_unsupported(case, registry.get("standard"))
+               for case in sweep.expand(graph))
+
+
+def test_the_layer_level_decode_step_is_one_layer_with_its_cache(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("speed", "--mode", "decode", "--level", "layer", "--attn", "standard,linear", "--impl", "torch,triton",
+                    "--context", 32, *SMALL, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = {(r["mechanism"], r["impl"]): r for r in rows_of(out)}
+    for mechanism in ("standard", "linear"):
+        row = rows[mechanism, "torch"]
+        assert row["status"] == "ok" and row["level"] == "layer" and float(row["mem_per_seq_mib"]) > 0 and int(row["params"]) > 0
+    assert "state steps run in torch" in rows["linear", "triton"]["message"]
+    assert rows["standard", "triton"]["status"] == "unsupported"  # CPU: our kernel needs CUDA (tested under the interpreter in tests/models)
 
 
 def test_report_on_a_decode_run_draws_time_per_step_with_the_bandwidth_bound(decode_run, tmp_path):
