@@ -59,6 +59,13 @@ def decode_figure(rows: pd.DataFrame, *, path: Path, palette, title: str, seq_la
             ax.set_ylabel("ms per step")
             ax.grid(True, which="major", alpha=0.3)
             ax.legend(fontsize=7, frameon=False)
+    return _saved(fig, title, path)
+
+
+def _saved(fig, title: str, path: Path) -> Path:
+    """The figure titled, written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -172,8 +179,4 @@ def capacity_figure(rows: pd.DataFrame, *, path: Path, palette, title: str, seq_
     for ax in (memory, throughput):
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _saved(fig, title, path)
