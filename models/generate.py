@@ -104,8 +104,8 @@ class Decoder:
         if context >= self.capacity:
             raise ValueError(f"a context of {context} tokens leaves no room for a step (capacity {self.capacity})")
         weight = next(self.model.parameters())
-        projection = self.caches[0].layer.qkv
-        dtype = projection(torch.zeros(1, 1, projection.in_features, device=weight.device, dtype=weight.dtype)).dtype  # autocast's, if on
+        kind = weight.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype  # what the projections give
         for cache in self.caches:
             cache.fill(batch, context, weight.device, dtype)
         self.length = context

@@ -19,16 +19,22 @@ chunk (G >= T), causal, the linear part vanishes and this is the plain quadratic
 relu(q . k / T)^2 over keys at or before the query (tested). The paper's relative position
 bias is left out: the model adds absolute positions, or the layer rotates all four of q_quad,
 k_quad, q_lin, k_lin by RoPE (as FLASH's code does); ALiBi has no softmax scores to bias here.
+
+Decode (causal): GAUState carries the current chunk's k_quad and v (at most G rows) and the
+earlier chunks' state; gau_step adds one token and folds a finished chunk into the state when
+the next one starts, so a step costs O(G S + G E + S E) whatever the context.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attnbench.models import positions
-from attnbench.models.registry import MATMUL_BACKWARD, Impl, LayerConfig, Mechanism
+from attnbench.models.registry import MATMUL_BACKWARD, DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 256
 DEFAULT_QK_DIM = 128
@@ -103,20 +109,88 @@ class GatedAttentionUnit(nn.Module):
         self.beta = nn.Parameter(torch.zeros(4, options["qk_dim"]))
         self.out = nn.Linear(expanded, cfg.dim, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, ...]:
+        """x [B, T, C] of the tokens at positions start .. start+T-1 -> u, v [B, T, E] and q_quad,
+        k_quad, q_lin, k_lin [B, T, S] (rotated at those positions under RoPE)."""
         u, v = F.silu(self.uv(x)).chunk(2, dim=-1)  # (B, T, E) each
         z = F.silu(self.z(x))  # (B, T, S)
         q_quad, k_quad, q_lin, k_lin = (z[:, :, None] * self.gamma + self.beta).unbind(dim=2)
         if self.theta is not None:
-            q_quad, k_quad = self.rotated(q_quad, k_quad)
-            q_lin, k_lin = self.rotated(q_lin, k_lin)
+            q_quad, k_quad = self.rotated(q_quad, k_quad, start)
+            q_lin, k_lin = self.rotated(q_lin, k_lin, start)
+        return u, v, q_quad, k_quad, q_lin, k_lin
+
+    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        u, v, q_quad, k_quad, q_lin, k_lin = self.project(x)
         mixed = self.mix(q_quad, k_quad, q_lin, k_lin, v, causal=self.causal, seq_lens=seq_lens, chunk=self.chunk)
         return self.out(u * mixed)
 
-    def rotated(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on one-head queries and keys [B, T, S] (as [B, T, 1, S])."""
-        q, k = positions.rotate_qk(q[:, :, None], k[:, :, None], self.theta)
+    def rotated(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on one-head queries and keys [B, T, S] (as [B, T, 1, S]) at positions start .. start+T-1."""
+        q, k = positions.rotate_qk(q[:, :, None], k[:, :, None], self.theta, start)
         return q[:, :, 0], k[:, :, 0]
+
+
+class GAUState(NamedTuple):
+    """B sequences' causal GAU after L tokens: the current chunk's k_quad [B, H, S] and v [B, H, E]
+    (H = its tokens so far, 1..G), its own sum of k_lin v^T [B, S, E], and the earlier chunks'
+    state [B, S, E] = their sum of k_lin v^T / G (mixed_chunk's prefix sums)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    current: torch.Tensor
+    earlier: torch.Tensor
+
+
+def gau_state(k_quad: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor, chunk: int) -> GAUState:
+    """The state after the T >= 1 tokens of k_quad, k_lin [B, T, S], v [B, T, E]: every chunk before
+    the one holding the last token folded, that one kept."""
+    t = k_quad.shape[1]
+    done = (t - 1) // chunk * chunk  # tokens of the folded chunks
+    earlier = torch.einsum("bts,bte->bse", k_lin[:, :done], v[:, :done]) / chunk
+    current = torch.einsum("bts,bte->bse", k_lin[:, done:], v[:, done:])
+    return GAUState(k_quad[:, done:], v[:, done:], current, earlier)
+
+
+def gau_step(q_quad, k_quad, q_lin, k_lin, v, state: GAUState, chunk: int) -> tuple[torch.Tensor, GAUState]:
+    """Adds the token (k_quad, k_lin [B, S], v [B, E]) and reads with q_quad, q_lin [B, S]: (the mixed
+    output [B, E], the new state). A token that starts a chunk folds the finished one first."""
+    if state.keys.shape[1] == chunk:
+        state = GAUState(state.keys[:, :0], state.values[:, :0], torch.zeros_like(state.current), state.earlier + state.current / chunk)
+    keys, values = torch.cat([state.keys, k_quad[:, None]], 1), torch.cat([state.values, v[:, None]], 1)
+    current = state.current + k_lin[:, :, None] * v[:, None, :]
+    local = relu_squared(torch.einsum("bs,bhs->bh", q_quad, keys) / chunk)  # (B, H): the chunk's keys so far
+    o = torch.einsum("bh,bhe->be", local, values) + torch.einsum("bs,bse->be", q_lin, state.earlier)
+    return o, GAUState(keys, values, current, state.earlier)
+
+
+class GAUCache:
+    """A causal GAU layer's GAUState in a generate loop (DecodeForm.layer_cache), whatever the capacity."""
+
+    def __init__(self, layer: GatedAttentionUnit, capacity: int):
+        if not layer.causal:
+            raise ValueError("a bidirectional GAU has no incremental form")
+        self.layer, self.length, self.state = layer, 0, None
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's forward over the prompt x [B, T, C] -> [B, T, C]; the state after it kept."""
+        _, v, _, k_quad, _, k_lin = self.layer.project(x)
+        self.state, self.length = gau_state(k_quad, k_lin, v, self.layer.chunk), x.shape[1]
+        return self.layer(x)
+
+    def fill(self, batch: int, context: int, device, dtype) -> None:
+        """As if ``context`` tokens had been read: a random state whose current chunk holds the tokens
+        past the last whole chunk (a step's work depends on their count, not on what they hold)."""
+        x = torch.randn(batch, (context - 1) % self.layer.chunk + 1, self.layer.uv.in_features, device=device, dtype=dtype)
+        _, v, _, k_quad, _, k_lin = self.layer.project(x)
+        self.state, self.length = gau_state(k_quad, k_lin, v, self.layer.chunk), context
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, C] of the token at position ``length`` -> [B, 1, C]."""
+        u, v, q_quad, k_quad, q_lin, k_lin = (y[:, 0] for y in self.layer.project(x, self.length))
+        mixed, self.state = gau_step(q_quad, k_quad, q_lin, k_lin, v, self.state, self.layer.chunk)
+        self.length += 1
+        return self.layer.out(u * mixed)[:, None]
 
 
 def gau_options(cfg: LayerConfig) -> dict:
@@ -141,6 +215,44 @@ def gau_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
     return batch * seq * (2.0 * g * (s + e) + 4.0 * s * e)
 
 
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    """One token against a random state whose current chunk holds the context's tokens past its last whole chunk."""
+    options = gau_options(cfg)
+    g, s, e = options["chunk"], options["qk_dim"], options["expansion"] * cfg.dim
+    held = (context - 1) % g + 1
+    q_quad, k_quad, q_lin, k_lin = (torch.randn(batch, s, device=device, dtype=dtype) for _ in range(4))
+    v = torch.randn(batch, e, device=device, dtype=dtype)
+    state = GAUState(torch.randn(batch, held, s, device=device, dtype=dtype), torch.randn(batch, held, e, device=device, dtype=dtype),
+                     torch.randn(batch, s, e, device=device, dtype=dtype), torch.randn(batch, s, e, device=device, dtype=dtype))
+    return lambda: gau_step(q_quad, k_quad, q_lin, k_lin, v, state, g)[0]
+
+
+def _state_bytes(cfg: LayerConfig, context: int, itemsize: int) -> int:
+    """One sequence's GAUState: the current chunk's k_quad and v rows and the two [S, E] sums, all in
+    the inputs' dtype (the state is what the chunked forward's prefix sums hold)."""
+    options = gau_options(cfg)
+    g, s, e = options["chunk"], options["qk_dim"], options["expansion"] * cfg.dim
+    return (((context - 1) % g + 1) * (s + e) + 2 * s * e) * itemsize
+
+
+def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+    """The state read, the current chunk's sum written, the token's four [S] and one [E] read, [E] written."""
+    options = gau_options(cfg)
+    s, e = options["qk_dim"], options["expansion"] * cfg.dim
+    return batch * (_state_bytes(cfg, context, itemsize) + (s * e + 4 * s + 2 * e) * itemsize)
+
+
+def _step_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | None:
+    if queries != 1:
+        return "gau's step takes one token at a time (--queries 1)"
+    return "gau's step takes no RoPE here (q and k are rotated in the layer: --level layer or model)" if cfg.positions == "rope" else None
+
+
+DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize: _state_bytes(cfg, context, itemsize), {
+    "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step: the chunk's keys so far, the earlier chunks' state",
+                        graphable=False, unsupported=_step_unsupported),
+}, layer_cache=GAUCache)
+
 IMPLS = {
     "torch": Impl("torch", None, "plain torch by definition (T x T weights in memory)"),
     "chunked": Impl("chunked", None, "torch, FLASH mixed chunks: quadratic within, prefix-summed states across"),
@@ -162,4 +274,5 @@ MECHANISM = Mechanism(
         "qk_dim": (DEFAULT_QK_DIM, "width S of the shared query/key projection z"),
         "expansion": (DEFAULT_EXPANSION, "u and v width E as a multiple of the model width"),
     },
+    decode=DECODE,
 )

@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, linear, performer, stickbreaking
+from attnbench.models.attention import deltanet, gau, linear, performer, stickbreaking
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -316,6 +316,20 @@ def test_stickbreaking_step_equals_the_last_rows_of_each_sequences_causal_forwar
             t = int(live[b])
             full = stickbreaking.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], attend_current=attend_current)
             assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
+
+
+@pytest.mark.parametrize("prompt", [1, 4, 5, 9])
+def test_gau_steps_equal_the_chunked_forward_rows_across_chunk_boundaries(prompt):
+    """Chunks of 4: prompts ending mid-chunk and on a boundary, steps that start and fold chunks."""
+    g = torch.Generator().manual_seed(prompt)
+    b, t, s, e = 2, 14, 6, 5
+    q_quad, k_quad, q_lin, k_lin = (torch.randn(b, t, s, generator=g, dtype=torch.float64) for _ in range(4))
+    v = torch.randn(b, t, e, generator=g, dtype=torch.float64)
+    full = gau.mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, causal=True, chunk=4)
+    state = gau.gau_state(k_quad[:, :prompt], k_lin[:, :prompt], v[:, :prompt], 4)
+    for i in range(prompt, t):
+        o, state = gau.gau_step(q_quad[:, i], k_quad[:, i], q_lin[:, i], k_lin[:, i], v[:, i], state, 4)
+        assert_close(o, full[:, i], f"row {i}")
 
 
 def test_deltanet_default_beta_is_the_forward_default():
