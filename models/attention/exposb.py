@@ -7,6 +7,9 @@ Parametrisation: lam = softplus(raw_lam) > 0, sigma = softplus(raw_sigma) > 0,
 delta = softplus(raw_delta) >= 0 (an initial delta of 0 stores raw_delta = -inf: the decay is
 then off for good, its gradient 0); alpha, beta, gamma, mu are used as they are. The layer
 hands the constrained values to the kernel, so autograd differentiates the softplus.
+
+Decode: exact against a KV cache of the raw keys (k' depends on the query head's parameters, so
+the cache keeps k as projected and exposb_step transforms it with the query's step).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnbench.kernels import reference
+from attnbench.kernels import decode_cost, reference
 from attnbench.models import peers, positions
 from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import QKVAttention
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
+from attnbench.models.softmax_decode import KVCache
 from attnbench.models.softmax import _triton_missing
 
 DEFAULTS = {
@@ -125,6 +129,44 @@ def _triton_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
     return None if 32 <= d <= 256 and d & (d - 1) == 0 else f"the exposb kernel needs head_dim a power of two in [32, 256], not {d}"
 
 
+def exposb_step(q, k_cache, v_cache, lengths, **params) -> torch.Tensor:
+    """One decode step by definition: q [B, N, Hq, D], the N newest tokens of each sequence (positions
+    lengths[b] - N ..), k/v_cache [B, L, Hkv, D] raw keys and values in rows 0 .. lengths[b] - 1,
+    params the seven [Hq] values -> o [B, N, Hq, D]. Each sequence is the causal forward's last N
+    rows over its own tokens (a host read of lengths: the plain-torch form)."""
+    rows = [reference.exposb_attention(q[b : b + 1], k_cache[b : b + 1, :n], v_cache[b : b + 1, :n], causal=True, **params)
+            for b, n in enumerate(lengths.tolist())]
+    return torch.cat(rows)
+
+
+class ExpoSBCache(KVCache):
+    """KVCache of the raw keys (no rotation on the way in: exposb transforms them per query head),
+    read by exposb_step with the layer's parameters as they are when the cache is made."""
+
+    def __init__(self, layer, capacity: int):
+        self.layer, self.rows, self.attend = layer, capacity, exposb_step
+        self.options = {name: value.detach() for name, value in layer.core_options().items()}
+        self.k = self.v = self.lengths = None
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    """``queries`` new tokens of B sequences against a random raw cache of ``context`` tokens each."""
+    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    params = {name: torch.full((cfg.heads,), value, device=device) for name, value in initial_values(cfg).items()}
+    return lambda: exposb_step(q, k, v, lengths, **params)
+
+
+DECODE = DecodeForm(
+    "kv-cache",
+    lambda cfg, batch, context, queries, itemsize: decode_cost.softmax_step_bytes(
+        batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize),
+    lambda cfg, context, queries, itemsize: decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize),
+    {"torch": DecodeImpl("torch", _torch_step, "plain torch decode step by definition (exposb_step, k' formed each step)", graphable=False)},
+    layer_cache=ExpoSBCache,
+)
+
 IMPLS = {
     "triton": Impl(
         "triton", triton_exposb, "ours: fused Triton flash attention with ExpoSB in registers",
@@ -144,4 +186,5 @@ MECHANISM = Mechanism(
     position="inside",
     refuses=positions.own_scheme_only("exposb encodes positions itself (a modulated rotation and a distance decay)"),
     params=DEFAULTS,
+    decode=DECODE,
 )

@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, gau, linear, performer, stickbreaking
+from attnbench.models.attention import deltanet, exposb, gau, linear, performer, stickbreaking
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -315,6 +315,22 @@ def test_stickbreaking_step_equals_the_last_rows_of_each_sequences_causal_forwar
         for b in range(3):
             t = int(live[b])
             full = stickbreaking.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], attend_current=attend_current)
+            assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
+
+
+def test_exposb_step_equals_the_last_rows_of_each_sequences_causal_forward():
+    torch.manual_seed(8)
+    lengths = torch.tensor([11, 4])
+    q, k, v, _ = random_tokens(b=2, t=12, hq=4, hkv=2)
+    params = {"lam": torch.rand(4) + 0.1, "alpha": torch.randn(4), "beta": torch.rand(4) + 0.5, "gamma": torch.randn(4),
+              "mu": torch.rand(4) * 16, "sigma": torch.rand(4) * 4 + 1, "delta": torch.rand(4) * 0.2}
+    params = {name: value.double() for name, value in params.items()}
+    for n in (1, 3):
+        newest = torch.stack([q[b, lengths[b] - n : lengths[b]] for b in range(2)])
+        o = exposb.exposb_step(newest, k, v, lengths, **params)
+        for b in range(2):
+            t = int(lengths[b])
+            full = exposb.reference.exposb_attention(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], causal=True, **params)
             assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
 
 

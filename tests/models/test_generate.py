@@ -30,6 +30,8 @@ CACHED = {
     # forward is not causal in float32; at init's scale it is, and the running stabiliser matches it
     "performer": dict(mechanism="performer", qk_gain=1.0),
     "stickbreaking": dict(mechanism="stickbreaking"),
+    "exposb": dict(mechanism="exposb", attention={"delta": 0.05, "alpha": 0.5}),
+    "exposb-gqa": dict(mechanism="exposb", kv_heads=2, attention={"delta": 0.05}),
     "gau": dict(mechanism="gau", attention={"chunk": 5}),  # chunks of 5: steps cross and fold chunks
     "gau-rope": dict(mechanism="gau", positions="rope", attention={"chunk": 5}),
     "stickbreaking-current-gqa": dict(mechanism="stickbreaking", kv_heads=2, attention={"attend_current": True}),
