@@ -9,6 +9,9 @@ time, and under autograd recomputes each chunk in the backward pass instead of k
 scores: memory O(chunk * S), not O(T * S). Positions come from the model, or from the layer:
 RoPE rotates q and k before the core; ALiBi (``slopes`` [Hq]) biases the scores before the
 selection, so it decides which keys are kept as well as their weights.
+
+Decode: exact against a KV cache of every earlier key (keys after RoPE), topk_step scoring all
+of them for each new query; the cost is a softmax step's (every cached key read).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from attnbench.kernels import reference
+from attnbench.kernels import decode_cost, reference
 from attnbench.models import positions
+from attnbench.models.decode import positions_of_new, rope_at
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
+from attnbench.models.softmax_decode import KVCache
 
 DEFAULT_TOPK = 64
 DEFAULT_CHUNK = 128
@@ -101,6 +106,58 @@ def topk_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
     return 2.0 * cfg.heads * cfg.head_dim * (visible + kept)
 
 
+def topk_step(q, k_cache, v_cache, lengths, *, topk=DEFAULT_TOPK, slopes=None, theta=None) -> torch.Tensor:
+    """One decode step by definition: q [B, N, Hq, D], the N newest tokens of each sequence (positions
+    lengths[b] - N ..; rotated here at them when theta), k/v_cache [B, L, Hkv, D] (keys as the core
+    sees them, sequence b's in rows 0 .. lengths[b] - 1; v's width Dv may differ) -> o [B, N, Hq, Dv]."""
+    b, n, hq, d = q.shape
+    pos_q = positions_of_new(lengths.to(q.device), n)  # (B, N)
+    if theta is not None:
+        q = rope_at(q, pos_q, theta)
+    group = hq // k_cache.shape[2]
+    k, v = k_cache.repeat_interleave(group, dim=2), v_cache.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bnhd,blhd->bhnl", q, k) * d**-0.5  # (B, Hq, N, L)
+    distance = pos_q[:, None, :, None] - torch.arange(k.shape[1], device=q.device)  # (B, 1, N, L)
+    if slopes is not None:
+        scores = scores - slopes.to(scores.dtype).view(1, hq, 1, 1) * distance.to(scores.dtype)
+    kept, index = scores.masked_fill(distance < 0, float("-inf")).topk(min(topk, k.shape[1]), dim=-1)  # (B, Hq, N, k)
+    upcast = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(kept.to(upcast), dim=-1).nan_to_num(0.0).to(q.dtype)
+    gathered = v.transpose(1, 2)[:, :, None].expand(-1, -1, n, -1, -1).gather(3, index[..., None].expand(-1, -1, -1, -1, v.shape[-1]))
+    return torch.einsum("bhnk,bhnkd->bnhd", probs, gathered)
+
+
+class TopkCache(KVCache):
+    """KVCache of every earlier key (rotated under the layer's RoPE), read by topk_step."""
+
+    def __init__(self, layer, capacity: int):
+        options = layer.core_options()
+        self.layer, self.rows, self.attend = layer, capacity, topk_step
+        self.options = {"topk": options["topk"], "slopes": options.get("slopes"), "theta": layer.theta}
+        self.k = self.v = self.lengths = None
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    """``queries`` new tokens of B sequences against a random cache of ``context`` tokens each."""
+    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    options = topk_options(cfg)
+    slopes = options.get("slopes")
+    return lambda: topk_step(q, k, v, lengths, topk=options["topk"], slopes=None if slopes is None else slopes.to(device))
+
+
+DECODE = DecodeForm(
+    "kv-cache",
+    lambda cfg, batch, context, queries, itemsize: decode_cost.softmax_step_bytes(
+        batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize),
+    lambda cfg, context, queries, itemsize: decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize),
+    {"torch": DecodeImpl("torch", _torch_step, "plain torch decode step by definition (topk_step: every cached key scored)",
+                         unsupported=lambda cfg, queries, device, dtype: (
+                             "the kernel-level step takes no RoPE (the layer rotates: --level layer or model)" if cfg.positions == "rope" else None))},
+    layer_cache=TopkCache,
+)
+
 IMPLS = {
     "torch": Impl("torch", torch_reference, "plain torch by definition: all scores, top-k, gather"),
     "chunked": Impl("chunked", chunked, "torch, query chunks (O(chunk * T) memory, recomputed in backward)"),
@@ -117,4 +174,5 @@ MECHANISM = Mechanism(
         "topk": (DEFAULT_TOPK, "keys kept per query (all visible keys when fewer)"),
         "chunk": (DEFAULT_CHUNK, "queries per chunk of the efficient form (memory O(chunk * T))"),
     },
+    decode=DECODE,
 )

@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, exposb, gau, linear, performer, stickbreaking
+from attnbench.models.attention import deltanet, exposb, gau, linear, performer, stickbreaking, topk
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -315,6 +315,22 @@ def test_stickbreaking_step_equals_the_last_rows_of_each_sequences_causal_forwar
         for b in range(3):
             t = int(live[b])
             full = stickbreaking.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], attend_current=attend_current)
+            assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_topk_step_equals_the_last_rows_of_each_sequences_causal_forward(alibi):
+    """k = 3 of up to 11 keys (a sequence of 2 keeps all it sees), ALiBi deciding the selection too."""
+    torch.manual_seed(9)
+    lengths = torch.tensor([11, 2])
+    q, k, v, _ = random_tokens(b=2, t=12, hq=4, hkv=2, dv=16)  # topk's definition takes Dv = D
+    slopes = alibi_slopes(4).double() if alibi else None
+    for n in (1, 2):
+        newest = torch.stack([q[b, lengths[b] - n : lengths[b]] for b in range(2)])
+        o = topk.topk_step(newest, k, v, lengths, topk=3, slopes=slopes)
+        for b in range(2):
+            t = int(lengths[b])
+            full = topk.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], causal=True, topk=3, slopes=slopes)
             assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
 
 

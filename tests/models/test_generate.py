@@ -30,6 +30,9 @@ CACHED = {
     # forward is not causal in float32; at init's scale it is, and the running stabiliser matches it
     "performer": dict(mechanism="performer", qk_gain=1.0),
     "stickbreaking": dict(mechanism="stickbreaking"),
+    "topk": dict(mechanism="topk", attention={"topk": 3}),
+    "topk-rope-gqa": dict(mechanism="topk", positions="rope", kv_heads=2, attention={"topk": 3}),
+    "topk-alibi": dict(mechanism="topk", positions="alibi", attention={"topk": 3}),
     "exposb": dict(mechanism="exposb", attention={"delta": 0.05, "alpha": 0.5}),
     "exposb-gqa": dict(mechanism="exposb", kv_heads=2, attention={"delta": 0.05}),
     "gau": dict(mechanism="gau", attention={"chunk": 5}),  # chunks of 5: steps cross and fold chunks
@@ -112,7 +115,7 @@ def test_generation_stops_after_eos():
     assert stopped.ids == first_three[: first_three.index(first_three[1]) + 1]
 
 
-@pytest.mark.parametrize("mechanism", ["bsbr", "topk"])
+@pytest.mark.parametrize("mechanism", ["bsbr", "nsa"])
 @torch.no_grad()
 def test_a_mechanism_without_a_cache_says_so_and_recomputes(mechanism):
     model = model_of(mechanism)
