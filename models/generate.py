@@ -1,6 +1,6 @@
 """Generation from a causal LanguageModel: the prompt prefilled once, then one token per step,
 each attention layer keeping its own cache (registry DecodeForm.layer_cache): a KV cache for
-the softmax family (standard, rope, alibi, window; models/softmax_decode.KVCache), stickbreaking
+the softmax family (standard, rope, alibi, window; models/softmax_decode.KVCache), stickbreaking,
 exposb and topk (their own steps over it), a recurrent state for linear and deltanet
 (models/state_decode.py), performer and gau (in their files). Mechanisms without an exact incremental
 form (nsa, learned, bsbr, hopfield, ...) recompute the whole context for every token, and the
