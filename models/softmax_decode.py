@@ -117,6 +117,16 @@ class KVCache:
         self.rows = capacity if window is None else min(capacity, window + 1)
         self.k = self.v = self.lengths = None
 
+    @classmethod
+    def reading_all(cls, layer, capacity: int, attend: Callable[..., torch.Tensor], options: dict) -> "KVCache":
+        """A cache of every earlier key (no window, ``capacity`` rows) read by attend(q, k, v, lengths,
+        **options): the step of a mechanism whose weights depend on all of them (stickbreaking, topk,
+        exposb); keys rotated on the way in when options hold a RoPE theta."""
+        cache = cls.__new__(cls)
+        cache.layer, cache.rows, cache.attend, cache.options = layer, capacity, attend, options
+        cache.k = cache.v = cache.lengths = None
+        return cache
+
     def _keep(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Appends k/v [B, N, Hkv, D] of the tokens after the ``lengths`` the cache holds, rotating the keys."""
         theta = self.options.get("theta")
@@ -149,6 +159,30 @@ class KVCache:
         self._keep(k, v)
         o = self.attend(q, self.k, self.v, self.lengths, **self.options)  # (B, 1, Hq, D)
         return self.layer.out(o.reshape(x.shape[0], 1, -1))
+
+
+def full_cache_decode(step: Callable[..., torch.Tensor], step_options: Callable[[LayerConfig, torch.device], dict],
+                      layer_cache: Callable, description: str, unsupported: Callable | None = None) -> DecodeForm:
+    """The DecodeForm of a mechanism that reads every earlier key with its own plain-torch
+    step(q, k_cache, v_cache, lengths, **step_options(cfg, device)): a softmax step's bytes, a full
+    cache's memory; its one impl, torch, steps against a random cache of L tokens a sequence."""
+
+    def build(cfg, batch, context, queries, device, dtype):
+        q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+        lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+        options = step_options(cfg, device)
+        return lambda: step(q, k, v, lengths, **options)
+
+    def step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+        return decode_cost.softmax_step_bytes(batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize)
+
+    def memory(cfg: LayerConfig, context: int, queries: int, itemsize: int) -> int:
+        return decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize)
+
+    extra = {} if unsupported is None else {"unsupported": unsupported}
+    return DecodeForm("kv-cache", step_bytes, memory, {"torch": DecodeImpl("torch", build, description, graphable=False, **extra)},
+                      layer_cache=layer_cache)
 
 
 def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:

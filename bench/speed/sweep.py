@@ -42,7 +42,6 @@ from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
 from attnbench.models import positions, registry
 from attnbench.models.registry import Mechanism
-from attnbench.models.softmax_decode import KVCache
 from attnbench.store import case_key
 
 DECODE = "decode"  # one generation step against a cache or state (module docstring)
@@ -313,7 +312,7 @@ def _why_no_cached_decode(case: Case, mechanism: Mechanism) -> str | None:
     if case.impl not in CACHED_DECODE_IMPLS:
         return f"the {case.level} level's decode step runs a layer cache ({', '.join(CACHED_DECODE_IMPLS)}): time {case.impl} at --level kernel"
     if case.impl == "triton":
-        if mechanism.decode.carries != "kv-cache" or not issubclass(mechanism.decode.layer_cache, KVCache):
+        if mechanism.decode.carries != "kv-cache":
             return f"at the {case.level} level, {case.mechanism}'s state steps run in torch (the fused ones update the state in place)"
         reason = mechanism.decode.impls["triton"].why_not(case.layer_config(), case.queries, case.device, DTYPES[case.dtype])
         if reason:

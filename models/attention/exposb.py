@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnbench.kernels import decode_cost, reference
+from attnbench.kernels import reference
 from attnbench.models import peers, positions
 from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import QKVAttention
-from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
-from attnbench.models.softmax_decode import KVCache
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.softmax_decode import KVCache, full_cache_decode
 from attnbench.models.softmax import _triton_missing
 
 DEFAULTS = {
@@ -139,32 +139,15 @@ def exposb_step(q, k_cache, v_cache, lengths, **params) -> torch.Tensor:
     return torch.cat(rows)
 
 
-class ExpoSBCache(KVCache):
-    """KVCache of the raw keys (no rotation on the way in: exposb transforms them per query head),
-    read by exposb_step with the layer's parameters as they are when the cache is made."""
-
-    def __init__(self, layer, capacity: int):
-        self.layer, self.rows, self.attend = layer, capacity, exposb_step
-        self.options = {name: value.detach() for name, value in layer.core_options().items()}
-        self.k = self.v = self.lengths = None
+def _cache(layer, capacity: int) -> KVCache:
+    """The raw keys (exposb transforms them per query head), read by exposb_step with the layer's
+    parameters as they are when the cache is made."""
+    return KVCache.reading_all(layer, capacity, exposb_step, {name: value.detach() for name, value in layer.core_options().items()})
 
 
-def _torch_step(cfg, batch, context, queries, device, dtype):
-    """``queries`` new tokens of B sequences against a random raw cache of ``context`` tokens each."""
-    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
-    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
-    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-    params = {name: torch.full((cfg.heads,), value, device=device) for name, value in initial_values(cfg).items()}
-    return lambda: exposb_step(q, k, v, lengths, **params)
-
-
-DECODE = DecodeForm(
-    "kv-cache",
-    lambda cfg, batch, context, queries, itemsize: decode_cost.softmax_step_bytes(
-        batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize),
-    lambda cfg, context, queries, itemsize: decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize),
-    {"torch": DecodeImpl("torch", _torch_step, "plain torch decode step by definition (exposb_step, k' formed each step)", graphable=False)},
-    layer_cache=ExpoSBCache,
+DECODE = full_cache_decode(
+    exposb_step, lambda cfg, device: {name: torch.full((cfg.heads,), value, device=device) for name, value in initial_values(cfg).items()},
+    _cache, "plain torch decode step by definition (exposb_step, k' formed each step)",
 )
 
 IMPLS = {

@@ -28,15 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attnbench.kernels import decode_cost
 from attnbench.models import positions
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.decode import positions_of_new
-from attnbench.models.softmax_decode import KVCache
+from attnbench.models.softmax_decode import KVCache, full_cache_decode
 from attnbench.models.fla import fla_missing
 from attnbench.models.pair_flops import visible_pairs
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
 
 DEFAULT_CHUNK = 128
 
@@ -148,38 +147,14 @@ def stickbreaking_step(q, k_cache, v_cache, lengths, *, attend_current=False) ->
     return torch.einsum("bhnl,blhd->bnhd", weights.to(v.dtype), v)
 
 
-def _torch_step(cfg, batch, context, queries, device, dtype):
-    """``queries`` new tokens of B sequences against a random cache of ``context`` tokens each."""
-    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
-    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
-    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-    attend_current = stickbreaking_options(cfg)["attend_current"]
-    return lambda: stickbreaking_step(q, k, v, lengths, attend_current=attend_current)
+def _cache(layer, capacity: int) -> KVCache:
+    """Every earlier key kept (each key's share depends on every key after it), read by stickbreaking_step."""
+    return KVCache.reading_all(layer, capacity, stickbreaking_step, {"attend_current": layer.core_options()["attend_current"]})
 
 
-class StickBreakingCache(KVCache):
-    """KVCache's contiguous cache of every earlier key (no window: each key's share depends on every
-    key after it), read by stickbreaking_step."""
-
-    def __init__(self, layer, capacity: int):
-        self.layer, self.rows = layer, capacity
-        self.options = {"attend_current": layer.core_options()["attend_current"]}
-        self.k = self.v = self.lengths = None
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.layer.project(x)
-        self._keep(k, v)
-        o = stickbreaking_step(q, self.k, self.v, self.lengths, **self.options)  # (B, 1, Hq, D)
-        return self.layer.out(o.reshape(x.shape[0], 1, -1))
-
-
-DECODE = DecodeForm(
-    "kv-cache",
-    lambda cfg, batch, context, queries, itemsize: decode_cost.softmax_step_bytes(
-        batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize),
-    lambda cfg, context, queries, itemsize: decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize),
-    {"torch": DecodeImpl("torch", _torch_step, "plain torch decode step by definition (stickbreaking_step)", graphable=False)},
-    layer_cache=StickBreakingCache,
+DECODE = full_cache_decode(
+    stickbreaking_step, lambda cfg, device: {"attend_current": stickbreaking_options(cfg)["attend_current"]}, _cache,
+    "plain torch decode step by definition (stickbreaking_step)",
 )
 
 IMPLS = {

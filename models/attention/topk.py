@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from attnbench.kernels import decode_cost, reference
+from attnbench.kernels import reference
 from attnbench.models import positions
 from attnbench.models.decode import positions_of_new, rope_at
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
-from attnbench.models.softmax_decode import KVCache
+from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.softmax_decode import KVCache, full_cache_decode
 
 DEFAULT_TOPK = 64
 DEFAULT_CHUNK = 128
@@ -127,35 +127,22 @@ def topk_step(q, k_cache, v_cache, lengths, *, topk=DEFAULT_TOPK, slopes=None, t
     return torch.einsum("bhnk,bhnkd->bnhd", probs, gathered)
 
 
-class TopkCache(KVCache):
-    """KVCache of every earlier key (rotated under the layer's RoPE), read by topk_step."""
-
-    def __init__(self, layer, capacity: int):
-        options = layer.core_options()
-        self.layer, self.rows, self.attend = layer, capacity, topk_step
-        self.options = {"topk": options["topk"], "slopes": options.get("slopes"), "theta": layer.theta}
-        self.k = self.v = self.lengths = None
+def _cache(layer, capacity: int) -> KVCache:
+    """Every earlier key (rotated under the layer's RoPE), read by topk_step."""
+    options = layer.core_options()
+    return KVCache.reading_all(layer, capacity, topk_step, {"topk": options["topk"], "slopes": options.get("slopes"), "theta": layer.theta})
 
 
-def _torch_step(cfg, batch, context, queries, device, dtype):
-    """``queries`` new tokens of B sequences against a random cache of ``context`` tokens each."""
-    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
-    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
-    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+def _step_options(cfg: LayerConfig, device) -> dict:
     options = topk_options(cfg)
     slopes = options.get("slopes")
-    return lambda: topk_step(q, k, v, lengths, topk=options["topk"], slopes=None if slopes is None else slopes.to(device))
+    return {"topk": options["topk"], "slopes": None if slopes is None else slopes.to(device)}
 
 
-DECODE = DecodeForm(
-    "kv-cache",
-    lambda cfg, batch, context, queries, itemsize: decode_cost.softmax_step_bytes(
-        batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize),
-    lambda cfg, context, queries, itemsize: decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize),
-    {"torch": DecodeImpl("torch", _torch_step, "plain torch decode step by definition (topk_step: every cached key scored)",
-                         unsupported=lambda cfg, queries, device, dtype: (
-                             "the kernel-level step takes no RoPE (the layer rotates: --level layer or model)" if cfg.positions == "rope" else None))},
-    layer_cache=TopkCache,
+DECODE = full_cache_decode(
+    topk_step, _step_options, _cache, "plain torch decode step by definition (topk_step: every cached key scored)",
+    unsupported=lambda cfg, queries, device, dtype: (
+        "the kernel-level step takes no RoPE (the layer rotates: --level layer or model)" if cfg.positions == "rope" else None),
 )
 
 IMPLS = {
