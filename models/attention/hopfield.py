@@ -15,6 +15,9 @@ biases the scores of every step.
 
 Impls: the definition (kernels/reference.py, T x T scores) and one SDPA call per step
 (flash / memory-efficient backends: no T x T tensor without a mask).
+
+Decode: exact against a KV cache of every earlier key (rotated under RoPE): hopfield_step runs
+the n_steps updates of each new query over the cache (models/decode.softmax_step per update).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from torch import nn
 
 from attnbench.kernels import reference
 from attnbench.models import peers, positions
+from attnbench.models.decode import positions_of_new, rope_at, softmax_step
 from attnbench.models.pair_flops import visible_pairs
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.softmax_decode import KVCache, full_cache_decode
 
 DEFAULT_STEPS = 1
 
@@ -73,6 +78,34 @@ class HopfieldAttention(QKVAttention):
         return {**super().core_options(), "beta": self.log_beta.exp()}
 
 
+def hopfield_step(q, k_cache, v_cache, lengths, *, beta, n_steps=DEFAULT_STEPS, slopes=None, theta=None) -> torch.Tensor:
+    """One decode step by definition: q [B, N, Hq, D], the N newest tokens of each sequence (rotated
+    here at their positions when theta), k/v_cache [B, L, Hkv, D] (keys as the core sees them), beta
+    [Hq] -> o [B, N, Hq, D]: the updates of _steps, each a softmax step over the cache."""
+    if theta is not None:
+        q = rope_at(q, positions_of_new(lengths.to(q.device), q.shape[1]), theta)
+    scale = beta.to(q.dtype).view(1, 1, -1, 1)
+
+    def attend(state, keys, values):
+        return softmax_step(state * scale, keys, values, lengths, slopes=slopes, scale=1.0)
+
+    return _steps(attend, q, k_cache, v_cache, n_steps)
+
+
+def _cache(layer, capacity: int) -> KVCache:
+    """Every earlier key (rotated under the layer's RoPE), read by hopfield_step."""
+    options = layer.core_options()
+    return KVCache.reading_all(layer, capacity, hopfield_step, {
+        "beta": options["beta"].detach(), "n_steps": options["n_steps"], "slopes": options.get("slopes"), "theta": layer.theta})
+
+
+def _step_options(cfg: LayerConfig, device) -> dict:
+    options = hopfield_options(cfg)
+    slopes = options.get("slopes")
+    beta = torch.full((cfg.heads,), cfg.head_dim**-0.5, device=device)  # the layer's initial beta
+    return {"beta": beta, "n_steps": options["n_steps"], "slopes": None if slopes is None else slopes.to(device)}
+
+
 def hopfield_options(cfg: LayerConfig) -> dict:
     n_steps = int(cfg.options.get("n_steps", DEFAULT_STEPS))
     if n_steps <= 0:
@@ -89,6 +122,12 @@ def hopfield_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> flo
     return hopfield_options(cfg)["n_steps"] * 4.0 * cfg.heads * cfg.head_dim * pairs
 
 
+DECODE = full_cache_decode(
+    hopfield_step, _step_options, _cache, "plain torch decode step by definition (hopfield_step: each update over the cache)",
+    unsupported=lambda cfg, queries, device, dtype: (
+        "the kernel-level step takes no RoPE (the layer rotates: --level layer or model)" if cfg.positions == "rope" else None),
+)
+
 IMPLS = {
     "torch": Impl("torch", torch_reference, "plain torch by definition (T x T scores in memory)"),
     "sdpa": Impl("sdpa", sdpa_steps, "one F.scaled_dot_product_attention call per update step"),
@@ -102,4 +141,5 @@ MECHANISM = Mechanism(
     impls=IMPLS,
     flops=hopfield_flops,
     params={"n_steps": (DEFAULT_STEPS, "update steps: n_steps - 1 retrievals from the keys, then one from the values")},
+    decode=DECODE,
 )

@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, exposb, gau, linear, performer, stickbreaking, topk
+from attnbench.models.attention import deltanet, exposb, gau, hopfield, linear, performer, stickbreaking, topk
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -331,6 +331,23 @@ def test_topk_step_equals_the_last_rows_of_each_sequences_causal_forward(alibi):
         for b in range(2):
             t = int(lengths[b])
             full = topk.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], causal=True, topk=3, slopes=slopes)
+            assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
+
+
+@pytest.mark.parametrize("n_steps,alibi", [(1, False), (3, False), (2, True)])
+def test_hopfield_step_equals_the_last_rows_of_each_sequences_causal_forward(n_steps, alibi):
+    torch.manual_seed(10)
+    lengths = torch.tensor([11, 3])
+    q, k, v, _ = random_tokens(b=2, t=12, hq=4, hkv=2, dv=16)  # a retrieval from the keys needs Dv = D
+    beta = torch.rand(4, dtype=torch.float64) + 0.1
+    slopes = alibi_slopes(4).double() if alibi else None
+    for n in (1, 2):
+        newest = torch.stack([q[b, lengths[b] - n : lengths[b]] for b in range(2)])
+        o = hopfield.hopfield_step(newest, k, v, lengths, beta=beta, n_steps=n_steps, slopes=slopes)
+        for b in range(2):
+            t = int(lengths[b])
+            full = hopfield.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], causal=True, beta=beta,
+                                            n_steps=n_steps, slopes=slopes)
             assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
 
 

@@ -33,6 +33,10 @@ CACHED = {
     "topk": dict(mechanism="topk", attention={"topk": 3}),
     "topk-rope-gqa": dict(mechanism="topk", positions="rope", kv_heads=2, attention={"topk": 3}),
     "topk-alibi": dict(mechanism="topk", positions="alibi", attention={"topk": 3}),
+    # three chained retrievals at QK_GAIN's peaked scores amplify float32's reordering noise past
+    # STEP_RELATIVE (1.5e-5 measured): this case runs in float64, where any wrong term still shows
+    "hopfield-3-steps": dict(mechanism="hopfield", attention={"n_steps": 3}, float64=True),
+    "hopfield-rope-gqa": dict(mechanism="hopfield", positions="rope", kv_heads=2),
     "exposb": dict(mechanism="exposb", attention={"delta": 0.05, "alpha": 0.5}),
     "exposb-gqa": dict(mechanism="exposb", kv_heads=2, attention={"delta": 0.05}),
     "gau": dict(mechanism="gau", attention={"chunk": 5}),  # chunks of 5: steps cross and fold chunks
@@ -51,9 +55,11 @@ CACHED = {
 }
 
 
-def model_of(mechanism: str, seed: int = 3, qk_gain: float = QK_GAIN, **overrides):
+def model_of(mechanism: str, seed: int = 3, qk_gain: float = QK_GAIN, float64: bool = False, **overrides):
     """A tiny GPT (2 blocks, 4 heads, D 32) in eval mode, its q/k projections scaled by ``qk_gain``."""
     model = build_model("tiny", mechanism, task="clm", seq=MAX_SEQ, vocab_size=VOCAB, seed=seed, **overrides).eval()
+    if float64:
+        model = model.double()
     d = model.cfg.dim // model.cfg.heads
     with torch.no_grad():
         for block in model.trunk.blocks:

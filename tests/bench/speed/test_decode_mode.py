@@ -30,7 +30,7 @@ def rows_of(run_dir):
 def decode_run(tmp_path_factory):
     """The issue's CPU command, at a small head shape, with a mechanism that has no decode form."""
     out = tmp_path_factory.mktemp("decode") / "run"
-    result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer,hopfield",
+    result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer,bsbr",
                     "--context", 128, 512, *SMALL, "--out", out)
     assert result.exit_code == 0, result.output
     return out, rows_of(out)
@@ -66,8 +66,8 @@ def test_unsupported_decode_rows_say_why(decode_run):
     _, rows = decode_run
     unsupported = [row for row in rows if row["status"] == "unsupported"]
     assert unsupported and all(row["message"] for row in unsupported)
-    hopfield = [row for row in rows if row["mechanism"] == "hopfield"]
-    assert len(hopfield) == 2 and all("has no decode step" in row["message"] for row in hopfield)
+    bsbr = [row for row in rows if row["mechanism"] == "bsbr"]
+    assert len(bsbr) == 2 and all("has no decode step" in row["message"] for row in bsbr)
     triton = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
     assert triton == {"triton", "triton-paged", "flex"}
 
@@ -199,7 +199,7 @@ def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
     impls whose steps run at the kernel level only, and mechanisms without a layer cache, say why."""
     out = tmp_path / "run"
     result = invoke("speed", "--mode", "decode", "--level", "model", "--preset", "tiny", "--device", "cpu",
-                    "--attn", "standard,linear,hopfield", "--impl", "torch,sdpa", "--context", 32, 64, "--batch", 2, "--out", out)
+                    "--attn", "standard,linear,bsbr", "--impl", "torch,sdpa", "--context", 32, 64, "--batch", 2, "--out", out)
     assert result.exit_code == 0, result.output
     rows = rows_of(out)
     ok = {(r["mechanism"], r["seq"]): r for r in rows if r["status"] == "ok"}
@@ -216,4 +216,4 @@ def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
     assert float(ok["standard", "64"]["mem_per_seq_mib"]) == pytest.approx(2 * float(ok["standard", "32"]["mem_per_seq_mib"]), rel=1e-3)
     reasons = {(r["mechanism"], r["impl"]): r["message"] for r in rows if r["status"] == "unsupported"}
     assert "time sdpa at --level kernel" in reasons["standard", "sdpa"]
-    assert "has no decode step" in reasons["hopfield", "torch"]
+    assert "has no decode step" in reasons["bsbr", "torch"]
