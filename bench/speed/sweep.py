@@ -412,7 +412,7 @@ def layer_decode_workload(case: Case) -> Workload:
     cache = _layer_cache(case, mechanism)(layer, case.seq + 1)
     cache.fill(case.batch, case.seq, torch.device(case.device), DTYPES[case.dtype])
     start = cache_snapshot(cache)
-    x = _randn((case.batch, 1, layer.qkv.in_features), case, False)
+    x = _randn((case.batch, 1, case.heads * case.head_dim), case, False)  # C, as layer_workload's
 
     @torch.no_grad()
     def step():

@@ -147,11 +147,11 @@ def test_a_bidirectional_or_model_graph_decode_step_is_unsupported_with_its_reas
 
 def test_the_layer_level_decode_step_is_one_layer_with_its_cache(tmp_path):
     out = tmp_path / "run"
-    result = invoke("speed", "--mode", "decode", "--level", "layer", "--attn", "standard,linear", "--impl", "torch,triton",
-                    "--context", 32, *SMALL, "--out", out)
+    result = invoke("speed", "--mode", "decode", "--level", "layer", "--attn", "standard,linear,gau", "--impl", "torch,triton",
+                    "--context", 32, "--device", "cpu", "--heads", 4, "--head-dim", 16, "--out", out)  # no GQA: gau takes none
     assert result.exit_code == 0, result.output
     rows = {(r["mechanism"], r["impl"]): r for r in rows_of(out)}
-    for mechanism in ("standard", "linear"):
+    for mechanism in ("standard", "linear", "gau"):  # gau: a layer without a fused qkv projection
         row = rows[mechanism, "torch"]
         assert row["status"] == "ok" and row["level"] == "layer" and float(row["mem_per_seq_mib"]) > 0 and int(row["params"]) > 0
     assert "state steps run in torch" in rows["linear", "triton"]["message"]
