@@ -110,22 +110,17 @@ class KVCache:
     (models/decode.py). ``layer``: the QKVAttention of a causal softmax-family mechanism; ``attend``:
     the step that reads the cache (the definition, or our Triton kernel)."""
 
-    def __init__(self, layer, capacity: int, attend: Callable[..., torch.Tensor] = softmax_step):
+    def __init__(self, layer, capacity: int, attend: Callable[..., torch.Tensor] = softmax_step, options: dict | None = None):
+        """``options``: attend's keywords; None: the layer's core options as a softmax step takes them
+        (step_options). Mechanisms that read every earlier key with their own step (stickbreaking, topk,
+        exposb, hopfield) give theirs: no window, so ``capacity`` rows; a RoPE theta among them rotates
+        the keys on the way in."""
         self.layer, self.attend = layer, attend  # attend: softmax_step's signature (kernels/decode.decode_attention's too)
-        self.options = step_options(layer.core_options())  # ValueError: a window right of the query, a RoPE offset
+        # ValueError from step_options: a window right of the query, a RoPE offset
+        self.options = step_options(layer.core_options()) if options is None else options
         window = self.options.get("window")
         self.rows = capacity if window is None else min(capacity, window + 1)
         self.k = self.v = self.lengths = None
-
-    @classmethod
-    def reading_all(cls, layer, capacity: int, attend: Callable[..., torch.Tensor], options: dict) -> "KVCache":
-        """A cache of every earlier key (no window, ``capacity`` rows) read by attend(q, k, v, lengths,
-        **options): the step of a mechanism whose weights depend on all of them (stickbreaking, topk,
-        exposb); keys rotated on the way in when options hold a RoPE theta."""
-        cache = cls.__new__(cls)
-        cache.layer, cache.rows, cache.attend, cache.options = layer, capacity, attend, options
-        cache.k = cache.v = cache.lengths = None
-        return cache
 
     def _keep(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Appends k/v [B, N, Hkv, D] of the tokens after the ``lengths`` the cache holds, rotating the keys."""

@@ -142,7 +142,7 @@ def exposb_step(q, k_cache, v_cache, lengths, **params) -> torch.Tensor:
 def _cache(layer, capacity: int) -> KVCache:
     """The raw keys (exposb transforms them per query head), read by exposb_step with the layer's
     parameters as they are when the cache is made."""
-    return KVCache.reading_all(layer, capacity, exposb_step, {name: value.detach() for name, value in layer.core_options().items()})
+    return KVCache(layer, capacity, exposb_step, {name: value.detach() for name, value in layer.core_options().items()})
 
 
 DECODE = full_cache_decode(

@@ -95,7 +95,7 @@ def hopfield_step(q, k_cache, v_cache, lengths, *, beta, n_steps=DEFAULT_STEPS, 
 def _cache(layer, capacity: int) -> KVCache:
     """Every earlier key (rotated under the layer's RoPE), read by hopfield_step."""
     options = layer.core_options()
-    return KVCache.reading_all(layer, capacity, hopfield_step, {
+    return KVCache(layer, capacity, hopfield_step, {
         "beta": options["beta"].detach(), "n_steps": options["n_steps"], "slopes": options.get("slopes"), "theta": layer.theta})
 
 

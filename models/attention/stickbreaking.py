@@ -149,7 +149,7 @@ def stickbreaking_step(q, k_cache, v_cache, lengths, *, attend_current=False) ->
 
 def _cache(layer, capacity: int) -> KVCache:
     """Every earlier key kept (each key's share depends on every key after it), read by stickbreaking_step."""
-    return KVCache.reading_all(layer, capacity, stickbreaking_step, {"attend_current": layer.core_options()["attend_current"]})
+    return KVCache(layer, capacity, stickbreaking_step, {"attend_current": layer.core_options()["attend_current"]})
 
 
 DECODE = full_cache_decode(

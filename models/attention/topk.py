@@ -130,7 +130,7 @@ def topk_step(q, k_cache, v_cache, lengths, *, topk=DEFAULT_TOPK, slopes=None, t
 def _cache(layer, capacity: int) -> KVCache:
     """Every earlier key (rotated under the layer's RoPE), read by topk_step."""
     options = layer.core_options()
-    return KVCache.reading_all(layer, capacity, topk_step, {"topk": options["topk"], "slopes": options.get("slopes"), "theta": layer.theta})
+    return KVCache(layer, capacity, topk_step, {"topk": options["topk"], "slopes": options.get("slopes"), "theta": layer.theta})
 
 
 def _step_options(cfg: LayerConfig, device) -> dict:
