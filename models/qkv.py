@@ -57,11 +57,14 @@ class QKVAttention(nn.Module):
     def core_options(self) -> dict:
         return {**self._plain_options, **{name: getattr(self, name) for name in self._tensor_options}}
 
+    def packed(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C] -> the fused projection [B, T, Hq + 2 Hkv, D]."""
+        b, t, _ = x.shape
+        return self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, C] -> q [B, T, Hq, D], k/v [B, T, Hkv, D] (views of the one fused projection)."""
-        b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-        return qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
+        return self.packed(x).split([self.heads, self.kv_heads, self.kv_heads], dim=2)
 
     def positioned(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, T, Hq, D], k [B, S, Hkv, D] as the core takes them: rotated when the layer applies RoPE,
@@ -76,8 +79,7 @@ class QKVAttention(nn.Module):
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         if self.run_packed is not None:
-            qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-            o = self.run_packed(qkv, self.heads, causal=self.causal, seq_lens=seq_lens, **self.core_options())
+            o = self.run_packed(self.packed(x), self.heads, causal=self.causal, seq_lens=seq_lens, **self.core_options())
         else:
             o = self.attend(*self.project(x), seq_lens)
         return self.out(o.reshape(b, t, self.heads * self.head_dim))

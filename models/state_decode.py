@@ -141,7 +141,7 @@ class StateCache:
         """As if ``context`` tokens of B sequences had been read: the state of one random token (a step's
         work does not depend on what the state holds), at position ``context``."""
         x = torch.randn(batch, 1, self.layer.qkv.in_features, device=device, dtype=dtype)
-        q, k, v = self.layer.project(x)
+        _, k, v = self.layer.project(x)
         self.state, self.length = self.begin(k, v, x), context
 
     def step(self, x: torch.Tensor) -> torch.Tensor:

@@ -364,6 +364,12 @@ def layer_workload(case: Case) -> Workload:
     return Workload(forward, [x, *layer.parameters()], _param_count(layer), flops)
 
 
+def _autocast(case: Case, cache_enabled: bool = True):
+    """The model level's autocast to the case's dtype (off for fp32; parameters stay fp32, as in train)."""
+    dtype = DTYPES[case.dtype]
+    return torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cache_enabled)
+
+
 def model_workload(case: Case, graphed: bool = False) -> Workload:
     """A full training step of the ``case.preset`` model (GPT-style when causal, BERT-style MLM
     when bidirectional) on random tokens [B, T]: forward, loss, backward, AdamW step, under bf16
@@ -380,10 +386,9 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
     ids = torch.randint(0, model.cfg.vocab_size, (case.batch, case.seq), device=case.device)
     batch = {"input_ids": ids, "labels": ids}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graphed)
-    dtype = DTYPES[case.dtype]
 
     def autocast():
-        return torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graphed)
+        return _autocast(case, cache_enabled=not graphed)
 
     def forward():
         with autocast():
@@ -436,21 +441,20 @@ def model_decode_workload(case: Case) -> Workload:
     mechanism = registry.get(case.mechanism)
     model = build_model(case.preset, case.mechanism, REFERENCE_IMPL, "clm", case.seq + 1, positions=case.positions or None,
                         window=case.window, attention=case.option_values()).to(case.device).eval()
-    dtype = DTYPES[case.dtype]
     decoder = Decoder(model, capacity=case.seq + 1, layer_cache=_layer_cache(case, mechanism))
-    with torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32):
+    with _autocast(case):  # the caches take the dtype the projections give under it
         decoder.fill(case.batch, case.seq)
     start = decoder.snapshot()
     tokens = torch.randint(0, model.cfg.vocab_size, (case.batch,), device=case.device)
 
     @torch.no_grad()
     def step():
-        with torch.autocast(torch.device(case.device).type, dtype=dtype, enabled=dtype != torch.float32):
+        with _autocast(case):
             logits = decoder.step(tokens)
         decoder.restore(start)
         return logits
 
-    per_layer = flop_model.decode_memory_mib(mechanism, case.layer_config(), case.seq, 1, dtype.itemsize)
+    per_layer = flop_model.decode_memory_mib(mechanism, case.layer_config(), case.seq, 1, DTYPES[case.dtype].itemsize)
     return Workload(step, [], _param_count(model), None, mem_per_seq_mib=per_layer * model.cfg.layers)
 
 
