@@ -146,7 +146,7 @@ def gau_state(k_quad: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor, chunk:
     """The state after the T >= 1 tokens of k_quad, k_lin [B, T, S], v [B, T, E]: every chunk before
     the one holding the last token folded, that one kept."""
     t = k_quad.shape[1]
-    done = (t - 1) // chunk * chunk  # tokens of the folded chunks
+    done = t - held_in_chunk(t, chunk)  # tokens of the folded chunks
     earlier = torch.einsum("bts,bte->bse", k_lin[:, :done], v[:, :done]) / chunk
     current = torch.einsum("bts,bte->bse", k_lin[:, done:], v[:, done:])
     return GAUState(k_quad[:, done:], v[:, done:], current, earlier)
@@ -181,7 +181,7 @@ class GAUCache:
     def fill(self, batch: int, context: int, device, dtype) -> None:
         """As if ``context`` tokens had been read: a random state whose current chunk holds the tokens
         past the last whole chunk (a step's work depends on their count, not on what they hold)."""
-        x = torch.randn(batch, (context - 1) % self.layer.chunk + 1, self.layer.uv.in_features, device=device, dtype=dtype)
+        x = torch.randn(batch, held_in_chunk(context, self.layer.chunk), self.layer.uv.in_features, device=device, dtype=dtype)
         _, v, _, k_quad, _, k_lin = self.layer.project(x)
         self.state, self.length = gau_state(k_quad, k_lin, v, self.layer.chunk), context
 
@@ -215,11 +215,21 @@ def gau_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
     return batch * seq * (2.0 * g * (s + e) + 4.0 * s * e)
 
 
+def held_in_chunk(context: int, chunk: int) -> int:
+    """Tokens a GAUState's current chunk holds after ``context`` >= 1 tokens (1 .. chunk)."""
+    return (context - 1) % chunk + 1
+
+
+def _sizes(cfg: LayerConfig) -> tuple[int, int, int]:
+    """(G, S, E): chunk, qk_dim and value width of cfg's GAU."""
+    options = gau_options(cfg)
+    return options["chunk"], options["qk_dim"], options["expansion"] * cfg.dim
+
+
 def _torch_step(cfg, batch, context, queries, device, dtype):
     """One token against a random state whose current chunk holds the context's tokens past its last whole chunk."""
-    options = gau_options(cfg)
-    g, s, e = options["chunk"], options["qk_dim"], options["expansion"] * cfg.dim
-    held = (context - 1) % g + 1
+    g, s, e = _sizes(cfg)
+    held = held_in_chunk(context, g)
     q_quad, k_quad, q_lin, k_lin = (torch.randn(batch, s, device=device, dtype=dtype) for _ in range(4))
     v = torch.randn(batch, e, device=device, dtype=dtype)
     state = GAUState(torch.randn(batch, held, s, device=device, dtype=dtype), torch.randn(batch, held, e, device=device, dtype=dtype),
@@ -230,15 +240,13 @@ def _torch_step(cfg, batch, context, queries, device, dtype):
 def _state_bytes(cfg: LayerConfig, context: int, itemsize: int) -> int:
     """One sequence's GAUState: the current chunk's k_quad and v rows and the two [S, E] sums, all in
     the inputs' dtype (the state is what the chunked forward's prefix sums hold)."""
-    options = gau_options(cfg)
-    g, s, e = options["chunk"], options["qk_dim"], options["expansion"] * cfg.dim
-    return (((context - 1) % g + 1) * (s + e) + 2 * s * e) * itemsize
+    g, s, e = _sizes(cfg)
+    return (held_in_chunk(context, g) * (s + e) + 2 * s * e) * itemsize
 
 
 def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
     """The state read, the current chunk's sum written, the token's four [S] and one [E] read, [E] written."""
-    options = gau_options(cfg)
-    s, e = options["qk_dim"], options["expansion"] * cfg.dim
+    _, s, e = _sizes(cfg)
     return batch * (_state_bytes(cfg, context, itemsize) + (s * e + 4 * s + 2 * e) * itemsize)
 
 

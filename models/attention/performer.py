@@ -31,7 +31,6 @@ import torch
 
 from attnbench.kernels import decode_cost
 from attnbench.models import feature_attention, state_decode
-from attnbench.models.feature_attention import EPS
 from attnbench.models.float32_forms import outside_autocast
 from attnbench.models.qkv import QKVAttention
 from attnbench.models.registry import MATMUL_BACKWARD, DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
@@ -128,11 +127,7 @@ def performer_step(
     kv = state.kv * rescale[..., None, None] + features[..., :, None] * v.to(work)[..., None, :]
     k_sum = state.k_sum * rescale[..., None] + features
     fq = query_features(q.to(work)[:, None], projection)[:, 0]  # (B, Hq, M)
-    fq = fq.reshape(fq.shape[0], k.shape[1], -1, fq.shape[-1])  # (B, Hkv, G, M): GQA groups
-    num = torch.einsum("bhgm,bhmv->bhgv", fq, kv)
-    den = torch.einsum("bhgm,bhm->bhg", fq, k_sum)
-    o = num / (den + EPS)[..., None]
-    return o.flatten(1, 2).to(q.dtype), PerformerState(kv, k_sum, largest)
+    return state_decode.feature_readout(fq, kv, k_sum).to(q.dtype), PerformerState(kv, k_sum, largest)
 
 
 class PerformerCache(state_decode.StateCache):
