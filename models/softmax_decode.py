@@ -14,6 +14,8 @@ rotated, so RoPE rotates q alone, inside the step. A generate loop keeps one `KV
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Callable
 
@@ -217,18 +219,27 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
         table = torch.randperm(pages, device=device).to(torch.int32).view(batch, -1)
         return lambda: decode_attention(q, k, v, lengths, page_table=table, **opts)
 
-    def sdpa_step(cfg, batch, context, queries, device, dtype):
+    def sdpa_step(cfg, batch, context, queries, device, dtype, backend: str | None = None):
+        """SDPA's step, its own dispatch or pinned to ``backend`` (an SDPBackend name)."""
         q, k, v, lengths, opts, rows = inputs(cfg, batch, context, queries, device, dtype)
         mask = sdpa_mask(lengths, queries, rows, opts.get("window"), opts.get("slopes"), dtype)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, C, D): SDPA's layout, made once
         theta, at = opts.get("theta"), positions_of_new(lengths, queries)
+        pinned = [] if backend is None else [getattr(torch.nn.attention.SDPBackend, backend)]
 
         def step():
             rotated = q if theta is None else rope_at(q, at, theta)
-            o = F.scaled_dot_product_attention(rotated.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+            with torch.nn.attention.sdpa_kernel(pinned) if pinned else contextlib.nullcontext():
+                o = F.scaled_dot_product_attention(rotated.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
             return o.transpose(1, 2)  # (B, N, Hq, D)
 
         return step
+
+    def flash_backend_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | None:
+        opts = step_options(options(cfg))
+        if queries > 1 or opts.get("window") is not None or opts.get("slopes") is not None:
+            return "SDPA's flash backend takes no mask or bias (N > 1 new queries, a window or ALiBi need one)"
+        return None if dtype != torch.float32 else "SDPA's flash backend needs fp16 or bf16"
 
     def flex_step(cfg, batch, context, queries, device, dtype):
         q, k, v, lengths, opts, rows = inputs(cfg, batch, context, queries, device, dtype)
@@ -249,6 +260,11 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
         "triton": DecodeImpl("triton", triton_step, "ours: Triton split-KV decode, contiguous cache", **ours),
         "triton-paged": DecodeImpl("triton-paged", paged_step, f"ours: Triton split-KV decode, paged cache ({PAGE}-token pages, shuffled table)", **ours),
         "sdpa": DecodeImpl("sdpa", sdpa_step, "F.scaled_dot_product_attention with enable_gqa, default dispatch"),
+        "sdpa-cudnn": DecodeImpl("sdpa-cudnn", functools.partial(sdpa_step, backend="CUDNN_ATTENTION"),
+                                 "F.scaled_dot_product_attention pinned to cuDNN", needs_cuda=True),
+        "sdpa-flash": DecodeImpl("sdpa-flash", functools.partial(sdpa_step, backend="FLASH_ATTENTION"),
+                                 "F.scaled_dot_product_attention pinned to its flash backend", needs_cuda=True,
+                                 unsupported=flash_backend_unsupported),
         "flex": DecodeImpl("flex", flex_step, "FlexAttention (torch.compile), block mask of the cache's positions, ALiBi as score_mod",
                            needs_cuda=True),
         "torch": DecodeImpl("torch", torch_step, "plain torch decode step by definition (models/decode.py)", graphable=False),

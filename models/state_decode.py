@@ -44,6 +44,13 @@ def why_no_step(cfg, queries: int) -> str | None:
     return None
 
 
+def why_no_fla_step(cfg, queries: int) -> str | None:
+    """why_no_step's reasons, and fla's fused_recurrent kernels taking one head count for q, k and v."""
+    if cfg.heads != cfg.kv_heads:
+        return f"fla's fused_recurrent steps take as many query heads as kv heads (here {cfg.heads} and {cfg.kv_heads})"
+    return why_no_step(cfg, queries)
+
+
 def _groups(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """q [B, Hq, D] -> [B, Hkv, G, D], the query heads of each kv head together."""
     b, hq, d = q.shape

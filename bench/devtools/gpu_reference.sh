@@ -70,6 +70,8 @@
 #             dense kernel's, then the kernel against our dense kernel, cuDNN and flex at blocks 64 and 128
 #   decode-peers: #24's decode forms and peers added since decode-cli (flex beside sdpa and ours; performer's
 #             state step), their CUDA tests and generate's, B 1 and 32, L 1k-64k, Hq 32, Hkv 8, D 128
+#   decode-model: #24's decode sweep with every peer (SDPA cuDNN/flash pinned, flex, fla's one-token steps at
+#             MHA), Hq 32, Hkv 8, D 128, B 1-64, L 1k-64k, then GPT small's decode step at the model level
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -378,6 +380,29 @@ decode-peers)
 import csv, sys
 for r in csv.DictReader(open(f"{sys.argv[1]}/decode/speed.csv")):
     print(r["mechanism"], r["impl"], r["batch"], r["seq"], r["status"], r["ms_median"], r["pct_bandwidth"], r["message"][:80])
+PY
+    ;;
+decode-model)  # #24's decode with every peer: SDPA pinned to cuDNN and flash, flex, fla's fused_recurrent steps (MHA:
+              # fla takes one head count), then GPT small's whole decode step at the model level
+    limit 130 python3 -m pytest -v tests/models/test_decode_forms.py tests/models/test_generate.py tests/models/test_fla_decode.py \
+        tests/bench/speed/test_decode_mode.py tests/kernels/test_decode_kernel.py tests/kernels/test_state_decode.py \
+        --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -8
+    speed 190 --mode decode --attn standard,linear,deltanet,performer,gau --impl all --heads 32 --kv-heads 8 --head-dim 128 \
+        --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/decode" > "$out/decode.txt"
+    speed 45 --mode decode --attn linear,deltanet --impl all --heads 32 --kv-heads 32 --head-dim 128 \
+        --batch 1 32 --context 1024 --out "$out/decode-mha" > "$out/decode-mha.txt"
+    speed 170 --mode decode --level model --preset small --attn standard,linear,deltanet,performer,gau --impl torch,triton \
+        --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/model" > "$out/model.txt"
+    attnbench report "$out/decode" --out "$out/report" > /dev/null 2>&1
+    python3 - "$out" <<'PY'
+import csv, sys
+for run in ("decode", "decode-mha", "model"):
+    for r in csv.DictReader(open(f"{sys.argv[1]}/{run}/speed.csv")):
+        if r["status"] != "ok":
+            print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["status"], r["message"][:70])
+        elif r["batch"] in ("1", "32") or run == "model":
+            print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["ms_median"], r["tokens_per_s"], r["pct_bandwidth"], r["cuda_graph"])
 PY
     ;;
 defaults)  # results/ of each default command lands in $out (their run folders are named by the time)

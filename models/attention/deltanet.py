@@ -163,9 +163,9 @@ IMPLS = {
 def _step_inputs(cfg: LayerConfig, batch: int, device, dtype):
     """One token q [B, Hq, D], k/v [B, Hkv, D], beta [B, Hkv] in (0, 1) and a random float32 state
     S [B, Hkv, D, D]: what the state holds after L tokens does not change the step's work."""
-    q = torch.randn(batch, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
-    k, v = (torch.randn(batch, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
-    beta = torch.rand(batch, cfg.kv_heads, device=device, dtype=dtype)
+    q = torch.randn(batch, cfg.heads, cfg.head_dim, device=device).to(dtype)  # drawn in float32: one seed, the same token in every dtype
+    k, v = (torch.randn(batch, cfg.kv_heads, cfg.head_dim, device=device).to(dtype) for _ in range(2))
+    beta = torch.rand(batch, cfg.kv_heads, device=device).to(dtype)
     state = 0.01 * torch.randn(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim, device=device)
     return q, k, v, beta, state
 
@@ -180,6 +180,17 @@ def _triton_step(cfg, batch, context, queries, device, dtype):
 
     q, k, v, beta, state = _step_inputs(cfg, batch, device, dtype)
     return lambda: deltanet_step(q, k, v, state, beta)  # the state takes the token in place
+
+
+def _fla_step(cfg, batch, context, queries, device, dtype):
+    """fla's fused_recurrent_delta_rule over one token, q and k L2-normalised in its kernel, no
+    scale (o = S^T q, as ours); the new state comes back."""
+    from fla.ops.delta_rule import fused_recurrent_delta_rule
+
+    q, k, v, beta, state = _step_inputs(cfg, batch, device, dtype)
+    q, k, v, beta = q[:, None], k[:, None], v[:, None], beta[:, None]  # (B, 1, H, D), beta (B, 1, H)
+    return lambda: fused_recurrent_delta_rule(q, k, v, beta, scale=1.0, initial_state=state, output_final_state=True,
+                                              use_qk_l2norm_in_kernel=True)[0]
 
 
 def _state_bytes(cfg: LayerConfig) -> int:
@@ -198,6 +209,8 @@ def _step_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | No
 DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize: _state_bytes(cfg), {
     "triton": DecodeImpl("triton", _triton_step, "ours: fused Triton one-token delta-rule update and readout",
                          needs_cuda=True, unsupported=_step_unsupported),
+    "fla": DecodeImpl("fla", _fla_step, "flash-linear-attention fused_recurrent_delta_rule (Triton)", needs_cuda=True,
+                      missing=fla_missing("delta_rule"), unsupported=lambda cfg, queries, device, dtype: state_decode.why_no_fla_step(cfg, queries)),
     "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step (models/state_decode.py)", unsupported=_step_unsupported),
 }, layer_cache=state_decode.DeltaNetCache)
 

@@ -85,8 +85,8 @@ IMPLS = {
 def _step_inputs(cfg: LayerConfig, batch: int, device, dtype):
     """One token q [B, Hq, D], k/v [B, Hkv, D] and a random state (float32 kv [B, Hkv, D, D],
     k_sum [B, Hkv, D] > 0): what the state holds after L tokens does not change the step's work."""
-    q = torch.randn(batch, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
-    k, v = (torch.randn(batch, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(batch, cfg.heads, cfg.head_dim, device=device).to(dtype)  # drawn in float32: one seed, the same token in every dtype
+    k, v = (torch.randn(batch, cfg.kv_heads, cfg.head_dim, device=device).to(dtype) for _ in range(2))
     kv = 0.01 * torch.randn(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim, device=device)
     k_sum = torch.rand(batch, cfg.kv_heads, cfg.head_dim, device=device) + 1.0
     return q, k, v, kv, k_sum
@@ -105,6 +105,22 @@ def _triton_step(cfg, batch, context, queries, device, dtype):
     return lambda: linear_step(q, k, v, kv, k_sum)  # the state takes the token in place
 
 
+def _fla_step(cfg, batch, context, queries, device, dtype):
+    """fla's fused_recurrent_linear_attn over one token, normalised (its running key sum kept beside
+    kv), the feature map applied to q and k in the step as ours fuses it; the new state comes back."""
+    from fla.ops.linear_attn import fused_recurrent_linear_attn
+
+    q, k, v, kv, k_sum = _step_inputs(cfg, batch, device, dtype)
+    z = k_sum[:, None]  # (B, 1, H, D): fla's running key sum
+
+    def step():
+        fq, fk = feature_map(q[:, None]), feature_map(k[:, None])  # (B, 1, H, D)
+        o, _ = fused_recurrent_linear_attn(fq, fk, v[:, None], scale=1.0, initial_state=(kv, z), output_final_state=True, normalize=True)
+        return o
+
+    return step
+
+
 def _state_bytes(cfg: LayerConfig) -> int:
     return decode_cost.linear_state_bytes(cfg.kv_heads, cfg.head_dim, cfg.head_dim)
 
@@ -121,6 +137,8 @@ def _step_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | No
 DECODE = DecodeForm("state", _step_bytes, lambda cfg, context, queries, itemsize: _state_bytes(cfg), {
     "triton": DecodeImpl("triton", _triton_step, "ours: fused Triton one-token state update and readout",
                          needs_cuda=True, unsupported=_step_unsupported),
+    "fla": DecodeImpl("fla", _fla_step, "flash-linear-attention fused_recurrent_linear_attn, normalised (Triton)", needs_cuda=True,
+                      missing=fla_missing("linear_attn"), unsupported=lambda cfg, queries, device, dtype: state_decode.why_no_fla_step(cfg, queries)),
     "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step (models/state_decode.py)", unsupported=_step_unsupported),
 }, layer_cache=state_decode.LinearCache)
 
