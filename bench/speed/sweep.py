@@ -260,6 +260,8 @@ def _shape(spec: SweepSpec, level: str) -> tuple[int, int, int, str]:
 
 def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
     """Why ``case`` cannot run on this machine, or None."""
+    if case.level == "model-graph" and not case.device.startswith("cuda"):
+        return "model-graph captures CUDA graphs: it needs a CUDA device"
     if case.mode == DECODE:
         return why_no_decode(case, mechanism)
     cfg = case.layer_config()
@@ -268,8 +270,6 @@ def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
         return f"{case.mechanism}/{case.impl} has no kernel-level core (layer level only)"
     if case.level in MODEL_LEVELS and case.mode == "bwd":
         return "the model level times fwd (forward and loss) or fwdbwd (a whole training step)"
-    if case.level == "model-graph" and not case.device.startswith("cuda"):
-        return "model-graph captures CUDA graphs: it needs a CUDA device"
     return _why_not_positions(case, mechanism) or mechanism.why_not(cfg) or impl.why_not(cfg, case.device, DTYPES[case.dtype])
 
 
@@ -289,8 +289,6 @@ def why_no_decode(case: Case, mechanism: Mechanism) -> str | None:
     if mechanism.decode is None:
         have = ", ".join(name for name, m in registry.mechanisms().items() if m.decode is not None)
         return f"{case.mechanism} has no decode step here (the mechanisms with one: {have})"
-    if case.level == "model-graph":
-        return "decode is timed at the kernel, layer and model levels; a model-graph decode step is not built"
     if not case.causal:
         return "a decode step is causal: its new tokens see the tokens before them (drop --bidirectional)"
     cfg = case.layer_config()
@@ -319,6 +317,16 @@ def _why_no_cached_decode(case: Case, mechanism: Mechanism) -> str | None:
             return reason
     if case.queries != 1:
         return f"the {case.level} level's decode step takes one new token a sequence (--queries 1)"
+    return _why_no_graph(case, mechanism) if case.level == "model-graph" else None
+
+
+def _why_no_graph(case: Case, mechanism: Mechanism) -> str | None:
+    """Why the model's decode step cannot be captured as a CUDA graph (model-graph), or None: a capture
+    holds no host synchronisation, and a failed one leaves the process's CUDA context unusable."""
+    if mechanism.decode.carries == "kv-cache" and case.impl != "triton":
+        return "the plain-torch KV-cache steps check the lengths on the host (a synchronisation no graph holds): time triton at model-graph"
+    if case.window is not None and (case.positions or mechanism.name) == "rope":
+        return "a rolling cache's RoPE tables are sized from the lengths on the host (a synchronisation no graph holds)"
     return None
 
 
@@ -433,8 +441,10 @@ def model_decode_workload(case: Case) -> Workload:
     """One token through the ``case.preset`` GPT for B sequences that hold L = case.seq tokens: every
     layer's cache filled with random contents (models/generate.Decoder.fill), then each timed call
     is one step (embeddings, every block with its cache, the head's logits) under the dtype's
-    autocast, undone after it (Decoder.restore) so that every call steps from L. Memory per
-    sequence: every layer's cache or state."""
+    autocast, undone after it (Decoder.restore) so that every call steps from L. model-graph: that
+    step captured once as a CUDA graph, whose replays repeat it from L (the GPU's time without the
+    host's launches; _why_no_graph says which steps can be). Memory per sequence: every layer's
+    cache or state."""
     from attnbench.models.generate import Decoder
     from attnbench.models.transformer import build_model
 
@@ -446,16 +456,18 @@ def model_decode_workload(case: Case) -> Workload:
         decoder.fill(case.batch, case.seq)
     start = decoder.snapshot()
     tokens = torch.randint(0, model.cfg.vocab_size, (case.batch,), device=case.device)
+    graphed = case.level == "model-graph"
 
     @torch.no_grad()
     def step():
-        with _autocast(case):
+        with _autocast(case, cache_enabled=not graphed):
             logits = decoder.step(tokens)
         decoder.restore(start)
         return logits
 
     per_layer = flop_model.decode_memory_mib(mechanism, case.layer_config(), case.seq, 1, DTYPES[case.dtype].itemsize)
-    return Workload(step, [], _param_count(model), None, mem_per_seq_mib=per_layer * model.cfg.layers)
+    return Workload(_graph_of(step) if graphed else step, [], _param_count(model), None, peak_memory=not graphed,
+                    cuda_graph=graphed, mem_per_seq_mib=per_layer * model.cfg.layers)
 
 
 def decode_workload(case: Case, graphed: bool) -> Workload:
@@ -464,7 +476,7 @@ def decode_workload(case: Case, graphed: bool) -> Workload:
     impl allows it on a CUDA device (otherwise the eager step). The layer and model levels:
     layer_decode_workload, model_decode_workload."""
     if case.level != "kernel":
-        return model_decode_workload(case) if case.level == "model" else layer_decode_workload(case)
+        return layer_decode_workload(case) if case.level == "layer" else model_decode_workload(case)
     mechanism = registry.get(case.mechanism)
     impl = mechanism.decode.impls[case.impl]
     cfg, device, dtype = case.layer_config(), torch.device(case.device), DTYPES[case.dtype]

@@ -196,8 +196,9 @@ def test_a_kv_cache_read_by_our_decode_kernel_steps_as_the_definition(case):
     from attnbench.kernels.decode import decode_attention
     from attnbench.models.softmax_decode import KVCache
 
-    model = model_of(**CACHED[case])
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs on a GPU where there is one
+    model = model_of(**CACHED[case]).to(device)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2)).to(device)
     plain = generate.Decoder(model, capacity=12)
     ours = generate.Decoder(model, capacity=12, layer_cache=functools.partial(KVCache, attend=decode_attention))
     assert_close(ours.prefill(ids[:, :8]), plain.prefill(ids[:, :8]), f"{case}: prefill")

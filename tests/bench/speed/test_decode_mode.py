@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from attnbench import flops, store
@@ -68,8 +69,10 @@ def test_unsupported_decode_rows_say_why(decode_run):
     assert unsupported and all(row["message"] for row in unsupported)
     bsbr = [row for row in rows if row["mechanism"] == "bsbr"]
     assert len(bsbr) == 2 and all("has no decode step" in row["message"] for row in bsbr)
-    triton = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
-    assert triton == {"triton", "triton-paged", "flex"}
+    on_cuda = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
+    assert {"triton", "triton-paged", "flex", "sdpa-cudnn", "sdpa-flash"} <= on_cuda <= {"triton", "triton-paged", "flex", "sdpa-cudnn", "sdpa-flash", "fla"}
+    fla = [row["message"] for row in unsupported if row["impl"] == "fla"]
+    assert fla and all("needs a CUDA device" in why or "not installed" in why for why in fla)
 
 
 def test_resuming_a_decode_sweep_records_no_case_twice(decode_run, tmp_path):
@@ -141,8 +144,18 @@ def test_a_bidirectional_or_model_graph_decode_step_is_unsupported_with_its_reas
         reasons = {case.causal: sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(at_level)}
         assert reasons[True] is None and "causal" in reasons[False], level
     graph = sweep.SweepSpec(**{**spec.__dict__, "levels": ["model-graph"], "causal": [True]})
-    assert all("model-graph decode step is not built" in sweep.why_unsupported(case, registry.get("standard"))
-               for case in sweep.expand(graph))
+    assert all("needs a CUDA device" in sweep.why_unsupported(case, registry.get("standard")) for case in sweep.expand(graph))
+
+
+def test_a_model_graph_decode_step_is_captured_only_where_the_step_holds_no_host_synchronisation():
+    spec = sweep.SweepSpec(["standard", "linear"], ["torch"], ["model-graph"], ["decode"], ["bf16"], "cuda", [32], batches=[1],
+                           causal=[True], contexts=[64], preset="tiny")
+    reasons = {case.mechanism: sweep.why_unsupported(case, registry.get(case.mechanism)) for case in sweep.expand(spec)}
+    assert "synchronisation" in reasons["standard"] and "time triton" in reasons["standard"]
+    assert reasons["linear"] is None  # a state's torch steps read nothing back on the host
+    rope = sweep.SweepSpec(**{**spec.__dict__, "mechanisms": ["rope"], "impls": ["triton"], "window": 16})
+    (case,) = sweep.expand(rope)
+    assert "RoPE tables" in sweep._why_no_graph(case, registry.get("rope"))  # why_unsupported says first that no GPU is here
 
 
 def test_the_layer_level_decode_step_is_one_layer_with_its_cache(tmp_path):
@@ -217,3 +230,19 @@ def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
     reasons = {(r["mechanism"], r["impl"]): r["message"] for r in rows if r["status"] == "unsupported"}
     assert "time sdpa at --level kernel" in reasons["standard", "sdpa"]
     assert "has no decode step" in reasons["bsbr", "torch"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mechanism, impl", [("standard", "triton"), ("linear", "torch"), ("deltanet", "torch")])
+def test_a_model_graph_decode_step_replays_on_a_gpu(mechanism, impl):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec = sweep.SweepSpec([mechanism], [impl], ["model-graph"], ["decode"], ["bf16"], "cuda", [32], batches=[2],
+                           causal=[True], contexts=[40], preset="tiny")
+    (case,) = sweep.expand(spec)
+    assert sweep.why_unsupported(case, registry.get(mechanism)) is None
+    work = sweep.decode_workload(case, graphed=True)
+    work.forward()
+    work.forward()  # a replay
+    torch.cuda.synchronize()
+    assert work.cuda_graph and not work.peak_memory
