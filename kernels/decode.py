@@ -219,12 +219,12 @@ def _tile(dtype: torch.dtype, rows: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
-def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left, scale, splits) -> torch.Tensor:
+def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left, scale, splits, tile=None) -> torch.Tensor:
     """o [B, N, Hq, D]: the split kernel over (table, page) pages, then the combine kernel unless one split."""
     b, n, hq, d = q.shape
     hkv = k_pages.shape[2]
     group = hq // hkv
-    tile = _tile(q.dtype, n * group)
+    tile = {**_tile(q.dtype, n * group), **(tile or {})}
     row_blocks = blocks(n * group, tile["BLOCK_M"])
     if splits is None:
         keys = table.shape[1] * page if left >= NO_LIMIT else min(table.shape[1] * page, left + n)
@@ -273,6 +273,7 @@ def decode_attention(
     theta: float | None = None,
     scale: float | None = None,
     splits: int | None = None,
+    tile: dict | None = None,
 ) -> torch.Tensor:
     """One decode step of softmax attention against a KV cache: o [B, N, Hq, D] in q's dtype.
 
@@ -288,6 +289,8 @@ def decode_attention(
     at its position in the kernel (rotate-half; the cache holds keys rotated at theirs, D even);
     scale: of q.k (D^-0.5).
     splits: how many pieces the keys are cut into (None: split_count's choice for this GPU).
+    tile: the split kernel's BLOCK_N, num_warps, num_stages (None: _tile's; what
+        attnbench.devtools.decode_tiles sweeps).
     dtypes: float16, bfloat16 (float32 accumulation) or float32 (IEEE dots), the same for q, k, v.
     The plain-torch twin: attnbench.models.decode.softmax_step.
     """
@@ -308,4 +311,4 @@ def decode_attention(
     scale = d**-0.5 if scale is None else scale
     slopes = None if slopes is None else slopes.to(device=q.device, dtype=torch.float32).contiguous()
     lengths = lengths.to(device=q.device, dtype=torch.int32)
-    return _launch(q, k_cache, v_cache, table, page, lengths, slopes, rope_tables, left, scale, splits)
+    return _launch(q, k_cache, v_cache, table, page, lengths, slopes, rope_tables, left, scale, splits, tile)

@@ -72,6 +72,7 @@
 #             state step), their CUDA tests and generate's, B 1 and 32, L 1k-64k, Hq 32, Hkv 8, D 128
 #   decode-model: #24's decode sweep with every peer (SDPA cuDNN/flash pinned, flex, fla's one-token steps at
 #             MHA), Hq 32, Hkv 8, D 128, B 1-64, L 1k-64k, then GPT small's decode step at the model level
+#   decode-tune: #24's split-KV decode kernel over tiles and split counts beside cuDNN, and its ncu profile
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -404,6 +405,26 @@ for run in ("decode", "decode-mha", "model"):
         elif r["batch"] in ("1", "32") or run == "model":
             print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["ms_median"], r["tokens_per_s"], r["pct_bandwidth"], r["cuda_graph"])
 PY
+    ;;
+decode-tune)  # #24's decode kernel: every tile and split count beside cuDNN (CUDA-graph replays), then Nsight Compute
+              # on the default split kernel at B 1 and 32, L 16k (what limits it)
+    limit 330 python3 -m attnbench.devtools.decode_tiles --out "$out/tiles.csv" --batch 1 32 --context 1024 16384 65536 > "$out/tiles.txt" 2>&1
+    tail -8 "$out/tiles.txt"
+    for b in 1 32; do
+        limit 90 ncu --clock-control none -k regex:_split_kernel --launch-skip 3 --launch-count 1 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \
+            python3 -c "
+import torch
+from attnbench.kernels.decode import decode_attention
+q = torch.randn($b, 1, 32, 128, device='cuda', dtype=torch.bfloat16)
+k, v = (torch.randn($b, 16384, 8, 128, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+lengths = torch.full(($b,), 16384, dtype=torch.int32, device='cuda')
+for _ in range(5):
+    decode_attention(q, k, v, lengths)
+torch.cuda.synchronize()
+" > "$out/ncu-b$b.txt" 2>&1
+        grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Limit|Warp Cycles Per Issued|Stall|Theoretical Occ" "$out/ncu-b$b.txt" | head -16
+    done
     ;;
 defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
     (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)
