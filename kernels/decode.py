@@ -171,7 +171,8 @@ def _combine_kernel(
 
 
 MAX_SPLITS = 128
-MIN_SPLIT_KEYS = 256  # below this a split's share of the cache no longer pays for its partial result
+MIN_SPLIT_KEYS = 128  # below this a split's share of the cache no longer pays for its partial result (H200, B = 1,
+# L = 1k: 8 splits of 128 keys 8.0 us, 4 of 256 11.3 us; results/reference-h200/decode-tune/)
 # programs per SM at once: the bf16 D = 128 split kernel compiles (triton 3.9, sm_90a, ptxas -v) to
 # 124 registers a thread at 4 warps and 39 KB of shared memory, so four fit an SM; and HBM at ~4.8
 # TB/s with ~1 us of latency needs ~36 KB in flight per SM of the H200's 132 (not yet measured)
@@ -216,7 +217,9 @@ def _tile(dtype: torch.dtype, rows: int) -> dict:
         return {"BLOCK_M": block_m, "BLOCK_N": 16}
     if dtype == torch.float32:
         return {"BLOCK_M": block_m, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    # two stages beat three at every B and L timed (H200, B 1 and 32, L 1k-64k: 3-5% at B = 32 and L >= 16k;
+    # results/reference-h200/decode-tune/); 128-key tiles win only where they halve the splits
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 def _launch(q, k_pages, v_pages, table, page, lengths, slopes, rope_tables, left, scale, splits, tile=None) -> torch.Tensor:
