@@ -185,7 +185,7 @@ def split_count(programs: int, keys: int, sms: int) -> int:
     """How many splits to cut ``keys`` cache keys into when ``programs`` programs (sequences x kv
     heads x row blocks) share them and the GPU has ``sms`` SMs: the fewest whose programs fill the
     SMs' resident slots in waves at least 85% full (FlashAttention's num_splits_heuristic), each
-    split at least MIN_SPLIT_KEYS keys. On an H200 with Hkv = 8: B = 64 gets 1, B = 32 2, B = 8 8,
+    split at least MIN_SPLIT_KEYS keys. On an H200 with Hkv = 8: B = 64 gets 1, B = 32 2, B = 8 7-8,
     B = 1 up to 66 (at 16k keys and more)."""
     slots = RESIDENT * sms
     most = max(1, min(MAX_SPLITS, keys // MIN_SPLIT_KEYS))
