@@ -8,6 +8,7 @@ Under TRITON_INTERPRET=1 the kernels' tiles are 32 queries x 16 keys (forward, d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 import triton.language as tl
 from triton.runtime import interpreter
 
-from attnbench.kernels import flash, flash_bwd, flash_fwd, flash_rope, reference
+from attnbench.kernels import flash, flash_bwd, flash_fwd, flash_launch, flash_rope, reference
 from attnbench.kernels.flash import flash_attention_varlen
 from attnbench.tolerance import error_bound, relative_bound
 
@@ -150,6 +151,29 @@ def test_each_packed_sequence_matches_its_own_attention(name):
     assert_matches_each_sequence(PACKS[name])
 
 
+@pytest.fixture
+def tma(monkeypatch):
+    """use_tma answers as for a Hopper GPU (on CPU: the interpreter's descriptors); yields its answers."""
+    monkeypatch.setattr(flash_launch, "_has_tma", lambda device: True)
+    answers = []
+
+    def recorded(*args):
+        answers.append(flash_launch.use_tma(*args))
+        return answers[-1]
+
+    for module in (flash_fwd, flash_bwd):
+        monkeypatch.setattr(module, "use_tma", recorded)
+    return answers
+
+
+@pytest.mark.parametrize("name", [name for name, pack in PACKS.items() if pack.dtype != torch.float32])
+def test_tma_loads_stop_at_each_sequence_end(name, tma):
+    """Descriptors per sequence (tiles) and per statistics row (lse, delta read from the sequence's
+    first row on): a tile never reads the next sequence's rows."""
+    assert_matches_each_sequence(PACKS[name])
+    assert tma and all(tma), "every launch read its tiles through descriptors"
+
+
 def test_a_longer_max_seqlen_changes_nothing():
     """max_seqlen only sizes the grid: programs past every sequence's end write nothing."""
     pack = Pack(options={"causal": True})
@@ -159,6 +183,20 @@ def test_a_longer_max_seqlen_changes_nothing():
     wider = _output_and_grads(lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, 130, causal=True), q, k, v, do, {})
     for name, mine, truth in zip(("o", "dq", "dk", "dv"), wider, exact):
         assert torch.equal(mine, truth), name
+
+
+def test_compiled_callers_run_it_eagerly():
+    """No custom op: torch.compile graph-breaks at flash_attention_varlen, with eager mode's results."""
+    pack = Pack(options={"causal": True, "theta": 1e4})
+    q, k, v, do = pack.inputs(torch.Generator().manual_seed(4))
+    cu_seqlens = _offsets(pack.lengths)
+
+    def layer(q, k, v):
+        return flash_attention_varlen(q * 2, k, v, cu_seqlens, 40, causal=True, theta=1e4) + 1
+
+    compiled = torch.compile(layer, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    for name, mine, eager in zip(("o", "dq", "dk", "dv"), _output_and_grads(compiled, q, k, v, do, {}), _output_and_grads(layer, q, k, v, do, {})):
+        assert torch.equal(mine, eager), name
 
 
 def _packed(total=10, heads=2, kv_heads=2, head_dim=16):
@@ -235,4 +273,4 @@ REAL_SIZE_PACKS = {
 def test_each_packed_sequence_matches_its_own_attention_at_real_sizes(name):
     lengths = _uniform_lengths(16384, 256, 4096, torch.Generator().manual_seed(0))
     pack = REAL_SIZE_PACKS[name]
-    assert_matches_each_sequence(Pack(lengths, pack.heads, pack.kv_heads, pack.head_dim, pack.dtype, pack.options))
+    assert_matches_each_sequence(dataclasses.replace(pack, lengths=lengths))
