@@ -2,15 +2,17 @@
 GQA/MQA, sliding windows, ALiBi and RoPE in one skeleton (forward: kernels/flash_fwd.py,
 backward: kernels/flash_bwd.py, shared tiles: kernels/flash_tiles.py, launching:
 kernels/flash_launch.py, RoPE's rotation passes: kernels/flash_rope.py); the same kernels
-visit listed blocks only for kernels/block_sparse.py. Eager calls run FlashAttention (an
-autograd.Function); under torch.compile the same forward and backward are the custom ops
-attnbench::flash_fwd and attnbench::flash_bwd.
+visit listed blocks only for kernels/block_sparse.py, and packed variable-length sequences
+for flash_attention_varlen. Eager calls run FlashAttention (an autograd.Function); under
+torch.compile the same forward and backward are the custom ops attnbench::flash_fwd and
+attnbench::flash_bwd (the varlen path has none: a graph break runs it eagerly).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import torch
 import triton
@@ -271,3 +273,76 @@ def flash_attention_packed(qkv: torch.Tensor, heads: int, **options) -> torch.Te
     options = {**_DEFAULTS, **options}
     check_inputs(q, k, v, options["seq_lens"], options["window"], options["slopes"], options["theta"], options["scale"])
     return attend(q, k, v, options, qkv=qkv)
+
+
+# The last cu_seqlens whose values passed _check_offsets: (a weak reference to it, its version
+# counter, the pack's length, its longest sequence). Checking reads the offsets to the host, a
+# device sync; repeated calls on one unchanged pack (a model's layers, a benchmark's repetitions,
+# a CUDA graph's capture after a warm-up) pay it once.
+_checked_offsets: tuple | None = None
+
+
+def _check_offsets(cu_seqlens: torch.Tensor, total: int) -> int:
+    """The longest sequence of the pack that cu_seqlens int32 [N + 1] describes (0, l0, l0 + l1,
+    ..., total); ValueError unless it is one."""
+    global _checked_offsets
+    last = _checked_offsets
+    if last is not None and last[0]() is cu_seqlens and last[1:3] == (cu_seqlens._version, total):
+        return last[3]
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        described = f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"cu_seqlens must be an int32 tensor [N + 1] with N >= 1 (0, l0, l0 + l1, ..., total); got {described}")
+    offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or offsets[-1] != total or min(lengths) < 0:
+        shown = offsets if len(offsets) <= 8 else [*offsets[:4], "...", *offsets[-3:]]
+        raise ValueError(f"cu_seqlens must rise from 0 to the pack's length {total} without decreasing; got {shown}")
+    _checked_offsets = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max(lengths))
+    return max(lengths)
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
+    """The packed layout's own checks (flash_attention_varlen); check_inputs does the rest."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0]:
+        raise ValueError(f"expected packed q [total, Hq, D] and k, v [total, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    longest = _check_offsets(cu_seqlens, q.shape[0])
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < max(longest, 1):
+        raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}) and >= 1; got {max_seqlen!r}")
+
+
+@torch.compiler.disable  # no custom op: compiled callers graph-break here and run it eagerly
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    slopes: torch.Tensor | None = None,
+    theta: float | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """flash_attention over packed sequences (FlashAttention's varlen layout), differentiable in
+    q, k and v: o [total, Hq, D] in q's dtype.
+
+    q [total, Hq, D], k/v [total, Hkv, D]: N sequences laid end to end, no padding; sequence n is
+    rows cu_seqlens[n] .. cu_seqlens[n + 1] - 1 of q, k and v alike (self-attention: its queries
+    see only its own keys). cu_seqlens int32 [N + 1] on q's device: 0, l0, l0 + l1, ..., total
+    (empty sequences allowed), checked on the host (one sync, then remembered while that tensor
+    is unchanged); max_seqlen: an int >= the longest length (it sizes the grid).
+    dtypes, D, GQA and the options as flash_attention's, with positions counted from each
+    sequence's first row: causal (query i of a sequence sees its keys j <= i), window (left,
+    right), slopes float32 [Hq] (ALiBi), theta (RoPE; positions restart at 0 in each sequence),
+    scale.
+    """
+    check_varlen_inputs(q, k, v, cu_seqlens, max_seqlen)
+    q, k, v = q[None], k[None], v[None]  # the pack is one batch row [1, total, H, D]
+    check_inputs(q, k, v, None, window, slopes, theta, scale)
+    window = None if window is None else tuple(window)
+    problem = _build_problem(max_seqlen, max_seqlen, q.shape[3], q.dtype, q.device, causal, None, window, slopes, theta, 0, scale)
+    problem = dataclasses.replace(problem, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return FlashAttention.apply(problem, None, q, k, v)[0]

@@ -23,7 +23,9 @@ from attnbench.kernels.flash_tiles import (
     query_program,
     read_rows,
     read_vector,
+    row_offset,
     score_tile,
+    sequence,
     store_rows,
     tile_source,
     tile_start,
@@ -34,14 +36,15 @@ from attnbench.kernels.flash_tiles import (
 @triton.jit
 def _dkdv_query_loop(
     dk, dv, k, v, pos_k, Q, DO, LSE, DELTA, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
-    start, stop, T, S, kv_len, left, right, scale_log2, alibi,
+    start, stop, first, T, S, kv_len, left, right, scale_log2, alibi,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ALIBI: tl.constexpr, MASKED: tl.constexpr, EDGES: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
 ):
     """Accumulate one q head's contribution to dk, dv [BLOCK_N, *] over query tiles [start, stop):
     rows, or positions in LIST's tiles when block-sparse (flash_tiles.tile_start).
     Scores are kept transposed ([keys, queries]) so dk and dv come out without a transpose.
-    Q, DO: tile sources (flash_tiles.tile_source); LSE, DELTA: vector sources (flash_tiles.vector_source).
+    Q, DO: tile sources (flash_tiles.tile_source); LSE, DELTA: vector sources (flash_tiles.vector_source)
+    of whole statistics rows, read from ``first`` on (a packed sequence's first row).
     Rows past T read 0 in q, dO, lse and delta alike, so they add nothing: p = 1 there, but
     dO = 0 (no dv) and dS = p * (0 - 0) = 0 (no dk)."""
     for n in range(start, stop, 1 if SPARSE_BLOCK else BLOCK_M):
@@ -50,8 +53,8 @@ def _dkdv_query_loop(
         pos_q = rows + S - T
         q = read_rows(Q, q_start, T, stride_qt, stride_qd, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         do = read_rows(DO, q_start, T, stride_dot, stride_dod, HEAD_DIM, BLOCK_M, D_PAD, TMA)
-        lse = read_vector(LSE, q_start, T, BLOCK_M, TMA)
-        delta = read_vector(DELTA, q_start, T, BLOCK_M, TMA)
+        lse = read_vector(LSE, first + q_start, first + T, BLOCK_M, TMA)
+        delta = read_vector(DELTA, first + q_start, first + T, BLOCK_M, TMA)
         s_t = mma(k, tl.trans(q), None, PRECISION)
         s_t = score_tile(s_t, pos_q[None, :], pos_k[:, None], kv_len, left, right, alibi, ALIBI, MASKED, EDGES)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
@@ -77,7 +80,7 @@ def _dkdv_query_loop(
 )
 @triton.jit
 def flash_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN, Q_NUM, Q_IDX,
+    Q, K, V, DO, DK, DV, LSE, DELTA, SEQ_LENS, CU_SEQLENS, SLOPES, COS, SIN, Q_NUM, Q_IDX,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -87,22 +90,26 @@ def flash_dkdv_kernel(
     T, S, HQ, HKV, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] summed over the GROUP q heads
     that share kv head; k and v stay in registers for the whole loop. ROPE: q and k came rotated
     (kernels/flash_rope.py), and dk is rotated back by COS, SIN [S, D/2] before it is stored.
-    SPARSE_BLOCK > 0: each q head visits only the query blocks Q_NUM, Q_IDX list (FlashProblem)."""
-    bh = tl.program_id(1)
-    b = bh // HKV
-    kv_h = bh % HKV
+    SPARSE_BLOCK > 0: each q head visits only the query blocks Q_NUM, Q_IDX list (FlashProblem).
+    VARLEN: packed sequences, as the forward's; grid (cdiv(longest, BLOCK_N), N * Hkv)."""
+    b = tl.program_id(1) // HKV
+    kv_h = tl.program_id(1) % HKV
+    b, first, T, S = sequence(CU_SEQLENS, b, T, S, VARLEN)
     kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
     kv_len = tl.minimum(kv_len, S)
     k_start = tl.program_id(0) * BLOCK_N
+    if VARLEN:
+        if k_start >= S:  # a sequence shorter than the longest has no keys in this block
+            return
     keys = k_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
-    K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
-    V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    K += row_offset(b, first, stride_kb, stride_kt) + kv_h * stride_kh
+    V += row_offset(b, first, stride_vb, stride_vt) + kv_h * stride_vh
     k = load_rows(K, keys, S, stride_kt, dims, HEAD_DIM, stride_kd)
     v = load_rows(V, keys, S, stride_vt, dims, HEAD_DIM, stride_vd)
 
@@ -112,12 +119,13 @@ def flash_dkdv_kernel(
     for g in range(GROUP):
         h = kv_h * GROUP + g
         alibi = alibi_slope(SLOPES, h, scale_log2, ALIBI)
-        Q_h = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        DO_h = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        Q_h = Q + row_offset(b, first, stride_qb, stride_qt) + h * stride_qh
+        DO_h = DO + row_offset(b, first, stride_dob, stride_dot) + h * stride_doh
         Q_h = tile_source(Q_h, T, stride_qt, HEAD_DIM, BLOCK_M, D_PAD, TMA)
         DO_h = tile_source(DO_h, T, stride_dot, HEAD_DIM, BLOCK_M, D_PAD, TMA)
-        LSE_h = vector_source(LSE + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
-        DELTA_h = vector_source(DELTA + (b * HQ + h).to(tl.int64) * stride_stats, T, BLOCK_M, TMA)
+        # whole rows: a descriptor's base must be 16-byte aligned, a packed sequence's first float need not be
+        LSE_h = vector_source(LSE + (b * HQ + h).to(tl.int64) * stride_stats, first + T, BLOCK_M, TMA)
+        DELTA_h = vector_source(DELTA + (b * HQ + h).to(tl.int64) * stride_stats, first + T, BLOCK_M, TMA)
         LIST = Q_IDX
         q_lo, q_full_lo, q_full_hi, q_hi = lo, full_lo, full_hi, hi
         if SPARSE_BLOCK:  # the same split, over the tiles of the query blocks listed as visiting this key block
@@ -127,22 +135,22 @@ def flash_dkdv_kernel(
         # masked, unmasked, masked (flash_tiles.query_blocks)
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
-            q_lo, q_full_lo, T, S, kv_len, left, right, scale_log2, alibi,
+            q_lo, q_full_lo, first, T, S, kv_len, left, right, scale_log2, alibi,
             HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA, SPARSE_BLOCK,
         )
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
-            q_full_lo, q_full_hi, T, S, kv_len, left, right, scale_log2, alibi,
+            q_full_lo, q_full_hi, first, T, S, kv_len, left, right, scale_log2, alibi,
             HEAD_DIM, D_PAD, ALIBI, False, EDGES, PRECISION, BLOCK_M, TMA, SPARSE_BLOCK,
         )
         dk, dv = _dkdv_query_loop(
             dk, dv, k, v, keys, Q_h, DO_h, LSE_h, DELTA_h, LIST, stride_qt, stride_qd, stride_dot, stride_dod,
-            q_full_hi, q_hi, T, S, kv_len, left, right, scale_log2, alibi,
+            q_full_hi, q_hi, first, T, S, kv_len, left, right, scale_log2, alibi,
             HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_M, TMA, SPARSE_BLOCK,
         )
 
-    DK += b.to(tl.int64) * stride_dkb + kv_h * stride_dkh
-    DV += b.to(tl.int64) * stride_dvb + kv_h * stride_dvh
+    DK += row_offset(b, first, stride_dkb, stride_dkt) + kv_h * stride_dkh
+    DV += row_offset(b, first, stride_dvb, stride_dvt) + kv_h * stride_dvh
     # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
     dk *= scale
     if ROPE:
@@ -185,7 +193,7 @@ def _dq_key_loop(
 )
 @triton.jit
 def flash_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, SLOPES, COS, SIN, KV_NUM, KV_IDX,
+    Q, K, V, O, DO, DQ, LSE, DELTA, SEQ_LENS, CU_SEQLENS, SLOPES, COS, SIN, KV_NUM, KV_IDX,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -195,29 +203,34 @@ def flash_dq_kernel(
     T, S, HQ, GROUP, stride_stats, left, right, scale, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
     EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ROPE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq): dq [B, T, Hq, D] and DELTA [B, Hq, T] float32 (LSE's row stride) =
     rowsum(dO * O) (one launch fewer than a kernel of its own); q, dO, lse, delta stay in registers.
-    ROPE: as flash_dkdv_kernel's, for dq (rows at positions row + S - T). SPARSE_BLOCK: as the forward's."""
-    block, bh, b, h, kv_h, kv_len, alibi = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI)
-    Q += b.to(tl.int64) * stride_qb + h * stride_qh
-    O += b.to(tl.int64) * stride_ob + h * stride_oh
-    DO += b.to(tl.int64) * stride_dob + h * stride_doh
-    K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
-    V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    ROPE: as flash_dkdv_kernel's, for dq (rows at positions row + S - T). SPARSE_BLOCK, VARLEN: as the forward's."""
+    block, bh, b, h, kv_h, first, T, S, kv_len, alibi = query_program(
+        SEQ_LENS, CU_SEQLENS, SLOPES, T, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI, VARLEN
+    )
+    q_start = block * BLOCK_M
+    if VARLEN:
+        if q_start >= T:  # a sequence shorter than the longest has no rows in this block
+            return
+    Q += row_offset(b, first, stride_qb, stride_qt) + h * stride_qh
+    O += row_offset(b, first, stride_ob, stride_ot) + h * stride_oh
+    DO += row_offset(b, first, stride_dob, stride_dot) + h * stride_doh
+    K += row_offset(b, first, stride_kb, stride_kt) + kv_h * stride_kh
+    V += row_offset(b, first, stride_vb, stride_vt) + kv_h * stride_vh
     K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     V = tile_source(V, kv_len, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
-    q_start = block * BLOCK_M
     rows = q_start + tl.arange(0, BLOCK_M)
     pos_q = rows + S - T
     dims = tl.arange(0, D_PAD)
     q = load_rows(Q, rows, T, stride_qt, dims, HEAD_DIM, stride_qd)
     do = load_rows(DO, rows, T, stride_dot, dims, HEAD_DIM, stride_dod)
-    lse = tl.load(LSE + bh.to(tl.int64) * stride_stats + rows, mask=rows < T, other=float("inf"))
+    lse = tl.load(LSE + bh.to(tl.int64) * stride_stats + first + rows, mask=rows < T, other=float("inf"))
     o = load_rows(O, rows, T, stride_ot, dims, HEAD_DIM, stride_od)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * stride_stats + rows, delta, mask=rows < T)
+    tl.store(DELTA + bh.to(tl.int64) * stride_stats + first + rows, delta, mask=rows < T)
 
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(q_start, T, S, kv_len, left, right, BLOCK_M, BLOCK_N)
@@ -242,7 +255,7 @@ def flash_dq_kernel(
         full_hi, hi, kv_len, left, right, scale_log2, alibi,
         HEAD_DIM, D_PAD, ALIBI, True, EDGES, PRECISION, BLOCK_N, TMA, SPARSE_BLOCK,
     )
-    DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
+    DQ += row_offset(b, first, stride_dqb, stride_dqt) + h * stride_dqh
     dq *= scale
     if ROPE:
         dq = unrotate_rows(dq, rows, T, pos_q, COS, SIN, HEAD_DIM, D_PAD)
@@ -265,12 +278,14 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torc
     strides = (*q.stride(), *k.stride(), *v.stride())  # both kernels take q, k, v first
     do_strides, stats = do.stride(), lse.stride(1)
     scalars = (problem.left, problem.right, problem.scale, problem.scale_log2)
-    flash_dq_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * hq)](
+    rows, sequences = problem.programs(b, t)
+    flash_dq_kernel[lambda m: (blocks(rows, m["BLOCK_M"]), sequences * hq)](
         q, k, v, o, do, dq, lse, delta, *extras, *problem.key_lists(q),
         *strides, *o.stride(), *do_strides, *dq.stride(),
         t, s, hq, hq // hkv, stats, *scalars, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
     )
-    flash_dkdv_kernel[lambda m: (blocks(s, m["BLOCK_N"]), b * hkv)](
+    keys, sequences = problem.programs(b, s)
+    flash_dkdv_kernel[lambda m: (blocks(keys, m["BLOCK_N"]), sequences * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras, *problem.query_lists(q),
         *strides, *do_strides, *dk.stride(), *dv.stride(),
         t, s, hq, hkv, hq // hkv, stats, *scalars, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,

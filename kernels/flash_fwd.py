@@ -18,6 +18,7 @@ from attnbench.kernels.flash_tiles import (
     mma,
     query_program,
     read_rows,
+    row_offset,
     score_tile,
     store_rows,
     tile_source,
@@ -66,27 +67,35 @@ def _fwd_key_loop(
 )
 @triton.jit
 def flash_fwd_kernel(
-    Q, K, V, O, LSE, SEQ_LENS, SLOPES, KV_NUM, KV_IDX,
+    Q, K, V, O, LSE, SEQ_LENS, CU_SEQLENS, SLOPES, KV_NUM, KV_IDX,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     T, S, HQ, GROUP, stride_stats, left, right, scale_log2, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    EDGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SPARSE_BLOCK: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * Hq). q [B, T, Hq, D], k/v [B, S, Hkv, D], o [B, T, Hq, D],
     LSE [B, Hq, T] float32 (row stride stride_stats) in log2 units of the scaled scores (+inf for a
     row with no visible key). SPARSE_BLOCK > 0: block-sparse, visiting only the key blocks that
-    KV_NUM, KV_IDX list (FlashProblem); BLOCK_M and BLOCK_N divide SPARSE_BLOCK."""
-    block, bh, b, h, kv_h, kv_len, alibi = query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI)
-    Q += b.to(tl.int64) * stride_qb + h * stride_qh
-    K += b.to(tl.int64) * stride_kb + kv_h * stride_kh
-    V += b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    KV_NUM, KV_IDX list (FlashProblem); BLOCK_M and BLOCK_N divide SPARSE_BLOCK.
+    VARLEN: B = 1, the pack of the N sequences CU_SEQLENS [N + 1] bounds; grid (cdiv(longest,
+    BLOCK_M), N * Hq), LSE per (head, row of the pack) (flash_tiles.sequence)."""
+    block, bh, b, h, kv_h, first, T, S, kv_len, alibi = query_program(
+        SEQ_LENS, CU_SEQLENS, SLOPES, T, S, HQ, GROUP, scale_log2, CAUSAL, HAS_SEQ_LENS, ALIBI, VARLEN
+    )
+    q_start = block * BLOCK_M
+    if VARLEN:
+        if q_start >= T:  # a sequence shorter than the longest has no rows in this block
+            return
+    Q += row_offset(b, first, stride_qb, stride_qt) + h * stride_qh
+    # a sequence's tiles start 16-byte aligned where the pack's rows do (use_tma checks the row stride)
+    K += row_offset(b, first, stride_kb, stride_kt) + kv_h * stride_kh
+    V += row_offset(b, first, stride_vb, stride_vt) + kv_h * stride_vh
     K = tile_source(K, kv_len, stride_kt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
     V = tile_source(V, kv_len, stride_vt, HEAD_DIM, BLOCK_N, D_PAD, TMA)
-    q_start = block * BLOCK_M
     rows = q_start + tl.arange(0, BLOCK_M)
     pos_q = rows + S - T
     q = load_rows(Q, rows, T, stride_qt, tl.arange(0, D_PAD), HEAD_DIM, stride_qd)
@@ -120,21 +129,22 @@ def flash_fwd_kernel(
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    O += b.to(tl.int64) * stride_ob + h * stride_oh
+    O += row_offset(b, first, stride_ob, stride_ot) + h * stride_oh
     store_rows(O, o, rows, T, stride_ot, tl.arange(0, D_PAD), HEAD_DIM, stride_od)
-    tl.store(LSE + bh.to(tl.int64) * stride_stats + rows, lse, mask=rows < T)
+    tl.store(LSE + bh.to(tl.int64) * stride_stats + first + rows, lse, mask=rows < T)
 
 
 def flash_forward(q, k, v, problem: FlashProblem):
     """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, stats_row_length(T)] float32 (log2 units, for the
-    backward; the first T of each row are written)."""
+    backward; the first T of each row are written). Packed problems: B = 1, T = S = the pack."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     o = empty((b, t, hq, d), q.dtype, q.device)
     lse = empty((b, hq, stats_row_length(t)), torch.float32, q.device)
+    rows, sequences = problem.programs(b, t)
 
     def grid(meta):
-        return (blocks(t, meta["BLOCK_M"]), b * hq)
+        return (blocks(rows, meta["BLOCK_M"]), sequences * hq)
 
     flash_fwd_kernel[grid](
         q, k, v, o, lse, *problem.tensors(q), *problem.key_lists(q),

@@ -29,7 +29,10 @@ class FlashProblem:
     seq_lens int32 [B] | None; slopes float32 [Hq] | None; cos/sin float32 [S, D/2] | None
     (RoPE angles by key position: q and k are rotated before the kernels, dq and dk rotated back
     in the backward's epilogues, kernels/flash_rope.py);
-    scale: softmax scale of q.k.
+    scale: softmax scale of q.k;
+    cu_seqlens int32 [N + 1] | None: packed sequences (q, k, v [1, total, H, D], sequence n its rows
+    cu_seqlens[n] .. cu_seqlens[n + 1] - 1; flash_tiles.sequence), max_seqlen the longest, which
+    sizes the grids (programs).
     """
 
     causal: bool
@@ -48,10 +51,24 @@ class FlashProblem:
     kv_idx: torch.Tensor | None = None
     q_num: torch.Tensor | None = None
     q_idx: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
 
     def tensors(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """SEQ_LENS, SLOPES kernel arguments; absent ones are a never-read placeholder."""
-        return tuple(placeholder if x is None else x for x in (self.seq_lens, self.slopes))
+        """SEQ_LENS, CU_SEQLENS, SLOPES kernel arguments; absent ones are a never-read placeholder."""
+        return tuple(placeholder if x is None else x for x in (self.seq_lens, self.cu_seqlens, self.slopes))
+
+    def pack_offsets(self, placeholder: torch.Tensor) -> torch.Tensor:
+        """CU_SEQLENS kernel argument (a placeholder unless packed)."""
+        return placeholder if self.cu_seqlens is None else self.cu_seqlens
+
+    def programs(self, batch: int, rows: int) -> tuple[int, int]:
+        """(rows, sequences) a grid covers for a launch over ``rows`` rows of ``batch`` batch rows:
+        packed, the longest sequence's rows and the sequence count (programs past a shorter
+        sequence's end return at once)."""
+        if self.cu_seqlens is None:
+            return rows, batch
+        return self.max_seqlen, self.cu_seqlens.numel() - 1
 
     def key_lists(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """KV_NUM, KV_IDX kernel arguments (placeholders when dense)."""
@@ -105,6 +122,7 @@ class FlashProblem:
             # tf32 would fail the fp32 error bound; fp16/bf16 inputs ignore this
             "PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
             "SPARSE_BLOCK": self.sparse_block,
+            "VARLEN": self.cu_seqlens is not None,
         }
 
     @functools.cached_property
@@ -124,7 +142,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 # only problems at least this long (the benchmark shapes) pay for tuning; shorter ones (tests,
 # `attnbench check`) take the first candidate and compile one config per kernel.
 TUNE_FROM_SEQ = 4096
-_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", "ROPE", "SPARSE_BLOCK"]
+_TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", "ROPE", "SPARSE_BLOCK", "VARLEN"]
 
 # A block-sparse launch needs tiles that divide its mask's block (a tile never straddles two
 # blocks): candidates that do not are dropped, and this tile stands in when none is left, so a

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config
-from attnbench.kernels.flash_tiles import load_rows, store_rows
+from attnbench.kernels.flash_tiles import load_rows, row_offset, sequence, store_rows
 
 
 @flash_autotune(
@@ -24,22 +24,25 @@ from attnbench.kernels.flash_tiles import load_rows, store_rows
 )
 @triton.jit
 def rope_kernel(
-    X, Y, COS, SIN,
+    X, Y, COS, SIN, CU_SEQLENS,
     stride_xb, stride_xt, stride_xh, stride_xd,
     stride_yb, stride_yt, stride_yh, stride_yd,
     T, H, shift, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B * H): y [B, T, H, D] = x [B, T, H, D] rotated by the angles at
-    positions t + shift (SEQ_BUCKET and PRECISION choose the tile, flash_launch.flash_autotune)."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    positions t + shift (SEQ_BUCKET and PRECISION choose the tile, flash_launch.flash_autotune).
+    VARLEN: x is a pack (B = 1) of the sequences CU_SEQLENS bounds, grid (cdiv(longest, BLOCK_M),
+    N * H), positions counted from each sequence's first row (flash_tiles.sequence)."""
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    b, first, T, _ = sequence(CU_SEQLENS, b, T, T, VARLEN)
     half: tl.constexpr = HEAD_DIM // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD // 2)
-    X += b.to(tl.int64) * stride_xb + h * stride_xh
-    Y += b.to(tl.int64) * stride_yb + h * stride_yh
+    X += row_offset(b, first, stride_xb, stride_xt) + h * stride_xh
+    Y += row_offset(b, first, stride_yb, stride_yt) + h * stride_yh
     x1 = load_rows(X, rows, T, stride_xt, cols, half, stride_xd).to(tl.float32)
     x2 = load_rows(X + half * stride_xd, rows, T, stride_xt, cols, half, stride_xd).to(tl.float32)
     cos, sin = _cos_sin(COS, SIN, rows + shift, cols, (rows[:, None] < T) & (cols[None, :] < half), half)
@@ -72,11 +75,13 @@ def unrotate_rows(x, rows, n_rows, positions, COS, SIN, HEAD_DIM: tl.constexpr, 
 
 
 def rope(x: torch.Tensor, problem: FlashProblem, shift: int) -> torch.Tensor:
-    """x [B, T, H, D] (any strides) rotated by the problem's RoPE angles at positions t + shift:
-    a new contiguous tensor of x's dtype."""
+    """x [B, T, H, D] (any strides) rotated by the problem's RoPE angles at positions t + shift
+    (packed problems: B = 1, positions restart at 0 in each sequence, shift 0): a new contiguous
+    tensor of x's dtype."""
     b, t, h, _ = x.shape
     out = empty(x.shape, x.dtype, x.device)
-    rope_kernel[lambda m: (blocks(t, m["BLOCK_M"]), b * h)](
-        x, out, problem.cos, problem.sin, *x.stride(), *out.stride(), t, h, shift, **problem.rotation_kwargs,
+    rows, sequences = problem.programs(b, t)
+    rope_kernel[lambda m: (blocks(rows, m["BLOCK_M"]), sequences * h)](
+        x, out, problem.cos, problem.sin, problem.pack_offsets(x), *x.stride(), *out.stride(), t, h, shift, **problem.rotation_kwargs,
     )
     return out

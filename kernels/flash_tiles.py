@@ -8,6 +8,10 @@ Conventions (kernels/flash_fwd.py, kernels/flash_bwd.py):
   RoPE is not applied here: q and k arrive rotated (kernels/flash_rope.py).
 - Scores stay raw (q.k^T, ALiBi bias in raw units) until exp2, whose FMA applies
   scale * log2(e) (scale > 0): one multiply per score fewer than scaling the tile first.
+- Packed sequences (VARLEN, FlashAttention's varlen layout): the pack is one batch row of
+  sequences laid end to end, CU_SEQLENS int32 [N + 1] their offsets; program b of a grid's
+  batch axis is sequence b, rows and positions count from its first row (sequence), so every
+  bound above (T, S, kv_len) is that sequence's own length and no read crosses into the next.
 - Tiles a loop walks over (k, v in the forward and dq; q, dO in dk/dv) come from a tile
   source: with TMA a tensor descriptor, so Hopper's copy engine fetches each tile (no address
   registers, no per-thread copies), otherwise the base pointer (kernels/flash_launch.py,
@@ -133,19 +137,45 @@ def alibi_slope(SLOPES, h, scale_log2, ALIBI: tl.constexpr):
 
 
 @triton.jit
-def query_program(SEQ_LENS, SLOPES, S, HQ, GROUP, scale_log2, CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, ALIBI: tl.constexpr):
-    """Who a program of grid (query blocks, B * Hq) is: (query block, b * Hq + h, b, q head h,
-    kv head, visible keys kv_len, alibi_slope). Causal: longest rows first, so the short ones
-    fill the tail of the schedule."""
+def sequence(CU_SEQLENS, b, T, S, VARLEN: tl.constexpr):
+    """Where the b-th sequence of a launch lies: (batch row, first row, T, S). Packed (VARLEN):
+    rows first .. first + T - 1 of the pack's one batch row, T = S its length (CU_SEQLENS[b + 1]
+    - CU_SEQLENS[b]); otherwise batch row b from row 0, T and S as given."""
+    if VARLEN:
+        first = tl.load(CU_SEQLENS + b)
+        T = tl.load(CU_SEQLENS + b + 1) - first
+        S = T
+        b = 0
+    else:
+        first = 0
+    return b, first, T, S
+
+
+@triton.jit
+def row_offset(b, first, stride_b, stride_t):
+    """Element offset of row ``first`` of batch row b, in int64 (a batch or a pack can pass 2^31
+    elements); b and first may be the constant 0 (sequence)."""
+    return tl.cast(b, tl.int64) * stride_b + tl.cast(first, tl.int64) * stride_t
+
+
+@triton.jit
+def query_program(
+    SEQ_LENS, CU_SEQLENS, SLOPES, T, S, HQ, GROUP, scale_log2,
+    CAUSAL: tl.constexpr, HAS_SEQ_LENS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Who a program of grid (query blocks, B * Hq) is (packed: (blocks of the longest sequence,
+    N * Hq)): (query block, its statistics row b * Hq + h, batch row b, q head h, kv head, first
+    row, T, S, visible keys kv_len, alibi_slope), rows and lengths as ``sequence`` gives them.
+    Causal: longest rows first, so the short ones fill the tail of the schedule."""
     block = tl.program_id(0)
     if CAUSAL:
         block = tl.num_programs(0) - 1 - block
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
+    b = tl.program_id(1) // HQ
+    h = tl.program_id(1) % HQ
+    b, first, T, S = sequence(CU_SEQLENS, b, T, S, VARLEN)
     kv_len = tl.load(SEQ_LENS + b) if HAS_SEQ_LENS else S
     kv_len = tl.minimum(kv_len, S)
-    return block, bh, b, h, h // GROUP, kv_len, alibi_slope(SLOPES, h, scale_log2, ALIBI)
+    return block, b * HQ + h, b, h, h // GROUP, first, T, S, kv_len, alibi_slope(SLOPES, h, scale_log2, ALIBI)
 
 
 @triton.jit

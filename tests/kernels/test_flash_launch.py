@@ -47,7 +47,7 @@ def test_the_key_holds_every_launch_keyword(autotuner_calls):
     flash_attention(q, k, v, causal=True)
     (key,) = flash_fwd_kernel.chosen
     assert key[0] == torch.float32 and dict(key[1:])["CAUSAL"] is True
-    assert [name for name, _ in key[1:]] == ["TMA", "SEQ_BUCKET", "HEAD_DIM", "D_PAD", "CAUSAL", "ALIBI", "HAS_SEQ_LENS", "EDGES", "PRECISION", "SPARSE_BLOCK"]
+    assert [name for name, _ in key[1:]] == ["TMA", "SEQ_BUCKET", "HEAD_DIM", "D_PAD", "CAUSAL", "ALIBI", "HAS_SEQ_LENS", "EDGES", "PRECISION", "SPARSE_BLOCK", "VARLEN"]
 
 
 def test_forced_tile_runs_that_tile_and_is_undone(autotuner_calls):
