@@ -6,8 +6,9 @@ Three softmax branches per query t, summed with per-head gates in (0, 1) from x:
                 blocks that end at or before it (softmax over compressed keys).
     selected:   the ``topn`` blocks with the highest compressed-branch probability, averaged
                 over the query heads of a GQA group (one selection per kv head), always
-                including block 0 and the query's own and previous blocks; t attends to the
-                tokens <= t of those blocks.
+                including the query's own and previous blocks and block 0 (in that order when
+                topn < 3; equal probabilities: the earlier block); t attends to the tokens <= t
+                of those blocks.
     sliding:    the ``window`` tokens before t and t itself (``--window W``'s one meaning,
                 LayerConfig in models/registry.py).
 
@@ -70,15 +71,19 @@ def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 def _select_blocks(probs: torch.Tensor, pos_q: torch.Tensor, n_blocks: int, block: int, topn: int):
     """Selected blocks of each query from the compressed-branch probabilities probs
     [B, Hkv, G, C, N_cmp] of queries at pos_q [C]: (indices [B, Hkv, C, n], allowed [B, Hkv, C, n])
-    over the n = min(topn, n_blocks) highest scores, forced blocks scoring 1."""
+    over the n = min(topn, n_blocks) highest scores. Forced blocks outrank every probability, the
+    query's own block first, then the previous one, then block 0; equal scores go to the earlier
+    block (a stable sort, not topk's unspecified order), so blocks not yet begun (score 0) never
+    displace a visible one and a query's selection does not depend on T (the decode step's exactness)."""
     importance = probs.mean(2)  # (B, Hkv, C, N_cmp): one selection per kv head
     importance = F.pad(importance, (0, n_blocks - importance.shape[-1]))  # blocks not yet complete score 0
     blocks = torch.arange(n_blocks, device=probs.device)
     own = (pos_q // block)[:, None]  # (C, 1)
-    forced = (blocks == 0) | (blocks == own) | (blocks == own - 1)  # (C, N)
+    rank = torch.where(blocks == own, 4.0, torch.where(blocks == own - 1, 3.0, torch.where(blocks == 0, 2.0, 0.0)))  # (C, N)
+    forced = rank > 0
     visible = (blocks + 1) * block - 1 <= pos_q[:, None]
-    importance = torch.where(forced, torch.ones_like(importance), importance)
-    index = importance.topk(min(topn, n_blocks), dim=-1).indices  # (B, Hkv, C, n)
+    importance = torch.where(forced, rank.to(importance.dtype), importance)
+    index = importance.sort(dim=-1, descending=True, stable=True).indices[..., : min(topn, n_blocks)]  # (B, Hkv, C, n)
     allowed = (forced | visible).expand(*index.shape[:2], -1, -1).gather(-1, index)
     return index, allowed
 

@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, exposb, gau, hopfield, linear, performer, stickbreaking, topk
+from attnbench.models.attention import deltanet, exposb, gau, hopfield, linear, nsa, performer, stickbreaking, topk
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -379,6 +379,17 @@ def test_gau_steps_equal_the_chunked_forward_rows_across_chunk_boundaries(prompt
     for i in range(prompt, t):
         o, state = gau.gau_step(q_quad[:, i], k_quad[:, i], q_lin[:, i], k_lin[:, i], v[:, i], state, 4)
         assert_close(o, full[:, i], f"row {i}")
+
+
+def test_nsa_rows_do_not_depend_on_the_tokens_after_them():
+    """topn 2 of six blocks: the three forced blocks compete for two slots at every query; the rows of a
+    forward over 24 tokens equal those over their first 13 (the selection's ties are broken by rank and
+    position, not by topk's order over a longer row), so a step can be exact."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 24, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    options = {"block": 4, "topn": 2, "window": 3}
+    for run in (nsa.torch_reference, nsa.chunked):
+        assert_close(run(q, k, v, **options)[:, :13], run(q[:, :13], k[:, :13], v[:, :13], **options), run.__name__)
 
 
 def test_deltanet_default_beta_is_the_forward_default():
