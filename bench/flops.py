@@ -62,7 +62,9 @@ BYTES_CONVENTION = (
     "A decode step's bytes are what it must move, each once: against a KV cache, K and V of every cached key "
     "its new queries see (the new tokens' own included; a window: W + N keys) plus q read and o written; "
     "with a recurrent state, the float32 state read and written plus the token's q, k, v (DeltaNet: beta) "
-    "read and o written. GB/s = bytes / median time; % of bandwidth: of the measured copy GB/s (read + write)."
+    "read and o written; nsa, each branch's keys (the selected and sliding ones apart) and the complete blocks' "
+    "means; bsbr, its chunk state (kernels/decode_cost.py). "
+    "GB/s = bytes / median time; % of bandwidth: of the measured copy GB/s (read + write)."
 )
 
 

@@ -1,10 +1,10 @@
 """Generation from a causal LanguageModel: the prompt prefilled once, then one token per step,
 each attention layer keeping its own cache (registry DecodeForm.layer_cache): a KV cache for
 the softmax family (standard, rope, alibi, window; models/softmax_decode.KVCache), stickbreaking,
-exposb, topk and hopfield (their own steps over it), a recurrent state for linear and deltanet
-(models/state_decode.py), performer and gau (in their files). Mechanisms without an exact incremental
-form (nsa, learned, bsbr, block) recompute the whole context for every token, and the
-result says so (`Generation.reason`).
+exposb, topk and hopfield (their own steps over it), nsa (every key plus its block means), a
+recurrent state for linear and deltanet (models/state_decode.py), performer, gau and bsbr (in their
+files). Mechanisms without an exact incremental form here (learned, block) recompute the whole
+context for every token, and the result says so (`Generation.reason`).
 
 The context window. A model with learned positions takes at most ``cfg.max_length`` tokens;
 recomputation then feeds it the last max_length of them, their positions counted from 0 again.

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.kernels.decode_cost import held_in_chunk
 from attnbench.models import positions
 from attnbench.models.registry import MATMUL_BACKWARD, DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 
@@ -213,11 +214,6 @@ def gau_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
     options = gau_options(cfg)
     g, s, e = options["chunk"], options["qk_dim"], options["expansion"] * cfg.dim
     return batch * seq * (2.0 * g * (s + e) + 4.0 * s * e)
-
-
-def held_in_chunk(context: int, chunk: int) -> int:
-    """Tokens a GAUState's current chunk holds after ``context`` >= 1 tokens (1 .. chunk)."""
-    return (context - 1) % chunk + 1
 
 
 def _sizes(cfg: LayerConfig) -> tuple[int, int, int]:

@@ -6,8 +6,9 @@ Three softmax branches per query t, summed with per-head gates in (0, 1) from x:
                 blocks that end at or before it (softmax over compressed keys).
     selected:   the ``topn`` blocks with the highest compressed-branch probability, averaged
                 over the query heads of a GQA group (one selection per kv head), always
-                including block 0 and the query's own and previous blocks; t attends to the
-                tokens <= t of those blocks.
+                including the query's own and previous blocks and block 0 (in that order when
+                topn < 3; equal probabilities: the earlier block); t attends to the tokens <= t
+                of those blocks.
     sliding:    the ``window`` tokens before t and t itself (``--window W``'s one meaning,
                 LayerConfig in models/registry.py).
 
@@ -28,6 +29,12 @@ Impls: the definition (each branch a masked softmax over all T keys, [B, H, T, T
 scores) and their window band, recomputed in the backward pass; ``fla``: parallel_nsa for the
 compressed and selected branches, our Triton flash kernel for the sliding one (fla's own
 path needs flash-attn).
+
+Decode: exact against a KV cache of every token (the selected branch may pick any block; keys
+after RoPE) plus the K and V means of its complete blocks, one row more as each block completes
+(NSACache). nsa_step gives each sequence's new rows by the chunked form's query chunk over its own
+keys, so it ranks the blocks the causal forward over those tokens ranks; the gates come from x by
+the layer's projection (kernel level: 1/2).
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from attnbench.kernels import decode_cost
 from attnbench.models import positions
 from attnbench.models.causal_padding import zero_padded_queries
 from attnbench.models.fla import fla_missing
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 from attnbench.models.token_conditioned import TokenConditionedAttention
 
 DEFAULT_BLOCK = 64
@@ -51,6 +59,13 @@ DEFAULT_CHUNK = 64
 
 def _default_gates(q: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
     return torch.full((*q.shape[:3], 3), 0.5, dtype=q.dtype, device=q.device) if gates is None else gates
+
+
+def _gated(branches: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """The branches [B, T, Hkv, G, D, 3] (cmp, slc, swa) weighted by gates [B, T, Hq, 3] and summed -> [B, T, Hq, D]."""
+    b, t, hkv, group, d, _ = branches.shape
+    branches = branches.reshape(b, t, hkv * group, d, 3)
+    return (branches * gates[:, :, :, None].to(branches.dtype)).sum(-1)
 
 
 def compress(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -70,15 +85,19 @@ def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 def _select_blocks(probs: torch.Tensor, pos_q: torch.Tensor, n_blocks: int, block: int, topn: int):
     """Selected blocks of each query from the compressed-branch probabilities probs
     [B, Hkv, G, C, N_cmp] of queries at pos_q [C]: (indices [B, Hkv, C, n], allowed [B, Hkv, C, n])
-    over the n = min(topn, n_blocks) highest scores, forced blocks scoring 1."""
+    over the n = min(topn, n_blocks) highest scores. Forced blocks outrank every probability, the
+    query's own block first, then the previous one, then block 0; equal scores go to the earlier
+    block (a stable sort, not topk's unspecified order), so blocks not yet begun (score 0) never
+    displace a visible one and a query's selection does not depend on T (the decode step's exactness)."""
     importance = probs.mean(2)  # (B, Hkv, C, N_cmp): one selection per kv head
     importance = F.pad(importance, (0, n_blocks - importance.shape[-1]))  # blocks not yet complete score 0
     blocks = torch.arange(n_blocks, device=probs.device)
     own = (pos_q // block)[:, None]  # (C, 1)
-    forced = (blocks == 0) | (blocks == own) | (blocks == own - 1)  # (C, N)
+    rank = torch.where(blocks == own, 4.0, torch.where(blocks == own - 1, 3.0, torch.where(blocks == 0, 2.0, 0.0)))  # (C, N)
+    forced = rank > 0
     visible = (blocks + 1) * block - 1 <= pos_q[:, None]
-    importance = torch.where(forced, torch.ones_like(importance), importance)
-    index = importance.topk(min(topn, n_blocks), dim=-1).indices  # (B, Hkv, C, n)
+    importance = torch.where(forced, rank.to(importance.dtype), importance)
+    index = importance.sort(dim=-1, descending=True, stable=True).indices[..., : min(topn, n_blocks)]  # (B, Hkv, C, n)
     allowed = (forced | visible).expand(*index.shape[:2], -1, -1).gather(-1, index)
     return index, allowed
 
@@ -125,9 +144,7 @@ def torch_reference(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DE
     scores = _with_alibi(torch.einsum("btngd,bsnd->bngts", grouped, k) * scale, slopes, position, position)  # (B, Hkv, G, T, T)
     o_slc = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, selected[:, :, None]).to(v.dtype), v)
     o_swa = torch.einsum("bngts,bsnd->btngd", _softmax_rows(scores, sliding).to(v.dtype), v)
-    branches = torch.stack([o_cmp, o_slc, o_swa], dim=-1).reshape(b, t, hq, d, 3)
-    o = (branches * gates[:, :, :, None].to(branches.dtype)).sum(-1)
-    return zero_padded_queries(o, seq_lens)
+    return zero_padded_queries(_gated(torch.stack([o_cmp, o_slc, o_swa], dim=-1), gates), seq_lens)
 
 
 def _gather_blocks(x: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
@@ -180,9 +197,7 @@ def chunked(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BL
     for start in range(0, t, chunk):
         args = (grouped[:, start : start + chunk], k, v, k_cmp, v_cmp, start, block, topn, window, slopes)
         outputs.append(checkpoint(_chunk_attention, *args, use_reentrant=False) if recompute else _chunk_attention(*args))
-    branches = torch.cat(outputs, dim=1).reshape(b, t, hq, d, 3)
-    o = (branches * gates[:, :, :, None].to(branches.dtype)).sum(-1)
-    return zero_padded_queries(o, seq_lens)
+    return zero_padded_queries(_gated(torch.cat(outputs, dim=1), gates), seq_lens)
 
 
 def fla_parallel(q, k, v, *, causal=True, seq_lens=None, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
@@ -245,6 +260,121 @@ def nsa_flops(cfg: LayerConfig, batch: int, seq: int, seq_lens=None) -> float:
     return 4.0 * cfg.heads * cfg.head_dim * batch * int(pairs.sum())
 
 
+def nsa_step(q, k_cache, v_cache, lengths, k_cmp, v_cmp, *, gates=None, block=DEFAULT_BLOCK, topn=DEFAULT_TOPN,
+             window=DEFAULT_WINDOW, slopes=None) -> torch.Tensor:
+    """One decode step: q [B, N, Hq, D], the N newest tokens of each sequence (positions lengths[b] - N
+    ..; as the core sees them: the layer rotates for RoPE), k/v_cache [B, L, Hkv, D] (keys as the core sees them,
+    sequence b's in rows 0 .. lengths[b] - 1, the new ones appended), k/v_cmp [B, M, Hkv, D] the means
+    of its complete blocks in rows 0 .. lengths[b] // block - 1 (the new ones' included), gates
+    [B, N, Hq, 3] (None: 1/2) -> o [B, N, Hq, D]: each sequence's rows of the chunked form's query
+    chunk (_chunk_attention) over its own tokens, as the causal forward over them computes them."""
+    b, n, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    grouped = q.reshape(b, n, hkv, hq // hkv, d)
+    branches = [
+        _chunk_attention(grouped[i : i + 1], k_cache[i : i + 1, :length], v_cache[i : i + 1, :length], k_cmp[i : i + 1, : length // block],
+                         v_cmp[i : i + 1, : length // block], length - n, block, topn, window, slopes)
+        for i, length in enumerate(lengths.tolist())
+    ]
+    return _gated(torch.cat(branches), _default_gates(q, gates))
+
+
+class NSACache:
+    """A causal nsa layer's cache in a generate loop (DecodeForm.layer_cache): k/v [B, C, Hkv, D] of
+    every token (C = capacity; keys rotated at their positions under the layer's RoPE) and the means
+    of the complete blocks k/v_cmp [B, C // block, Hkv, D], a row written as each block completes (past
+    the rows a snapshot's length counts); the step's gates from x by the layer's own projection."""
+
+    def __init__(self, layer: NSAAttention, capacity: int):
+        options = layer.core_options()
+        self.layer, self.capacity = layer, capacity
+        self.options = {"block": options["block"], "topn": options["topn"], "window": options["window"], "slopes": options.get("slopes")}
+        self.k = self.v = self.k_cmp = self.v_cmp = None
+        self.length = 0
+
+    def _allocate(self, batch: int, device, dtype) -> None:
+        rows = (self.capacity, self.capacity // self.options["block"])
+        self.k, self.k_cmp, self.v, self.v_cmp = (
+            torch.zeros(batch, r, self.layer.kv_heads, self.layer.head_dim, device=device, dtype=dtype) for r in rows * 2)
+
+    def _fold(self, start: int, end: int) -> None:
+        """The means of the blocks that tokens start .. end - 1 complete, into k/v_cmp."""
+        block = self.options["block"]
+        first = start // block * block
+        for cache, means in ((self.k, self.k_cmp), (self.v, self.v_cmp)):
+            means[:, start // block : end // block] = compress(cache[:, first:end], block)
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's forward over the prompt x [B, T, C] -> [B, T, C]; its keys, values and block means kept."""
+        q, k, v = self.layer.project(x)
+        _, k = self.layer.positioned(q, k)
+        t = x.shape[1]
+        self._allocate(x.shape[0], x.device, k.dtype)
+        self.k[:, :t], self.v[:, :t] = k, v
+        self._fold(0, t)
+        self.length = t
+        return self.layer(x)
+
+    def fill(self, batch: int, context: int, device, dtype) -> None:
+        """As if ``context`` tokens of B sequences were cached: random keys and values, their block means."""
+        self._allocate(batch, device, dtype)
+        self.k.normal_()
+        self.v.normal_()
+        self._fold(0, context)
+        self.length = context
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, C] of the token at position ``length`` -> [B, 1, C], its key and value appended first."""
+        q, k, v = self.layer.project(x)
+        q, k = self.layer.positioned(q, k, self.length)
+        t = self.length
+        self.k[:, t], self.v[:, t] = k[:, 0], v[:, 0]
+        self._fold(t, t + 1)
+        self.length = t + 1
+        lengths = torch.full((x.shape[0],), t + 1, dtype=torch.int32, device=x.device)
+        o = nsa_step(q, self.k, self.v, lengths, self.k_cmp, self.v_cmp, gates=self.layer.token_options(x)["gates"], **self.options)
+        return self.layer.out(o.reshape(x.shape[0], 1, -1))
+
+
+def _step_options(cfg: LayerConfig, device) -> dict:
+    """The step's options of cfg's core (chunk is the forward's alone), ALiBi slopes on ``device``."""
+    options = nsa_options(cfg)
+    options.pop("chunk")
+    if "slopes" in options:
+        options["slopes"] = options["slopes"].to(device)
+    return options
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    """N new tokens against a random cache of L tokens a sequence and its block means; gates 1/2 (the kernel level's)."""
+    options = _step_options(cfg, device)
+    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    k_cmp, v_cmp = compress(k, options["block"]), compress(v, options["block"])
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return lambda: nsa_step(q, k, v, lengths, k_cmp, v_cmp, **options)
+
+
+def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+    options = nsa_options(cfg)
+    return decode_cost.nsa_step_bytes(batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize,
+                                      options["block"], options["topn"], options["window"])
+
+
+def _memory(cfg: LayerConfig, context: int, queries: int, itemsize: int) -> int:
+    return decode_cost.nsa_cache_bytes(context, nsa_options(cfg)["block"], cfg.kv_heads, cfg.head_dim, itemsize)
+
+
+DECODE = DecodeForm("kv-cache", _step_bytes, _memory, {
+    "torch": DecodeImpl(
+        "torch", _torch_step, "plain torch step over the cache and its block means (nsa_step: the chunked form's query chunk)",
+        graphable=False,
+        unsupported=lambda cfg, queries, device, dtype: (
+            "the kernel-level step takes no RoPE (the layer rotates: --level layer or model)" if cfg.positions == "rope" else None),
+    ),
+}, layer_cache=NSACache)
+
+
 PARAMS = {
     "block": (DEFAULT_BLOCK, "tokens per block, for compression and selection alike"),
     "topn": (DEFAULT_TOPN, "blocks selected per query (block 0, its own and previous block included)"),
@@ -271,4 +401,5 @@ MECHANISM = Mechanism(
     flops=nsa_flops,
     bidirectional=False,
     params=PARAMS,
+    decode=DECODE,
 )

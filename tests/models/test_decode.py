@@ -13,7 +13,7 @@ import torch
 from attnbench.kernels import reference
 from attnbench.kernels.reference import alibi_slopes
 from attnbench.models import decode, registry, state_decode
-from attnbench.models.attention import deltanet, exposb, gau, hopfield, linear, performer, stickbreaking, topk
+from attnbench.models.attention import bsbr, deltanet, exposb, gau, hopfield, linear, nsa, performer, stickbreaking, topk
 from attnbench.tolerance import error_bound, relative_bound
 
 FP64_TOLERANCE = 1e-12  # the step and the forward sum the same terms in another order
@@ -379,6 +379,81 @@ def test_gau_steps_equal_the_chunked_forward_rows_across_chunk_boundaries(prompt
     for i in range(prompt, t):
         o, state = gau.gau_step(q_quad[:, i], k_quad[:, i], q_lin[:, i], k_lin[:, i], v[:, i], state, 4)
         assert_close(o, full[:, i], f"row {i}")
+
+
+def bsbr_maps(d: int, compression: int, generator: torch.Generator) -> dict:
+    """Random (not identity) meta maps, and compression matrices when compression > 1."""
+    maps = {name: torch.randn(d, d, generator=generator, dtype=torch.float64) / d**0.5 for name in ("meta_query", "meta_key")}
+    if compression > 1:
+        size = d * d // compression
+        maps["compress"] = torch.randn(d * d, size, generator=generator, dtype=torch.float64) / d
+        maps["decompress"] = torch.randn(size, d * d, generator=generator, dtype=torch.float64) / size**0.5
+    return maps
+
+
+@pytest.mark.parametrize("prompt", [1, 4, 5, 9])
+@pytest.mark.parametrize("heads,compression,alibi", [((4, 2), 1, False), ((3, 1), 4, False), ((4, 4), 1, True), ((4, 2), 4, True)])
+def test_bsbr_steps_equal_the_causal_forward_rows_across_chunk_boundaries(prompt, heads, compression, alibi):
+    """Chunks of 4, 18 tokens: prompts ending mid-chunk and on a boundary, steps that fold chunks and
+    retrieve over one to four finished ones; GQA and MQA, state compression, ALiBi within chunks."""
+    g = torch.Generator().manual_seed(prompt)
+    q, k, v = (torch.randn(2, 18, h, 8, generator=g, dtype=torch.float64) for h in (heads[0], heads[1], heads[1]))
+    maps = bsbr_maps(8, compression, g)
+    slopes = alibi_slopes(heads[0]).double() if alibi else None
+    full = bsbr.torch_reference(q, k, v, causal=True, chunk=4, slopes=slopes, **maps)
+    local = registry.get("block").impl("torch").run(q, k, v, causal=True, block=4, slopes=slopes)
+    assert (full - local)[:, 4:].abs().max() > 0.1, "the retrieval term is there to be checked"
+    state = bsbr.bsbr_state(q[:, :prompt], k[:, :prompt], v[:, :prompt], 4, **maps)
+    for i in range(prompt, 18):
+        o, state = bsbr.bsbr_step(q[:, i], k[:, i], v[:, i], state, 4, slopes=slopes, **maps)
+        assert_close(o, full[:, i], f"row {i}")
+    assert state.states.shape[1] == 4 and state.keys.shape[1] == 2  # 16 tokens folded, 2 held
+
+
+def test_bsbr_state_of_a_prompt_is_the_state_its_steps_reach():
+    """bsbr_state over 13 tokens (prefill) equals stepping them one by one from the first."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 13, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    maps = bsbr_maps(8, 4, g)
+    stepped = bsbr.bsbr_state(q[:, :1], k[:, :1], v[:, :1], 4, **maps)
+    for i in range(1, 13):
+        _, stepped = bsbr.bsbr_step(q[:, i], k[:, i], v[:, i], stepped, 4, **maps)
+    for name, a, b in zip(bsbr.BSBRState._fields, stepped, bsbr.bsbr_state(q, k, v, 4, **maps)):
+        assert_close(a, b, name)
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1), (2, 2)])
+@pytest.mark.parametrize("topn", [1, 3])
+def test_nsa_step_equals_the_last_rows_of_each_sequences_causal_forward(alibi, heads, topn):
+    """Ragged lengths (23: six blocks of 4, the last part-filled; 8: on a boundary; 1), N = 1 and 3 new
+    queries (blocks completed by the new tokens among them), gates per token, a window of 5 keys; topn 1:
+    the forced blocks compete (the query's own block wins), 3: a free slot in six blocks."""
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([23, 8, 1])
+    q, k, v = (torch.randn(3, 24, h, 8, generator=g, dtype=torch.float64) for h in (heads[0], heads[1], heads[1]))
+    gates = torch.rand(3, 24, heads[0], 3, generator=g, dtype=torch.float64)
+    options = {"block": 4, "topn": topn, "window": 5, "slopes": alibi_slopes(heads[0]).double() if alibi else None}
+    k_cmp, v_cmp = nsa.compress(k, 4), nsa.compress(v, 4)
+    for n in (1, 3):
+        live = lengths.clamp(min=n)
+        newest, new_gates = (torch.stack([x[b, live[b] - n : live[b]] for b in range(3)]) for x in (q, gates))
+        o = nsa.nsa_step(newest, k, v, live, k_cmp, v_cmp, gates=new_gates, **options)
+        for b in range(3):
+            t = int(live[b])
+            full = nsa.torch_reference(q[b : b + 1, :t], k[b : b + 1, :t], v[b : b + 1, :t], gates=gates[b : b + 1, :t], **options)
+            assert_close(o[b], full[0, t - n :], f"sequence {b}, N={n}")
+
+
+def test_nsa_rows_do_not_depend_on_the_tokens_after_them():
+    """topn 2 of six blocks: the three forced blocks compete for two slots at every query; the rows of a
+    forward over 24 tokens equal those over their first 13 (the selection's ties are broken by rank and
+    position, not by topk's order over a longer row), so a step can be exact."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 24, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    options = {"block": 4, "topn": 2, "window": 3}
+    for run in (nsa.torch_reference, nsa.chunked):
+        assert_close(run(q, k, v, **options)[:, :13], run(q[:, :13], k[:, :13], v[:, :13], **options), run.__name__)
 
 
 def test_deltanet_default_beta_is_the_forward_default():

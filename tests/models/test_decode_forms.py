@@ -107,3 +107,59 @@ def test_flex_step_equals_the_definition(window, alibi, theta, queries):
         warnings.simplefilter("ignore")  # flex warns when called without torch.compile
         got = flex_decode(lengths, queries, rows, compiled=False, **options)(q, k, v)
     _assert_close(got, exact, f"flex W={window} alibi={alibi} theta={theta} N={queries}")
+
+
+def test_sparse_cost_models_by_hand():
+    """B = 2, Hq = 8, Hkv = 2, D = 64, N = 1, fp16 (2 bytes), L = 1000."""
+    cfg = LayerConfig(dim=512, heads=8, kv_heads=2, head_dim=64, causal=True, window=99, options={"block": 64, "topn": 4})
+    nsa = registry.get("nsa").decode
+    # 16 blocks, the last holding 40 tokens: 15 block means, 3 whole selected blocks + the query's own 40, W + N = 100
+    rows = 15 + (3 * 64 + 40) + 100
+    per_query = 8 * (64 + 3 + 64) * 2  # q and the three gates read, o written
+    assert nsa.bytes(cfg, 2, 1000, 1, 2) == 2 * (2 * rows * 2 * 64 * 2 + per_query) == 359_520
+    assert nsa.memory(cfg, 1000, 1, 2) == 2 * (1000 + 15) * 2 * 64 * 2 == 519_680  # every K, V and the 15 block means
+    cfg = LayerConfig(dim=512, heads=8, kv_heads=2, head_dim=64, causal=True, options={"chunk": 128})
+    bsbr = registry.get("bsbr").decode
+    held, finished = 104, 7  # 1000 = 7 * 128 + 104
+    summaries = finished * 2 * (64 * 64 + 64)  # a state [Hkv, D*D] and a meta key [Hkv, D] per finished chunk
+    current = 2 * held * 2 * 64 + 8 * 64 + 8 * 64 * 64  # K, V of the chunk so far, its queries' sum, the retrieved state
+    assert bsbr.memory(cfg, 1000, 1, 2) == (current + summaries) * 2 == 236_288
+    within = 2 * held * 2 * 64 + 8 * 64 * 64 + 4 * 8 * 64  # K, V, R read; query sum read and written, q read, o written
+    assert bsbr.bytes(cfg, 2, 1000, 1, 2) == 2 * within * 2 == 245_760
+    # token 1025 starts chunk 8: chunk 7's K, V read, 8 summaries (7 read, 1 written), the new R written, W_r and W_h read once
+    starting = 2 * 1 * 2 * 64 + 8 * 64 * 64 + 4 * 8 * 64 + 2 * 128 * 2 * 64 + 8 * 2 * (64 * 64 + 64) + 8 * 64 * 64
+    assert bsbr.bytes(cfg, 2, 1025, 1, 2) == (2 * starting + 2 * 64 * 64) * 2 == 685_056
+
+
+@pytest.mark.parametrize("context", [1, 8, 9, 30])
+def test_bsbr_memory_is_what_its_layer_cache_holds(context):
+    """The cost model's bytes per sequence equal the tensors of a BSBRCache after a prompt of L tokens
+    (chunks of 8: one token, a whole chunk, one past it, mid-chunk), compression 4, GQA."""
+    from attnbench.models.attention.bsbr import BSBRCache
+
+    cfg = LayerConfig(dim=64, heads=4, kv_heads=2, head_dim=16, causal=True, options={"chunk": 8, "compression": 4})
+    cache = BSBRCache(registry.build_layer("bsbr", cfg), context)
+    cache.prefill(torch.randn(1, context, 64))
+    held = sum(t.numel() * t.element_size() for t in cache.state)
+    assert held == registry.get("bsbr").decode.memory(cfg, context, 1, 4)
+
+
+@pytest.mark.parametrize("mechanism,context,queries", [
+    ("bsbr", 1, 1), ("bsbr", 37, 1), ("bsbr", 33, 1), ("nsa", 37, 1), ("nsa", 37, 3), ("nsa", 5, 2),
+])
+def test_sparse_kernel_level_steps_run(mechanism, context, queries):
+    """The torch steps speed times (a random cache or state of L tokens, the step's new ones among them;
+    chunks and blocks of 8: bsbr's L = 33 starts a chunk); ALiBi and GQA."""
+    cfg = LayerConfig(dim=64, heads=4, kv_heads=2, head_dim=16, causal=True, positions="alibi",
+                      options={"chunk": 8} if mechanism == "bsbr" else {"block": 8, "topn": 2, "window": 5})
+    o = _step_output(mechanism, "torch", cfg, 2, context, queries)
+    assert o.shape == ((2, 4, 16) if mechanism == "bsbr" else (2, queries, 4, 16)) and bool(o.isfinite().all())
+
+
+def test_sparse_steps_say_what_they_cannot_take():
+    cfg = LayerConfig(dim=64, heads=4, head_dim=16, causal=True)
+    bsbr, nsa = (registry.get(name).decode.impls["torch"] for name in ("bsbr", "nsa"))
+    assert "one token at a time" in bsbr.why_not(cfg, 2, CPU, torch.float32)
+    assert bsbr.why_not(cfg, 1, CPU, torch.float32) is None and nsa.why_not(cfg, 3, CPU, torch.float32) is None
+    rope = LayerConfig(dim=64, heads=4, head_dim=16, causal=True, positions="rope")
+    assert all("takes no RoPE" in impl.why_not(rope, 1, CPU, torch.float32) for impl in (bsbr, nsa))

@@ -41,6 +41,13 @@ CACHED = {
     "exposb-gqa": dict(mechanism="exposb", kv_heads=2, attention={"delta": 0.05}),
     "gau": dict(mechanism="gau", attention={"chunk": 5}),  # chunks of 5: steps cross and fold chunks
     "gau-rope": dict(mechanism="gau", positions="rope", attention={"chunk": 5}),
+    "bsbr": dict(mechanism="bsbr", attention={"chunk": 5}),  # chunks of 5: steps fold chunks and retrieve over 1-3 of them
+    "bsbr-rope-gqa-compressed": dict(mechanism="bsbr", positions="rope", kv_heads=2, attention={"chunk": 4, "compression": 4}),
+    "bsbr-alibi": dict(mechanism="bsbr", positions="alibi", attention={"chunk": 5}),
+    # blocks of 4 (3, 2): steps complete blocks; topn 2 < the 3 forced blocks, 3 of up to 5 blocks: the selection decides
+    "nsa": dict(mechanism="nsa", window=5, attention={"block": 4, "topn": 3}),
+    "nsa-rope-gqa": dict(mechanism="nsa", positions="rope", kv_heads=2, window=5, attention={"block": 3, "topn": 3}),
+    "nsa-alibi-top-2": dict(mechanism="nsa", positions="alibi", window=4, attention={"block": 2, "topn": 2}),
     "stickbreaking-current-gqa": dict(mechanism="stickbreaking", kv_heads=2, attention={"attend_current": True}),
     "standard-gqa": dict(mechanism="standard", kv_heads=2),
     "rope-mqa": dict(mechanism="rope", kv_heads=1),
@@ -99,7 +106,8 @@ def test_the_window_case_can_fail():
     assert (a - b).abs().max().item() > 100 * relative_bound(STEP_RELATIVE, b.abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["standard", "rope", "window", "linear", "deltanet", "performer", "stickbreaking", "gau", "alibi-gqa"])
+@pytest.mark.parametrize("case", ["standard", "rope", "window", "linear", "deltanet", "performer", "stickbreaking", "gau", "alibi-gqa",
+                                  "bsbr", "nsa-alibi-top-2"])
 @torch.no_grad()
 def test_cached_generation_picks_the_tokens_of_recomputation(case):
     model = model_of(**CACHED[case])
@@ -121,7 +129,7 @@ def test_generation_stops_after_eos():
     assert stopped.ids == first_three[: first_three.index(first_three[1]) + 1]
 
 
-@pytest.mark.parametrize("mechanism", ["bsbr", "nsa"])
+@pytest.mark.parametrize("mechanism", ["block", "learned"])
 @torch.no_grad()
 def test_a_mechanism_without_a_cache_says_so_and_recomputes(mechanism):
     model = model_of(mechanism)
@@ -167,7 +175,7 @@ def test_schemes_without_a_limit_keep_the_cache_past_max_seq():
         assert result.ids == generate.generate(model, list(range(MAX_SEQ)), 10, cache=False).ids
 
 
-@pytest.mark.parametrize("case", ["standard", "window", "linear", "deltanet", "performer", "stickbreaking", "gau"])
+@pytest.mark.parametrize("case", ["standard", "window", "linear", "deltanet", "performer", "stickbreaking", "gau", "bsbr", "nsa"])
 @torch.no_grad()
 def test_a_restored_decoder_steps_from_the_same_context_again(case):
     """fill (random caches as if 12 tokens were read) then step, restore, step: the same logits, and

@@ -31,7 +31,7 @@ def rows_of(run_dir):
 def decode_run(tmp_path_factory):
     """The issue's CPU command, at a small head shape, with a mechanism that has no decode form."""
     out = tmp_path_factory.mktemp("decode") / "run"
-    result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer,bsbr",
+    result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer,block",
                     "--context", 128, 512, *SMALL, "--out", out)
     assert result.exit_code == 0, result.output
     return out, rows_of(out)
@@ -67,8 +67,8 @@ def test_unsupported_decode_rows_say_why(decode_run):
     _, rows = decode_run
     unsupported = [row for row in rows if row["status"] == "unsupported"]
     assert unsupported and all(row["message"] for row in unsupported)
-    bsbr = [row for row in rows if row["mechanism"] == "bsbr"]
-    assert len(bsbr) == 2 and all("has no decode step" in row["message"] for row in bsbr)
+    block = [row for row in rows if row["mechanism"] == "block"]
+    assert len(block) == 2 and all("has no decode step" in row["message"] for row in block)
     on_cuda = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
     assert {"triton", "triton-paged", "flex", "sdpa-cudnn", "sdpa-flash"} <= on_cuda <= {"triton", "triton-paged", "flex", "sdpa-cudnn", "sdpa-flash", "fla"}
     fla = [row["message"] for row in unsupported if row["impl"] == "fla"]
@@ -212,7 +212,7 @@ def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
     impls whose steps run at the kernel level only, and mechanisms without a layer cache, say why."""
     out = tmp_path / "run"
     result = invoke("speed", "--mode", "decode", "--level", "model", "--preset", "tiny", "--device", "cpu",
-                    "--attn", "standard,linear,bsbr", "--impl", "torch,sdpa", "--context", 32, 64, "--batch", 2, "--out", out)
+                    "--attn", "standard,linear,block", "--impl", "torch,sdpa", "--context", 32, 64, "--batch", 2, "--out", out)
     assert result.exit_code == 0, result.output
     rows = rows_of(out)
     ok = {(r["mechanism"], r["seq"]): r for r in rows if r["status"] == "ok"}
@@ -229,7 +229,25 @@ def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
     assert float(ok["standard", "64"]["mem_per_seq_mib"]) == pytest.approx(2 * float(ok["standard", "32"]["mem_per_seq_mib"]), rel=1e-3)
     reasons = {(r["mechanism"], r["impl"]): r["message"] for r in rows if r["status"] == "unsupported"}
     assert "time sdpa at --level kernel" in reasons["standard", "sdpa"]
-    assert "has no decode step" in reasons["bsbr", "torch"]
+    assert "has no decode step" in reasons["block", "torch"]
+
+
+@pytest.mark.parametrize("level", ["kernel", "layer", "model"])
+def test_the_sparse_mechanisms_decode_at_every_level(level, tmp_path):
+    """bsbr (a chunk-level state whose summaries grow a chunk at a time) and nsa (a KV cache plus block
+    means): ok rows with the step's bytes (kernel level) and memory per sequence that grows with L."""
+    out = tmp_path / "run"
+    result = invoke("speed", "--mode", "decode", "--level", level, "--preset", "tiny", "--attn", "bsbr,nsa", "--impl", "torch",
+                    "--context", 128, 512, "--batch", 2, *SMALL, "--option", "chunk=64", "--option", "block=16", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = {(r["mechanism"], r["seq"]): r for r in rows_of(out)}
+    assert set(rows) == {(m, s) for m in ("bsbr", "nsa") for s in ("128", "512")}
+    for row in rows.values():
+        assert row["status"] == "ok", row["message"]
+        assert row["level"] == level and float(row["tokens_per_s"]) > 0 and float(row["mem_per_seq_mib"]) > 0
+        assert (int(row["bytes"]) > 0) if level == "kernel" else row["bytes"] == ""
+    for mechanism in ("bsbr", "nsa"):
+        assert float(rows[mechanism, "512"]["mem_per_seq_mib"]) > float(rows[mechanism, "128"]["mem_per_seq_mib"])
 
 
 @pytest.mark.cuda
