@@ -28,25 +28,18 @@ def _rotate_if_rope(q, k, theta: float | None, offset: int):
     return (q, k) if theta is None else positions.rotate_qk(q, k, theta, offset)
 
 
-def sequence_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+def _sequence_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The sequence each token of a pack belongs to: int64 [total], from cu_seqlens [N + 1]."""
     lengths = cu_seqlens.diff()
     return torch.arange(lengths.numel(), device=cu_seqlens.device).repeat_interleave(lengths)
 
 
-def packed_rope(cu_seqlens: torch.Tensor, theta: float | None):
-    """RoPE over a pack, (q [total, Hq, D], k [total, Hkv, D]) -> both rotated, each sequence at
-    positions 0 .. L - 1 (found here, once); no rotation when ``theta`` is None."""
-    if theta is None:
-        return lambda q, k: (q, k)
-    ids = sequence_ids(cu_seqlens)
-    at = torch.arange(ids.numel(), device=ids.device) - cu_seqlens[ids]  # each token's position in its sequence
-
-    def rotate(q, k):
-        cos, sin = reference.rope_angles(at, q.shape[-1], theta)
-        return reference.rotate(q[None], cos, sin)[0], reference.rotate(k[None], cos, sin)[0]
-
-    return rotate
+def packed_rope(q: torch.Tensor, k: torch.Tensor, theta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE over a pack, q [total, Hq, D] and k [total, Hkv, D], rotated as one sequence: RoPE's
+    scores (and their gradients) depend on the distance between query and key alone, which inside
+    one sequence is the same in the pack, so each sequence attends as if at positions 0 .. L - 1."""
+    q, k = _rotate_if_rope(q[None], k[None], theta, 0)
+    return q[0], k[0]
 
 
 def sdpa(
@@ -108,10 +101,9 @@ def sdpa_varlen(
     offsets = cu_seqlens.long()
     lengths = cu_seqlens.diff()
     seqlens = {"min_seqlen": int(lengths.min()), "max_seqlen": max_seqlen}  # given: no device sync in each call
-    rotate = packed_rope(cu_seqlens, theta)
 
     def attend(q, k, v):
-        q, k = rotate(q, k)
+        q, k = packed_rope(q, k, theta)
         # contiguous: the math backend refuses views of a fused projection (a layer's q, k, v)
         q, k, v = (torch.nested.nested_tensor_from_jagged(x.contiguous(), offsets, **seqlens).transpose(1, 2) for x in (q, k, v))
         with torch.nn.attention.sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
@@ -223,7 +215,7 @@ def flex_varlen(
     pack: its build is not timed (the sweep records it as setup_ms). RoPE rotates in torch."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    ids = sequence_ids(cu_seqlens)
+    ids = _sequence_ids(cu_seqlens)
     total = ids.numel()
 
     def document_mask(batch, head, q_idx, kv_idx):
@@ -231,11 +223,10 @@ def flex_varlen(
 
     block_mask = create_block_mask(document_mask, None, None, total, total, device=cu_seqlens.device)
     score_mod = _alibi_score_mod(slopes, 0)
-    rotate = packed_rope(cu_seqlens, theta)
     fn = compiled_flex() if compiled else flex_attention
 
     def attend(q, k, v):
-        q, k = rotate(q, k)
+        q, k = packed_rope(q, k, theta)
         o = fn(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
                score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
         return o.transpose(1, 2)[0]

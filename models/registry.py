@@ -66,8 +66,8 @@ class Varlen:
 
     bind(cu_seqlens int32 [N + 1], max_seqlen, *, causal, **run's options but offset) -> attend,
         attend(q [total, Hq, D], k/v [total, Hkv, D]) -> o [total, Hq, D]. What depends on the pack
-        alone (flex's block mask, each token's position in its sequence) is built by bind, once,
-        so that attend, the call that is timed, does only what every call must.
+        alone (flex's block mask, the host's copy of the offsets) is built by bind, once, so that
+        attend, the call that is timed, does only what every call must.
     unsupported: why it cannot run ``cfg`` packed, beyond Impl.why_not (a mask the form cannot
         take, GQA), or None.
     """

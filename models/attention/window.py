@@ -45,10 +45,9 @@ def fla_parallel_varlen(cu_seqlens, max_seqlen, *, causal: bool, window=None, sl
 
     window_size = _fla_window_size(causal, window, slopes)
     offsets = cu_seqlens.long()
-    rotate = peers.packed_rope(cu_seqlens, theta)
 
     def attend(q, k, v):
-        q, k = rotate(q, k)
+        q, k = peers.packed_rope(q, k, theta)
         return parallel_attn(q[None], k[None], v[None], window_size=window_size, cu_seqlens=offsets)[0]
 
     return attend
