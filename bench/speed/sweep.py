@@ -106,11 +106,8 @@ class SweepSpec:
 
     def sizes(self, mode: str) -> list[tuple[int, int]]:
         """(seq, batch) of a mode's cases, smaller first: decode's (context, batch) from --context
-        and --batch (DECODE_BATCHES without it), a pack's one (its longest, N), the others' from
-        --seq and batches_for."""
-        if self.lengths:
-            pack = self.packed()[1]
-            return [(max(pack), len(pack))]
+        and --batch (DECODE_BATCHES without it), the others' from --seq and batches_for (a packed
+        batch's one size: expand)."""
         if mode == DECODE:
             return [(context, batch) for context in sorted(self.contexts) for batch in sorted(self.batches or DECODE_BATCHES)]
         return [(seq, batch) for seq in sorted(self.seqs) for batch in sorted(self.batches_for(seq))]
@@ -269,7 +266,7 @@ def expand(spec: SweepSpec) -> list[Case]:
     cases = []
     lengths, pack = spec.packed()
     pack_text = ",".join(map(str, pack))
-    sizes = {mode: spec.sizes(mode) for mode in spec.modes}  # once: a drawn pack reads its file, draws its lengths
+    sizes = {mode: [(max(pack), len(pack))] if pack else spec.sizes(mode) for mode in spec.modes}  # a pack: T its longest, B its N
     for name in spec.mechanisms:
         mechanism = registry.get(name)
         impls = [i for i in (spec.impls or mechanism.impls) if i in mechanism.impls]
