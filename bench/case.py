@@ -37,6 +37,8 @@ class Case:
     positions: str = ""  # the position scheme (`speed --positions`; "": the mechanism's natural one)
     options: str = ""  # the mechanism's --option values it declares, as option_text writes them
     queries: int | None = None  # mode decode only: N new tokens per sequence a step (seq is then the context L)
+    lengths: str = ""  # a packed batch only (`speed --lengths`): the distribution as asked, e.g. uniform:256-4096
+    pack: str = ""  # a packed batch only: its sequences' lengths, comma-separated (batch: N of them, seq: the longest)
 
     @classmethod
     def from_row(cls, row: dict[str, str]) -> "Case":
@@ -56,6 +58,20 @@ class Case:
         """The ``options`` column back into values: 'compression=4; theta=500.0' -> {...}."""
         return {key: ast.literal_eval(value) for key, _, value in (item.partition("=") for item in self.options.split("; ") if item)}
 
+    def seq_lengths(self) -> list[int]:
+        """The packed batch's sequence lengths ([] for a case of B sequences of T tokens)."""
+        return [int(length) for length in self.pack.split(",")] if self.pack else []
+
+    def tokens(self) -> int:
+        """Tokens one call processes: the pack's, B x N new ones (mode decode), or B x T."""
+        if self.pack:
+            return sum(self.seq_lengths())
+        return self.batch * (self.queries if self.queries is not None else self.seq)
+
+    def mean_length(self) -> float | None:
+        """A packed batch's mean sequence length (None for the others)."""
+        return self.tokens() / self.batch if self.pack else None
+
     def series(self) -> tuple:
         """Everything but the size: an OOM at one size skips the larger sizes of the same series."""
         return tuple(v for k, v in asdict(self).items() if k not in ("batch", "seq"))
@@ -71,7 +87,8 @@ class Case:
 
 
 CASE_COLUMNS = [f.name for f in fields(Case)]
-ADDED_COLUMNS = ("positions", "options", "queries")  # speed.csv files of schema 2 lack the first two, of schema 3 queries (read as empty)
+# speed.csv files of schema 2 lack positions and options, of schema 3 queries, of schema 4 lengths and pack (read as empty)
+ADDED_COLUMNS = ("positions", "options", "queries", "lengths", "pack")
 
 
 def option_text(options: dict[str, Any]) -> str:

@@ -161,7 +161,7 @@ def mechanism_options(window: int | None, option: list[str]) -> dict:
 
 SWEEP_OPTIONS = ("attn", "impl", "level", "mode", "seq", "batch", "tokens", "heads", "kv_heads", "head_dim",
                  "dtype", "causal", "bidirectional", "window", "positions", "option", "device", "preset", "max_call_ms", "check",
-                 "context", "queries")
+                 "context", "queries", "lengths", "seed")
 
 
 @app.command(cls=ListOptionsCommand)
@@ -171,11 +171,13 @@ def speed(
     impl: Annotated[list[str], typer.Option(help="Impls, or 'all' (each mechanism runs those it has).")] = ["all"],
     level: Annotated[list[str], typer.Option(help="kernel (core on q, k, v), layer (with projections), model (a training step of --preset), model-graph (that step as a CUDA graph replay: GPU time without launch overhead).")] = ["kernel"],
     mode: Annotated[list[str], typer.Option(help="fwd, bwd (backward alone), fwdbwd over whole sequences; decode: one generation step against a KV cache or recurrent state of --context tokens (kernel level).")] = ["fwd", "bwd"],
-    seq: Annotated[list[int], typer.Option(help="Sequence lengths T.")] = [512, 1024, 2048, 4096, 8192, 16384],
+    seq: Annotated[list[int], typer.Option(help="Sequence lengths T (--lengths replaces them).")] = [512, 1024, 2048, 4096, 8192, 16384],
+    lengths: Annotated[list[str], typer.Option(help="Time one packed variable-length batch instead of --seq (FlashAttention's varlen layout, no padding; modes fwd, bwd, fwdbwd; kernel and layer levels): a list of lengths (the pack itself), uniform:LO-HI or file:PATH (one length a line), drawn with --seed until the pack holds --tokens (the last one cut to fit).")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of the lengths --lengths uniform:LO-HI or file:PATH draws.")] = 0,
     context: Annotated[list[int], typer.Option(help="--mode decode: cache lengths L (tokens each sequence holds, the new ones included).")] = [],  # noqa: B006
     queries: Annotated[int, typer.Option(help="--mode decode: new tokens N per sequence a step (more than 1: chunked prefill, speculative verification).")] = 1,
     batch: Annotated[Optional[list[int]], typer.Option(help="Batch sizes B (instead of --tokens; decode: default 1).")] = None,
-    tokens: Annotated[Optional[int], typer.Option(help="Fixed B*T budget, B = tokens // T (default: 16384 on CUDA, 2048 on CPU).")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Fixed B*T budget, B = tokens // T; with --lengths uniform: or file:, the tokens of the pack (default: 16384 on CUDA, 2048 on CPU).")] = None,
     heads: Annotated[int, typer.Option(help="Query heads Hq.")] = 16,
     kv_heads: Annotated[Optional[int], typer.Option(help="Key/value heads Hkv (GQA) (default: heads).")] = None,
     head_dim: Annotated[int, typer.Option(help="Head dimension D.")] = 64,
@@ -204,7 +206,7 @@ def speed(
     from attnbench import console
     from attnbench.config import of_invocation
     from attnbench.dtypes import resolve_dtype
-    from attnbench.speed import sweep
+    from attnbench.speed import lengths as packing, sweep
     from attnbench.errors import InputError
     from attnbench.models.registry import mechanisms
     from attnbench.speed.run import run_speed
@@ -213,7 +215,7 @@ def speed(
     on_cuda = device.startswith("cuda")
     if batch and tokens is not None:
         raise InputError("give --batch or --tokens, not both")
-    if tokens is not None:
+    if tokens is not None and not lengths:
         sweep.check_token_budget(tokens, seq)
     if profile < 0:
         raise InputError(f"--profile must be >= 0 calls, got {profile}")
@@ -224,9 +226,10 @@ def speed(
         modes=mode,
         dtypes=[resolve_dtype(d) for d in (dtype or ["bf16" if on_cuda else "fp32"])],
         device=device,
-        seqs=seq,
+        seqs=[] if lengths and ctx.get_parameter_source("seq").name == "DEFAULT" else seq,  # given with --lengths: refused
         batches=batch or None,
-        tokens=None if batch else (tokens if tokens is not None else 16384 if on_cuda else 2048),
+        tokens=None if batch or (tokens is None and lengths and not packing.parse(lengths).drawn)
+        else (tokens if tokens is not None else 16384 if on_cuda else 2048),
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
@@ -239,6 +242,8 @@ def speed(
         check=check,
         contexts=context,
         queries=queries,
+        lengths=lengths,
+        seed=seed,
     )
     spec_given = any(ctx.get_parameter_source(name).name in ("COMMANDLINE", "DEFAULT_MAP") for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus, of_invocation(ctx.params))

@@ -75,7 +75,7 @@ def train_progress(enabled: bool = True) -> Iterator[Progress | None]:
 
 
 CASE_COLUMNS = ["mechanism", "positions", "options", "level", "mode", "causal", "dtype", "device", "heads", "kv_heads", "head_dim",
-                "window", "batch", "seq"]  # the case columns the speed table shows
+                "window", "lengths", "batch", "seq"]  # the case columns the speed table shows (a pack: B is its N, T its longest)
 SHORT = {"batch": "B", "seq": "T", "heads": "Hq", "kv_heads": "Hkv", "head_dim": "D"}
 
 

@@ -1,7 +1,8 @@
 """Every FLOP count the harness records, FlashAttention-3 convention: one measured case
-(speed.csv's flops), a training step per token (MFU, meta.json), a model's attention cores
-(distill's summary.csv), and CONVENTION, the report's sentence saying how they are counted;
-and a decode step's bytes (speed.csv's bytes, gbps, mem_per_seq_mib; BYTES_CONVENTION).
+(speed.csv's flops; a packed batch's flops_padded beside them), a training step per token
+(MFU, meta.json), a model's attention cores (distill's summary.csv), and CONVENTION, the
+report's sentence saying how they are counted; and a decode step's bytes (speed.csv's bytes,
+gbps, mem_per_seq_mib; BYTES_CONVENTION).
 
 Forward FLOPs of an attention core come from its registry entry (Mechanism.flops; the shared
 forms in models/pair_flops.py: 4 * Hq * D per visible q-k pair for softmax, counted exactly for
@@ -85,6 +86,18 @@ def gb_per_s(nbytes: float, median_ms: float) -> float:
 def core_flops(mechanism: Mechanism, cfg: LayerConfig, batch: int, seq: int, mode: str, seq_lens=None) -> float:
     """FLOPs of the kernel-level core in ``mode`` for q, k, v of ``seq`` tokens (key padding: seq_lens [B])."""
     return core_mode_factor(mechanism, mode) * mechanism.flops(cfg, batch, seq, seq_lens=seq_lens)
+
+
+def varlen_flops(mechanism: Mechanism, cfg: LayerConfig, lengths: list[int], mode: str, per_token: float = 0.0) -> tuple[float, float]:
+    """FLOPs in ``mode`` of a packed variable-length batch of sequences of ``lengths``, each attending
+    to itself alone (``speed --lengths``), and what padding them to the longest would have cost:
+    (packed, padded). Packed: the core summed over the sequences; padded: the core of N sequences of
+    the longest length, every pair of the padding computed (what a dense kernel on the padded batch
+    does), the same when every length is equal. ``per_token``: FLOPs of the layer's projections a
+    token (layer level), counted on the pack's tokens and on the padded batch's."""
+    packed = sum(core_flops(mechanism, cfg, 1, length, mode) for length in lengths)
+    padded = core_flops(mechanism, cfg, len(lengths), max(lengths), mode)
+    return packed + per_token * sum(lengths), padded + per_token * len(lengths) * max(lengths)
 
 
 def linear_flops(layer: nn.Module, forward: Callable[[], object], mode: str) -> float:

@@ -25,7 +25,7 @@ from attnbench import console
 from attnbench.case import ADDED_COLUMNS as ADDED_CASE_COLUMNS, CASE_COLUMNS
 from attnbench.errors import InputError
 
-SCHEMA_VERSION = 4  # 2: the preset column (model level); 3: the positions column of train and speed runs, speed's options; 4: speed's decode columns
+SCHEMA_VERSION = 5  # 2: the preset column (model level); 3: the positions column of train and speed runs, speed's options; 4: speed's decode columns; 5: speed's packed-batch columns
 DEFAULT_ROOT = Path("results")
 SPEED_CSV = "speed.csv"
 TRAIN_CSV = "train.csv"
@@ -39,11 +39,14 @@ RESULT_COLUMNS = [
     "status", "message", "check", "ms_median", "ms_p20", "ms_p80", "first_call_ms",
     "tokens_per_s", "flops", "tflops", "pct_peak", "peak_mem_mib", "params",
     "bytes", "gbps", "pct_bandwidth", "mem_per_seq_mib", "cuda_graph",  # mode decode
+    "mean_len", "flops_padded", "setup_ms",  # a packed batch (--lengths)
 ]
 SPEED_COLUMNS = CASE_COLUMNS + RESULT_COLUMNS
 DECODE_COLUMNS = ("queries", "bytes", "gbps", "pct_bandwidth", "mem_per_seq_mib", "cuda_graph")  # schema 4
-# speed.csv files of earlier schemas lack some of these (read as empty): schema 2 all, schema 3 the decode ones
-ADDED_COLUMNS = (*ADDED_CASE_COLUMNS, "check", *DECODE_COLUMNS)
+VARLEN_COLUMNS = ("lengths", "pack", "mean_len", "flops_padded", "setup_ms")  # schema 5
+# speed.csv files of earlier schemas lack some of these (read as empty): schema 2 all, schema 3 the decode
+# and packed-batch ones, schema 4 the packed-batch ones
+ADDED_COLUMNS = (*ADDED_CASE_COLUMNS, "check", *DECODE_COLUMNS, *VARLEN_COLUMNS)
 STATUSES = ("ok", "oom", "error", "unsupported", "skipped")
 
 

@@ -30,6 +30,9 @@ class QKVAttention(nn.Module):
     [B, T, Hq + 2 Hkv, D] whole instead (when attend is not overridden and the core rotates
     for itself). ``options(cfg)`` gives the mechanism's kernel options; tensors among them
     become buffers. ``theta``: the RoPE base when the layer rotates q and k before the core.
+    A packed variable-length batch (x [total, C], FlashAttention's varlen layout) goes through
+    ``forward_varlen`` with the core ``varlen_core`` binds to its pack (the same condition as
+    run_packed: the layer adds nothing to its impl's core).
     """
 
     def __init__(self, cfg: LayerConfig, impls: dict[str, Impl], options: Callable[[LayerConfig], dict]):
@@ -46,6 +49,7 @@ class QKVAttention(nn.Module):
         # a subclass that overrides attend adds to the core, so it always gets q, k, v apart
         plain = type(self).attend is QKVAttention.attend and self.theta is None
         self.run_packed = impls[cfg.impl].run_packed if plain else None
+        self.varlen = impls[cfg.impl].varlen if plain else None
         self._plain_options = {}
         for name, value in core_options.items():
             if isinstance(value, torch.Tensor):
@@ -75,6 +79,20 @@ class QKVAttention(nn.Module):
         """The kernel-level core: q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D]."""
         q, k = self.positioned(q, k)
         return self.run(q, k, v, causal=self.causal, seq_lens=seq_lens, **self.core_options())
+
+    def varlen_core(self, cu_seqlens: torch.Tensor, max_seqlen: int) -> Callable[..., torch.Tensor]:
+        """The core bound to one pack (registry.Varlen): attend(q [total, Hq, D], k/v [total, Hkv, D])
+        -> o [total, Hq, D], with the layer's options; ValueError when its impl has no varlen form."""
+        if self.varlen is None:
+            raise ValueError("this layer's impl has no packed variable-length core")
+        options = self.core_options()
+        options.pop("offset", None)  # RoPE's: a pack's positions restart at 0 in every sequence
+        return self.varlen.bind(cu_seqlens, max_seqlen, causal=self.causal, **options)
+
+    def forward_varlen(self, x: torch.Tensor, core: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """A pack x [total, C] through the projections and ``core`` (varlen_core) -> [total, C]."""
+        q, k, v = (part[0] for part in self.project(x[None]))  # [total, H, D] views of one projection
+        return self.out(core(q, k, v).reshape(x.shape[0], self.heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape

@@ -10,6 +10,10 @@ Kernel-level API (every impl's ``run``):
     attention_mask means); ``options`` are the mechanism's own (rope theta, alibi slopes,
     window, ...) as its layer's ``core_options()`` returns them.
 
+Packed variable-length batches (FlashAttention's varlen layout, ``speed --lengths``): an impl's
+``varlen.bind(cu_seqlens, max_seqlen, *, causal, **options) -> attend``, attend(q [total, Hq, D],
+k/v [total, Hkv, D]) -> o [total, Hq, D] (``Varlen``).
+
 Layer-level API: ``mechanism.layer(LayerConfig) -> nn.Module`` with
     forward(x [B, T, C], seq_lens=None) -> [B, T, C]
 and, for mechanisms with a q/k/v core (``has_core``), attend(q, k, v, seq_lens=None) -> o,
@@ -56,6 +60,25 @@ def unavailable(name: str, missing: Callable[[], str | None], needs_cuda: bool, 
 
 
 @dataclass(frozen=True)
+class Varlen:
+    """An impl's core over a packed variable-length batch: N sequences end to end, no padding
+    (FlashAttention's varlen layout), each attending to itself alone at positions 0 .. L - 1.
+
+    bind(cu_seqlens int32 [N + 1], max_seqlen, *, causal, **run's options but offset) -> attend,
+        attend(q [total, Hq, D], k/v [total, Hkv, D]) -> o [total, Hq, D]. What depends on the pack
+        alone (flex's block mask, the host's copy of the offsets) is built by bind, once, so that
+        attend, the call that is timed, does only what every call must.
+    unsupported: why it cannot run ``cfg`` packed, beyond Impl.why_not (a mask the form cannot
+        take, GQA), or None.
+    """
+
+    bind: Callable[..., Callable[..., torch.Tensor]]
+    unsupported: Callable[["LayerConfig", torch.device, torch.dtype], str | None] = (
+        lambda cfg, device, dtype: None
+    )
+
+
+@dataclass(frozen=True)
 class Impl:
     """One way to compute a mechanism.
 
@@ -68,6 +91,7 @@ class Impl:
     missing: returns why the impl cannot run on this machine at all (package missing), or None.
     unsupported: returns why it cannot run this case (dtype, padding, shape), or None.
     no_padding: why it cannot take key padding (seq_lens, a runtime input), or "" when it can.
+    varlen: its core over a packed variable-length batch (Varlen), or None: it has none.
     """
 
     name: str
@@ -80,11 +104,18 @@ class Impl:
         lambda cfg, device, dtype: None
     )
     no_padding: str = ""
+    varlen: Varlen | None = None
 
     def why_not(self, cfg: "LayerConfig", device: torch.device | str, dtype: torch.dtype) -> str | None:
         """Why this impl cannot run ``cfg`` on ``device`` in ``dtype``, or None when it can."""
         device = torch.device(device)
         return unavailable(self.name, self.missing, self.needs_cuda, device) or self.unsupported(cfg, device, dtype)
+
+    def why_not_varlen(self, cfg: "LayerConfig", device: torch.device | str, dtype: torch.dtype) -> str | None:
+        """Why this impl cannot run ``cfg`` over a packed variable-length batch here, or None."""
+        if self.varlen is None:
+            return f"{self.name} has no packed variable-length core"
+        return self.why_not(cfg, device, dtype) or self.varlen.unsupported(cfg, torch.device(device), dtype)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ Softmax-family kernel options (all impls take all of them):
 Any position scheme of the layer (LayerConfig.positions, or the mechanism's natural one)
 becomes these options (`position_options`), so every impl serves every window x scheme x GQA cell
 it can; one that cannot says so from the cfg (`Impl.unsupported`).
+
+Over a packed variable-length batch (`Impl.varlen`, registry.Varlen; `speed --lengths`): torch
+(the definition, each sequence on its own), triton (our varlen flash kernel), every sdpa impl
+(jagged nested tensors) and flex (a document mask); every scheme's positions restart at 0 in
+each sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from attnbench.kernels import reference
 from attnbench.models import peers, positions
-from attnbench.models.registry import Impl, LayerConfig
+from attnbench.models.registry import Impl, LayerConfig, Varlen
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -27,6 +32,19 @@ def torch_reference(q, k, v, *, causal=False, seq_lens=None, window=None, slopes
     if theta is not None:
         q, k = positions.rotate_qk(q, k, theta, offset)
     return reference.attention(q, k, v, causal=causal, seq_lens=seq_lens, window=window, slopes=slopes)
+
+
+def torch_varlen(cu_seqlens, max_seqlen, *, causal=False, window=None, slopes=None, theta=None):
+    """The definition over a pack (registry.Varlen): each sequence attended on its own by
+    torch_reference, q [total, Hq, D], k/v [total, Hkv, D] -> o [total, Hq, D]."""
+    bounds = cu_seqlens.tolist()  # once: the slices are the host's
+    spans = list(zip(bounds, bounds[1:]))
+
+    def attend(q, k, v):
+        options = dict(causal=causal, window=window, slopes=slopes, theta=theta)
+        return torch.cat([torch_reference(q[None, a:b], k[None, a:b], v[None, a:b], **options)[0] for a, b in spans])
+
+    return attend
 
 
 def triton_flash(q, k, v, **options):
@@ -41,6 +59,14 @@ def triton_flash_packed(qkv, heads, **options):
     from attnbench.kernels.flash import flash_attention_packed
 
     return flash_attention_packed(qkv, heads, **options)
+
+
+def triton_flash_varlen(cu_seqlens, max_seqlen, *, causal=False, **options):
+    """Our Triton flash kernel over a pack (kernels/flash.py flash_attention_varlen: window,
+    ALiBi slopes and RoPE theta fused), registry.Varlen's bind."""
+    from attnbench.kernels.flash import flash_attention_varlen
+
+    return lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, **options)
 
 
 def _triton_missing() -> str | None:
@@ -79,6 +105,25 @@ def _efficient_unsupported(cfg: LayerConfig, device: torch.device, dtype: torch.
     return "the efficient backend takes no GQA (kv heads fewer than query heads)" if cfg.kv_heads != cfg.heads else None
 
 
+def _nested_unsupported(needs_mask: bool, natural: str | None, math_only: bool):
+    """Why SDPA cannot run a pack as jagged nested tensors (torch 2.13, torch/nested/_internal/sdpa.py);
+    ``math_only``: the math backend is the one that runs (pinned, or on CPU, where it is the only one)."""
+
+    def why(cfg: LayerConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+        if needs_mask or cfg.window is not None:
+            return "SDPA takes no mask on jagged nested tensors ('Masks are not yet supported'): no window"
+        if (cfg.positions or natural) == "alibi":
+            return "SDPA takes no mask on jagged nested tensors ('Masks are not yet supported'): no ALiBi bias"
+        if cfg.kv_heads != cfg.heads:
+            return "SDPA on jagged nested tensors takes no GQA (no kernel trains broadcast kv heads)"
+        if cfg.causal and (math_only or device.type != "cuda"):
+            where = "" if math_only else " (on CPU it is the only backend for them)"
+            return f"SDPA's math backend refuses is_causal on jagged nested tensors{where}"
+        return None
+
+    return why
+
+
 def softmax_impls(needs_mask: bool = False, natural: str | None = None) -> dict[str, Impl]:
     """The impls of one softmax-family mechanism; ``needs_mask``: it always has a window, so
     SDPA needs a mask, which SDPA's flash backend cannot take (nor ALiBi's bias); ``natural``: the
@@ -91,25 +136,34 @@ def softmax_impls(needs_mask: bool = False, natural: str | None = None) -> dict[
     }
     impls = {
         "triton": Impl(
-            "triton", triton_flash, "ours: fused Triton flash attention", triton_flash_packed, needs_cuda=True, missing=_triton_missing
+            "triton", triton_flash, "ours: fused Triton flash attention", triton_flash_packed, needs_cuda=True, missing=_triton_missing,
+            varlen=Varlen(triton_flash_varlen),
         ),
-        "torch": Impl("torch", torch_reference, "plain torch reference (T x T scores in memory)"),
-        "sdpa": Impl("sdpa", peers.sdpa, "F.scaled_dot_product_attention, default dispatch"),
+        "torch": Impl("torch", torch_reference, "plain torch reference (T x T scores in memory)", varlen=Varlen(torch_varlen)),
+        "sdpa": Impl("sdpa", peers.sdpa, "F.scaled_dot_product_attention, default dispatch",
+                     varlen=Varlen(peers.sdpa_varlen, _nested_unsupported(needs_mask, natural, math_only=False))),
     }
     for name, (backend, description, unsupported) in sdpa_backends.items():
-        run = _bind_backend(backend)
+        run, varlen = _bind_backend(backend)
         no_padding = "the flash backend takes no mask (key padding)" if name == "sdpa-flash" else ""
-        impls[name] = Impl(name, run, description, needs_cuda=name != "sdpa-math", unsupported=unsupported, no_padding=no_padding)
-    impls["flex"] = Impl("flex", peers.flex, "FlexAttention, torch.compile'd", needs_cuda=True)
+        varlen = Varlen(varlen, _nested_unsupported(needs_mask, natural, math_only=name == "sdpa-math"))
+        impls[name] = Impl(name, run, description, needs_cuda=name != "sdpa-math", unsupported=unsupported, no_padding=no_padding, varlen=varlen)
+    impls["flex"] = Impl("flex", peers.flex, "FlexAttention, torch.compile'd", needs_cuda=True, varlen=Varlen(peers.flex_varlen))
     return impls
 
 
-def _bind_backend(backend: str) -> Callable[..., torch.Tensor]:
+def _bind_backend(backend: str) -> tuple[Callable[..., torch.Tensor], Callable[..., Callable[..., torch.Tensor]]]:
+    """peers.sdpa and peers.sdpa_varlen pinned to one SDPA ``backend``."""
+
     def run(q, k, v, **options):
         return peers.sdpa(q, k, v, backend=_sdpa_backend(backend), **options)
 
+    def varlen(cu_seqlens, max_seqlen, **options):
+        return peers.sdpa_varlen(cu_seqlens, max_seqlen, backend=_sdpa_backend(backend), **options)
+
     run.__name__ = f"sdpa_{backend.lower()}"
-    return run
+    varlen.__name__ = f"sdpa_{backend.lower()}_varlen"
+    return run, varlen
 
 
 def window_option(cfg: LayerConfig) -> dict:

@@ -23,6 +23,13 @@ had been prefilled (impls: CACHED_DECODE_IMPLS);
 GB/s, % of the measured copy bandwidth and the cache or state per sequence. On CUDA the timed
 step is a CUDA graph replay where its impl allows one (``cuda_graph``); the warm-up's first call
 is always the eager step, so compilation lands in ``first_call_ms``.
+
+A packed batch (``--lengths``, bench/speed/lengths.py): in modes fwd, bwd and fwdbwd, one pack of N
+sequences end to end in FlashAttention's varlen layout, no padding computed, at the kernel and
+layer levels (VARLEN_LEVELS; varlen_workload). Its cases record the lengths asked and the pack
+(``lengths``, ``pack``; ``batch`` is N, ``seq`` the longest); its rows the mean length, the packed
+FLOPs (``flops``), what padding to the longest would have cost (``flops_padded``) and the time the
+impl took to bind itself to the pack outside the timing (``setup_ms``: flex's block mask).
 """
 
 from __future__ import annotations
@@ -42,12 +49,14 @@ from attnbench.dtypes import DTYPES
 from attnbench.errors import InputError
 from attnbench.models import positions, registry
 from attnbench.models.registry import Mechanism
+from attnbench.speed import lengths as packing
 from attnbench.store import case_key
 
 DECODE = "decode"  # one generation step against a cache or state (module docstring)
 MODES = ("fwd", "bwd", "fwdbwd", DECODE)
 DECODE_BATCHES = [1]  # decode's batch sizes without --batch (--tokens budgets whole sequences)
 MODEL_LEVELS = ("model", "model-graph")  # a training step of a preset model
+VARLEN_LEVELS = ("kernel", "layer")  # a packed batch's: the core alone, and one layer with its projections
 
 
 @dataclass
@@ -61,7 +70,7 @@ class SweepSpec:
     dtypes: list[str]
     device: str
     seqs: list[int]
-    batches: list[int] | None = None  # exactly one of batches, tokens
+    batches: list[int] | None = None  # exactly one of batches, tokens (a packed batch: neither, or tokens)
     tokens: int | None = None
     heads: int = 16
     kv_heads: int | None = None
@@ -75,6 +84,8 @@ class SweepSpec:
     check: bool = False  # the correctness gate (attnbench.gate) on each kernel-level case before it is timed
     contexts: list[int] = field(default_factory=list)  # mode decode: the cache lengths L (--context)
     queries: int = 1  # mode decode: new tokens per sequence a step (--queries)
+    lengths: list[str] = field(default_factory=list)  # --lengths: one packed batch instead of seqs (bench/speed/lengths.py)
+    seed: int = 0  # --seed: what a drawn pack's lengths are drawn with
 
     def larger(self, case: Case, other: Case) -> bool:
         """Whether a stop (OOM, too slow) at ``other`` means ``case`` is skipped: by seq alone under a token budget."""
@@ -86,9 +97,17 @@ class SweepSpec:
             return self.batches
         return [max(1, self.tokens // seq)]
 
+    def packed(self) -> tuple[str, list[int]]:
+        """--lengths as its canonical text and the pack's lengths; ("", []) without it."""
+        if not self.lengths:
+            return "", []
+        asked = packing.parse(self.lengths)
+        return asked.text, asked.pack(self.tokens, self.seed)
+
     def sizes(self, mode: str) -> list[tuple[int, int]]:
         """(seq, batch) of a mode's cases, smaller first: decode's (context, batch) from --context
-        and --batch (DECODE_BATCHES without it), the others' from --seq and batches_for."""
+        and --batch (DECODE_BATCHES without it), the others' from --seq and batches_for (a packed
+        batch's one size: expand)."""
         if mode == DECODE:
             return [(context, batch) for context in sorted(self.contexts) for batch in sorted(self.batches or DECODE_BATCHES)]
         return [(seq, batch) for seq in sorted(self.seqs) for batch in sorted(self.batches_for(seq))]
@@ -102,7 +121,9 @@ class Workload:
     ``peak_memory``: whether a call's peak above what was allocated before it is its memory
     (not for a graph replay, which allocates nothing: its pool was taken at capture);
     ``cuda_graph``: the timed call is a CUDA graph replay. Decode steps have no parameters and
-    no FLOP count (None) but ``bytes`` (of one step) and ``mem_per_seq_mib`` (its cache or state)."""
+    no FLOP count (None) but ``bytes`` (of one step) and ``mem_per_seq_mib`` (its cache or state).
+    A packed batch's: ``flops_padded`` (what padding to its longest sequence would have cost) and
+    ``setup_ms`` (binding the impl to the pack, outside the timed call)."""
 
     forward: Callable[[], torch.Tensor]
     leaves: list[torch.Tensor]
@@ -113,6 +134,8 @@ class Workload:
     cuda_graph: bool = False
     bytes: int | None = None
     mem_per_seq_mib: float | None = None
+    flops_padded: float | None = None
+    setup_ms: float | None = None
 
 
 # ---- validation and expansion
@@ -162,9 +185,13 @@ def validate(spec: SweepSpec) -> None:
         raise InputError("--mode decode needs --context L ... (the cache lengths)")
     if spec.contexts and DECODE not in spec.modes:
         raise InputError("--context gives the cache lengths of --mode decode; add decode to --mode")
-    if not spec.seqs:
+    if spec.seed and not (spec.lengths and packing.parse(spec.lengths).drawn):
+        raise InputError("--seed draws the lengths of --lengths uniform:LO-HI or file:PATH; nothing else is drawn with it")
+    if spec.lengths:
+        check_packed(spec)
+    elif not spec.seqs:
         raise InputError("give at least one --seq")
-    if (spec.batches is None) == (spec.tokens is None):
+    elif (spec.batches is None) == (spec.tokens is None):
         raise InputError("give --batch or --tokens, not both")
     positive = {"--seq": spec.seqs, "--batch": spec.batches or [], "--tokens": [spec.tokens] if spec.tokens is not None else []}
     positive |= {"--heads": [spec.heads], "--head-dim": [spec.head_dim]}
@@ -184,6 +211,25 @@ def validate(spec: SweepSpec) -> None:
         raise InputError(f"--heads ({spec.heads}) must be a multiple of --kv-heads ({kv_heads})")
     check_device(spec.device, spec.dtypes)
     check_runnable(expand(spec))
+
+
+def check_packed(spec: SweepSpec) -> None:
+    """--lengths: one pack replaces --seq and --batch, in the whole-sequence modes; --tokens sizes a
+    drawn pack, and a listed one is its own size."""
+    if DECODE in spec.modes:
+        raise InputError("--lengths packs whole sequences for --mode fwd, bwd and fwdbwd; a decode step has no packed form here")
+    if spec.seqs:
+        raise InputError("--lengths replaces --seq: the pack's sequences are its lengths (drop --seq)")
+    if spec.batches is not None:
+        raise InputError("--lengths replaces --batch: one pack of N sequences (drop --batch)")
+    if spec.check:
+        raise InputError("--check gates B x T cases; it has no packed variable-length form (drop --check or --lengths)")
+    asked = packing.parse(spec.lengths)
+    if asked.drawn and spec.tokens is None:
+        raise InputError(f"--lengths {asked.text} draws until the pack holds --tokens tokens: give --tokens")
+    if not asked.drawn and spec.tokens is not None:
+        raise InputError(f"--lengths {asked.text} is the pack itself ({sum(asked.listed)} tokens): drop --tokens, "
+                         "which sizes a pack drawn from uniform:LO-HI or file:PATH")
 
 
 def check_token_budget(tokens: int, seqs: Iterable[int]) -> None:
@@ -218,6 +264,9 @@ def expand(spec: SweepSpec) -> list[Case]:
     by a time limit has the fast impls of every mechanism before any reference (one recurrent
     reference can take minutes)."""
     cases = []
+    lengths, pack = spec.packed()
+    pack_text = ",".join(map(str, pack))
+    sizes = {mode: [(max(pack), len(pack))] if pack else spec.sizes(mode) for mode in spec.modes}  # a pack: T its longest, B its N
     for name in spec.mechanisms:
         mechanism = registry.get(name)
         impls = [i for i in (spec.impls or mechanism.impls) if i in mechanism.impls]
@@ -232,10 +281,11 @@ def expand(spec: SweepSpec) -> list[Case]:
                     for mode in spec.modes:
                         queries = spec.queries if mode == DECODE else None
                         for impl in impls if mode != DECODE else _decode_impls(spec, mechanism):
-                            for seq, batch in spec.sizes(mode):
+                            for seq, batch in sizes[mode]:
                                 cases.append(Case(
                                     name, impl, level, mode, dtype, spec.device, batch, seq,
                                     heads, kv_heads, head_dim, causal, window, preset, recorded, options, queries,
+                                    lengths, pack_text,
                                 ))
     return sorted(cases, key=lambda case: case.impl == REFERENCE_IMPL)  # stable: the order above otherwise
 
@@ -264,6 +314,8 @@ def why_unsupported(case: Case, mechanism: Mechanism) -> str | None:
         return "model-graph captures CUDA graphs: it needs a CUDA device"
     if case.mode == DECODE:
         return why_no_decode(case, mechanism)
+    if case.pack:
+        return why_not_packed(case, mechanism)
     cfg = case.layer_config()
     impl = mechanism.impl(case.impl)
     if case.level == "kernel" and (not mechanism.has_core or impl.run is None):
@@ -282,6 +334,20 @@ def _why_not_positions(case: Case, mechanism: Mechanism) -> str | None:
     if case.positions in positions.EMBEDDED and case.level not in MODEL_LEVELS:
         return f"{case.positions} positions are the model's embeddings, outside the attention: time them at --level model"
     return None
+
+
+def why_not_packed(case: Case, mechanism: Mechanism) -> str | None:
+    """Why the packed-batch ``case`` cannot run here, or None."""
+    if case.level not in VARLEN_LEVELS:
+        return f"a packed batch is timed at the {' and '.join(VARLEN_LEVELS)} levels"
+    impl = mechanism.impl(case.impl)
+    if impl.varlen is None:
+        have = [name for name, other in mechanism.impls.items() if other.varlen is not None]
+        takers = [name for name, m in registry.mechanisms().items() if any(i.varlen for i in m.impls.values())]
+        where = f"{case.mechanism}'s impls with one: {', '.join(have)}" if have else f"the mechanisms with one: {', '.join(takers)}"
+        return f"{case.mechanism}/{case.impl} has no packed variable-length core ({where})"
+    cfg = case.layer_config()
+    return _why_not_positions(case, mechanism) or mechanism.why_not(cfg) or impl.why_not_varlen(cfg, case.device, DTYPES[case.dtype])
 
 
 def why_no_decode(case: Case, mechanism: Mechanism) -> str | None:
@@ -370,6 +436,32 @@ def layer_workload(case: Case) -> Workload:
     forward = lambda: layer(x)  # noqa: E731
     flops = _core_flops(case) + flop_model.linear_flops(layer, forward, case.mode)
     return Workload(forward, [x, *layer.parameters()], _param_count(layer), flops)
+
+
+def varlen_workload(case: Case) -> Workload:
+    """A packed batch: the case's N sequences end to end (FlashAttention's varlen layout, no padding
+    computed), each attending to itself alone. Its impl's core is bound to the pack first
+    (QKVAttention.varlen_core, registry.Varlen: flex builds its block mask there), outside the
+    timed call; that bind's time is ``setup_ms``. Kernel level: the core on q [total, Hq, D], k/v
+    [total, Hkv, D]; layer level: x [total, C] through the projections, the core and the output
+    projection (QKVAttention.forward_varlen). FLOPs: packed and padded (flops.varlen_flops)."""
+    layer = _build_layer(case)
+    lengths = case.seq_lengths()
+    total = sum(lengths)
+    cu_seqlens = packing.cu_seqlens(lengths, case.device)
+    bound = []
+    setup_ms = timing.first_call_ms(lambda: bound.append(layer.varlen_core(cu_seqlens, max(lengths))), torch.device(case.device))
+    core, grad = bound[0], case.mode != "fwd"
+    if case.level == "kernel":
+        q = _randn((total, case.heads, case.head_dim), case, grad)
+        k, v = (_randn((total, case.kv_heads, case.head_dim), case, grad) for _ in range(2))
+        forward, inputs, per_token = (lambda: core(q, k, v)), [q, k, v], 0.0
+    else:
+        x = _randn((total, case.heads * case.head_dim), case, grad)
+        forward, inputs = (lambda: layer.forward_varlen(x, core)), [x]
+        per_token = flop_model.linear_flops(layer, forward, case.mode) / total
+    flops, padded = flop_model.varlen_flops(registry.get(case.mechanism), case.layer_config(), lengths, case.mode, per_token)
+    return Workload(forward, [*inputs, *layer.parameters()], _param_count(layer), flops, flops_padded=padded, setup_ms=setup_ms)
 
 
 def _autocast(case: Case, cache_enabled: bool = True):
@@ -522,9 +614,12 @@ LEVELS: dict[str, Callable[[Case], Workload]] = {
 
 
 def workload(case: Case, timed: bool = True) -> Workload:
-    """``case`` built: its level's workload, or a decode step (graphed where allowed when ``timed``;
-    the warm-up calls the eager step, so compiling stays in first_call_ms)."""
-    return decode_workload(case, graphed=timed) if case.mode == DECODE else LEVELS[case.level](case)
+    """``case`` built: its level's workload, a packed batch's (varlen_workload), or a decode step
+    (graphed where allowed when ``timed``; the warm-up calls the eager step, so compiling stays in
+    first_call_ms)."""
+    if case.mode == DECODE:
+        return decode_workload(case, graphed=timed)
+    return varlen_workload(case) if case.pack else LEVELS[case.level](case)
 
 
 # ---- modes: Workload -> the timed callable
@@ -661,14 +756,13 @@ class Sweep:
         tflops = None if work.flops is None else flop_model.tflops_per_s(work.flops, measured.median_ms)
         peak = self.peaks.get(case.dtype)
         gbps = None if work.bytes is None else flop_model.gb_per_s(work.bytes, measured.median_ms)
-        tokens = case.batch * (case.queries if case.mode == DECODE else case.seq)
         return {
             "status": "ok",
             "message": "",
             "ms_median": measured.median_ms,
             "ms_p20": measured.p20_ms,
             "ms_p80": measured.p80_ms,
-            "tokens_per_s": tokens / (measured.median_ms * 1e-3),
+            "tokens_per_s": case.tokens() / (measured.median_ms * 1e-3),
             "flops": work.flops,
             "tflops": tflops,
             "pct_peak": 100.0 * tflops / peak if peak and tflops is not None else None,
@@ -679,10 +773,13 @@ class Sweep:
             "pct_bandwidth": 100.0 * gbps / self.copy_gbps if gbps is not None and self.copy_gbps else None,
             "mem_per_seq_mib": work.mem_per_seq_mib,
             "cuda_graph": work.cuda_graph,
+            "flops_padded": work.flops_padded,
+            "setup_ms": work.setup_ms,
         }
 
     def _record(self, case: Case, **result: Any) -> None:
-        row = {**asdict(case), "first_call_ms": self.first_call.get(case), "check": self.verdicts.get(case), **result}
+        row = {**asdict(case), "first_call_ms": self.first_call.get(case), "check": self.verdicts.get(case),
+               "mean_len": case.mean_length(), **result}
         self.write(row)
         self.rows.append(row)
         self.done.add(case)

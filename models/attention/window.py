@@ -7,11 +7,11 @@ import dataclasses
 
 import torch
 
-from attnbench.models import positions
+from attnbench.models import peers, positions
 from attnbench.models.fla import fla_missing
 from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import qkv_layer
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import Impl, LayerConfig, Mechanism, Varlen
 from attnbench.models.softmax import softmax_impls, softmax_options
 from attnbench.models.softmax_decode import softmax_decode
 
@@ -31,11 +31,33 @@ def fla_parallel(q, k, v, *, causal: bool, seq_lens=None, window=None, slopes=No
     RoPE rotates q and k in torch first."""
     from fla.ops.attn import parallel_attn
 
-    if not causal or window is None or window[1] != 0 or seq_lens is not None or slopes is not None:
-        raise ValueError("fla's parallel_attn takes a causal left window without key padding or ALiBi")
+    if seq_lens is not None:
+        raise ValueError("fla's parallel_attn takes no key padding")
     if theta is not None:
         q, k = positions.rotate_qk(q, k, theta, offset)
-    return parallel_attn(q, k, v, window_size=window[0] + 1)
+    return parallel_attn(q, k, v, window_size=_fla_window_size(causal, window, slopes))
+
+
+def fla_parallel_varlen(cu_seqlens, max_seqlen, *, causal: bool, window=None, slopes=None, theta=None):
+    """fla_parallel over a pack (registry.Varlen): parallel_attn's own varlen path, the pack as one
+    sequence [1, total] with its cu_seqlens (int64, as fla takes them); RoPE rotates in torch first."""
+    from fla.ops.attn import parallel_attn
+
+    window_size = _fla_window_size(causal, window, slopes)
+    offsets = cu_seqlens.long()
+
+    def attend(q, k, v):
+        q, k = peers.packed_rope(q, k, theta)
+        return parallel_attn(q[None], k[None], v[None], window_size=window_size, cu_seqlens=offsets)[0]
+
+    return attend
+
+
+def _fla_window_size(causal: bool, window, slopes) -> int:
+    """parallel_attn's window_size for our window (W, 0): W + 1 (module docstring)."""
+    if not causal or window is None or window[1] != 0 or slopes is not None:
+        raise ValueError("fla's parallel_attn takes a causal left window without ALiBi")
+    return window[0] + 1
 
 
 def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
@@ -51,7 +73,7 @@ def _fla_unsupported(cfg: LayerConfig, device, dtype) -> str | None:
 IMPLS = {
     **softmax_impls(needs_mask=True),
     "fla": Impl("fla", fla_parallel, "flash-linear-attention parallel_attn with window_size (Triton)",
-                needs_cuda=True, missing=fla_missing("attn"), unsupported=_fla_unsupported),
+                needs_cuda=True, missing=fla_missing("attn"), unsupported=_fla_unsupported, varlen=Varlen(fla_parallel_varlen)),
 }
 
 MECHANISM = Mechanism(

@@ -74,3 +74,30 @@ def test_each_mechanism_backward_has_its_own_factor(name, backward):
     assert forward > 0
     assert flops.core_flops(mechanism, cfg, 2, 48, "bwd") == pytest.approx(backward * forward)
     assert flops.core_flops(mechanism, cfg, 2, 48, "fwdbwd") == pytest.approx((1 + backward) * forward)
+
+
+@pytest.mark.parametrize("mode, factor", [("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)])
+def test_a_packs_flops_are_its_sequences_and_padding_costs_the_longest_for_each(mode, factor):
+    """Lengths 3 and 5, causal, Hq = 2, D = 4: packed 3*4/2 + 5*6/2 = 21 pairs, padded 2 x 15 = 30."""
+    cfg = LayerConfig(dim=8, heads=2, causal=True)
+    packed, padded = flops.varlen_flops(registry.get("standard"), cfg, [3, 5], mode)
+    assert packed == factor * 4 * 2 * 4 * 21
+    assert padded == factor * 4 * 2 * 4 * 30
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 4])
+def test_padding_a_pack_costs_more_unless_its_lengths_are_equal(causal, window):
+    cfg = LayerConfig(dim=32, heads=4, causal=causal, window=window)
+    standard = registry.get("standard")
+    packed, padded = flops.varlen_flops(standard, cfg, [9, 2, 17], "fwd")
+    expected = sum(4 * 4 * 8 * brute_force_pairs(t, causal=causal, window=cfg.window_bounds) for t in (9, 2, 17))
+    assert packed == expected < padded == flops.core_flops(standard, cfg, 3, 17, "fwd")
+    assert flops.varlen_flops(standard, cfg, [11, 11], "fwd") == (flops.core_flops(standard, cfg, 2, 11, "fwd"),) * 2
+
+
+def test_a_packs_projections_count_on_its_tokens_and_on_the_padded_batch():
+    cfg = LayerConfig(dim=8, heads=2, causal=False)
+    core_packed, core_padded = flops.varlen_flops(registry.get("standard"), cfg, [3, 5], "fwd")
+    packed, padded = flops.varlen_flops(registry.get("standard"), cfg, [3, 5], "fwd", per_token=10.0)
+    assert (packed, padded) == (core_packed + 10.0 * 8, core_padded + 10.0 * 2 * 5)

@@ -176,3 +176,20 @@ def test_replacing_swaps_the_whole_file_in_or_leaves_the_old_one(tmp_path):
         tmp.write_text("new")
         assert path.read_text() == "old"  # nothing reaches path before the block ends
     assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_speed_csv_of_schema_4_reads_with_the_packed_batch_columns_empty(tmp_path):
+    path = tmp_path / "speed.csv"
+    before = [c for c in store.SPEED_COLUMNS if c not in store.VARLEN_COLUMNS]
+    values = {**{c: "" for c in before}, **{k: str(v) for k, v in row(8).items() if v is not None}}
+    path.write_text(",".join(before) + "\n" + ",".join(values[c] for c in before) + "\n")
+    (read,) = store.read_cases(path)
+    assert sorted(read) == sorted(store.SPEED_COLUMNS) and read["seq"] == "8"
+    assert all(read[c] == "" for c in store.VARLEN_COLUMNS)
+
+
+def test_every_committed_reference_run_still_reads():
+    runs = sorted(store.DEFAULT_ROOT.glob("reference-*/**/speed.csv"))
+    assert runs
+    for path in runs:
+        assert store.read_cases(path), path
