@@ -6,6 +6,7 @@ every gradient, float32 against float64 within 2x plain torch's own float32 erro
 The triton impl (kernels/flash.py flash_attention_varlen) is tested with its kernel."""
 
 import functools
+import os
 
 import pytest
 import torch
@@ -103,8 +104,24 @@ def test_flex_with_a_document_mask_is_the_definition(options, causal, kv_heads):
     assert_close("flex", got, exact, plain)
 
 
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_triton_impl_of_a_pack_is_the_definition_with_its_gradients(options, causal):
+    """The speed sweep's triton bind (models/softmax.py) over the kernel, GQA 4:2, float32 under the
+    interpreter on a CPU (the kernel's own tests: tests/kernels/test_flash_varlen.py)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, do = inputs(2, seed=4)
+    kwargs = dict(causal=causal, **OPTION_SETS[options])
+    exact, plain = (outputs(bound_to_pack(torch_varlen, **kwargs), tensors, do, dtype) for dtype in (torch.float64, torch.float32))
+    bind = registry.get("standard").impl("triton").varlen.bind
+    got = outputs(bind(cu_seqlens(LENGTHS, device), max(LENGTHS), **kwargs), tensors, do, torch.float32, device)
+    assert_close("triton", [g.cpu() for g in got], exact, plain)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["flex", "sdpa", "sdpa-flash", "sdpa-efficient"])
+@pytest.mark.parametrize("impl", ["triton", "flex", "sdpa", "sdpa-flash", "sdpa-efficient"])
 @pytest.mark.parametrize("options", ["plain", "rope"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_cuda_peers_of_a_pack_are_the_definition_with_their_gradients(impl, options, causal):
