@@ -73,6 +73,8 @@
 #   decode-model: #24's decode sweep with every peer (SDPA cuDNN/flash pinned, flex, fla's one-token steps at
 #             MHA), Hq 32, Hkv 8, D 128, B 1-64, L 1k-64k, then GPT small's decode step at the model level
 #   decode-tune: #24's split-KV decode kernel over tiles and split counts beside cuDNN, and its ncu profile
+#   serve:    #24's packed varlen prefill/training beside flex and SDPA, the tuned decode kernel beside cuDNN, GPT small's
+#             decode step as a CUDA graph (model-graph), bsbr/nsa decode steps
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -425,6 +427,33 @@ torch.cuda.synchronize()
 " > "$out/ncu-b$b.txt" 2>&1
         grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Limit|Warp Cycles Per Issued|Stall|Theoretical Occ" "$out/ncu-b$b.txt" | head -16
     done
+    ;;
+serve)  # #24's last pieces: packed varlen prefill/training beside flex and SDPA (and our dense kernel at the same
+       # tokens), the decode kernel after decode-tune beside cuDNN, GPT small's decode step as a CUDA graph, bsbr/nsa steps
+    limit 150 python3 -m pytest -v tests/kernels/test_flash_varlen.py tests/models/test_varlen.py tests/models/test_decode.py \
+        tests/models/test_generate.py tests/models/test_fla_decode.py tests/bench/speed/test_decode_mode.py tests/kernels/test_decode_kernel.py \
+        -m cuda --timeout 120 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -10
+    speed 120 --attn standard --impl triton,flex,sdpa,sdpa-cudnn,sdpa-flash --lengths uniform:256-4096 --tokens 16384 \
+        --heads 16 --head-dim 128 --mode fwd --mode fwdbwd --causal --out "$out/varlen" > "$out/varlen.txt"
+    speed 60 --attn standard --impl triton,flex --tokens 16384 --seq 2048 4096 --heads 16 --head-dim 128 --mode fwd --mode fwdbwd \
+        --causal --out "$out/dense" > "$out/dense.txt"
+    speed 90 --mode decode --attn standard --impl triton,triton-paged,sdpa-cudnn --heads 32 --kv-heads 8 --head-dim 128 \
+        --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/decode" > "$out/decode.txt"
+    speed 120 --mode decode --level model-graph --preset small --attn standard,linear,deltanet,performer,gau,bsbr,nsa --impl torch,triton \
+        --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/model-graph" > "$out/model-graph.txt"
+    speed 30 --mode decode --attn bsbr,nsa --impl torch --heads 32 --kv-heads 8 --head-dim 128 --batch 1 32 --context 1024 16384 \
+        --out "$out/sparse" > "$out/sparse.txt"
+    python3 - "$out" <<'PY'
+import csv, os, sys
+for run in ("varlen", "dense", "decode", "model-graph", "sparse"):
+    path = f"{sys.argv[1]}/{run}/speed.csv"
+    for r in csv.DictReader(open(path)) if os.path.exists(path) else []:
+        if r["status"] != "ok":
+            print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["mode"], r["status"], r["message"][:70])
+        else:
+            print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["mode"], r["ms_median"], r["tflops"], r["tokens_per_s"], r["pct_bandwidth"])
+PY
     ;;
 defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
     (cd "$out" && limit 400 bash -c 'time attnbench train --attn rope' > "$out/train.txt" 2>&1)
