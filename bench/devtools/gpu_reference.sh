@@ -440,7 +440,7 @@ serve)  # #24's last pieces: packed varlen prefill/training beside flex and SDPA
         --causal --out "$out/dense" > "$out/dense.txt"
     speed 90 --mode decode --attn standard --impl triton,triton-paged,sdpa-cudnn --heads 32 --kv-heads 8 --head-dim 128 \
         --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/decode" > "$out/decode.txt"
-    speed 120 --mode decode --level model-graph --preset small --attn standard,linear,deltanet,performer,gau,bsbr,nsa --impl torch,triton \
+    speed 120 --mode decode --level model-graph --preset small --attn standard,linear,deltanet,performer,nsa,gau,bsbr --impl torch,triton \
         --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/model-graph" > "$out/model-graph.txt"
     speed 30 --mode decode --attn bsbr,nsa --impl torch --heads 32 --kv-heads 8 --head-dim 128 --batch 1 32 --context 1024 16384 \
         --out "$out/sparse" > "$out/sparse.txt"
