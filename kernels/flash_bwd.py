@@ -278,16 +278,19 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torc
     strides = (*q.stride(), *k.stride(), *v.stride())  # both kernels take q, k, v first
     do_strides, stats = do.stride(), lse.stride(1)
     scalars = (problem.left, problem.right, problem.scale, problem.scale_log2)
+    # packed sequences read their tiles without TMA here: the H200 stopped at an illegal instruction in the
+    # varlen backward with per-sequence descriptors (results/reference-h200/serve/), the forward ran
+    tma = problem.cu_seqlens is None
     rows, sequences = problem.programs(b, t)
     flash_dq_kernel[lambda m: (blocks(rows, m["BLOCK_M"]), sequences * hq)](
         q, k, v, o, do, dq, lse, delta, *extras, *problem.key_lists(q),
         *strides, *o.stride(), *do_strides, *dq.stride(),
-        t, s, hq, hq // hkv, stats, *scalars, TMA=use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
+        t, s, hq, hq // hkv, stats, *scalars, TMA=tma and use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
     )
     keys, sequences = problem.programs(b, s)
     flash_dkdv_kernel[lambda m: (blocks(keys, m["BLOCK_N"]), sequences * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras, *problem.query_lists(q),
         *strides, *do_strides, *dk.stride(), *dv.stride(),
-        t, s, hq, hkv, hq // hkv, stats, *scalars, TMA=use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
+        t, s, hq, hkv, hq // hkv, stats, *scalars, TMA=tma and use_tma(problem, q, do), ROPE=problem.rope, **problem.launch_kwargs,
     )
     return dq, dk, dv

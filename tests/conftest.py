@@ -6,9 +6,17 @@ before any test module imports attnbench.kernels.
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# `python3 -m pytest` puts the repository's root first on sys.path, where our kernels/ folder would
+# be imported as the top-level package `kernels` in place of Hugging Face's (transformers >= 5.25
+# imports it); attnbench is installed, so the tests need no root on the path.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -75,6 +75,7 @@
 #   decode-tune: #24's split-KV decode kernel over tiles and split counts beside cuDNN, and its ncu profile
 #   serve:    #24's packed varlen prefill/training beside flex and SDPA, the tuned decode kernel beside cuDNN, GPT small's
 #             decode step as a CUDA graph (model-graph), bsbr/nsa decode steps
+#   varlen:   #24's packed varlen again after serve, the backward without TMA: its CUDA tests and the pack beside flex, SDPA
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -453,6 +454,18 @@ for run in ("varlen", "dense", "decode", "model-graph", "sparse"):
             print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["mode"], r["status"], r["message"][:70])
         else:
             print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["mode"], r["ms_median"], r["tflops"], r["tokens_per_s"], r["pct_bandwidth"])
+PY
+    ;;
+varlen)  # #24's packed varlen after serve (its backward without TMA): the CUDA tests, then the pack beside flex and SDPA
+    limit 150 python3 -m pytest -v tests/kernels/test_flash_varlen.py tests/models/test_varlen.py -m cuda --timeout 120 -rf --tb=short \
+        > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$out/cuda_tests.txt" | tail -10
+    speed 150 --attn standard --impl triton,flex,sdpa,sdpa-flash --lengths uniform:256-4096 --tokens 16384 \
+        --heads 16 --head-dim 128 --mode fwd --mode fwdbwd --causal --out "$out/varlen" > "$out/varlen.txt"
+    python3 - "$out" <<'PY'
+import csv, sys
+for r in csv.DictReader(open(f"{sys.argv[1]}/varlen/speed.csv")):
+    print(r["impl"], r["batch"], r["seq"], r["mode"], r["status"], r["ms_median"], r["tflops"], r["message"][:70])
 PY
     ;;
 defaults)  # results/ of each default command lands in $out (their run folders are named by the time)
