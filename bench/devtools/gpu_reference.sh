@@ -76,6 +76,10 @@
 #   serve:    #24's packed varlen prefill/training beside flex and SDPA, the tuned decode kernel beside cuDNN, GPT small's
 #             decode step as a CUDA graph (model-graph), bsbr/nsa decode steps
 #   varlen:   #24's packed varlen again after serve, the backward without TMA: its CUDA tests and the pack beside flex, SDPA
+#   serve-final: #24's reference run after the decode tuning and the varlen fixes (the earlier runs' files were lost):
+#             the kernel-level decode sweep (B 1-64, L 1k-64k, Hq 32, Hkv 8, D 128) with the report, the MHA state steps
+#             beside fla, GPT small's decode step as a CUDA graph, the varlen pack beside flex and SDPA and our dense kernel
+#   short-tiles: #25's short sequences: every flash tile at T 512, 1k, 2k (16k tokens, H 16, D 64 and 128, causal) beside cuDNN
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -537,6 +541,43 @@ for run in ("learned", "others"):
     for r in csv.DictReader(open(f"{sys.argv[1]}/{run}/scale.csv")):
         print("  ", r["model"], r["impl"], r["seq"], r["forward_ms"], r["peak_mem_mib"], r["density"], r["status"])
 PY
+    ;;
+serve-final)  # #24's reference run (see the header): decode kernels, fla's state steps, model-graph decode, varlen
+    speed 170 --mode decode --attn standard,linear,deltanet --impl triton,triton-paged,sdpa-cudnn,sdpa-flash,torch \
+        --heads 32 --kv-heads 8 --head-dim 128 --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/decode" > "$out/decode.txt"
+    attnbench report "$out/decode" --out "$out/report" > /dev/null 2>&1
+    speed 50 --mode decode --attn linear,deltanet --impl all --heads 32 --kv-heads 32 --head-dim 128 \
+        --batch 1 32 --context 1024 --out "$out/decode-mha" > "$out/decode-mha.txt"
+    speed 110 --attn standard --impl triton,flex,sdpa,sdpa-flash --lengths uniform:256-4096 --tokens 16384 \
+        --heads 16 --head-dim 128 --mode fwd --mode fwdbwd --causal --out "$out/varlen" > "$out/varlen.txt"
+    speed 50 --attn standard --impl triton --tokens 16384 --seq 2048 4096 --heads 16 --head-dim 128 --mode fwd --mode fwdbwd \
+        --causal --out "$out/dense" > "$out/dense.txt"
+    speed 170 --mode decode --level model-graph --preset small --attn standard,linear,deltanet,performer,gau,bsbr --impl torch,triton \
+        --batch 1 8 32 64 --context 1024 4096 16384 65536 --out "$out/model-graph" > "$out/model-graph.txt"
+    python3 - "$out" <<'PY'
+import csv, os, sys
+for run in ("decode", "decode-mha", "varlen", "dense", "model-graph"):
+    path = f"{sys.argv[1]}/{run}/speed.csv"
+    for r in csv.DictReader(open(path)) if os.path.exists(path) else []:
+        if r["status"] != "ok":
+            print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["mode"], r["status"], r["message"][:60])
+        elif run != "decode" or r["batch"] in ("1", "32"):
+            print(run, r["mechanism"], r["impl"], r["batch"], r["seq"], r["mode"], r["ms_median"], r["tflops"], r["pct_bandwidth"], r["cuda_graph"])
+PY
+    ;;
+short-tiles)  # #25: every flash tile at short T beside cuDNN (the kernels' lists below 4k are the first choice, untuned)
+    for d in 64 128; do
+        limit 270 python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 2048 --heads 16 --head-dim $d \
+            --out "$out/tiles-d$d.csv" > "$out/tiles-d$d.txt" 2>&1
+        python3 - "$out/tiles-d$d.csv" <<'PY'
+import sys
+import pandas as pd
+rows = pd.read_csv(sys.argv[1]).dropna(subset=["ms"])
+for (seq, kernel), group in rows.groupby(["seq", "kernel"]):
+    best = group.nsmallest(3, "ms")
+    print(seq, kernel, " | ".join(f"{r.block_m}x{r.block_n} w{r.warps} s{r.stages} r{r.max_registers}: {r.ms:.4f}" for r in best.itertuples()))
+PY
+    done
     ;;
 decode-cli)  # #24 through `attnbench speed --mode decode`, and #25's custom ops: CUDA tests, the decode sweep at
             # the issue's shapes, host time per attention call (eager and torch.compile)
