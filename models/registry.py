@@ -159,6 +159,8 @@ class DecodeForm:
         own forward over the prompt, its keys and values or its state kept) and step(x [B, 1, C]) ->
         [B, 1, C] (one token more); capacity: the most tokens it will hold. ValueError for a layer
         whose options have no incremental form; None: the mechanism has none (generate recomputes).
+    layer_host_sync: why the layer cache's step synchronises with the host (so no CUDA graph holds a
+        model's decode step, `--level model-graph`), or None; a KV cache's plain-torch steps always do.
     """
 
     carries: Literal["kv-cache", "state"]
@@ -166,6 +168,7 @@ class DecodeForm:
     memory: Callable[..., int]
     impls: dict[str, DecodeImpl]
     layer_cache: Callable[..., Any] | None = None
+    layer_host_sync: str | None = None
 
 
 @dataclass

@@ -391,6 +391,8 @@ def _why_no_graph(case: Case, mechanism: Mechanism) -> str | None:
     holds no host synchronisation, and a failed one leaves the process's CUDA context unusable."""
     if mechanism.decode.carries == "kv-cache" and case.impl != "triton":
         return "the plain-torch KV-cache steps check the lengths on the host (a synchronisation no graph holds): time triton at model-graph"
+    if mechanism.decode.layer_host_sync is not None:
+        return f"{mechanism.decode.layer_host_sync} (a synchronisation no graph holds)"
     if case.window is not None and (case.positions or mechanism.name) == "rope":
         return "a rolling cache's RoPE tables are sized from the lengths on the host (a synchronisation no graph holds)"
     return None

@@ -366,7 +366,7 @@ def _step_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | No
 DECODE = DecodeForm("state", _step_bytes, _memory, {
     "torch": DecodeImpl("torch", _torch_step, "plain torch one-token step: the chunk's keys so far, the retrieved state (bsbr_step)",
                         graphable=False, unsupported=_step_unsupported),
-}, layer_cache=BSBRCache)
+}, layer_cache=BSBRCache, layer_host_sync="bsbr's step attends within its chunk through the plain-torch KV-cache step, which checks the lengths on the host")
 
 
 IMPLS = {

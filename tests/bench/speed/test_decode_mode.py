@@ -148,10 +148,11 @@ def test_a_bidirectional_or_model_graph_decode_step_is_unsupported_with_its_reas
 
 
 def test_a_model_graph_decode_step_is_captured_only_where_the_step_holds_no_host_synchronisation():
-    spec = sweep.SweepSpec(["standard", "linear"], ["torch"], ["model-graph"], ["decode"], ["bf16"], "cuda", [32], batches=[1],
+    spec = sweep.SweepSpec(["standard", "linear", "bsbr"], ["torch"], ["model-graph"], ["decode"], ["bf16"], "cuda", [32], batches=[1],
                            causal=[True], contexts=[64], preset="tiny")
     reasons = {case.mechanism: sweep.why_unsupported(case, registry.get(case.mechanism)) for case in sweep.expand(spec)}
     assert "synchronisation" in reasons["standard"] and "time triton" in reasons["standard"]
+    assert "synchronisation" in reasons["bsbr"] and "chunk" in reasons["bsbr"]  # its state holds the chunk's KV cache
     assert reasons["linear"] is None  # a state's torch steps read nothing back on the host
     rope = sweep.SweepSpec(**{**spec.__dict__, "mechanisms": ["rope"], "impls": ["triton"], "window": 16})
     (case,) = sweep.expand(rope)
