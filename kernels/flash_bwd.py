@@ -71,8 +71,10 @@ def _dkdv_query_loop(
         # instead of two (H200: 0.198 / 0.523 ms whole backward, cuDNN 0.197 / 0.500; reference-h200/registers);
         # uncapped second, as fast at 4k (0.553) and without the spills the cap costs ALiBi's loop
         64: [tile_config(64, 64, 4, 3, 168), tile_config(64, 64, 4, 3)],
-        # whole backward, H200, TMA, causal 4k (reference-h200/tma-followup): 2.21 / 2.41 / 2.43 ms
-        128: [tile_config(64, 128, 8, 2), tile_config(32, 128, 8, 2), tile_config(32, 128, 8, 3)],
+        # first (the one tile below 4k): the fastest whole backward at D = 128 causal, T 512 / 1k / 2k, 16k tokens,
+        # H 16 (H200, TMA: 0.512 / 0.678 / 1.063 ms against 0.577 / 0.768 / 1.158 for 64x128, reference-h200/short-tiles);
+        # the other two: causal 4k 2.21 / 2.41 ms (reference-h200/tma-followup)
+        128: [tile_config(64, 64, 4, 2), tile_config(64, 128, 8, 2), tile_config(32, 128, 8, 2)],
         256: [tile_config(32, 64, 8, 2)],
     },
     fp32=tile_config(32, 32, 4, 1),

@@ -80,6 +80,9 @@
 #             the kernel-level decode sweep (B 1-64, L 1k-64k, Hq 32, Hkv 8, D 128) with the report, the MHA state steps
 #             beside fla, GPT small's decode step as a CUDA graph, the varlen pack beside flex and SDPA and our dense kernel
 #   short-tiles: #25's short sequences: every flash tile at T 512, 1k, 2k (16k tokens, H 16, D 64 and 128, causal) beside cuDNN
+#   short-check: after short-tiles' D = 128 first choices: the flash CUDA tests, the exact grid at T 512-4k (D 64 and 128)
+#             against cuDNN, `attnbench speed --seq 512 4096`, fla's DeltaNet step at MHA (#24), ncu of the D = 64
+#             forward at T = 512 beside cuDNN's (what limits the short forward)
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -578,6 +581,44 @@ for (seq, kernel), group in rows.groupby(["seq", "kernel"]):
     print(seq, kernel, " | ".join(f"{r.block_m}x{r.block_n} w{r.warps} s{r.stages} r{r.max_registers}: {r.ms:.4f}" for r in best.itertuples()))
 PY
     done
+    ;;
+short-check)  # #25 after short-tiles (see the header)
+    flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py
+    for d in 128 64; do
+        speed 100 --attn standard --impl triton,sdpa-cudnn --tokens 16384 --seq 512 1024 2048 4096 --heads 16 --head-dim $d \
+            --mode fwd --mode fwdbwd --causal --bidirectional --out "$out/grid-d$d" > "$out/grid-d$d.txt"
+    done
+    limit 60 attnbench speed --seq 512 4096 --out "$out/defaults" > "$out/defaults.txt" 2>&1
+    speed 70 --mode decode --attn deltanet --impl triton,fla --heads 32 --kv-heads 32 --head-dim 128 \
+        --batch 1 32 --context 1024 --out "$out/decode-mha" > "$out/decode-mha.txt"
+    for impl in triton cudnn; do  # the default sweep's T = 512 row: B 32, H 16, D 64, causal
+        limit 45 ncu --clock-control none -k regex:"flash_fwd|cudnn|fmha|sm90" --launch-skip 5 --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+            python3 -c "
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from attnbench.kernels.flash import flash_attention
+q, k, v = (torch.randn(32, 512, 16, 64, device='cuda', dtype=torch.bfloat16) for _ in range(3))
+for _ in range(8):
+    if '$impl' == 'triton':
+        flash_attention(q, k, v, causal=True)
+    else:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+torch.cuda.synchronize()
+" > "$out/ncu-$impl.txt" 2>&1
+        grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size|Warp Cycles Per Issued|Theoretical Occ|Waves Per SM" "$out/ncu-$impl.txt" | head -14
+    done
+    python3 - "$out" <<'PY'
+import csv, os, sys
+for run in ("grid-d128", "grid-d64", "decode-mha"):
+    path = f"{sys.argv[1]}/{run}/speed.csv"
+    rows = list(csv.DictReader(open(path))) if os.path.exists(path) else []
+    ms = {(r["impl"], r["seq"], r["mode"], r["causal"]): r["ms_median"] for r in rows if r["status"] == "ok"}
+    for (impl, seq, mode, causal), t in sorted(ms.items()):
+        peer = ms.get(("sdpa-cudnn", seq, mode, causal)) if impl == "triton" and run != "decode-mha" else None
+        print(run, impl, seq, mode, causal, t, f"cudnn/ours {float(peer) / float(t):.3f}" if peer else "")
+PY
     ;;
 decode-cli)  # #24 through `attnbench speed --mode decode`, and #25's custom ops: CUDA tests, the decode sweep at
             # the issue's shapes, host time per attention call (eager and torch.compile)
