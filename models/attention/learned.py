@@ -109,11 +109,28 @@ class BlockScorer(nn.Module):
         self.bias = nn.Parameter(torch.full((heads,), OPEN_BIAS))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
-        key_means = block_means(k, block).repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # GQA: per q head
-        queries = torch.einsum("bnhd,hdr->bhnr", block_means(q, block), self.u.to(q.dtype))
-        keys = torch.einsum("bmhd,hdr->bhmr", key_means, self.v.to(q.dtype))
+        return self.logits(block_means(q, block), block_means(k, block))
+
+    def logits(self, query_means: torch.Tensor, key_means: torch.Tensor) -> torch.Tensor:
+        """[B, Hq, Nq, Nk] from the block means query_means [B, Nq, Hq, D], key_means [B, Nk, Hkv, D]."""
+        dtype = query_means.dtype
+        key_means = key_means.repeat_interleave(query_means.shape[2] // key_means.shape[2], dim=2)  # GQA: per q head
+        queries = torch.einsum("bnhd,hdr->bhnr", query_means, self.u.to(dtype))
+        keys = torch.einsum("bmhd,hdr->bhmr", key_means, self.v.to(dtype))
         score = torch.einsum("bhnr,bhmr->bhnm", queries, keys) * self.rank**-0.5
-        return self.bias.to(q.dtype).view(1, -1, 1, 1) + SCORE_BOUND * torch.tanh(score / SCORE_BOUND)
+        return self.bias.to(dtype).view(1, -1, 1, 1) + SCORE_BOUND * torch.tanh(score / SCORE_BOUND)
+
+
+def block_structure(n: int, sinks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal key blocks, forced ones: the diagonal and the first ``sinks``), bool [n, n] over n blocks."""
+    rows, cols = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
+    causal = cols <= rows
+    return causal, causal & ((cols == rows) | (cols < sinks))
+
+
+def hard_gates(probs: torch.Tensor, learnable: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """The forward's gates, float [B, Hq, Nq, Nk]: 1[p > 1/2] on the learnable blocks, 1 on the forced ones, else 0."""
+    return torch.where(learnable, (probs.detach() > 0.5).float(), forced.float())
 
 
 class LearnedMaskAttention(QKVAttention):
@@ -130,23 +147,17 @@ class LearnedMaskAttention(QKVAttention):
         self.scorer = BlockScorer(cfg.heads, cfg.head_dim, rank)
         self._last: dict | None = None
 
-    def _structure(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(causal key blocks, forced ones: the diagonal and the first ``sinks``), bool [n, n]."""
-        rows, cols = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
-        causal = cols <= rows
-        return causal, causal & ((cols == rows) | (cols < self.sinks))
-
     def gates(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft, hard) gates [B, Hq, Nq, Nk]: soft = p on the learnable blocks (differentiable in
         the scorer), hard = 1[p > 1/2] there (no gradient); both 1 on the forced blocks."""
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"learned masks self-attention blocks (T = S), got T={q.shape[1]}, S={k.shape[1]}")
-        causal, forced = self._structure(blocks(q.shape[1], self.block), q.device)
+        causal, forced = block_structure(blocks(q.shape[1], self.block), self.sinks, q.device)
         learnable = causal & ~forced
         probs = torch.sigmoid(self.scorer(q.detach(), k.detach(), self.block).float())
-        hard = probs.detach() > 0.5
-        self._last = {"probs": probs, "learnable": learnable, "causal": causal, "kept": (hard & learnable) | forced, "t": q.shape[1]}
-        return torch.where(learnable, probs, forced.float()), torch.where(learnable, hard.float(), forced.float())
+        hard = hard_gates(probs, learnable, forced)
+        self._last = {"probs": probs, "learnable": learnable, "causal": causal, "kept": hard > 0, "t": q.shape[1]}
+        return torch.where(learnable, probs, forced.float()), hard
 
     def attend(self, q, k, v, seq_lens=None):
         """The core on the hard mask; while the scorer trains, plus soft - soft.detach() (zero in
