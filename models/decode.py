@@ -15,7 +15,8 @@ overwrite the oldest, which the window no longer sees. Without a window, lengths
 Step: q [B, N, Hq, D], the N new queries of each sequence, Hq a multiple of Hkv (GQA/MQA: query
 head h reads kv head h // (Hq / Hkv)). Query n of sequence b sits at position
 p = lengths[b] - N + n and sees the cached keys j <= p (causal among the new queries too), with
-a window W only those with j >= p - W; ALiBi adds -slope_h * (p - j) to the scores; RoPE
+a window W only those with j >= p - W (W may differ per query: block attention's p % block, the
+keys of the query's own block); ALiBi adds -slope_h * (p - j) to the scores; RoPE
 (theta) rotates q at p, the cache holding keys rotated at their own positions (rope_at, before
 they are appended).
 """
@@ -106,7 +107,7 @@ def softmax_step(
     lengths: torch.Tensor,
     *,
     page_table: torch.Tensor | None = None,
-    window: int | None = None,
+    window: int | torch.Tensor | None = None,
     slopes: torch.Tensor | None = None,
     theta: float | None = None,
     scale: float | None = None,
@@ -114,8 +115,8 @@ def softmax_step(
     """One decode step by definition (module docstring): o [B, N, Hq, D] in q's dtype.
 
     q [B, N, Hq, D]; k/v_cache contiguous [B, L, Hkv, D] or, with page_table int [B, max_pages],
-    pages [P, page, Hkv, D]; lengths int [B] >= N (> C: a rolling cache, window + N <= C);
-    window: W keys before each query (None: all);
+    pages [P, page, Hkv, D]; lengths int [B] >= N (> C: a rolling cache, window + N - n <= C for
+    every query n); window: W keys before each query, an int or long [B, N] per query (None: all);
     slopes float32 [Hq] (ALiBi); theta: RoPE base (q is rotated here, the cache holds rotated
     keys); scale: of q.k, D^-0.5 by default. Computes as
     kernels/reference.attention does (scores in q's dtype, softmax in at least float32).
@@ -126,7 +127,10 @@ def softmax_step(
     capacity = k_cache.shape[1]
     if bool((lengths < n).any()):
         raise ValueError(f"every sequence needs its {n} new tokens in the cache; lengths {lengths.tolist()}")
-    if bool((lengths > capacity).any()) and (window is None or window + n > capacity):
+    per_query = None if window is None else torch.as_tensor(window, device=q.device).expand(b, n)  # (B, N)
+    if bool((lengths > capacity).any()) and (
+        per_query is None or int((per_query + n - torch.arange(n, device=q.device)).max()) > capacity  # query n's W_n + N - n rows
+    ):
         raise ValueError(f"lengths {lengths.tolist()} overflow a cache of {capacity} rows (a rolling cache needs window + N <= {capacity})")
     scale = d**-0.5 if scale is None else scale
     pos_q = positions_of_new(lengths.to(q.device), n)  # (B, N)
@@ -140,8 +144,8 @@ def softmax_step(
     if slopes is not None:
         scores = scores - slopes.to(scores.dtype).view(1, hq, 1, 1) * distance.to(scores.dtype)
     seen = distance >= 0
-    if window is not None:
-        seen &= distance <= window
+    if per_query is not None:
+        seen &= distance <= per_query[:, None, :, None]
     scores = scores.masked_fill(~seen, float("-inf"))
     upcast = torch.promote_types(scores.dtype, torch.float32)
     probs = torch.softmax(scores.to(upcast), dim=-1).to(q.dtype)

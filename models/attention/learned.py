@@ -23,21 +23,34 @@ forward's gates: ``sparsity_penalty()`` is the mean gate probability over the le
 head. The scorer reads q and k detached: the penalty should bend the mask, not the copied q/k.
 
 Causal only (bidirectional=False): the mask and its density are defined over the causal key
-blocks of self-attention (T = S). Kernel level (``attend`` of a layer computes the gates; a
-bare ``run`` without gates): every block open. The registry's FLOPs are the dense causal
-count (the mask is data-dependent); a layer's ``visited_flops()`` counts the blocks it kept.
+blocks of self-attention (T = S). Causal in its keys, not in its gates: query block i's gates come
+from the mean of all its queries, so row t of a forward over T tokens depends on the queries after
+t in its block (a bit per key block and head), and a forward over more tokens revises it.
+Kernel level (``attend`` of a layer computes the gates; a bare ``run`` without gates): every block
+open. The registry's FLOPs are the dense causal count (the mask is data-dependent); a layer's
+``visited_flops()`` counts the blocks it kept.
+
+Decode: exact for one layer. learned_step gives the last N rows of the causal forward over the
+tokens so far (the current block's gates from the mean of its queries so far: a running sum, kept
+float32, plus the new ones; key block means from the KV cache of every token). A generate loop's
+LearnedCache steps one layer exactly; in a model of several layers the next layer would read the
+earlier rows of the current block as they were when they were new, not as the forward revises
+them, so generation and the model level recompute or refuse (DecodeForm.layer_only).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from attnbench.kernels import decode_cost
 from attnbench.kernels.block_mask import block_lists, block_sparse_flops, blocks, expand_blocks
 from attnbench.kernels.reference import visible
+from attnbench.models.decode import append
 from attnbench.models.pair_flops import softmax_flops
 from attnbench.models.qkv import QKVAttention
-from attnbench.models.registry import Impl, LayerConfig, Mechanism
+from attnbench.models.registry import DecodeForm, DecodeImpl, Impl, LayerConfig, Mechanism
 from attnbench.models.softmax import _triton_missing
 
 DEFAULT_BLOCK = 64
@@ -109,11 +122,28 @@ class BlockScorer(nn.Module):
         self.bias = nn.Parameter(torch.full((heads,), OPEN_BIAS))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
-        key_means = block_means(k, block).repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # GQA: per q head
-        queries = torch.einsum("bnhd,hdr->bhnr", block_means(q, block), self.u.to(q.dtype))
-        keys = torch.einsum("bmhd,hdr->bhmr", key_means, self.v.to(q.dtype))
+        return self.logits(block_means(q, block), block_means(k, block))
+
+    def logits(self, query_means: torch.Tensor, key_means: torch.Tensor) -> torch.Tensor:
+        """[B, Hq, Nq, Nk] from the block means query_means [B, Nq, Hq, D], key_means [B, Nk, Hkv, D]."""
+        dtype = query_means.dtype
+        key_means = key_means.repeat_interleave(query_means.shape[2] // key_means.shape[2], dim=2)  # GQA: per q head
+        queries = torch.einsum("bnhd,hdr->bhnr", query_means, self.u.to(dtype))
+        keys = torch.einsum("bmhd,hdr->bhmr", key_means, self.v.to(dtype))
         score = torch.einsum("bhnr,bhmr->bhnm", queries, keys) * self.rank**-0.5
-        return self.bias.to(q.dtype).view(1, -1, 1, 1) + SCORE_BOUND * torch.tanh(score / SCORE_BOUND)
+        return self.bias.to(dtype).view(1, -1, 1, 1) + SCORE_BOUND * torch.tanh(score / SCORE_BOUND)
+
+
+def block_structure(n: int, sinks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal key blocks, forced ones: the diagonal and the first ``sinks``), bool [n, n] over n blocks."""
+    rows, cols = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
+    causal = cols <= rows
+    return causal, causal & ((cols == rows) | (cols < sinks))
+
+
+def hard_gates(probs: torch.Tensor, learnable: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """The forward's gates, float [B, Hq, Nq, Nk]: 1[p > 1/2] on the learnable blocks, 1 on the forced ones, else 0."""
+    return torch.where(learnable, (probs.detach() > 0.5).float(), forced.float())
 
 
 class LearnedMaskAttention(QKVAttention):
@@ -130,23 +160,17 @@ class LearnedMaskAttention(QKVAttention):
         self.scorer = BlockScorer(cfg.heads, cfg.head_dim, rank)
         self._last: dict | None = None
 
-    def _structure(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(causal key blocks, forced ones: the diagonal and the first ``sinks``), bool [n, n]."""
-        rows, cols = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
-        causal = cols <= rows
-        return causal, causal & ((cols == rows) | (cols < self.sinks))
-
     def gates(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft, hard) gates [B, Hq, Nq, Nk]: soft = p on the learnable blocks (differentiable in
         the scorer), hard = 1[p > 1/2] there (no gradient); both 1 on the forced blocks."""
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"learned masks self-attention blocks (T = S), got T={q.shape[1]}, S={k.shape[1]}")
-        causal, forced = self._structure(blocks(q.shape[1], self.block), q.device)
+        causal, forced = block_structure(blocks(q.shape[1], self.block), self.sinks, q.device)
         learnable = causal & ~forced
         probs = torch.sigmoid(self.scorer(q.detach(), k.detach(), self.block).float())
-        hard = probs.detach() > 0.5
-        self._last = {"probs": probs, "learnable": learnable, "causal": causal, "kept": (hard & learnable) | forced, "t": q.shape[1]}
-        return torch.where(learnable, probs, forced.float()), torch.where(learnable, hard.float(), forced.float())
+        hard = hard_gates(probs, learnable, forced)
+        self._last = {"probs": probs, "learnable": learnable, "causal": causal, "kept": hard > 0, "t": q.shape[1]}
+        return torch.where(learnable, probs, forced.float()), hard
 
     def attend(self, q, k, v, seq_lens=None):
         """The core on the hard mask; while the scorer trains, plus soft - soft.detach() (zero in
@@ -199,6 +223,109 @@ def learned_options(cfg: LayerConfig) -> dict:
     return {"block": block}
 
 
+def learned_step(q, k_cache, v_cache, lengths, query_sum, *, scorer: BlockScorer, block=DEFAULT_BLOCK, sinks=DEFAULT_SINKS):
+    """One decode step: q [B, N, Hq, D], the N newest tokens' queries (positions lengths[b] - N ..; as
+    the core sees them: the layer rotates for RoPE), k/v_cache [B, C, Hkv, D] (sequence b's tokens in
+    rows 0 .. lengths[b] - 1, the new ones appended), query_sum float32 [B, Hq, D]: the sum of the
+    queries of the earlier tokens in the block of position lengths[b] - N (0 when it starts there)
+    -> (o [B, N, Hq, D], the next step's query_sum: of the tokens so far in the block of position
+    lengths[b]). Each sequence's rows are the last N rows of the causal forward over its tokens:
+    gated_reference for the query blocks the new rows touch, their gates from the mean of each
+    block's queries so far, the rows before the new ones in the first block left out."""
+    n, hq, d = q.shape[1:]
+    outputs, sums_after = [], []
+    for i, length in enumerate(lengths.tolist()):
+        first, before = divmod(length - n, block)  # the first touched query block, its tokens before the new ones
+        padded = F.pad(q[i : i + 1], (0, 0, 0, 0, before, 0))  # (1, before + N, Hq, D): query blocks aligned
+        touched = blocks(before + n, block)
+        sums = F.pad(padded.float(), (0, 0, 0, 0, 0, touched * block - before - n)).unflatten(1, (touched, block)).sum(2)
+        sums[:, 0] += query_sum[i]  # (1, touched, Hq, D)
+        counts = (length - (first + torch.arange(touched, device=q.device)) * block).clamp(max=block)  # their tokens so far
+        keys, values = k_cache[i : i + 1, :length], v_cache[i : i + 1, :length]
+        probs = torch.sigmoid(scorer.logits((sums / counts[:, None, None]).to(q.dtype), block_means(keys, block)).float())
+        causal, forced = (x[first : first + touched] for x in block_structure(blocks(length, block), sinks, q.device))
+        gates = hard_gates(probs, causal & ~forced, forced)  # (1, Hq, touched, blocks(length))
+        outputs.append(gated_reference(padded, keys, values, causal=True, gates=gates, block=block)[:, before:])
+        sums_after.append(sums[0, -1] if length % block else torch.zeros_like(query_sum[i]))
+    return torch.cat(outputs), torch.stack(sums_after)
+
+
+class LearnedCache:
+    """A learned layer's cache in a generate loop (DecodeForm.layer_cache): k/v [B, C, Hkv, D] of every
+    token (C = capacity; keys rotated at their positions under the layer's RoPE: a gate may keep any
+    earlier block) and the current query block's query sum float32 [B, Hq, D], read by learned_step
+    with the layer's scorer. Exact for one layer (the module docstring)."""
+
+    def __init__(self, layer: LearnedMaskAttention, capacity: int):
+        self.layer, self.capacity = layer, capacity
+        self.options = {"scorer": layer.scorer, "block": layer.block, "sinks": layer.sinks}
+        self.k = self.v = self.query_sum = None
+        self.length = 0
+
+    def _allocate(self, batch: int, device, dtype) -> None:
+        self.k, self.v = (torch.zeros(batch, self.capacity, self.layer.kv_heads, self.layer.head_dim, device=device, dtype=dtype)
+                          for _ in range(2))
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's forward over the prompt x [B, T, C] -> [B, T, C]; its keys and values and the
+        query sum of its last block (unless that one is complete) kept."""
+        q, k, v = self.layer.project(x)
+        q, k = self.layer.positioned(q, k)
+        t = x.shape[1]
+        self._allocate(x.shape[0], x.device, k.dtype)
+        self.k[:, :t], self.v[:, :t] = k, v
+        self.query_sum = q[:, t - t % self.layer.block :].float().sum(1)
+        self.length = t
+        return self.layer(x)
+
+    def fill(self, batch: int, context: int, device, dtype) -> None:
+        """As if ``context`` tokens of B sequences were cached: random keys, values and query sum."""
+        self._allocate(batch, device, dtype)
+        self.k.normal_()
+        self.v.normal_()
+        self.query_sum = torch.randn(batch, self.layer.heads, self.layer.head_dim, device=device)
+        self.length = context
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, C] of the token at position ``length`` -> [B, 1, C], its key and value appended first."""
+        q, k, v = self.layer.project(x)
+        q, k = self.layer.positioned(q, k, self.length)
+        held = torch.full((x.shape[0],), self.length, dtype=torch.int32, device=x.device)
+        append(self.k, k, held)
+        append(self.v, v, held)
+        self.length += 1
+        o, self.query_sum = learned_step(q, self.k, self.v, held + 1, self.query_sum, **self.options)
+        return self.layer.out(o.reshape(x.shape[0], 1, -1))
+
+
+def _torch_step(cfg, batch, context, queries, device, dtype):
+    """N new tokens against a random cache of L tokens a sequence (the N among them) and a random query
+    sum, with a fresh layer's scorer (every gate open: OPEN_BIAS)."""
+    layer = LearnedMaskAttention(cfg, IMPLS).to(device=device, dtype=dtype)
+    q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+    query_sum = torch.randn(batch, cfg.heads, cfg.head_dim, device=device)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    options = {"scorer": layer.scorer, "block": layer.block, "sinks": layer.sinks}
+    return lambda: learned_step(q, k, v, lengths, query_sum, **options)[0]
+
+
+def _query_sum_bytes(cfg: LayerConfig) -> int:
+    """The current query block's query sum of one sequence: [Hq, D], float32."""
+    return cfg.heads * cfg.head_dim * decode_cost.STATE_ITEMSIZE
+
+
+def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
+    """A softmax step over every key (every gate open, as a fresh layer's are; the key block means are
+    read from them) plus the query sum read and written."""
+    keys = decode_cost.softmax_step_bytes(batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize)
+    return keys + batch * 2 * _query_sum_bytes(cfg)
+
+
+def _memory(cfg: LayerConfig, context: int, queries: int, itemsize: int) -> int:
+    return decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize) + _query_sum_bytes(cfg)
+
+
 PARAMS = {
     "block": (DEFAULT_BLOCK, "tokens per block; the scorer keeps or drops whole key blocks"),
     "rank": (DEFAULT_RANK, "rank of the per-head bilinear block scorer"),
@@ -225,4 +352,16 @@ MECHANISM = Mechanism(
     refuses={"alibi": "learned's gated scores take no ALiBi bias yet (its torch form and the block-sparse call pass no slopes)"},
     bidirectional=False,
     params=PARAMS,
+    decode=DecodeForm("kv-cache", _step_bytes, _memory, {
+        "torch": DecodeImpl(
+            "torch", _torch_step,
+            "plain torch step: gated softmax over the cache, the current block's gates from its queries so far (learned_step)",
+            graphable=False,
+            unsupported=lambda cfg, queries, device, dtype: (
+                "the kernel-level step takes no RoPE (the layer rotates: --level layer)" if cfg.positions == "rope" else None),
+        ),
+    }, layer_cache=LearnedCache, layer_only=(
+        "its gates for a query block come from the mean of all that block's queries, so the forward revises the earlier "
+        "rows of a block as it fills: a cache steps one layer exactly, but in a model of several layers the next layer "
+        "would read those rows unrevised")),
 )

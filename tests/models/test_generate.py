@@ -1,7 +1,7 @@
 """Generation with the layers' caches (models/generate.py): every incremental step's logits
 equal the full-sequence forward's last-position logits, and generating with the cache picks
-the same tokens as recomputing the context, greedy and sampled; mechanisms without a cache say
-so and still generate; the learned positions' max_length hands over to recomputation."""
+the same tokens as recomputing the context, greedy and sampled; a model whose cache is exact for
+one layer only says so and still generates; the learned positions' max_length hands over to recomputation."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ CACHED = {
     "bsbr-rope-gqa-compressed": dict(mechanism="bsbr", positions="rope", kv_heads=2, attention={"chunk": 4, "compression": 4}),
     "bsbr-alibi": dict(mechanism="bsbr", positions="alibi", attention={"chunk": 5}),
     # blocks of 4 (3, 2): steps complete blocks; topn 2 < the 3 forced blocks, 3 of up to 5 blocks: the selection decides
+    # blocks of 5 (4): steps cross blocks, the rolling cache of a block's rows wraps
+    "block": dict(mechanism="block", attention={"block": 5}),
+    "block-rope-gqa": dict(mechanism="block", positions="rope", kv_heads=2, attention={"block": 4}),
+    "block-alibi": dict(mechanism="block", positions="alibi", attention={"block": 5}),
     "nsa": dict(mechanism="nsa", window=5, attention={"block": 4, "topn": 3}),
     "nsa-rope-gqa": dict(mechanism="nsa", positions="rope", kv_heads=2, window=5, attention={"block": 3, "topn": 3}),
     "nsa-alibi-top-2": dict(mechanism="nsa", positions="alibi", window=4, attention={"block": 2, "topn": 2}),
@@ -107,7 +111,7 @@ def test_the_window_case_can_fail():
 
 
 @pytest.mark.parametrize("case", ["standard", "rope", "window", "linear", "deltanet", "performer", "stickbreaking", "gau", "alibi-gqa",
-                                  "bsbr", "nsa-alibi-top-2"])
+                                  "bsbr", "nsa-alibi-top-2", "block-alibi"])
 @torch.no_grad()
 def test_cached_generation_picks_the_tokens_of_recomputation(case):
     model = model_of(**CACHED[case])
@@ -129,16 +133,37 @@ def test_generation_stops_after_eos():
     assert stopped.ids == first_three[: first_three.index(first_three[1]) + 1]
 
 
-@pytest.mark.parametrize("mechanism", ["block", "learned"])
 @torch.no_grad()
-def test_a_mechanism_without_a_cache_says_so_and_recomputes(mechanism):
-    model = model_of(mechanism)
+def test_a_model_whose_cache_is_exact_for_one_layer_only_says_so_and_recomputes():
+    """learned's forward revises a block's earlier rows as the block fills (DecodeForm.layer_only):
+    a model of several layers recomputes, and says why."""
+    model = model_of("learned")
     reason = generate.why_no_cache(model)
-    assert reason and mechanism in reason
-    with pytest.raises(ValueError, match=mechanism):
+    assert reason and "learned" in reason and "several layers" in reason
+    with pytest.raises(ValueError, match="learned"):
         generate.Decoder(model, 8)
     result = generate.generate(model, [1, 2, 3, 4], 5)
     assert (result.cached, result.recomputed, result.reason) == (0, 5, reason) and len(result.ids) == 5
+
+
+@torch.no_grad()
+def test_one_learned_layer_steps_as_the_forward_over_the_tokens_so_far():
+    """One layer, blocks of 4, the scorer's bias at 0 (gates that depend on the block means): each
+    step's logits are the last position's of the forward over the tokens so far (not the full
+    forward's at that position, which later queries of its block revise), and cached generation
+    picks the tokens of recomputation."""
+    model = model_of("learned", layers=1, attention={"block": 4})
+    with torch.no_grad():
+        model.trunk.blocks[0].attention.scorer.bias.zero_()
+    assert generate.why_no_cache(model) is None
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    decoder = generate.Decoder(model, capacity=20)
+    assert_close(decoder.prefill(ids[:, :7]), model(ids[:, :7])[:, -1], "prefill")
+    for t in range(7, 20):
+        assert_close(decoder.step(ids[:, t]), model(ids[:, : t + 1])[:, -1], f"step at position {t}")
+    prompt = ids[0, :6].tolist()
+    cached = generate.generate(model, prompt, 12)
+    assert cached.cached == 12 and cached.ids == generate.generate(model, prompt, 12, cache=False).ids
 
 
 def test_a_bidirectional_model_has_no_cache():
@@ -175,7 +200,7 @@ def test_schemes_without_a_limit_keep_the_cache_past_max_seq():
         assert result.ids == generate.generate(model, list(range(MAX_SEQ)), 10, cache=False).ids
 
 
-@pytest.mark.parametrize("case", ["standard", "window", "linear", "deltanet", "performer", "stickbreaking", "gau", "bsbr", "nsa"])
+@pytest.mark.parametrize("case", ["standard", "window", "linear", "deltanet", "performer", "stickbreaking", "gau", "bsbr", "nsa", "block"])
 @torch.no_grad()
 def test_a_restored_decoder_steps_from_the_same_context_again(case):
     """fill (random caches as if 12 tokens were read) then step, restore, step: the same logits, and

@@ -29,7 +29,7 @@ def rows_of(run_dir):
 
 @pytest.fixture(scope="module")
 def decode_run(tmp_path_factory):
-    """The issue's CPU command, at a small head shape, with a mechanism that has no decode form."""
+    """The issue's CPU command, at a small head shape."""
     out = tmp_path_factory.mktemp("decode") / "run"
     result = invoke("speed", "--mode", "decode", "--attn", "standard,linear,deltanet,performer,block",
                     "--context", 128, 512, *SMALL, "--out", out)
@@ -41,8 +41,8 @@ def test_decode_rows_carry_time_bytes_bandwidth_and_memory_per_sequence(decode_r
     _, rows = decode_run
     ok = [row for row in rows if row["status"] == "ok"]
     assert {(row["mechanism"], row["impl"]) for row in ok} == {
-        ("standard", "torch"), ("standard", "sdpa"), ("linear", "torch"), ("deltanet", "torch"), ("performer", "torch")}
-    assert len(ok) == 5 * 2  # two contexts each
+        ("standard", "torch"), ("standard", "sdpa"), ("linear", "torch"), ("deltanet", "torch"), ("performer", "torch"), ("block", "torch")}
+    assert len(ok) == 6 * 2  # two contexts each
     for row in ok:
         assert row["mode"] == "decode" and row["queries"] == "1" and row["batch"] == "1" and row["seq"] in ("128", "512")
         median, p20, p80 = float(row["ms_median"]), float(row["ms_p20"]), float(row["ms_p80"])
@@ -67,12 +67,19 @@ def test_unsupported_decode_rows_say_why(decode_run):
     _, rows = decode_run
     unsupported = [row for row in rows if row["status"] == "unsupported"]
     assert unsupported and all(row["message"] for row in unsupported)
-    block = [row for row in rows if row["mechanism"] == "block"]
-    assert len(block) == 2 and all("has no decode step" in row["message"] for row in block)
     on_cuda = {row["impl"] for row in unsupported if "needs a CUDA device" in row["message"]}
     assert {"triton", "triton-paged", "flex", "sdpa-cudnn", "sdpa-flash"} <= on_cuda <= {"triton", "triton-paged", "flex", "sdpa-cudnn", "sdpa-flash", "fla"}
     fla = [row["message"] for row in unsupported if row["impl"] == "fla"]
     assert fla and all("needs a CUDA device" in why or "not installed" in why for why in fla)
+
+
+def test_a_mechanism_without_a_decode_form_says_so():
+    """Every registered mechanism has one now: a copy of block without it stands in."""
+    import dataclasses
+
+    spec = sweep.SweepSpec(["block"], ["torch"], ["kernel"], ["decode"], ["fp32"], "cpu", [32], batches=[1], causal=[True], contexts=[40])
+    (case,) = sweep.expand(spec)
+    assert "has no decode step" in sweep.why_unsupported(case, dataclasses.replace(registry.get("block"), decode=None))
 
 
 def test_resuming_a_decode_sweep_records_no_case_twice(decode_run, tmp_path):
@@ -210,14 +217,14 @@ def test_report_fits_the_exponent_of_decode_time_in_the_context(tmp_path):
 
 def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
     """--level model: one token through the tiny GPT against every layer's cache or state; the
-    impls whose steps run at the kernel level only, and mechanisms without a layer cache, say why."""
+    impls whose steps run at the kernel level only, and a mechanism whose cache is exact for one layer only, say why."""
     out = tmp_path / "run"
     result = invoke("speed", "--mode", "decode", "--level", "model", "--preset", "tiny", "--device", "cpu",
-                    "--attn", "standard,linear,block", "--impl", "torch,sdpa", "--context", 32, 64, "--batch", 2, "--out", out)
+                    "--attn", "standard,linear,block,learned", "--impl", "torch,sdpa", "--context", 32, 64, "--batch", 2, "--out", out)
     assert result.exit_code == 0, result.output
     rows = rows_of(out)
     ok = {(r["mechanism"], r["seq"]): r for r in rows if r["status"] == "ok"}
-    assert set(ok) == {("standard", "32"), ("standard", "64"), ("linear", "32"), ("linear", "64")}
+    assert set(ok) == {(m, s) for m in ("standard", "linear", "block") for s in ("32", "64")}
     from attnbench.models.presets import Preset
 
     layers = Preset.from_name("tiny").layers
@@ -230,7 +237,7 @@ def test_the_model_level_decode_step_runs_the_whole_preset_model(tmp_path):
     assert float(ok["standard", "64"]["mem_per_seq_mib"]) == pytest.approx(2 * float(ok["standard", "32"]["mem_per_seq_mib"]), rel=1e-3)
     reasons = {(r["mechanism"], r["impl"]): r["message"] for r in rows if r["status"] == "unsupported"}
     assert "time sdpa at --level kernel" in reasons["standard", "sdpa"]
-    assert "has no decode step" in reasons["block", "torch"]
+    assert "several layers" in reasons["learned", "torch"]
 
 
 @pytest.mark.parametrize("level", ["kernel", "layer", "model"])
