@@ -2,11 +2,9 @@
 each attention layer keeping its own cache (registry DecodeForm.layer_cache): a KV cache for
 the softmax family (standard, rope, alibi, window; models/softmax_decode.KVCache), stickbreaking,
 exposb, topk and hopfield (their own steps over it), block (a rolling one of a block's keys), nsa
-(every key plus its block means), a recurrent state for linear and deltanet (models/state_decode.py),
-performer, gau and bsbr (in their files). A mechanism whose layer cache is exact for one layer only
-(learned: its forward revises a block's earlier outputs as the block fills; DecodeForm.layer_only)
-recomputes the whole context for every token in a model of several layers, and the result says so
-(`Generation.reason`).
+(every key plus its block means), learned (every key plus its current and previous query blocks'
+summaries), a recurrent state for linear and deltanet (models/state_decode.py), performer, gau and
+bsbr (in their files).
 
 The context window. A model with learned positions takes at most ``cfg.max_length`` tokens;
 recomputation then feeds it the last max_length of them, their positions counted from 0 again.
@@ -48,8 +46,6 @@ def why_no_cache(model: LanguageModel) -> str | None:
     decode = registry.get(cfg.mechanism).decode
     if decode is None or decode.layer_cache is None:
         return f"{cfg.mechanism} has no incremental form here (no KV cache or recurrent state)"
-    if decode.layer_only is not None and cfg.layers > 1:
-        return f"{cfg.mechanism}: {decode.layer_only}"
     try:
         decode.layer_cache(model.trunk.blocks[0].attention, 1)
     except ValueError as err:  # options the step cannot take (a window right of the query, a RoPE offset)

@@ -161,9 +161,6 @@ class DecodeForm:
         whose options have no incremental form; None: the mechanism has none (generate recomputes).
     layer_host_sync: why the layer cache's step synchronises with the host (so no CUDA graph holds a
         model's decode step, `--level model-graph`), or None; a KV cache's plain-torch steps always do.
-    layer_only: why layer_cache steps one layer exactly but not a model of several (a forward that
-        revises earlier tokens' outputs as later ones come: the next layer's cache would hold stale
-        ones), or None when it steps any model (generate and the model level recompute or refuse then).
     """
 
     carries: Literal["kv-cache", "state"]
@@ -172,7 +169,6 @@ class DecodeForm:
     impls: dict[str, DecodeImpl]
     layer_cache: Callable[..., Any] | None = None
     layer_host_sync: str | None = None
-    layer_only: str | None = None
 
 
 @dataclass

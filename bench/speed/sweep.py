@@ -373,8 +373,6 @@ def _why_no_cached_decode(case: Case, mechanism: Mechanism) -> str | None:
     """Why a layer- or model-level decode case (a layer cache's step, models/generate.py) cannot run, or None."""
     if mechanism.decode.layer_cache is None:
         return f"{case.mechanism} has a decode step but no layer cache for a generate loop (models/generate.py)"
-    if case.level in MODEL_LEVELS and mechanism.decode.layer_only is not None:  # every preset has several layers
-        return f"{case.mechanism}: {mechanism.decode.layer_only} (time --level layer)"
     if case.impl not in CACHED_DECODE_IMPLS:
         return f"the {case.level} level's decode step runs a layer cache ({', '.join(CACHED_DECODE_IMPLS)}): time {case.impl} at --level kernel"
     if case.impl == "triton":

@@ -1,10 +1,12 @@
 """learned: softmax attention over the key blocks a small learned scorer keeps, per head.
 
 The sequence is cut into blocks of ``block`` tokens. For query block i and key block j <= i
-(causal) the scorer gives a logit from the block means of the layer's own q and k (a low-rank
-bilinear form per head, plus a per-head bias):
+(causal) the scorer gives a logit from block means of the layer's own q and k (a low-rank
+bilinear form per head, plus a per-head bias), query block i summarised by the queries of the
+block before it (every one of them precedes every row of block i, so the gates are causal; block 0
+has one causal key block, its diagonal, which is always kept):
 
-    score[b, h, i, j] = (mean_i(q_h) U_h) . (mean_j(k_h) V_h) / sqrt(rank)
+    score[b, h, i, j] = (mean_{i-1}(q_h) U_h) . (mean_j(k_h) V_h) / sqrt(rank)
     logit = bias_h + SCORE_BOUND tanh(score / SCORE_BOUND)          (|logit - bias_h| < SCORE_BOUND)
     p = sigmoid(logit),   gate = 1[p > 1/2]   (forward hard; gradient of the soft-gated output at g = p)
 
@@ -23,19 +25,17 @@ forward's gates: ``sparsity_penalty()`` is the mean gate probability over the le
 head. The scorer reads q and k detached: the penalty should bend the mask, not the copied q/k.
 
 Causal only (bidirectional=False): the mask and its density are defined over the causal key
-blocks of self-attention (T = S). Causal in its keys, not in its gates: query block i's gates come
-from the mean of all its queries, so row t of a forward over T tokens depends on the queries after
-t in its block (a bit per key block and head), and a forward over more tokens revises it.
+blocks of self-attention (T = S). Row t of a forward depends on no token after t, gates included
+(until 2026-12-04 query block i was summarised by its own queries, which leaked the later queries of
+a block into its earlier rows; results before then were measured with that form).
 Kernel level (``attend`` of a layer computes the gates; a bare ``run`` without gates): every block
 open. The registry's FLOPs are the dense causal count (the mask is data-dependent); a layer's
 ``visited_flops()`` counts the blocks it kept.
 
-Decode: exact for one layer. learned_step gives the last N rows of the causal forward over the
-tokens so far (the current block's gates from the mean of its queries so far: a running sum, kept
-float32, plus the new ones; key block means from the KV cache of every token). A generate loop's
-LearnedCache steps one layer exactly; in a model of several layers the next layer would read the
-earlier rows of the current block as they were when they were new, not as the forward revises
-them, so generation and the model level recompute or refuse (DecodeForm.layer_only).
+Decode: learned_step gives the last N rows of the causal forward over the tokens so far from the KV
+cache of every token (the key block means) and two float32 [Hq, D] summaries a sequence: the
+previous query block's mean (what the current block is scored by) and the current block's query sum
+(what the next one will be scored by).
 """
 
 from __future__ import annotations
@@ -110,9 +110,16 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return means
 
 
+def previous_block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What each query block is scored by: the mean of the block before it in x [B, T, H, D], zeros for
+    block 0 (its one causal key block, the diagonal, is always kept): [B, cdiv(T, block), H, D]."""
+    means = block_means(x, block)
+    return torch.cat([torch.zeros_like(means[:, :1]), means[:, :-1]], 1)
+
+
 class BlockScorer(nn.Module):
     """Per-head logits [B, Hq, Nq, Nk] of key block j for query block i from block-mean-pooled
-    q [B, T, Hq, D] and k [B, S, Hkv, D] (the module docstring's formula)."""
+    q [B, T, Hq, D] (the previous block's) and k [B, S, Hkv, D] (the module docstring's formula)."""
 
     def __init__(self, heads: int, head_dim: int, rank: int):
         super().__init__()
@@ -122,10 +129,11 @@ class BlockScorer(nn.Module):
         self.bias = nn.Parameter(torch.full((heads,), OPEN_BIAS))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
-        return self.logits(block_means(q, block), block_means(k, block))
+        return self.logits(previous_block_means(q, block), block_means(k, block))
 
     def logits(self, query_means: torch.Tensor, key_means: torch.Tensor) -> torch.Tensor:
-        """[B, Hq, Nq, Nk] from the block means query_means [B, Nq, Hq, D], key_means [B, Nk, Hkv, D]."""
+        """[B, Hq, Nq, Nk] from each query block's summary query_means [B, Nq, Hq, D] and the key block
+        means key_means [B, Nk, Hkv, D]."""
         dtype = query_means.dtype
         key_means = key_means.repeat_interleave(query_means.shape[2] // key_means.shape[2], dim=2)  # GQA: per q head
         queries = torch.einsum("bnhd,hdr->bhnr", query_means, self.u.to(dtype))
@@ -223,43 +231,47 @@ def learned_options(cfg: LayerConfig) -> dict:
     return {"block": block}
 
 
-def learned_step(q, k_cache, v_cache, lengths, query_sum, *, scorer: BlockScorer, block=DEFAULT_BLOCK, sinks=DEFAULT_SINKS):
+def learned_step(q, k_cache, v_cache, lengths, previous_mean, query_sum, *, scorer: BlockScorer, block=DEFAULT_BLOCK,
+                 sinks=DEFAULT_SINKS):
     """One decode step: q [B, N, Hq, D], the N newest tokens' queries (positions lengths[b] - N ..; as
     the core sees them: the layer rotates for RoPE), k/v_cache [B, C, Hkv, D] (sequence b's tokens in
-    rows 0 .. lengths[b] - 1, the new ones appended), query_sum float32 [B, Hq, D]: the sum of the
-    queries of the earlier tokens in the block of position lengths[b] - N (0 when it starts there)
-    -> (o [B, N, Hq, D], the next step's query_sum: of the tokens so far in the block of position
-    lengths[b]). Each sequence's rows are the last N rows of the causal forward over its tokens:
-    gated_reference for the query blocks the new rows touch, their gates from the mean of each
-    block's queries so far, the rows before the new ones in the first block left out."""
-    n, hq, d = q.shape[1:]
-    outputs, sums_after = [], []
+    rows 0 .. lengths[b] - 1, the new ones appended); previous_mean, query_sum float32 [B, Hq, D]: the
+    query mean of the block before the one of position lengths[b] - N (zeros in block 0) and the query
+    sum of that block's tokens before the new ones -> (o [B, N, Hq, D], both summaries for the block of
+    position lengths[b]). Each sequence's rows are the last N rows of the causal forward over its
+    tokens: gated_reference over the query blocks the new rows touch, the rows before them left out."""
+    n = q.shape[1]
+    outputs, previous_after, sums_after = [], [], []
     for i, length in enumerate(lengths.tolist()):
         first, before = divmod(length - n, block)  # the first touched query block, its tokens before the new ones
         padded = F.pad(q[i : i + 1], (0, 0, 0, 0, before, 0))  # (1, before + N, Hq, D): query blocks aligned
         touched = blocks(before + n, block)
         sums = F.pad(padded.float(), (0, 0, 0, 0, 0, touched * block - before - n)).unflatten(1, (touched, block)).sum(2)
-        sums[:, 0] += query_sum[i]  # (1, touched, Hq, D)
-        counts = (length - (first + torch.arange(touched, device=q.device)) * block).clamp(max=block)  # their tokens so far
+        sums[:, 0] += query_sum[i]  # (1, touched, Hq, D); all but the last touched block are complete
+        summaries = torch.cat([previous_mean[i][None, None], sums[:, :-1] / block], 1)  # what each touched block is scored by
         keys, values = k_cache[i : i + 1, :length], v_cache[i : i + 1, :length]
-        probs = torch.sigmoid(scorer.logits((sums / counts[:, None, None]).to(q.dtype), block_means(keys, block)).float())
+        probs = torch.sigmoid(scorer.logits(summaries.to(q.dtype), block_means(keys, block)).float())
         causal, forced = (x[first : first + touched] for x in block_structure(blocks(length, block), sinks, q.device))
         gates = hard_gates(probs, causal & ~forced, forced)  # (1, Hq, touched, blocks(length))
         outputs.append(gated_reference(padded, keys, values, causal=True, gates=gates, block=block)[:, before:])
-        sums_after.append(sums[0, -1] if length % block else torch.zeros_like(query_sum[i]))
-    return torch.cat(outputs), torch.stack(sums_after)
+        if length % block:  # the next token joins the last touched block
+            previous_after.append(summaries[0, -1])
+            sums_after.append(sums[0, -1])
+        else:  # it starts a block, scored by the one just completed
+            previous_after.append(sums[0, -1] / block)
+            sums_after.append(torch.zeros_like(query_sum[i]))
+    return torch.cat(outputs), torch.stack(previous_after), torch.stack(sums_after)
 
 
 class LearnedCache:
     """A learned layer's cache in a generate loop (DecodeForm.layer_cache): k/v [B, C, Hkv, D] of every
     token (C = capacity; keys rotated at their positions under the layer's RoPE: a gate may keep any
-    earlier block) and the current query block's query sum float32 [B, Hq, D], read by learned_step
-    with the layer's scorer. Exact for one layer (the module docstring)."""
+    earlier block) and learned_step's two query summaries float32 [B, Hq, D], read with the layer's scorer."""
 
     def __init__(self, layer: LearnedMaskAttention, capacity: int):
         self.layer, self.capacity = layer, capacity
         self.options = {"scorer": layer.scorer, "block": layer.block, "sinks": layer.sinks}
-        self.k = self.v = self.query_sum = None
+        self.k = self.v = self.previous_mean = self.query_sum = None
         self.length = 0
 
     def _allocate(self, batch: int, device, dtype) -> None:
@@ -267,23 +279,25 @@ class LearnedCache:
                           for _ in range(2))
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's forward over the prompt x [B, T, C] -> [B, T, C]; its keys and values and the
-        query sum of its last block (unless that one is complete) kept."""
+        """The layer's forward over the prompt x [B, T, C] -> [B, T, C]; its keys and values kept, and the
+        summaries of the block of position T: the mean of the block before it, the sum of its tokens so far."""
         q, k, v = self.layer.project(x)
         q, k = self.layer.positioned(q, k)
-        t = x.shape[1]
+        t, full = x.shape[1], x.shape[1] // self.layer.block
         self._allocate(x.shape[0], x.device, k.dtype)
         self.k[:, :t], self.v[:, :t] = k, v
-        self.query_sum = q[:, t - t % self.layer.block :].float().sum(1)
+        means = block_means(q.float(), self.layer.block)
+        self.previous_mean = means[:, full - 1] if full else torch.zeros_like(means[:, 0])
+        self.query_sum = q[:, full * self.layer.block :].float().sum(1)
         self.length = t
         return self.layer(x)
 
     def fill(self, batch: int, context: int, device, dtype) -> None:
-        """As if ``context`` tokens of B sequences were cached: random keys, values and query sum."""
+        """As if ``context`` tokens of B sequences were cached: random keys, values and summaries."""
         self._allocate(batch, device, dtype)
         self.k.normal_()
         self.v.normal_()
-        self.query_sum = torch.randn(batch, self.layer.heads, self.layer.head_dim, device=device)
+        self.previous_mean, self.query_sum = (torch.randn(batch, self.layer.heads, self.layer.head_dim, device=device) for _ in range(2))
         self.length = context
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,36 +308,36 @@ class LearnedCache:
         append(self.k, k, held)
         append(self.v, v, held)
         self.length += 1
-        o, self.query_sum = learned_step(q, self.k, self.v, held + 1, self.query_sum, **self.options)
+        o, self.previous_mean, self.query_sum = learned_step(q, self.k, self.v, held + 1, self.previous_mean, self.query_sum, **self.options)
         return self.layer.out(o.reshape(x.shape[0], 1, -1))
 
 
 def _torch_step(cfg, batch, context, queries, device, dtype):
-    """N new tokens against a random cache of L tokens a sequence (the N among them) and a random query
-    sum, with a fresh layer's scorer (every gate open: OPEN_BIAS)."""
+    """N new tokens against a random cache of L tokens a sequence (the N among them) and random query
+    summaries, with a fresh layer's scorer (every gate open: OPEN_BIAS)."""
     layer = LearnedMaskAttention(cfg, IMPLS).to(device=device, dtype=dtype)
     q = torch.randn(batch, queries, cfg.heads, cfg.head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(batch, context, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
-    query_sum = torch.randn(batch, cfg.heads, cfg.head_dim, device=device)
+    previous_mean, query_sum = (torch.randn(batch, cfg.heads, cfg.head_dim, device=device) for _ in range(2))
     lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
     options = {"scorer": layer.scorer, "block": layer.block, "sinks": layer.sinks}
-    return lambda: learned_step(q, k, v, lengths, query_sum, **options)[0]
+    return lambda: learned_step(q, k, v, lengths, previous_mean, query_sum, **options)[0]
 
 
-def _query_sum_bytes(cfg: LayerConfig) -> int:
-    """The current query block's query sum of one sequence: [Hq, D], float32."""
-    return cfg.heads * cfg.head_dim * decode_cost.STATE_ITEMSIZE
+def _summary_bytes(cfg: LayerConfig) -> int:
+    """The two query summaries of one sequence (previous block's mean, current block's sum): 2 x [Hq, D], float32."""
+    return 2 * cfg.heads * cfg.head_dim * decode_cost.STATE_ITEMSIZE
 
 
 def _step_bytes(cfg: LayerConfig, batch: int, context: int, queries: int, itemsize: int) -> int:
     """A softmax step over every key (every gate open, as a fresh layer's are; the key block means are
-    read from them) plus the query sum read and written."""
+    read from them) plus the query summaries read and written."""
     keys = decode_cost.softmax_step_bytes(batch, context, queries, cfg.heads, cfg.kv_heads, cfg.head_dim, itemsize)
-    return keys + batch * 2 * _query_sum_bytes(cfg)
+    return keys + batch * 2 * _summary_bytes(cfg)
 
 
 def _memory(cfg: LayerConfig, context: int, queries: int, itemsize: int) -> int:
-    return decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize) + _query_sum_bytes(cfg)
+    return decode_cost.kv_cache_bytes(context, cfg.kv_heads, cfg.head_dim, itemsize) + _summary_bytes(cfg)
 
 
 PARAMS = {
@@ -355,13 +369,10 @@ MECHANISM = Mechanism(
     decode=DecodeForm("kv-cache", _step_bytes, _memory, {
         "torch": DecodeImpl(
             "torch", _torch_step,
-            "plain torch step: gated softmax over the cache, the current block's gates from its queries so far (learned_step)",
+            "plain torch step: gated softmax over the cache, the current block scored by the previous one's queries (learned_step)",
             graphable=False,
             unsupported=lambda cfg, queries, device, dtype: (
-                "the kernel-level step takes no RoPE (the layer rotates: --level layer)" if cfg.positions == "rope" else None),
+                "the kernel-level step takes no RoPE (the layer rotates: --level layer or model)" if cfg.positions == "rope" else None),
         ),
-    }, layer_cache=LearnedCache, layer_only=(
-        "its gates for a query block come from the mean of all that block's queries, so the forward revises the earlier "
-        "rows of a block as it fills: a cache steps one layer exactly, but in a model of several layers the next layer "
-        "would read those rows unrevised")),
+    }, layer_cache=LearnedCache),
 )

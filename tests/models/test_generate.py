@@ -1,7 +1,7 @@
 """Generation with the layers' caches (models/generate.py): every incremental step's logits
 equal the full-sequence forward's last-position logits, and generating with the cache picks
-the same tokens as recomputing the context, greedy and sampled; a model whose cache is exact for
-one layer only says so and still generates; the learned positions' max_length hands over to recomputation."""
+the same tokens as recomputing the context, greedy and sampled; the learned positions' max_length
+hands over to recomputation."""
 
 from __future__ import annotations
 
@@ -134,33 +134,23 @@ def test_generation_stops_after_eos():
 
 
 @torch.no_grad()
-def test_a_model_whose_cache_is_exact_for_one_layer_only_says_so_and_recomputes():
-    """learned's forward revises a block's earlier rows as the block fills (DecodeForm.layer_only):
-    a model of several layers recomputes, and says why."""
-    model = model_of("learned")
-    reason = generate.why_no_cache(model)
-    assert reason and "learned" in reason and "several layers" in reason
-    with pytest.raises(ValueError, match="learned"):
-        generate.Decoder(model, 8)
-    result = generate.generate(model, [1, 2, 3, 4], 5)
-    assert (result.cached, result.recomputed, result.reason) == (0, 5, reason) and len(result.ids) == 5
-
-
-@torch.no_grad()
-def test_one_learned_layer_steps_as_the_forward_over_the_tokens_so_far():
-    """One layer, blocks of 4, the scorer's bias at 0 (gates that depend on the block means): each
-    step's logits are the last position's of the forward over the tokens so far (not the full
-    forward's at that position, which later queries of its block revise), and cached generation
-    picks the tokens of recomputation."""
-    model = model_of("learned", layers=1, attention={"block": 4})
+def test_a_learned_model_steps_as_its_forward():
+    """Every layer, blocks of 4, the scorer's bias at 0 (gates that depend on the block means, some
+    closed): each step's logits are the full forward's at that position (its gates are causal), and
+    cached generation picks the tokens of recomputation."""
+    model = model_of("learned", attention={"block": 4})
     with torch.no_grad():
-        model.trunk.blocks[0].attention.scorer.bias.zero_()
+        for block in model.trunk.blocks:
+            block.attention.scorer.bias.zero_()
     assert generate.why_no_cache(model) is None
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    kept = torch.stack([block.attention.density() for block in model.trunk.blocks])
+    assert bool((kept < 1).any()), "some gates closed (else the scorer's summaries are not tested)"
     decoder = generate.Decoder(model, capacity=20)
-    assert_close(decoder.prefill(ids[:, :7]), model(ids[:, :7])[:, -1], "prefill")
+    assert_close(decoder.prefill(ids[:, :7]), full[:, 6], "prefill")
     for t in range(7, 20):
-        assert_close(decoder.step(ids[:, t]), model(ids[:, : t + 1])[:, -1], f"step at position {t}")
+        assert_close(decoder.step(ids[:, t]), full[:, t], f"step at position {t}")
     prompt = ids[0, :6].tolist()
     cached = generate.generate(model, prompt, 12)
     assert cached.cached == 12 and cached.ids == generate.generate(model, prompt, 12, cache=False).ids
