@@ -80,6 +80,8 @@
 #             the kernel-level decode sweep (B 1-64, L 1k-64k, Hq 32, Hkv 8, D 128) with the report, the MHA state steps
 #             beside fla, GPT small's decode step as a CUDA graph, the varlen pack beside flex and SDPA and our dense kernel
 #   short-tiles: #25's short sequences: every flash tile at T 512, 1k, 2k (16k tokens, H 16, D 64 and 128, causal) beside cuDNN
+#   learned-causal: `learned`'s teacher and learned students again after the gates became causal (query block i
+#             scored by block i - 1's queries); the other students are unchanged (seeded, not learned) and not re-run
 #   short-check: after short-tiles' D = 128 first choices: the flash CUDA tests, the exact grid at T 512-4k (D 64 and 128)
 #             against cuDNN, `attnbench speed --seq 512 4096`, fla's DeltaNet step at MHA (#24), ncu of the D = 64
 #             forward at T = 512 beside cuDNN's (what limits the short forward)
@@ -581,6 +583,21 @@ for (seq, kernel), group in rows.groupby(["seq", "kernel"]):
     print(seq, kernel, " | ".join(f"{r.block_m}x{r.block_n} w{r.warps} s{r.stages} r{r.max_registers}: {r.ms:.4f}" for r in best.itertuples()))
 PY
     done
+    ;;
+learned-causal)  # see the header; EVAL_EVERY=100 DISTILL="--eval-batches 4" as `learned` ran
+    limit 100 attnbench train --attn standard --task clm --out "$out/teacher" > "$out/teacher.txt" 2>&1
+    tail -2 "$out/teacher.txt"
+    limit 330 attnbench distill --teacher "$out/teacher" --steps 1000 --batch 8 --lr 1e-4 --eval-every 100 --eval-batches 4 \
+        --student learned --mask-l1 0.001,0.01,0.1 --out "$out/learned" > "$out/learned.txt" 2>&1
+    limit 90 attnbench distill --resume --out "$out/learned" --config "$out/learned/config.toml" > "$out/learned-costs.txt" 2>&1
+    tail -1 "$out/learned-costs.txt"
+    python3 - "$out" <<'PY'
+import csv, sys
+for r in csv.DictReader(open(f"{sys.argv[1]}/learned/summary.csv")):
+    print(r["student"] or "teacher", r["impl"], r["kl_zero_shot"], r["kl"], r["agreement"], r["ppl"], r["density"], r["status"])
+for r in csv.DictReader(open(f"{sys.argv[1]}/learned/scale.csv")):
+    print("  ", r["model"], r["impl"], r["seq"], r["forward_ms"], r["density"], r["status"])
+PY
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py
