@@ -1,7 +1,8 @@
 """The softmax family's decode step (a registry DecodeForm): the torch definition
 (models/decode.py's softmax_step), our Triton split-KV kernel on a contiguous and on a paged
-cache (kernels/decode.py), and the peers SDPA (enable_gqa) and FlexAttention (compiled, its block
-mask built from the cache's positions); a KV cache's cost model.
+cache (kernels/decode.py), and the peers SDPA (enable_gqa), FlexAttention (compiled, its block
+mask built from the cache's positions) and, where it is installed (an optional extra), FlashInfer's
+paged decode; a KV cache's cost model.
 
 A case's inputs: B sequences holding L tokens each (the N new ones included), a cache of C rows a
 sequence, k/v [B, C, Hkv, D] (C = L, or with a window W the rolling cache of W + N rows, position
@@ -39,6 +40,54 @@ def _missing_triton() -> str | None:
 
 def _kernel_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | None:
     return "our decode kernel takes head_dim <= 256" if cfg.head_dim > 256 else None
+
+
+def _missing_flashinfer() -> str | None:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return "flashinfer is not installed (pip install -e '.[flashinfer]' where its CUDA build fits)"
+    return None
+
+
+def _flashinfer_unsupported(cfg: LayerConfig, queries: int, device, dtype, options: dict) -> str | None:
+    if queries > 1:
+        return "FlashInfer's decode wrapper takes one new query a sequence (--queries 1)"
+    if options.get("slopes") is not None:
+        return "FlashInfer's ALiBi uses its own slopes; ours are the mechanism's (no way to pass them)"
+    return "FlashInfer's decode takes fp16 or bf16" if dtype == torch.float32 else None
+
+
+def flashinfer_decode(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
+                      lengths: torch.Tensor, *, window: int | None = None, theta: float | None = None,
+                      scale: float | None = None, first: int = 0) -> Callable[[], torch.Tensor]:
+    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper planned for one step (softmax_step's meaning):
+    q [B, 1, Hq, D], pages k/v [P, page, Hkv, D] (NHD), page_table int32 [B, max_pages], lengths int
+    [B] (tokens held, in position order from position ``first``: no rolling cache) -> the step,
+    () -> o [B, 1, Hq, D]. The plan (host work) happens here; the step is capturable as a CUDA graph
+    (fixed index buffers)."""
+    import flashinfer
+
+    b, _, hq, d = q.shape
+    page, hkv = k_pages.shape[1], k_pages.shape[2]
+    held = lengths.long()
+    pages = (held + page - 1) // page  # (B,) pages each sequence fills
+    indptr = F.pad(pages.cumsum(0), (1, 0)).to(torch.int32)
+    indices = torch.cat([page_table[i, : int(n)] for i, n in enumerate(pages.tolist())]).to(torch.int32)
+    last_page_len = (held - (pages - 1) * page).to(torch.int32)
+    workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=q.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,
+        paged_kv_last_page_len_buffer=last_page_len)
+    wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, page, window_left=-1 if window is None else window,
+                 q_data_type=q.dtype, kv_data_type=k_pages.dtype, sm_scale=scale)
+    at = positions_of_new(lengths, 1) + first
+
+    def step() -> torch.Tensor:
+        rotated = q if theta is None else rope_at(q, at, theta)
+        return wrapper.run(rotated[:, 0], (k_pages, v_pages))[:, None]
+
+    return step
 
 
 def held_positions(lengths: torch.Tensor, rows: int) -> torch.Tensor:
@@ -210,14 +259,25 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
         q, k, v, lengths, opts, _ = inputs(cfg, batch, context, queries, device, dtype)
         return lambda: decode_attention(q, k, v, lengths, **opts)
 
-    def paged_step(cfg, batch, context, queries, device, dtype):
-        from attnbench.kernels.decode import decode_attention
-
+    def paged_inputs(cfg, batch, context, queries, device, dtype):
+        """(q, k/v pages [P, PAGE, Hkv, D], a shuffled page table [B, C / PAGE], lengths, step options, rows C)."""
         q, _, _, lengths, opts, rows = inputs(cfg, batch, context, queries, device, dtype)
         pages = batch * math.ceil(rows / PAGE)
         k, v = (torch.randn(pages, PAGE, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype) for _ in range(2))
         table = torch.randperm(pages, device=device).to(torch.int32).view(batch, -1)
+        return q, k, v, table, lengths, opts, rows
+
+    def paged_step(cfg, batch, context, queries, device, dtype):
+        from attnbench.kernels.decode import decode_attention
+
+        q, k, v, table, lengths, opts, _ = paged_inputs(cfg, batch, context, queries, device, dtype)
         return lambda: decode_attention(q, k, v, lengths, page_table=table, **opts)
+
+    def flashinfer_step(cfg, batch, context, queries, device, dtype):
+        """The C rows a query sees, in position order (a window's last W + 1 tokens): the same keys read as ours."""
+        q, k, v, table, _, opts, rows = paged_inputs(cfg, batch, context, queries, device, dtype)
+        held = torch.full((batch,), rows, dtype=torch.int32, device=device)
+        return flashinfer_decode(q, k, v, table, held, window=opts.get("window"), theta=opts.get("theta"), first=context - rows)
 
     def sdpa_step(cfg, batch, context, queries, device, dtype, backend: str | None = None):
         """SDPA's step, its own dispatch or pinned to ``backend`` (an SDPBackend name)."""
@@ -265,6 +325,10 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
         "sdpa-flash": DecodeImpl("sdpa-flash", functools.partial(sdpa_step, backend="FLASH_ATTENTION"),
                                  "F.scaled_dot_product_attention pinned to its flash backend", needs_cuda=True,
                                  unsupported=flash_backend_unsupported),
+        "flashinfer": DecodeImpl("flashinfer", flashinfer_step, f"FlashInfer's BatchDecodeWithPagedKVCacheWrapper ({PAGE}-token pages, shuffled table)",
+                                 needs_cuda=True, missing=_missing_flashinfer,
+                                 unsupported=lambda cfg, queries, device, dtype: _flashinfer_unsupported(
+                                     cfg, queries, device, dtype, step_options(options(cfg)))),
         "flex": DecodeImpl("flex", flex_step, "FlexAttention (torch.compile), block mask of the cache's positions, ALiBi as score_mod",
                            needs_cuda=True),
         "torch": DecodeImpl("torch", torch_step, "plain torch decode step by definition (models/decode.py)", graphable=False),
