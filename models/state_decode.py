@@ -14,12 +14,14 @@ the old one as it was.
   S += k (beta (v - S^T k))^T, o = S^T q.
 
 Every form here computes with autocast off (outside_autocast): a float32 state stays float32
-under a bf16 autocast. A generate loop keeps a `LinearCache` or `DeltaNetCache` per layer.
+under a bf16 autocast. A generate loop keeps a `LinearCache` or `DeltaNetCache` per layer; it steps
+by these torch steps, or by our fused Triton kernels (fused_linear_step, fused_deltanet_step: the
+same signature, but the float32 state takes the token in place and comes back).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +129,25 @@ def deltanet_step(
     return o.flatten(1, 2).to(q.dtype), state
 
 
+def fused_linear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState) -> tuple[torch.Tensor, LinearState]:
+    """linear_step by our fused Triton kernel (kernels/state_decode.linear_step): the same o [B, Hq, Dv]
+    in q's dtype, but ``state``'s float32 kv [B, Hkv, Dk, Dv] and k_sum [B, Hkv, Dk] take the token in
+    place and come back as the new state."""
+    from attnbench.kernels.state_decode import linear_step as fused  # triton is imported only where a fused step runs
+
+    return fused(q, k, v, *state), state
+
+
+def fused_deltanet_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, beta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """deltanet_step by our fused Triton kernel (kernels/state_decode.deltanet_step): the same o
+    [B, Hq, Dv] in q's dtype, but the float32 S [B, Hkv, Dk, Dv] takes the token in place and comes back."""
+    from attnbench.kernels.state_decode import deltanet_step as fused  # triton is imported only where a fused step runs
+
+    return fused(q, k, v, state, beta), state
+
+
 class StateCache:
     """A recurrent layer's state in a generate loop (DecodeForm.layer_cache), whatever the capacity:
     the layer's forward over the prompt, then one token at a time by the steps above. ``layer``: the
@@ -166,21 +187,42 @@ class StateCache:
         return self.layer.out(o.reshape(x.shape[0], 1, -1))
 
 
-class LinearCache(StateCache):
+class FusedStateCache(StateCache):
+    """A StateCache with our fused Triton step beside its torch one. ``state_step``: the one-token
+    step, ``torch_step`` (None) or ``fused_step`` (`speed --impl triton` at the layer and model
+    decode levels). The torch step replaces the state by a new one; the fused one writes the
+    float32 state in place, so a cache_snapshot (models/generate.py) taken before it restores the
+    length but not the state."""
+
+    torch_step: Callable
+    fused_step: Callable
+
+    def __init__(self, layer, capacity: int, state_step: Callable | None = None):
+        super().__init__(layer, capacity)
+        self.state_step = state_step or self.torch_step
+
+
+class LinearCache(FusedStateCache):
     """Linear attention's LinearState (kv [B, Hkv, Dk, Dv], k_sum [B, Hkv, Dk], float32)."""
+
+    torch_step = staticmethod(linear_step)
+    fused_step = staticmethod(fused_linear_step)
 
     def begin(self, k, v, x):
         return linear_state(k, v)
 
     def advance(self, q, k, v, x):
-        return linear_step(q, k, v, self.state)
+        return self.state_step(q, k, v, self.state)
 
 
-class DeltaNetCache(StateCache):
+class DeltaNetCache(FusedStateCache):
     """DeltaNet's S [B, Hkv, Dk, Dv] (float32); beta from the layer's own projection of x."""
+
+    torch_step = staticmethod(deltanet_step)
+    fused_step = staticmethod(fused_deltanet_step)
 
     def begin(self, k, v, x):
         return deltanet_state(k, v, self.layer.token_options(x)["beta"])
 
     def advance(self, q, k, v, x):
-        return deltanet_step(q, k, v, self.state, self.layer.token_options(x)["beta"][:, 0])
+        return self.state_step(q, k, v, self.state, self.layer.token_options(x)["beta"][:, 0])

@@ -504,3 +504,72 @@ def test_low_precision_tokens_with_a_float32_state(mechanism):
         assert state.dtype == new.dtype == torch.float32
     assert o.dtype == torch.bfloat16
     assert_close(o, exact[:, -1], mechanism, plain=full[:, -1])
+
+
+STATE_CACHES = {"linear": state_decode.LinearCache, "deltanet": state_decode.DeltaNetCache}
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the fused steps under TRITON_INTERPRET (tests/conftest.py)
+FUSED_RELATIVE = 1e-5  # float32: the fused step, the torch step and the forward sum the same terms in other orders
+
+
+def _state_layer(mechanism: str, kv_heads: int, dtype: torch.dtype) -> torch.nn.Module:
+    """A causal layer C 64, 4 query heads of D 16, its q/k projections scaled up (peaked readouts)."""
+    layer = registry.build_layer(mechanism, registry.LayerConfig(dim=64, heads=4, kv_heads=kv_heads, head_dim=16, causal=True))
+    with torch.no_grad():
+        layer.qkv.weight[: (4 + kv_heads) * 16] *= 8.0
+    return layer.to(KERNEL_DEVICE, dtype).eval()
+
+
+def _tensors(state) -> tuple[torch.Tensor, ...]:
+    """A state's tensors: LinearState's kv and k_sum, or deltanet's S."""
+    return tuple(state) if isinstance(state, state_decode.LinearState) else (state,)
+
+
+def _steps(cache, x: torch.Tensor, prompt: int) -> torch.Tensor:
+    """cache.prefill of x [B, T, C]'s first ``prompt`` tokens, then a step per token -> the steps' rows [B, T - prompt, C]."""
+    cache.prefill(x[:, :prompt])
+    return torch.cat([cache.step(x[:, t : t + 1]) for t in range(prompt, x.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("mechanism", list(STATE_CACHES))
+@torch.no_grad()
+def test_a_state_cache_stepped_by_the_fused_kernel_steps_as_the_torch_one_and_the_forward(mechanism, kv_heads):
+    """state_step=fused_step (speed --impl triton at the layer and model decode levels): after a
+    prompt of 5, six steps give the torch-stepping cache's rows and the layer forward's, GQA
+    included; the float32 state is written in place and ends where the torch steps' does."""
+    cache = STATE_CACHES[mechanism]
+    layer = _state_layer(mechanism, kv_heads, torch.float32)
+    x = torch.randn(2, 11, 64, device=KERNEL_DEVICE)
+    full = layer(x)[:, 5:]
+    plain, fused = cache(layer, 11), cache(layer, 11, state_step=cache.fused_step)
+    assert plain.state_step is cache.torch_step  # what generate's Decoder builds by default
+    want = _steps(plain, x, 5)
+    fused.prefill(x[:, :5])
+    start = fused.state
+    got = torch.cat([fused.step(x[:, t : t + 1]) for t in range(5, 11)], dim=1)
+    assert fused.state is start and all(s.dtype == torch.float32 for s in _tensors(start)), "written in place, in float32"
+    for label, exact in (("the torch cache", want), ("the forward", full)):
+        error = (got - exact).abs().max().item()
+        bound = relative_bound(FUSED_RELATIVE, exact.abs().max().item())
+        assert error <= bound, f"{mechanism} against {label}: max error {error:.3g} > bound {bound:.3g}"
+    for a, b in zip(_tensors(fused.state), _tensors(plain.state)):
+        assert (a - b).abs().max().item() <= relative_bound(FUSED_RELATIVE, b.abs().max().item()), f"{mechanism}: the final state"
+
+
+@pytest.mark.parametrize("mechanism", list(STATE_CACHES))
+@torch.no_grad()
+def test_a_bf16_layer_s_fused_steps_are_as_close_to_float64_as_its_torch_steps(mechanism):
+    """A bf16 layer (what speed's layer level runs), GQA 4:2, float32 states: the fused steps' rows
+    at most 2x the torch steps' error against the float64 layer's forward (attnbench.tolerance)."""
+    import copy
+
+    cache = STATE_CACHES[mechanism]
+    layer = _state_layer(mechanism, 2, torch.float32)
+    exact = copy.deepcopy(layer).double()
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(2, 11, 64, device=KERNEL_DEVICE)
+    full = exact(x.double())[:, 5:]
+    plain = _steps(cache(layer, 11), x.to(torch.bfloat16), 5)
+    got = _steps(cache(layer, 11, state_step=cache.fused_step), x.to(torch.bfloat16), 5)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.cpu(), full.cpu(), mechanism, plain=plain.cpu())
