@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -366,7 +366,8 @@ def why_no_decode(case: Case, mechanism: Mechanism) -> str | None:
 
 
 CACHED_DECODE_IMPLS = {REFERENCE_IMPL: "the layers' caches' own steps (models/generate.py)",
-                       "triton": "the softmax family's KV caches read by our Triton decode kernel"}
+                       "triton": "the softmax family's KV caches read by our Triton decode kernel, linear's and deltanet's "
+                                 "states stepped by our fused Triton steps"}
 
 
 def _why_no_cached_decode(case: Case, mechanism: Mechanism) -> str | None:
@@ -376,8 +377,6 @@ def _why_no_cached_decode(case: Case, mechanism: Mechanism) -> str | None:
     if case.impl not in CACHED_DECODE_IMPLS:
         return f"the {case.level} level's decode step runs a layer cache ({', '.join(CACHED_DECODE_IMPLS)}): time {case.impl} at --level kernel"
     if case.impl == "triton":
-        if mechanism.decode.carries != "kv-cache":
-            return f"at the {case.level} level, {case.mechanism}'s state steps run in torch (the fused ones update the state in place)"
         reason = mechanism.decode.impls["triton"].why_not(case.layer_config(), case.queries, case.device, DTYPES[case.dtype])
         if reason:
             return reason
@@ -400,11 +399,14 @@ def _why_no_graph(case: Case, mechanism: Mechanism) -> str | None:
 
 def _layer_cache(case: Case, mechanism: Mechanism):
     """The layer cache class a layer- or model-level decode case runs (CACHED_DECODE_IMPLS)."""
-    if case.impl == "triton":
-        from attnbench.kernels.decode import decode_attention
+    cache = mechanism.decode.layer_cache
+    if case.impl != "triton":
+        return cache
+    if mechanism.decode.carries == "state":
+        return functools.partial(cache, state_step=cache.fused_step)  # models/state_decode.FusedStateCache
+    from attnbench.kernels.decode import decode_attention
 
-        return functools.partial(mechanism.decode.layer_cache, attend=decode_attention)
-    return mechanism.decode.layer_cache
+    return functools.partial(cache, attend=decode_attention)
 
 
 # ---- levels: Case -> Workload
@@ -511,11 +513,13 @@ def model_workload(case: Case, graphed: bool = False) -> Workload:
 def layer_decode_workload(case: Case) -> Workload:
     """One token through one layer (projections, cache append, attention, output) for B sequences
     that hold L = case.seq tokens: the layer cache filled with random contents, each timed call one
-    step undone after it (restore_cache), as model_decode_workload's."""
+    step undone after it (restore_cache), as model_decode_workload's (a fused state step's state keeps
+    its token, written in place: only its length is undone, and a step's work does not depend on what
+    the state holds)."""
     from attnbench.models.generate import cache_snapshot, restore_cache
 
     mechanism = registry.get(case.mechanism)
-    layer = _build_layer(case).eval()
+    layer = _build_layer(replace(case, impl=REFERENCE_IMPL)).eval()  # no step runs its core; linear's triton is a decode impl only
     cache = _layer_cache(case, mechanism)(layer, case.seq + 1)
     cache.fill(case.batch, case.seq, torch.device(case.device), DTYPES[case.dtype])
     start = cache_snapshot(cache)

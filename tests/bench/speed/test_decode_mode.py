@@ -13,6 +13,7 @@ from attnbench import flops, store
 from attnbench.cli import app
 from attnbench.models import registry
 from attnbench.speed import sweep
+from attnbench.tolerance import relative_bound
 
 runner = CliRunner()
 SMALL = ["--device", "cpu", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"]
@@ -175,8 +176,8 @@ def test_the_layer_level_decode_step_is_one_layer_with_its_cache(tmp_path):
     for mechanism in ("standard", "linear", "gau"):  # gau: a layer without a fused qkv projection
         row = rows[mechanism, "torch"]
         assert row["status"] == "ok" and row["level"] == "layer" and float(row["mem_per_seq_mib"]) > 0 and int(row["params"]) > 0
-    assert "state steps run in torch" in rows["linear", "triton"]["message"]
-    assert rows["standard", "triton"]["status"] == "unsupported"  # CPU: our kernel needs CUDA (tested under the interpreter in tests/models)
+    for mechanism in ("standard", "linear"):  # CPU: our kernels need CUDA (run under the interpreter in test_the_fused_state_steps_...)
+        assert rows[mechanism, "triton"]["status"] == "unsupported" and "needs a CUDA device" in rows[mechanism, "triton"]["message"]
 
 
 def test_report_on_a_decode_run_draws_time_per_step_with_the_bandwidth_bound(decode_run, tmp_path):
@@ -257,8 +258,38 @@ def test_the_sparse_mechanisms_decode_at_every_level(level, tmp_path):
         assert float(rows[mechanism, "512"]["mem_per_seq_mib"]) > float(rows[mechanism, "128"]["mem_per_seq_mib"])
 
 
+@pytest.mark.parametrize("level", ["layer", "model"])
+@pytest.mark.parametrize("mechanism, kernel_name", [("linear", "linear_step"), ("deltanet", "deltanet_step")])
+def test_the_fused_state_steps_run_the_layer_and_model_level_triton_decode_step(mechanism, kernel_name, level, monkeypatch):
+    """impl triton at the layer and model levels: the state caches step by our fused kernels (on a
+    CPU under TRITON_INTERPRET, the workload built past the CUDA check, which the row keeps as the
+    kernel impl's own reason) and give the torch impl's output from the same random state."""
+    from attnbench.kernels import state_decode as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = []
+    kernel = getattr(kernels, kernel_name)
+    monkeypatch.setattr(kernels, kernel_name, lambda *args: calls.append(1) or kernel(*args))
+    spec = sweep.SweepSpec([mechanism], ["triton", "torch"], [level], ["decode"], ["fp32"], device, [32], batches=[2],
+                           heads=4, kv_heads=2, head_dim=16, contexts=[16], preset="tiny")  # GQA at the layer level
+    cases = {case.impl: case for case in sweep.expand(spec)}
+    triton = cases["triton"]
+    impl = registry.get(mechanism).decode.impls["triton"]
+    assert sweep.why_unsupported(triton, registry.get(mechanism)) == impl.why_not(triton.layer_config(), 1, device, torch.float32)
+    outputs = {}
+    for name, case in cases.items():
+        calls.clear()
+        torch.manual_seed(0)  # the same layer or model and the same random state for both impls
+        outputs[name] = sweep.decode_workload(case, graphed=False).forward()
+        assert bool(calls) == (name == "triton"), f"{name}: fused kernel calls {len(calls)}"
+    error = (outputs["triton"] - outputs["torch"]).abs().max().item()
+    bound = relative_bound(1e-5, outputs["torch"].abs().max().item())  # float32: the same terms in another order
+    assert error <= bound, f"max error {error:.3g} > bound {bound:.3g}"
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("mechanism, impl", [("standard", "triton"), ("linear", "torch"), ("deltanet", "torch")])
+@pytest.mark.parametrize("mechanism, impl", [("standard", "triton"), ("linear", "torch"), ("deltanet", "torch"),
+                                             ("linear", "triton"), ("deltanet", "triton")])
 def test_a_model_graph_decode_step_replays_on_a_gpu(mechanism, impl):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
