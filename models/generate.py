@@ -56,7 +56,9 @@ def why_no_cache(model: LanguageModel) -> str | None:
 def cache_snapshot(cache) -> dict:
     """A layer cache's attributes: all restore_cache needs to undo its steps since. The caches replace
     their lengths and states by new tensors at each step, and the rows a step writes lie past the
-    snapshot's lengths (or, in a rolling cache, hold a key no longer in the window)."""
+    snapshot's lengths (or, in a rolling cache, hold a key no longer in the window). Not a state that
+    a fused step writes in place (models/state_decode.FusedStateCache with fused_step, which only
+    `speed`'s timing runs: a step's work does not depend on what the state holds)."""
     return dict(vars(cache))
 
 
