@@ -9,7 +9,10 @@ v [B, T, Hkv, D], query i's output is
 (causal: j <= i; key padding: j < seq_lens[b]). Padded keys get zero features, so they add
 nothing to either sum. A query that sees no key gets zeros. EPS = 1e-6, as in the linear
 attention paper's code: without it a denominator that underflows (every feature of a query or
-of its few keys ~0) sends 1 / den, and the gradient, to inf.
+of its few keys ~0) sends 1 / den, and the gradient, to inf. A map whose key features carry a
+constant factor s per sequence and head (performer's stabiliser) passes ``eps`` = EPS * s [B, Hkv]:
+the floor then scales with the sums and the factor cancels, so it cannot carry later keys into
+earlier rows.
 
 `quadratic` is the definition (a T x T weight matrix, the ground truth); `chunked` is the
 linear-cost form: bidirectional by one K^T V state, causal by prefix sums of per-chunk states
@@ -45,9 +48,13 @@ def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(x.clamp(max=0)) + x.clamp(min=0)
 
 
-def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    # features are positive: den == 0 only when no key is visible; then num == 0 too and o = 0
-    return num / (den + EPS).unsqueeze(-1)
+def _divide(num: torch.Tensor, den: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """num [B, ..., H, D] / (den [B, ..., H] + eps), eps a float or [B, Hkv] (H a multiple of Hkv).
+    Features are positive: den == 0 only when no key is visible; then num == 0 too and o = 0."""
+    if isinstance(eps, torch.Tensor):
+        b, h = den.shape[0], den.shape[-1]
+        eps = eps.repeat_interleave(h // eps.shape[1], dim=1).view(b, *[1] * (den.ndim - 2), h)
+    return num / (den + eps).unsqueeze(-1)
 
 
 def _repeat_kv_heads(fk: torch.Tensor, v: torch.Tensor, hq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +62,7 @@ def _repeat_kv_heads(fk: torch.Tensor, v: torch.Tensor, hq: int) -> tuple[torch.
     return fk.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
 
 
-def quadratic(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+def quadratic(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, eps: float | torch.Tensor = EPS) -> torch.Tensor:
     """The definition: weights W = fq fk^T [B, H, T, T], masked, row-normalised; o [B, T, Hq, D]."""
     fk, v = _repeat_kv_heads(fk, v, fq.shape[2])
     t = fq.shape[1]
@@ -64,13 +71,14 @@ def quadratic(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None) 
     weights = weights.masked_fill(~visible, 0.0)
     num = torch.einsum("bhij,bjhd->bihd", weights, v)
     den = weights.sum(-1).transpose(1, 2)  # (B, T, H)
-    return _divide(num, den)
+    return _divide(num, den, eps)
 
 
 # under bf16 autocast the sums over T would lose the precision asked for here and, in training,
 # the 1 / den gradients overflow (NaN after ~100 distillation steps)
 @outside_autocast
-def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, chunk: int = 64,
+            eps: float | torch.Tensor = EPS) -> torch.Tensor:
     """The linear-cost form; fq [B, T, Hq, M], fk [B, T, Hkv, M], v [B, T, Hkv, D] -> o [B, T, Hq, D].
 
     Low-precision inputs are computed in float32 (the running states sum T terms) and the
@@ -87,11 +95,11 @@ def chunked(fq, fk, v, *, causal: bool, seq_lens: torch.Tensor | None = None, ch
         state = torch.einsum("bjhm,bjhd->bhmd", fk, v)  # (B, H, M, D)
         num = torch.einsum("bihm,bhmd->bihd", fq, state)
         den = torch.einsum("bihm,bhm->bih", fq, fk.sum(1))
-        return _divide(num, den).to(dtype)
-    return _causal_chunks(fq, fk, v, chunk).to(dtype)
+        return _divide(num, den, eps).to(dtype)
+    return _causal_chunks(fq, fk, v, chunk, eps).to(dtype)
 
 
-def _causal_chunks(fq, fk, v, chunk: int) -> torch.Tensor:
+def _causal_chunks(fq, fk, v, chunk: int, eps: float | torch.Tensor) -> torch.Tensor:
     b, t, h, m = fq.shape
     pad = -t % chunk  # zero features at the tail: they add nothing, their outputs are cut off
     fq, fk, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (fq, fk, v))
@@ -106,7 +114,7 @@ def _causal_chunks(fq, fk, v, chunk: int) -> torch.Tensor:
     within = within * torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
     num = num + torch.einsum("bnhij,bnjhd->bnihd", within, v)
     den = den + within.sum(-1).transpose(2, 3)
-    return _divide(num, den).reshape(b, n * chunk, h, -1)[:, :t]
+    return _divide(num, den, eps).reshape(b, n * chunk, h, -1)[:, :t]
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:

@@ -77,14 +77,16 @@ def linear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Linear
     return feature_readout(feature_map(q.to(work)), kv, k_sum).to(q.dtype), LinearState(kv, k_sum)
 
 
-def feature_readout(fq: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor) -> torch.Tensor:
+def feature_readout(fq: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, eps: float | torch.Tensor = EPS) -> torch.Tensor:
     """A normalised feature-map state read by query features fq [B, Hq, M]: kv [B, Hkv, M, Dv],
-    k_sum [B, Hkv, M] -> o [B, Hq, Dv] = fq kv / (fq . k_sum + EPS), in the state's dtype (linear
-    attention's and Performer's readout; GQA: query head h reads kv head h // (Hq / Hkv))."""
+    k_sum [B, Hkv, M] -> o [B, Hq, Dv] = fq kv / (fq . k_sum + eps), in the state's dtype (linear
+    attention's and Performer's readout; GQA: query head h reads kv head h // (Hq / Hkv)); eps a
+    float or [B, Hkv] (models/feature_attention.py)."""
     fq = _groups(fq, kv.shape[1])  # (B, Hkv, G, M)
     num = torch.einsum("bhgm,bhmv->bhgv", fq, kv)
     den = torch.einsum("bhgm,bhm->bhg", fq, k_sum)
-    return (num / (den + EPS)[..., None]).flatten(1, 2)
+    floor = eps[..., None] if isinstance(eps, torch.Tensor) else eps
+    return (num / (den + floor)[..., None]).flatten(1, 2)
 
 
 def _delta_write(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,12 @@ linear cost, bidirectional by one K^T V state, causal by chunked prefix sums.
 
 Numerical stabilisers (as in the paper's code), each a constant that cancels in the ratio:
 a query's features are divided by exp of its own largest exponent; all keys of one sequence
-and head by exp of the largest exponent over its real keys. The key constant is shared by
-the whole sequence, so under causal masking later keys change earlier outputs only by
-rounding (tested to 1e-12 in float64).
+and head by exp of the largest exponent over its real keys, s = exp(-largest). The key constant
+is shared by the whole sequence, later keys among them, so the normaliser's floor is scaled by it
+too (EPS * s, models/feature_attention.py): the constant cancels, floor included, and under causal
+masking later keys change earlier outputs only by rounding (tests/models/test_layer_causality.py,
+float64; until 2026-12-04 the floor was EPS alone, which let a later key with a larger exponent
+move every earlier row by up to ~1e-3).
 
 The layer holds W as a buffer, shared by all heads, saved with the model, and redrawn every
 ``redraw_every`` training steps (0 = never) or on demand with ``redraw_features()``.
@@ -66,28 +69,34 @@ def query_features(q: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     return torch.exp(exponents - exponents.amax(-1, keepdim=True).detach()) / math.sqrt(projection.shape[0])
 
 
-def key_features(k: torch.Tensor, projection: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-    """phi(k) [B, T, Hkv, M], divided by the largest term over the real keys of each sequence
-    and head (one constant per sequence and head: cancels in every ratio)."""
+def key_features(k: torch.Tensor, projection: torch.Tensor, seq_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi(k) [B, T, Hkv, M] divided by exp of the largest term over the real keys of each sequence
+    and head, the normaliser's floor EPS times that factor [B, Hkv]): one constant per sequence and
+    head, which cancels in every ratio, floor included."""
     exponents = _exponents(k, projection)
     keep = feature_attention.key_padding(k.shape[1], seq_lens, k.device)
     if keep is not None:  # padded keys: exp(-inf) = 0 exactly, whatever their values
         exponents = exponents.masked_fill(~keep, float("-inf"))
     largest = exponents.amax(dim=(1, 3), keepdim=True).detach()
     largest = largest.nan_to_num(0.0, neginf=0.0)  # a sequence with no real key
-    return torch.exp(exponents - largest) / math.sqrt(projection.shape[0])
+    return torch.exp(exponents - largest) / math.sqrt(projection.shape[0]), _floor(largest[:, 0, :, 0])
+
+
+def _floor(largest: torch.Tensor) -> torch.Tensor:
+    """The normaliser's floor [B, Hkv] for key features divided by exp(largest [B, Hkv])."""
+    return feature_attention.EPS * torch.exp(-largest)
 
 
 def torch_reference(q, k, v, *, causal=False, seq_lens=None, projection, chunk=DEFAULT_CHUNK):
     """The definition, with the T x T weight matrix; q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    fq, fk = query_features(q, projection), key_features(k, projection, seq_lens)
-    return feature_attention.quadratic(fq, fk, v, causal=causal, seq_lens=seq_lens)
+    fq, (fk, eps) = query_features(q, projection), key_features(k, projection, seq_lens)
+    return feature_attention.quadratic(fq, fk, v, causal=causal, seq_lens=seq_lens, eps=eps)
 
 
 def chunked(q, k, v, *, causal=False, seq_lens=None, projection, chunk=DEFAULT_CHUNK):
     """Linear cost: K^T V state (bidirectional) or per-chunk prefix sums (causal)."""
-    fq, fk = query_features(q, projection), key_features(k, projection, seq_lens)
-    return feature_attention.chunked(fq, fk, v, causal=causal, seq_lens=seq_lens, chunk=chunk)
+    fq, (fk, eps) = query_features(q, projection), key_features(k, projection, seq_lens)
+    return feature_attention.chunked(fq, fk, v, causal=causal, seq_lens=seq_lens, chunk=chunk, eps=eps)
 
 
 class PerformerState(NamedTuple):
@@ -127,7 +136,7 @@ def performer_step(
     kv = state.kv * rescale[..., None, None] + features[..., :, None] * v.to(work)[..., None, :]
     k_sum = state.k_sum * rescale[..., None] + features
     fq = query_features(q.to(work)[:, None], projection)[:, 0]  # (B, Hq, M)
-    return state_decode.feature_readout(fq, kv, k_sum).to(q.dtype), PerformerState(kv, k_sum, largest)
+    return state_decode.feature_readout(fq, kv, k_sum, _floor(largest)).to(q.dtype), PerformerState(kv, k_sum, largest)
 
 
 class PerformerCache(state_decode.StateCache):
