@@ -47,6 +47,20 @@ def _always_available() -> str | None:
     return None
 
 
+def missing_module(module: str, install: str = "") -> Callable[[], str | None]:
+    """An Impl.missing (or DecodeImpl.missing) for an impl that needs ``module``: None where it imports,
+    else "<module> is not installed" and the ``install`` hint."""
+
+    def missing() -> str | None:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"{module} is not installed{install}"
+        return None
+
+    return missing
+
+
 def unavailable(name: str, missing: Callable[[], str | None], needs_cuda: bool, device: torch.device) -> str | None:
     """Why an impl ``name`` cannot run on ``device`` at all (a package missing, no CUDA), or None."""
     reason = missing()

@@ -22,7 +22,7 @@ import torch
 
 from attnbench.kernels import reference
 from attnbench.models import peers, positions
-from attnbench.models.registry import Impl, LayerConfig, Varlen
+from attnbench.models.registry import Impl, LayerConfig, Varlen, missing_module
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -69,12 +69,7 @@ def triton_flash_varlen(cu_seqlens, max_seqlen, *, causal=False, **options):
     return lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, **options)
 
 
-def _triton_missing() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    return None
+_triton_missing = missing_module("triton")
 
 
 def _sdpa_backend(name: str):

@@ -25,29 +25,17 @@ import torch.nn.functional as F
 
 from attnbench.kernels import decode_cost
 from attnbench.models.decode import append, positions_of_new, rope_at, softmax_step, step_options
-from attnbench.models.registry import DecodeForm, DecodeImpl, LayerConfig
+from attnbench.models.registry import DecodeForm, DecodeImpl, LayerConfig, missing_module
+from attnbench.models.softmax import _triton_missing
 
 PAGE = 64  # tokens per page of the paged cache (kernels/bench_decode.py's default too)
-
-
-def _missing_triton() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    return None
 
 
 def _kernel_unsupported(cfg: LayerConfig, queries: int, device, dtype) -> str | None:
     return "our decode kernel takes head_dim <= 256" if cfg.head_dim > 256 else None
 
 
-def _missing_flashinfer() -> str | None:
-    try:
-        import flashinfer  # noqa: F401
-    except ImportError:
-        return "flashinfer is not installed (pip install -e '.[flashinfer]' where its CUDA build fits)"
-    return None
+flashinfer_missing = missing_module("flashinfer", " (pip install 'attnbench[flashinfer]' where its CUDA build fits)")
 
 
 def _flashinfer_unsupported(cfg: LayerConfig, queries: int, device, dtype, options: dict) -> str | None:
@@ -315,7 +303,7 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
         rows = decode_cost.visible_keys(context, queries, window_of(cfg))
         return decode_cost.kv_cache_bytes(rows, cfg.kv_heads, cfg.head_dim, itemsize)
 
-    ours = {"needs_cuda": True, "missing": _missing_triton, "unsupported": _kernel_unsupported}
+    ours = {"needs_cuda": True, "missing": _triton_missing, "unsupported": _kernel_unsupported}
     impls = {
         "triton": DecodeImpl("triton", triton_step, "ours: Triton split-KV decode, contiguous cache", **ours),
         "triton-paged": DecodeImpl("triton-paged", paged_step, f"ours: Triton split-KV decode, paged cache ({PAGE}-token pages, shuffled table)", **ours),
@@ -326,7 +314,7 @@ def softmax_decode(options: Callable[[LayerConfig], dict]) -> DecodeForm:
                                  "F.scaled_dot_product_attention pinned to its flash backend", needs_cuda=True,
                                  unsupported=flash_backend_unsupported),
         "flashinfer": DecodeImpl("flashinfer", flashinfer_step, f"FlashInfer's BatchDecodeWithPagedKVCacheWrapper ({PAGE}-token pages, shuffled table)",
-                                 needs_cuda=True, missing=_missing_flashinfer,
+                                 needs_cuda=True, missing=flashinfer_missing,
                                  unsupported=lambda cfg, queries, device, dtype: _flashinfer_unsupported(
                                      cfg, queries, device, dtype, step_options(options(cfg)))),
         "flex": DecodeImpl("flex", flex_step, "FlexAttention (torch.compile), block mask of the cache's positions, ALiBi as score_mod",

@@ -11,14 +11,14 @@ import torch
 from attnbench.models import registry
 from attnbench.models.decode import paginate, softmax_step
 from attnbench.models.registry import LayerConfig
-from attnbench.models.softmax_decode import _missing_flashinfer, flashinfer_decode
+from attnbench.models.softmax_decode import flashinfer_missing, flashinfer_decode
 from attnbench.tolerance import error_bound
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("window, theta", [(None, None), (40, None), (None, 10000.0)])
 def test_flashinfer_step_equals_the_definition(window, theta):
-    if not torch.cuda.is_available() or _missing_flashinfer():
+    if not torch.cuda.is_available() or flashinfer_missing():
         pytest.skip("needs CUDA and flashinfer")
     torch.manual_seed(0)
     lengths = torch.tensor([1, 70, 129, 200], dtype=torch.int32, device="cuda")  # ragged, across pages of 16
@@ -38,7 +38,7 @@ def test_what_flashinfer_cannot_take_is_a_reason():
     impl = registry.get("standard").decode.impls["flashinfer"]
     cfg = LayerConfig(dim=64, heads=4, head_dim=16, causal=True)
     cuda = torch.device("cuda")
-    if _missing_flashinfer() is None:
+    if flashinfer_missing() is None:
         assert "one new query" in impl.unsupported(cfg, 2, cuda, torch.bfloat16)
         assert "fp16 or bf16" in impl.unsupported(cfg, 1, cuda, torch.float32)
     else:
