@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnbench.kernels.flash_fwd_hopper import flash_forward_hopper, hopper_route
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, stats_row_length, tile_config, use_tma
 from attnbench.kernels.flash_tiles import (
     key_blocks,
@@ -139,11 +140,15 @@ def flash_fwd_kernel(
 
 def flash_forward(q, k, v, problem: FlashProblem):
     """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, stats_row_length(T)] float32 (log2 units, for the
-    backward; the first T of each row are written). Packed problems: B = 1, T = S = the pack."""
+    backward; the first T of each row are written). Packed problems: B = 1, T = S = the pack.
+    With flash_fwd_hopper.HOPPER_FORWARD on, the problems its hopper_route takes run its warp-specialised kernel."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     o = empty((b, t, hq, d), q.dtype, q.device)
     lse = empty((b, hq, stats_row_length(t)), torch.float32, q.device)
+    if hopper_route(problem, q, k, v) is None:
+        flash_forward_hopper(q, k, v, o, lse, problem)
+        return o, lse
     rows, sequences = problem.programs(b, t)
 
     def grid(meta):

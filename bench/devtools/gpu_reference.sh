@@ -85,6 +85,9 @@
 #   short-check: after short-tiles' D = 128 first choices: the flash CUDA tests, the exact grid at T 512-4k (D 64 and 128)
 #             against cuDNN, `attnbench speed --seq 512 4096`, fla's DeltaNet step at MHA (#24), ncu of the D = 64
 #             forward at T = 512 beside cuDNN's (what limits the short forward)
+#   hopper-fwd: #25's warp-specialised Hopper forward (kernels/flash_fwd_hopper.py): a smoke run against
+#             SDPA (it stops the stage if it fails), the flash CUDA tests, then the forward beside the
+#             portable kernel's own tiles and cuDNN (tile_sweep: T 512-16k, 16k tokens, H * D = 2048)
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -598,6 +601,28 @@ for r in csv.DictReader(open(f"{sys.argv[1]}/learned/summary.csv")):
 for r in csv.DictReader(open(f"{sys.argv[1]}/learned/scale.csv")):
     print("  ", r["model"], r["impl"], r["seq"], r["forward_ms"], r["density"], r["status"])
 PY
+    ;;
+hopper-fwd)  # #25's Hopper forward (see the header)
+    limit 60 python3 -c "
+import torch
+from attnbench.kernels.flash import flash_attention
+for d, causal, t, s in ((64, True, 1000, 1000), (128, False, 700, 1500), (64, False, 2048, 2048), (128, True, 4096, 4096)):
+    q = torch.randn(2, t, 8, d, device='cuda', dtype=torch.bfloat16)
+    k, v = (torch.randn(2, s, 2, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+    o = flash_attention(q, k, v, causal=causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)), is_causal=causal, enable_gqa=True).transpose(1, 2)
+    print('smoke', d, causal, t, s, 'max error', (o.float() - ref).abs().max().item())
+" > "$out/smoke.txt" 2>&1
+    cat "$out/smoke.txt" | tail -12
+    grep -q "smoke 128 True" "$out/smoke.txt" || exit 1
+    flash_tests 200 tests/kernels/test_flash_fwd_hopper.py
+    for d in 64 128; do
+        for c in causal no-causal; do
+            limit 70 python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 4096 --seq 16384 --heads $((2048 / d)) \
+                --head-dim $d --$c --kernels fwd --no-neighbours --out "$out/fwd-d$d-$c.csv" > "$out/fwd-d$d-$c.txt" 2>&1
+            grep -E "^B=|hopper|cudnn-fwd|^fwd" "$out/fwd-d$d-$c.txt"
+        done
+    done
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py

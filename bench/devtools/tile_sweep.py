@@ -5,7 +5,8 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
 
 (the defaults are GPT small's attention at 16k tokens per step; --loads tma --loads pointer
 times every tile both with the loops' tiles read through TMA descriptors and through pointers;
---kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone; a dk/dv candidate
+--kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone, the portable kernel's
+tiles and then, on Hopper, the warp-specialised kernel (kernels/flash_fwd_hopper.py) as 'hopper-fwd'; a dk/dv candidate
 is timed as the whole backward with dq held at its current first choice, and a dq candidate with
 dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels'
 own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are edited by hand from what this prints.
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 import typer
 
-from attnbench.kernels import flash_launch
+from attnbench.kernels import flash_fwd_hopper, flash_launch
 from attnbench.kernels.flash import flash_problem
 from attnbench.kernels.flash_bwd import flash_backward, flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_forward, flash_fwd_kernel
@@ -103,6 +104,17 @@ def _loads(way: str):
         flash_launch.TMA_LOADS = saved
 
 
+@contextlib.contextmanager
+def _hopper_forward(on: bool):
+    """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept)."""
+    saved = flash_fwd_hopper.HOPPER_FORWARD
+    flash_fwd_hopper.HOPPER_FORWARD = on
+    try:
+        yield
+    finally:
+        flash_fwd_hopper.HOPPER_FORWARD = saved
+
+
 def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
     """Time ``fn`` with ``kernel`` forced to ``tile`` and the ``held`` (kernel, tile) pairs; append a row."""
     tile = _five(tile)
@@ -125,8 +137,12 @@ def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -
 
     forward = lambda: flash_forward(q, k, v, problem)  # noqa: E731
     backward = lambda: flash_backward(q, k, v, o, lse, do, problem)  # noqa: E731
-    for tile in swept.get("fwd", []):
-        add("fwd", tile, forward)
+    with _hopper_forward(False):
+        for tile in swept.get("fwd", []):
+            add("fwd", tile, forward)
+    with _hopper_forward(True):
+        if swept.get("fwd") and flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
+            add("hopper-fwd", NO_TILE, forward)
     timed = {tile: add("dkdv", tile, backward, held=[("dq", tiles["dq"][0])]) for tile in swept.get("dkdv", [])}
     best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get, default=tiles["dkdv"][0])
     for tile in swept.get("dq", []):

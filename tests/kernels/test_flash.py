@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnbench.tolerance import error_bound, relative_bound
-from attnbench.kernels import flash_bwd, flash_fwd, flash_launch, reference
+from attnbench.kernels import flash_bwd, flash_fwd, flash_fwd_hopper, flash_launch, reference
 from attnbench.kernels import flash
 from attnbench.kernels.flash import flash_attention, flash_attention_packed, flash_problem
+from attnbench.kernels.flash_fwd_hopper import hopper_route
 from attnbench.kernels.flash_tiles import key_blocks, query_blocks
 from attnbench.models.softmax import torch_reference
 
@@ -351,13 +352,30 @@ REAL_SIZE_CASES = {
     "bf16-D128-fused-qkv-mqa": Case(batch=2, t=1023, heads=8, kv_heads=1, head_dim=128, fused_qkv=True, options={"causal": True}),
     "bf16-D64-fused-qkv-gpt-small-4k": Case(batch=4, t=4096, heads=8, head_dim=64, fused_qkv=True, options={"causal": True}),
     "bf16-D64-fused-qkv-rope-gqa-2k": Case(batch=2, t=2048, heads=8, kv_heads=4, head_dim=64, fused_qkv=True, options={"causal": True, "theta": 1e4}),
+    # the warp-specialised forward's (flash_fwd_hopper) options, at lengths that end mid-tile
+    "hopper-bf16-D64-causal-1000": Case(batch=2, t=1000, heads=4, head_dim=64, options={"causal": True}),
+    "hopper-bf16-D128-gqa-bidirectional-2k": Case(batch=2, t=2048, heads=8, kv_heads=2, head_dim=128),
+    "hopper-fp16-D128-causal-cross": Case(batch=2, t=700, s=1500, heads=4, head_dim=128, dtype=torch.float16, options={"causal": True}),
+    "hopper-fp16-D64-rope-mqa-cross": Case(batch=1, t=513, s=2000, heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, options={"theta": 1e4}),
 }
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(REAL_SIZE_CASES))
-def test_matches_reference_at_real_sizes(name):
+def test_matches_reference_at_real_sizes(name, monkeypatch):
+    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FORWARD", name.startswith("hopper-"))  # off by default (PERF_NOTES 14)
     assert_matches_reference(REAL_SIZE_CASES[name])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
+def test_the_hopper_cases_take_the_hopper_forward(name, monkeypatch):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a Hopper GPU")
+    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FORWARD", True)
+    case = REAL_SIZE_CASES[name]
+    q, k, v, _ = case.inputs(torch.Generator().manual_seed(0))
+    assert hopper_route(flash_problem(q, k, **case.options), q, k, v) is None
 
 
 @pytest.mark.cuda

@@ -1,0 +1,243 @@
+"""The exact-softmax forward on Hopper, warp-specialised in Gluon (triton.experimental.gluon).
+
+One program per (query block of BLOCK_M = 128 rows, batch * query head), 12 warps in two roles:
+- a producer warp issues the TMA loads: q once, then k and v tiles into two rings of STAGES
+  buffers each, every buffer with a "ready" barrier (the copy engine signals it) and an "empty"
+  one (the consumers signal it);
+- the consumers, two warpgroups (64 rows each of the block, one instruction stream), run the
+  online softmax with their tensor-core work kept in flight: while softmax(j) runs on the
+  vector units, S(j+1) = q k(j+1)^T and O += P(j) v(j) are issued as asynchronous wgmma
+  (FlashAttention-3's intra-warpgroup overlap), P passed to the second GEMM from registers.
+
+What kernels/flash_fwd.py computes, for the options this path takes (hopper_route says which):
+o [B, T, Hq, D] and lse [B, Hq, T] float32 in log2 units of the scaled scores, causal or not,
+GQA, any S >= T (queries aligned bottom-right), fp16/bf16, D 64 or 128. RoPE is applied before
+any forward kernel (flash_rope), so it rides along. Everything else goes to the portable kernel.
+Tiles are read through host-side descriptors over the [B * T, H * D] view of each input, so a
+tile may run past its sequence into the next one: keys past S are masked in the scores, and
+query rows past T are never stored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem
+
+BLOCK_M = 128
+CONSUMER_WARPS = 8  # two warpgroups, 64 query rows each
+PRODUCER_REGISTERS = gl.constexpr(24)  # per thread of the producer warp: it holds nothing but indices
+# (tiles of keys, ring stages, maximum registers per thread the kernel asks for) per head dim:
+# 12 warps in one program an SM, so the consumers get what the producer leaves of 64k
+TILES = {64: (128, 3, 168), 128: (128, 2, 168)}
+HEAD_DIMS = tuple(TILES)
+
+
+@gluon.jit
+def _load_tiles(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, barriers, q_row, q_col, kv_row, kv_col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer: q, then n_tiles k and v tiles, each into a ring buffer once it is empty."""
+    q_bar, k_ready, k_empty, v_ready, v_empty = barriers
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+    for j in range(n_tiles):
+        stage = j % STAGES
+        phase = (j // STAGES) & 1  # a barrier starts with phase 1 complete: the first wait passes
+        row = kv_row + j * BLOCK_N
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, kv_col], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, kv_col], v_ready.index(stage), v_bufs.index(stage))
+
+
+@gluon.jit
+def _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Scores of key tile j with the keys a row may not see at -inf (tiles before first_masked: all visible)."""
+    if j >= first_masked:
+        keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        visible = gl.expand_dims(keys < kv_len, 0)
+        if CAUSAL:
+            pos_q = pos_q0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            visible = visible & (gl.expand_dims(keys, 0) <= gl.expand_dims(pos_q, 1))
+        s = gl.where(visible, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _softmax(q_smem, k_bufs, v_bufs, barriers, n_tiles, first_masked, pos_q0, kv_len, scale_log2,
+             CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+             STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """The consumers: acc [BLOCK_M, D] = sum_j P_j v_j unnormalised, l (row sums), m (row maxima, log2 units)."""
+    q_bar, k_ready, k_empty, v_ready, v_empty = barriers
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    dtype: gl.constexpr = q_smem.dtype
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False)
+    mbarrier.arrive(k_empty.index(0), count=1)
+    s = _masked(s, 0, first_masked, pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N, s_layout)
+    m_i = gl.max(s, 1) * scale_log2  # every row sees key 0 (S >= T, no padding): finite
+    p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p, 1)
+    for j in range(1, n_tiles):
+        stage = j % STAGES
+        prev = (j - 1) % STAGES
+        # S(j) and O += P(j-1) v(j-1) in flight together; the second waits for S(j) only
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        s_token = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        o_token = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_token,))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        s = _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N, s_layout)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_token, p_op))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last), acc)
+    mbarrier.arrive(v_empty.index(last), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def flash_fwd_hopper_kernel(
+    q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh, T, S, HQ, GROUP, stride_stats, scale_log2,
+    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_M), B * Hq), the longest causal blocks first. q_desc over q as [B * T, Hq * D],
+    k_desc and v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D] (unit column stride), LSE as flash_fwd's."""
+    BLOCK: gl.constexpr = q_desc.block_type.shape[0]
+    block = gl.num_programs(0) - 1 - gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    q_start = block * BLOCK
+    pos_q0 = q_start + S - T
+    n_tiles = gl.cdiv(S, BLOCK_N)
+    first_masked = S // BLOCK_N  # the length edge
+    if CAUSAL:
+        n_tiles = gl.cdiv(gl.minimum(pos_q0 + BLOCK, S), BLOCK_N)
+        first_masked = gl.minimum(first_masked, (pos_q0 + 1) // BLOCK_N)  # the first tile a row's diagonal cuts
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+
+    barriers = (q_bar, k_ready, k_empty, v_ready, v_empty)
+    acc, l_i, m_i = gl.warp_specialize([
+        (_softmax, (q_smem, k_bufs, v_bufs, barriers, n_tiles, first_masked, pos_q0, S, scale_log2,
+                    CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, STAGES, num_warps)),
+        (_load_tiles, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, barriers,
+                       b * T + q_start, h * HEAD_DIM, b * S, (h // GROUP) * HEAD_DIM, n_tiles, BLOCK_N, STAGES)),
+    ], [1], [PRODUCER_REGISTERS])
+
+    o_layout: gl.constexpr = acc.type.layout
+    rows = q_start + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    o = acc / gl.expand_dims(l_o, 1)
+    o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ot + gl.expand_dims(cols, 0)
+    gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(rows < T, 1))
+    lse_rows = q_start + gl.arange(0, BLOCK, layout=l_i.type.layout)
+    gl.store(LSE + bh.to(gl.int64) * stride_stats + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < T)
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
+    """x [B, L, H, D] as [B * L, H * D] without a copy, or None when its strides do not allow it."""
+    b, length, h, d = x.shape
+    sb, sl, sh, sd = x.stride()
+    if sd != 1 or sh != d or (b > 1 and sb != length * sl):
+        return None
+    return x.as_strided((b * length, h * d), (sl, 1))
+
+
+def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDescriptor:
+    block = [block_rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if rows.dtype == torch.float16 else gl.bfloat16)
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), block, layout)
+
+
+# Off by default: measured on the H200 it is 0.85-1.05x the portable kernel's speed (PERF_NOTES 14), so
+# every forward takes the portable kernel unless this is switched on (tile_sweep's hopper-fwd rows, tests)
+HOPPER_FORWARD = False
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def hopper_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 capability: tuple[int, int] | None = None) -> str | None:
+    """Why this forward takes the portable kernel instead of the Hopper one, or None when it can take
+    the Hopper one. capability: the GPU's (major, minor), default q's device's (a CPU tensor: none)."""
+    if not HOPPER_FORWARD:
+        return "the Hopper path is switched off"
+    if capability is None and not q.is_cuda:
+        return "not on a GPU"
+    if (capability or _capability(q.get_device()))[0] != 9:
+        return "not a Hopper GPU"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} inputs (16-bit only)"
+    if problem.head_dim not in HEAD_DIMS:
+        return f"head dim {problem.head_dim} (the Hopper path has {' and '.join(map(str, HEAD_DIMS))})"
+    no_window = problem.left == NO_LIMIT and problem.right == (0 if problem.causal else NO_LIMIT)
+    for option, present in (("key padding", problem.seq_lens is not None), ("packed sequences", problem.cu_seqlens is not None),
+                            ("ALiBi", problem.slopes is not None), ("block-sparse lists", problem.sparse_block > 0),
+                            ("a window", not no_window)):
+        if present:
+            return f"{option} (not on the Hopper path)"
+    if q.shape[1] > k.shape[1]:
+        return "more queries than keys"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if _rows_view(x) is None:
+            return f"{name}'s strides (the Hopper path reads [B, L, H, D] as rows of H * D with unit head and column strides)"
+        if x.data_ptr() % 16 or x.stride(1) % 8:
+            return f"{name} is not 16-byte aligned"
+    return None
+
+
+def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
+    """Writes o [B, T, Hq, D] and lse [B, Hq, >= T] (flash_fwd.flash_forward's outputs) for a problem hopper_route takes."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    block_n, stages, registers = TILES[d]
+    grid = (triton.cdiv(t, BLOCK_M), b * hq)
+    flash_fwd_hopper_kernel[grid](
+        _descriptor(_rows_view(q), BLOCK_M, d), _descriptor(_rows_view(k), block_n, d), _descriptor(_rows_view(v), block_n, d),
+        o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, hq, hq // hkv, lse.stride(1), problem.scale_log2,
+        CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages,
+        num_warps=CONSUMER_WARPS, maxnreg=registers,
+    )
