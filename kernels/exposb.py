@@ -1,5 +1,6 @@
 """ExpoSB attention: RoPE with a decaying modulation, a learnable band filter over the head
-dimension and a multiplicative distance decay, fused into a flash-attention kernel.
+dimension and a multiplicative distance decay: a prepass that forms q', k' once per row, then
+flash-attention kernels over them.
 
 Layout: q [B, T, Hq, D], k/v [B, S, Hkv, D] (any strides), o [B, T, Hq, D]; Hq % Hkv == 0.
 Positions: keys n = 0 .. S-1, query i at m = i + S - T (S >= T; self-attention: m = i).
@@ -14,16 +15,18 @@ with GQA, k' for query head h is its kv head's k transformed with head h's param
     w_mn           = exp(-delta * |m - n|)
     s_mn           = (q'_m . k'_n) * w_mn / sqrt(D);   P = softmax_n(s) over visible keys;   o = P v
 
-Forward (flash skeleton): each program owns BLOCK_M query rows; q' is formed once in
-registers from q and cos/sin tables, k' for every key tile as it is loaded (nothing of q', k'
-or the T x S scores reaches memory). Online softmax in base 2; the LSE is saved.
-Every q', k' (and dq', dk') tile is held as its two halves [rows, D/2], the rotate-half pairs:
-the rotation is then elementwise on the halves, and q'.k' = q'_1.k'_1 + q'_2.k'_2 is two
-dots of depth D/2 (the same tensor-core work as one of depth D; D/2 >= 16, so D >= 32).
-Off the diagonal, the distance splits at a pivot p between the query and key blocks,
-|m - n| = |m - p| + |p - n|, so the decay tile is an outer product of BLOCK_M + BLOCK_N
-exponentials (a multiply per score, no extra exp); only tiles that straddle the diagonal
-pay one exp per score.
+Prepass (exposb_prepass.py): q' [B, T, Hq, D] and k' [B, S, Hq, D] are formed once per row, in
+float32 from q, k and cos/sin tables, and rounded once to q's dtype; k' is per query head (its kv
+head's k with that head's parameters), so with GQA it is Hq / Hkv times k's size. When a gradient
+is needed they are kept for the backward, beside the raw q, k.
+
+Forward (flash skeleton): each program owns BLOCK_M query rows of one query head, its q' tile
+in registers, and streams k', v tiles as plain loads: the standard flash loop (online softmax in
+base 2, the LSE saved) with the decay applied to each score tile. Nothing of the T x S scores
+reaches memory. Off the diagonal, the distance splits at a pivot p between the query and key
+blocks, |m - n| = |m - p| + |p - n|, so the decay tile (with the softmax scale folded into its
+query factor) is an outer product of BLOCK_M + BLOCK_N exponentials, and applying it costs a
+multiply per score; only tiles that straddle the diagonal pay one exp per score.
 
 Backward (FA2): D_m = rowsum(dO_m * O_m), O kept in float32 by the forward when a gradient
 is needed (see _ExpoSBAttention.forward); P recomputed from the LSE;
@@ -32,7 +35,9 @@ is needed (see _ExpoSBAttention.forward); P recomputed from the LSE;
     dX = dS * w / sqrt(D)                                (dL/d(q'.k'), through the decay)
     dq' = dX k',   dk' = dX^T q'                         (dk' per query head of a kv head)
     d delta = sum_mn dS_mn * s_mn * (-|m - n|)
-Through q' = f * r * R q (per row, in the kernels' epilogues; the same for k with n):
+The loops accumulate dq', dk' in float32 as [rows, D] tiles; the epilogues split them into their
+rotate-half pairs (dq'_1, dq'_2 [rows, D/2]: the rotation is then elementwise on the halves) and
+go back through q' = f * r * R q, once per row, from the raw q's R q and r (the same for k with n):
     dq_m       = r_m * R_m^T (f * dq'_m)                  (R^T on halves: g1 c + g2 s, g2 c - g1 s)
     dr_m       = sum_j dq'_mj * f_j * (R_m q_m)_j
     d alpha    = sum_m dr_m * exp(-lam m),   d lam = sum_m dr_m * alpha * exp(-lam m) * (-m)
@@ -43,20 +48,21 @@ Through q' = f * r * R q (per row, in the kernels' epilogues; the same for k wit
 Every program writes its partial sums of the seven parameter gradients to a small
 [7, B, blocks, Hq] buffer; torch sums it (a cheap epilogue).
 
-Kernels: dq (one program per query block and query head, also d delta) and dk/dv (one
-program per key block and query head: each query head has its own k', so with GQA the
-launcher sums the group's per-head dk, dv).
+Kernels: the prepass (one program per row block and query head, for q and for k); the forward
+(one per query block and query head); dq (one per query block and query head, also d delta) and
+dk/dv (one per key block and query head: each query head has its own k' and its own P, so dk'
+and dv = P^T dO are per query head; with GQA the launcher sums the group's dk, dv in float32).
 
-Files: exposb_tiles.py (the @triton.jit helpers), exposb_fwd.py and exposb_bwd.py (the
-kernels), exposb_launch.py (tiles and launches); here the autograd Function and the public
-function.
+Files: exposb_tiles.py (the @triton.jit helpers), exposb_prepass.py (q', k'), exposb_fwd.py and
+exposb_bwd.py (the attention kernels), exposb_launch.py (tiles and launches); here the autograd
+Function and the public function.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnbench.kernels.exposb_launch import PARAM_NAMES, check_inputs, exposb_backward, exposb_forward
+from attnbench.kernels.exposb_launch import PARAM_NAMES, check_inputs, exposb_backward, exposb_forward, exposb_prepass
 
 
 class _ExpoSBAttention(torch.autograd.Function):
@@ -67,16 +73,18 @@ class _ExpoSBAttention(torch.autograd.Function):
         every score, add it up (1.4-3.6x torch's own fp16 error in five of the seven; < 0.7x
         with the float32 O, tests/kernels/test_exposb_kernel.py)."""
         params = dict(zip(PARAM_NAMES, param_values))
-        o, lse = exposb_forward(q, k, v, params, causal, seq_lens, torch.float32)
-        ctx.save_for_backward(q, k, v, o, lse, *param_values)
+        q_t, k_t = exposb_prepass(q, k, params)
+        o, lse = exposb_forward(q_t, k_t, v, params, causal, seq_lens, torch.float32)
+        # q', k' kept (no second prepass); the raw q, k too: the parameter gradients need R q, R k
+        ctx.save_for_backward(q, k, q_t, k_t, v, o, lse, *param_values)
         ctx.causal, ctx.seq_lens = causal, seq_lens
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, *param_values = ctx.saved_tensors
+        q, k, q_t, k_t, v, o, lse, *param_values = ctx.saved_tensors
         params = dict(zip(PARAM_NAMES, param_values))
-        dq, dk, dv, d_params = exposb_backward(q, k, v, o, lse, do, params, ctx.causal, ctx.seq_lens)
+        dq, dk, dv, d_params = exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, ctx.causal, ctx.seq_lens)
         return dq, dk, dv, None, None, *d_params.unbind(0)
 
 
@@ -109,5 +117,6 @@ def exposb_attention_triton(
         seq_lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
     values = [params[name].to(device=q.device, dtype=torch.float32).contiguous() for name in PARAM_NAMES]
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *params.values()))):
-        return exposb_forward(q, k, v, dict(zip(PARAM_NAMES, values)), causal, seq_lens, q.dtype)[0]  # inference: O straight in q's dtype
+        params = dict(zip(PARAM_NAMES, values))
+        return exposb_forward(*exposb_prepass(q, k, params), v, params, causal, seq_lens, q.dtype)[0]  # inference: O straight in q's dtype
     return _ExpoSBAttention.apply(q, k, v, causal, seq_lens, *values)

@@ -1,13 +1,15 @@
 """ExpoSB's backward kernels (@triton.jit): dq (one program per query block and query head,
-also d delta) and dk/dv (one per key block and query head), each writing its partial sums of
-the seven parameter gradients. kernels/exposb.py has the math, exposb_launch.py the launchers."""
+also d delta) and dk/dv (one per key block and query head). Their loops read q', k' as the
+prepass (exposb_prepass.py) wrote them and accumulate dq', dk' in float32; the epilogues turn
+those back into dq, dk (once per row, from the raw q or k) and write partial sums of the seven
+parameter gradients. kernels/exposb.py has the math, exposb_launch.py the launchers."""
 
 import triton
 import triton.language as tl
 
 from attnbench.kernels.exposb_tiles import (
-    ABOVE, BELOW, DIAGONAL, LOG2E, distance_weight, head_params, input_grad, key_ranges, load_transformed,
-    query_ranges, scores, store_rows, visible,
+    ABOVE, BELOW, DIAGONAL, LOG2E, distance_weight, halves, head_params, input_grad, key_ranges, load_tile,
+    load_transformed, query_ranges, store_rows, visible,
 )
 
 
@@ -48,36 +50,32 @@ def _store_param_partials(
 
 @triton.jit
 def _dq_tiles(
-    dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, lo, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
+    dq, d_delta, q, do, lse, di, pos_q, pos_q0, lo, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    S, kv_len, delta, sm_scale,
     REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dq' += dX k' and the rows' d delta over the key tiles [lo, hi) of one regime."""
-    cols = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK_N):
         pos_k = n0 + tl.arange(0, BLOCK_N)
-        k1, k2, _, _, _ = load_transformed(K, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, D // 2)
-        k1 = k1.to(q1.dtype)
-        k2 = k2.to(q1.dtype)
-        v = tl.load(V + pos_k[:, None] * stride_vt + cols[None, :] * stride_vd, mask=(pos_k < S)[:, None], other=0.0)
-        w = distance_weight(pos_q, pos_k, pos_q0, delta, REGIME, BLOCK_M)
-        s = scores(q1, q2, k1, k2, DOT_PRECISION) * w * sm_scale  # [BM, BN], finite
-        p = tl.where(visible(pos_q, pos_k, kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
+        k = load_tile(K, stride_kt, stride_kd, pos_k, S, D)
+        v = load_tile(V, stride_vt, stride_vd, pos_k, S, D)
+        w = distance_weight(pos_q[:, None], pos_k[None, :], pos_q0, delta, sm_scale, REGIME, BLOCK_M)  # w / sqrt(D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * w  # [BM, BN], finite
+        p = tl.where(visible(pos_q[:, None], pos_k[None, :], kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - di[:, None])
-        dx = (ds * w * sm_scale).to(k1.dtype)
-        dq1 += tl.dot(dx, k1, input_precision=DOT_PRECISION)
-        dq2 += tl.dot(dx, k2, input_precision=DOT_PRECISION)
+        dq = tl.dot((ds * w).to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION)
         distance = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
         d_delta -= tl.sum(ds * s * distance, 1)
-    return dq1, dq2, d_delta
+    return dq, d_delta
 
 
 @triton.jit
 def exposb_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
+    Q, QT, KT, V, DO, DQ, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
     stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_tb, stride_tt, stride_th, stride_td,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
@@ -87,7 +85,8 @@ def exposb_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: dq of BLOCK_M query rows of one (batch, query head), with the q side's and
-    d delta's parameter partials in PARTIALS [7, B, cdiv(T, BLOCK_M), Hq]."""
+    d delta's parameter partials in PARTIALS [7, B, cdiv(T, BLOCK_M), Hq]. Q: the raw q (for
+    the epilogue), QT = q' [B, T, Hq, D] (strides stride_t*), KT = k' [B, S, Hq, D], V [B, S, Hkv, D]."""
     HALF: tl.constexpr = D // 2
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -102,89 +101,81 @@ def exposb_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_q0 = pid_m * BLOCK_M + S - T
     pos_q = rows + S - T
-    cols = tl.arange(0, D)
     inside = rows < T
-    q1, q2, _, _, _ = load_transformed(
-        Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, HALF
-    )
-    q1 = q1.to(Q.dtype.element_ty)
-    q2 = q2.to(Q.dtype.element_ty)
-    do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dot + cols[None, :] * stride_dod
-    do = tl.load(do_ptrs, mask=inside[:, None], other=0.0)
+    # q' and dO stay in registers for the whole loop
+    q = load_tile(QT + b * stride_tb + h * stride_th, stride_tt, stride_td, rows, T, D)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, stride_dot, stride_dod, rows, T, D)
     lse = tl.load(LSE + (b * H + h) * T + rows, mask=inside, other=float("inf"))
     di = tl.load(DI + (b * H + h) * T + rows, mask=inside, other=0.0)
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    k_base = KT + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
 
-    dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)  # dq' of these rows
     d_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     below_end, above_start, hi = key_ranges(pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
-    dq1, dq2, d_delta = _dq_tiles(
-        dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, 0, below_end, k_base, v_base, stride_kt, stride_kd,
-        stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M,
-        BLOCK_N, DOT_PRECISION,
+    dq, d_delta = _dq_tiles(
+        dq, d_delta, q, do, lse, di, pos_q, pos_q0, 0, below_end, k_base, v_base, stride_kt, stride_kd,
+        stride_vt, stride_vd, S, kv_len, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
-    dq1, dq2, d_delta = _dq_tiles(
-        dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, below_end, above_start, k_base, v_base, stride_kt,
-        stride_kd, stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, DIAGONAL, CAUSAL, D,
-        BLOCK_M, BLOCK_N, DOT_PRECISION,
+    dq, d_delta = _dq_tiles(
+        dq, d_delta, q, do, lse, di, pos_q, pos_q0, below_end, above_start, k_base, v_base, stride_kt, stride_kd,
+        stride_vt, stride_vd, S, kv_len, delta, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
     if not CAUSAL:
-        dq1, dq2, d_delta = _dq_tiles(
-            dq1, dq2, d_delta, q1, q2, do, lse, di, pos_q, pos_q0, above_start, hi, k_base, v_base, stride_kt,
-            stride_kd, stride_vt, stride_vd, S, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, ABOVE, CAUSAL,
-            D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        dq, d_delta = _dq_tiles(
+            dq, d_delta, q, do, lse, di, pos_q, pos_q0, above_start, hi, k_base, v_base, stride_kt, stride_kd,
+            stride_vt, stride_vd, S, kv_len, delta, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
 
-    # epilogue: q' again in fp32 (R q and r are needed for the parameter gradients)
+    # epilogue, once per row: R q and r of the raw q in float32 (the parameter gradients need them)
+    g1, g2 = halves(dq, BLOCK_M, D)
     _, _, y1, y2, r = load_transformed(
         Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, HALF
     )
-    dx1, dx2 = input_grad(dq1, dq2, r, f1, f2, COS, SIN, pos_q, inside[:, None], HALF)
+    dx1, dx2 = input_grad(g1, g2, r, f1, f2, COS, SIN, pos_q, inside[:, None], HALF)
     store_rows(DQ + b * stride_dqb + h * stride_dqh, stride_dqt, stride_dqd, rows, inside[:, None], dx1, dx2, HALF)
     slot = (b * tl.num_programs(0) + pid_m) * H + h
     _store_param_partials(
-        PARTIALS, slot, stride_param, dq1, dq2, y1, y2, r, pos_q, f1, f2, band1, band2, lam, alpha, gamma, mu, sigma, HALF
+        PARTIALS, slot, stride_param, g1, g2, y1, y2, r, pos_q, f1, f2, band1, band2, lam, alpha, gamma, mu, sigma, HALF
     )
     tl.store(PARTIALS + 6 * stride_param + slot, tl.sum(d_delta, 0))
 
 
 @triton.jit
 def _dkdv_tiles(
-    dk1, dk2, dv, k1, k2, v, pos_k, lo, hi, Q, DO, LSE, DI, stride_qt, stride_qd, stride_dot, stride_dod,
-    T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
+    dk, dv, k, v, pos_k, lo, hi, Q, DO, LSE, DI, stride_qt, stride_qd, stride_dot, stride_dod,
+    T, shift, kv_len, delta, sm_scale,
     REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dk' += dX^T q' and dv += P^T dO over the query tiles [lo, hi) of one regime, one query head."""
-    cols = tl.arange(0, D)
+    """dk' += dX^T q' and dv += P^T dO over the query tiles [lo, hi) of one regime, one query head.
+    Scores are kept transposed ([keys, queries]) so dk' and dv come out without a transpose.
+    Rows past T read q' = dO = 0 and lse = +inf, so they add nothing."""
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         pos_q = rows + shift
         inside = rows < T
-        q1, q2, _, _, _ = load_transformed(Q, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, D // 2)
-        q1 = q1.to(k1.dtype)
-        q2 = q2.to(k1.dtype)
-        do = tl.load(DO + rows[:, None] * stride_dot + cols[None, :] * stride_dod, mask=inside[:, None], other=0.0)
+        q = load_tile(Q, stride_qt, stride_qd, rows, T, D)
+        do = load_tile(DO, stride_dot, stride_dod, rows, T, D)
         lse = tl.load(LSE + rows, mask=inside, other=float("inf"))
         di = tl.load(DI + rows, mask=inside, other=0.0)
-        w = distance_weight(pos_q, pos_k, m0 + shift, delta, REGIME, BLOCK_M)
-        s = scores(q1, q2, k1, k2, DOT_PRECISION) * w * sm_scale  # [BM, BN]
-        p = tl.where(visible(pos_q, pos_k, kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        dx_t = tl.trans((p * (dp - di[:, None]) * w * sm_scale).to(k1.dtype))  # [BN, BM]
-        dk1 += tl.dot(dx_t, q1, input_precision=DOT_PRECISION)
-        dk2 += tl.dot(dx_t, q2, input_precision=DOT_PRECISION)
-    return dk1, dk2, dv
+        w_t = distance_weight(pos_q[None, :], pos_k[:, None], m0 + shift, delta, sm_scale, REGIME, BLOCK_M)  # [BN, BM]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * w_t
+        keep = visible(pos_q[None, :], pos_k[:, None], kv_len, REGIME, CAUSAL)
+        p_t = tl.where(keep, tl.exp2(s_t * LOG2E - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dx_t = (p_t * (dp_t - di[None, :]) * w_t).to(q.dtype)
+        dk = tl.dot(dx_t, q, acc=dk, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
 def exposb_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
-    stride_qb, stride_qt, stride_qh, stride_qd,
+    K, QT, KT, V, DO, DK, DV, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
     stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_tb, stride_tt, stride_th, stride_td,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dkb, stride_dkt, stride_dkh, stride_dkd,
@@ -194,9 +185,10 @@ def exposb_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: what query head h contributes to dk, dv of BLOCK_N keys of its kv head
-    (DK, DV [B, S, Hq, D]: one slot per query head, since each has its own k'; the launcher sums
-    a group's), and the k side's parameter partials in PARTIALS [7, B, cdiv(S, BLOCK_N), Hq].
-    One head per program: a loop over a group's heads around the tile loops spills registers."""
+    (DK, DV [B, S, Hq, D]: one slot per query head, since each has its own k' and P; the launcher
+    sums a group's), and the k side's parameter partials in PARTIALS [7, B, cdiv(S, BLOCK_N), Hq].
+    K: the raw k [B, S, Hkv, D] (for the epilogue), QT = q' [B, T, Hq, D], KT = k' [B, S, Hq, D]
+    (strides stride_t*), V [B, S, Hkv, D]."""
     HALF: tl.constexpr = D // 2
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -207,47 +199,41 @@ def exposb_dkdv_kernel(
     shift = S - T
     n0 = pid_n * BLOCK_N
     pos_k = n0 + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, D)
     inside = (pos_k < S)[:, None]
     lam, alpha, gamma, mu, sigma, delta, f1, f2, band1, band2 = head_params(
         LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF
     )
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     # this head's k' and the values stay in registers for the whole loop
-    k1, k2, _, _, _ = load_transformed(k_base, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, HALF)
-    k1 = k1.to(K.dtype.element_ty)
-    k2 = k2.to(K.dtype.element_ty)
-    v_ptrs = V + b * stride_vb + (h // GROUP) * stride_vh + pos_k[:, None] * stride_vt + cols[None, :] * stride_vd
-    v = tl.load(v_ptrs, mask=inside, other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
+    k = load_tile(KT + b * stride_tb + h * stride_th, stride_tt, stride_td, pos_k, S, D)
+    v = load_tile(V + b * stride_vb + (h // GROUP) * stride_vh, stride_vt, stride_vd, pos_k, S, D)
+    q_base = QT + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + (b * H + h) * T
     di_base = DI + (b * H + h) * T
     lo, above_end, below_start, hi = query_ranges(n0, kv_len, T, shift, CAUSAL, BLOCK_M, BLOCK_N)
 
-    g1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)  # dk' of this head, as halves
-    g2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)  # dk' of this head
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    g1, g2, dv = _dkdv_tiles(
-        g1, g2, dv, k1, k2, v, pos_k, lo, above_end, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
-        stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale, ABOVE, CAUSAL, D,
-        BLOCK_M, DOT_PRECISION,
+    dk, dv = _dkdv_tiles(
+        dk, dv, k, v, pos_k, lo, above_end, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
+        stride_dot, stride_dod, T, shift, kv_len, delta, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, DOT_PRECISION,
     )
-    g1, g2, dv = _dkdv_tiles(
-        g1, g2, dv, k1, k2, v, pos_k, above_end, below_start, q_base, do_base, lse_base, di_base, stride_qt,
-        stride_qd, stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
-        DIAGONAL, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+    dk, dv = _dkdv_tiles(
+        dk, dv, k, v, pos_k, above_end, below_start, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
+        stride_dot, stride_dod, T, shift, kv_len, delta, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, DOT_PRECISION,
     )
-    g1, g2, dv = _dkdv_tiles(
-        g1, g2, dv, k1, k2, v, pos_k, below_start, hi, q_base, do_base, lse_base, di_base, stride_qt,
-        stride_qd, stride_dot, stride_dod, T, shift, kv_len, COS, SIN, lam, alpha, f1, f2, delta, sm_scale,
-        BELOW, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+    dk, dv = _dkdv_tiles(
+        dk, dv, k, v, pos_k, below_start, hi, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
+        stride_dot, stride_dod, T, shift, kv_len, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M, DOT_PRECISION,
     )
 
-    # epilogue: k' again in fp32 (R k and r are needed for the parameter gradients)
+    # epilogue, once per row: R k and r of the raw k in float32 (the parameter gradients need them)
+    g1, g2 = halves(dk, BLOCK_N, D)
+    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
     _, _, y1, y2, r = load_transformed(k_base, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, HALF)
     dx1, dx2 = input_grad(g1, g2, r, f1, f2, COS, SIN, pos_k, inside, HALF)
     store_rows(DK + b * stride_dkb + h * stride_dkh, stride_dkt, stride_dkd, pos_k, inside, dx1, dx2, HALF)
+    cols = tl.arange(0, D)
     dv_ptrs = DV + b * stride_dvb + h * stride_dvh + pos_k[:, None] * stride_dvt + cols[None, :] * stride_dvd
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=inside)
     slot = (b * tl.num_programs(0) + pid_n) * H + h

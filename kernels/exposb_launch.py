@@ -1,5 +1,6 @@
 """ExpoSB's launchers: the tiles per kernel and head dim, the RoPE tables, the input checks and
-the forward and backward launches (kernels in exposb_fwd.py and exposb_bwd.py)."""
+the prepass, forward and backward launches (kernels in exposb_prepass.py, exposb_fwd.py and
+exposb_bwd.py)."""
 
 from __future__ import annotations
 
@@ -10,30 +11,47 @@ import triton
 
 from attnbench.kernels.exposb_bwd import exposb_dkdv_kernel, exposb_dq_kernel
 from attnbench.kernels.exposb_fwd import exposb_fwd_kernel
+from attnbench.kernels.exposb_prepass import exposb_prepass_kernel
 from attnbench.kernels.reference import rope_angles
 
 ROPE_BASE = 10000.0
 PARAM_NAMES = ("lam", "alpha", "beta", "gamma", "mu", "sigma", "delta")
 
-# (BLOCK_M, BLOCK_N, num_warps) per kernel and largest head dim: picked so that ptxas reports
-# no or little register spilling for sm_90 (to be tuned on the GPU)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and largest head dim. The loops read q', k'
+# as plain tiles, as the standard kernels' do (flash_fwd.py, flash_bwd.py; pointer loads here):
+# their tile where it compiles without spilling (forward 128x64 at D <= 128, dq 64x64 at D = 64),
+# elsewhere the least-spilling tile of a compile-only sweep (triton 3.6, sm_90a, bf16, ptxas -v:
+# at most 96 bytes spilled per thread, D = 256's forward). Not yet timed on a GPU
 _GPU_TILES = {
-    64: {"fwd": (128, 64, 8), "dq": (64, 32, 8), "dkdv": (64, 64, 8)},
-    128: {"fwd": (128, 64, 8), "dq": (32, 64, 8), "dkdv": (32, 64, 8)},
-    256: {"fwd": (64, 32, 8), "dq": (32, 32, 8), "dkdv": (32, 32, 8)},
+    64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkdv": (64, 64, 8, 2)},
+    128: {"fwd": (128, 64, 8, 3), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
+    256: {"fwd": (64, 32, 8, 2), "dq": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2)},
 }
+_GPU_FP32_TILES = (32, 32, 4, 1)  # fp32 inputs: FMA dots, twice the bytes per tile (the standard kernels' choice)
 # under the CPU interpreter small tiles, so tests at T <= 64 cover every regime (below,
 # diagonal, above) with several tiles each
 _INTERPRETER_TILES = {"fwd": (16, 16, 1), "dq": (16, 16, 1), "dkdv": (16, 16, 1)}
+# the prepass's rows per program (flash_rope.rope_kernel's), 4 warps; 16 under the interpreter
+_PREPASS_ROWS = {64: 64, 128: 32, 256: 16}
 
 
-def _tiles(device: torch.device, head_dim: int, kernel: str) -> tuple[int, int, dict]:
+def _tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype) -> tuple[int, int, dict]:
     """BLOCK_M, BLOCK_N and the launch options of ``kernel`` (fwd, dq or dkdv)."""
     if device.type != "cuda":
         block_m, block_n, _ = _INTERPRETER_TILES[kernel]
         return block_m, block_n, {}
-    block_m, block_n, warps = _GPU_TILES[min(d for d in _GPU_TILES if d >= head_dim)][kernel]
-    return block_m, block_n, {"num_warps": warps, "num_stages": 2}
+    if dtype == torch.float32:
+        block_m, block_n, warps, stages = _GPU_FP32_TILES
+    else:
+        block_m, block_n, warps, stages = _GPU_TILES[min(d for d in _GPU_TILES if d >= head_dim)][kernel]
+    return block_m, block_n, {"num_warps": warps, "num_stages": stages}
+
+
+def _prepass_rows(device: torch.device, head_dim: int) -> tuple[int, dict]:
+    """Rows per prepass program and its launch options."""
+    if device.type != "cuda":
+        return 16, {}
+    return _PREPASS_ROWS[min(d for d in _PREPASS_ROWS if d >= head_dim)], {"num_warps": 4}
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,53 +77,71 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32 rounding
 
 
-def exposb_forward(q, k, v, params, causal, seq_lens, out_dtype):
-    """o [B, T, Hq, D] in ``out_dtype`` and the LSE [B, Hq, T] float32 in log2 units."""
+def exposb_prepass(q, k, params):
+    """q' [B, T, Hq, D] and k' [B, S, Hq, D] (k' per query head: its kv head's k with that head's
+    parameters), new contiguous tensors of q's dtype: what today's dots read, rounded once."""
     b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    o = torch.empty(q.shape, device=q.device, dtype=out_dtype)
-    lse = torch.empty(b, hq, t, device=q.device, dtype=torch.float32)
+    s = k.shape[1]
     cos, sin = _angle_tables(s, d, q.device)
-    block_m, block_n, launch = _tiles(q.device, d, "fwd")
+    rows, launch = _prepass_rows(q.device, d)
+    q_t = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
+    k_t = torch.empty(b, s, hq, d, device=q.device, dtype=q.dtype)
+    for x, y, shift in ((q, q_t, s - t), (k, k_t, 0)):
+        exposb_prepass_kernel[(triton.cdiv(x.shape[1], rows), b * hq)](
+            x, y, cos, sin, *(params[name] for name in PARAM_NAMES),
+            *x.stride(), *y.stride(), hq, hq // x.shape[2], x.shape[1], shift, D=d, BLOCK=rows, **launch,
+        )
+    return q_t, k_t
+
+
+def exposb_forward(q_t, k_t, v, params, causal, seq_lens, out_dtype):
+    """o [B, T, Hq, D] in ``out_dtype`` and the LSE [B, Hq, T] float32 in log2 units, from the
+    prepass's q' [B, T, Hq, D] and k' [B, S, Hq, D] and v [B, S, Hkv, D]."""
+    b, t, hq, d = q_t.shape
+    s, hkv = v.shape[1], v.shape[2]
+    o = torch.empty(q_t.shape, device=q_t.device, dtype=out_dtype)
+    lse = torch.empty(b, hq, t, device=q_t.device, dtype=torch.float32)
+    block_m, block_n, launch = _tiles(q_t.device, d, "fwd", q_t.dtype)
     grid = (triton.cdiv(t, block_m), b * hq)
     exposb_fwd_kernel[grid](
-        q, k, v, o, lse, cos, sin, *(params[name] for name in PARAM_NAMES), seq_lens,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q_t, k_t, v, o, lse, params["delta"], seq_lens,
+        *q_t.stride(), *k_t.stride(), *v.stride(), *o.stride(),
         hq, hq // hkv, t, s, d**-0.5,
         HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q.dtype), **launch,
+        DOT_PRECISION=_dot_precision(q_t.dtype), **launch,
     )
     return o, lse
 
 
-def exposb_backward(q, k, v, o, lse, do, params, causal, seq_lens):
-    """dq, dk, dv (dtypes of q, k, v) and the parameter gradients float32 [7, Hq] (PARAM_NAMES order)."""
+def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
+    """dq, dk, dv (dtypes of q, k, v) and the parameter gradients float32 [7, Hq] (PARAM_NAMES
+    order), from the raw q, k, the prepass's q', k' (exposb_prepass) and the forward's o (float32), lse."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     di = (do.float() * o).sum(-1).transpose(1, 2).contiguous()  # D_m = rowsum(dO * O), O float32: [B, Hq, T]
     dq = torch.empty_like(q)
-    # dk, dv per query head (each has its own k'), in float32 when a group's heads are then summed
+    # dk, dv per query head (each has its own k' and P), in float32 when a group's heads are then summed
     per_head = dict(device=k.device, dtype=k.dtype if hq == hkv else torch.float32)
     dk, dv = torch.empty(b, s, hq, d, **per_head), torch.empty(b, s, hq, d, **per_head)
     cos, sin = _angle_tables(s, d, q.device)
     common = dict(HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, DOT_PRECISION=_dot_precision(q.dtype))
     param_values = [params[name] for name in PARAM_NAMES]
 
-    block_m, block_n, launch = _tiles(q.device, d, "dq")
+    block_m, block_n, launch = _tiles(q.device, d, "dq", q.dtype)
     q_blocks = triton.cdiv(t, block_m)
     q_partials = torch.zeros(len(PARAM_NAMES), b, q_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dq_kernel[(q_blocks, b * hq)](
-        q, k, v, do, dq, lse, di, cos, sin, *param_values, seq_lens, q_partials,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        q, q_t, k_t, v, do, dq, lse, di, cos, sin, *param_values, seq_lens, q_partials,
+        *q.stride(), *q_t.stride(), *k_t.stride(), *v.stride(), *do.stride(), *dq.stride(),
         q_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
-    block_m, block_n, launch = _tiles(q.device, d, "dkdv")
+    block_m, block_n, launch = _tiles(q.device, d, "dkdv", q.dtype)
     k_blocks = triton.cdiv(s, block_n)
     k_partials = torch.zeros(len(PARAM_NAMES), b, k_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dkdv_kernel[(k_blocks, b * hq)](
-        q, k, v, do, dk, dv, lse, di, cos, sin, *param_values, seq_lens, k_partials,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        k, q_t, k_t, v, do, dk, dv, lse, di, cos, sin, *param_values, seq_lens, k_partials,
+        *k.stride(), *q_t.stride(), *k_t.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         k_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )

@@ -1,6 +1,7 @@
-"""ExpoSB's tile helpers (@triton.jit, inlined into the forward and backward kernels): the
-per-head parameters, RoPE tables, q'/k' formed on load, the distance decay per tile regime and
-the key and query ranges of each regime. kernels/exposb.py has the math."""
+"""ExpoSB's tile helpers (@triton.jit, inlined into the prepass and the forward and backward
+kernels): the per-head parameters, RoPE tables, x' = f * r * R x of a block of rows and its
+gradient's way back (prepass and backward epilogues, once per row), plain tile loads, the distance
+decay per tile regime and the key and query ranges of each regime. kernels/exposb.py has the math."""
 
 import triton
 import triton.language as tl
@@ -70,39 +71,42 @@ def store_rows(ptr, stride_row, stride_col, rows, inside, x1, x2, HALF: tl.const
 
 
 @triton.jit
-def scores(a1, a2, b1, b2, DOT_PRECISION: tl.constexpr):
-    """a . b^T [Ra, Rb] for a, b given as halves."""
-    qk = tl.dot(a1, tl.trans(b1), input_precision=DOT_PRECISION)
-    return tl.dot(a2, tl.trans(b2), acc=qk, input_precision=DOT_PRECISION)
+def load_tile(ptr, stride_row, stride_col, rows, n_rows, D: tl.constexpr):
+    """Rows ``rows`` [R] of a [n_rows, D] slice at ``ptr`` as one [R, D] tile; rows >= n_rows read zeros."""
+    cols = tl.arange(0, D)
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=(rows < n_rows)[:, None], other=0.0)
 
 
 @triton.jit
-def distance_weight(pos_q, pos_k, pos_q0, delta, REGIME: tl.constexpr, BLOCK_M: tl.constexpr):
-    """w = exp(-delta |m - n|) [BLOCK_M, BLOCK_N] for query positions pos_q (block start pos_q0), keys pos_k.
+def halves(x, R: tl.constexpr, D: tl.constexpr):
+    """x [R, D] as its rotate-half pairs x[:, :D/2], x[:, D/2:] (the epilogues' layout; once per program)."""
+    return tl.split(tl.permute(tl.reshape(x, [R, 2, D // 2]), (0, 2, 1)))
 
-    Off the diagonal the pivot keeps both factors <= 1, so neither overflows.
-    """
+
+@triton.jit
+def distance_weight(m, n, pos_q0, delta, scale, REGIME: tl.constexpr, BLOCK_M: tl.constexpr):
+    """scale * exp(-delta |m - n|) for query positions m and key positions n given broadcastable
+    ([BM, 1] and [1, BN] for a score tile, [1, BM] and [BN, 1] for its transpose); the query block
+    starts at pos_q0. Off the diagonal an outer product of a query and a key factor (no exp per
+    score), the pivot keeping both <= 1, so neither overflows; scale rides on the query factor."""
     rate = delta * LOG2E
     if REGIME == BELOW:  # n <= pos_q0 <= m: |m - n| = (m - pos_q0) + (pos_q0 - n)
-        row = tl.exp2(-rate * (pos_q - pos_q0).to(tl.float32))
-        col = tl.exp2(-rate * (pos_q0 - pos_k).to(tl.float32))
-        w = row[:, None] * col[None, :]
+        w = (scale * tl.exp2(-rate * (m - pos_q0).to(tl.float32))) * tl.exp2(-rate * (pos_q0 - n).to(tl.float32))
     elif REGIME == ABOVE:  # m <= pivot < n
         pivot = pos_q0 + BLOCK_M - 1
-        row = tl.exp2(-rate * (pivot - pos_q).to(tl.float32))
-        col = tl.exp2(-rate * (pos_k - pivot).to(tl.float32))
-        w = row[:, None] * col[None, :]
+        w = (scale * tl.exp2(-rate * (pivot - m).to(tl.float32))) * tl.exp2(-rate * (n - pivot).to(tl.float32))
     else:
-        w = tl.exp2(-rate * tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32))
+        w = scale * tl.exp2(-rate * tl.abs(m - n).to(tl.float32))
     return w
 
 
 @triton.jit
-def visible(pos_q, pos_k, kv_len, REGIME: tl.constexpr, CAUSAL: tl.constexpr):
-    """Which scores of the tile count: keys before kv_len, and (on the diagonal, causal) n <= m."""
-    keep = (pos_k < kv_len)[None, :]
+def visible(m, n, kv_len, REGIME: tl.constexpr, CAUSAL: tl.constexpr):
+    """Which scores of the tile count (m, n as in distance_weight): keys before kv_len, and (on the
+    diagonal, causal) n <= m."""
+    keep = n < kv_len
     if CAUSAL and REGIME == DIAGONAL:
-        keep = keep & (pos_k[None, :] <= pos_q[:, None])
+        keep = keep & (n <= m)
     return keep
 
 
