@@ -88,6 +88,8 @@
 #   hopper-fwd: #25's warp-specialised Hopper forward (kernels/flash_fwd_hopper.py): a smoke run against
 #             SDPA (it stops the stage if it fails), the flash CUDA tests, then the forward beside the
 #             portable kernel's own tiles and cuDNN (tile_sweep: T 512-16k, 16k tokens, H * D = 2048)
+#   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
+#             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
 #             and `attnbench speed --seq 512 4096` (#20: sized to the GPU, no overfitting warning)
 #   grid:     issue 22's grid, GPT small clm at 512 tokens, 2000 steps of batch 4 (1.6 epochs): forms
@@ -601,6 +603,16 @@ for r in csv.DictReader(open(f"{sys.argv[1]}/learned/summary.csv")):
 for r in csv.DictReader(open(f"{sys.argv[1]}/learned/scale.csv")):
     print("  ", r["model"], r["impl"], r["seq"], r["forward_ms"], r["density"], r["status"])
 PY
+    ;;
+exposb-prepass)  # #25's ExpoSB prepass (see the header)
+    limit 200 python3 -m pytest -q -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_decode_kernel.py tests/models \
+        -k exposb --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+    for d in 64 128; do
+        speed 150 --attn standard,exposb --impl triton --tokens 16384 --seq 1024 4096 16384 --heads $((2048 / d)) --head-dim $d \
+            --mode fwd --mode fwdbwd --causal --out "$out/speed-d$d" > "$out/speed-d$d.txt"
+        grep -E "exposb|standard" "$out/speed-d$d.txt" | tail -16
+    done
     ;;
 hopper-fwd)  # #25's Hopper forward (see the header)
     limit 60 python3 -c "
