@@ -1,13 +1,15 @@
 """The exact-softmax forward on Hopper, warp-specialised in Gluon (triton.experimental.gluon).
 
-One program per (query block of BLOCK_M = 128 rows, batch * query head), 12 warps in two roles:
-- a producer warp issues the TMA loads: q once, then k and v tiles into two rings of STAGES
-  buffers each, every buffer with a "ready" barrier (the copy engine signals it) and an "empty"
-  one (the consumers signal it);
-- the consumers, two warpgroups (64 rows each of the block, one instruction stream), run the
-  online softmax with their tensor-core work kept in flight: while softmax(j) runs on the
-  vector units, S(j+1) = q k(j+1)^T and O += P(j) v(j) are issued as asynchronous wgmma
-  (FlashAttention-3's intra-warpgroup overlap), P passed to the second GEMM from registers.
+One program per (query block of BLOCK_M = 128 rows, batch * query head), three partitions:
+- a producer warp issues the TMA loads: each consumer's q rows once, then k and v tiles into two
+  rings of STAGES buffers each, every buffer with a "ready" barrier (the copy engine signals it)
+  and an "empty" one (both consumers signal it);
+- two consumer warpgroups, 64 query rows each, run the online softmax over the same key tiles
+  with their tensor-core work kept in flight: while softmax(j) runs on the vector units,
+  S(j+1) = q k(j+1)^T and O += P(j) v(j) are asynchronous wgmma (FlashAttention-3's
+  intra-warpgroup overlap), P passed to the second GEMM from registers. With PINGPONG the two
+  take turns issuing their wgmma (two mbarriers), so one's softmax overlaps the other's GEMMs
+  (FlashAttention-3's inter-warpgroup ping-pong).
 
 What kernels/flash_fwd.py computes, for the options this path takes (hopper_route says which):
 o [B, T, Hq, D] and lse [B, Hq, T] float32 in log2 units of the scaled scores, causal or not,
@@ -31,21 +33,30 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem
 
-BLOCK_M = 128
-CONSUMER_WARPS = 8  # two warpgroups, 64 query rows each
+ROWS_PER_CONSUMER = 64  # one warpgroup's wgmma rows
+CONSUMERS = gl.constexpr(2)
+BLOCK_M = ROWS_PER_CONSUMER * CONSUMERS.value
+CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup per consumer partition
+CONSUMER_REGISTERS = gl.constexpr(240)
 PRODUCER_REGISTERS = gl.constexpr(24)  # per thread of the producer warp: it holds nothing but indices
 # (tiles of keys, ring stages, maximum registers per thread the kernel asks for) per head dim:
-# 12 warps in one program an SM, so the consumers get what the producer leaves of 64k
+# 12 warps (two consumer warpgroups, the producer's padded to one) in one program an SM, 168 x 384 <= 64k
 TILES = {64: (128, 3, 168), 128: (128, 2, 168)}
 HEAD_DIMS = tuple(TILES)
+# The consumers take turns issuing their wgmma (FlashAttention-3's ping-pong: one's softmax runs while the
+# other's matrix products do); off, each issues as soon as its operands are ready
+PINGPONG = True
 
 
 @gluon.jit
-def _load_tiles(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, barriers, q_row, q_col, kv_row, kv_col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The producer: q, then n_tiles k and v tiles, each into a ring buffer once it is empty."""
-    q_bar, k_ready, k_empty, v_ready, v_empty = barriers
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+def _load_tiles(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, q_row, q_col, kv_row, kv_col, n_tiles,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer: each consumer's q rows, then n_tiles k and v tiles, each into a ring buffer once both consumers emptied it."""
+    q_bar, k_ready, k_empty, v_ready, v_empty, turns = barriers
+    ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [q_row + c * ROWS, q_col], q_bar, q_bufs.index(c))
     for j in range(n_tiles):
         stage = j % STAGES
         phase = (j // STAGES) & 1  # a barrier starts with phase 1 complete: the first wait passes
@@ -59,51 +70,79 @@ def _load_tiles(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, barriers, q_row,
 
 
 @gluon.jit
-def _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+def _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
     """Scores of key tile j with the keys a row may not see at -inf (tiles before first_masked: all visible)."""
     if j >= first_masked:
         keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         visible = gl.expand_dims(keys < kv_len, 0)
         if CAUSAL:
-            pos_q = pos_q0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+            pos_q = pos_q0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             visible = visible & (gl.expand_dims(keys, 0) <= gl.expand_dims(pos_q, 1))
         s = gl.where(visible, s, float("-inf"))
     return s
 
 
 @gluon.jit
-def _softmax(q_smem, k_bufs, v_bufs, barriers, n_tiles, first_masked, pos_q0, kv_len, scale_log2,
-             CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-             STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """The consumers: acc [BLOCK_M, D] = sum_j P_j v_j unnormalised, l (row sums), m (row maxima, log2 units)."""
-    q_bar, k_ready, k_empty, v_ready, v_empty = barriers
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+def _take_turn(turns, me: gl.constexpr, n, PINGPONG: gl.constexpr):
+    """Wait until the other consumer has issued its n-th group of wgmma (consumer 0's first passes)."""
+    if PINGPONG:
+        mbarrier.wait(turns.index(me), (n & 1) ^ (1 - me))
+
+
+@gluon.jit
+def _pass_turn(turns, me: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - me), count=1)
+
+
+@gluon.jit
+def _consume(me: gl.constexpr, smem, block, out, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer ``me``: query rows q_start + me * ROWS of the block, online softmax over the n_tiles key tiles,
+    then o (normalised) and the log2-sum-exp stored. S(j) and O += P(j-1) v(j-1) are in flight while
+    softmax(j-1)'s rescale and softmax(j) run; with PINGPONG the two consumers alternate issuing them.
+    smem: the q / k / v buffers and the barriers; block: the program's query block; out: where o and lse go."""
+    q_bufs, k_bufs, v_bufs, barriers = smem
+    n_tiles, q_start, pos_q0, T, kv_len, scale_log2 = block
+    O, LSE, o_offset, stride_ot, lse_offset = out
+    q_bar, k_ready, k_empty, v_ready, v_empty, turns = barriers
+    ROWS: gl.constexpr = q_bufs.type.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    dtype: gl.constexpr = q_smem.dtype
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    dtype: gl.constexpr = q_bufs.dtype
+    q_smem = q_bufs.index(me)
+    q_start += me * ROWS
+    pos_q0 += me * ROWS
+    first_masked = kv_len // BLOCK_N  # the length edge
+    if CAUSAL:
+        first_masked = gl.minimum(first_masked, (pos_q0 + 1) // BLOCK_N)  # the first tile a row's diagonal cuts
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
 
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False)
+    _take_turn(turns, me, 0, PINGPONG)
+    s_token = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    _pass_turn(turns, me, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s_token,))
     mbarrier.arrive(k_empty.index(0), count=1)
-    s = _masked(s, 0, first_masked, pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N, s_layout)
+    s = _masked(s, 0, first_masked, pos_q0, kv_len, CAUSAL, ROWS, BLOCK_N, s_layout)
     m_i = gl.max(s, 1) * scale_log2  # every row sees key 0 (S >= T, no padding): finite
     p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p, 1)
     for j in range(1, n_tiles):
         stage = j % STAGES
         prev = (j - 1) % STAGES
-        # S(j) and O += P(j-1) v(j-1) in flight together; the second waits for S(j) only
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-        s_token = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        _take_turn(turns, me, j, PINGPONG)
+        s_token = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         o_token = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        _pass_turn(turns, me, PINGPONG)
         s = warpgroup_mma_wait(1, deps=(s_token,))
         mbarrier.arrive(k_empty.index(stage), count=1)
-        s = _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N, s_layout)
+        s = _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL, ROWS, BLOCK_N, s_layout)
         m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
@@ -114,19 +153,33 @@ def _softmax(q_smem, k_bufs, v_bufs, barriers, n_tiles, first_masked, pos_q0, kv
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     last = (n_tiles - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(last), acc)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    _take_turn(turns, me, n_tiles, PINGPONG)
+    o_token = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    _pass_turn(turns, me, PINGPONG)
+    acc = warpgroup_mma_wait(0, deps=(o_token,))
     mbarrier.arrive(v_empty.index(last), count=1)
-    return acc, l_i, m_i
+
+    rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    o_ptrs = O + o_offset + gl.expand_dims(rows, 1) * stride_ot + gl.expand_dims(cols, 0)
+    gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(rows < T, 1))
+    lse_rows = q_start + gl.arange(0, ROWS, layout=l_i.type.layout)
+    gl.store(LSE + lse_offset + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < T)
 
 
 @gluon.jit
 def flash_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh, T, S, HQ, GROUP, stride_stats, scale_log2,
-    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_M), B * Hq), the longest causal blocks first. q_desc over q as [B * T, Hq * D],
-    k_desc and v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D] (unit column stride), LSE as flash_fwd's."""
-    BLOCK: gl.constexpr = q_desc.block_type.shape[0]
+    """Grid (cdiv(T, BLOCK_M), B * Hq), the longest causal blocks first. q_desc over q as [B * T, Hq * D]
+    (blocks of one consumer's rows), k_desc and v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D]
+    (unit column stride), LSE as flash_fwd's. Launched with num_warps = CONSUMER_WARPS (consumer 0, the
+    default partition); consumer 1 and the producer are worker partitions."""
+    ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK: gl.constexpr = ROWS * CONSUMERS
     block = gl.num_programs(0) - 1 - gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // HQ
@@ -134,13 +187,11 @@ def flash_fwd_hopper_kernel(
     q_start = block * BLOCK
     pos_q0 = q_start + S - T
     n_tiles = gl.cdiv(S, BLOCK_N)
-    first_masked = S // BLOCK_N  # the length edge
     if CAUSAL:
-        n_tiles = gl.cdiv(gl.minimum(pos_q0 + BLOCK, S), BLOCK_N)
-        first_masked = gl.minimum(first_masked, (pos_q0 + 1) // BLOCK_N)  # the first tile a row's diagonal cuts
+        n_tiles = gl.cdiv(gl.minimum(pos_q0 + BLOCK, S), BLOCK_N)  # both consumers walk them all: they share the ring
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -148,30 +199,28 @@ def flash_fwd_hopper_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    for i in gl.static_range(CONSUMERS):
+        mbarrier.init(turns.index(i), count=1)
 
-    barriers = (q_bar, k_ready, k_empty, v_ready, v_empty)
-    acc, l_i, m_i = gl.warp_specialize([
-        (_softmax, (q_smem, k_bufs, v_bufs, barriers, n_tiles, first_masked, pos_q0, S, scale_log2,
-                    CAUSAL, BLOCK, BLOCK_N, HEAD_DIM, STAGES, num_warps)),
-        (_load_tiles, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, barriers,
+    barriers = (q_bar, k_ready, k_empty, v_ready, v_empty, turns)
+    o_offset = b.to(gl.int64) * stride_ob + h * stride_oh
+    lse_offset = bh.to(gl.int64) * stride_stats
+    smem = (q_bufs, k_bufs, v_bufs, barriers)
+    block_args = (n_tiles, q_start, pos_q0, T, S, scale_log2)
+    out = (O, LSE, o_offset, stride_ot, lse_offset)
+    gl.warp_specialize([
+        (_load_tiles, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers,
                        b * T + q_start, h * HEAD_DIM, b * S, (h // GROUP) * HEAD_DIM, n_tiles, BLOCK_N, STAGES)),
-    ], [1], [PRODUCER_REGISTERS])
-
-    o_layout: gl.constexpr = acc.type.layout
-    rows = q_start + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    o = acc / gl.expand_dims(l_o, 1)
-    o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ot + gl.expand_dims(cols, 0)
-    gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(rows < T, 1))
-    lse_rows = q_start + gl.arange(0, BLOCK, layout=l_i.type.layout)
-    gl.store(LSE + bh.to(gl.int64) * stride_stats + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < T)
+        (_consume, (gl.constexpr(0), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+        (_consume, (gl.constexpr(1), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+    ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
 
 
 def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
@@ -236,8 +285,8 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     block_n, stages, registers = TILES[d]
     grid = (triton.cdiv(t, BLOCK_M), b * hq)
     flash_fwd_hopper_kernel[grid](
-        _descriptor(_rows_view(q), BLOCK_M, d), _descriptor(_rows_view(k), block_n, d), _descriptor(_rows_view(v), block_n, d),
+        _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), block_n, d), _descriptor(_rows_view(v), block_n, d),
         o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, hq, hq // hkv, lse.stride(1), problem.scale_log2,
-        CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages,
-        num_warps=CONSUMER_WARPS, maxnreg=registers,
+        CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, PINGPONG=PINGPONG,
+        num_warps=CONSUMER_WARPS.value, maxnreg=registers,
     )

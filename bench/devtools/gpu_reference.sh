@@ -88,6 +88,9 @@
 #   hopper-fwd: #25's warp-specialised Hopper forward (kernels/flash_fwd_hopper.py): a smoke run against
 #             SDPA (it stops the stage if it fails), the flash CUDA tests, then the forward beside the
 #             portable kernel's own tiles and cuDNN (tile_sweep: T 512-16k, 16k tokens, H * D = 2048)
+#   pingpong: #25's Hopper forward as a producer and two consumer warpgroup partitions, with and without
+#             turns (PINGPONG): the smoke run, its CUDA tests, the hopper-fwd sweep, then Nsight Compute
+#             of it and of the portable forward (D 64 causal, T 4k, B 4, H 32)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -161,6 +164,31 @@ flash_tests() {  # flash_tests SECONDS [MORE TEST FILES...]: the flash kernels' 
     limit "$1" python3 -m pytest -v -m cuda tests/kernels/test_flash.py tests/kernels/test_flash_launch.py "${@:2}" \
         --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
+}
+hopper_smoke() {  # the Hopper forward beside SDPA in float32 on four shapes; stops the stage if it does not finish
+    limit 60 python3 -c "
+import torch
+from attnbench.kernels import flash_fwd_hopper
+from attnbench.kernels.flash import flash_attention
+flash_fwd_hopper.HOPPER_FORWARD = True
+for d, causal, t, s in ((64, True, 1000, 1000), (128, False, 700, 1500), (64, False, 2048, 2048), (128, True, 4096, 4096)):
+    q = torch.randn(2, t, 8, d, device='cuda', dtype=torch.bfloat16)
+    k, v = (torch.randn(2, s, 2, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+    o = flash_attention(q, k, v, causal=causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)), is_causal=causal, enable_gqa=True).transpose(1, 2)
+    print('smoke', d, causal, t, s, 'max error', (o.float() - ref).abs().max().item())
+" > "$out/smoke.txt" 2>&1
+    cat "$out/smoke.txt" | tail -12
+    grep -q "smoke 128 True" "$out/smoke.txt" || exit 1
+}
+hopper_sweep() {  # the Hopper forward beside the portable kernel's tiles and cuDNN, D 64 and 128, both masks, T 512-16k
+    for d in 64 128; do
+        for c in causal no-causal; do
+            limit 70 python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 4096 --seq 16384 --heads $((2048 / d)) \
+                --head-dim $d --$c --kernels fwd --no-neighbours --out "$out/fwd-d$d-$c.csv" > "$out/fwd-d$d-$c.txt" 2>&1
+            grep -E "^B=|hopper|cudnn-fwd|^fwd" "$out/fwd-d$d-$c.txt"
+        done
+    done
 }
 host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
@@ -615,25 +643,28 @@ exposb-prepass)  # #25's ExpoSB prepass (see the header)
     done
     ;;
 hopper-fwd)  # #25's Hopper forward (see the header)
-    limit 60 python3 -c "
-import torch
-from attnbench.kernels.flash import flash_attention
-for d, causal, t, s in ((64, True, 1000, 1000), (128, False, 700, 1500), (64, False, 2048, 2048), (128, True, 4096, 4096)):
-    q = torch.randn(2, t, 8, d, device='cuda', dtype=torch.bfloat16)
-    k, v = (torch.randn(2, s, 2, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))
-    o = flash_attention(q, k, v, causal=causal)
-    ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)), is_causal=causal, enable_gqa=True).transpose(1, 2)
-    print('smoke', d, causal, t, s, 'max error', (o.float() - ref).abs().max().item())
-" > "$out/smoke.txt" 2>&1
-    cat "$out/smoke.txt" | tail -12
-    grep -q "smoke 128 True" "$out/smoke.txt" || exit 1
+    hopper_smoke
     flash_tests 200 tests/kernels/test_flash_fwd_hopper.py
-    for d in 64 128; do
-        for c in causal no-causal; do
-            limit 70 python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 4096 --seq 16384 --heads $((2048 / d)) \
-                --head-dim $d --$c --kernels fwd --no-neighbours --out "$out/fwd-d$d-$c.csv" > "$out/fwd-d$d-$c.txt" 2>&1
-            grep -E "^B=|hopper|cudnn-fwd|^fwd" "$out/fwd-d$d-$c.txt"
-        done
+    hopper_sweep
+    ;;
+pingpong)  # #25's Hopper forward as two consumer partitions (see the header)
+    hopper_smoke
+    flash_tests 150 tests/kernels/test_flash_fwd_hopper.py -k hopper
+    hopper_sweep
+    for kernel in flash_fwd_hopper flash_fwd_kernel; do  # D 64 causal at 4k: B 4, H 32
+        limit 45 ncu --clock-control none -k regex:"$kernel" --launch-skip 3 --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+            python3 -c "
+import torch
+from attnbench.kernels import flash_fwd_hopper
+from attnbench.kernels.flash import flash_attention
+flash_fwd_hopper.HOPPER_FORWARD = '$kernel' == 'flash_fwd_hopper'
+q, k, v = (torch.randn(4, 4096, 32, 64, device='cuda', dtype=torch.bfloat16) for _ in range(3))
+for _ in range(5):
+    flash_attention(q, k, v, causal=True)
+torch.cuda.synchronize()
+" > "$out/ncu-$kernel.txt" 2>&1
+        grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc" "$out/ncu-$kernel.txt" | head -14
     done
     ;;
 short-check)  # #25 after short-tiles (see the header)

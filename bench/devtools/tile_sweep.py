@@ -6,8 +6,9 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
 (the defaults are GPT small's attention at 16k tokens per step; --loads tma --loads pointer
 times every tile both with the loops' tiles read through TMA descriptors and through pointers;
 --kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone, the portable kernel's
-tiles and then, on Hopper, the warp-specialised kernel (kernels/flash_fwd_hopper.py) as 'hopper-fwd'; a dk/dv candidate
-is timed as the whole backward with dq held at its current first choice, and a dq candidate with
+tiles and then, on Hopper, the warp-specialised kernel (kernels/flash_fwd_hopper.py) as 'hopper-fwd'
+(its consumers taking turns) and 'hopper-fwd-free' (not); a dk/dv candidate is timed as the whole
+backward with dq held at its current first choice, and a dq candidate with
 dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels'
 own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are edited by hand from what this prints.
 """
@@ -105,14 +106,15 @@ def _loads(way: str):
 
 
 @contextlib.contextmanager
-def _hopper_forward(on: bool):
-    """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept)."""
-    saved = flash_fwd_hopper.HOPPER_FORWARD
-    flash_fwd_hopper.HOPPER_FORWARD = on
+def _hopper_forward(on: bool, pingpong: bool = True):
+    """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept),
+    its consumers taking turns (pingpong) or not."""
+    saved = flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG
+    flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG = on, pingpong
     try:
         yield
     finally:
-        flash_fwd_hopper.HOPPER_FORWARD = saved
+        flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG = saved
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
@@ -140,9 +142,10 @@ def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -
     with _hopper_forward(False):
         for tile in swept.get("fwd", []):
             add("fwd", tile, forward)
-    with _hopper_forward(True):
-        if swept.get("fwd") and flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
-            add("hopper-fwd", NO_TILE, forward)
+    for pingpong, name in ((True, "hopper-fwd"), (False, "hopper-fwd-free")):
+        with _hopper_forward(True, pingpong):
+            if swept.get("fwd") and flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
+                add(name, NO_TILE, forward)
     timed = {tile: add("dkdv", tile, backward, held=[("dq", tiles["dq"][0])]) for tile in swept.get("dkdv", [])}
     best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get, default=tiles["dkdv"][0])
     for tile in swept.get("dq", []):

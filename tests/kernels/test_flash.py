@@ -369,6 +369,15 @@ def test_matches_reference_at_real_sizes(name, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
+def test_the_hopper_forward_without_turns_matches_too(name, monkeypatch):
+    """Its consumers issuing their wgmma as soon as ready (PINGPONG off, tile_sweep's hopper-fwd-free)."""
+    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FORWARD", True)
+    monkeypatch.setattr(flash_fwd_hopper, "PINGPONG", False)
+    assert_matches_reference(REAL_SIZE_CASES[name])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
 def test_the_hopper_cases_take_the_hopper_forward(name, monkeypatch):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a Hopper GPU")
