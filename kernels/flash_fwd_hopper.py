@@ -1,14 +1,14 @@
 """The exact-softmax forward on Hopper, warp-specialised in Gluon (triton.experimental.gluon).
 
-One program per (query block of BLOCK_M = 128 rows, batch * query head), three partitions:
-- a producer warp issues the TMA loads: each consumer's q rows once, then k and v tiles into two
-  rings of STAGES buffers each, every buffer with a "ready" barrier (the copy engine signals it)
-  and an "empty" one (both consumers signal it);
-- two consumer warpgroups, 64 query rows each, run the online softmax over the same key tiles
-  with their tensor-core work kept in flight: while softmax(j) runs on the vector units,
-  S(j+1) = q k(j+1)^T and O += P(j) v(j) are asynchronous wgmma (FlashAttention-3's
-  intra-warpgroup overlap), P passed to the second GEMM from registers. With PINGPONG the two
-  take turns issuing their wgmma (two mbarriers), so one's softmax overlaps the other's GEMMs
+One program per (query block of 64 rows per consumer, batch * query head), in partitions:
+- a producer warpgroup (one warp issues) makes the TMA loads: each consumer's q rows once, then k
+  and v tiles into two rings of STAGES buffers each, every buffer with a "ready" barrier (the copy
+  engine signals it) and an "empty" one (every consumer signals it);
+- two or three consumer warpgroups (TILES: three at D 64, two at D 128), 64 query rows each, run
+  the online softmax over the same key tiles with their tensor-core work kept in flight: while
+  softmax(j) runs on the vector units, S(j+1) = q k(j+1)^T and O += P(j) v(j) are asynchronous
+  wgmma (FlashAttention-3's intra-warpgroup overlap), P passed to the second GEMM from registers.
+  With PINGPONG they take turns issuing their wgmma (one mbarrier each), so one's softmax overlaps the others' GEMMs
   (FlashAttention-3's inter-warpgroup ping-pong).
 
 What kernels/flash_fwd.py computes, for the options this path takes (hopper_route says which):
@@ -23,6 +23,7 @@ query rows past T are never stored.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,14 +35,26 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem
 
 ROWS_PER_CONSUMER = 64  # one warpgroup's wgmma rows
-CONSUMERS = gl.constexpr(2)
-BLOCK_M = ROWS_PER_CONSUMER * CONSUMERS.value
-CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup per consumer partition
-CONSUMER_REGISTERS = gl.constexpr(240)
-PRODUCER_REGISTERS = gl.constexpr(24)  # per thread of the producer warp: it holds nothing but indices
-# (tiles of keys, ring stages, maximum registers per thread the kernel asks for) per head dim:
-# 12 warps (two consumer warpgroups, the producer's padded to one) in one program an SM, 168 x 384 <= 64k
-TILES = {64: (128, 3, 168), 128: (128, 2, 168)}
+CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup per consumer partition, and the producer's (one warp issues)
+
+
+class HopperTile(NamedTuple):
+    """A program's shape: BLOCK_N keys a tile, STAGES ring buffers, CONSUMERS warpgroups of 64 query rows,
+    max_registers per thread at launch (one program an SM: (CONSUMERS + 1) warpgroups x max_registers <= 512)
+    and consumer_registers after setmaxnreg (the producer's warpgroup keeps what is left)."""
+
+    block_n: int
+    stages: int
+    consumers: int
+    max_registers: int
+    consumer_registers: int
+
+
+# per head dim, the tile the forward takes first, then the other candidates tile_sweep times
+TILES = {
+    64: [HopperTile(128, 3, 3, 128, 160), HopperTile(128, 3, 2, 168, 240)],
+    128: [HopperTile(128, 2, 2, 168, 240)],
+}
 HEAD_DIMS = tuple(TILES)
 # The consumers take turns issuing their wgmma (FlashAttention-3's ping-pong: one's softmax runs while the
 # other's matrix products do); off, each issues as soon as its operands are ready
@@ -54,6 +67,7 @@ def _load_tiles(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, q_row,
     """The producer: each consumer's q rows, then n_tiles k and v tiles, each into a ring buffer once both consumers emptied it."""
     q_bar, k_ready, k_empty, v_ready, v_empty, turns = barriers
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    CONSUMERS: gl.constexpr = q_bufs.type.shape[0]
     mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
     for c in gl.static_range(CONSUMERS):
         tma.async_copy_global_to_shared(q_desc, [q_row + c * ROWS, q_col], q_bar, q_bufs.index(c))
@@ -84,15 +98,19 @@ def _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL: gl.constexpr, ROWS: gl.c
 
 @gluon.jit
 def _take_turn(turns, me: gl.constexpr, n, PINGPONG: gl.constexpr):
-    """Wait until the other consumer has issued its n-th group of wgmma (consumer 0's first passes)."""
+    """Wait until the consumer before this one (in a cycle) has issued its group of wgmma for turn n, or for
+    consumer 0, the last one its turn n - 1 (a barrier starts with phase 1 complete: consumer 0's first passes)."""
     if PINGPONG:
-        mbarrier.wait(turns.index(me), (n & 1) ^ (1 - me))
+        if me == 0:
+            mbarrier.wait(turns.index(me), (n & 1) ^ 1)
+        else:
+            mbarrier.wait(turns.index(me), n & 1)
 
 
 @gluon.jit
 def _pass_turn(turns, me: gl.constexpr, PINGPONG: gl.constexpr):
     if PINGPONG:
-        mbarrier.arrive(turns.index(1 - me), count=1)
+        mbarrier.arrive(turns.index((me + 1) % turns.type.shape[0]), count=1)
 
 
 @gluon.jit
@@ -172,12 +190,13 @@ def _consume(me: gl.constexpr, smem, block, out, CAUSAL: gl.constexpr, BLOCK_N: 
 @gluon.jit
 def flash_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh, T, S, HQ, GROUP, stride_stats, scale_log2,
-    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PINGPONG: gl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_M), B * Hq), the longest causal blocks first. q_desc over q as [B * T, Hq * D]
+    """Grid (cdiv(T, 64 * CONSUMERS), B * Hq), the longest causal blocks first. q_desc over q as [B * T, Hq * D]
     (blocks of one consumer's rows), k_desc and v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D]
-    (unit column stride), LSE as flash_fwd's. Launched with num_warps = CONSUMER_WARPS (consumer 0, the
-    default partition); consumer 1 and the producer are worker partitions."""
+    (unit column stride), LSE as flash_fwd's. Launched with num_warps = CONSUMER_WARPS: the producer is the
+    default partition, the CONSUMERS (2 or 3) are worker partitions."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK: gl.constexpr = ROWS * CONSUMERS
     block = gl.num_programs(0) - 1 - gl.program_id(0)
@@ -215,12 +234,21 @@ def flash_fwd_hopper_kernel(
     smem = (q_bufs, k_bufs, v_bufs, barriers)
     block_args = (n_tiles, q_start, pos_q0, T, S, scale_log2)
     out = (O, LSE, o_offset, stride_ot, lse_offset)
-    gl.warp_specialize([
-        (_load_tiles, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers,
-                       b * T + q_start, h * HEAD_DIM, b * S, (h // GROUP) * HEAD_DIM, n_tiles, BLOCK_N, STAGES)),
-        (_consume, (gl.constexpr(0), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-        (_consume, (gl.constexpr(1), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-    ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
+    loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers,
+             b * T + q_start, h * HEAD_DIM, b * S, (h // GROUP) * HEAD_DIM, n_tiles, BLOCK_N, STAGES)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_load_tiles, loads),
+            (_consume, (gl.constexpr(0), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(1), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+        ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
+    else:
+        gl.warp_specialize([
+            (_load_tiles, loads),
+            (_consume, (gl.constexpr(0), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(1), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(2), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+        ], [CONSUMER_WARPS, CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS])
 
 
 def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
@@ -282,11 +310,11 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     """Writes o [B, T, Hq, D] and lse [B, Hq, >= T] (flash_fwd.flash_forward's outputs) for a problem hopper_route takes."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    block_n, stages, registers = TILES[d]
-    grid = (triton.cdiv(t, BLOCK_M), b * hq)
+    tile = TILES[d][0]
+    grid = (triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers), b * hq)
     flash_fwd_hopper_kernel[grid](
-        _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), block_n, d), _descriptor(_rows_view(v), block_n, d),
+        _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), tile.block_n, d), _descriptor(_rows_view(v), tile.block_n, d),
         o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, hq, hq // hkv, lse.stride(1), problem.scale_log2,
-        CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, PINGPONG=PINGPONG,
-        num_warps=CONSUMER_WARPS.value, maxnreg=registers,
+        CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
+        CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers,
     )

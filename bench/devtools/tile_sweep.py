@@ -106,15 +106,19 @@ def _loads(way: str):
 
 
 @contextlib.contextmanager
-def _hopper_forward(on: bool, pingpong: bool = True):
+def _hopper_forward(on: bool, pingpong: bool = True, tile: flash_fwd_hopper.HopperTile | None = None):
     """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept),
-    its consumers taking turns (pingpong) or not."""
-    saved = flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG
+    its consumers taking turns (pingpong) or not, with ``tile`` first for its head dim."""
+    saved = flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, dict(flash_fwd_hopper.TILES)
     flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG = on, pingpong
+    if tile is not None:
+        head_dim = next(d for d, tiles in flash_fwd_hopper.TILES.items() if tile in tiles)
+        flash_fwd_hopper.TILES[head_dim] = [tile]
     try:
         yield
     finally:
-        flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG = saved
+        flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG = saved[:2]
+        flash_fwd_hopper.TILES.update(saved[2])
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
@@ -142,10 +146,12 @@ def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -
     with _hopper_forward(False):
         for tile in swept.get("fwd", []):
             add("fwd", tile, forward)
-    for pingpong, name in ((True, "hopper-fwd"), (False, "hopper-fwd-free")):
-        with _hopper_forward(True, pingpong):
-            if swept.get("fwd") and flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
-                add(name, NO_TILE, forward)
+    for hopper_tile in flash_fwd_hopper.TILES.get(problem.head_dim, []) if swept.get("fwd") else []:
+        for pingpong, name in ((True, "hopper-fwd"), (False, "hopper-fwd-free")):
+            with _hopper_forward(True, pingpong, hopper_tile):
+                if flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
+                    consumers = hopper_tile.consumers
+                    add(name, (64 * consumers, hopper_tile.block_n, 4 * (consumers + 1), hopper_tile.stages, hopper_tile.max_registers), forward)
     timed = {tile: add("dkdv", tile, backward, held=[("dq", tiles["dq"][0])]) for tile in swept.get("dkdv", [])}
     best_dkdv = min((tile for tile in timed if timed[tile] is not None), key=timed.get, default=tiles["dkdv"][0])
     for tile in swept.get("dq", []):
