@@ -91,6 +91,9 @@
 #   pingpong: #25's Hopper forward as a producer and two consumer warpgroup partitions, with and without
 #             turns (PINGPONG): the smoke run, its CUDA tests, the hopper-fwd sweep, then Nsight Compute
 #             of it and of the portable forward (D 64 causal, T 4k, B 4, H 32)
+#   hopper-tiles: #25's Hopper forward at D 64 with each candidate tile (three consumer warpgroups at 128
+#             registers or two at 168): the smoke run, its CUDA tests, the D 64 hopper-fwd sweep, then
+#             Nsight Compute of the default tile (D 64 causal, T 4k, B 4, H 32)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -181,14 +184,30 @@ for d, causal, t, s in ((64, True, 1000, 1000), (128, False, 700, 1500), (64, Fa
     cat "$out/smoke.txt" | tail -12
     grep -q "smoke 128 True" "$out/smoke.txt" || exit 1
 }
-hopper_sweep() {  # the Hopper forward beside the portable kernel's tiles and cuDNN, D 64 and 128, both masks, T 512-16k
-    for d in 64 128; do
+hopper_sweep() {  # hopper_sweep [HEAD DIMS...]: the Hopper forward beside the portable kernel's tiles and cuDNN,
+                 # D 64 and 128 (default), both masks, T 512-16k
+    for d in ${*:-64 128}; do
         for c in causal no-causal; do
             limit 70 python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 4096 --seq 16384 --heads $((2048 / d)) \
                 --head-dim $d --$c --kernels fwd --no-neighbours --out "$out/fwd-d$d-$c.csv" > "$out/fwd-d$d-$c.txt" 2>&1
             grep -E "^B=|hopper|cudnn-fwd|^fwd" "$out/fwd-d$d-$c.txt"
         done
     done
+}
+hopper_ncu() {  # hopper_ncu KERNEL: Nsight Compute of flash_fwd_hopper or the portable flash_fwd_kernel, D 64 causal at 4k (B 4, H 32)
+    limit 45 ncu --clock-control none -k regex:"$1" --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+        python3 -c "
+import torch
+from attnbench.kernels import flash_fwd_hopper
+from attnbench.kernels.flash import flash_attention
+flash_fwd_hopper.HOPPER_FORWARD = '$1' == 'flash_fwd_hopper'
+q, k, v = (torch.randn(4, 4096, 32, 64, device='cuda', dtype=torch.bfloat16) for _ in range(3))
+for _ in range(5):
+    flash_attention(q, k, v, causal=True)
+torch.cuda.synchronize()
+" > "$out/ncu-$1.txt" 2>&1
+    grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc" "$out/ncu-$1.txt" | head -14
 }
 host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
@@ -651,21 +670,14 @@ pingpong)  # #25's Hopper forward as two consumer partitions (see the header)
     hopper_smoke
     flash_tests 150 tests/kernels/test_flash_fwd_hopper.py -k hopper
     hopper_sweep
-    for kernel in flash_fwd_hopper flash_fwd_kernel; do  # D 64 causal at 4k: B 4, H 32
-        limit 45 ncu --clock-control none -k regex:"$kernel" --launch-skip 3 --launch-count 1 \
-            --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
-            python3 -c "
-import torch
-from attnbench.kernels import flash_fwd_hopper
-from attnbench.kernels.flash import flash_attention
-flash_fwd_hopper.HOPPER_FORWARD = '$kernel' == 'flash_fwd_hopper'
-q, k, v = (torch.randn(4, 4096, 32, 64, device='cuda', dtype=torch.bfloat16) for _ in range(3))
-for _ in range(5):
-    flash_attention(q, k, v, causal=True)
-torch.cuda.synchronize()
-" > "$out/ncu-$kernel.txt" 2>&1
-        grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc" "$out/ncu-$kernel.txt" | head -14
-    done
+    hopper_ncu flash_fwd_hopper
+    hopper_ncu flash_fwd_kernel
+    ;;
+hopper-tiles)  # #25's Hopper forward at D 64 with three consumers or two (see the header)
+    hopper_smoke
+    flash_tests 150 tests/kernels/test_flash_fwd_hopper.py -k hopper
+    hopper_sweep 64
+    hopper_ncu flash_fwd_hopper
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py

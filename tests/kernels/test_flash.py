@@ -377,6 +377,15 @@ def test_the_hopper_forward_without_turns_matches_too(name, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("head_dim, candidate", [(d, i) for d, tiles in flash_fwd_hopper.TILES.items() for i in range(1, len(tiles))])
+def test_the_hopper_forwards_other_tiles_match_too(head_dim, candidate, monkeypatch):
+    """The candidates tile_sweep times beside the one the forward takes first, on the first hopper case of their head dim."""
+    monkeypatch.setitem(flash_fwd_hopper.TILES, head_dim, [flash_fwd_hopper.TILES[head_dim][candidate]])
+    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FORWARD", True)
+    assert_matches_reference(next(case for name, case in REAL_SIZE_CASES.items() if name.startswith("hopper-") and case.head_dim == head_dim))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
 def test_the_hopper_cases_take_the_hopper_forward(name, monkeypatch):
     if torch.cuda.get_device_capability()[0] != 9:
