@@ -1,9 +1,12 @@
 """The exact-softmax forward on Hopper, warp-specialised in Gluon (triton.experimental.gluon).
 
-One program per (query block of 64 rows per consumer, batch * query head), in partitions:
-- a producer warpgroup (one warp issues) makes the TMA loads: each consumer's q rows once, then k
+Work items are (query block of 64 rows per consumer, batch * query head), the longest causal blocks first;
+with PERSISTENT one program per SM walks its share of them, else one program per item. Each program runs in
+partitions:
+- a producer warpgroup (one warp issues) makes the TMA loads: each consumer's q rows per item, then k
   and v tiles into two rings of STAGES buffers each, every buffer with a "ready" barrier (the copy
-  engine signals it) and an "empty" one (every consumer signals it);
+  engine signals it) and an "empty" one (every consumer signals it); the rings run on across items, so
+  the next item's first tiles load while the consumers finish this one;
 - two or three consumer warpgroups (TILES: three at D 64, two at D 128), 64 query rows each, run
   the online softmax over the same key tiles with their tensor-core work kept in flight: while
   softmax(j) runs on the vector units, S(j+1) = q k(j+1)^T and O += P(j) v(j) are asynchronous
@@ -59,28 +62,58 @@ HEAD_DIMS = tuple(TILES)
 # The consumers take turns issuing their wgmma (FlashAttention-3's ping-pong: one's softmax runs while the
 # other's matrix products do); off, each issues as soon as its operands are ready
 PINGPONG = True
+# One program per SM walking its share of the work items (the next item's loads overlap this one's end), or
+# one program per item
+PERSISTENT = True
 
 
 @gluon.jit
-def _load_tiles(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, q_row, q_col, kv_row, kv_col, n_tiles,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The producer: each consumer's q rows, then n_tiles k and v tiles, each into a ring buffer once both consumers emptied it."""
-    q_bar, k_ready, k_empty, v_ready, v_empty, turns = barriers
+def _work_item(w, n_blocks, BH, T, S, CAUSAL: gl.constexpr, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Work item w of n_blocks * BH (query blocks of BLOCK rows, batch * query heads), the longest causal
+    blocks first: (batch * head, first query row, its position among the keys, key tiles to walk)."""
+    bh = w % BH
+    q_start = (n_blocks - 1 - w // BH) * BLOCK
+    pos_q0 = q_start + S - T
+    n_tiles = gl.cdiv(S, BLOCK_N)
+    if CAUSAL:
+        n_tiles = gl.cdiv(gl.minimum(pos_q0 + BLOCK, S), BLOCK_N)  # every consumer walks them all: they share the ring
+    return bh, q_start, pos_q0, n_tiles
+
+
+@gluon.jit
+def _load_tiles(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr):
+    """The producer, per work item of this program: each consumer's q rows once they all released the last
+    item's, then its k and v tiles, each into a ring buffer once every consumer emptied it. The ring's
+    count ``it`` runs on across items, so the next item's tiles load while the consumers finish this one."""
+    q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, turns = barriers
+    n_blocks, BH, T, S, HQ, GROUP = work
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     CONSUMERS: gl.constexpr = q_bufs.type.shape[0]
-    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-    for c in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [q_row + c * ROWS, q_col], q_bar, q_bufs.index(c))
-    for j in range(n_tiles):
-        stage = j % STAGES
-        phase = (j // STAGES) & 1  # a barrier starts with phase 1 complete: the first wait passes
-        row = kv_row + j * BLOCK_N
-        mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, kv_col], k_ready.index(stage), k_bufs.index(stage))
-        mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, kv_col], v_ready.index(stage), v_bufs.index(stage))
+    it = 0
+    item = 0
+    for w in range(gl.program_id(0), n_blocks * BH, gl.num_programs(0)):
+        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N)
+        b = bh // HQ
+        h = bh % HQ
+        mbarrier.wait(q_empty, (item & 1) ^ 1)  # a barrier starts with phase 1 complete: the first wait passes
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [b * T + q_start + c * ROWS, h * HEAD_DIM], q_bar, q_bufs.index(c))
+        kv_row = b * S
+        kv_col = (h // GROUP) * HEAD_DIM
+        for j in range(n_tiles):
+            stage = it % STAGES
+            phase = (it // STAGES) & 1
+            mbarrier.wait(k_empty.index(stage), phase ^ 1)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_bufs.index(stage))
+            mbarrier.wait(v_empty.index(stage), phase ^ 1)
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_bufs.index(stage))
+            it += 1
+        item += 1
 
 
 @gluon.jit
@@ -114,112 +147,121 @@ def _pass_turn(turns, me: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consume(me: gl.constexpr, smem, block, out, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer ``me``: query rows q_start + me * ROWS of the block, online softmax over the n_tiles key tiles,
-    then o (normalised) and the log2-sum-exp stored. S(j) and O += P(j-1) v(j-1) are in flight while
-    softmax(j-1)'s rescale and softmax(j) run; with PINGPONG the two consumers alternate issuing them.
-    smem: the q / k / v buffers and the barriers; block: the program's query block; out: where o and lse go."""
+def _consume(me: gl.constexpr, smem, work, out, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+             PINGPONG: gl.constexpr):
+    """Consumer ``me``, per work item of this program: query rows q_start + me * ROWS of the item's block, online
+    softmax over its key tiles, then o (normalised) and the log2-sum-exp stored. S(j) and O += P(j-1) v(j-1) are
+    in flight while softmax(j-1)'s rescale and softmax(j) run; with PINGPONG the consumers take turns issuing
+    them. smem: the q / k / v buffers and the barriers; work: the items' shape and the softmax scale; out: where o and lse go."""
     q_bufs, k_bufs, v_bufs, barriers = smem
-    n_tiles, q_start, pos_q0, T, kv_len, scale_log2 = block
-    O, LSE, o_offset, stride_ot, lse_offset = out
-    q_bar, k_ready, k_empty, v_ready, v_empty, turns = barriers
+    n_blocks, BH, T, S, HQ, scale_log2 = work
+    O, LSE, stride_ob, stride_ot, stride_oh, stride_stats = out
+    q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, turns = barriers
     ROWS: gl.constexpr = q_bufs.type.shape[1]
+    CONSUMERS: gl.constexpr = q_bufs.type.shape[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     dtype: gl.constexpr = q_bufs.dtype
     q_smem = q_bufs.index(me)
-    q_start += me * ROWS
-    pos_q0 += me * ROWS
-    first_masked = kv_len // BLOCK_N  # the length edge
-    if CAUSAL:
-        first_masked = gl.minimum(first_masked, (pos_q0 + 1) // BLOCK_N)  # the first tile a row's diagonal cuts
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    it = 0  # the ring's count, as the producer's
+    item = 0
+    turn = 0
+    for w in range(gl.program_id(0), n_blocks * BH, gl.num_programs(0)):
+        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N)
+        q_start += me * ROWS
+        pos_q0 += me * ROWS
+        first_masked = S // BLOCK_N  # the length edge
+        if CAUSAL:
+            first_masked = gl.minimum(first_masked, (pos_q0 + 1) // BLOCK_N)  # the first tile a row's diagonal cuts
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
 
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    _take_turn(turns, me, 0, PINGPONG)
-    s_token = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    _pass_turn(turns, me, PINGPONG)
-    s = warpgroup_mma_wait(0, deps=(s_token,))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    s = _masked(s, 0, first_masked, pos_q0, kv_len, CAUSAL, ROWS, BLOCK_N, s_layout)
-    m_i = gl.max(s, 1) * scale_log2  # every row sees key 0 (S >= T, no padding): finite
-    p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
-    l_i = gl.sum(p, 1)
-    for j in range(1, n_tiles):
-        stage = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        _take_turn(turns, me, j, PINGPONG)
-        s_token = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        o_token = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        mbarrier.wait(q_bar, item & 1)
+        mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+        _take_turn(turns, me, turn, PINGPONG)
+        s_token = warpgroup_mma(q_smem, k_bufs.index(it % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         _pass_turn(turns, me, PINGPONG)
-        s = warpgroup_mma_wait(1, deps=(s_token,))
-        mbarrier.arrive(k_empty.index(stage), count=1)
-        s = _masked(s, j, first_masked, pos_q0, kv_len, CAUSAL, ROWS, BLOCK_N, s_layout)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc, p_op = warpgroup_mma_wait(0, deps=(o_token, p_op))
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    last = (n_tiles - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    _take_turn(turns, me, n_tiles, PINGPONG)
-    o_token = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-    _pass_turn(turns, me, PINGPONG)
-    acc = warpgroup_mma_wait(0, deps=(o_token,))
-    mbarrier.arrive(v_empty.index(last), count=1)
+        turn += 1
+        s = warpgroup_mma_wait(0, deps=(s_token,))
+        mbarrier.arrive(k_empty.index(it % STAGES), count=1)
+        s = _masked(s, 0, first_masked, pos_q0, S, CAUSAL, ROWS, BLOCK_N, s_layout)
+        m_i = gl.max(s, 1) * scale_log2  # every row sees key 0 (S >= T, no padding): finite
+        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, 1)
+        for j in range(1, n_tiles):
+            stage = (it + j) % STAGES
+            prev = (it + j - 1) % STAGES
+            mbarrier.wait(k_ready.index(stage), ((it + j) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((it + j - 1) // STAGES) & 1)
+            _take_turn(turns, me, turn, PINGPONG)
+            s_token = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            o_token = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            _pass_turn(turns, me, PINGPONG)
+            turn += 1
+            s = warpgroup_mma_wait(1, deps=(s_token,))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            s = _masked(s, j, first_masked, pos_q0, S, CAUSAL, ROWS, BLOCK_N, s_layout)
+            m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_token, p_op))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        mbarrier.arrive(q_empty, count=1)  # every S of the item is done: the producer may load the next item's q
+        last = (it + n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((it + n_tiles - 1) // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        _take_turn(turns, me, turn, PINGPONG)
+        o_token = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        _pass_turn(turns, me, PINGPONG)
+        turn += 1
+        acc = warpgroup_mma_wait(0, deps=(o_token,))
+        mbarrier.arrive(v_empty.index(last), count=1)
+        it += n_tiles
+        item += 1
 
-    rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    o_ptrs = O + o_offset + gl.expand_dims(rows, 1) * stride_ot + gl.expand_dims(cols, 0)
-    gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(rows < T, 1))
-    lse_rows = q_start + gl.arange(0, ROWS, layout=l_i.type.layout)
-    gl.store(LSE + lse_offset + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < T)
+        b = bh // HQ
+        h = bh % HQ
+        rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ot + gl.expand_dims(cols, 0)
+        gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(rows < T, 1))
+        lse_rows = q_start + gl.arange(0, ROWS, layout=l_i.type.layout)
+        gl.store(LSE + bh.to(gl.int64) * stride_stats + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < T)
 
 
 @gluon.jit
 def flash_fwd_hopper_kernel(
-    q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh, T, S, HQ, GROUP, stride_stats, scale_log2,
+    q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh, T, S, BH, HQ, GROUP, stride_stats, scale_log2,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
     CONSUMER_REGISTERS: gl.constexpr, PINGPONG: gl.constexpr,
 ):
-    """Grid (cdiv(T, 64 * CONSUMERS), B * Hq), the longest causal blocks first. q_desc over q as [B * T, Hq * D]
-    (blocks of one consumer's rows), k_desc and v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D]
-    (unit column stride), LSE as flash_fwd's. Launched with num_warps = CONSUMER_WARPS: the producer is the
-    default partition, the CONSUMERS (2 or 3) are worker partitions."""
+    """Grid (programs,): program p takes work items p, p + programs, ... of cdiv(T, 64 * CONSUMERS) query blocks
+    times BH = B * Hq (_work_item: the longest causal blocks first); programs = one per SM makes it persistent,
+    one per item is the plain grid. q_desc over q as [B * T, Hq * D] (blocks of one consumer's rows), k_desc and
+    v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D] (unit column stride), LSE as flash_fwd's. Launched with
+    num_warps = CONSUMER_WARPS: the producer is the default partition, the CONSUMERS (2 or 3) are worker partitions."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK: gl.constexpr = ROWS * CONSUMERS
-    block = gl.num_programs(0) - 1 - gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    q_start = block * BLOCK
-    pos_q0 = q_start + S - T
-    n_tiles = gl.cdiv(S, BLOCK_N)
-    if CAUSAL:
-        n_tiles = gl.cdiv(gl.minimum(pos_q0 + BLOCK, S), BLOCK_N)  # both consumers walk them all: they share the ring
+    n_blocks = gl.cdiv(T, ROWS * CONSUMERS)
 
     dtype: gl.constexpr = q_desc.dtype
     q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=CONSUMERS)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=CONSUMERS)
@@ -228,26 +270,23 @@ def flash_fwd_hopper_kernel(
     for i in gl.static_range(CONSUMERS):
         mbarrier.init(turns.index(i), count=1)
 
-    barriers = (q_bar, k_ready, k_empty, v_ready, v_empty, turns)
-    o_offset = b.to(gl.int64) * stride_ob + h * stride_oh
-    lse_offset = bh.to(gl.int64) * stride_stats
+    barriers = (q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, turns)
     smem = (q_bufs, k_bufs, v_bufs, barriers)
-    block_args = (n_tiles, q_start, pos_q0, T, S, scale_log2)
-    out = (O, LSE, o_offset, stride_ot, lse_offset)
-    loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers,
-             b * T + q_start, h * HEAD_DIM, b * S, (h // GROUP) * HEAD_DIM, n_tiles, BLOCK_N, STAGES)
+    work = (n_blocks, BH, T, S, HQ, scale_log2)
+    out = (O, LSE, stride_ob, stride_ot, stride_oh, stride_stats)
+    loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, (n_blocks, BH, T, S, HQ, GROUP), CAUSAL, BLOCK_N, STAGES)
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_load_tiles, loads),
-            (_consume, (gl.constexpr(0), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-            (_consume, (gl.constexpr(1), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     else:
         gl.warp_specialize([
             (_load_tiles, loads),
-            (_consume, (gl.constexpr(0), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-            (_consume, (gl.constexpr(1), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-            (_consume, (gl.constexpr(2), smem, block_args, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(2), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS])
 
 
@@ -306,15 +345,21 @@ def hopper_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v: tor
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     """Writes o [B, T, Hq, D] and lse [B, Hq, >= T] (flash_fwd.flash_forward's outputs) for a problem hopper_route takes."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     tile = TILES[d][0]
-    grid = (triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers), b * hq)
+    items = triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers) * b * hq
+    grid = (min(items, _sm_count(q.get_device())) if PERSISTENT else items,)
     flash_fwd_hopper_kernel[grid](
         _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), tile.block_n, d), _descriptor(_rows_view(v), tile.block_n, d),
-        o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, hq, hq // hkv, lse.stride(1), problem.scale_log2,
+        o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, b * hq, hq, hq // hkv, lse.stride(1), problem.scale_log2,
         CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
         CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers,
     )

@@ -91,9 +91,9 @@
 #   pingpong: #25's Hopper forward as a producer and two consumer warpgroup partitions, with and without
 #             turns (PINGPONG): the smoke run, its CUDA tests, the hopper-fwd sweep, then Nsight Compute
 #             of it and of the portable forward (D 64 causal, T 4k, B 4, H 32)
-#   hopper-tiles: #25's Hopper forward at D 64 with each candidate tile (three consumer warpgroups at 128
-#             registers or two at 168): the smoke run, its CUDA tests, the D 64 hopper-fwd sweep, then
-#             Nsight Compute of the default tile (D 64 causal, T 4k, B 4, H 32)
+#   hopper-tiles: #25's Hopper forward made persistent (one program per SM walking work items, or one per item),
+#             with each candidate tile (D 64: three consumer warpgroups at 128 registers or two at 168): the smoke
+#             run, its CUDA tests, the hopper-fwd sweep (D 64 and 128)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -188,7 +188,7 @@ hopper_sweep() {  # hopper_sweep [HEAD DIMS...]: the Hopper forward beside the p
                  # D 64 and 128 (default), both masks, T 512-16k
     for d in ${*:-64 128}; do
         for c in causal no-causal; do
-            limit 70 python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 4096 --seq 16384 --heads $((2048 / d)) \
+            limit "${SWEEP_S:-70}" python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 4096 --seq 16384 --heads $((2048 / d)) \
                 --head-dim $d --$c --kernels fwd --no-neighbours --out "$out/fwd-d$d-$c.csv" > "$out/fwd-d$d-$c.txt" 2>&1
             grep -E "^B=|hopper|cudnn-fwd|^fwd" "$out/fwd-d$d-$c.txt"
         done
@@ -676,8 +676,7 @@ pingpong)  # #25's Hopper forward as two consumer partitions (see the header)
 hopper-tiles)  # #25's Hopper forward at D 64 with three consumers or two (see the header)
     hopper_smoke
     flash_tests 150 tests/kernels/test_flash_fwd_hopper.py -k hopper
-    hopper_sweep 64
-    hopper_ncu flash_fwd_hopper
+    SWEEP_S=100 hopper_sweep
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py

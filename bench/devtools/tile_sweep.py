@@ -7,7 +7,8 @@ timed on its own on one problem, next to cuDNN's forward and backward (CUDA only
 times every tile both with the loops' tiles read through TMA descriptors and through pointers;
 --kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone, the portable kernel's
 tiles and then, on Hopper, the warp-specialised kernel (kernels/flash_fwd_hopper.py) as 'hopper-fwd'
-(its consumers taking turns) and 'hopper-fwd-free' (not); a dk/dv candidate is timed as the whole
+(its consumers taking turns, one program per SM), 'hopper-fwd-free' (no turns) and
+'hopper-fwd-per-item' (one program per work item); a dk/dv candidate is timed as the whole
 backward with dq held at its current first choice, and a dq candidate with
 dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels'
 own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are edited by hand from what this prints.
@@ -46,6 +47,8 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 4), (64, 32, 4, 3)],
 }
 NO_TILE = (0, 0, 0, 0, 0)
+# the Hopper forward's schedules timed: (its consumers taking turns, one program per SM, row name)
+HOPPER_SCHEDULES = ((True, True, "hopper-fwd"), (False, True, "hopper-fwd-free"), (True, False, "hopper-fwd-per-item"))
 KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
 
@@ -106,19 +109,20 @@ def _loads(way: str):
 
 
 @contextlib.contextmanager
-def _hopper_forward(on: bool, pingpong: bool = True, tile: flash_fwd_hopper.HopperTile | None = None):
+def _hopper_forward(on: bool, pingpong: bool = True, persistent: bool = True, tile: flash_fwd_hopper.HopperTile | None = None):
     """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept),
-    its consumers taking turns (pingpong) or not, with ``tile`` first for its head dim."""
-    saved = flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, dict(flash_fwd_hopper.TILES)
-    flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG = on, pingpong
+    its consumers taking turns (pingpong) or not, one program per SM (persistent) or per work item, with
+    ``tile`` first for its head dim."""
+    saved = flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT, dict(flash_fwd_hopper.TILES)
+    flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = on, pingpong, persistent
     if tile is not None:
         head_dim = next(d for d, tiles in flash_fwd_hopper.TILES.items() if tile in tiles)
         flash_fwd_hopper.TILES[head_dim] = [tile]
     try:
         yield
     finally:
-        flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG = saved[:2]
-        flash_fwd_hopper.TILES.update(saved[2])
+        flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = saved[:3]
+        flash_fwd_hopper.TILES.update(saved[3])
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
@@ -147,8 +151,8 @@ def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -
         for tile in swept.get("fwd", []):
             add("fwd", tile, forward)
     for hopper_tile in flash_fwd_hopper.TILES.get(problem.head_dim, []) if swept.get("fwd") else []:
-        for pingpong, name in ((True, "hopper-fwd"), (False, "hopper-fwd-free")):
-            with _hopper_forward(True, pingpong, hopper_tile):
+        for pingpong, persistent, name in HOPPER_SCHEDULES:
+            with _hopper_forward(True, pingpong, persistent, hopper_tile):
                 if flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
                     consumers = hopper_tile.consumers
                     add(name, (64 * consumers, hopper_tile.block_n, 4 * (consumers + 1), hopper_tile.stages, hopper_tile.max_registers), forward)

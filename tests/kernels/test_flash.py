@@ -357,6 +357,9 @@ REAL_SIZE_CASES = {
     "hopper-bf16-D128-gqa-bidirectional-2k": Case(batch=2, t=2048, heads=8, kv_heads=2, head_dim=128),
     "hopper-fp16-D128-causal-cross": Case(batch=2, t=700, s=1500, heads=4, head_dim=128, dtype=torch.float16, options={"causal": True}),
     "hopper-fp16-D64-rope-mqa-cross": Case(batch=1, t=513, s=2000, heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, options={"theta": 1e4}),
+    # more work items than SMs: persistent programs walk several, causal ones of different lengths
+    "hopper-bf16-D64-gqa-causal-4k": Case(batch=4, t=4096, heads=8, kv_heads=2, head_dim=64, options={"causal": True}),
+    "hopper-fp16-D128-bidirectional-3000": Case(batch=4, t=3000, heads=8, head_dim=128, dtype=torch.float16),
 }
 
 
@@ -368,11 +371,14 @@ def test_matches_reference_at_real_sizes(name, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("pingpong, persistent", [(False, True), (True, False)], ids=["without-turns", "one-program-per-item"])
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
-def test_the_hopper_forward_without_turns_matches_too(name, monkeypatch):
-    """Its consumers issuing their wgmma as soon as ready (PINGPONG off, tile_sweep's hopper-fwd-free)."""
+def test_the_hopper_forwards_other_schedules_match_too(name, pingpong, persistent, monkeypatch):
+    """Its consumers issuing their wgmma as soon as ready (PINGPONG off, tile_sweep's hopper-fwd-free), or
+    one program per work item instead of one per SM (PERSISTENT off, hopper-fwd-per-item)."""
     monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FORWARD", True)
-    monkeypatch.setattr(flash_fwd_hopper, "PINGPONG", False)
+    monkeypatch.setattr(flash_fwd_hopper, "PINGPONG", pingpong)
+    monkeypatch.setattr(flash_fwd_hopper, "PERSISTENT", persistent)
     assert_matches_reference(REAL_SIZE_CASES[name])
 
 
