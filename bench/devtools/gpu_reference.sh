@@ -94,6 +94,12 @@
 #   hopper-tiles: #25's Hopper forward made persistent (one program per SM walking work items, or one per item),
 #             with each candidate tile (D 64: three consumer warpgroups at 128 registers or two at 168): the smoke
 #             run, its CUDA tests, the hopper-fwd sweep (D 64 and 128)
+#   exact-grid: #25's must-show grid: `attnbench speed --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex
+#             --tokens 16384 --seq 512 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional` at D 64
+#             and 128 (H = 2048 / D), with its report (speedups over cuDNN, FlashAttention-2 and flex)
+#   model-exposb: #25's must-show model-level step (GPT small, triton against SDPA, T 1k and 4k), eager and as
+#             a CUDA graph, three runs each; exposb beside standard (triton, D 64 and 128, T 1k-16k, causal);
+#             `attnbench check` of standard, rope, alibi, window to T = 4k; the reports
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -677,6 +683,30 @@ hopper-tiles)  # #25's Hopper forward at D 64 with three consumers or two (see t
     hopper_smoke
     flash_tests 150 tests/kernels/test_flash_fwd_hopper.py -k hopper
     SWEEP_S=100 hopper_sweep
+    ;;
+exact-grid)  # #25's must-show exact-softmax grid (see the header)
+    for d in 64 128; do
+        speed 270 --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex --tokens 16384 --seq 512 1024 4096 16384 \
+            --mode fwd --mode fwdbwd --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d" > "$out/exact-d$d.txt"
+        tail -n 4 "$out/exact-d$d.txt"
+    done
+    attnbench report "$out"/exact-d64 "$out"/exact-d128 --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex \
+        --out "$out/report" > /dev/null 2>&1
+    sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
+    ;;
+model-exposb)  # #25's must-show model-level steps and ExpoSB, then `check` of the flash family (see the header)
+    model_steps 3 model standard 60
+    model_steps 3 model-graph standard 60
+    for d in 64 128; do
+        speed 80 --attn standard,exposb --impl triton --tokens 16384 --seq 1024 4096 16384 --heads $((2048 / d)) --head-dim $d \
+            --mode fwd --mode fwdbwd --causal --out "$out/exposb-d$d" > "$out/exposb-d$d.txt"
+    done
+    limit 100 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
+    tail -n 3 "$out/check.txt"
+    attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
+    sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
+    attnbench report "$out"/exposb-d* --baseline triton --out "$out/exposb-report" > /dev/null 2>&1
+    sed -n '/^## Speedup over/,/^## Peak/p' "$out/exposb-report/report.md"
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py
