@@ -305,8 +305,9 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
     return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), block, layout)
 
 
-# Off by default: measured on the H200 it is 0.85-1.05x the portable kernel's speed (PERF_NOTES 14), so
-# every forward takes the portable kernel unless this is switched on (tile_sweep's hopper-fwd rows, tests)
+# Off by default until the persistent schedule is timed (PERF_NOTES 15: before it, 1.06-1.21x the portable
+# kernel at D 128 and 0.91-1.03x at D 64 on the H200), so every forward takes the portable kernel unless this
+# is switched on (tile_sweep's hopper-fwd rows, tests)
 HOPPER_FORWARD = False
 
 
