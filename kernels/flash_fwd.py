@@ -141,7 +141,7 @@ def flash_fwd_kernel(
 def flash_forward(q, k, v, problem: FlashProblem):
     """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, stats_row_length(T)] float32 (log2 units, for the
     backward; the first T of each row are written). Packed problems: B = 1, T = S = the pack.
-    With flash_fwd_hopper.HOPPER_FORWARD on, the problems its hopper_route takes run its warp-specialised kernel."""
+    The problems flash_fwd_hopper.hopper_route takes run its warp-specialised kernel."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     o = empty((b, t, hq, d), q.dtype, q.device)

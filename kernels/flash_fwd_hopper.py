@@ -64,7 +64,7 @@ HEAD_DIMS = tuple(TILES)
 PINGPONG = True
 # One program per SM walking its share of the work items (the next item's loads overlap this one's end), or
 # one program per item
-PERSISTENT = True
+PERSISTENT = False  # measured: per item 1.88 ms against 2.03 persistent at D 128 causal 16k (H100, PERF_NOTES 16)
 
 
 @gluon.jit
@@ -305,10 +305,13 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
     return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), block, layout)
 
 
-# Off by default until the persistent schedule is timed (PERF_NOTES 15: before it, 1.06-1.21x the portable
-# kernel at D 128 and 0.91-1.03x at D 64 on the H200), so every forward takes the portable kernel unless this
-# is switched on (tile_sweep's hopper-fwd rows, tests)
-HOPPER_FORWARD = False
+# Per head dim, the key length from which a forward takes the Hopper path, None: at no length. Measured on an
+# H100 beside the portable kernel (PERF_NOTES 16, results/reference-h100/hopper-tiles): at D 128 1.00-1.22x it
+# from 4k keys, 0.77-0.89x below (a program's fixed cost: barriers, the rings' fill, the epilogue); at D 64
+# 0.6-1.1x (1.1x only causal at 16k) (the exponential unit bounds both kernels), so D 64 stays portable
+HOPPER_FROM_KEYS: dict[int, int | None] = {64: None, 128: 4096}
+EVERYWHERE = dict.fromkeys(HEAD_DIMS, 0)  # every problem the kernel can take (tests, tile_sweep)
+NOWHERE = dict.fromkeys(HEAD_DIMS, None)  # the portable kernel only
 
 
 @functools.lru_cache(maxsize=None)
@@ -320,8 +323,6 @@ def hopper_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v: tor
                  capability: tuple[int, int] | None = None) -> str | None:
     """Why this forward takes the portable kernel instead of the Hopper one, or None when it can take
     the Hopper one. capability: the GPU's (major, minor), default q's device's (a CPU tensor: none)."""
-    if not HOPPER_FORWARD:
-        return "the Hopper path is switched off"
     if capability is None and not q.is_cuda:
         return "not on a GPU"
     if (capability or _capability(q.get_device()))[0] != 9:
@@ -343,6 +344,11 @@ def hopper_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v: tor
             return f"{name}'s strides (the Hopper path reads [B, L, H, D] as rows of H * D with unit head and column strides)"
         if x.data_ptr() % 16 or x.stride(1) % 8:
             return f"{name} is not 16-byte aligned"
+    shortest = HOPPER_FROM_KEYS.get(problem.head_dim)
+    if shortest is None:
+        return f"the Hopper path is off at head dim {problem.head_dim} (HOPPER_FROM_KEYS: not faster there)"
+    if k.shape[1] < shortest:
+        return f"{k.shape[1]} keys (the Hopper path is on from {shortest} at head dim {problem.head_dim}: HOPPER_FROM_KEYS)"
     return None
 
 

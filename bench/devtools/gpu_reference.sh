@@ -179,7 +179,7 @@ hopper_smoke() {  # the Hopper forward beside SDPA in float32 on four shapes; st
 import torch
 from attnbench.kernels import flash_fwd_hopper
 from attnbench.kernels.flash import flash_attention
-flash_fwd_hopper.HOPPER_FORWARD = True
+flash_fwd_hopper.HOPPER_FROM_KEYS = flash_fwd_hopper.EVERYWHERE
 for d, causal, t, s in ((64, True, 1000, 1000), (128, False, 700, 1500), (64, False, 2048, 2048), (128, True, 4096, 4096)):
     q = torch.randn(2, t, 8, d, device='cuda', dtype=torch.bfloat16)
     k, v = (torch.randn(2, s, 2, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))
@@ -207,7 +207,7 @@ hopper_ncu() {  # hopper_ncu KERNEL: Nsight Compute of flash_fwd_hopper or the p
 import torch
 from attnbench.kernels import flash_fwd_hopper
 from attnbench.kernels.flash import flash_attention
-flash_fwd_hopper.HOPPER_FORWARD = '$1' == 'flash_fwd_hopper'
+flash_fwd_hopper.HOPPER_FROM_KEYS = flash_fwd_hopper.EVERYWHERE if '$1' == 'flash_fwd_hopper' else flash_fwd_hopper.NOWHERE
 q, k, v = (torch.randn(4, 4096, 32, 64, device='cuda', dtype=torch.bfloat16) for _ in range(3))
 for _ in range(5):
     flash_attention(q, k, v, causal=True)

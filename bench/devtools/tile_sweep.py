@@ -113,15 +113,16 @@ def _hopper_forward(on: bool, pingpong: bool = True, persistent: bool = True, ti
     """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept),
     its consumers taking turns (pingpong) or not, one program per SM (persistent) or per work item, with
     ``tile`` first for its head dim."""
-    saved = flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT, dict(flash_fwd_hopper.TILES)
-    flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = on, pingpong, persistent
+    saved = flash_fwd_hopper.HOPPER_FROM_KEYS, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT, dict(flash_fwd_hopper.TILES)
+    flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = pingpong, persistent
+    flash_fwd_hopper.HOPPER_FROM_KEYS = flash_fwd_hopper.EVERYWHERE if on else flash_fwd_hopper.NOWHERE
     if tile is not None:
         head_dim = next(d for d, tiles in flash_fwd_hopper.TILES.items() if tile in tiles)
         flash_fwd_hopper.TILES[head_dim] = [tile]
     try:
         yield
     finally:
-        flash_fwd_hopper.HOPPER_FORWARD, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = saved[:3]
+        flash_fwd_hopper.HOPPER_FROM_KEYS, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = saved[:3]
         flash_fwd_hopper.TILES.update(saved[3])
 
 

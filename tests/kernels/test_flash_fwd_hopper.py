@@ -15,12 +15,14 @@ from attnbench.kernels.flash_fwd_hopper import hopper_route
 from attnbench.kernels.reference import alibi_slopes
 
 HOPPER = (9, 0)
+MEASURED_FROM_KEYS = dict(flash_fwd_hopper.HOPPER_FROM_KEYS)  # the default, before the fixture replaces it
 
 
 @pytest.fixture(autouse=True)
-def hopper_forward_on(monkeypatch):
-    """The routes as they are with the Hopper forward switched on (it is off by default: PERF_NOTES 14)."""
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FORWARD", True)
+def hopper_forward_everywhere(monkeypatch):
+    """The routes as they are where the Hopper forward is on at every head dim and length (by default it is
+    on where it was measured faster: test_the_measured_policy_names_why_the_rest_stays_portable)."""
+    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.EVERYWHERE)
 
 
 def _qkv(t=256, s=None, heads=4, kv_heads=None, head_dim=64, dtype=torch.bfloat16):
@@ -82,5 +84,14 @@ def test_switched_off_and_cpu_tensors_take_the_portable_kernel(monkeypatch):
     q, k, v = _qkv()
     problem = flash_problem(q, k)
     assert "not on a GPU" in hopper_route(problem, q, k, v)
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FORWARD", False)
-    assert "switched off" in hopper_route(problem, q, k, v, HOPPER)
+    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.NOWHERE)
+    assert "off at head dim 64" in hopper_route(problem, q, k, v, HOPPER)
+
+
+def test_the_measured_policy_names_why_the_rest_stays_portable(monkeypatch):
+    """By default: head dim 64 at no length, head dim 128 from 4096 keys (PERF_NOTES 16)."""
+    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", MEASURED_FROM_KEYS)
+    for head_dim, t, s, reason in ((64, 256, 8192, "off at head dim 64"), (128, 256, 4095, "4095 keys"), (128, 256, 4096, None)):
+        q, k, v = _qkv(t=t, s=s, heads=2, head_dim=head_dim)
+        route = hopper_route(flash_problem(q, k, causal=True), q, k, v, HOPPER)
+        assert route is None if reason is None else reason in route
