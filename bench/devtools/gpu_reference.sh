@@ -98,8 +98,9 @@
 #             --tokens 16384 --seq 512 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional` at D 64
 #             and 128 (H = 2048 / D), with its report (speedups over cuDNN, FlashAttention-2 and flex)
 #   model-exposb: #25's must-show model-level step (GPT small, triton against SDPA, T 1k and 4k), eager and as
-#             a CUDA graph, three runs each; exposb beside standard (triton, D 64 and 128, T 1k-16k, causal);
-#             `attnbench check` of standard, rope, alibi, window to T = 4k; the reports
+#             a CUDA graph, three runs each; ExpoSB's CUDA tests, exposb beside standard (triton, D 64 and 128,
+#             T 1k-16k, causal); `attnbench check` of standard, rope, alibi, window to T = 4k; ncu of the Hopper and
+#             the portable forward at D 128 causal T 512 (B 32, H 16); the reports
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -200,7 +201,9 @@ hopper_sweep() {  # hopper_sweep [HEAD DIMS...]: the Hopper forward beside the p
         done
     done
 }
-hopper_ncu() {  # hopper_ncu KERNEL: Nsight Compute of flash_fwd_hopper or the portable flash_fwd_kernel, D 64 causal at 4k (B 4, H 32)
+hopper_ncu() {  # hopper_ncu KERNEL [B T H D]: Nsight Compute of flash_fwd_hopper or the portable flash_fwd_kernel, causal,
+                # default D 64 at 4k (B 4, H 32); ncu-KERNEL.txt, or ncu-KERNEL-tT-dD.txt for another shape
+    local shape=(${2:-4} ${3:-4096} ${4:-32} ${5:-64}) name=$1${2:+-t$3-d$5}
     limit 45 ncu --clock-control none -k regex:"$1" --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
         python3 -c "
@@ -208,12 +211,12 @@ import torch
 from attnbench.kernels import flash_fwd_hopper
 from attnbench.kernels.flash import flash_attention
 flash_fwd_hopper.HOPPER_FROM_KEYS = flash_fwd_hopper.EVERYWHERE if '$1' == 'flash_fwd_hopper' else flash_fwd_hopper.NOWHERE
-q, k, v = (torch.randn(4, 4096, 32, 64, device='cuda', dtype=torch.bfloat16) for _ in range(3))
+q, k, v = (torch.randn(${shape[0]}, ${shape[1]}, ${shape[2]}, ${shape[3]}, device='cuda', dtype=torch.bfloat16) for _ in range(3))
 for _ in range(5):
     flash_attention(q, k, v, causal=True)
 torch.cuda.synchronize()
-" > "$out/ncu-$1.txt" 2>&1
-    grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc" "$out/ncu-$1.txt" | head -14
+" > "$out/ncu-$name.txt" 2>&1
+    grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc" "$out/ncu-$name.txt" | head -14
 }
 host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
@@ -697,12 +700,17 @@ exact-grid)  # #25's must-show exact-softmax grid (see the header)
 model-exposb)  # #25's must-show model-level steps and ExpoSB, then `check` of the flash family (see the header)
     model_steps 3 model standard 60
     model_steps 3 model-graph standard 60
+    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
+        --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
     for d in 64 128; do
         speed 80 --attn standard,exposb --impl triton --tokens 16384 --seq 1024 4096 16384 --heads $((2048 / d)) --head-dim $d \
             --mode fwd --mode fwdbwd --causal --out "$out/exposb-d$d" > "$out/exposb-d$d.txt"
     done
     limit 100 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -n 3 "$out/check.txt"
+    hopper_ncu flash_fwd_hopper 32 512 16 128  # what the Hopper forward's short-T cost is (PERF_NOTES 16)
+    hopper_ncu flash_fwd_kernel 32 512 16 128
     attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
     attnbench report "$out"/exposb-d* --baseline triton --out "$out/exposb-report" > /dev/null 2>&1
