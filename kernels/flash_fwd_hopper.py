@@ -17,7 +17,8 @@ partitions:
 What kernels/flash_fwd.py computes, for the options this path takes (hopper_route says which):
 o [B, T, Hq, D] and lse [B, Hq, T] float32 in log2 units of the scaled scores, causal or not,
 GQA, any S >= T (queries aligned bottom-right), fp16/bf16, D 64 or 128. RoPE is applied before
-any forward kernel (flash_rope), so it rides along. Everything else goes to the portable kernel.
+any forward kernel (flash_rope), so it rides along. Everything else goes to the portable kernel, and so
+do the problems it can take but was not measured faster on (HOPPER_FROM_KEYS: on at D 128 from 4096 keys).
 Tiles are read through host-side descriptors over the [B * T, H * D] view of each input, so a
 tile may run past its sequence into the next one: keys past S are masked in the scores, and
 query rows past T are never stored.
