@@ -35,7 +35,7 @@ _INTERPRETER_TILES = {"fwd": (16, 16, 1), "dq": (16, 16, 1), "dkdv": (16, 16, 1)
 _PREPASS_ROWS = {64: 64, 128: 32, 256: 16}
 
 
-def _tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype) -> tuple[int, int, dict]:
+def kernel_tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype) -> tuple[int, int, dict]:
     """BLOCK_M, BLOCK_N and the launch options of ``kernel`` (fwd, dq or dkdv)."""
     if device.type != "cuda":
         block_m, block_n, _ = _INTERPRETER_TILES[kernel]
@@ -101,7 +101,7 @@ def exposb_forward(q_t, k_t, v, params, causal, seq_lens, out_dtype):
     s, hkv = v.shape[1], v.shape[2]
     o = torch.empty(q_t.shape, device=q_t.device, dtype=out_dtype)
     lse = torch.empty(b, hq, t, device=q_t.device, dtype=torch.float32)
-    block_m, block_n, launch = _tiles(q_t.device, d, "fwd", q_t.dtype)
+    block_m, block_n, launch = kernel_tiles(q_t.device, d, "fwd", q_t.dtype)
     grid = (triton.cdiv(t, block_m), b * hq)
     exposb_fwd_kernel[grid](
         q_t, k_t, v, o, lse, params["delta"], seq_lens,
@@ -127,7 +127,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     common = dict(HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, DOT_PRECISION=_dot_precision(q.dtype))
     param_values = [params[name] for name in PARAM_NAMES]
 
-    block_m, block_n, launch = _tiles(q.device, d, "dq", q.dtype)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "dq", q.dtype)
     q_blocks = triton.cdiv(t, block_m)
     q_partials = torch.zeros(len(PARAM_NAMES), b, q_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dq_kernel[(q_blocks, b * hq)](
@@ -136,7 +136,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
         q_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
-    block_m, block_n, launch = _tiles(q.device, d, "dkdv", q.dtype)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "dkdv", q.dtype)
     k_blocks = triton.cdiv(s, block_n)
     k_partials = torch.zeros(len(PARAM_NAMES), b, k_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dkdv_kernel[(k_blocks, b * hq)](
