@@ -20,13 +20,22 @@ float32 from q, k and cos/sin tables, and rounded once to q's dtype; k' is per q
 head's k with that head's parameters), so with GQA it is Hq / Hkv times k's size. When a gradient
 is needed they are kept for the backward, beside the raw q, k.
 
-Forward (flash skeleton): each program owns BLOCK_M query rows of one query head, its q' tile
-in registers, and streams k', v tiles as plain loads: the standard flash loop (online softmax in
-base 2, the LSE saved) with the decay applied to each score tile. Nothing of the T x S scores
-reaches memory. Off the diagonal, the distance splits at a pivot p between the query and key
-blocks, |m - n| = |m - p| + |p - n|, so the decay tile (with the softmax scale folded into its
-query factor) is an outer product of BLOCK_M + BLOCK_N exponentials, and applying it costs a
-multiply per score; only tiles that straddle the diagonal pay one exp per score.
+Forward (flash skeleton): each program owns BLOCK_M query rows of one query head, its q' tile in
+registers, and streams k', v tiles (through TMA descriptors on Hopper, else pointer loads): the
+standard flash loop (online softmax in base 2, the LSE saved). Nothing of the T x S scores
+reaches memory. A key tile lies in one of three regimes: BELOW (every key n <= every query m),
+DIAGONAL (it straddles the diagonal), ABOVE (every n > m; bidirectional only). Off the diagonal
+the distance splits at a pivot p between the two blocks (the query block's first position BELOW,
+its last ABOVE), |m - n| = |m - p| + |p - n|, so
+    w_mn / sqrt(D) = a_m * b_n,   a_m = exp(-delta |m - p|) / sqrt(D),   b_n = exp(-delta |p - n|)
+(a <= 1/sqrt(D), b <= 1: neither overflows). The query factor a [BLOCK_M] is formed once per
+regime (log2(e) folded in), the key factor b [BLOCK_N] once per tile, and with t = (q'.k') * b
+(one multiply per score) the loop is the standard one with a in the softmax scale's place:
+    m_i = max(m_i, a_m * max_n t_mn),   p_mn = exp2(t_mn * a_m - m_i)   (one FMA, as exp2(s * scale - m))
+a is floored at 2^-126 (a masked t is -inf, and -inf * 0 would be NaN; the floor moves only scores
+below 1e-38 |q'.k'|). Tiles that straddle the diagonal pay an exp per score (w whole, a = 1).
+Masks: of BELOW and ABOVE only the one key tile that kv_len cuts is masked (split off as the
+standard kernel's edge tiles are); DIAGONAL tiles are masked throughout.
 
 Backward (FA2): D_m = rowsum(dO_m * O_m), O kept in float32 by the forward when a gradient
 is needed (see _ExpoSBAttention.forward); P recomputed from the LSE;
@@ -35,6 +44,13 @@ is needed (see _ExpoSBAttention.forward); P recomputed from the LSE;
     dX = dS * w / sqrt(D)                                (dL/d(q'.k'), through the decay)
     dq' = dX k',   dk' = dX^T q'                         (dk' per query head of a kv head)
     d delta = sum_mn dS_mn * s_mn * (-|m - n|)
+Off the diagonal the backward factors w as the forward does, around the block a program owns. dq
+(queries owned, the forward's pivot) accumulates sum_n (dS * b_n) k'_n over a regime's tiles and
+multiplies by a_m once after it; d delta there, with x = dS * t (= X / a_m, X = dS * s):
+    sum_n X_mn |m - n| = a_m * (|m - p| * sum_n x_mn + sum_n x_mn |p - n|)
+(two row sums per tile, no distance per score; the diagonal keeps the per-score form). dk/dv (keys
+owned: the pivot is the key block's last key BELOW, its first ABOVE, so the key factor is the fixed
+one) accumulates sum_m (dS * a_m) q'_m and multiplies by b_n once per regime.
 The loops accumulate dq', dk' in float32 as [rows, D] tiles; the epilogues split them into their
 rotate-half pairs (dq'_1, dq'_2 [rows, D/2]: the rotation is then elementwise on the halves) and
 go back through q' = f * r * R q, once per row, from the raw q's R q and r (the same for k with n):

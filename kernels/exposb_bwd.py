@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from attnbench.kernels.exposb_tiles import (
-    ABOVE, BELOW, DIAGONAL, LOG2E, distance_weight, halves, head_params, input_grad, key_ranges, load_tile,
-    load_transformed, query_ranges, store_rows, visible,
+    ABOVE, BELOW, DIAGONAL, LOG2E, halves, head_params, input_grad, key_block_pivot, key_ranges, load_tile,
+    load_transformed, owner_factor, pivot_distance, query_block_pivot, query_ranges, store_rows, tile_weight, visible,
 )
 
 
@@ -50,24 +50,71 @@ def _store_param_partials(
 
 @triton.jit
 def _dq_tiles(
-    dq, d_delta, q, do, lse, di, pos_q, pos_q0, lo, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-    S, kv_len, delta, sm_scale,
-    REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dq, y_sum, y_dist, q, do, lse, di, pos_q, row_factor_log2, pivot, lo, hi, K, V, stride_kt, stride_kd, stride_vt,
+    stride_vd, S, kv_len, rate, sm_scale,
+    REGIME: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dq' += dX k' and the rows' d delta over the key tiles [lo, hi) of one regime."""
+    """Over the key tiles [lo, hi) of one regime, with a = the regime's query factor
+    (exposb_tiles.owner_factor; 1 on the diagonal) and t = s / a = q'.k' * tile_weight:
+    dq += (dS * tile_weight) k' (that is dX k' / a), and the row sums d delta needs of
+    x = dS * t (X / a with X = dS * s): off the diagonal y_sum += rowsum(x) and
+    y_dist += rowsum(x * |p - n|) (the caller adds |m - p| * y_sum: no distance per score);
+    on the diagonal y_dist += rowsum(x * |m - n|). MASKED: test each score (visible)."""
     for n0 in range(lo, hi, BLOCK_N):
         pos_k = n0 + tl.arange(0, BLOCK_N)
         k = load_tile(K, stride_kt, stride_kd, pos_k, S, D)
         v = load_tile(V, stride_vt, stride_vd, pos_k, S, D)
-        w = distance_weight(pos_q[:, None], pos_k[None, :], pos_q0, delta, sm_scale, REGIME, BLOCK_M)  # w / sqrt(D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * w  # [BM, BN], finite
-        p = tl.where(visible(pos_q[:, None], pos_k[None, :], kv_len, REGIME, CAUSAL), tl.exp2(s * LOG2E - lse[:, None]), 0.0)
+        w = tile_weight(pos_q, pos_k, pivot, rate, sm_scale, REGIME)  # [BM, BN] on the diagonal, else [1, BN]
+        t = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * w  # [BM, BN], finite
+        p = tl.exp2(t * row_factor_log2[:, None] - lse[:, None])
+        if MASKED:
+            p = tl.where(visible(pos_q[:, None], pos_k[None, :], kv_len, REGIME, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - di[:, None])
         dq = tl.dot((ds * w).to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION)
-        distance = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
-        d_delta -= tl.sum(ds * s * distance, 1)
+        x = ds * t
+        if REGIME == DIAGONAL:
+            y_dist += tl.sum(x * tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32), 1)
+        else:
+            y_sum += tl.sum(x, 1)
+            y_dist += tl.sum(x * pivot_distance(pos_k, pivot)[None, :], 1)
+    return dq, y_sum, y_dist
+
+
+@triton.jit
+def _dq_regime(
+    dq, d_delta, q, do, lse, di, pos_q, pos_q0, lo, full_end, hi, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+    S, kv_len, rate, sm_scale,
+    REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq' and the rows' d delta [BM] with the key tiles [lo, hi) of one regime added: [lo, full_end)
+    unmasked (none on the diagonal), [full_end, hi) masked. Off the diagonal the tiles' sums are
+    per unit query factor a [BM], formed once here: dq' += a * sum (dS * b) k', and with
+    |m - n| = |m - p| + |p - n|, d delta_m -= a_m (|m - p| y_sum_m + y_dist_m) (_dq_tiles)."""
+    pivot = query_block_pivot(pos_q0, REGIME, BLOCK_M)
+    row_factor = owner_factor(pos_q, pivot, rate, sm_scale, REGIME)  # [BM]
+    y_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    y_dist = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if REGIME == DIAGONAL:  # the weight is whole per score: straight onto dq'
+        acc = dq
+    else:
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        acc, y_sum, y_dist = _dq_tiles(
+            acc, y_sum, y_dist, q, do, lse, di, pos_q, row_factor * LOG2E, pivot, lo, full_end, K, V, stride_kt,
+            stride_kd, stride_vt, stride_vd, S, kv_len, rate, sm_scale, REGIME, False, CAUSAL, D, BLOCK_N, DOT_PRECISION,
+        )
+    acc, y_sum, y_dist = _dq_tiles(
+        acc, y_sum, y_dist, q, do, lse, di, pos_q, row_factor * LOG2E, pivot, full_end, hi, K, V, stride_kt,
+        stride_kd, stride_vt, stride_vd, S, kv_len, rate, sm_scale, REGIME, True, CAUSAL, D, BLOCK_N, DOT_PRECISION,
+    )
+    if REGIME == DIAGONAL:
+        dq = acc
+        d_delta -= y_dist
+    else:
+        dq += row_factor[:, None] * acc
+        d_delta -= row_factor * (pivot_distance(pos_q, pivot) * y_sum + y_dist)
     return dq, d_delta
 
 
@@ -97,6 +144,7 @@ def exposb_dq_kernel(
     lam, alpha, gamma, mu, sigma, delta, f1, f2, band1, band2 = head_params(
         LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF
     )
+    rate = delta * LOG2E  # the decay per position, in exp2's units
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_q0 = pid_m * BLOCK_M + S - T
@@ -112,19 +160,19 @@ def exposb_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)  # dq' of these rows
     d_delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    below_end, above_start, hi = key_ranges(pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
-    dq, d_delta = _dq_tiles(
-        dq, d_delta, q, do, lse, di, pos_q, pos_q0, 0, below_end, k_base, v_base, stride_kt, stride_kd,
-        stride_vt, stride_vd, S, kv_len, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+    below_full, below_end, above_start, above_full, hi = key_ranges(pos_q0, kv_len, CAUSAL, BLOCK_M, BLOCK_N)
+    dq, d_delta = _dq_regime(
+        dq, d_delta, q, do, lse, di, pos_q, pos_q0, 0, below_full, below_end, k_base, v_base, stride_kt, stride_kd,
+        stride_vt, stride_vd, S, kv_len, rate, sm_scale, BELOW, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
-    dq, d_delta = _dq_tiles(
-        dq, d_delta, q, do, lse, di, pos_q, pos_q0, below_end, above_start, k_base, v_base, stride_kt, stride_kd,
-        stride_vt, stride_vd, S, kv_len, delta, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+    dq, d_delta = _dq_regime(
+        dq, d_delta, q, do, lse, di, pos_q, pos_q0, below_end, below_end, above_start, k_base, v_base, stride_kt,
+        stride_kd, stride_vt, stride_vd, S, kv_len, rate, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
     if not CAUSAL:
-        dq, d_delta = _dq_tiles(
-            dq, d_delta, q, do, lse, di, pos_q, pos_q0, above_start, hi, k_base, v_base, stride_kt, stride_kd,
-            stride_vt, stride_vd, S, kv_len, delta, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        dq, d_delta = _dq_regime(
+            dq, d_delta, q, do, lse, di, pos_q, pos_q0, above_start, above_full, hi, k_base, v_base, stride_kt,
+            stride_kd, stride_vt, stride_vd, S, kv_len, rate, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
 
     # epilogue, once per row: R q and r of the raw q in float32 (the parameter gradients need them)
@@ -143,14 +191,16 @@ def exposb_dq_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, pos_k, lo, hi, Q, DO, LSE, DI, stride_qt, stride_qd, stride_dot, stride_dod,
-    T, shift, kv_len, delta, sm_scale,
-    REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    dk, dv, k, v, pos_k, row_factor_log2, pivot, lo, hi, Q, DO, LSE, DI, stride_qt, stride_qd, stride_dot, stride_dod,
+    T, shift, kv_len, rate, sm_scale,
+    REGIME: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dk' += dX^T q' and dv += P^T dO over the query tiles [lo, hi) of one regime, one query head.
-    Scores are kept transposed ([keys, queries]) so dk' and dv come out without a transpose.
-    Rows past T read q' = dO = 0 and lse = +inf, so they add nothing."""
+    """Over the query tiles [lo, hi) of one regime, one query head, with b = the regime's key factor
+    (exposb_tiles.owner_factor; 1 on the diagonal): dk += (dS * tile_weight)^T q' (dX^T q' / b) and
+    dv += P^T dO. Scores are kept transposed ([keys, queries]) so dk' and dv come out without a
+    transpose. Rows past T read q' = dO = 0 and lse = +inf, so they add nothing. MASKED: test each
+    score (visible)."""
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         pos_q = rows + shift
@@ -159,14 +209,46 @@ def _dkdv_tiles(
         do = load_tile(DO, stride_dot, stride_dod, rows, T, D)
         lse = tl.load(LSE + rows, mask=inside, other=float("inf"))
         di = tl.load(DI + rows, mask=inside, other=0.0)
-        w_t = distance_weight(pos_q[None, :], pos_k[:, None], m0 + shift, delta, sm_scale, REGIME, BLOCK_M)  # [BN, BM]
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * w_t
-        keep = visible(pos_q[None, :], pos_k[:, None], kv_len, REGIME, CAUSAL)
-        p_t = tl.where(keep, tl.exp2(s_t * LOG2E - lse[None, :]), 0.0)
+        w_t = tile_weight(pos_k, pos_q, pivot, rate, sm_scale, REGIME)  # [BN, BM] on the diagonal, else [1, BM]
+        t_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * w_t  # s^T / b
+        p_t = tl.exp2(t_t * row_factor_log2[:, None] - lse[None, :])
+        if MASKED:
+            p_t = tl.where(visible(pos_q[None, :], pos_k[:, None], kv_len, REGIME, CAUSAL), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, acc=dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dx_t = (p_t * (dp_t - di[None, :]) * w_t).to(q.dtype)
         dk = tl.dot(dx_t, q, acc=dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_regime(
+    dk, dv, k, v, pos_k, n0, lo, full_end, hi, Q, DO, LSE, DI, stride_qt, stride_qd, stride_dot, stride_dod,
+    T, shift, kv_len, rate, sm_scale,
+    REGIME: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk', dv with the query tiles [lo, hi) of one regime added: [lo, full_end) unmasked (none on the
+    diagonal), [full_end, hi) masked. Off the diagonal dk' += b * (the tiles' sum), b [BN] the
+    regime's key factor, formed once here."""
+    pivot = key_block_pivot(n0, REGIME, BLOCK_N)
+    key_factor = owner_factor(pos_k, pivot, rate, sm_scale, REGIME)  # [BN]
+    if REGIME == DIAGONAL:  # the weight is whole per score: straight onto dk'
+        acc = dk
+    else:
+        acc = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        acc, dv = _dkdv_tiles(
+            acc, dv, k, v, pos_k, key_factor * LOG2E, pivot, lo, full_end, Q, DO, LSE, DI, stride_qt, stride_qd,
+            stride_dot, stride_dod, T, shift, kv_len, rate, sm_scale, REGIME, False, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+        )
+    acc, dv = _dkdv_tiles(
+        acc, dv, k, v, pos_k, key_factor * LOG2E, pivot, full_end, hi, Q, DO, LSE, DI, stride_qt, stride_qd,
+        stride_dot, stride_dod, T, shift, kv_len, rate, sm_scale, REGIME, True, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+    )
+    if REGIME == DIAGONAL:
+        dk = acc
+    else:
+        dk += key_factor[:, None] * acc
     return dk, dv
 
 
@@ -203,6 +285,7 @@ def exposb_dkdv_kernel(
     lam, alpha, gamma, mu, sigma, delta, f1, f2, band1, band2 = head_params(
         LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF
     )
+    rate = delta * LOG2E  # the decay per position, in exp2's units
     # this head's k' and the values stay in registers for the whole loop
     k = load_tile(KT + b * stride_tb + h * stride_th, stride_tt, stride_td, pos_k, S, D)
     v = load_tile(V + b * stride_vb + (h // GROUP) * stride_vh, stride_vt, stride_vd, pos_k, S, D)
@@ -210,22 +293,27 @@ def exposb_dkdv_kernel(
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + (b * H + h) * T
     di_base = DI + (b * H + h) * T
-    lo, above_end, below_start, hi = query_ranges(n0, kv_len, T, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, above_full, above_end, below_start, below_full, hi = query_ranges(n0, kv_len, T, shift, CAUSAL, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)  # dk' of this head
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dk, dv = _dkdv_tiles(
-        dk, dv, k, v, pos_k, lo, above_end, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
-        stride_dot, stride_dod, T, shift, kv_len, delta, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+    # BELOW first: causal, its key factor then scales a dk' that holds nothing else yet
+    dk, dv = _dkdv_regime(
+        dk, dv, k, v, pos_k, n0, below_start, below_full, hi, q_base, do_base, lse_base, di_base, stride_qt,
+        stride_qd, stride_dot, stride_dod, T, shift, kv_len, rate, sm_scale, BELOW, CAUSAL, D, BLOCK_M, BLOCK_N,
+        DOT_PRECISION,
     )
-    dk, dv = _dkdv_tiles(
-        dk, dv, k, v, pos_k, above_end, below_start, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
-        stride_dot, stride_dod, T, shift, kv_len, delta, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, DOT_PRECISION,
+    dk, dv = _dkdv_regime(
+        dk, dv, k, v, pos_k, n0, above_end, above_end, below_start, q_base, do_base, lse_base, di_base, stride_qt,
+        stride_qd, stride_dot, stride_dod, T, shift, kv_len, rate, sm_scale, DIAGONAL, CAUSAL, D, BLOCK_M, BLOCK_N,
+        DOT_PRECISION,
     )
-    dk, dv = _dkdv_tiles(
-        dk, dv, k, v, pos_k, below_start, hi, q_base, do_base, lse_base, di_base, stride_qt, stride_qd,
-        stride_dot, stride_dod, T, shift, kv_len, delta, sm_scale, BELOW, CAUSAL, D, BLOCK_M, DOT_PRECISION,
-    )
+    if not CAUSAL:
+        dk, dv = _dkdv_regime(
+            dk, dv, k, v, pos_k, n0, lo, above_full, above_end, q_base, do_base, lse_base, di_base, stride_qt,
+            stride_qd, stride_dot, stride_dod, T, shift, kv_len, rate, sm_scale, ABOVE, CAUSAL, D, BLOCK_M, BLOCK_N,
+            DOT_PRECISION,
+        )
 
     # epilogue, once per row: R k and r of the raw k in float32 (the parameter gradients need them)
     g1, g2 = halves(dk, BLOCK_N, D)

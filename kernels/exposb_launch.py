@@ -12,16 +12,19 @@ import triton
 from attnbench.kernels.exposb_bwd import exposb_dkdv_kernel, exposb_dq_kernel
 from attnbench.kernels.exposb_fwd import exposb_fwd_kernel
 from attnbench.kernels.exposb_prepass import exposb_prepass_kernel
+from attnbench.kernels.flash_launch import TMA_DTYPES, tma_tensors
 from attnbench.kernels.reference import rope_angles
 
 ROPE_BASE = 10000.0
 PARAM_NAMES = ("lam", "alpha", "beta", "gamma", "mu", "sigma", "delta")
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and largest head dim. The loops read q', k'
-# as plain tiles, as the standard kernels' do (flash_fwd.py, flash_bwd.py; pointer loads here):
-# their tile where it compiles without spilling (forward 128x64 at D <= 128, dq 64x64 at D = 64),
-# elsewhere the least-spilling tile of a compile-only sweep (triton 3.6, sm_90a, bf16, ptxas -v:
-# at most 96 bytes spilled per thread, D = 256's forward). Not yet timed on a GPU
+# as plain tiles, as the standard kernels' do (flash_fwd.py, flash_bwd.py; the forward's k', v
+# through TMA on Hopper, the backward's through pointers): their tile where it compiles without
+# spilling (forward 128x64 at D <= 128, dq 64x64 at D = 64), elsewhere the least-spilling tile of a
+# compile-only sweep. Compile-only, untimed: with the factored decay and the mask split none spills
+# but dk/dv at D = 64 bidirectional, 32 bytes per thread (triton 3.6, sm_90a, bf16:
+# python3 -m attnbench.devtools.compile_spills)
 _GPU_TILES = {
     64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkdv": (64, 64, 8, 2)},
     128: {"fwd": (128, 64, 8, 3), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
@@ -35,7 +38,7 @@ _INTERPRETER_TILES = {"fwd": (16, 16, 1), "dq": (16, 16, 1), "dkdv": (16, 16, 1)
 _PREPASS_ROWS = {64: 64, 128: 32, 256: 16}
 
 
-def _tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype) -> tuple[int, int, dict]:
+def kernel_tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype) -> tuple[int, int, dict]:
     """BLOCK_M, BLOCK_N and the launch options of ``kernel`` (fwd, dq or dkdv)."""
     if device.type != "cuda":
         block_m, block_n, _ = _INTERPRETER_TILES[kernel]
@@ -101,14 +104,14 @@ def exposb_forward(q_t, k_t, v, params, causal, seq_lens, out_dtype):
     s, hkv = v.shape[1], v.shape[2]
     o = torch.empty(q_t.shape, device=q_t.device, dtype=out_dtype)
     lse = torch.empty(b, hq, t, device=q_t.device, dtype=torch.float32)
-    block_m, block_n, launch = _tiles(q_t.device, d, "fwd", q_t.dtype)
+    block_m, block_n, launch = kernel_tiles(q_t.device, d, "fwd", q_t.dtype)
     grid = (triton.cdiv(t, block_m), b * hq)
     exposb_fwd_kernel[grid](
         q_t, k_t, v, o, lse, params["delta"], seq_lens,
         *q_t.stride(), *k_t.stride(), *v.stride(), *o.stride(),
         hq, hq // hkv, t, s, d**-0.5,
         HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q_t.dtype), **launch,
+        DOT_PRECISION=_dot_precision(q_t.dtype), TMA=q_t.dtype in TMA_DTYPES and tma_tensors(k_t, v), **launch,
     )
     return o, lse
 
@@ -127,7 +130,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     common = dict(HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, DOT_PRECISION=_dot_precision(q.dtype))
     param_values = [params[name] for name in PARAM_NAMES]
 
-    block_m, block_n, launch = _tiles(q.device, d, "dq", q.dtype)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "dq", q.dtype)
     q_blocks = triton.cdiv(t, block_m)
     q_partials = torch.zeros(len(PARAM_NAMES), b, q_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dq_kernel[(q_blocks, b * hq)](
@@ -136,7 +139,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
         q_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
-    block_m, block_n, launch = _tiles(q.device, d, "dkdv", q.dtype)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "dkdv", q.dtype)
     k_blocks = triton.cdiv(s, block_n)
     k_partials = torch.zeros(len(PARAM_NAMES), b, k_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dkdv_kernel[(k_blocks, b * hq)](

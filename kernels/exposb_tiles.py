@@ -1,7 +1,8 @@
 """ExpoSB's tile helpers (@triton.jit, inlined into the prepass and the forward and backward
 kernels): the per-head parameters, RoPE tables, x' = f * r * R x of a block of rows and its
 gradient's way back (prepass and backward epilogues, once per row), plain tile loads, the distance
-decay per tile regime and the key and query ranges of each regime. kernels/exposb.py has the math."""
+decay's factors per tile regime (a pivot, the owned side's factor, the loop side's tile weight)
+and the key and query ranges of each regime, split for masking. kernels/exposb.py has the math."""
 
 import triton
 import triton.language as tl
@@ -83,27 +84,69 @@ def halves(x, R: tl.constexpr, D: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(x, [R, 2, D // 2]), (0, 2, 1)))
 
 
+# exp2's argument floor in a program factor (owner_factor): 2^-126, the smallest normal float32
+FACTOR_FLOOR = tl.constexpr(-126.0)
+
+
 @triton.jit
-def distance_weight(m, n, pos_q0, delta, scale, REGIME: tl.constexpr, BLOCK_M: tl.constexpr):
-    """scale * exp(-delta |m - n|) for query positions m and key positions n given broadcastable
-    ([BM, 1] and [1, BN] for a score tile, [1, BM] and [BN, 1] for its transpose); the query block
-    starts at pos_q0. Off the diagonal an outer product of a query and a key factor (no exp per
-    score), the pivot keeping both <= 1, so neither overflows; scale rides on the query factor."""
-    rate = delta * LOG2E
-    if REGIME == BELOW:  # n <= pos_q0 <= m: |m - n| = (m - pos_q0) + (pos_q0 - n)
-        w = (scale * tl.exp2(-rate * (m - pos_q0).to(tl.float32))) * tl.exp2(-rate * (pos_q0 - n).to(tl.float32))
-    elif REGIME == ABOVE:  # m <= pivot < n
+def query_block_pivot(pos_q0, REGIME: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The pivot p of an off-diagonal regime of the query block starting at position pos_q0: its
+    first position BELOW (every key n <= p <= m), its last ABOVE (m <= p < n), so that
+    |m - n| = |m - p| + |p - n| for every score of the regime."""
+    pivot = pos_q0
+    if REGIME == ABOVE:
         pivot = pos_q0 + BLOCK_M - 1
-        w = (scale * tl.exp2(-rate * (pivot - m).to(tl.float32))) * tl.exp2(-rate * (n - pivot).to(tl.float32))
+    return pivot
+
+
+@triton.jit
+def key_block_pivot(n0, REGIME: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same pivot for the key block starting at n0: its last key BELOW, its first ABOVE."""
+    pivot = n0
+    if REGIME == BELOW:
+        pivot = n0 + BLOCK_N - 1
+    return pivot
+
+
+@triton.jit
+def pivot_distance(pos, pivot):
+    """|pos - pivot| in float32 (positions [R] on one side of the pivot)."""
+    return tl.abs(pos - pivot).to(tl.float32)
+
+
+@triton.jit
+def owner_factor(pos, pivot, rate, scale, REGIME: tl.constexpr):
+    """The decay's factor [R] on the side whose rows pos [R] the program owns, formed once per
+    regime: off the diagonal scale * exp2(-rate |pos - pivot|) (rate = delta log2(e)), so that
+    w_mn = owner_factor * tile_weight; on the diagonal 1 (its tile weight is whole).
+
+    The exponent is floored at 2^-126 (FACTOR_FLOOR) so the factor stays > 0: the forward multiplies
+    masked scores (-inf) by it, and -inf * 0 is NaN. The floor changes only weights below
+    2^-126 * scale, whose scores (< 1e-38 |q'.k'|) are lost beside any other of the row."""
+    if REGIME == DIAGONAL:
+        factor = tl.zeros_like(pos).to(tl.float32) + 1.0
     else:
-        w = scale * tl.exp2(-rate * tl.abs(m - n).to(tl.float32))
+        factor = scale * tl.exp2(tl.maximum(-rate * pivot_distance(pos, pivot), FACTOR_FLOOR))
+    return factor
+
+
+@triton.jit
+def tile_weight(rows, cols, pivot, rate, scale, REGIME: tl.constexpr):
+    """The rest of the decay per tile, for the owned positions rows [R] and the loop's positions
+    cols [C]: on the diagonal the whole weight scale * exp2(-rate |m - n|) per score [R, C]; off it
+    the loop side's factor exp2(-rate |col - pivot|) [1, C], which may underflow to 0 (it multiplies
+    finite scores, before any mask)."""
+    if REGIME == DIAGONAL:
+        w = scale * tl.exp2(-rate * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32))
+    else:
+        w = tl.exp2(-rate * pivot_distance(cols, pivot))[None, :]
     return w
 
 
 @triton.jit
 def visible(m, n, kv_len, REGIME: tl.constexpr, CAUSAL: tl.constexpr):
-    """Which scores of the tile count (m, n as in distance_weight): keys before kv_len, and (on the
-    diagonal, causal) n <= m."""
+    """Which scores of a masked tile count (m, n broadcastable: [BM, 1] and [1, BN], or transposed):
+    keys before kv_len, and (on the diagonal, causal) n <= m."""
     keep = n < kv_len
     if CAUSAL and REGIME == DIAGONAL:
         keep = keep & (n <= m)
@@ -112,22 +155,32 @@ def visible(m, n, kv_len, REGIME: tl.constexpr, CAUSAL: tl.constexpr):
 
 @triton.jit
 def key_ranges(pos_q0, kv_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key-tile bounds for the query block starting at position pos_q0:
-    BELOW [0, below_end), DIAGONAL [below_end, above_start), ABOVE [above_start, hi)."""
+    """Key-tile bounds for the query block starting at position pos_q0, in key order:
+    BELOW [0, below_end), DIAGONAL [below_end, above_start), ABOVE [above_start, hi). Of BELOW and
+    ABOVE, tiles before below_full and above_full hold only keys < kv_len (no mask); the rest,
+    at most the one tile that kv_len cuts, is masked. Returns below_full, below_end, above_start,
+    above_full, hi."""
     hi = kv_len
     if CAUSAL:
         hi = tl.minimum(hi, pos_q0 + BLOCK_M)
     below_end = tl.minimum((pos_q0 + 1) // BLOCK_N * BLOCK_N, hi)  # n0 + BLOCK_N - 1 <= pos_q0
     above_start = tl.minimum(tl.cdiv(pos_q0 + BLOCK_M, BLOCK_N) * BLOCK_N, hi)  # n0 >= pos_q0 + BLOCK_M
-    return below_end, above_start, hi
+    full_end = kv_len // BLOCK_N * BLOCK_N
+    below_full = tl.minimum(below_end, full_end)
+    above_full = tl.minimum(tl.maximum(above_start, full_end), hi)
+    return below_full, below_end, above_start, above_full, hi
 
 
 @triton.jit
 def query_ranges(n0, kv_len, T, shift, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Query-tile bounds (row indices) for the key block starting at n0:
-    ABOVE [lo, above_end), DIAGONAL [above_end, below_start), BELOW [below_start, hi)."""
+    """Query-tile bounds (row indices) for the key block starting at n0, in query order:
+    ABOVE [lo, above_end), DIAGONAL [above_end, below_start), BELOW [below_start, hi). A key block
+    that kv_len cuts masks every tile (ABOVE and BELOW wholly masked: above_full = lo,
+    below_full = below_start); otherwise ABOVE and BELOW need no mask (above_full = above_end,
+    below_full = hi). Returns lo, above_full, above_end, below_start, below_full, hi."""
     hi = tl.where(n0 < kv_len, T, 0)  # a block of padding keys gets no gradient
     above_end = tl.minimum(tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M, hi)  # pos_q0 + BLOCK_M <= n0
     below_start = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M, hi)
     lo = above_end if CAUSAL else 0  # causal: keys above every query are never seen
-    return lo, above_end, below_start, hi
+    full = n0 + BLOCK_N <= kv_len
+    return lo, tl.where(full, above_end, lo), above_end, below_start, tl.where(full, hi, below_start), hi

@@ -101,7 +101,7 @@ class FlashProblem:
     @functools.cached_property
     def tma_capable(self) -> bool:
         """16-bit inputs: what use_tma needs of the problem itself."""
-        return self.dtype in (torch.float16, torch.bfloat16)
+        return self.dtype in TMA_DTYPES
 
     @functools.cached_property
     def scale_log2(self) -> float:
@@ -149,6 +149,8 @@ _TUNING_KEY = ["HEAD_DIM", "SEQ_BUCKET", "CAUSAL", "ALIBI", "PRECISION", "TMA", 
 # block must be a multiple of SPARSE_TILE (the interpreter's and fp32's tiles are 32 or less).
 SPARSE_TILE = 32 if INTERPRET else 64
 
+TMA_DTYPES = (torch.float16, torch.bfloat16)  # what tma_tensors' alignment rule (8 elements, 16 bytes) assumes
+
 # Tiles through TMA descriptors where use_tma allows; False reads every tile through pointers
 # (A/B timing: python3 -m attnbench.devtools.tile_sweep --loads pointer)
 TMA_LOADS = True
@@ -193,9 +195,15 @@ _scratch = _Scratch()
 
 def use_tma(problem: FlashProblem, *tensors: torch.Tensor) -> bool:
     """Whether a launch over ``tensors`` (the ones its loops read tiles of) takes them through
-    TMA descriptors: a Hopper or newer GPU, 16-bit inputs, each tensor with unit column stride
-    and its base and other strides 16-byte aligned. Sets triton's allocator for the descriptors when it says yes."""
-    if not (TMA_LOADS and problem.tma_capable and _has_tma(tensors[0].get_device())):
+    TMA descriptors: 16-bit inputs and tma_tensors."""
+    return problem.tma_capable and tma_tensors(*tensors)
+
+
+def tma_tensors(*tensors: torch.Tensor) -> bool:
+    """Whether tiles of these 16-bit tensors (TMA_DTYPES) can be read through TMA descriptors:
+    TMA_LOADS on, a Hopper or newer GPU, each tensor with unit column stride and its base and
+    other strides 16-byte aligned. Sets triton's allocator for the descriptors when it says yes."""
+    if not (TMA_LOADS and _has_tma(tensors[0].get_device())):
         return False
     for x in tensors:
         strides = x.stride()

@@ -41,14 +41,17 @@ def output_and_grads(fn, q, k, v, params, upstream, dtype, **options):
     return out.double(), [g.double() for g in grads]
 
 
-def assert_matches_reference(dtype, b, t, s, hq, hkv, d, causal, seq_lens, strong_decay=False):
+def assert_matches_reference(dtype, b, t, s, hq, hkv, d, causal, seq_lens, strong_decay=False, delta=None):
     """The kernel in ``dtype`` against float64 evaluated at the same ``dtype``-rounded inputs and
     upstream gradient (FlashAttention's method: what is compared is arithmetic, not the
     rounding of the inputs, which for the parameter gradients summed over every score is
-    larger than either implementation's arithmetic error and would make the bound noise)."""
+    larger than either implementation's arithmetic error and would make the bound noise).
+    delta: every head's decay (default: random_params')."""
     q = torch.randn(b, t, hq, d).to(dtype)
     k, v = torch.randn(b, s, hkv, d).to(dtype), torch.randn(b, s, hkv, d).to(dtype)
     params = random_params(hq, d, strong_decay)
+    if delta is not None:
+        params["delta"] = torch.full((hq,), delta)
     upstream = torch.randn(b, t, hq, d).to(dtype)
     options = dict(causal=causal, seq_lens=None if seq_lens is None else torch.tensor(seq_lens, device=DEVICE))
     exact = output_and_grads(reference.exposb_attention, q, k, v, params, upstream, torch.float64, **options)
@@ -102,6 +105,24 @@ def test_fp32_strong_decay_head_dim_32(causal):
     assert_matches_reference(torch.float32, b=1, t=64, s=64, hq=2, hkv=2, d=32, causal=causal, seq_lens=None, strong_decay=True)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_fp32_key_length_cuts_an_off_diagonal_tile(causal):
+    """Off the diagonal only the key tile that kv_len cuts is masked: with 16 x 16 tiles, kv_len 37
+    of 64 cuts one below the diagonal of the last query blocks and (bidirectional) one above that of
+    the first; 59 one above the first blocks' (the last's is its diagonal)."""
+    torch.manual_seed(12)
+    assert_matches_reference(torch.float32, b=2, t=64, s=64, hq=2, hkv=1, d=32, causal=causal, seq_lens=[37, 59])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_fp32_query_factor_underflow_stays_finite(causal):
+    """delta 20: exp(-delta |m - p|) underflows float32 15 positions from a query block's pivot, so
+    the query factor rests on its floor (exposb_tiles.owner_factor); without it the masked scores
+    of a cut tile (-inf) times 0 are NaN. The output and every gradient must stay finite and match."""
+    torch.manual_seed(13)
+    assert_matches_reference(torch.float32, b=2, t=64, s=64, hq=2, hkv=1, d=32, causal=causal, seq_lens=[37, 59], delta=20.0)
+
+
 def test_fp32_fewer_queries_than_keys():
     """Queries are the last T of S positions (bottom-right aligned, as with a KV cache)."""
     torch.manual_seed(2)
@@ -120,6 +141,25 @@ def test_fp16_within_twice_torch_error(causal):
     garbage for bf16 operands."""
     torch.manual_seed(3)
     assert_matches_reference(torch.float16, b=2, t=40, s=40, hq=4, hkv=2, d=32, causal=causal, seq_lens=[40, 27])
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter descriptors on a pretend Hopper")
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_fp16_forward_through_tma_descriptors(causal, monkeypatch):
+    """The forward's k', v tiles through tensor descriptors, as on Hopper (the interpreter runs them)."""
+    from attnbench.kernels import exposb_launch, flash_launch
+
+    monkeypatch.setattr(flash_launch, "_has_tma", lambda device: True)
+    answers = []
+
+    def recorded(*tensors):
+        answers.append(flash_launch.tma_tensors(*tensors))
+        return answers[-1]
+
+    monkeypatch.setattr(exposb_launch, "tma_tensors", recorded)
+    torch.manual_seed(14)
+    assert_matches_reference(torch.float16, b=2, t=40, s=40, hq=4, hkv=2, d=32, causal=causal, seq_lens=[40, 27])
+    assert answers and all(answers), "every forward read its tiles through descriptors"
 
 
 def test_query_that_sees_no_key_gets_zeros_and_finite_grads():
