@@ -97,10 +97,12 @@
 #   exact-grid: #25's must-show grid: `attnbench speed --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex
 #             --tokens 16384 --seq 512 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional` at D 64
 #             and 128 (H = 2048 / D), with its report (speedups over cuDNN, FlashAttention-2 and flex)
-#   model-exposb: #25's must-show model-level step (GPT small, triton against SDPA, T 1k and 4k), eager and as
-#             a CUDA graph, three runs each; ExpoSB's CUDA tests, exposb beside standard (triton, D 64 and 128,
-#             T 1k-16k, causal); `attnbench check` of standard, rope, alibi, window to T = 4k; ncu of the Hopper and
-#             the portable forward at D 128 causal T 512 (B 32, H 16); the reports
+#   model-steps: #25's must-show model-level step (GPT small, triton against SDPA, T 1k and 4k), eager and as
+#             a CUDA graph, three runs each, with their report; `attnbench check` of standard, rope, alibi, window to T = 4k
+#   exposb:   #25's ExpoSB: its CUDA tests, exposb beside standard (triton, D 64 and 128, T 1k-16k, causal, fwd and
+#             fwd+bwd; exposb-ratios.txt), every candidate tile of its kernels at T 1k and 4k (exposb_tile_sweep), ncu of
+#             its three kernels (D 128 causal T 4k, B 4, H 16) and of the Hopper and the portable forward at D 128
+#             causal T 512 (B 32, H 16)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -201,12 +203,17 @@ hopper_sweep() {  # hopper_sweep [HEAD DIMS...]: the Hopper forward beside the p
         done
     done
 }
+ncu_of() {  # ncu_of NAME KERNEL_REGEX LAUNCHES PYTHON: Nsight Compute of LAUNCHES launches matching KERNEL_REGEX
+           # (after the first 3) while PYTHON runs; ncu-NAME.txt, its headline lines printed
+    limit 60 ncu --clock-control none -k regex:"$2" --launch-skip 3 --launch-count "$3" \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+        python3 -c "$4" > "$out/ncu-$1.txt" 2>&1
+    grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc" "$out/ncu-$1.txt" | head -$((14 * $3))
+}
 hopper_ncu() {  # hopper_ncu KERNEL [B T H D]: Nsight Compute of flash_fwd_hopper or the portable flash_fwd_kernel, causal,
                 # default D 64 at 4k (B 4, H 32); ncu-KERNEL.txt, or ncu-KERNEL-tT-dD.txt for another shape
-    local shape=(${2:-4} ${3:-4096} ${4:-32} ${5:-64}) name=$1${2:+-t$3-d$5}
-    limit 45 ncu --clock-control none -k regex:"$1" --launch-skip 3 --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
-        python3 -c "
+    local shape=(${2:-4} ${3:-4096} ${4:-32} ${5:-64})
+    ncu_of "$1${2:+-t$3-d$5}" "$1" 1 "
 import torch
 from attnbench.kernels import flash_fwd_hopper
 from attnbench.kernels.flash import flash_attention
@@ -215,8 +222,18 @@ q, k, v = (torch.randn(${shape[0]}, ${shape[1]}, ${shape[2]}, ${shape[3]}, devic
 for _ in range(5):
     flash_attention(q, k, v, causal=True)
 torch.cuda.synchronize()
-" > "$out/ncu-$name.txt" 2>&1
-    grep -E "  [a-z_].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc" "$out/ncu-$name.txt" | head -14
+"
+}
+exposb_ncu() {  # exposb_ncu B T H D: Nsight Compute of ExpoSB's forward, dq and dk/dv kernels, causal bf16 (ncu-exposb-tT-dD.txt)
+    ncu_of "exposb-t$2-d$4" "exposb_(fwd|dq|dkdv)_kernel" 3 "
+import torch
+from attnbench.kernels.exposb import exposb_attention_triton
+q, k, v = (torch.randn($1, $2, $3, $4, device='cuda', dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+params = {n: torch.full(($3,), x, device='cuda') for n, x in dict(lam=0.02, alpha=0.1, beta=1.0, gamma=0.5, mu=$4 / 2, sigma=$4 / 4, delta=0.001).items()}
+for _ in range(3):
+    exposb_attention_triton(q, k, v, causal=True, **params).sum().backward()
+torch.cuda.synchronize()
+"
 }
 host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
@@ -229,6 +246,19 @@ model_steps() {  # model_steps RUNS [LEVEL [MECHANISMS [SECONDS]]]: GPT small's 
         speed "$seconds" --level "$level" --preset small --attn "$attn" --impl triton,sdpa --seq 1024 4096 --mode fwdbwd \
             --out "$out/$level-$run"
     done
+}
+exposb_speed() {  # ExpoSB beside the standard kernel (triton), fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k; the ratios
+    for d in 64 128; do
+        speed 75 --attn standard,exposb --impl triton --tokens 16384 --seq 1024 4096 16384 --heads $((2048 / d)) --head-dim $d \
+            --mode fwd --mode fwdbwd --causal --out "$out/exposb-d$d" > "$out/exposb-d$d.txt"
+    done
+    python3 -c "
+import glob, pandas as pd
+rows = pd.concat(pd.read_csv(f) for f in sorted(glob.glob('$out/exposb-d*/speed.csv')))
+rows = rows[(rows.impl == 'triton') & (rows.status == 'ok')]
+ms = rows.pivot_table(index=['head_dim', 'mode', 'seq'], columns='mechanism', values='ms_median')
+print((ms['exposb'] / ms['standard']).round(2).rename('exposb / standard time').to_string())
+" | tee "$out/exposb-ratios.txt"
 }
 TRAIN=(--task clm --preset small --steps 2000 --seq 512 --batch 8 --eval-every 200)
 EXACT=(--attn standard --impl triton,sdpa-cudnn,sdpa-flash --tokens 16384 --seq 1024 2048 4096 8192 16384
@@ -697,24 +727,27 @@ exact-grid)  # #25's must-show exact-softmax grid (see the header)
         --out "$out/report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
     ;;
-model-exposb)  # #25's must-show model-level steps and ExpoSB, then `check` of the flash family (see the header)
-    model_steps 3 model standard 60
-    model_steps 3 model-graph standard 60
-    limit 150 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
-        --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
-    for d in 64 128; do
-        speed 80 --attn standard,exposb --impl triton --tokens 16384 --seq 1024 4096 16384 --heads $((2048 / d)) --head-dim $d \
-            --mode fwd --mode fwdbwd --causal --out "$out/exposb-d$d" > "$out/exposb-d$d.txt"
-    done
-    limit 100 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
-    tail -n 3 "$out/check.txt"
-    hopper_ncu flash_fwd_hopper 32 512 16 128  # what the Hopper forward's short-T cost is (PERF_NOTES 16)
-    hopper_ncu flash_fwd_kernel 32 512 16 128
+model-steps)  # #25's must-show model-level steps, eager and graph, three runs each, then `check` (see the header)
+    model_steps 3 model standard 55
+    model_steps 3 model-graph standard 55
     attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
-    attnbench report "$out"/exposb-d* --baseline triton --out "$out/exposb-report" > /dev/null 2>&1
-    sed -n '/^## Speedup over/,/^## Peak/p' "$out/exposb-report/report.md"
+    limit 120 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
+    tail -n 3 "$out/check.txt"
+    ;;
+exposb)  # #25's ExpoSB: its CUDA tests, beside standard, its tile sweep, ncu (see the header)
+    limit 120 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
+        tests/bench/devtools/test_exposb_tile_sweep.py --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
+    exposb_speed
+    for d in 128 64; do
+        limit 75 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim $d --out "$out/exposb-tiles-d$d.csv" \
+            > "$out/exposb-tiles-d$d.txt" 2>&1
+        grep -E "^B=|standard" "$out/exposb-tiles-d$d.txt"
+    done
+    exposb_ncu 4 4096 16 128
+    hopper_ncu flash_fwd_hopper 32 512 16 128  # what the Hopper forward's short-T cost is (PERF_NOTES 16)
+    hopper_ncu flash_fwd_kernel 32 512 16 128
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py

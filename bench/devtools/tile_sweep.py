@@ -52,7 +52,8 @@ HOPPER_SCHEDULES = ((True, True, "hopper-fwd"), (False, True, "hopper-fwd-free")
 KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
+def time_ms(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Median ms of ``fn`` (compiled outside the timing), or None where it fails to compile or launch (printed)."""
     try:
         fn()  # compile outside the timed region
         return measure(fn, device).median_ms
@@ -134,7 +135,7 @@ def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object
             stack.enter_context(KERNELS[held_kernel].forced(tile_config(*held_tile)))
         if kernel in KERNELS:
             stack.enter_context(KERNELS[kernel].forced(tile_config(*tile)))
-        ms = _time_ms(fn, torch.device("cuda"))
+        ms = time_ms(fn, torch.device("cuda"))
     rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "max_registers", "loads", "ms"), (kernel, *tile, loads, ms))))
     typer.echo(f"{kernel:10s} {loads:8s} {tile} {ms if ms is None else round(ms, 4)} ms")
     return ms

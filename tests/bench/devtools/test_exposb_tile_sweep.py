@@ -1,0 +1,30 @@
+"""bench/devtools/exposb_tile_sweep.py: a forced tile is the one the launcher takes, and only inside
+its block; on CUDA a sweep at a small size times every candidate and the standard kernel beside them."""
+
+import pytest
+import torch
+
+from attnbench.devtools import exposb_tile_sweep
+from attnbench.kernels import exposb_launch
+
+
+def test_a_forced_tile_is_what_the_launcher_takes_inside_the_block_only():
+    def taken(head_dim, kernel):  # what a CUDA launch would take (kernel_tiles reads only the device's type)
+        return exposb_launch.kernel_tiles(torch.device("cuda"), head_dim, kernel, torch.bfloat16)
+
+    before, other = taken(128, "dq"), taken(64, "dq")
+    with exposb_tile_sweep._forced(128, "dq", (16, 32, 2, 1)):
+        assert taken(128, "dq") == (16, 32, {"num_warps": 2, "num_stages": 1})
+        assert taken(96, "dq") == taken(128, "dq"), "a head dim between entries reads the larger one"
+        assert taken(64, "dq") == other and taken(128, "dkdv") != taken(128, "dq"), "one kernel at one head dim"
+    assert taken(128, "dq") == before
+
+
+@pytest.mark.cuda
+def test_a_small_sweep_times_every_candidate_and_the_standard_kernel():
+    torch.manual_seed(0)
+    rows = exposb_tile_sweep.sweep(batch=1, seq=256, heads=2, head_dim=64, causal=True)
+    for kernel, tiles in exposb_tile_sweep.CANDIDATES.items():
+        timed = rows[rows.kernel == kernel]
+        assert len(timed) >= len(tiles) and timed.ms.notna().any(), kernel
+    assert rows[rows.kernel.str.startswith("standard")].ms.notna().all()
