@@ -97,12 +97,12 @@
 #   exact-grid: #25's must-show grid: `attnbench speed --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex
 #             --tokens 16384 --seq 512 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional` at D 64
 #             and 128 (H = 2048 / D), with its report (speedups over cuDNN, FlashAttention-2 and flex)
-#   model-steps: #25's must-show model-level step (GPT small, triton against SDPA, T 1k and 4k), eager and as
-#             a CUDA graph, three runs each, with their report; `attnbench check` of standard, rope, alibi, window to T = 4k
-#   exposb:   #25's ExpoSB: its CUDA tests, exposb beside standard (triton, D 64 and 128, T 1k-16k, causal, fwd and
-#             fwd+bwd; exposb-ratios.txt), every candidate tile of its kernels at T 1k and 4k (exposb_tile_sweep), ncu of
-#             its three kernels (D 128 causal T 4k, B 4, H 16) and of the Hopper and the portable forward at D 128
-#             causal T 512 (B 32, H 16)
+#   must-show: #25's must-show model-level step (GPT small, triton against SDPA, T 1k and 4k), eager and as a
+#             CUDA graph, three runs each, with their report; before them exposb beside standard (triton, D 64 and
+#             128, T 1k-16k, causal, fwd and fwd+bwd; exposb-ratios.txt); after them ExpoSB's CUDA tests
+#   exposb-profile: every candidate tile of ExpoSB's kernels at T 1k and 4k (exposb_tile_sweep), ncu of its three
+#             kernels (D 128 causal T 4k, B 4, H 16) and of the Hopper and the portable forward at D 128 causal T 512
+#             (B 32, H 16); `attnbench check` of standard, rope, alibi, window, exposb to T = 4k
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -727,27 +727,27 @@ exact-grid)  # #25's must-show exact-softmax grid (see the header)
         --out "$out/report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
     ;;
-model-steps)  # #25's must-show model-level steps, eager and graph, three runs each, then `check` (see the header)
+must-show)  # #25's must-show model-level steps and ExpoSB beside standard, then ExpoSB's CUDA tests (see the header)
+    exposb_speed
     model_steps 3 model standard 55
     model_steps 3 model-graph standard 55
     attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
-    limit 120 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
-    tail -n 3 "$out/check.txt"
-    ;;
-exposb)  # #25's ExpoSB: its CUDA tests, beside standard, its tile sweep, ncu (see the header)
-    limit 120 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
+    limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
         tests/bench/devtools/test_exposb_tile_sweep.py --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
-    exposb_speed
+    ;;
+exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T ncu, `check` (see the header)
     for d in 128 64; do
-        limit 75 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim $d --out "$out/exposb-tiles-d$d.csv" \
+        limit 90 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim $d --out "$out/exposb-tiles-d$d.csv" \
             > "$out/exposb-tiles-d$d.txt" 2>&1
         grep -E "^B=|standard" "$out/exposb-tiles-d$d.txt"
     done
     exposb_ncu 4 4096 16 128
     hopper_ncu flash_fwd_hopper 32 512 16 128  # what the Hopper forward's short-T cost is (PERF_NOTES 16)
     hopper_ncu flash_fwd_kernel 32 512 16 128
+    limit 120 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
+    tail -n 3 "$out/check.txt"
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py
