@@ -66,8 +66,9 @@ Every program writes its partial sums of the seven parameter gradients to a smal
 
 Kernels: the prepass (one program per row block and query head, for q and for k); the forward
 (one per query block and query head); dq (one per query block and query head, also d delta) and
-dk/dv (one per key block and query head: each query head has its own k' and its own P, so dk'
-and dv = P^T dO are per query head; with GQA the launcher sums the group's dk, dv in float32).
+dk/dv (one per key block and kv head: each query head has its own k' and its own P, so dk' is
+per query head; the program loops over the kv head's group, turns each head's dk' into its share
+of dk in the epilogue and sums the shares and dv = sum_h P_h^T dO_h in float32 registers).
 
 Files: exposb_tiles.py (the @triton.jit helpers), exposb_prepass.py (q', k'), exposb_fwd.py and
 exposb_bwd.py (the attention kernels), exposb_launch.py (tiles and launches); here the autograd

@@ -1,5 +1,5 @@
 """ExpoSB's backward kernels (@triton.jit): dq (one program per query block and query head,
-also d delta) and dk/dv (one per key block and query head). Their loops read q', k' as the
+also d delta) and dk/dv (one per key block and kv head, summing its query heads' shares). Their loops read q', k' as the
 prepass (exposb_prepass.py) wrote them and accumulate dq', dk' in float32; the epilogues turn
 those back into dq, dk (once per row, from the raw q or k) and write partial sums of the seven
 parameter gradients. kernels/exposb.py has the math, exposb_launch.py the launchers."""
@@ -253,42 +253,25 @@ def _dkdv_regime(
 
 
 @triton.jit
-def exposb_dkdv_kernel(
-    K, QT, KT, V, DO, DK, DV, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
+def _dkdv_head(
+    dv, v, K, QT, KT, DO, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, PARTIALS,
+    b, h, kv_h, pid_n, n0, pos_k, inside, kv_len,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_tb, stride_tt, stride_th, stride_td,
-    stride_vb, stride_vt, stride_vh, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
-    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    stride_param, H, GROUP, T, S, sm_scale,
-    HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_param, H, T, S, sm_scale,
+    CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: what query head h contributes to dk, dv of BLOCK_N keys of its kv head
-    (DK, DV [B, S, Hq, D]: one slot per query head, since each has its own k' and P; the launcher
-    sums a group's), and the k side's parameter partials in PARTIALS [7, B, cdiv(S, BLOCK_N), Hq].
-    K: the raw k [B, S, Hkv, D] (for the epilogue), QT = q' [B, T, Hq, D], KT = k' [B, S, Hq, D]
-    (strides stride_t*), V [B, S, Hkv, D]."""
+    """Query head h's share of BLOCK_N keys' gradients: dv + P^T dO, and dk (the raw k's, two halves
+    [BN, D/2] float32) from this head's dk'; writes its parameter partials."""
     HALF: tl.constexpr = D // 2
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    kv_len = S
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.load(SEQ_LENS + b), S)
     shift = S - T
-    n0 = pid_n * BLOCK_N
-    pos_k = n0 + tl.arange(0, BLOCK_N)
-    inside = (pos_k < S)[:, None]
     lam, alpha, gamma, mu, sigma, delta, f1, f2, band1, band2 = head_params(
         LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF
     )
     rate = delta * LOG2E  # the decay per position, in exp2's units
-    # this head's k' and the values stay in registers for the whole loop
-    k = load_tile(KT + b * stride_tb + h * stride_th, stride_tt, stride_td, pos_k, S, D)
-    v = load_tile(V + b * stride_vb + (h // GROUP) * stride_vh, stride_vt, stride_vd, pos_k, S, D)
+    k = load_tile(KT + b * stride_tb + h * stride_th, stride_tt, stride_td, pos_k, S, D)  # this head's k', for the loop
     q_base = QT + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + (b * H + h) * T
@@ -296,7 +279,6 @@ def exposb_dkdv_kernel(
     lo, above_full, above_end, below_start, below_full, hi = query_ranges(n0, kv_len, T, shift, CAUSAL, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)  # dk' of this head
-    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     # BELOW first: causal, its key factor then scales a dk' that holds nothing else yet
     dk, dv = _dkdv_regime(
         dk, dv, k, v, pos_k, n0, below_start, below_full, hi, q_base, do_base, lse_base, di_base, stride_qt,
@@ -317,14 +299,69 @@ def exposb_dkdv_kernel(
 
     # epilogue, once per row: R k and r of the raw k in float32 (the parameter gradients need them)
     g1, g2 = halves(dk, BLOCK_N, D)
-    k_base = K + b * stride_kb + (h // GROUP) * stride_kh
+    k_base = K + b * stride_kb + kv_h * stride_kh
     _, _, y1, y2, r = load_transformed(k_base, stride_kt, stride_kd, pos_k, pos_k, S, COS, SIN, lam, alpha, f1, f2, HALF)
     dx1, dx2 = input_grad(g1, g2, r, f1, f2, COS, SIN, pos_k, inside, HALF)
-    store_rows(DK + b * stride_dkb + h * stride_dkh, stride_dkt, stride_dkd, pos_k, inside, dx1, dx2, HALF)
-    cols = tl.arange(0, D)
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + pos_k[:, None] * stride_dvt + cols[None, :] * stride_dvd
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=inside)
     slot = (b * tl.num_programs(0) + pid_n) * H + h
     _store_param_partials(
         PARTIALS, slot, stride_param, g1, g2, y1, y2, r, pos_k, f1, f2, band1, band2, lam, alpha, gamma, mu, sigma, HALF
     )
+    return dx1, dx2, dv
+
+
+@triton.jit
+def exposb_dkdv_kernel(
+    K, QT, KT, V, DO, DK, DV, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_tb, stride_tt, stride_th, stride_td,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    stride_param, H, T, S, sm_scale,
+    HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dk, dv of BLOCK_N keys of one (batch, kv head), summed over the GROUP query
+    heads that share it (each has its own k' and P: dk' is per head, its epilogue's dk and dv add
+    up), DK, DV [B, S, Hkv, D]; the k side's parameter partials in PARTIALS [7, B, cdiv(S, BLOCK_N), Hq].
+    K: the raw k [B, S, Hkv, D] (for the epilogues), QT = q' [B, T, Hq, D], KT = k' [B, S, Hq, D]
+    (strides stride_t*), V [B, S, Hkv, D]. H: query heads."""
+    HALF: tl.constexpr = D // 2
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1) // (H // GROUP)
+    kv_h = tl.program_id(1) % (H // GROUP)
+    kv_len = S
+    if HAS_LENS:
+        kv_len = tl.minimum(tl.load(SEQ_LENS + b), S)
+    n0 = pid_n * BLOCK_N
+    pos_k = n0 + tl.arange(0, BLOCK_N)
+    inside = (pos_k < S)[:, None]
+    v = load_tile(V + b * stride_vb + kv_h * stride_vh, stride_vt, stride_vd, pos_k, S, D)  # in registers throughout
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    if GROUP == 1:
+        dk1, dk2, dv = _dkdv_head(
+            dv, v, K, QT, KT, DO, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, PARTIALS,
+            b, kv_h, kv_h, pid_n, n0, pos_k, inside, kv_len, stride_kb, stride_kt, stride_kh, stride_kd,
+            stride_qb, stride_qt, stride_qh, stride_qd, stride_tb, stride_tt, stride_th, stride_td,
+            stride_dob, stride_dot, stride_doh, stride_dod, stride_param, H, T, S, sm_scale,
+            CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )
+    else:
+        dk1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+        dk2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+        for g in range(GROUP):
+            dx1, dx2, dv = _dkdv_head(
+                dv, v, K, QT, KT, DO, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, PARTIALS,
+                b, kv_h * GROUP + g, kv_h, pid_n, n0, pos_k, inside, kv_len, stride_kb, stride_kt, stride_kh, stride_kd,
+                stride_qb, stride_qt, stride_qh, stride_qd, stride_tb, stride_tt, stride_th, stride_td,
+                stride_dob, stride_dot, stride_doh, stride_dod, stride_param, H, T, S, sm_scale,
+                CAUSAL, D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            )
+            dk1 += dx1
+            dk2 += dx2
+    store_rows(DK + b * stride_dkb + kv_h * stride_dkh, stride_dkt, stride_dkd, pos_k, inside, dk1, dk2, HALF)
+    cols = tl.arange(0, D)
+    dv_ptrs = DV + b * stride_dvb + kv_h * stride_dvh + pos_k[:, None] * stride_dvt + cols[None, :] * stride_dvd
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=inside)

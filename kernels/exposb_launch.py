@@ -122,10 +122,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     di = (do.float() * o).sum(-1).transpose(1, 2).contiguous()  # D_m = rowsum(dO * O), O float32: [B, Hq, T]
-    dq = torch.empty_like(q)
-    # dk, dv per query head (each has its own k' and P), in float32 when a group's heads are then summed
-    per_head = dict(device=k.device, dtype=k.dtype if hq == hkv else torch.float32)
-    dk, dv = torch.empty(b, s, hq, d, **per_head), torch.empty(b, s, hq, d, **per_head)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cos, sin = _angle_tables(s, d, q.device)
     common = dict(HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, DOT_PRECISION=_dot_precision(q.dtype))
     param_values = [params[name] for name in PARAM_NAMES]
@@ -142,13 +139,10 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     block_m, block_n, launch = kernel_tiles(q.device, d, "dkdv", q.dtype)
     k_blocks = triton.cdiv(s, block_n)
     k_partials = torch.zeros(len(PARAM_NAMES), b, k_blocks, hq, device=q.device, dtype=torch.float32)
-    exposb_dkdv_kernel[(k_blocks, b * hq)](
+    exposb_dkdv_kernel[(k_blocks, b * hkv)](
         k, q_t, k_t, v, do, dk, dv, lse, di, cos, sin, *param_values, seq_lens, k_partials,
         *k.stride(), *q_t.stride(), *k_t.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        k_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
+        k_partials.stride(0), hq, t, s, d**-0.5,
+        GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
-    if hq != hkv:
-        dk = dk.view(b, s, hkv, hq // hkv, d).sum(3).to(k.dtype)
-        dv = dv.view(b, s, hkv, hq // hkv, d).sum(3).to(v.dtype)
     return dq, dk, dv, q_partials.sum((1, 2)) + k_partials.sum((1, 2))

@@ -14,6 +14,7 @@ machine runs (its codegen is what counts): a compile is a guide to register pres
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import subprocess
 import tempfile
@@ -30,10 +31,19 @@ _SIZES = ("H", "GROUP", "T", "S")  # upper-case int32 arguments
 _SCALARS = {"sm_scale": "fp32"}
 
 
+def constexpr_names(fn) -> list[str]:
+    """The arguments of the @triton.jit ``fn`` annotated tl.constexpr (jitted or interpreted)."""
+    return [name for name, param in inspect.signature(fn.fn).parameters.items() if "constexpr" in str(param.annotation)]
+
+
 def _signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for triton's ASTSource: what a launch with contiguous bf16
     tensors specialises to (unit strides become the constant 1, pointers and other strides
-    16-divisible; stride_param and the sizes are not assumed divisible)."""
+    16-divisible; stride_param and the sizes are not assumed divisible). ``constexprs``: a value
+    for each of fn's tl.constexpr arguments."""
+    missing = [name for name in constexpr_names(fn) if name not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.fn.__name__} needs values for its constexpr arguments {', '.join(missing)}")
     signature, constants, divisible = {}, {}, []
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -76,7 +86,7 @@ def compile_usage(kernel: str, head_dim: int, causal: bool, tma: bool) -> dict:
 
     fn = {"fwd": exposb_fwd.exposb_fwd_kernel, "dq": exposb_bwd.exposb_dq_kernel, "dkdv": exposb_bwd.exposb_dkdv_kernel}[kernel]
     block_m, block_n, launch = exposb_launch.kernel_tiles(torch.device("cuda"), head_dim, kernel, torch.bfloat16)
-    wanted = dict(HAS_LENS=False, CAUSAL=causal, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION="tf32", TMA=tma)
+    wanted = dict(HAS_LENS=False, CAUSAL=causal, D=head_dim, GROUP=1, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION="tf32", TMA=tma)
     signature, constants, attrs = _signature(fn, {name: value for name, value in wanted.items() if name in fn.arg_names})
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=launch)
     registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
