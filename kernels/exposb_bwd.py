@@ -120,11 +120,12 @@ def _dq_regime(
 
 @triton.jit
 def exposb_dq_kernel(
-    Q, QT, KT, V, DO, DQ, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
+    Q, QT, KT, V, O, DO, DQ, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS, PARTIALS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_tb, stride_tt, stride_th, stride_td,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     stride_param, H, GROUP, T, S, sm_scale,
@@ -132,8 +133,9 @@ def exposb_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: dq of BLOCK_M query rows of one (batch, query head), with the q side's and
-    d delta's parameter partials in PARTIALS [7, B, cdiv(T, BLOCK_M), Hq]. Q: the raw q (for
-    the epilogue), QT = q' [B, T, Hq, D] (strides stride_t*), KT = k' [B, S, Hq, D], V [B, S, Hkv, D]."""
+    d delta's parameter partials in PARTIALS [7, B, cdiv(T, BLOCK_M), Hq]; also stores its rows'
+    D_m = rowsum(dO * O) in DI [B, Hq, T] for the dk/dv kernel (O float32 [B, T, Hq, D]). Q: the raw q
+    (for the epilogue), QT = q' [B, T, Hq, D] (strides stride_t*), KT = k' [B, S, Hq, D], V [B, S, Hkv, D]."""
     HALF: tl.constexpr = D // 2
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
@@ -154,7 +156,9 @@ def exposb_dq_kernel(
     q = load_tile(QT + b * stride_tb + h * stride_th, stride_tt, stride_td, rows, T, D)
     do = load_tile(DO + b * stride_dob + h * stride_doh, stride_dot, stride_dod, rows, T, D)
     lse = tl.load(LSE + (b * H + h) * T + rows, mask=inside, other=float("inf"))
-    di = tl.load(DI + (b * H + h) * T + rows, mask=inside, other=0.0)
+    o = load_tile(O + b * stride_ob + h * stride_oh, stride_ot, stride_od, rows, T, D)
+    di = tl.sum(do.to(tl.float32) * o, 1)  # rows past T: 0
+    tl.store(DI + (b * H + h) * T + rows, di, mask=inside)
     k_base = KT + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + (h // GROUP) * stride_vh
 

@@ -121,7 +121,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     order), from the raw q, k, the prepass's q', k' (exposb_prepass) and the forward's o (float32), lse."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    di = (do.float() * o).sum(-1).transpose(1, 2).contiguous()  # D_m = rowsum(dO * O), O float32: [B, Hq, T]
+    di = torch.empty(b, hq, t, device=q.device, dtype=torch.float32)  # D_m = rowsum(dO * O), written by the dq kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cos, sin = _angle_tables(s, d, q.device)
     common = dict(HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, DOT_PRECISION=_dot_precision(q.dtype))
@@ -131,8 +131,8 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     q_blocks = triton.cdiv(t, block_m)
     q_partials = torch.zeros(len(PARAM_NAMES), b, q_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dq_kernel[(q_blocks, b * hq)](
-        q, q_t, k_t, v, do, dq, lse, di, cos, sin, *param_values, seq_lens, q_partials,
-        *q.stride(), *q_t.stride(), *k_t.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        q, q_t, k_t, v, o, do, dq, lse, di, cos, sin, *param_values, seq_lens, q_partials,
+        *q.stride(), *q_t.stride(), *k_t.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         q_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
