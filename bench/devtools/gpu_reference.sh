@@ -97,9 +97,9 @@
 #   exact-grid: #25's must-show grid: `attnbench speed --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex
 #             --tokens 16384 --seq 512 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional` at D 64
 #             and 128 (H = 2048 / D), with its report (speedups over cuDNN, FlashAttention-2 and flex)
-#   must-show: #25's must-show model-level step (GPT small, triton against SDPA, T 1k and 4k), eager and as a
-#             CUDA graph, three runs each, with their report; before them exposb beside standard (triton, D 64 and
-#             128, T 1k-16k, causal, fwd and fwd+bwd; exposb-ratios.txt); after them ExpoSB's CUDA tests
+#   must-show: ExpoSB's CUDA tests; exposb beside standard (triton, D 64 and 128, T 1k-16k, causal, fwd and
+#             fwd+bwd; exposb-ratios.txt); #25's must-show model-level step (GPT small, triton against SDPA, T 1k
+#             and 4k), eager and as a CUDA graph, three runs each, with their report
 #   exposb-profile: every candidate tile of ExpoSB's kernels at T 1k and 4k (exposb_tile_sweep), ncu of its three
 #             kernels (D 128 causal T 4k, B 4, H 16) and of the Hopper and the portable forward at D 128 causal T 512
 #             (B 32, H 16); `attnbench check` of standard, rope, alibi, window, exposb to T = 4k
@@ -727,15 +727,15 @@ exact-grid)  # #25's must-show exact-softmax grid (see the header)
         --out "$out/report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
     ;;
-must-show)  # #25's must-show model-level steps and ExpoSB beside standard, then ExpoSB's CUDA tests (see the header)
+must-show)  # #25's must-show: ExpoSB's CUDA tests, ExpoSB beside standard, the model-level steps eager and graph (see the header)
+    limit 80 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
+        tests/bench/devtools/test_exposb_tile_sweep.py --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
     exposb_speed
     model_steps 3 model standard 55
     model_steps 3 model-graph standard 55
     attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
-    limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
-        tests/bench/devtools/test_exposb_tile_sweep.py --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
     ;;
 exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T ncu, `check` (see the header)
     for d in 128 64; do
