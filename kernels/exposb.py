@@ -15,10 +15,11 @@ with GQA, k' for query head h is its kv head's k transformed with head h's param
     w_mn           = exp(-delta * |m - n|)
     s_mn           = (q'_m . k'_n) * w_mn / sqrt(D);   P = softmax_n(s) over visible keys;   o = P v
 
-Prepass (exposb_prepass.py): q' [B, T, Hq, D] and k' [B, S, Hq, D] are formed once per row, in
-float32 from q, k and cos/sin tables, and rounded once to q's dtype; k' is per query head (its kv
-head's k with that head's parameters), so with GQA it is Hq / Hkv times k's size. When a gradient
-is needed they are kept for the backward, beside the raw q, k.
+Prepass (exposb_prepass.py): k' [B, S, Hq, D] is formed once per row, in float32 from k and
+cos/sin tables, and rounded once to k's dtype; k' is per query head (its kv head's k with that
+head's parameters), so with GQA it is Hq / Hkv times k's size. The forward forms q' [B, T, Hq, D]
+the same way, once per row of its query block (no pass of its own over q), and writes it out when
+a gradient is needed; q', k' are then kept for the backward, beside the raw q, k.
 
 Forward (flash skeleton): each program owns BLOCK_M query rows of one query head, its q' tile in
 registers, and streams k', v tiles (through TMA descriptors on Hopper, else pointer loads): the
@@ -79,7 +80,7 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.kernels.exposb_launch import PARAM_NAMES, check_inputs, exposb_backward, exposb_forward, exposb_prepass
+from attnbench.kernels.exposb_launch import PARAM_NAMES, check_inputs, exposb_backward, exposb_forward, exposb_transform
 
 
 class _ExpoSBAttention(torch.autograd.Function):
@@ -90,9 +91,9 @@ class _ExpoSBAttention(torch.autograd.Function):
         every score, add it up (1.4-3.6x torch's own fp16 error in five of the seven; < 0.7x
         with the float32 O, tests/kernels/test_exposb_kernel.py)."""
         params = dict(zip(PARAM_NAMES, param_values))
-        q_t, k_t = exposb_prepass(q, k, params)
-        o, lse = exposb_forward(q_t, k_t, v, params, causal, seq_lens, torch.float32)
-        # q', k' kept (no second prepass); the raw q, k too: the parameter gradients need R q, R k
+        k_t = exposb_transform(k, q.shape[2], 0, params)
+        o, lse, q_t = exposb_forward(q, k_t, v, params, causal, seq_lens, torch.float32, keep_q_t=True)
+        # q', k' kept (formed once); the raw q, k too: the parameter gradients need R q, R k
         ctx.save_for_backward(q, k, q_t, k_t, v, o, lse, *param_values)
         ctx.causal, ctx.seq_lens = causal, seq_lens
         return o.to(q.dtype)
@@ -135,5 +136,6 @@ def exposb_attention_triton(
     values = [params[name].to(device=q.device, dtype=torch.float32).contiguous() for name in PARAM_NAMES]
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *params.values()))):
         params = dict(zip(PARAM_NAMES, values))
-        return exposb_forward(*exposb_prepass(q, k, params), v, params, causal, seq_lens, q.dtype)[0]  # inference: O straight in q's dtype
+        k_t = exposb_transform(k, q.shape[2], 0, params)
+        return exposb_forward(q, k_t, v, params, causal, seq_lens, q.dtype)[0]  # inference: O straight in q's dtype, q' not kept
     return _ExpoSBAttention.apply(q, k, v, causal, seq_lens, *values)

@@ -1,13 +1,15 @@
 """ExpoSB's forward kernel (@triton.jit): one program per BLOCK_M query rows and query head,
-online softmax in base 2 over the key tiles of each regime, reading q' and k' as the prepass
-(exposb_prepass.py) wrote them; writes o and the LSE. kernels/exposb.py has the math,
+online softmax in base 2 over the key tiles of each regime; it forms its rows' q' itself (once,
+as the prepass would; written out for the backward when asked) and reads k' as the prepass
+(exposb_prepass.py) wrote it; writes o and the LSE. kernels/exposb.py has the math,
 exposb_launch.py the launcher."""
 
 import triton
 import triton.language as tl
 
 from attnbench.kernels.exposb_tiles import (
-    ABOVE, BELOW, DIAGONAL, LOG2E, key_ranges, load_tile, owner_factor, query_block_pivot, tile_weight, visible,
+    ABOVE, BELOW, DIAGONAL, LOG2E, head_params, key_ranges, load_transformed, owner_factor, query_block_pivot, store_rows,
+    tile_weight, visible, whole,
 )
 from attnbench.kernels.flash_tiles import read_rows, tile_source
 
@@ -70,32 +72,44 @@ def _fwd_regime(
 
 @triton.jit
 def exposb_fwd_kernel(
-    Q, K, V, O, LSE, DELTA, SEQ_LENS,
+    Q, K, V, O, LSE, QT, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, SEQ_LENS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
+    stride_tb, stride_tt, stride_th, stride_td,
     H, GROUP, T, S, sm_scale,
     HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    STORE_QT: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, query head). Q = q' [B, T, Hq, D],
-    K = k' [B, S, Hq, D] (per query head), V [B, S, Hkv, D] (head h // GROUP).
-    LSE [B, Hq, T] in log2 units. TMA: k', v tiles through tensor descriptors (the launcher says when)."""
+    """One program: BLOCK_M query rows of one (batch, query head). Q: the raw q [B, T, Hq, D], whose
+    q' this program forms once per row (the prepass's transform, rounded to q's dtype) and, when
+    STORE_QT, writes to QT [B, T, Hq, D] (strides stride_t*) for the backward; K = k' [B, S, Hq, D]
+    (per query head, from the prepass), V [B, S, Hkv, D] (head h // GROUP). LSE [B, Hq, T] in log2
+    units. TMA: k', v tiles through tensor descriptors (the launcher says when)."""
+    HALF: tl.constexpr = D // 2
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     kv_len = S
     if HAS_LENS:
         kv_len = tl.minimum(tl.load(SEQ_LENS + b), S)
-    rate = tl.load(DELTA + h) * LOG2E
+    lam, alpha, _, _, _, delta, f1, f2, _, _ = head_params(LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, h, HALF)
+    rate = delta * LOG2E
     scale_log2 = sm_scale * LOG2E
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_q0 = pid_m * BLOCK_M + S - T
     pos_q = rows + S - T
     # q' stays in registers for the whole loop
-    q = load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, T, D)
+    q1, q2, _, _, _ = load_transformed(
+        Q + b * stride_qb + h * stride_qh, stride_qt, stride_qd, rows, pos_q, T, COS, SIN, lam, alpha, f1, f2, HALF
+    )
+    q1, q2 = q1.to(Q.dtype.element_ty), q2.to(Q.dtype.element_ty)
+    if STORE_QT:
+        store_rows(QT + b * stride_tb + h * stride_th, stride_tt, stride_td, rows, (rows < T)[:, None], q1, q2, HALF)
+    q = whole(q1, q2, BLOCK_M, D)
     K = tile_source(K + b * stride_kb + h * stride_kh, S, stride_kt, D, BLOCK_N, D, TMA)
     V = tile_source(V + b * stride_vb + (h // GROUP) * stride_vh, S, stride_vt, D, BLOCK_N, D, TMA)
 

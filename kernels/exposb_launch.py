@@ -80,45 +80,48 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32 rounding
 
 
-def exposb_prepass(q, k, params):
-    """q' [B, T, Hq, D] and k' [B, S, Hq, D] (k' per query head: its kv head's k with that head's
-    parameters), new contiguous tensors of q's dtype: what today's dots read, rounded once."""
+def exposb_transform(x, heads, shift, params):
+    """x' [B, L, Hq, D] of x [B, L, Hx, D] (Hq = ``heads``; each query head h transforms x's head
+    h // (Hq / Hx) with its own parameters), row t at position t + shift: a new contiguous tensor
+    of x's dtype, rounded once. The prepass of the keys (shift 0); the forward forms the queries'
+    (shift S - T) itself, the same way."""
+    b, length, _, d = x.shape
+    cos, sin = _angle_tables(length + shift, d, x.device)
+    rows, launch = _prepass_rows(x.device, d)
+    y = torch.empty(b, length, heads, d, device=x.device, dtype=x.dtype)
+    exposb_prepass_kernel[(triton.cdiv(length, rows), b * heads)](
+        x, y, cos, sin, *(params[name] for name in PARAM_NAMES),
+        *x.stride(), *y.stride(), heads, heads // x.shape[2], length, shift, D=d, BLOCK=rows, **launch,
+    )
+    return y
+
+
+def exposb_forward(q, k_t, v, params, causal, seq_lens, out_dtype, keep_q_t=False):
+    """o [B, T, Hq, D] in ``out_dtype``, the LSE [B, Hq, T] float32 in log2 units, and (keep_q_t) q'
+    [B, T, Hq, D] in q's dtype as the forward formed it (else None), from the raw q [B, T, Hq, D],
+    the prepass's k' [B, S, Hq, D] (exposb_transform) and v [B, S, Hkv, D]."""
     b, t, hq, d = q.shape
-    s = k.shape[1]
-    cos, sin = _angle_tables(s, d, q.device)
-    rows, launch = _prepass_rows(q.device, d)
-    q_t = torch.empty(b, t, hq, d, device=q.device, dtype=q.dtype)
-    k_t = torch.empty(b, s, hq, d, device=q.device, dtype=q.dtype)
-    for x, y, shift in ((q, q_t, s - t), (k, k_t, 0)):
-        exposb_prepass_kernel[(triton.cdiv(x.shape[1], rows), b * hq)](
-            x, y, cos, sin, *(params[name] for name in PARAM_NAMES),
-            *x.stride(), *y.stride(), hq, hq // x.shape[2], x.shape[1], shift, D=d, BLOCK=rows, **launch,
-        )
-    return q_t, k_t
-
-
-def exposb_forward(q_t, k_t, v, params, causal, seq_lens, out_dtype):
-    """o [B, T, Hq, D] in ``out_dtype`` and the LSE [B, Hq, T] float32 in log2 units, from the
-    prepass's q' [B, T, Hq, D] and k' [B, S, Hq, D] and v [B, S, Hkv, D]."""
-    b, t, hq, d = q_t.shape
     s, hkv = v.shape[1], v.shape[2]
-    o = torch.empty(q_t.shape, device=q_t.device, dtype=out_dtype)
-    lse = torch.empty(b, hq, t, device=q_t.device, dtype=torch.float32)
-    block_m, block_n, launch = kernel_tiles(q_t.device, d, "fwd", q_t.dtype)
+    o = torch.empty(q.shape, device=q.device, dtype=out_dtype)
+    lse = torch.empty(b, hq, t, device=q.device, dtype=torch.float32)
+    q_t = torch.empty(q.shape, device=q.device, dtype=q.dtype) if keep_q_t else None
+    cos, sin = _angle_tables(s, d, q.device)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "fwd", q.dtype)
     grid = (triton.cdiv(t, block_m), b * hq)
     exposb_fwd_kernel[grid](
-        q_t, k_t, v, o, lse, params["delta"], seq_lens,
-        *q_t.stride(), *k_t.stride(), *v.stride(), *o.stride(),
+        q, k_t, v, o, lse, o if q_t is None else q_t, cos, sin, *(params[name] for name in PARAM_NAMES), seq_lens,
+        *q.stride(), *k_t.stride(), *v.stride(), *o.stride(), *(o if q_t is None else q_t).stride(),
         hq, hq // hkv, t, s, d**-0.5,
         HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q_t.dtype), TMA=q_t.dtype in TMA_DTYPES and tma_tensors(k_t, v), **launch,
+        DOT_PRECISION=_dot_precision(q.dtype), TMA=q.dtype in TMA_DTYPES and tma_tensors(k_t, v), STORE_QT=keep_q_t,
+        **launch,
     )
-    return o, lse
+    return o, lse, q_t
 
 
 def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     """dq, dk, dv (dtypes of q, k, v) and the parameter gradients float32 [7, Hq] (PARAM_NAMES
-    order), from the raw q, k, the prepass's q', k' (exposb_prepass) and the forward's o (float32), lse."""
+    order), from the raw q, k, q' (the forward's) and k' (exposb_transform), the forward's o (float32) and lse."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     di = torch.empty(b, hq, t, device=q.device, dtype=torch.float32)  # D_m = rowsum(dO * O), written by the dq kernel

@@ -84,6 +84,12 @@ def halves(x, R: tl.constexpr, D: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(x, [R, 2, D // 2]), (0, 2, 1)))
 
 
+@triton.jit
+def whole(x1, x2, R: tl.constexpr, D: tl.constexpr):
+    """Halves x1, x2 [R, D/2] as one [R, D] tile (halves' inverse)."""
+    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), [R, D])
+
+
 # exp2's argument floor in a program factor (owner_factor): 2^-126, the smallest normal float32
 FACTOR_FLOOR = tl.constexpr(-126.0)
 

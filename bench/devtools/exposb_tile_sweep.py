@@ -4,7 +4,7 @@ own (CUDA only), beside the standard kernel's forward and backward on the same p
     python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim 128 --out tiles.csv
 
 (bf16, B*T = --tokens, H*D = 2048, causal unless --bidirectional). A forward tile is timed as the
-forward after the prepass (exposb_forward); a dq tile as the backward with dk/dv at its current
+forward after the keys' prepass (exposb_forward); a dq tile as the backward with dk/dv at its current
 tile, a dk/dv tile as the backward with dq at the fastest dq found, so within a kernel the rows
 rank its tiles. kernels/exposb_launch.py's _GPU_TILES is edited by hand from what this prints.
 """
@@ -55,9 +55,9 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> pd.D
     q, k, v, do = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(4))
     params = {name: torch.full((heads,), value, device=device) for name, value in PARAMS.items()}
     params.update(mu=torch.full((heads,), head_dim / 2, device=device), sigma=torch.full((heads,), head_dim / 4, device=device))
-    q_t, k_t = exposb_launch.exposb_prepass(q, k, params)
-    o, lse = exposb_launch.exposb_forward(q_t, k_t, v, params, causal, None, torch.float32)
-    forward = lambda: exposb_launch.exposb_forward(q_t, k_t, v, params, causal, None, q.dtype)  # noqa: E731
+    k_t = exposb_launch.exposb_transform(k, heads, 0, params)
+    o, lse, q_t = exposb_launch.exposb_forward(q, k_t, v, params, causal, None, torch.float32, keep_q_t=True)
+    forward = lambda: exposb_launch.exposb_forward(q, k_t, v, params, causal, None, q.dtype)  # noqa: E731
     backward = lambda: exposb_launch.exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, None)  # noqa: E731
     own = {kernel: exposb_launch.kernel_tiles(device, head_dim, kernel, q.dtype) for kernel in CANDIDATES}
     rows = []

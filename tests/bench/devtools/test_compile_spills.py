@@ -10,7 +10,7 @@ from attnbench.kernels.exposb_fwd import exposb_fwd_kernel
 
 @pytest.mark.parametrize("kernel", [exposb_fwd_kernel, exposb_dq_kernel, exposb_dkdv_kernel], ids=["fwd", "dq", "dkdv"])
 def test_every_argument_is_typed_as_a_launch_specialises_it(kernel):
-    every = dict(HAS_LENS=False, CAUSAL=True, D=64, GROUP=1, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32", TMA=False)
+    every = dict(HAS_LENS=False, CAUSAL=True, D=64, GROUP=1, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32", TMA=False, STORE_QT=True)
     constexprs = constexpr_names(kernel)
     signature, constants, attrs = _signature(kernel, {name: every[name] for name in constexprs})
     assert list(signature) == kernel.arg_names, "one entry per argument, in order"
