@@ -239,12 +239,14 @@ host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, t
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"
 }
-model_steps() {  # model_steps RUNS [LEVEL [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
-                 # at T 1k and 4k, RUNS times (its spread)
-    local level=${2:-model} attn=${3:-standard} seconds=${4:-75}
+model_steps() {  # model_steps RUNS [LEVELS [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
+                 # at T 1k and 4k, RUNS times (its spread); LEVELS comma-separated, taking turns within each run
+    local levels=${2:-model} attn=${3:-standard} seconds=${4:-75}
     for run in $(seq "$1"); do
-        speed "$seconds" --level "$level" --preset small --attn "$attn" --impl triton,sdpa --seq 1024 4096 --mode fwdbwd \
-            --out "$out/$level-$run"
+        for level in ${levels//,/ }; do
+            speed "$seconds" --level "$level" --preset small --attn "$attn" --impl triton,sdpa --seq 1024 4096 --mode fwdbwd \
+                --out "$out/$level-$run"
+        done
     done
 }
 exposb_speed() {  # exposb_speed SECONDS: ExpoSB beside the standard kernel (triton), fwd and fwd+bwd, causal, D 64 and 128,
@@ -733,8 +735,7 @@ must-show)  # #25's must-show: ExpoSB's CUDA tests, ExpoSB beside standard, the 
         tests/bench/devtools/test_exposb_tile_sweep.py --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
     exposb_speed 72
-    model_steps 3 model standard 52
-    model_steps 3 model-graph standard 52
+    model_steps 3 model-graph,model standard 52
     attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
     ;;
