@@ -344,7 +344,7 @@ def exposb_dkdv_kernel(
     inside = (pos_k < S)[:, None]
     v = load_tile(V + b * stride_vb + kv_h * stride_vh, stride_vt, stride_vd, pos_k, S, D)  # in registers throughout
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    if GROUP == 1:
+    if GROUP == 1:  # no group sum: dk straight from the one head, no third [BN, D] accumulator through the loops
         dk1, dk2, dv = _dkdv_head(
             dv, v, K, QT, KT, DO, LSE, DI, COS, SIN, LAM, ALPHA, BETA, GAMMA, MU, SIGMA, DELTA, PARTIALS,
             b, kv_h, kv_h, pid_n, n0, pos_k, inside, kv_len, stride_kb, stride_kt, stride_kh, stride_kd,
