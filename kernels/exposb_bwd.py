@@ -1,6 +1,7 @@
 """ExpoSB's backward kernels (@triton.jit): dq (one program per query block and query head,
-also d delta) and dk/dv (one per key block and kv head, summing its query heads' shares). Their loops read q', k' as the
-prepass (exposb_prepass.py) wrote them and accumulate dq', dk' in float32; the epilogues turn
+also d delta) and dk/dv (one per key block and kv head, summing its query heads' shares). Their
+loops read q' as the forward wrote it and k' as the prepass (exposb_prepass.py) did, and accumulate
+dq', dk' in float32; the epilogues turn
 those back into dq, dk (once per row, from the raw q or k) and write partial sums of the seven
 parameter gradients. kernels/exposb.py has the math, exposb_launch.py the launchers."""
 

@@ -105,12 +105,13 @@ def exposb_forward(q, k_t, v, params, causal, seq_lens, out_dtype, keep_q_t=Fals
     o = torch.empty(q.shape, device=q.device, dtype=out_dtype)
     lse = torch.empty(b, hq, t, device=q.device, dtype=torch.float32)
     q_t = torch.empty(q.shape, device=q.device, dtype=q.dtype) if keep_q_t else None
+    q_t_out = o if q_t is None else q_t  # a pointer the kernel never writes through unless STORE_QT
     cos, sin = _angle_tables(s, d, q.device)
     block_m, block_n, launch = kernel_tiles(q.device, d, "fwd", q.dtype)
     grid = (triton.cdiv(t, block_m), b * hq)
     exposb_fwd_kernel[grid](
-        q, k_t, v, o, lse, o if q_t is None else q_t, cos, sin, *(params[name] for name in PARAM_NAMES), seq_lens,
-        *q.stride(), *k_t.stride(), *v.stride(), *o.stride(), *(o if q_t is None else q_t).stride(),
+        q, k_t, v, o, lse, q_t_out, cos, sin, *(params[name] for name in PARAM_NAMES), seq_lens,
+        *q.stride(), *k_t.stride(), *v.stride(), *o.stride(), *q_t_out.stride(),
         hq, hq // hkv, t, s, d**-0.5,
         HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), TMA=q.dtype in TMA_DTYPES and tma_tensors(k_t, v), STORE_QT=keep_q_t,

@@ -62,8 +62,11 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> pd.D
     own = {kernel: exposb_launch.kernel_tiles(device, head_dim, kernel, q.dtype) for kernel in CANDIDATES}
     rows = []
 
-    def add(kernel, tile, fn, held=None):
-        with _forced(head_dim, kernel, tile), _forced(head_dim, *held) if held else contextlib.nullcontext():
+    def add(kernel, tile, fn, held=None):  # ExpoSB's kernels forced to ``tile``; the standard kernel's rows as they are
+        forced = ([(kernel, tile)] if kernel in CANDIDATES else []) + ([held] if held else [])
+        with contextlib.ExitStack() as stack:
+            for forced_kernel, forced_tile in forced:
+                stack.enter_context(_forced(head_dim, forced_kernel, forced_tile))
             ms = time_ms(fn, device)
         rows.append(dict(zip(("kernel", "block_m", "block_n", "warps", "stages", "ms"), (kernel, *tile, ms))))
         typer.echo(f"{kernel:12s} {tile} {ms if ms is None else round(ms, 4)} ms")
@@ -82,10 +85,8 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> pd.D
         add("dkdv", tile, backward, held=("dq", best_dq))
     problem = flash_problem(q, k, causal=causal)
     o_std, lse_std = flash_forward(q, k, v, problem)
-    for name, fn in (("standard-fwd", lambda: flash_forward(q, k, v, problem)), ("standard-bwd", lambda: flash_backward(q, k, v, o_std, lse_std, do, problem))):
-        ms = time_ms(fn, device)
-        rows.append(dict(kernel=name, block_m=0, block_n=0, warps=0, stages=0, ms=ms))
-        typer.echo(f"{name:12s} {ms if ms is None else round(ms, 4)} ms")
+    add("standard-fwd", (0, 0, 0, 0), lambda: flash_forward(q, k, v, problem))
+    add("standard-bwd", (0, 0, 0, 0), lambda: flash_backward(q, k, v, o_std, lse_std, do, problem))
     return pd.DataFrame(rows).assign(batch=batch, seq=seq, heads=heads, head_dim=head_dim, causal=causal)
 
 

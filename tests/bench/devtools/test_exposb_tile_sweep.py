@@ -12,11 +12,11 @@ def test_a_forced_tile_is_what_the_launcher_takes_inside_the_block_only():
     def taken(head_dim, kernel):  # what a CUDA launch would take (kernel_tiles reads only the device's type)
         return exposb_launch.kernel_tiles(torch.device("cuda"), head_dim, kernel, torch.bfloat16)
 
-    before, other = taken(128, "dq"), taken(64, "dq")
+    before, other, dkdv = taken(128, "dq"), taken(64, "dq"), taken(128, "dkdv")
     with exposb_tile_sweep._forced(128, "dq", (16, 32, 2, 1)):
         assert taken(128, "dq") == (16, 32, {"num_warps": 2, "num_stages": 1})
         assert taken(96, "dq") == taken(128, "dq"), "a head dim between entries reads the larger one"
-        assert taken(64, "dq") == other and taken(128, "dkdv") != taken(128, "dq"), "one kernel at one head dim"
+        assert taken(64, "dq") == other and taken(128, "dkdv") == dkdv, "one kernel at one head dim"
     assert taken(128, "dq") == before
 
 
