@@ -20,14 +20,13 @@ PARAM_NAMES = ("lam", "alpha", "beta", "gamma", "mu", "sigma", "delta")
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and largest head dim. The loops read q', k'
 # as plain tiles, as the standard kernels' do (flash_fwd.py, flash_bwd.py; the forward's k', v
-# through TMA on Hopper, the backward's through pointers): their tile where it compiles without
-# spilling (forward 128x64 at D <= 128, dq 64x64 at D = 64), elsewhere the least-spilling tile of a
-# compile-only sweep. Compile-only, untimed: with the factored decay and the mask split none spills
-# but dk/dv at D = 64 bidirectional, 32 bytes per thread (triton 3.6, sm_90a, bf16:
-# python3 -m attnbench.devtools.compile_spills)
+# through TMA on Hopper, the backward's through pointers). D 64 and 128: the fastest of
+# bench/devtools/exposb_tile_sweep.py's candidates at T 1k and 4k, causal, on an H100
+# (results/reference-h100/exposb-tiles/; four warps won in every kernel, 1.3-2.3x the eight-warp
+# tiles before). D 256: the least-spilling tile of a compile-only sweep, untimed.
 _GPU_TILES = {
-    64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkdv": (64, 64, 8, 2)},
-    128: {"fwd": (128, 64, 8, 3), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
+    64: {"fwd": (128, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 64, 4, 2)},
+    128: {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)},
     256: {"fwd": (64, 32, 8, 2), "dq": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2)},
 }
 _GPU_FP32_TILES = (32, 32, 4, 1)  # fp32 inputs: FMA dots, twice the bytes per tile (the standard kernels' choice)
