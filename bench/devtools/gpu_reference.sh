@@ -103,8 +103,10 @@
 #   exposb-profile: every candidate tile of ExpoSB's kernels at T 1k and 4k (exposb_tile_sweep), ncu of its three
 #             kernels (D 128 causal T 4k, B 4, H 16) and of the Hopper and the portable forward at D 128 causal T 512
 #             (B 32, H 16); `attnbench check` of standard, rope, alibi, window, exposb to T = 4k
-#   exposb-tiles: after _GPU_TILES took exposb-profile's fastest tiles: ExpoSB's CUDA tests, exposb beside standard
-#             (exposb-ratios.txt, as in must-show), then the tile sweep's wider candidate list at D 128 and 64
+#   exposb-tiles: after _GPU_TILES took exposb-profile's fastest tiles and the Hopper forward's items went head by
+#             head: ExpoSB's CUDA tests, exposb beside standard (exposb-ratios.txt, as in must-show), the Hopper
+#             forward's smoke run and CUDA tests, its sweep at D 128 (beside the portable tiles and cuDNN), then the
+#             ExpoSB tile sweep's wider candidate list at D 128
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -753,16 +755,18 @@ exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T
     limit 120 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -n 3 "$out/check.txt"
     ;;
-exposb-tiles)  # #25's ExpoSB with the sweep's tiles (see the header)
-    limit 110 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
+exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward head by head (see the header)
+    limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
         --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
     exposb_speed 60
-    for d in 128 64; do
-        limit 95 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim $d --out "$out/exposb-tiles-d$d.csv" \
-            > "$out/exposb-tiles-d$d.txt" 2>&1
-        grep -E "^B=|standard" "$out/exposb-tiles-d$d.txt"
-    done
+    hopper_smoke
+    limit 80 python3 -m pytest -v -m cuda tests/kernels/test_flash_fwd_hopper.py -k hopper --timeout 180 -rf --tb=short \
+        > "$out/hopper_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/hopper_tests.txt" | tail -8
+    SWEEP_S=50 hopper_sweep 128
+    limit 95 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim 128 --out "$out/exposb-tiles-d128.csv" \
+        > "$out/exposb-tiles-d128.txt" 2>&1
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py
