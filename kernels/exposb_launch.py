@@ -22,7 +22,7 @@ PARAM_NAMES = ("lam", "alpha", "beta", "gamma", "mu", "sigma", "delta")
 # as plain tiles, as the standard kernels' do (flash_fwd.py, flash_bwd.py; the forward's k', v
 # through TMA on Hopper, the backward's through pointers). D 64 and 128: the fastest of
 # bench/devtools/exposb_tile_sweep.py's candidates at T 1k and 4k, causal, on an H100
-# (results/reference-h100/exposb-tiles/; four warps won in every kernel, 1.3-2.3x the eight-warp
+# (results/reference-h100/exposb-profile/; four warps won in every kernel, 1.3-2.3x the eight-warp
 # tiles before). D 256: the least-spilling tile of a compile-only sweep, untimed.
 _GPU_TILES = {
     64: {"fwd": (128, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 64, 4, 2)},
