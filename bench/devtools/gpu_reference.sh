@@ -104,8 +104,8 @@
 #             kernels (D 128 causal T 4k, B 4, H 16) and of the Hopper and the portable forward at D 128 causal T 512
 #             (B 32, H 16); `attnbench check` of standard, rope, alibi, window, exposb to T = 4k
 #   exposb-tiles: after _GPU_TILES took exposb-profile's fastest tiles and the Hopper forward's items went head by
-#             head: the Hopper forward's smoke run, ExpoSB's CUDA tests, exposb beside standard (exposb-ratios.txt,
-#             as in must-show), the Hopper forward's CUDA tests, its sweep at D 128 (beside the portable tiles and cuDNN), then the
+#             head: the Hopper forward's smoke run, exposb beside standard (exposb-ratios.txt, as in must-show),
+#             ExpoSB's CUDA tests, the Hopper forward's CUDA tests, its sweep at D 128 (beside the portable tiles and cuDNN), then the
 #             ExpoSB tile sweep's wider candidate list at D 128
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
@@ -757,10 +757,10 @@ exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T
     ;;
 exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward head by head (see the header)
     hopper_smoke  # first: the standard rows at D 128 from 4k keys run the Hopper forward
+    exposb_speed 60
     limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
         --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
-    exposb_speed 60
     limit 80 python3 -m pytest -v -m cuda tests/kernels/test_flash_fwd_hopper.py -k hopper --timeout 180 -rf --tb=short \
         > "$out/hopper_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/hopper_tests.txt" | tail -8
