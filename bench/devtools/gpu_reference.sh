@@ -254,9 +254,9 @@ model_steps() {  # model_steps RUNS [LEVELS [MECHANISMS [SECONDS]]]: GPT small's
     done
 }
 exposb_speed() {  # exposb_speed SECONDS: ExpoSB beside the standard kernel (triton), fwd and fwd+bwd, causal, D 64 and 128,
-                  # T 1k-16k, SECONDS per head dim; the ratios
+                  # T 1k-16k (EXPOSB_SEQS), SECONDS per head dim; the ratios
     for d in 64 128; do
-        speed "$1" --attn standard,exposb --impl triton --tokens 16384 --seq 1024 4096 16384 --heads $((2048 / d)) --head-dim $d \
+        speed "$1" --attn standard,exposb --impl triton --tokens 16384 --seq ${EXPOSB_SEQS:-1024 4096 16384} --heads $((2048 / d)) --head-dim $d \
             --mode fwd --mode fwdbwd --causal --out "$out/exposb-d$d" > "$out/exposb-d$d.txt"
     done
     python3 -c "
@@ -757,7 +757,7 @@ exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T
     ;;
 exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward head by head (see the header)
     hopper_smoke  # first: the standard rows at D 128 from 4k keys run the Hopper forward
-    exposb_speed 60
+    exposb_speed "${EXPOSB_S:-60}"
     limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
         --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
