@@ -1,7 +1,8 @@
 """The exact-softmax forward on Hopper, warp-specialised in Gluon (triton.experimental.gluon).
 
-Work items are (query block of 64 rows per consumer, batch * query head), head by head (the programs running
-at once share their keys and values in L2), the longest causal blocks of each head first;
+Work items are (query block of 64 rows per consumer, batch * query head), the longest causal blocks first
+(across every head, or with HEAD_BY_HEAD each head's in turn, so the programs running at once share its keys
+and values in L2);
 with PERSISTENT one program per SM walks its share of them, else one program per item. Each program runs in
 partitions:
 - a producer warpgroup (one warp issues) makes the TMA loads: each consumer's q rows per item, then k
@@ -67,17 +68,24 @@ PINGPONG = True
 # One program per SM walking its share of the work items (the next item's loads overlap this one's end), or
 # one program per item
 PERSISTENT = False  # measured: per item 1.88 ms against 2.03 persistent at D 128 causal 16k (H100, PERF_NOTES 16)
+# Work items head by head (each head's longest causal blocks first) instead of block by block across every head:
+# at T 512 the blocks-first order read each head's k and v from DRAM once per query block (PERF_NOTES 19).
+# Untimed: tile_sweep's hopper-fwd-heads row times it beside the default order
+HEAD_BY_HEAD = False
 
 
 @gluon.jit
-def _work_item(w, n_blocks, BH, T, S, CAUSAL: gl.constexpr, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Work item w of n_blocks * BH (query blocks of BLOCK rows, batch * query heads), head by head, each
-    head's longest causal blocks first: (batch * head, first query row, its position among the keys, key
-    tiles to walk). Head by head, the items in flight at once read the same k and v tiles, which L2 then
-    serves; blocks first across every head (the order before) read each head's k and v again from DRAM
-    once per query block at short T (ncu at T 512: DRAM 74% busy, ~1.8x the bytes of q, k, v and o)."""
-    bh = w // n_blocks
-    q_start = (n_blocks - 1 - w % n_blocks) * BLOCK
+def _work_item(w, n_blocks, BH, T, S, CAUSAL: gl.constexpr, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_BY_HEAD: gl.constexpr):
+    """Work item w of n_blocks * BH (query blocks of BLOCK rows, batch * query heads), the longest causal
+    blocks first, across every head or HEAD_BY_HEAD (then the items in flight at once read the same k and v
+    tiles, which L2 serves): (batch * head, first query row, its position among the keys, key tiles to walk)."""
+    if HEAD_BY_HEAD:
+        bh = w // n_blocks
+        block = n_blocks - 1 - w % n_blocks
+    else:
+        bh = w % BH
+        block = n_blocks - 1 - w // BH
+    q_start = block * BLOCK
     pos_q0 = q_start + S - T
     n_tiles = gl.cdiv(S, BLOCK_N)
     if CAUSAL:
@@ -87,7 +95,7 @@ def _work_item(w, n_blocks, BH, T, S, CAUSAL: gl.constexpr, BLOCK: gl.constexpr,
 
 @gluon.jit
 def _load_tiles(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr):
+                STAGES: gl.constexpr, HEAD_BY_HEAD: gl.constexpr):
     """The producer, per work item of this program: each consumer's q rows once they all released the last
     item's, then its k and v tiles, each into a ring buffer once every consumer emptied it. The ring's
     count ``it`` runs on across items, so the next item's tiles load while the consumers finish this one."""
@@ -99,7 +107,7 @@ def _load_tiles(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, 
     it = 0
     item = 0
     for w in range(gl.program_id(0), n_blocks * BH, gl.num_programs(0)):
-        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N)
+        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N, HEAD_BY_HEAD)
         b = bh // HQ
         h = bh % HQ
         mbarrier.wait(q_empty, (item & 1) ^ 1)  # a barrier starts with phase 1 complete: the first wait passes
@@ -153,7 +161,7 @@ def _pass_turn(turns, me: gl.constexpr, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _consume(me: gl.constexpr, smem, work, out, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr):
+             PINGPONG: gl.constexpr, HEAD_BY_HEAD: gl.constexpr):
     """Consumer ``me``, per work item of this program: query rows q_start + me * ROWS of the item's block, online
     softmax over its key tiles, then o (normalised) and the log2-sum-exp stored. S(j) and O += P(j-1) v(j-1) are
     in flight while softmax(j-1)'s rescale and softmax(j) run; with PINGPONG the consumers take turns issuing
@@ -174,7 +182,7 @@ def _consume(me: gl.constexpr, smem, work, out, CAUSAL: gl.constexpr, BLOCK_N: g
     item = 0
     turn = 0
     for w in range(gl.program_id(0), n_blocks * BH, gl.num_programs(0)):
-        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N)
+        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N, HEAD_BY_HEAD)
         q_start += me * ROWS
         pos_q0 += me * ROWS
         first_masked = S // BLOCK_N  # the length edge
@@ -244,10 +252,10 @@ def _consume(me: gl.constexpr, smem, work, out, CAUSAL: gl.constexpr, BLOCK_N: g
 def flash_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh, T, S, BH, HQ, GROUP, stride_stats, scale_log2,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-    CONSUMER_REGISTERS: gl.constexpr, PINGPONG: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PINGPONG: gl.constexpr, HEAD_BY_HEAD: gl.constexpr,
 ):
     """Grid (programs,): program p takes work items p, p + programs, ... of cdiv(T, 64 * CONSUMERS) query blocks
-    times BH = B * Hq (_work_item: head by head, the longest causal blocks first); programs = one per SM makes it persistent,
+    times BH = B * Hq (_work_item: the longest causal blocks first, across heads or HEAD_BY_HEAD); programs = one per SM makes it persistent,
     one per item is the plain grid. q_desc over q as [B * T, Hq * D] (blocks of one consumer's rows), k_desc and
     v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D] (unit column stride), LSE as flash_fwd's. Launched with
     num_warps = CONSUMER_WARPS: the producer is the default partition, the CONSUMERS (2 or 3) are worker partitions."""
@@ -279,19 +287,19 @@ def flash_fwd_hopper_kernel(
     smem = (q_bufs, k_bufs, v_bufs, barriers)
     work = (n_blocks, BH, T, S, HQ, scale_log2)
     out = (O, LSE, stride_ob, stride_ot, stride_oh, stride_stats)
-    loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, (n_blocks, BH, T, S, HQ, GROUP), CAUSAL, BLOCK_N, STAGES)
+    loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, (n_blocks, BH, T, S, HQ, GROUP), CAUSAL, BLOCK_N, STAGES, HEAD_BY_HEAD)
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_load_tiles, loads),
-            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
+            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     else:
         gl.warp_specialize([
             (_load_tiles, loads),
-            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
-            (_consume, (gl.constexpr(2), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)),
+            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
+            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
+            (_consume, (gl.constexpr(2), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS])
 
 
@@ -373,5 +381,5 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
         _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), tile.block_n, d), _descriptor(_rows_view(v), tile.block_n, d),
         o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, b * hq, hq, hq // hkv, lse.stride(1), problem.scale_log2,
         CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
-        CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers,
+        CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, HEAD_BY_HEAD=HEAD_BY_HEAD, num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers,
     )

@@ -761,9 +761,7 @@ exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward head by
     limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
         --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
-    limit 80 python3 -m pytest -v -m cuda tests/kernels/test_flash_fwd_hopper.py -k hopper --timeout 180 -rf --tb=short \
-        > "$out/hopper_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/hopper_tests.txt" | tail -8
+    flash_tests 120 tests/kernels/test_flash_fwd_hopper.py -k hopper  # every schedule, head by head included
     SWEEP_S=50 hopper_sweep 128
     limit 95 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim 128 --out "$out/exposb-tiles-d128.csv" \
         > "$out/exposb-tiles-d128.txt" 2>&1

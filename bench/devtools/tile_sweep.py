@@ -8,7 +8,7 @@ times every tile both with the loops' tiles read through TMA descriptors and thr
 --kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone, the portable kernel's
 tiles and then, on Hopper, the warp-specialised kernel (kernels/flash_fwd_hopper.py) as 'hopper-fwd'
 (its consumers taking turns, one program per SM), 'hopper-fwd-free' (no turns) and
-'hopper-fwd-per-item' (one program per work item); a dk/dv candidate is timed as the whole
+'hopper-fwd-per-item' (one program per work item), 'hopper-fwd-heads' (per item, head by head); a dk/dv candidate is timed as the whole
 backward with dq held at its current first choice, and a dq candidate with
 dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels'
 own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are edited by hand from what this prints.
@@ -47,8 +47,11 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 4), (64, 32, 4, 3)],
 }
 NO_TILE = (0, 0, 0, 0, 0)
-# the Hopper forward's schedules timed: (its consumers taking turns, one program per SM, row name)
-HOPPER_SCHEDULES = ((True, True, "hopper-fwd"), (False, True, "hopper-fwd-free"), (True, False, "hopper-fwd-per-item"))
+# the Hopper forward's schedules timed: (its consumers taking turns, one program per SM, items head by head, row name)
+HOPPER_SCHEDULES = (
+    (True, True, False, "hopper-fwd"), (False, True, False, "hopper-fwd-free"), (True, False, False, "hopper-fwd-per-item"),
+    (True, False, True, "hopper-fwd-heads"),
+)
 KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
 
@@ -110,12 +113,16 @@ def _loads(way: str):
 
 
 @contextlib.contextmanager
-def _hopper_forward(on: bool, pingpong: bool = True, persistent: bool = True, tile: flash_fwd_hopper.HopperTile | None = None):
+def _hopper_forward(
+    on: bool, pingpong: bool = True, persistent: bool = True, head_by_head: bool = False, tile: flash_fwd_hopper.HopperTile | None = None
+):
     """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept),
-    its consumers taking turns (pingpong) or not, one program per SM (persistent) or per work item, with
-    ``tile`` first for its head dim."""
-    saved = flash_fwd_hopper.HOPPER_FROM_KEYS, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT, dict(flash_fwd_hopper.TILES)
-    flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = pingpong, persistent
+    its consumers taking turns (pingpong) or not, one program per SM (persistent) or per work item, its
+    items head by head or not, with ``tile`` first for its head dim."""
+    schedule = ("PINGPONG", "PERSISTENT", "HEAD_BY_HEAD")
+    saved = flash_fwd_hopper.HOPPER_FROM_KEYS, *(getattr(flash_fwd_hopper, name) for name in schedule), dict(flash_fwd_hopper.TILES)
+    for name, value in zip(schedule, (pingpong, persistent, head_by_head)):
+        setattr(flash_fwd_hopper, name, value)
     flash_fwd_hopper.HOPPER_FROM_KEYS = flash_fwd_hopper.EVERYWHERE if on else flash_fwd_hopper.NOWHERE
     if tile is not None:
         head_dim = next(d for d, tiles in flash_fwd_hopper.TILES.items() if tile in tiles)
@@ -123,8 +130,10 @@ def _hopper_forward(on: bool, pingpong: bool = True, persistent: bool = True, ti
     try:
         yield
     finally:
-        flash_fwd_hopper.HOPPER_FROM_KEYS, flash_fwd_hopper.PINGPONG, flash_fwd_hopper.PERSISTENT = saved[:3]
-        flash_fwd_hopper.TILES.update(saved[3])
+        flash_fwd_hopper.HOPPER_FROM_KEYS = saved[0]
+        for name, value in zip(schedule, saved[1:4]):
+            setattr(flash_fwd_hopper, name, value)
+        flash_fwd_hopper.TILES.update(saved[4])
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:
@@ -153,8 +162,8 @@ def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -
         for tile in swept.get("fwd", []):
             add("fwd", tile, forward)
     for hopper_tile in flash_fwd_hopper.TILES.get(problem.head_dim, []) if swept.get("fwd") else []:
-        for pingpong, persistent, name in HOPPER_SCHEDULES:
-            with _hopper_forward(True, pingpong, persistent, hopper_tile):
+        for pingpong, persistent, head_by_head, name in HOPPER_SCHEDULES:
+            with _hopper_forward(True, pingpong, persistent, head_by_head, hopper_tile):
                 if flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
                     consumers = hopper_tile.consumers
                     add(name, (64 * consumers, hopper_tile.block_n, 4 * (consumers + 1), hopper_tile.stages, hopper_tile.max_registers), forward)
