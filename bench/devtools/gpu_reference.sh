@@ -103,10 +103,10 @@
 #   exposb-profile: every candidate tile of ExpoSB's kernels at T 1k and 4k (exposb_tile_sweep), ncu of its three
 #             kernels (D 128 causal T 4k, B 4, H 16) and of the Hopper and the portable forward at D 128 causal T 512
 #             (B 32, H 16); `attnbench check` of standard, rope, alibi, window, exposb to T = 4k
-#   exposb-tiles: after _GPU_TILES took exposb-profile's fastest tiles and the Hopper forward's items went head by
-#             head: the Hopper forward's smoke run, exposb beside standard (exposb-ratios.txt, as in must-show),
-#             ExpoSB's CUDA tests, the Hopper forward's CUDA tests, its sweep at D 128 (beside the portable tiles and cuDNN), then the
-#             ExpoSB tile sweep's wider candidate list at D 128
+#   exposb-tiles: after _GPU_TILES took exposb-profile's fastest tiles and the Hopper forward got HEAD_BY_HEAD: the
+#             Hopper forward's smoke run, exposb beside standard (exposb-ratios.txt, as in must-show), ExpoSB's CUDA
+#             tests, the Hopper forward's CUDA tests (every schedule), its sweep at D 128 (hopper-fwd-heads beside the
+#             other schedules, the portable tiles and cuDNN), then the ExpoSB tile sweep's wider candidates at D 128
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -755,7 +755,7 @@ exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T
     limit 120 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -n 3 "$out/check.txt"
     ;;
-exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward head by head (see the header)
+exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward's schedules (see the header)
     hopper_smoke  # first: the standard rows at D 128 from 4k keys run the Hopper forward
     exposb_speed "${EXPOSB_S:-60}"
     limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
