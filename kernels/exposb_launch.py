@@ -23,10 +23,13 @@ PARAM_NAMES = ("lam", "alpha", "beta", "gamma", "mu", "sigma", "delta")
 # through TMA on Hopper, the backward's through pointers). D 64 and 128: the fastest of
 # bench/devtools/exposb_tile_sweep.py's candidates at T 1k and 4k, causal, on an H100
 # (results/reference-h100/exposb-profile/; four warps won in every kernel, 1.3-2.3x the eight-warp
-# tiles before). D 256: the least-spilling tile of a compile-only sweep, untimed.
+# tiles before). "dkdv-bidirectional": bidirectional dk/dv holds a second accumulator (PERF_NOTES 17),
+# and with four warps it spills 276 B (D 64) / 704 B (D 128) a thread where causal spills 4 / 188
+# (triton 3.6, sm_90a); no bidirectional tile was timed, so it keeps its eight-warp tile. D 256: the
+# least-spilling tile of a compile-only sweep, untimed.
 _GPU_TILES = {
-    64: {"fwd": (128, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 64, 4, 2)},
-    128: {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3)},
+    64: {"fwd": (128, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 64, 4, 2), "dkdv-bidirectional": (64, 64, 8, 2)},
+    128: {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3), "dkdv-bidirectional": (32, 64, 8, 2)},
     256: {"fwd": (64, 32, 8, 2), "dq": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2)},
 }
 _GPU_FP32_TILES = (32, 32, 4, 1)  # fp32 inputs: FMA dots, twice the bytes per tile (the standard kernels' choice)
@@ -37,15 +40,16 @@ _INTERPRETER_TILES = {"fwd": (16, 16, 1), "dq": (16, 16, 1), "dkdv": (16, 16, 1)
 _PREPASS_ROWS = {64: 64, 128: 32, 256: 16}
 
 
-def kernel_tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype) -> tuple[int, int, dict]:
-    """BLOCK_M, BLOCK_N and the launch options of ``kernel`` (fwd, dq or dkdv)."""
+def kernel_tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype, causal: bool) -> tuple[int, int, dict]:
+    """BLOCK_M, BLOCK_N and the launch options of ``kernel`` (fwd, dq or dkdv) under its mask."""
     if device.type != "cuda":
         block_m, block_n, _ = _INTERPRETER_TILES[kernel]
         return block_m, block_n, {}
     if dtype == torch.float32:
         block_m, block_n, warps, stages = _GPU_FP32_TILES
     else:
-        block_m, block_n, warps, stages = _GPU_TILES[min(d for d in _GPU_TILES if d >= head_dim)][kernel]
+        tiles = _GPU_TILES[min(d for d in _GPU_TILES if d >= head_dim)]
+        block_m, block_n, warps, stages = tiles.get(f"{kernel}-bidirectional", tiles[kernel]) if not causal else tiles[kernel]
     return block_m, block_n, {"num_warps": warps, "num_stages": stages}
 
 
@@ -106,7 +110,7 @@ def exposb_forward(q, k_t, v, params, causal, seq_lens, out_dtype, keep_q_t=Fals
     q_t = torch.empty(q.shape, device=q.device, dtype=q.dtype) if keep_q_t else None
     q_t_out = o if q_t is None else q_t  # a pointer the kernel never writes through unless STORE_QT
     cos, sin = _angle_tables(s, d, q.device)
-    block_m, block_n, launch = kernel_tiles(q.device, d, "fwd", q.dtype)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "fwd", q.dtype, causal)
     grid = (triton.cdiv(t, block_m), b * hq)
     exposb_fwd_kernel[grid](
         q, k_t, v, o, lse, q_t_out, cos, sin, *(params[name] for name in PARAM_NAMES), seq_lens,
@@ -130,7 +134,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
     common = dict(HAS_LENS=seq_lens is not None, CAUSAL=causal, D=d, DOT_PRECISION=_dot_precision(q.dtype))
     param_values = [params[name] for name in PARAM_NAMES]
 
-    block_m, block_n, launch = kernel_tiles(q.device, d, "dq", q.dtype)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "dq", q.dtype, causal)
     q_blocks = triton.cdiv(t, block_m)
     q_partials = torch.zeros(len(PARAM_NAMES), b, q_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dq_kernel[(q_blocks, b * hq)](
@@ -139,7 +143,7 @@ def exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, seq_lens):
         q_partials.stride(0), hq, hq // hkv, t, s, d**-0.5,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
-    block_m, block_n, launch = kernel_tiles(q.device, d, "dkdv", q.dtype)
+    block_m, block_n, launch = kernel_tiles(q.device, d, "dkdv", q.dtype, causal)
     k_blocks = triton.cdiv(s, block_n)
     k_partials = torch.zeros(len(PARAM_NAMES), b, k_blocks, hq, device=q.device, dtype=torch.float32)
     exposb_dkdv_kernel[(k_blocks, b * hkv)](

@@ -85,7 +85,7 @@ def compile_usage(kernel: str, head_dim: int, causal: bool, tma: bool) -> dict:
     from attnbench.kernels import exposb_bwd, exposb_fwd, exposb_launch
 
     fn = {"fwd": exposb_fwd.exposb_fwd_kernel, "dq": exposb_bwd.exposb_dq_kernel, "dkdv": exposb_bwd.exposb_dkdv_kernel}[kernel]
-    block_m, block_n, launch = exposb_launch.kernel_tiles(torch.device("cuda"), head_dim, kernel, torch.bfloat16)
+    block_m, block_n, launch = exposb_launch.kernel_tiles(torch.device("cuda"), head_dim, kernel, torch.bfloat16, causal)
     wanted = dict(HAS_LENS=False, CAUSAL=causal, D=head_dim, GROUP=1, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION="tf32", TMA=tma, STORE_QT=True)
     signature, constants, attrs = _signature(fn, {name: value for name, value in wanted.items() if name in fn.arg_names})
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=launch)

@@ -41,14 +41,15 @@ PARAMS = dict(lam=-math.log(0.98), alpha=0.1, beta=1.0, gamma=0.5, delta=0.001)
 
 @contextlib.contextmanager
 def _forced(head_dim: int, kernel: str, tile: tuple[int, int, int, int]):
-    """exposb_launch's tile for ``kernel`` at ``head_dim`` replaced by ``tile`` for the block."""
+    """exposb_launch's tile for ``kernel`` at ``head_dim`` (under either mask) replaced by ``tile`` for the block."""
     tiles = exposb_launch._GPU_TILES[min(d for d in exposb_launch._GPU_TILES if d >= head_dim)]
-    saved = tiles[kernel]
-    tiles[kernel] = tile
+    names = [name for name in (kernel, f"{kernel}-bidirectional") if name in tiles]
+    saved = {name: tiles[name] for name in names}
+    tiles.update(dict.fromkeys(names, tile))
     try:
         yield
     finally:
-        tiles[kernel] = saved
+        tiles.update(saved)
 
 
 def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> pd.DataFrame:
@@ -62,7 +63,7 @@ def sweep(batch: int, seq: int, heads: int, head_dim: int, causal: bool) -> pd.D
     o, lse, q_t = exposb_launch.exposb_forward(q, k_t, v, params, causal, None, torch.float32, keep_q_t=True)
     forward = lambda: exposb_launch.exposb_forward(q, k_t, v, params, causal, None, q.dtype)  # noqa: E731
     backward = lambda: exposb_launch.exposb_backward(q, k, q_t, k_t, v, o, lse, do, params, causal, None)  # noqa: E731
-    own = {kernel: exposb_launch.kernel_tiles(device, head_dim, kernel, q.dtype) for kernel in CANDIDATES}
+    own = {kernel: exposb_launch.kernel_tiles(device, head_dim, kernel, q.dtype, causal) for kernel in CANDIDATES}
     rows = []
 
     def add(kernel, tile, fn, held=None):  # ExpoSB's kernels forced to ``tile``; the standard kernel's rows as they are
