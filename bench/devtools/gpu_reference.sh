@@ -106,7 +106,8 @@
 #   exposb-tiles: after _GPU_TILES took exposb-profile's fastest tiles and the Hopper forward got HEAD_BY_HEAD: the
 #             Hopper forward's smoke run, exposb beside standard (exposb-ratios.txt, as in must-show), ExpoSB's CUDA
 #             tests, the Hopper forward's CUDA tests (every schedule), its sweep at D 128 (hopper-fwd-heads beside the
-#             other schedules, the portable tiles and cuDNN), then the ExpoSB tile sweep's wider candidates at D 128
+#             other schedules, the portable tiles and cuDNN), then the ExpoSB tile sweep's wider candidates at D 128, causal
+#             and bidirectional (dk/dv's bidirectional tile was never timed)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -763,8 +764,10 @@ exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward's sched
     grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
     flash_tests 120 tests/kernels/test_flash_fwd_hopper.py -k hopper  # every schedule, head by head included
     SWEEP_S=50 hopper_sweep 128
-    limit 95 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim 128 --out "$out/exposb-tiles-d128.csv" \
-        > "$out/exposb-tiles-d128.txt" 2>&1
+    for mask in causal bidirectional; do
+        limit 95 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim 128 --$mask \
+            --out "$out/exposb-tiles-d128-$mask.csv" > "$out/exposb-tiles-d128-$mask.txt" 2>&1
+    done
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py
