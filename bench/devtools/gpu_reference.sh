@@ -182,6 +182,18 @@ flash_tests() {  # flash_tests SECONDS [MORE TEST FILES...]: the flash kernels' 
         --timeout 180 -rf --tb=short > "$out/cuda_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -8
 }
+exposb_tests() {  # exposb_tests SECONDS [MORE TEST FILES...]: ExpoSB's CUDA tests (real sizes among them), verbose
+    limit "$1" python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py "${@:2}" \
+        --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
+    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
+}
+exposb_sweep() {  # exposb_sweep SECONDS D MASK: every candidate tile of ExpoSB's kernels at T 1k and 4k, causal or bidirectional
+    local name="exposb-tiles-d$2"  # causal: the name exposb-profile's files have
+    [[ $3 == causal ]] || name+="-$3"
+    limit "$1" python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim "$2" --"$3" --out "$out/$name.csv" \
+        > "$out/$name.txt" 2>&1
+    grep -E "^B=|standard" "$out/$name.txt"
+}
 hopper_smoke() {  # the Hopper forward beside SDPA in float32 on four shapes; stops the stage if it does not finish
     limit 60 python3 -c "
 import torch
@@ -736,20 +748,15 @@ exact-grid)  # #25's must-show exact-softmax grid (see the header)
     sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
     ;;
 must-show)  # #25's must-show: ExpoSB's CUDA tests, ExpoSB beside standard, the model-level steps eager and graph (see the header)
-    limit 95 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
-        tests/bench/devtools/test_exposb_tile_sweep.py --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
+    exposb_tests 95 tests/bench/devtools/test_exposb_tile_sweep.py
     exposb_speed 72
     model_steps 3 model-graph,model standard 52
     attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
     ;;
 exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T ncu, `check` (see the header)
-    for d in 128 64; do
-        limit 90 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim $d --out "$out/exposb-tiles-d$d.csv" \
-            > "$out/exposb-tiles-d$d.txt" 2>&1
-        grep -E "^B=|standard" "$out/exposb-tiles-d$d.txt"
-    done
+    exposb_sweep 90 128 causal
+    exposb_sweep 90 64 causal
     exposb_ncu 4 4096 16 128
     hopper_ncu flash_fwd_hopper 32 512 16 128  # what the Hopper forward's short-T cost is (PERF_NOTES 16)
     hopper_ncu flash_fwd_kernel 32 512 16 128
@@ -759,15 +766,11 @@ exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T
 exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward's schedules (see the header)
     hopper_smoke  # first: the standard rows at D 128 from 4k keys run the Hopper forward
     exposb_speed "${EXPOSB_S:-60}"
-    limit 100 python3 -m pytest -v -m cuda tests/kernels/test_exposb_kernel.py tests/kernels/test_exposb_prepass.py \
-        --timeout 180 -rf --tb=short > "$out/exposb_tests.txt" 2>&1
-    grep -E "FAILED|passed|failed" "$out/exposb_tests.txt" | tail -8
+    exposb_tests 100
     flash_tests 120 tests/kernels/test_flash_fwd_hopper.py -k hopper  # every schedule, head by head included
     SWEEP_S=50 hopper_sweep 128
-    for mask in causal bidirectional; do
-        limit 95 python3 -m attnbench.devtools.exposb_tile_sweep --seq 1024 --seq 4096 --head-dim 128 --$mask \
-            --out "$out/exposb-tiles-d128-$mask.csv" > "$out/exposb-tiles-d128-$mask.txt" 2>&1
-    done
+    exposb_sweep 95 128 causal
+    exposb_sweep 95 128 bidirectional
     ;;
 short-check)  # #25 after short-tiles (see the header)
     flash_tests 200 tests/kernels/test_flash_varlen.py tests/kernels/test_block_sparse.py
