@@ -40,6 +40,17 @@ _INTERPRETER_TILES = {"fwd": (16, 16, 1), "dq": (16, 16, 1), "dkdv": (16, 16, 1)
 _PREPASS_ROWS = {64: 64, 128: 32, 256: 16}
 
 
+def gpu_tiles(head_dim: int) -> dict:
+    """The _GPU_TILES entries of the smallest listed head dim >= ``head_dim`` (the dict itself: the tile sweep forces tiles in it)."""
+    return _GPU_TILES[min(d for d in _GPU_TILES if d >= head_dim)]
+
+
+def tile_entry(tiles: dict, kernel: str, causal: bool) -> str:
+    """The key of one head dim's _GPU_TILES entry that ``kernel`` reads under its mask."""
+    bidirectional = f"{kernel}-bidirectional"
+    return bidirectional if not causal and bidirectional in tiles else kernel
+
+
 def kernel_tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.dtype, causal: bool) -> tuple[int, int, dict]:
     """BLOCK_M, BLOCK_N and the launch options of ``kernel`` (fwd, dq or dkdv) under its mask."""
     if device.type != "cuda":
@@ -48,8 +59,8 @@ def kernel_tiles(device: torch.device, head_dim: int, kernel: str, dtype: torch.
     if dtype == torch.float32:
         block_m, block_n, warps, stages = _GPU_FP32_TILES
     else:
-        tiles = _GPU_TILES[min(d for d in _GPU_TILES if d >= head_dim)]
-        block_m, block_n, warps, stages = tiles.get(f"{kernel}-bidirectional", tiles[kernel]) if not causal else tiles[kernel]
+        tiles = gpu_tiles(head_dim)
+        block_m, block_n, warps, stages = tiles[tile_entry(tiles, kernel, causal)]
     return block_m, block_n, {"num_warps": warps, "num_stages": stages}
 
 

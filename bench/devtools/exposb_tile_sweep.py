@@ -42,8 +42,8 @@ PARAMS = dict(lam=-math.log(0.98), alpha=0.1, beta=1.0, gamma=0.5, delta=0.001)
 @contextlib.contextmanager
 def _forced(head_dim: int, kernel: str, tile: tuple[int, int, int, int]):
     """exposb_launch's tile for ``kernel`` at ``head_dim`` (under either mask) replaced by ``tile`` for the block."""
-    tiles = exposb_launch._GPU_TILES[min(d for d in exposb_launch._GPU_TILES if d >= head_dim)]
-    names = [name for name in (kernel, f"{kernel}-bidirectional") if name in tiles]
+    tiles = exposb_launch.gpu_tiles(head_dim)
+    names = {exposb_launch.tile_entry(tiles, kernel, causal) for causal in (True, False)}
     saved = {name: tiles[name] for name in names}
     tiles.update(dict.fromkeys(names, tile))
     try:
