@@ -25,11 +25,13 @@ PARAM_NAMES = ("lam", "alpha", "beta", "gamma", "mu", "sigma", "delta")
 # (results/reference-h100/exposb-profile/; four warps won in every kernel, 1.3-2.3x the eight-warp
 # tiles before). "dkdv-bidirectional": bidirectional dk/dv holds a second accumulator (PERF_NOTES 17),
 # and with four warps it spills 276 B (D 64) / 704 B (D 128) a thread where causal spills 4 / 188
-# (triton 3.6, sm_90a); no bidirectional tile was timed, so it keeps its eight-warp tile. D 256: the
-# least-spilling tile of a compile-only sweep, untimed.
+# (triton 3.6, sm_90a). At D 128 the bidirectional sweep still put four warps first, spills and all
+# (32, 64, 4, 2): 1.63 / 5.30 ms at T 1k / 4k against 2.43 / 8.26 for eight warps; H100,
+# results/reference-h100/exposb-tiles/); D 64's bidirectional tile was not timed and keeps eight
+# warps. D 256: the least-spilling tile of a compile-only sweep, untimed.
 _GPU_TILES = {
     64: {"fwd": (128, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 64, 4, 2), "dkdv-bidirectional": (64, 64, 8, 2)},
-    128: {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3), "dkdv-bidirectional": (32, 64, 8, 2)},
+    128: {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 3), "dkdv-bidirectional": (32, 64, 4, 2)},
     256: {"fwd": (64, 32, 8, 2), "dq": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2)},
 }
 _GPU_FP32_TILES = (32, 32, 4, 1)  # fp32 inputs: FMA dots, twice the bytes per tile (the standard kernels' choice)

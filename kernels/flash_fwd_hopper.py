@@ -20,7 +20,7 @@ What kernels/flash_fwd.py computes, for the options this path takes (hopper_rout
 o [B, T, Hq, D] and lse [B, Hq, T] float32 in log2 units of the scaled scores, causal or not,
 GQA, any S >= T (queries aligned bottom-right), fp16/bf16, D 64 or 128. RoPE is applied before
 any forward kernel (flash_rope), so it rides along. Everything else goes to the portable kernel, and so
-do the problems it can take but was not measured faster on (HOPPER_FROM_KEYS: on at D 128 from 4096 keys).
+do the problems it can take but was not measured faster on (HOPPER_FROM_KEYS: on at D 128 from 512 keys).
 Tiles are read through host-side descriptors over the [B * T, H * D] view of each input, so a
 tile may run past its sequence into the next one: keys past S are masked in the scores, and
 query rows past T are never stored.
@@ -70,8 +70,9 @@ PINGPONG = True
 PERSISTENT = False  # measured: per item 1.88 ms against 2.03 persistent at D 128 causal 16k (H100, PERF_NOTES 16)
 # Work items head by head (each head's longest causal blocks first) instead of block by block across every head:
 # at T 512 the blocks-first order read each head's k and v from DRAM once per query block (PERF_NOTES 19).
-# Untimed: tile_sweep's hopper-fwd-heads row times it beside the default order
-HEAD_BY_HEAD = False
+# Measured (H100, results/reference-h100/exposb-tiles/, PERF_NOTES 21): at D 128 faster than blocks first at every
+# T 512-16k, causal and bidirectional (0.165 against 0.196 ms at causal T 512, 3.59 against 4.13 bidirectional 16k)
+HEAD_BY_HEAD = True
 
 
 @gluon.jit
@@ -319,10 +320,10 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
 
 
 # Per head dim, the key length from which a forward takes the Hopper path, None: at no length. Measured on an
-# H100 beside the portable kernel (PERF_NOTES 16, results/reference-h100/hopper-tiles): at D 128 1.00-1.22x it
-# from 4k keys, 0.77-0.89x below (a program's fixed cost: barriers, the rings' fill, the epilogue); at D 64
-# 0.6-1.1x (1.1x only causal at 16k) (the exponential unit bounds both kernels), so D 64 stays portable
-HOPPER_FROM_KEYS: dict[int, int | None] = {64: None, 128: 4096}
+# H100 beside the portable kernel's tiles, head by head (PERF_NOTES 21, results/reference-h100/exposb-tiles/
+# fwd-d*.txt): at D 128 1.04-1.19x its best tile at T 512-16k, causal and bidirectional (blocks first it lost
+# below 4k: PERF_NOTES 16); at D 64 0.81-1.14x, ahead only at 16k causal and 4k bidirectional, so D 64 stays portable
+HOPPER_FROM_KEYS: dict[int, int | None] = {64: None, 128: 512}
 EVERYWHERE = dict.fromkeys(HEAD_DIMS, 0)  # every problem the kernel can take (tests, tile_sweep)
 NOWHERE = dict.fromkeys(HEAD_DIMS, None)  # the portable kernel only
 

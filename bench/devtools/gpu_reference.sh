@@ -97,6 +97,8 @@
 #   exact-grid: #25's must-show grid: `attnbench speed --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex
 #             --tokens 16384 --seq 512 1024 4096 16384 --mode fwd --mode fwdbwd --causal --bidirectional` at D 64
 #             and 128 (H = 2048 / D), with its report (speedups over cuDNN, FlashAttention-2 and flex)
+#   model-steps: must-show's model-level step alone (GPT small, triton against SDPA, T 1k and 4k, eager and as a
+#             CUDA graph, three runs each), for a call with too little time for the whole of must-show
 #   must-show: ExpoSB's CUDA tests; exposb beside standard (triton, D 64 and 128, T 1k-16k, causal, fwd and
 #             fwd+bwd; exposb-ratios.txt); #25's must-show model-level step (GPT small, triton against SDPA, T 1k
 #             and 4k), eager and as a CUDA graph, three runs each, with their report
@@ -265,6 +267,10 @@ model_steps() {  # model_steps RUNS [LEVELS [MECHANISMS [SECONDS]]]: GPT small's
                 --out "$out/$level-$run"
         done
     done
+}
+model_report() {  # the model-level runs' speedups over SDPA (model_steps' folders), into model-report/
+    attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
+    sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
 }
 exposb_speed() {  # exposb_speed SECONDS: ExpoSB beside the standard kernel (triton), fwd and fwd+bwd, causal, D 64 and 128,
                   # T 1k-16k (EXPOSB_SEQS), SECONDS per head dim; the ratios
@@ -751,8 +757,11 @@ must-show)  # #25's must-show: ExpoSB's CUDA tests, ExpoSB beside standard, the 
     exposb_tests 95 tests/bench/devtools/test_exposb_tile_sweep.py
     exposb_speed 72
     model_steps 3 model-graph,model standard 52
-    attnbench report "$out"/model-[0-9] "$out"/model-graph-[0-9] --baseline sdpa --out "$out/model-report" > /dev/null 2>&1
-    sed -n '/^## Speedup over sdpa/,/^## Peak/p' "$out/model-report/report.md"
+    model_report
+    ;;
+model-steps)  # #25's must-show model-level step alone (see the header)
+    model_steps 3 model-graph,model standard "${STEP_S:-52}"
+    model_report
     ;;
 exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T ncu, `check` (see the header)
     exposb_sweep 90 128 causal

@@ -373,13 +373,14 @@ def test_matches_reference_at_real_sizes(name, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "pingpong, persistent, head_by_head", [(False, False, False), (True, True, False), (True, False, True), (True, True, True)],
-    ids=["without-turns", "persistent", "head-by-head", "persistent-head-by-head"],
+    "pingpong, persistent, head_by_head", [(False, False, True), (True, True, True), (True, False, False), (True, True, False)],
+    ids=["without-turns", "persistent", "blocks-first", "persistent-blocks-first"],
 )
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
 def test_the_hopper_forwards_other_schedules_match_too(name, pingpong, persistent, head_by_head, monkeypatch):
     """Its consumers issuing their wgmma as soon as ready (PINGPONG off), one program per SM walking
-    work items instead of one per item (PERSISTENT on, tile_sweep's hopper-fwd), items head by head."""
+    work items instead of one per item (PERSISTENT on, tile_sweep's hopper-fwd), items block by block
+    across every head (HEAD_BY_HEAD off): each schedule the defaults do not take."""
     monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.EVERYWHERE)
     monkeypatch.setattr(flash_fwd_hopper, "PINGPONG", pingpong)
     monkeypatch.setattr(flash_fwd_hopper, "PERSISTENT", persistent)

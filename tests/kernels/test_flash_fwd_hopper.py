@@ -89,9 +89,9 @@ def test_switched_off_and_cpu_tensors_take_the_portable_kernel(monkeypatch):
 
 
 def test_the_measured_policy_names_why_the_rest_stays_portable(monkeypatch):
-    """By default: head dim 64 at no length, head dim 128 from 4096 keys (PERF_NOTES 16)."""
+    """By default: head dim 64 at no length, head dim 128 from 512 keys (PERF_NOTES 21)."""
     monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", MEASURED_FROM_KEYS)
-    for head_dim, t, s, reason in ((64, 256, 8192, "off at head dim 64"), (128, 256, 4095, "4095 keys"), (128, 256, 4096, None)):
+    for head_dim, t, s, reason in ((64, 256, 8192, "off at head dim 64"), (128, 256, 511, "511 keys"), (128, 256, 512, None)):
         q, k, v = _qkv(t=t, s=s, heads=2, head_dim=head_dim)
         route = hopper_route(flash_problem(q, k, causal=True), q, k, v, HOPPER)
         assert route is None if reason is None else reason in route
