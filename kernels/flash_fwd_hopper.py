@@ -71,7 +71,7 @@ PERSISTENT = False  # measured: per item 1.88 ms against 2.03 persistent at D 12
 # Work items head by head (each head's longest causal blocks first) instead of block by block across every head:
 # at T 512 the blocks-first order read each head's k and v from DRAM once per query block (PERF_NOTES 19).
 # Measured (H100, results/reference-h100/exposb-tiles/, PERF_NOTES 21): at D 128 faster than blocks first at every
-# T 512-16k, causal and bidirectional (0.165 against 0.196 ms at causal T 512, 3.59 against 4.13 bidirectional 16k)
+# T 512-16k, causal and bidirectional (0.165 against 0.190 ms at causal T 512, 3.59 against 3.75 bidirectional 16k)
 HEAD_BY_HEAD = True
 
 
@@ -321,8 +321,9 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
 
 # Per head dim, the key length from which a forward takes the Hopper path, None: at no length. Measured on an
 # H100 beside the portable kernel's tiles, head by head (PERF_NOTES 21, results/reference-h100/exposb-tiles/
-# fwd-d*.txt): at D 128 1.04-1.19x its best tile at T 512-16k, causal and bidirectional (blocks first it lost
-# below 4k: PERF_NOTES 16); at D 64 0.81-1.14x, ahead only at 16k causal and 4k bidirectional, so D 64 stays portable
+# fwd-d*.txt): at D 128 1.04-1.18x its best tile at T 512-16k, causal and bidirectional (blocks first it lost
+# below 4k: PERF_NOTES 16); at D 64 0.81-0.94x below 4k keys and 1.01-1.14x from 4k (1.14x only causal at
+# 16k), not yet turned on there
 HOPPER_FROM_KEYS: dict[int, int | None] = {64: None, 128: 512}
 EVERYWHERE = dict.fromkeys(HEAD_DIMS, 0)  # every problem the kernel can take (tests, tile_sweep)
 NOWHERE = dict.fromkeys(HEAD_DIMS, None)  # the portable kernel only
