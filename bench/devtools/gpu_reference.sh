@@ -110,6 +110,9 @@
 #             tests, the Hopper forward's CUDA tests (every schedule), its sweep at D 128 and 64 (hopper-fwd-heads beside the
 #             other schedules, the portable tiles and cuDNN), then the ExpoSB tile sweep at D 128 bidirectional
 #             (dk/dv's bidirectional tile was never timed; the causal sweep ran in exposb-profile)
+#   short-ncu: #25 after head by head became the Hopper forward's order: Nsight Compute of it and of the portable
+#             forward at D 128 causal T 512 (B 32, H 16), then `attnbench check` of alibi, window and exposb (triton)
+#             to T = 4k, which exposb-profile's 120 s did not reach
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -770,6 +773,12 @@ exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T
     hopper_ncu flash_fwd_hopper 32 512 16 128  # what the Hopper forward's short-T cost is (PERF_NOTES 16)
     hopper_ncu flash_fwd_kernel 32 512 16 128
     limit 120 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
+    tail -n 3 "$out/check.txt"
+    ;;
+short-ncu)  # #25's short-T forward in its new order, and the variants' check (see the header)
+    hopper_ncu flash_fwd_hopper 32 512 16 128
+    hopper_ncu flash_fwd_kernel 32 512 16 128
+    limit 400 attnbench check --attn alibi,window,exposb --impl triton --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -n 3 "$out/check.txt"
     ;;
 exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward's schedules (see the header)
