@@ -113,6 +113,9 @@
 #   short-ncu: #25 after head by head became the Hopper forward's order: Nsight Compute of it and of the portable
 #             forward at D 128 causal T 512 (B 32, H 16), then `attnbench check` of alibi, window and exposb (triton)
 #             to T = 4k, which exposb-profile's 120 s did not reach
+#   persistent-heads: #25's Hopper forward persistent and head by head (tile_sweep's hopper-fwd-persistent-heads)
+#             beside its other schedules, the portable tiles and cuDNN (D 128 and 64, T 512-16k), then every
+#             hopper CUDA test (each schedule and head dim, the D 64 cases among them)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -780,6 +783,10 @@ short-ncu)  # #25's short-T forward in its new order, and the variants' check (s
     hopper_ncu flash_fwd_kernel 32 512 16 128
     limit 400 attnbench check --attn alibi,window,exposb --impl triton --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
     tail -n 3 "$out/check.txt"
+    ;;
+persistent-heads)  # #25's Hopper forward's persistent head-by-head schedule (see the header)
+    SWEEP_S=55 hopper_sweep 128 64
+    flash_tests 150 -k hopper
     ;;
 exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward's schedules (see the header)
     hopper_smoke  # first: the standard rows at D 128 from 4k keys run the Hopper forward
