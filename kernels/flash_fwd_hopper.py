@@ -3,13 +3,13 @@
 Work items are (query block of 64 rows per consumer, batch * query head), the longest causal blocks first
 (across every head, or with HEAD_BY_HEAD each head's in turn, so the programs running at once share its keys
 and values in L2);
-with PERSISTENT one program per SM walks its share of them, else one program per item. Each program runs in
+persistent (the plan's choice) one program per SM walks its share of them, else one program per item. Each program runs in
 partitions:
 - a producer warpgroup (one warp issues) makes the TMA loads: each consumer's q rows per item, then k
   and v tiles into two rings of STAGES buffers each, every buffer with a "ready" barrier (the copy
   engine signals it) and an "empty" one (every consumer signals it); the rings run on across items, so
   the next item's first tiles load while the consumers finish this one;
-- two or three consumer warpgroups (TILES: three at D 64, two at D 128), 64 query rows each, run
+- two or three consumer warpgroups (the plan's tile: three at D 64 causal, else two), 64 query rows each, run
   the online softmax over the same key tiles with their tensor-core work kept in flight: while
   softmax(j) runs on the vector units, S(j+1) = q k(j+1)^T and O += P(j) v(j) are asynchronous
   wgmma (FlashAttention-3's intra-warpgroup overlap), P passed to the second GEMM from registers.
@@ -20,7 +20,8 @@ What kernels/flash_fwd.py computes, for the options this path takes (hopper_rout
 o [B, T, Hq, D] and lse [B, Hq, T] float32 in log2 units of the scaled scores, causal or not,
 GQA, any S >= T (queries aligned bottom-right), fp16/bf16, D 64 or 128. RoPE is applied before
 any forward kernel (flash_rope), so it rides along. Everything else goes to the portable kernel, and so
-do the problems it can take but was not measured faster on (HOPPER_FROM_KEYS: on at D 128 from 512 keys).
+do the problems it can take but was not measured faster on (PLANS: per head dim and mask, from which key length
+it is on, with which tile and whether persistent).
 Tiles are read through host-side descriptors over the [B * T, H * D] view of each input, so a
 tile may run past its sequence into the next one: keys past S are masked in the scores, and
 query rows past T are never stored.
@@ -56,7 +57,7 @@ class HopperTile(NamedTuple):
     consumer_registers: int
 
 
-# per head dim, the tile the forward takes first, then the other candidates tile_sweep times
+# per head dim, the tiles the forward can take (PLANS picks one per mask) and tile_sweep times
 TILES = {
     64: [HopperTile(128, 3, 3, 128, 160), HopperTile(128, 3, 2, 168, 240)],
     128: [HopperTile(128, 2, 2, 168, 240)],
@@ -65,9 +66,6 @@ HEAD_DIMS = tuple(TILES)
 # The consumers take turns issuing their wgmma (FlashAttention-3's ping-pong: one's softmax runs while the
 # other's matrix products do); off, each issues as soon as its operands are ready
 PINGPONG = True
-# One program per SM walking its share of the work items (the next item's loads overlap this one's end), or
-# one program per item
-PERSISTENT = False  # measured: per item 1.88 ms against 2.03 persistent at D 128 causal 16k (H100, PERF_NOTES 16)
 # Work items head by head (each head's longest causal blocks first) instead of block by block across every head:
 # at T 512 the blocks-first order read each head's k and v from DRAM once per query block (PERF_NOTES 19).
 # Measured (H100, results/reference-h100/exposb-tiles/, PERF_NOTES 21): at D 128 faster than blocks first at every
@@ -319,14 +317,41 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
     return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), block, layout)
 
 
-# Per head dim, the key length from which a forward takes the Hopper path, None: at no length. Measured on an
-# H100 beside the portable kernel's tiles, head by head (PERF_NOTES 21, results/reference-h100/exposb-tiles/
-# fwd-d*.txt): at D 128 1.04-1.18x its best tile at T 512-16k, causal and bidirectional (blocks first it lost
-# below 4k: PERF_NOTES 16); at D 64 0.81-0.94x below 4k keys and 1.01-1.14x from 4k (1.14x only causal at
-# 16k), not yet turned on there
-HOPPER_FROM_KEYS: dict[int, int | None] = {64: None, 128: 512}
-EVERYWHERE = dict.fromkeys(HEAD_DIMS, 0)  # every problem the kernel can take (tests, tile_sweep)
-NOWHERE = dict.fromkeys(HEAD_DIMS, None)  # the portable kernel only
+class HopperPlan(NamedTuple):
+    """What the forward does for one (head dim, causal): from_keys, the key length from which it takes the Hopper
+    path (None: at none); tile, one of TILES[head dim]; persistent, one program per SM walking its share of the work
+    items (the next item's loads overlap this one's end) instead of one program per item."""
+
+    from_keys: int | None
+    tile: HopperTile
+    persistent: bool
+
+
+# Per (head dim, causal), measured on an H100 beside the portable kernel's tiles and the Hopper forward's other
+# schedules (tile_sweep, T 512-16k; PERF_NOTES 21 and 22, results/reference-h100/exposb-tiles/ and
+# persistent-heads/): D 128 per item, 1.04-1.18x the portable kernel's best tile from 512 keys both ways
+# (persistent lost causal 16k: 2.58 against 1.85 ms); D 64 bidirectional with two consumers and persistent,
+# 1.17x at 512 keys to 1.02x at 16k; D 64 causal with three consumers per item only at 16k (1.11-1.14x;
+# 0.98-1.01x at 4k, 0.81-0.94x below)
+PLANS: dict[tuple[int, bool], HopperPlan] = {
+    (64, True): HopperPlan(16384, TILES[64][0], False),
+    (64, False): HopperPlan(512, TILES[64][1], True),
+    (128, True): HopperPlan(512, TILES[128][0], False),
+    (128, False): HopperPlan(512, TILES[128][0], False),
+}
+
+
+def plans(from_keys: int | None, tile: HopperTile | None = None, persistent: bool | None = None) -> dict[tuple[int, bool], HopperPlan]:
+    """PLANS with every plan on from_keys (0: every problem the kernel can take, None: none), and ``tile`` at its
+    head dim and ``persistent`` where given (tests, tile_sweep)."""
+    return {
+        key: HopperPlan(from_keys, tile if tile in TILES[key[0]] else plan.tile, plan.persistent if persistent is None else persistent)
+        for key, plan in PLANS.items()
+    }
+
+
+EVERYWHERE = plans(0)  # every problem the kernel can take, each with its plan's tile and schedule
+NOWHERE = plans(None)  # the portable kernel only
 
 
 @functools.lru_cache(maxsize=None)
@@ -359,11 +384,12 @@ def hopper_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v: tor
             return f"{name}'s strides (the Hopper path reads [B, L, H, D] as rows of H * D with unit head and column strides)"
         if x.data_ptr() % 16 or x.stride(1) % 8:
             return f"{name} is not 16-byte aligned"
-    shortest = HOPPER_FROM_KEYS.get(problem.head_dim)
+    mask = "causal" if problem.causal else "bidirectional"
+    shortest = PLANS[problem.head_dim, problem.causal].from_keys
     if shortest is None:
-        return f"the Hopper path is off at head dim {problem.head_dim} (HOPPER_FROM_KEYS: not faster there)"
+        return f"the Hopper path is off at head dim {problem.head_dim}, {mask} (PLANS: not faster there)"
     if k.shape[1] < shortest:
-        return f"{k.shape[1]} keys (the Hopper path is on from {shortest} at head dim {problem.head_dim}: HOPPER_FROM_KEYS)"
+        return f"{k.shape[1]} keys (the Hopper path is on from {shortest} at head dim {problem.head_dim}, {mask}: PLANS)"
     return None
 
 
@@ -376,9 +402,10 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     """Writes o [B, T, Hq, D] and lse [B, Hq, >= T] (flash_fwd.flash_forward's outputs) for a problem hopper_route takes."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    tile = TILES[d][0]
+    plan = PLANS[d, problem.causal]
+    tile = plan.tile
     items = triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers) * b * hq
-    grid = (min(items, _sm_count(q.get_device())) if PERSISTENT else items,)
+    grid = (min(items, _sm_count(q.get_device())) if plan.persistent else items,)
     flash_fwd_hopper_kernel[grid](
         _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), tile.block_n, d), _descriptor(_rows_view(v), tile.block_n, d),
         o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, b * hq, hq, hq // hkv, lse.stride(1), problem.scale_log2,

@@ -116,6 +116,9 @@
 #   persistent-heads: #25's Hopper forward persistent and head by head (tile_sweep's hopper-fwd-persistent-heads)
 #             beside its other schedules, the portable tiles and cuDNN (D 128 and 64, T 512-16k), then every
 #             hopper CUDA test (each schedule and head dim, the D 64 cases among them)
+#   plans:    #25's Hopper forward with a plan per head dim and mask (PLANS: D 64 bidirectional on from 512 keys,
+#             two consumers, persistent; D 64 causal from 16k): the smoke run, every hopper CUDA test, the exact
+#             grid at D 64 (as exact-grid's)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -207,7 +210,7 @@ hopper_smoke() {  # the Hopper forward beside SDPA in float32 on four shapes; st
 import torch
 from attnbench.kernels import flash_fwd_hopper
 from attnbench.kernels.flash import flash_attention
-flash_fwd_hopper.HOPPER_FROM_KEYS = flash_fwd_hopper.EVERYWHERE
+flash_fwd_hopper.PLANS = flash_fwd_hopper.EVERYWHERE
 for d, causal, t, s in ((64, True, 1000, 1000), (128, False, 700, 1500), (64, False, 2048, 2048), (128, True, 4096, 4096)):
     q = torch.randn(2, t, 8, d, device='cuda', dtype=torch.bfloat16)
     k, v = (torch.randn(2, s, 2, d, device='cuda', dtype=torch.bfloat16) for _ in range(2))
@@ -242,7 +245,7 @@ hopper_ncu() {  # hopper_ncu KERNEL [B T H D]: Nsight Compute of flash_fwd_hoppe
 import torch
 from attnbench.kernels import flash_fwd_hopper
 from attnbench.kernels.flash import flash_attention
-flash_fwd_hopper.HOPPER_FROM_KEYS = flash_fwd_hopper.EVERYWHERE if '$1' == 'flash_fwd_hopper' else flash_fwd_hopper.NOWHERE
+flash_fwd_hopper.PLANS = flash_fwd_hopper.EVERYWHERE if '$1' == 'flash_fwd_hopper' else flash_fwd_hopper.NOWHERE
 q, k, v = (torch.randn(${shape[0]}, ${shape[1]}, ${shape[2]}, ${shape[3]}, device='cuda', dtype=torch.bfloat16) for _ in range(3))
 for _ in range(5):
     flash_attention(q, k, v, causal=True)
@@ -263,6 +266,15 @@ torch.cuda.synchronize()
 host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"
+}
+exact_grid() {  # exact_grid HEAD_DIMS...: #25's must-show exact-softmax grid at each head dim (H = 2048 / D), with its report
+    for d in "$@"; do
+        speed 270 --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex --tokens 16384 --seq 512 1024 4096 16384 \
+            --mode fwd --mode fwdbwd --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d" > "$out/exact-d$d.txt"
+        tail -n 4 "$out/exact-d$d.txt"
+    done
+    attnbench report "$out"/exact-d* --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex --out "$out/report" > /dev/null 2>&1
+    sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
 }
 model_steps() {  # model_steps RUNS [LEVELS [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
                  # at T 1k and 4k, RUNS times (its spread); LEVELS comma-separated, taking turns within each run
@@ -750,14 +762,12 @@ hopper-tiles)  # #25's Hopper forward at D 64 with three consumers or two (see t
     SWEEP_S=100 hopper_sweep
     ;;
 exact-grid)  # #25's must-show exact-softmax grid (see the header)
-    for d in 64 128; do
-        speed 270 --attn standard --impl triton,sdpa-cudnn,sdpa-flash,flex --tokens 16384 --seq 512 1024 4096 16384 \
-            --mode fwd --mode fwdbwd --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d" > "$out/exact-d$d.txt"
-        tail -n 4 "$out/exact-d$d.txt"
-    done
-    attnbench report "$out"/exact-d64 "$out"/exact-d128 --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex \
-        --out "$out/report" > /dev/null 2>&1
-    sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
+    exact_grid 64 128
+    ;;
+plans)  # #25's Hopper forward with a plan per head dim and mask (see the header)
+    hopper_smoke
+    flash_tests 170 -k hopper
+    exact_grid 64
     ;;
 must-show)  # #25's must-show: ExpoSB's CUDA tests, ExpoSB beside standard, the model-level steps eager and graph (see the header)
     exposb_tests 95 tests/bench/devtools/test_exposb_tile_sweep.py

@@ -119,23 +119,19 @@ def _hopper_forward(
 ):
     """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept),
     its consumers taking turns (pingpong) or not, one program per SM (persistent) or per work item, its
-    items head by head or not, with ``tile`` first for its head dim."""
+    items head by head or not, with ``tile`` at its head dim."""
     settings = {
-        "HOPPER_FROM_KEYS": flash_fwd_hopper.EVERYWHERE if on else flash_fwd_hopper.NOWHERE,
-        "PINGPONG": pingpong, "PERSISTENT": persistent, "HEAD_BY_HEAD": head_by_head,
+        "PLANS": flash_fwd_hopper.plans(0, tile, persistent) if on else flash_fwd_hopper.NOWHERE,
+        "PINGPONG": pingpong, "HEAD_BY_HEAD": head_by_head,
     }
-    saved, saved_tiles = {name: getattr(flash_fwd_hopper, name) for name in settings}, dict(flash_fwd_hopper.TILES)
+    saved = {name: getattr(flash_fwd_hopper, name) for name in settings}
     for name, value in settings.items():
         setattr(flash_fwd_hopper, name, value)
-    if tile is not None:
-        head_dim = next(d for d, tiles in flash_fwd_hopper.TILES.items() if tile in tiles)
-        flash_fwd_hopper.TILES[head_dim] = [tile]
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(flash_fwd_hopper, name, value)
-        flash_fwd_hopper.TILES.update(saved_tiles)
 
 
 def _add(rows: list, kernel: str, tile: tuple[int, ...], fn: Callable[[], object], held=(), loads: str = "") -> float | None:

@@ -8,7 +8,7 @@ most 2x plain torch's error in the same low precision; fp32 inputs get a tight b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -367,34 +367,35 @@ REAL_SIZE_CASES = {
 @pytest.mark.parametrize("name", list(REAL_SIZE_CASES))
 def test_matches_reference_at_real_sizes(name, monkeypatch):
     # hopper-* cases take the Hopper forward at every head dim and length, the others the portable kernel
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.EVERYWHERE if name.startswith("hopper-") else flash_fwd_hopper.NOWHERE)
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.EVERYWHERE if name.startswith("hopper-") else flash_fwd_hopper.NOWHERE)
     assert_matches_reference(REAL_SIZE_CASES[name])
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "pingpong, persistent, head_by_head", [(False, False, True), (True, True, True), (True, False, False), (True, True, False)],
-    ids=["without-turns", "persistent", "blocks-first", "persistent-blocks-first"],
+    "pingpong, persistent, head_by_head",
+    [(False, None, True), (True, True, True), (True, False, True), (True, False, False), (True, True, False)],
+    ids=["without-turns", "persistent", "per-item", "blocks-first", "persistent-blocks-first"],
 )
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
 def test_the_hopper_forwards_other_schedules_match_too(name, pingpong, persistent, head_by_head, monkeypatch):
     """Its consumers issuing their wgmma as soon as ready (PINGPONG off), one program per SM walking
-    work items instead of one per item (PERSISTENT on, tile_sweep's hopper-fwd), items block by block
-    across every head (HEAD_BY_HEAD off): each schedule the defaults do not take."""
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.EVERYWHERE)
+    work items or one per item at every head dim and mask (persistent, None: each plan's), items block by
+    block across every head (HEAD_BY_HEAD off): each schedule the plans do not take."""
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.plans(0, persistent=persistent))
     monkeypatch.setattr(flash_fwd_hopper, "PINGPONG", pingpong)
-    monkeypatch.setattr(flash_fwd_hopper, "PERSISTENT", persistent)
     monkeypatch.setattr(flash_fwd_hopper, "HEAD_BY_HEAD", head_by_head)
     assert_matches_reference(REAL_SIZE_CASES[name])
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("head_dim, candidate", [(d, i) for d, tiles in flash_fwd_hopper.TILES.items() for i in range(1, len(tiles))])
-def test_the_hopper_forwards_other_tiles_match_too(head_dim, candidate, monkeypatch):
-    """The candidates tile_sweep times beside the one the forward takes first, on the first hopper case of their head dim."""
-    monkeypatch.setitem(flash_fwd_hopper.TILES, head_dim, [flash_fwd_hopper.TILES[head_dim][candidate]])
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.EVERYWHERE)
-    assert_matches_reference(next(case for name, case in REAL_SIZE_CASES.items() if name.startswith("hopper-") and case.head_dim == head_dim))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim, candidate", [(d, i) for d, tiles in flash_fwd_hopper.TILES.items() for i in range(len(tiles))])
+def test_the_hopper_forwards_tiles_match_at_either_mask(head_dim, candidate, causal, monkeypatch):
+    """Every tile tile_sweep times, at both masks (a plan takes each tile at one), on the first hopper case of its head dim."""
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.plans(0, tile=flash_fwd_hopper.TILES[head_dim][candidate]))
+    case = next(case for name, case in REAL_SIZE_CASES.items() if name.startswith("hopper-") and case.head_dim == head_dim)
+    assert_matches_reference(replace(case, options={**case.options, "causal": causal}))
 
 
 @pytest.mark.cuda
@@ -402,7 +403,7 @@ def test_the_hopper_forwards_other_tiles_match_too(head_dim, candidate, monkeypa
 def test_the_hopper_cases_take_the_hopper_forward(name, monkeypatch):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a Hopper GPU")
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.EVERYWHERE)
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.EVERYWHERE)
     case = REAL_SIZE_CASES[name]
     q, k, v, _ = case.inputs(torch.Generator().manual_seed(0))
     assert hopper_route(flash_problem(q, k, **case.options), q, k, v) is None

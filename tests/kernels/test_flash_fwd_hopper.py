@@ -15,14 +15,14 @@ from attnbench.kernels.flash_fwd_hopper import hopper_route
 from attnbench.kernels.reference import alibi_slopes
 
 HOPPER = (9, 0)
-MEASURED_FROM_KEYS = dict(flash_fwd_hopper.HOPPER_FROM_KEYS)  # the default, before the fixture replaces it
+MEASURED_PLANS = dict(flash_fwd_hopper.PLANS)  # the default, before the fixture replaces it
 
 
 @pytest.fixture(autouse=True)
 def hopper_forward_everywhere(monkeypatch):
     """The routes as they are where the Hopper forward is on at every head dim and length (by default it is
     on where it was measured faster: test_the_measured_policy_names_why_the_rest_stays_portable)."""
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.EVERYWHERE)
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.EVERYWHERE)
 
 
 def _qkv(t=256, s=None, heads=4, kv_heads=None, head_dim=64, dtype=torch.bfloat16):
@@ -84,14 +84,25 @@ def test_switched_off_and_cpu_tensors_take_the_portable_kernel(monkeypatch):
     q, k, v = _qkv()
     problem = flash_problem(q, k)
     assert "not on a GPU" in hopper_route(problem, q, k, v)
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", flash_fwd_hopper.NOWHERE)
-    assert "off at head dim 64" in hopper_route(problem, q, k, v, HOPPER)
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.NOWHERE)
+    assert "off at head dim 64, bidirectional" in hopper_route(problem, q, k, v, HOPPER)
 
 
 def test_the_measured_policy_names_why_the_rest_stays_portable(monkeypatch):
-    """By default: head dim 64 at no length, head dim 128 from 512 keys (PERF_NOTES 21)."""
-    monkeypatch.setattr(flash_fwd_hopper, "HOPPER_FROM_KEYS", MEASURED_FROM_KEYS)
-    for head_dim, t, s, reason in ((64, 256, 8192, "off at head dim 64"), (128, 256, 511, "511 keys"), (128, 256, 512, None)):
-        q, k, v = _qkv(t=t, s=s, heads=2, head_dim=head_dim)
-        route = hopper_route(flash_problem(q, k, causal=True), q, k, v, HOPPER)
-        assert route is None if reason is None else reason in route
+    """By default from 512 keys, but at head dim 64 causal from 16k (PERF_NOTES 21, 22)."""
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", MEASURED_PLANS)
+    cases = (
+        (64, True, 16383, "16383 keys (the Hopper path is on from 16384 at head dim 64, causal"), (64, True, 16384, None),
+        (64, False, 511, "511 keys"), (64, False, 512, None),
+        (128, True, 511, "511 keys"), (128, True, 512, None), (128, False, 511, "511 keys"), (128, False, 512, None),
+    )
+    for head_dim, causal, s, reason in cases:
+        q, k, v = _qkv(t=256, s=s, heads=2, head_dim=head_dim)
+        route = hopper_route(flash_problem(q, k, causal=causal), q, k, v, HOPPER)
+        assert route is None if reason is None else reason in route, (head_dim, causal, s, route)
+
+
+def test_each_plan_takes_one_of_its_head_dims_tiles():
+    for (head_dim, _), plan in flash_fwd_hopper.PLANS.items():
+        assert plan.tile in flash_fwd_hopper.TILES[head_dim]
+    assert set(flash_fwd_hopper.PLANS) == {(d, causal) for d in flash_fwd_hopper.HEAD_DIMS for causal in (False, True)}
