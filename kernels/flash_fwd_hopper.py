@@ -60,7 +60,8 @@ class HopperTile(NamedTuple):
 # per head dim, the tiles the forward can take (PLANS picks one per mask) and tile_sweep times
 TILES = {
     64: [HopperTile(128, 3, 3, 128, 160), HopperTile(128, 3, 2, 168, 240)],
-    128: [HopperTile(128, 2, 2, 168, 240)],
+    # three stages fill the shared memory (224 KB); 64-key tiles halve S's registers and double the ring's depth
+    128: [HopperTile(128, 2, 2, 168, 240), HopperTile(128, 3, 2, 168, 240), HopperTile(64, 4, 2, 168, 240)],
 }
 HEAD_DIMS = tuple(TILES)
 # The consumers take turns issuing their wgmma (FlashAttention-3's ping-pong: one's softmax runs while the

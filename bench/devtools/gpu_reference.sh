@@ -119,6 +119,9 @@
 #   plans:    #25's Hopper forward with a plan per head dim and mask (PLANS: D 64 bidirectional on from 512 keys,
 #             two consumers, persistent; D 64 causal from 16k): the smoke run, every hopper CUDA test, the exact
 #             grid at D 64 (as exact-grid's)
+#   deeper-rings: #25's D 128 Hopper forward with three ring stages or 64-key tiles (four stages) beside its
+#             plan's tile (the sweep at D 128), the tile CUDA tests, then `attnbench check` of standard (triton) to
+#             16k keys with the plans' routes
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -273,7 +276,7 @@ exact_grid() {  # exact_grid HEAD_DIMS...: #25's must-show exact-softmax grid at
             --mode fwd --mode fwdbwd --causal --bidirectional --heads $((2048 / d)) --head-dim $d --out "$out/exact-d$d" > "$out/exact-d$d.txt"
         tail -n 4 "$out/exact-d$d.txt"
     done
-    attnbench report "$out"/exact-d* --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex --out "$out/report" > /dev/null 2>&1
+    attnbench report "$out"/exact-d*/ --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex --out "$out/report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
 }
 model_steps() {  # model_steps RUNS [LEVELS [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
@@ -797,6 +800,12 @@ short-ncu)  # #25's short-T forward in its new order, and the variants' check (s
 persistent-heads)  # #25's Hopper forward's persistent head-by-head schedule (see the header)
     SWEEP_S=55 hopper_sweep 128 64
     flash_tests 150 -k hopper
+    ;;
+deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
+    SWEEP_S=80 hopper_sweep 128
+    flash_tests 80 -k tiles_match
+    limit 120 attnbench check --attn standard --impl triton --csv "$out/check.csv" > "$out/check.txt" 2>&1
+    tail -n 3 "$out/check.txt"
     ;;
 exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward's schedules (see the header)
     hopper_smoke  # first: the standard rows at D 128 from 4k keys run the Hopper forward
