@@ -60,8 +60,7 @@ class HopperTile(NamedTuple):
 # per head dim, the tiles the forward can take (PLANS picks one per mask) and tile_sweep times
 TILES = {
     64: [HopperTile(128, 3, 3, 128, 160), HopperTile(128, 3, 2, 168, 240)],
-    # three stages fill the shared memory (224 KB); 64-key tiles halve S's registers and double the ring's depth
-    128: [HopperTile(128, 2, 2, 168, 240), HopperTile(128, 3, 2, 168, 240), HopperTile(64, 4, 2, 168, 240)],
+    128: [HopperTile(128, 2, 2, 168, 240)],  # three stages tied it, 64-key tiles lost (PERF_NOTES 22)
 }
 HEAD_DIMS = tuple(TILES)
 # The consumers take turns issuing their wgmma (FlashAttention-3's ping-pong: one's softmax runs while the
@@ -330,15 +329,16 @@ class HopperPlan(NamedTuple):
 
 # Per (head dim, causal), measured on an H100 beside the portable kernel's tiles and the Hopper forward's other
 # schedules (tile_sweep, T 512-16k; PERF_NOTES 21 and 22, results/reference-h100/exposb-tiles/ and
-# persistent-heads/): D 128 per item, 1.04-1.18x the portable kernel's best tile from 512 keys both ways
-# (persistent lost causal 16k: 2.58 against 1.85 ms); D 64 bidirectional with two consumers and persistent,
+# persistent-heads/, deeper-rings/): D 128 from 512 keys, 1.04-1.18x the portable kernel's best tile, causal per
+# item (persistent lost at 16k: 2.58 against 1.85 ms), bidirectional persistent (1.10x per item at 1k in both
+# runs, 1.01x at 4k, even at 16k); D 64 bidirectional with two consumers and persistent,
 # 1.17x at 512 keys to 1.02x at 16k; D 64 causal with three consumers per item only at 16k (1.11-1.14x;
 # 0.98-1.01x at 4k, 0.81-0.94x below)
 PLANS: dict[tuple[int, bool], HopperPlan] = {
     (64, True): HopperPlan(16384, TILES[64][0], False),
     (64, False): HopperPlan(512, TILES[64][1], True),
     (128, True): HopperPlan(512, TILES[128][0], False),
-    (128, False): HopperPlan(512, TILES[128][0], False),
+    (128, False): HopperPlan(512, TILES[128][0], True),
 }
 
 

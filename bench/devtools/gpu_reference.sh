@@ -764,8 +764,8 @@ hopper-tiles)  # #25's Hopper forward at D 64 with three consumers or two (see t
     flash_tests 150 tests/kernels/test_flash_fwd_hopper.py -k hopper
     SWEEP_S=100 hopper_sweep
     ;;
-exact-grid)  # #25's must-show exact-softmax grid (see the header)
-    exact_grid 64 128
+exact-grid)  # #25's must-show exact-softmax grid (see the header; EXACT_DIMS: the head dims, default 64 128)
+    exact_grid ${EXACT_DIMS:-64 128}
     ;;
 plans)  # #25's Hopper forward with a plan per head dim and mask (see the header)
     hopper_smoke
