@@ -8,8 +8,9 @@ times every tile both with the loops' tiles read through TMA descriptors and thr
 --kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone, the portable kernel's
 tiles and then, on Hopper, the warp-specialised kernel (kernels/flash_fwd_hopper.py) as 'hopper-fwd'
 (its consumers taking turns, one program per SM), 'hopper-fwd-free' (no turns) and
-'hopper-fwd-per-item' (one program per work item), 'hopper-fwd-heads' (per item, head by head: the defaults) and
-'hopper-fwd-persistent-heads' (one program per SM, head by head); a dk/dv candidate is timed as the whole
+'hopper-fwd-per-item' (one program per work item), 'hopper-fwd-heads' (per item, head by head: the causal plans')
+and 'hopper-fwd-persistent-heads' (one program per SM, head by head: the bidirectional plans'; flash_fwd_hopper.PLANS
+takes each head dim and mask's from these rows); a dk/dv candidate is timed as the whole
 backward with dq held at its current first choice, and a dq candidate with
 dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels'
 own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are edited by hand from what this prints.
