@@ -279,6 +279,11 @@ exact_grid() {  # exact_grid HEAD_DIMS...: #25's must-show exact-softmax grid at
     attnbench report "$out"/exact-d*/ --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex --out "$out/report" > /dev/null 2>&1
     sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
 }
+check_run() {  # check_run NAME SECONDS [ARGS...]: `attnbench check ARGS` for at most SECONDS, every row into NAME.csv, its
+               # output into NAME.txt; the last lines (the failures' count or "all checks passed") printed
+    limit "$2" attnbench check "${@:3}" --csv "$out/$1.csv" > "$out/$1.txt" 2>&1
+    tail -n 3 "$out/$1.txt"
+}
 model_steps() {  # model_steps RUNS [LEVELS [MECHANISMS [SECONDS]]]: GPT small's training step, triton against SDPA
                  # at T 1k and 4k, RUNS times (its spread); LEVELS comma-separated, taking turns within each run
     local levels=${2:-model} attn=${3:-standard} seconds=${4:-75}
@@ -439,12 +444,10 @@ rope-check)
     limit 60 python3 -m pytest -v tests/kernels/test_flash.py -k "rope or fused or everything" --tb=short \
         > "$out/rope_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/rope_tests.txt" | tail -4
-    limit 100 attnbench check --attn rope --max-seq 4096 --dtype bf16 --csv "$out/check-rope.csv" > "$out/check-rope.txt" 2>&1
-    tail -n 3 "$out/check-rope.txt"
+    check_run check-rope 100 --attn rope --max-seq 4096 --dtype bf16
     ;;
 final)
-    limit 100 attnbench check --attn rope --max-seq 4096 --dtype bf16 --csv "$out/check-rope.csv" > "$out/check-rope.txt" 2>&1
-    tail -n 3 "$out/check-rope.txt"
+    check_run check-rope 100 --attn rope --max-seq 4096 --dtype bf16
     model_steps 2 model-graph standard,rope,alibi 100
     model_steps 2 model standard,rope,alibi 100
     ;;
@@ -456,9 +459,7 @@ host)
     ;;
 check)
     for dtype in bf16 fp16; do
-        limit 100 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype $dtype --csv "$out/check-$dtype.csv" \
-            > "$out/check-$dtype.txt" 2>&1
-        tail -n 3 "$out/check-$dtype.txt"
+        check_run "check-$dtype" 100 --attn standard,rope,alibi,window --max-seq 4096 --dtype $dtype
     done
     ;;
 lean)
@@ -478,9 +479,7 @@ registers-check)
     limit 120 python3 -m pytest -v -m cuda tests/bench/devtools/test_tile_sweep.py tests/kernels/test_flash_launch.py --timeout 120 -rf \
         --tb=short > "$out/cuda_tests.txt" 2>&1
     grep -E "FAILED|passed|failed" "$out/cuda_tests.txt" | tail -4
-    limit 200 attnbench check --attn standard,rope,alibi,window --max-seq 4096 --dtype bf16 --csv "$out/check-bf16.csv" \
-        > "$out/check-bf16.txt" 2>&1
-    tail -n 3 "$out/check-bf16.txt"
+    check_run check-bf16 200 --attn standard,rope,alibi,window --max-seq 4096 --dtype bf16
     ;;
 registers-grid)
     for d in 64 128; do
@@ -638,10 +637,8 @@ grid)
     [[ -z ${BERT:-} ]] || bert_report
     ;;
 gate)
-    limit 170 attnbench check --attn standard,window --positions rope,alibi --window 256 --max-seq 4096 --csv "$out/window-schemes.csv" > "$out/window-schemes.txt" 2>&1
-    tail -3 "$out/window-schemes.txt"
-    limit 200 attnbench check --attn all --max-seq 2048 --csv "$out/all.csv" > "$out/all.txt" 2>&1
-    tail -3 "$out/all.txt"
+    check_run window-schemes 170 --attn standard,window --positions rope,alibi --window 256 --max-seq 4096
+    check_run all 200 --attn all --max-seq 2048
     (cd "$out" && limit 60 attnbench speed --attn standard --seq 1024 4096 --mode fwd --mode fwdbwd --check --out "$out/speed-check" > "$out/speed-check.txt" 2>&1)
     python3 - "$out" <<'PY'
 import csv, collections, sys
@@ -788,14 +785,12 @@ exposb-profile)  # #25's ExpoSB tile sweep and ncu, the Hopper forward's short-T
     exposb_ncu 4 4096 16 128
     hopper_ncu flash_fwd_hopper 32 512 16 128  # what the Hopper forward's short-T cost is (PERF_NOTES 16)
     hopper_ncu flash_fwd_kernel 32 512 16 128
-    limit 120 attnbench check --attn standard,rope,alibi,window,exposb --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
-    tail -n 3 "$out/check.txt"
+    check_run check 120 --attn standard,rope,alibi,window,exposb --max-seq 4096
     ;;
 short-ncu)  # #25's short-T forward in its new order, and the variants' check (see the header)
     hopper_ncu flash_fwd_hopper 32 512 16 128
     hopper_ncu flash_fwd_kernel 32 512 16 128
-    limit 400 attnbench check --attn alibi,window,exposb --impl triton --max-seq 4096 --csv "$out/check.csv" > "$out/check.txt" 2>&1
-    tail -n 3 "$out/check.txt"
+    check_run check 400 --attn alibi,window,exposb --impl triton --max-seq 4096
     ;;
 persistent-heads)  # #25's Hopper forward's persistent head-by-head schedule (see the header)
     SWEEP_S=55 hopper_sweep 128 64
@@ -804,8 +799,7 @@ persistent-heads)  # #25's Hopper forward's persistent head-by-head schedule (se
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
     SWEEP_S=80 hopper_sweep 128
     flash_tests 80 -k tiles_match
-    limit 120 attnbench check --attn standard --impl triton --csv "$out/check.csv" > "$out/check.txt" 2>&1
-    tail -n 3 "$out/check.txt"
+    check_run check 120 --attn standard --impl triton
     ;;
 exposb-tiles)  # #25's ExpoSB with the sweep's tiles, the Hopper forward's schedules (see the header)
     hopper_smoke  # first: the standard rows at D 128 from 4k keys run the Hopper forward
