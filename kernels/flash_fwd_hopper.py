@@ -2,8 +2,9 @@
 
 Work items are (query block of 64 rows per consumer, batch * query head), the longest causal blocks first
 (across every head, or with HEAD_BY_HEAD each head's in turn, so the programs running at once share its keys
-and values in L2);
-persistent (the plan's choice) one program per SM walks its share of them, else one program per item. Each program runs in
+and values in L2), in groups of one, or with the plan's ``paired`` two (blocks n - 1 - i and i of a head: every
+causal group the same number of key tiles); persistent (the plan's choice) one program per SM walks its share
+of the groups, else one program per group. Each program runs in
 partitions:
 - a producer warpgroup (one warp issues) makes the TMA loads: each consumer's q rows per item, then k
   and v tiles into two rings of STAGES buffers each, every buffer with a "ready" barrier (the copy
@@ -74,16 +75,51 @@ HEAD_BY_HEAD = True
 
 
 @gluon.jit
-def _work_item(w, n_blocks, BH, T, S, CAUSAL: gl.constexpr, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_BY_HEAD: gl.constexpr):
-    """Work item w of n_blocks * BH (query blocks of BLOCK rows, batch * query heads), the longest causal
-    blocks first, across every head or HEAD_BY_HEAD (then the items in flight at once read the same k and v
-    tiles, which L2 serves): (batch * head, first query row, its position among the keys, key tiles to walk)."""
+def _pair(g, n_blocks, BH, HEAD_BY_HEAD: gl.constexpr):
+    """Group g of PAIRED items: (batch * head, i), the group of query blocks n_blocks - 1 - i and i."""
     if HEAD_BY_HEAD:
-        bh = w // n_blocks
-        block = n_blocks - 1 - w % n_blocks
+        n_pairs = (n_blocks + 1) // 2
+        bh = g // n_pairs
+        i = g % n_pairs
     else:
-        bh = w % BH
-        block = n_blocks - 1 - w // BH
+        bh = g % BH
+        i = g // BH
+    return bh, i
+
+
+@gluon.jit
+def _work_groups(n_blocks, BH, PAIRED: gl.constexpr):
+    """How many groups the n_blocks * BH work items form: one item each, or PAIRED two (_pair)."""
+    groups = n_blocks * BH
+    if PAIRED:
+        groups = (n_blocks + 1) // 2 * BH
+    return groups
+
+
+@gluon.jit
+def _group_items(g, n_blocks, BH, HEAD_BY_HEAD: gl.constexpr):
+    """How many items PAIRED group g has: two, but one for the middle block of an odd n_blocks."""
+    bh, i = _pair(g, n_blocks, BH, HEAD_BY_HEAD)
+    return 1 + (2 * i + 1 < n_blocks).to(gl.int32)
+
+
+@gluon.jit
+def _work_item(g, half, n_blocks, BH, T, S, CAUSAL: gl.constexpr, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
+               HEAD_BY_HEAD: gl.constexpr, PAIRED: gl.constexpr):
+    """Item ``half`` of work group g (query blocks of BLOCK rows, batch * query heads): one item a group, the
+    longest causal blocks first, across every head or HEAD_BY_HEAD (then the items in flight at once read the
+    same k and v tiles, which L2 serves); or PAIRED, a head's block n_blocks - 1 - i then block i, so that every
+    causal group walks the same number of key tiles and a persistent program's share of them is balanced.
+    Returns (batch * head, first query row, its position among the keys, key tiles to walk)."""
+    if PAIRED:
+        bh, i = _pair(g, n_blocks, BH, HEAD_BY_HEAD)
+        block = i + (n_blocks - 1 - 2 * i) * (1 - half)
+    elif HEAD_BY_HEAD:
+        bh = g // n_blocks
+        block = n_blocks - 1 - g % n_blocks
+    else:
+        bh = g % BH
+        block = n_blocks - 1 - g // BH
     q_start = block * BLOCK
     pos_q0 = q_start + S - T
     n_tiles = gl.cdiv(S, BLOCK_N)
@@ -94,38 +130,54 @@ def _work_item(w, n_blocks, BH, T, S, CAUSAL: gl.constexpr, BLOCK: gl.constexpr,
 
 @gluon.jit
 def _load_tiles(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, HEAD_BY_HEAD: gl.constexpr):
-    """The producer, per work item of this program: each consumer's q rows once they all released the last
-    item's, then its k and v tiles, each into a ring buffer once every consumer emptied it. The ring's
-    count ``it`` runs on across items, so the next item's tiles load while the consumers finish this one."""
+                STAGES: gl.constexpr, HEAD_BY_HEAD: gl.constexpr, PAIRED: gl.constexpr):
+    """The producer, per work item of this program (its share of the work groups, _work_item): each consumer's
+    q rows once they all released the last item's, then its k and v tiles, each into a ring buffer once every
+    consumer emptied it. The ring's count ``it`` runs on across items, so the next item's tiles load while the
+    consumers finish this one."""
+    n_blocks, BH = work[0], work[1]
+    it = 0
+    item = 0
+    for g in range(gl.program_id(0), _work_groups(n_blocks, BH, PAIRED), gl.num_programs(0)):
+        if PAIRED:
+            for half in range(_group_items(g, n_blocks, BH, HEAD_BY_HEAD)):
+                it, item = _load_item(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, g, half, it, item,
+                                      CAUSAL, BLOCK_N, STAGES, HEAD_BY_HEAD, PAIRED)
+        else:
+            it, item = _load_item(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, g, 0, it, item,
+                                  CAUSAL, BLOCK_N, STAGES, HEAD_BY_HEAD, PAIRED)
+
+
+@gluon.jit
+def _load_item(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, g, half, it, item, CAUSAL: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_BY_HEAD: gl.constexpr, PAIRED: gl.constexpr):
+    """The producer's loads for item ``half`` of group g, this program's item-th, whose first key tile is the
+    ring's it-th; returns (it, item) for the next."""
     q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, turns = barriers
     n_blocks, BH, T, S, HQ, GROUP = work
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     CONSUMERS: gl.constexpr = q_bufs.type.shape[0]
-    it = 0
-    item = 0
-    for w in range(gl.program_id(0), n_blocks * BH, gl.num_programs(0)):
-        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N, HEAD_BY_HEAD)
-        b = bh // HQ
-        h = bh % HQ
-        mbarrier.wait(q_empty, (item & 1) ^ 1)  # a barrier starts with phase 1 complete: the first wait passes
-        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-        for c in gl.static_range(CONSUMERS):
-            tma.async_copy_global_to_shared(q_desc, [b * T + q_start + c * ROWS, h * HEAD_DIM], q_bar, q_bufs.index(c))
-        kv_row = b * S
-        kv_col = (h // GROUP) * HEAD_DIM
-        for j in range(n_tiles):
-            stage = it % STAGES
-            phase = (it // STAGES) & 1
-            mbarrier.wait(k_empty.index(stage), phase ^ 1)
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_bufs.index(stage))
-            mbarrier.wait(v_empty.index(stage), phase ^ 1)
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_bufs.index(stage))
-            it += 1
-        item += 1
+    bh, q_start, pos_q0, n_tiles = _work_item(g, half, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N, HEAD_BY_HEAD, PAIRED)
+    b = bh // HQ
+    h = bh % HQ
+    mbarrier.wait(q_empty, (item & 1) ^ 1)  # a barrier starts with phase 1 complete: the first wait passes
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [b * T + q_start + c * ROWS, h * HEAD_DIM], q_bar, q_bufs.index(c))
+    kv_row = b * S
+    kv_col = (h // GROUP) * HEAD_DIM
+    for j in range(n_tiles):
+        stage = it % STAGES
+        phase = (it // STAGES) & 1
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_bufs.index(stage))
+        it += 1
+    return it, item + 1
 
 
 @gluon.jit
@@ -160,11 +212,32 @@ def _pass_turn(turns, me: gl.constexpr, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _consume(me: gl.constexpr, smem, work, out, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, HEAD_BY_HEAD: gl.constexpr):
-    """Consumer ``me``, per work item of this program: query rows q_start + me * ROWS of the item's block, online
-    softmax over its key tiles, then o (normalised) and the log2-sum-exp stored. S(j) and O += P(j-1) v(j-1) are
-    in flight while softmax(j-1)'s rescale and softmax(j) run; with PINGPONG the consumers take turns issuing
-    them. smem: the q / k / v buffers and the barriers; work: the items' shape and the softmax scale; out: where o and lse go."""
+             PINGPONG: gl.constexpr, HEAD_BY_HEAD: gl.constexpr, PAIRED: gl.constexpr):
+    """Consumer ``me``, per work item of this program (its share of the work groups, _work_item): query rows
+    q_start + me * ROWS of the item's block, online softmax over its key tiles, then o (normalised) and the
+    log2-sum-exp stored (_consume_item). smem: the q / k / v buffers and the barriers; work: the items' shape and
+    the softmax scale; out: where o and lse go."""
+    n_blocks, BH = work[0], work[1]
+    it = 0  # the ring's count, as the producer's
+    item = 0
+    turn = 0
+    for g in range(gl.program_id(0), _work_groups(n_blocks, BH, PAIRED), gl.num_programs(0)):
+        if PAIRED:
+            for half in range(_group_items(g, n_blocks, BH, HEAD_BY_HEAD)):
+                it, item, turn = _consume_item(me, smem, work, out, g, half, it, item, turn, CAUSAL, BLOCK_N, HEAD_DIM, STAGES,
+                                               PINGPONG, HEAD_BY_HEAD, PAIRED)
+        else:
+            it, item, turn = _consume_item(me, smem, work, out, g, 0, it, item, turn, CAUSAL, BLOCK_N, HEAD_DIM, STAGES,
+                                           PINGPONG, HEAD_BY_HEAD, PAIRED)
+
+
+@gluon.jit
+def _consume_item(me: gl.constexpr, smem, work, out, g, half, it, item, turn, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, HEAD_BY_HEAD: gl.constexpr,
+                  PAIRED: gl.constexpr):
+    """Consumer ``me``'s item ``half`` of group g, this program's item-th, whose first key tile is the ring's it-th
+    and first wgmma turn its turn-th: S(j) and O += P(j-1) v(j-1) are in flight while softmax(j-1)'s rescale and
+    softmax(j) run; with PINGPONG the consumers take turns issuing them. Returns (it, item, turn) for the next."""
     q_bufs, k_bufs, v_bufs, barriers = smem
     n_blocks, BH, T, S, HQ, scale_log2 = work
     O, LSE, stride_ob, stride_ot, stride_oh, stride_stats = out
@@ -177,85 +250,83 @@ def _consume(me: gl.constexpr, smem, work, out, CAUSAL: gl.constexpr, BLOCK_N: g
     dtype: gl.constexpr = q_bufs.dtype
     q_smem = q_bufs.index(me)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    it = 0  # the ring's count, as the producer's
-    item = 0
-    turn = 0
-    for w in range(gl.program_id(0), n_blocks * BH, gl.num_programs(0)):
-        bh, q_start, pos_q0, n_tiles = _work_item(w, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N, HEAD_BY_HEAD)
-        q_start += me * ROWS
-        pos_q0 += me * ROWS
-        first_masked = S // BLOCK_N  # the length edge
-        if CAUSAL:
-            first_masked = gl.minimum(first_masked, (pos_q0 + 1) // BLOCK_N)  # the first tile a row's diagonal cuts
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    bh, q_start, pos_q0, n_tiles = _work_item(g, half, n_blocks, BH, T, S, CAUSAL, ROWS * CONSUMERS, BLOCK_N, HEAD_BY_HEAD, PAIRED)
+    q_start += me * ROWS
+    pos_q0 += me * ROWS
+    first_masked = S // BLOCK_N  # the length edge
+    if CAUSAL:
+        first_masked = gl.minimum(first_masked, (pos_q0 + 1) // BLOCK_N)  # the first tile a row's diagonal cuts
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
 
-        mbarrier.wait(q_bar, item & 1)
-        mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+    mbarrier.wait(q_bar, item & 1)
+    mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+    _take_turn(turns, me, turn, PINGPONG)
+    s_token = warpgroup_mma(q_smem, k_bufs.index(it % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    _pass_turn(turns, me, PINGPONG)
+    turn += 1
+    s = warpgroup_mma_wait(0, deps=(s_token,))
+    mbarrier.arrive(k_empty.index(it % STAGES), count=1)
+    s = _masked(s, 0, first_masked, pos_q0, S, CAUSAL, ROWS, BLOCK_N, s_layout)
+    m_i = gl.max(s, 1) * scale_log2  # every row sees key 0 (S >= T, no padding): finite
+    p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p, 1)
+    for j in range(1, n_tiles):
+        stage = (it + j) % STAGES
+        prev = (it + j - 1) % STAGES
+        mbarrier.wait(k_ready.index(stage), ((it + j) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((it + j - 1) // STAGES) & 1)
         _take_turn(turns, me, turn, PINGPONG)
-        s_token = warpgroup_mma(q_smem, k_bufs.index(it % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        _pass_turn(turns, me, PINGPONG)
-        turn += 1
-        s = warpgroup_mma_wait(0, deps=(s_token,))
-        mbarrier.arrive(k_empty.index(it % STAGES), count=1)
-        s = _masked(s, 0, first_masked, pos_q0, S, CAUSAL, ROWS, BLOCK_N, s_layout)
-        m_i = gl.max(s, 1) * scale_log2  # every row sees key 0 (S >= T, no padding): finite
-        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_i, 1))
-        l_i = gl.sum(p, 1)
-        for j in range(1, n_tiles):
-            stage = (it + j) % STAGES
-            prev = (it + j - 1) % STAGES
-            mbarrier.wait(k_ready.index(stage), ((it + j) // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((it + j - 1) // STAGES) & 1)
-            _take_turn(turns, me, turn, PINGPONG)
-            s_token = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            o_token = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
-            _pass_turn(turns, me, PINGPONG)
-            turn += 1
-            s = warpgroup_mma_wait(1, deps=(s_token,))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            s = _masked(s, j, first_masked, pos_q0, S, CAUSAL, ROWS, BLOCK_N, s_layout)
-            m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            acc, p_op = warpgroup_mma_wait(0, deps=(o_token, p_op))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        mbarrier.arrive(q_empty, count=1)  # every S of the item is done: the producer may load the next item's q
-        last = (it + n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((it + n_tiles - 1) // STAGES) & 1)
+        s_token = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        _take_turn(turns, me, turn, PINGPONG)
-        o_token = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        o_token = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
         _pass_turn(turns, me, PINGPONG)
         turn += 1
-        acc = warpgroup_mma_wait(0, deps=(o_token,))
-        mbarrier.arrive(v_empty.index(last), count=1)
-        it += n_tiles
-        item += 1
+        s = warpgroup_mma_wait(1, deps=(s_token,))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        s = _masked(s, j, first_masked, pos_q0, S, CAUSAL, ROWS, BLOCK_N, s_layout)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * scale_log2 - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_token, p_op))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    mbarrier.arrive(q_empty, count=1)  # every S of the item is done: the producer may load the next item's q
+    last = (it + n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((it + n_tiles - 1) // STAGES) & 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    _take_turn(turns, me, turn, PINGPONG)
+    o_token = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    _pass_turn(turns, me, PINGPONG)
+    turn += 1
+    acc = warpgroup_mma_wait(0, deps=(o_token,))
+    mbarrier.arrive(v_empty.index(last), count=1)
+    it += n_tiles
+    item += 1
 
-        b = bh // HQ
-        h = bh % HQ
-        rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ot + gl.expand_dims(cols, 0)
-        gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(rows < T, 1))
-        lse_rows = q_start + gl.arange(0, ROWS, layout=l_i.type.layout)
-        gl.store(LSE + bh.to(gl.int64) * stride_stats + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < T)
+    b = bh // HQ
+    h = bh % HQ
+    rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ot + gl.expand_dims(cols, 0)
+    gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(rows < T, 1))
+    lse_rows = q_start + gl.arange(0, ROWS, layout=l_i.type.layout)
+    gl.store(LSE + bh.to(gl.int64) * stride_stats + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < T)
+    return it, item, turn
 
 
 @gluon.jit
 def flash_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_ot, stride_oh, T, S, BH, HQ, GROUP, stride_stats, scale_log2,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-    CONSUMER_REGISTERS: gl.constexpr, PINGPONG: gl.constexpr, HEAD_BY_HEAD: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PINGPONG: gl.constexpr, HEAD_BY_HEAD: gl.constexpr, PAIRED: gl.constexpr,
 ):
-    """Grid (programs,): program p takes work items p, p + programs, ... of cdiv(T, 64 * CONSUMERS) query blocks
-    times BH = B * Hq (_work_item: the longest causal blocks first, across heads or HEAD_BY_HEAD); programs = one per SM makes it persistent,
-    one per item is the plain grid. q_desc over q as [B * T, Hq * D] (blocks of one consumer's rows), k_desc and
+    """Grid (programs,): program p takes work groups p, p + programs, ... of the cdiv(T, 64 * CONSUMERS) query
+    blocks times BH = B * Hq work items (_work_item: one item a group, the longest causal blocks first, across
+    heads or HEAD_BY_HEAD; or PAIRED two, of equal causal cost together); programs = one per SM makes it
+    persistent, one per group is the plain grid. q_desc over q as [B * T, Hq * D] (blocks of one consumer's rows), k_desc and
     v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D] (unit column stride), LSE as flash_fwd's. Launched with
     num_warps = CONSUMER_WARPS: the producer is the default partition, the CONSUMERS (2 or 3) are worker partitions."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
@@ -286,19 +357,19 @@ def flash_fwd_hopper_kernel(
     smem = (q_bufs, k_bufs, v_bufs, barriers)
     work = (n_blocks, BH, T, S, HQ, scale_log2)
     out = (O, LSE, stride_ob, stride_ot, stride_oh, stride_stats)
-    loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, (n_blocks, BH, T, S, HQ, GROUP), CAUSAL, BLOCK_N, STAGES, HEAD_BY_HEAD)
+    loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, (n_blocks, BH, T, S, HQ, GROUP), CAUSAL, BLOCK_N, STAGES, HEAD_BY_HEAD, PAIRED)
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_load_tiles, loads),
-            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
-            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
+            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
+            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
     else:
         gl.warp_specialize([
             (_load_tiles, loads),
-            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
-            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
-            (_consume, (gl.constexpr(2), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD)),
+            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
+            (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
+            (_consume, (gl.constexpr(2), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS, CONSUMER_REGISTERS])
 
 
@@ -320,11 +391,13 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
 class HopperPlan(NamedTuple):
     """What the forward does for one (head dim, causal): from_keys, the key length from which it takes the Hopper
     path (None: at none); tile, one of TILES[head dim]; persistent, one program per SM walking its share of the work
-    items (the next item's loads overlap this one's end) instead of one program per item."""
+    groups (the next item's loads overlap this one's end) instead of one program per group; paired, a group of
+    query blocks n - 1 - i and i of a head (every causal group the same key tiles) instead of one block."""
 
     from_keys: int | None
     tile: HopperTile
     persistent: bool
+    paired: bool = False
 
 
 # Per (head dim, causal), measured on an H100 beside the portable kernel's tiles and the Hopper forward's other
@@ -342,11 +415,13 @@ PLANS: dict[tuple[int, bool], HopperPlan] = {
 }
 
 
-def plans(from_keys: int | None, tile: HopperTile | None = None, persistent: bool | None = None) -> dict[tuple[int, bool], HopperPlan]:
+def plans(from_keys: int | None, tile: HopperTile | None = None, persistent: bool | None = None,
+          paired: bool | None = None) -> dict[tuple[int, bool], HopperPlan]:
     """PLANS with every plan on from_keys (0: every problem the kernel can take, None: none), and ``tile`` at its
-    head dim and ``persistent`` where given (tests, tile_sweep)."""
+    head dim, ``persistent`` and ``paired`` where given (tests, tile_sweep)."""
     return {
-        key: HopperPlan(from_keys, tile if tile in TILES[key[0]] else plan.tile, plan.persistent if persistent is None else persistent)
+        key: HopperPlan(from_keys, tile if tile in TILES[key[0]] else plan.tile, plan.persistent if persistent is None else persistent,
+                        plan.paired if paired is None else paired)
         for key, plan in PLANS.items()
     }
 
@@ -405,11 +480,13 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     s, hkv = k.shape[1], k.shape[2]
     plan = PLANS[d, problem.causal]
     tile = plan.tile
-    items = triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers) * b * hq
-    grid = (min(items, _sm_count(q.get_device())) if plan.persistent else items,)
+    blocks = triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers)
+    groups = (triton.cdiv(blocks, 2) if plan.paired else blocks) * b * hq
+    grid = (min(groups, _sm_count(q.get_device())) if plan.persistent else groups,)
     flash_fwd_hopper_kernel[grid](
         _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), tile.block_n, d), _descriptor(_rows_view(v), tile.block_n, d),
         o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, b * hq, hq, hq // hkv, lse.stride(1), problem.scale_log2,
         CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
-        CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, HEAD_BY_HEAD=HEAD_BY_HEAD, num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers,
+        CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, HEAD_BY_HEAD=HEAD_BY_HEAD, PAIRED=plan.paired,
+        num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers,
     )

@@ -122,6 +122,9 @@
 #   deeper-rings: #25's D 128 Hopper forward with three ring stages or 64-key tiles (four stages) beside its
 #             plan's tile (the sweep at D 128), the tile CUDA tests, then `attnbench check` of standard (triton) to
 #             16k keys with the plans' routes
+#   pairs:    #25's Hopper forward with work groups of two query blocks (n - 1 - i and i of a head: every causal
+#             group the same cost, a persistent program's share balanced): the schedule CUDA tests, then the
+#             causal sweep at D 128 and 64 (tile_sweep's hopper-fwd-pairs, hopper-fwd-persistent-pairs)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -225,9 +228,9 @@ for d, causal, t, s in ((64, True, 1000, 1000), (128, False, 700, 1500), (64, Fa
     grep -q "smoke 128 True" "$out/smoke.txt" || exit 1
 }
 hopper_sweep() {  # hopper_sweep [HEAD DIMS...]: the Hopper forward beside the portable kernel's tiles and cuDNN,
-                 # D 64 and 128 (default), both masks, T 512-16k
+                 # D 64 and 128 (default), MASKS (default both: causal no-causal), T 512-16k
     for d in ${*:-64 128}; do
-        for c in causal no-causal; do
+        for c in ${MASKS:-causal no-causal}; do
             limit "${SWEEP_S:-70}" python3 -m attnbench.devtools.tile_sweep --seq 512 --seq 1024 --seq 4096 --seq 16384 --heads $((2048 / d)) \
                 --head-dim $d --$c --kernels fwd --no-neighbours --out "$out/fwd-d$d-$c.csv" > "$out/fwd-d$d-$c.txt" 2>&1
             grep -E "^B=|hopper|cudnn-fwd|^fwd" "$out/fwd-d$d-$c.txt"
@@ -795,6 +798,11 @@ short-ncu)  # #25's short-T forward in its new order, and the variants' check (s
 persistent-heads)  # #25's Hopper forward's persistent head-by-head schedule (see the header)
     SWEEP_S=55 hopper_sweep 128 64
     flash_tests 150 -k hopper
+    ;;
+pairs)  # #25's Hopper forward's paired work groups (see the header)
+    hopper_smoke
+    flash_tests 150 -k "other_schedules and pairs"
+    MASKS=causal SWEEP_S=75 hopper_sweep 128 64
     ;;
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
     SWEEP_S=80 hopper_sweep 128

@@ -8,9 +8,10 @@ times every tile both with the loops' tiles read through TMA descriptors and thr
 --kernels picks which of fwd, dkdv, dq to sweep). The forward is timed alone, the portable kernel's
 tiles and then, on Hopper, the warp-specialised kernel (kernels/flash_fwd_hopper.py) as 'hopper-fwd'
 (its consumers taking turns, one program per SM), 'hopper-fwd-free' (no turns) and
-'hopper-fwd-per-item' (one program per work item), 'hopper-fwd-heads' (per item, head by head: the causal plans')
-and 'hopper-fwd-persistent-heads' (one program per SM, head by head: the bidirectional plans'; flash_fwd_hopper.PLANS
-takes each head dim and mask's from these rows); a dk/dv candidate is timed as the whole
+'hopper-fwd-per-item' (one program per work item), 'hopper-fwd-heads' (per item, head by head),
+'hopper-fwd-persistent-heads' (one program per SM, head by head), 'hopper-fwd-pairs' and
+'hopper-fwd-persistent-pairs' (the same with a head's query blocks n - 1 - i and i as one work group, every
+causal group the same cost; flash_fwd_hopper.PLANS takes each head dim and mask's from these rows); a dk/dv candidate is timed as the whole
 backward with dq held at its current first choice, and a dq candidate with
 dk/dv held at the fastest dk/dv found, so within a kernel the rows rank its tiles. The kernels'
 own lists (kernels/flash_fwd.py, kernels/flash_bwd.py) are edited by hand from what this prints.
@@ -49,10 +50,13 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 4), (64, 32, 4, 3)],
 }
 NO_TILE = (0, 0, 0, 0, 0)
-# the Hopper forward's schedules timed: (its consumers taking turns, one program per SM, items head by head, row name)
+# the Hopper forward's schedules timed: (its consumers taking turns, one program per SM, items head by head, two
+# query blocks a work group, row name)
 HOPPER_SCHEDULES = (
-    (True, True, False, "hopper-fwd"), (False, True, False, "hopper-fwd-free"), (True, False, False, "hopper-fwd-per-item"),
-    (True, False, True, "hopper-fwd-heads"), (True, True, True, "hopper-fwd-persistent-heads"),
+    (True, True, False, False, "hopper-fwd"), (False, True, False, False, "hopper-fwd-free"),
+    (True, False, False, False, "hopper-fwd-per-item"), (True, False, True, False, "hopper-fwd-heads"),
+    (True, True, True, False, "hopper-fwd-persistent-heads"), (True, False, True, True, "hopper-fwd-pairs"),
+    (True, True, True, True, "hopper-fwd-persistent-pairs"),
 )
 KERNELS = {"fwd": flash_fwd_kernel, "dkdv": flash_dkdv_kernel, "dq": flash_dq_kernel}
 
@@ -116,13 +120,14 @@ def _loads(way: str):
 
 @contextlib.contextmanager
 def _hopper_forward(
-    on: bool, pingpong: bool = True, persistent: bool = True, head_by_head: bool = False, tile: flash_fwd_hopper.HopperTile | None = None
+    on: bool, pingpong: bool = True, persistent: bool = True, head_by_head: bool = False, paired: bool = False,
+    tile: flash_fwd_hopper.HopperTile | None = None,
 ):
     """The Hopper forward kernel switched on or off (off: the portable kernel's tiles are what is swept),
-    its consumers taking turns (pingpong) or not, one program per SM (persistent) or per work item, its
-    items head by head or not, with ``tile`` at its head dim."""
+    its consumers taking turns (pingpong) or not, one program per SM (persistent) or per work group, its
+    items head by head or not, two query blocks a group (paired) or one, with ``tile`` at its head dim."""
     settings = {
-        "PLANS": flash_fwd_hopper.plans(0, tile, persistent) if on else flash_fwd_hopper.NOWHERE,
+        "PLANS": flash_fwd_hopper.plans(0, tile, persistent, paired) if on else flash_fwd_hopper.NOWHERE,
         "PINGPONG": pingpong, "HEAD_BY_HEAD": head_by_head,
     }
     saved = {name: getattr(flash_fwd_hopper, name) for name in settings}
@@ -161,8 +166,8 @@ def _sweep_tiles(rows, q, k, v, o, lse, do, problem, tiles, swept, loads: str) -
         for tile in swept.get("fwd", []):
             add("fwd", tile, forward)
     for hopper_tile in flash_fwd_hopper.TILES.get(problem.head_dim, []) if swept.get("fwd") else []:
-        for pingpong, persistent, head_by_head, name in HOPPER_SCHEDULES:
-            with _hopper_forward(True, pingpong, persistent, head_by_head, hopper_tile):
+        for pingpong, persistent, head_by_head, paired, name in HOPPER_SCHEDULES:
+            with _hopper_forward(True, pingpong, persistent, head_by_head, paired, hopper_tile):
                 if flash_fwd_hopper.hopper_route(problem, q, k, v) is None:
                     consumers = hopper_tile.consumers
                     add(name, (64 * consumers, hopper_tile.block_n, 4 * (consumers + 1), hopper_tile.stages, hopper_tile.max_registers), forward)

@@ -353,9 +353,10 @@ REAL_SIZE_CASES = {
     "bf16-D64-fused-qkv-gpt-small-4k": Case(batch=4, t=4096, heads=8, head_dim=64, fused_qkv=True, options={"causal": True}),
     "bf16-D64-fused-qkv-rope-gqa-2k": Case(batch=2, t=2048, heads=8, kv_heads=4, head_dim=64, fused_qkv=True, options={"causal": True, "theta": 1e4}),
     # the warp-specialised forward's (flash_fwd_hopper) options, at lengths that end mid-tile
-    "hopper-bf16-D64-causal-1000": Case(batch=2, t=1000, heads=4, head_dim=64, options={"causal": True}),
+    # (and odd numbers of query blocks, 5 at D 64 causal's 192 rows and D 128's 128, which paired schedules group in twos)
+    "hopper-bf16-D64-causal-950": Case(batch=2, t=950, heads=4, head_dim=64, options={"causal": True}),
     "hopper-bf16-D128-gqa-bidirectional-2k": Case(batch=2, t=2048, heads=8, kv_heads=2, head_dim=128),
-    "hopper-fp16-D128-causal-cross": Case(batch=2, t=700, s=1500, heads=4, head_dim=128, dtype=torch.float16, options={"causal": True}),
+    "hopper-fp16-D128-causal-cross": Case(batch=2, t=600, s=1500, heads=4, head_dim=128, dtype=torch.float16, options={"causal": True}),
     "hopper-fp16-D64-rope-mqa-cross": Case(batch=1, t=513, s=2000, heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, options={"theta": 1e4}),
     # more work items than SMs: persistent programs walk several, causal ones of different lengths
     "hopper-bf16-D64-gqa-causal-4k": Case(batch=4, t=4096, heads=8, kv_heads=2, head_dim=64, options={"causal": True}),
@@ -373,16 +374,19 @@ def test_matches_reference_at_real_sizes(name, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "pingpong, persistent, head_by_head",
-    [(False, None, True), (True, True, True), (True, False, True), (True, False, False), (True, True, False)],
-    ids=["without-turns", "persistent", "per-item", "blocks-first", "persistent-blocks-first"],
+    "pingpong, persistent, head_by_head, paired",
+    [(False, None, True, None), (True, True, True, False), (True, False, True, False), (True, False, False, False),
+     (True, True, False, False), (True, True, True, True), (True, False, True, True), (True, True, False, True)],
+    ids=["without-turns", "persistent", "per-item", "blocks-first", "persistent-blocks-first", "persistent-pairs", "pairs",
+         "persistent-pairs-blocks-first"],
 )
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
-def test_the_hopper_forwards_other_schedules_match_too(name, pingpong, persistent, head_by_head, monkeypatch):
+def test_the_hopper_forwards_other_schedules_match_too(name, pingpong, persistent, head_by_head, paired, monkeypatch):
     """Its consumers issuing their wgmma as soon as ready (PINGPONG off), one program per SM walking
-    work items or one per item at every head dim and mask (persistent, None: each plan's), items block by
-    block across every head (HEAD_BY_HEAD off): each schedule the plans do not take."""
-    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.plans(0, persistent=persistent))
+    work groups or one per group at every head dim and mask (persistent, None: each plan's), groups of two
+    query blocks or one (paired), items block by block across every head (HEAD_BY_HEAD off): each schedule
+    the plans do not take."""
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.plans(0, persistent=persistent, paired=paired))
     monkeypatch.setattr(flash_fwd_hopper, "PINGPONG", pingpong)
     monkeypatch.setattr(flash_fwd_hopper, "HEAD_BY_HEAD", head_by_head)
     assert_matches_reference(REAL_SIZE_CASES[name])
