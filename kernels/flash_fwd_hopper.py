@@ -21,8 +21,8 @@ What kernels/flash_fwd.py computes, for the options this path takes (hopper_rout
 o [B, T, Hq, D] and lse [B, Hq, T] float32 in log2 units of the scaled scores, causal or not,
 GQA, any S >= T (queries aligned bottom-right), fp16/bf16, D 64 or 128. RoPE is applied before
 any forward kernel (flash_rope), so it rides along. Everything else goes to the portable kernel, and so
-do the problems it can take but was not measured faster on (PLANS: per head dim and mask, from which key length
-it is on, with which tile and whether persistent).
+do the problems it can take but was not measured faster on (PLANS: per head dim and mask, the plans by key length:
+from which length each is on, with which tile, whether persistent and whether paired).
 Tiles are read through host-side descriptors over the [B * T, H * D] view of each input, so a
 tile may run past its sequence into the next one: keys past S are masked in the scores, and
 query rows past T are never stored.
@@ -389,44 +389,52 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
 
 
 class HopperPlan(NamedTuple):
-    """What the forward does for one (head dim, causal): from_keys, the key length from which it takes the Hopper
-    path (None: at none); tile, one of TILES[head dim]; persistent, one program per SM walking its share of the work
-    groups (the next item's loads overlap this one's end) instead of one program per group; paired, a group of
-    query blocks n - 1 - i and i of a head (every causal group the same key tiles) instead of one block."""
+    """What the forward does for one (head dim, causal) from_keys keys on: tile, one of TILES[head dim];
+    persistent, one program per SM walking its share of the work groups (the next item's loads overlap this
+    one's end) instead of one program per group; paired, a group of query blocks n - 1 - i and i of a head
+    (every causal group the same key tiles) instead of one block."""
 
-    from_keys: int | None
+    from_keys: int
     tile: HopperTile
     persistent: bool
     paired: bool = False
 
 
-# Per (head dim, causal), measured on an H100 beside the portable kernel's tiles and the Hopper forward's other
-# schedules (tile_sweep, T 512-16k; PERF_NOTES 21 and 22, results/reference-h100/exposb-tiles/ and
-# persistent-heads/, deeper-rings/): D 128 from 512 keys, 1.04-1.18x the portable kernel's best tile, causal per
-# item (persistent lost at 16k: 2.58 against 1.85 ms), bidirectional persistent (1.10x per item at 1k in both
-# runs, 1.01x at 4k, even at 16k); D 64 bidirectional with two consumers and persistent,
-# 1.17x at 512 keys to 1.02x at 16k; D 64 causal with three consumers per item only at 16k (1.11-1.14x;
-# 0.98-1.01x at 4k, 0.81-0.94x below)
-PLANS: dict[tuple[int, bool], HopperPlan] = {
-    (64, True): HopperPlan(16384, TILES[64][0], False),
-    (64, False): HopperPlan(512, TILES[64][1], True),
-    (128, True): HopperPlan(512, TILES[128][0], False),
-    (128, False): HopperPlan(512, TILES[128][0], True),
+# Per (head dim, causal), the plans by from_keys, each on until the next one's from_keys (none: the portable
+# kernel only). Measured on an H100 beside the portable kernel's tiles and the Hopper forward's other schedules
+# (tile_sweep, T 512-16k; PERF_NOTES 21-23, results/reference-h100/persistent-heads/, deeper-rings/, pairs/):
+# D 128 causal persistent and paired from 512 keys (1.11x one program per unpaired item at 1k, 1.06x at 4k),
+# per item from 16k (1.02x the paired); D 128 bidirectional persistent (1.10x per item at 1k, 1.01x at 4k,
+# even at 16k); D 64 bidirectional with two consumers and persistent, 1.17x the portable kernel's best tile at
+# 512 keys to 1.02x at 16k; D 64 causal with two consumers, persistent and paired from 512 (1.02-1.03x the
+# portable kernel at 512 and 1k), three consumers paired per group from 4k (1.06x the portable at 4k, 1.11x at 16k)
+PLANS: dict[tuple[int, bool], tuple[HopperPlan, ...]] = {
+    (64, True): (HopperPlan(512, TILES[64][1], True, True), HopperPlan(4096, TILES[64][0], False, True)),
+    (64, False): (HopperPlan(512, TILES[64][1], True),),
+    (128, True): (HopperPlan(512, TILES[128][0], True, True), HopperPlan(16384, TILES[128][0], False)),
+    (128, False): (HopperPlan(512, TILES[128][0], True),),
 }
 
 
 def plans(from_keys: int | None, tile: HopperTile | None = None, persistent: bool | None = None,
-          paired: bool | None = None) -> dict[tuple[int, bool], HopperPlan]:
-    """PLANS with every plan on from_keys (0: every problem the kernel can take, None: none), and ``tile`` at its
-    head dim, ``persistent`` and ``paired`` where given (tests, tile_sweep)."""
-    return {
-        key: HopperPlan(from_keys, tile if tile in TILES[key[0]] else plan.tile, plan.persistent if persistent is None else persistent,
-                        plan.paired if paired is None else paired)
-        for key, plan in PLANS.items()
-    }
+          paired: bool | None = None) -> dict[tuple[int, bool], tuple[HopperPlan, ...]]:
+    """PLANS with each head dim and mask's first plan on from from_keys (0: every problem the kernel can take,
+    None: no plan, the portable kernel only), and ``tile`` (at its head dim), ``persistent`` and ``paired``
+    in every plan where given (tests, tile_sweep)."""
+    def changed(plan: HopperPlan, head_dim: int, first: bool) -> HopperPlan:
+        return HopperPlan(from_keys if first else plan.from_keys, tile if tile in TILES[head_dim] else plan.tile,
+                          plan.persistent if persistent is None else persistent, plan.paired if paired is None else paired)
+
+    return {key: () if from_keys is None else tuple(changed(plan, key[0], i == 0) for i, plan in enumerate(taken))
+            for key, taken in PLANS.items()}
 
 
-EVERYWHERE = plans(0)  # every problem the kernel can take, each with its plan's tile and schedule
+def plan_for(head_dim: int, causal: bool, keys: int) -> HopperPlan | None:
+    """The plan a forward over ``keys`` keys takes: its head dim and mask's last with from_keys <= keys (None: none)."""
+    return next((plan for plan in reversed(PLANS[head_dim, causal]) if keys >= plan.from_keys), None)
+
+
+EVERYWHERE = plans(0)  # every problem the kernel can take, each with its plans' tiles and schedules
 NOWHERE = plans(None)  # the portable kernel only
 
 
@@ -461,11 +469,11 @@ def hopper_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v: tor
         if x.data_ptr() % 16 or x.stride(1) % 8:
             return f"{name} is not 16-byte aligned"
     mask = "causal" if problem.causal else "bidirectional"
-    shortest = PLANS[problem.head_dim, problem.causal].from_keys
-    if shortest is None:
+    taken = PLANS[problem.head_dim, problem.causal]
+    if not taken:
         return f"the Hopper path is off at head dim {problem.head_dim}, {mask} (PLANS: not faster there)"
-    if k.shape[1] < shortest:
-        return f"{k.shape[1]} keys (the Hopper path is on from {shortest} at head dim {problem.head_dim}, {mask}: PLANS)"
+    if plan_for(problem.head_dim, problem.causal, k.shape[1]) is None:
+        return f"{k.shape[1]} keys (the Hopper path is on from {taken[0].from_keys} at head dim {problem.head_dim}, {mask}: PLANS)"
     return None
 
 
@@ -478,7 +486,7 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     """Writes o [B, T, Hq, D] and lse [B, Hq, >= T] (flash_fwd.flash_forward's outputs) for a problem hopper_route takes."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    plan = PLANS[d, problem.causal]
+    plan = plan_for(d, problem.causal, s)
     tile = plan.tile
     blocks = triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers)
     groups = (triton.cdiv(blocks, 2) if plan.paired else blocks) * b * hq

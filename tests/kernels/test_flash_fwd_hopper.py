@@ -89,20 +89,38 @@ def test_switched_off_and_cpu_tensors_take_the_portable_kernel(monkeypatch):
 
 
 def test_the_measured_policy_names_why_the_rest_stays_portable(monkeypatch):
-    """By default from 512 keys, but at head dim 64 causal from 16k (PERF_NOTES 21, 22)."""
+    """From 512 keys at every head dim and mask (PERF_NOTES 21-23)."""
     monkeypatch.setattr(flash_fwd_hopper, "PLANS", MEASURED_PLANS)
-    cases = (
-        (64, True, 16383, "16383 keys (the Hopper path is on from 16384 at head dim 64, causal"), (64, True, 16384, None),
-        (64, False, 511, "511 keys"), (64, False, 512, None),
-        (128, True, 511, "511 keys"), (128, True, 512, None), (128, False, 511, "511 keys"), (128, False, 512, None),
-    )
-    for head_dim, causal, s, reason in cases:
-        q, k, v = _qkv(t=256, s=s, heads=2, head_dim=head_dim)
-        route = hopper_route(flash_problem(q, k, causal=causal), q, k, v, HOPPER)
-        assert route is None if reason is None else reason in route, (head_dim, causal, s, route)
+    for head_dim in flash_fwd_hopper.HEAD_DIMS:
+        for causal in (False, True):
+            for s, reason in ((511, "511 keys (the Hopper path is on from 512"), (512, None)):
+                q, k, v = _qkv(t=256, s=s, heads=2, head_dim=head_dim)
+                route = hopper_route(flash_problem(q, k, causal=causal), q, k, v, HOPPER)
+                assert route is None if reason is None else reason in route, (head_dim, causal, s, route)
 
 
-def test_each_plan_takes_one_of_its_head_dims_tiles():
-    for (head_dim, _), plan in MEASURED_PLANS.items():
-        assert plan.tile in flash_fwd_hopper.TILES[head_dim]
+def test_each_plan_is_on_until_the_next_ones_length(monkeypatch):
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", MEASURED_PLANS)
+    first, paired_3 = MEASURED_PLANS[64, True]
+    assert flash_fwd_hopper.plan_for(64, True, 511) is None
+    assert flash_fwd_hopper.plan_for(64, True, 512) == flash_fwd_hopper.plan_for(64, True, 4095) == first
+    assert flash_fwd_hopper.plan_for(64, True, 4096) == flash_fwd_hopper.plan_for(64, True, 1 << 20) == paired_3
+    paired, per_item = MEASURED_PLANS[128, True]
+    assert flash_fwd_hopper.plan_for(128, True, 16383) == paired and flash_fwd_hopper.plan_for(128, True, 16384) == per_item
+
+
+def test_each_plan_takes_one_of_its_head_dims_tiles_in_order_of_length():
+    for (head_dim, _), taken in MEASURED_PLANS.items():
+        assert taken and all(plan.tile in flash_fwd_hopper.TILES[head_dim] for plan in taken)
+        assert [plan.from_keys for plan in taken] == sorted({plan.from_keys for plan in taken})
     assert set(MEASURED_PLANS) == {(d, causal) for d in flash_fwd_hopper.HEAD_DIMS for causal in (False, True)}
+
+
+def test_the_sweeps_plans_change_every_plan_and_the_first_ones_length():
+    tile = flash_fwd_hopper.TILES[64][0]
+    changed = flash_fwd_hopper.plans(0, tile, persistent=False, paired=False)
+    for key, taken in changed.items():
+        assert [plan.from_keys for plan in taken] == [0] + [plan.from_keys for plan in MEASURED_PLANS[key][1:]]
+        assert all(not plan.persistent and not plan.paired for plan in taken)
+        assert all(plan.tile == (tile if key[0] == 64 else MEASURED_PLANS[key][i].tile) for i, plan in enumerate(taken))
+    assert all(taken == () for taken in flash_fwd_hopper.plans(None).values())
