@@ -125,6 +125,8 @@
 #   pairs:    #25's Hopper forward with work groups of two query blocks (n - 1 - i and i of a head: every causal
 #             group the same cost, a persistent program's share balanced): the schedule CUDA tests, then the
 #             causal sweep at D 128 and 64 (tile_sweep's hopper-fwd-pairs, hopper-fwd-persistent-pairs)
+#   pair-plans: #25's Hopper forward with the causal plans paired (PLANS by key length): the smoke run, every hopper
+#             CUDA test, the exact grid at EXACT_DIMS (default 128; as exact-grid's)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -803,6 +805,11 @@ pairs)  # #25's Hopper forward's paired work groups (see the header)
     hopper_smoke
     flash_tests 150 -k "other_schedules and pairs"
     MASKS=causal SWEEP_S=75 hopper_sweep 128 64
+    ;;
+pair-plans)  # #25's Hopper forward with paired causal plans (see the header)
+    hopper_smoke
+    flash_tests 210 -k hopper
+    exact_grid ${EXACT_DIMS:-128}
     ;;
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
     SWEEP_S=80 hopper_sweep 128
