@@ -382,10 +382,14 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor | None:
     return x.as_strided((b * length, h * d), (sl, 1))
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_layout(block_rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled shared-memory layout of a [block_rows, head_dim] tile (cached: 6 us a call to build)."""
+    return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gl.float16 if dtype == torch.float16 else gl.bfloat16)
+
+
 def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDescriptor:
-    block = [block_rows, head_dim]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if rows.dtype == torch.float16 else gl.bfloat16)
-    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), block, layout)
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block_rows, head_dim], _shared_layout(block_rows, head_dim, rows.dtype))
 
 
 class HopperPlan(NamedTuple):

@@ -126,7 +126,8 @@
 #             group the same cost, a persistent program's share balanced): the schedule CUDA tests, then the
 #             causal sweep at D 128 and 64 (tile_sweep's hopper-fwd-pairs, hopper-fwd-persistent-pairs)
 #   pair-plans: #25's Hopper forward with the causal plans paired (PLANS by key length): the smoke run, every hopper
-#             CUDA test, the exact grid at EXACT_DIMS (default 128; as exact-grid's)
+#             CUDA test, host time per call at T 512 (the Hopper forward) and 128 (the portable one), the exact
+#             grid at EXACT_DIMS (default 128; as exact-grid's)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -809,6 +810,8 @@ pairs)  # #25's Hopper forward's paired work groups (see the header)
 pair-plans)  # #25's Hopper forward with paired causal plans (see the header)
     hopper_smoke
     flash_tests 210 -k hopper
+    host_time --seq 512 --calls 300 && mv "$out/host.txt" "$out/host-512.txt"  # D 64 causal: the Hopper forward
+    host_time --seq 128 --calls 300  # the portable forward
     exact_grid ${EXACT_DIMS:-128}
     ;;
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
