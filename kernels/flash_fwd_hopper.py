@@ -40,7 +40,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem
+from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem, run_compiled
 
 ROWS_PER_CONSUMER = 64  # one warpgroup's wgmma rows
 CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup per consumer partition, and the producer's (one warp issues)
@@ -494,11 +494,39 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     tile = plan.tile
     blocks = triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers)
     groups = (triton.cdiv(blocks, 2) if plan.paired else blocks) * b * hq
-    grid = (min(groups, _sm_count(q.get_device())) if plan.persistent else groups,)
-    flash_fwd_hopper_kernel[grid](
+    grid = min(groups, _sm_count(q.get_device())) if plan.persistent else groups
+    args = (
         _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), tile.block_n, d), _descriptor(_rows_view(v), tile.block_n, d),
         o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, b * hq, hq, hq // hkv, lse.stride(1), problem.scale_log2,
+    )
+    constexprs = dict(
         CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
         CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, HEAD_BY_HEAD=HEAD_BY_HEAD, PAIRED=plan.paired,
-        num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers,
     )
+    _launch(grid, args, constexprs, tile.max_registers)
+
+
+COMPILED: dict[tuple, object] = {}  # _launch's key -> the CompiledKernel its first launch returned
+MAX_COMPILED = 256  # new keys beyond this start the cache afresh
+
+
+def _launch(grid: int, args: tuple, constexprs: dict, max_registers: int) -> None:
+    """flash_fwd_hopper_kernel[(grid,)](*args, **constexprs) with ``max_registers`` a thread; later launches with
+    the same key call the CompiledKernel the first returned directly (flash_launch.run_compiled: no JITFunction.run
+    binding and specialising the arguments, tens of microseconds of host time, as FlashKernel does). The key is a
+    superset of what triton specialises on: the three descriptors' blocks, shapes and strides, o's device and
+    dtype, o's and lse's 16-byte alignment, every scalar's value, the constexprs."""
+    descriptors, tensors, scalars = args[:3], args[3:5], args[5:]
+    key = (
+        tensors[0].get_device(), tensors[0].dtype, max_registers,
+        *[(*x.block_shape, *x.shape, *x.strides) for x in descriptors], *[x.data_ptr() % 16 == 0 for x in tensors], *scalars,
+        *constexprs.values(),
+    )
+    kernel = COMPILED.get(key)
+    if kernel is not None:
+        run_compiled(kernel, (grid, 1, 1), (*args, *[constexprs[name] for name in flash_fwd_hopper_kernel.arg_names[len(args):]]))
+        return
+    kernel = flash_fwd_hopper_kernel[(grid,)](*args, **constexprs, num_warps=CONSUMER_WARPS.value, maxnreg=max_registers)
+    if len(COMPILED) >= MAX_COMPILED:
+        COMPILED.clear()
+    COMPILED[key] = kernel

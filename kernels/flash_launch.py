@@ -254,12 +254,7 @@ class FlashKernel:
         hit = self.compiled.get(signature)  # None (no direct launches) is never a stored signature
         if hit is not None:
             kernel, tail, meta = hit
-            if _no_launch_hooks():
-                driver = triton.runtime.driver.active
-                stream = driver.get_current_stream(driver.get_current_device())
-                kernel.run(*grid(meta), 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
-            else:
-                kernel[(*grid(meta), 1, 1)](*args, *tail)  # CompiledKernel reads three grid sizes
+            run_compiled(kernel, (*grid(meta), 1), (*args, *tail))
             return
         key = (args[0].dtype, *kwargs.items())
         config = self.chosen.get(key)
@@ -285,6 +280,18 @@ class FlashKernel:
             yield
         finally:
             tuner.configs, tuner.cache, self.chosen, self.compiled = saved
+
+
+def run_compiled(kernel, grid: tuple[int, int, int], args: tuple) -> None:
+    """Launch the CompiledKernel ``kernel`` (what a JITFunction launch returned) over ``grid`` on the current
+    stream with ``args``, every parameter's in order (constexprs too), calling its launcher directly, or
+    through CompiledKernel's own wrapper where triton's launch hooks are set (a profiler's)."""
+    if _no_launch_hooks():
+        driver = triton.runtime.driver.active
+        stream = driver.get_current_stream(driver.get_current_device())
+        kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+    else:
+        kernel[grid](*args)
 
 
 def _no_launch_hooks() -> bool:

@@ -2,12 +2,14 @@
 launches skip it and run that config, a new key goes back to it, and a forced tile runs and is
 undone; on a GPU, a launch whose signature was seen calls the compiled kernel directly, a
 tensor of another alignment is a new signature, and a launch hook (a profiler's) still sees
-every launch. Outputs are checked against the reference on every path."""
+every launch; the Hopper forward's launches (flash_fwd_hopper._launch) likewise. Outputs are checked against
+the reference on every path."""
 
 import pytest
 import torch
 from triton import knobs
 
+from attnbench.kernels import flash_fwd_hopper
 from attnbench.kernels.flash import flash_attention, flash_problem
 from attnbench.kernels.flash_bwd import flash_dkdv_kernel, flash_dq_kernel
 from attnbench.kernels.flash_fwd import flash_fwd_kernel
@@ -114,6 +116,34 @@ def test_a_seen_signature_launches_the_compiled_kernel_directly(monkeypatch):
     compiled = len(flash_fwd_kernel.compiled)
     torch.testing.assert_close(flash_attention(shifted, k, v, causal=True), first[0])
     assert len(flash_fwd_kernel.compiled) == compiled + 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="not a Hopper GPU")
+def test_a_seen_hopper_launch_calls_the_compiled_kernel_directly(monkeypatch):
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.EVERYWHERE)
+    monkeypatch.setattr(flash_fwd_hopper, "COMPILED", {})
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(3))
+    first = flash_attention(q, k, v, causal=True)
+    assert len(flash_fwd_hopper.COMPILED) == 1
+    launches = []
+    with monkeypatch.context() as patched:
+        patched.setattr(flash_fwd_hopper.flash_fwd_hopper_kernel, "run", lambda *a, **kw: pytest.fail("JITFunction.run on a seen key"))
+        again = flash_attention(q, k, v, causal=True)
+        knobs.runtime.launch_enter_hook.add(launches.append)  # a profiler's hook: through triton's wrapper
+        try:
+            hooked = flash_attention(q, k, v, causal=True)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(launches.append)
+    assert len(launches) == 1
+    for mine in (again, hooked):  # the same kernel on the same inputs: bitwise equal
+        torch.testing.assert_close(mine, first, atol=0, rtol=0)
+    torch.testing.assert_close(again.float(), attention(q.float(), k.float(), v.float(), causal=True), atol=2e-2, rtol=2e-2)
+    q, k, v = (x[:, :700].contiguous() for x in (q, k, v))
+    shorter = flash_attention(q, k, v, causal=True)  # another shape: a new key
+    assert len(flash_fwd_hopper.COMPILED) == 2
+    torch.testing.assert_close(shorter.float(), attention(q.float(), k.float(), v.float(), causal=True), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.cuda
