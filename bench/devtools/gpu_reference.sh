@@ -128,6 +128,8 @@
 #   pair-plans: #25's Hopper forward with the causal plans paired (PLANS by key length): the smoke run, every hopper
 #             CUDA test, host time per call at T 512 (the Hopper forward) and 128 (the portable one), the exact
 #             grid at EXACT_DIMS (default 128; as exact-grid's)
+#   pair-steps: after pair-plans, the exact grid at D 64 (GPT small's head dim: its causal forward now paired on the
+#             Hopper path from 512 keys), then the model-level step eager and graph, three runs each (STEP_S each)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -813,6 +815,11 @@ pair-plans)  # #25's Hopper forward with paired causal plans (see the header)
     host_time --seq 512 --calls 300 && mv "$out/host.txt" "$out/host-512.txt"  # D 64 causal: the Hopper forward
     host_time --seq 128 --calls 300  # the portable forward
     exact_grid ${EXACT_DIMS:-128}
+    ;;
+pair-steps)  # #25's D 64 grid and model-level step after pair-plans (see the header)
+    exact_grid 64
+    model_steps 3 model-graph,model standard "${STEP_S:-45}"
+    model_report
     ;;
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
     SWEEP_S=80 hopper_sweep 128
