@@ -43,6 +43,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem, run_compiled
 
 ROWS_PER_CONSUMER = 64  # one warpgroup's wgmma rows
+# the TMA tile load: async_copy_global_to_shared in triton 3.6 (the GPU machine's), async_load from 3.7 on (which
+# raises on the old name); the same arguments, descriptor, coordinates, barrier, destination
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup per consumer partition, and the producer's (one warp issues)
 
 
@@ -164,7 +167,7 @@ def _load_item(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, g
     mbarrier.wait(q_empty, (item & 1) ^ 1)  # a barrier starts with phase 1 complete: the first wait passes
     mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
     for c in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [b * T + q_start + c * ROWS, h * HEAD_DIM], q_bar, q_bufs.index(c))
+        _tma_load(q_desc, [b * T + q_start + c * ROWS, h * HEAD_DIM], q_bar, q_bufs.index(c))
     kv_row = b * S
     kv_col = (h // GROUP) * HEAD_DIM
     for j in range(n_tiles):
@@ -172,10 +175,10 @@ def _load_item(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, work, g
         phase = (it // STAGES) & 1
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_bufs.index(stage))
+        _tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage), k_bufs.index(stage))
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_bufs.index(stage))
+        _tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage), v_bufs.index(stage))
         it += 1
     return it, item + 1
 

@@ -1,0 +1,123 @@
+"""The Hopper forward's plans (kernels/flash_fwd_hopper.py) compiled for sm_90a on any machine (no GPU):
+registers and spills (ptxas -v) and what one key tile costs a consumer warp (nvdisasm).
+
+    python3 -m attnbench.devtools.hopper_sass [--head-dim 64 128]
+
+For each plan in flash_fwd_hopper.PLANS, a bf16 launch's kernel is compiled with triton's own tools; its
+consumers' tile loop is the shortest loop of the SASS that issues wgmma (HGMMA) and a tile's exponentials
+(MUFU, 64 x BLOCK_N / 128 a thread): its instructions, MUFU and HGMMA among them, and those inside its largest forward branch (the
+masking, which only diagonal and edge tiles take), so an unmasked tile issues the rest. Use the triton the GPU
+machine runs (its codegen is what counts); these are static counts, a guide to issue and unit pressure, not a
+timing (PERF_NOTES 23 reads them against the SM's units).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from attnbench.devtools.compile_spills import _ptxas_usage
+from attnbench.kernels import flash_fwd_hopper
+
+
+def compile_plan(head_dim: int, causal: bool, plan: flash_fwd_hopper.HopperPlan, seq: int = 1024, heads: int = 4):
+    """The CompiledKernel a bf16 launch of ``plan`` (B 2, T = S = seq) specialises to, built for sm_90a here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile, make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = flash_fwd_hopper.flash_fwd_hopper_kernel
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    tile = plan.tile
+    q = torch.zeros(2, seq, heads, head_dim, dtype=torch.bfloat16)
+    o, lse, rows = torch.zeros_like(q), torch.zeros(2, heads, seq), flash_fwd_hopper._rows_view(q)
+    args = (
+        flash_fwd_hopper._descriptor(rows, flash_fwd_hopper.ROWS_PER_CONSUMER, head_dim), flash_fwd_hopper._descriptor(rows, tile.block_n, head_dim),
+        flash_fwd_hopper._descriptor(rows, tile.block_n, head_dim), o, lse, o.stride(0), o.stride(1), o.stride(2), seq, seq, 2 * heads, heads, 1,
+        lse.stride(1), 0.18,
+    )
+    options = dict(
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
+        CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=flash_fwd_hopper.PINGPONG, HEAD_BY_HEAD=flash_fwd_hopper.HEAD_BY_HEAD,
+        PAIRED=plan.paired, num_warps=flash_fwd_hopper.CONSUMER_WARPS.value, maxnreg=tile.max_registers,
+    )
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, parsed = binder(*args, **options)
+    parsed, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, parsed)
+    return compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target, options=parsed.__dict__)
+
+
+def _sass(cubin: bytes) -> list[str]:
+    """The cubin's instructions and labels in order (labels as '.L_x_N:' lines), from triton's bundled nvdisasm."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run([str(nvdisasm), "-c", file.name], capture_output=True, text=True, check=True).stdout
+    lines = []
+    for line in listing.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        instruction = re.search(r"/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", line)
+        if label:
+            lines.append(label.group(1) + ":")
+        elif instruction:
+            lines.append(instruction.group(1))
+    return lines
+
+
+def _opcode(instruction: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def tile_loop(cubin: bytes, exponentials: int) -> dict:
+    """The consumers' tile loop: the shortest SASS loop (a backward branch) with HGMMA and at least
+    ``exponentials`` MUFU in it (a tile's, a thread); its instruction count, MUFU and HGMMA counts, and how many
+    its largest forward branch inside it skips."""
+    lines = _sass(cubin)
+    where = {line[:-1]: i for i, line in enumerate(lines) if line.endswith(":")}
+    loops = []
+    for end, line in enumerate(lines):
+        target = re.search(r"BRA.*`\((\.L_x_\d+)\)", line)
+        if target and where.get(target.group(1), end) < end:
+            body = lines[where[target.group(1)]:end + 1]
+            ops = collections.Counter(_opcode(x) for x in body if not x.endswith(":"))
+            if ops["HGMMA"] and ops["MUFU"] >= exponentials:
+                loops.append((sum(ops.values()), where[target.group(1)], end, ops))
+    size, start, end, ops = min(loops, key=lambda loop: loop[0])
+    skipped = 0
+    for i in range(start, end):
+        target = re.search(r"BRA.*`\((\.L_x_\d+)\)", lines[i])
+        if target and i < where.get(target.group(1), -1) <= end:
+            skipped = max(skipped, sum(not x.endswith(":") for x in lines[i + 1:where[target.group(1)]]))
+    return {"instructions": size, "mufu": ops["MUFU"], "hgmma": ops["HGMMA"], "branch_skips": skipped}
+
+
+def main() -> None:
+    # argparse, not typer: the compile venv for the GPU's triton need hold no more than torch and triton
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(flash_fwd_hopper.HEAD_DIMS))
+    args = parser.parse_args()
+    print(f"{'D':>3s} {'mask':13s} {'from keys':>9s} {'schedule':32s} {'regs':>4s} {'spill st/ld':>11s} {'loop':>5s} {'masking':>7s} {'MUFU':>4s} {'HGMMA':>5s}")
+    for d in args.head_dim:
+        for causal in (False, True):
+            for plan in flash_fwd_hopper.PLANS[d, causal]:
+                compiled = compile_plan(d, causal, plan)
+                registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
+                loop = tile_loop(compiled.asm["cubin"], flash_fwd_hopper.ROWS_PER_CONSUMER * plan.tile.block_n // 128)
+                schedule = f"{plan.tile.consumers} consumers, " + ("persistent" if plan.persistent else "per group") + (", paired" if plan.paired else "")
+                print(f"{d:3d} {'causal' if causal else 'bidirectional':13s} {plan.from_keys:9d} {schedule:32s} {registers:4d} {f'{stores} / {loads}':>11s} "
+                      f"{loop['instructions']:5d} {loop['branch_skips']:7d} {loop['mufu']:4d} {loop['hgmma']:5d}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
