@@ -27,10 +27,15 @@ import typer
 from attnbench.models import registry
 
 
-def host_us_per_call(run, calls: int, batch: int, seq: int, heads: int, head_dim: int) -> float:
-    """Microseconds of wall time per forward + backward of ``run`` (a kernel-level core, called
-    as run(q, k, v, causal=True)) on q, k, v [batch, seq, heads, head_dim] bf16, after a warm-up
-    that compiles."""
+ENQUEUE_CALLS = 40  # few enough that CUDA's launch queue (about a thousand launches) never fills and blocks the host
+
+
+def host_us_per_call(run, calls: int, batch: int, seq: int, heads: int, head_dim: int) -> tuple[float, float]:
+    """(wall, host) microseconds per forward + backward of ``run`` (a kernel-level core, called as
+    run(q, k, v, causal=True)) on q, k, v [batch, seq, heads, head_dim] bf16, after a warm-up that
+    compiles: wall over ``calls`` calls synchronised once at the end; host, the time to issue one, over
+    ENQUEUE_CALLS calls issued onto an idle GPU with no synchronisation among them. Equal: the host is what
+    the GPU waits on; wall above host: the GPU's own time shows (the shape is not tiny enough)."""
     q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
 
@@ -41,10 +46,15 @@ def host_us_per_call(run, calls: int, batch: int, seq: int, heads: int, head_dim
         step()
     torch.cuda.synchronize()
     start = time.perf_counter()
+    for _ in range(ENQUEUE_CALLS):
+        step()
+    host = (time.perf_counter() - start) / ENQUEUE_CALLS * 1e6
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(calls):
         step()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    return (time.perf_counter() - start) / calls * 1e6, host
 
 
 def main(
@@ -55,7 +65,7 @@ def main(
     profile: Annotated[int, typer.Option(help="also print the N functions with the most own and the most cumulative time (cProfile)")] = 0,
     compiled: Annotated[bool, typer.Option(help="also time each impl under torch.compile(fullgraph=True), after the eager line")] = False,
 ) -> None:
-    """Host microseconds per forward + backward of each impl at B=1, H=8, D=64, causal, bf16."""
+    """Microseconds per forward + backward of each impl at B=1, H=8, D=64, causal, bf16: wall, and the host's own."""
     mechanism = registry.get(attn)
     for name in impl:
         eager = mechanism.impls[name].run
@@ -63,7 +73,8 @@ def main(
         if compiled:
             runs.append((" (compiled)", torch.compile(eager, fullgraph=True)))
         for label, run in runs:
-            typer.echo(f"{attn}/{name}{label}: {host_us_per_call(run, calls, 1, seq, 8, 64):.0f} us per forward + backward")
+            wall, host = host_us_per_call(run, calls, 1, seq, 8, 64)
+            typer.echo(f"{attn}/{name}{label}: {wall:.0f} us per forward + backward ({host:.0f} us of host time to issue one)")
         if profile:
             profiler = cProfile.Profile()
             profiler.runcall(host_us_per_call, eager, calls, 1, seq, 8, 64)
