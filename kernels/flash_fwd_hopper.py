@@ -40,7 +40,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from attnbench.kernels.flash_launch import NO_LIMIT, FlashProblem, run_compiled
+from attnbench.kernels.flash_launch import NO_LIMIT, FlashKernel, FlashProblem, launch_signature, run_compiled
 
 ROWS_PER_CONSUMER = 64  # one warpgroup's wgmma rows
 # the TMA tile load: async_copy_global_to_shared in triton 3.6 (the GPU machine's), async_load from 3.7 on (which
@@ -492,44 +492,49 @@ def _sm_count(device_index: int) -> int:
 def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     """Writes o [B, T, Hq, D] and lse [B, Hq, >= T] (flash_fwd.flash_forward's outputs) for a problem hopper_route takes."""
     b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    plan = plan_for(d, problem.causal, s)
-    tile = plan.tile
-    blocks = triton.cdiv(t, ROWS_PER_CONSUMER * tile.consumers)
+    plan = plan_for(d, problem.causal, k.shape[1])
+    blocks = triton.cdiv(t, ROWS_PER_CONSUMER * plan.tile.consumers)
     groups = (triton.cdiv(blocks, 2) if plan.paired else blocks) * b * hq
     grid = min(groups, _sm_count(q.get_device())) if plan.persistent else groups
+    _launch(grid, *launch_arguments(q, k, v, o, lse, problem.scale_log2, problem.causal, plan))
+
+
+def launch_arguments(q, k, v, o, lse, scale_log2: float, causal: bool, plan: HopperPlan) -> tuple[tuple, dict, dict]:
+    """flash_fwd_hopper_kernel's (arguments, constexprs, compile options) for q, k, v, o, lse as
+    flash_forward_hopper's, under ``plan`` (devtools.hopper_sass compiles from them on any machine)."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    tile = plan.tile
     args = (
         _descriptor(_rows_view(q), ROWS_PER_CONSUMER, d), _descriptor(_rows_view(k), tile.block_n, d), _descriptor(_rows_view(v), tile.block_n, d),
-        o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, b * hq, hq, hq // hkv, lse.stride(1), problem.scale_log2,
+        o, lse, o.stride(0), o.stride(1), o.stride(2), t, s, b * hq, hq, hq // hkv, lse.stride(1), scale_log2,
     )
     constexprs = dict(
-        CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
+        CAUSAL=causal, HEAD_DIM=d, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
         CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=PINGPONG, HEAD_BY_HEAD=HEAD_BY_HEAD, PAIRED=plan.paired,
     )
-    _launch(grid, args, constexprs, tile.max_registers)
+    return args, constexprs, dict(num_warps=CONSUMER_WARPS.value, maxnreg=tile.max_registers)
 
 
 COMPILED: dict[tuple, object] = {}  # _launch's key -> the CompiledKernel its first launch returned
-MAX_COMPILED = 256  # new keys beyond this start the cache afresh
 
 
-def _launch(grid: int, args: tuple, constexprs: dict, max_registers: int) -> None:
-    """flash_fwd_hopper_kernel[(grid,)](*args, **constexprs) with ``max_registers`` a thread; later launches with
-    the same key call the CompiledKernel the first returned directly (flash_launch.run_compiled: no JITFunction.run
-    binding and specialising the arguments, tens of microseconds of host time, as FlashKernel does). The key is a
-    superset of what triton specialises on: the three descriptors' blocks, shapes and strides, o's device and
-    dtype, o's and lse's 16-byte alignment, every scalar's value, the constexprs."""
-    descriptors, tensors, scalars = args[:3], args[3:5], args[5:]
+def _launch(grid: int, args: tuple, constexprs: dict, options: dict) -> None:
+    """flash_fwd_hopper_kernel[(grid,)](*args, **constexprs, **options); later launches with the same key call
+    the CompiledKernel the first returned directly (flash_launch.run_compiled: no JITFunction.run binding and
+    specialising the arguments, tens of microseconds of host time, as FlashKernel does). The key is a superset of
+    what triton specialises on: the three descriptors' blocks, shapes and strides, the options, and
+    flash_launch.launch_signature of the rest (o's device and dtype, o's and lse's 16-byte alignment, every
+    scalar's value, the constexprs)."""
     key = (
-        tensors[0].get_device(), tensors[0].dtype, max_registers,
-        *[(*x.block_shape, *x.shape, *x.strides) for x in descriptors], *[x.data_ptr() % 16 == 0 for x in tensors], *scalars,
-        *constexprs.values(),
+        *options.values(), *[(*x.block_shape, *x.shape, *x.strides) for x in args[:3]],
+        *launch_signature(args[3:], constexprs, 2),
     )
     kernel = COMPILED.get(key)
     if kernel is not None:
         run_compiled(kernel, (grid, 1, 1), (*args, *[constexprs[name] for name in flash_fwd_hopper_kernel.arg_names[len(args):]]))
         return
-    kernel = flash_fwd_hopper_kernel[(grid,)](*args, **constexprs, num_warps=CONSUMER_WARPS.value, maxnreg=max_registers)
-    if len(COMPILED) >= MAX_COMPILED:
+    kernel = flash_fwd_hopper_kernel[(grid,)](*args, **constexprs, **options)
+    if len(COMPILED) >= FlashKernel.MAX_SIGNATURES:
         COMPILED.clear()
     COMPILED[key] = kernel

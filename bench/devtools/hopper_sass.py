@@ -36,22 +36,12 @@ def compile_plan(head_dim: int, causal: bool, plan: flash_fwd_hopper.HopperPlan,
     kernel = flash_fwd_hopper.flash_fwd_hopper_kernel
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    tile = plan.tile
     q = torch.zeros(2, seq, heads, head_dim, dtype=torch.bfloat16)
-    o, lse, rows = torch.zeros_like(q), torch.zeros(2, heads, seq), flash_fwd_hopper._rows_view(q)
-    args = (
-        flash_fwd_hopper._descriptor(rows, flash_fwd_hopper.ROWS_PER_CONSUMER, head_dim), flash_fwd_hopper._descriptor(rows, tile.block_n, head_dim),
-        flash_fwd_hopper._descriptor(rows, tile.block_n, head_dim), o, lse, o.stride(0), o.stride(1), o.stride(2), seq, seq, 2 * heads, heads, 1,
-        lse.stride(1), 0.18,
-    )
-    options = dict(
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_N=tile.block_n, STAGES=tile.stages, CONSUMERS=tile.consumers,
-        CONSUMER_REGISTERS=tile.consumer_registers, PINGPONG=flash_fwd_hopper.PINGPONG, HEAD_BY_HEAD=flash_fwd_hopper.HEAD_BY_HEAD,
-        PAIRED=plan.paired, num_warps=flash_fwd_hopper.CONSUMER_WARPS.value, maxnreg=tile.max_registers,
-    )
+    args, constexprs, options = flash_fwd_hopper.launch_arguments(q, q, q, torch.zeros_like(q), torch.zeros(2, heads, seq), 0.18, causal, plan)
+    keywords = {**constexprs, **options}
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, parsed = binder(*args, **options)
-    parsed, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, parsed)
+    bound, specialization, parsed = binder(*args, **keywords)
+    parsed, signature, constexprs, attrs = kernel._pack_args(backend, keywords, bound, specialization, parsed)
     return compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target, options=parsed.__dict__)
 
 
