@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnbench.kernels.flash_dkdv_hopper import flash_dkdv_hopper, hopper_dkdv_route
 from attnbench.kernels.flash_launch import FlashProblem, blocks, empty, flash_autotune, tile_config, use_tma
 from attnbench.kernels.flash_rope import unrotate_rows
 from attnbench.kernels.flash_tiles import (
@@ -289,6 +290,9 @@ def flash_backward(q, k, v, o, lse, do, problem: FlashProblem, grads: tuple[torc
         *strides, *o.stride(), *do_strides, *dq.stride(),
         t, s, hq, hq // hkv, stats, *scalars, TMA=tma and use_tma(problem, k, v), ROPE=problem.rope, **problem.launch_kwargs,
     )
+    if hopper_dkdv_route(problem, q, k, v, do, dk, dv) is None:
+        flash_dkdv_hopper(q, k, v, do, dk, dv, lse, delta, problem)
+        return dq, dk, dv
     keys, sequences = problem.programs(b, s)
     flash_dkdv_kernel[lambda m: (blocks(keys, m["BLOCK_N"]), sequences * hkv)](
         q, k, v, do, dk, dv, lse, delta, *extras, *problem.query_lists(q),

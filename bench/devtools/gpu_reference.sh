@@ -130,6 +130,9 @@
 #             grid at EXACT_DIMS (default 128; as exact-grid's)
 #   pair-steps: after pair-plans, the exact grid at D 64 (GPT small's head dim: its causal forward now paired on the
 #             Hopper path from 512 keys), then the model-level step eager and graph, three runs each (STEP_S each)
+#   hopper-dkdv: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default): its CUDA tests on the
+#             hopper cases, then the whole backward with the portable dk/dv kernel and with it, D 64 and 128, both
+#             masks, T 1k-16k (16k tokens, H * D 2048)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -277,6 +280,29 @@ torch.cuda.synchronize()
 host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, triton and SDPA
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"
+}
+dkdv_timing() {  # dkdv_timing SECONDS: the backward with the portable dk/dv kernel and with the Gluon one (dkdv.txt)
+    limit "$1" python3 -c "
+import torch
+from attnbench.kernels import flash_dkdv_hopper
+from attnbench.kernels.flash import flash_problem
+from attnbench.kernels.flash_bwd import flash_backward
+from attnbench.kernels.flash_fwd import flash_forward
+from attnbench.timing import measure
+cuda = torch.device('cuda')
+for d in (64, 128):
+    for causal in (True, False):
+        for t in (1024, 4096, 16384):
+            q, k, v, do = (torch.randn(16384 // t, t, 2048 // d, d, device=cuda, dtype=torch.bfloat16) for _ in range(4))
+            problem = flash_problem(q, k, causal=causal)
+            o, lse = flash_forward(q, k, v, problem)
+            ms = []
+            for on in (False, True):
+                flash_dkdv_hopper.HOPPER_DKDV = on
+                ms.append(measure(lambda: flash_backward(q, k, v, o, lse, do, problem), cuda).median_ms)
+            print(f'backward D {d} causal {causal} T {t}: portable {ms[0]:.3f} ms, with the Gluon dk/dv {ms[1]:.3f} ms: {ms[0] / ms[1]:.2f}x', flush=True)
+" > "$out/dkdv.txt" 2>&1
+    cat "$out/dkdv.txt" | tail -14
 }
 exact_grid() {  # exact_grid HEAD_DIMS...: #25's must-show exact-softmax grid at each head dim (H = 2048 / D), with its report
     for d in "$@"; do
@@ -820,6 +846,10 @@ pair-steps)  # #25's D 64 grid and model-level step after pair-plans (see the he
     exact_grid 64
     model_steps 3 model-graph,model standard "${STEP_S:-45}"
     model_report
+    ;;
+hopper-dkdv)  # #25's Gluon dk/dv kernel (see the header)
+    flash_tests 200 -k "hopper_dkdv" tests/kernels/test_flash_dkdv_hopper.py
+    dkdv_timing 200
     ;;
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
     SWEEP_S=80 hopper_sweep 128

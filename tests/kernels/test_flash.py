@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnbench.tolerance import error_bound, relative_bound
-from attnbench.kernels import flash_bwd, flash_fwd, flash_fwd_hopper, flash_launch, reference
+from attnbench.kernels import flash_bwd, flash_dkdv_hopper, flash_fwd, flash_fwd_hopper, flash_launch, reference
 from attnbench.kernels import flash
 from attnbench.kernels.flash import flash_attention, flash_attention_packed, flash_problem
 from attnbench.kernels.flash_fwd_hopper import hopper_route
@@ -400,6 +400,20 @@ def test_the_hopper_forwards_tiles_match_at_either_mask(head_dim, candidate, cau
     monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.plans(0, tile=flash_fwd_hopper.TILES[head_dim][candidate]))
     case = next(case for name, case in REAL_SIZE_CASES.items() if name.startswith("hopper-") and case.head_dim == head_dim)
     assert_matches_reference(replace(case, options={**case.options, "causal": causal}))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
+def test_the_hopper_dkdv_matches_at_real_sizes(name, monkeypatch):
+    """The Gluon dk/dv kernel switched on (kernels/flash_dkdv_hopper.py) on each hopper case it takes."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a Hopper GPU")
+    monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.EVERYWHERE)
+    monkeypatch.setattr(flash_dkdv_hopper, "HOPPER_DKDV", True)
+    case = REAL_SIZE_CASES[name]
+    if "theta" in case.options:
+        pytest.skip("RoPE stays on the portable dk/dv kernel")
+    assert_matches_reference(case)
 
 
 @pytest.mark.cuda

@@ -1,0 +1,156 @@
+"""The dk/dv half of the exact-softmax backward on Hopper, in Gluon (a start: compiled for sm_90a, not yet run).
+
+One program per BLOCK_N keys of a kv head (one warpgroup, its wgmma rows the keys), k and v read once into
+shared memory by TMA, then over the query tiles of BLOCK_M rows of each q head of its GQA group, q and dO tiles
+through a two-stage TMA ring (tile t + 1 loads while tile t computes). Per tile, scores kept transposed
+([keys, queries], as kernels/flash_bwd.py's dk/dv kernel), all four products wgmma:
+  S^T = K Q^T and dP^T = V dO^T in flight together (asynchronous), then P^T = exp2(S^T scale_log2 - lse),
+  dS^T = P^T (dP^T - delta), and dV += P^T dO, dK += dS^T Q with P^T and dS^T fed from registers.
+lse and delta are what the forward and the dq kernel wrote (flash_bwd.flash_backward runs dq first). The
+problems it takes (flash_dkdv_hopper.hopper_dkdv_route): 16-bit, D 64 or 128, causal or not, GQA, S >= T, no
+padding, packing, ALiBi, window, block lists or RoPE (those stay on the portable kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+
+from attnbench.kernels.flash_fwd_hopper import _descriptor, _rows_view, _tma_load, hopper_route
+from attnbench.kernels.flash_launch import FlashProblem
+
+BLOCK_M = 64  # query rows a tile
+BLOCK_N = 64  # keys a program: one warpgroup's wgmma rows
+WARPS = 4
+
+
+@gluon.jit
+def flash_dkdv_hopper_kernel(
+    q_desc, k_desc, v_desc, do_desc, DK, DV, LSE, DELTA, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+    T, S, HQ, HKV, GROUP, stride_stats, scale, scale_log2,
+    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] (unit column stride) summed over the GROUP q heads
+    of each kv head. q_desc, do_desc over q, dO as [B * T, Hq * D] (blocks of BLOCK_M rows), k_desc, v_desc over
+    k, v as [B * S, Hkv * D] (blocks of BLOCK_N rows); LSE, DELTA [B, Hq, >= T] float32 (log2 units of the scaled
+    scores, and rowsum(dO * O))."""
+    ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    KEYS: gl.constexpr = k_desc.block_type.shape[0]
+    dtype: gl.constexpr = q_desc.dtype
+    b = gl.program_id(1) // HKV
+    kv_h = gl.program_id(1) % HKV
+    k_start = gl.program_id(0) * KEYS
+
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(ready.index(i), count=1)
+    KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    mbarrier.expect(kv_bar, KV_BYTES)
+    _tma_load(k_desc, [b * S + k_start, kv_h * HEAD_DIM], kv_bar, k_smem)
+    _tma_load(v_desc, [b * S + k_start, kv_h * HEAD_DIM], kv_bar, v_smem)
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    zero_s = gl.zeros([KEYS, ROWS], gl.float32, layout=s_layout)
+    dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
+    dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
+    keys = k_start + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
+
+    # the query tiles a key block sees: causal, from the tile holding the first query at or after k_start
+    first_tile = 0
+    if CAUSAL:
+        first_tile = gl.maximum(k_start - (S - T), 0) // ROWS
+    per_head = gl.cdiv(T, ROWS) - first_tile
+    total = GROUP * per_head
+    TILE_BYTES: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes
+    if total > 0:
+        mbarrier.expect(ready.index(0), TILE_BYTES)
+        h0 = kv_h * GROUP
+        _tma_load(q_desc, [b * T + first_tile * ROWS, h0 * HEAD_DIM], ready.index(0), q_bufs.index(0))
+        _tma_load(do_desc, [b * T + first_tile * ROWS, h0 * HEAD_DIM], ready.index(0), do_bufs.index(0))
+    mbarrier.wait(kv_bar, 0)
+    for t in range(total):
+        stage = t % 2
+        if t + 1 < total:  # the next tile into the other stage, freed when tile t - 1's products were waited for
+            h_next = kv_h * GROUP + (t + 1) // per_head
+            row_next = b * T + (first_tile + (t + 1) % per_head) * ROWS
+            mbarrier.expect(ready.index(1 - stage), TILE_BYTES)
+            _tma_load(q_desc, [row_next, h_next * HEAD_DIM], ready.index(1 - stage), q_bufs.index(1 - stage))
+            _tma_load(do_desc, [row_next, h_next * HEAD_DIM], ready.index(1 - stage), do_bufs.index(1 - stage))
+        h = kv_h * GROUP + t // per_head
+        q_start = (first_tile + t % per_head) * ROWS
+        mbarrier.wait(ready.index(stage), (t // 2) & 1)
+        q_smem = q_bufs.index(stage)
+        do_smem = do_bufs.index(stage)
+        s_token = warpgroup_mma(k_smem, q_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_token = warpgroup_mma(v_smem, do_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+        stats = (b * HQ + h).to(gl.int64) * stride_stats + rows
+        lse = gl.load(LSE + stats, mask=rows < T, other=0.0)
+        delta = gl.load(DELTA + stats, mask=rows < T, other=0.0)
+        visible = gl.expand_dims(keys < S, 1) & gl.expand_dims(rows < T, 0)
+        if CAUSAL:
+            visible = visible & (gl.expand_dims(keys, 1) <= gl.expand_dims(rows + S - T, 0))
+        s = warpgroup_mma_wait(1, deps=(s_token,))
+        p = gl.where(visible, gl.exp2(s * scale_log2 - gl.expand_dims(lse, 0)), 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp_token,))
+        ds = p * (dp - gl.expand_dims(delta, 0))
+        p_op = gl.convert_layout(p.to(dtype), a_layout)
+        ds_op = gl.convert_layout(ds.to(dtype), a_layout)
+        dv_token = warpgroup_mma(p_op, do_smem, dv, is_async=True)
+        dk_token = warpgroup_mma(ds_op, q_smem, dk, is_async=True)
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_token, dk_token, p_op, ds_op))
+
+    # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
+    dk = dk * scale
+    out_keys = k_start + gl.arange(0, KEYS, layout=gl.SliceLayout(1, acc_layout))
+    cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
+    stored = gl.expand_dims(out_keys < S, 1)
+    dk_ptrs = DK + b.to(gl.int64) * stride_dkb + kv_h * stride_dkh + gl.expand_dims(out_keys, 1) * stride_dkt + cols
+    dv_ptrs = DV + b.to(gl.int64) * stride_dvb + kv_h * stride_dvh + gl.expand_dims(out_keys, 1) * stride_dvt + cols
+    gl.store(dk_ptrs, dk.to(dtype), mask=stored)
+    gl.store(dv_ptrs, dv.to(dtype), mask=stored)
+
+
+HOPPER_DKDV = False  # off until timed beside the portable kernel (kernels/flash_bwd.py) on a GPU
+
+
+def hopper_dkdv_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dk: torch.Tensor,
+                      dv: torch.Tensor, capability: tuple[int, int] | None = None) -> str | None:
+    """Why the dk/dv half takes the portable kernel, or None when it can take this one: the Hopper forward's
+    conditions (flash_fwd_hopper.hopper_route, its length plans aside), no RoPE (dk is rotated back in the
+    portable kernel), dO's strides as q's may be, dk and dv with unit column strides."""
+    if not HOPPER_DKDV:
+        return "HOPPER_DKDV is off (not yet timed)"
+    reason = hopper_route(problem, q, k, v, capability)
+    if reason is not None and "keys (the Hopper path is on from" not in reason:
+        return reason
+    if problem.rope:
+        return "RoPE (dk is rotated back on the portable kernel)"
+    if _rows_view(do) is None or do.data_ptr() % 16 or do.stride(1) % 8:
+        return "dO's strides or alignment"
+    if dk.stride(-1) != 1 or dv.stride(-1) != 1:
+        return "dk or dv without unit column stride"
+    return None
+
+
+def flash_dkdv_hopper(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem) -> None:
+    """Writes dk, dv [B, S, Hkv, D] for a problem hopper_dkdv_route takes; lse, delta as flash_backward's."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    flash_dkdv_hopper_kernel[(triton.cdiv(s, BLOCK_N), b * hkv)](
+        _descriptor(_rows_view(q), BLOCK_M, d), _descriptor(_rows_view(k), BLOCK_N, d), _descriptor(_rows_view(v), BLOCK_N, d),
+        _descriptor(_rows_view(do), BLOCK_M, d), dk, dv, lse, delta, *dk.stride()[:3], *dv.stride()[:3],
+        t, s, hq, hkv, hq // hkv, lse.stride(1), problem.scale, problem.scale_log2,
+        CAUSAL=problem.causal, HEAD_DIM=d, num_warps=WARPS,
+    )
