@@ -130,8 +130,8 @@
 #             grid at EXACT_DIMS (default 128; as exact-grid's)
 #   pair-steps: after pair-plans, the exact grid at D 64 (GPT small's head dim: its causal forward now paired on the
 #             Hopper path from 512 keys), then the model-level step eager and graph, three runs each (STEP_S each)
-#   hopper-dkdv: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default): its CUDA tests on the
-#             hopper cases, then the whole backward with the portable dk/dv kernel and with it, D 64 and 128, both
+#   hopper-dkdv: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default): the smoke run, every
+#             hopper CUDA test (its own on the hopper cases among them), then the whole backward with the portable dk/dv kernel and with it, D 64 and 128, both
 #             masks, T 1k-16k (16k tokens, H * D 2048)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
@@ -848,7 +848,8 @@ pair-steps)  # #25's D 64 grid and model-level step after pair-plans (see the he
     model_report
     ;;
 hopper-dkdv)  # #25's Gluon dk/dv kernel (see the header)
-    flash_tests 200 -k "hopper_dkdv" tests/kernels/test_flash_dkdv_hopper.py
+    hopper_smoke
+    flash_tests 230 -k hopper tests/kernels/test_flash_dkdv_hopper.py
     dkdv_timing 200
     ;;
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
