@@ -3,14 +3,14 @@
 Work items are (query block of 64 rows per consumer, batch * query head), the longest causal blocks first
 (across every head, or with HEAD_BY_HEAD each head's in turn, so the programs running at once share its keys
 and values in L2), in groups of one, or with the plan's ``paired`` two (blocks n - 1 - i and i of a head: every
-causal group the same number of key tiles); persistent (the plan's choice) one program per SM walks its share
+causal group the same number of key tiles); persistent (the plan's choice) one program per SM (the tile's per_sm) walks its share
 of the groups, else one program per group. Each program runs in
 partitions:
 - a producer warpgroup (one warp issues) makes the TMA loads: each consumer's q rows per item, then k
   and v tiles into two rings of STAGES buffers each, every buffer with a "ready" barrier (the copy
   engine signals it) and an "empty" one (every consumer signals it); the rings run on across items, so
   the next item's first tiles load while the consumers finish this one;
-- two or three consumer warpgroups (the plan's tile: three at D 64 causal, else two), 64 query rows each, run
+- one, two or three consumer warpgroups (the plan's tile; one leaves room for two programs an SM), 64 query rows each, run
   the online softmax over the same key tiles with their tensor-core work kept in flight: while
   softmax(j) runs on the vector units, S(j+1) = q k(j+1)^T and O += P(j) v(j) are asynchronous
   wgmma (FlashAttention-3's intra-warpgroup overlap), P passed to the second GEMM from registers.
@@ -51,20 +51,29 @@ CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup per consumer partition, and th
 
 class HopperTile(NamedTuple):
     """A program's shape: BLOCK_N keys a tile, STAGES ring buffers, CONSUMERS warpgroups of 64 query rows,
-    max_registers per thread at launch (one program an SM: (CONSUMERS + 1) warpgroups x max_registers <= 512)
-    and consumer_registers after setmaxnreg (the producer's warpgroup keeps what is left)."""
+    max_registers per thread at launch (per_sm programs an SM: per_sm x (CONSUMERS + 1) warpgroups x
+    max_registers <= 512, and per_sm x shared_bytes within the SM's 227 KB) and consumer_registers after
+    setmaxnreg (the producer's warpgroup keeps what is left); a persistent plan launches per_sm programs an SM."""
 
     block_n: int
     stages: int
     consumers: int
     max_registers: int
     consumer_registers: int
+    per_sm: int = 1
+
+    def shared_bytes(self, head_dim: int) -> int:
+        """The 16-bit q buffers and k / v rings a program allocates (its barriers aside)."""
+        return 2 * head_dim * (self.consumers * ROWS_PER_CONSUMER + 2 * self.stages * self.block_n)
 
 
 # per head dim, the tiles the forward can take (PLANS picks one per mask) and tile_sweep times
+# (the one-consumer tiles: two programs an SM, so one's q load, ring fill and epilogue overlap the other's tiles at
+# short T, where one program an SM is latency-bound: PERF_NOTES 22, 25)
 TILES = {
-    64: [HopperTile(128, 3, 3, 128, 160), HopperTile(128, 3, 2, 168, 240)],
-    128: [HopperTile(128, 2, 2, 168, 240)],  # three stages tied it, 64-key tiles lost (PERF_NOTES 22)
+    64: [HopperTile(128, 3, 3, 128, 160), HopperTile(128, 3, 2, 168, 240), HopperTile(128, 2, 1, 128, 232, per_sm=2)],
+    128: [HopperTile(128, 2, 2, 168, 240),  # three stages tied it, 64-key tiles lost (PERF_NOTES 22)
+          HopperTile(64, 2, 1, 128, 232, per_sm=2)],
 }
 HEAD_DIMS = tuple(TILES)
 # The consumers take turns issuing their wgmma (FlashAttention-3's ping-pong: one's softmax runs while the
@@ -331,7 +340,7 @@ def flash_fwd_hopper_kernel(
     heads or HEAD_BY_HEAD; or PAIRED two, of equal causal cost together); programs = one per SM makes it
     persistent, one per group is the plain grid. q_desc over q as [B * T, Hq * D] (blocks of one consumer's rows), k_desc and
     v_desc over k, v as [B * S, Hkv * D]; o [B, T, Hq, D] (unit column stride), LSE as flash_fwd's. Launched with
-    num_warps = CONSUMER_WARPS: the producer is the default partition, the CONSUMERS (2 or 3) are worker partitions."""
+    num_warps = CONSUMER_WARPS: the producer is the default partition, the CONSUMERS (1 to 3) are worker partitions."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     n_blocks = gl.cdiv(T, ROWS * CONSUMERS)
 
@@ -361,13 +370,18 @@ def flash_fwd_hopper_kernel(
     work = (n_blocks, BH, T, S, HQ, scale_log2)
     out = (O, LSE, stride_ob, stride_ot, stride_oh, stride_stats)
     loads = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, barriers, (n_blocks, BH, T, S, HQ, GROUP), CAUSAL, BLOCK_N, STAGES, HEAD_BY_HEAD, PAIRED)
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_load_tiles, loads),
+            (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
+        ], [CONSUMER_WARPS], [CONSUMER_REGISTERS])
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_load_tiles, loads),
             (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
             (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
-    else:
+    if CONSUMERS == 3:
         gl.warp_specialize([
             (_load_tiles, loads),
             (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
@@ -397,7 +411,7 @@ def _descriptor(rows: torch.Tensor, block_rows: int, head_dim: int) -> TensorDes
 
 class HopperPlan(NamedTuple):
     """What the forward does for one (head dim, causal) from_keys keys on: tile, one of TILES[head dim];
-    persistent, one program per SM walking its share of the work groups (the next item's loads overlap this
+    persistent, one program per SM (the tile's per_sm) walking its share of the work groups (the next item's loads overlap this
     one's end) instead of one program per group; paired, a group of query blocks n - 1 - i and i of a head
     (every causal group the same key tiles) instead of one block."""
 
@@ -495,7 +509,7 @@ def flash_forward_hopper(q, k, v, o, lse, problem: FlashProblem) -> None:
     plan = plan_for(d, problem.causal, k.shape[1])
     blocks = triton.cdiv(t, ROWS_PER_CONSUMER * plan.tile.consumers)
     groups = (triton.cdiv(blocks, 2) if plan.paired else blocks) * b * hq
-    grid = min(groups, _sm_count(q.get_device())) if plan.persistent else groups
+    grid = min(groups, _sm_count(q.get_device()) * plan.tile.per_sm) if plan.persistent else groups
     _launch(grid, *launch_arguments(q, k, v, o, lse, problem.scale_log2, problem.causal, plan))
 
 

@@ -130,9 +130,11 @@
 #             grid at EXACT_DIMS (default 128; as exact-grid's)
 #   pair-steps: after pair-plans, the exact grid at D 64 (GPT small's head dim: its causal forward now paired on the
 #             Hopper path from 512 keys), then the model-level step eager and graph, three runs each (STEP_S each)
-#   hopper-dkdv: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default): the smoke run, every
-#             hopper CUDA test (its own on the hopper cases among them), then the whole backward with the portable dk/dv kernel and with it, D 64 and 128, both
-#             masks, T 1k-16k (16k tokens, H * D 2048)
+#   dkdv-per-sm: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default) and the Hopper forward's
+#             one-consumer tiles (two programs an SM): the smoke run, every hopper CUDA test (dk/dv's on the hopper
+#             cases and the new tiles' among them), the whole backward with the portable dk/dv kernel and with the
+#             Gluon one (D 64 and 128, both masks, T 1k-16k, 16k tokens, H * D 2048), then the causal sweep at D 128
+#             and 64 (every tile and schedule of the Hopper forward beside the portable tiles and cuDNN)
 #   exposb-prepass: #25's ExpoSB with q', k' formed by a prepass: its CUDA tests, then exposb beside the
 #             standard kernel (triton) and SDPA, fwd and fwd+bwd, causal, D 64 and 128, T 1k-16k
 #   defaults: what a new user runs first, with no other option, timed: `attnbench train --attn rope`
@@ -847,10 +849,11 @@ pair-steps)  # #25's D 64 grid and model-level step after pair-plans (see the he
     model_steps 3 model-graph,model standard "${STEP_S:-45}"
     model_report
     ;;
-hopper-dkdv)  # #25's Gluon dk/dv kernel (see the header)
+dkdv-per-sm)  # #25's Gluon dk/dv kernel and the forward's one-consumer tiles (see the header)
     hopper_smoke
-    flash_tests 230 -k hopper tests/kernels/test_flash_dkdv_hopper.py
-    dkdv_timing 200
+    flash_tests 220 -k hopper tests/kernels/test_flash_dkdv_hopper.py
+    dkdv_timing 100
+    MASKS=causal SWEEP_S=70 hopper_sweep 128 64
     ;;
 deeper-rings)  # #25's D 128 Hopper forward's deeper rings (see the header)
     SWEEP_S=80 hopper_sweep 128

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import subprocess
 import tempfile
@@ -92,21 +93,57 @@ def tile_loop(cubin: bytes, exponentials: int) -> dict:
     return {"instructions": size, "mufu": ops["MUFU"], "hgmma": ops["HGMMA"], "branch_skips": skipped}
 
 
-def main() -> None:
-    # argparse, not typer: the compile venv for the GPU's triton need hold no more than torch and triton
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--head-dim", type=int, nargs="+", default=list(flash_fwd_hopper.HEAD_DIMS))
-    args = parser.parse_args()
-    print(f"{'D':>3s} {'mask':13s} {'from keys':>9s} {'schedule':32s} {'regs':>4s} {'spill st/ld':>11s} {'loop':>5s} {'masking':>7s} {'MUFU':>4s} {'HGMMA':>5s}")
-    for d in args.head_dim:
+def plan_rows(head_dims) -> list[dict]:
+    """One row per plan of flash_fwd_hopper.PLANS at ``head_dims``: its registers, spill bytes, the shared memory
+    the compiler allocates, and its tile loop (tile_loop)."""
+    rows = []
+    for d in head_dims:
         for causal in (False, True):
             for plan in flash_fwd_hopper.PLANS[d, causal]:
                 compiled = compile_plan(d, causal, plan)
                 registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
                 loop = tile_loop(compiled.asm["cubin"], flash_fwd_hopper.ROWS_PER_CONSUMER * plan.tile.block_n // 128)
                 schedule = f"{plan.tile.consumers} consumers, " + ("persistent" if plan.persistent else "per group") + (", paired" if plan.paired else "")
-                print(f"{d:3d} {'causal' if causal else 'bidirectional':13s} {plan.from_keys:9d} {schedule:32s} {registers:4d} {f'{stores} / {loads}':>11s} "
-                      f"{loop['instructions']:5d} {loop['branch_skips']:7d} {loop['mufu']:4d} {loop['hgmma']:5d}", flush=True)
+                rows.append(dict(head_dim=d, causal=causal, from_keys=plan.from_keys, schedule=schedule, tile=flash_fwd_hopper.TILES[d].index(plan.tile),
+                                 registers=registers, spill_stores=stores, spill_loads=loads, shared=compiled.metadata.shared, **loop))
+    return rows
+
+
+def tile_rows(head_dims) -> list[dict]:
+    """One row per tile of flash_fwd_hopper.TILES at ``head_dims`` (the sweep's candidates, in plans or not),
+    compiled causal, persistent and paired: its registers, spill bytes and the shared memory the compiler allocates."""
+    rows = []
+    for d in head_dims:
+        for index, tile in enumerate(flash_fwd_hopper.TILES[d]):
+            compiled = compile_plan(d, True, flash_fwd_hopper.HopperPlan(0, tile, persistent=True, paired=True))
+            registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
+            rows.append(dict(head_dim=d, tile=index, **tile._asdict(), registers=registers, spill_stores=stores, spill_loads=loads,
+                             shared=compiled.metadata.shared))
+    return rows
+
+
+def _spills(row: dict) -> str:
+    return f"{row['spill_stores']} / {row['spill_loads']}"
+
+
+def main() -> None:
+    # argparse, not typer: the compile venv for the GPU's triton need hold no more than torch and triton
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(flash_fwd_hopper.HEAD_DIMS))
+    parser.add_argument("--json", action="store_true", help="one JSON object of the plans' and the tiles' rows, no tables")
+    args = parser.parse_args()
+    if args.json:
+        print(json.dumps({"plans": plan_rows(args.head_dim), "tiles": tile_rows(args.head_dim)}))
+        return
+    print(f"{'D':>3s} {'mask':13s} {'from keys':>9s} {'schedule':32s} {'regs':>4s} {'spill st/ld':>11s} {'loop':>5s} {'masking':>7s} {'MUFU':>4s} {'HGMMA':>5s}")
+    for row in plan_rows(args.head_dim):
+        print(f"{row['head_dim']:3d} {'causal' if row['causal'] else 'bidirectional':13s} {row['from_keys']:9d} {row['schedule']:32s} "
+              f"{row['registers']:4d} {_spills(row):>11s} {row['instructions']:5d} {row['branch_skips']:7d} "
+              f"{row['mufu']:4d} {row['hgmma']:5d}", flush=True)
+    print(f"\n{'D':>3s} {'tile':>4s} {'keys':>4s} {'stages':>6s} {'consumers':>9s} {'per SM':>6s} {'regs':>4s} {'spill st/ld':>11s} {'shared KB':>9s}")
+    for row in tile_rows(args.head_dim):
+        print(f"{row['head_dim']:3d} {row['tile']:4d} {row['block_n']:4d} {row['stages']:6d} {row['consumers']:9d} {row['per_sm']:6d} "
+              f"{row['registers']:4d} {_spills(row):>11s} {row['shared'] / 1024:9.1f}", flush=True)
 
 
 if __name__ == "__main__":
