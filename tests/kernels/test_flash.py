@@ -21,6 +21,7 @@ from attnbench.tolerance import error_bound, relative_bound
 from attnbench.kernels import flash_bwd, flash_dkdv_hopper, flash_fwd, flash_fwd_hopper, flash_launch, reference
 from attnbench.kernels import flash
 from attnbench.kernels.flash import flash_attention, flash_attention_packed, flash_problem
+from attnbench.kernels.flash_dkdv_hopper import hopper_dkdv_route
 from attnbench.kernels.flash_fwd_hopper import hopper_route
 from attnbench.kernels.flash_tiles import key_blocks, query_blocks
 from attnbench.models.softmax import torch_reference
@@ -405,14 +406,19 @@ def test_the_hopper_forwards_tiles_match_at_either_mask(head_dim, candidate, cau
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
 def test_the_hopper_dkdv_matches_at_real_sizes(name, monkeypatch):
-    """The Gluon dk/dv kernel switched on (kernels/flash_dkdv_hopper.py) on each hopper case it takes."""
+    """The Gluon dk/dv kernel switched on (kernels/flash_dkdv_hopper.py) on each hopper case, which it takes (RoPE's
+    stays portable)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a Hopper GPU")
     monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.EVERYWHERE)
     monkeypatch.setattr(flash_dkdv_hopper, "HOPPER_DKDV", True)
     case = REAL_SIZE_CASES[name]
+    q, k, v, do = case.inputs(torch.Generator().manual_seed(0))
+    reason = hopper_dkdv_route(flash_problem(q, k, **case.options), q, k, v, do, torch.empty_like(k), torch.empty_like(v))
     if "theta" in case.options:
+        assert reason is not None and "RoPE" in reason
         pytest.skip("RoPE stays on the portable dk/dv kernel")
+    assert reason is None, reason
     assert_matches_reference(case)
 
 
