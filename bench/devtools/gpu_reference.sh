@@ -130,6 +130,8 @@
 #             grid at EXACT_DIMS (default 128; as exact-grid's)
 #   pair-steps: after pair-plans, the exact grid at D 64 (GPT small's head dim: its causal forward now paired on the
 #             Hopper path from 512 keys), then the model-level step eager and graph, three runs each (STEP_S each)
+#   steps-dkdv: pair-steps, then (the stage's budget allowing) the CUDA tests of the Gluon dk/dv kernel and of every
+#             Hopper forward tile at both masks (the one-consumer tiles among them), then dk/dv's timing as dkdv-per-sm's
 #   dkdv-per-sm: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default) and the Hopper forward's
 #             one-consumer tiles (two programs an SM): the smoke run, every hopper CUDA test (dk/dv's on the hopper
 #             cases and the new tiles' among them), the whole backward with the portable dk/dv kernel and with the
@@ -848,6 +850,13 @@ pair-steps)  # #25's D 64 grid and model-level step after pair-plans (see the he
     exact_grid 64
     model_steps 3 model-graph,model standard "${STEP_S:-45}"
     model_report
+    ;;
+steps-dkdv)  # #25's pair-steps, then dk/dv's and the new tiles' CUDA tests and dk/dv's timing in what is left (see the header)
+    exact_grid 64
+    model_steps 3 model-graph,model standard "${STEP_S:-45}"
+    model_report
+    flash_tests 150 -k "hopper_dkdv or tiles_match" tests/kernels/test_flash_dkdv_hopper.py
+    dkdv_timing 100
     ;;
 dkdv-per-sm)  # #25's Gluon dk/dv kernel and the forward's one-consumer tiles (see the header)
     hopper_smoke
