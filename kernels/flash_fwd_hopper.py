@@ -375,13 +375,13 @@ def flash_fwd_hopper_kernel(
             (_load_tiles, loads),
             (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
         ], [CONSUMER_WARPS], [CONSUMER_REGISTERS])
-    if CONSUMERS == 2:
+    elif CONSUMERS == 2:
         gl.warp_specialize([
             (_load_tiles, loads),
             (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
             (_consume, (gl.constexpr(1), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
         ], [CONSUMER_WARPS, CONSUMER_WARPS], [CONSUMER_REGISTERS, CONSUMER_REGISTERS])
-    if CONSUMERS == 3:
+    else:
         gl.warp_specialize([
             (_load_tiles, loads),
             (_consume, (gl.constexpr(0), smem, work, out, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, HEAD_BY_HEAD, PAIRED)),
