@@ -132,6 +132,8 @@
 #             Hopper path from 512 keys), then the model-level step eager and graph, three runs each (STEP_S each)
 #   steps-dkdv: pair-steps, then (the stage's budget allowing) the CUDA tests of the Gluon dk/dv kernel and of every
 #             Hopper forward tile at both masks (the one-consumer tiles among them), then dk/dv's timing as dkdv-per-sm's
+#   h200-grid: #25 on the H200 after steps-dkdv: the smoke run, the exact grid at D 128, every hopper CUDA test (e65b5c2's
+#             launch arguments on the GPU), then the causal sweep at D 128 and 64 (the one-consumer tiles at short T)
 #   dkdv-per-sm: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default) and the Hopper forward's
 #             one-consumer tiles (two programs an SM): the smoke run, every hopper CUDA test (dk/dv's on the hopper
 #             cases and the new tiles' among them), the whole backward with the portable dk/dv kernel and with the
@@ -857,6 +859,12 @@ steps-dkdv)  # #25's pair-steps, then dk/dv's and the new tiles' CUDA tests and 
     model_report
     flash_tests 150 -k "hopper_dkdv or tiles_match" tests/kernels/test_flash_dkdv_hopper.py
     dkdv_timing 100
+    ;;
+h200-grid)  # #25's D 128 grid, hopper tests and causal sweep on the H200 (see the header)
+    hopper_smoke
+    exact_grid 128
+    flash_tests 150 -k hopper
+    MASKS=causal SWEEP_S=60 hopper_sweep 128 64
     ;;
 dkdv-per-sm)  # #25's Gluon dk/dv kernel and the forward's one-consumer tiles (see the header)
     hopper_smoke
