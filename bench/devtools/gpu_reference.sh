@@ -317,7 +317,8 @@ exact_grid() {  # exact_grid HEAD_DIMS...: #25's must-show exact-softmax grid at
         tail -n 4 "$out/exact-d$d.txt"
     done
     attnbench report "$out"/exact-d*/ --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex --out "$out/report" > /dev/null 2>&1
-    sed -n '/^## Speedup over sdpa-cudnn/,/^## Peak/p' "$out/report/report.md"
+    python3 -m attnbench.devtools.grid_table "$out"/exact-d*/ --baseline sdpa-cudnn --baseline sdpa-flash --baseline flex \
+        | tee "$out/grid.md"  # the README's table
 }
 check_run() {  # check_run NAME SECONDS [ARGS...]: `attnbench check ARGS` for at most SECONDS, every row into NAME.csv, its
                # output into NAME.txt; the last lines (the failures' count or "all checks passed") printed

@@ -186,7 +186,8 @@ def setups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-def _seq_label(value: float, _pos=None) -> str:
+def seq_label(value: float, _pos=None) -> str:
+    """T as the figures' axes and the tables show it: 512, 1k, 16k (a multiple of 1024 in k)."""
     value = int(round(value))
     return f"{value // 1024}k" if value >= 1024 and value % 1024 == 0 else str(value)
 
@@ -252,7 +253,7 @@ def _facet(data: pd.DataFrame, y: str, ylabel: str, logy: bool, *, path: Path, p
     for ax in g.axes.flat:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(seqs))
-        ax.xaxis.set_major_formatter(FuncFormatter(_seq_label))
+        ax.xaxis.set_major_formatter(FuncFormatter(seq_label))
         ax.xaxis.set_minor_formatter(NullFormatter())
         if logy:
             ax.set_yscale("log")
@@ -306,7 +307,7 @@ def _crossover_figure(rows: pd.DataFrame, *, path: Path, palette, title: str) ->
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(FixedLocator(seqs))
-    ax.xaxis.set_major_formatter(FuncFormatter(_seq_label))
+    ax.xaxis.set_major_formatter(FuncFormatter(seq_label))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(seqs[0] / 1.2, seqs[-1] * 2.2)  # room for the labels at the line ends
     ax.set_xlabel("sequence length T")
@@ -373,8 +374,8 @@ def figures(df: pd.DataFrame, fits: pd.DataFrame, baseline: str, plots: Path) ->
         decode = rows[rows["mode"] == "decode"]
         if not decode.empty:
             bound = ", dotted: the bandwidth bound" if decode["pct_bandwidth"].notna().any() else ""
-            add("decode", f"decode: time per step vs context L{bound}", decode_figure, decode, seq_label=_seq_label)
-            add("decode-capacity", "decode: memory per sequence vs L, tokens/s vs batch", capacity_figure, decode, seq_label=_seq_label)
+            add("decode", f"decode: time per step vs context L{bound}", decode_figure, decode, seq_label=seq_label)
+            add("decode-capacity", "decode: memory per sequence vs L, tokens/s vs batch", capacity_figure, decode, seq_label=seq_label)
         for mode in _modes(rows):
             in_mode, ratio_in_mode = rows[rows["mode"] == mode], ratio[ratio["mode"] == mode] if not ratio.empty else ratio
             add(f"latency-{mode}", _latency_caption(mode, in_mode), _facet, in_mode, "ms_median",
