@@ -23,7 +23,7 @@ from attnbench.report import tradeoff
 from attnbench.report.decode import CROSSOVER_NOTE, crossover_table
 from attnbench.report.speed import (
     FLOP_CONVENTION, Figure, exponent_note, exponent_table, exponents, fastest, figures, load_speed, setups,
-    speedup_table, variant_costs,
+    speedup_table, speedups, spread_overlaps, variant_costs,
 )
 from attnbench.train import report as train_report
 
@@ -58,6 +58,11 @@ def _sections(run_dirs: list[Path], df: pd.DataFrame | None, figs: list[Figure],
             if not table.empty:
                 sections += [("h2", f"Speedup over {base}"), ("p", f"{base} median / impl median, per case (> 1: faster than {base})."),
                              ("table", table)]
+            overlaps = spread_overlaps(df, base)
+            if not overlaps.empty:
+                sections += [("p", f"{len(overlaps)} of these {len(speedups(df, base))} ratios lie within the timing's spread: "
+                                   f"the impl's p20-p80 range overlaps {base}'s, so the medians alone do not order them."),
+                             ("table", overlaps)]
             memory = speedup_table(df, base, "memory") if i == 0 else pd.DataFrame()
             if not memory.empty:
                 sections += [("h2", f"Peak memory relative to {base}"), ("p", f"impl peak memory / {base}'s (< 1: less memory)."),

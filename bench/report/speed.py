@@ -108,19 +108,40 @@ def exponent_table(fits: pd.DataFrame) -> pd.DataFrame:
     return fits.assign(exponent=exponent, r2=fits["r2"].round(3).map("{:.4g}".format).where(~refused, "n/a"))
 
 
+REFERENCE_COLUMNS = {"ms_median": "ref_ms", "ms_p20": "ref_p20", "ms_p80": "ref_p80", "peak_mem_mib": "ref_mem"}
+
+
 def _beside_reference(df: pd.DataFrame, column: str, reference: str, keys: list[str]) -> pd.DataFrame:
     """The ok rows whose ``column`` is not ``reference``, each joined (on ``keys``) with the
-    reference row's ms_median and peak_mem_mib as ref_ms and ref_mem."""
+    reference row's ms_median, ms_p20, ms_p80 and peak_mem_mib as ref_ms, ref_p20, ref_p80 and ref_mem."""
     ok = df[df["status"] == "ok"]
-    base = ok[ok[column] == reference][keys + ["ms_median", "peak_mem_mib"]]
-    return ok[ok[column] != reference].merge(base.rename(columns={"ms_median": "ref_ms", "peak_mem_mib": "ref_mem"}), on=keys)
+    base = ok[ok[column] == reference][keys + list(REFERENCE_COLUMNS)]
+    return ok[ok[column] != reference].merge(base.rename(columns=REFERENCE_COLUMNS), on=keys)
 
 
 def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """For every ok case that the baseline also ran: speedup = baseline median / impl median,
-    memory = impl peak memory / baseline peak memory."""
+    memory = impl peak memory / baseline peak memory, and within_spread: the two p20-p80 ranges
+    overlap, so the medians' order is not outside the timing's own spread (False where a range is missing)."""
     joined = _beside_reference(df, "impl", baseline, ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"])
-    return joined.assign(speedup=joined["ref_ms"] / joined["ms_median"], memory=joined["peak_mem_mib"] / joined["ref_mem"])
+    within = (joined["ms_p20"] <= joined["ref_p80"]) & (joined["ref_p20"] <= joined["ms_p80"])
+    return joined.assign(speedup=joined["ref_ms"] / joined["ms_median"], memory=joined["peak_mem_mib"] / joined["ref_mem"],
+                         within_spread=within)
+
+
+def spread_overlaps(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """The speedups over ``baseline`` whose p20-p80 ranges overlap (speedups' within_spread), one row each:
+    the case, the impl, the speedup (2 decimals) and both ranges in ms."""
+    ratios = speedups(df, baseline)
+    inside = ratios[ratios["within_spread"]]
+    if inside.empty:
+        return pd.DataFrame()
+
+    def span(low: pd.Series, high: pd.Series) -> pd.Series:
+        return low.map("{:.4g}".format) + "-" + high.map("{:.4g}".format)
+
+    return inside[CASE_INDEX + ["impl"]].assign(speedup=inside["speedup"].round(2), impl_p20_p80=span(inside["ms_p20"], inside["ms_p80"]),
+                                               **{f"{baseline}_p20_p80": span(inside["ref_p20"], inside["ref_p80"])}).reset_index(drop=True)
 
 
 CASE_INDEX = ["run", "head_dim", "mechanism", "mode", "causal", "window", "seq"]

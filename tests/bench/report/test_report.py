@@ -339,3 +339,24 @@ def test_an_eval_panel_with_one_point_draws_a_marker_on_the_runs_step_axis(tmp_p
     assert low <= 1 and high >= 50  # the run's steps, not 48 to 52 around the one evaluation
     bottom, top = eval_loss.get_ylim()
     assert bottom < 5.25 < top and top / bottom < 2  # a tight axis around the value, not decades
+
+
+def test_a_ratio_inside_the_timings_spread_is_listed_and_one_outside_is_not(tmp_path):
+    # p20-p80 is 0.9-1.1 x the median: sdpa 5% faster overlaps torch's range, 50% faster does not
+    write_run(tmp_path / "run", lambda impl, seq: 1.0 if impl == "torch" else (0.95 if seq <= 512 else 0.5))
+    df = report.load_speed([tmp_path / "run"])
+    ratios = report.speedups(df, "torch")
+    assert ratios.set_index(["mode", "seq"])["within_spread"].groupby("seq").all().to_dict() == {256: True, 512: True, 1024: False, 2048: False}
+    listed = report.spread_overlaps(df, "torch")
+    assert sorted(set(listed["seq"])) == [256, 512] and len(listed) == 2 * 2  # modes x the two close lengths
+    row = listed.iloc[0]
+    batch = 4096 // row["seq"]
+    assert row["speedup"] == pytest.approx(round(1 / 0.95, 2))
+    assert row["torch_p20_p80"] == f"{0.9 * batch:.4g}-{1.1 * batch:.4g}"
+
+
+def test_the_report_says_which_ratios_the_spread_cannot_order(tmp_path):
+    write_run(tmp_path / "run", lambda impl, seq: 1.0 if impl == "torch" else (0.95 if seq <= 512 else 0.5))
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--baseline", "torch"]).exit_code == 0
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "4 of these 8 ratios lie within the timing's spread" in text
