@@ -13,7 +13,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from attnbench.errors import InputError
+from attnbench.errors import USER_ERRORS, InputError
 from attnbench.report.speed import seq_label, load_speed, speedups
 
 KEYS = ["head_dim", "mode", "causal", "seq"]
@@ -28,7 +28,9 @@ def grid_rows(df: pd.DataFrame, ours: str, baselines: list[str]) -> list[str]:
     ok = df[df["status"] == "ok"]
     repeated = ok.duplicated(KEYS + ["impl"])
     if repeated.any():
-        raise InputError(f"a case in more than one row or run: {dict(ok[repeated].iloc[0][KEYS + ['impl']])}")
+        case = ok[repeated].iloc[0]
+        raise InputError(f"a case in more than one row or run: D {case['head_dim']:g} {case['mode']} {case['causal']} "
+                         f"T {case['seq']:g} {case['impl']} (give each head dim's run once)")
     ms = ok.pivot_table(index=KEYS, columns="impl", values="ms_median").reindex(columns=[ours, *baselines])
     ratios = {base: speedups(df, base) for base in baselines}
     ratio = pd.concat([r[r["impl"] == ours].set_index(KEYS)["speedup"].rename(base) for base, r in ratios.items()],
@@ -50,7 +52,11 @@ def main(
     baseline: Annotated[list[str], typer.Option(help="a peer impl (repeat the option for several)")] = ["sdpa-cudnn"],  # noqa: B006
 ) -> None:
     """Print the exact-grid table of RUNS as markdown."""
-    print("\n".join(grid_rows(load_speed(runs), ours, baseline)))
+    try:
+        print("\n".join(grid_rows(load_speed(runs), ours, baseline)))
+    except USER_ERRORS as err:  # one line, exit 2, as the attnbench commands do
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The README's grid table from synthetic speed runs: each baseline's time over ours, gaps shown, repeats refused."""
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from attnbench import store
-from attnbench.devtools.grid_table import grid_rows
+from attnbench.devtools.grid_table import grid_rows, main
 from attnbench.errors import InputError
 from attnbench.report.speed import load_speed
 
@@ -50,3 +52,15 @@ def test_a_case_in_two_runs_is_refused(tmp_path):
     write_run(tmp_path / "b", cost, 64)
     with pytest.raises(InputError, match="more than one"):
         grid_rows(load_speed([tmp_path / "a", tmp_path / "b"]), "triton", ["sdpa-cudnn"])
+
+
+def test_the_command_refuses_a_repeated_run_in_one_line_with_exit_2(tmp_path):
+    write_run(tmp_path / "a", cost, 64)
+    result = CliRunner().invoke(_app(), [str(tmp_path / "a"), str(tmp_path / "a")])
+    assert result.exit_code == 2 and "more than one" in result.output and "Traceback" not in result.output
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(main)
+    return app
