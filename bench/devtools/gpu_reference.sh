@@ -133,7 +133,8 @@
 #   steps-dkdv: pair-steps, then (the stage's budget allowing) the CUDA tests of the Gluon dk/dv kernel and of every
 #             Hopper forward tile at both masks (the one-consumer tiles among them), then dk/dv's timing as dkdv-per-sm's
 #   h200-grid: #25 on the H200 after steps-dkdv: the smoke run, the exact grid at D 128, every hopper CUDA test (e65b5c2's
-#             launch arguments on the GPU), then the causal sweep at D 128 and 64 (the one-consumer tiles at short T)
+#             launch arguments on the GPU), the causal sweep at D 128 and 64 (the one-consumer tiles at short T), then
+#             ncu of the portable and the Gluon dk/dv kernels (why the Gluon one is slower: PERF_NOTES 24)
 #   dkdv-per-sm: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default) and the Hopper forward's
 #             one-consumer tiles (two programs an SM): the smoke run, every hopper CUDA test (dk/dv's on the hopper
 #             cases and the new tiles' among them), the whole backward with the portable dk/dv kernel and with the
@@ -280,6 +281,22 @@ q, k, v = (torch.randn($1, $2, $3, $4, device='cuda', dtype=torch.bfloat16, requ
 params = {n: torch.full(($3,), x, device='cuda') for n, x in dict(lam=0.02, alpha=0.1, beta=1.0, gamma=0.5, mu=$4 / 2, sigma=$4 / 4, delta=0.001).items()}
 for _ in range(3):
     exposb_attention_triton(q, k, v, causal=True, **params).sum().backward()
+torch.cuda.synchronize()
+"
+}
+dkdv_ncu() {  # dkdv_ncu: Nsight Compute of the portable dk/dv kernel and the Gluon one, D 64 causal 4k (B 4, H 32; ncu-dkdv.txt)
+    ncu_of dkdv "flash_dkdv(_hopper)?_kernel" 2 "
+import torch
+from attnbench.kernels import flash_dkdv_hopper
+from attnbench.kernels.flash import flash_problem
+from attnbench.kernels.flash_bwd import flash_backward
+from attnbench.kernels.flash_fwd import flash_forward
+q, k, v, do = (torch.randn(4, 4096, 32, 64, device='cuda', dtype=torch.bfloat16) for _ in range(4))
+problem = flash_problem(q, k, causal=True)
+o, lse = flash_forward(q, k, v, problem)
+for on in (False, False, False, False, True):  # launches 4 (portable) and 5 (Gluon) after ncu's skip of 3
+    flash_dkdv_hopper.HOPPER_DKDV = on
+    flash_backward(q, k, v, o, lse, do, problem)
 torch.cuda.synchronize()
 "
 }
@@ -866,6 +883,7 @@ h200-grid)  # #25's D 128 grid, hopper tests and causal sweep on the H200 (see t
     exact_grid 128
     flash_tests 150 -k hopper
     MASKS=causal SWEEP_S=60 hopper_sweep 128 64
+    dkdv_ncu
     ;;
 dkdv-per-sm)  # #25's Gluon dk/dv kernel and the forward's one-consumer tiles (see the header)
     hopper_smoke
