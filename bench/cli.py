@@ -247,7 +247,7 @@ def speed(
     )
     spec_given = any(ctx.get_parameter_source(name).name in ("COMMANDLINE", "DEFAULT_MAP") for name in SWEEP_OPTIONS)
     run_dir, rows = run_speed(spec, out, resume, spec_given, measure_peak, console.sweep_progress, gpus, of_invocation(ctx.params))
-    table, notes = console.speed_table(rows, title=f"{escape(str(run_dir))}  (median ms; ★ fastest)")
+    table, notes = console.speed_table(rows, title=f"{escape(str(run_dir))}  (median ms; ★ fastest, ≈ within its p20-p80)")
     console.out.print(table)
     for note in notes:
         console.out.print(f"[dim]not run: {escape(note)}[/dim]")

@@ -80,11 +80,14 @@ SHORT = {"batch": "B", "seq": "T", "heads": "Hq", "kv_heads": "Hkv", "head_dim":
 
 
 def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str]]:
-    """One line per case, one column per impl (median ms or status); the fastest impl marked ★.
+    """One line per case, one column per impl (median ms or status); the fastest impl marked ★, and ≈ each
+    other impl whose p20-p80 range overlaps the fastest's (the timing cannot order the two).
 
     Case columns that are the same on every row move into the title; impls that ran no case
     are left out. Returns the table and notes on what was left out and why.
     """
+    from attnbench.timing import within_spread  # here: this module stays free of torch for the commands that need none
+
     varying = [c for c in CASE_COLUMNS if len({row.get(c, "") for row in rows}) > 1 or c in ("batch", "seq")]
     constant = [f"{SHORT.get(c, c)}={_show(c, rows[0][c])}" for c in CASE_COLUMNS if c not in varying and rows and rows[0].get(c)]
     ran = list(dict.fromkeys(row["impl"] for row in rows if row["status"] not in ("unsupported",)))
@@ -113,10 +116,20 @@ def speed_table(rows: list[dict[str, str]], title: str) -> tuple[Table, list[str
                 cells.append(f"[dim]{STATUS_STYLE[row['status']]}[/dim]")
             elif impl == fastest:
                 cells.append(f"[bold green]★ {_ms(ok[impl])}[/bold green]")
+            elif _spread(row) and _spread(by_impl[fastest]) and within_spread(*_spread(row), *_spread(by_impl[fastest])):
+                cells.append(f"[green]≈ {_ms(ok[impl])}[/green]")
             else:
                 cells.append(_ms(ok[impl]))
         table.add_row(*[_show(name, value) for name, value in zip(varying, key)], *cells)
     return table, notes
+
+
+def _spread(row: dict[str, str]) -> tuple[float, float] | None:
+    """A row's (p20, p80) in ms, None where the row has none (a row written before those columns)."""
+    try:
+        return float(row["ms_p20"]), float(row["ms_p80"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _ms(value: float) -> str:

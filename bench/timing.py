@@ -29,6 +29,12 @@ class Timing:
     p80_ms: float
 
 
+def within_spread(p20_a, p80_a, p20_b, p80_b):
+    """Whether two timings' p20-p80 ranges overlap, so their medians' order is inside the timing's own spread
+    (floats or pandas Series alike; False where a range is missing)."""
+    return (p20_a <= p80_b) & (p20_b <= p80_a)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

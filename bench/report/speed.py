@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from attnbench import flops, store
+from attnbench.timing import within_spread
 from attnbench.errors import InputError
 from attnbench.report.decode import capacity_figure, decode_figure
 
@@ -124,7 +125,7 @@ def speedups(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     memory = impl peak memory / baseline peak memory, and within_spread: the two p20-p80 ranges
     overlap, so the medians' order is not outside the timing's own spread (False where a range is missing)."""
     joined = _beside_reference(df, "impl", baseline, ["run", *SETUP, "mechanism", "mode", "causal", "window", "batch", "seq"])
-    within = (joined["ms_p20"] <= joined["ref_p80"]) & (joined["ref_p20"] <= joined["ms_p80"])
+    within = within_spread(joined["ms_p20"], joined["ms_p80"], joined["ref_p20"], joined["ref_p80"])
     return joined.assign(speedup=joined["ref_ms"] / joined["ms_median"], memory=joined["peak_mem_mib"] / joined["ref_mem"],
                          within_spread=within)
 

@@ -233,3 +233,22 @@ def test_the_speed_table_shows_eight_impls_whole_at_80_columns():
     assert max(len(line) for line in text.splitlines()) <= 80
     assert all(f"{ms:.3g}" in text for ms in times.values()) and "16384" in text and "…" not in text, text
     assert all(part in text for impl in impls for part in impl.split("-")), text
+
+
+def test_the_speed_table_marks_an_impl_inside_the_fastests_spread():
+    from rich.console import Console
+
+    from attnbench.console import speed_table
+
+    case = {"mechanism": "standard", "level": "model", "mode": "fwdbwd", "causal": "True", "dtype": "bf16", "device": "cuda",
+            "heads": "8", "kv_heads": "8", "head_dim": "64", "window": "", "batch": "16", "seq": "1024"}
+    spreads = {"triton": (24.0, 22.0, 25.1), "sdpa": (27.6, 25.1, 29.2), "torch": (40.0, 39.0, 41.0)}  # sdpa's p20 = triton's p80
+    rows = [{**case, "impl": impl, "status": "ok", "message": "", "ms_median": str(m), "ms_p20": str(lo), "ms_p80": str(hi)}
+            for impl, (m, lo, hi) in spreads.items()]
+    rows.append({**case, "seq": "4096", "impl": "triton", "status": "ok", "message": "", "ms_median": "30"})  # no spread columns
+    rows.append({**case, "seq": "4096", "impl": "sdpa", "status": "ok", "message": "", "ms_median": "31"})
+    screen = Console(width=120, record=True, file=open(os.devnull, "w"))
+    screen.print(speed_table(rows, "run")[0])
+    lines = screen.export_text().splitlines()
+    assert any("★ 24" in line and "≈ 27.6" in line and "≈ 40" not in line and " 40" in line for line in lines)
+    assert any("★ 30" in line and " 31" in line and "≈" not in line for line in lines)  # no ranges: no claim either way
