@@ -1,8 +1,9 @@
 """The dk/dv half of the exact-softmax backward on Hopper, in Gluon (a start: compiled for sm_90a, not yet run).
 
-One program per BLOCK_N keys of a kv head (one warpgroup, its wgmma rows the keys), k and v read once into
-shared memory by TMA, then over the query tiles of BLOCK_M rows of each q head of its GQA group, q and dO tiles
-through a two-stage TMA ring (tile t + 1 loads while tile t computes). Per tile, scores kept transposed
+One program per KEYS keys of a kv head (one warpgroup per 64 keys, its wgmma rows the keys: KEYS 128 is FA3's
+layout, two warpgroups sharing each q and dO tile), k and v read once into shared memory by TMA, then over the
+query tiles of BLOCK_M rows of each q head of its GQA group, q and dO tiles through a two-stage TMA ring (tile
+t + 1 loads while tile t computes). Per tile, scores kept transposed
 ([keys, queries], as kernels/flash_bwd.py's dk/dv kernel), all four products wgmma:
   S^T = K Q^T and dP^T = V dO^T in flight together (asynchronous), then P^T = exp2(S^T scale_log2 - lse),
   dS^T = P^T (dP^T - delta), and dV += P^T dO, dK += dS^T Q with P^T and dS^T fed from registers.
@@ -23,8 +24,7 @@ from attnbench.kernels.flash_fwd_hopper import _descriptor, _rows_view, _tma_loa
 from attnbench.kernels.flash_launch import FlashProblem
 
 BLOCK_M = 64  # query rows a tile
-BLOCK_N = 64  # keys a program: one warpgroup's wgmma rows
-WARPS = 4
+KEYS_A_PROGRAM = {64: 64, 128: 64}  # per head dim: 64 (one warpgroup) or 128 (two); gpu_reference's dkdv_timing times both
 
 
 @gluon.jit
@@ -33,9 +33,9 @@ def flash_dkdv_hopper_kernel(
     T, S, HQ, HKV, GROUP, stride_stats, scale, scale_log2,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
 ):
-    """Grid (cdiv(S, BLOCK_N), B * Hkv): dk, dv [B, S, Hkv, D] (unit column stride) summed over the GROUP q heads
+    """Grid (cdiv(S, KEYS), B * Hkv), KEYS // 16 warps: dk, dv [B, S, Hkv, D] (unit column stride) summed over the GROUP q heads
     of each kv head. q_desc, do_desc over q, dO as [B * T, Hq * D] (blocks of BLOCK_M rows), k_desc, v_desc over
-    k, v as [B * S, Hkv * D] (blocks of BLOCK_N rows); LSE, DELTA [B, Hq, >= T] float32 (log2 units of the scaled
+    k, v as [B * S, Hkv * D] (blocks of KEYS rows); LSE, DELTA [B, Hq, >= T] float32 (log2 units of the scaled
     scores, and rowsum(dO * O))."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     KEYS: gl.constexpr = k_desc.block_type.shape[0]
@@ -58,8 +58,9 @@ def flash_dkdv_hopper_kernel(
     _tma_load(k_desc, [b * S + k_start, kv_h * HEAD_DIM], kv_bar, k_smem)
     _tma_load(v_desc, [b * S + k_start, kv_h * HEAD_DIM], kv_bar, v_smem)
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ROWS, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    WARPS: gl.constexpr = KEYS // 16  # 4 a warpgroup, each its 64 keys' rows of S^T, dP^T, dk and dv
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, ROWS, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     zero_s = gl.zeros([KEYS, ROWS], gl.float32, layout=s_layout)
     dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
@@ -144,13 +145,23 @@ def hopper_dkdv_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v
     return None
 
 
-def flash_dkdv_hopper(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem) -> None:
-    """Writes dk, dv [B, S, Hkv, D] for a problem hopper_dkdv_route takes; lse, delta as flash_backward's."""
+def launch_arguments(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem, keys: int) -> tuple[tuple, tuple, dict, dict]:
+    """flash_dkdv_hopper_kernel's (grid, arguments, constexprs, compile options) for flash_dkdv_hopper's tensors,
+    ``keys`` keys a program: 64 or 128 (one or two warpgroups of 64 keys)."""
+    if keys not in (64, 128):
+        raise ValueError(f"keys a program: 64 or 128, not {keys}")
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    flash_dkdv_hopper_kernel[(triton.cdiv(s, BLOCK_N), b * hkv)](
-        _descriptor(_rows_view(q), BLOCK_M, d), _descriptor(_rows_view(k), BLOCK_N, d), _descriptor(_rows_view(v), BLOCK_N, d),
+    args = (
+        _descriptor(_rows_view(q), BLOCK_M, d), _descriptor(_rows_view(k), keys, d), _descriptor(_rows_view(v), keys, d),
         _descriptor(_rows_view(do), BLOCK_M, d), dk, dv, lse, delta, *dk.stride()[:3], *dv.stride()[:3],
         t, s, hq, hkv, hq // hkv, lse.stride(1), problem.scale, problem.scale_log2,
-        CAUSAL=problem.causal, HEAD_DIM=d, num_warps=WARPS,
     )
+    return (triton.cdiv(s, keys), b * hkv), args, dict(CAUSAL=problem.causal, HEAD_DIM=d), dict(num_warps=keys // 16)
+
+
+def flash_dkdv_hopper(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem, keys: int | None = None) -> None:
+    """Writes dk, dv [B, S, Hkv, D] for a problem hopper_dkdv_route takes; lse, delta as flash_backward's; ``keys``
+    a program, KEYS_A_PROGRAM[D] unless given."""
+    grid, args, constexprs, options = launch_arguments(q, k, v, do, dk, dv, lse, delta, problem, keys or KEYS_A_PROGRAM[q.shape[-1]])
+    flash_dkdv_hopper_kernel[grid](*args, **constexprs, **options)

@@ -24,26 +24,40 @@ from pathlib import Path
 import torch
 
 from attnbench.devtools.compile_spills import _ptxas_usage
-from attnbench.kernels import flash_fwd_hopper
+from attnbench.kernels import flash_dkdv_hopper, flash_fwd_hopper
+from attnbench.kernels.flash import flash_problem
 
 
-def compile_plan(head_dim: int, causal: bool, plan: flash_fwd_hopper.HopperPlan, seq: int = 1024, heads: int = 4):
-    """The CompiledKernel a bf16 launch of ``plan`` (B 2, T = S = seq) specialises to, built for sm_90a here."""
+def _compile(kernel, args: tuple, constexprs: dict, options: dict):
+    """The CompiledKernel a launch of the Gluon ``kernel`` with these arguments specialises to, built for sm_90a here."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile, make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import create_function_from_signature
 
-    kernel = flash_fwd_hopper.flash_fwd_hopper_kernel
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    q = torch.zeros(2, seq, heads, head_dim, dtype=torch.bfloat16)
-    args, constexprs, options = flash_fwd_hopper.launch_arguments(q, q, q, torch.zeros_like(q), torch.zeros(2, heads, seq), 0.18, causal, plan)
     keywords = {**constexprs, **options}
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, parsed = binder(*args, **keywords)
     parsed, signature, constexprs, attrs = kernel._pack_args(backend, keywords, bound, specialization, parsed)
     return compile(GluonASTSource(kernel, signature, constexprs, attrs), target=target, options=parsed.__dict__)
+
+
+def compile_plan(head_dim: int, causal: bool, plan: flash_fwd_hopper.HopperPlan, seq: int = 1024, heads: int = 4):
+    """The CompiledKernel a bf16 launch of ``plan`` (B 2, T = S = seq) specialises to, built for sm_90a here."""
+    q = torch.zeros(2, seq, heads, head_dim, dtype=torch.bfloat16)
+    args, constexprs, options = flash_fwd_hopper.launch_arguments(q, q, q, torch.zeros_like(q), torch.zeros(2, heads, seq), 0.18, causal, plan)
+    return _compile(flash_fwd_hopper.flash_fwd_hopper_kernel, args, constexprs, options)
+
+
+def compile_dkdv(head_dim: int, causal: bool, keys: int, seq: int = 1024, heads: int = 4):
+    """The CompiledKernel a bf16 launch of the Gluon dk/dv kernel with ``keys`` keys a program specialises to."""
+    q = torch.zeros(2, seq, heads, head_dim, dtype=torch.bfloat16)
+    stats = torch.zeros(2, heads, seq)
+    problem = flash_problem(q, q, causal=causal)
+    _, args, constexprs, options = flash_dkdv_hopper.launch_arguments(q, q, q, q, q, q, stats, stats, problem, keys)
+    return _compile(flash_dkdv_hopper.flash_dkdv_hopper_kernel, args, constexprs, options)
 
 
 def _sass(cubin: bytes) -> list[str]:
@@ -122,6 +136,20 @@ def tile_rows(head_dims) -> list[dict]:
     return rows
 
 
+def dkdv_rows(head_dims) -> list[dict]:
+    """One row per (head dim, mask, keys a program: 64 or 128) of the Gluon dk/dv kernel: registers, spill bytes,
+    shared memory and its tile loop (a 64-query tile's 32 exponentials a thread)."""
+    rows = []
+    for d in head_dims:
+        for causal in (False, True):
+            for keys in (64, 128):
+                compiled = compile_dkdv(d, causal, keys)
+                registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
+                rows.append(dict(head_dim=d, causal=causal, keys=keys, registers=registers, spill_stores=stores, spill_loads=loads,
+                                 shared=compiled.metadata.shared, **tile_loop(compiled.asm["cubin"], flash_dkdv_hopper.BLOCK_M * 64 // 128)))
+    return rows
+
+
 def _spills(row: dict) -> str:
     return f"{row['spill_stores']} / {row['spill_loads']}"
 
@@ -130,10 +158,10 @@ def main() -> None:
     # argparse, not typer: the compile venv for the GPU's triton need hold no more than torch and triton
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(flash_fwd_hopper.HEAD_DIMS))
-    parser.add_argument("--json", action="store_true", help="one JSON object of the plans' and the tiles' rows, no tables")
+    parser.add_argument("--json", action="store_true", help="one JSON object of the plans', the tiles' and the dk/dv kernel's rows, no tables")
     args = parser.parse_args()
     if args.json:
-        print(json.dumps({"plans": plan_rows(args.head_dim), "tiles": tile_rows(args.head_dim)}))
+        print(json.dumps({"plans": plan_rows(args.head_dim), "tiles": tile_rows(args.head_dim), "dkdv": dkdv_rows(args.head_dim)}))
         return
     print(f"{'D':>3s} {'mask':13s} {'from keys':>9s} {'schedule':32s} {'regs':>4s} {'spill st/ld':>11s} {'loop':>5s} {'masking':>7s} {'MUFU':>4s} {'HGMMA':>5s}")
     for row in plan_rows(args.head_dim):
@@ -144,6 +172,11 @@ def main() -> None:
     for row in tile_rows(args.head_dim):
         print(f"{row['head_dim']:3d} {row['tile']:4d} {row['block_n']:4d} {row['stages']:6d} {row['consumers']:9d} {row['per_sm']:6d} "
               f"{row['registers']:4d} {_spills(row):>11s} {row['shared'] / 1024:9.1f}", flush=True)
+
+    print(f"\n{'D':>3s} {'mask':13s} {'dk/dv keys':>10s} {'regs':>4s} {'spill st/ld':>11s} {'shared KB':>9s} {'loop':>5s} {'MUFU':>4s} {'HGMMA':>5s}")
+    for row in dkdv_rows(args.head_dim):
+        print(f"{row['head_dim']:3d} {'causal' if row['causal'] else 'bidirectional':13s} {row['keys']:10d} {row['registers']:4d} "
+              f"{_spills(row):>11s} {row['shared'] / 1024:9.1f} {row['instructions']:5d} {row['mufu']:4d} {row['hgmma']:5d}", flush=True)
 
 
 if __name__ == "__main__":

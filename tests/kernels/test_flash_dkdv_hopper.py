@@ -41,3 +41,20 @@ def test_switched_on_it_names_what_stays_portable(monkeypatch):
     assert "not a Hopper GPU" in hopper_dkdv_route(flash_problem(q, k), q, k, v, do, dk, dv, (8, 0))
     strided = torch.randn(2, 256, 8, 64).to(torch.bfloat16)[:, :, ::2]
     assert "dO's strides" in hopper_dkdv_route(flash_problem(q, k), q, k, v, strided, dk, dv, HOPPER)
+
+
+@pytest.mark.parametrize("keys", [64, 128])
+def test_a_program_takes_its_keys_with_a_warpgroup_per_64(keys):
+    q, k, v, do, dk, dv = _tensors(t=1000, kv_heads=2)
+    stats = torch.zeros(2, 4, 1000)
+    grid, args, _, options = flash_dkdv_hopper.launch_arguments(q, k, v, do, dk, dv, stats, stats, flash_problem(q, k), keys)
+    assert grid == (-(-1000 // keys), 2 * 2) and options["num_warps"] == keys // 16
+    assert args[1].block_shape == args[2].block_shape == [keys, 64], "k and v blocks of the program's keys"
+    assert args[0].block_shape == args[3].block_shape == [flash_dkdv_hopper.BLOCK_M, 64], "q and dO tiles alike either way"
+
+
+def test_other_key_counts_are_refused():
+    q, k, v, do, dk, dv = _tensors()
+    stats = torch.zeros(2, 4, 256)
+    with pytest.raises(ValueError, match="64 or 128"):
+        flash_dkdv_hopper.launch_arguments(q, k, v, do, dk, dv, stats, stats, flash_problem(q, k), 96)
