@@ -136,6 +136,8 @@
 #             launch arguments on the GPU), the backward with the Gluon dk/dv kernel at 64 and 128 keys a program (one
 #             or two warpgroups) beside the portable one, timed and under ncu (PERF_NOTES 24), then the causal sweep
 #             at D 128 and 64 (the one-consumer tiles at short T)
+#   dkdv-keys: #25's Gluon dk/dv kernel with one and with two warpgroups (64 and 128 keys a program): its CUDA tests,
+#             the backward timed with either beside the portable dk/dv kernel, and the three under ncu
 #   dkdv-per-sm: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default) and the Hopper forward's
 #             one-consumer tiles (two programs an SM): the smoke run, every hopper CUDA test (dk/dv's on the hopper
 #             cases and the new tiles' among them), the whole backward with the portable dk/dv kernel and with the
@@ -889,6 +891,11 @@ h200-grid)  # #25's D 128 grid, hopper tests and causal sweep on the H200 (see t
     dkdv_timing 70
     dkdv_ncu
     MASKS=causal SWEEP_S=60 hopper_sweep 128 64
+    ;;
+dkdv-keys)  # #25's Gluon dk/dv kernel at 64 and 128 keys a program (see the header)
+    flash_tests 150 -k hopper_dkdv tests/kernels/test_flash_dkdv_hopper.py
+    dkdv_timing 100
+    dkdv_ncu
     ;;
 dkdv-per-sm)  # #25's Gluon dk/dv kernel and the forward's one-consumer tiles (see the header)
     hopper_smoke
