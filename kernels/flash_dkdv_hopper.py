@@ -1,9 +1,9 @@
-"""The dk/dv half of the exact-softmax backward on Hopper, in Gluon (a start: compiled for sm_90a, not yet run).
+"""The dk/dv half of the exact-softmax backward on Hopper, in Gluon (off by default: PERF_NOTES 24).
 
 One program per KEYS keys of a kv head (one warpgroup per 64 keys, its wgmma rows the keys: KEYS 128 is FA3's
 layout, two warpgroups sharing each q and dO tile), k and v read once into shared memory by TMA, then over the
-query tiles of BLOCK_M rows of each q head of its GQA group, q and dO tiles through a two-stage TMA ring (tile
-t + 1 loads while tile t computes). Per tile, scores kept transposed
+query tiles of BLOCK_M rows of each q head of its GQA group, q and dO tiles through a TMA ring (a tile's stage
+loads the tile STAGES on once its products are done). Per tile, scores kept transposed
 ([keys, queries], as kernels/flash_bwd.py's dk/dv kernel), all four products wgmma:
   S^T = K Q^T and dP^T = V dO^T in flight together (asynchronous), then P^T = exp2(S^T scale_log2 - lse),
   dS^T = P^T (dP^T - delta), and dV += P^T dO, dK += dS^T Q with P^T and dS^T fed from registers.
@@ -13,6 +13,8 @@ padding, packing, ALiBi, window, block lists or RoPE (those stay on the portable
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,19 +26,79 @@ from attnbench.kernels.flash_fwd_hopper import _descriptor, _rows_view, _tma_loa
 from attnbench.kernels.flash_launch import FlashProblem
 
 BLOCK_M = 64  # query rows a tile
-KEYS_A_PROGRAM = {64: 64, 128: 64}  # per head dim: 64 (one warpgroup) or 128 (two); gpu_reference's dkdv_timing times both
+
+
+class DkdvTile(NamedTuple):
+    """How a program runs: ``keys`` keys (64 a warpgroup: 64 or 128), a ring of ``stages`` q and dO tiles, and
+    ``pipelined``: tile t + 1's S^T and dP^T are issued before tile t's dV, dK products, so tile t + 1's
+    elementwise work runs while the tensor cores do tile t's updates (FA3's intra-warpgroup overlap; it holds
+    one more tile's P^T and dS^T in registers and needs a third stage to keep a load in flight)."""
+
+    keys: int
+    stages: int
+    pipelined: bool
+
+
+TILES = (DkdvTile(64, 2, False), DkdvTile(128, 2, False), DkdvTile(64, 3, True), DkdvTile(128, 3, True))  # dkdv_timing times each
+TILE = {64: TILES[0], 128: TILES[0]}  # per head dim
+
+
+@gluon.jit
+def _load_tile(q_desc, do_desc, q_bufs, do_bufs, ready, t, b, kv_h, T, GROUP, per_head, first_tile,
+               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """Tile t's q and dO rows (q head kv_h * GROUP + t // per_head, query tile first_tile + t % per_head) into
+    stage t % STAGES, ready[stage] counting their bytes."""
+    ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    TILE_BYTES: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes
+    stage = t % STAGES
+    h = kv_h * GROUP + t // per_head
+    row = b * T + (first_tile + t % per_head) * ROWS
+    mbarrier.expect(ready.index(stage), TILE_BYTES)
+    _tma_load(q_desc, [row, h * HEAD_DIM], ready.index(stage), q_bufs.index(stage))
+    _tma_load(do_desc, [row, h * HEAD_DIM], ready.index(stage), do_bufs.index(stage))
+
+
+@gluon.jit
+def _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, t, zero_s, STAGES: gl.constexpr):
+    """Waits for tile t's q and dO, then issues S^T = K Q^T and dP^T = V dO^T (asynchronous): their tokens."""
+    stage = t % STAGES
+    mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+    s_token = warpgroup_mma(k_smem, q_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp_token = warpgroup_mma(v_smem, do_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    return s_token, dp_token
+
+
+@gluon.jit
+def _score_gradients(s_token, dp_token, LSE, DELTA, t, b, kv_h, keys, T, S, HQ, GROUP, per_head, first_tile, stride_stats,
+                     scale_log2, CAUSAL: gl.constexpr, PENDING: gl.constexpr, ROWS: gl.constexpr, s_layout: gl.constexpr,
+                     a_layout: gl.constexpr, dtype: gl.constexpr):
+    """Tile t's P^T = exp2(S^T scale_log2 - lse) and dS^T = P^T (dP^T - delta), [keys, ROWS], as wgmma A operands;
+    PENDING later wgmma groups may stay in flight when S^T and dP^T are taken."""
+    h = kv_h * GROUP + t // per_head
+    rows = (first_tile + t % per_head) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+    stats = (b * HQ + h).to(gl.int64) * stride_stats + rows
+    lse = gl.load(LSE + stats, mask=rows < T, other=0.0)
+    delta = gl.load(DELTA + stats, mask=rows < T, other=0.0)
+    visible = gl.expand_dims(keys < S, 1) & gl.expand_dims(rows < T, 0)
+    if CAUSAL:
+        visible = visible & (gl.expand_dims(keys, 1) <= gl.expand_dims(rows + S - T, 0))
+    s = warpgroup_mma_wait(PENDING + 1, deps=(s_token,))
+    p = gl.where(visible, gl.exp2(s * scale_log2 - gl.expand_dims(lse, 0)), 0.0)
+    dp = warpgroup_mma_wait(PENDING, deps=(dp_token,))
+    ds = p * (dp - gl.expand_dims(delta, 0))
+    return gl.convert_layout(p.to(dtype), a_layout), gl.convert_layout(ds.to(dtype), a_layout)
 
 
 @gluon.jit
 def flash_dkdv_hopper_kernel(
     q_desc, k_desc, v_desc, do_desc, DK, DV, LSE, DELTA, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     T, S, HQ, HKV, GROUP, stride_stats, scale, scale_log2,
-    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
 ):
     """Grid (cdiv(S, KEYS), B * Hkv), KEYS // 16 warps: dk, dv [B, S, Hkv, D] (unit column stride) summed over the GROUP q heads
     of each kv head. q_desc, do_desc over q, dO as [B * T, Hq * D] (blocks of BLOCK_M rows), k_desc, v_desc over
     k, v as [B * S, Hkv * D] (blocks of KEYS rows); LSE, DELTA [B, Hq, >= T] float32 (log2 units of the scaled
-    scores, and rowsum(dO * O))."""
+    scores, and rowsum(dO * O)); STAGES, PIPELINED as DkdvTile's."""
     ROWS: gl.constexpr = q_desc.block_type.shape[0]
     KEYS: gl.constexpr = k_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
@@ -46,12 +108,12 @@ def flash_dkdv_hopper_kernel(
 
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_bufs = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    do_bufs = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(2):
+    for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     KV_BYTES: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
     mbarrier.expect(kv_bar, KV_BYTES)
@@ -67,50 +129,46 @@ def flash_dkdv_hopper_kernel(
     dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=acc_layout)
     keys = k_start + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
 
-    # the query tiles a key block sees: causal, from the tile holding the first query at or after k_start
+    # the query tiles a key block sees: causal, from the tile holding the first query at or after k_start; as
+    # k_start < S, that tile is below cdiv(T, ROWS), so every program has GROUP tiles at least
     first_tile = 0
     if CAUSAL:
         first_tile = gl.maximum(k_start - (S - T), 0) // ROWS
     per_head = gl.cdiv(T, ROWS) - first_tile
     total = GROUP * per_head
-    TILE_BYTES: gl.constexpr = q_desc.block_type.nbytes + do_desc.block_type.nbytes
-    if total > 0:
-        mbarrier.expect(ready.index(0), TILE_BYTES)
-        h0 = kv_h * GROUP
-        _tma_load(q_desc, [b * T + first_tile * ROWS, h0 * HEAD_DIM], ready.index(0), q_bufs.index(0))
-        _tma_load(do_desc, [b * T + first_tile * ROWS, h0 * HEAD_DIM], ready.index(0), do_bufs.index(0))
+    tiles = (q_desc, do_desc, q_bufs, do_bufs, ready)
+    where = (b, kv_h, T, GROUP, per_head, first_tile)
+    stats = (LSE, DELTA)
+    gradients = (b, kv_h, keys, T, S, HQ, GROUP, per_head, first_tile, stride_stats, scale_log2, CAUSAL)
+    for i in gl.static_range(STAGES):
+        if i < total:
+            _load_tile(*tiles, i, *where, HEAD_DIM, STAGES)
     mbarrier.wait(kv_bar, 0)
-    for t in range(total):
-        stage = t % 2
-        if t + 1 < total:  # the next tile into the other stage, freed when tile t - 1's products were waited for
-            h_next = kv_h * GROUP + (t + 1) // per_head
-            row_next = b * T + (first_tile + (t + 1) % per_head) * ROWS
-            mbarrier.expect(ready.index(1 - stage), TILE_BYTES)
-            _tma_load(q_desc, [row_next, h_next * HEAD_DIM], ready.index(1 - stage), q_bufs.index(1 - stage))
-            _tma_load(do_desc, [row_next, h_next * HEAD_DIM], ready.index(1 - stage), do_bufs.index(1 - stage))
-        h = kv_h * GROUP + t // per_head
-        q_start = (first_tile + t % per_head) * ROWS
-        mbarrier.wait(ready.index(stage), (t // 2) & 1)
-        q_smem = q_bufs.index(stage)
-        do_smem = do_bufs.index(stage)
-        s_token = warpgroup_mma(k_smem, q_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dp_token = warpgroup_mma(v_smem, do_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        rows = q_start + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
-        stats = (b * HQ + h).to(gl.int64) * stride_stats + rows
-        lse = gl.load(LSE + stats, mask=rows < T, other=0.0)
-        delta = gl.load(DELTA + stats, mask=rows < T, other=0.0)
-        visible = gl.expand_dims(keys < S, 1) & gl.expand_dims(rows < T, 0)
-        if CAUSAL:
-            visible = visible & (gl.expand_dims(keys, 1) <= gl.expand_dims(rows + S - T, 0))
-        s = warpgroup_mma_wait(1, deps=(s_token,))
-        p = gl.where(visible, gl.exp2(s * scale_log2 - gl.expand_dims(lse, 0)), 0.0)
-        dp = warpgroup_mma_wait(0, deps=(dp_token,))
-        ds = p * (dp - gl.expand_dims(delta, 0))
-        p_op = gl.convert_layout(p.to(dtype), a_layout)
-        ds_op = gl.convert_layout(ds.to(dtype), a_layout)
-        dv_token = warpgroup_mma(p_op, do_smem, dv, is_async=True)
-        dk_token = warpgroup_mma(ds_op, q_smem, dk, is_async=True)
-        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_token, dk_token, p_op, ds_op))
+    s_token, dp_token = _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, 0, zero_s, STAGES)
+    p_op, ds_op = _score_gradients(s_token, dp_token, *stats, 0, *gradients, 0, ROWS, s_layout, a_layout, dtype)
+    for t in range(total - 1):  # tile t's dV, dK updates and tile t + 1's scores and their gradients
+        stage = t % STAGES
+        if PIPELINED:
+            s_token, dp_token = _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, t + 1, zero_s, STAGES)
+            dv_token = warpgroup_mma(p_op, do_bufs.index(stage), dv, is_async=True)
+            dk_token = warpgroup_mma(ds_op, q_bufs.index(stage), dk, is_async=True)
+            p_next, ds_next = _score_gradients(s_token, dp_token, *stats, t + 1, *gradients, 2, ROWS, s_layout, a_layout, dtype)
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_token, dk_token, p_op, ds_op))
+            if t + STAGES < total:  # tile t's stage is free
+                _load_tile(*tiles, t + STAGES, *where, HEAD_DIM, STAGES)
+            p_op, ds_op = p_next, ds_next
+        else:
+            dv_token = warpgroup_mma(p_op, do_bufs.index(stage), dv, is_async=True)
+            dk_token = warpgroup_mma(ds_op, q_bufs.index(stage), dk, is_async=True)
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_token, dk_token, p_op, ds_op))
+            if t + STAGES < total:
+                _load_tile(*tiles, t + STAGES, *where, HEAD_DIM, STAGES)
+            s_token, dp_token = _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, t + 1, zero_s, STAGES)
+            p_op, ds_op = _score_gradients(s_token, dp_token, *stats, t + 1, *gradients, 0, ROWS, s_layout, a_layout, dtype)
+    last = (total - 1) % STAGES
+    dv_token = warpgroup_mma(p_op, do_bufs.index(last), dv, is_async=True)
+    dk_token = warpgroup_mma(ds_op, q_bufs.index(last), dk, is_async=True)
+    dv, dk = warpgroup_mma_wait(0, deps=(dv_token, dk_token))
 
     # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
     dk = dk * scale
@@ -145,23 +203,22 @@ def hopper_dkdv_route(problem: FlashProblem, q: torch.Tensor, k: torch.Tensor, v
     return None
 
 
-def launch_arguments(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem, keys: int) -> tuple[tuple, tuple, dict, dict]:
-    """flash_dkdv_hopper_kernel's (grid, arguments, constexprs, compile options) for flash_dkdv_hopper's tensors,
-    ``keys`` keys a program: 64 or 128 (one or two warpgroups of 64 keys)."""
-    if keys not in (64, 128):
-        raise ValueError(f"keys a program: 64 or 128, not {keys}")
+def launch_arguments(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem, tile: DkdvTile) -> tuple[tuple, tuple, dict, dict]:
+    """flash_dkdv_hopper_kernel's (grid, arguments, constexprs, compile options) for flash_dkdv_hopper's tensors under ``tile``."""
+    if tile.keys not in (64, 128):
+        raise ValueError(f"keys a program: 64 or 128 (one or two warpgroups), not {tile.keys}")
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     args = (
-        _descriptor(_rows_view(q), BLOCK_M, d), _descriptor(_rows_view(k), keys, d), _descriptor(_rows_view(v), keys, d),
+        _descriptor(_rows_view(q), BLOCK_M, d), _descriptor(_rows_view(k), tile.keys, d), _descriptor(_rows_view(v), tile.keys, d),
         _descriptor(_rows_view(do), BLOCK_M, d), dk, dv, lse, delta, *dk.stride()[:3], *dv.stride()[:3],
         t, s, hq, hkv, hq // hkv, lse.stride(1), problem.scale, problem.scale_log2,
     )
-    return (triton.cdiv(s, keys), b * hkv), args, dict(CAUSAL=problem.causal, HEAD_DIM=d), dict(num_warps=keys // 16)
+    constexprs = dict(CAUSAL=problem.causal, HEAD_DIM=d, STAGES=tile.stages, PIPELINED=tile.pipelined)
+    return (triton.cdiv(s, tile.keys), b * hkv), args, constexprs, dict(num_warps=tile.keys // 16)
 
 
-def flash_dkdv_hopper(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem, keys: int | None = None) -> None:
-    """Writes dk, dv [B, S, Hkv, D] for a problem hopper_dkdv_route takes; lse, delta as flash_backward's; ``keys``
-    a program, KEYS_A_PROGRAM[D] unless given."""
-    grid, args, constexprs, options = launch_arguments(q, k, v, do, dk, dv, lse, delta, problem, keys or KEYS_A_PROGRAM[q.shape[-1]])
+def flash_dkdv_hopper(q, k, v, do, dk, dv, lse, delta, problem: FlashProblem) -> None:
+    """Writes dk, dv [B, S, Hkv, D] for a problem hopper_dkdv_route takes, under TILE[D]; lse, delta as flash_backward's."""
+    grid, args, constexprs, options = launch_arguments(q, k, v, do, dk, dv, lse, delta, problem, TILE[q.shape[-1]])
     flash_dkdv_hopper_kernel[grid](*args, **constexprs, **options)

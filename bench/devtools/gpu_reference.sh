@@ -133,11 +133,11 @@
 #   steps-dkdv: pair-steps, then (the stage's budget allowing) the CUDA tests of the Gluon dk/dv kernel and of every
 #             Hopper forward tile at both masks (the one-consumer tiles among them), then dk/dv's timing as dkdv-per-sm's
 #   h200-grid: #25 on the H200 after steps-dkdv: the smoke run, the exact grid at D 128, every hopper CUDA test (e65b5c2's
-#             launch arguments on the GPU), the backward with the Gluon dk/dv kernel at 64 and 128 keys a program (one
-#             or two warpgroups) beside the portable one, timed and under ncu (PERF_NOTES 24), then the causal sweep
+#             launch arguments on the GPU), the backward with the Gluon dk/dv kernel under each of its tiles beside
+#             the portable one, timed and under ncu (PERF_NOTES 24), then the causal sweep
 #             at D 128 and 64 (the one-consumer tiles at short T)
-#   dkdv-keys: #25's Gluon dk/dv kernel with one and with two warpgroups (64 and 128 keys a program): its CUDA tests,
-#             the backward timed with either beside the portable dk/dv kernel, and the three under ncu
+#   dkdv-keys: #25's Gluon dk/dv kernel under each of its tiles (one or two warpgroups, pipelined or not): its CUDA
+#             tests, the backward timed with each beside the portable dk/dv kernel, and each under ncu
 #   dkdv-per-sm: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default) and the Hopper forward's
 #             one-consumer tiles (two programs an SM): the smoke run, every hopper CUDA test (dk/dv's on the hopper
 #             cases and the new tiles' among them), the whole backward with the portable dk/dv kernel and with the
@@ -287,9 +287,9 @@ for _ in range(3):
 torch.cuda.synchronize()
 "
 }
-dkdv_ncu() {  # dkdv_ncu: Nsight Compute of the portable dk/dv kernel and the Gluon one at 64 and 128 keys a program,
+dkdv_ncu() {  # dkdv_ncu: Nsight Compute of the portable dk/dv kernel and the Gluon one under each of its tiles,
             # D 64 causal 4k (B 4, H 32; ncu-dkdv.txt)
-    ncu_of dkdv "flash_dkdv(_hopper)?_kernel" 3 "
+    ncu_of dkdv "flash_dkdv(_hopper)?_kernel" 5 "
 import torch
 from attnbench.kernels import flash_dkdv_hopper
 from attnbench.kernels.flash import flash_problem
@@ -298,8 +298,8 @@ from attnbench.kernels.flash_fwd import flash_forward
 q, k, v, do = (torch.randn(4, 4096, 32, 64, device='cuda', dtype=torch.bfloat16) for _ in range(4))
 problem = flash_problem(q, k, causal=True)
 o, lse = flash_forward(q, k, v, problem)
-for on, keys in ((False, 64), (False, 64), (False, 64), (False, 64), (True, 64), (True, 128)):  # ncu skips 3: portable, 64, 128
-    flash_dkdv_hopper.HOPPER_DKDV, flash_dkdv_hopper.KEYS_A_PROGRAM[64] = on, keys
+for on, tile in [(False, None)] * 4 + [(True, tile) for tile in flash_dkdv_hopper.TILES]:  # ncu skips 3: portable, then each tile
+    flash_dkdv_hopper.HOPPER_DKDV, flash_dkdv_hopper.TILE[64] = on, tile
     flash_backward(q, k, v, o, lse, do, problem)
 torch.cuda.synchronize()
 "
@@ -308,8 +308,8 @@ host_time() {  # host_time [OPTIONS...]: host microseconds per attention call, t
     limit 60 python3 -m attnbench.devtools.host_overhead --impl triton --impl sdpa "$@" > "$out/host.txt" 2>&1
     grep "per forward" "$out/host.txt"
 }
-dkdv_timing() {  # dkdv_timing SECONDS: the backward with the portable dk/dv kernel and with the Gluon one at 64 and 128
-               # keys a program (dkdv.txt)
+dkdv_timing() {  # dkdv_timing SECONDS: the backward with the portable dk/dv kernel and with the Gluon one under each of
+               # its tiles (dkdv.txt)
     limit "$1" python3 -c "
 import torch
 from attnbench.kernels import flash_dkdv_hopper
@@ -325,11 +325,11 @@ for d in (64, 128):
             problem = flash_problem(q, k, causal=causal)
             o, lse = flash_forward(q, k, v, problem)
             ms = []
-            for on, keys in ((False, 64), (True, 64), (True, 128)):
-                flash_dkdv_hopper.HOPPER_DKDV, flash_dkdv_hopper.KEYS_A_PROGRAM[d] = on, keys
+            for on, tile in [(False, None)] + [(True, tile) for tile in flash_dkdv_hopper.TILES]:
+                flash_dkdv_hopper.HOPPER_DKDV, flash_dkdv_hopper.TILE[d] = on, tile
                 ms.append(measure(lambda: flash_backward(q, k, v, o, lse, do, problem), cuda).median_ms)
-            print(f'backward D {d} causal {causal} T {t}: portable {ms[0]:.3f} ms, with the Gluon dk/dv at 64 keys {ms[1]:.3f} ms '
-                  f'({ms[0] / ms[1]:.2f}x), at 128 keys {ms[2]:.3f} ms ({ms[0] / ms[2]:.2f}x)', flush=True)
+            gluon = ', '.join(f'{tile.keys}/{tile.stages}{\"p\" * tile.pipelined} {x:.3f} ({ms[0] / x:.2f}x)' for tile, x in zip(flash_dkdv_hopper.TILES, ms[1:]))
+            print(f'backward D {d} causal {causal} T {t}: portable {ms[0]:.3f} ms; Gluon dk/dv, keys/stages(p: pipelined) {gluon}', flush=True)
 " > "$out/dkdv.txt" 2>&1
     cat "$out/dkdv.txt" | tail -14
 }
@@ -892,7 +892,7 @@ h200-grid)  # #25's D 128 grid, hopper tests and causal sweep on the H200 (see t
     dkdv_ncu
     MASKS=causal SWEEP_S=60 hopper_sweep 128 64
     ;;
-dkdv-keys)  # #25's Gluon dk/dv kernel at 64 and 128 keys a program (see the header)
+dkdv-keys)  # #25's Gluon dk/dv kernel under each of its tiles (see the header)
     flash_tests 150 -k hopper_dkdv tests/kernels/test_flash_dkdv_hopper.py
     dkdv_timing 100
     dkdv_ncu

@@ -51,12 +51,12 @@ def compile_plan(head_dim: int, causal: bool, plan: flash_fwd_hopper.HopperPlan,
     return _compile(flash_fwd_hopper.flash_fwd_hopper_kernel, args, constexprs, options)
 
 
-def compile_dkdv(head_dim: int, causal: bool, keys: int, seq: int = 1024, heads: int = 4):
-    """The CompiledKernel a bf16 launch of the Gluon dk/dv kernel with ``keys`` keys a program specialises to."""
+def compile_dkdv(head_dim: int, causal: bool, tile: flash_dkdv_hopper.DkdvTile, seq: int = 1024, heads: int = 4):
+    """The CompiledKernel a bf16 launch of the Gluon dk/dv kernel under ``tile`` specialises to."""
     q = torch.zeros(2, seq, heads, head_dim, dtype=torch.bfloat16)
     stats = torch.zeros(2, heads, seq)
     problem = flash_problem(q, q, causal=causal)
-    _, args, constexprs, options = flash_dkdv_hopper.launch_arguments(q, q, q, q, q, q, stats, stats, problem, keys)
+    _, args, constexprs, options = flash_dkdv_hopper.launch_arguments(q, q, q, q, q, q, stats, stats, problem, tile)
     return _compile(flash_dkdv_hopper.flash_dkdv_hopper_kernel, args, constexprs, options)
 
 
@@ -137,15 +137,15 @@ def tile_rows(head_dims) -> list[dict]:
 
 
 def dkdv_rows(head_dims) -> list[dict]:
-    """One row per (head dim, mask, keys a program: 64 or 128) of the Gluon dk/dv kernel: registers, spill bytes,
-    shared memory and its tile loop (a 64-query tile's 32 exponentials a thread)."""
+    """One row per (head dim, mask, tile of flash_dkdv_hopper.TILES) of the Gluon dk/dv kernel: registers, spill
+    bytes, shared memory and its tile loop (a 64-query tile's 32 exponentials a thread)."""
     rows = []
     for d in head_dims:
         for causal in (False, True):
-            for keys in (64, 128):
-                compiled = compile_dkdv(d, causal, keys)
+            for index, tile in enumerate(flash_dkdv_hopper.TILES):
+                compiled = compile_dkdv(d, causal, tile)
                 registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
-                rows.append(dict(head_dim=d, causal=causal, keys=keys, registers=registers, spill_stores=stores, spill_loads=loads,
+                rows.append(dict(head_dim=d, causal=causal, tile=index, **tile._asdict(), registers=registers, spill_stores=stores, spill_loads=loads,
                                  shared=compiled.metadata.shared, **tile_loop(compiled.asm["cubin"], flash_dkdv_hopper.BLOCK_M * 64 // 128)))
     return rows
 
@@ -173,9 +173,10 @@ def main() -> None:
         print(f"{row['head_dim']:3d} {row['tile']:4d} {row['block_n']:4d} {row['stages']:6d} {row['consumers']:9d} {row['per_sm']:6d} "
               f"{row['registers']:4d} {_spills(row):>11s} {row['shared'] / 1024:9.1f}", flush=True)
 
-    print(f"\n{'D':>3s} {'mask':13s} {'dk/dv keys':>10s} {'regs':>4s} {'spill st/ld':>11s} {'shared KB':>9s} {'loop':>5s} {'MUFU':>4s} {'HGMMA':>5s}")
+    print(f"\n{'D':>3s} {'mask':13s} {'dk/dv tile':>10s} {'keys':>4s} {'stages':>6s} {'pipelined':>9s} {'regs':>4s} {'spill st/ld':>11s} {'shared KB':>9s} {'loop':>5s} {'MUFU':>4s} {'HGMMA':>5s}")
     for row in dkdv_rows(args.head_dim):
-        print(f"{row['head_dim']:3d} {'causal' if row['causal'] else 'bidirectional':13s} {row['keys']:10d} {row['registers']:4d} "
+        print(f"{row['head_dim']:3d} {'causal' if row['causal'] else 'bidirectional':13s} {row['tile']:10d} {row['keys']:4d} {row['stages']:6d} "
+              f"{'yes' if row['pipelined'] else 'no':>9s} {row['registers']:4d} "
               f"{_spills(row):>11s} {row['shared'] / 1024:9.1f} {row['instructions']:5d} {row['mufu']:4d} {row['hgmma']:5d}", flush=True)
 
 

@@ -404,17 +404,17 @@ def test_the_hopper_forwards_tiles_match_at_either_mask(head_dim, candidate, cau
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("keys", [64, 128])
+@pytest.mark.parametrize("tile", flash_dkdv_hopper.TILES, ids=lambda tile: f"{tile.keys}-keys-{tile.stages}-stages{'-pipelined' * tile.pipelined}")
 @pytest.mark.parametrize("name", [name for name in REAL_SIZE_CASES if name.startswith("hopper-")])
-def test_the_hopper_dkdv_matches_at_real_sizes(name, keys, monkeypatch):
-    """The Gluon dk/dv kernel switched on (kernels/flash_dkdv_hopper.py), with one and two warpgroups (64 and 128
-    keys a program), on each hopper case, which it takes (RoPE's stays portable)."""
+def test_the_hopper_dkdv_matches_at_real_sizes(name, tile, monkeypatch):
+    """The Gluon dk/dv kernel switched on (kernels/flash_dkdv_hopper.py) under each of its tiles (one or two
+    warpgroups, pipelined or not) on each hopper case, which it takes (RoPE's stays portable)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a Hopper GPU")
     monkeypatch.setattr(flash_fwd_hopper, "PLANS", flash_fwd_hopper.EVERYWHERE)
     monkeypatch.setattr(flash_dkdv_hopper, "HOPPER_DKDV", True)
     case = REAL_SIZE_CASES[name]
-    monkeypatch.setitem(flash_dkdv_hopper.KEYS_A_PROGRAM, case.head_dim, keys)
+    monkeypatch.setitem(flash_dkdv_hopper.TILE, case.head_dim, tile)
     q, k, v, do = case.inputs(torch.Generator().manual_seed(0))
     reason = hopper_dkdv_route(flash_problem(q, k, **case.options), q, k, v, do, torch.empty_like(k), torch.empty_like(v))
     if "theta" in case.options:

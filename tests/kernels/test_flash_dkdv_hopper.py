@@ -43,18 +43,19 @@ def test_switched_on_it_names_what_stays_portable(monkeypatch):
     assert "dO's strides" in hopper_dkdv_route(flash_problem(q, k), q, k, v, strided, dk, dv, HOPPER)
 
 
-@pytest.mark.parametrize("keys", [64, 128])
-def test_a_program_takes_its_keys_with_a_warpgroup_per_64(keys):
+@pytest.mark.parametrize("tile", flash_dkdv_hopper.TILES)
+def test_a_program_takes_its_tiles_keys_with_a_warpgroup_per_64(tile):
     q, k, v, do, dk, dv = _tensors(t=1000, kv_heads=2)
     stats = torch.zeros(2, 4, 1000)
-    grid, args, _, options = flash_dkdv_hopper.launch_arguments(q, k, v, do, dk, dv, stats, stats, flash_problem(q, k), keys)
-    assert grid == (-(-1000 // keys), 2 * 2) and options["num_warps"] == keys // 16
-    assert args[1].block_shape == args[2].block_shape == [keys, 64], "k and v blocks of the program's keys"
+    grid, args, constexprs, options = flash_dkdv_hopper.launch_arguments(q, k, v, do, dk, dv, stats, stats, flash_problem(q, k), tile)
+    assert grid == (-(-1000 // tile.keys), 2 * 2) and options["num_warps"] == tile.keys // 16
+    assert args[1].block_shape == args[2].block_shape == [tile.keys, 64], "k and v blocks of the program's keys"
     assert args[0].block_shape == args[3].block_shape == [flash_dkdv_hopper.BLOCK_M, 64], "q and dO tiles alike either way"
+    assert (constexprs["STAGES"], constexprs["PIPELINED"]) == (tile.stages, tile.pipelined)
 
 
 def test_other_key_counts_are_refused():
     q, k, v, do, dk, dv = _tensors()
     stats = torch.zeros(2, 4, 256)
     with pytest.raises(ValueError, match="64 or 128"):
-        flash_dkdv_hopper.launch_arguments(q, k, v, do, dk, dv, stats, stats, flash_problem(q, k), 96)
+        flash_dkdv_hopper.launch_arguments(q, k, v, do, dk, dv, stats, stats, flash_problem(q, k), flash_dkdv_hopper.DkdvTile(96, 2, False))
