@@ -888,7 +888,7 @@ h200-grid)  # #25's D 128 grid, hopper tests and causal sweep on the H200 (see t
     hopper_smoke
     exact_grid 128
     flash_tests 150 -k hopper
-    dkdv_timing 70
+    dkdv_timing 120
     dkdv_ncu
     MASKS=causal SWEEP_S=60 hopper_sweep 128 64
     ;;
