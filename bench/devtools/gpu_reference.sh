@@ -132,10 +132,10 @@
 #             Hopper path from 512 keys), then the model-level step eager and graph, three runs each (STEP_S each)
 #   steps-dkdv: pair-steps, then (the stage's budget allowing) the CUDA tests of the Gluon dk/dv kernel and of every
 #             Hopper forward tile at both masks (the one-consumer tiles among them), then dk/dv's timing as dkdv-per-sm's
-#   h200-grid: #25 on the H200 after steps-dkdv: the smoke run, the exact grid at D 128, every hopper CUDA test (e65b5c2's
-#             launch arguments on the GPU), the backward with the Gluon dk/dv kernel under each of its tiles beside
-#             the portable one, timed and under ncu (PERF_NOTES 24), then the causal sweep
-#             at D 128 and 64 (the one-consumer tiles at short T)
+#   h200-grid: #25 on the H200 after steps-dkdv: the Gluon dk/dv kernel under each of its tiles (one or two warpgroups,
+#             pipelined or not: its CUDA tests, then the backward with each beside the portable one), the exact grid
+#             at D 128, ncu of the dk/dv kernels (PERF_NOTES 24, 26), then the causal sweep at D 128 and 64 (the
+#             one-consumer tiles at short T)
 #   dkdv-keys: #25's Gluon dk/dv kernel under each of its tiles (one or two warpgroups, pipelined or not): its CUDA
 #             tests, the backward timed with each beside the portable dk/dv kernel, and each under ncu
 #   dkdv-per-sm: #25's Gluon dk/dv kernel (kernels/flash_dkdv_hopper.py, off by default) and the Hopper forward's
@@ -884,11 +884,10 @@ steps-dkdv)  # #25's pair-steps, then dk/dv's and the new tiles' CUDA tests and 
     flash_tests 150 -k "hopper_dkdv or tiles_match" tests/kernels/test_flash_dkdv_hopper.py
     dkdv_timing 100
     ;;
-h200-grid)  # #25's D 128 grid, hopper tests and causal sweep on the H200 (see the header)
-    hopper_smoke
-    exact_grid 128
-    flash_tests 150 -k hopper
+h200-grid)  # #25's dk/dv tiles, D 128 grid and causal sweep on the H200 (see the header)
+    flash_tests 110 -k hopper_dkdv tests/kernels/test_flash_dkdv_hopper.py
     dkdv_timing 120
+    exact_grid 128
     dkdv_ncu
     MASKS=causal SWEEP_S=60 hopper_sweep 128 64
     ;;
