@@ -892,8 +892,8 @@ h200-grid)  # #25's dk/dv tiles, D 128 grid and causal sweep on the H200 (see th
     MASKS=causal SWEEP_S=60 hopper_sweep 128 64
     ;;
 dkdv-keys)  # #25's Gluon dk/dv kernel under each of its tiles (see the header)
-    flash_tests 150 -k hopper_dkdv tests/kernels/test_flash_dkdv_hopper.py
-    dkdv_timing 100
+    flash_tests 100 -k hopper_dkdv tests/kernels/test_flash_dkdv_hopper.py
+    dkdv_timing 120
     dkdv_ncu
     ;;
 dkdv-per-sm)  # #25's Gluon dk/dv kernel and the forward's one-consumer tiles (see the header)
