@@ -136,12 +136,12 @@ def tile_rows(head_dims) -> list[dict]:
     return rows
 
 
-def dkdv_rows(head_dims) -> list[dict]:
-    """One row per (head dim, mask, tile of flash_dkdv_hopper.TILES) of the Gluon dk/dv kernel: registers, spill
-    bytes, shared memory and its tile loop (a 64-query tile's 32 exponentials a thread)."""
+def dkdv_rows(head_dims, masks=(False, True)) -> list[dict]:
+    """One row per (head dim, mask: causal or not, tile of flash_dkdv_hopper.TILES) of the Gluon dk/dv kernel:
+    registers, spill bytes, shared memory and its tile loop (a 64-query tile's 32 exponentials a thread)."""
     rows = []
     for d in head_dims:
-        for causal in (False, True):
+        for causal in masks:
             for index, tile in enumerate(flash_dkdv_hopper.TILES):
                 compiled = compile_dkdv(d, causal, tile)
                 registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
@@ -159,9 +159,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dim", type=int, nargs="+", default=list(flash_fwd_hopper.HEAD_DIMS))
     parser.add_argument("--json", action="store_true", help="one JSON object of the plans', the tiles' and the dk/dv kernel's rows, no tables")
+    parser.add_argument("--dkdv-causal-only", action="store_true", help="the dk/dv kernel compiled causal only (half its compiles)")
     args = parser.parse_args()
+    dkdv_masks = (True,) if args.dkdv_causal_only else (False, True)
     if args.json:
-        print(json.dumps({"plans": plan_rows(args.head_dim), "tiles": tile_rows(args.head_dim), "dkdv": dkdv_rows(args.head_dim)}))
+        print(json.dumps({"plans": plan_rows(args.head_dim), "tiles": tile_rows(args.head_dim), "dkdv": dkdv_rows(args.head_dim, dkdv_masks)}))
         return
     print(f"{'D':>3s} {'mask':13s} {'from keys':>9s} {'schedule':32s} {'regs':>4s} {'spill st/ld':>11s} {'loop':>5s} {'masking':>7s} {'MUFU':>4s} {'HGMMA':>5s}")
     for row in plan_rows(args.head_dim):
@@ -174,7 +176,7 @@ def main() -> None:
               f"{row['registers']:4d} {_spills(row):>11s} {row['shared'] / 1024:9.1f}", flush=True)
 
     print(f"\n{'D':>3s} {'mask':13s} {'dk/dv tile':>10s} {'keys':>4s} {'stages':>6s} {'pipelined':>9s} {'regs':>4s} {'spill st/ld':>11s} {'shared KB':>9s} {'loop':>5s} {'MUFU':>4s} {'HGMMA':>5s}")
-    for row in dkdv_rows(args.head_dim):
+    for row in dkdv_rows(args.head_dim, dkdv_masks):
         print(f"{row['head_dim']:3d} {'causal' if row['causal'] else 'bidirectional':13s} {row['tile']:10d} {row['keys']:4d} {row['stages']:6d} "
               f"{'yes' if row['pipelined'] else 'no':>9s} {row['registers']:4d} "
               f"{_spills(row):>11s} {row['shared'] / 1024:9.1f} {row['instructions']:5d} {row['mufu']:4d} {row['hgmma']:5d}", flush=True)
