@@ -69,6 +69,15 @@ def _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, t, zero_s, STAGES: gl.
 
 
 @gluon.jit
+def _issue_updates(p_op, ds_op, q_bufs, do_bufs, t, dv, dk, STAGES: gl.constexpr):
+    """Issues tile t's dV += P^T dO and dK += dS^T Q (asynchronous): their tokens."""
+    stage = t % STAGES
+    dv_token = warpgroup_mma(p_op, do_bufs.index(stage), dv, is_async=True)
+    dk_token = warpgroup_mma(ds_op, q_bufs.index(stage), dk, is_async=True)
+    return dv_token, dk_token
+
+
+@gluon.jit
 def _score_gradients(s_token, dp_token, LSE, DELTA, t, b, kv_h, keys, T, S, HQ, GROUP, per_head, first_tile, stride_stats,
                      scale_log2, CAUSAL: gl.constexpr, PENDING: gl.constexpr, ROWS: gl.constexpr, s_layout: gl.constexpr,
                      a_layout: gl.constexpr, dtype: gl.constexpr):
@@ -147,27 +156,19 @@ def flash_dkdv_hopper_kernel(
     s_token, dp_token = _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, 0, zero_s, STAGES)
     p_op, ds_op = _score_gradients(s_token, dp_token, *stats, 0, *gradients, 0, ROWS, s_layout, a_layout, dtype)
     for t in range(total - 1):  # tile t's dV, dK updates and tile t + 1's scores and their gradients
-        stage = t % STAGES
+        if PIPELINED:  # tile t + 1's scores first, their gradients while tile t's updates run
+            s_token, dp_token = _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, t + 1, zero_s, STAGES)
+        dv_token, dk_token = _issue_updates(p_op, ds_op, q_bufs, do_bufs, t, dv, dk, STAGES)
         if PIPELINED:
-            s_token, dp_token = _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, t + 1, zero_s, STAGES)
-            dv_token = warpgroup_mma(p_op, do_bufs.index(stage), dv, is_async=True)
-            dk_token = warpgroup_mma(ds_op, q_bufs.index(stage), dk, is_async=True)
             p_next, ds_next = _score_gradients(s_token, dp_token, *stats, t + 1, *gradients, 2, ROWS, s_layout, a_layout, dtype)
-            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_token, dk_token, p_op, ds_op))
-            if t + STAGES < total:  # tile t's stage is free
-                _load_tile(*tiles, t + STAGES, *where, HEAD_DIM, STAGES)
-            p_op, ds_op = p_next, ds_next
-        else:
-            dv_token = warpgroup_mma(p_op, do_bufs.index(stage), dv, is_async=True)
-            dk_token = warpgroup_mma(ds_op, q_bufs.index(stage), dk, is_async=True)
-            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_token, dk_token, p_op, ds_op))
-            if t + STAGES < total:
-                _load_tile(*tiles, t + STAGES, *where, HEAD_DIM, STAGES)
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_token, dk_token, p_op, ds_op))
+        if t + STAGES < total:  # tile t's stage is free
+            _load_tile(*tiles, t + STAGES, *where, HEAD_DIM, STAGES)
+        if not PIPELINED:
             s_token, dp_token = _issue_scores(k_smem, v_smem, q_bufs, do_bufs, ready, t + 1, zero_s, STAGES)
-            p_op, ds_op = _score_gradients(s_token, dp_token, *stats, t + 1, *gradients, 0, ROWS, s_layout, a_layout, dtype)
-    last = (total - 1) % STAGES
-    dv_token = warpgroup_mma(p_op, do_bufs.index(last), dv, is_async=True)
-    dk_token = warpgroup_mma(ds_op, q_bufs.index(last), dk, is_async=True)
+            p_next, ds_next = _score_gradients(s_token, dp_token, *stats, t + 1, *gradients, 0, ROWS, s_layout, a_layout, dtype)
+        p_op, ds_op = p_next, ds_next
+    dv_token, dk_token = _issue_updates(p_op, ds_op, q_bufs, do_bufs, total - 1, dv, dk, STAGES)
     dv, dk = warpgroup_mma_wait(0, deps=(dv_token, dk_token))
 
     # d(score)/dk carries the softmax scale; the scores' log2(e) is already undone by exp2
